@@ -1,0 +1,146 @@
+//! `raven.openyurt.io/v1beta1` — the storage version.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Endpoint type of the layer-7 proxy.
+pub const PROXY: &str = "proxy";
+/// Endpoint type of the layer-3 tunnel.
+pub const TUNNEL: &str = "tunnel";
+/// `spec.exposeType` value: the gateway is reached at its public IP.
+pub const EXPOSE_TYPE_PUBLIC_IP: &str = "PublicIP";
+/// `spec.exposeType` value: the gateway is reached through a LoadBalancer Service.
+pub const EXPOSE_TYPE_LOAD_BALANCER: &str = "LoadBalancer";
+/// Default exposed port of a proxy endpoint.
+pub const DEFAULT_PROXY_SERVER_EXPOSED_PORT: i32 = 10262;
+/// Default exposed port of a tunnel endpoint (UDP).
+pub const DEFAULT_TUNNEL_SERVER_EXPOSED_PORT: i32 = 4500;
+
+/// GatewaySpec defines the desired state of Gateway.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[kube(
+    group = "raven.openyurt.io",
+    version = "v1beta1",
+    kind = "Gateway",
+    plural = "gateways",
+    shortname = "gw",
+    category = "yurt",
+    status = "GatewayStatus",
+    derive = "PartialEq",
+    derive = "Default"
+)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewaySpec {
+    /// NodeSelector is a label query over nodes that managed by the gateway.
+    /// The nodes in the same gateway should share same layer 3 network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<LabelSelector>,
+    /// ProxyConfig determine the l7 proxy configuration
+    #[serde(default)]
+    pub proxy_config: ProxyConfiguration,
+    /// TunnelConfig determine the l3 tunnel configuration
+    #[serde(default)]
+    pub tunnel_config: TunnelConfiguration,
+    /// Endpoints are a list of available Endpoint.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub endpoints: Vec<Endpoint>,
+    /// ExposeType determines how the Gateway is exposed: "", "PublicIP" or "LoadBalancer".
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub expose_type: String,
+}
+
+/// ProxyConfiguration is the configuration for raven l7 proxy.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub struct ProxyConfiguration {
+    /// Replicas is the number of gateway active endpoints that enabled proxy.
+    #[serde(rename = "Replicas")]
+    pub replicas: i32,
+    /// ProxyHTTPPort is the proxy http port of the cross-domain request.
+    #[serde(
+        rename = "proxyHTTPPort",
+        default,
+        skip_serializing_if = "String::is_empty"
+    )]
+    pub proxy_http_port: String,
+    /// ProxyHTTPSPort is the proxy https port of the cross-domain request.
+    #[serde(
+        rename = "proxyHTTPSPort",
+        default,
+        skip_serializing_if = "String::is_empty"
+    )]
+    pub proxy_https_port: String,
+}
+
+/// TunnelConfiguration is the configuration for raven l3 tunnel.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub struct TunnelConfiguration {
+    /// Replicas is the number of gateway active endpoints that enabled tunnel.
+    #[serde(rename = "Replicas")]
+    pub replicas: i32,
+}
+
+/// Endpoint stores all essential data for establishing the VPN tunnel and Proxy.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Endpoint {
+    /// NodeName is the Node hosting this endpoint.
+    pub node_name: String,
+    /// Type is the service type of the node, proxy or tunnel.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// Port is the exposed port of the node.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub port: i32,
+    /// UnderNAT indicates whether the endpoint is under NAT.
+    #[serde(rename = "underNAT", default, skip_serializing_if = "is_false")]
+    pub under_nat: bool,
+    /// NATType is the NAT type of the endpoint.
+    #[serde(rename = "natType", default, skip_serializing_if = "String::is_empty")]
+    pub nat_type: String,
+    /// PublicIP is the exposed IP of the node.
+    #[serde(rename = "publicIP", default, skip_serializing_if = "String::is_empty")]
+    pub public_ip: String,
+    /// PublicPort is the exposed port of the node.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub public_port: i32,
+    /// Config is a map to record config for the raven agent of node.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub config: BTreeMap<String, String>,
+}
+
+/// NodeInfo stores information of node managed by Gateway.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeInfo {
+    /// NodeName is the Node host name.
+    pub node_name: String,
+    /// PrivateIP is the node private ip address.
+    #[serde(rename = "privateIP")]
+    pub private_ip: String,
+    /// Subnets is the pod ip range of the node.
+    pub subnets: Vec<String>,
+}
+
+/// GatewayStatus defines the observed state of Gateway.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayStatus {
+    /// Nodes contains all information of nodes managed by Gateway.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<NodeInfo>,
+    /// ActiveEndpoints is the reference of the active endpoint.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub active_endpoints: Vec<Endpoint>,
+}
+
+fn is_zero(v: &i32) -> bool {
+    *v == 0
+}
+
+fn is_false(v: &bool) -> bool {
+    !*v
+}

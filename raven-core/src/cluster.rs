@@ -1,0 +1,156 @@
+//! What the compiler reads about the cluster besides Gateways: nodes (reduced
+//! to the facts raven uses), the `raven-cfg` switches and agent reports.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+
+use ipnet::IpNet;
+use k8s_openapi::api::core::v1::{ConfigMap, Node};
+use serde::{Deserialize, Serialize};
+
+use crate::api::{self, v1beta1};
+use crate::names::{GatewayName, NodeName};
+use crate::problem::Problem;
+
+/// A node as raven sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterNode {
+    pub name: NodeName,
+    /// Value of the `raven.openyurt.io/gateway` label, as written.
+    pub gateway_label: Option<String>,
+    /// The node's `Ready` condition is `True`.
+    pub ready: bool,
+    /// First parseable `InternalIP` address (Raven's `GetNodeInternalIP`).
+    pub internal_ip: Option<IpAddr>,
+    /// `spec.podCIDRs`, or `spec.podCIDR` when the list is empty.
+    pub pod_cidrs: Vec<IpNet>,
+}
+
+impl ClusterNode {
+    /// Reads a Kubernetes Node. Unparseable pod CIDRs are reported and skipped;
+    /// a Node without a valid name cannot be used at all.
+    pub fn from_k8s(node: &Node) -> Result<(Self, Vec<Problem>), Problem> {
+        let raw_name = node.metadata.name.clone().unwrap_or_default();
+        let object = format!("Node/{raw_name}");
+        let name = NodeName::new(raw_name.clone())
+            .map_err(|e| Problem::error(&object, "metadata.name", &raw_name, e.to_string()))?;
+        let mut problems = Vec::new();
+        let gateway_label = node
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(api::LABEL_GATEWAY))
+            .filter(|v| !v.is_empty())
+            .cloned();
+        let status = node.status.as_ref();
+        let ready = status
+            .and_then(|s| s.conditions.as_ref())
+            .into_iter()
+            .flatten()
+            .any(|c| c.type_ == "Ready" && c.status == "True");
+        let internal_ip = status
+            .and_then(|s| s.addresses.as_ref())
+            .into_iter()
+            .flatten()
+            .filter(|a| a.type_ == "InternalIP")
+            .find_map(|a| a.address.parse::<IpAddr>().ok());
+        let spec = node.spec.as_ref();
+        let mut raw_cidrs: Vec<(String, String)> = spec
+            .and_then(|s| s.pod_cidrs.clone())
+            .unwrap_or_default()
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| (format!("spec.podCIDRs[{i}]"), c))
+            .collect();
+        if raw_cidrs.is_empty()
+            && let Some(c) = spec.and_then(|s| s.pod_cidr.clone())
+            && !c.is_empty()
+        {
+            raw_cidrs.push(("spec.podCIDR".to_owned(), c));
+        }
+        let mut pod_cidrs = Vec::new();
+        for (field, raw) in raw_cidrs {
+            match raw.parse::<IpNet>() {
+                Ok(net) => pod_cidrs.push(net.trunc()),
+                Err(_) => problems.push(Problem::warning(
+                    &object,
+                    field,
+                    raw,
+                    "not a CIDR; this pod subnet is not routed",
+                )),
+            }
+        }
+        Ok((
+            Self {
+                name,
+                gateway_label,
+                ready,
+                internal_ip,
+                pod_cidrs,
+            },
+            problems,
+        ))
+    }
+}
+
+/// The switches of the `kube-system/raven-cfg` ConfigMap.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RavenConfig {
+    /// The ConfigMap exists. Raven elects nothing without it.
+    pub present: bool,
+    pub enable_l3_tunnel: bool,
+    pub enable_l7_proxy: bool,
+}
+
+impl RavenConfig {
+    /// Raven's `CheckServer`: a key is on when its value is `true`, any case.
+    pub fn from_configmap(cm: &ConfigMap) -> Self {
+        let on = |key: &str| {
+            cm.data
+                .as_ref()
+                .and_then(|d| d.get(key))
+                .is_some_and(|v| v.eq_ignore_ascii_case("true"))
+        };
+        Self {
+            present: true,
+            enable_l3_tunnel: on(api::KEY_ENABLE_L3_TUNNEL),
+            enable_l7_proxy: on(api::KEY_ENABLE_L7_PROXY),
+        }
+    }
+
+    /// Whether endpoints of this type are elected.
+    pub fn enables(&self, endpoint_type: &str) -> bool {
+        match endpoint_type {
+            v1beta1::TUNNEL => self.enable_l3_tunnel,
+            v1beta1::PROXY => self.enable_l7_proxy,
+            _ => false,
+        }
+    }
+}
+
+/// What an agent has told the hub about itself (through its own, mTLS
+/// authenticated stream).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentReport {
+    /// The node's WireGuard public key, base64 as `wg` prints it.
+    pub wireguard_public_key: Option<String>,
+    /// The UDP port the node's tunnel listens on.
+    pub tunnel_port: Option<u16>,
+    /// The address the hub (or a public gateway) saw the node's tunnel
+    /// traffic come from: its NAT-mapped endpoint.
+    pub observed_endpoint: Option<SocketAddr>,
+    /// The node's own choice of active tunnel gateway while it could not reach
+    /// the hub (local failover), per gateway.
+    pub local_failover: BTreeMap<GatewayName, NodeName>,
+}
+
+/// Everything the compiler reads. Keyed maps make the result independent of
+/// the order objects arrived in.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Inputs {
+    /// Gateways by name, already converted to `v1beta1`.
+    pub gateways: BTreeMap<String, v1beta1::Gateway>,
+    pub nodes: BTreeMap<NodeName, ClusterNode>,
+    pub config: RavenConfig,
+    pub reports: BTreeMap<NodeName, AgentReport>,
+}

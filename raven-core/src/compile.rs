@@ -1,0 +1,439 @@
+//! The topology compiler: Gateways + Nodes + `raven-cfg` + agent reports →
+//! [`Topology`]. Pure and deterministic: the same inputs give the same bytes,
+//! whatever order they were collected in.
+//!
+//! A problem with one object is reported against that object and never drops
+//! unrelated ones: an invalid Gateway is left out (the hub keeps serving its
+//! last good version), an overlapping subnet is dropped from the later
+//! gateway only, an unknown endpoint node is reported and never elected.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use sha2::{Digest, Sha256};
+
+use crate::api::{self, v1beta1};
+use crate::cluster::{ClusterNode, Inputs, RavenConfig};
+use crate::election;
+use crate::names::{GatewayName, NodeName};
+use crate::problem::Problem;
+use crate::topology::{
+    EndpointType, ExposeType, GatewayEndpoint, GatewayView, Member, NodeView, PeerInfo, Resource,
+    ResourceBody, ResourceName, Settings, Topology, VXLAN_PORT,
+};
+use crate::validate::{self, gateway_object};
+
+/// A Gateway that passed defaulting and validation, with its election result.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CompiledGateway {
+    pub name: GatewayName,
+    /// The defaulted object.
+    pub gateway: v1beta1::Gateway,
+    /// The status Raven's GatewayPickup would write.
+    pub status: v1beta1::GatewayStatus,
+}
+
+/// Compiler output: the topology plus the per-gateway status to write back.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Compiled {
+    pub topology: Topology,
+    pub gateways: BTreeMap<GatewayName, CompiledGateway>,
+}
+
+/// Defaults and validates one Gateway (the webhook's job).
+///
+/// One slip is forgiven: a `publicIP` that is not an address (the user
+/// manual's masked `47.xx.xx.xx`) is reported as an error and treated as
+/// unset, so the rest of the gateway keeps working. Every other validation
+/// error rejects the object, as Raven's webhook would.
+pub fn admit(gw: &v1beta1::Gateway) -> Result<(GatewayName, v1beta1::Gateway, Vec<Problem>), Vec<Problem>> {
+    let mut gw = gw.clone();
+    validate::set_defaults(&mut gw);
+    let problems = validate::validate(&gw);
+    let public_ip_only = problems.iter().all(|p| p.field.ends_with(".publicIP"));
+    if !problems.is_empty() && !public_ip_only {
+        return Err(problems);
+    }
+    let forgiven = validate::drop_unusable_public_ips(&mut gw);
+    let raw = gw.metadata.name.clone().unwrap_or_default();
+    GatewayName::new(raw.clone())
+        .map(|n| (n, gw, forgiven))
+        .map_err(|e| vec![Problem::error(gateway_object(&raw), "metadata.name", raw, e.to_string())])
+}
+
+/// Compiles the cluster.
+pub fn compile(inputs: &Inputs) -> Compiled {
+    let mut problems = Vec::new();
+    let config = inputs.config;
+    if !config.present {
+        problems.push(Problem::warning(
+            format!("ConfigMap/{}/{}", api::CONFIG_NAMESPACE, api::CONFIG_NAME),
+            "",
+            "",
+            "not found: like Raven, no tunnel or proxy endpoint is elected until it exists",
+        ));
+    }
+
+    // Admit gateways.
+    let mut admitted: BTreeMap<GatewayName, v1beta1::Gateway> = BTreeMap::new();
+    for gw in inputs.gateways.values() {
+        match admit(gw) {
+            Ok((name, gw, forgiven)) => {
+                problems.extend(forgiven);
+                admitted.insert(name, gw);
+            }
+            Err(ps) => problems.extend(ps),
+        }
+    }
+
+    // Membership by label.
+    let mut members_of: BTreeMap<&GatewayName, Vec<&ClusterNode>> = BTreeMap::new();
+    for node in inputs.nodes.values() {
+        let Some(label) = &node.gateway_label else { continue };
+        match admitted.keys().find(|g| g.as_str() == label) {
+            Some(g) => members_of.entry(g).or_default().push(node),
+            None if inputs.gateways.contains_key(label) => {} // invalid gateway, reported above
+            None => problems.push(Problem::warning(
+                format!("Node/{}", node.name),
+                format!("metadata.labels[{}]", api::LABEL_GATEWAY),
+                label,
+                "no such Gateway; the node is not part of any gateway domain",
+            )),
+        }
+    }
+
+    // Subnets claimed across gateways: the first gateway (by name) to claim an
+    // address range keeps it; a later, overlapping claim is dropped.
+    let mut claimed: Vec<(IpNet, GatewayName, NodeName)> = Vec::new();
+    let mut views = BTreeMap::new();
+    let mut compiled = BTreeMap::new();
+    for (name, gw) in &admitted {
+        let members = members_of.get(name).cloned().unwrap_or_default();
+        let (view, status, ps) = compile_gateway(name, gw, &members, &config, &mut claimed);
+        problems.extend(ps);
+        let mut gw = gw.clone();
+        gw.status = Some(status.clone());
+        compiled.insert(
+            name.clone(),
+            CompiledGateway {
+                name: name.clone(),
+                gateway: gw,
+                status,
+            },
+        );
+        views.insert(name.clone(), view);
+    }
+    assign_relays(&mut views);
+
+    let mut resources = BTreeMap::new();
+    resources.insert(
+        ResourceName::settings(),
+        Resource::new(ResourceBody::Settings(Settings {
+            raven_cfg_present: config.present,
+            enable_l3_tunnel: config.enable_l3_tunnel,
+            enable_l7_proxy: config.enable_l7_proxy,
+            vxlan_port: VXLAN_PORT,
+        })),
+    );
+    for node in inputs.nodes.values() {
+        let view = node_view(node, &views);
+        resources.insert(ResourceName::node(&node.name), Resource::new(ResourceBody::Node(view)));
+    }
+    for view in views.values() {
+        for cand in &view.tunnel_candidates {
+            let report = inputs.reports.get(&cand.node).cloned().unwrap_or_default();
+            if report.wireguard_public_key.is_none() && report.observed_endpoint.is_none() {
+                continue;
+            }
+            let peer = PeerInfo {
+                node: cand.node.clone(),
+                gateway: view.name.clone(),
+                wireguard_public_key: report.wireguard_public_key,
+                tunnel_port: report.tunnel_port,
+                observed_endpoint: report.observed_endpoint,
+            };
+            resources.insert(ResourceName::peer(&cand.node), Resource::new(ResourceBody::Peer(peer)));
+        }
+    }
+    for (name, view) in views {
+        resources.insert(ResourceName::gateway(&name), Resource::new(ResourceBody::Gateway(view)));
+    }
+
+    problems.sort();
+    problems.dedup();
+    Compiled {
+        topology: Topology { resources, problems },
+        gateways: compiled,
+    }
+}
+
+fn endpoint(ep: &v1beta1::Endpoint) -> Option<GatewayEndpoint> {
+    let type_ = match ep.type_.as_str() {
+        v1beta1::TUNNEL => EndpointType::Tunnel,
+        v1beta1::PROXY => EndpointType::Proxy,
+        _ => return None,
+    };
+    Some(GatewayEndpoint {
+        node: NodeName::new(ep.node_name.clone()).ok()?,
+        type_,
+        port: u16::try_from(ep.port).ok()?,
+        under_nat: ep.under_nat,
+        nat_type: ep.nat_type.clone(),
+        public_ip: ep.public_ip.parse().ok(),
+        public_port: u16::try_from(ep.public_port).ok().filter(|p| *p != 0),
+        config: ep.config.clone(),
+    })
+}
+
+fn compile_gateway(
+    name: &GatewayName,
+    gw: &v1beta1::Gateway,
+    members: &[&ClusterNode],
+    config: &RavenConfig,
+    claimed: &mut Vec<(IpNet, GatewayName, NodeName)>,
+) -> (GatewayView, v1beta1::GatewayStatus, Vec<Problem>) {
+    let obj = gateway_object(name.as_str());
+    let mut problems = Vec::new();
+    let spec = &gw.spec;
+
+    let member_names: BTreeSet<&str> = members.iter().map(|n| n.name.as_str()).collect();
+    let ready: BTreeSet<&str> = members
+        .iter()
+        .filter(|n| n.ready)
+        .map(|n| n.name.as_str())
+        .collect();
+    for (i, ep) in spec.endpoints.iter().enumerate() {
+        if !member_names.contains(ep.node_name.as_str()) {
+            problems.push(Problem::warning(
+                &obj,
+                format!("spec.endpoints[{i}].nodeName"),
+                &ep.node_name,
+                format!(
+                    "no node with label {}={name}; this endpoint is never elected",
+                    api::LABEL_GATEWAY
+                ),
+            ));
+        }
+    }
+    if members.is_empty() {
+        problems.push(Problem::warning(&obj, "", "", format!("no node carries the label {}={name}", api::LABEL_GATEWAY)));
+    } else if ready.is_empty() {
+        problems.push(Problem::warning(&obj, "", "", "none of its nodes is Ready; no endpoint is elected"));
+    }
+    if config.enable_l3_tunnel && spec.tunnel_config.replicas == 0 && spec.endpoints.iter().any(|e| e.type_ == v1beta1::TUNNEL) {
+        problems.push(Problem::warning(
+            &obj,
+            "spec.tunnelConfig.Replicas",
+            "0",
+            "tunnel endpoints are listed but Replicas is 0, so none is elected",
+        ));
+    }
+
+    let previous = gw.status.as_ref().map(|s| s.active_endpoints.as_slice()).unwrap_or(&[]);
+    let active = election::elect(spec, previous, &ready, config);
+
+    // Extra allowed source CIDRs (annotation), as Raven attaches them to the
+    // active tunnel node's subnets.
+    let mut extra = Vec::new();
+    if let Some(raw) = gw
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(api::ANNOTATION_EXTRA_ALLOWED_SOURCE_CIDRS))
+    {
+        for part in raw.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            match part.parse::<IpNet>() {
+                Ok(n) => extra.push(n.trunc()),
+                Err(_) => problems.push(Problem::warning(
+                    &obj,
+                    format!("metadata.annotations[{}]", api::ANNOTATION_EXTRA_ALLOWED_SOURCE_CIDRS),
+                    part,
+                    "not a CIDR; ignored",
+                )),
+            }
+        }
+    }
+
+    // Members with their subnets, dropping ranges another gateway claimed first.
+    let mut view_members = Vec::new();
+    let mut status_nodes = Vec::new();
+    for node in members {
+        let mut subnets = Vec::new();
+        for net in &node.pod_cidrs {
+            if let Some((_, other_gw, other_node)) = claimed
+                .iter()
+                .find(|(c, g, _)| g != name && overlaps(c, net))
+            {
+                problems.push(Problem::error(
+                    &obj,
+                    format!("status.nodes[{}].subnets", node.name),
+                    net.to_string(),
+                    format!(
+                        "overlaps a subnet of node {other_node} in gateway {other_gw}; not routed to this gateway"
+                    ),
+                ));
+                continue;
+            }
+            claimed.push((*net, name.clone(), node.name.clone()));
+            subnets.push(*net);
+        }
+        subnets.sort();
+        subnets.dedup();
+        status_nodes.push(v1beta1::NodeInfo {
+            node_name: node.name.to_string(),
+            private_ip: node.internal_ip.map(|ip| ip.to_string()).unwrap_or_default(),
+            subnets: subnets.iter().map(ToString::to_string).collect(),
+        });
+        match node.internal_ip {
+            Some(private_ip) => view_members.push(Member {
+                node: node.name.clone(),
+                private_ip,
+                subnets,
+                ready: node.ready,
+            }),
+            None => problems.push(Problem::warning(
+                format!("Node/{}", node.name),
+                "status.addresses",
+                "",
+                format!("no InternalIP address; the node is left out of gateway {name}'s routes"),
+            )),
+        }
+    }
+    view_members.sort_by(|a, b| a.node.cmp(&b.node));
+    status_nodes.sort_by(|a, b| a.node_name.cmp(&b.node_name));
+
+    let active_tunnel = active
+        .iter()
+        .find(|e| e.type_ == v1beta1::TUNNEL)
+        .and_then(endpoint);
+    let active_proxies: Vec<_> = active
+        .iter()
+        .filter(|e| e.type_ == v1beta1::PROXY)
+        .filter_map(endpoint)
+        .collect();
+
+    let mut tunnel_candidates: Vec<GatewayEndpoint> = active_tunnel.iter().cloned().collect();
+    let tunnel_eps = spec
+        .endpoints
+        .iter()
+        .filter(|e| e.type_ == v1beta1::TUNNEL && member_names.contains(e.node_name.as_str()));
+    let (ready_eps, unready_eps): (Vec<_>, Vec<_>) =
+        tunnel_eps.partition(|e| ready.contains(e.node_name.as_str()));
+    for ep in ready_eps.into_iter().chain(unready_eps).filter_map(endpoint) {
+        if !tunnel_candidates.iter().any(|c| c.node == ep.node) {
+            tunnel_candidates.push(ep);
+        }
+    }
+
+    // Extra CIDRs sit on the active tunnel node, as in Raven.
+    if let Some(t) = &active_tunnel
+        && let Some(n) = status_nodes.iter_mut().find(|n| n.node_name == t.node.as_str())
+    {
+        n.subnets.extend(extra.iter().map(ToString::to_string));
+    }
+
+    let mut status_eps = active.clone();
+    for ep in &mut status_eps {
+        let (key, on) = match ep.type_.as_str() {
+            v1beta1::PROXY => (api::KEY_ENABLE_L7_PROXY, config.enable_l7_proxy),
+            _ => (api::KEY_ENABLE_L3_TUNNEL, config.enable_l3_tunnel),
+        };
+        ep.config.insert(key.to_owned(), on.to_string());
+    }
+
+    let expose_type = match spec.expose_type.as_str() {
+        v1beta1::EXPOSE_TYPE_PUBLIC_IP => ExposeType::PublicIP,
+        v1beta1::EXPOSE_TYPE_LOAD_BALANCER => ExposeType::LoadBalancer,
+        _ => ExposeType::None,
+    };
+    let view = GatewayView {
+        name: name.clone(),
+        expose_type,
+        under_nat: spec.endpoints.first().is_some_and(|e| e.under_nat),
+        members: view_members,
+        active_tunnel,
+        tunnel_candidates,
+        active_proxies,
+        extra_source_cidrs: extra,
+        relay: None,
+    };
+    let status = v1beta1::GatewayStatus {
+        nodes: status_nodes,
+        active_endpoints: status_eps,
+    };
+    (view, status, problems)
+}
+
+fn overlaps(a: &IpNet, b: &IpNet) -> bool {
+    a.contains(&b.network()) || b.contains(&a.network())
+}
+
+/// Gives every NATed gateway a relay: a gateway that is not under NAT and has
+/// an active tunnel endpoint with a public address, picked by highest
+/// rendezvous hash of (gateway, relay). Adding or removing a gateway only
+/// moves the gateways whose chosen relay it is (or becomes).
+fn assign_relays(views: &mut BTreeMap<GatewayName, GatewayView>) {
+    let relays: Vec<GatewayName> = views
+        .values()
+        .filter(|v| !v.under_nat)
+        .filter(|v| v.active_tunnel.as_ref().is_some_and(|t| t.public_ip.is_some()))
+        .map(|v| v.name.clone())
+        .collect();
+    for view in views.values_mut().filter(|v| v.under_nat) {
+        view.relay = relays
+            .iter()
+            .max_by_key(|r| rendezvous(&view.name, r))
+            .cloned();
+    }
+}
+
+fn rendezvous(a: &GatewayName, b: &GatewayName) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(a.as_str().as_bytes());
+    h.update([0]);
+    h.update(b.as_str().as_bytes());
+    h.finalize().into()
+}
+
+fn node_view(node: &ClusterNode, views: &BTreeMap<GatewayName, GatewayView>) -> NodeView {
+    let gw = node
+        .gateway_label
+        .as_deref()
+        .and_then(|l| views.values().find(|v| v.name.as_str() == l));
+    let is = |ep: &Option<GatewayEndpoint>| ep.as_ref().is_some_and(|e| e.node == node.name);
+    NodeView {
+        name: node.name.clone(),
+        gateway: gw.map(|g| g.name.clone()),
+        private_ip: node.internal_ip,
+        subnets: gw
+            .and_then(|g| g.members.iter().find(|m| m.node == node.name))
+            .map(|m| m.subnets.clone())
+            .unwrap_or_default(),
+        tunnel_active: gw.is_some_and(|g| is(&g.active_tunnel)),
+        tunnel_candidate: gw.is_some_and(|g| g.tunnel_candidates.iter().any(|c| c.node == node.name)),
+        proxy_active: gw.is_some_and(|g| g.active_proxies.iter().any(|p| p.node == node.name)),
+    }
+}
+
+/// The addresses of `ip`'s family that a node must route through its gateway:
+/// every member address and subnet of every other gateway.
+pub fn remote_prefixes(topology: &Topology, own_gateway: &GatewayName) -> Vec<IpNet> {
+    let mut out: Vec<IpNet> = topology
+        .gateways()
+        .filter(|g| &g.name != own_gateway)
+        .flat_map(|g| {
+            g.members.iter().flat_map(|m| {
+                std::iter::once(host_net(m.private_ip)).chain(m.subnets.iter().copied())
+            })
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// The /32 or /128 of an address.
+pub fn host_net(ip: IpAddr) -> IpNet {
+    IpNet::from(ip)
+}

@@ -1,0 +1,357 @@
+//! Reads Kubernetes YAML manifests (the standalone source): multi-document
+//! files holding `Gateway` (`v1beta1` or `v1alpha1`), `Node` and the
+//! `kube-system/raven-cfg` `ConfigMap`, also wrapped in a `v1 List`.
+//!
+//! Each document stands alone: a broken one is reported with its file,
+//! document number, field and value, and every other document is still used.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{ConfigMap, Node};
+use serde::de::DeserializeOwned;
+use serde_yaml_ng::Value;
+
+use crate::api::{self, v1alpha1, v1beta1};
+use crate::cluster::{ClusterNode, Inputs, RavenConfig};
+use crate::problem::Problem;
+use crate::yaml;
+
+/// The result of loading manifests.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Loaded {
+    pub inputs: Inputs,
+    pub problems: Vec<Problem>,
+}
+
+/// Where an object came from, for duplicate reports.
+fn origin(file: &str, doc: usize) -> String {
+    format!("{file}#{doc}")
+}
+
+fn text(v: &Value, k: &str) -> String {
+    v.get(k).and_then(Value::as_str).unwrap_or_default().to_owned()
+}
+
+/// `Kind/name (file#doc)` when the document says what it is, else `file#doc`.
+fn describe(value: &Value, at: &str) -> String {
+    let kind = text(value, "kind");
+    let name = value.get("metadata").map(|m| text(m, "name")).unwrap_or_default();
+    if kind.is_empty() || name.is_empty() {
+        at.to_owned()
+    } else {
+        format!("{kind}/{name} ({at})")
+    }
+}
+
+#[derive(Default)]
+struct Loader {
+    inputs: Inputs,
+    problems: Vec<Problem>,
+    seen: BTreeMap<String, String>,
+}
+
+/// Loads manifests from `(file name, contents)` pairs, in the given order.
+pub fn load(sources: &[(String, String)]) -> Loaded {
+    let mut l = Loader::default();
+    for (file, text) in sources {
+        l.load_file(file, text);
+    }
+    l.problems.sort();
+    Loaded {
+        inputs: l.inputs,
+        problems: l.problems,
+    }
+}
+
+impl Loader {
+    fn load_file(&mut self, file: &str, text: &str) {
+        for (i, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
+            let at = origin(file, i + 1);
+            match yaml::read_document(doc) {
+                Ok((Value::Null, _)) => {}
+                Ok((value, repeats)) => {
+                    let at = describe(&value, &at);
+                    let conflicting: Vec<_> = repeats.iter().filter(|r| !r.is_harmless()).collect();
+                    for r in &repeats {
+                        let p = if r.is_harmless() {
+                            Problem::warning(
+                                &at,
+                                &r.path,
+                                &r.repeated,
+                                "key written twice with the same value; using it once",
+                            )
+                        } else {
+                            Problem::error(
+                                &at,
+                                &r.path,
+                                &r.repeated,
+                                format!("key written twice with different values (first {:?}); this document is ignored", r.first),
+                            )
+                        };
+                        self.problems.push(p);
+                    }
+                    if conflicting.is_empty() {
+                        self.load_value(&at, value);
+                    }
+                }
+                Err(e) => {
+                    self.problems.push(Problem::error(&at, "", "", format!("not valid YAML: {e}")));
+                    // After a syntax error the parser cannot find the next
+                    // document boundary reliably; stop reading this file.
+                    break;
+                }
+            }
+        }
+    }
+
+    fn load_value(&mut self, at: &str, value: Value) {
+        let api_version = text(&value, "apiVersion");
+        let kind = text(&value, "kind");
+        let name = value.get("metadata").map(|m| text(m, "name")).unwrap_or_default();
+        let object = describe(&value, at);
+        match (api_version.as_str(), kind.as_str()) {
+            ("raven.openyurt.io/v1beta1", "Gateway") => {
+                if let Some(gw) = self.typed::<v1beta1::Gateway>(&object, value) {
+                    self.add_gateway(at, gw);
+                }
+            }
+            ("raven.openyurt.io/v1alpha1", "Gateway") => {
+                if let Some(gw) = self.typed::<v1alpha1::Gateway>(&object, value) {
+                    self.add_gateway(at, gw.into());
+                }
+            }
+            ("v1", "Node") => {
+                if let Some(node) = self.typed::<Node>(&object, value) {
+                    match ClusterNode::from_k8s(&node) {
+                        Ok((n, ps)) => {
+                            self.problems.extend(ps);
+                            if self.first(format!("Node/{}", n.name), at) {
+                                self.inputs.nodes.insert(n.name.clone(), n);
+                            }
+                        }
+                        Err(p) => self.problems.push(p),
+                    }
+                }
+            }
+            ("v1", "ConfigMap") => {
+                if name != api::CONFIG_NAME {
+                    return;
+                }
+                if let Some(cm) = self.typed::<ConfigMap>(&object, value) {
+                    let ns = cm.metadata.namespace.clone().unwrap_or_default();
+                    if ns != api::CONFIG_NAMESPACE {
+                        self.problems.push(Problem::warning(
+                            &object,
+                            "metadata.namespace",
+                            ns,
+                            "raven reads raven-cfg from namespace kube-system only; ignored",
+                        ));
+                        return;
+                    }
+                    if self.first(format!("ConfigMap/{}/{}", api::CONFIG_NAMESPACE, api::CONFIG_NAME), at) {
+                        self.inputs.config = RavenConfig::from_configmap(&cm);
+                    }
+                }
+            }
+            ("v1", "List") => match value.get("items") {
+                Some(Value::Sequence(items)) => {
+                    for (j, item) in items.iter().enumerate() {
+                        self.load_value(&format!("{at}.items[{j}]"), item.clone());
+                    }
+                }
+                _ => self.problems.push(Problem::error(&object, "items", "", "a List needs an items array")),
+            },
+            ("", _) | (_, "") => self.problems.push(Problem::error(
+                &object,
+                if api_version.is_empty() { "apiVersion" } else { "kind" },
+                "",
+                "missing; cannot tell what this document is",
+            )),
+            _ => self.problems.push(Problem::warning(
+                &object,
+                "kind",
+                format!("{api_version} {kind}"),
+                "not a kind raven reads (Gateway, Node, ConfigMap kube-system/raven-cfg); ignored",
+            )),
+        }
+    }
+
+    /// Deserializes with the path of the failing field in the error.
+    fn typed<T: DeserializeOwned>(&mut self, object: &str, value: Value) -> Option<T> {
+        match serde_path_to_error::deserialize::<_, T>(value) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                let path = e.path().to_string();
+                let field = if path == "." { String::new() } else { path };
+                self.problems.push(Problem::error(object, field, "", e.into_inner().to_string()));
+                None
+            }
+        }
+    }
+
+    fn first(&mut self, key: String, at: &str) -> bool {
+        if let Some(prev) = self.seen.get(&key) {
+            self.problems.push(Problem::error(
+                format!("{key} ({at})"),
+                "metadata.name",
+                "",
+                format!("already defined at {prev}; this copy is ignored"),
+            ));
+            return false;
+        }
+        self.seen.insert(key, at.to_owned());
+        true
+    }
+
+    fn add_gateway(&mut self, at: &str, gw: v1beta1::Gateway) {
+        let name = gw.metadata.name.clone().unwrap_or_default();
+        if name.is_empty() {
+            self.problems.push(Problem::error(
+                format!("Gateway ({at})"),
+                "metadata.name",
+                "",
+                "missing",
+            ));
+            return;
+        }
+        if self.first(format!("Gateway/{name}"), at) {
+            self.inputs.gateways.insert(name, gw);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn one(text: &str) -> Loaded {
+        load(&[("m.yaml".to_owned(), text.to_owned())])
+    }
+
+    #[test]
+    fn reads_gateways_of_both_versions_nodes_and_raven_cfg() {
+        let l = one(r#"
+apiVersion: raven.openyurt.io/v1beta1
+kind: Gateway
+metadata: {name: gw-a}
+spec:
+  tunnelConfig: {Replicas: 1}
+  proxyConfig: {Replicas: 1, proxyHTTPPort: "10255,9445"}
+  endpoints:
+  - {nodeName: n1, type: tunnel, underNAT: true, natType: "FullCone", publicPort: 4600}
+---
+apiVersion: raven.openyurt.io/v1alpha1
+kind: Gateway
+metadata: {name: gw-b}
+spec:
+  endpoints: [{nodeName: n2, publicIP: 1.2.3.4}]
+---
+apiVersion: v1
+kind: Node
+metadata: {name: n1, labels: {raven.openyurt.io/gateway: gw-a}}
+spec: {podCIDR: 10.0.1.0/24}
+status:
+  conditions: [{type: Ready, status: "True"}]
+  addresses: [{type: InternalIP, address: 192.168.1.10}]
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: raven-cfg, namespace: kube-system}
+data: {enable-l3-tunnel: "true", enable-l7-proxy: "TRUE"}
+"#);
+        assert_eq!(l.problems, vec![]);
+        let a = &l.inputs.gateways["gw-a"];
+        assert_eq!(a.spec.proxy_config.proxy_http_port, "10255,9445");
+        assert_eq!(a.spec.endpoints[0].nat_type, "FullCone");
+        assert_eq!(a.spec.endpoints[0].public_port, 4600);
+        let b = &l.inputs.gateways["gw-b"];
+        assert_eq!(b.spec.endpoints[0].type_, "tunnel");
+        assert_eq!(b.spec.tunnel_config.replicas, 1);
+        let n1 = l.inputs.nodes.values().next().map(|n| (n.ready, n.internal_ip, n.pod_cidrs.clone()));
+        assert_eq!(
+            n1,
+            Some((true, Some("192.168.1.10".parse().unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into())), vec!["10.0.1.0/24".parse().unwrap_or_default()]))
+        );
+        assert!(l.inputs.config.enable_l3_tunnel && l.inputs.config.enable_l7_proxy);
+    }
+
+    #[test]
+    fn a_type_error_names_document_and_field_and_the_rest_loads() {
+        let l = one(r#"
+apiVersion: raven.openyurt.io/v1beta1
+kind: Gateway
+metadata: {name: gw-bad}
+spec:
+  tunnelConfig: {Replicas: one}
+---
+apiVersion: raven.openyurt.io/v1beta1
+kind: Gateway
+metadata: {name: gw-good}
+spec: {endpoints: []}
+"#);
+        assert_eq!(l.problems.len(), 1);
+        let p = &l.problems[0];
+        assert_eq!(p.object, "Gateway/gw-bad (m.yaml#1)");
+        assert_eq!(p.field, "spec.tunnelConfig.Replicas");
+        assert!(p.message.contains("one"), "{p}");
+        assert!(l.inputs.gateways.contains_key("gw-good"));
+    }
+
+    #[test]
+    fn a_key_repeated_with_the_same_value_is_a_warning_and_the_document_loads() {
+        let l = one("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: raven-cfg, namespace: kube-system}\ndata: {enable-l3-tunnel: \"true\", enable-l3-tunnel: \"true\"}\n");
+        assert_eq!(l.problems.len(), 1);
+        assert_eq!(l.problems[0].severity, crate::Severity::Warning);
+        assert_eq!(l.problems[0].field, "data.enable-l3-tunnel");
+        assert!(l.inputs.config.enable_l3_tunnel);
+    }
+
+    #[test]
+    fn a_key_repeated_with_different_values_rejects_only_its_document() {
+        let l = one(r#"
+apiVersion: raven.openyurt.io/v1beta1
+kind: Gateway
+metadata: {name: gw-dup}
+spec:
+  endpoints:
+  - nodeName: n1
+    type: tunnel
+    type: proxy
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: raven-cfg, namespace: kube-system}
+data: {enable-l3-tunnel: "true"}
+"#);
+        assert_eq!(l.problems.len(), 1, "{:?}", l.problems);
+        assert_eq!(l.problems[0].object, "Gateway/gw-dup (m.yaml#1)");
+        assert_eq!(l.problems[0].field, "spec.endpoints[0].type");
+        assert_eq!(l.problems[0].value, "proxy");
+        assert!(l.problems[0].message.contains("\"tunnel\""), "{}", l.problems[0]);
+        assert!(l.inputs.gateways.is_empty());
+        assert!(l.inputs.config.enable_l3_tunnel);
+    }
+
+    #[test]
+    fn the_same_gateway_twice_keeps_the_first_and_names_both_places() {
+        let gw = "apiVersion: raven.openyurt.io/v1beta1\nkind: Gateway\nmetadata: {name: gw-a}\nspec: {}\n";
+        let l = load(&[("a.yaml".into(), gw.into()), ("b.yaml".into(), gw.into())]);
+        assert_eq!(l.problems.len(), 1);
+        assert!(l.problems[0].message.contains("a.yaml#1"));
+        assert!(l.problems[0].object.contains("b.yaml#1"));
+    }
+
+    #[test]
+    fn unknown_kinds_are_reported_and_skipped() {
+        let l = one("apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: x}\n");
+        assert_eq!(l.problems[0].field, "kind");
+        assert_eq!(l.problems[0].value, "apps/v1 Deployment");
+    }
+
+    #[test]
+    fn list_items_are_loaded() {
+        let l = one("apiVersion: v1\nkind: List\nitems:\n- {apiVersion: raven.openyurt.io/v1beta1, kind: Gateway, metadata: {name: gw-l}, spec: {}}\n");
+        assert_eq!(l.problems, vec![]);
+        assert!(l.inputs.gateways.contains_key("gw-l"));
+    }
+}

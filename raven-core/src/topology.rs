@@ -1,0 +1,291 @@
+//! The compiled topology: named resources, each with a content version.
+//!
+//! A resource is the unit the hub sends and the agent stores. Its version is
+//! a hash of its canonical bytes, so equal content always has the equal
+//! version, whichever hub replica compiled it and in whatever order the inputs
+//! arrived.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::names::{GatewayName, NodeName};
+use crate::problem::Problem;
+
+/// UDP port of the VXLAN device `raven0` inside a gateway domain.
+pub const VXLAN_PORT: u16 = 4472;
+/// Default UDP port of gateway tunnels.
+pub const TUNNEL_PORT: u16 = 4500;
+
+/// Name of a resource: `settings`, `gateway/<name>`, `node/<name>` or
+/// `peer/<node>`.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ResourceName(String);
+
+impl ResourceName {
+    pub const SETTINGS: &'static str = "settings";
+
+    pub fn settings() -> Self {
+        Self(Self::SETTINGS.to_owned())
+    }
+    pub fn gateway(name: &GatewayName) -> Self {
+        Self(format!("gateway/{name}"))
+    }
+    pub fn node(name: &NodeName) -> Self {
+        Self(format!("node/{name}"))
+    }
+    pub fn peer(name: &NodeName) -> Self {
+        Self(format!("peer/{name}"))
+    }
+    /// Parses a name received from the network or read from the store.
+    pub fn parse(s: &str) -> Option<Self> {
+        let ok = match s.split_once('/') {
+            None => s == Self::SETTINGS,
+            Some(("gateway", n)) => GatewayName::new(n).is_ok(),
+            Some(("node" | "peer", n)) => NodeName::new(n).is_ok(),
+            Some(_) => false,
+        };
+        ok.then(|| Self(s.to_owned()))
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ResourceName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for ResourceName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+/// Type of a gateway endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EndpointType {
+    /// Layer-3 tunnel (UDP, WireGuard/IPsec).
+    Tunnel,
+    /// Layer-7 proxy (TCP).
+    Proxy,
+}
+
+/// How a gateway is exposed to other domains (`spec.exposeType`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ExposeType {
+    #[default]
+    #[serde(rename = "")]
+    None,
+    PublicIP,
+    LoadBalancer,
+}
+
+/// One endpoint of a gateway, validated and defaulted.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayEndpoint {
+    pub node: NodeName,
+    #[serde(rename = "type")]
+    pub type_: EndpointType,
+    pub port: u16,
+    #[serde(rename = "underNAT")]
+    pub under_nat: bool,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub nat_type: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(rename = "publicIP")]
+    pub public_ip: Option<IpAddr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_port: Option<u16>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub config: BTreeMap<String, String>,
+}
+
+/// A node of a gateway's domain that raven can route to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Member {
+    pub node: NodeName,
+    #[serde(rename = "privateIP")]
+    pub private_ip: IpAddr,
+    pub subnets: Vec<IpNet>,
+    pub ready: bool,
+}
+
+/// Everything another node needs to know about one gateway's domain.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayView {
+    pub name: GatewayName,
+    pub expose_type: ExposeType,
+    #[serde(rename = "underNAT")]
+    pub under_nat: bool,
+    /// Member nodes with an InternalIP, sorted by name.
+    pub members: Vec<Member>,
+    /// The elected tunnel endpoint, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_tunnel: Option<GatewayEndpoint>,
+    /// Tunnel endpoints in failover order: the active one first, then the
+    /// others on ready members in `spec.endpoints` order, then those on
+    /// members that are not ready. Agents that lose the hub move along this
+    /// list on their own.
+    pub tunnel_candidates: Vec<GatewayEndpoint>,
+    /// The elected proxy endpoints.
+    pub active_proxies: Vec<GatewayEndpoint>,
+    /// Extra source CIDRs allowed through this gateway
+    /// (`raven.openyurt.io/extra-allowed-source-cidrs`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extra_source_cidrs: Vec<IpNet>,
+    /// Relay gateway for reaching this gateway when both sides are under NAT:
+    /// a gateway that is not under NAT, chosen by rendezvous hashing so that
+    /// adding or removing unrelated gateways does not move it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay: Option<GatewayName>,
+}
+
+/// The node's own resource: where it belongs and which roles it holds.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeView {
+    pub name: NodeName,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<GatewayName>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(rename = "privateIP")]
+    pub private_ip: Option<IpAddr>,
+    pub subnets: Vec<IpNet>,
+    /// This node is its gateway's active tunnel endpoint.
+    pub tunnel_active: bool,
+    /// This node is listed as a tunnel endpoint of its gateway.
+    pub tunnel_candidate: bool,
+    /// This node is one of its gateway's active proxy endpoints.
+    pub proxy_active: bool,
+}
+
+/// Cluster-wide settings.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Settings {
+    /// `kube-system/raven-cfg` exists.
+    pub raven_cfg_present: bool,
+    pub enable_l3_tunnel: bool,
+    pub enable_l7_proxy: bool,
+    pub vxlan_port: u16,
+}
+
+/// What a tunnel endpoint node has reported about itself.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerInfo {
+    pub node: NodeName,
+    pub gateway: GatewayName,
+    /// WireGuard public key, base64.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wireguard_public_key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tunnel_port: Option<u16>,
+    /// The NAT-mapped address its tunnel traffic was seen from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_endpoint: Option<SocketAddr>,
+}
+
+/// The content of a resource.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum ResourceBody {
+    Settings(Settings),
+    Gateway(GatewayView),
+    Node(NodeView),
+    Peer(PeerInfo),
+}
+
+/// A content version: the first 16 hex digits of the SHA-256 of the
+/// resource's canonical JSON.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ContentVersion(String);
+
+impl ContentVersion {
+    pub fn of(body: &ResourceBody) -> Self {
+        // Serializing plain data into a Vec cannot fail.
+        let bytes = serde_json::to_vec(body).unwrap_or_default();
+        let digest = Sha256::digest(&bytes);
+        Self(hex::encode(&digest[..8]))
+    }
+    /// Wraps a version received from the network or read from the store.
+    pub fn from_string(s: String) -> Self {
+        Self(s)
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ContentVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for ContentVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+/// A named, versioned resource.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Resource {
+    pub version: ContentVersion,
+    #[serde(flatten)]
+    pub body: ResourceBody,
+}
+
+impl Resource {
+    pub fn new(body: ResourceBody) -> Self {
+        Self {
+            version: ContentVersion::of(&body),
+            body,
+        }
+    }
+}
+
+/// The compiled topology of a cluster.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Topology {
+    pub resources: BTreeMap<ResourceName, Resource>,
+    /// Problems found while compiling, sorted.
+    pub problems: Vec<Problem>,
+}
+
+impl Topology {
+    pub fn gateways(&self) -> impl Iterator<Item = &GatewayView> {
+        self.resources.values().filter_map(|r| match &r.body {
+            ResourceBody::Gateway(g) => Some(g),
+            _ => None,
+        })
+    }
+
+    pub fn node(&self, name: &NodeName) -> Option<&NodeView> {
+        match self.resources.get(&ResourceName::node(name)).map(|r| &r.body) {
+            Some(ResourceBody::Node(n)) => Some(n),
+            _ => None,
+        }
+    }
+
+    /// Stable, pretty JSON with a trailing newline.
+    pub fn to_json(&self) -> String {
+        let mut s = serde_json::to_string_pretty(self).unwrap_or_default();
+        s.push('\n');
+        s
+    }
+}

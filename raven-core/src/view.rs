@@ -1,0 +1,41 @@
+//! Per-node views: which resources of a topology one node receives.
+//!
+//! Every node gets the settings and its own `node/` resource. A member of a
+//! gateway domain also gets every `gateway/` resource (it routes remote
+//! subnets through its gateway). A tunnel endpoint node also gets every
+//! `peer/` resource (it may become the active gateway by local failover).
+//! Shared resources are the same `Resource` values for every node, so the hub
+//! can serialize them once.
+
+use std::collections::BTreeMap;
+
+use crate::names::NodeName;
+use crate::topology::{Resource, ResourceName, Topology};
+
+/// Names of the resources `node` receives. Empty when the topology does not
+/// know the node.
+pub fn view_names(topology: &Topology, node: &NodeName) -> Vec<ResourceName> {
+    let Some(me) = topology.node(node) else {
+        return Vec::new();
+    };
+    topology
+        .resources
+        .keys()
+        .filter(|name| {
+            let s = name.as_str();
+            s == ResourceName::SETTINGS
+                || *name == &ResourceName::node(node)
+                || (me.gateway.is_some() && s.starts_with("gateway/"))
+                || (me.tunnel_candidate && s.starts_with("peer/"))
+        })
+        .cloned()
+        .collect()
+}
+
+/// The resources `node` receives.
+pub fn node_view<'a>(topology: &'a Topology, node: &NodeName) -> BTreeMap<ResourceName, &'a Resource> {
+    view_names(topology, node)
+        .into_iter()
+        .filter_map(|n| topology.resources.get(&n).map(|r| (n, r)))
+        .collect()
+}

@@ -1,0 +1,92 @@
+//! Golden files: every directory under `tests/golden/` holds YAML manifests
+//! and the `topology.json` they compile to. Run with `UPDATE_GOLDEN=1` to
+//! rewrite the expected files after an intended change, and review the diff.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use raven_core::{compile, manifest};
+
+fn read_yaml_dir(dir: &Path) -> Vec<(String, String)> {
+    let mut files: Vec<PathBuf> = fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("read {}: {e}", dir.display()))
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
+        .collect();
+    files.sort();
+    files
+        .into_iter()
+        .map(|p| {
+            let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let text = fs::read_to_string(&p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()));
+            (name, text)
+        })
+        .collect()
+}
+
+fn compile_dir(dir: &Path) -> String {
+    let loaded = manifest::load(&read_yaml_dir(dir));
+    let mut compiled = compile(&loaded.inputs);
+    compiled.topology.problems.extend(loaded.problems);
+    compiled.topology.problems.sort();
+    compiled.topology.to_json()
+}
+
+fn check(case: &str, dir: &Path) {
+    let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(case).join("topology.json");
+    let got = compile_dir(dir);
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        fs::create_dir_all(golden.parent().unwrap_or(Path::new("."))).ok();
+        fs::write(&golden, &got).unwrap_or_else(|e| panic!("write {}: {e}", golden.display()));
+        return;
+    }
+    let want = fs::read_to_string(&golden)
+        .unwrap_or_else(|e| panic!("read {}: {e} (run with UPDATE_GOLDEN=1 to create it)", golden.display()));
+    pretty_assertions::assert_eq!(want, got, "golden {case} differs; UPDATE_GOLDEN=1 rewrites it");
+}
+
+fn case(name: &str) {
+    check(name, &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(name));
+}
+
+#[test]
+fn user_manual_example_compiles_to_golden() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/user-manual");
+    check("user-manual", &dir);
+}
+
+#[test]
+fn user_manual_as_written_reports_masked_ip_and_repeated_key_and_keeps_the_rest() {
+    case("user-manual-as-written");
+}
+
+#[test]
+fn nat_and_public_gateways_get_relays() {
+    case("nat-relay");
+}
+
+#[test]
+fn proxy_and_tunnel_endpoints_are_elected_separately() {
+    case("proxy-and-tunnel");
+}
+
+#[test]
+fn gateway_with_zero_ready_nodes_elects_nothing() {
+    case("zero-ready");
+}
+
+#[test]
+fn v1alpha1_gateway_is_converted_and_elected() {
+    case("v1alpha1");
+}
+
+#[test]
+fn invalid_objects_are_reported_next_to_valid_ones() {
+    case("invalid-next-to-valid");
+}
+
+#[test]
+fn missing_raven_cfg_elects_nothing_like_raven() {
+    case("no-raven-cfg");
+}
