@@ -70,19 +70,19 @@ impl Loader {
             match yaml::read_document(doc) {
                 Ok((Value::Null, _)) => {}
                 Ok((value, repeats)) => {
-                    let at = describe(&value, &at);
+                    let object = describe(&value, &at);
                     let conflicting: Vec<_> = repeats.iter().filter(|r| !r.is_harmless()).collect();
                     for r in &repeats {
                         let p = if r.is_harmless() {
                             Problem::warning(
-                                &at,
+                                &object,
                                 &r.path,
                                 &r.repeated,
                                 "key written twice with the same value; using it once",
                             )
                         } else {
                             Problem::error(
-                                &at,
+                                &object,
                                 &r.path,
                                 &r.repeated,
                                 format!("key written twice with different values (first {:?}); this document is ignored", r.first),
