@@ -1,1 +1,10 @@
-//! placeholder
+//! raven-hub: the cloud side of raven.
+//!
+//! ```text
+//! sources (manifests | kube) ─▶ Index ─▶ pipeline (debounce ▸ compile ▸ revision)
+//!                                              └─▶ watch<Published> ─▶ gRPC Sync streams, inspection, status
+//! ```
+
+pub mod args;
+pub mod crd;
+pub mod sources;

@@ -1,0 +1,72 @@
+//! The manifest-directory source: the YAML files of a directory, re-read when
+//! they change. The standalone mode and the embedded default use it.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use raven_core::manifest;
+
+/// A manifest directory could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestDirError {
+    #[error("reading manifest directory {path}: {source}")]
+    ReadDir { path: PathBuf, source: std::io::Error },
+}
+
+/// Reads every `*.yaml`/`*.yml` file of `dir` (not recursive), sorted by
+/// name. An unreadable file becomes a problem report, not a failure.
+pub fn read_dir(dir: &Path) -> Result<manifest::Loaded, ManifestDirError> {
+    let entries = std::fs::read_dir(dir).map_err(|source| ManifestDirError::ReadDir {
+        path: dir.to_owned(),
+        source,
+    })?;
+    let mut paths: Vec<PathBuf> = entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| {
+            p.extension()
+                .is_some_and(|x| x == "yaml" || x == "yml")
+        })
+        .collect();
+    paths.sort();
+    let mut sources = Vec::new();
+    let mut unreadable = Vec::new();
+    for p in paths {
+        let name = p
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        match std::fs::read_to_string(&p) {
+            Ok(text) => sources.push((name, text)),
+            Err(e) => unreadable.push(raven_core::Problem::error(
+                name,
+                "",
+                "",
+                format!("cannot read file: {e}"),
+            )),
+        }
+    }
+    let mut loaded = manifest::load(&sources);
+    loaded.problems.extend(unreadable);
+    loaded.problems.sort();
+    Ok(loaded)
+}
+
+/// A fingerprint of the directory (names, sizes, modification times) that
+/// changes whenever a manifest file is added, removed or written.
+pub fn fingerprint(dir: &Path) -> Vec<(String, u64, Option<std::time::SystemTime>)> {
+    let mut out: Vec<_> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let md = e.metadata().ok()?;
+            Some((e.file_name().to_string_lossy().into_owned(), md.len(), md.modified().ok()))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// How often the directory is polled for changes.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(500);

@@ -1,0 +1,4 @@
+//! Where the hub learns about the cluster: a manifest directory (standalone)
+//! or the Kubernetes API.
+
+pub mod manifests;
