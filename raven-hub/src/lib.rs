@@ -7,4 +7,6 @@
 
 pub mod args;
 pub mod crd;
+pub mod index;
+pub mod pipeline;
 pub mod sources;
