@@ -6,6 +6,7 @@
 //! ```
 
 pub mod args;
+pub mod certs;
 pub mod crd;
 pub mod index;
 pub mod pipeline;

@@ -1,0 +1,200 @@
+//! Certificates for standalone use (`raven-hub certs`): a CA, a hub server
+//! certificate and one client certificate per node.
+//!
+//! A node certificate carries the node's identity the way kubelet client
+//! certificates do: subject CN `system:node:<name>`, O `system:nodes`. The hub
+//! takes a node's identity from that CN and from nothing else.
+
+use std::fs;
+use std::io::Write;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+use raven_core::NodeName;
+
+/// Prefix of the subject CN of a node certificate.
+pub const NODE_CN_PREFIX: &str = "system:node:";
+
+#[derive(Debug, thiserror::Error)]
+pub enum CertError {
+    #[error("generating {what}: {source}")]
+    Generate { what: String, source: rcgen::Error },
+    #[error("writing {path}: {source}")]
+    Write { path: PathBuf, source: std::io::Error },
+    #[error("reading {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: not a usable CA ({source})")]
+    BadCa { path: PathBuf, source: rcgen::Error },
+}
+
+/// Paths of the files `generate` writes into `dir`.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    pub dir: PathBuf,
+}
+
+impl Layout {
+    pub fn ca_cert(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+    pub fn ca_key(&self) -> PathBuf {
+        self.dir.join("ca-key.pem")
+    }
+    pub fn hub_cert(&self) -> PathBuf {
+        self.dir.join("hub.pem")
+    }
+    pub fn hub_key(&self) -> PathBuf {
+        self.dir.join("hub-key.pem")
+    }
+    pub fn node_cert(&self, node: &NodeName) -> PathBuf {
+        self.dir.join(format!("node-{node}.pem"))
+    }
+    pub fn node_key(&self, node: &NodeName) -> PathBuf {
+        self.dir.join(format!("node-{node}-key.pem"))
+    }
+}
+
+fn gen_err(what: &str) -> impl FnOnce(rcgen::Error) -> CertError + '_ {
+    move |source| CertError::Generate { what: what.to_owned(), source }
+}
+
+fn write(path: &Path, contents: &str, private: bool) -> Result<(), CertError> {
+    let err = |source| CertError::Write { path: path.to_owned(), source };
+    let mut opts = fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    if private {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let _ = private;
+    let mut f = opts.open(path).map_err(err)?;
+    f.write_all(contents.as_bytes()).map_err(err)?;
+    f.sync_all().map_err(err)
+}
+
+fn read(path: &Path) -> Result<String, CertError> {
+    fs::read_to_string(path).map_err(|source| CertError::Read { path: path.to_owned(), source })
+}
+
+/// Creates (or reuses, when `dir` already holds one) a CA, then writes a hub
+/// certificate valid for `hub_names` (DNS names or IP addresses) and a client
+/// certificate for every node.
+pub fn generate(dir: &Path, hub_names: &[String], nodes: &[NodeName]) -> Result<Layout, CertError> {
+    let layout = Layout { dir: dir.to_owned() };
+    fs::create_dir_all(dir).map_err(|source| CertError::Write { path: dir.to_owned(), source })?;
+
+    let (ca_key, ca_pem) = if layout.ca_cert().exists() && layout.ca_key().exists() {
+        let key = KeyPair::from_pem(&read(&layout.ca_key())?)
+            .map_err(|source| CertError::BadCa { path: layout.ca_key(), source })?;
+        (key, read(&layout.ca_cert())?)
+    } else {
+        let key = KeyPair::generate().map_err(gen_err("CA key"))?;
+        let mut params = CertificateParams::new(Vec::<String>::new()).map_err(gen_err("CA"))?;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, "raven CA");
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let cert = params.self_signed(&key).map_err(gen_err("CA certificate"))?;
+        write(&layout.ca_key(), &key.serialize_pem(), true)?;
+        write(&layout.ca_cert(), &cert.pem(), false)?;
+        (key, cert.pem())
+    };
+    let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key)
+        .map_err(|source| CertError::BadCa { path: layout.ca_cert(), source })?;
+
+    // Hub server certificate.
+    let key = KeyPair::generate().map_err(gen_err("hub key"))?;
+    let mut params = CertificateParams::new(Vec::<String>::new()).map_err(gen_err("hub"))?;
+    params.distinguished_name.push(DnType::CommonName, "raven-hub");
+    for name in hub_names {
+        let san = match name.parse::<IpAddr>() {
+            Ok(ip) => SanType::IpAddress(ip),
+            Err(_) => SanType::DnsName(name.clone().try_into().map_err(gen_err("hub DNS name"))?),
+        };
+        params.subject_alt_names.push(san);
+    }
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let cert = params.signed_by(&key, &issuer).map_err(gen_err("hub certificate"))?;
+    write(&layout.hub_key(), &key.serialize_pem(), true)?;
+    write(&layout.hub_cert(), &cert.pem(), false)?;
+
+    for node in nodes {
+        let key = KeyPair::generate().map_err(gen_err("node key"))?;
+        let mut params = CertificateParams::new(Vec::<String>::new()).map_err(gen_err("node"))?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, format!("{NODE_CN_PREFIX}{node}"));
+        params.distinguished_name.push(DnType::OrganizationName, "system:nodes");
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = params.signed_by(&key, &issuer).map_err(gen_err("node certificate"))?;
+        write(&layout.node_key(node), &key.serialize_pem(), true)?;
+        write(&layout.node_cert(node), &cert.pem(), false)?;
+    }
+    Ok(layout)
+}
+
+/// Why a client certificate does not identify a node.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdentityError {
+    #[error("no client certificate was presented")]
+    NoCertificate,
+    #[error("the client certificate cannot be parsed: {0}")]
+    Unparseable(String),
+    #[error("the client certificate's subject CN {0:?} is not system:node:<node name>")]
+    NotANode(String),
+}
+
+/// The node named by a client certificate (DER): subject CN
+/// `system:node:<name>`.
+pub fn node_identity(der: &[u8]) -> Result<NodeName, IdentityError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| IdentityError::Unparseable(e.to_string()))?;
+    let cn = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    cn.strip_prefix(NODE_CN_PREFIX)
+        .and_then(|n| NodeName::new(n).ok())
+        .ok_or(IdentityError::NotANode(cn))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pem_to_der(pem: &str) -> Vec<u8> {
+        x509_parser::pem::parse_x509_pem(pem.as_bytes())
+            .map(|(_, p)| p.contents)
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn node_certificate_names_its_node_and_hub_certificate_names_none() {
+        let dir = std::env::temp_dir().join(format!("raven-certs-{}", std::process::id()));
+        let node = NodeName::new("edge-1").unwrap_or_else(|_| unreachable!());
+        let layout = generate(&dir, &["localhost".into(), "127.0.0.1".into()], std::slice::from_ref(&node))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let der = pem_to_der(&read(&layout.node_cert(&node)).unwrap_or_default());
+        assert_eq!(node_identity(&der), Ok(node));
+        let hub = pem_to_der(&read(&layout.hub_cert()).unwrap_or_default());
+        assert_eq!(node_identity(&hub), Err(IdentityError::NotANode("raven-hub".into())));
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = fs::metadata(layout.ca_key()).map(|m| m.permissions().mode()).unwrap_or(0);
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        // Running again reuses the CA.
+        let ca_before = read(&layout.ca_cert()).unwrap_or_default();
+        generate(&dir, &["localhost".into()], &[]).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(read(&layout.ca_cert()).unwrap_or_default(), ca_before);
+        let _ = fs::remove_dir_all(&dir);
+    }
+}
