@@ -19,9 +19,10 @@ pub enum Command {
     /// Compile a directory of Gateway/Node/ConfigMap manifests and print the
     /// topology as JSON (stable, sorted). Problems also go to stderr.
     Compile {
-        /// Directory of YAML manifests.
+        /// Directory of YAML manifests; without it, the embedded user-manual
+        /// example (deploy/examples/user-manual) is compiled.
         #[arg(long, env = "RAVEN_MANIFESTS")]
-        manifests: PathBuf,
+        manifests: Option<PathBuf>,
         /// Exit with status 2 when any object has an error.
         #[arg(long)]
         strict: bool,
@@ -31,13 +32,16 @@ pub enum Command {
 impl Args {
     pub fn run(self) -> anyhow::Result<std::process::ExitCode> {
         match self.command {
-            Command::Compile { manifests, strict } => compile(&manifests, strict),
+            Command::Compile { manifests, strict } => compile(manifests.as_deref(), strict),
         }
     }
 }
 
-fn compile(dir: &std::path::Path, strict: bool) -> anyhow::Result<std::process::ExitCode> {
-    let loaded = manifests::read_dir(dir)?;
+fn compile(dir: Option<&std::path::Path>, strict: bool) -> anyhow::Result<std::process::ExitCode> {
+    let loaded = match dir {
+        Some(dir) => manifests::read_dir(dir)?,
+        None => raven_core::manifest::load(&crate::embedded::user_manual()),
+    };
     let mut compiled = raven_core::compile(&loaded.inputs);
     compiled.topology.problems.extend(loaded.problems);
     compiled.topology.problems.sort();

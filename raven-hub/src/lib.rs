@@ -8,6 +8,7 @@
 pub mod args;
 pub mod certs;
 pub mod crd;
+pub mod embedded;
 pub mod index;
 pub mod pipeline;
 pub mod sources;
