@@ -11,4 +11,5 @@ pub mod crd;
 pub mod embedded;
 pub mod index;
 pub mod pipeline;
+pub mod revision;
 pub mod sources;

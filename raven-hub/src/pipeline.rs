@@ -8,7 +8,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use raven_core::compile::CompiledGateway;
-use raven_core::{GatewayName, Topology};
+use raven_core::{GatewayName, ResourceName, Topology};
+use raven_proto::EncodedResource;
 
 /// What the hub serves at one moment.
 #[derive(Debug, Clone, Default)]
@@ -23,7 +24,145 @@ pub struct Published {
     pub topology: Topology,
     /// Per-gateway election results, for status writing.
     pub gateways: BTreeMap<GatewayName, CompiledGateway>,
+    /// Every resource encoded once; streams send these bytes as they are.
+    pub encoded: BTreeMap<ResourceName, EncodedResource>,
 }
 
 /// Receiver of the published state.
 pub type PublishedRx = tokio::sync::watch::Receiver<Arc<Published>>;
+
+/// Debounce settings: wait for `quiet` without changes, but never longer
+/// than `max_delay` after the first change.
+#[derive(Debug, Clone, Copy)]
+pub struct Debounce {
+    pub quiet: std::time::Duration,
+    pub max_delay: std::time::Duration,
+}
+
+impl Default for Debounce {
+    fn default() -> Self {
+        Self {
+            quiet: std::time::Duration::from_millis(100),
+            max_delay: std::time::Duration::from_secs(1),
+        }
+    }
+}
+
+/// Compiles the index into published states.
+#[derive(Debug)]
+pub struct Pipeline {
+    index: crate::index::IndexHandle,
+    revisions: crate::revision::Revisions,
+    tx: tokio::sync::watch::Sender<Arc<Published>>,
+    debounce: Debounce,
+}
+
+impl Pipeline {
+    pub fn new(
+        index: crate::index::IndexHandle,
+        revisions: crate::revision::Revisions,
+        debounce: Debounce,
+    ) -> (Self, PublishedRx) {
+        let initial = Published {
+            epoch: revisions.current().epoch.clone(),
+            revision: revisions.current().revision,
+            ..Default::default()
+        };
+        let (tx, rx) = tokio::sync::watch::channel(Arc::new(initial));
+        (
+            Self {
+                index,
+                revisions,
+                tx,
+                debounce,
+            },
+            rx,
+        )
+    }
+
+    /// Compiles now and publishes the result if anything a reader can see
+    /// changed. Returns whether it published.
+    pub fn recompile(&mut self) -> Result<bool, crate::revision::RevisionError> {
+        let (mut inputs, mut problems) = self.index.read(|i| i.inputs());
+        let ready = self.index.read(|i| i.is_synced());
+        let prev = self.tx.borrow().clone();
+        // Stickiness needs the current active endpoints. The API server has
+        // them in the status the leader wrote; manifests have none, so the
+        // hub's own last election stands in.
+        for (name, gw) in &mut inputs.gateways {
+            let has_status = gw.status.as_ref().is_some_and(|s| !s.active_endpoints.is_empty());
+            if has_status {
+                continue;
+            }
+            if let Some(last) = prev.gateways.values().find(|c| c.name.as_str() == name) {
+                gw.status = Some(last.status.clone());
+            }
+        }
+        let mut compiled = raven_core::compile(&inputs);
+        problems.append(&mut compiled.topology.problems);
+        problems.sort();
+        problems.dedup();
+        compiled.topology.problems = problems;
+
+        let state = self.revisions.advance(&compiled.topology)?.clone();
+        // Encode each resource once per content version: unchanged resources
+        // keep their bytes from the previous state.
+        let encoded = compiled
+            .topology
+            .resources
+            .iter()
+            .map(|(name, r)| {
+                let reuse = prev
+                    .topology
+                    .resources
+                    .get(name)
+                    .filter(|old| old.version == r.version)
+                    .and_then(|_| prev.encoded.get(name).cloned());
+                (name.clone(), reuse.unwrap_or_else(|| EncodedResource::new(name, r)))
+            })
+            .collect();
+        let next = Published {
+            encoded,
+            epoch: state.epoch,
+            revision: state.revision,
+            ready,
+            topology: compiled.topology,
+            gateways: compiled.gateways,
+        };
+        let changed = next.revision != prev.revision
+            || next.epoch != prev.epoch
+            || next.ready != prev.ready
+            || next.topology.problems != prev.topology.problems
+            || next.gateways != prev.gateways;
+        if changed {
+            self.tx.send_replace(Arc::new(next));
+        }
+        Ok(changed)
+    }
+
+    /// Recompiles after every (debounced) burst of index changes until
+    /// `shutdown` fires.
+    pub async fn run(mut self, shutdown: tokio_util::sync::CancellationToken) {
+        let index = self.index.clone();
+        loop {
+            if let Err(e) = self.recompile() {
+                tracing::error!(error = %e, "could not persist a new revision; keeping the previous state published");
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = index.changed() => {}
+            }
+            let started = tokio::time::Instant::now();
+            loop {
+                let deadline = (started + self.debounce.max_delay).min(tokio::time::Instant::now() + self.debounce.quiet);
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = index.changed() => {
+                        if tokio::time::Instant::now() >= started + self.debounce.max_delay { break; }
+                    }
+                    () = tokio::time::sleep_until(deadline) => break,
+                }
+            }
+        }
+    }
+}

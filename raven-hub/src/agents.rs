@@ -1,0 +1,124 @@
+//! The agent table: every node that has opened a stream to this hub replica,
+//! what it acknowledged, what it applied, its last NACK and what it reported.
+//! Read by the inspection RPCs and the metrics.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::SystemTime;
+
+use raven_core::NodeName;
+use raven_proto::v1;
+
+/// One agent as this hub replica knows it.
+#[derive(Debug, Clone, Default)]
+pub struct AgentEntry {
+    pub connected: bool,
+    /// Bumped on each new stream, so a stale stream's exit does not mark a
+    /// newer stream's agent disconnected.
+    pub session: u64,
+    pub connected_since: Option<SystemTime>,
+    pub last_seen: Option<SystemTime>,
+    pub remote_address: String,
+    pub agent_version: String,
+    pub protocol_version: u32,
+    pub capabilities: Vec<i32>,
+    pub acked: Option<(String, u64)>,
+    pub applied: Option<v1::Applied>,
+    pub last_nack: Option<(v1::Nack, SystemTime)>,
+    pub report: Option<v1::Report>,
+}
+
+/// Shared agent table.
+#[derive(Debug, Clone, Default)]
+pub struct Agents {
+    inner: Arc<Mutex<BTreeMap<NodeName, AgentEntry>>>,
+    replica: Arc<String>,
+}
+
+fn ts(t: SystemTime) -> prost_types::Timestamp {
+    prost_types::Timestamp::from(t)
+}
+
+impl Agents {
+    pub fn new(replica: impl Into<String>) -> Self {
+        Self {
+            inner: Arc::default(),
+            replica: Arc::new(replica.into()),
+        }
+    }
+
+    pub fn update<R>(&self, node: &NodeName, f: impl FnOnce(&mut AgentEntry) -> R) -> R {
+        let mut map = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let entry = map.entry(node.clone()).or_default();
+        entry.last_seen = Some(SystemTime::now());
+        f(entry)
+    }
+
+    /// Records a new stream; returns its session number.
+    pub fn connected(&self, node: &NodeName, hello: &v1::Hello, remote: String) -> u64 {
+        self.update(node, |e| {
+            e.session += 1;
+            e.connected = true;
+            e.connected_since = Some(SystemTime::now());
+            e.remote_address = remote;
+            e.agent_version = hello.agent_version.clone();
+            e.protocol_version = hello.protocol_version;
+            e.capabilities = hello.capabilities.clone();
+            e.session
+        })
+    }
+
+    /// Records the end of a stream, unless a newer one replaced it.
+    pub fn disconnected(&self, node: &NodeName, session: u64) {
+        let mut map = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(e) = map.get_mut(node)
+            && e.session == session
+        {
+            e.connected = false;
+        }
+    }
+
+    pub fn connected_count(&self) -> usize {
+        let map = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        map.values().filter(|e| e.connected).count()
+    }
+
+    pub fn get(&self, node: &NodeName) -> Option<AgentEntry> {
+        let map = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        map.get(node).cloned()
+    }
+
+    /// The table as the `ListAgents` RPC returns it, sorted by node.
+    pub fn to_proto(&self) -> Vec<v1::AgentStatus> {
+        let map = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        map.iter()
+            .map(|(node, e)| v1::AgentStatus {
+                node_name: node.to_string(),
+                connected: e.connected,
+                hub_replica: self.replica.to_string(),
+                connected_since: e.connected_since.map(ts),
+                last_seen: e.last_seen.map(ts),
+                acked_epoch: e.acked.as_ref().map(|a| a.0.clone()).unwrap_or_default(),
+                acked_revision: e.acked.as_ref().map(|a| a.1).unwrap_or_default(),
+                applied_epoch: e.applied.as_ref().map(|a| a.epoch.clone()).unwrap_or_default(),
+                applied_revision: e.applied.as_ref().map(|a| a.revision).unwrap_or_default(),
+                applied_success: e.applied.as_ref().is_some_and(|a| a.success),
+                applied_error: e.applied.as_ref().and_then(|a| a.error.clone()),
+                last_nack: e.last_nack.as_ref().map(|(n, at)| v1::LastNack {
+                    nonce: n.nonce.clone(),
+                    epoch: n.epoch.clone(),
+                    revision: n.revision,
+                    error: n.error.clone(),
+                    at: Some(ts(*at)),
+                }),
+                wireguard_public_key: e.report.as_ref().and_then(|r| r.wireguard_public_key.clone()),
+                peers: e.report.as_ref().map(|r| r.peers.clone()).unwrap_or_default(),
+                agent_version: e.agent_version.clone(),
+                capabilities: e.capabilities.clone(),
+                protocol_version: e.protocol_version,
+                remote_address: e.remote_address.clone(),
+                local_failover: e.report.as_ref().map(|r| r.local_failover.clone()).unwrap_or_default(),
+            })
+            .collect()
+    }
+}

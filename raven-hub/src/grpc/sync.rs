@@ -1,0 +1,411 @@
+//! The `Sync` stream: one session per agent, implementing the protocol
+//! documented in `proto/raven/v1/sync.proto`.
+//!
+//! A session computes the node's view of the latest published topology,
+//! diffs it against what the agent holds, sends at most one Update at a time,
+//! and on every Ack moves the agent's inventory forward. While an Update is in
+//! flight, topology changes only mark the session dirty, so a slow agent gets
+//! the latest state once, never a backlog.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use raven_core::{ContentVersion, NodeName, ResourceName, view};
+use raven_proto::v1::{self, sync_request::Message as Req};
+use raven_proto::{EncodedResource, EncodedSyncResponse, UpdateHeader};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tonic::{Status, Streaming};
+
+use crate::agents::Agents;
+use crate::index::IndexHandle;
+use crate::metrics::Metrics;
+use crate::pipeline::{Published, PublishedRx};
+
+/// Tunables of the sync server.
+#[derive(Debug, Clone)]
+pub struct SyncConfig {
+    /// Heartbeat interval; a peer silent for three intervals is gone.
+    pub heartbeat: Duration,
+    /// How long an agent has to send its Hello.
+    pub hello_timeout: Duration,
+    /// How long a stream waits for the hub's sources to sync before it is
+    /// refused with UNAVAILABLE.
+    pub ready_timeout: Duration,
+    /// Streams allowed to be in their initial sync at once (admission).
+    pub max_initial_syncs: usize,
+    /// Base of the retry hint for refused streams (jitter is added).
+    pub retry_after: Duration,
+    /// Snapshot parts are cut at about this many bytes.
+    pub max_update_bytes: usize,
+}
+
+impl Default for SyncConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat: Duration::from_secs(10),
+            hello_timeout: Duration::from_secs(15),
+            ready_timeout: Duration::from_secs(30),
+            max_initial_syncs: 256,
+            retry_after: Duration::from_secs(2),
+            max_update_bytes: 1 << 20,
+        }
+    }
+}
+
+/// State shared by every session.
+#[derive(Debug, Clone)]
+pub struct SyncShared {
+    pub published: PublishedRx,
+    pub index: IndexHandle,
+    pub agents: Agents,
+    pub metrics: Metrics,
+    pub config: SyncConfig,
+    pub admission: Arc<Semaphore>,
+}
+
+impl SyncShared {
+    pub fn new(published: PublishedRx, index: IndexHandle, agents: Agents, metrics: Metrics, config: SyncConfig) -> Self {
+        let admission = Arc::new(Semaphore::new(config.max_initial_syncs));
+        Self {
+            published,
+            index,
+            agents,
+            metrics,
+            config,
+            admission,
+        }
+    }
+
+    /// Admits a new stream or refuses it with RESOURCE_EXHAUSTED and a
+    /// jittered retry hint.
+    pub fn admit(&self) -> Result<OwnedSemaphorePermit, Status> {
+        self.admission.clone().try_acquire_owned().map_err(|_| {
+            self.metrics.admission_rejected();
+            let base = self.config.retry_after.as_millis() as u64;
+            let jitter = rand::random::<u64>() % base.max(1);
+            raven_proto::resource_exhausted(Duration::from_millis(base + jitter))
+        })
+    }
+}
+
+pub type Outbound = mpsc::Sender<Result<EncodedSyncResponse, Status>>;
+
+/// The Update being waited for.
+#[derive(Debug)]
+struct InFlight {
+    nonce: String,
+    epoch: String,
+    revision: u64,
+    /// What the agent holds once it ACKs.
+    after: BTreeMap<ResourceName, ContentVersion>,
+    /// The resources sent, for NACK bookkeeping.
+    sent: Vec<(ResourceName, ContentVersion)>,
+    sent_at: tokio::time::Instant,
+}
+
+/// One agent's stream.
+pub struct Session {
+    node: NodeName,
+    shared: SyncShared,
+    out: Outbound,
+    permit: Option<OwnedSemaphorePermit>,
+    /// What the agent holds (as of its last Ack).
+    held: BTreeMap<ResourceName, ContentVersion>,
+    held_epoch: String,
+    held_revision: u64,
+    /// Content the agent refused; never sent again unchanged.
+    nacked: BTreeSet<(ResourceName, ContentVersion)>,
+    in_flight: Option<InFlight>,
+    /// Snapshot parts still to send after the one in flight.
+    queued: Vec<(UpdateHeader, Vec<EncodedResource>, BTreeMap<ResourceName, ContentVersion>, Vec<(ResourceName, ContentVersion)>)>,
+    next_nonce: u64,
+    heartbeat_seq: u64,
+    /// The first Update (answer to the Hello) has been sent.
+    answered: bool,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session").field("node", &self.node).finish_non_exhaustive()
+    }
+}
+
+fn status_invalid(msg: impl Into<String>) -> Status {
+    Status::invalid_argument(msg.into())
+}
+
+impl Session {
+    pub fn new(node: NodeName, shared: SyncShared, out: Outbound, permit: OwnedSemaphorePermit) -> Self {
+        Self {
+            node,
+            shared,
+            out,
+            permit: Some(permit),
+            held: BTreeMap::new(),
+            held_epoch: String::new(),
+            held_revision: 0,
+            nacked: BTreeSet::new(),
+            in_flight: None,
+            queued: Vec::new(),
+            next_nonce: 0,
+            heartbeat_seq: 0,
+            answered: false,
+        }
+    }
+
+    /// Runs the session to its end; the returned status (if any) ends the
+    /// stream.
+    pub async fn run(mut self, mut inbound: Streaming<v1::SyncRequest>, remote: String) {
+        let node = self.node.clone();
+        self.shared.metrics.stream_opened();
+        let result = self.serve(&mut inbound, remote).await;
+        self.shared.metrics.stream_closed();
+        if let Err(status) = result {
+            if status.code() != tonic::Code::Cancelled {
+                tracing::info!(node = %node, code = ?status.code(), message = status.message(), "sync stream ended");
+            }
+            let _ = self.out.send(Err(status)).await;
+        }
+    }
+
+    async fn serve(&mut self, inbound: &mut Streaming<v1::SyncRequest>, remote: String) -> Result<(), Status> {
+        let hello = match tokio::time::timeout(self.shared.config.hello_timeout, inbound.message()).await {
+            Err(_) => return Err(Status::failed_precondition("no Hello within the hello timeout")),
+            Ok(Err(s)) => return Err(s),
+            Ok(Ok(None)) => return Ok(()),
+            Ok(Ok(Some(v1::SyncRequest { message: Some(Req::Hello(h)) }))) => h,
+            Ok(Ok(Some(_))) => return Err(Status::failed_precondition("the first message must be a Hello")),
+        };
+        if hello.protocol_version != raven_proto::PROTOCOL_VERSION {
+            return Err(Status::failed_precondition(format!(
+                "protocol version {} is not supported (this hub speaks {})",
+                hello.protocol_version,
+                raven_proto::PROTOCOL_VERSION
+            )));
+        }
+        if !hello.node_name.is_empty() && hello.node_name != self.node.as_str() {
+            tracing::warn!(certificate = %self.node, claimed = %hello.node_name, %remote, "agent claimed another node's identity; refused");
+            return Err(Status::permission_denied(format!(
+                "the client certificate is for node {}, the Hello claims {}",
+                self.node, hello.node_name
+            )));
+        }
+        let inventory = raven_proto::hello_inventory(&hello).map_err(|e| status_invalid(e.to_string()))?;
+        let delta = hello.capabilities.contains(&(v1::Capability::Delta as i32)) && hello.cache_complete;
+        self.held = inventory;
+        self.held_epoch = hello.epoch.clone();
+        self.held_revision = hello.revision;
+        let snapshot = !delta;
+
+        let mut published = self.shared.published.clone();
+        let ready = tokio::time::timeout(self.shared.config.ready_timeout, published.wait_for(|p| p.ready)).await;
+        if !matches!(ready, Ok(Ok(_))) {
+            return Err(Status::unavailable("the hub has not synced its sources yet"));
+        }
+        let session = self.shared.agents.connected(&self.node, &hello, remote);
+        tracing::info!(node = %self.node, epoch = %hello.epoch, revision = hello.revision, held = self.held.len(), delta, "agent connected");
+        let result = self.main_loop(inbound, &mut published, snapshot).await;
+        self.shared.agents.disconnected(&self.node, session);
+        result
+    }
+
+    async fn main_loop(&mut self, inbound: &mut Streaming<v1::SyncRequest>, published: &mut PublishedRx, snapshot: bool) -> Result<(), Status> {
+        let hb = self.shared.config.heartbeat;
+        let mut ticker = tokio::time::interval(hb);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_heard = tokio::time::Instant::now();
+        let mut dirty = true;
+        loop {
+            if dirty && self.in_flight.is_none() {
+                let current = published.borrow_and_update().clone();
+                self.send_next(&current, snapshot).await?;
+                dirty = !self.queued.is_empty();
+            }
+            tokio::select! {
+                msg = inbound.message() => {
+                    last_heard = tokio::time::Instant::now();
+                    match msg? {
+                        None => return Ok(()),
+                        Some(req) => if self.handle(req)? { dirty = true },
+                    }
+                }
+                changed = published.changed() => {
+                    if changed.is_err() {
+                        return Err(Status::unavailable("the hub is shutting down"));
+                    }
+                    dirty = true;
+                }
+                _ = ticker.tick() => {
+                    if last_heard.elapsed() > hb * 3 {
+                        return Err(Status::unavailable("no message from the agent for three heartbeat intervals"));
+                    }
+                    self.heartbeat_seq += 1;
+                    let beat = v1::Heartbeat {
+                        sequence: self.heartbeat_seq,
+                        sent_at: Some(std::time::SystemTime::now().into()),
+                        interval: prost_types::Duration::try_from(hb).ok(),
+                    };
+                    self.send(EncodedSyncResponse::heartbeat(beat)).await?;
+                }
+            }
+        }
+    }
+
+    async fn send(&self, msg: EncodedSyncResponse) -> Result<(), Status> {
+        self.out
+            .send(Ok(msg))
+            .await
+            .map_err(|_| Status::cancelled("the agent went away"))
+    }
+
+    /// Sends the next Update, if there is anything to send.
+    async fn send_next(&mut self, current: &Published, snapshot: bool) -> Result<(), Status> {
+        if self.queued.is_empty() {
+            // Never move an agent back within an epoch: if this replica is
+            // behind what the agent holds, wait until it catches up.
+            if current.epoch == self.held_epoch && current.revision < self.held_revision {
+                return Ok(());
+            }
+            self.plan(current, snapshot && !self.answered);
+        }
+        if self.queued.is_empty() {
+            return Ok(());
+        }
+        let (mut header, resources, after, sent) = self.queued.remove(0);
+        self.next_nonce += 1;
+        header.nonce = format!("{}-{}", current.revision, self.next_nonce);
+        let msg = EncodedSyncResponse::update(&header, resources.iter());
+        self.in_flight = Some(InFlight {
+            nonce: header.nonce.clone(),
+            epoch: header.epoch.clone(),
+            revision: header.revision,
+            after,
+            sent,
+            sent_at: tokio::time::Instant::now(),
+        });
+        self.answered = true;
+        self.shared.metrics.pushed(resources.len());
+        self.send(msg).await
+    }
+
+    /// Computes the Updates that bring the agent to `current`.
+    fn plan(&mut self, current: &Published, full_snapshot: bool) {
+        let names = view::view_names(&current.topology, &self.node);
+        let wanted: BTreeMap<ResourceName, ContentVersion> = names
+            .iter()
+            .filter_map(|n| current.topology.resources.get(n).map(|r| (n.clone(), r.version.clone())))
+            .collect();
+        let changed: Vec<(ResourceName, ContentVersion)> = wanted
+            .iter()
+            .filter(|(n, v)| self.held.get(*n) != Some(*v))
+            .filter(|(n, v)| !self.nacked.contains(&((*n).clone(), (*v).clone())))
+            .map(|(n, v)| (n.clone(), v.clone()))
+            .collect();
+        let removed: Vec<ResourceName> = self.held.keys().filter(|n| !wanted.contains_key(*n)).cloned().collect();
+        let first = !self.answered;
+        if !first && changed.is_empty() && removed.is_empty() {
+            return;
+        }
+        // Split into parts of about max_update_bytes; the removals and the
+        // completion marker ride on the last part.
+        let mut parts: Vec<Vec<(ResourceName, ContentVersion)>> = vec![Vec::new()];
+        let mut size = 0;
+        for (n, v) in changed {
+            let len = current.encoded.get(&n).map_or(0, EncodedResource::len);
+            if size + len > self.shared.config.max_update_bytes && parts.last().is_some_and(|p| !p.is_empty()) {
+                parts.push(Vec::new());
+                size = 0;
+            }
+            size += len;
+            if let Some(p) = parts.last_mut() {
+                p.push((n, v));
+            }
+        }
+        let count = parts.len();
+        let mut after = self.held.clone();
+        for (i, part) in parts.into_iter().enumerate() {
+            let last = i + 1 == count;
+            for (n, v) in &part {
+                after.insert(n.clone(), v.clone());
+            }
+            if last {
+                for n in &removed {
+                    after.remove(n);
+                }
+            }
+            let header = UpdateHeader {
+                epoch: current.epoch.clone(),
+                revision: current.revision,
+                nonce: String::new(),
+                snapshot: full_snapshot || first,
+                snapshot_complete: (full_snapshot || first) && last,
+                removed: if last { removed.clone() } else { Vec::new() },
+                // Removals the hub observed while the agent was in sync with
+                // it are intended; removals at the start of a session (this
+                // hub may have restarted with the wrong sources) are not.
+                intentional_removal: !first,
+            };
+            let resources = part.iter().filter_map(|(n, _)| current.encoded.get(n).cloned()).collect();
+            self.queued.push((header, resources, after.clone(), part));
+        }
+    }
+
+    /// Handles one agent message; returns whether a new Update may be due.
+    fn handle(&mut self, req: v1::SyncRequest) -> Result<bool, Status> {
+        let node = self.node.clone();
+        match req.message {
+            None => Err(status_invalid("empty message")),
+            Some(Req::Hello(_)) => Err(status_invalid("Hello sent twice on one stream")),
+            Some(Req::Ack(ack)) => {
+                let Some(f) = self.in_flight.take_if(|f| f.nonce == ack.nonce) else {
+                    return Err(status_invalid(format!("Ack for unknown nonce {:?}", ack.nonce)));
+                };
+                self.shared.metrics.acked(f.sent_at.elapsed());
+                self.held = f.after;
+                self.held_epoch = f.epoch.clone();
+                self.held_revision = f.revision;
+                self.shared.agents.update(&node, |e| e.acked = Some((f.epoch, f.revision)));
+                if self.queued.is_empty() {
+                    // Initial sync done: let the next reconnecting agent in.
+                    self.permit.take();
+                }
+                Ok(true)
+            }
+            Some(Req::Nack(nack)) => {
+                let Some(f) = self.in_flight.take_if(|f| f.nonce == nack.nonce) else {
+                    return Err(status_invalid(format!("Nack for unknown nonce {:?}", nack.nonce)));
+                };
+                let detail = nack.error.clone().unwrap_or_default();
+                tracing::warn!(node = %node, nonce = %nack.nonce, resource = %detail.resource_name, field = %detail.field, error = %detail.message, "agent rejected an update; it keeps its last good state");
+                self.shared.metrics.nacked();
+                // Do not send the refused content again unchanged. If the
+                // error names a resource, only that one is held back.
+                let culprit = ResourceName::parse(&detail.resource_name);
+                for (n, v) in f.sent {
+                    if culprit.as_ref().is_none_or(|c| *c == n) {
+                        self.nacked.insert((n, v));
+                    }
+                }
+                self.queued.clear();
+                self.permit.take();
+                self.shared.agents.update(&node, |e| e.last_nack = Some((nack, std::time::SystemTime::now())));
+                Ok(true)
+            }
+            Some(Req::Applied(applied)) => {
+                self.shared.agents.update(&node, |e| e.applied = Some(applied));
+                Ok(false)
+            }
+            Some(Req::Heartbeat(_)) => {
+                self.shared.agents.update(&node, |_| ());
+                Ok(false)
+            }
+            Some(Req::Report(report)) => {
+                let parsed = raven_proto::report_from_proto(&report).map_err(|e| status_invalid(e.to_string()))?;
+                self.shared.agents.update(&node, |e| e.report = Some(report));
+                self.shared.index.update(|i| i.set_report(node, parsed));
+                Ok(false)
+            }
+        }
+    }
+}
