@@ -16,6 +16,21 @@ pub struct Args {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Serve the topology to agents over mTLS gRPC.
+    Serve(Box<ServeArgs>),
+    /// Create a CA, a hub certificate and node client certificates for
+    /// standalone use (reuses the CA already in --out).
+    Certs {
+        /// Output directory.
+        #[arg(long, default_value = "raven-certs")]
+        out: PathBuf,
+        /// Names (DNS or IP) the hub certificate is valid for.
+        #[arg(long = "hub-name", default_values_t = ["localhost".to_owned(), "127.0.0.1".to_owned(), "raven-hub".to_owned()])]
+        hub_names: Vec<String>,
+        /// Nodes to issue client certificates for (repeat or comma-separate).
+        #[arg(long = "node", value_delimiter = ',')]
+        nodes: Vec<String>,
+    },
     /// Compile a directory of Gateway/Node/ConfigMap manifests and print the
     /// topology as JSON (stable, sorted). Problems also go to stderr.
     Compile {
@@ -29,9 +44,57 @@ pub enum Command {
     },
 }
 
+/// Flags of `raven-hub serve`.
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// Directory of manifests to serve (standalone mode), re-read on change.
+    #[arg(long, env = "RAVEN_MANIFESTS", conflicts_with = "kubernetes")]
+    pub manifests: Option<PathBuf>,
+    /// Read Gateways, Nodes and raven-cfg from the Kubernetes API.
+    #[arg(long, env = "RAVEN_KUBERNETES")]
+    pub kubernetes: bool,
+    /// kubeconfig for --kubernetes (default: in-cluster or $KUBECONFIG).
+    #[arg(long, env = "KUBECONFIG", requires = "kubernetes")]
+    pub kubeconfig: Option<PathBuf>,
+    /// mTLS gRPC listener (Sync, inspection, reflection, health).
+    #[arg(long, env = "RAVEN_GRPC_ADDR", default_value = "0.0.0.0:10270")]
+    pub grpc_addr: std::net::SocketAddr,
+    /// Plaintext listener for inspection only; loopback addresses only.
+    #[arg(long, env = "RAVEN_PLAINTEXT_ADDR", default_value = "127.0.0.1:10271")]
+    pub plaintext_addr: Option<std::net::SocketAddr>,
+    /// HTTP listener for /metrics, /healthz, /readyz.
+    #[arg(long, env = "RAVEN_HTTP_ADDR", default_value = "127.0.0.1:10272")]
+    pub http_addr: Option<std::net::SocketAddr>,
+    /// Directory of certificates as written by `raven-hub certs`.
+    #[arg(long, env = "RAVEN_CERTS", default_value = "raven-certs")]
+    pub certs: PathBuf,
+    /// Where the hub persists its epoch and revision.
+    #[arg(long, env = "RAVEN_DATA_DIR", default_value = "raven-hub-data")]
+    pub data_dir: PathBuf,
+    /// Heartbeat interval of Sync streams.
+    #[arg(long, env = "RAVEN_HEARTBEAT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub heartbeat: std::time::Duration,
+    /// Agents allowed in their initial sync at once; others are told to retry.
+    #[arg(long, env = "RAVEN_MAX_INITIAL_SYNCS", default_value_t = 256)]
+    pub max_initial_syncs: usize,
+    /// Log as JSON.
+    #[arg(long, env = "RAVEN_LOG_JSON")]
+    pub log_json: bool,
+}
+
 impl Args {
     pub fn run(self) -> anyhow::Result<std::process::ExitCode> {
         match self.command {
+            Command::Serve(args) => serve(*args),
+            Command::Certs { out, hub_names, nodes } => {
+                let nodes = nodes
+                    .iter()
+                    .map(|n| raven_core::NodeName::new(n.clone()).map_err(|e| anyhow::anyhow!("--node {n:?}: {e}")))
+                    .collect::<anyhow::Result<Vec<_>>>()?;
+                let layout = crate::certs::generate(&out, &hub_names, &nodes)?;
+                println!("wrote certificates to {}", layout.dir.display());
+                Ok(std::process::ExitCode::SUCCESS)
+            }
             Command::Compile { manifests, strict } => compile(manifests.as_deref(), strict),
         }
     }
@@ -59,4 +122,79 @@ fn compile(dir: Option<&std::path::Path>, strict: bool) -> anyhow::Result<std::p
     } else {
         std::process::ExitCode::SUCCESS
     })
+}
+
+/// Sets up logging: `RUST_LOG` filter, text or JSON.
+pub fn init_tracing(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<std::process::ExitCode> {
+    init_tracing(args.log_json);
+    let layout = crate::certs::Layout { dir: args.certs.clone() };
+    let source = if args.kubernetes {
+        crate::hub::Source::Kubernetes { kubeconfig: args.kubeconfig.clone() }
+    } else if let Some(dir) = &args.manifests {
+        crate::hub::Source::Manifests(dir.clone())
+    } else {
+        crate::hub::Source::Embedded
+    };
+    let config = crate::hub::HubConfig {
+        source,
+        grpc_addr: args.grpc_addr,
+        plaintext_addr: args.plaintext_addr,
+        http_addr: args.http_addr,
+        tls: crate::grpc::TlsFiles {
+            cert: layout.hub_cert(),
+            key: layout.hub_key(),
+            client_ca: layout.ca_cert(),
+        },
+        data_dir: Some(args.data_dir.clone()),
+        sync: crate::grpc::sync::SyncConfig {
+            heartbeat: args.heartbeat,
+            max_initial_syncs: args.max_initial_syncs,
+            ..Default::default()
+        },
+        debounce: crate::pipeline::Debounce::default(),
+        replica: std::env::var("HOSTNAME").unwrap_or_else(|_| "raven-hub".to_owned()),
+    };
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async move {
+        let hub = crate::hub::start(config).await?;
+        let shutdown = hub.shutdown.clone();
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            tracing::info!("shutting down");
+            shutdown.cancel();
+        });
+        hub.wait().await;
+        anyhow::Ok(std::process::ExitCode::SUCCESS)
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
 }

@@ -5,11 +5,16 @@
 //!                                              └─▶ watch<Published> ─▶ gRPC Sync streams, inspection, status
 //! ```
 
+pub mod agents;
 pub mod args;
 pub mod certs;
 pub mod crd;
 pub mod embedded;
+pub mod grpc;
+pub mod http;
+pub mod hub;
 pub mod index;
+pub mod metrics;
 pub mod pipeline;
 pub mod revision;
 pub mod sources;

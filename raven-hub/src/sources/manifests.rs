@@ -16,6 +16,16 @@ pub enum ManifestDirError {
 /// Reads every `*.yaml`/`*.yml` file of `dir` (not recursive), sorted by
 /// name. An unreadable file becomes a problem report, not a failure.
 pub fn read_dir(dir: &Path) -> Result<manifest::Loaded, ManifestDirError> {
+    let (sources, unreadable) = read_files(dir)?;
+    let mut loaded = manifest::load(&sources);
+    loaded.problems.extend(unreadable);
+    loaded.problems.sort();
+    Ok(loaded)
+}
+
+type Files = (Vec<(String, String)>, Vec<raven_core::Problem>);
+
+fn read_files(dir: &Path) -> Result<Files, ManifestDirError> {
     let entries = std::fs::read_dir(dir).map_err(|source| ManifestDirError::ReadDir {
         path: dir.to_owned(),
         source,
@@ -46,10 +56,69 @@ pub fn read_dir(dir: &Path) -> Result<manifest::Loaded, ManifestDirError> {
             )),
         }
     }
-    let mut loaded = manifest::load(&sources);
-    loaded.problems.extend(unreadable);
-    loaded.problems.sort();
-    Ok(loaded)
+    Ok((sources, unreadable))
+}
+
+/// A watched manifest directory that remembers the last good contents of
+/// every file: while a file is broken (it does not parse, or a document in
+/// it cannot be read), the objects of its last good version keep being
+/// served and the breakage is reported.
+#[derive(Debug)]
+pub struct DirSource {
+    dir: PathBuf,
+    last_good: std::collections::BTreeMap<String, String>,
+}
+
+impl DirSource {
+    pub fn new(dir: PathBuf) -> Self {
+        Self {
+            dir,
+            last_good: Default::default(),
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Reads the directory now.
+    pub fn load(&mut self) -> Result<manifest::Loaded, ManifestDirError> {
+        let (files, mut problems) = read_files(&self.dir)?;
+        let mut used = Vec::new();
+        let mut good = std::collections::BTreeMap::new();
+        for (name, text) in files {
+            let alone = manifest::load(&[(name.clone(), text.clone())]);
+            let broken = alone
+                .problems
+                .iter()
+                .any(|p| p.severity == raven_core::Severity::Error);
+            match (broken, self.last_good.get(&name)) {
+                (true, Some(previous)) => {
+                    problems.push(raven_core::Problem::error(
+                        name.clone(),
+                        "",
+                        "",
+                        "this file has errors (see the problems that name it); serving its last good version",
+                    ));
+                    problems.extend(alone.problems);
+                    good.insert(name.clone(), previous.clone());
+                    used.push((name, previous.clone()));
+                }
+                _ => {
+                    if !broken {
+                        good.insert(name.clone(), text.clone());
+                    }
+                    used.push((name, text));
+                }
+            }
+        }
+        self.last_good = good;
+        let mut loaded = manifest::load(&used);
+        loaded.problems.extend(problems);
+        loaded.problems.sort();
+        loaded.problems.dedup();
+        Ok(loaded)
+    }
 }
 
 /// A fingerprint of the directory (names, sizes, modification times) that

@@ -1,0 +1,199 @@
+//! The hub's gRPC servers.
+//!
+//! - The mTLS listener serves `Sync` (node identity from the client
+//!   certificate), the inspection RPCs, reflection (v1 and v1alpha) and health.
+//! - An optional plaintext listener, allowed on loopback addresses only,
+//!   serves inspection, reflection and health — never `Sync`.
+
+pub mod inspect;
+pub mod sync;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+
+use futures::Stream;
+use raven_proto::wire::sync_service_server::{SyncService, SyncServiceServer};
+use raven_proto::v1::inspect_service_server::InspectServiceServer;
+use raven_proto::{EncodedSyncResponse, v1};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::{Request, Response, Status, Streaming};
+
+use self::inspect::Inspect;
+use self::sync::{Session, SyncShared};
+use crate::certs;
+
+/// PEM files of the mTLS listener.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// CA that signs agent (client) certificates.
+    pub client_ca: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("reading {path}: {source}")]
+    ReadTls { path: PathBuf, source: std::io::Error },
+    #[error("binding {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("the plaintext listener {0} is not a loopback address; use the mTLS listener off loopback")]
+    PlaintextNotLoopback(SocketAddr),
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] tonic::transport::Error),
+    #[error("reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// The `Sync` service.
+#[derive(Debug, Clone)]
+pub struct Sync {
+    pub shared: SyncShared,
+}
+
+type SyncStream = Pin<Box<dyn Stream<Item = Result<EncodedSyncResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl SyncService for Sync {
+    type SyncStream = SyncStream;
+
+    async fn sync(&self, request: Request<Streaming<v1::SyncRequest>>) -> Result<Response<SyncStream>, Status> {
+        let remote = request.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+        let certs = request
+            .peer_certs()
+            .ok_or_else(|| Status::unauthenticated("Sync requires a client certificate (mTLS)"))?;
+        let leaf = certs
+            .first()
+            .ok_or_else(|| Status::unauthenticated("no client certificate was presented"))?;
+        let node = certs::node_identity(leaf.as_ref()).map_err(|e| {
+            tracing::warn!(%remote, error = %e, "refused a Sync stream");
+            Status::unauthenticated(e.to_string())
+        })?;
+        let permit = self.shared.admit()?;
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let session = Session::new(node, self.shared.clone(), tx, permit);
+        tokio::spawn(session.run(request.into_inner(), remote));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+fn read(path: &PathBuf) -> Result<Vec<u8>, ServeError> {
+    std::fs::read(path).map_err(|source| ServeError::ReadTls {
+        path: path.clone(),
+        source,
+    })
+}
+
+fn reflection() -> Result<
+    (
+        tonic_reflection::server::v1::ServerReflectionServer<impl tonic_reflection::server::v1::ServerReflection>,
+        tonic_reflection::server::v1alpha::ServerReflectionServer<impl tonic_reflection::server::v1alpha::ServerReflection>,
+    ),
+    ServeError,
+> {
+    let v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(raven_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(raven_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    Ok((v1, v1alpha))
+}
+
+/// Bound listeners, before serving.
+#[derive(Debug)]
+pub struct Listeners {
+    pub grpc: TcpListener,
+    pub plaintext: Option<TcpListener>,
+}
+
+impl Listeners {
+    pub async fn bind(grpc: SocketAddr, plaintext: Option<SocketAddr>) -> Result<Self, ServeError> {
+        if let Some(p) = plaintext
+            && !p.ip().is_loopback()
+        {
+            return Err(ServeError::PlaintextNotLoopback(p));
+        }
+        let bind = |addr: SocketAddr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServeError::Bind { addr, source })
+        };
+        Ok(Self {
+            grpc: bind(grpc).await?,
+            plaintext: match plaintext {
+                Some(p) => Some(bind(p).await?),
+                None => None,
+            },
+        })
+    }
+}
+
+/// Serves until `shutdown`; health reports SERVING once the hub is ready.
+pub async fn serve(
+    listeners: Listeners,
+    tls: TlsFiles,
+    shared: SyncShared,
+    shutdown: CancellationToken,
+) -> Result<(), ServeError> {
+    let identity = Identity::from_pem(read(&tls.cert)?, read(&tls.key)?);
+    let ca = Certificate::from_pem(read(&tls.client_ca)?);
+    let tls_config = ServerTlsConfig::new().identity(identity).client_ca_root(ca);
+
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    let mut published = shared.published.clone();
+    let health_shutdown = shutdown.clone();
+    tokio::spawn(async move {
+        let _ = tokio::select! {
+            r = published.wait_for(|p| p.ready) => r.map(|_| ()),
+            () = health_shutdown.cancelled() => Ok(()),
+        };
+        if !health_shutdown.is_cancelled() {
+            health_reporter.set_serving::<SyncServiceServer<Sync>>().await;
+            health_reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
+        }
+        health_shutdown.cancelled().await;
+        health_reporter.set_not_serving::<SyncServiceServer<Sync>>().await;
+        health_reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+    });
+
+    let inspect = Inspect {
+        published: shared.published.clone(),
+        agents: shared.agents.clone(),
+    };
+    let (refl_v1, refl_v1alpha) = reflection()?;
+    let keepalive = Some(shared.config.heartbeat);
+    let sync = SyncServiceServer::new(Sync { shared });
+    let tls_server = Server::builder()
+        .tls_config(tls_config)?
+        .http2_keepalive_interval(keepalive)
+        .http2_keepalive_timeout(keepalive)
+        .add_service(health.clone())
+        .add_service(refl_v1.clone())
+        .add_service(refl_v1alpha.clone())
+        .add_service(InspectServiceServer::new(inspect.clone()))
+        .add_service(sync)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listeners.grpc), shutdown.clone().cancelled_owned());
+
+    match listeners.plaintext {
+        None => tls_server.await?,
+        Some(plain) => {
+            let plain_server = Server::builder()
+                .add_service(health)
+                .add_service(refl_v1)
+                .add_service(refl_v1alpha)
+                .add_service(InspectServiceServer::new(inspect))
+                .serve_with_incoming_shutdown(TcpListenerStream::new(plain), shutdown.cancelled_owned());
+            let (a, b) = tokio::join!(tls_server, plain_server);
+            a?;
+            b?;
+        }
+    }
+    Ok(())
+}

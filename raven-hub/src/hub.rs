@@ -1,0 +1,217 @@
+//! Wiring: sources → index → pipeline → servers, with one cancellation token
+//! for graceful shutdown.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::agents::Agents;
+use crate::grpc::sync::{SyncConfig, SyncShared};
+use crate::grpc::{self, Listeners, TlsFiles};
+use crate::index::{IndexHandle, Kind};
+use crate::metrics::Metrics;
+use crate::pipeline::{Debounce, Pipeline, PublishedRx};
+use crate::revision::Revisions;
+use crate::sources::manifests;
+
+/// Where the hub reads the cluster from.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// The embedded user-manual example.
+    Embedded,
+    /// A directory of manifests, re-read when it changes.
+    Manifests(PathBuf),
+    /// The Kubernetes API (kubeconfig path, or in-cluster / default).
+    Kubernetes { kubeconfig: Option<PathBuf> },
+}
+
+/// Everything `serve` needs.
+#[derive(Debug, Clone)]
+pub struct HubConfig {
+    pub source: Source,
+    pub grpc_addr: SocketAddr,
+    pub plaintext_addr: Option<SocketAddr>,
+    pub http_addr: Option<SocketAddr>,
+    pub tls: TlsFiles,
+    /// Persisted hub state (epoch, revision); `None` keeps it in memory.
+    pub data_dir: Option<PathBuf>,
+    pub sync: SyncConfig,
+    pub debounce: Debounce,
+    pub replica: String,
+}
+
+/// A running hub.
+#[derive(Debug)]
+pub struct RunningHub {
+    pub grpc_addr: SocketAddr,
+    pub plaintext_addr: Option<SocketAddr>,
+    pub http_addr: Option<SocketAddr>,
+    pub published: PublishedRx,
+    pub index: IndexHandle,
+    pub agents: Agents,
+    pub shutdown: CancellationToken,
+    tasks: JoinSet<()>,
+}
+
+impl RunningHub {
+    /// Stops every task and waits for them.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        while self.tasks.join_next().await.is_some() {}
+    }
+
+    /// Waits until every task ended (after `shutdown` is cancelled).
+    pub async fn wait(mut self) {
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Serve(#[from] grpc::ServeError),
+    #[error(transparent)]
+    Revision(#[from] crate::revision::RevisionError),
+    #[error("binding the HTTP endpoint {addr}: {source}")]
+    Http { addr: SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    Manifests(#[from] manifests::ManifestDirError),
+    #[error("Kubernetes client: {0}")]
+    Kube(String),
+}
+
+/// Starts the hub: binds every listener first (so errors surface now), then
+/// spawns the sources, the pipeline and the servers.
+pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
+    let shutdown = CancellationToken::new();
+    let metrics = Metrics::new();
+    let index = IndexHandle::default();
+    let agents = Agents::new(config.replica.clone());
+    let revisions = match &config.data_dir {
+        Some(dir) => Revisions::open(dir)?,
+        None => Revisions::in_memory(),
+    };
+    let listeners = Listeners::bind(config.grpc_addr, config.plaintext_addr).await?;
+    let grpc_addr = listeners.grpc.local_addr().map_err(|source| grpc::ServeError::Bind { addr: config.grpc_addr, source })?;
+    let plaintext_addr = listeners.plaintext.as_ref().and_then(|l| l.local_addr().ok());
+    let http = match config.http_addr {
+        Some(addr) => Some(crate::http::bind(addr).await.map_err(|source| StartError::Http { addr, source })?),
+        None => None,
+    };
+    let http_addr = http.as_ref().and_then(|l| l.local_addr().ok());
+
+    let mut tasks = JoinSet::new();
+    spawn_source(&mut tasks, &config.source, &index, &shutdown).await?;
+
+    let (pipeline, published) = Pipeline::new(index.clone(), revisions, config.debounce);
+    tasks.spawn(pipeline.run(shutdown.clone()));
+    {
+        let metrics = metrics.clone();
+        let mut rx = published.clone();
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            loop {
+                {
+                    let p = rx.borrow_and_update();
+                    metrics.published(p.revision, p.topology.problems.len());
+                }
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    r = rx.changed() => if r.is_err() { return },
+                }
+            }
+        });
+    }
+
+    let shared = SyncShared::new(published.clone(), index.clone(), agents.clone(), metrics.clone(), config.sync.clone());
+    {
+        let shutdown = shutdown.clone();
+        let tls = config.tls.clone();
+        tasks.spawn(async move {
+            if let Err(e) = grpc::serve(listeners, tls, shared, shutdown.clone()).await {
+                tracing::error!(error = %e, "gRPC server failed; shutting the hub down");
+                shutdown.cancel();
+            }
+        });
+    }
+    if let Some(listener) = http {
+        let shutdown = shutdown.clone();
+        let published = published.clone();
+        tasks.spawn(async move {
+            if let Err(e) = crate::http::serve(listener, metrics, published, shutdown).await {
+                tracing::error!(error = %e, "HTTP endpoint failed");
+            }
+        });
+    }
+    tracing::info!(%grpc_addr, ?plaintext_addr, ?http_addr, "raven-hub started");
+    Ok(RunningHub {
+        grpc_addr,
+        plaintext_addr,
+        http_addr,
+        published,
+        index,
+        agents,
+        shutdown,
+        tasks,
+    })
+}
+
+fn load_into(index: &IndexHandle, loaded: raven_core::manifest::Loaded) {
+    index.update(|i| {
+        i.reset_gateways(loaded.inputs.gateways.into_values().collect());
+        i.reset_cluster_nodes(loaded.inputs.nodes.into_values());
+        i.set_raven_config(loaded.inputs.config);
+        i.set_source_problems(loaded.problems);
+        for k in [Kind::Gateway, Kind::Node, Kind::Config] {
+            i.mark_synced(k);
+        }
+    });
+}
+
+async fn spawn_source(tasks: &mut JoinSet<()>, source: &Source, index: &IndexHandle, shutdown: &CancellationToken) -> Result<(), StartError> {
+    match source {
+        Source::Embedded => {
+            load_into(index, raven_core::manifest::load(&crate::embedded::user_manual()));
+        }
+        Source::Manifests(dir) => {
+            let mut watcher = manifests::DirSource::new(dir.clone());
+            load_into(index, watcher.load()?);
+            let index = index.clone();
+            let shutdown = shutdown.clone();
+            tasks.spawn(async move {
+                let mut last = manifests::fingerprint(watcher.dir());
+                loop {
+                    tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        () = tokio::time::sleep(manifests::POLL_INTERVAL) => {}
+                    }
+                    let now = manifests::fingerprint(watcher.dir());
+                    if now == last {
+                        continue;
+                    }
+                    last = now;
+                    match watcher.load() {
+                        Ok(loaded) => {
+                            tracing::info!(dir = %watcher.dir().display(), problems = loaded.problems.len(), "manifests changed; reloaded");
+                            load_into(&index, loaded);
+                        }
+                        Err(e) => tracing::warn!(error = %e, "manifest directory unreadable; keeping the last state"),
+                    }
+                }
+            });
+        }
+        Source::Kubernetes { kubeconfig } => {
+            let client = crate::sources::kube::client_from(kubeconfig.clone())
+                .await
+                .map_err(|e| StartError::Kube(e.to_string()))?;
+            let index = index.clone();
+            let shutdown = shutdown.clone();
+            tasks.spawn(async move {
+                crate::sources::kube::run(client, index, shutdown).await;
+            });
+        }
+    }
+    Ok(())
+}

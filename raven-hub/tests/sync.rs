@@ -1,0 +1,397 @@
+//! The Sync protocol against a real hub: tonic over mTLS on 127.0.0.1:0,
+//! real client certificates, real manifest files.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use raven_core::NodeName;
+use raven_hub::grpc::TlsFiles;
+use raven_hub::grpc::sync::SyncConfig;
+use raven_hub::hub::{self, HubConfig, RunningHub, Source};
+use raven_hub::pipeline::Debounce;
+use raven_proto::v1::sync_request::Message as Req;
+use raven_proto::v1::sync_response::Message as Resp;
+use raven_proto::v1::{self, sync_service_client::SyncServiceClient};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+
+const HZ_GW: &str = "izbp15inok0kbfkg3in52rz";
+const HZ_MEMBER: &str = "izbp15inok0kbfkg3in52sz";
+const QD_MEMBER: &str = "izm5eb24dmjfimuaybpnr0z";
+const ALL_NODES: [&str; 6] = [
+    "izbp15inok0kbfkg3in52rz",
+    "izbp15inok0kbfkg3in52sz",
+    "izm5eb24dmjfimuaybpnqzz",
+    "izm5eb24dmjfimuaybpnr0z",
+    "izwz9dohcv74iegqecp4axz",
+    "izwz9ey0js5z7mornclpd6z",
+];
+
+struct Env {
+    dir: tempfile::TempDir,
+}
+
+impl Env {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let manifests = dir.path().join("manifests");
+        std::fs::create_dir_all(&manifests).expect("mkdir");
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/user-manual");
+        for f in ["gateways.yaml", "nodes.yaml", "raven-cfg.yaml"] {
+            std::fs::copy(example.join(f), manifests.join(f)).expect("copy example");
+        }
+        let nodes: Vec<NodeName> = ALL_NODES.iter().map(|n| NodeName::new(*n).expect("name")).collect();
+        raven_hub::certs::generate(&dir.path().join("certs"), &["localhost".into(), "127.0.0.1".into()], &nodes)
+            .expect("certs");
+        Self { dir }
+    }
+
+    fn manifests(&self) -> PathBuf {
+        self.dir.path().join("manifests")
+    }
+
+    fn certs(&self) -> raven_hub::certs::Layout {
+        raven_hub::certs::Layout { dir: self.dir.path().join("certs") }
+    }
+
+    fn config(&self, max_initial_syncs: usize) -> HubConfig {
+        let l = self.certs();
+        HubConfig {
+            source: Source::Manifests(self.manifests()),
+            grpc_addr: "127.0.0.1:0".parse().expect("addr"),
+            plaintext_addr: Some("127.0.0.1:0".parse().expect("addr")),
+            http_addr: None,
+            tls: TlsFiles { cert: l.hub_cert(), key: l.hub_key(), client_ca: l.ca_cert() },
+            data_dir: Some(self.dir.path().join("hub-data")),
+            sync: SyncConfig { heartbeat: Duration::from_secs(2), max_initial_syncs, ..Default::default() },
+            debounce: Debounce { quiet: Duration::from_millis(20), max_delay: Duration::from_millis(200) },
+            replica: "test".into(),
+        }
+    }
+
+    async fn hub(&self) -> RunningHub {
+        hub::start(self.config(64)).await.expect("hub starts")
+    }
+
+    async fn client(&self, hub: &RunningHub, node: &str) -> SyncServiceClient<Channel> {
+        let l = self.certs();
+        let node = NodeName::new(node).expect("name");
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(std::fs::read(l.ca_cert()).expect("ca")))
+            .identity(Identity::from_pem(
+                std::fs::read(l.node_cert(&node)).expect("cert"),
+                std::fs::read(l.node_key(&node)).expect("key"),
+            ))
+            .domain_name("localhost");
+        let channel = Channel::from_shared(format!("https://{}", hub.grpc_addr))
+            .expect("uri")
+            .tls_config(tls)
+            .expect("tls")
+            .connect()
+            .await
+            .expect("connect");
+        SyncServiceClient::new(channel)
+    }
+
+    fn edit(&self, file: &str, from: &str, to: &str) {
+        let p = self.manifests().join(file);
+        let text = std::fs::read_to_string(&p).expect("read");
+        assert!(text.contains(from), "{file} lacks {from}");
+        // Keep the mtime moving even on coarse clocks.
+        std::thread::sleep(Duration::from_millis(20));
+        std::fs::write(&p, text.replacen(from, to, 1)).expect("write");
+    }
+}
+
+/// A scripted agent on one stream.
+struct Agent {
+    tx: mpsc::Sender<v1::SyncRequest>,
+    rx: tonic::Streaming<v1::SyncResponse>,
+}
+
+fn hello(node: &str, held: &[(String, String)], epoch: &str, revision: u64, complete: bool) -> v1::SyncRequest {
+    v1::SyncRequest {
+        message: Some(Req::Hello(v1::Hello {
+            protocol_version: raven_proto::PROTOCOL_VERSION,
+            agent_version: "test".into(),
+            capabilities: vec![v1::Capability::Delta as i32],
+            node_name: node.into(),
+            epoch: epoch.into(),
+            revision,
+            resources: held.iter().map(|(n, v)| v1::ResourceVersion { name: n.clone(), version: v.clone() }).collect(),
+            cache_complete: complete,
+        })),
+    }
+}
+
+impl Agent {
+    async fn open(client: &mut SyncServiceClient<Channel>, first: v1::SyncRequest) -> Result<Self, tonic::Status> {
+        let (tx, rx) = mpsc::channel(16);
+        tx.send(first).await.expect("send hello");
+        let rx = client.sync(ReceiverStream::new(rx)).await?.into_inner();
+        Ok(Self { tx, rx })
+    }
+
+    /// The next Update, skipping heartbeats.
+    async fn update(&mut self) -> Result<v1::Update, tonic::Status> {
+        loop {
+            let msg = tokio::time::timeout(Duration::from_secs(10), self.rx.message())
+                .await
+                .map_err(|_| tonic::Status::deadline_exceeded("no update within 10 s"))??;
+            match msg.and_then(|m| m.message) {
+                Some(Resp::Update(u)) => return Ok(u),
+                Some(Resp::Heartbeat(_)) => continue,
+                None => return Err(tonic::Status::aborted("stream ended")),
+            }
+        }
+    }
+
+    /// Asserts no Update arrives within `wait` (heartbeats are fine).
+    async fn no_update_within(&mut self, wait: Duration) {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            match tokio::time::timeout_at(deadline, self.rx.message()).await {
+                Err(_) => return,
+                Ok(Ok(Some(v1::SyncResponse { message: Some(Resp::Heartbeat(_)) }))) => continue,
+                Ok(other) => panic!("expected no update, got {other:?}"),
+            }
+        }
+    }
+
+    async fn ack(&self, u: &v1::Update) {
+        let ack = v1::Ack { nonce: u.nonce.clone(), epoch: u.epoch.clone(), revision: u.revision };
+        self.tx.send(v1::SyncRequest { message: Some(Req::Ack(ack)) }).await.expect("ack");
+    }
+
+    async fn nack(&self, u: &v1::Update, resource: &str) {
+        let nack = v1::Nack {
+            nonce: u.nonce.clone(),
+            epoch: u.epoch.clone(),
+            revision: u.revision,
+            error: Some(v1::ErrorDetail { message: "refused by test".into(), resource_name: resource.into(), field: String::new() }),
+        };
+        self.tx.send(v1::SyncRequest { message: Some(Req::Nack(nack)) }).await.expect("nack");
+    }
+}
+
+fn names(u: &v1::Update) -> Vec<String> {
+    u.resources.iter().map(|r| r.name.clone()).collect()
+}
+
+fn inventory(u: &v1::Update) -> Vec<(String, String)> {
+    u.resources.iter().map(|r| (r.name.clone(), r.version.clone())).collect()
+}
+
+#[tokio::test]
+async fn first_sync_sends_the_whole_view_as_a_completed_snapshot() {
+    let env = Env::new();
+    let hub = env.hub().await;
+    let mut client = env.client(&hub, HZ_MEMBER).await;
+    let mut agent = Agent::open(&mut client, hello(HZ_MEMBER, &[], "", 0, false)).await.expect("open");
+    let u = agent.update().await.expect("update");
+    assert!(u.snapshot && u.snapshot_complete);
+    assert_eq!(
+        names(&u),
+        vec![
+            "gateway/gw-cloud",
+            "gateway/gw-hangzhou",
+            "gateway/gw-qingdao",
+            &format!("node/{HZ_MEMBER}"),
+            "settings"
+        ]
+    );
+    assert!(u.removed.is_empty());
+    // Every resource decodes and its version matches its content.
+    raven_proto::update_from_proto(&u).expect("valid update");
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn gateway_change_sends_only_what_changed() {
+    let env = Env::new();
+    let hub = env.hub().await;
+    let mut client = env.client(&hub, HZ_MEMBER).await;
+    let mut agent = Agent::open(&mut client, hello(HZ_MEMBER, &[], "", 0, false)).await.expect("open");
+    let first = agent.update().await.expect("snapshot");
+    agent.ack(&first).await;
+    env.edit("nodes.yaml", "10.244.4.0/24", "10.244.40.0/24");
+    let delta = agent.update().await.expect("delta");
+    assert!(!delta.snapshot);
+    assert_eq!(names(&delta), vec!["gateway/gw-qingdao"]);
+    assert!(delta.revision > first.revision);
+    assert_eq!(delta.epoch, first.epoch);
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn resume_with_current_versions_sends_nothing() {
+    let env = Env::new();
+    let hub = env.hub().await;
+    let mut client = env.client(&hub, QD_MEMBER).await;
+    let mut agent = Agent::open(&mut client, hello(QD_MEMBER, &[], "", 0, false)).await.expect("open");
+    let first = agent.update().await.expect("snapshot");
+    agent.ack(&first).await;
+    drop(agent);
+    let mut again = Agent::open(&mut client, hello(QD_MEMBER, &inventory(&first), &first.epoch, first.revision, true))
+        .await
+        .expect("reopen");
+    let u = again.update().await.expect("answer to hello");
+    assert!(u.resources.is_empty() && u.removed.is_empty(), "resent {:?}", names(&u));
+    assert!(u.snapshot_complete);
+    assert_eq!((u.epoch.as_str(), u.revision), (first.epoch.as_str(), first.revision));
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn resume_across_a_hub_restart_keeps_epoch_and_revision_and_sends_nothing() {
+    let env = Env::new();
+    let hub = env.hub().await;
+    let mut client = env.client(&hub, HZ_GW).await;
+    let mut agent = Agent::open(&mut client, hello(HZ_GW, &[], "", 0, false)).await.expect("open");
+    let first = agent.update().await.expect("snapshot");
+    agent.ack(&first).await;
+    drop(agent);
+    hub.stop().await;
+
+    let hub = env.hub().await;
+    let mut client = env.client(&hub, HZ_GW).await;
+    let mut again = Agent::open(&mut client, hello(HZ_GW, &inventory(&first), &first.epoch, first.revision, true))
+        .await
+        .expect("reopen");
+    let u = again.update().await.expect("answer");
+    assert_eq!((u.epoch.as_str(), u.revision), (first.epoch.as_str(), first.revision));
+    assert!(u.resources.is_empty() && u.removed.is_empty());
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn nacked_content_is_not_resent_until_it_changes() {
+    let env = Env::new();
+    let hub = env.hub().await;
+    let mut client = env.client(&hub, HZ_MEMBER).await;
+    let mut agent = Agent::open(&mut client, hello(HZ_MEMBER, &[], "", 0, false)).await.expect("open");
+    let first = agent.update().await.expect("snapshot");
+    agent.ack(&first).await;
+    env.edit("nodes.yaml", "10.244.4.0/24", "10.244.41.0/24");
+    let delta = agent.update().await.expect("delta");
+    agent.nack(&delta, "gateway/gw-qingdao").await;
+    // An unrelated change arrives; the refused content does not come back.
+    env.edit("nodes.yaml", "10.244.0.0/24", "10.244.50.0/24");
+    let next = agent.update().await.expect("next delta");
+    assert_eq!(names(&next), vec!["gateway/gw-cloud"]);
+    agent.ack(&next).await;
+    // Changing the refused resource sends it again.
+    env.edit("nodes.yaml", "10.244.41.0/24", "10.244.42.0/24");
+    let fixed = agent.update().await.expect("changed content");
+    assert_eq!(names(&fixed), vec!["gateway/gw-qingdao"]);
+    let agents = hub.agents.to_proto();
+    let me = agents.iter().find(|a| a.node_name == HZ_MEMBER).expect("agent listed");
+    assert_eq!(me.last_nack.as_ref().and_then(|n| n.error.as_ref()).map(|e| e.message.as_str()), Some("refused by test"));
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn slow_agent_gets_the_latest_state_not_every_intermediate_one() {
+    let env = Env::new();
+    let hub = env.hub().await;
+    let mut client = env.client(&hub, HZ_MEMBER).await;
+    let mut agent = Agent::open(&mut client, hello(HZ_MEMBER, &[], "", 0, false)).await.expect("open");
+    let first = agent.update().await.expect("snapshot");
+    // Not acknowledged yet: three changes pile up.
+    for cidr in ["10.244.61.0/24", "10.244.62.0/24", "10.244.63.0/24"] {
+        let before = hub.published.borrow().revision;
+        let text = std::fs::read_to_string(env.manifests().join("nodes.yaml")).expect("read");
+        let current = ["10.244.4.0/24", "10.244.61.0/24", "10.244.62.0/24"]
+            .into_iter()
+            .find(|c| text.contains(c))
+            .expect("a qingdao cidr");
+        env.edit("nodes.yaml", current, cidr);
+        let mut rx = hub.published.clone();
+        tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|p| p.revision > before)).await.expect("recompiled").expect("alive");
+    }
+    agent.no_update_within(Duration::from_millis(300)).await;
+    agent.ack(&first).await;
+    let u = agent.update().await.expect("one update");
+    assert_eq!(u.revision, hub.published.borrow().revision);
+    let gw = raven_proto::update_from_proto(&u).expect("valid").resources;
+    let json = serde_json::to_string(&gw).expect("json");
+    assert!(json.contains("10.244.63.0/24") && !json.contains("10.244.61.0/24"));
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn a_node_cannot_claim_another_nodes_identity() {
+    let env = Env::new();
+    let hub = env.hub().await;
+    let mut client = env.client(&hub, HZ_MEMBER).await;
+    let mut agent = Agent::open(&mut client, hello(QD_MEMBER, &[], "", 0, false)).await.expect("open");
+    let err = agent.update().await.expect_err("refused");
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn node_views_differ_by_node_and_members_get_no_peer_keys() {
+    let env = Env::new();
+    let hub = env.hub().await;
+    let mut client = env.client(&hub, QD_MEMBER).await;
+    let mut agent = Agent::open(&mut client, hello(QD_MEMBER, &[], "", 0, false)).await.expect("open");
+    let u = agent.update().await.expect("snapshot");
+    assert!(names(&u).contains(&format!("node/{QD_MEMBER}")));
+    assert!(!names(&u).iter().any(|n| n.starts_with("node/") && !n.ends_with(QD_MEMBER)));
+    assert!(!names(&u).iter().any(|n| n.starts_with("peer/")));
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn reported_public_key_reaches_other_gateways_as_a_peer_resource() {
+    let env = Env::new();
+    let hub = env.hub().await;
+    let mut gw_client = env.client(&hub, HZ_GW).await;
+    let mut gw = Agent::open(&mut gw_client, hello(HZ_GW, &[], "", 0, false)).await.expect("open");
+    let first = gw.update().await.expect("snapshot");
+    gw.ack(&first).await;
+    let key = "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=";
+    let report = v1::Report { wireguard_public_key: Some(key.into()), tunnel_port: Some(4500), ..Default::default() };
+    gw.tx.send(v1::SyncRequest { message: Some(Req::Report(report)) }).await.expect("report");
+    let u = gw.update().await.expect("peer update");
+    assert_eq!(names(&u), vec![format!("peer/{HZ_GW}")]);
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn reconnect_storm_is_admission_limited_with_a_retry_hint() {
+    let env = Env::new();
+    let hub = hub::start(env.config(1)).await.expect("hub");
+    let mut a = env.client(&hub, HZ_GW).await;
+    let mut b = env.client(&hub, HZ_MEMBER).await;
+    let mut first = Agent::open(&mut a, hello(HZ_GW, &[], "", 0, false)).await.expect("first admitted");
+    let _ = first.update().await.expect("snapshot in flight, not acked");
+    let err = match Agent::open(&mut b, hello(HZ_MEMBER, &[], "", 0, false)).await {
+        Err(e) => e,
+        Ok(mut second) => second.update().await.expect_err("second refused"),
+    };
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+    assert!(raven_proto::retry_after(&err).is_some());
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn plaintext_listener_refuses_sync_and_only_binds_loopback() {
+    let env = Env::new();
+    let hub = env.hub().await;
+    let addr = hub.plaintext_addr.expect("plaintext listener");
+    let channel = Channel::from_shared(format!("http://{addr}")).expect("uri").connect().await.expect("connect");
+    let mut client = SyncServiceClient::new(channel);
+    let (tx, rx) = mpsc::channel(1);
+    tx.send(hello(HZ_GW, &[], "", 0, false)).await.expect("send");
+    let err = client.sync(ReceiverStream::new(rx)).await.expect_err("no Sync on plaintext");
+    assert_eq!(err.code(), tonic::Code::Unimplemented);
+    hub.stop().await;
+
+    let mut cfg = env.config(4);
+    cfg.plaintext_addr = Some("0.0.0.0:0".parse().expect("addr"));
+    let err = hub::start(cfg).await.expect_err("refused");
+    assert!(err.to_string().contains("not a loopback address"), "{err}");
+}
