@@ -199,8 +199,10 @@ impl Session {
         let snapshot = !delta;
 
         let mut published = self.shared.published.clone();
-        let ready = tokio::time::timeout(self.shared.config.ready_timeout, published.wait_for(|p| p.ready)).await;
-        if !matches!(ready, Ok(Ok(_))) {
+        let ready = tokio::time::timeout(self.shared.config.ready_timeout, published.wait_for(|p| p.ready))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        if !ready {
             return Err(Status::unavailable("the hub has not synced its sources yet"));
         }
         let session = self.shared.agents.connected(&self.node, &hello, remote);
@@ -275,7 +277,7 @@ impl Session {
         let (mut header, resources, after, sent) = self.queued.remove(0);
         self.next_nonce += 1;
         header.nonce = format!("{}-{}", current.revision, self.next_nonce);
-        let msg = EncodedSyncResponse::update(&header, resources.iter());
+        let msg = EncodedSyncResponse::update(header.clone(), resources.iter());
         self.in_flight = Some(InFlight {
             nonce: header.nonce.clone(),
             epoch: header.epoch.clone(),
