@@ -340,8 +340,8 @@ impl Session {
                 epoch: current.epoch.clone(),
                 revision: current.revision,
                 nonce: String::new(),
-                snapshot: full_snapshot || first,
-                snapshot_complete: (full_snapshot || first) && last,
+                snapshot: full_snapshot,
+                snapshot_complete: full_snapshot && last,
                 removed: if last { removed.clone() } else { Vec::new() },
                 // Removals the hub observed while the agent was in sync with
                 // it are intended; removals at the start of a session (this

@@ -1,0 +1,429 @@
+//! The agent's copy of its node view: decoded resources plus the store they
+//! are persisted in. Applying an Update is a pure check (`check_update`)
+//! followed by one atomic, durable commit.
+//!
+//! Autonomy rules enforced here (DESIGN §4): nothing expires; removal only by
+//! explicit name or by garbage collection after a *completed* snapshot; a
+//! mass removal the hub did not mark intentional is refused (NACKed) and the
+//! last good state stays; an older revision of the same epoch is refused.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use prost::Message;
+use raven_core::topology::{GatewayView, NodeView, PeerInfo, Settings};
+use raven_core::{ContentVersion, NodeName, Resource, ResourceBody, ResourceName};
+use raven_proto::{DecodedUpdate, v1};
+use raven_store::{Commit, Meta, Store, StoreError, StoreOptions, StoredResource};
+
+/// A removal of more than this share of the held resources needs the hub's
+/// `intentional_removal` mark.
+pub const MASS_REMOVAL_SHARE: f64 = 0.5;
+/// Below this many held resources the mass-removal guard does not apply.
+pub const MASS_REMOVAL_MIN_HELD: usize = 4;
+
+/// The state the agent holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CachedState {
+    pub epoch: String,
+    pub revision: u64,
+    /// Came from a completed snapshot (or deltas on top of one).
+    pub complete: bool,
+    pub resources: BTreeMap<ResourceName, Resource>,
+}
+
+/// Why an Update is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("{0}")]
+    Invalid(raven_proto::ConversionError),
+    #[error("revision {got} of epoch {epoch} is older than the revision {held} this node holds")]
+    Older { epoch: String, got: u64, held: u64 },
+    #[error(
+        "held back: this update would remove {removing} of the {held} resources this node holds and the hub did not mark the removal intentional"
+    )]
+    MassRemoval { removing: usize, held: usize },
+}
+
+impl Refusal {
+    /// The NACK detail.
+    pub fn detail(&self) -> v1::ErrorDetail {
+        match self {
+            Refusal::Invalid(e) => v1::ErrorDetail::from(e),
+            other => v1::ErrorDetail {
+                message: other.to_string(),
+                ..Default::default()
+            },
+        }
+    }
+}
+
+/// The outcome of checking an Update against the held state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Accepted {
+    pub next: CachedState,
+    pub put: BTreeMap<ResourceName, Resource>,
+    pub remove: BTreeSet<ResourceName>,
+}
+
+/// Snapshot parts received so far in the current snapshot.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SnapshotProgress {
+    pub seen: BTreeSet<ResourceName>,
+}
+
+/// Checks an Update and computes the next state. Pure.
+pub fn check_update(
+    held: &CachedState,
+    update: &DecodedUpdate,
+    progress: &mut SnapshotProgress,
+) -> Result<Accepted, Refusal> {
+    let h = &update.header;
+    if h.epoch == held.epoch && h.revision < held.revision {
+        return Err(Refusal::Older {
+            epoch: h.epoch.clone(),
+            got: h.revision,
+            held: held.revision,
+        });
+    }
+    let mut next = held.clone();
+    let mut put = BTreeMap::new();
+    for (name, r) in &update.resources {
+        if held.resources.get(name) != Some(r) {
+            put.insert(name.clone(), r.clone());
+        }
+        next.resources.insert(name.clone(), r.clone());
+    }
+    let mut remove: BTreeSet<ResourceName> = h.removed.iter().cloned().collect();
+    if h.snapshot {
+        progress.seen.extend(update.resources.iter().map(|(n, _)| n.clone()));
+        if h.snapshot_complete {
+            // Garbage collection, only after the completion marker.
+            remove.extend(
+                held.resources
+                    .keys()
+                    .filter(|n| !progress.seen.contains(*n))
+                    .cloned(),
+            );
+        }
+    }
+    remove.retain(|n| held.resources.contains_key(n) && !put.contains_key(n) && !update.resources.iter().any(|(u, _)| u == n));
+    let held_count = held.resources.len();
+    if !h.intentional_removal
+        && held_count >= MASS_REMOVAL_MIN_HELD
+        && (remove.len() as f64) > (held_count as f64) * MASS_REMOVAL_SHARE
+    {
+        return Err(Refusal::MassRemoval {
+            removing: remove.len(),
+            held: held_count,
+        });
+    }
+    for n in &remove {
+        next.resources.remove(n);
+    }
+    next.epoch = h.epoch.clone();
+    next.revision = h.revision;
+    if h.snapshot_complete {
+        next.complete = true;
+        progress.seen.clear();
+    } else if h.snapshot {
+        // A snapshot in progress: until it completes, the cache is not known
+        // to be complete.
+        next.complete = false;
+    }
+    Ok(Accepted { next, put, remove })
+}
+
+/// The node's view, assembled from the cached resources.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct View {
+    pub me: NodeView,
+    pub settings: Option<Settings>,
+    pub gateways: Vec<GatewayView>,
+    pub peers: Vec<PeerInfo>,
+}
+
+impl CachedState {
+    /// The view of `node`, if its own resource is held.
+    pub fn view(&self, node: &NodeName) -> Option<View> {
+        let me = match self.resources.get(&ResourceName::node(node)).map(|r| &r.body) {
+            Some(ResourceBody::Node(n)) => n.clone(),
+            _ => return None,
+        };
+        let mut settings = None;
+        let mut gateways = Vec::new();
+        let mut peers = Vec::new();
+        for r in self.resources.values() {
+            match &r.body {
+                ResourceBody::Settings(s) => settings = Some(s.clone()),
+                ResourceBody::Gateway(g) => gateways.push(g.clone()),
+                ResourceBody::Peer(p) => peers.push(p.clone()),
+                ResourceBody::Node(_) => {}
+            }
+        }
+        Some(View {
+            me,
+            settings,
+            gateways,
+            peers,
+        })
+    }
+
+    /// Name and version of every resource held, for a Hello.
+    pub fn inventory(&self) -> Vec<(ResourceName, ContentVersion)> {
+        self.resources
+            .iter()
+            .map(|(n, r)| (n.clone(), r.version.clone()))
+            .collect()
+    }
+}
+
+/// Why the cache could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cached resource {name} is unusable: {reason}")]
+    BadResource { name: String, reason: String },
+}
+
+/// The persisted cache.
+#[derive(Debug, Clone)]
+pub struct Cache {
+    store: Store,
+}
+
+/// Store identity of a node's cache.
+pub fn purpose(node: &NodeName) -> String {
+    format!("raven-edge/{node}")
+}
+
+fn decode_stored(name: &str, stored: &StoredResource) -> Result<(ResourceName, Resource), CacheError> {
+    let bad = |reason: String| CacheError::BadResource {
+        name: name.to_owned(),
+        reason,
+    };
+    let proto = v1::Resource::decode(stored.payload.clone()).map_err(|e| bad(e.to_string()))?;
+    let (n, r) = raven_proto::resource_from_proto(&proto).map_err(|e| bad(e.to_string()))?;
+    if n.as_str() != name || r.version.as_str() != stored.version {
+        return Err(bad(format!("stored under {name}@{} but holds {n}@{}", stored.version, r.version)));
+    }
+    Ok((n, r))
+}
+
+/// Decodes a store snapshot into a state, checking every resource.
+pub fn decode_snapshot(snap: &raven_store::Snapshot) -> Result<CachedState, CacheError> {
+    let mut state = CachedState::default();
+    if let Some(m) = &snap.meta {
+        state.epoch = m.epoch.clone();
+        state.revision = m.revision;
+        state.complete = m.complete;
+    }
+    for (name, stored) in &snap.resources {
+        let (n, r) = decode_stored(name, stored)?;
+        state.resources.insert(n, r);
+    }
+    Ok(state)
+}
+
+impl Cache {
+    /// Opens the cache of `node` under `data_dir`. A corrupt or foreign cache
+    /// is moved aside by the store (and reported); a cache whose resources do
+    /// not decode is treated the same way.
+    pub fn open(data_dir: &Path, node: &NodeName, max_bytes: u64) -> Result<(Self, CachedState), CacheError> {
+        let dir = data_dir.join("cache");
+        let opts = StoreOptions {
+            purpose: purpose(node),
+            max_bytes,
+            ..Default::default()
+        };
+        let opened = Store::open(&dir, opts.clone())?;
+        if let Some(r) = &opened.recovery {
+            tracing::error!(reason = %r.reason, moved_to = %r.moved_to.display(), "the topology cache was unusable; moved aside, starting from an empty cache until the hub is reached");
+        }
+        let store = opened.store;
+        match decode_snapshot(&store.snapshot()?) {
+            Ok(state) => Ok((Self { store }, state)),
+            Err(e) => {
+                tracing::error!(error = %e, "the topology cache holds an undecodable resource; moving it aside");
+                drop(store);
+                let moved = dir.with_extension(format!("undecodable-{}", std::process::id()));
+                std::fs::rename(&dir, &moved).map_err(|source| StoreError::MoveAside {
+                    from: dir.clone(),
+                    to: moved,
+                    source,
+                })?;
+                let store = Store::open(&dir, opts)?.store;
+                Ok((Self { store }, CachedState::default()))
+            }
+        }
+    }
+
+    /// Persists an accepted update (one atomic, durable commit).
+    pub fn commit(&self, a: &Accepted) -> Result<(), CacheError> {
+        let put = a
+            .put
+            .iter()
+            .map(|(n, r)| {
+                let payload = raven_proto::resource_to_proto(n, r).encode_to_vec();
+                (
+                    n.to_string(),
+                    StoredResource {
+                        version: r.version.to_string(),
+                        payload: payload.into(),
+                    },
+                )
+            })
+            .collect();
+        let meta = Meta {
+            epoch: a.next.epoch.clone(),
+            revision: a.next.revision,
+            complete: a.next.complete,
+            written_at_unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+        };
+        self.store.commit(Commit {
+            meta,
+            put,
+            remove: a.remove.iter().map(ToString::to_string).collect(),
+        })?;
+        Ok(())
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use raven_core::topology::Settings;
+    use raven_proto::UpdateHeader;
+
+    fn res(n: u16) -> (ResourceName, Resource) {
+        let node = NodeName::new(format!("n{n}")).unwrap_or_else(|_| unreachable!());
+        let body = ResourceBody::Node(NodeView {
+            name: node.clone(),
+            gateway: None,
+            private_ip: None,
+            subnets: vec![],
+            tunnel_active: false,
+            tunnel_candidate: false,
+            proxy_active: false,
+        });
+        (ResourceName::node(&node), Resource::new(body))
+    }
+
+    fn settings(port: u16) -> (ResourceName, Resource) {
+        let body = ResourceBody::Settings(Settings {
+            raven_cfg_present: true,
+            enable_l3_tunnel: true,
+            enable_l7_proxy: false,
+            vxlan_port: port,
+        });
+        (ResourceName::settings(), Resource::new(body))
+    }
+
+    fn held(n: u16) -> CachedState {
+        CachedState {
+            epoch: "e".into(),
+            revision: 5,
+            complete: true,
+            resources: (0..n).map(res).collect(),
+        }
+    }
+
+    fn update(h: UpdateHeader, resources: Vec<(ResourceName, Resource)>) -> DecodedUpdate {
+        DecodedUpdate { header: h, resources }
+    }
+
+    fn header(revision: u64) -> UpdateHeader {
+        UpdateHeader {
+            epoch: "e".into(),
+            revision,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn delta_adds_and_explicitly_removes() {
+        let mut h = header(6);
+        h.removed = vec![res(0).0];
+        let a = check_update(&held(2), &update(h, vec![settings(4472)]), &mut SnapshotProgress::default())
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(a.next.revision, 6);
+        assert_eq!(a.next.resources.keys().map(ToString::to_string).collect::<Vec<_>>(), vec!["node/n1", "settings"]);
+        assert_eq!(a.remove.len(), 1);
+    }
+
+    #[test]
+    fn an_empty_delta_removes_nothing() {
+        let a = check_update(&held(6), &update(header(7), vec![]), &mut SnapshotProgress::default())
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(a.next.resources.len(), 6);
+        assert!(a.remove.is_empty());
+    }
+
+    #[test]
+    fn older_revision_of_the_same_epoch_is_refused() {
+        let r = check_update(&held(1), &update(header(4), vec![]), &mut SnapshotProgress::default());
+        assert!(matches!(r, Err(Refusal::Older { got: 4, held: 5, .. })));
+    }
+
+    #[test]
+    fn another_epoch_is_not_compared_by_revision() {
+        let mut h = header(1);
+        h.epoch = "other".into();
+        assert!(check_update(&held(1), &update(h, vec![]), &mut SnapshotProgress::default()).is_ok());
+    }
+
+    #[test]
+    fn snapshot_garbage_collects_only_after_the_completion_marker() {
+        let mut progress = SnapshotProgress::default();
+        let mut part1 = header(6);
+        part1.snapshot = true;
+        let a = check_update(&held(3), &update(part1, vec![res(0)]), &mut progress).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(a.next.resources.len(), 3, "nothing removed before completion");
+        assert!(!a.next.complete);
+        let mut part2 = header(6);
+        part2.snapshot = true;
+        part2.snapshot_complete = true;
+        let b = check_update(&a.next, &update(part2, vec![res(1)]), &mut progress).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(b.next.resources.keys().map(ToString::to_string).collect::<Vec<_>>(), vec!["node/n0", "node/n1"]);
+        assert!(b.next.complete);
+    }
+
+    #[test]
+    fn mass_removal_not_marked_intentional_is_held_back() {
+        let mut h = header(6);
+        h.snapshot = true;
+        h.snapshot_complete = true;
+        let r = check_update(&held(10), &update(h.clone(), vec![res(0)]), &mut SnapshotProgress::default());
+        assert_eq!(r, Err(Refusal::MassRemoval { removing: 9, held: 10 }));
+        h.intentional_removal = true;
+        let a = check_update(&held(10), &update(h, vec![res(0)]), &mut SnapshotProgress::default())
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(a.next.resources.len(), 1);
+    }
+
+    #[test]
+    fn persisted_state_round_trips_through_the_store() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let node = NodeName::new("n0").unwrap_or_else(|_| unreachable!());
+        let (cache, state) = Cache::open(dir.path(), &node, 1 << 20).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(state, CachedState::default());
+        let mut h = header(1);
+        h.snapshot = true;
+        h.snapshot_complete = true;
+        let a = check_update(&state, &update(h, vec![res(0), settings(4472)]), &mut SnapshotProgress::default())
+            .unwrap_or_else(|e| panic!("{e}"));
+        cache.commit(&a).unwrap_or_else(|e| panic!("{e}"));
+        drop(cache);
+        let (_, reopened) = Cache::open(dir.path(), &node, 1 << 20).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(reopened, a.next);
+        assert!(reopened.view(&node).is_some());
+    }
+}

@@ -1,0 +1,355 @@
+//! The hub client: one Sync stream at a time to one of several hub
+//! addresses, redialled with exponential backoff and full jitter.
+//!
+//! Every Update is checked ([`crate::cache::check_update`]), persisted in one
+//! durable commit, and only then ACKed; a refused Update is NACKed and the
+//! last good state stays. The reconciler learns about new state through a
+//! watch channel and reports back what it applied.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use raven_core::NodeName;
+use raven_proto::v1::sync_request::Message as Req;
+use raven_proto::v1::sync_response::Message as Resp;
+use raven_proto::v1::{self, sync_service_client::SyncServiceClient};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+
+use crate::cache::{Cache, CachedState, SnapshotProgress, check_update};
+
+/// Store record holding the hub address that last worked.
+const LAST_HUB_RECORD: &str = "edge/last-hub";
+
+/// PEM files of the agent's client identity.
+#[derive(Debug, Clone)]
+pub struct ClientTls {
+    pub ca: std::path::PathBuf,
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+}
+
+/// How the agent reaches the hub.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    pub node: NodeName,
+    /// `https://host:port` of each hub replica.
+    pub hubs: Vec<String>,
+    /// Name the hub certificate must carry (default: the URL's host).
+    pub server_name: Option<String>,
+    pub tls: ClientTls,
+    pub heartbeat: Duration,
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+}
+
+/// What the reconciler reports after programming the kernel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppliedReport {
+    pub epoch: String,
+    pub revision: u64,
+    pub error: Option<String>,
+    pub summary: v1::ApplySummary,
+}
+
+/// Channels between the client and the rest of the agent.
+#[derive(Debug, Clone)]
+pub struct Links {
+    pub cache: Cache,
+    pub state: watch::Sender<Arc<CachedState>>,
+    pub applied: watch::Receiver<Option<AppliedReport>>,
+    pub report: watch::Receiver<v1::Report>,
+    /// Unix milliseconds of the last message from a hub (0: never).
+    pub last_contact_ms: Arc<AtomicU64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("connecting to {hub}: {source}")]
+    Connect { hub: String, source: tonic::transport::Error },
+    #[error("hub {hub}: {status}")]
+    Status { hub: String, status: tonic::Status },
+    #[error("hub {hub} went silent for {silent:?}")]
+    Silent { hub: String, silent: Duration },
+    #[error("hub {hub} closed the stream")]
+    Closed { hub: String },
+    #[error("the local cache: {0}")]
+    Cache(#[from] crate::cache::CacheError),
+    #[error("invalid hub address {0:?}")]
+    BadAddress(String),
+    #[error("reading TLS file {path}: {source}")]
+    Tls { path: std::path::PathBuf, source: std::io::Error },
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Exponential backoff with full jitter.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    min: Duration,
+    max: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    pub fn new(min: Duration, max: Duration) -> Self {
+        Self { min, max, attempt: 0 }
+    }
+    /// The next delay: uniform in `[0, min(max, min * 2^attempt)]`.
+    pub fn next_delay(&mut self) -> Duration {
+        let cap = self.min.saturating_mul(1 << self.attempt.min(20)).min(self.max);
+        self.attempt = self.attempt.saturating_add(1);
+        cap.mul_f64(rand::random::<f64>())
+    }
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+/// Runs the client until `shutdown`.
+pub async fn run(cfg: ClientConfig, links: Links, shutdown: CancellationToken) {
+    let mut backoff = Backoff::new(cfg.backoff_min, cfg.backoff_max);
+    // Start with the hub that last worked.
+    let last = links
+        .cache
+        .store()
+        .get_record(LAST_HUB_RECORD)
+        .ok()
+        .flatten()
+        .and_then(|b| String::from_utf8(b.to_vec()).ok());
+    let mut next = last
+        .and_then(|l| cfg.hubs.iter().position(|h| *h == l))
+        .unwrap_or(0);
+    loop {
+        if cfg.hubs.is_empty() {
+            tracing::warn!("no hub address configured; running from the cache only");
+            shutdown.cancelled().await;
+            return;
+        }
+        let hub = cfg.hubs[next % cfg.hubs.len()].clone();
+        let started = tokio::time::Instant::now();
+        let result = tokio::select! {
+            () = shutdown.cancelled() => return,
+            r = session(&cfg, &hub, &links) => r,
+        };
+        if started.elapsed() > Duration::from_secs(60) {
+            backoff.reset();
+        }
+        let mut delay = backoff.next_delay();
+        match &result {
+            Err(SessionError::Status { status, .. }) if status.code() == tonic::Code::ResourceExhausted => {
+                let hint = raven_proto::retry_after(status).unwrap_or(cfg.backoff_min);
+                delay = hint + hint.mul_f64(rand::random::<f64>() * 0.5);
+                tracing::info!(%hub, ?delay, "hub is admission limiting; retrying later");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, ?delay, "hub session ended; the dataplane keeps running from the cache");
+                next += 1;
+            }
+            Ok(()) => {}
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+async fn channel(cfg: &ClientConfig, hub: &str) -> Result<Channel, SessionError> {
+    let read = |p: &std::path::Path| {
+        std::fs::read(p).map_err(|source| SessionError::Tls {
+            path: p.to_owned(),
+            source,
+        })
+    };
+    let uri: tonic::transport::Uri = hub.parse().map_err(|_| SessionError::BadAddress(hub.to_owned()))?;
+    let server_name = cfg
+        .server_name
+        .clone()
+        .or_else(|| uri.host().map(str::to_owned))
+        .ok_or_else(|| SessionError::BadAddress(hub.to_owned()))?;
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read(&cfg.tls.ca)?))
+        .identity(Identity::from_pem(read(&cfg.tls.cert)?, read(&cfg.tls.key)?))
+        .domain_name(server_name);
+    let connect_err = |source| SessionError::Connect {
+        hub: hub.to_owned(),
+        source,
+    };
+    Channel::builder(uri)
+        .tls_config(tls)
+        .map_err(connect_err)?
+        .connect_timeout(Duration::from_secs(10))
+        .http2_keep_alive_interval(cfg.heartbeat)
+        .keep_alive_timeout(cfg.heartbeat)
+        .connect()
+        .await
+        .map_err(connect_err)
+}
+
+/// Queues a message for the hub; false when the stream is gone.
+async fn send(tx: &mpsc::Sender<v1::SyncRequest>, msg: Req) -> bool {
+    tx.send(v1::SyncRequest { message: Some(msg) }).await.is_ok()
+}
+
+/// One stream, from dial to its end.
+async fn session(cfg: &ClientConfig, hub: &str, links: &Links) -> Result<(), SessionError> {
+    let channel = channel(cfg, hub).await?;
+    let mut client = SyncServiceClient::new(channel);
+    let (tx, rx) = mpsc::channel(16);
+    let held = links.state.borrow().clone();
+    let hello = v1::Hello {
+        protocol_version: raven_proto::PROTOCOL_VERSION,
+        agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+        capabilities: vec![
+            v1::Capability::Delta as i32,
+            v1::Capability::WireguardUserspace as i32,
+            v1::Capability::LocalFailover as i32,
+        ],
+        node_name: cfg.node.to_string(),
+        epoch: held.epoch.clone(),
+        revision: held.revision,
+        resources: held
+            .inventory()
+            .iter()
+            .map(|(n, v)| v1::ResourceVersion {
+                name: n.to_string(),
+                version: v.to_string(),
+            })
+            .collect(),
+        cache_complete: held.complete,
+    };
+    send(&tx, Req::Hello(hello)).await;
+    let status_err = |status| SessionError::Status {
+        hub: hub.to_owned(),
+        status,
+    };
+    let mut inbound = client
+        .sync(ReceiverStream::new(rx))
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    tracing::info!(%hub, epoch = %held.epoch, revision = held.revision, held = held.resources.len(), "connected to hub");
+    let _ = links
+        .cache
+        .store()
+        .put_records(&[(LAST_HUB_RECORD, hub.as_bytes())]);
+
+    let mut applied = links.applied.clone();
+    let mut report = links.report.clone();
+    // Send the current report and applied state right away.
+    applied.mark_changed();
+    report.mark_changed();
+    let mut progress = SnapshotProgress::default();
+    let mut ticker = tokio::time::interval(cfg.heartbeat);
+    let mut last_heard = tokio::time::Instant::now();
+    let mut seq = 0u64;
+    loop {
+        tokio::select! {
+            msg = inbound.message() => {
+                let Some(msg) = msg.map_err(status_err)? else {
+                    return Err(SessionError::Closed { hub: hub.to_owned() });
+                };
+                last_heard = tokio::time::Instant::now();
+                links.last_contact_ms.store(now_ms(), Ordering::Relaxed);
+                match msg.message {
+                    Some(Resp::Update(u)) => handle_update(&u, links, &tx, &mut progress).await?,
+                    Some(Resp::Heartbeat(_)) | None => {}
+                }
+            }
+            changed = applied.changed() => {
+                if changed.is_ok() && let Some(a) = applied.borrow_and_update().clone() {
+                    let error = a.error.map(|message| v1::ErrorDetail { message, ..Default::default() });
+                    let state = links.state.borrow().clone();
+                    send(&tx, Req::Applied(v1::Applied {
+                        epoch: a.epoch,
+                        revision: a.revision,
+                        success: error.is_none(),
+                        error,
+                        resources: raven_proto::resource_versions_to_proto(state.resources.iter().map(|(n, r)| (n, &r.version))),
+                        summary: Some(a.summary),
+                    })).await;
+                }
+            }
+            changed = report.changed() => {
+                if changed.is_ok() {
+                    let r = report.borrow_and_update().clone();
+                    send(&tx, Req::Report(r)).await;
+                }
+            }
+            _ = ticker.tick() => {
+                let silent = last_heard.elapsed();
+                if silent > cfg.heartbeat * 3 {
+                    return Err(SessionError::Silent { hub: hub.to_owned(), silent });
+                }
+                seq += 1;
+                send(&tx, Req::Heartbeat(v1::Heartbeat {
+                    sequence: seq,
+                    sent_at: Some(SystemTime::now().into()),
+                    interval: prost_types::Duration::try_from(cfg.heartbeat).ok(),
+                })).await;
+            }
+        }
+    }
+}
+
+async fn handle_update(
+    u: &v1::Update,
+    links: &Links,
+    tx: &mpsc::Sender<v1::SyncRequest>,
+    progress: &mut SnapshotProgress,
+) -> Result<(), SessionError> {
+    let nack = |detail: v1::ErrorDetail| {
+        Req::Nack(v1::Nack {
+            nonce: u.nonce.clone(),
+            epoch: u.epoch.clone(),
+            revision: u.revision,
+            error: Some(detail),
+        })
+    };
+    let decoded = match raven_proto::update_from_proto(u) {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::warn!(error = %e, "refusing an update; keeping the last good state");
+            send(tx, nack(v1::ErrorDetail::from(&e))).await;
+            return Ok(());
+        }
+    };
+    let held = links.state.borrow().clone();
+    let accepted = match check_update(&held, &decoded, progress) {
+        Ok(a) => a,
+        Err(refusal) => {
+            tracing::warn!(error = %refusal, "refusing an update; keeping the last good state");
+            send(tx, nack(refusal.detail())).await;
+            return Ok(());
+        }
+    };
+    let cache = links.cache.clone();
+    let to_commit = accepted.clone();
+    tokio::task::spawn_blocking(move || cache.commit(&to_commit))
+        .await
+        .map_err(|e| crate::cache::CacheError::BadResource {
+            name: "commit".into(),
+            reason: e.to_string(),
+        })??;
+    tracing::info!(epoch = %u.epoch, revision = u.revision, put = accepted.put.len(), removed = accepted.remove.len(), "update persisted");
+    send(
+        tx,
+        Req::Ack(v1::Ack {
+            nonce: u.nonce.clone(),
+            epoch: u.epoch.clone(),
+            revision: u.revision,
+        }),
+    )
+    .await;
+    links.state.send_replace(Arc::new(accepted.next));
+    Ok(())
+}
