@@ -91,7 +91,8 @@ pub fn compile(inputs: &Inputs) -> Compiled {
     let mut members_of: BTreeMap<&GatewayName, Vec<&ClusterNode>> = BTreeMap::new();
     for node in inputs.nodes.values() {
         let Some(label) = &node.gateway_label else { continue };
-        match admitted.keys().find(|g| g.as_str() == label) {
+        let key = GatewayName::new(label.clone()).ok();
+        match key.as_ref().and_then(|k| admitted.get_key_value(k)).map(|(k, _)| k) {
             Some(g) => members_of.entry(g).or_default().push(node),
             None if inputs.gateways.contains_key(label) => {} // invalid gateway, reported above
             None => problems.push(Problem::warning(
@@ -105,7 +106,7 @@ pub fn compile(inputs: &Inputs) -> Compiled {
 
     // Subnets claimed across gateways: the first gateway (by name) to claim an
     // address range keeps it; a later, overlapping claim is dropped.
-    let mut claimed: Vec<(IpNet, GatewayName, NodeName)> = Vec::new();
+    let mut claimed = Claims::default();
     let mut views = BTreeMap::new();
     let mut compiled = BTreeMap::new();
     for (name, gw) in &admitted {
@@ -191,7 +192,7 @@ fn compile_gateway(
     gw: &v1beta1::Gateway,
     members: &[&ClusterNode],
     config: &RavenConfig,
-    claimed: &mut Vec<(IpNet, GatewayName, NodeName)>,
+    claimed: &mut Claims,
 ) -> (GatewayView, v1beta1::GatewayStatus, Vec<Problem>) {
     let obj = gateway_object(name.as_str());
     let mut problems = Vec::new();
@@ -261,10 +262,7 @@ fn compile_gateway(
     for node in members {
         let mut subnets = Vec::new();
         for net in &node.pod_cidrs {
-            if let Some((_, other_gw, other_node)) = claimed
-                .iter()
-                .find(|(c, g, _)| g != name && overlaps(c, net))
-            {
+            if let Some((other_gw, other_node)) = claimed.overlapping(net, name) {
                 problems.push(Problem::error(
                     &obj,
                     format!("status.nodes[{}].subnets", node.name),
@@ -275,7 +273,7 @@ fn compile_gateway(
                 ));
                 continue;
             }
-            claimed.push((*net, name.clone(), node.name.clone()));
+            claimed.insert(*net, name, &node.name);
             subnets.push(*net);
         }
         subnets.sort();
@@ -365,8 +363,39 @@ fn compile_gateway(
     (view, status, problems)
 }
 
-fn overlaps(a: &IpNet, b: &IpNet) -> bool {
-    a.contains(&b.network()) || b.contains(&a.network())
+/// Address ranges claimed by gateways, for overlap checks in
+/// O(prefix length · log n) instead of a scan of every claim.
+#[derive(Debug, Default)]
+struct Claims {
+    by_net: BTreeMap<IpNet, (GatewayName, NodeName)>,
+}
+
+impl Claims {
+    fn insert(&mut self, net: IpNet, gw: &GatewayName, node: &NodeName) {
+        self.by_net.entry(net).or_insert_with(|| (gw.clone(), node.clone()));
+    }
+
+    /// A claim of another gateway that overlaps `net`: one that contains it
+    /// (a supernet, found by truncating `net` to each shorter length) or one
+    /// it contains (a network address inside `net`'s range).
+    fn overlapping(&self, net: &IpNet, gw: &GatewayName) -> Option<(GatewayName, NodeName)> {
+        let other = |(g, n): &(GatewayName, NodeName)| (g != gw).then(|| (g.clone(), n.clone()));
+        let supernet = (0..=net.prefix_len()).find_map(|len| {
+            let candidate = IpNet::new(net.network(), len).ok()?.trunc();
+            self.by_net.get(&candidate).and_then(other)
+        });
+        supernet.or_else(|| {
+            // Keys order by address first, so the claims inside `net` are
+            // the keys from its network address up to its broadcast address.
+            let lo = IpNet::new(net.network(), 0).ok()?;
+            let hi = net.broadcast();
+            self.by_net
+                .range(lo..)
+                .take_while(|(k, _)| k.addr() <= hi)
+                .filter(|(k, _)| net.contains(&k.network()))
+                .find_map(|(_, v)| other(v))
+        })
+    }
 }
 
 /// Gives every NATed gateway a relay: a gateway that is not under NAT and has
@@ -400,7 +429,8 @@ fn node_view(node: &ClusterNode, views: &BTreeMap<GatewayName, GatewayView>) -> 
     let gw = node
         .gateway_label
         .as_deref()
-        .and_then(|l| views.values().find(|v| v.name.as_str() == l));
+        .and_then(|l| GatewayName::new(l).ok())
+        .and_then(|l| views.get(&l));
     let is = |ep: &Option<GatewayEndpoint>| ep.as_ref().is_some_and(|e| e.node == node.name);
     NodeView {
         name: node.name.clone(),

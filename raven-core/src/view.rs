@@ -18,18 +18,29 @@ pub fn view_names(topology: &Topology, node: &NodeName) -> Vec<ResourceName> {
     let Some(me) = topology.node(node) else {
         return Vec::new();
     };
-    topology
-        .resources
-        .keys()
-        .filter(|name| {
-            let s = name.as_str();
-            s == ResourceName::SETTINGS
-                || *name == &ResourceName::node(node)
-                || (me.gateway.is_some() && s.starts_with("gateway/"))
-                || (me.tunnel_candidate && s.starts_with("peer/"))
-        })
-        .cloned()
-        .collect()
+    // Names sort by kind prefix, so each kind is one contiguous key range:
+    // the view costs O(its size), not O(all resources).
+    let kind = |prefix: &'static str| {
+        let lo = ResourceName::range_start(prefix);
+        topology
+            .resources
+            .range(lo..)
+            .map(|(n, _)| n)
+            .take_while(move |n| n.as_str().starts_with(prefix))
+            .cloned()
+    };
+    let mut names: Vec<ResourceName> = Vec::new();
+    if me.gateway.is_some() {
+        names.extend(kind("gateway/"));
+    }
+    names.push(ResourceName::node(node));
+    if me.tunnel_candidate {
+        names.extend(kind("peer/"));
+    }
+    if topology.resources.contains_key(&ResourceName::settings()) {
+        names.push(ResourceName::settings());
+    }
+    names
 }
 
 /// The resources `node` receives.
