@@ -77,6 +77,13 @@ pub struct ServeArgs {
     /// Agents allowed in their initial sync at once; others are told to retry.
     #[arg(long, env = "RAVEN_MAX_INITIAL_SYNCS", default_value_t = 256)]
     pub max_initial_syncs: usize,
+    /// Epoch of the revision sequence. Replicas serving the same cluster
+    /// share it (default with --kubernetes: "kubernetes", revisions then
+    /// follow the API server's resourceVersion); a standalone hub picks a
+    /// random one and persists it. Change it after restoring etcd from a
+    /// backup.
+    #[arg(long, env = "RAVEN_EPOCH")]
+    pub epoch: Option<String>,
     /// Log as JSON.
     #[arg(long, env = "RAVEN_LOG_JSON")]
     pub log_json: bool,
@@ -164,6 +171,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<std::process::ExitCode> {
         },
         debounce: crate::pipeline::Debounce::default(),
         replica: std::env::var("HOSTNAME").unwrap_or_else(|_| "raven-hub".to_owned()),
+        epoch: args.epoch.clone().or_else(|| args.kubernetes.then(|| "kubernetes".to_owned())),
     };
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {

@@ -40,6 +40,9 @@ pub struct HubConfig {
     pub sync: SyncConfig,
     pub debounce: Debounce,
     pub replica: String,
+    /// Epoch shared by every replica (Kubernetes mode); `None` lets this hub
+    /// pick and persist its own.
+    pub epoch: Option<String>,
 }
 
 /// A running hub.
@@ -90,7 +93,7 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
     let index = IndexHandle::default();
     let agents = Agents::new(config.replica.clone());
     let revisions = match &config.data_dir {
-        Some(dir) => Revisions::open(dir)?,
+        Some(dir) => Revisions::open(dir, config.epoch.as_deref())?,
         None => Revisions::in_memory(),
     };
     let listeners = Listeners::bind(config.grpc_addr, config.plaintext_addr).await?;

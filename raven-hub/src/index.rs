@@ -39,10 +39,22 @@ pub struct Index {
     synced: BTreeSet<Kind>,
     /// Problems a source found outside any single object (e.g. a broken file).
     source_problems: Vec<Problem>,
+    /// Highest Kubernetes resourceVersion seen (etcd's revision): the same
+    /// cluster state gives every hub replica the same floor, so revisions
+    /// stay comparable across replicas of one epoch.
+    high_water: u64,
+}
+
+fn resource_version(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> u64 {
+    meta.resource_version
+        .as_deref()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }
 
 impl Index {
     pub fn apply_gateway(&mut self, gw: Gateway) {
+        self.see(resource_version(&gw.metadata));
         let name = gw.metadata.name.clone().unwrap_or_default();
         let entry = self.gateways.entry(name).or_default();
         match admit(&gw) {
@@ -76,6 +88,7 @@ impl Index {
     }
 
     pub fn apply_node(&mut self, node: &Node) {
+        self.see(resource_version(&node.metadata));
         let name = node.metadata.name.clone().unwrap_or_default();
         self.nodes.insert(name, ClusterNode::from_k8s(node));
     }
@@ -93,6 +106,9 @@ impl Index {
 
     /// Sets (or, with `None`, removes) the `raven-cfg` ConfigMap.
     pub fn set_config(&mut self, cm: Option<&ConfigMap>) {
+        if let Some(cm) = cm {
+            self.see(resource_version(&cm.metadata));
+        }
         self.config = cm.map(RavenConfig::from_configmap).unwrap_or_default();
     }
 
@@ -120,6 +136,17 @@ impl Index {
         }
         self.reports.insert(node, report);
         true
+    }
+
+    /// Records a resourceVersion observed from the API server (objects,
+    /// deletions, bookmarks, list metadata).
+    pub fn see(&mut self, resource_version: u64) {
+        self.high_water = self.high_water.max(resource_version);
+    }
+
+    /// The highest resourceVersion observed; 0 outside Kubernetes.
+    pub fn high_water(&self) -> u64 {
+        self.high_water
     }
 
     pub fn mark_synced(&mut self, kind: Kind) {

@@ -84,7 +84,7 @@ impl Pipeline {
     /// changed. Returns whether it published.
     pub fn recompile(&mut self) -> Result<bool, crate::revision::RevisionError> {
         let (mut inputs, mut problems) = self.index.read(|i| i.inputs());
-        let ready = self.index.read(|i| i.is_synced());
+        let (ready, floor) = self.index.read(|i| (i.is_synced(), i.high_water()));
         let prev = self.tx.borrow().clone();
         // Stickiness needs the current active endpoints. The API server has
         // them in the status the leader wrote; manifests have none, so the
@@ -104,7 +104,7 @@ impl Pipeline {
         problems.dedup();
         compiled.topology.problems = problems;
 
-        let state = self.revisions.advance(&compiled.topology)?.clone();
+        let state = self.revisions.advance(&compiled.topology, floor)?.clone();
         // Encode each resource once per content version: unchanged resources
         // keep their bytes from the previous state.
         let encoded = compiled

@@ -54,8 +54,11 @@ impl Revisions {
         }
     }
 
-    /// Opens (or creates) the persisted sequence under `data_dir`.
-    pub fn open(data_dir: &Path) -> Result<Self, RevisionError> {
+    /// Opens (or creates) the persisted sequence under `data_dir`. With
+    /// `epoch`, the sequence belongs to that epoch (shared by every replica
+    /// of a Kubernetes-backed hub); a stored sequence of another epoch is
+    /// replaced.
+    pub fn open(data_dir: &Path, epoch: Option<&str>) -> Result<Self, RevisionError> {
         let opened = Store::open(
             &data_dir.join("hub-state"),
             StoreOptions {
@@ -67,11 +70,15 @@ impl Revisions {
             tracing::warn!(moved_to = %r.moved_to.display(), reason = %r.reason, "hub state store was unusable and has been moved aside; starting a new epoch");
         }
         let store = opened.store;
-        let state = match store.get_record(RECORD)? {
-            Some(bytes) => serde_json::from_slice(&bytes).map_err(RevisionError::Decode)?,
-            None => {
+        let stored: Option<RevisionState> = match store.get_record(RECORD)? {
+            Some(bytes) => Some(serde_json::from_slice(&bytes).map_err(RevisionError::Decode)?),
+            None => None,
+        };
+        let state = match stored {
+            Some(s) if epoch.is_none_or(|e| e == s.epoch) => s,
+            _ => {
                 let s = RevisionState {
-                    epoch: new_epoch(),
+                    epoch: epoch.map_or_else(new_epoch, str::to_owned),
                     ..Default::default()
                 };
                 store.put_records(&[(RECORD, &serde_json::to_vec(&s).unwrap_or_default())])?;
@@ -92,7 +99,11 @@ impl Revisions {
     /// Advances the sequence if `topology`'s resources differ from the last
     /// revision's, persisting before returning. Returns the (possibly
     /// unchanged) state.
-    pub fn advance(&mut self, topology: &Topology) -> Result<&RevisionState, RevisionError> {
+    ///
+    /// `floor` is the Kubernetes resourceVersion high-water mark (0 for
+    /// manifests): a new revision is at least that, so hub replicas that
+    /// share an epoch order the same cluster state alike.
+    pub fn advance(&mut self, topology: &Topology, floor: u64) -> Result<&RevisionState, RevisionError> {
         let versions: BTreeMap<ResourceName, ContentVersion> = topology
             .resources
             .iter()
@@ -103,7 +114,7 @@ impl Revisions {
         }
         let next = RevisionState {
             epoch: self.state.epoch.clone(),
-            revision: self.state.revision + 1,
+            revision: (self.state.revision + 1).max(floor),
             versions,
         };
         if let Some(store) = &self.store {
@@ -111,5 +122,48 @@ impl Revisions {
         }
         self.state = next;
         Ok(&self.state)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use raven_core::topology::{Resource, ResourceBody, Settings};
+
+    fn topo(port: u16) -> Topology {
+        let mut t = Topology::default();
+        let body = ResourceBody::Settings(Settings { raven_cfg_present: true, enable_l3_tunnel: true, enable_l7_proxy: true, vxlan_port: port });
+        t.resources.insert(ResourceName::settings(), Resource::new(body));
+        t
+    }
+
+    #[test]
+    fn revision_grows_only_when_content_changes_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let (epoch, rev) = {
+            let mut r = Revisions::open(dir.path(), None).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(r.advance(&topo(1), 0).map(|s| s.revision).ok(), Some(1));
+            assert_eq!(r.advance(&topo(1), 0).map(|s| s.revision).ok(), Some(1));
+            assert_eq!(r.advance(&topo(2), 0).map(|s| s.revision).ok(), Some(2));
+            (r.current().epoch.clone(), r.current().revision)
+        };
+        let mut r = Revisions::open(dir.path(), None).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((r.current().epoch.clone(), r.current().revision), (epoch, rev));
+        assert_eq!(r.advance(&topo(2), 0).map(|s| s.revision).ok(), Some(2), "same content after restart: no new revision");
+    }
+
+    #[test]
+    fn kubernetes_high_water_mark_is_a_floor() {
+        let mut r = Revisions::in_memory();
+        assert_eq!(r.advance(&topo(1), 5000).map(|s| s.revision).ok(), Some(5000));
+        assert_eq!(r.advance(&topo(2), 10).map(|s| s.revision).ok(), Some(5001));
+    }
+
+    #[test]
+    fn a_shared_epoch_replaces_a_stored_sequence_of_another_epoch() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        drop(Revisions::open(dir.path(), None).unwrap_or_else(|e| panic!("{e}")));
+        let r = Revisions::open(dir.path(), Some("kube-abc")).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(r.current().epoch, "kube-abc");
     }
 }

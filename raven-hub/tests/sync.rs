@@ -67,6 +67,7 @@ impl Env {
             sync: SyncConfig { heartbeat: Duration::from_secs(2), max_initial_syncs, ..Default::default() },
             debounce: Debounce { quiet: Duration::from_millis(20), max_delay: Duration::from_millis(200) },
             replica: "test".into(),
+            epoch: None,
         }
     }
 
