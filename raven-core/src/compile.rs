@@ -47,7 +47,9 @@ pub struct Compiled {
 /// manual's masked `47.xx.xx.xx`) is reported as an error and treated as
 /// unset, so the rest of the gateway keeps working. Every other validation
 /// error rejects the object, as Raven's webhook would.
-pub fn admit(gw: &v1beta1::Gateway) -> Result<(GatewayName, v1beta1::Gateway, Vec<Problem>), Vec<Problem>> {
+pub fn admit(
+    gw: &v1beta1::Gateway,
+) -> Result<(GatewayName, v1beta1::Gateway, Vec<Problem>), Vec<Problem>> {
     let mut gw = gw.clone();
     validate::set_defaults(&mut gw);
     let problems = validate::validate(&gw);
@@ -59,7 +61,14 @@ pub fn admit(gw: &v1beta1::Gateway) -> Result<(GatewayName, v1beta1::Gateway, Ve
     let raw = gw.metadata.name.clone().unwrap_or_default();
     GatewayName::new(raw.clone())
         .map(|n| (n, gw, forgiven))
-        .map_err(|e| vec![Problem::error(gateway_object(&raw), "metadata.name", raw, e.to_string())])
+        .map_err(|e| {
+            vec![Problem::error(
+                gateway_object(&raw),
+                "metadata.name",
+                raw,
+                e.to_string(),
+            )]
+        })
 }
 
 /// Compiles the cluster.
@@ -90,9 +99,15 @@ pub fn compile(inputs: &Inputs) -> Compiled {
     // Membership by label.
     let mut members_of: BTreeMap<&GatewayName, Vec<&ClusterNode>> = BTreeMap::new();
     for node in inputs.nodes.values() {
-        let Some(label) = &node.gateway_label else { continue };
+        let Some(label) = &node.gateway_label else {
+            continue;
+        };
         let key = GatewayName::new(label.clone()).ok();
-        match key.as_ref().and_then(|k| admitted.get_key_value(k)).map(|(k, _)| k) {
+        match key
+            .as_ref()
+            .and_then(|k| admitted.get_key_value(k))
+            .map(|(k, _)| k)
+        {
             Some(g) => members_of.entry(g).or_default().push(node),
             None if inputs.gateways.contains_key(label) => {} // invalid gateway, reported above
             None => problems.push(Problem::warning(
@@ -139,7 +154,10 @@ pub fn compile(inputs: &Inputs) -> Compiled {
     );
     for node in inputs.nodes.values() {
         let view = node_view(node, &views);
-        resources.insert(ResourceName::node(&node.name), Resource::new(ResourceBody::Node(view)));
+        resources.insert(
+            ResourceName::node(&node.name),
+            Resource::new(ResourceBody::Node(view)),
+        );
     }
     for view in views.values() {
         for cand in &view.tunnel_candidates {
@@ -154,17 +172,26 @@ pub fn compile(inputs: &Inputs) -> Compiled {
                 tunnel_port: report.tunnel_port,
                 observed_endpoint: report.observed_endpoint,
             };
-            resources.insert(ResourceName::peer(&cand.node), Resource::new(ResourceBody::Peer(peer)));
+            resources.insert(
+                ResourceName::peer(&cand.node),
+                Resource::new(ResourceBody::Peer(peer)),
+            );
         }
     }
     for (name, view) in views {
-        resources.insert(ResourceName::gateway(&name), Resource::new(ResourceBody::Gateway(view)));
+        resources.insert(
+            ResourceName::gateway(&name),
+            Resource::new(ResourceBody::Gateway(view)),
+        );
     }
 
     problems.sort();
     problems.dedup();
     Compiled {
-        topology: Topology { resources, problems },
+        topology: Topology {
+            resources,
+            problems,
+        },
         gateways: compiled,
     }
 }
@@ -218,11 +245,24 @@ fn compile_gateway(
         }
     }
     if members.is_empty() {
-        problems.push(Problem::warning(&obj, "", "", format!("no node carries the label {}={name}", api::LABEL_GATEWAY)));
+        problems.push(Problem::warning(
+            &obj,
+            "",
+            "",
+            format!("no node carries the label {}={name}", api::LABEL_GATEWAY),
+        ));
     } else if ready.is_empty() {
-        problems.push(Problem::warning(&obj, "", "", "none of its nodes is Ready; no endpoint is elected"));
+        problems.push(Problem::warning(
+            &obj,
+            "",
+            "",
+            "none of its nodes is Ready; no endpoint is elected",
+        ));
     }
-    if config.enable_l3_tunnel && spec.tunnel_config.replicas == 0 && spec.endpoints.iter().any(|e| e.type_ == v1beta1::TUNNEL) {
+    if config.enable_l3_tunnel
+        && spec.tunnel_config.replicas == 0
+        && spec.endpoints.iter().any(|e| e.type_ == v1beta1::TUNNEL)
+    {
         problems.push(Problem::warning(
             &obj,
             "spec.tunnelConfig.Replicas",
@@ -231,7 +271,11 @@ fn compile_gateway(
         ));
     }
 
-    let previous = gw.status.as_ref().map(|s| s.active_endpoints.as_slice()).unwrap_or(&[]);
+    let previous = gw
+        .status
+        .as_ref()
+        .map(|s| s.active_endpoints.as_slice())
+        .unwrap_or(&[]);
     let active = election::elect(spec, previous, &ready, config);
 
     // Extra allowed source CIDRs (annotation), as Raven attaches them to the
@@ -248,7 +292,10 @@ fn compile_gateway(
                 Ok(n) => extra.push(n.trunc()),
                 Err(_) => problems.push(Problem::warning(
                     &obj,
-                    format!("metadata.annotations[{}]", api::ANNOTATION_EXTRA_ALLOWED_SOURCE_CIDRS),
+                    format!(
+                        "metadata.annotations[{}]",
+                        api::ANNOTATION_EXTRA_ALLOWED_SOURCE_CIDRS
+                    ),
                     part,
                     "not a CIDR; ignored",
                 )),
@@ -280,7 +327,10 @@ fn compile_gateway(
         subnets.dedup();
         status_nodes.push(v1beta1::NodeInfo {
             node_name: node.name.to_string(),
-            private_ip: node.internal_ip.map(|ip| ip.to_string()).unwrap_or_default(),
+            private_ip: node
+                .internal_ip
+                .map(|ip| ip.to_string())
+                .unwrap_or_default(),
             subnets: subnets.iter().map(ToString::to_string).collect(),
         });
         match node.internal_ip {
@@ -318,7 +368,11 @@ fn compile_gateway(
         .filter(|e| e.type_ == v1beta1::TUNNEL && member_names.contains(e.node_name.as_str()));
     let (ready_eps, unready_eps): (Vec<_>, Vec<_>) =
         tunnel_eps.partition(|e| ready.contains(e.node_name.as_str()));
-    for ep in ready_eps.into_iter().chain(unready_eps).filter_map(endpoint) {
+    for ep in ready_eps
+        .into_iter()
+        .chain(unready_eps)
+        .filter_map(endpoint)
+    {
         if !tunnel_candidates.iter().any(|c| c.node == ep.node) {
             tunnel_candidates.push(ep);
         }
@@ -326,7 +380,9 @@ fn compile_gateway(
 
     // Extra CIDRs sit on the active tunnel node, as in Raven.
     if let Some(t) = &active_tunnel
-        && let Some(n) = status_nodes.iter_mut().find(|n| n.node_name == t.node.as_str())
+        && let Some(n) = status_nodes
+            .iter_mut()
+            .find(|n| n.node_name == t.node.as_str())
     {
         n.subnets.extend(extra.iter().map(ToString::to_string));
     }
@@ -372,7 +428,9 @@ struct Claims {
 
 impl Claims {
     fn insert(&mut self, net: IpNet, gw: &GatewayName, node: &NodeName) {
-        self.by_net.entry(net).or_insert_with(|| (gw.clone(), node.clone()));
+        self.by_net
+            .entry(net)
+            .or_insert_with(|| (gw.clone(), node.clone()));
     }
 
     /// A claim of another gateway that overlaps `net`: one that contains it
@@ -406,7 +464,11 @@ fn assign_relays(views: &mut BTreeMap<GatewayName, GatewayView>) {
     let relays: Vec<GatewayName> = views
         .values()
         .filter(|v| !v.under_nat)
-        .filter(|v| v.active_tunnel.as_ref().is_some_and(|t| t.public_ip.is_some()))
+        .filter(|v| {
+            v.active_tunnel
+                .as_ref()
+                .is_some_and(|t| t.public_ip.is_some())
+        })
         .map(|v| v.name.clone())
         .collect();
     for view in views.values_mut().filter(|v| v.under_nat) {
@@ -441,7 +503,8 @@ fn node_view(node: &ClusterNode, views: &BTreeMap<GatewayName, GatewayView>) -> 
             .map(|m| m.subnets.clone())
             .unwrap_or_default(),
         tunnel_active: gw.is_some_and(|g| is(&g.active_tunnel)),
-        tunnel_candidate: gw.is_some_and(|g| g.tunnel_candidates.iter().any(|c| c.node == node.name)),
+        tunnel_candidate: gw
+            .is_some_and(|g| g.tunnel_candidates.iter().any(|c| c.node == node.name)),
         proxy_active: gw.is_some_and(|g| g.active_proxies.iter().any(|p| p.node == node.name)),
     }
 }

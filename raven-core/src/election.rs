@@ -98,7 +98,10 @@ mod tests {
     fn spec(tunnel: i32, proxy: i32, endpoints: Vec<Endpoint>) -> GatewaySpec {
         GatewaySpec {
             tunnel_config: TunnelConfiguration { replicas: tunnel },
-            proxy_config: ProxyConfiguration { replicas: proxy, ..Default::default() },
+            proxy_config: ProxyConfiguration {
+                replicas: proxy,
+                ..Default::default()
+            },
             endpoints,
             ..Default::default()
         }
@@ -111,7 +114,9 @@ mod tests {
     };
 
     fn names(eps: &[Endpoint]) -> Vec<(String, String)> {
-        eps.iter().map(|e| (e.node_name.clone(), e.type_.clone())).collect()
+        eps.iter()
+            .map(|e| (e.node_name.clone(), e.type_.clone()))
+            .collect()
     }
 
     fn set<'a>(xs: &[&'a str]) -> BTreeSet<&'a str> {
@@ -147,7 +152,11 @@ mod tests {
 
     #[test]
     fn active_endpoint_on_unready_node_is_replaced_in_spec_order() {
-        let s = spec(1, 0, vec![ep("n1", "tunnel"), ep("n2", "tunnel"), ep("n3", "tunnel")]);
+        let s = spec(
+            1,
+            0,
+            vec![ep("n1", "tunnel"), ep("n2", "tunnel"), ep("n3", "tunnel")],
+        );
         let got = elect(&s, &[ep("n1", "tunnel")], &set(&["n2", "n3"]), &BOTH);
         assert_eq!(names(&got), vec![("n2".into(), "tunnel".into())]);
     }
@@ -173,7 +182,12 @@ mod tests {
         let s = spec(
             1,
             2,
-            vec![ep("n3", "proxy"), ep("n2", "tunnel"), ep("n1", "proxy"), ep("n0", "tunnel")],
+            vec![
+                ep("n3", "proxy"),
+                ep("n2", "tunnel"),
+                ep("n1", "proxy"),
+                ep("n0", "tunnel"),
+            ],
         );
         let got = elect(&s, &[], &set(&["n0", "n1", "n2", "n3"]), &BOTH);
         assert_eq!(
@@ -203,7 +217,12 @@ mod tests {
     #[test]
     fn sticky_endpoints_beyond_replicas_are_dropped() {
         let s = spec(0, 1, vec![ep("n1", "proxy"), ep("n2", "proxy")]);
-        let got = elect(&s, &[ep("n2", "proxy"), ep("n1", "proxy")], &set(&["n1", "n2"]), &BOTH);
+        let got = elect(
+            &s,
+            &[ep("n2", "proxy"), ep("n1", "proxy")],
+            &set(&["n1", "n2"]),
+            &BOTH,
+        );
         assert_eq!(names(&got), vec![("n2".into(), "proxy".into())]);
     }
 
@@ -218,10 +237,22 @@ mod tests {
     fn raven_cfg_switches_gate_each_type() {
         let s = spec(1, 1, vec![ep("n1", "tunnel"), ep("n1", "proxy")]);
         let ready = set(&["n1"]);
-        let tunnel_only = RavenConfig { enable_l7_proxy: false, ..BOTH };
-        let proxy_only = RavenConfig { enable_l3_tunnel: false, ..BOTH };
-        assert_eq!(names(&elect(&s, &[], &ready, &tunnel_only)), vec![("n1".into(), "tunnel".into())]);
-        assert_eq!(names(&elect(&s, &[], &ready, &proxy_only)), vec![("n1".into(), "proxy".into())]);
+        let tunnel_only = RavenConfig {
+            enable_l7_proxy: false,
+            ..BOTH
+        };
+        let proxy_only = RavenConfig {
+            enable_l3_tunnel: false,
+            ..BOTH
+        };
+        assert_eq!(
+            names(&elect(&s, &[], &ready, &tunnel_only)),
+            vec![("n1".into(), "tunnel".into())]
+        );
+        assert_eq!(
+            names(&elect(&s, &[], &ready, &proxy_only)),
+            vec![("n1".into(), "proxy".into())]
+        );
         assert!(elect(&s, &[], &ready, &RavenConfig::default()).is_empty());
     }
 

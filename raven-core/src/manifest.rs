@@ -29,13 +29,19 @@ fn origin(file: &str, doc: usize) -> String {
 }
 
 fn text(v: &Value, k: &str) -> String {
-    v.get(k).and_then(Value::as_str).unwrap_or_default().to_owned()
+    v.get(k)
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned()
 }
 
 /// `Kind/name (file#doc)` when the document says what it is, else `file#doc`.
 fn describe(value: &Value, at: &str) -> String {
     let kind = text(value, "kind");
-    let name = value.get("metadata").map(|m| text(m, "name")).unwrap_or_default();
+    let name = value
+        .get("metadata")
+        .map(|m| text(m, "name"))
+        .unwrap_or_default();
     if kind.is_empty() || name.is_empty() {
         at.to_owned()
     } else {
@@ -85,7 +91,10 @@ impl Loader {
                                 &object,
                                 &r.path,
                                 &r.repeated,
-                                format!("key written twice with different values (first {:?}); this document is ignored", r.first),
+                                format!(
+                                    "key written twice with different values (first {:?}); this document is ignored",
+                                    r.first
+                                ),
                             )
                         };
                         self.problems.push(p);
@@ -95,7 +104,8 @@ impl Loader {
                     }
                 }
                 Err(e) => {
-                    self.problems.push(Problem::error(&at, "", "", format!("not valid YAML: {e}")));
+                    self.problems
+                        .push(Problem::error(&at, "", "", format!("not valid YAML: {e}")));
                     // After a syntax error the parser cannot find the next
                     // document boundary reliably; stop reading this file.
                     break;
@@ -107,7 +117,10 @@ impl Loader {
     fn load_value(&mut self, at: &str, value: Value) {
         let api_version = text(&value, "apiVersion");
         let kind = text(&value, "kind");
-        let name = value.get("metadata").map(|m| text(m, "name")).unwrap_or_default();
+        let name = value
+            .get("metadata")
+            .map(|m| text(m, "name"))
+            .unwrap_or_default();
         let object = describe(&value, at);
         match (api_version.as_str(), kind.as_str()) {
             ("raven.openyurt.io/v1beta1", "Gateway") => {
@@ -148,7 +161,10 @@ impl Loader {
                         ));
                         return;
                     }
-                    if self.first(format!("ConfigMap/{}/{}", api::CONFIG_NAMESPACE, api::CONFIG_NAME), at) {
+                    if self.first(
+                        format!("ConfigMap/{}/{}", api::CONFIG_NAMESPACE, api::CONFIG_NAME),
+                        at,
+                    ) {
                         self.inputs.config = RavenConfig::from_configmap(&cm);
                     }
                 }
@@ -159,11 +175,20 @@ impl Loader {
                         self.load_value(&format!("{at}.items[{j}]"), item.clone());
                     }
                 }
-                _ => self.problems.push(Problem::error(&object, "items", "", "a List needs an items array")),
+                _ => self.problems.push(Problem::error(
+                    &object,
+                    "items",
+                    "",
+                    "a List needs an items array",
+                )),
             },
             ("", _) | (_, "") => self.problems.push(Problem::error(
                 &object,
-                if api_version.is_empty() { "apiVersion" } else { "kind" },
+                if api_version.is_empty() {
+                    "apiVersion"
+                } else {
+                    "kind"
+                },
                 "",
                 "missing; cannot tell what this document is",
             )),
@@ -183,7 +208,12 @@ impl Loader {
             Err(e) => {
                 let path = e.path().to_string();
                 let field = if path == "." { String::new() } else { path };
-                self.problems.push(Problem::error(object, field, "", e.into_inner().to_string()));
+                self.problems.push(Problem::error(
+                    object,
+                    field,
+                    "",
+                    e.into_inner().to_string(),
+                ));
                 None
             }
         }
@@ -267,10 +297,23 @@ data: {enable-l3-tunnel: "true", enable-l7-proxy: "TRUE"}
         let b = &l.inputs.gateways["gw-b"];
         assert_eq!(b.spec.endpoints[0].type_, "tunnel");
         assert_eq!(b.spec.tunnel_config.replicas, 1);
-        let n1 = l.inputs.nodes.values().next().map(|n| (n.ready, n.internal_ip, n.pod_cidrs.clone()));
+        let n1 = l
+            .inputs
+            .nodes
+            .values()
+            .next()
+            .map(|n| (n.ready, n.internal_ip, n.pod_cidrs.clone()));
         assert_eq!(
             n1,
-            Some((true, Some("192.168.1.10".parse().unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into())), vec!["10.0.1.0/24".parse().unwrap_or_default()]))
+            Some((
+                true,
+                Some(
+                    "192.168.1.10"
+                        .parse()
+                        .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into())
+                ),
+                vec!["10.0.1.0/24".parse().unwrap_or_default()]
+            ))
         );
         assert!(l.inputs.config.enable_l3_tunnel && l.inputs.config.enable_l7_proxy);
     }
@@ -299,7 +342,9 @@ spec: {endpoints: []}
 
     #[test]
     fn a_key_repeated_with_the_same_value_is_a_warning_and_the_document_loads() {
-        let l = one("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: raven-cfg, namespace: kube-system}\ndata: {enable-l3-tunnel: \"true\", enable-l3-tunnel: \"true\"}\n");
+        let l = one(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: raven-cfg, namespace: kube-system}\ndata: {enable-l3-tunnel: \"true\", enable-l3-tunnel: \"true\"}\n",
+        );
         assert_eq!(l.problems.len(), 1);
         assert_eq!(l.problems[0].severity, crate::Severity::Warning);
         assert_eq!(l.problems[0].field, "data.enable-l3-tunnel");
@@ -327,7 +372,11 @@ data: {enable-l3-tunnel: "true"}
         assert_eq!(l.problems[0].object, "Gateway/gw-dup (m.yaml#1)");
         assert_eq!(l.problems[0].field, "spec.endpoints[0].type");
         assert_eq!(l.problems[0].value, "proxy");
-        assert!(l.problems[0].message.contains("\"tunnel\""), "{}", l.problems[0]);
+        assert!(
+            l.problems[0].message.contains("\"tunnel\""),
+            "{}",
+            l.problems[0]
+        );
         assert!(l.inputs.gateways.is_empty());
         assert!(l.inputs.config.enable_l3_tunnel);
     }
@@ -350,7 +399,9 @@ data: {enable-l3-tunnel: "true"}
 
     #[test]
     fn list_items_are_loaded() {
-        let l = one("apiVersion: v1\nkind: List\nitems:\n- {apiVersion: raven.openyurt.io/v1beta1, kind: Gateway, metadata: {name: gw-l}, spec: {}}\n");
+        let l = one(
+            "apiVersion: v1\nkind: List\nitems:\n- {apiVersion: raven.openyurt.io/v1beta1, kind: Gateway, metadata: {name: gw-l}, spec: {}}\n",
+        );
         assert_eq!(l.problems, vec![]);
         assert!(l.inputs.gateways.contains_key("gw-l"));
     }

@@ -113,8 +113,14 @@ mod tests {
     fn rejects_empty_uppercase_and_edge_dashes() {
         assert_eq!(NodeName::new(""), Err(NameError::Empty));
         assert!(matches!(NodeName::new("Node1"), Err(NameError::Invalid(_))));
-        assert!(matches!(GatewayName::new("-gw"), Err(NameError::Invalid(_))));
-        assert!(matches!(GatewayName::new("gw-"), Err(NameError::Invalid(_))));
+        assert!(matches!(
+            GatewayName::new("-gw"),
+            Err(NameError::Invalid(_))
+        ));
+        assert!(matches!(
+            GatewayName::new("gw-"),
+            Err(NameError::Invalid(_))
+        ));
         assert!(matches!(
             GatewayName::new("a".repeat(254)),
             Err(NameError::TooLong(_))

@@ -35,7 +35,12 @@ pub struct Problem {
 }
 
 impl Problem {
-    pub fn error(object: impl Into<String>, field: impl Into<String>, value: impl Into<String>, message: impl Into<String>) -> Self {
+    pub fn error(
+        object: impl Into<String>,
+        field: impl Into<String>,
+        value: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Self {
         Self {
             severity: Severity::Error,
             object: object.into(),
@@ -45,7 +50,12 @@ impl Problem {
         }
     }
 
-    pub fn warning(object: impl Into<String>, field: impl Into<String>, value: impl Into<String>, message: impl Into<String>) -> Self {
+    pub fn warning(
+        object: impl Into<String>,
+        field: impl Into<String>,
+        value: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Self {
         Self {
             severity: Severity::Warning,
             ..Self::error(object, field, value, message)
@@ -76,7 +86,12 @@ mod tests {
 
     #[test]
     fn display_names_object_field_and_value() {
-        let p = Problem::error("Gateway/gw-cloud", "spec.endpoints[0].publicIP", "47.xx.xx.xx", "must be an IP address");
+        let p = Problem::error(
+            "Gateway/gw-cloud",
+            "spec.endpoints[0].publicIP",
+            "47.xx.xx.xx",
+            "must be an IP address",
+        );
         assert_eq!(
             p.to_string(),
             r#"error: Gateway/gw-cloud: spec.endpoints[0].publicIP = "47.xx.xx.xx": must be an IP address"#

@@ -281,7 +281,11 @@ impl Topology {
     }
 
     pub fn node(&self, name: &NodeName) -> Option<&NodeView> {
-        match self.resources.get(&ResourceName::node(name)).map(|r| &r.body) {
+        match self
+            .resources
+            .get(&ResourceName::node(name))
+            .map(|r| &r.body)
+        {
             Some(ResourceBody::Node(n)) => Some(n),
             _ => None,
         }

@@ -6,8 +6,8 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use crate::api::v1beta1::{self, Gateway};
 use crate::api::LABEL_GATEWAY;
+use crate::api::v1beta1::{self, Gateway};
 use crate::names::{GatewayName, NodeName};
 use crate::problem::Problem;
 
@@ -61,7 +61,12 @@ pub fn validate(gw: &Gateway) -> Vec<Problem> {
     let obj = gateway_object(&raw_name);
     let mut errs = Vec::new();
     if let Err(e) = GatewayName::new(raw_name.clone()) {
-        errs.push(Problem::error(&obj, "metadata.name", &raw_name, e.to_string()));
+        errs.push(Problem::error(
+            &obj,
+            "metadata.name",
+            &raw_name,
+            e.to_string(),
+        ));
     }
     let spec = &gw.spec;
 
@@ -167,7 +172,12 @@ pub fn validate(gw: &Gateway) -> Vec<Problem> {
             if ep.node_name.is_empty() {
                 errs.push(Problem::error(&obj, f("nodeName"), "", "must not be empty"));
             } else if let Err(e) = NodeName::new(ep.node_name.clone()) {
-                errs.push(Problem::error(&obj, f("nodeName"), &ep.node_name, e.to_string()));
+                errs.push(Problem::error(
+                    &obj,
+                    f("nodeName"),
+                    &ep.node_name,
+                    e.to_string(),
+                ));
             }
             if !(1..=65535).contains(&ep.port) {
                 errs.push(Problem::error(
@@ -221,7 +231,11 @@ mod tests {
         });
         let ports: Vec<i32> = g.spec.endpoints.iter().map(|e| e.port).collect();
         assert_eq!(ports, vec![4500, 10262, 0]);
-        let labels = g.spec.node_selector.and_then(|s| s.match_labels).unwrap_or_default();
+        let labels = g
+            .spec
+            .node_selector
+            .and_then(|s| s.match_labels)
+            .unwrap_or_default();
         assert_eq!(labels.get(LABEL_GATEWAY).map(String::as_str), Some("gw-a"));
     }
 
@@ -229,7 +243,10 @@ mod tests {
     fn explicit_port_is_kept() {
         let mut e = ep("n1", "tunnel");
         e.port = 4501;
-        let g = gw(GatewaySpec { endpoints: vec![e], ..Default::default() });
+        let g = gw(GatewaySpec {
+            endpoints: vec![e],
+            ..Default::default()
+        });
         assert_eq!(g.spec.endpoints[0].port, 4501);
     }
 
@@ -237,7 +254,10 @@ mod tests {
     fn valid_gateway_has_no_problems() {
         let g = gw(GatewaySpec {
             tunnel_config: TunnelConfiguration { replicas: 1 },
-            proxy_config: ProxyConfiguration { replicas: 1, ..Default::default() },
+            proxy_config: ProxyConfiguration {
+                replicas: 1,
+                ..Default::default()
+            },
             endpoints: vec![ep("n1", "tunnel"), ep("n1", "proxy")],
             ..Default::default()
         });
@@ -256,7 +276,10 @@ mod tests {
     #[test]
     fn proxy_replicas_above_proxy_endpoint_count_is_rejected() {
         let g = gw(GatewaySpec {
-            proxy_config: ProxyConfiguration { replicas: 2, ..Default::default() },
+            proxy_config: ProxyConfiguration {
+                replicas: 2,
+                ..Default::default()
+            },
             endpoints: vec![ep("n1", "proxy"), ep("n2", "tunnel")],
             ..Default::default()
         });
@@ -271,7 +294,10 @@ mod tests {
     fn mixed_under_nat_is_rejected_at_the_differing_endpoint() {
         let mut e2 = ep("n2", "tunnel");
         e2.under_nat = true;
-        let g = gw(GatewaySpec { endpoints: vec![ep("n1", "tunnel"), e2], ..Default::default() });
+        let g = gw(GatewaySpec {
+            endpoints: vec![ep("n1", "tunnel"), e2],
+            ..Default::default()
+        });
         assert_eq!(fields(&g), vec!["spec.endpoints[1].underNAT"]);
     }
 
@@ -279,7 +305,10 @@ mod tests {
     fn masked_public_ip_is_rejected_with_its_value() {
         let mut e = ep("n1", "tunnel");
         e.public_ip = "47.xxx.xxx.xxx".into();
-        let g = gw(GatewaySpec { endpoints: vec![e], ..Default::default() });
+        let g = gw(GatewaySpec {
+            endpoints: vec![e],
+            ..Default::default()
+        });
         let p = validate(&g);
         assert_eq!(p.len(), 1);
         assert_eq!(p[0].object, "Gateway/gw-a");
@@ -323,13 +352,20 @@ mod tests {
         e.port = 70000;
         e.public_port = -1;
         let g = gw(GatewaySpec {
-            proxy_config: ProxyConfiguration { replicas: -1, ..Default::default() },
+            proxy_config: ProxyConfiguration {
+                replicas: -1,
+                ..Default::default()
+            },
             endpoints: vec![e],
             ..Default::default()
         });
         assert_eq!(
             fields(&g),
-            vec!["spec.proxyConfig.Replicas", "spec.endpoints[0].port", "spec.endpoints[0].publicPort"]
+            vec![
+                "spec.proxyConfig.Replicas",
+                "spec.endpoints[0].port",
+                "spec.endpoints[0].publicPort"
+            ]
         );
     }
 }

@@ -44,7 +44,10 @@ pub fn view_names(topology: &Topology, node: &NodeName) -> Vec<ResourceName> {
 }
 
 /// The resources `node` receives.
-pub fn node_view<'a>(topology: &'a Topology, node: &NodeName) -> BTreeMap<ResourceName, &'a Resource> {
+pub fn node_view<'a>(
+    topology: &'a Topology,
+    node: &NodeName,
+) -> BTreeMap<ResourceName, &'a Resource> {
     view_names(topology, node)
         .into_iter()
         .filter_map(|n| topology.resources.get(&n).map(|r| (n, r)))

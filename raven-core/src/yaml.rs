@@ -27,9 +27,15 @@ impl RepeatedKey {
 
 /// Reads one document into a `Value`, collecting repeated keys instead of
 /// failing on them. The first occurrence of a key wins.
-pub fn read_document<'de, D: Deserializer<'de>>(d: D) -> Result<(Value, Vec<RepeatedKey>), D::Error> {
+pub fn read_document<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<(Value, Vec<RepeatedKey>), D::Error> {
     let repeats = RefCell::new(Vec::new());
-    let value = Seed { path: String::new(), repeats: &repeats }.deserialize(d)?;
+    let value = Seed {
+        path: String::new(),
+        repeats: &repeats,
+    }
+    .deserialize(d)?;
     Ok((value, repeats.into_inner()))
 }
 
@@ -45,14 +51,19 @@ impl Seed<'_> {
         } else {
             format!("{}.{segment}", self.path)
         };
-        Seed { path, repeats: self.repeats }
+        Seed {
+            path,
+            repeats: self.repeats,
+        }
     }
 }
 
 fn show(v: &Value) -> String {
     match v {
         Value::String(s) => s.clone(),
-        other => serde_yaml_ng::to_string(other).map(|s| s.trim_end().to_owned()).unwrap_or_default(),
+        other => serde_yaml_ng::to_string(other)
+            .map(|s| s.trim_end().to_owned())
+            .unwrap_or_default(),
     }
 }
 
@@ -142,7 +153,10 @@ mod tests {
         assert_eq!(r.len(), 1);
         assert_eq!(r[0].path, "spec.endpoints[0].port");
         assert!(r[0].is_harmless());
-        assert_eq!(v["spec"]["endpoints"][0]["port"], Value::Number(4500.into()));
+        assert_eq!(
+            v["spec"]["endpoints"][0]["port"],
+            Value::Number(4500.into())
+        );
     }
 
     #[test]
@@ -150,7 +164,11 @@ mod tests {
         let (_, r) = read("type: tunnel\ntype: proxy\n");
         assert_eq!(
             r,
-            vec![RepeatedKey { path: "type".into(), first: "tunnel".into(), repeated: "proxy".into() }]
+            vec![RepeatedKey {
+                path: "type".into(),
+                first: "tunnel".into(),
+                repeated: "proxy".into()
+            }]
         );
         assert!(!r[0].is_harmless());
     }

@@ -18,8 +18,12 @@ fn read_yaml_dir(dir: &Path) -> Vec<(String, String)> {
     files
         .into_iter()
         .map(|p| {
-            let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            let text = fs::read_to_string(&p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()));
+            let name = p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let text =
+                fs::read_to_string(&p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()));
             (name, text)
         })
         .collect()
@@ -34,20 +38,36 @@ fn compile_dir(dir: &Path) -> String {
 }
 
 fn check(case: &str, dir: &Path) {
-    let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(case).join("topology.json");
+    let golden = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(case)
+        .join("topology.json");
     let got = compile_dir(dir);
     if std::env::var_os("UPDATE_GOLDEN").is_some() {
         fs::create_dir_all(golden.parent().unwrap_or(Path::new("."))).ok();
         fs::write(&golden, &got).unwrap_or_else(|e| panic!("write {}: {e}", golden.display()));
         return;
     }
-    let want = fs::read_to_string(&golden)
-        .unwrap_or_else(|e| panic!("read {}: {e} (run with UPDATE_GOLDEN=1 to create it)", golden.display()));
-    pretty_assertions::assert_eq!(want, got, "golden {case} differs; UPDATE_GOLDEN=1 rewrites it");
+    let want = fs::read_to_string(&golden).unwrap_or_else(|e| {
+        panic!(
+            "read {}: {e} (run with UPDATE_GOLDEN=1 to create it)",
+            golden.display()
+        )
+    });
+    pretty_assertions::assert_eq!(
+        want,
+        got,
+        "golden {case} differs; UPDATE_GOLDEN=1 rewrites it"
+    );
 }
 
 fn case(name: &str) {
-    check(name, &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(name));
+    check(
+        name,
+        &Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/golden")
+            .join(name),
+    );
 }
 
 #[test]

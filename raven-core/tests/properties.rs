@@ -5,7 +5,9 @@
 use std::collections::BTreeMap;
 
 use proptest::prelude::*;
-use raven_core::api::v1beta1::{Endpoint, Gateway, GatewaySpec, GatewayStatus, ProxyConfiguration, TunnelConfiguration};
+use raven_core::api::v1beta1::{
+    Endpoint, Gateway, GatewaySpec, GatewayStatus, ProxyConfiguration, TunnelConfiguration,
+};
 use raven_core::{compile, manifest, view};
 
 #[derive(Debug, Clone)]
@@ -26,7 +28,11 @@ fn gateway(i: usize, nodes: &[NodeSpec], nat: bool, active: Option<usize>) -> Ga
                 node_name: n.name.clone(),
                 type_: t.into(),
                 under_nat: nat,
-                public_ip: if nat { String::new() } else { format!("192.0.2.{}", n.ip) },
+                public_ip: if nat {
+                    String::new()
+                } else {
+                    format!("192.0.2.{}", n.ip)
+                },
                 ..Default::default()
             })
         })
@@ -35,20 +41,28 @@ fn gateway(i: usize, nodes: &[NodeSpec], nat: bool, active: Option<usize>) -> Ga
         &format!("gw-{i}"),
         GatewaySpec {
             tunnel_config: TunnelConfiguration { replicas: 1 },
-            proxy_config: ProxyConfiguration { replicas: 1, ..Default::default() },
+            proxy_config: ProxyConfiguration {
+                replicas: 1,
+                ..Default::default()
+            },
             endpoints: endpoints.clone(),
             ..Default::default()
         },
     );
-    gw.status = active.and_then(|a| endpoints.get(a % endpoints.len().max(1)).cloned()).map(|ep| GatewayStatus {
-        active_endpoints: vec![ep],
-        ..Default::default()
-    });
+    gw.status = active
+        .and_then(|a| endpoints.get(a % endpoints.len().max(1)).cloned())
+        .map(|ep| GatewayStatus {
+            active_endpoints: vec![ep],
+            ..Default::default()
+        });
     gw
 }
 
 fn node_yaml(n: &NodeSpec) -> String {
-    let label = n.gateway.map(|g| format!("labels: {{raven.openyurt.io/gateway: gw-{g}}}")).unwrap_or_default();
+    let label = n
+        .gateway
+        .map(|g| format!("labels: {{raven.openyurt.io/gateway: gw-{g}}}"))
+        .unwrap_or_default();
     format!(
         "apiVersion: v1\nkind: Node\nmetadata: {{name: {}, {label}}}\nspec: {{podCIDR: 10.{}.0.0/16}}\nstatus:\n  conditions: [{{type: Ready, status: \"{}\"}}]\n  addresses: [{{type: InternalIP, address: 172.16.0.{}}}]\n",
         n.name,

@@ -100,7 +100,11 @@ impl Agents {
                 last_seen: e.last_seen.map(ts),
                 acked_epoch: e.acked.as_ref().map(|a| a.0.clone()).unwrap_or_default(),
                 acked_revision: e.acked.as_ref().map(|a| a.1).unwrap_or_default(),
-                applied_epoch: e.applied.as_ref().map(|a| a.epoch.clone()).unwrap_or_default(),
+                applied_epoch: e
+                    .applied
+                    .as_ref()
+                    .map(|a| a.epoch.clone())
+                    .unwrap_or_default(),
                 applied_revision: e.applied.as_ref().map(|a| a.revision).unwrap_or_default(),
                 applied_success: e.applied.as_ref().is_some_and(|a| a.success),
                 applied_error: e.applied.as_ref().and_then(|a| a.error.clone()),
@@ -111,13 +115,24 @@ impl Agents {
                     error: n.error.clone(),
                     at: Some(ts(*at)),
                 }),
-                wireguard_public_key: e.report.as_ref().and_then(|r| r.wireguard_public_key.clone()),
-                peers: e.report.as_ref().map(|r| r.peers.clone()).unwrap_or_default(),
+                wireguard_public_key: e
+                    .report
+                    .as_ref()
+                    .and_then(|r| r.wireguard_public_key.clone()),
+                peers: e
+                    .report
+                    .as_ref()
+                    .map(|r| r.peers.clone())
+                    .unwrap_or_default(),
                 agent_version: e.agent_version.clone(),
                 capabilities: e.capabilities.clone(),
                 protocol_version: e.protocol_version,
                 remote_address: e.remote_address.clone(),
-                local_failover: e.report.as_ref().map(|r| r.local_failover.clone()).unwrap_or_default(),
+                local_failover: e
+                    .report
+                    .as_ref()
+                    .map(|r| r.local_failover.clone())
+                    .unwrap_or_default(),
             })
             .collect()
     }

@@ -93,10 +93,17 @@ impl Args {
     pub fn run(self) -> anyhow::Result<std::process::ExitCode> {
         match self.command {
             Command::Serve(args) => serve(*args),
-            Command::Certs { out, hub_names, nodes } => {
+            Command::Certs {
+                out,
+                hub_names,
+                nodes,
+            } => {
                 let nodes = nodes
                     .iter()
-                    .map(|n| raven_core::NodeName::new(n.clone()).map_err(|e| anyhow::anyhow!("--node {n:?}: {e}")))
+                    .map(|n| {
+                        raven_core::NodeName::new(n.clone())
+                            .map_err(|e| anyhow::anyhow!("--node {n:?}: {e}"))
+                    })
                     .collect::<anyhow::Result<Vec<_>>>()?;
                 let layout = crate::certs::generate(&out, &hub_names, &nodes)?;
                 println!("wrote certificates to {}", layout.dir.display());
@@ -135,7 +142,9 @@ fn compile(dir: Option<&std::path::Path>, strict: bool) -> anyhow::Result<std::p
 pub fn init_tracing(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
         builder.json().init();
     } else {
@@ -145,9 +154,13 @@ pub fn init_tracing(json: bool) {
 
 fn serve(args: ServeArgs) -> anyhow::Result<std::process::ExitCode> {
     init_tracing(args.log_json);
-    let layout = crate::certs::Layout { dir: args.certs.clone() };
+    let layout = crate::certs::Layout {
+        dir: args.certs.clone(),
+    };
     let source = if args.kubernetes {
-        crate::hub::Source::Kubernetes { kubeconfig: args.kubeconfig.clone() }
+        crate::hub::Source::Kubernetes {
+            kubeconfig: args.kubeconfig.clone(),
+        }
     } else if let Some(dir) = &args.manifests {
         crate::hub::Source::Manifests(dir.clone())
     } else {
@@ -171,7 +184,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<std::process::ExitCode> {
         },
         debounce: crate::pipeline::Debounce::default(),
         replica: std::env::var("HOSTNAME").unwrap_or_else(|_| "raven-hub".to_owned()),
-        epoch: args.epoch.clone().or_else(|| args.kubernetes.then(|| "kubernetes".to_owned())),
+        epoch: args
+            .epoch
+            .clone()
+            .or_else(|| args.kubernetes.then(|| "kubernetes".to_owned())),
     };
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
@@ -191,13 +207,14 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}

@@ -10,11 +10,11 @@ use std::io::Write;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
+use raven_core::NodeName;
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, SanType,
 };
-use raven_core::NodeName;
 
 /// Prefix of the subject CN of a node certificate.
 pub const NODE_CN_PREFIX: &str = "system:node:";
@@ -24,9 +24,15 @@ pub enum CertError {
     #[error("generating {what}: {source}")]
     Generate { what: String, source: rcgen::Error },
     #[error("writing {path}: {source}")]
-    Write { path: PathBuf, source: std::io::Error },
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("reading {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: not a usable CA ({source})")]
     BadCa { path: PathBuf, source: rcgen::Error },
 }
@@ -59,11 +65,17 @@ impl Layout {
 }
 
 fn gen_err(what: &str) -> impl FnOnce(rcgen::Error) -> CertError + '_ {
-    move |source| CertError::Generate { what: what.to_owned(), source }
+    move |source| CertError::Generate {
+        what: what.to_owned(),
+        source,
+    }
 }
 
 fn write(path: &Path, contents: &str, private: bool) -> Result<(), CertError> {
-    let err = |source| CertError::Write { path: path.to_owned(), source };
+    let err = |source| CertError::Write {
+        path: path.to_owned(),
+        source,
+    };
     let mut opts = fs::OpenOptions::new();
     opts.write(true).create(true).truncate(true);
     #[cfg(unix)]
@@ -78,38 +90,57 @@ fn write(path: &Path, contents: &str, private: bool) -> Result<(), CertError> {
 }
 
 fn read(path: &Path) -> Result<String, CertError> {
-    fs::read_to_string(path).map_err(|source| CertError::Read { path: path.to_owned(), source })
+    fs::read_to_string(path).map_err(|source| CertError::Read {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 /// Creates (or reuses, when `dir` already holds one) a CA, then writes a hub
 /// certificate valid for `hub_names` (DNS names or IP addresses) and a client
 /// certificate for every node.
 pub fn generate(dir: &Path, hub_names: &[String], nodes: &[NodeName]) -> Result<Layout, CertError> {
-    let layout = Layout { dir: dir.to_owned() };
-    fs::create_dir_all(dir).map_err(|source| CertError::Write { path: dir.to_owned(), source })?;
+    let layout = Layout {
+        dir: dir.to_owned(),
+    };
+    fs::create_dir_all(dir).map_err(|source| CertError::Write {
+        path: dir.to_owned(),
+        source,
+    })?;
 
     let (ca_key, ca_pem) = if layout.ca_cert().exists() && layout.ca_key().exists() {
-        let key = KeyPair::from_pem(&read(&layout.ca_key())?)
-            .map_err(|source| CertError::BadCa { path: layout.ca_key(), source })?;
+        let key =
+            KeyPair::from_pem(&read(&layout.ca_key())?).map_err(|source| CertError::BadCa {
+                path: layout.ca_key(),
+                source,
+            })?;
         (key, read(&layout.ca_cert())?)
     } else {
         let key = KeyPair::generate().map_err(gen_err("CA key"))?;
         let mut params = CertificateParams::new(Vec::<String>::new()).map_err(gen_err("CA"))?;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, "raven CA");
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "raven CA");
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let cert = params.self_signed(&key).map_err(gen_err("CA certificate"))?;
+        let cert = params
+            .self_signed(&key)
+            .map_err(gen_err("CA certificate"))?;
         write(&layout.ca_key(), &key.serialize_pem(), true)?;
         write(&layout.ca_cert(), &cert.pem(), false)?;
         (key, cert.pem())
     };
-    let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key)
-        .map_err(|source| CertError::BadCa { path: layout.ca_cert(), source })?;
+    let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key).map_err(|source| CertError::BadCa {
+        path: layout.ca_cert(),
+        source,
+    })?;
 
     // Hub server certificate.
     let key = KeyPair::generate().map_err(gen_err("hub key"))?;
     let mut params = CertificateParams::new(Vec::<String>::new()).map_err(gen_err("hub"))?;
-    params.distinguished_name.push(DnType::CommonName, "raven-hub");
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "raven-hub");
     for name in hub_names {
         let san = match name.parse::<IpAddr>() {
             Ok(ip) => SanType::IpAddress(ip),
@@ -118,7 +149,9 @@ pub fn generate(dir: &Path, hub_names: &[String], nodes: &[NodeName]) -> Result<
         params.subject_alt_names.push(san);
     }
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    let cert = params.signed_by(&key, &issuer).map_err(gen_err("hub certificate"))?;
+    let cert = params
+        .signed_by(&key, &issuer)
+        .map_err(gen_err("hub certificate"))?;
     write(&layout.hub_key(), &key.serialize_pem(), true)?;
     write(&layout.hub_cert(), &cert.pem(), false)?;
 
@@ -128,9 +161,13 @@ pub fn generate(dir: &Path, hub_names: &[String], nodes: &[NodeName]) -> Result<
         params
             .distinguished_name
             .push(DnType::CommonName, format!("{NODE_CN_PREFIX}{node}"));
-        params.distinguished_name.push(DnType::OrganizationName, "system:nodes");
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, "system:nodes");
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        let cert = params.signed_by(&key, &issuer).map_err(gen_err("node certificate"))?;
+        let cert = params
+            .signed_by(&key, &issuer)
+            .map_err(gen_err("node certificate"))?;
         write(&layout.node_key(node), &key.serialize_pem(), true)?;
         write(&layout.node_cert(node), &cert.pem(), false)?;
     }
@@ -179,16 +216,25 @@ mod tests {
     fn node_certificate_names_its_node_and_hub_certificate_names_none() {
         let dir = std::env::temp_dir().join(format!("raven-certs-{}", std::process::id()));
         let node = NodeName::new("edge-1").unwrap_or_else(|_| unreachable!());
-        let layout = generate(&dir, &["localhost".into(), "127.0.0.1".into()], std::slice::from_ref(&node))
-            .unwrap_or_else(|e| panic!("{e}"));
+        let layout = generate(
+            &dir,
+            &["localhost".into(), "127.0.0.1".into()],
+            std::slice::from_ref(&node),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
         let der = pem_to_der(&read(&layout.node_cert(&node)).unwrap_or_default());
         assert_eq!(node_identity(&der), Ok(node));
         let hub = pem_to_der(&read(&layout.hub_cert()).unwrap_or_default());
-        assert_eq!(node_identity(&hub), Err(IdentityError::NotANode("raven-hub".into())));
+        assert_eq!(
+            node_identity(&hub),
+            Err(IdentityError::NotANode("raven-hub".into()))
+        );
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let mode = fs::metadata(layout.ca_key()).map(|m| m.permissions().mode()).unwrap_or(0);
+            let mode = fs::metadata(layout.ca_key())
+                .map(|m| m.permissions().mode())
+                .unwrap_or(0);
             assert_eq!(mode & 0o777, 0o600);
         }
         // Running again reuses the CA.

@@ -5,9 +5,18 @@
 /// The example manifests as `(file name, contents)`.
 pub fn user_manual() -> Vec<(String, String)> {
     [
-        ("gateways.yaml", include_str!("../../deploy/examples/user-manual/gateways.yaml")),
-        ("nodes.yaml", include_str!("../../deploy/examples/user-manual/nodes.yaml")),
-        ("raven-cfg.yaml", include_str!("../../deploy/examples/user-manual/raven-cfg.yaml")),
+        (
+            "gateways.yaml",
+            include_str!("../../deploy/examples/user-manual/gateways.yaml"),
+        ),
+        (
+            "nodes.yaml",
+            include_str!("../../deploy/examples/user-manual/nodes.yaml"),
+        ),
+        (
+            "raven-cfg.yaml",
+            include_str!("../../deploy/examples/user-manual/raven-cfg.yaml"),
+        ),
     ]
     .into_iter()
     .map(|(n, t)| (n.to_owned(), t.to_owned()))

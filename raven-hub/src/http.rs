@@ -30,19 +30,33 @@ async fn healthz() -> &'static str {
 async fn readyz(State(s): State<AppState>) -> (StatusCode, String) {
     let p = s.published.borrow().clone();
     if p.ready {
-        (StatusCode::OK, format!("ready: epoch {} revision {}\n", p.epoch, p.revision))
+        (
+            StatusCode::OK,
+            format!("ready: epoch {} revision {}\n", p.epoch, p.revision),
+        )
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "sources not synced yet\n".to_owned())
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "sources not synced yet\n".to_owned(),
+        )
     }
 }
 
 /// Serves the endpoint on `listener` until `shutdown`.
-pub async fn serve(listener: TcpListener, metrics_: Metrics, published: PublishedRx, shutdown: CancellationToken) -> std::io::Result<()> {
+pub async fn serve(
+    listener: TcpListener,
+    metrics_: Metrics,
+    published: PublishedRx,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .with_state(AppState { metrics: metrics_, published });
+        .with_state(AppState {
+            metrics: metrics_,
+            published,
+        });
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await

@@ -78,7 +78,10 @@ pub enum StartError {
     #[error(transparent)]
     Revision(#[from] crate::revision::RevisionError),
     #[error("binding the HTTP endpoint {addr}: {source}")]
-    Http { addr: SocketAddr, source: std::io::Error },
+    Http {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Manifests(#[from] manifests::ManifestDirError),
     #[error("Kubernetes client: {0}")]
@@ -97,10 +100,23 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
         None => Revisions::in_memory(),
     };
     let listeners = Listeners::bind(config.grpc_addr, config.plaintext_addr).await?;
-    let grpc_addr = listeners.grpc.local_addr().map_err(|source| grpc::ServeError::Bind { addr: config.grpc_addr, source })?;
-    let plaintext_addr = listeners.plaintext.as_ref().and_then(|l| l.local_addr().ok());
+    let grpc_addr = listeners
+        .grpc
+        .local_addr()
+        .map_err(|source| grpc::ServeError::Bind {
+            addr: config.grpc_addr,
+            source,
+        })?;
+    let plaintext_addr = listeners
+        .plaintext
+        .as_ref()
+        .and_then(|l| l.local_addr().ok());
     let http = match config.http_addr {
-        Some(addr) => Some(crate::http::bind(addr).await.map_err(|source| StartError::Http { addr, source })?),
+        Some(addr) => Some(
+            crate::http::bind(addr)
+                .await
+                .map_err(|source| StartError::Http { addr, source })?,
+        ),
         None => None,
     };
     let http_addr = http.as_ref().and_then(|l| l.local_addr().ok());
@@ -128,7 +144,13 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
         });
     }
 
-    let shared = SyncShared::new(published.clone(), index.clone(), agents.clone(), metrics.clone(), config.sync.clone());
+    let shared = SyncShared::new(
+        published.clone(),
+        index.clone(),
+        agents.clone(),
+        metrics.clone(),
+        config.sync.clone(),
+    );
     {
         let shutdown = shutdown.clone();
         let tls = config.tls.clone();
@@ -173,10 +195,18 @@ fn load_into(index: &IndexHandle, loaded: raven_core::manifest::Loaded) {
     });
 }
 
-async fn spawn_source(tasks: &mut JoinSet<()>, source: &Source, index: &IndexHandle, shutdown: &CancellationToken) -> Result<(), StartError> {
+async fn spawn_source(
+    tasks: &mut JoinSet<()>,
+    source: &Source,
+    index: &IndexHandle,
+    shutdown: &CancellationToken,
+) -> Result<(), StartError> {
     match source {
         Source::Embedded => {
-            load_into(index, raven_core::manifest::load(&crate::embedded::user_manual()));
+            load_into(
+                index,
+                raven_core::manifest::load(&crate::embedded::user_manual()),
+            );
         }
         Source::Manifests(dir) => {
             let mut watcher = manifests::DirSource::new(dir.clone());
@@ -208,7 +238,9 @@ async fn spawn_source(tasks: &mut JoinSet<()>, source: &Source, index: &IndexHan
         Source::Kubernetes { kubeconfig } => {
             // KUBE-SOURCE: wired once sources::kube lands.
             let _ = (kubeconfig, tasks, shutdown);
-            return Err(StartError::Kube("the Kubernetes source is not wired yet".into()));
+            return Err(StartError::Kube(
+                "the Kubernetes source is not wired yet".into(),
+            ));
         }
     }
     Ok(())

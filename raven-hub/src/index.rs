@@ -65,7 +65,8 @@ impl Index {
             Err(mut problems) => {
                 if entry.good.is_some() {
                     for p in &mut problems {
-                        p.message.push_str("; serving the last valid version of this Gateway");
+                        p.message
+                            .push_str("; serving the last valid version of this Gateway");
                     }
                 }
                 entry.problems = problems;
@@ -80,7 +81,8 @@ impl Index {
     /// Replaces all gateways (a relist). Last good versions of gateways that
     /// are still present are kept.
     pub fn reset_gateways(&mut self, gws: Vec<Gateway>) {
-        let present: BTreeSet<String> = gws.iter().filter_map(|g| g.metadata.name.clone()).collect();
+        let present: BTreeSet<String> =
+            gws.iter().filter_map(|g| g.metadata.name.clone()).collect();
         self.gateways.retain(|name, _| present.contains(name));
         for gw in gws {
             self.apply_gateway(gw);
@@ -216,7 +218,11 @@ mod tests {
         assert_eq!(inputs.gateways["gw-a"].spec.tunnel_config.replicas, 1);
         assert_eq!(problems.len(), 1);
         assert_eq!(problems[0].field, "spec.tunnelConfig.Replicas");
-        assert!(problems[0].message.contains("serving the last valid version"));
+        assert!(
+            problems[0]
+                .message
+                .contains("serving the last valid version")
+        );
     }
 
     #[test]
@@ -270,7 +276,10 @@ impl IndexHandle {
     /// Runs `f` on the index and wakes the pipeline.
     pub fn update<R>(&self, f: impl FnOnce(&mut Index) -> R) -> R {
         let r = {
-            let mut idx = self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut idx = self
+                .inner
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             f(&mut idx)
         };
         self.changed.notify_one();
@@ -279,7 +288,10 @@ impl IndexHandle {
 
     /// Reads the index without waking anyone.
     pub fn read<R>(&self, f: impl FnOnce(&Index) -> R) -> R {
-        let idx = self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let idx = self
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         f(&idx)
     }
 

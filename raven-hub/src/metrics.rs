@@ -41,7 +41,11 @@ impl Metrics {
         let pushes = Counter::default();
         registry.register("pushes", "Updates sent to agents", pushes.clone());
         let pushed_resources = Counter::default();
-        registry.register("pushed_resources", "Resources sent to agents", pushed_resources.clone());
+        registry.register(
+            "pushed_resources",
+            "Resources sent to agents",
+            pushed_resources.clone(),
+        );
         let push_latency = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
         registry.register(
             "push_ack_seconds",
@@ -57,7 +61,11 @@ impl Metrics {
             admission_rejections.clone(),
         );
         let problems = Gauge::default();
-        registry.register("problems", "Problems in the current topology inputs", problems.clone());
+        registry.register(
+            "problems",
+            "Problems in the current topology inputs",
+            problems.clone(),
+        );
         Self {
             registry: Arc::new(registry),
             streams,
@@ -91,8 +99,10 @@ impl Metrics {
         self.admission_rejections.inc();
     }
     pub fn published(&self, revision: u64, problems: usize) {
-        self.revision.set(i64::try_from(revision).unwrap_or(i64::MAX));
-        self.problems.set(i64::try_from(problems).unwrap_or(i64::MAX));
+        self.revision
+            .set(i64::try_from(revision).unwrap_or(i64::MAX));
+        self.problems
+            .set(i64::try_from(problems).unwrap_or(i64::MAX));
     }
 
     /// The text exposition format.

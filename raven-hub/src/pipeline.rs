@@ -90,7 +90,10 @@ impl Pipeline {
         // them in the status the leader wrote; manifests have none, so the
         // hub's own last election stands in.
         for (name, gw) in &mut inputs.gateways {
-            let has_status = gw.status.as_ref().is_some_and(|s| !s.active_endpoints.is_empty());
+            let has_status = gw
+                .status
+                .as_ref()
+                .is_some_and(|s| !s.active_endpoints.is_empty());
             if has_status {
                 continue;
             }
@@ -118,7 +121,10 @@ impl Pipeline {
                     .get(name)
                     .filter(|old| old.version == r.version)
                     .and_then(|_| prev.encoded.get(name).cloned());
-                (name.clone(), reuse.unwrap_or_else(|| EncodedResource::new(name, r)))
+                (
+                    name.clone(),
+                    reuse.unwrap_or_else(|| EncodedResource::new(name, r)),
+                )
             })
             .collect();
         let next = Published {
@@ -154,7 +160,8 @@ impl Pipeline {
             }
             let started = tokio::time::Instant::now();
             loop {
-                let deadline = (started + self.debounce.max_delay).min(tokio::time::Instant::now() + self.debounce.quiet);
+                let deadline = (started + self.debounce.max_delay)
+                    .min(tokio::time::Instant::now() + self.debounce.quiet);
                 tokio::select! {
                     () = shutdown.cancelled() => return,
                     () = index.changed() => {

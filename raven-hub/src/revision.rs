@@ -103,7 +103,11 @@ impl Revisions {
     /// `floor` is the Kubernetes resourceVersion high-water mark (0 for
     /// manifests): a new revision is at least that, so hub replicas that
     /// share an epoch order the same cluster state alike.
-    pub fn advance(&mut self, topology: &Topology, floor: u64) -> Result<&RevisionState, RevisionError> {
+    pub fn advance(
+        &mut self,
+        topology: &Topology,
+        floor: u64,
+    ) -> Result<&RevisionState, RevisionError> {
         let versions: BTreeMap<ResourceName, ContentVersion> = topology
             .resources
             .iter()
@@ -132,8 +136,14 @@ mod tests {
 
     fn topo(port: u16) -> Topology {
         let mut t = Topology::default();
-        let body = ResourceBody::Settings(Settings { raven_cfg_present: true, enable_l3_tunnel: true, enable_l7_proxy: true, vxlan_port: port });
-        t.resources.insert(ResourceName::settings(), Resource::new(body));
+        let body = ResourceBody::Settings(Settings {
+            raven_cfg_present: true,
+            enable_l3_tunnel: true,
+            enable_l7_proxy: true,
+            vxlan_port: port,
+        });
+        t.resources
+            .insert(ResourceName::settings(), Resource::new(body));
         t
     }
 
@@ -148,14 +158,24 @@ mod tests {
             (r.current().epoch.clone(), r.current().revision)
         };
         let mut r = Revisions::open(dir.path(), None).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!((r.current().epoch.clone(), r.current().revision), (epoch, rev));
-        assert_eq!(r.advance(&topo(2), 0).map(|s| s.revision).ok(), Some(2), "same content after restart: no new revision");
+        assert_eq!(
+            (r.current().epoch.clone(), r.current().revision),
+            (epoch, rev)
+        );
+        assert_eq!(
+            r.advance(&topo(2), 0).map(|s| s.revision).ok(),
+            Some(2),
+            "same content after restart: no new revision"
+        );
     }
 
     #[test]
     fn kubernetes_high_water_mark_is_a_floor() {
         let mut r = Revisions::in_memory();
-        assert_eq!(r.advance(&topo(1), 5000).map(|s| s.revision).ok(), Some(5000));
+        assert_eq!(
+            r.advance(&topo(1), 5000).map(|s| s.revision).ok(),
+            Some(5000)
+        );
         assert_eq!(r.advance(&topo(2), 10).map(|s| s.revision).ok(), Some(5001));
     }
 

@@ -2,7 +2,10 @@
 
 #[test]
 fn checked_in_crd_matches_the_rust_types() {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/crds/raven.openyurt.io_gateways.yaml");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/crds/raven.openyurt.io_gateways.yaml"
+    );
     let want = raven_hub::crd::gateway_crd_yaml().unwrap_or_default();
     let have = std::fs::read_to_string(path).unwrap_or_default();
     assert!(

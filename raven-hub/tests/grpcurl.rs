@@ -37,12 +37,19 @@ fn grpcurl(addr: &str, flags: &[&str], args: &[&str]) -> String {
         .args(args)
         .output()
         .expect("run grpcurl");
-    assert!(out.status.success(), "grpcurl {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "grpcurl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).expect("utf-8")
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("port")
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("port")
 }
 
 #[test]
@@ -53,15 +60,34 @@ fn grpcurl_lists_describes_and_queries_a_running_hub() {
     let dir = tempfile::tempdir().expect("tempdir");
     let exe = env!("CARGO_BIN_EXE_raven-hub");
     let certs = dir.path().join("certs");
-    let st = Command::new(exe).args(["certs", "--out"]).arg(&certs).status().expect("certs");
+    let st = Command::new(exe)
+        .args(["certs", "--out"])
+        .arg(&certs)
+        .status()
+        .expect("certs");
     assert!(st.success());
     let plain = format!("127.0.0.1:{}", free_port());
     let child = Command::new(exe)
-        .args(["serve", "--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--plaintext-addr", &plain, "--certs"])
+        .args([
+            "serve",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--http-addr",
+            "127.0.0.1:0",
+            "--plaintext-addr",
+            &plain,
+            "--certs",
+        ])
         .arg(&certs)
         .arg("--data-dir")
         .arg(dir.path().join("data"))
-        .args(["--manifests", concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/examples/user-manual")])
+        .args([
+            "--manifests",
+            concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../deploy/examples/user-manual"
+            ),
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -69,24 +95,52 @@ fn grpcurl_lists_describes_and_queries_a_running_hub() {
     let _hub = Hub(child);
     let started = Instant::now();
     while std::net::TcpStream::connect(&plain).is_err() {
-        assert!(started.elapsed() < Duration::from_secs(20), "hub did not listen");
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "hub did not listen"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 
     let list = grpcurl(&plain, &[], &["list"]);
-    for svc in ["raven.v1.SyncService", "raven.v1.InspectService", "grpc.health.v1.Health"] {
+    for svc in [
+        "raven.v1.SyncService",
+        "raven.v1.InspectService",
+        "grpc.health.v1.Health",
+    ] {
         assert!(list.contains(svc), "list lacks {svc}: {list}");
     }
     let describe = grpcurl(&plain, &[], &["describe", "raven.v1.SyncService"]);
-    assert!(describe.contains("rpc Sync ( stream .raven.v1.SyncRequest ) returns ( stream .raven.v1.SyncResponse )"), "{describe}");
+    assert!(
+        describe.contains(
+            "rpc Sync ( stream .raven.v1.SyncRequest ) returns ( stream .raven.v1.SyncResponse )"
+        ),
+        "{describe}"
+    );
     let health = grpcurl(&plain, &[], &["grpc.health.v1.Health/Check"]);
     assert!(health.contains("SERVING"), "{health}");
     let topo = grpcurl(&plain, &[], &["raven.v1.InspectService/GetTopology"]);
     let v: serde_json::Value = serde_json::from_str(&topo).expect("json");
-    let names: Vec<&str> = v["resources"].as_array().expect("resources").iter().filter_map(|r| r["name"].as_str()).collect();
-    assert!(names.contains(&"gateway/gw-hangzhou") && names.contains(&"settings"), "{names:?}");
-    let view = grpcurl(&plain, &["-d", r#"{"node_name":"izbp15inok0kbfkg3in52sz"}"#], &["raven.v1.InspectService/GetNodeView"]);
+    let names: Vec<&str> = v["resources"]
+        .as_array()
+        .expect("resources")
+        .iter()
+        .filter_map(|r| r["name"].as_str())
+        .collect();
+    assert!(
+        names.contains(&"gateway/gw-hangzhou") && names.contains(&"settings"),
+        "{names:?}"
+    );
+    let view = grpcurl(
+        &plain,
+        &["-d", r#"{"node_name":"izbp15inok0kbfkg3in52sz"}"#],
+        &["raven.v1.InspectService/GetNodeView"],
+    );
     assert!(view.contains("node/izbp15inok0kbfkg3in52sz"), "{view}");
     let agents = grpcurl(&plain, &[], &["raven.v1.InspectService/ListAgents"]);
-    assert_eq!(agents.trim(), "{\n  \n}", "no agent has connected yet: {agents}");
+    assert_eq!(
+        agents.trim(),
+        "{\n  \n}",
+        "no agent has connected yet: {agents}"
+    );
 }

@@ -41,9 +41,16 @@ impl Env {
         for f in ["gateways.yaml", "nodes.yaml", "raven-cfg.yaml"] {
             std::fs::copy(example.join(f), manifests.join(f)).expect("copy example");
         }
-        let nodes: Vec<NodeName> = ALL_NODES.iter().map(|n| NodeName::new(*n).expect("name")).collect();
-        raven_hub::certs::generate(&dir.path().join("certs"), &["localhost".into(), "127.0.0.1".into()], &nodes)
-            .expect("certs");
+        let nodes: Vec<NodeName> = ALL_NODES
+            .iter()
+            .map(|n| NodeName::new(*n).expect("name"))
+            .collect();
+        raven_hub::certs::generate(
+            &dir.path().join("certs"),
+            &["localhost".into(), "127.0.0.1".into()],
+            &nodes,
+        )
+        .expect("certs");
         Self { dir }
     }
 
@@ -52,7 +59,9 @@ impl Env {
     }
 
     fn certs(&self) -> raven_hub::certs::Layout {
-        raven_hub::certs::Layout { dir: self.dir.path().join("certs") }
+        raven_hub::certs::Layout {
+            dir: self.dir.path().join("certs"),
+        }
     }
 
     fn config(&self, max_initial_syncs: usize) -> HubConfig {
@@ -62,10 +71,21 @@ impl Env {
             grpc_addr: "127.0.0.1:0".parse().expect("addr"),
             plaintext_addr: Some("127.0.0.1:0".parse().expect("addr")),
             http_addr: None,
-            tls: TlsFiles { cert: l.hub_cert(), key: l.hub_key(), client_ca: l.ca_cert() },
+            tls: TlsFiles {
+                cert: l.hub_cert(),
+                key: l.hub_key(),
+                client_ca: l.ca_cert(),
+            },
             data_dir: Some(self.dir.path().join("hub-data")),
-            sync: SyncConfig { heartbeat: Duration::from_secs(2), max_initial_syncs, ..Default::default() },
-            debounce: Debounce { quiet: Duration::from_millis(20), max_delay: Duration::from_millis(200) },
+            sync: SyncConfig {
+                heartbeat: Duration::from_secs(2),
+                max_initial_syncs,
+                ..Default::default()
+            },
+            debounce: Debounce {
+                quiet: Duration::from_millis(20),
+                max_delay: Duration::from_millis(200),
+            },
             replica: "test".into(),
             epoch: None,
         }
@@ -79,7 +99,9 @@ impl Env {
         let l = self.certs();
         let node = NodeName::new(node).expect("name");
         let tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(std::fs::read(l.ca_cert()).expect("ca")))
+            .ca_certificate(Certificate::from_pem(
+                std::fs::read(l.ca_cert()).expect("ca"),
+            ))
             .identity(Identity::from_pem(
                 std::fs::read(l.node_cert(&node)).expect("cert"),
                 std::fs::read(l.node_key(&node)).expect("key"),
@@ -111,7 +133,13 @@ struct Agent {
     rx: tonic::Streaming<v1::SyncResponse>,
 }
 
-fn hello(node: &str, held: &[(String, String)], epoch: &str, revision: u64, complete: bool) -> v1::SyncRequest {
+fn hello(
+    node: &str,
+    held: &[(String, String)],
+    epoch: &str,
+    revision: u64,
+    complete: bool,
+) -> v1::SyncRequest {
     v1::SyncRequest {
         message: Some(Req::Hello(v1::Hello {
             protocol_version: raven_proto::PROTOCOL_VERSION,
@@ -120,14 +148,23 @@ fn hello(node: &str, held: &[(String, String)], epoch: &str, revision: u64, comp
             node_name: node.into(),
             epoch: epoch.into(),
             revision,
-            resources: held.iter().map(|(n, v)| v1::ResourceVersion { name: n.clone(), version: v.clone() }).collect(),
+            resources: held
+                .iter()
+                .map(|(n, v)| v1::ResourceVersion {
+                    name: n.clone(),
+                    version: v.clone(),
+                })
+                .collect(),
             cache_complete: complete,
         })),
     }
 }
 
 impl Agent {
-    async fn open(client: &mut SyncServiceClient<Channel>, first: v1::SyncRequest) -> Result<Self, tonic::Status> {
+    async fn open(
+        client: &mut SyncServiceClient<Channel>,
+        first: v1::SyncRequest,
+    ) -> Result<Self, tonic::Status> {
         let (tx, rx) = mpsc::channel(16);
         tx.send(first).await.expect("send hello");
         let rx = client.sync(ReceiverStream::new(rx)).await?.into_inner();
@@ -154,15 +191,26 @@ impl Agent {
         loop {
             match tokio::time::timeout_at(deadline, self.rx.message()).await {
                 Err(_) => return,
-                Ok(Ok(Some(v1::SyncResponse { message: Some(Resp::Heartbeat(_)) }))) => continue,
+                Ok(Ok(Some(v1::SyncResponse {
+                    message: Some(Resp::Heartbeat(_)),
+                }))) => continue,
                 Ok(other) => panic!("expected no update, got {other:?}"),
             }
         }
     }
 
     async fn ack(&self, u: &v1::Update) {
-        let ack = v1::Ack { nonce: u.nonce.clone(), epoch: u.epoch.clone(), revision: u.revision };
-        self.tx.send(v1::SyncRequest { message: Some(Req::Ack(ack)) }).await.expect("ack");
+        let ack = v1::Ack {
+            nonce: u.nonce.clone(),
+            epoch: u.epoch.clone(),
+            revision: u.revision,
+        };
+        self.tx
+            .send(v1::SyncRequest {
+                message: Some(Req::Ack(ack)),
+            })
+            .await
+            .expect("ack");
     }
 
     async fn nack(&self, u: &v1::Update, resource: &str) {
@@ -170,9 +218,18 @@ impl Agent {
             nonce: u.nonce.clone(),
             epoch: u.epoch.clone(),
             revision: u.revision,
-            error: Some(v1::ErrorDetail { message: "refused by test".into(), resource_name: resource.into(), field: String::new() }),
+            error: Some(v1::ErrorDetail {
+                message: "refused by test".into(),
+                resource_name: resource.into(),
+                field: String::new(),
+            }),
         };
-        self.tx.send(v1::SyncRequest { message: Some(Req::Nack(nack)) }).await.expect("nack");
+        self.tx
+            .send(v1::SyncRequest {
+                message: Some(Req::Nack(nack)),
+            })
+            .await
+            .expect("nack");
     }
 }
 
@@ -181,7 +238,10 @@ fn names(u: &v1::Update) -> Vec<String> {
 }
 
 fn inventory(u: &v1::Update) -> Vec<(String, String)> {
-    u.resources.iter().map(|r| (r.name.clone(), r.version.clone())).collect()
+    u.resources
+        .iter()
+        .map(|r| (r.name.clone(), r.version.clone()))
+        .collect()
 }
 
 #[tokio::test]
@@ -189,7 +249,9 @@ async fn first_sync_sends_the_whole_view_as_a_completed_snapshot() {
     let env = Env::new();
     let hub = env.hub().await;
     let mut client = env.client(&hub, HZ_MEMBER).await;
-    let mut agent = Agent::open(&mut client, hello(HZ_MEMBER, &[], "", 0, false)).await.expect("open");
+    let mut agent = Agent::open(&mut client, hello(HZ_MEMBER, &[], "", 0, false))
+        .await
+        .expect("open");
     let u = agent.update().await.expect("update");
     assert!(u.snapshot && u.snapshot_complete);
     assert_eq!(
@@ -213,7 +275,9 @@ async fn gateway_change_sends_only_what_changed() {
     let env = Env::new();
     let hub = env.hub().await;
     let mut client = env.client(&hub, HZ_MEMBER).await;
-    let mut agent = Agent::open(&mut client, hello(HZ_MEMBER, &[], "", 0, false)).await.expect("open");
+    let mut agent = Agent::open(&mut client, hello(HZ_MEMBER, &[], "", 0, false))
+        .await
+        .expect("open");
     let first = agent.update().await.expect("snapshot");
     agent.ack(&first).await;
     env.edit("nodes.yaml", "10.244.4.0/24", "10.244.40.0/24");
@@ -230,17 +294,35 @@ async fn resume_with_current_versions_sends_nothing() {
     let env = Env::new();
     let hub = env.hub().await;
     let mut client = env.client(&hub, QD_MEMBER).await;
-    let mut agent = Agent::open(&mut client, hello(QD_MEMBER, &[], "", 0, false)).await.expect("open");
+    let mut agent = Agent::open(&mut client, hello(QD_MEMBER, &[], "", 0, false))
+        .await
+        .expect("open");
     let first = agent.update().await.expect("snapshot");
     agent.ack(&first).await;
     drop(agent);
-    let mut again = Agent::open(&mut client, hello(QD_MEMBER, &inventory(&first), &first.epoch, first.revision, true))
-        .await
-        .expect("reopen");
+    let mut again = Agent::open(
+        &mut client,
+        hello(
+            QD_MEMBER,
+            &inventory(&first),
+            &first.epoch,
+            first.revision,
+            true,
+        ),
+    )
+    .await
+    .expect("reopen");
     let u = again.update().await.expect("answer to hello");
-    assert!(u.resources.is_empty() && u.removed.is_empty(), "resent {:?}", names(&u));
+    assert!(
+        u.resources.is_empty() && u.removed.is_empty(),
+        "resent {:?}",
+        names(&u)
+    );
     assert!(!u.snapshot, "a complete cache is answered with a delta");
-    assert_eq!((u.epoch.as_str(), u.revision), (first.epoch.as_str(), first.revision));
+    assert_eq!(
+        (u.epoch.as_str(), u.revision),
+        (first.epoch.as_str(), first.revision)
+    );
     hub.stop().await;
 }
 
@@ -249,7 +331,9 @@ async fn resume_across_a_hub_restart_keeps_epoch_and_revision_and_sends_nothing(
     let env = Env::new();
     let hub = env.hub().await;
     let mut client = env.client(&hub, HZ_GW).await;
-    let mut agent = Agent::open(&mut client, hello(HZ_GW, &[], "", 0, false)).await.expect("open");
+    let mut agent = Agent::open(&mut client, hello(HZ_GW, &[], "", 0, false))
+        .await
+        .expect("open");
     let first = agent.update().await.expect("snapshot");
     agent.ack(&first).await;
     drop(agent);
@@ -257,11 +341,23 @@ async fn resume_across_a_hub_restart_keeps_epoch_and_revision_and_sends_nothing(
 
     let hub = env.hub().await;
     let mut client = env.client(&hub, HZ_GW).await;
-    let mut again = Agent::open(&mut client, hello(HZ_GW, &inventory(&first), &first.epoch, first.revision, true))
-        .await
-        .expect("reopen");
+    let mut again = Agent::open(
+        &mut client,
+        hello(
+            HZ_GW,
+            &inventory(&first),
+            &first.epoch,
+            first.revision,
+            true,
+        ),
+    )
+    .await
+    .expect("reopen");
     let u = again.update().await.expect("answer");
-    assert_eq!((u.epoch.as_str(), u.revision), (first.epoch.as_str(), first.revision));
+    assert_eq!(
+        (u.epoch.as_str(), u.revision),
+        (first.epoch.as_str(), first.revision)
+    );
     assert!(u.resources.is_empty() && u.removed.is_empty());
     hub.stop().await;
 }
@@ -271,7 +367,9 @@ async fn nacked_content_is_not_resent_until_it_changes() {
     let env = Env::new();
     let hub = env.hub().await;
     let mut client = env.client(&hub, HZ_MEMBER).await;
-    let mut agent = Agent::open(&mut client, hello(HZ_MEMBER, &[], "", 0, false)).await.expect("open");
+    let mut agent = Agent::open(&mut client, hello(HZ_MEMBER, &[], "", 0, false))
+        .await
+        .expect("open");
     let first = agent.update().await.expect("snapshot");
     agent.ack(&first).await;
     env.edit("nodes.yaml", "10.244.4.0/24", "10.244.41.0/24");
@@ -287,8 +385,17 @@ async fn nacked_content_is_not_resent_until_it_changes() {
     let fixed = agent.update().await.expect("changed content");
     assert_eq!(names(&fixed), vec!["gateway/gw-qingdao"]);
     let agents = hub.agents.to_proto();
-    let me = agents.iter().find(|a| a.node_name == HZ_MEMBER).expect("agent listed");
-    assert_eq!(me.last_nack.as_ref().and_then(|n| n.error.as_ref()).map(|e| e.message.as_str()), Some("refused by test"));
+    let me = agents
+        .iter()
+        .find(|a| a.node_name == HZ_MEMBER)
+        .expect("agent listed");
+    assert_eq!(
+        me.last_nack
+            .as_ref()
+            .and_then(|n| n.error.as_ref())
+            .map(|e| e.message.as_str()),
+        Some("refused by test")
+    );
     hub.stop().await;
 }
 
@@ -297,7 +404,9 @@ async fn slow_agent_gets_the_latest_state_not_every_intermediate_one() {
     let env = Env::new();
     let hub = env.hub().await;
     let mut client = env.client(&hub, HZ_MEMBER).await;
-    let mut agent = Agent::open(&mut client, hello(HZ_MEMBER, &[], "", 0, false)).await.expect("open");
+    let mut agent = Agent::open(&mut client, hello(HZ_MEMBER, &[], "", 0, false))
+        .await
+        .expect("open");
     let first = agent.update().await.expect("snapshot");
     // Not acknowledged yet: three changes pile up.
     for cidr in ["10.244.61.0/24", "10.244.62.0/24", "10.244.63.0/24"] {
@@ -309,7 +418,13 @@ async fn slow_agent_gets_the_latest_state_not_every_intermediate_one() {
             .expect("a qingdao cidr");
         env.edit("nodes.yaml", current, cidr);
         let mut rx = hub.published.clone();
-        tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|p| p.revision > before)).await.expect("recompiled").expect("alive");
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            rx.wait_for(|p| p.revision > before),
+        )
+        .await
+        .expect("recompiled")
+        .expect("alive");
     }
     agent.no_update_within(Duration::from_millis(300)).await;
     agent.ack(&first).await;
@@ -326,7 +441,9 @@ async fn a_node_cannot_claim_another_nodes_identity() {
     let env = Env::new();
     let hub = env.hub().await;
     let mut client = env.client(&hub, HZ_MEMBER).await;
-    let mut agent = Agent::open(&mut client, hello(QD_MEMBER, &[], "", 0, false)).await.expect("open");
+    let mut agent = Agent::open(&mut client, hello(QD_MEMBER, &[], "", 0, false))
+        .await
+        .expect("open");
     let err = agent.update().await.expect_err("refused");
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
     hub.stop().await;
@@ -337,10 +454,16 @@ async fn node_views_differ_by_node_and_members_get_no_peer_keys() {
     let env = Env::new();
     let hub = env.hub().await;
     let mut client = env.client(&hub, QD_MEMBER).await;
-    let mut agent = Agent::open(&mut client, hello(QD_MEMBER, &[], "", 0, false)).await.expect("open");
+    let mut agent = Agent::open(&mut client, hello(QD_MEMBER, &[], "", 0, false))
+        .await
+        .expect("open");
     let u = agent.update().await.expect("snapshot");
     assert!(names(&u).contains(&format!("node/{QD_MEMBER}")));
-    assert!(!names(&u).iter().any(|n| n.starts_with("node/") && !n.ends_with(QD_MEMBER)));
+    assert!(
+        !names(&u)
+            .iter()
+            .any(|n| n.starts_with("node/") && !n.ends_with(QD_MEMBER))
+    );
     assert!(!names(&u).iter().any(|n| n.starts_with("peer/")));
     hub.stop().await;
 }
@@ -350,12 +473,23 @@ async fn reported_public_key_reaches_other_gateways_as_a_peer_resource() {
     let env = Env::new();
     let hub = env.hub().await;
     let mut gw_client = env.client(&hub, HZ_GW).await;
-    let mut gw = Agent::open(&mut gw_client, hello(HZ_GW, &[], "", 0, false)).await.expect("open");
+    let mut gw = Agent::open(&mut gw_client, hello(HZ_GW, &[], "", 0, false))
+        .await
+        .expect("open");
     let first = gw.update().await.expect("snapshot");
     gw.ack(&first).await;
     let key = "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=";
-    let report = v1::Report { wireguard_public_key: Some(key.into()), tunnel_port: Some(4500), ..Default::default() };
-    gw.tx.send(v1::SyncRequest { message: Some(Req::Report(report)) }).await.expect("report");
+    let report = v1::Report {
+        wireguard_public_key: Some(key.into()),
+        tunnel_port: Some(4500),
+        ..Default::default()
+    };
+    gw.tx
+        .send(v1::SyncRequest {
+            message: Some(Req::Report(report)),
+        })
+        .await
+        .expect("report");
     let u = gw.update().await.expect("peer update");
     assert_eq!(names(&u), vec![format!("peer/{HZ_GW}")]);
     hub.stop().await;
@@ -367,7 +501,9 @@ async fn reconnect_storm_is_admission_limited_with_a_retry_hint() {
     let hub = hub::start(env.config(1)).await.expect("hub");
     let mut a = env.client(&hub, HZ_GW).await;
     let mut b = env.client(&hub, HZ_MEMBER).await;
-    let mut first = Agent::open(&mut a, hello(HZ_GW, &[], "", 0, false)).await.expect("first admitted");
+    let mut first = Agent::open(&mut a, hello(HZ_GW, &[], "", 0, false))
+        .await
+        .expect("first admitted");
     let _ = first.update().await.expect("snapshot in flight, not acked");
     let err = match Agent::open(&mut b, hello(HZ_MEMBER, &[], "", 0, false)).await {
         Err(e) => e,
@@ -383,11 +519,20 @@ async fn plaintext_listener_refuses_sync_and_only_binds_loopback() {
     let env = Env::new();
     let hub = env.hub().await;
     let addr = hub.plaintext_addr.expect("plaintext listener");
-    let channel = Channel::from_shared(format!("http://{addr}")).expect("uri").connect().await.expect("connect");
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
     let mut client = SyncServiceClient::new(channel);
     let (tx, rx) = mpsc::channel(1);
-    tx.send(hello(HZ_GW, &[], "", 0, false)).await.expect("send");
-    let err = client.sync(ReceiverStream::new(rx)).await.expect_err("no Sync on plaintext");
+    tx.send(hello(HZ_GW, &[], "", 0, false))
+        .await
+        .expect("send");
+    let err = client
+        .sync(ReceiverStream::new(rx))
+        .await
+        .expect_err("no Sync on plaintext");
     assert_eq!(err.code(), tonic::Code::Unimplemented);
     hub.stop().await;
 

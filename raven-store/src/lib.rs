@@ -97,19 +97,44 @@ pub enum StoreError {
     #[error("store {path} is in use by another process (is an agent running?)")]
     Locked { path: PathBuf },
     #[error("store {path}: {what}: {reason}")]
-    Corrupt { path: PathBuf, what: String, reason: String },
+    Corrupt {
+        path: PathBuf,
+        what: String,
+        reason: String,
+    },
     #[error("store {path} belongs to {found:?}, not {expected:?}")]
-    Foreign { path: PathBuf, found: String, expected: String },
+    Foreign {
+        path: PathBuf,
+        found: String,
+        expected: String,
+    },
     #[error(
         "store {path} was written by schema version {found}, newer than this build supports ({supported}); refusing to touch it — upgrade raven or move the directory away"
     )]
-    UnsupportedSchema { path: PathBuf, found: u16, supported: u16 },
-    #[error("store {path}: committing would hold {would_hold} bytes, more than the limit of {limit}")]
-    TooLarge { path: PathBuf, would_hold: u64, limit: u64 },
+    UnsupportedSchema {
+        path: PathBuf,
+        found: u16,
+        supported: u16,
+    },
+    #[error(
+        "store {path}: committing would hold {would_hold} bytes, more than the limit of {limit}"
+    )]
+    TooLarge {
+        path: PathBuf,
+        would_hold: u64,
+        limit: u64,
+    },
     #[error("moving the unusable store {from} aside to {to}: {source}")]
-    MoveAside { from: PathBuf, to: PathBuf, source: std::io::Error },
+    MoveAside {
+        from: PathBuf,
+        to: PathBuf,
+        source: std::io::Error,
+    },
     #[error("store {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// A store that could not be used and was moved aside.
@@ -170,7 +195,10 @@ enum FrameError {
 
 fn unframe(value: &[u8]) -> Result<(u16, &[u8]), FrameError> {
     if value.len() < HEADER {
-        return Err(FrameError::Bad(format!("{} bytes, shorter than the frame header", value.len())));
+        return Err(FrameError::Bad(format!(
+            "{} bytes, shorter than the frame header",
+            value.len()
+        )));
     }
     if &value[..4] != MAGIC {
         return Err(FrameError::Bad("bad magic".into()));
@@ -183,7 +211,10 @@ fn unframe(value: &[u8]) -> Result<(u16, &[u8]), FrameError> {
     let len = u32::from_le_bytes([value[10], value[11], value[12], value[13]]) as usize;
     let body = &value[HEADER..];
     if body.len() != len {
-        return Err(FrameError::Bad(format!("length {} but header says {len} (torn write)", body.len())));
+        return Err(FrameError::Bad(format!(
+            "length {} but header says {len} (torn write)",
+            body.len()
+        )));
     }
     if crc32fast::hash(body) != crc {
         return Err(FrameError::Bad("checksum mismatch".into()));
@@ -213,9 +244,7 @@ fn decode_resource(body: &[u8]) -> Result<StoredResource, String> {
         return Err("resource body too short".into());
     }
     let vlen = u16::from_le_bytes([body[0], body[1]]) as usize;
-    let version = body
-        .get(2..2 + vlen)
-        .ok_or("version runs past the body")?;
+    let version = body.get(2..2 + vlen).ok_or("version runs past the body")?;
     let version = std::str::from_utf8(version).map_err(|_| "version is not UTF-8")?;
     Ok(StoredResource {
         version: version.to_owned(),
@@ -229,8 +258,15 @@ impl Store {
     /// store of a newer schema is refused with [`StoreError::UnsupportedSchema`].
     pub fn open(dir: &Path, opts: StoreOptions) -> Result<Opened, StoreError> {
         match Self::open_checked(dir, &opts) {
-            Ok(store) => Ok(Opened { store, recovery: None }),
-            Err(e @ (StoreError::UnsupportedSchema { .. } | StoreError::Locked { .. } | StoreError::Io { .. })) => Err(e),
+            Ok(store) => Ok(Opened {
+                store,
+                recovery: None,
+            }),
+            Err(
+                e @ (StoreError::UnsupportedSchema { .. }
+                | StoreError::Locked { .. }
+                | StoreError::Io { .. }),
+            ) => Err(e),
             Err(reason) => {
                 let moved_to = PathBuf::from(format!("{}.corrupt-{}", dir.display(), now_ms()));
                 tracing::warn!(store = %dir.display(), moved_to = %moved_to.display(), %reason, "store is unusable; moving it aside and starting empty");
@@ -250,15 +286,22 @@ impl Store {
 
     fn sled_err(path: &Path) -> impl Fn(sled::Error) -> StoreError + '_ {
         move |source| match &source {
-            sled::Error::Io(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.to_string().contains("lock") => {
-                StoreError::Locked { path: path.to_owned() }
+            sled::Error::Io(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock || e.to_string().contains("lock") =>
+            {
+                StoreError::Locked {
+                    path: path.to_owned(),
+                }
             }
             sled::Error::Corruption { .. } => StoreError::Corrupt {
                 path: path.to_owned(),
                 what: "sled log".into(),
                 reason: source.to_string(),
             },
-            _ => StoreError::Sled { path: path.to_owned(), source },
+            _ => StoreError::Sled {
+                path: path.to_owned(),
+                source,
+            },
         }
     }
 
@@ -285,13 +328,20 @@ impl Store {
                     purpose: opts.purpose.clone(),
                     created_at_unix_ms: now_ms(),
                 };
-                store.db.insert(FORMAT_KEY, frame(&serde_json::to_vec(&f).unwrap_or_default())).map_err(&err)?;
+                store
+                    .db
+                    .insert(
+                        FORMAT_KEY,
+                        frame(&serde_json::to_vec(&f).unwrap_or_default()),
+                    )
+                    .map_err(&err)?;
                 store.db.flush().map_err(&err)?;
             }
             None => return Err(store.corrupt("format record", "missing in a non-empty store")),
             Some(v) => {
                 let body = store.check_frame("format record", &v)?;
-                let f: Format = serde_json::from_slice(&body).map_err(|e| store.corrupt("format record", &e.to_string()))?;
+                let f: Format = serde_json::from_slice(&body)
+                    .map_err(|e| store.corrupt("format record", &e.to_string()))?;
                 if f.purpose != opts.purpose {
                     return Err(StoreError::Foreign {
                         path: dir.to_owned(),
@@ -348,16 +398,23 @@ impl Store {
             None => None,
             Some(v) => {
                 let body = self.check_frame("meta record", &v)?;
-                Some(serde_json::from_slice(&body).map_err(|e| self.corrupt("meta record", &e.to_string()))?)
+                Some(
+                    serde_json::from_slice(&body)
+                        .map_err(|e| self.corrupt("meta record", &e.to_string()))?,
+                )
             }
         };
         let mut resources = BTreeMap::new();
         for kv in self.resources.iter() {
             let (k, v) = kv.map_err(&err)?;
-            let name = String::from_utf8(k.to_vec()).map_err(|_| self.corrupt("resource key", "not UTF-8"))?;
+            let name = String::from_utf8(k.to_vec())
+                .map_err(|_| self.corrupt("resource key", "not UTF-8"))?;
             let what = format!("resource {name}");
             let body = self.check_frame(&what, &v)?;
-            resources.insert(name, decode_resource(&body).map_err(|r| self.corrupt(&what, &r))?);
+            resources.insert(
+                name,
+                decode_resource(&body).map_err(|r| self.corrupt(&what, &r))?,
+            );
         }
         Ok(Snapshot { meta, resources })
     }
@@ -368,11 +425,17 @@ impl Store {
         if !dir.exists() {
             return Ok(Snapshot::default());
         }
-        let db = sled::Config::new().path(dir).open().map_err(Self::sled_err(dir))?;
+        let db = sled::Config::new()
+            .path(dir)
+            .open()
+            .map_err(Self::sled_err(dir))?;
         let err = Self::sled_err(dir);
         let store = Self {
             path: dir.to_owned(),
-            opts: StoreOptions { purpose: purpose.to_owned(), ..Default::default() },
+            opts: StoreOptions {
+                purpose: purpose.to_owned(),
+                ..Default::default()
+            },
             meta: db.open_tree("meta").map_err(&err)?,
             resources: db.open_tree("resources").map_err(&err)?,
             records: db.open_tree("records").map_err(&err)?,
@@ -380,9 +443,14 @@ impl Store {
         };
         if let Some(v) = store.db.get(FORMAT_KEY).map_err(&err)? {
             let body = store.check_frame("format record", &v)?;
-            let f: Format = serde_json::from_slice(&body).map_err(|e| store.corrupt("format record", &e.to_string()))?;
+            let f: Format = serde_json::from_slice(&body)
+                .map_err(|e| store.corrupt("format record", &e.to_string()))?;
             if f.purpose != purpose {
-                return Err(StoreError::Foreign { path: dir.to_owned(), found: f.purpose, expected: purpose.to_owned() });
+                return Err(StoreError::Foreign {
+                    path: dir.to_owned(),
+                    found: f.purpose,
+                    expected: purpose.to_owned(),
+                });
             }
         }
         store.read_all()
@@ -415,8 +483,15 @@ impl Store {
                 would_hold = would_hold.saturating_sub(old.len().saturating_sub(HEADER) as u64);
             }
         }
-        let framed: Vec<(String, Vec<u8>)> = c.put.iter().map(|(k, r)| (k.clone(), encode_resource(r))).collect();
-        would_hold += framed.iter().map(|(_, v)| (v.len() - HEADER) as u64).sum::<u64>();
+        let framed: Vec<(String, Vec<u8>)> = c
+            .put
+            .iter()
+            .map(|(k, r)| (k.clone(), encode_resource(r)))
+            .collect();
+        would_hold += framed
+            .iter()
+            .map(|(_, v)| (v.len() - HEADER) as u64)
+            .sum::<u64>();
         if would_hold > self.opts.max_bytes {
             return Err(StoreError::TooLarge {
                 path: self.path.clone(),
@@ -449,7 +524,9 @@ impl Store {
         let err = Self::sled_err(&self.path);
         match self.records.get(key.as_bytes()).map_err(&err)? {
             None => Ok(None),
-            Some(v) => Ok(Some(Bytes::from(self.check_frame(&format!("record {key}"), &v)?))),
+            Some(v) => Ok(Some(Bytes::from(
+                self.check_frame(&format!("record {key}"), &v)?,
+            ))),
         }
     }
 
@@ -488,7 +565,9 @@ impl Store {
     /// corruption tests only.
     #[doc(hidden)]
     pub fn corrupt_resource_for_tests(&self, name: &str, raw: &[u8]) -> Result<(), StoreError> {
-        self.resources.insert(name.as_bytes(), raw).map_err(Self::sled_err(&self.path))?;
+        self.resources
+            .insert(name.as_bytes(), raw)
+            .map_err(Self::sled_err(&self.path))?;
         self.db.flush().map_err(Self::sled_err(&self.path))?;
         Ok(())
     }

@@ -12,12 +12,19 @@ use proptest::prelude::*;
 use raven_store::{Commit, Meta, Store, StoreError, StoreOptions, StoredResource};
 
 fn opts(purpose: &str) -> StoreOptions {
-    StoreOptions { purpose: purpose.into(), ..Default::default() }
+    StoreOptions {
+        purpose: purpose.into(),
+        ..Default::default()
+    }
 }
 
 fn open(dir: &Path) -> Store {
     let o = Store::open(dir, opts("raven-edge/test")).expect("open");
-    assert!(o.recovery.is_none(), "unexpected recovery: {:?}", o.recovery);
+    assert!(
+        o.recovery.is_none(),
+        "unexpected recovery: {:?}",
+        o.recovery
+    );
     o.store
 }
 
@@ -27,11 +34,23 @@ fn commit_for(n: u64) -> Commit {
         .map(|i| {
             (
                 format!("gateway/gw-{i}"),
-                StoredResource { version: format!("v{n}"), payload: Bytes::from(format!("rev {n} res {i} {}", "x".repeat(200))) },
+                StoredResource {
+                    version: format!("v{n}"),
+                    payload: Bytes::from(format!("rev {n} res {i} {}", "x".repeat(200))),
+                },
             )
         })
         .collect();
-    Commit { meta: Meta { epoch: "e1".into(), revision: n, complete: true, written_at_unix_ms: n }, put, remove: BTreeSet::new() }
+    Commit {
+        meta: Meta {
+            epoch: "e1".into(),
+            revision: n,
+            complete: true,
+            written_at_unix_ms: n,
+        },
+        put,
+        remove: BTreeSet::new(),
+    }
 }
 
 #[test]
@@ -45,14 +64,21 @@ fn committed_state_survives_reopen_and_removes_remove() {
         c.put.remove("gateway/gw-2");
         c.remove.insert("gateway/gw-2".into());
         s.commit(c).expect("commit");
-        s.put_records(&[("hub/addresses", b"a,b")]).expect("records");
+        s.put_records(&[("hub/addresses", b"a,b")])
+            .expect("records");
     }
     let s = open(&path);
     let snap = s.snapshot().expect("snapshot");
     assert_eq!(snap.meta.as_ref().map(|m| m.revision), Some(2));
-    assert_eq!(snap.resources.keys().cloned().collect::<Vec<_>>(), vec!["gateway/gw-0", "gateway/gw-1"]);
+    assert_eq!(
+        snap.resources.keys().cloned().collect::<Vec<_>>(),
+        vec!["gateway/gw-0", "gateway/gw-1"]
+    );
     assert_eq!(snap.resources["gateway/gw-0"].version, "v2");
-    assert_eq!(s.get_record("hub/addresses").expect("get").as_deref(), Some(&b"a,b"[..]));
+    assert_eq!(
+        s.get_record("hub/addresses").expect("get").as_deref(),
+        Some(&b"a,b"[..])
+    );
     assert_eq!(s.get_record("nope").expect("get"), None);
 }
 
@@ -60,9 +86,15 @@ fn committed_state_survives_reopen_and_removes_remove() {
 /// prints "committed N" after each commit returned.
 #[test]
 fn child_writer_for_kill_test() {
-    let Ok(dir) = std::env::var("RAVEN_STORE_KILL_CHILD") else { return };
+    let Ok(dir) = std::env::var("RAVEN_STORE_KILL_CHILD") else {
+        return;
+    };
     let s = open(Path::new(&dir));
-    let start = s.snapshot().ok().and_then(|x| x.meta).map_or(0, |m| m.revision);
+    let start = s
+        .snapshot()
+        .ok()
+        .and_then(|x| x.meta)
+        .map_or(0, |m| m.revision);
     for n in start + 1.. {
         s.commit(commit_for(n)).expect("commit");
         println!("committed {n}");
@@ -76,7 +108,12 @@ fn kill_9_during_writes_leaves_exactly_the_last_complete_revision() {
     let exe = std::env::current_exe().expect("test binary");
     for round in 0..4u64 {
         let mut child = Command::new(&exe)
-            .args(["child_writer_for_kill_test", "--exact", "--nocapture", "--test-threads=1"])
+            .args([
+                "child_writer_for_kill_test",
+                "--exact",
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .env("RAVEN_STORE_KILL_CHILD", &path)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -99,14 +136,25 @@ fn kill_9_during_writes_leaves_exactly_the_last_complete_revision() {
         }
         child.kill().expect("SIGKILL the child we started");
         child.wait().expect("reap");
-        assert!(last_committed > 0, "child committed nothing in round {round}");
+        assert!(
+            last_committed > 0,
+            "child committed nothing in round {round}"
+        );
 
         let s = open(&path);
         let snap = s.snapshot().expect("snapshot");
         let meta = snap.meta.expect("meta");
-        assert!(meta.revision >= last_committed, "revision {} < acknowledged {last_committed}", meta.revision);
+        assert!(
+            meta.revision >= last_committed,
+            "revision {} < acknowledged {last_committed}",
+            meta.revision
+        );
         let want = commit_for(meta.revision);
-        assert_eq!(snap.resources, want.put, "resources are not exactly revision {}", meta.revision);
+        assert_eq!(
+            snap.resources, want.put,
+            "resources are not exactly revision {}",
+            meta.revision
+        );
     }
 }
 
@@ -124,14 +172,24 @@ fn flipped_bytes_are_detected_and_the_store_is_moved_aside() {
         raw.extend_from_slice(&crc32fast::hash(b"\x02\x00v7hello").to_le_bytes());
         raw.extend_from_slice(&9u32.to_le_bytes());
         raw.extend_from_slice(b"\x02\x00v7hellp");
-        s.corrupt_resource_for_tests("gateway/gw-1", &raw).expect("corrupt");
+        s.corrupt_resource_for_tests("gateway/gw-1", &raw)
+            .expect("corrupt");
     }
     let opened = Store::open(&path, opts("raven-edge/test")).expect("open recovers");
     let rec = opened.recovery.expect("recovery reported");
     let reason = rec.reason.to_string();
-    assert!(reason.contains("resource gateway/gw-1") && reason.contains("checksum"), "{reason}");
-    assert!(rec.moved_to.exists(), "the bad store is kept for inspection");
-    assert_eq!(opened.store.snapshot().expect("snapshot"), raven_store::Snapshot::default());
+    assert!(
+        reason.contains("resource gateway/gw-1") && reason.contains("checksum"),
+        "{reason}"
+    );
+    assert!(
+        rec.moved_to.exists(),
+        "the bad store is kept for inspection"
+    );
+    assert_eq!(
+        opened.store.snapshot().expect("snapshot"),
+        raven_store::Snapshot::default()
+    );
 }
 
 #[test]
@@ -141,10 +199,18 @@ fn torn_value_is_detected() {
     {
         let s = open(&path);
         s.commit(commit_for(1)).expect("commit");
-        s.corrupt_resource_for_tests("gateway/gw-0", b"RVS1\x01\x00\x00\x00").expect("corrupt");
+        s.corrupt_resource_for_tests("gateway/gw-0", b"RVS1\x01\x00\x00\x00")
+            .expect("corrupt");
     }
     let opened = Store::open(&path, opts("raven-edge/test")).expect("open");
-    assert!(opened.recovery.expect("recovered").reason.to_string().contains("shorter than the frame header"));
+    assert!(
+        opened
+            .recovery
+            .expect("recovered")
+            .reason
+            .to_string()
+            .contains("shorter than the frame header")
+    );
 }
 
 #[test]
@@ -154,7 +220,11 @@ fn foreign_store_is_moved_aside() {
     Store::open(&path, opts("raven-hub")).expect("hub store");
     let opened = Store::open(&path, opts("raven-edge/test")).expect("open");
     let rec = opened.recovery.expect("foreign store detected");
-    assert!(matches!(rec.reason, StoreError::Foreign { .. }), "{}", rec.reason);
+    assert!(
+        matches!(rec.reason, StoreError::Foreign { .. }),
+        "{}",
+        rec.reason
+    );
 }
 
 #[test]
@@ -170,10 +240,21 @@ fn newer_schema_is_refused_and_left_untouched() {
         raw.extend_from_slice(&2u32.to_le_bytes());
         raw.extend_from_slice(b"\x00\x00");
         s.commit(commit_for(1)).expect("commit");
-        s.corrupt_resource_for_tests("gateway/gw-0", &raw).expect("write newer value");
+        s.corrupt_resource_for_tests("gateway/gw-0", &raw)
+            .expect("write newer value");
     }
     let err = Store::open(&path, opts("raven-edge/test")).expect_err("refused");
-    assert!(matches!(err, StoreError::UnsupportedSchema { found: 9, supported: 1, .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            StoreError::UnsupportedSchema {
+                found: 9,
+                supported: 1,
+                ..
+            }
+        ),
+        "{err}"
+    );
     assert!(err.to_string().contains("newer"));
     assert!(path.exists(), "a newer store is never moved aside");
 }
@@ -181,14 +262,29 @@ fn newer_schema_is_refused_and_left_untouched() {
 #[test]
 fn commit_over_the_size_bound_fails_and_changes_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let s = Store::open(&dir.path().join("store"), StoreOptions { max_bytes: 1000, ..opts("raven-edge/test") })
-        .expect("open")
-        .store;
+    let s = Store::open(
+        &dir.path().join("store"),
+        StoreOptions {
+            max_bytes: 1000,
+            ..opts("raven-edge/test")
+        },
+    )
+    .expect("open")
+    .store;
     s.commit(commit_for(1)).expect("fits");
     let mut big = commit_for(2);
-    big.put.insert("gateway/huge".into(), StoredResource { version: "v".into(), payload: Bytes::from(vec![0u8; 2000]) });
+    big.put.insert(
+        "gateway/huge".into(),
+        StoredResource {
+            version: "v".into(),
+            payload: Bytes::from(vec![0u8; 2000]),
+        },
+    );
     assert!(matches!(s.commit(big), Err(StoreError::TooLarge { .. })));
-    assert_eq!(s.snapshot().expect("snap").meta.map(|m| m.revision), Some(1));
+    assert_eq!(
+        s.snapshot().expect("snap").meta.map(|m| m.revision),
+        Some(1)
+    );
 }
 
 #[test]
@@ -198,7 +294,10 @@ fn read_only_snapshot_reads_without_changing_anything() {
     open(&path).commit(commit_for(3)).expect("commit");
     let snap = Store::open_read_only_snapshot(&path, "raven-edge/test").expect("read");
     assert_eq!(snap.meta.map(|m| m.revision), Some(3));
-    assert!(matches!(Store::open_read_only_snapshot(&path, "other"), Err(StoreError::Foreign { .. })));
+    assert!(matches!(
+        Store::open_read_only_snapshot(&path, "other"),
+        Err(StoreError::Foreign { .. })
+    ));
 }
 
 proptest! {

@@ -9,9 +9,9 @@
 pub mod v1alpha1;
 pub mod v1beta1;
 
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
 use kube::core::crd::merge_crds;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 
 /// API group of every Raven resource.
 pub const GROUP: &str = "raven.openyurt.io";
@@ -52,7 +52,10 @@ mod tests {
     #[test]
     fn crd_serves_both_versions_and_stores_v1beta1() {
         let crd = gateway_crd();
-        assert_eq!(crd.metadata.name.as_deref(), Some("gateways.raven.openyurt.io"));
+        assert_eq!(
+            crd.metadata.name.as_deref(),
+            Some("gateways.raven.openyurt.io")
+        );
         assert_eq!(crd.spec.scope, "Cluster");
         assert_eq!(crd.spec.names.short_names, Some(vec!["gw".to_owned()]));
         let versions: Vec<_> = crd
@@ -61,7 +64,10 @@ mod tests {
             .iter()
             .map(|v| (v.name.as_str(), v.served, v.storage))
             .collect();
-        assert_eq!(versions, vec![("v1alpha1", true, false), ("v1beta1", true, true)]);
+        assert_eq!(
+            versions,
+            vec![("v1alpha1", true, false), ("v1beta1", true, true)]
+        );
     }
 
     #[test]

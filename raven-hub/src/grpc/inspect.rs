@@ -17,20 +17,28 @@ pub struct Inspect {
 
 #[tonic::async_trait]
 impl InspectService for Inspect {
-    async fn get_topology(&self, _: Request<v1::GetTopologyRequest>) -> Result<Response<v1::GetTopologyResponse>, Status> {
+    async fn get_topology(
+        &self,
+        _: Request<v1::GetTopologyRequest>,
+    ) -> Result<Response<v1::GetTopologyResponse>, Status> {
         let p = self.published.borrow().clone();
         let mut resp = raven_proto::topology_to_proto(&p.epoch, p.revision, &p.topology);
         resp.json = p.topology.to_json();
         Ok(Response::new(resp))
     }
 
-    async fn get_node_view(&self, req: Request<v1::GetNodeViewRequest>) -> Result<Response<v1::GetNodeViewResponse>, Status> {
+    async fn get_node_view(
+        &self,
+        req: Request<v1::GetNodeViewRequest>,
+    ) -> Result<Response<v1::GetNodeViewResponse>, Status> {
         let raw = req.into_inner().node_name;
         let node = NodeName::new(raw.clone())
             .map_err(|e| Status::invalid_argument(format!("node_name {raw:?}: {e}")))?;
         let p = self.published.borrow().clone();
         if p.topology.node(&node).is_none() {
-            return Err(Status::not_found(format!("node {node} is not in the topology")));
+            return Err(Status::not_found(format!(
+                "node {node} is not in the topology"
+            )));
         }
         let resources = view::node_view(&p.topology, &node)
             .into_iter()
@@ -43,7 +51,10 @@ impl InspectService for Inspect {
         }))
     }
 
-    async fn list_agents(&self, _: Request<v1::ListAgentsRequest>) -> Result<Response<v1::ListAgentsResponse>, Status> {
+    async fn list_agents(
+        &self,
+        _: Request<v1::ListAgentsRequest>,
+    ) -> Result<Response<v1::ListAgentsResponse>, Status> {
         Ok(Response::new(v1::ListAgentsResponse {
             agents: self.agents.to_proto(),
         }))

@@ -13,8 +13,8 @@ use std::path::PathBuf;
 use std::pin::Pin;
 
 use futures::Stream;
-use raven_proto::wire::sync_service_server::{SyncService, SyncServiceServer};
 use raven_proto::v1::inspect_service_server::InspectServiceServer;
+use raven_proto::wire::sync_service_server::{SyncService, SyncServiceServer};
 use raven_proto::{EncodedSyncResponse, v1};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
@@ -38,10 +38,18 @@ pub struct TlsFiles {
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("reading {path}: {source}")]
-    ReadTls { path: PathBuf, source: std::io::Error },
+    ReadTls {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("binding {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
-    #[error("the plaintext listener {0} is not a loopback address; use the mTLS listener off loopback")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(
+        "the plaintext listener {0} is not a loopback address; use the mTLS listener off loopback"
+    )]
     PlaintextNotLoopback(SocketAddr),
     #[error("TLS configuration: {0}")]
     Tls(#[from] tonic::transport::Error),
@@ -61,8 +69,14 @@ type SyncStream = Pin<Box<dyn Stream<Item = Result<EncodedSyncResponse, Status>>
 impl SyncService for Sync {
     type SyncStream = SyncStream;
 
-    async fn sync(&self, request: Request<Streaming<v1::SyncRequest>>) -> Result<Response<SyncStream>, Status> {
-        let remote = request.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+    async fn sync(
+        &self,
+        request: Request<Streaming<v1::SyncRequest>>,
+    ) -> Result<Response<SyncStream>, Status> {
+        let remote = request
+            .remote_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
         let certs = request
             .peer_certs()
             .ok_or_else(|| Status::unauthenticated("Sync requires a client certificate (mTLS)"))?;
@@ -90,8 +104,12 @@ fn read(path: &PathBuf) -> Result<Vec<u8>, ServeError> {
 
 fn reflection() -> Result<
     (
-        tonic_reflection::server::v1::ServerReflectionServer<impl tonic_reflection::server::v1::ServerReflection>,
-        tonic_reflection::server::v1alpha::ServerReflectionServer<impl tonic_reflection::server::v1alpha::ServerReflection>,
+        tonic_reflection::server::v1::ServerReflectionServer<
+            impl tonic_reflection::server::v1::ServerReflection,
+        >,
+        tonic_reflection::server::v1alpha::ServerReflectionServer<
+            impl tonic_reflection::server::v1alpha::ServerReflection,
+        >,
     ),
     ServeError,
 > {
@@ -102,7 +120,9 @@ fn reflection() -> Result<
             .register_encoded_file_descriptor_set(raven_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(
+                tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+            )
     };
     let v1 = builder().build_v1()?;
     let v1alpha = builder().build_v1alpha()?;
@@ -158,12 +178,20 @@ pub async fn serve(
             () = health_shutdown.cancelled() => Ok(()),
         };
         if !health_shutdown.is_cancelled() {
-            health_reporter.set_serving::<SyncServiceServer<Sync>>().await;
-            health_reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
+            health_reporter
+                .set_serving::<SyncServiceServer<Sync>>()
+                .await;
+            health_reporter
+                .set_service_status("", tonic_health::ServingStatus::Serving)
+                .await;
         }
         health_shutdown.cancelled().await;
-        health_reporter.set_not_serving::<SyncServiceServer<Sync>>().await;
-        health_reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+        health_reporter
+            .set_not_serving::<SyncServiceServer<Sync>>()
+            .await;
+        health_reporter
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
     });
 
     let inspect = Inspect {
@@ -182,7 +210,10 @@ pub async fn serve(
         .add_service(refl_v1alpha.clone())
         .add_service(InspectServiceServer::new(inspect.clone()))
         .add_service(sync)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listeners.grpc), shutdown.clone().cancelled_owned());
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(listeners.grpc),
+            shutdown.clone().cancelled_owned(),
+        );
 
     match listeners.plaintext {
         None => tls_server.await?,
@@ -192,7 +223,10 @@ pub async fn serve(
                 .add_service(refl_v1)
                 .add_service(refl_v1alpha)
                 .add_service(InspectServiceServer::new(inspect))
-                .serve_with_incoming_shutdown(TcpListenerStream::new(plain), shutdown.cancelled_owned());
+                .serve_with_incoming_shutdown(
+                    TcpListenerStream::new(plain),
+                    shutdown.cancelled_owned(),
+                );
             let (a, b) = tokio::join!(tls_server, plain_server);
             a?;
             b?;

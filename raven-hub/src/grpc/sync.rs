@@ -65,7 +65,13 @@ pub struct SyncShared {
 }
 
 impl SyncShared {
-    pub fn new(published: PublishedRx, index: IndexHandle, agents: Agents, metrics: Metrics, config: SyncConfig) -> Self {
+    pub fn new(
+        published: PublishedRx,
+        index: IndexHandle,
+        agents: Agents,
+        metrics: Metrics,
+        config: SyncConfig,
+    ) -> Self {
         let admission = Arc::new(Semaphore::new(config.max_initial_syncs));
         Self {
             published,
@@ -104,6 +110,16 @@ struct InFlight {
     sent_at: tokio::time::Instant,
 }
 
+/// One Update waiting to be sent.
+#[derive(Debug)]
+struct Part {
+    header: UpdateHeader,
+    resources: Vec<EncodedResource>,
+    /// What the agent holds once it ACKs this part.
+    after: BTreeMap<ResourceName, ContentVersion>,
+    sent: Vec<(ResourceName, ContentVersion)>,
+}
+
 /// One agent's stream.
 pub struct Session {
     node: NodeName,
@@ -118,7 +134,7 @@ pub struct Session {
     nacked: BTreeSet<(ResourceName, ContentVersion)>,
     in_flight: Option<InFlight>,
     /// Snapshot parts still to send after the one in flight.
-    queued: Vec<(UpdateHeader, Vec<EncodedResource>, BTreeMap<ResourceName, ContentVersion>, Vec<(ResourceName, ContentVersion)>)>,
+    queued: Vec<Part>,
     next_nonce: u64,
     heartbeat_seq: u64,
     /// The first Update (answer to the Hello) has been sent.
@@ -127,7 +143,9 @@ pub struct Session {
 
 impl std::fmt::Debug for Session {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Session").field("node", &self.node).finish_non_exhaustive()
+        f.debug_struct("Session")
+            .field("node", &self.node)
+            .finish_non_exhaustive()
     }
 }
 
@@ -136,7 +154,12 @@ fn status_invalid(msg: impl Into<String>) -> Status {
 }
 
 impl Session {
-    pub fn new(node: NodeName, shared: SyncShared, out: Outbound, permit: OwnedSemaphorePermit) -> Self {
+    pub fn new(
+        node: NodeName,
+        shared: SyncShared,
+        out: Outbound,
+        permit: OwnedSemaphorePermit,
+    ) -> Self {
         Self {
             node,
             shared,
@@ -169,14 +192,29 @@ impl Session {
         }
     }
 
-    async fn serve(&mut self, inbound: &mut Streaming<v1::SyncRequest>, remote: String) -> Result<(), Status> {
-        let hello = match tokio::time::timeout(self.shared.config.hello_timeout, inbound.message()).await {
-            Err(_) => return Err(Status::failed_precondition("no Hello within the hello timeout")),
-            Ok(Err(s)) => return Err(s),
-            Ok(Ok(None)) => return Ok(()),
-            Ok(Ok(Some(v1::SyncRequest { message: Some(Req::Hello(h)) }))) => h,
-            Ok(Ok(Some(_))) => return Err(Status::failed_precondition("the first message must be a Hello")),
-        };
+    async fn serve(
+        &mut self,
+        inbound: &mut Streaming<v1::SyncRequest>,
+        remote: String,
+    ) -> Result<(), Status> {
+        let hello =
+            match tokio::time::timeout(self.shared.config.hello_timeout, inbound.message()).await {
+                Err(_) => {
+                    return Err(Status::failed_precondition(
+                        "no Hello within the hello timeout",
+                    ));
+                }
+                Ok(Err(s)) => return Err(s),
+                Ok(Ok(None)) => return Ok(()),
+                Ok(Ok(Some(v1::SyncRequest {
+                    message: Some(Req::Hello(h)),
+                }))) => h,
+                Ok(Ok(Some(_))) => {
+                    return Err(Status::failed_precondition(
+                        "the first message must be a Hello",
+                    ));
+                }
+            };
         if hello.protocol_version != raven_proto::PROTOCOL_VERSION {
             return Err(Status::failed_precondition(format!(
                 "protocol version {} is not supported (this hub speaks {})",
@@ -191,19 +229,26 @@ impl Session {
                 self.node, hello.node_name
             )));
         }
-        let inventory = raven_proto::hello_inventory(&hello).map_err(|e| status_invalid(e.to_string()))?;
-        let delta = hello.capabilities.contains(&(v1::Capability::Delta as i32)) && hello.cache_complete;
+        let inventory =
+            raven_proto::hello_inventory(&hello).map_err(|e| status_invalid(e.to_string()))?;
+        let delta =
+            hello.capabilities.contains(&(v1::Capability::Delta as i32)) && hello.cache_complete;
         self.held = inventory;
         self.held_epoch = hello.epoch.clone();
         self.held_revision = hello.revision;
         let snapshot = !delta;
 
         let mut published = self.shared.published.clone();
-        let ready = tokio::time::timeout(self.shared.config.ready_timeout, published.wait_for(|p| p.ready))
-            .await
-            .is_ok_and(|r| r.is_ok());
+        let ready = tokio::time::timeout(
+            self.shared.config.ready_timeout,
+            published.wait_for(|p| p.ready),
+        )
+        .await
+        .is_ok_and(|r| r.is_ok());
         if !ready {
-            return Err(Status::unavailable("the hub has not synced its sources yet"));
+            return Err(Status::unavailable(
+                "the hub has not synced its sources yet",
+            ));
         }
         let session = self.shared.agents.connected(&self.node, &hello, remote);
         tracing::info!(node = %self.node, epoch = %hello.epoch, revision = hello.revision, held = self.held.len(), delta, "agent connected");
@@ -212,7 +257,12 @@ impl Session {
         result
     }
 
-    async fn main_loop(&mut self, inbound: &mut Streaming<v1::SyncRequest>, published: &mut PublishedRx, snapshot: bool) -> Result<(), Status> {
+    async fn main_loop(
+        &mut self,
+        inbound: &mut Streaming<v1::SyncRequest>,
+        published: &mut PublishedRx,
+        snapshot: bool,
+    ) -> Result<(), Status> {
         let hb = self.shared.config.heartbeat;
         let mut ticker = tokio::time::interval(hb);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -274,7 +324,12 @@ impl Session {
         if self.queued.is_empty() {
             return Ok(());
         }
-        let (mut header, resources, after, sent) = self.queued.remove(0);
+        let Part {
+            mut header,
+            resources,
+            after,
+            sent,
+        } = self.queued.remove(0);
         self.next_nonce += 1;
         header.nonce = format!("{}-{}", current.revision, self.next_nonce);
         let msg = EncodedSyncResponse::update(header.clone(), resources.iter());
@@ -296,7 +351,13 @@ impl Session {
         let names = view::view_names(&current.topology, &self.node);
         let wanted: BTreeMap<ResourceName, ContentVersion> = names
             .iter()
-            .filter_map(|n| current.topology.resources.get(n).map(|r| (n.clone(), r.version.clone())))
+            .filter_map(|n| {
+                current
+                    .topology
+                    .resources
+                    .get(n)
+                    .map(|r| (n.clone(), r.version.clone()))
+            })
             .collect();
         let changed: Vec<(ResourceName, ContentVersion)> = wanted
             .iter()
@@ -304,7 +365,12 @@ impl Session {
             .filter(|(n, v)| !self.nacked.contains(&((*n).clone(), (*v).clone())))
             .map(|(n, v)| (n.clone(), v.clone()))
             .collect();
-        let removed: Vec<ResourceName> = self.held.keys().filter(|n| !wanted.contains_key(*n)).cloned().collect();
+        let removed: Vec<ResourceName> = self
+            .held
+            .keys()
+            .filter(|n| !wanted.contains_key(*n))
+            .cloned()
+            .collect();
         let first = !self.answered;
         if !first && changed.is_empty() && removed.is_empty() {
             return;
@@ -315,7 +381,9 @@ impl Session {
         let mut size = 0;
         for (n, v) in changed {
             let len = current.encoded.get(&n).map_or(0, EncodedResource::len);
-            if size + len > self.shared.config.max_update_bytes && parts.last().is_some_and(|p| !p.is_empty()) {
+            if size + len > self.shared.config.max_update_bytes
+                && parts.last().is_some_and(|p| !p.is_empty())
+            {
                 parts.push(Vec::new());
                 size = 0;
             }
@@ -348,8 +416,16 @@ impl Session {
                 // hub may have restarted with the wrong sources) are not.
                 intentional_removal: !first,
             };
-            let resources = part.iter().filter_map(|(n, _)| current.encoded.get(n).cloned()).collect();
-            self.queued.push((header, resources, after.clone(), part));
+            let resources = part
+                .iter()
+                .filter_map(|(n, _)| current.encoded.get(n).cloned())
+                .collect();
+            self.queued.push(Part {
+                header,
+                resources,
+                after: after.clone(),
+                sent: part,
+            });
         }
     }
 
@@ -361,13 +437,18 @@ impl Session {
             Some(Req::Hello(_)) => Err(status_invalid("Hello sent twice on one stream")),
             Some(Req::Ack(ack)) => {
                 let Some(f) = self.in_flight.take_if(|f| f.nonce == ack.nonce) else {
-                    return Err(status_invalid(format!("Ack for unknown nonce {:?}", ack.nonce)));
+                    return Err(status_invalid(format!(
+                        "Ack for unknown nonce {:?}",
+                        ack.nonce
+                    )));
                 };
                 self.shared.metrics.acked(f.sent_at.elapsed());
                 self.held = f.after;
                 self.held_epoch = f.epoch.clone();
                 self.held_revision = f.revision;
-                self.shared.agents.update(&node, |e| e.acked = Some((f.epoch, f.revision)));
+                self.shared
+                    .agents
+                    .update(&node, |e| e.acked = Some((f.epoch, f.revision)));
                 if self.queued.is_empty() {
                     // Initial sync done: let the next reconnecting agent in.
                     self.permit.take();
@@ -376,7 +457,10 @@ impl Session {
             }
             Some(Req::Nack(nack)) => {
                 let Some(f) = self.in_flight.take_if(|f| f.nonce == nack.nonce) else {
-                    return Err(status_invalid(format!("Nack for unknown nonce {:?}", nack.nonce)));
+                    return Err(status_invalid(format!(
+                        "Nack for unknown nonce {:?}",
+                        nack.nonce
+                    )));
                 };
                 let detail = nack.error.clone().unwrap_or_default();
                 tracing::warn!(node = %node, nonce = %nack.nonce, resource = %detail.resource_name, field = %detail.field, error = %detail.message, "agent rejected an update; it keeps its last good state");
@@ -391,11 +475,15 @@ impl Session {
                 }
                 self.queued.clear();
                 self.permit.take();
-                self.shared.agents.update(&node, |e| e.last_nack = Some((nack, std::time::SystemTime::now())));
+                self.shared.agents.update(&node, |e| {
+                    e.last_nack = Some((nack, std::time::SystemTime::now()))
+                });
                 Ok(true)
             }
             Some(Req::Applied(applied)) => {
-                self.shared.agents.update(&node, |e| e.applied = Some(applied));
+                self.shared
+                    .agents
+                    .update(&node, |e| e.applied = Some(applied));
                 Ok(false)
             }
             Some(Req::Heartbeat(_)) => {
@@ -403,8 +491,11 @@ impl Session {
                 Ok(false)
             }
             Some(Req::Report(report)) => {
-                let parsed = raven_proto::report_from_proto(&report).map_err(|e| status_invalid(e.to_string()))?;
-                self.shared.agents.update(&node, |e| e.report = Some(report));
+                let parsed = raven_proto::report_from_proto(&report)
+                    .map_err(|e| status_invalid(e.to_string()))?;
+                self.shared
+                    .agents
+                    .update(&node, |e| e.report = Some(report));
                 self.shared.index.update(|i| i.set_report(node, parsed));
                 Ok(false)
             }

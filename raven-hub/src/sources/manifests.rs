@@ -10,7 +10,10 @@ use raven_core::manifest;
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestDirError {
     #[error("reading manifest directory {path}: {source}")]
-    ReadDir { path: PathBuf, source: std::io::Error },
+    ReadDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// Reads every `*.yaml`/`*.yml` file of `dir` (not recursive), sorted by
@@ -33,10 +36,7 @@ fn read_files(dir: &Path) -> Result<Files, ManifestDirError> {
     let mut paths: Vec<PathBuf> = entries
         .filter_map(Result::ok)
         .map(|e| e.path())
-        .filter(|p| {
-            p.extension()
-                .is_some_and(|x| x == "yaml" || x == "yml")
-        })
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
         .collect();
     paths.sort();
     let mut sources = Vec::new();
@@ -130,7 +130,11 @@ pub fn fingerprint(dir: &Path) -> Vec<(String, u64, Option<std::time::SystemTime
         .filter_map(Result::ok)
         .filter_map(|e| {
             let md = e.metadata().ok()?;
-            Some((e.file_name().to_string_lossy().into_owned(), md.len(), md.modified().ok()))
+            Some((
+                e.file_name().to_string_lossy().into_owned(),
+                md.len(),
+                md.modified().ok(),
+            ))
         })
         .collect();
     out.sort();

@@ -1,0 +1,61 @@
+//! The agent's HTTP endpoint: `/healthz` (the process runs), `/readyz` (the
+//! last reconcile succeeded) and `/metrics`, including the age of the last
+//! contact with a hub — staleness is visible, and never a reason to tear
+//! anything down.
+
+use std::sync::atomic::Ordering;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::agent::Health;
+
+fn contact_age_seconds(h: &Health) -> Option<f64> {
+    let last = h.last_contact_ms.load(Ordering::Relaxed);
+    if last == 0 {
+        return None;
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    Some(now.saturating_sub(last) as f64 / 1000.0)
+}
+
+async fn readyz(State(h): State<Health>) -> (StatusCode, String) {
+    if h.dataplane_ok.load(Ordering::Relaxed) {
+        (StatusCode::OK, format!("ready: revision {}\n", h.revision.load(Ordering::Relaxed)))
+    } else {
+        let err = h.last_error.lock().ok().and_then(|e| e.clone()).unwrap_or_default();
+        (StatusCode::SERVICE_UNAVAILABLE, format!("dataplane not reconciled: {err}\n"))
+    }
+}
+
+async fn metrics(State(h): State<Health>) -> String {
+    let mut out = String::new();
+    let mut line = |name: &str, help: &str, kind: &str, v: f64| {
+        out.push_str(&format!("# HELP raven_edge_{name} {help}\n# TYPE raven_edge_{name} {kind}\nraven_edge_{name} {v}\n"));
+    };
+    line("revision", "Revision of the state the dataplane was reconciled from", "gauge", h.revision.load(Ordering::Relaxed) as f64);
+    line("dataplane_ok", "1 when the last reconcile succeeded", "gauge", f64::from(u8::from(h.dataplane_ok.load(Ordering::Relaxed))));
+    line("reconciles_total", "Reconcile passes", "counter", h.reconciles.load(Ordering::Relaxed) as f64);
+    line("ops_applied_total", "Kernel changes made", "counter", h.ops_applied.load(Ordering::Relaxed) as f64);
+    line("hub_contact_age_seconds", "Seconds since the last message from a hub (-1: never)", "gauge", contact_age_seconds(&h).unwrap_or(-1.0));
+    out
+}
+
+/// Serves until `shutdown`.
+pub async fn serve(listener: TcpListener, health: Health, shutdown: CancellationToken) {
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(health);
+    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await {
+        tracing::warn!(error = %e, "HTTP endpoint failed");
+    }
+}
