@@ -509,16 +509,25 @@ fn node_view(node: &ClusterNode, views: &BTreeMap<GatewayName, GatewayView>) -> 
     }
 }
 
-/// The addresses of `ip`'s family that a node must route through its gateway:
-/// every member address and subnet of every other gateway.
+/// What a node of `own_gateway` routes through its gateway: every member
+/// address and subnet of every other gateway.
 pub fn remote_prefixes(topology: &Topology, own_gateway: &GatewayName) -> Vec<IpNet> {
-    let mut out: Vec<IpNet> = topology
-        .gateways()
+    let gateways: Vec<GatewayView> = topology.gateways().cloned().collect();
+    remote_prefixes_of(&gateways, own_gateway)
+}
+
+/// [`remote_prefixes`] over a list of gateway views.
+pub fn remote_prefixes_of(gateways: &[GatewayView], own_gateway: &GatewayName) -> Vec<IpNet> {
+    let mut out: Vec<IpNet> = gateways
+        .iter()
         .filter(|g| &g.name != own_gateway)
         .flat_map(|g| {
-            g.members.iter().flat_map(|m| {
-                std::iter::once(host_net(m.private_ip)).chain(m.subnets.iter().copied())
-            })
+            g.members
+                .iter()
+                .flat_map(|m| {
+                    std::iter::once(host_net(m.private_ip)).chain(m.subnets.iter().copied())
+                })
+                .chain(g.extra_source_cidrs.iter().copied())
         })
         .collect();
     out.sort();

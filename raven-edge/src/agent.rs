@@ -53,7 +53,10 @@ pub enum AgentError {
     #[error(transparent)]
     Cache(#[from] crate::cache::CacheError),
     #[error("binding the HTTP endpoint {addr}: {source}")]
-    Http { addr: std::net::SocketAddr, source: std::io::Error },
+    Http {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
     #[error("the cache task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
 }
@@ -61,7 +64,8 @@ pub enum AgentError {
 /// Runs the agent until `shutdown`.
 pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
     let (node, dir, max) = (cfg.node.clone(), cfg.data_dir.clone(), cfg.cache_max_bytes);
-    let (cache, state) = tokio::task::spawn_blocking(move || Cache::open(&dir, &node, max)).await??;
+    let (cache, state) =
+        tokio::task::spawn_blocking(move || Cache::open(&dir, &node, max)).await??;
     tracing::info!(node = %cfg.node, epoch = %state.epoch, revision = state.revision, resources = state.resources.len(), "cache loaded");
     let health = Health::default();
     health.revision.store(state.revision, Ordering::Relaxed);
@@ -80,7 +84,11 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|source| AgentError::Http { addr, source })?;
-        tasks.spawn(crate::http::serve(listener, health.clone(), shutdown.clone()));
+        tasks.spawn(crate::http::serve(
+            listener,
+            health.clone(),
+            shutdown.clone(),
+        ));
     }
     // 2. The hub, in the background.
     if let Some(client_cfg) = cfg.client.clone() {
@@ -113,7 +121,12 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
 }
 
 /// Observe → plan → apply once, from `state`.
-pub async fn reconcile_once(dp: &dataplane::Kernel, node: &NodeName, state: &CachedState, health: &Health) -> AppliedReport {
+pub async fn reconcile_once(
+    dp: &dataplane::Kernel,
+    node: &NodeName,
+    state: &CachedState,
+    health: &Health,
+) -> AppliedReport {
     let inputs = dataplane::inputs_from(node, state);
     let result = dp.reconcile(&inputs).await;
     health.reconciles.fetch_add(1, Ordering::Relaxed);
@@ -121,9 +134,15 @@ pub async fn reconcile_once(dp: &dataplane::Kernel, node: &NodeName, state: &Cac
     let (error, summary) = match result {
         Ok(r) => {
             if r.ops_applied > 0 {
-                tracing::info!(ops = r.ops_applied, revision = state.revision, "dataplane reconciled");
+                tracing::info!(
+                    ops = r.ops_applied,
+                    revision = state.revision,
+                    "dataplane reconciled"
+                );
             }
-            health.ops_applied.fetch_add(r.ops_applied as u64, Ordering::Relaxed);
+            health
+                .ops_applied
+                .fetch_add(r.ops_applied as u64, Ordering::Relaxed);
             (None, r.summary)
         }
         Err(e) => {
@@ -131,7 +150,9 @@ pub async fn reconcile_once(dp: &dataplane::Kernel, node: &NodeName, state: &Cac
             (Some(e.to_string()), v1::ApplySummary::default())
         }
     };
-    health.dataplane_ok.store(error.is_none(), Ordering::Relaxed);
+    health
+        .dataplane_ok
+        .store(error.is_none(), Ordering::Relaxed);
     if let Ok(mut last) = health.last_error.lock() {
         last.clone_from(&error);
     }

@@ -96,7 +96,9 @@ pub fn check_update(
     }
     let mut remove: BTreeSet<ResourceName> = h.removed.iter().cloned().collect();
     if h.snapshot {
-        progress.seen.extend(update.resources.iter().map(|(n, _)| n.clone()));
+        progress
+            .seen
+            .extend(update.resources.iter().map(|(n, _)| n.clone()));
         if h.snapshot_complete {
             // Garbage collection, only after the completion marker.
             remove.extend(
@@ -107,7 +109,11 @@ pub fn check_update(
             );
         }
     }
-    remove.retain(|n| held.resources.contains_key(n) && !put.contains_key(n) && !update.resources.iter().any(|(u, _)| u == n));
+    remove.retain(|n| {
+        held.resources.contains_key(n)
+            && !put.contains_key(n)
+            && !update.resources.iter().any(|(u, _)| u == n)
+    });
     let held_count = held.resources.len();
     if !h.intentional_removal
         && held_count >= MASS_REMOVAL_MIN_HELD
@@ -146,7 +152,11 @@ pub struct View {
 impl CachedState {
     /// The view of `node`, if its own resource is held.
     pub fn view(&self, node: &NodeName) -> Option<View> {
-        let me = match self.resources.get(&ResourceName::node(node)).map(|r| &r.body) {
+        let me = match self
+            .resources
+            .get(&ResourceName::node(node))
+            .map(|r| &r.body)
+        {
             Some(ResourceBody::Node(n)) => n.clone(),
             _ => return None,
         };
@@ -198,7 +208,10 @@ pub fn purpose(node: &NodeName) -> String {
     format!("raven-edge/{node}")
 }
 
-fn decode_stored(name: &str, stored: &StoredResource) -> Result<(ResourceName, Resource), CacheError> {
+fn decode_stored(
+    name: &str,
+    stored: &StoredResource,
+) -> Result<(ResourceName, Resource), CacheError> {
     let bad = |reason: String| CacheError::BadResource {
         name: name.to_owned(),
         reason,
@@ -206,7 +219,10 @@ fn decode_stored(name: &str, stored: &StoredResource) -> Result<(ResourceName, R
     let proto = v1::Resource::decode(stored.payload.clone()).map_err(|e| bad(e.to_string()))?;
     let (n, r) = raven_proto::resource_from_proto(&proto).map_err(|e| bad(e.to_string()))?;
     if n.as_str() != name || r.version.as_str() != stored.version {
-        return Err(bad(format!("stored under {name}@{} but holds {n}@{}", stored.version, r.version)));
+        return Err(bad(format!(
+            "stored under {name}@{} but holds {n}@{}",
+            stored.version, r.version
+        )));
     }
     Ok((n, r))
 }
@@ -230,7 +246,11 @@ impl Cache {
     /// Opens the cache of `node` under `data_dir`. A corrupt or foreign cache
     /// is moved aside by the store (and reported); a cache whose resources do
     /// not decode is treated the same way.
-    pub fn open(data_dir: &Path, node: &NodeName, max_bytes: u64) -> Result<(Self, CachedState), CacheError> {
+    pub fn open(
+        data_dir: &Path,
+        node: &NodeName,
+        max_bytes: u64,
+    ) -> Result<(Self, CachedState), CacheError> {
         let dir = data_dir.join("cache");
         let opts = StoreOptions {
             purpose: purpose(node),
@@ -337,7 +357,10 @@ mod tests {
     }
 
     fn update(h: UpdateHeader, resources: Vec<(ResourceName, Resource)>) -> DecodedUpdate {
-        DecodedUpdate { header: h, resources }
+        DecodedUpdate {
+            header: h,
+            resources,
+        }
     }
 
     fn header(revision: u64) -> UpdateHeader {
@@ -352,32 +375,65 @@ mod tests {
     fn delta_adds_and_explicitly_removes() {
         let mut h = header(6);
         h.removed = vec![res(0).0];
-        let a = check_update(&held(2), &update(h, vec![settings(4472)]), &mut SnapshotProgress::default())
-            .unwrap_or_else(|e| panic!("{e}"));
+        let a = check_update(
+            &held(2),
+            &update(h, vec![settings(4472)]),
+            &mut SnapshotProgress::default(),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(a.next.revision, 6);
-        assert_eq!(a.next.resources.keys().map(ToString::to_string).collect::<Vec<_>>(), vec!["node/n1", "settings"]);
+        assert_eq!(
+            a.next
+                .resources
+                .keys()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            vec!["node/n1", "settings"]
+        );
         assert_eq!(a.remove.len(), 1);
     }
 
     #[test]
     fn an_empty_delta_removes_nothing() {
-        let a = check_update(&held(6), &update(header(7), vec![]), &mut SnapshotProgress::default())
-            .unwrap_or_else(|e| panic!("{e}"));
+        let a = check_update(
+            &held(6),
+            &update(header(7), vec![]),
+            &mut SnapshotProgress::default(),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(a.next.resources.len(), 6);
         assert!(a.remove.is_empty());
     }
 
     #[test]
     fn older_revision_of_the_same_epoch_is_refused() {
-        let r = check_update(&held(1), &update(header(4), vec![]), &mut SnapshotProgress::default());
-        assert!(matches!(r, Err(Refusal::Older { got: 4, held: 5, .. })));
+        let r = check_update(
+            &held(1),
+            &update(header(4), vec![]),
+            &mut SnapshotProgress::default(),
+        );
+        assert!(matches!(
+            r,
+            Err(Refusal::Older {
+                got: 4,
+                held: 5,
+                ..
+            })
+        ));
     }
 
     #[test]
     fn another_epoch_is_not_compared_by_revision() {
         let mut h = header(1);
         h.epoch = "other".into();
-        assert!(check_update(&held(1), &update(h, vec![]), &mut SnapshotProgress::default()).is_ok());
+        assert!(
+            check_update(
+                &held(1),
+                &update(h, vec![]),
+                &mut SnapshotProgress::default()
+            )
+            .is_ok()
+        );
     }
 
     #[test]
@@ -385,14 +441,27 @@ mod tests {
         let mut progress = SnapshotProgress::default();
         let mut part1 = header(6);
         part1.snapshot = true;
-        let a = check_update(&held(3), &update(part1, vec![res(0)]), &mut progress).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(a.next.resources.len(), 3, "nothing removed before completion");
+        let a = check_update(&held(3), &update(part1, vec![res(0)]), &mut progress)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            a.next.resources.len(),
+            3,
+            "nothing removed before completion"
+        );
         assert!(!a.next.complete);
         let mut part2 = header(6);
         part2.snapshot = true;
         part2.snapshot_complete = true;
-        let b = check_update(&a.next, &update(part2, vec![res(1)]), &mut progress).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(b.next.resources.keys().map(ToString::to_string).collect::<Vec<_>>(), vec!["node/n0", "node/n1"]);
+        let b = check_update(&a.next, &update(part2, vec![res(1)]), &mut progress)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            b.next
+                .resources
+                .keys()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            vec!["node/n0", "node/n1"]
+        );
         assert!(b.next.complete);
     }
 
@@ -401,11 +470,25 @@ mod tests {
         let mut h = header(6);
         h.snapshot = true;
         h.snapshot_complete = true;
-        let r = check_update(&held(10), &update(h.clone(), vec![res(0)]), &mut SnapshotProgress::default());
-        assert_eq!(r, Err(Refusal::MassRemoval { removing: 9, held: 10 }));
+        let r = check_update(
+            &held(10),
+            &update(h.clone(), vec![res(0)]),
+            &mut SnapshotProgress::default(),
+        );
+        assert_eq!(
+            r,
+            Err(Refusal::MassRemoval {
+                removing: 9,
+                held: 10
+            })
+        );
         h.intentional_removal = true;
-        let a = check_update(&held(10), &update(h, vec![res(0)]), &mut SnapshotProgress::default())
-            .unwrap_or_else(|e| panic!("{e}"));
+        let a = check_update(
+            &held(10),
+            &update(h, vec![res(0)]),
+            &mut SnapshotProgress::default(),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(a.next.resources.len(), 1);
     }
 
@@ -413,16 +496,22 @@ mod tests {
     fn persisted_state_round_trips_through_the_store() {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         let node = NodeName::new("n0").unwrap_or_else(|_| unreachable!());
-        let (cache, state) = Cache::open(dir.path(), &node, 1 << 20).unwrap_or_else(|e| panic!("{e}"));
+        let (cache, state) =
+            Cache::open(dir.path(), &node, 1 << 20).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(state, CachedState::default());
         let mut h = header(1);
         h.snapshot = true;
         h.snapshot_complete = true;
-        let a = check_update(&state, &update(h, vec![res(0), settings(4472)]), &mut SnapshotProgress::default())
-            .unwrap_or_else(|e| panic!("{e}"));
+        let a = check_update(
+            &state,
+            &update(h, vec![res(0), settings(4472)]),
+            &mut SnapshotProgress::default(),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
         cache.commit(&a).unwrap_or_else(|e| panic!("{e}"));
         drop(cache);
-        let (_, reopened) = Cache::open(dir.path(), &node, 1 << 20).unwrap_or_else(|e| panic!("{e}"));
+        let (_, reopened) =
+            Cache::open(dir.path(), &node, 1 << 20).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(reopened, a.next);
         assert!(reopened.view(&node).is_some());
     }

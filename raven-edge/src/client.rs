@@ -69,7 +69,10 @@ pub struct Links {
 #[derive(Debug, thiserror::Error)]
 enum SessionError {
     #[error("connecting to {hub}: {source}")]
-    Connect { hub: String, source: tonic::transport::Error },
+    Connect {
+        hub: String,
+        source: tonic::transport::Error,
+    },
     #[error("hub {hub}: {status}")]
     Status { hub: String, status: tonic::Status },
     #[error("hub {hub} went silent for {silent:?}")]
@@ -81,7 +84,10 @@ enum SessionError {
     #[error("invalid hub address {0:?}")]
     BadAddress(String),
     #[error("reading TLS file {path}: {source}")]
-    Tls { path: std::path::PathBuf, source: std::io::Error },
+    Tls {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
 }
 
 fn now_ms() -> u64 {
@@ -101,11 +107,18 @@ pub struct Backoff {
 
 impl Backoff {
     pub fn new(min: Duration, max: Duration) -> Self {
-        Self { min, max, attempt: 0 }
+        Self {
+            min,
+            max,
+            attempt: 0,
+        }
     }
     /// The next delay: uniform in `[0, min(max, min * 2^attempt)]`.
     pub fn next_delay(&mut self) -> Duration {
-        let cap = self.min.saturating_mul(1 << self.attempt.min(20)).min(self.max);
+        let cap = self
+            .min
+            .saturating_mul(1 << self.attempt.min(20))
+            .min(self.max);
         self.attempt = self.attempt.saturating_add(1);
         cap.mul_f64(rand::random::<f64>())
     }
@@ -145,7 +158,9 @@ pub async fn run(cfg: ClientConfig, links: Links, shutdown: CancellationToken) {
         }
         let mut delay = backoff.next_delay();
         match &result {
-            Err(SessionError::Status { status, .. }) if status.code() == tonic::Code::ResourceExhausted => {
+            Err(SessionError::Status { status, .. })
+                if status.code() == tonic::Code::ResourceExhausted =>
+            {
                 let hint = raven_proto::retry_after(status).unwrap_or(cfg.backoff_min);
                 delay = hint + hint.mul_f64(rand::random::<f64>() * 0.5);
                 tracing::info!(%hub, ?delay, "hub is admission limiting; retrying later");
@@ -170,7 +185,9 @@ async fn channel(cfg: &ClientConfig, hub: &str) -> Result<Channel, SessionError>
             source,
         })
     };
-    let uri: tonic::transport::Uri = hub.parse().map_err(|_| SessionError::BadAddress(hub.to_owned()))?;
+    let uri: tonic::transport::Uri = hub
+        .parse()
+        .map_err(|_| SessionError::BadAddress(hub.to_owned()))?;
     let server_name = cfg
         .server_name
         .clone()
@@ -178,7 +195,10 @@ async fn channel(cfg: &ClientConfig, hub: &str) -> Result<Channel, SessionError>
         .ok_or_else(|| SessionError::BadAddress(hub.to_owned()))?;
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(read(&cfg.tls.ca)?))
-        .identity(Identity::from_pem(read(&cfg.tls.cert)?, read(&cfg.tls.key)?))
+        .identity(Identity::from_pem(
+            read(&cfg.tls.cert)?,
+            read(&cfg.tls.key)?,
+        ))
         .domain_name(server_name);
     let connect_err = |source| SessionError::Connect {
         hub: hub.to_owned(),
@@ -197,7 +217,9 @@ async fn channel(cfg: &ClientConfig, hub: &str) -> Result<Channel, SessionError>
 
 /// Queues a message for the hub; false when the stream is gone.
 async fn send(tx: &mpsc::Sender<v1::SyncRequest>, msg: Req) -> bool {
-    tx.send(v1::SyncRequest { message: Some(msg) }).await.is_ok()
+    tx.send(v1::SyncRequest { message: Some(msg) })
+        .await
+        .is_ok()
 }
 
 /// One stream, from dial to its end.
@@ -266,7 +288,8 @@ async fn session(cfg: &ClientConfig, hub: &str, links: &Links) -> Result<(), Ses
                 }
             }
             changed = applied.changed() => {
-                if changed.is_ok() && let Some(a) = applied.borrow_and_update().clone() {
+                let latest = applied.borrow_and_update().clone();
+                if changed.is_ok() && let Some(a) = latest {
                     let error = a.error.map(|message| v1::ErrorDetail { message, ..Default::default() });
                     let state = links.state.borrow().clone();
                     send(&tx, Req::Applied(v1::Applied {

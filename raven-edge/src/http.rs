@@ -28,10 +28,21 @@ fn contact_age_seconds(h: &Health) -> Option<f64> {
 
 async fn readyz(State(h): State<Health>) -> (StatusCode, String) {
     if h.dataplane_ok.load(Ordering::Relaxed) {
-        (StatusCode::OK, format!("ready: revision {}\n", h.revision.load(Ordering::Relaxed)))
+        (
+            StatusCode::OK,
+            format!("ready: revision {}\n", h.revision.load(Ordering::Relaxed)),
+        )
     } else {
-        let err = h.last_error.lock().ok().and_then(|e| e.clone()).unwrap_or_default();
-        (StatusCode::SERVICE_UNAVAILABLE, format!("dataplane not reconciled: {err}\n"))
+        let err = h
+            .last_error
+            .lock()
+            .ok()
+            .and_then(|e| e.clone())
+            .unwrap_or_default();
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("dataplane not reconciled: {err}\n"),
+        )
     }
 }
 
@@ -40,11 +51,36 @@ async fn metrics(State(h): State<Health>) -> String {
     let mut line = |name: &str, help: &str, kind: &str, v: f64| {
         out.push_str(&format!("# HELP raven_edge_{name} {help}\n# TYPE raven_edge_{name} {kind}\nraven_edge_{name} {v}\n"));
     };
-    line("revision", "Revision of the state the dataplane was reconciled from", "gauge", h.revision.load(Ordering::Relaxed) as f64);
-    line("dataplane_ok", "1 when the last reconcile succeeded", "gauge", f64::from(u8::from(h.dataplane_ok.load(Ordering::Relaxed))));
-    line("reconciles_total", "Reconcile passes", "counter", h.reconciles.load(Ordering::Relaxed) as f64);
-    line("ops_applied_total", "Kernel changes made", "counter", h.ops_applied.load(Ordering::Relaxed) as f64);
-    line("hub_contact_age_seconds", "Seconds since the last message from a hub (-1: never)", "gauge", contact_age_seconds(&h).unwrap_or(-1.0));
+    line(
+        "revision",
+        "Revision of the state the dataplane was reconciled from",
+        "gauge",
+        h.revision.load(Ordering::Relaxed) as f64,
+    );
+    line(
+        "dataplane_ok",
+        "1 when the last reconcile succeeded",
+        "gauge",
+        f64::from(u8::from(h.dataplane_ok.load(Ordering::Relaxed))),
+    );
+    line(
+        "reconciles_total",
+        "Reconcile passes",
+        "counter",
+        h.reconciles.load(Ordering::Relaxed) as f64,
+    );
+    line(
+        "ops_applied_total",
+        "Kernel changes made",
+        "counter",
+        h.ops_applied.load(Ordering::Relaxed) as f64,
+    );
+    line(
+        "hub_contact_age_seconds",
+        "Seconds since the last message from a hub (-1: never)",
+        "gauge",
+        contact_age_seconds(&h).unwrap_or(-1.0),
+    );
     out
 }
 
@@ -55,7 +91,10 @@ pub async fn serve(listener: TcpListener, health: Health, shutdown: Cancellation
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .with_state(health);
-    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await {
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+    {
         tracing::warn!(error = %e, "HTTP endpoint failed");
     }
 }

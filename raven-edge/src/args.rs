@@ -1,0 +1,202 @@
+//! Command line of `raven-edge`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use raven_core::NodeName;
+use tokio_util::sync::CancellationToken;
+
+use crate::agent::{self, AgentConfig};
+use crate::cache;
+use crate::client::{ClientConfig, ClientTls};
+use crate::dataplane;
+
+/// raven's node agent.
+#[derive(Debug, Parser)]
+#[command(name = "raven-edge", version, about)]
+pub struct Args {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Flags every command shares.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Common {
+    /// This node's name (as the Kubernetes Node and its certificate name it).
+    #[arg(long, env = "NODE_NAME")]
+    pub node: String,
+    /// Where the agent keeps its cache.
+    #[arg(long, env = "RAVEN_DATA_DIR", default_value = "/var/lib/raven")]
+    pub data_dir: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the agent: program the kernel from the cache, then follow the hub.
+    Run {
+        #[command(flatten)]
+        common: Common,
+        /// Hub address, `https://host:port`; repeat for replicas (failover).
+        #[arg(long = "hub", env = "RAVEN_HUBS", value_delimiter = ',')]
+        hubs: Vec<String>,
+        /// Name the hub certificate must carry (default: the address's host).
+        #[arg(long, env = "RAVEN_HUB_SERVER_NAME")]
+        hub_server_name: Option<String>,
+        /// Directory with ca.pem, node-<node>.pem and node-<node>-key.pem.
+        #[arg(long, env = "RAVEN_CERTS", default_value = "/etc/raven/certs")]
+        certs: PathBuf,
+        /// HTTP listener for /healthz, /readyz, /metrics.
+        #[arg(long, env = "RAVEN_HTTP_ADDR", default_value = "127.0.0.1:10273")]
+        http_addr: Option<std::net::SocketAddr>,
+        /// Drift repair period.
+        #[arg(long, env = "RAVEN_RESYNC", default_value = "30s", value_parser = humantime::parse_duration)]
+        resync: Duration,
+        /// Heartbeat interval of the hub stream.
+        #[arg(long, env = "RAVEN_HEARTBEAT", default_value = "10s", value_parser = humantime::parse_duration)]
+        heartbeat: Duration,
+        /// Observe and plan, never change the kernel.
+        #[arg(long)]
+        dry_run: bool,
+        /// Log as JSON.
+        #[arg(long, env = "RAVEN_LOG_JSON")]
+        log_json: bool,
+    },
+    /// Print the cached topology and versions as JSON (works with the agent
+    /// stopped and the hub down).
+    Show {
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Print what reconciling the cached state would change (no root needed).
+    Plan {
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Remove everything raven installed on this node. The only command that
+    /// tears the dataplane down.
+    Teardown,
+}
+
+fn node(common: &Common) -> anyhow::Result<NodeName> {
+    NodeName::new(common.node.clone()).map_err(|e| anyhow::anyhow!("--node {:?}: {e}", common.node))
+}
+
+impl Args {
+    pub fn run(self) -> anyhow::Result<std::process::ExitCode> {
+        let rt = tokio::runtime::Runtime::new()?;
+        match self.command {
+            Command::Run {
+                common,
+                hubs,
+                hub_server_name,
+                certs,
+                http_addr,
+                resync,
+                heartbeat,
+                dry_run,
+                log_json,
+            } => {
+                init_tracing(log_json);
+                let node = node(&common)?;
+                let client = (!hubs.is_empty()).then(|| ClientConfig {
+                    node: node.clone(),
+                    hubs,
+                    server_name: hub_server_name,
+                    tls: ClientTls {
+                        ca: certs.join("ca.pem"),
+                        cert: certs.join(format!("node-{node}.pem")),
+                        key: certs.join(format!("node-{node}-key.pem")),
+                    },
+                    heartbeat,
+                    backoff_min: Duration::from_millis(500),
+                    backoff_max: Duration::from_secs(30),
+                });
+                let cfg = AgentConfig {
+                    node,
+                    data_dir: common.data_dir,
+                    client,
+                    apply: !dry_run,
+                    resync,
+                    cache_max_bytes: 64 << 20,
+                    http_addr,
+                };
+                rt.block_on(async {
+                    let shutdown = CancellationToken::new();
+                    let s = shutdown.clone();
+                    tokio::spawn(async move {
+                        shutdown_signal().await;
+                        s.cancel();
+                    });
+                    agent::run(cfg, shutdown).await
+                })?;
+                Ok(std::process::ExitCode::SUCCESS)
+            }
+            Command::Show { common } => {
+                let node = node(&common)?;
+                let snap = raven_store::Store::open_read_only_snapshot(
+                    &common.data_dir.join("cache"),
+                    &cache::purpose(&node),
+                )?;
+                let state = cache::decode_snapshot(&snap)?;
+                let out = serde_json::json!({
+                    "node": node,
+                    "epoch": state.epoch,
+                    "revision": state.revision,
+                    "complete": state.complete,
+                    "resources": state.resources,
+                });
+                println!("{}", serde_json::to_string_pretty(&out)?);
+                Ok(std::process::ExitCode::SUCCESS)
+            }
+            Command::Plan { common } => {
+                let node = node(&common)?;
+                let snap = raven_store::Store::open_read_only_snapshot(
+                    &common.data_dir.join("cache"),
+                    &cache::purpose(&node),
+                )?;
+                let state = cache::decode_snapshot(&snap)?;
+                let inputs = dataplane::inputs_from(&node, &state);
+                let ops = rt.block_on(dataplane::Kernel::new(false).plan(&inputs))?;
+                for op in &ops {
+                    println!("{op}");
+                }
+                eprintln!("{} change(s)", ops.len());
+                Ok(std::process::ExitCode::SUCCESS)
+            }
+            Command::Teardown => {
+                init_tracing(false);
+                rt.block_on(dataplane::Kernel::new(true).teardown())?;
+                eprintln!("removed raven's links, routes and rules");
+                Ok(std::process::ExitCode::SUCCESS)
+            }
+        }
+    }
+}
+
+fn init_tracing(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,139 @@
+//! The node dataplane: desired state (pure) → plan (pure diff) → apply
+//! (rtnetlink), level-triggered and idempotent. Calling [`Kernel::reconcile`]
+//! again is drift repair.
+
+pub mod model;
+pub mod netlink;
+
+use std::collections::BTreeMap;
+
+use raven_core::NodeName;
+use raven_proto::v1;
+
+pub use model::{Desired, NodeInputs, Op, State, desired, plan};
+pub use netlink::DataplaneError;
+
+use crate::cache::CachedState;
+
+/// Builds the dataplane inputs of `node` from its cached view.
+pub fn inputs_from(node: &NodeName, state: &CachedState) -> NodeInputs {
+    let view = state.view(node);
+    NodeInputs {
+        me: view.as_ref().map(|v| v.me.clone()),
+        gateways: view
+            .as_ref()
+            .map(|v| v.gateways.clone())
+            .unwrap_or_default(),
+        settings: view.as_ref().and_then(|v| v.settings.clone()),
+        active_override: BTreeMap::new(),
+        underlay_mtu: 0,
+        tunnel_dev: model::DEFAULT_TUNNEL_DEV.to_owned(),
+    }
+}
+
+/// What one reconcile did.
+#[derive(Debug, Clone, Default)]
+pub struct ReconcileReport {
+    pub ops_applied: usize,
+    pub summary: v1::ApplySummary,
+    pub warnings: Vec<String>,
+}
+
+/// The kernel of the current network namespace.
+#[derive(Debug, Clone)]
+pub struct Kernel {
+    /// `false`: observe and plan, never write (dry run).
+    write: bool,
+}
+
+fn summary(s: &State) -> v1::ApplySummary {
+    v1::ApplySummary {
+        routes: s.routes.len() as u32,
+        rules: s.rules.len() as u32,
+        links: u32::from(s.link.is_some()),
+        tunnels: 0,
+    }
+}
+
+impl Kernel {
+    pub fn new(write: bool) -> Self {
+        Self { write }
+    }
+
+    async fn desired(
+        &self,
+        h: &rtnetlink::Handle,
+        inputs: &NodeInputs,
+    ) -> Result<Desired, DataplaneError> {
+        let mut inputs = inputs.clone();
+        if inputs.underlay_mtu == 0 {
+            let private = inputs.me.as_ref().and_then(|m| m.private_ip);
+            inputs.underlay_mtu = match private {
+                Some(ip) => netlink::underlay_mtu(h, ip).await?.unwrap_or(1500),
+                None => 1500,
+            };
+        }
+        Ok(desired(&inputs))
+    }
+
+    /// What reconciling would change now.
+    pub async fn plan(&self, inputs: &NodeInputs) -> Result<Vec<Op>, DataplaneError> {
+        let h = netlink::connect()?;
+        let want = self.desired(&h, inputs).await?;
+        let have = netlink::observe(&h).await?;
+        Ok(plan(&want.state, &have))
+    }
+
+    /// Observe → plan → apply.
+    pub async fn reconcile(&self, inputs: &NodeInputs) -> Result<ReconcileReport, DataplaneError> {
+        let h = netlink::connect()?;
+        let want = self.desired(&h, inputs).await?;
+        let have = netlink::observe(&h).await?;
+        let ops = plan(&want.state, &have);
+        for w in &want.warnings {
+            tracing::warn!(warning = %w, "dataplane");
+        }
+        if !self.write {
+            return Ok(ReconcileReport {
+                ops_applied: 0,
+                summary: summary(&have),
+                warnings: want.warnings,
+            });
+        }
+        if want.state.link.is_some() {
+            enable_forwarding();
+        }
+        let applied = netlink::apply(&h, &ops).await?;
+        Ok(ReconcileReport {
+            ops_applied: applied,
+            summary: summary(&want.state),
+            warnings: want.warnings,
+        })
+    }
+
+    /// Removes every object raven owns from the kernel.
+    pub async fn teardown(&self) -> Result<usize, DataplaneError> {
+        let h = netlink::connect()?;
+        let have = netlink::observe(&h).await?;
+        let ops = plan(&State::default(), &have);
+        netlink::apply(&h, &ops).await
+    }
+}
+
+/// Gateways and members forward for pods and remote domains. The sysctls
+/// are per network namespace. Failures are logged: a read-only /proc (in a
+/// dry run, say) must not stop reconciling.
+fn enable_forwarding() {
+    for (path, value) in [
+        ("/proc/sys/net/ipv4/ip_forward", "1"),
+        ("/proc/sys/net/ipv6/conf/all/forwarding", "1"),
+        ("/proc/sys/net/ipv4/conf/all/rp_filter", "2"),
+    ] {
+        if std::fs::read_to_string(path).is_ok_and(|v| v.trim() == value) {
+            continue;
+        }
+        if let Err(e) = std::fs::write(path, value) {
+            tracing::warn!(%path, error = %e, "could not set sysctl");
+        }
+    }
+}

@@ -1,0 +1,780 @@
+//! What raven wants a node's kernel to hold, what it holds, and the pure
+//! diff between the two.
+//!
+//! Addressing needs no allocation: a member's VXLAN MAC is derived from its
+//! private IPv4 (`0e:52:a:b:c:d`), the IPv4 next hop over `raven0` is the
+//! member's private address itself, and the IPv6 next hop is the EUI-64
+//! link-local address the kernel derives from that MAC. Every node computes
+//! every other member's entries from the topology alone.
+//!
+//! Everything raven installs is marked as its own: the link name `raven0`,
+//! route tables 9027/9028, rule priorities 9027/9028 and route protocol 82.
+//! Nothing else is ever observed, planned or touched.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use ipnet::IpNet;
+use raven_core::topology::{GatewayView, NodeView, Settings, VXLAN_PORT};
+use raven_core::{GatewayName, NodeName};
+
+/// Name of raven's VXLAN device.
+pub const VXLAN_DEV: &str = "raven0";
+/// VXLAN network identifier of `raven0`.
+pub const VXLAN_VNI: u32 = 1;
+/// Table of routes to remote domains (through the gateway).
+pub const TABLE_REMOTE: u32 = 9027;
+/// Table of return routes on the gateway (tunnel → members).
+pub const TABLE_RETURN: u32 = 9028;
+/// Rule priority sending all traffic through `TABLE_REMOTE` first.
+pub const PRIORITY_REMOTE: u32 = 9027;
+/// Rule priority sending traffic from the tunnel through `TABLE_RETURN`.
+pub const PRIORITY_RETURN: u32 = 9028;
+/// Route protocol id marking raven's routes (`ip route ... proto 82`).
+pub const ROUTE_PROTOCOL: u8 = 82;
+/// VXLAN over IPv4 overhead.
+pub const VXLAN_OVERHEAD: u32 = 50;
+/// Worst-case tunnel overhead added at the gateway (WireGuard over IPv6).
+pub const TUNNEL_OVERHEAD: u32 = 80;
+/// Default name of the gateway tunnel device.
+pub const DEFAULT_TUNNEL_DEV: &str = "raven-wg0";
+
+/// A MAC address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Mac(pub [u8; 6]);
+
+impl fmt::Display for Mac {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let m = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
+    }
+}
+
+/// The `raven0` MAC of the node with private address `ip`.
+pub fn mac_for(ip: Ipv4Addr) -> Mac {
+    let o = ip.octets();
+    Mac([0x0e, 0x52, o[0], o[1], o[2], o[3]])
+}
+
+/// The EUI-64 link-local address the kernel gives a link with `mac`.
+pub fn link_local(mac: Mac) -> Ipv6Addr {
+    let m = mac.0;
+    Ipv6Addr::from([
+        0xfe,
+        0x80,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        m[0] ^ 0x02,
+        m[1],
+        m[2],
+        0xff,
+        0xfe,
+        m[3],
+        m[4],
+        m[5],
+    ])
+}
+
+/// The VXLAN device.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct VxlanLink {
+    pub vni: u32,
+    pub port: u16,
+    pub local: Ipv4Addr,
+    pub mtu: u32,
+    pub mac: Mac,
+}
+
+/// A route raven owns: `dst via via dev raven0 onlink table T proto 82`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Route {
+    pub table: u32,
+    pub dst: IpNet,
+    pub via: IpAddr,
+    /// 0: no MTU metric.
+    pub mtu: u32,
+}
+
+/// A policy rule raven owns.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Rule {
+    pub v6: bool,
+    pub priority: u32,
+    pub table: u32,
+    pub iif: Option<String>,
+}
+
+/// A permanent neighbour entry on `raven0`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Neighbour {
+    pub ip: IpAddr,
+    pub mac: Mac,
+}
+
+/// A unicast FDB entry on `raven0`: frames for `mac` go to `dst`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Fdb {
+    pub mac: Mac,
+    pub dst: Ipv4Addr,
+}
+
+/// A node's dataplane, desired or observed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct State {
+    pub link: Option<VxlanLink>,
+    /// Observed only: the link is administratively up.
+    pub link_up: bool,
+    pub neighbours: BTreeSet<Neighbour>,
+    pub fdb: BTreeSet<Fdb>,
+    pub routes: BTreeSet<Route>,
+    pub rules: BTreeSet<Rule>,
+}
+
+/// Desired state plus what the planner could not honour.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Desired {
+    pub state: State,
+    /// Remote prefixes the gateway's tunnel driver routes into the tunnel.
+    pub tunnel_prefixes: Vec<IpNet>,
+    pub warnings: Vec<String>,
+}
+
+/// One change to the kernel.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Op {
+    CreateLink(VxlanLink),
+    DeleteLink,
+    SetMtu(u32),
+    SetUp,
+    ReplaceFdb(Fdb),
+    DeleteFdb(Fdb),
+    ReplaceNeighbour(Neighbour),
+    DeleteNeighbour(Neighbour),
+    ReplaceRoute(Route),
+    DeleteRoute(Route),
+    AddRule(Rule),
+    DeleteRule(Rule),
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Op::CreateLink(l) => write!(
+                f,
+                "ip link add {VXLAN_DEV} type vxlan id {} dstport {} local {} nolearning; mtu {} address {}",
+                l.vni, l.port, l.local, l.mtu, l.mac
+            ),
+            Op::DeleteLink => write!(f, "ip link del {VXLAN_DEV}"),
+            Op::SetMtu(m) => write!(f, "ip link set {VXLAN_DEV} mtu {m}"),
+            Op::SetUp => write!(f, "ip link set {VXLAN_DEV} up"),
+            Op::ReplaceFdb(e) => write!(
+                f,
+                "bridge fdb replace {} dev {VXLAN_DEV} dst {} self permanent",
+                e.mac, e.dst
+            ),
+            Op::DeleteFdb(e) => write!(
+                f,
+                "bridge fdb del {} dev {VXLAN_DEV} dst {} self",
+                e.mac, e.dst
+            ),
+            Op::ReplaceNeighbour(n) => write!(
+                f,
+                "ip neigh replace {} lladdr {} dev {VXLAN_DEV} nud permanent",
+                n.ip, n.mac
+            ),
+            Op::DeleteNeighbour(n) => write!(f, "ip neigh del {} dev {VXLAN_DEV}", n.ip),
+            Op::ReplaceRoute(r) => write!(
+                f,
+                "ip route replace {} via {} dev {VXLAN_DEV} onlink table {} proto {ROUTE_PROTOCOL}{}",
+                r.dst,
+                r.via,
+                r.table,
+                if r.mtu > 0 {
+                    format!(" mtu {}", r.mtu)
+                } else {
+                    String::new()
+                }
+            ),
+            Op::DeleteRoute(r) => write!(
+                f,
+                "ip route del {} table {} proto {ROUTE_PROTOCOL}",
+                r.dst, r.table
+            ),
+            Op::AddRule(r) | Op::DeleteRule(r) => {
+                let verb = if matches!(self, Op::AddRule(_)) {
+                    "add"
+                } else {
+                    "del"
+                };
+                let fam = if r.v6 { "-6 " } else { "" };
+                let iif = r
+                    .iif
+                    .as_ref()
+                    .map(|i| format!(" iif {i}"))
+                    .unwrap_or_default();
+                write!(
+                    f,
+                    "ip {fam}rule {verb} priority {}{iif} lookup {}",
+                    r.priority, r.table
+                )
+            }
+        }
+    }
+}
+
+/// What `desired` reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeInputs {
+    pub me: Option<NodeView>,
+    pub gateways: Vec<GatewayView>,
+    pub settings: Option<Settings>,
+    /// Local failover choices: gateway → the node acting as its gateway.
+    pub active_override: BTreeMap<GatewayName, NodeName>,
+    pub underlay_mtu: u32,
+    pub tunnel_dev: String,
+}
+
+fn ipv4(ip: IpAddr) -> Option<Ipv4Addr> {
+    match ip {
+        IpAddr::V4(v4) => Some(v4),
+        IpAddr::V6(_) => None,
+    }
+}
+
+/// The next hop over `raven0` towards the member with private address `ip`
+/// for destinations of `dst`'s family.
+fn next_hop(member: Ipv4Addr, dst: &IpNet) -> IpAddr {
+    match dst {
+        IpNet::V4(_) => IpAddr::V4(member),
+        IpNet::V6(_) => IpAddr::V6(link_local(mac_for(member))),
+    }
+}
+
+/// The node that currently carries `gw`'s tunnel.
+pub fn active_node<'a>(
+    gw: &'a GatewayView,
+    overrides: &'a BTreeMap<GatewayName, NodeName>,
+) -> Option<&'a NodeName> {
+    overrides
+        .get(&gw.name)
+        .or(gw.active_tunnel.as_ref().map(|t| &t.node))
+}
+
+/// Computes the desired dataplane of a node. Pure.
+pub fn desired(inputs: &NodeInputs) -> Desired {
+    let mut out = Desired::default();
+    let Some(me) = &inputs.me else { return out };
+    let (Some(gw_name), Some(private)) = (&me.gateway, me.private_ip.and_then(ipv4)) else {
+        return out;
+    };
+    let Some(my_gw) = inputs.gateways.iter().find(|g| &g.name == gw_name) else {
+        return out;
+    };
+    let port = inputs
+        .settings
+        .as_ref()
+        .map_or(VXLAN_PORT, |s| s.vxlan_port);
+    let link_mtu = inputs.underlay_mtu.saturating_sub(VXLAN_OVERHEAD);
+    out.state.link = Some(VxlanLink {
+        vni: VXLAN_VNI,
+        port,
+        local: private,
+        mtu: link_mtu,
+        mac: mac_for(private),
+    });
+    out.state.link_up = true;
+
+    // Neighbours and FDB entries for every other member of my domain.
+    let mut members: BTreeMap<Ipv4Addr, &NodeName> = BTreeMap::new();
+    for m in &my_gw.members {
+        let Some(ip) = ipv4(m.private_ip) else {
+            out.warnings.push(format!(
+                "member {} has no IPv4 address; not reachable over {VXLAN_DEV}",
+                m.node
+            ));
+            continue;
+        };
+        if let Some(other) = members.insert(ip, &m.node) {
+            out.warnings.push(format!(
+                "members {other} and {} share the address {ip}",
+                m.node
+            ));
+        }
+        if m.node == me.name {
+            continue;
+        }
+        let mac = mac_for(ip);
+        out.state.fdb.insert(Fdb { mac, dst: ip });
+        out.state.neighbours.insert(Neighbour {
+            ip: IpAddr::V4(ip),
+            mac,
+        });
+        out.state.neighbours.insert(Neighbour {
+            ip: IpAddr::V6(link_local(mac)),
+            mac,
+        });
+    }
+
+    // Remote prefixes: everything of the other gateways, minus anything that
+    // is an address of my own domain (overlapping private ranges across NATs
+    // are common; my own members are always reached directly).
+    let own: BTreeSet<IpAddr> = my_gw.members.iter().map(|m| m.private_ip).collect();
+    let remote: Vec<IpNet> = raven_core::compile::remote_prefixes_of(&inputs.gateways, gw_name)
+        .into_iter()
+        .filter(|p| !(p.prefix_len() == p.max_prefix_len() && own.contains(&p.addr())))
+        .collect();
+
+    let active = active_node(my_gw, &inputs.active_override);
+    match active {
+        Some(a) if *a == me.name => {
+            // I am the gateway: remote prefixes go into the tunnel (tunnel
+            // driver), and traffic from the tunnel finds members here.
+            out.tunnel_prefixes = remote;
+            for m in my_gw.members.iter().filter(|m| m.node != me.name) {
+                let Some(ip) = ipv4(m.private_ip) else {
+                    continue;
+                };
+                for s in &m.subnets {
+                    out.state.routes.insert(Route {
+                        table: TABLE_RETURN,
+                        dst: *s,
+                        via: next_hop(ip, s),
+                        mtu: 0,
+                    });
+                }
+            }
+        }
+        Some(a) => {
+            let gw_ip = my_gw
+                .members
+                .iter()
+                .find(|m| &m.node == a)
+                .and_then(|m| ipv4(m.private_ip));
+            match gw_ip {
+                Some(gw_ip) => {
+                    let mtu = link_mtu.saturating_sub(TUNNEL_OVERHEAD);
+                    for dst in remote {
+                        out.state.routes.insert(Route {
+                            table: TABLE_REMOTE,
+                            via: next_hop(gw_ip, &dst),
+                            dst,
+                            mtu,
+                        });
+                    }
+                }
+                None => out.warnings.push(format!(
+                    "active gateway node {a} of {gw_name} has no IPv4 address"
+                )),
+            }
+        }
+        None => out.warnings.push(format!(
+            "gateway {gw_name} has no active tunnel endpoint; remote domains are unreachable"
+        )),
+    }
+    for v6 in [false, true] {
+        out.state.rules.insert(Rule {
+            v6,
+            priority: PRIORITY_REMOTE,
+            table: TABLE_REMOTE,
+            iif: None,
+        });
+        out.state.rules.insert(Rule {
+            v6,
+            priority: PRIORITY_RETURN,
+            table: TABLE_RETURN,
+            iif: Some(inputs.tunnel_dev.clone()),
+        });
+    }
+    out
+}
+
+/// The changes that turn `observed` into `desired`, make-before-break:
+/// link, then FDB/neighbours, then routes, then rules; removals of routes
+/// and rules before removal of the link. Pure.
+pub fn plan(desired: &State, observed: &State) -> Vec<Op> {
+    let mut ops = Vec::new();
+    let mut recreated = false;
+    match (&desired.link, &observed.link) {
+        (Some(d), None) => {
+            ops.push(Op::CreateLink(d.clone()));
+            recreated = true;
+        }
+        (Some(d), Some(o)) => {
+            if (d.vni, d.port, d.local, d.mac) != (o.vni, o.port, o.local, o.mac) {
+                ops.push(Op::DeleteLink);
+                ops.push(Op::CreateLink(d.clone()));
+                recreated = true;
+            } else if d.mtu != o.mtu {
+                ops.push(Op::SetMtu(d.mtu));
+            }
+        }
+        _ => {}
+    }
+    if desired.link.is_some() && (recreated || !observed.link_up) {
+        ops.push(Op::SetUp);
+    }
+    // A recreated link lost its FDB, neighbours and routes.
+    let empty = State::default();
+    let base = if recreated { &empty } else { observed };
+    let linked = desired.link.is_some();
+    if linked {
+        ops.extend(
+            desired
+                .fdb
+                .difference(&base.fdb)
+                .copied()
+                .map(Op::ReplaceFdb),
+        );
+        ops.extend(
+            desired
+                .neighbours
+                .difference(&base.neighbours)
+                .copied()
+                .map(Op::ReplaceNeighbour),
+        );
+        ops.extend(
+            desired
+                .routes
+                .difference(&base.routes)
+                .cloned()
+                .map(Op::ReplaceRoute),
+        );
+    }
+    ops.extend(
+        desired
+            .rules
+            .difference(&observed.rules)
+            .cloned()
+            .map(Op::AddRule),
+    );
+    // Removals.
+    ops.extend(
+        observed
+            .rules
+            .difference(&desired.rules)
+            .cloned()
+            .map(Op::DeleteRule),
+    );
+    if desired.link.is_some() || observed.link.is_none() {
+        // Stale routes of a route set that changes shape (same dst, new via)
+        // are replaced above; only routes whose destination is gone go.
+        let wanted: BTreeSet<(u32, IpNet)> =
+            desired.routes.iter().map(|r| (r.table, r.dst)).collect();
+        ops.extend(
+            base.routes
+                .iter()
+                .filter(|r| !wanted.contains(&(r.table, r.dst)))
+                .cloned()
+                .map(Op::DeleteRoute),
+        );
+        if desired.link.is_some() {
+            ops.extend(
+                base.fdb
+                    .difference(&desired.fdb)
+                    .copied()
+                    .map(Op::DeleteFdb),
+            );
+            ops.extend(
+                base.neighbours
+                    .difference(&desired.neighbours)
+                    .copied()
+                    .map(Op::DeleteNeighbour),
+            );
+        }
+    } else {
+        // Routes via raven0 and its entries vanish with the link.
+        ops.extend(observed.routes.iter().cloned().map(Op::DeleteRoute));
+        ops.push(Op::DeleteLink);
+    }
+    ops
+}
+
+/// Applies `ops` to an in-memory state the way the kernel would. Used by
+/// the planner's property tests and by `plan --dry-run` summaries.
+pub fn simulate(state: &mut State, ops: &[Op]) {
+    for op in ops {
+        match op {
+            Op::CreateLink(l) => {
+                state.link = Some(l.clone());
+                state.link_up = false;
+                state.fdb.clear();
+                state.neighbours.clear();
+                state.routes.clear();
+            }
+            Op::DeleteLink => {
+                state.link = None;
+                state.link_up = false;
+                state.fdb.clear();
+                state.neighbours.clear();
+                state.routes.clear();
+            }
+            Op::SetMtu(m) => {
+                if let Some(l) = &mut state.link {
+                    l.mtu = *m;
+                }
+            }
+            Op::SetUp => state.link_up = state.link.is_some(),
+            Op::ReplaceFdb(e) => {
+                state.fdb.retain(|x| x.mac != e.mac);
+                state.fdb.insert(*e);
+            }
+            Op::DeleteFdb(e) => {
+                state.fdb.remove(e);
+            }
+            Op::ReplaceNeighbour(n) => {
+                state.neighbours.retain(|x| x.ip != n.ip);
+                state.neighbours.insert(*n);
+            }
+            Op::DeleteNeighbour(n) => {
+                state.neighbours.remove(n);
+            }
+            Op::ReplaceRoute(r) => {
+                state
+                    .routes
+                    .retain(|x| (x.table, x.dst) != (r.table, r.dst));
+                state.routes.insert(r.clone());
+            }
+            Op::DeleteRoute(r) => {
+                state
+                    .routes
+                    .retain(|x| (x.table, x.dst) != (r.table, r.dst));
+            }
+            Op::AddRule(r) => {
+                state.rules.insert(r.clone());
+            }
+            Op::DeleteRule(r) => {
+                state.rules.remove(r);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn link() -> impl Strategy<Value = Option<VxlanLink>> {
+        proptest::option::of(
+            (
+                1u32..3,
+                prop_oneof![Just(4472u16), Just(4789u16)],
+                1u8..4,
+                prop_oneof![Just(1450u32), Just(1400u32)],
+            )
+                .prop_map(|(vni, port, host, mtu)| {
+                    let local = Ipv4Addr::new(172, 16, 0, host);
+                    VxlanLink {
+                        vni,
+                        port,
+                        local,
+                        mtu,
+                        mac: mac_for(local),
+                    }
+                }),
+        )
+    }
+
+    fn route() -> impl Strategy<Value = Route> {
+        (
+            prop_oneof![Just(TABLE_REMOTE), Just(TABLE_RETURN)],
+            0u8..6,
+            1u8..4,
+            prop_oneof![Just(0u32), Just(1370u32)],
+        )
+            .prop_map(|(table, net, via, mtu)| Route {
+                table,
+                dst: IpNet::new(IpAddr::V4(Ipv4Addr::new(10, net, 0, 0)), 24).unwrap_or_default(),
+                via: IpAddr::V4(Ipv4Addr::new(172, 16, 0, via)),
+                mtu,
+            })
+    }
+
+    fn rule() -> impl Strategy<Value = Rule> {
+        (any::<bool>(), any::<bool>()).prop_map(|(v6, ret)| Rule {
+            v6,
+            priority: if ret {
+                PRIORITY_RETURN
+            } else {
+                PRIORITY_REMOTE
+            },
+            table: if ret { TABLE_RETURN } else { TABLE_REMOTE },
+            iif: ret.then(|| DEFAULT_TUNNEL_DEV.to_owned()),
+        })
+    }
+
+    fn state() -> impl Strategy<Value = State> {
+        (
+            link(),
+            any::<bool>(),
+            proptest::collection::btree_set(1u8..5, 0..4),
+            proptest::collection::btree_set(route(), 0..6),
+            proptest::collection::btree_set(rule(), 0..4),
+        )
+            .prop_map(|(link, up, members, routes, rules)| {
+                let has = link.is_some();
+                let ips: Vec<Ipv4Addr> = members
+                    .into_iter()
+                    .map(|h| Ipv4Addr::new(172, 16, 0, h))
+                    .collect();
+                State {
+                    link,
+                    link_up: has && up,
+                    neighbours: if has {
+                        ips.iter()
+                            .map(|ip| Neighbour {
+                                ip: IpAddr::V4(*ip),
+                                mac: mac_for(*ip),
+                            })
+                            .collect()
+                    } else {
+                        BTreeSet::new()
+                    },
+                    fdb: if has {
+                        ips.iter()
+                            .map(|ip| Fdb {
+                                mac: mac_for(*ip),
+                                dst: *ip,
+                            })
+                            .collect()
+                    } else {
+                        BTreeSet::new()
+                    },
+                    // One route per (table, dst), as the kernel keeps them.
+                    routes: if has {
+                        let mut seen = BTreeSet::new();
+                        routes
+                            .into_iter()
+                            .filter(|r| seen.insert((r.table, r.dst)))
+                            .collect()
+                    } else {
+                        BTreeSet::new()
+                    },
+                    rules,
+                }
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn applying_the_plan_then_planning_again_gives_nothing(want in state(), have in state()) {
+            let mut want = want;
+            want.link_up = want.link.is_some();
+            let mut kernel = have.clone();
+            simulate(&mut kernel, &plan(&want, &have));
+            prop_assert_eq!(plan(&want, &kernel), vec![]);
+            prop_assert_eq!(&kernel.routes, &want.routes);
+            prop_assert_eq!(&kernel.rules, &want.rules);
+            prop_assert_eq!(&kernel.link, &want.link);
+        }
+
+        #[test]
+        fn an_mtu_change_alone_never_recreates_the_link(have in state(), mtu in 1200u32..1500) {
+            prop_assume!(have.link.is_some());
+            let mut want = have.clone();
+            want.link_up = true;
+            if let Some(l) = &mut want.link { l.mtu = mtu; }
+            let ops = plan(&want, &have);
+            prop_assert!(!ops.iter().any(|o| matches!(o, Op::DeleteLink | Op::CreateLink(_))));
+        }
+
+        #[test]
+        fn routes_are_added_after_the_link_and_removed_before_it(want in state(), have in state()) {
+            let mut want = want;
+            want.link_up = want.link.is_some();
+            let ops = plan(&want, &have);
+            let pos = |f: &dyn Fn(&Op) -> bool| ops.iter().position(f);
+            if let (Some(c), Some(r)) = (pos(&|o| matches!(o, Op::CreateLink(_))), pos(&|o| matches!(o, Op::ReplaceRoute(_)))) {
+                prop_assert!(c < r);
+            }
+            let last_delete = ops.iter().rposition(|o| matches!(o, Op::DeleteRoute(_) | Op::DeleteRule(_)));
+            if let (Some(d), Some(l)) = (last_delete, ops.iter().rposition(|o| matches!(o, Op::DeleteLink))) {
+                // A recreate deletes the link first by design (the old link's
+                // routes die with it); a teardown removes routes and rules first.
+                if want.link.is_none() { prop_assert!(d < l); }
+            }
+        }
+    }
+
+    fn view(name: &str, ip: &str, gw: &str, active: bool) -> NodeView {
+        NodeView {
+            name: NodeName::new(name).unwrap_or_else(|_| unreachable!()),
+            gateway: Some(GatewayName::new(gw).unwrap_or_else(|_| unreachable!())),
+            private_ip: ip.parse().ok(),
+            subnets: vec![],
+            tunnel_active: active,
+            tunnel_candidate: active,
+            proxy_active: false,
+        }
+    }
+
+    #[test]
+    fn remote_member_address_equal_to_a_local_one_is_not_routed_away() {
+        use raven_core::topology::{EndpointType, ExposeType, GatewayEndpoint, Member};
+        let member = |n: &str, ip: &str, subnet: &str| Member {
+            node: NodeName::new(n).unwrap_or_else(|_| unreachable!()),
+            private_ip: ip.parse().unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+            subnets: vec![subnet.parse().unwrap_or_default()],
+            ready: true,
+        };
+        let gw = |name: &str, members: Vec<Member>| GatewayView {
+            name: GatewayName::new(name).unwrap_or_else(|_| unreachable!()),
+            expose_type: ExposeType::None,
+            under_nat: true,
+            active_tunnel: Some(GatewayEndpoint {
+                node: members[0].node.clone(),
+                type_: EndpointType::Tunnel,
+                port: 4500,
+                under_nat: true,
+                nat_type: String::new(),
+                public_ip: None,
+                public_port: None,
+                config: BTreeMap::new(),
+            }),
+            members,
+            tunnel_candidates: vec![],
+            active_proxies: vec![],
+            extra_source_cidrs: vec![],
+            relay: None,
+        };
+        let inputs = NodeInputs {
+            me: Some(view("a2", "192.168.1.2", "gw-a", false)),
+            gateways: vec![
+                gw(
+                    "gw-a",
+                    vec![
+                        member("a1", "192.168.1.1", "10.1.1.0/24"),
+                        member("a2", "192.168.1.2", "10.1.2.0/24"),
+                    ],
+                ),
+                gw("gw-b", vec![member("b1", "192.168.1.1", "10.2.1.0/24")]),
+            ],
+            settings: None,
+            active_override: BTreeMap::new(),
+            underlay_mtu: 1500,
+            tunnel_dev: DEFAULT_TUNNEL_DEV.into(),
+        };
+        let d = desired(&inputs);
+        let dsts: Vec<String> = d.state.routes.iter().map(|r| r.dst.to_string()).collect();
+        assert_eq!(
+            dsts,
+            vec!["10.2.1.0/24"],
+            "192.168.1.1/32 is a local member and stays local"
+        );
+        assert!(
+            d.state
+                .routes
+                .iter()
+                .all(|r| r.via == IpAddr::V4(Ipv4Addr::new(192, 168, 1, 1)) && r.mtu == 1370)
+        );
+    }
+}

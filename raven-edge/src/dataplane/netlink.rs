@@ -1,0 +1,500 @@
+//! The kernel side: observe raven's objects with rtnetlink dumps, apply
+//! planned operations, tear everything down on request. Runs in the network
+//! namespace of the calling thread.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use futures::TryStreamExt;
+use ipnet::IpNet;
+use netlink_packet_route::AddressFamily;
+use netlink_packet_route::link::{
+    InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+};
+use netlink_packet_route::neighbour::{
+    NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
+};
+use netlink_packet_route::route::{
+    RouteAddress, RouteAttribute, RouteMessage, RouteMetric, RouteProtocol, RouteVia,
+};
+use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
+use rtnetlink::{Handle, IpVersion, LinkUnspec, LinkVxlan, RouteMessageBuilder};
+
+use super::model::{
+    Fdb, Mac, Neighbour, Op, PRIORITY_REMOTE, PRIORITY_RETURN, ROUTE_PROTOCOL, Route, Rule, State,
+    TABLE_REMOTE, TABLE_RETURN, VXLAN_DEV, VxlanLink,
+};
+
+/// A dataplane operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error("opening a netlink socket: {0}")]
+    Connect(std::io::Error),
+    #[error("{op}: {source}")]
+    Netlink {
+        op: String,
+        source: rtnetlink::Error,
+    },
+    #[error("{op}: {reason}")]
+    Invalid { op: String, reason: String },
+}
+
+fn errno(e: &rtnetlink::Error) -> Option<i32> {
+    match e {
+        rtnetlink::Error::NetlinkError(m) => Some(-m.raw_code()),
+        _ => None,
+    }
+}
+
+const EEXIST: i32 = 17;
+const ENOENT: i32 = 2;
+const ESRCH: i32 = 3;
+const ENODEV: i32 = 19;
+
+/// Opens a netlink connection in the current namespace.
+pub fn connect() -> Result<Handle, DataplaneError> {
+    let (conn, handle, _) = rtnetlink::new_connection().map_err(DataplaneError::Connect)?;
+    tokio::spawn(conn);
+    Ok(handle)
+}
+
+fn nl(op: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> DataplaneError {
+    let op = op.into();
+    move |source| DataplaneError::Netlink { op, source }
+}
+
+/// raven0's index, if the link exists.
+pub async fn vxlan_index(h: &Handle) -> Result<Option<u32>, DataplaneError> {
+    Ok(vxlan_message(h).await?.map(|m| m.header.index))
+}
+
+async fn vxlan_message(h: &Handle) -> Result<Option<LinkMessage>, DataplaneError> {
+    let mut links = h.link().get().match_name(VXLAN_DEV.to_owned()).execute();
+    match links.try_next().await {
+        Ok(m) => Ok(m),
+        Err(e) if errno(&e) == Some(ENODEV) => Ok(None),
+        Err(e) => Err(nl(format!("reading link {VXLAN_DEV}"))(e)),
+    }
+}
+
+fn mac_of(bytes: &[u8]) -> Option<Mac> {
+    <[u8; 6]>::try_from(bytes).ok().map(Mac)
+}
+
+fn parse_link(m: &LinkMessage) -> Option<VxlanLink> {
+    let mut mtu = 0;
+    let mut mac = None;
+    let mut vxlan = None;
+    for a in &m.attributes {
+        match a {
+            LinkAttribute::Mtu(v) => mtu = *v,
+            LinkAttribute::Address(b) => mac = mac_of(b),
+            LinkAttribute::LinkInfo(infos) => {
+                let is_vxlan = infos
+                    .iter()
+                    .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Vxlan)));
+                for i in infos {
+                    if let (true, LinkInfo::Data(InfoData::Vxlan(d))) = (is_vxlan, i) {
+                        vxlan = Some(d.clone());
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    let data = vxlan?;
+    let (mut vni, mut port, mut local) = (0, 0, Ipv4Addr::UNSPECIFIED);
+    for d in data {
+        match d {
+            InfoVxlan::Id(v) => vni = v,
+            InfoVxlan::Port(p) => port = p,
+            InfoVxlan::Local(l) => local = l,
+            _ => {}
+        }
+    }
+    Some(VxlanLink {
+        vni,
+        port,
+        local,
+        mtu,
+        mac: mac?,
+    })
+}
+
+fn table_of_route(m: &RouteMessage) -> u32 {
+    m.attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(u32::from(m.header.table))
+}
+
+fn addr_of(a: &RouteAddress) -> Option<IpAddr> {
+    match a {
+        RouteAddress::Inet(v4) => Some(IpAddr::V4(*v4)),
+        RouteAddress::Inet6(v6) => Some(IpAddr::V6(*v6)),
+        _ => None,
+    }
+}
+
+fn parse_route(m: &RouteMessage) -> Option<Route> {
+    let table = table_of_route(m);
+    if ![TABLE_REMOTE, TABLE_RETURN].contains(&table)
+        || m.header.protocol != RouteProtocol::from(ROUTE_PROTOCOL)
+    {
+        return None;
+    }
+    let mut dst = None;
+    let mut via = None;
+    let mut mtu = 0;
+    for a in &m.attributes {
+        match a {
+            RouteAttribute::Destination(d) => dst = addr_of(d),
+            RouteAttribute::Gateway(g) => via = addr_of(g),
+            RouteAttribute::Via(RouteVia::Inet6(v6)) => via = Some(IpAddr::V6(*v6)),
+            RouteAttribute::Metrics(ms) => {
+                for x in ms {
+                    if let RouteMetric::Mtu(v) = x {
+                        mtu = *v;
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    let dst = dst.unwrap_or(match m.header.address_family {
+        AddressFamily::Inet6 => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        _ => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+    });
+    let dst = IpNet::new(dst, m.header.destination_prefix_length).ok()?;
+    Some(Route {
+        table,
+        dst,
+        via: via?,
+        mtu,
+    })
+}
+
+fn parse_rule(m: &RuleMessage) -> Option<Rule> {
+    let mut priority = None;
+    let mut table = u32::from(m.header.table);
+    let mut iif = None;
+    for a in &m.attributes {
+        match a {
+            RuleAttribute::Priority(p) => priority = Some(*p),
+            RuleAttribute::Table(t) => table = *t,
+            RuleAttribute::Iifname(i) => iif = Some(i.clone()),
+            _ => {}
+        }
+    }
+    let priority = priority?;
+    if ![PRIORITY_REMOTE, PRIORITY_RETURN].contains(&priority) {
+        return None;
+    }
+    Some(Rule {
+        v6: m.header.family == AddressFamily::Inet6,
+        priority,
+        table,
+        iif,
+    })
+}
+
+/// Reads raven's objects from the kernel.
+pub async fn observe(h: &Handle) -> Result<State, DataplaneError> {
+    let mut s = State::default();
+    let link = vxlan_message(h).await?;
+    let index = link.as_ref().map(|m| m.header.index);
+    if let Some(m) = &link {
+        s.link = parse_link(m);
+        s.link_up = m.header.flags.contains(LinkFlags::Up);
+        if s.link.is_none() {
+            // A link named raven0 that is not a VXLAN device: report a
+            // mismatched link so the planner recreates it.
+            s.link = Some(VxlanLink {
+                vni: 0,
+                port: 0,
+                local: Ipv4Addr::UNSPECIFIED,
+                mtu: 0,
+                mac: Mac([0; 6]),
+            });
+        }
+    }
+    if let Some(idx) = index {
+        for family in [
+            AddressFamily::Inet,
+            AddressFamily::Inet6,
+            AddressFamily::Bridge,
+        ] {
+            let mut dump = h.neighbours().get().set_address_family(family).execute();
+            while let Some(n) = dump.try_next().await.map_err(nl("dumping neighbours"))? {
+                if n.header.ifindex != idx {
+                    continue;
+                }
+                let mut ip = None;
+                let mut mac = None;
+                for a in &n.attributes {
+                    match a {
+                        NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => {
+                            ip = Some(IpAddr::V4(*v4))
+                        }
+                        NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => {
+                            ip = Some(IpAddr::V6(*v6))
+                        }
+                        // Bridge-family (FDB) entries carry the VXLAN
+                        // destination as raw bytes.
+                        NeighbourAttribute::Destination(NeighbourAddress::Other(b)) => {
+                            ip = <[u8; 4]>::try_from(b.as_slice())
+                                .ok()
+                                .map(|o| IpAddr::V4(Ipv4Addr::from(o)));
+                        }
+                        NeighbourAttribute::LinkLayerAddress(b) => mac = mac_of(b),
+                        _ => {}
+                    }
+                }
+                match (family, ip, mac) {
+                    (AddressFamily::Bridge, Some(IpAddr::V4(dst)), Some(mac)) => {
+                        s.fdb.insert(Fdb { mac, dst });
+                    }
+                    (AddressFamily::Inet | AddressFamily::Inet6, Some(ip), Some(mac))
+                        if n.header.state == NeighbourState::Permanent =>
+                    {
+                        s.neighbours.insert(Neighbour { ip, mac });
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    for msg in [
+        RouteMessageBuilder::<Ipv4Addr>::new().build(),
+        RouteMessageBuilder::<Ipv6Addr>::new().build(),
+    ] {
+        let mut dump = h.route().get(msg).execute();
+        while let Some(r) = dump.try_next().await.map_err(nl("dumping routes"))? {
+            if let Some(route) = parse_route(&r) {
+                s.routes.insert(route);
+            }
+        }
+    }
+    for v in [IpVersion::V4, IpVersion::V6] {
+        let mut dump = h.rule().get(v).execute();
+        while let Some(r) = dump.try_next().await.map_err(nl("dumping rules"))? {
+            if let Some(rule) = parse_rule(&r) {
+                s.rules.insert(rule);
+            }
+        }
+    }
+    Ok(s)
+}
+
+fn tolerate(
+    result: Result<(), rtnetlink::Error>,
+    ok: &[i32],
+    op: &Op,
+) -> Result<(), DataplaneError> {
+    match result {
+        Ok(()) => Ok(()),
+        Err(e) if errno(&e).is_some_and(|c| ok.contains(&c)) => Ok(()),
+        Err(e) => Err(nl(op.to_string())(e)),
+    }
+}
+
+fn route_message(r: &Route, index: u32) -> Result<RouteMessage, DataplaneError> {
+    let invalid = |reason: String| DataplaneError::Invalid {
+        op: format!("route {} via {}", r.dst, r.via),
+        reason,
+    };
+    let mut b = RouteMessageBuilder::<IpAddr>::new()
+        .destination_prefix(r.dst.addr(), r.dst.prefix_len())
+        .map_err(|e| invalid(e.to_string()))?
+        .gateway(r.via)
+        .map_err(|e| invalid(e.to_string()))?
+        .output_interface(index)
+        .table_id(r.table)
+        .protocol(RouteProtocol::from(ROUTE_PROTOCOL))
+        .onlink();
+    if r.mtu > 0 {
+        b.get_mut()
+            .attributes
+            .push(RouteAttribute::Metrics(vec![RouteMetric::Mtu(r.mtu)]));
+    }
+    Ok(b.build())
+}
+
+fn rule_message(r: &Rule) -> RuleMessage {
+    let mut m = RuleMessage::default();
+    m.header.family = if r.v6 {
+        AddressFamily::Inet6
+    } else {
+        AddressFamily::Inet
+    };
+    m.header.action = RuleAction::ToTable;
+    m.attributes.push(RuleAttribute::Priority(r.priority));
+    m.attributes.push(RuleAttribute::Table(r.table));
+    if let Some(i) = &r.iif {
+        m.attributes.push(RuleAttribute::Iifname(i.clone()));
+    }
+    m
+}
+
+fn neighbour_message(
+    index: u32,
+    family: AddressFamily,
+    dst: IpAddr,
+    mac: Option<Mac>,
+) -> NeighbourMessage {
+    let mut m = NeighbourMessage::default();
+    m.header.family = family;
+    m.header.ifindex = index;
+    m.attributes
+        .push(NeighbourAttribute::Destination(match dst {
+            IpAddr::V4(v4) => NeighbourAddress::Inet(v4),
+            IpAddr::V6(v6) => NeighbourAddress::Inet6(v6),
+        }));
+    if let Some(mac) = mac {
+        m.attributes
+            .push(NeighbourAttribute::LinkLayerAddress(mac.0.to_vec()));
+        m.header.flags = NeighbourFlags::Own;
+    }
+    m
+}
+
+/// Applies `ops` in order. Returns how many were applied.
+pub async fn apply(h: &Handle, ops: &[Op]) -> Result<usize, DataplaneError> {
+    let mut index = vxlan_index(h).await?;
+    for op in ops {
+        let need = |index: Option<u32>| {
+            index.ok_or_else(|| DataplaneError::Invalid {
+                op: op.to_string(),
+                reason: format!("{VXLAN_DEV} does not exist"),
+            })
+        };
+        match op {
+            Op::CreateLink(l) => {
+                let msg = LinkVxlan::new(VXLAN_DEV, l.vni)
+                    .port(l.port)
+                    .local(l.local)
+                    .learning(false)
+                    .mtu(l.mtu)
+                    .address(l.mac.0.to_vec())
+                    .build();
+                tolerate(h.link().add(msg).execute().await, &[EEXIST], op)?;
+                index = vxlan_index(h).await?;
+                // No IPv6 address autoconfiguration noise, but keep the
+                // link-local address the IPv6 next hops rely on.
+            }
+            Op::DeleteLink => {
+                if let Some(i) = index {
+                    tolerate(h.link().del(i).execute().await, &[ENODEV], op)?;
+                }
+                index = None;
+            }
+            Op::SetMtu(m) => {
+                let msg = LinkUnspec::new_with_index(need(index)?).mtu(*m).build();
+                tolerate(h.link().set(msg).execute().await, &[], op)?;
+            }
+            Op::SetUp => {
+                let msg = LinkUnspec::new_with_index(need(index)?).up().build();
+                tolerate(h.link().set(msg).execute().await, &[], op)?;
+            }
+            Op::ReplaceFdb(e) => {
+                let req = h
+                    .neighbours()
+                    .add_bridge(need(index)?, &e.mac.0)
+                    .destination(IpAddr::V4(e.dst))
+                    .flags(NeighbourFlags::Own)
+                    .state(NeighbourState::Permanent)
+                    .replace();
+                tolerate(req.execute().await, &[], op)?;
+            }
+            Op::DeleteFdb(e) => {
+                let msg = neighbour_message(
+                    need(index)?,
+                    AddressFamily::Bridge,
+                    IpAddr::V4(e.dst),
+                    Some(e.mac),
+                );
+                tolerate(h.neighbours().del(msg).execute().await, &[ENOENT], op)?;
+            }
+            Op::ReplaceNeighbour(n) => {
+                let req = h
+                    .neighbours()
+                    .add(need(index)?, n.ip)
+                    .link_layer_address(&n.mac.0)
+                    .state(NeighbourState::Permanent)
+                    .replace();
+                tolerate(req.execute().await, &[], op)?;
+            }
+            Op::DeleteNeighbour(n) => {
+                let family = if n.ip.is_ipv4() {
+                    AddressFamily::Inet
+                } else {
+                    AddressFamily::Inet6
+                };
+                let msg = neighbour_message(need(index)?, family, n.ip, None);
+                tolerate(h.neighbours().del(msg).execute().await, &[ENOENT], op)?;
+            }
+            Op::ReplaceRoute(r) => {
+                let msg = route_message(r, need(index)?)?;
+                tolerate(h.route().add(msg).replace().execute().await, &[], op)?;
+            }
+            Op::DeleteRoute(r) => {
+                let mut msg = RouteMessageBuilder::<IpAddr>::new()
+                    .destination_prefix(r.dst.addr(), r.dst.prefix_len())
+                    .map_err(|e| DataplaneError::Invalid {
+                        op: op.to_string(),
+                        reason: e.to_string(),
+                    })?
+                    .table_id(r.table)
+                    .protocol(RouteProtocol::from(ROUTE_PROTOCOL))
+                    .build();
+                msg.header.scope = netlink_packet_route::route::RouteScope::NoWhere;
+                tolerate(h.route().del(msg).execute().await, &[ENOENT, ESRCH], op)?;
+            }
+            Op::AddRule(r) => {
+                let mut req = h.rule().add();
+                *req.message_mut() = rule_message(r);
+                tolerate(req.execute().await, &[EEXIST], op)?;
+            }
+            Op::DeleteRule(r) => {
+                tolerate(h.rule().del(rule_message(r)).execute().await, &[ENOENT], op)?;
+            }
+        }
+    }
+    Ok(ops.len())
+}
+
+/// The MTU of the link holding `ip` (the underlay), if any.
+pub async fn underlay_mtu(h: &Handle, ip: IpAddr) -> Result<Option<u32>, DataplaneError> {
+    let mut addrs = h.address().get().execute();
+    let mut index = None;
+    while let Some(a) = addrs.try_next().await.map_err(nl("dumping addresses"))? {
+        let holds = a.attributes.iter().any(|x| match x {
+            netlink_packet_route::address::AddressAttribute::Address(addr)
+            | netlink_packet_route::address::AddressAttribute::Local(addr) => *addr == ip,
+            _ => false,
+        });
+        if holds {
+            index = Some(a.header.index);
+        }
+    }
+    let Some(index) = index else { return Ok(None) };
+    let mut links = h.link().get().match_index(index).execute();
+    let link = links
+        .try_next()
+        .await
+        .map_err(nl("reading the underlay link"))?;
+    Ok(link.and_then(|l| {
+        l.attributes.iter().find_map(|a| match a {
+            LinkAttribute::Mtu(m) => Some(*m),
+            _ => None,
+        })
+    }))
+}
+
+/// Every rule raven owns, for teardown.
+pub fn all_rules(observed: &State) -> BTreeSet<Rule> {
+    observed.rules.clone()
+}

@@ -1,0 +1,482 @@
+//! The dataplane against a real kernel: every test makes its own network
+//! namespace (`rvk-<pid>-<n>`), runs raven's reconcile inside it on a
+//! dedicated thread, checks the result with `ip -j`, and deletes the
+//! namespace — also when it fails. Needs root; skipped (with a message)
+//! otherwise, unless `RAVEN_REQUIRE_TOOLS=1`.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use raven_core::topology::{
+    EndpointType, ExposeType, GatewayEndpoint, GatewayView, Member, NodeView, Settings,
+};
+use raven_core::{GatewayName, NodeName};
+use raven_edge::dataplane::{Kernel, NodeInputs};
+use serde_json::Value;
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+fn is_root() -> bool {
+    let root = nix::unistd::Uid::effective().is_root();
+    if !root {
+        assert!(
+            std::env::var_os("RAVEN_REQUIRE_TOOLS").is_none(),
+            "kernel tests need root (RAVEN_REQUIRE_TOOLS is set)"
+        );
+        eprintln!("skipped: kernel tests need root");
+    }
+    root
+}
+
+fn ip(args: &[&str]) -> String {
+    let out = Command::new("ip").args(args).output().expect("run ip");
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8")
+}
+
+fn ip_json(ns: &str, args: &[&str]) -> Value {
+    let mut full = vec!["-n", ns, "-j"];
+    full.extend_from_slice(args);
+    let text = ip(&full);
+    serde_json::from_str(if text.trim().is_empty() { "[]" } else { &text }).expect("ip -j output")
+}
+
+/// A network namespace with one veth pair holding `addr` on `v0`; deleted on drop.
+struct Netns {
+    name: String,
+}
+
+impl Netns {
+    fn new(addr: &str) -> Self {
+        let name = format!(
+            "rvk-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        ip(&["netns", "add", &name]);
+        let ns = Self { name };
+        ip(&[
+            "-n", &ns.name, "link", "add", "v0", "type", "veth", "peer", "name", "v1",
+        ]);
+        ip(&["-n", &ns.name, "addr", "add", addr, "dev", "v0"]);
+        for l in ["lo", "v0", "v1"] {
+            ip(&["-n", &ns.name, "link", "set", l, "up"]);
+        }
+        ns
+    }
+
+    /// Runs `f` on a thread inside the namespace with its own runtime.
+    fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/var/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            let fd = std::fs::File::open(&path).expect("open netns");
+            nix::sched::setns(fd, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+            f()
+        })
+        .join()
+        .expect("namespace thread")
+    }
+
+    fn reconcile(&self, inputs: &NodeInputs) -> usize {
+        let inputs = inputs.clone();
+        self.run(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(Kernel::new(true).reconcile(&inputs))
+                .map(|r| r.ops_applied)
+                .unwrap_or_else(|e| panic!("{e}"))
+        })
+    }
+
+    fn plan(&self, inputs: &NodeInputs) -> Vec<String> {
+        let inputs = inputs.clone();
+        self.run(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(Kernel::new(false).plan(&inputs))
+                .map(|p| p.iter().map(ToString::to_string).collect())
+                .unwrap_or_else(|e| panic!("{e}"))
+        })
+    }
+
+    fn teardown(&self) {
+        self.run(|| {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(Kernel::new(true).teardown())
+                .unwrap_or_else(|e| panic!("{e}"))
+        });
+    }
+
+    fn routes(&self, table: &str) -> Vec<(String, String)> {
+        // An empty table does not exist for `ip route show`.
+        let out = Command::new("ip")
+            .args(["-n", &self.name, "-j", "route", "show", "table", table])
+            .output()
+            .expect("ip");
+        if String::from_utf8_lossy(&out.stderr).contains("does not exist") {
+            return Vec::new();
+        }
+        ip_json(&self.name, &["route", "show", "table", table])
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|r| {
+                (
+                    r["dst"].as_str().unwrap_or_default().to_owned(),
+                    r["protocol"].to_string(),
+                )
+            })
+            .collect()
+    }
+
+    fn v6_routes(&self, table: &str) -> Vec<String> {
+        let out = Command::new("ip")
+            .args([
+                "-n", &self.name, "-6", "-j", "route", "show", "table", table,
+            ])
+            .output()
+            .expect("ip");
+        if String::from_utf8_lossy(&out.stderr).contains("does not exist") {
+            return Vec::new();
+        }
+        ip_json(&self.name, &["-6", "route", "show", "table", table])
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|r| {
+                format!(
+                    "{} via {}",
+                    r["dst"].as_str().unwrap_or_default(),
+                    r["gateway"].as_str().unwrap_or_default()
+                )
+            })
+            .collect()
+    }
+
+    fn link(&self) -> Option<Value> {
+        let v = ip_json(&self.name, &["-d", "link", "show"]);
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .find(|l| l["ifname"] == "raven0")
+            .cloned()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+fn name(s: &str) -> NodeName {
+    NodeName::new(s).expect("node name")
+}
+
+fn member(n: &str, ip: &str, subnets: &[&str]) -> Member {
+    Member {
+        node: name(n),
+        private_ip: ip.parse().expect("ip"),
+        subnets: subnets.iter().map(|s| s.parse().expect("cidr")).collect(),
+        ready: true,
+    }
+}
+
+fn gateway(g: &str, active: &str, members: Vec<Member>) -> GatewayView {
+    GatewayView {
+        name: GatewayName::new(g).expect("gw"),
+        expose_type: ExposeType::None,
+        under_nat: true,
+        active_tunnel: Some(GatewayEndpoint {
+            node: name(active),
+            type_: EndpointType::Tunnel,
+            port: 4500,
+            under_nat: true,
+            nat_type: String::new(),
+            public_ip: None,
+            public_port: None,
+            config: BTreeMap::new(),
+        }),
+        members,
+        tunnel_candidates: vec![],
+        active_proxies: vec![],
+        extra_source_cidrs: vec![],
+        relay: None,
+    }
+}
+
+/// The user-manual layout: me is hangzhou node `me` (gateway `hz-gw`).
+fn inputs(me: &str, my_ip: &str) -> NodeInputs {
+    NodeInputs {
+        me: Some(NodeView {
+            name: name(me),
+            gateway: Some(GatewayName::new("gw-hangzhou").expect("gw")),
+            private_ip: Some(my_ip.parse::<IpAddr>().expect("ip")),
+            subnets: vec![],
+            tunnel_active: false,
+            tunnel_candidate: false,
+            proxy_active: false,
+        }),
+        gateways: vec![
+            gateway(
+                "gw-hangzhou",
+                "hz-gw",
+                vec![
+                    member("hz-gw", "172.16.2.103", &["10.244.1.0/24"]),
+                    member("hz-2", "172.16.2.104", &["10.244.2.0/24"]),
+                ],
+            ),
+            gateway(
+                "gw-qingdao",
+                "qd-gw",
+                vec![member(
+                    "qd-gw",
+                    "172.16.1.89",
+                    &["10.244.3.0/24", "fd10:3::/64"],
+                )],
+            ),
+        ],
+        settings: Some(Settings {
+            raven_cfg_present: true,
+            enable_l3_tunnel: true,
+            enable_l7_proxy: false,
+            vxlan_port: 4472,
+        }),
+        active_override: BTreeMap::new(),
+        underlay_mtu: 0,
+        tunnel_dev: "raven-wg0".into(),
+    }
+}
+
+#[test]
+fn reconcile_creates_raven0_fdb_neighbours_routes_and_rules() {
+    if !is_root() {
+        return;
+    }
+    let ns = Netns::new("172.16.2.104/24");
+    let n = inputs("hz-2", "172.16.2.104");
+    assert!(ns.reconcile(&n) > 0);
+
+    let link = ns.link().expect("raven0 exists");
+    let vx = &link["linkinfo"]["info_data"];
+    assert_eq!(link["linkinfo"]["info_kind"], "vxlan");
+    assert_eq!(vx["id"], 1);
+    assert_eq!(vx["port"], 4472);
+    assert_eq!(vx["local"], "172.16.2.104");
+    assert_eq!(link["mtu"], 1450, "veth 1500 minus VXLAN 50");
+    assert_eq!(link["address"], "0e:52:ac:10:02:68");
+
+    let fdb = Command::new("bridge")
+        .args(["-n", &ns.name, "-j", "fdb", "show", "dev", "raven0"])
+        .output()
+        .expect("bridge");
+    let fdb: Value = serde_json::from_slice(&fdb.stdout).expect("json");
+    let entries: Vec<(String, String)> = fdb
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["dst"].is_string())
+        .map(|e| {
+            (
+                e["mac"].as_str().unwrap_or_default().to_owned(),
+                e["dst"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        entries,
+        vec![("0e:52:ac:10:02:67".to_owned(), "172.16.2.103".to_owned())],
+        "one unicast entry, no all-zero entry"
+    );
+
+    let routes = ns.routes("9027");
+    let dsts: Vec<&str> = routes.iter().map(|(d, _)| d.as_str()).collect();
+    assert_eq!(dsts, vec!["10.244.3.0/24", "172.16.1.89"]);
+    assert!(
+        routes.iter().all(|(_, p)| p == "\"82\"" || p == "82"),
+        "{routes:?}"
+    );
+    let v6 = ns.v6_routes("9027");
+    assert_eq!(v6, vec!["fd10:3::/64 via fe80::c52:acff:fe10:267"]);
+    let rules = ip_json(&ns.name, &["rule", "show"]);
+    let prios: Vec<u64> = rules
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r["priority"].as_u64())
+        .collect();
+    assert!(prios.contains(&9027) && prios.contains(&9028), "{prios:?}");
+}
+
+#[test]
+fn hand_deleted_route_is_repaired() {
+    if !is_root() {
+        return;
+    }
+    let ns = Netns::new("172.16.2.104/24");
+    let n = inputs("hz-2", "172.16.2.104");
+    ns.reconcile(&n);
+    ip(&[
+        "-n",
+        &ns.name,
+        "route",
+        "del",
+        "10.244.3.0/24",
+        "table",
+        "9027",
+    ]);
+    assert_eq!(ns.routes("9027").len(), 1);
+    assert_eq!(ns.reconcile(&n), 1, "exactly the missing route is put back");
+    assert_eq!(ns.routes("9027").len(), 2);
+}
+
+#[test]
+fn foreign_route_in_ravens_table_survives_reconcile_and_teardown() {
+    if !is_root() {
+        return;
+    }
+    let ns = Netns::new("172.16.2.104/24");
+    ip(&[
+        "-n",
+        &ns.name,
+        "route",
+        "add",
+        "10.99.0.0/24",
+        "dev",
+        "v0",
+        "table",
+        "9027",
+        "proto",
+        "static",
+    ]);
+    ip(&[
+        "-n",
+        &ns.name,
+        "route",
+        "add",
+        "10.98.0.0/24",
+        "dev",
+        "v0",
+        "table",
+        "100",
+    ]);
+    let n = inputs("hz-2", "172.16.2.104");
+    ns.reconcile(&n);
+    ns.reconcile(&n);
+    ns.teardown();
+    assert_eq!(
+        ns.routes("9027"),
+        vec![("10.99.0.0/24".to_owned(), "\"static\"".to_owned())]
+    );
+    assert_eq!(ns.routes("100").len(), 1);
+}
+
+#[test]
+fn restarted_agent_adopts_the_dataplane_without_churn() {
+    if !is_root() {
+        return;
+    }
+    let ns = Netns::new("172.16.2.104/24");
+    let n = inputs("hz-2", "172.16.2.104");
+    ns.reconcile(&n);
+    let index = ns.link().map(|l| l["ifindex"].clone());
+    // A new agent: fresh netlink connection, same state.
+    assert_eq!(ns.plan(&n), Vec::<String>::new(), "nothing to change");
+    assert_eq!(ns.reconcile(&n), 0);
+    assert_eq!(
+        ns.link().map(|l| l["ifindex"].clone()),
+        index,
+        "raven0 was not recreated"
+    );
+}
+
+#[test]
+fn mtu_change_does_not_recreate_raven0() {
+    if !is_root() {
+        return;
+    }
+    let ns = Netns::new("172.16.2.104/24");
+    let mut n = inputs("hz-2", "172.16.2.104");
+    ns.reconcile(&n);
+    let index = ns.link().map(|l| l["ifindex"].clone());
+    n.underlay_mtu = 1400;
+    assert!(ns.reconcile(&n) > 0);
+    let link = ns.link().expect("raven0");
+    assert_eq!(link["mtu"], 1350);
+    assert_eq!(Some(link["ifindex"].clone()), index);
+}
+
+#[test]
+fn teardown_removes_only_ravens_objects() {
+    if !is_root() {
+        return;
+    }
+    let ns = Netns::new("172.16.2.104/24");
+    ip(&[
+        "-n", &ns.name, "rule", "add", "priority", "100", "lookup", "100",
+    ]);
+    ns.reconcile(&inputs("hz-2", "172.16.2.104"));
+    ns.teardown();
+    assert!(ns.link().is_none());
+    assert!(ns.routes("9027").is_empty());
+    let rules = ip_json(&ns.name, &["rule", "show"]);
+    let prios: Vec<u64> = rules
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r["priority"].as_u64())
+        .collect();
+    assert!(!prios.contains(&9027) && !prios.contains(&9028));
+    assert!(prios.contains(&100), "a foreign rule is left alone");
+    assert!(ns.link().is_none());
+    let veth = ip_json(&ns.name, &["link", "show", "v0"]);
+    assert_eq!(
+        veth.as_array().map(Vec::len),
+        Some(1),
+        "foreign links are left alone"
+    );
+}
+
+#[test]
+fn gateway_node_gets_return_routes_in_table_9028_and_no_remote_routes() {
+    if !is_root() {
+        return;
+    }
+    let ns = Netns::new("172.16.2.103/24");
+    ns.reconcile(&inputs("hz-gw", "172.16.2.103"));
+    assert!(
+        ns.routes("9027").is_empty(),
+        "the gateway sends remote traffic into its tunnel, not to itself"
+    );
+    assert_eq!(
+        ns.routes("9028")
+            .into_iter()
+            .map(|r| r.0)
+            .collect::<Vec<_>>(),
+        vec!["10.244.2.0/24"]
+    );
+    let rules = ip_json(&ns.name, &["rule", "show"]);
+    let ret = rules
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|r| r["priority"] == 9028)
+        .cloned()
+        .expect("rule 9028");
+    assert_eq!(ret["iif"], "raven-wg0");
+}
