@@ -1,0 +1,214 @@
+//! Edge autonomy with real processes: a real `raven-hub` and a real
+//! `raven-edge` run inside a network namespace made for the test. The agent
+//! keeps the dataplane when it stops, and restores it from its cache with the
+//! hub down — also after a "reboot" that wiped every raven link, route and
+//! rule. Needs root; skipped otherwise unless `RAVEN_REQUIRE_TOOLS=1`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const NODE: &str = "izbp15inok0kbfkg3in52sz";
+
+fn is_root() -> bool {
+    let root = nix::unistd::Uid::effective().is_root();
+    if !root {
+        assert!(std::env::var_os("RAVEN_REQUIRE_TOOLS").is_none(), "needs root (RAVEN_REQUIRE_TOOLS is set)");
+        eprintln!("skipped: needs root");
+    }
+    root
+}
+
+fn ip(args: &[&str]) -> (bool, String) {
+    let out = Command::new("ip").args(args).output().expect("run ip");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+}
+
+fn must(args: &[&str]) {
+    let (ok, out) = ip(args);
+    assert!(ok, "ip {args:?}: {out}");
+}
+
+/// The sibling binary `name` in the target directory of this test.
+fn sibling(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let p = dir.join(name);
+    assert!(p.exists(), "{} not built: run `cargo build --workspace` (cargo test --workspace does)", p.display());
+    p
+}
+
+/// Kills and reaps a process this test started, by PID.
+struct Proc(Child);
+
+impl Proc {
+    fn stop(mut self, signal: nix::sys::signal::Signal) {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.0.id()).expect("pid"));
+        let _ = nix::sys::signal::kill(pid, signal);
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+struct Lab {
+    ns: String,
+    dir: tempfile::TempDir,
+}
+
+impl Lab {
+    fn new() -> Self {
+        let ns = format!("rva-{}", std::process::id());
+        must(&["netns", "add", &ns]);
+        let lab = Self { ns, dir: tempfile::tempdir().expect("tempdir") };
+        must(&["-n", &lab.ns, "link", "add", "v0", "type", "veth", "peer", "name", "v1"]);
+        must(&["-n", &lab.ns, "addr", "add", "172.16.2.104/24", "dev", "v0"]);
+        for l in ["lo", "v0", "v1"] {
+            must(&["-n", &lab.ns, "link", "set", l, "up"]);
+        }
+        let certs = lab.dir.path().join("certs");
+        let st = Command::new(sibling("raven-hub"))
+            .args(["certs", "--out"])
+            .arg(&certs)
+            .args(["--node", NODE])
+            .stdout(Stdio::null())
+            .status()
+            .expect("certs");
+        assert!(st.success());
+        lab
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    fn spawn(&self, exe: &Path, args: &[&str], log: &str) -> Proc {
+        let log = std::fs::File::create(self.path(log)).expect("log");
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.ns])
+            .arg(exe)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn");
+        Proc(child)
+    }
+
+    fn hub(&self) -> Proc {
+        let manifests = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/examples/user-manual");
+        let certs = self.path("certs");
+        let data = self.path("hub-data");
+        self.spawn(
+            &sibling("raven-hub"),
+            &[
+                "serve", "--manifests", manifests, "--certs", certs.to_str().unwrap_or_default(),
+                "--data-dir", data.to_str().unwrap_or_default(), "--grpc-addr", "127.0.0.1:10270",
+                "--plaintext-addr", "127.0.0.1:10271", "--http-addr", "127.0.0.1:10272", "--heartbeat", "1s",
+            ],
+            "hub.log",
+        )
+    }
+
+    fn agent(&self) -> Proc {
+        let certs = self.path("certs");
+        let data = self.path("edge-data");
+        self.spawn(
+            Path::new(env!("CARGO_BIN_EXE_raven-edge")),
+            &[
+                "run", "--node", NODE, "--data-dir", data.to_str().unwrap_or_default(), "--hub", "https://127.0.0.1:10270",
+                "--hub-server-name", "localhost", "--certs", certs.to_str().unwrap_or_default(),
+                "--http-addr", "127.0.0.1:10273", "--resync", "1s", "--heartbeat", "1s",
+            ],
+            "edge.log",
+        )
+    }
+
+    fn remote_routes(&self) -> Vec<String> {
+        let (_, out) = ip(&["-n", &self.ns, "route", "show", "table", "9027"]);
+        out.lines().filter(|l| l.contains("raven0")).map(|l| l.split_whitespace().next().unwrap_or_default().to_owned()).collect()
+    }
+
+    /// Waits until the qingdao and cloud domains are routed; returns how long it took.
+    fn converge(&self, what: &str) -> Duration {
+        let t = Instant::now();
+        loop {
+            let r = self.remote_routes();
+            if r.iter().any(|d| d == "10.244.3.0/24") && r.iter().any(|d| d == "10.244.0.0/24") {
+                eprintln!("{what}: converged in {:?}", t.elapsed());
+                return t.elapsed();
+            }
+            if t.elapsed() > Duration::from_secs(30) {
+                let log = std::fs::read_to_string(self.path("edge.log")).unwrap_or_default();
+                panic!("{what}: no routes after 30 s: {r:?}\n--- edge log ---\n{log}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
+    }
+}
+
+#[test]
+fn agent_restarted_while_hub_down_restores_routes_from_cache() {
+    if !is_root() {
+        return;
+    }
+    let lab = Lab::new();
+    let hub = lab.hub();
+    let agent = lab.agent();
+    lab.converge("first sync from the hub");
+
+    // Stopping the agent and killing the hub leaves the dataplane in place.
+    agent.stop(nix::sys::signal::Signal::SIGTERM);
+    hub.stop(nix::sys::signal::Signal::SIGKILL);
+    assert!(lab.remote_routes().contains(&"10.244.3.0/24".to_owned()), "stopping the agent must not tear down");
+
+    // `show` reads the cache with the agent stopped and the hub down.
+    let show = Command::new(env!("CARGO_BIN_EXE_raven-edge"))
+        .args(["show", "--node", NODE, "--data-dir"])
+        .arg(lab.path("edge-data"))
+        .output()
+        .expect("show");
+    assert!(show.status.success(), "{}", String::from_utf8_lossy(&show.stderr));
+    let cached: serde_json::Value = serde_json::from_slice(&show.stdout).expect("json");
+    assert!(cached["revision"].as_u64().unwrap_or(0) >= 1);
+    assert_eq!(cached["complete"], true);
+
+    // A "reboot": every raven link, route and rule is gone.
+    must(&["-n", &lab.ns, "link", "del", "raven0"]);
+    for (fam, prio) in [("-4", "9027"), ("-4", "9028"), ("-6", "9027"), ("-6", "9028")] {
+        must(&["-n", &lab.ns, fam, "rule", "del", "priority", prio]);
+    }
+    assert!(lab.remote_routes().is_empty());
+
+    // The agent comes back with the hub still down: routes return from the cache.
+    let agent = lab.agent();
+    lab.converge("restart with the hub down, from the cache");
+    let log = std::fs::read_to_string(lab.path("edge.log")).unwrap_or_default();
+    assert!(log.contains("cache loaded"), "{log}");
+
+    // Teardown is explicit, and complete.
+    agent.stop(nix::sys::signal::Signal::SIGTERM);
+    let st = Command::new("ip")
+        .args(["netns", "exec", &lab.ns])
+        .arg(env!("CARGO_BIN_EXE_raven-edge"))
+        .arg("teardown")
+        .stderr(Stdio::null())
+        .status()
+        .expect("teardown");
+    assert!(st.success());
+    assert!(lab.remote_routes().is_empty());
+    let (_, links) = ip(&["-n", &lab.ns, "link", "show", "raven0"]);
+    assert!(links.contains("does not exist"), "{links}");
+}
