@@ -13,7 +13,10 @@ const NODE: &str = "izbp15inok0kbfkg3in52sz";
 fn is_root() -> bool {
     let root = nix::unistd::Uid::effective().is_root();
     if !root {
-        assert!(std::env::var_os("RAVEN_REQUIRE_TOOLS").is_none(), "needs root (RAVEN_REQUIRE_TOOLS is set)");
+        assert!(
+            std::env::var_os("RAVEN_REQUIRE_TOOLS").is_none(),
+            "needs root (RAVEN_REQUIRE_TOOLS is set)"
+        );
         eprintln!("skipped: needs root");
     }
     root
@@ -21,7 +24,10 @@ fn is_root() -> bool {
 
 fn ip(args: &[&str]) -> (bool, String) {
     let out = Command::new("ip").args(args).output().expect("run ip");
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
 }
 
 fn must(args: &[&str]) {
@@ -34,7 +40,11 @@ fn sibling(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test exe");
     let dir = exe.parent().and_then(Path::parent).expect("target dir");
     let p = dir.join(name);
-    assert!(p.exists(), "{} not built: run `cargo build --workspace` (cargo test --workspace does)", p.display());
+    assert!(
+        p.exists(),
+        "{} not built: run `cargo build --workspace` (cargo test --workspace does)",
+        p.display()
+    );
     p
 }
 
@@ -65,8 +75,13 @@ impl Lab {
     fn new() -> Self {
         let ns = format!("rva-{}", std::process::id());
         must(&["netns", "add", &ns]);
-        let lab = Self { ns, dir: tempfile::tempdir().expect("tempdir") };
-        must(&["-n", &lab.ns, "link", "add", "v0", "type", "veth", "peer", "name", "v1"]);
+        let lab = Self {
+            ns,
+            dir: tempfile::tempdir().expect("tempdir"),
+        };
+        must(&[
+            "-n", &lab.ns, "link", "add", "v0", "type", "veth", "peer", "name", "v1",
+        ]);
         must(&["-n", &lab.ns, "addr", "add", "172.16.2.104/24", "dev", "v0"]);
         for l in ["lo", "v0", "v1"] {
             must(&["-n", &lab.ns, "link", "set", l, "up"]);
@@ -102,15 +117,30 @@ impl Lab {
     }
 
     fn hub(&self) -> Proc {
-        let manifests = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/examples/user-manual");
+        let manifests = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy/examples/user-manual"
+        );
         let certs = self.path("certs");
         let data = self.path("hub-data");
         self.spawn(
             &sibling("raven-hub"),
             &[
-                "serve", "--manifests", manifests, "--certs", certs.to_str().unwrap_or_default(),
-                "--data-dir", data.to_str().unwrap_or_default(), "--grpc-addr", "127.0.0.1:10270",
-                "--plaintext-addr", "127.0.0.1:10271", "--http-addr", "127.0.0.1:10272", "--heartbeat", "1s",
+                "serve",
+                "--manifests",
+                manifests,
+                "--certs",
+                certs.to_str().unwrap_or_default(),
+                "--data-dir",
+                data.to_str().unwrap_or_default(),
+                "--grpc-addr",
+                "127.0.0.1:10270",
+                "--plaintext-addr",
+                "127.0.0.1:10271",
+                "--http-addr",
+                "127.0.0.1:10272",
+                "--heartbeat",
+                "1s",
             ],
             "hub.log",
         )
@@ -122,9 +152,23 @@ impl Lab {
         self.spawn(
             Path::new(env!("CARGO_BIN_EXE_raven-edge")),
             &[
-                "run", "--node", NODE, "--data-dir", data.to_str().unwrap_or_default(), "--hub", "https://127.0.0.1:10270",
-                "--hub-server-name", "localhost", "--certs", certs.to_str().unwrap_or_default(),
-                "--http-addr", "127.0.0.1:10273", "--resync", "1s", "--heartbeat", "1s",
+                "run",
+                "--node",
+                NODE,
+                "--data-dir",
+                data.to_str().unwrap_or_default(),
+                "--hub",
+                "https://127.0.0.1:10270",
+                "--hub-server-name",
+                "localhost",
+                "--certs",
+                certs.to_str().unwrap_or_default(),
+                "--http-addr",
+                "127.0.0.1:10273",
+                "--resync",
+                "1s",
+                "--heartbeat",
+                "1s",
             ],
             "edge.log",
         )
@@ -132,7 +176,10 @@ impl Lab {
 
     fn remote_routes(&self) -> Vec<String> {
         let (_, out) = ip(&["-n", &self.ns, "route", "show", "table", "9027"]);
-        out.lines().filter(|l| l.contains("raven0")).map(|l| l.split_whitespace().next().unwrap_or_default().to_owned()).collect()
+        out.lines()
+            .filter(|l| l.contains("raven0"))
+            .map(|l| l.split_whitespace().next().unwrap_or_default().to_owned())
+            .collect()
     }
 
     /// Waits until the qingdao and cloud domains are routed; returns how long it took.
@@ -172,7 +219,10 @@ fn agent_restarted_while_hub_down_restores_routes_from_cache() {
     // Stopping the agent and killing the hub leaves the dataplane in place.
     agent.stop(nix::sys::signal::Signal::SIGTERM);
     hub.stop(nix::sys::signal::Signal::SIGKILL);
-    assert!(lab.remote_routes().contains(&"10.244.3.0/24".to_owned()), "stopping the agent must not tear down");
+    assert!(
+        lab.remote_routes().contains(&"10.244.3.0/24".to_owned()),
+        "stopping the agent must not tear down"
+    );
 
     // `show` reads the cache with the agent stopped and the hub down.
     let show = Command::new(env!("CARGO_BIN_EXE_raven-edge"))
@@ -180,14 +230,23 @@ fn agent_restarted_while_hub_down_restores_routes_from_cache() {
         .arg(lab.path("edge-data"))
         .output()
         .expect("show");
-    assert!(show.status.success(), "{}", String::from_utf8_lossy(&show.stderr));
+    assert!(
+        show.status.success(),
+        "{}",
+        String::from_utf8_lossy(&show.stderr)
+    );
     let cached: serde_json::Value = serde_json::from_slice(&show.stdout).expect("json");
     assert!(cached["revision"].as_u64().unwrap_or(0) >= 1);
     assert_eq!(cached["complete"], true);
 
     // A "reboot": every raven link, route and rule is gone.
     must(&["-n", &lab.ns, "link", "del", "raven0"]);
-    for (fam, prio) in [("-4", "9027"), ("-4", "9028"), ("-6", "9027"), ("-6", "9028")] {
+    for (fam, prio) in [
+        ("-4", "9027"),
+        ("-4", "9028"),
+        ("-6", "9027"),
+        ("-6", "9028"),
+    ] {
         must(&["-n", &lab.ns, fam, "rule", "del", "priority", prio]);
     }
     assert!(lab.remote_routes().is_empty());

@@ -122,9 +122,17 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
     let http_addr = http.as_ref().and_then(|l| l.local_addr().ok());
 
     let mut tasks = JoinSet::new();
-    spawn_source(&mut tasks, &config.source, &index, &shutdown).await?;
-
     let (pipeline, published) = Pipeline::new(index.clone(), revisions, config.debounce);
+    spawn_source(
+        &mut tasks,
+        &config.source,
+        &index,
+        &published,
+        config.replica.clone(),
+        &shutdown,
+    )
+    .await?;
+
     tasks.spawn(pipeline.run(shutdown.clone()));
     {
         let metrics = metrics.clone();
@@ -183,6 +191,32 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
     })
 }
 
+/// Starts the Kubernetes watchers and the leader-only status writer.
+pub fn spawn_kube(
+    tasks: &mut JoinSet<()>,
+    client: kube::Client,
+    index: &IndexHandle,
+    published: &PublishedRx,
+    replica: String,
+    shutdown: &CancellationToken,
+) {
+    {
+        let (index, shutdown, client) = (index.clone(), shutdown.clone(), client.clone());
+        tasks.spawn(async move {
+            crate::sources::kube::run(client, index, shutdown).await;
+        });
+    }
+    let (lead_tx, _) = tokio::sync::watch::channel(false);
+    let lease = crate::status::LeaseConfig::new(replica);
+    tasks.spawn(crate::status::run_status_writer(
+        client,
+        published.clone(),
+        lease,
+        lead_tx,
+        shutdown.clone(),
+    ));
+}
+
 fn load_into(index: &IndexHandle, loaded: raven_core::manifest::Loaded) {
     index.update(|i| {
         i.reset_gateways(loaded.inputs.gateways.into_values().collect());
@@ -199,6 +233,8 @@ async fn spawn_source(
     tasks: &mut JoinSet<()>,
     source: &Source,
     index: &IndexHandle,
+    published: &PublishedRx,
+    replica: String,
     shutdown: &CancellationToken,
 ) -> Result<(), StartError> {
     match source {
@@ -236,11 +272,10 @@ async fn spawn_source(
             });
         }
         Source::Kubernetes { kubeconfig } => {
-            // KUBE-SOURCE: wired once sources::kube lands.
-            let _ = (kubeconfig, tasks, shutdown);
-            return Err(StartError::Kube(
-                "the Kubernetes source is not wired yet".into(),
-            ));
+            let client = crate::sources::kube::client_from(kubeconfig.clone())
+                .await
+                .map_err(|e| StartError::Kube(e.to_string()))?;
+            spawn_kube(tasks, client, index, published, replica, shutdown);
         }
     }
     Ok(())

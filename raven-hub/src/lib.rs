@@ -18,3 +18,4 @@ pub mod metrics;
 pub mod pipeline;
 pub mod revision;
 pub mod sources;
+pub mod status;
