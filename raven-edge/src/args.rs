@@ -82,6 +82,16 @@ fn node(common: &Common) -> anyhow::Result<NodeName> {
     NodeName::new(common.node.clone()).map_err(|e| anyhow::anyhow!("--node {:?}: {e}", common.node))
 }
 
+/// The node and its cached state, read without changing anything.
+fn cached(common: &Common) -> anyhow::Result<(NodeName, cache::CachedState)> {
+    let node = node(common)?;
+    let snap = raven_store::Store::open_read_only_snapshot(
+        &common.data_dir.join("cache"),
+        &cache::purpose(&node),
+    )?;
+    Ok((node, cache::decode_snapshot(&snap)?))
+}
+
 impl Args {
     pub fn run(self) -> anyhow::Result<std::process::ExitCode> {
         let rt = tokio::runtime::Runtime::new()?;
@@ -133,12 +143,7 @@ impl Args {
                 Ok(std::process::ExitCode::SUCCESS)
             }
             Command::Show { common } => {
-                let node = node(&common)?;
-                let snap = raven_store::Store::open_read_only_snapshot(
-                    &common.data_dir.join("cache"),
-                    &cache::purpose(&node),
-                )?;
-                let state = cache::decode_snapshot(&snap)?;
+                let (node, state) = cached(&common)?;
                 let out = serde_json::json!({
                     "node": node,
                     "epoch": state.epoch,
@@ -150,12 +155,7 @@ impl Args {
                 Ok(std::process::ExitCode::SUCCESS)
             }
             Command::Plan { common } => {
-                let node = node(&common)?;
-                let snap = raven_store::Store::open_read_only_snapshot(
-                    &common.data_dir.join("cache"),
-                    &cache::purpose(&node),
-                )?;
-                let state = cache::decode_snapshot(&snap)?;
+                let (node, state) = cached(&common)?;
                 let inputs = dataplane::inputs_from(&node, &state);
                 let ops = rt.block_on(dataplane::Kernel::new(false).plan(&inputs))?;
                 for op in &ops {
