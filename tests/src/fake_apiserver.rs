@@ -60,8 +60,10 @@ struct Db {
     /// plural → key (namespace/name) → object
     objects: BTreeMap<String, BTreeMap<String, Value>>,
     history: Vec<Event>,
-    /// Events at or below this version are gone: watching from before it is 410.
+    /// Events up to this version are gone: a watch from an older version gets 410.
     compacted: u64,
+    /// Watches answered with 410 Gone.
+    expired_watches: u64,
     patches: Vec<(String, Value)>,
 }
 
@@ -194,8 +196,11 @@ async fn list_or_watch(
         .map_or(Duration::from_secs(290), Duration::from_secs);
     let mut rx = shared.events.subscribe();
     let (backlog, expired, current) = {
-        let db = shared.db();
+        let mut db = shared.db();
         let expired = from != 0 && from < db.compacted;
+        if expired {
+            db.expired_watches += 1;
+        }
         let backlog: Vec<Event> = db
             .history
             .iter()
@@ -464,11 +469,17 @@ impl FakeApiServer {
         self.shared.remove(plural, key);
     }
 
-    /// Forgets the event history: a watch from any older version gets 410.
+    /// Forgets the event history: a watch from any version older than the
+    /// current one gets 410.
     pub fn compact(&self) {
         let mut db = self.shared.db();
-        db.compacted = db.rv + 1;
+        db.compacted = db.rv;
         db.history.clear();
+    }
+
+    /// How many watches were answered with 410 Gone.
+    pub fn expired_watches(&self) -> u64 {
+        self.shared.db().expired_watches
     }
 
     /// Ends every open watch (clients re-watch from their last version).

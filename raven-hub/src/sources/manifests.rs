@@ -121,19 +121,24 @@ impl DirSource {
     }
 }
 
-/// A fingerprint of the directory (names, sizes, modification times) that
-/// changes whenever a manifest file is added, removed or written.
-pub fn fingerprint(dir: &Path) -> Vec<(String, u64, Option<std::time::SystemTime>)> {
+/// A fingerprint of the directory: names, sizes, modification times and a
+/// hash of the contents, so that any write is noticed — also one that keeps
+/// the size and lands within the file system's timestamp granularity.
+pub fn fingerprint(dir: &Path) -> Vec<(String, u64, Option<std::time::SystemTime>, u64)> {
+    use std::hash::{Hash, Hasher};
     let mut out: Vec<_> = std::fs::read_dir(dir)
         .into_iter()
         .flatten()
         .filter_map(Result::ok)
         .filter_map(|e| {
             let md = e.metadata().ok()?;
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            std::fs::read(e.path()).ok()?.hash(&mut h);
             Some((
                 e.file_name().to_string_lossy().into_owned(),
                 md.len(),
                 md.modified().ok(),
+                h.finish(),
             ))
         })
         .collect();
