@@ -166,7 +166,9 @@ impl Args {
             }
             Command::Teardown => {
                 init_tracing(false);
-                rt.block_on(dataplane::Kernel::new(true).teardown())?;
+                rt.block_on(
+                    dataplane::Kernel::new(true).teardown(dataplane::model::DEFAULT_TUNNEL_DEV),
+                )?;
                 eprintln!("removed raven's links, routes and rules");
                 Ok(std::process::ExitCode::SUCCESS)
             }

@@ -115,7 +115,7 @@ impl Netns {
                 .enable_all()
                 .build()
                 .expect("runtime");
-            rt.block_on(Kernel::new(true).teardown())
+            rt.block_on(Kernel::new(true).teardown("raven-wg0"))
                 .unwrap_or_else(|e| panic!("{e}"))
         });
     }
@@ -260,6 +260,7 @@ fn inputs(me: &str, my_ip: &str) -> NodeInputs {
         active_override: BTreeMap::new(),
         underlay_mtu: 0,
         tunnel_dev: "raven-wg0".into(),
+        tunnel_up: false,
     }
 }
 

@@ -28,6 +28,7 @@ pub fn inputs_from(node: &NodeName, state: &CachedState) -> NodeInputs {
         active_override: BTreeMap::new(),
         underlay_mtu: 0,
         tunnel_dev: model::DEFAULT_TUNNEL_DEV.to_owned(),
+        tunnel_up: false,
     }
 }
 
@@ -80,7 +81,7 @@ impl Kernel {
     pub async fn plan(&self, inputs: &NodeInputs) -> Result<Vec<Op>, DataplaneError> {
         let h = netlink::connect()?;
         let want = self.desired(&h, inputs).await?;
-        let have = netlink::observe(&h).await?;
+        let have = netlink::observe(&h, &inputs.tunnel_dev).await?;
         Ok(plan(&want.state, &have))
     }
 
@@ -88,7 +89,7 @@ impl Kernel {
     pub async fn reconcile(&self, inputs: &NodeInputs) -> Result<ReconcileReport, DataplaneError> {
         let h = netlink::connect()?;
         let want = self.desired(&h, inputs).await?;
-        let have = netlink::observe(&h).await?;
+        let have = netlink::observe(&h, &inputs.tunnel_dev).await?;
         let ops = plan(&want.state, &have);
         for w in &want.warnings {
             tracing::warn!(warning = %w, "dataplane");
@@ -103,7 +104,7 @@ impl Kernel {
         if want.state.link.is_some() {
             enable_forwarding();
         }
-        let applied = netlink::apply(&h, &ops).await?;
+        let applied = netlink::apply(&h, &ops, &inputs.tunnel_dev).await?;
         Ok(ReconcileReport {
             ops_applied: applied,
             summary: summary(&want.state),
@@ -112,11 +113,11 @@ impl Kernel {
     }
 
     /// Removes every object raven owns from the kernel.
-    pub async fn teardown(&self) -> Result<usize, DataplaneError> {
+    pub async fn teardown(&self, tunnel_dev: &str) -> Result<usize, DataplaneError> {
         let h = netlink::connect()?;
-        let have = netlink::observe(&h).await?;
+        let have = netlink::observe(&h, tunnel_dev).await?;
         let ops = plan(&State::default(), &have);
-        netlink::apply(&h, &ops).await
+        netlink::apply(&h, &ops, tunnel_dev).await
     }
 }
 

@@ -94,12 +94,23 @@ pub struct VxlanLink {
     pub mac: Mac,
 }
 
-/// A route raven owns: `dst via via dev raven0 onlink table T proto 82`.
+/// The device a route leaves through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum RouteDev {
+    /// `raven0`, with an on-link next hop.
+    Vxlan,
+    /// The gateway tunnel device (no next hop).
+    Tunnel,
+}
+
+/// A route raven owns: `dst [via V] dev D [onlink] table T proto 82`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Route {
     pub table: u32,
     pub dst: IpNet,
-    pub via: IpAddr,
+    pub dev: RouteDev,
+    /// Next hop over `raven0`; none through the tunnel.
+    pub via: Option<IpAddr>,
     /// 0: no MTU metric.
     pub mtu: u32,
 }
@@ -194,9 +205,13 @@ impl fmt::Display for Op {
             Op::DeleteNeighbour(n) => write!(f, "ip neigh del {} dev {VXLAN_DEV}", n.ip),
             Op::ReplaceRoute(r) => write!(
                 f,
-                "ip route replace {} via {} dev {VXLAN_DEV} onlink table {} proto {ROUTE_PROTOCOL}{}",
+                "ip route replace {}{} dev {} table {} proto {ROUTE_PROTOCOL}{}",
                 r.dst,
-                r.via,
+                r.via.map(|v| format!(" via {v}")).unwrap_or_default(),
+                match r.dev {
+                    RouteDev::Vxlan => format!("{VXLAN_DEV} onlink"),
+                    RouteDev::Tunnel => "<tunnel>".to_owned(),
+                },
                 r.table,
                 if r.mtu > 0 {
                     format!(" mtu {}", r.mtu)
@@ -241,6 +256,9 @@ pub struct NodeInputs {
     pub active_override: BTreeMap<GatewayName, NodeName>,
     pub underlay_mtu: u32,
     pub tunnel_dev: String,
+    /// The tunnel device exists (the tunnel driver brought it up): remote
+    /// prefixes may be routed into it. Make before break.
+    pub tunnel_up: bool,
 }
 
 fn ipv4(ip: IpAddr) -> Option<Ipv4Addr> {
@@ -336,8 +354,21 @@ pub fn desired(inputs: &NodeInputs) -> Desired {
     let active = active_node(my_gw, &inputs.active_override);
     match active {
         Some(a) if *a == me.name => {
-            // I am the gateway: remote prefixes go into the tunnel (tunnel
-            // driver), and traffic from the tunnel finds members here.
+            // I am the gateway: remote prefixes go into the tunnel once it
+            // is up (make before break), and traffic from the tunnel finds
+            // members here.
+            if inputs.tunnel_up {
+                let mtu = inputs.underlay_mtu.saturating_sub(TUNNEL_OVERHEAD);
+                for dst in &remote {
+                    out.state.routes.insert(Route {
+                        table: TABLE_REMOTE,
+                        dst: *dst,
+                        dev: RouteDev::Tunnel,
+                        via: None,
+                        mtu,
+                    });
+                }
+            }
             out.tunnel_prefixes = remote;
             for m in my_gw.members.iter().filter(|m| m.node != me.name) {
                 let Some(ip) = ipv4(m.private_ip) else {
@@ -347,7 +378,8 @@ pub fn desired(inputs: &NodeInputs) -> Desired {
                     out.state.routes.insert(Route {
                         table: TABLE_RETURN,
                         dst: *s,
-                        via: next_hop(ip, s),
+                        dev: RouteDev::Vxlan,
+                        via: Some(next_hop(ip, s)),
                         mtu: 0,
                     });
                 }
@@ -365,7 +397,8 @@ pub fn desired(inputs: &NodeInputs) -> Desired {
                     for dst in remote {
                         out.state.routes.insert(Route {
                             table: TABLE_REMOTE,
-                            via: next_hop(gw_ip, &dst),
+                            via: Some(next_hop(gw_ip, &dst)),
+                            dev: RouteDev::Vxlan,
                             dst,
                             mtu,
                         });
@@ -594,7 +627,8 @@ mod tests {
             .prop_map(|(table, net, via, mtu)| Route {
                 table,
                 dst: IpNet::new(IpAddr::V4(Ipv4Addr::new(10, net, 0, 0)), 24).unwrap_or_default(),
-                via: IpAddr::V4(Ipv4Addr::new(172, 16, 0, via)),
+                dev: RouteDev::Vxlan,
+                via: Some(IpAddr::V4(Ipv4Addr::new(172, 16, 0, via))),
                 mtu,
             })
     }
@@ -762,6 +796,7 @@ mod tests {
             active_override: BTreeMap::new(),
             underlay_mtu: 1500,
             tunnel_dev: DEFAULT_TUNNEL_DEV.into(),
+            tunnel_up: false,
         };
         let d = desired(&inputs);
         let dsts: Vec<String> = d.state.routes.iter().map(|r| r.dst.to_string()).collect();
@@ -774,7 +809,7 @@ mod tests {
             d.state
                 .routes
                 .iter()
-                .all(|r| r.via == IpAddr::V4(Ipv4Addr::new(192, 168, 1, 1)) && r.mtu == 1370)
+                .all(|r| r.via == Some(IpAddr::V4(Ipv4Addr::new(192, 168, 1, 1))) && r.mtu == 1370)
         );
     }
 }

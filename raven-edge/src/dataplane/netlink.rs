@@ -21,8 +21,8 @@ use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
 use rtnetlink::{Handle, IpVersion, LinkUnspec, LinkVxlan, RouteMessageBuilder};
 
 use super::model::{
-    Fdb, Mac, Neighbour, Op, PRIORITY_REMOTE, PRIORITY_RETURN, ROUTE_PROTOCOL, Route, Rule, State,
-    TABLE_REMOTE, TABLE_RETURN, VXLAN_DEV, VxlanLink,
+    Fdb, Mac, Neighbour, Op, PRIORITY_REMOTE, PRIORITY_RETURN, ROUTE_PROTOCOL, Route, RouteDev,
+    Rule, State, TABLE_REMOTE, TABLE_RETURN, VXLAN_DEV, VxlanLink,
 };
 
 /// A dataplane operation failed.
@@ -139,7 +139,7 @@ fn addr_of(a: &RouteAddress) -> Option<IpAddr> {
     }
 }
 
-fn parse_route(m: &RouteMessage) -> Option<Route> {
+fn parse_route(m: &RouteMessage, tunnel_index: Option<u32>) -> Option<Route> {
     let table = table_of_route(m);
     if ![TABLE_REMOTE, TABLE_RETURN].contains(&table)
         || m.header.protocol != RouteProtocol::from(ROUTE_PROTOCOL)
@@ -149,8 +149,10 @@ fn parse_route(m: &RouteMessage) -> Option<Route> {
     let mut dst = None;
     let mut via = None;
     let mut mtu = 0;
+    let mut oif = None;
     for a in &m.attributes {
         match a {
+            RouteAttribute::Oif(i) => oif = Some(*i),
             RouteAttribute::Destination(d) => dst = addr_of(d),
             RouteAttribute::Gateway(g) => via = addr_of(g),
             RouteAttribute::Via(RouteVia::Inet6(v6)) => via = Some(IpAddr::V6(*v6)),
@@ -169,10 +171,19 @@ fn parse_route(m: &RouteMessage) -> Option<Route> {
         _ => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
     });
     let dst = IpNet::new(dst, m.header.destination_prefix_length).ok()?;
+    // Raven's route through the tunnel has no next hop; any other shape is
+    // still raven's (table + protocol) and is reported as a raven0 route so
+    // the planner replaces or removes it.
+    let dev = if via.is_none() && oif.is_some() && oif == tunnel_index {
+        RouteDev::Tunnel
+    } else {
+        RouteDev::Vxlan
+    };
     Some(Route {
         table,
         dst,
-        via: via?,
+        dev,
+        via,
         mtu,
     })
 }
@@ -201,9 +212,20 @@ fn parse_rule(m: &RuleMessage) -> Option<Rule> {
     })
 }
 
+/// The index of the link named `name`, if it exists.
+pub async fn link_index(h: &Handle, name: &str) -> Result<Option<u32>, DataplaneError> {
+    let mut links = h.link().get().match_name(name.to_owned()).execute();
+    match links.try_next().await {
+        Ok(m) => Ok(m.map(|m| m.header.index)),
+        Err(e) if errno(&e) == Some(ENODEV) => Ok(None),
+        Err(e) => Err(nl(format!("reading link {name}"))(e)),
+    }
+}
+
 /// Reads raven's objects from the kernel.
-pub async fn observe(h: &Handle) -> Result<State, DataplaneError> {
+pub async fn observe(h: &Handle, tunnel_dev: &str) -> Result<State, DataplaneError> {
     let mut s = State::default();
+    let tunnel_index = link_index(h, tunnel_dev).await?;
     let link = vxlan_message(h).await?;
     let index = link.as_ref().map(|m| m.header.index);
     if let Some(m) = &link {
@@ -273,7 +295,7 @@ pub async fn observe(h: &Handle) -> Result<State, DataplaneError> {
     ] {
         let mut dump = h.route().get(msg).execute();
         while let Some(r) = dump.try_next().await.map_err(nl("dumping routes"))? {
-            if let Some(route) = parse_route(&r) {
+            if let Some(route) = parse_route(&r, tunnel_index) {
                 s.routes.insert(route);
             }
         }
@@ -303,18 +325,19 @@ fn tolerate(
 
 fn route_message(r: &Route, index: u32) -> Result<RouteMessage, DataplaneError> {
     let invalid = |reason: String| DataplaneError::Invalid {
-        op: format!("route {} via {}", r.dst, r.via),
+        op: format!("route {}", r.dst),
         reason,
     };
     let mut b = RouteMessageBuilder::<IpAddr>::new()
         .destination_prefix(r.dst.addr(), r.dst.prefix_len())
         .map_err(|e| invalid(e.to_string()))?
-        .gateway(r.via)
-        .map_err(|e| invalid(e.to_string()))?
         .output_interface(index)
         .table_id(r.table)
-        .protocol(RouteProtocol::from(ROUTE_PROTOCOL))
-        .onlink();
+        .protocol(RouteProtocol::from(ROUTE_PROTOCOL));
+    b = match r.via {
+        Some(via) => b.gateway(via).map_err(|e| invalid(e.to_string()))?.onlink(),
+        None => b.scope(netlink_packet_route::route::RouteScope::Link),
+    };
     if r.mtu > 0 {
         b.get_mut()
             .attributes
@@ -362,8 +385,9 @@ fn neighbour_message(
 }
 
 /// Applies `ops` in order. Returns how many were applied.
-pub async fn apply(h: &Handle, ops: &[Op]) -> Result<usize, DataplaneError> {
+pub async fn apply(h: &Handle, ops: &[Op], tunnel_dev: &str) -> Result<usize, DataplaneError> {
     let mut index = vxlan_index(h).await?;
+    let tunnel_index = link_index(h, tunnel_dev).await?;
     for op in ops {
         let need = |index: Option<u32>| {
             index.ok_or_else(|| DataplaneError::Invalid {
@@ -437,7 +461,14 @@ pub async fn apply(h: &Handle, ops: &[Op]) -> Result<usize, DataplaneError> {
                 tolerate(h.neighbours().del(msg).execute().await, &[ENOENT], op)?;
             }
             Op::ReplaceRoute(r) => {
-                let msg = route_message(r, need(index)?)?;
+                let dev = match r.dev {
+                    RouteDev::Vxlan => need(index)?,
+                    RouteDev::Tunnel => tunnel_index.ok_or_else(|| DataplaneError::Invalid {
+                        op: op.to_string(),
+                        reason: format!("the tunnel device {tunnel_dev} does not exist"),
+                    })?,
+                };
+                let msg = route_message(r, dev)?;
                 tolerate(h.route().add(msg).replace().execute().await, &[], op)?;
             }
             Op::DeleteRoute(r) => {
