@@ -34,6 +34,9 @@ pub struct AgentConfig {
     pub resync: Duration,
     pub cache_max_bytes: u64,
     pub http_addr: Option<std::net::SocketAddr>,
+    /// Name of the gateway tunnel device (unique per host for userspace
+    /// WireGuard, whose control socket lives in /var/run/wireguard).
+    pub tunnel_dev: String,
 }
 
 /// Health of the agent, for `/readyz` and metrics.
@@ -59,6 +62,8 @@ pub enum AgentError {
     },
     #[error("the cache task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
+    #[error(transparent)]
+    Tunnel(#[from] crate::tunnel::TunnelError),
 }
 
 /// Runs the agent until `shutdown`.
@@ -72,11 +77,17 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
 
     let (state_tx, mut state_rx) = watch::channel(Arc::new(state));
     let (applied_tx, applied_rx) = watch::channel(None::<AppliedReport>);
-    let (_report_tx, report_rx) = watch::channel(v1::Report::default());
+    // Only the public key leaves the node.
+    let tunnel = crate::tunnel::Tunnel::new(cfg.tunnel_dev.clone(), &cfg.data_dir)?;
+    let (report_tx, report_rx) = watch::channel(v1::Report {
+        wireguard_public_key: Some(tunnel.keys.public_base64()),
+        ..Default::default()
+    });
 
     let dp = dataplane::Kernel::new(cfg.apply);
+    let ctx = Reconciler { dp, tunnel, node: cfg.node.clone(), health: health.clone(), report: report_tx };
     // 1. Program the kernel from the cache before dialling anyone.
-    let first = reconcile_once(&dp, &cfg.node, &state_rx.borrow_and_update(), &health).await;
+    let first = ctx.reconcile_once(&state_rx.borrow_and_update()).await;
     applied_tx.send_replace(Some(first));
 
     let mut tasks = tokio::task::JoinSet::new();
@@ -112,7 +123,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
             _ = ticker.tick() => {}
         }
         let state = state_rx.borrow_and_update().clone();
-        let report = reconcile_once(&dp, &cfg.node, &state, &health).await;
+        let report = ctx.reconcile_once(&state).await;
         applied_tx.send_replace(Some(report));
     }
     tracing::info!("agent stopping; the dataplane stays as it is");
@@ -120,46 +131,78 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
     Ok(())
 }
 
-/// Observe → plan → apply once, from `state`.
-pub async fn reconcile_once(
-    dp: &dataplane::Kernel,
-    node: &NodeName,
-    state: &CachedState,
-    health: &Health,
-) -> AppliedReport {
-    let inputs = dataplane::inputs_from(node, state);
-    let result = dp.reconcile(&inputs).await;
-    health.reconciles.fetch_add(1, Ordering::Relaxed);
-    health.revision.store(state.revision, Ordering::Relaxed);
-    let (error, summary) = match result {
-        Ok(r) => {
-            if r.ops_applied > 0 {
-                tracing::info!(
-                    ops = r.ops_applied,
-                    revision = state.revision,
-                    "dataplane reconciled"
-                );
+/// What one reconcile pass needs.
+#[derive(Debug)]
+pub struct Reconciler {
+    pub dp: dataplane::Kernel,
+    pub tunnel: crate::tunnel::Tunnel,
+    pub node: NodeName,
+    pub health: Health,
+    pub report: watch::Sender<v1::Report>,
+}
+
+impl Reconciler {
+    /// Tunnel first (make before break), then observe → plan → apply, from `state`.
+    pub async fn reconcile_once(&self, state: &CachedState) -> AppliedReport {
+        let mut inputs = dataplane::inputs_from(&self.node, state);
+        inputs.tunnel_dev = self.tunnel.dev.clone();
+        let peers = state.view(&self.node).map(|v| v.peers).unwrap_or_default();
+        let mut errors = Vec::new();
+        let mut tunnels = 0;
+        if let Some(spec) = crate::tunnel::spec(&inputs, &peers).filter(|_| self.dp.writes()) {
+            for w in &spec.warnings {
+                tracing::warn!(warning = %w, "tunnel");
             }
-            health
-                .ops_applied
-                .fetch_add(r.ops_applied as u64, Ordering::Relaxed);
-            (None, r.summary)
+            let mtu = 1500 - crate::dataplane::model::TUNNEL_OVERHEAD;
+            match self.tunnel.ensure_device(mtu).await {
+                Ok(()) => match self.tunnel.apply(&spec).await {
+                    Ok(changed) => {
+                        inputs.tunnel_up = true;
+                        tunnels = spec.peers.len() as u32;
+                        if changed > 0 {
+                            tracing::info!(dev = %self.tunnel.dev, peers = spec.peers.len(), "tunnel peers updated");
+                        }
+                        let peers = self.tunnel.peer_states(&spec).await;
+                        self.report.send_if_modified(|r| {
+                            let changed = r.peers != peers;
+                            r.peers = peers;
+                            changed
+                        });
+                    }
+                    Err(e) => errors.push(e.to_string()),
+                },
+                Err(e) => errors.push(e.to_string()),
+            }
         }
-        Err(e) => {
+        let result = self.dp.reconcile(&inputs).await;
+        let health = &self.health;
+        health.reconciles.fetch_add(1, Ordering::Relaxed);
+        health.revision.store(state.revision, Ordering::Relaxed);
+        let mut summary = v1::ApplySummary::default();
+        match result {
+            Ok(r) => {
+                if r.ops_applied > 0 {
+                    tracing::info!(ops = r.ops_applied, revision = state.revision, "dataplane reconciled");
+                }
+                health.ops_applied.fetch_add(r.ops_applied as u64, Ordering::Relaxed);
+                summary = r.summary;
+            }
+            Err(e) => errors.push(e.to_string()),
+        }
+        summary.tunnels = tunnels;
+        let error = (!errors.is_empty()).then(|| errors.join("; "));
+        if let Some(e) = &error {
             tracing::warn!(error = %e, "reconcile failed; will retry");
-            (Some(e.to_string()), v1::ApplySummary::default())
         }
-    };
-    health
-        .dataplane_ok
-        .store(error.is_none(), Ordering::Relaxed);
-    if let Ok(mut last) = health.last_error.lock() {
-        last.clone_from(&error);
-    }
-    AppliedReport {
-        epoch: state.epoch.clone(),
-        revision: state.revision,
-        error,
-        summary,
+        health.dataplane_ok.store(error.is_none(), Ordering::Relaxed);
+        if let Ok(mut last) = health.last_error.lock() {
+            last.clone_from(&error);
+        }
+        AppliedReport {
+            epoch: state.epoch.clone(),
+            revision: state.revision,
+            error,
+            summary,
+        }
     }
 }

@@ -58,6 +58,9 @@ pub enum Command {
         /// Observe and plan, never change the kernel.
         #[arg(long)]
         dry_run: bool,
+        /// Name of the gateway tunnel device (userspace WireGuard).
+        #[arg(long, env = "RAVEN_TUNNEL_DEV", default_value = "raven-wg0")]
+        tunnel_dev: String,
         /// Log as JSON.
         #[arg(long, env = "RAVEN_LOG_JSON")]
         log_json: bool,
@@ -105,6 +108,7 @@ impl Args {
                 resync,
                 heartbeat,
                 dry_run,
+                tunnel_dev,
                 log_json,
             } => {
                 init_tracing(log_json);
@@ -130,6 +134,7 @@ impl Args {
                     resync,
                     cache_max_bytes: 64 << 20,
                     http_addr,
+                    tunnel_dev,
                 };
                 rt.block_on(async {
                     let shutdown = CancellationToken::new();

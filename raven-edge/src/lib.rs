@@ -15,3 +15,4 @@ pub mod cache;
 pub mod client;
 pub mod dataplane;
 pub mod http;
+pub mod tunnel;

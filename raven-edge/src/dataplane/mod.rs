@@ -61,6 +61,11 @@ impl Kernel {
         Self { write }
     }
 
+    /// Whether this dataplane changes the kernel (not a dry run).
+    pub fn writes(&self) -> bool {
+        self.write
+    }
+
     async fn desired(
         &self,
         h: &rtnetlink::Handle,
