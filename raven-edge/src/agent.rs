@@ -85,7 +85,13 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
     });
 
     let dp = dataplane::Kernel::new(cfg.apply);
-    let ctx = Reconciler { dp, tunnel, node: cfg.node.clone(), health: health.clone(), report: report_tx };
+    let ctx = Reconciler {
+        dp,
+        tunnel,
+        node: cfg.node.clone(),
+        health: health.clone(),
+        report: report_tx,
+    };
     // 1. Program the kernel from the cache before dialling anyone.
     let first = ctx.reconcile_once(&state_rx.borrow_and_update()).await;
     applied_tx.send_replace(Some(first));
@@ -182,9 +188,15 @@ impl Reconciler {
         match result {
             Ok(r) => {
                 if r.ops_applied > 0 {
-                    tracing::info!(ops = r.ops_applied, revision = state.revision, "dataplane reconciled");
+                    tracing::info!(
+                        ops = r.ops_applied,
+                        revision = state.revision,
+                        "dataplane reconciled"
+                    );
                 }
-                health.ops_applied.fetch_add(r.ops_applied as u64, Ordering::Relaxed);
+                health
+                    .ops_applied
+                    .fetch_add(r.ops_applied as u64, Ordering::Relaxed);
                 summary = r.summary;
             }
             Err(e) => errors.push(e.to_string()),
@@ -194,7 +206,9 @@ impl Reconciler {
         if let Some(e) = &error {
             tracing::warn!(error = %e, "reconcile failed; will retry");
         }
-        health.dataplane_ok.store(error.is_none(), Ordering::Relaxed);
+        health
+            .dataplane_ok
+            .store(error.is_none(), Ordering::Relaxed);
         if let Ok(mut last) = health.last_error.lock() {
             last.clone_from(&error);
         }

@@ -346,9 +346,21 @@ pub fn desired(inputs: &NodeInputs) -> Desired {
     // is an address of my own domain (overlapping private ranges across NATs
     // are common; my own members are always reached directly).
     let own: BTreeSet<IpAddr> = my_gw.members.iter().map(|m| m.private_ip).collect();
+    // Tunnel endpoints are reached over the underlay, never through the
+    // tunnel they carry (a routing loop that would cut the tunnel and the
+    // hub connection when a gateway's public address is also its node IP).
+    let endpoints: BTreeSet<IpAddr> = inputs
+        .gateways
+        .iter()
+        .flat_map(|g| g.tunnel_candidates.iter().chain(g.active_tunnel.iter()))
+        .filter_map(|e| e.public_ip)
+        .collect();
     let remote: Vec<IpNet> = raven_core::compile::remote_prefixes_of(&inputs.gateways, gw_name)
         .into_iter()
-        .filter(|p| !(p.prefix_len() == p.max_prefix_len() && own.contains(&p.addr())))
+        .filter(|p| {
+            let host = p.prefix_len() == p.max_prefix_len();
+            !(host && (own.contains(&p.addr()) || endpoints.contains(&p.addr())))
+        })
         .collect();
 
     let active = active_node(my_gw, &inputs.active_override);

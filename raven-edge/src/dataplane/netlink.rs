@@ -534,8 +534,15 @@ pub fn all_rules(observed: &State) -> BTreeSet<Rule> {
 pub async fn set_link_up(name: &str, mtu: u32) -> Result<(), DataplaneError> {
     let h = connect()?;
     let Some(index) = link_index(&h, name).await? else {
-        return Err(DataplaneError::Invalid { op: format!("ip link set {name} up"), reason: "no such link".into() });
+        return Err(DataplaneError::Invalid {
+            op: format!("ip link set {name} up"),
+            reason: "no such link".into(),
+        });
     };
     let msg = LinkUnspec::new_with_index(index).mtu(mtu).up().build();
-    h.link().set(msg).execute().await.map_err(nl(format!("ip link set {name} mtu {mtu} up")))
+    h.link()
+        .set(msg)
+        .execute()
+        .await
+        .map_err(nl(format!("ip link set {name} mtu {mtu} up")))
 }

@@ -16,25 +16,41 @@ pub struct KeyPair {
 
 impl std::fmt::Debug for KeyPair {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KeyPair").field("public", &STANDARD.encode(self.public)).finish_non_exhaustive()
+        f.debug_struct("KeyPair")
+            .field("public", &STANDARD.encode(self.public))
+            .finish_non_exhaustive()
     }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
     #[error("reading the WireGuard key {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("writing the WireGuard key {path}: {source}")]
-    Write { path: PathBuf, source: std::io::Error },
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("the WireGuard key {path} is not a base64 32-byte key")]
     Malformed { path: PathBuf },
 }
 
 impl KeyPair {
-    fn from_private(private: [u8; 32]) -> Self {
+    fn from_private(mut private: [u8; 32]) -> Self {
+        // Clamp as Curve25519 (and WireGuard) does, so the key reads back
+        // from the device exactly as written.
+        private[0] &= 248;
+        private[31] &= 127;
+        private[31] |= 64;
         let secret = x25519_dalek::StaticSecret::from(private);
         let public = x25519_dalek::PublicKey::from(&secret).to_bytes();
-        Self { private: secret.to_bytes(), public }
+        Self {
+            private: secret.to_bytes(),
+            public,
+        }
     }
 
     /// Loads the key of `dir`, creating it on first use.
@@ -42,21 +58,31 @@ impl KeyPair {
         let path = dir.join("wireguard.key");
         match std::fs::read_to_string(&path) {
             Ok(text) => {
-                let bytes = STANDARD.decode(text.trim()).map_err(|_| KeyError::Malformed { path: path.clone() })?;
-                let private = <[u8; 32]>::try_from(bytes.as_slice()).map_err(|_| KeyError::Malformed { path })?;
+                let bytes = STANDARD
+                    .decode(text.trim())
+                    .map_err(|_| KeyError::Malformed { path: path.clone() })?;
+                let private = <[u8; 32]>::try_from(bytes.as_slice())
+                    .map_err(|_| KeyError::Malformed { path })?;
                 Ok(Self::from_private(private))
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let pair = Self::from_private(rand::random());
-                std::fs::create_dir_all(dir).map_err(|source| KeyError::Write { path: path.clone(), source })?;
+                std::fs::create_dir_all(dir).map_err(|source| KeyError::Write {
+                    path: path.clone(),
+                    source,
+                })?;
                 let tmp = dir.join("wireguard.key.tmp");
-                let err = |source| KeyError::Write { path: path.clone(), source };
+                let err = |source| KeyError::Write {
+                    path: path.clone(),
+                    source,
+                };
                 let mut opts = std::fs::OpenOptions::new();
                 opts.write(true).create(true).truncate(true);
                 #[cfg(unix)]
                 std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
                 let mut f = opts.open(&tmp).map_err(err)?;
-                f.write_all(STANDARD.encode(pair.private).as_bytes()).map_err(err)?;
+                f.write_all(STANDARD.encode(pair.private).as_bytes())
+                    .map_err(err)?;
                 f.sync_all().map_err(err)?;
                 std::fs::rename(&tmp, &path).map_err(err)?;
                 Ok(pair)
@@ -90,7 +116,10 @@ pub fn base64_to_hex(key: &str) -> Option<String> {
 pub fn hex_to_base64(key: &str) -> Option<String> {
     let bytes: Option<Vec<u8>> = (0..key.len())
         .step_by(2)
-        .map(|i| key.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
+        .map(|i| {
+            key.get(i..i + 2)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        })
         .collect();
     bytes.filter(|b| b.len() == 32).map(|b| STANDARD.encode(b))
 }
@@ -108,9 +137,14 @@ mod tests {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(dir.path().join("wireguard.key")).map(|m| m.permissions().mode()).unwrap_or(0);
+            let mode = std::fs::metadata(dir.path().join("wireguard.key"))
+                .map(|m| m.permissions().mode())
+                .unwrap_or(0);
             assert_eq!(mode & 0o777, 0o600);
         }
-        assert_eq!(hex_to_base64(&base64_to_hex(&a.public_base64()).unwrap_or_default()), Some(a.public_base64()));
+        assert_eq!(
+            hex_to_base64(&base64_to_hex(&a.public_base64()).unwrap_or_default()),
+            Some(a.public_base64())
+        );
     }
 }

@@ -60,7 +60,10 @@ fn prefixes(g: &GatewayView) -> BTreeSet<IpNet> {
 /// gateway. Pure.
 pub fn spec(inputs: &NodeInputs, peers: &[PeerInfo]) -> Option<TunnelSpec> {
     let me = inputs.me.as_ref()?;
-    let my_gw = inputs.gateways.iter().find(|g| Some(&g.name) == me.gateway.as_ref())?;
+    let my_gw = inputs
+        .gateways
+        .iter()
+        .find(|g| Some(&g.name) == me.gateway.as_ref())?;
     if active_node(my_gw, &inputs.active_override) != Some(&me.name) {
         return None;
     }
@@ -81,17 +84,25 @@ pub fn spec(inputs: &NodeInputs, peers: &[PeerInfo]) -> Option<TunnelSpec> {
     };
     let mut relayed: Vec<&GatewayView> = Vec::new();
     for other in inputs.gateways.iter().filter(|g| g.name != my_gw.name) {
-        let Some(node) = active_node(other, &inputs.active_override) else { continue };
+        let Some(node) = active_node(other, &inputs.active_override) else {
+            continue;
+        };
         if my_gw.under_nat && other.under_nat {
             relayed.push(other);
             continue;
         }
         let Some(key) = key_of(node) else {
-            out.warnings.push(format!("gateway {} ({node}) has not reported a WireGuard key yet", other.name));
+            out.warnings.push(format!(
+                "gateway {} ({node}) has not reported a WireGuard key yet",
+                other.name
+            ));
             continue;
         };
         let endpoint = if other.under_nat {
-            peers.iter().find(|p| &p.node == node).and_then(|p| p.observed_endpoint)
+            peers
+                .iter()
+                .find(|p| &p.node == node)
+                .and_then(|p| p.observed_endpoint)
         } else {
             other
                 .tunnel_candidates
@@ -116,7 +127,10 @@ pub fn spec(inputs: &NodeInputs, peers: &[PeerInfo]) -> Option<TunnelSpec> {
         );
     }
     if !relayed.is_empty() {
-        let relay = my_gw.relay.as_ref().and_then(|r| out.peers.values_mut().find(|p| &p.gateway == r));
+        let relay = my_gw
+            .relay
+            .as_ref()
+            .and_then(|r| out.peers.values_mut().find(|p| &p.gateway == r));
         match relay {
             Some(peer) => {
                 for g in relayed {
@@ -126,7 +140,11 @@ pub fn spec(inputs: &NodeInputs, peers: &[PeerInfo]) -> Option<TunnelSpec> {
             }
             None => out.warnings.push(format!(
                 "no relay gateway is reachable; NATed gateways {} are unreachable",
-                relayed.iter().map(|g| g.name.to_string()).collect::<Vec<_>>().join(", ")
+                relayed
+                    .iter()
+                    .map(|g| g.name.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )),
         }
     }
@@ -150,8 +168,10 @@ pub fn diff(want: &TunnelSpec, private_key_hex: &str, have: &uapi::DeviceState) 
     for (key, p) in &want.peers {
         let want_ips: BTreeSet<String> = p.allowed_ips.iter().map(ToString::to_string).collect();
         let current = have.peers.get(key);
-        let endpoint_changed = p.endpoint.is_some() && current.and_then(|c| c.endpoint) != p.endpoint;
-        let ips_changed = current.map(|c| c.allowed_ips.iter().cloned().collect::<BTreeSet<_>>()) != Some(want_ips.clone());
+        let endpoint_changed =
+            p.endpoint.is_some() && current.and_then(|c| c.endpoint) != p.endpoint;
+        let ips_changed = current.map(|c| c.allowed_ips.iter().cloned().collect::<BTreeSet<_>>())
+            != Some(want_ips.clone());
         let keepalive_changed = current.map(|c| c.keepalive) != Some(p.keepalive);
         if current.is_some() && !endpoint_changed && !ips_changed && !keepalive_changed {
             continue;
@@ -215,7 +235,10 @@ impl Tunnel {
     pub async fn ensure_device(&self, mtu: u32) -> Result<(), TunnelError> {
         if uapi::get(&self.dev).await.is_err() {
             let log = self.data_dir.join(format!("wireguard-go-{}.log", self.dev));
-            let err = |source| TunnelError::Spawn { dev: self.dev.clone(), source };
+            let err = |source| TunnelError::Spawn {
+                dev: self.dev.clone(),
+                source,
+            };
             let stderr = std::fs::File::create(&log).map_err(err)?;
             let child = std::process::Command::new("setsid")
                 .args(["wireguard-go", "-f", &self.dev])
@@ -228,7 +251,10 @@ impl Tunnel {
             let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
             while uapi::get(&self.dev).await.is_err() {
                 if tokio::time::Instant::now() > deadline {
-                    return Err(TunnelError::NoSocket { path: uapi::socket_path(&self.dev), log });
+                    return Err(TunnelError::NoSocket {
+                        path: uapi::socket_path(&self.dev),
+                        log,
+                    });
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
@@ -251,7 +277,9 @@ impl Tunnel {
 
     /// Per-peer state for reports and metrics.
     pub async fn peer_states(&self, spec: &TunnelSpec) -> Vec<raven_proto::v1::PeerTunnelState> {
-        let Ok(have) = uapi::get(&self.dev).await else { return Vec::new() };
+        let Ok(have) = uapi::get(&self.dev).await else {
+            return Vec::new();
+        };
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -262,7 +290,8 @@ impl Tunnel {
                 let s = have.peers.get(k)?;
                 Some(raven_proto::v1::PeerTunnelState {
                     peer_node: p.node.to_string(),
-                    handshake_age_seconds: (s.last_handshake_sec > 0).then(|| now.saturating_sub(s.last_handshake_sec)),
+                    handshake_age_seconds: (s.last_handshake_sec > 0)
+                        .then(|| now.saturating_sub(s.last_handshake_sec)),
                     rx_bytes: s.rx_bytes,
                     tx_bytes: s.tx_bytes,
                     endpoint: s.endpoint.map(|e| e.to_string()).unwrap_or_default(),
@@ -270,5 +299,175 @@ impl Tunnel {
                 })
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use raven_core::topology::{EndpointType, ExposeType, GatewayEndpoint, Member, NodeView};
+
+    const KEY_A: &str = "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=";
+    const KEY_B: &str = "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=";
+    const KEY_C: &str = "TrMvSoP4jYQlY6RIzBgbssQqY3vxI2Pi+y71lOWWXX0=";
+
+    fn n(s: &str) -> NodeName {
+        NodeName::new(s).unwrap_or_else(|_| unreachable!())
+    }
+
+    fn gw(
+        name: &str,
+        node: &str,
+        nat: bool,
+        public: Option<&str>,
+        subnet: &str,
+        relay: Option<&str>,
+    ) -> GatewayView {
+        let ep = GatewayEndpoint {
+            node: n(node),
+            type_: EndpointType::Tunnel,
+            port: 4500,
+            under_nat: nat,
+            nat_type: String::new(),
+            public_ip: public.and_then(|p| p.parse().ok()),
+            public_port: None,
+            config: Default::default(),
+        };
+        GatewayView {
+            name: GatewayName::new(name).unwrap_or_else(|_| unreachable!()),
+            expose_type: ExposeType::None,
+            under_nat: nat,
+            members: vec![Member {
+                node: n(node),
+                private_ip: "10.0.0.1"
+                    .parse()
+                    .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)),
+                subnets: vec![subnet.parse().unwrap_or_default()],
+                ready: true,
+            }],
+            active_tunnel: Some(ep.clone()),
+            tunnel_candidates: vec![ep],
+            active_proxies: vec![],
+            extra_source_cidrs: vec![],
+            relay: relay.map(|r| GatewayName::new(r).unwrap_or_else(|_| unreachable!())),
+        }
+    }
+
+    fn peer(node: &str, gateway: &str, key: &str) -> PeerInfo {
+        PeerInfo {
+            node: n(node),
+            gateway: GatewayName::new(gateway).unwrap_or_else(|_| unreachable!()),
+            wireguard_public_key: Some(key.into()),
+            tunnel_port: Some(4500),
+            observed_endpoint: None,
+        }
+    }
+
+    fn inputs(me: &str, my_gw: &str) -> NodeInputs {
+        NodeInputs {
+            me: Some(NodeView {
+                name: n(me),
+                gateway: Some(GatewayName::new(my_gw).unwrap_or_else(|_| unreachable!())),
+                private_ip: None,
+                subnets: vec![],
+                tunnel_active: true,
+                tunnel_candidate: true,
+                proxy_active: false,
+            }),
+            gateways: vec![
+                gw(
+                    "gw-cloud",
+                    "c1",
+                    false,
+                    Some("198.51.100.1"),
+                    "10.1.0.0/24",
+                    None,
+                ),
+                gw("gw-hz", "h1", true, None, "10.2.0.0/24", Some("gw-cloud")),
+                gw("gw-qd", "q1", true, None, "10.3.0.0/24", Some("gw-cloud")),
+            ],
+            settings: None,
+            active_override: BTreeMap::new(),
+            underlay_mtu: 1500,
+            tunnel_dev: "raven-wg0".into(),
+            tunnel_up: false,
+        }
+    }
+
+    fn peers() -> Vec<PeerInfo> {
+        vec![
+            peer("c1", "gw-cloud", KEY_A),
+            peer("h1", "gw-hz", KEY_B),
+            peer("q1", "gw-qd", KEY_C),
+        ]
+    }
+
+    #[test]
+    fn natted_gateway_reaches_other_natted_gateways_through_its_relay() {
+        let s = spec(&inputs("h1", "gw-hz"), &peers()).unwrap_or_default();
+        assert_eq!(s.peers.len(), 1, "only the public relay is a direct peer");
+        let relay = s
+            .peers
+            .values()
+            .next()
+            .cloned()
+            .unwrap_or_else(|| unreachable!());
+        assert_eq!(relay.endpoint, "198.51.100.1:4500".parse().ok());
+        assert_eq!(relay.keepalive, NAT_KEEPALIVE);
+        let ips: Vec<String> = relay.allowed_ips.iter().map(ToString::to_string).collect();
+        assert!(
+            ips.contains(&"10.1.0.0/24".to_owned()) && ips.contains(&"10.3.0.0/24".to_owned()),
+            "{ips:?}"
+        );
+    }
+
+    #[test]
+    fn public_relay_peers_with_every_natted_gateway_without_endpoints() {
+        let s = spec(&inputs("c1", "gw-cloud"), &peers()).unwrap_or_default();
+        assert_eq!(s.peers.len(), 2);
+        assert!(
+            s.peers
+                .values()
+                .all(|p| p.endpoint.is_none() && p.keepalive == 0)
+        );
+    }
+
+    #[test]
+    fn a_node_that_is_not_the_active_gateway_runs_no_tunnel() {
+        let mut i = inputs("h1", "gw-hz");
+        i.active_override.insert(
+            GatewayName::new("gw-hz").unwrap_or_else(|_| unreachable!()),
+            n("h2"),
+        );
+        assert!(spec(&i, &peers()).is_none());
+    }
+
+    #[test]
+    fn unchanged_peers_are_not_touched_and_a_new_endpoint_is_a_one_peer_diff() {
+        let mut s = spec(&inputs("h1", "gw-hz"), &peers()).unwrap_or_default();
+        let key = s.peers.keys().next().cloned().unwrap_or_default();
+        let p = &s.peers[&key];
+        let have = uapi::DeviceState {
+            private_key_hex: "aa".into(),
+            listen_port: 4500,
+            peers: [(
+                key.clone(),
+                uapi::PeerState {
+                    endpoint: p.endpoint,
+                    allowed_ips: p.allowed_ips.iter().map(ToString::to_string).collect(),
+                    keepalive: p.keepalive,
+                    ..Default::default()
+                },
+            )]
+            .into(),
+        };
+        assert_eq!(diff(&s, "aa", &have), "");
+        if let Some(p) = s.peers.get_mut(&key) {
+            p.endpoint = "198.51.100.9:4500".parse().ok();
+        }
+        assert_eq!(
+            diff(&s, "aa", &have),
+            format!("public_key={key}\nendpoint=198.51.100.9:4500\n")
+        );
     }
 }

@@ -35,7 +35,10 @@ pub struct DeviceState {
 #[derive(Debug, thiserror::Error)]
 pub enum UapiError {
     #[error("WireGuard UAPI {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("WireGuard UAPI {path}: the device answered errno={errno}")]
     Errno { path: PathBuf, errno: i32 },
 }
@@ -46,7 +49,10 @@ pub fn socket_path(dev: &str) -> PathBuf {
 
 async fn exchange(dev: &str, request: &str) -> Result<Vec<String>, UapiError> {
     let path = socket_path(dev);
-    let io = |source| UapiError::Io { path: path.clone(), source };
+    let io = |source| UapiError::Io {
+        path: path.clone(),
+        source,
+    };
     let mut stream = UnixStream::connect(&path).await.map_err(io)?;
     stream.write_all(request.as_bytes()).await.map_err(io)?;
     let mut lines = BufReader::new(stream).lines();
@@ -73,7 +79,9 @@ pub async fn get(dev: &str) -> Result<DeviceState, UapiError> {
     let mut d = DeviceState::default();
     let mut current: Option<(String, PeerState)> = None;
     for line in lines {
-        let Some((k, v)) = line.split_once('=') else { continue };
+        let Some((k, v)) = line.split_once('=') else {
+            continue;
+        };
         match k {
             "private_key" => d.private_key_hex = v.to_owned(),
             "listen_port" => d.listen_port = v.parse().unwrap_or(0),
