@@ -99,6 +99,13 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
         Some(dir) => Revisions::open(dir, config.epoch.as_deref())?,
         None => Revisions::in_memory(),
     };
+    // Reports survive restarts: load them before the first compile.
+    let reports = crate::revision::Reports::load(revisions.store())?;
+    index.update(|i| {
+        for (node, report) in reports.all() {
+            i.set_report(node, report);
+        }
+    });
     let listeners = Listeners::bind(config.grpc_addr, config.plaintext_addr).await?;
     let grpc_addr = listeners
         .grpc
@@ -158,6 +165,7 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
         agents.clone(),
         metrics.clone(),
         config.sync.clone(),
+        reports,
     );
     {
         let shutdown = shutdown.clone();

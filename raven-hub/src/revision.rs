@@ -96,6 +96,11 @@ impl Revisions {
         &self.state
     }
 
+    /// The persistent store, when there is one.
+    pub fn store(&self) -> Option<Store> {
+        self.store.clone()
+    }
+
     /// Advances the sequence if `topology`'s resources differ from the last
     /// revision's, persisting before returning. Returns the (possibly
     /// unchanged) state.
@@ -185,5 +190,60 @@ mod tests {
         drop(Revisions::open(dir.path(), None).unwrap_or_else(|e| panic!("{e}")));
         let r = Revisions::open(dir.path(), Some("kube-abc")).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(r.current().epoch, "kube-abc");
+    }
+}
+
+const REPORTS_RECORD: &str = "hub/reports";
+
+/// What agents reported about themselves (WireGuard keys, endpoints), kept
+/// across hub restarts: a restarted hub must not withdraw every tunnel peer
+/// until each gateway has reported again.
+#[derive(Debug, Clone)]
+pub struct Reports {
+    store: Option<Store>,
+    all: std::sync::Arc<std::sync::Mutex<BTreeMap<raven_core::NodeName, raven_core::AgentReport>>>,
+}
+
+impl Reports {
+    /// Loads the persisted reports (none without a store).
+    pub fn load(store: Option<Store>) -> Result<Self, RevisionError> {
+        let all = match &store {
+            Some(s) => match s.get_record(REPORTS_RECORD)? {
+                Some(bytes) => serde_json::from_slice(&bytes).map_err(RevisionError::Decode)?,
+                None => BTreeMap::new(),
+            },
+            None => BTreeMap::new(),
+        };
+        Ok(Self {
+            store,
+            all: std::sync::Arc::new(std::sync::Mutex::new(all)),
+        })
+    }
+
+    pub fn all(&self) -> BTreeMap<raven_core::NodeName, raven_core::AgentReport> {
+        self.all.lock().map(|m| m.clone()).unwrap_or_default()
+    }
+
+    /// Records a report; persists it when it changed.
+    pub fn put(
+        &self,
+        node: raven_core::NodeName,
+        report: raven_core::AgentReport,
+    ) -> Result<bool, RevisionError> {
+        let snapshot = {
+            let mut all = self
+                .all
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if all.get(&node) == Some(&report) {
+                return Ok(false);
+            }
+            all.insert(node, report);
+            serde_json::to_vec(&*all).unwrap_or_default()
+        };
+        if let Some(s) = &self.store {
+            s.put_records(&[(REPORTS_RECORD, &snapshot)])?;
+        }
+        Ok(true)
     }
 }

@@ -541,3 +541,47 @@ async fn plaintext_listener_refuses_sync_and_only_binds_loopback() {
     let err = hub::start(cfg).await.expect_err("refused");
     assert!(err.to_string().contains("not a loopback address"), "{err}");
 }
+
+#[tokio::test]
+async fn reported_keys_survive_a_hub_restart() {
+    let env = Env::new();
+    let hub = env.hub().await;
+    let mut gw_client = env.client(&hub, HZ_GW).await;
+    let mut gw = Agent::open(&mut gw_client, hello(HZ_GW, &[], "", 0, false))
+        .await
+        .expect("open");
+    let first = gw.update().await.expect("snapshot");
+    gw.ack(&first).await;
+    let key = "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=";
+    let report = v1::Report {
+        wireguard_public_key: Some(key.into()),
+        ..Default::default()
+    };
+    gw.tx
+        .send(v1::SyncRequest {
+            message: Some(Req::Report(report)),
+        })
+        .await
+        .expect("report");
+    let u = gw.update().await.expect("peer update");
+    assert_eq!(names(&u), vec![format!("peer/{HZ_GW}")]);
+    drop(gw);
+    hub.stop().await;
+
+    // A restarted hub still knows the key before the agent reports again.
+    let hub = env.hub().await;
+    let mut rx = hub.published.clone();
+    let p = tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|p| p.ready))
+        .await
+        .expect("ready")
+        .expect("alive")
+        .clone();
+    assert!(
+        p.topology
+            .resources
+            .keys()
+            .any(|n| n.as_str() == format!("peer/{HZ_GW}")),
+        "peer resource lost on restart"
+    );
+    hub.stop().await;
+}

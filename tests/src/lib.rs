@@ -2,3 +2,4 @@
 //! test-only fake Kubernetes API server that speaks the real wire protocol.
 
 pub mod fake_apiserver;
+pub mod lab;

@@ -144,6 +144,10 @@ pub struct State {
     pub link: Option<VxlanLink>,
     /// Observed only: the link is administratively up.
     pub link_up: bool,
+    /// Addresses on `raven0`: the node's own address as a /32, so the
+    /// interface has an IPv4 address and reverse-path filtering accepts
+    /// forwarded traffic arriving on it.
+    pub addresses: BTreeSet<IpNet>,
     pub neighbours: BTreeSet<Neighbour>,
     pub fdb: BTreeSet<Fdb>,
     pub routes: BTreeSet<Route>,
@@ -166,6 +170,8 @@ pub enum Op {
     DeleteLink,
     SetMtu(u32),
     SetUp,
+    AddAddress(IpNet),
+    DeleteAddress(IpNet),
     ReplaceFdb(Fdb),
     DeleteFdb(Fdb),
     ReplaceNeighbour(Neighbour),
@@ -187,6 +193,8 @@ impl fmt::Display for Op {
             Op::DeleteLink => write!(f, "ip link del {VXLAN_DEV}"),
             Op::SetMtu(m) => write!(f, "ip link set {VXLAN_DEV} mtu {m}"),
             Op::SetUp => write!(f, "ip link set {VXLAN_DEV} up"),
+            Op::AddAddress(a) => write!(f, "ip addr add {a} dev {VXLAN_DEV}"),
+            Op::DeleteAddress(a) => write!(f, "ip addr del {a} dev {VXLAN_DEV}"),
             Op::ReplaceFdb(e) => write!(
                 f,
                 "bridge fdb replace {} dev {VXLAN_DEV} dst {} self permanent",
@@ -310,6 +318,7 @@ pub fn desired(inputs: &NodeInputs) -> Desired {
         mac: mac_for(private),
     });
     out.state.link_up = true;
+    out.state.addresses.insert(IpNet::from(IpAddr::V4(private)));
 
     // Neighbours and FDB entries for every other member of my domain.
     let mut members: BTreeMap<Ipv4Addr, &NodeName> = BTreeMap::new();
@@ -474,6 +483,13 @@ pub fn plan(desired: &State, observed: &State) -> Vec<Op> {
     if linked {
         ops.extend(
             desired
+                .addresses
+                .difference(&base.addresses)
+                .copied()
+                .map(Op::AddAddress),
+        );
+        ops.extend(
+            desired
                 .fdb
                 .difference(&base.fdb)
                 .copied()
@@ -523,6 +539,12 @@ pub fn plan(desired: &State, observed: &State) -> Vec<Op> {
         );
         if desired.link.is_some() {
             ops.extend(
+                base.addresses
+                    .difference(&desired.addresses)
+                    .copied()
+                    .map(Op::DeleteAddress),
+            );
+            ops.extend(
                 base.fdb
                     .difference(&desired.fdb)
                     .copied()
@@ -551,6 +573,7 @@ pub fn simulate(state: &mut State, ops: &[Op]) {
             Op::CreateLink(l) => {
                 state.link = Some(l.clone());
                 state.link_up = false;
+                state.addresses.clear();
                 state.fdb.clear();
                 state.neighbours.clear();
                 state.routes.clear();
@@ -558,6 +581,7 @@ pub fn simulate(state: &mut State, ops: &[Op]) {
             Op::DeleteLink => {
                 state.link = None;
                 state.link_up = false;
+                state.addresses.clear();
                 state.fdb.clear();
                 state.neighbours.clear();
                 state.routes.clear();
@@ -568,6 +592,12 @@ pub fn simulate(state: &mut State, ops: &[Op]) {
                 }
             }
             Op::SetUp => state.link_up = state.link.is_some(),
+            Op::AddAddress(a) => {
+                state.addresses.insert(*a);
+            }
+            Op::DeleteAddress(a) => {
+                state.addresses.remove(a);
+            }
             Op::ReplaceFdb(e) => {
                 state.fdb.retain(|x| x.mac != e.mac);
                 state.fdb.insert(*e);
@@ -675,6 +705,14 @@ mod tests {
                 State {
                     link,
                     link_up: has && up,
+                    addresses: if has {
+                        ips.iter()
+                            .take(1)
+                            .map(|ip| IpNet::from(IpAddr::V4(*ip)))
+                            .collect()
+                    } else {
+                        BTreeSet::new()
+                    },
                     neighbours: if has {
                         ips.iter()
                             .map(|ip| Neighbour {

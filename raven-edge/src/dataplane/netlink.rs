@@ -244,6 +244,19 @@ pub async fn observe(h: &Handle, tunnel_dev: &str) -> Result<State, DataplaneErr
         }
     }
     if let Some(idx) = index {
+        let mut addrs = h.address().get().set_link_index_filter(idx).execute();
+        while let Some(a) = addrs.try_next().await.map_err(nl("dumping addresses"))? {
+            if a.header.index != idx || a.header.family != AddressFamily::Inet {
+                continue;
+            }
+            for attr in &a.attributes {
+                if let netlink_packet_route::address::AddressAttribute::Address(ip) = attr
+                    && let Ok(net) = IpNet::new(*ip, a.header.prefix_len)
+                {
+                    s.addresses.insert(net);
+                }
+            }
+        }
         for family in [
             AddressFamily::Inet,
             AddressFamily::Inet6,
@@ -423,6 +436,26 @@ pub async fn apply(h: &Handle, ops: &[Op], tunnel_dev: &str) -> Result<usize, Da
                 let msg = LinkUnspec::new_with_index(need(index)?).up().build();
                 tolerate(h.link().set(msg).execute().await, &[], op)?;
             }
+            Op::AddAddress(a) => {
+                let req = h.address().add(need(index)?, a.addr(), a.prefix_len());
+                tolerate(req.execute().await, &[EEXIST], op)?;
+            }
+            Op::DeleteAddress(a) => {
+                let mut addrs = h
+                    .address()
+                    .get()
+                    .set_link_index_filter(need(index)?)
+                    .execute();
+                while let Some(m) = addrs.try_next().await.map_err(nl(op.to_string()))? {
+                    let matches = m.header.prefix_len == a.prefix_len()
+                        && m.attributes.iter().any(|x| {
+                            matches!(x, netlink_packet_route::address::AddressAttribute::Address(ip) if *ip == a.addr())
+                        });
+                    if matches {
+                        tolerate(h.address().del(m).execute().await, &[ENOENT], op)?;
+                    }
+                }
+            }
             Op::ReplaceFdb(e) => {
                 let req = h
                     .neighbours()
@@ -501,7 +534,13 @@ pub async fn apply(h: &Handle, ops: &[Op], tunnel_dev: &str) -> Result<usize, Da
 pub async fn underlay_mtu(h: &Handle, ip: IpAddr) -> Result<Option<u32>, DataplaneError> {
     let mut addrs = h.address().get().execute();
     let mut index = None;
+    // raven0 holds the node address too (as a /32); the underlay is the
+    // other link.
+    let own = vxlan_index(h).await?;
     while let Some(a) = addrs.try_next().await.map_err(nl("dumping addresses"))? {
+        if Some(a.header.index) == own {
+            continue;
+        }
         let holds = a.attributes.iter().any(|x| match x {
             netlink_packet_route::address::AddressAttribute::Address(addr)
             | netlink_packet_route::address::AddressAttribute::Local(addr) => *addr == ip,

@@ -62,6 +62,7 @@ pub struct SyncShared {
     pub metrics: Metrics,
     pub config: SyncConfig,
     pub admission: Arc<Semaphore>,
+    pub reports: crate::revision::Reports,
 }
 
 impl SyncShared {
@@ -71,6 +72,7 @@ impl SyncShared {
         agents: Agents,
         metrics: Metrics,
         config: SyncConfig,
+        reports: crate::revision::Reports,
     ) -> Self {
         let admission = Arc::new(Semaphore::new(config.max_initial_syncs));
         Self {
@@ -80,6 +82,7 @@ impl SyncShared {
             metrics,
             config,
             admission,
+            reports,
         }
     }
 
@@ -496,6 +499,9 @@ impl Session {
                 self.shared
                     .agents
                     .update(&node, |e| e.report = Some(report));
+                if let Err(e) = self.shared.reports.put(node.clone(), parsed.clone()) {
+                    tracing::warn!(node = %node, error = %e, "could not persist the agent report");
+                }
                 self.shared.index.update(|i| i.set_report(node, parsed));
                 Ok(false)
             }

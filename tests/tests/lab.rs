@@ -1,0 +1,243 @@
+//! End-to-end scenarios on the user-manual cluster built from network
+//! namespaces (see `raven_tests::lab`): real hub, real agents, userspace
+//! WireGuard through NAT. Each scenario prints the convergence time it
+//! measured. Needs root, wireguard-go, nft and grpcurl; skipped otherwise
+//! unless `RAVEN_REQUIRE_TOOLS=1`. Labs run one at a time.
+
+use std::process::Command;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use raven_tests::lab::{Lab, NODES};
+
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn ready() -> bool {
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.starts_with(b"0"));
+    let tools = ["wireguard-go", "nft", "grpcurl"].iter().all(|t| {
+        Command::new("sh")
+            .args(["-c", &format!("command -v {t}")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    if !(root && tools) {
+        assert!(
+            std::env::var_os("RAVEN_REQUIRE_TOOLS").is_none(),
+            "lab tests need root, wireguard-go, nft and grpcurl (RAVEN_REQUIRE_TOOLS is set)"
+        );
+        eprintln!("skipped: lab tests need root, wireguard-go, nft and grpcurl");
+    }
+    root && tools
+}
+
+fn up(tag: &str) -> (std::sync::MutexGuard<'static, ()>, Lab) {
+    let guard = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let dir = std::env::temp_dir().join(format!("raven-lab-test-{tag}-{}", std::process::id()));
+    let mut lab = Lab::build(&format!("rl{tag}-"), &dir).expect("lab builds");
+    lab.start_hub().expect("hub");
+    lab.start_agents().expect("agents");
+    converge(&lab, "first sync");
+    (guard, lab)
+}
+
+fn converge(lab: &Lab, what: &str) -> Duration {
+    match lab.converge(Duration::from_secs(60)) {
+        Ok(t) => {
+            eprintln!("{what}: full matrix after {t:?}");
+            t
+        }
+        Err(m) => panic!(
+            "{what}: no full matrix after 60 s\n{}\n{}",
+            Lab::render(&m),
+            lab.logs()
+        ),
+    }
+}
+
+fn hub_revision(lab: &Lab) -> u64 {
+    let v: serde_json::Value = serde_json::from_str(
+        &lab.grpcurl("raven.v1.InspectService/GetTopology")
+            .expect("grpcurl"),
+    )
+    .expect("json");
+    v["revision"]
+        .as_str()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(0)
+}
+
+fn agents(lab: &Lab) -> serde_json::Value {
+    serde_json::from_str(
+        &lab.grpcurl("raven.v1.InspectService/ListAgents")
+            .expect("grpcurl"),
+    )
+    .expect("json")
+}
+
+/// Waits until every agent is connected and has applied what it acknowledged
+/// without error, and some agent holds the hub's `revision` (an agent whose
+/// view did not change in a revision is not sent it).
+fn all_applied(lab: &Lab, revision: u64) -> Duration {
+    let t = Instant::now();
+    let num = |v: &serde_json::Value| v.as_str().and_then(|r| r.parse::<u64>().ok()).unwrap_or(0);
+    loop {
+        let a = agents(lab);
+        let list = a["agents"].as_array().cloned().unwrap_or_default();
+        let done = list.len() == NODES.len()
+            && list.iter().all(|x| {
+                x["connected"] == true
+                    && x["appliedSuccess"] == true
+                    && num(&x["appliedRevision"]) == num(&x["ackedRevision"])
+            })
+            && list.iter().any(|x| num(&x["appliedRevision"]) == revision);
+        if done {
+            return t.elapsed();
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "agents did not all apply revision {revision}: {a:#}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn every_node_and_pod_reaches_every_other_and_grpcurl_shows_every_agents_applied_revision() {
+    if !ready() {
+        return;
+    }
+    let (_g, lab) = up("m");
+    let matrix = lab.matrix();
+    assert!(matrix.iter().all(|m| m.2), "{}", Lab::render(&matrix));
+    let rev = hub_revision(&lab);
+    let t = all_applied(&lab, rev);
+    eprintln!(
+        "grpcurl: all {} agents applied revision {rev} ({t:?} after the matrix)",
+        NODES.len()
+    );
+}
+
+#[test]
+fn hub_killed_traffic_keeps_flowing_and_a_restarted_hub_resends_nothing() {
+    if !ready() {
+        return;
+    }
+    let (_g, mut lab) = up("h");
+    let rev = hub_revision(&lab);
+    lab.kill_hub();
+    std::thread::sleep(Duration::from_secs(3));
+    let m = lab.matrix();
+    assert!(
+        m.iter().all(|x| x.2),
+        "traffic must survive the hub\n{}",
+        Lab::render(&m)
+    );
+    let before: usize = NODES
+        .iter()
+        .map(|n| persisted_with_content(&lab, n.short))
+        .sum();
+    lab.start_hub().expect("hub restarts");
+    let t = all_applied(&lab, rev);
+    eprintln!("hub restart: all agents back on revision {rev} after {t:?}");
+    let after: usize = NODES
+        .iter()
+        .map(|n| persisted_with_content(&lab, n.short))
+        .sum();
+    assert_eq!(
+        before, after,
+        "a restarted hub with nothing changed sends no resource again"
+    );
+    assert_eq!(hub_revision(&lab), rev, "the revision survives the restart");
+}
+
+/// How many updates that carried resources an agent has persisted.
+fn persisted_with_content(lab: &Lab, short: &str) -> usize {
+    let log = std::fs::read_to_string(lab.path(&format!("edge-{short}.log"))).unwrap_or_default();
+    log.lines()
+        .filter(|l| {
+            l.contains("update persisted")
+                && !l.contains("put\u{1b}[0m\u{1b}[2m=\u{1b}[0m0 ")
+                && !l.contains("put=0 ")
+        })
+        .count()
+}
+
+#[test]
+fn every_agent_restarted_while_the_hub_is_down_restores_traffic_from_its_cache() {
+    if !ready() {
+        return;
+    }
+    let (_g, mut lab) = up("a");
+    lab.kill_hub();
+    for n in &NODES {
+        lab.stop_agent(n.short);
+    }
+    // Even a "reboot" of a gateway and a member: every raven link, route and rule gone.
+    for short in ["h1", "q2"] {
+        let _ = lab.sh(short, &["ip", "link", "del", "raven0"]);
+        for prio in ["9027", "9028"] {
+            let _ = lab.sh(short, &["ip", "rule", "del", "priority", prio]);
+            let _ = lab.sh(short, &["ip", "-6", "rule", "del", "priority", prio]);
+        }
+    }
+    let broken = lab.matrix();
+    assert!(
+        broken.iter().any(|m| !m.2),
+        "the reboot should have cut something"
+    );
+    for n in &NODES {
+        lab.start_agent(n.short).expect("agent");
+    }
+    converge(&lab, "every agent restarted, hub down");
+}
+
+#[test]
+fn gateway_failover_follows_the_hubs_election() {
+    if !ready() {
+        return;
+    }
+    let (_g, lab) = up("f");
+    // hz-2 becomes a tunnel candidate, then the active gateway hz-1 goes NotReady.
+    lab.edit_manifest(
+        "gateways.yaml",
+        "      port: 4500\n      type: tunnel\n---",
+        "      port: 4500\n      type: tunnel\n    - nodeName: izbp15inok0kbfkg3in52sz\n      underNAT: true\n      port: 4500\n      type: tunnel\n---",
+    )
+    .expect("edit");
+    std::thread::sleep(Duration::from_millis(1200));
+    let t = Instant::now();
+    lab.edit_manifest("nodes.yaml", "      status: \"True\"\n  addresses:\n    - type: InternalIP\n      address: 172.16.2.103", "      status: \"False\"\n  addresses:\n    - type: InternalIP\n      address: 172.16.2.103")
+        .or_else(|_| {
+            let text = std::fs::read_to_string(lab.path("manifests/nodes.yaml")).unwrap_or_default();
+            let i = text.find("name: izbp15inok0kbfkg3in52rz").unwrap_or(0);
+            let j = i + text[i..].find("status: \"True\"").unwrap_or(0);
+            let mut t2 = text.clone();
+            t2.replace_range(j..j + "status: \"True\"".len(), "status: \"False\"");
+            std::fs::write(lab.path("manifests/nodes.yaml"), t2).map_err(raven_tests::lab::LabError::from)
+        })
+        .expect("edit");
+    let topo = || {
+        lab.grpcurl("raven.v1.InspectService/GetTopology")
+            .unwrap_or_default()
+    };
+    while !topo().contains("\"activeTunnel\": {\n          \"node\": \"izbp15inok0kbfkg3in52sz\"") {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "hub did not elect hz-2:\n{}",
+            topo()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let d = converge(&lab, "failover to hz-2");
+    eprintln!(
+        "gateway failover (hub up): elected and converged after {:?}",
+        t.elapsed().max(d)
+    );
+    // hz-2 now runs the tunnel.
+    assert!(lab.sh("h2", &["wg", "show", &lab.tunnel_dev("h2")]).is_ok());
+}
