@@ -39,6 +39,16 @@ fn main() -> std::process::ExitCode {
             eprintln!("cannot handle signals ({e}); use `raven-lab down` after an interruption")
         }
     }
+    let root = std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.starts_with(b"0\n"));
+    if !root {
+        eprintln!(
+            "raven-lab builds network namespaces and needs root: run it as root (e.g. `sudo target/debug/raven-lab`)"
+        );
+        return std::process::ExitCode::FAILURE;
+    }
     let keep = args.iter().any(|a| a == "--keep");
     let started = Instant::now();
     let mut lab = match Lab::build(PREFIX, state) {
