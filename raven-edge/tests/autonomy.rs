@@ -4,9 +4,13 @@
 //! hub down — also after a "reboot" that wiped every raven link, route and
 //! rule. Needs root; skipped otherwise unless `RAVEN_REQUIRE_TOOLS=1`.
 
+mod support;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
+
 use std::time::{Duration, Instant};
+use support::{Proc, ip, must, sibling};
 
 const NODE: &str = "izbp15inok0kbfkg3in52sz";
 
@@ -20,50 +24,6 @@ fn is_root() -> bool {
         eprintln!("skipped: needs root");
     }
     root
-}
-
-fn ip(args: &[&str]) -> (bool, String) {
-    let out = Command::new("ip").args(args).output().expect("run ip");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
-    )
-}
-
-fn must(args: &[&str]) {
-    let (ok, out) = ip(args);
-    assert!(ok, "ip {args:?}: {out}");
-}
-
-/// The sibling binary `name` in the target directory of this test.
-fn sibling(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test exe");
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
-    let p = dir.join(name);
-    assert!(
-        p.exists(),
-        "{} not built: run `cargo build --workspace` (cargo test --workspace does)",
-        p.display()
-    );
-    p
-}
-
-/// Kills and reaps a process this test started, by PID.
-struct Proc(Child);
-
-impl Proc {
-    fn stop(mut self, signal: nix::sys::signal::Signal) {
-        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.0.id()).expect("pid"));
-        let _ = nix::sys::signal::kill(pid, signal);
-        let _ = self.0.wait();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 struct Lab {

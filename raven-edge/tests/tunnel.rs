@@ -4,9 +4,13 @@
 //! survives an agent restart. Needs root and wireguard-go; skipped otherwise
 //! unless `RAVEN_REQUIRE_TOOLS=1`.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+mod support;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+
 use std::time::{Duration, Instant};
+use support::{Proc, must, sibling};
 
 fn ready() -> bool {
     let root = nix::unistd::Uid::effective().is_root();
@@ -22,44 +26,6 @@ fn ready() -> bool {
         eprintln!("skipped: needs root and wireguard-go");
     }
     root && wg
-}
-
-fn ip(args: &[&str]) -> (bool, String) {
-    let out = Command::new("ip").args(args).output().expect("run ip");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
-    )
-}
-
-fn must(args: &[&str]) {
-    let (ok, out) = ip(args);
-    assert!(ok, "ip {args:?}: {out}");
-}
-
-fn sibling(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test exe");
-    let p = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .join(name);
-    assert!(
-        p.exists(),
-        "{} not built: run `cargo build --workspace`",
-        p.display()
-    );
-    p
-}
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.0.id()).unwrap_or(0));
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let _ = self.0.wait();
-    }
 }
 
 const MANIFESTS: &str = r#"
