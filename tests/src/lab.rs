@@ -173,6 +173,8 @@ pub struct Lab {
     edge_exe: PathBuf,
     pub hub: Option<Proc>,
     pub agents: BTreeMap<&'static str, Proc>,
+    /// The nodes of this lab: the manual's six, plus any added while running.
+    pub nodes: Vec<LabNode>,
 }
 
 impl Lab {
@@ -281,6 +283,7 @@ impl Lab {
             edge_exe: binary("raven-edge")?,
             hub: None,
             agents: BTreeMap::new(),
+            nodes: NODES.to_vec(),
         };
         for ns in ["inet", "hzrt", "qdrt", "cloudsw", "hzsw", "qdsw"]
             .iter()
@@ -466,7 +469,8 @@ impl Lab {
 
     /// Starts (or restarts) the agent of a node.
     pub fn start_agent(&mut self, short: &'static str) -> Result<(), LabError> {
-        let n = NODES
+        let n = self
+            .nodes
             .iter()
             .find(|n| n.short == short)
             .cloned()
@@ -509,7 +513,7 @@ impl Lab {
 
     /// Starts every agent.
     pub fn start_agents(&mut self) -> Result<(), LabError> {
-        for n in &NODES {
+        for n in self.nodes.clone() {
             self.start_agent(n.short)?;
         }
         Ok(())
@@ -524,8 +528,8 @@ impl Lab {
     /// Every node and pod address pinged from every other: (from, to, ok).
     pub fn matrix(&self) -> Vec<(String, String, bool)> {
         let mut out = Vec::new();
-        for a in &NODES {
-            for b in NODES.iter().filter(|b| b.short != a.short) {
+        for a in &self.nodes {
+            for b in self.nodes.iter().filter(|b| b.short != a.short) {
                 for (src, slabel) in [(a.ip, "node"), (a.pod, "pod")] {
                     for (dst, dlabel) in [(b.ip, "node"), (b.pod, "pod")] {
                         let ok = self.ping(a.short, src, dst);
@@ -608,7 +612,7 @@ impl Lab {
         if let Some(h) = self.hub.take() {
             h.stop(15);
         }
-        for n in &NODES {
+        for n in &self.nodes {
             let pid_file = self.dir.join(format!(
                 "edge-{}/wireguard-go-{}.pid",
                 n.short,
@@ -630,7 +634,7 @@ impl Lab {
     pub fn logs(&self) -> String {
         let mut s = String::new();
         for l in std::iter::once("hub.log".to_owned())
-            .chain(NODES.iter().map(|n| format!("edge-{}.log", n.short)))
+            .chain(self.nodes.iter().map(|n| format!("edge-{}.log", n.short)))
         {
             let text = std::fs::read_to_string(self.path(&l)).unwrap_or_default();
             let tail: Vec<&str> = text.lines().rev().take(15).collect();
@@ -687,5 +691,74 @@ impl Lab {
         if let Some(h) = self.hub.take() {
             h.stop(9);
         }
+    }
+}
+
+impl Lab {
+    /// Adds a node to a domain while everything runs: its namespace, LAN
+    /// port, pod stand-in, the CNI's routes, a client certificate, a `Node`
+    /// manifest labelled into the domain's gateway, and its agent.
+    pub fn add_node(&mut self, node: LabNode) -> Result<(), LabError> {
+        let (sw, router, gateway) = match node.domain {
+            "cloud" => ("cloudsw", None, "gw-cloud"),
+            "hangzhou" => ("hzsw", Some("172.16.2.1"), "gw-hangzhou"),
+            _ => ("qdsw", Some("172.16.1.1"), "gw-qingdao"),
+        };
+        run("ip", &["netns", "add", &self.ns(node.short)])?;
+        self.ip(node.short, &["link", "set", "lo", "up"])?;
+        self.plug(node.short, "eth0", sw, "lanbr", &format!("{}/24", node.ip))?;
+        self.ip(
+            node.short,
+            &[
+                "link", "add", "pod0", "type", "veth", "peer", "name", "pod1",
+            ],
+        )?;
+        self.ip(
+            node.short,
+            &["addr", "add", &format!("{}/24", node.pod), "dev", "pod0"],
+        )?;
+        self.ip(node.short, &["link", "set", "pod0", "up"])?;
+        self.ip(node.short, &["link", "set", "pod1", "up"])?;
+        if let Some(r) = router {
+            self.ip(node.short, &["route", "add", "default", "via", r])?;
+        }
+        let net = |pod: &str| format!("{}.0/24", pod.rsplit_once('.').map_or("", |x| x.0));
+        for other in self.nodes.iter().filter(|o| o.domain == node.domain) {
+            self.ip(
+                node.short,
+                &["route", "add", &net(other.pod), "via", other.ip],
+            )?;
+            self.ip(
+                other.short,
+                &["route", "add", &net(node.pod), "via", node.ip],
+            )?;
+        }
+        run(
+            self.hub_exe.to_str().unwrap_or_default(),
+            &[
+                "certs",
+                "--out",
+                &self.path("certs"),
+                "--hub-name",
+                CLOUD_PUBLIC,
+                "--hub-name",
+                "192.168.0.195",
+                "--node",
+                node.name,
+            ],
+        )?;
+        let doc = format!(
+            "---\napiVersion: v1\nkind: Node\nmetadata:\n  name: {}\n  labels:\n    raven.openyurt.io/gateway: {gateway}\nspec:\n  podCIDR: {}\nstatus:\n  conditions:\n    - type: Ready\n      status: \"True\"\n  addresses:\n    - type: InternalIP\n      address: {}\n",
+            node.name,
+            net(node.pod),
+            node.ip
+        );
+        let path = self.dir.join("manifests/nodes.yaml");
+        let mut text = std::fs::read_to_string(&path)?;
+        text.push_str(&doc);
+        std::fs::write(&path, text)?;
+        let short = node.short;
+        self.nodes.push(node);
+        self.start_agent(short)
     }
 }

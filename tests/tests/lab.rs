@@ -241,3 +241,30 @@ fn gateway_failover_follows_the_hubs_election() {
     // hz-2 now runs the tunnel.
     assert!(lab.sh("h2", &["wg", "show", &lab.tunnel_dev("h2")]).is_ok());
 }
+
+#[test]
+fn a_node_added_to_a_domain_while_running_is_reached_from_every_domain() {
+    if !ready() {
+        return;
+    }
+    let (_g, mut lab) = up("n");
+    let t = Instant::now();
+    lab.add_node(raven_tests::lab::LabNode {
+        short: "h3",
+        name: "izbp15inok0kbfkg3in52tz",
+        domain: "hangzhou",
+        ip: "172.16.2.105",
+        pod: "10.244.6.1",
+    })
+    .expect("node added");
+    converge(&lab, "new hangzhou node");
+    eprintln!(
+        "node added to a running cluster: full matrix (now {} nodes) after {:?}",
+        lab.nodes.len(),
+        t.elapsed()
+    );
+    assert!(
+        lab.ping("q2", "10.244.4.1", "10.244.6.1"),
+        "qingdao pod reaches the new hangzhou pod"
+    );
+}
