@@ -2,7 +2,6 @@
 //! planned operations, tear everything down on request. Runs in the network
 //! namespace of the calling thread.
 
-use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use futures::TryStreamExt;
@@ -564,10 +563,6 @@ pub async fn underlay_mtu(h: &Handle, ip: IpAddr) -> Result<Option<u32>, Datapla
     }))
 }
 
-/// Every rule raven owns, for teardown.
-pub fn all_rules(observed: &State) -> BTreeSet<Rule> {
-    observed.rules.clone()
-}
 
 /// Sets `name` up with `mtu` (the tunnel device).
 pub async fn set_link_up(name: &str, mtu: u32) -> Result<(), DataplaneError> {
