@@ -563,7 +563,6 @@ pub async fn underlay_mtu(h: &Handle, ip: IpAddr) -> Result<Option<u32>, Datapla
     }))
 }
 
-
 /// Sets `name` up with `mtu` (the tunnel device).
 pub async fn set_link_up(name: &str, mtu: u32) -> Result<(), DataplaneError> {
     let h = connect()?;
