@@ -252,6 +252,26 @@ fn decode_resource(body: &[u8]) -> Result<StoredResource, String> {
     })
 }
 
+/// Opens the sled database. Every commit flushes explicitly, so sled's
+/// background flusher is off: without it, dropping the last handle releases
+/// the file lock at once. A lock still held by a handle that is shutting
+/// down is waited for briefly; one held by a live process is reported.
+fn open_db(dir: &Path, cache: Option<u64>) -> Result<sled::Db, StoreError> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        let mut config = sled::Config::new().path(dir).flush_every_ms(None);
+        if let Some(c) = cache {
+            config = config.cache_capacity(c);
+        }
+        match config.open().map_err(Store::sled_err(dir)) {
+            Err(StoreError::Locked { .. }) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
+}
+
 impl Store {
     /// Opens the store at `dir`, creating it if missing. An unusable store
     /// (corrupt, torn, foreign) is moved aside and a fresh one is created; a
@@ -307,11 +327,7 @@ impl Store {
 
     fn open_checked(dir: &Path, opts: &StoreOptions) -> Result<Self, StoreError> {
         let fresh = !dir.exists();
-        let db = sled::Config::new()
-            .path(dir)
-            .cache_capacity(opts.cache_capacity)
-            .open()
-            .map_err(Self::sled_err(dir))?;
+        let db = open_db(dir, Some(opts.cache_capacity))?;
         let err = Self::sled_err(dir);
         let store = Self {
             path: dir.to_owned(),
@@ -425,10 +441,7 @@ impl Store {
         if !dir.exists() {
             return Ok(Snapshot::default());
         }
-        let db = sled::Config::new()
-            .path(dir)
-            .open()
-            .map_err(Self::sled_err(dir))?;
+        let db = open_db(dir, None)?;
         let err = Self::sled_err(dir);
         let store = Self {
             path: dir.to_owned(),
