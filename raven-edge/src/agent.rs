@@ -49,6 +49,8 @@ pub struct Health {
     pub last_contact_ms: Arc<AtomicU64>,
     pub ops_applied: Arc<AtomicU64>,
     pub reconciles: Arc<AtomicU64>,
+    /// Tunnel peers as last read from the device (gateways only).
+    pub peers: Arc<std::sync::Mutex<Vec<v1::PeerTunnelState>>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -169,6 +171,9 @@ impl Reconciler {
                             tracing::info!(dev = %self.tunnel.dev, peers = spec.peers.len(), "tunnel peers updated");
                         }
                         let peers = self.tunnel.peer_states(&spec).await;
+                        if let Ok(mut p) = self.health.peers.lock() {
+                            p.clone_from(&peers);
+                        }
                         self.report.send_if_modified(|r| {
                             let changed = r.peers != peers;
                             r.peers = peers;

@@ -81,6 +81,29 @@ async fn metrics(State(h): State<Health>) -> String {
         "gauge",
         contact_age_seconds(&h).unwrap_or(-1.0),
     );
+    let peers = h.peers.lock().map(|p| p.clone()).unwrap_or_default();
+    if !peers.is_empty() {
+        out.push_str("# HELP raven_edge_tunnel_handshake_age_seconds Seconds since the last WireGuard handshake with a peer gateway\n# TYPE raven_edge_tunnel_handshake_age_seconds gauge\n");
+        for p in &peers {
+            if let Some(age) = p.handshake_age_seconds {
+                out.push_str(&format!("raven_edge_tunnel_handshake_age_seconds{{peer=\"{}\",endpoint=\"{}\"}} {age}\n", p.peer_node, p.endpoint));
+            }
+        }
+        out.push_str("# HELP raven_edge_tunnel_rx_bytes Bytes received from a peer gateway\n# TYPE raven_edge_tunnel_rx_bytes counter\n");
+        for p in &peers {
+            out.push_str(&format!(
+                "raven_edge_tunnel_rx_bytes{{peer=\"{}\"}} {}\n",
+                p.peer_node, p.rx_bytes
+            ));
+        }
+        out.push_str("# HELP raven_edge_tunnel_tx_bytes Bytes sent to a peer gateway\n# TYPE raven_edge_tunnel_tx_bytes counter\n");
+        for p in &peers {
+            out.push_str(&format!(
+                "raven_edge_tunnel_tx_bytes{{peer=\"{}\"}} {}\n",
+                p.peer_node, p.tx_bytes
+            ));
+        }
+    }
     out
 }
 

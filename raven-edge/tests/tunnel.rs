@@ -298,6 +298,23 @@ fn two_gateways_handshake_and_carry_pod_traffic_and_keep_their_keys() {
         "no handshake: {handshakes}"
     );
 
+    // The agent exports per-peer tunnel state (refreshed every reconcile).
+    let read_metrics = || {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &lab.a, "python3", "-c"])
+            .arg("import urllib.request;print(urllib.request.urlopen('http://127.0.0.1:10273/metrics').read().decode())")
+            .output()
+            .expect("metrics");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let t = Instant::now();
+    let mut metrics = read_metrics();
+    while !metrics.contains("raven_edge_tunnel_handshake_age_seconds{peer=\"edge-1\"") {
+        assert!(t.elapsed() < Duration::from_secs(10), "{metrics}");
+        std::thread::sleep(Duration::from_millis(200));
+        metrics = read_metrics();
+    }
+
     // The key is the node's: an agent restart keeps it and the tunnel.
     let key = lab.public_key("a");
     drop(agent_a);
