@@ -260,10 +260,14 @@ async fn session(cfg: &ClientConfig, hub: &str, links: &Links) -> Result<(), Ses
         .map_err(status_err)?
         .into_inner();
     tracing::info!(%hub, epoch = %held.epoch, revision = held.revision, held = held.resources.len(), "connected to hub");
-    let _ = links
-        .cache
-        .store()
-        .put_records(&[(LAST_HUB_RECORD, hub.as_bytes())]);
+    // Remember this hub for the next start; a durable write, off the runtime.
+    let store = links.cache.store().clone();
+    let remembered = hub.to_owned();
+    tokio::task::spawn_blocking(move || {
+        if let Err(e) = store.put_records(&[(LAST_HUB_RECORD, remembered.as_bytes())]) {
+            tracing::warn!(error = %e, "could not remember the hub address");
+        }
+    });
 
     let mut applied = links.applied.clone();
     let mut report = links.report.clone();
