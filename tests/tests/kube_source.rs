@@ -1,267 +1,450 @@
-//! raven-hub's Kubernetes path against the test-only fake API server: real
-//! kube-rs watchers and clients over HTTP, LIST/WATCH with resourceVersion,
-//! bookmarks, 410 Gone → relist, an outage in the middle, leader-only status
-//! PATCH.
+//! `raven_hub::sources::kube::run` against the test-only fake API server:
+//! real kube-rs watchers over HTTP, LIST then WATCH from the list's
+//! resourceVersion, bookmarks, `410 Gone` → relist, and an API server outage
+//! in the middle. The index is read directly; no pipeline, no gRPC.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
-use raven_hub::grpc::TlsFiles;
-use raven_hub::grpc::sync::SyncConfig;
-use raven_hub::hub::{self, HubConfig, RunningHub, Source};
-use raven_hub::pipeline::Debounce;
-use raven_tests::fake_apiserver::FakeApiServer;
-use serde_json::Value;
+use anyhow::{Context, Result};
+use raven_hub::index::{Index, IndexHandle};
+use raven_tests::fake_apiserver::{FakeApiServer, Options};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
 
-/// The user-manual example as JSON objects: (plural, object).
-fn example() -> Vec<(&'static str, Value)> {
-    let dir = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../deploy/examples/user-manual"
+/// Upper bound of every wait; the watchers' backoff starts at 0.8 s.
+const WAIT: Duration = Duration::from_secs(20);
+
+fn gateway(name: &str, endpoints: &[&str]) -> Value {
+    json!({
+        "apiVersion": "raven.openyurt.io/v1beta1",
+        "kind": "Gateway",
+        "metadata": {"name": name},
+        "spec": {
+            "tunnelConfig": {"Replicas": 1},
+            "proxyConfig": {"Replicas": 0},
+            "endpoints": endpoints
+                .iter()
+                .map(|n| json!({"nodeName": n, "type": "tunnel", "port": 4500}))
+                .collect::<Vec<_>>(),
+        },
+    })
+}
+
+fn node(name: &str, gateway: &str, ip: &str, pod_cidr: &str) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": name, "labels": {"raven.openyurt.io/gateway": gateway}},
+        "spec": {"podCIDR": pod_cidr, "podCIDRs": [pod_cidr]},
+        "status": {
+            "conditions": [{"type": "Ready", "status": "True"}],
+            "addresses": [{"type": "InternalIP", "address": ip}],
+        },
+    })
+}
+
+fn raven_cfg(namespace: &str, l3: bool) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": "raven-cfg", "namespace": namespace},
+        "data": {"enable-l3-tunnel": l3.to_string(), "enable-l7-proxy": "false"},
+    })
+}
+
+/// Two domains: gw-a (a1, a2) and gw-b (b1), raven-cfg with the tunnel on.
+async fn cluster(options: Options) -> Result<FakeApiServer> {
+    let api = FakeApiServer::start_with(options).await?;
+    // Decoys the ConfigMap watch must not see.
+    api.upsert("configmaps", raven_cfg("default", false));
+    api.upsert(
+        "configmaps",
+        json!({"metadata": {"name": "coredns", "namespace": "kube-system"}, "data": {}}),
     );
-    let mut out = Vec::new();
-    for f in ["gateways.yaml", "nodes.yaml", "raven-cfg.yaml"] {
-        let text = std::fs::read_to_string(format!("{dir}/{f}")).expect("read example");
-        for doc in serde_yaml_ng::Deserializer::from_str(&text) {
-            let v: Value = serde::Deserialize::deserialize(doc).expect("yaml");
-            let plural = match v["kind"].as_str() {
-                Some("Gateway") => "gateways",
-                Some("Node") => "nodes",
-                _ => "configmaps",
-            };
-            out.push((plural, v));
-        }
-    }
-    out
+    api.upsert("gateways", gateway("gw-a", &["a1", "a2"]));
+    api.upsert("gateways", gateway("gw-b", &["b1"]));
+    api.upsert("nodes", node("a1", "gw-a", "192.168.0.1", "10.244.1.0/24"));
+    api.upsert("nodes", node("a2", "gw-a", "192.168.0.2", "10.244.2.0/24"));
+    api.upsert("nodes", node("b1", "gw-b", "172.16.0.1", "10.244.3.0/24"));
+    api.upsert("configmaps", raven_cfg("kube-system", true));
+    Ok(api)
 }
 
-struct Env {
-    api: FakeApiServer,
-    dir: tempfile::TempDir,
+/// The real Kubernetes source feeding a fresh index.
+struct Source {
+    index: IndexHandle,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
 }
 
-impl Env {
-    async fn new() -> Self {
-        let api = FakeApiServer::start().await.expect("fake API server");
-        for (plural, obj) in example() {
-            api.upsert(plural, obj);
+impl Source {
+    fn start(api: &FakeApiServer) -> Self {
+        let index = IndexHandle::default();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(raven_hub::sources::kube::run(
+            api.client(),
+            index.clone(),
+            shutdown.clone(),
+        ));
+        Self {
+            index,
+            shutdown,
+            task,
         }
-        let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::write(dir.path().join("kubeconfig"), api.kubeconfig()).expect("kubeconfig");
-        raven_hub::certs::generate(&dir.path().join("certs"), &["localhost".into()], &[])
-            .expect("certs");
-        Self { api, dir }
     }
 
-    async fn hub(&self, replica: &str) -> RunningHub {
-        let l = raven_hub::certs::Layout {
-            dir: self.dir.path().join("certs"),
-        };
-        hub::start(HubConfig {
-            source: Source::Kubernetes {
-                kubeconfig: Some(self.dir.path().join("kubeconfig")),
-            },
-            grpc_addr: "127.0.0.1:0".parse().expect("addr"),
-            plaintext_addr: None,
-            http_addr: None,
-            tls: TlsFiles {
-                cert: l.hub_cert(),
-                key: l.hub_key(),
-                client_ca: l.ca_cert(),
-            },
-            data_dir: Some(self.dir.path().join(format!("data-{replica}"))),
-            sync: SyncConfig::default(),
-            debounce: Debounce {
-                quiet: Duration::from_millis(20),
-                max_delay: Duration::from_millis(200),
-            },
-            replica: replica.into(),
-            epoch: Some("kubernetes".into()),
+    async fn until(&self, what: &str, f: impl Fn(&Index) -> bool) -> Result<()> {
+        tokio::time::timeout(WAIT, async {
+            while !self.index.read(&f) {
+                tokio::select! {
+                    () = self.index.changed() => {}
+                    () = tokio::time::sleep(Duration::from_millis(20)) => {}
+                }
+            }
         })
         .await
-        .expect("hub starts")
-    }
-}
-
-/// Waits until the published topology satisfies `f`.
-async fn until(hub: &RunningHub, what: &str, f: impl Fn(&raven_hub::pipeline::Published) -> bool) {
-    let mut rx = hub.published.clone();
-    tokio::time::timeout(Duration::from_secs(20), rx.wait_for(|p| f(p)))
-        .await
-        .unwrap_or_else(|_| panic!("timed out waiting for: {what}"))
-        .expect("hub alive");
-}
-
-fn qingdao_subnets(p: &raven_hub::pipeline::Published) -> String {
-    p.topology
-        .gateways()
-        .find(|g| g.name.as_str() == "gw-qingdao")
-        .map(|g| {
+        .with_context(|| {
             format!(
-                "{:?}",
-                g.members
-                    .iter()
-                    .flat_map(|m| m.subnets.clone())
-                    .collect::<Vec<_>>()
+                "timed out waiting for: {what}; index: {:?}",
+                self.snapshot()
             )
         })
-        .unwrap_or_default()
-}
-
-#[tokio::test]
-async fn hub_index_fills_from_list_and_serves_once_synced() {
-    let env = Env::new().await;
-    let hub = env.hub("a").await;
-    until(&hub, "ready with three gateways", |p| {
-        p.ready && p.topology.gateways().count() == 3
-    })
-    .await;
-    let p = hub.published.borrow().clone();
-    assert_eq!(p.epoch, "kubernetes");
-    assert!(
-        p.revision > 1,
-        "revision follows the API server's resourceVersion: {}",
-        p.revision
-    );
-    hub.stop().await;
-}
-
-#[tokio::test]
-async fn gateway_change_is_applied_from_the_watch() {
-    let env = Env::new().await;
-    let hub = env.hub("a").await;
-    until(&hub, "ready", |p| {
-        p.ready && p.topology.gateways().count() == 3
-    })
-    .await;
-    let before = hub.published.borrow().revision;
-    let mut node = env
-        .api
-        .get("nodes", "izm5eb24dmjfimuaybpnr0z")
-        .expect("node");
-    node["spec"]["podCIDR"] = "10.244.44.0/24".into();
-    env.api.upsert("nodes", node);
-    until(&hub, "new subnet", |p| {
-        qingdao_subnets(p).contains("10.244.44.0/24")
-    })
-    .await;
-    assert!(hub.published.borrow().revision > before);
-    env.api.delete("gateways", "gw-qingdao");
-    until(&hub, "gateway deleted", |p| {
-        p.topology.gateways().count() == 2
-    })
-    .await;
-    hub.stop().await;
-}
-
-#[tokio::test]
-async fn expired_resource_version_410_triggers_relist_and_nothing_is_lost() {
-    let env = Env::new().await;
-    let hub = env.hub("a").await;
-    until(&hub, "ready", |p| {
-        p.ready && p.topology.gateways().count() == 3
-    })
-    .await;
-    // History is compacted and the watches break: the re-watch from the old
-    // version gets 410 and the watcher must relist to see the change.
-    env.api.compact();
-    let mut node = env
-        .api
-        .get("nodes", "izm5eb24dmjfimuaybpnr0z")
-        .expect("node");
-    node["spec"]["podCIDR"] = "10.244.45.0/24".into();
-    env.api.upsert("nodes", node);
-    env.api.compact();
-    env.api.drop_watches();
-    until(&hub, "relisted change", |p| {
-        qingdao_subnets(p).contains("10.244.45.0/24")
-    })
-    .await;
-    hub.stop().await;
-}
-
-#[tokio::test]
-async fn api_server_outage_keeps_the_last_state_and_watching_resumes() {
-    let mut env = Env::new().await;
-    let hub = env.hub("a").await;
-    until(&hub, "ready", |p| {
-        p.ready && p.topology.gateways().count() == 3
-    })
-    .await;
-    let served = hub.published.borrow().topology.clone();
-    env.api.stop().await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    {
-        let p = hub.published.borrow();
-        assert!(p.ready, "still serving during the outage");
-        assert_eq!(
-            p.topology.resources, served.resources,
-            "the last good state is kept"
-        );
     }
-    let mut node = env
-        .api
-        .get("nodes", "izm5eb24dmjfimuaybpnr0z")
-        .expect("node");
-    node["spec"]["podCIDR"] = "10.244.46.0/24".into();
-    env.api.upsert("nodes", node);
-    env.api.restart().await.expect("restart");
-    until(&hub, "change made during the outage", |p| {
-        qingdao_subnets(p).contains("10.244.46.0/24")
-    })
-    .await;
-    hub.stop().await;
-}
 
-#[tokio::test]
-async fn leader_patches_gateway_status_and_a_second_replica_does_not() {
-    let env = Env::new().await;
-    let a = env.hub("replica-a").await;
-    until(&a, "ready", |p| {
-        p.ready && p.topology.gateways().count() == 3
-    })
-    .await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while env.api.status_patches().len() < 3 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no status patches: {:?}",
-            env.api.status_patches()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    fn snapshot(&self) -> Snapshot {
+        self.index.read(Snapshot::of)
     }
-    let gw = env.api.get("gateways", "gw-hangzhou").expect("gateway");
-    let active = &gw["status"]["activeEndpoints"];
-    assert_eq!(
-        active.as_array().map(Vec::len),
-        Some(2),
-        "proxy and tunnel elected: {active}"
-    );
-    assert_eq!(active[0]["nodeName"], "izbp15inok0kbfkg3in52rz");
-    assert_eq!(gw["status"]["nodes"].as_array().map(Vec::len), Some(2));
-    let lease = env
-        .api
-        .get("leases", "kube-system/raven-hub")
-        .expect("lease");
-    assert_eq!(lease["spec"]["holderIdentity"], "replica-a");
 
-    // A second replica serves too but does not take the held lease.
-    let b = env.hub("replica-b").await;
-    until(&b, "ready", |p| p.ready).await;
-    let api: kube::Api<k8s_openapi::api::coordination::v1::Lease> =
-        kube::Api::namespaced(env.api.client(), "kube-system");
-    let cfg = raven_hub::status::LeaseConfig::new("replica-b");
-    assert!(
-        !raven_hub::status::try_lead(&api, &cfg)
+    async fn stop(self) -> Result<()> {
+        self.shutdown.cancel();
+        tokio::time::timeout(WAIT, self.task)
             .await
-            .expect("lease")
+            .context("the source did not stop")??;
+        Ok(())
+    }
+}
+
+/// What the index holds, comparably.
+#[derive(Debug, Clone, PartialEq)]
+struct Snapshot {
+    synced: bool,
+    /// Gateway → endpoint node names.
+    gateways: BTreeMap<String, Vec<String>>,
+    /// Node → pod CIDRs.
+    nodes: BTreeMap<String, Vec<String>>,
+    config_present: bool,
+    l3: bool,
+}
+
+impl Snapshot {
+    fn of(index: &Index) -> Self {
+        let (inputs, _) = index.inputs();
+        Self {
+            synced: index.is_synced(),
+            gateways: inputs
+                .gateways
+                .iter()
+                .map(|(name, gw)| {
+                    let eps = gw.spec.endpoints.iter().map(|e| e.node_name.clone());
+                    (name.clone(), eps.collect())
+                })
+                .collect(),
+            nodes: inputs
+                .nodes
+                .iter()
+                .map(|(name, n)| {
+                    let cidrs = n.pod_cidrs.iter().map(ToString::to_string);
+                    (name.to_string(), cidrs.collect())
+                })
+                .collect(),
+            config_present: inputs.config.present,
+            l3: inputs.config.enable_l3_tunnel,
+        }
+    }
+
+    fn gateway_names(&self) -> Vec<&str> {
+        self.gateways.keys().map(String::as_str).collect()
+    }
+}
+
+fn lists_of(api: &FakeApiServer, plural: &str) -> usize {
+    api.requests()
+        .iter()
+        .filter(|r| r.is_list_of(plural))
+        .count()
+}
+
+fn watches_of(api: &FakeApiServer, plural: &str) -> Vec<Option<String>> {
+    api.requests()
+        .iter()
+        .filter(|r| r.is_watch_of(plural))
+        .map(|r| r.resource_version().map(str::to_owned))
+        .collect()
+}
+
+#[tokio::test]
+async fn hub_index_fills_from_list_and_marks_synced() -> Result<()> {
+    let api = cluster(Options::default()).await?;
+    let source = Source::start(&api);
+    source.until("every kind synced", Index::is_synced).await?;
+
+    let s = source.snapshot();
+    assert_eq!(s.gateway_names(), ["gw-a", "gw-b"]);
+    assert_eq!(s.gateways["gw-a"], ["a1", "a2"]);
+    assert_eq!(s.nodes.len(), 3);
+    assert_eq!(s.nodes["b1"], ["10.244.3.0/24"]);
+    assert!(
+        s.config_present && s.l3,
+        "kube-system/raven-cfg is read, not the decoy in default: {s:?}"
     );
-    let patches = env.api.status_patches().len();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(source.index.read(Index::high_water) > 0);
+
+    // Each kind was listed once, then watched from the list's version.
+    tokio::time::timeout(WAIT, async {
+        while ["gateways", "nodes", "configmaps"]
+            .iter()
+            .any(|k| watches_of(&api, k).is_empty())
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .context("every kind watched after its list")?;
+    let requests = api.requests();
+    let cm_list = requests
+        .iter()
+        .find(|r| r.is_list_of("configmaps"))
+        .context("raven-cfg listed")?;
+    assert_eq!(cm_list.path, "/api/v1/namespaces/kube-system/configmaps");
     assert_eq!(
-        env.api.status_patches().len(),
-        patches,
-        "nothing changed, nothing written"
+        cm_list.query.get("fieldSelector").map(String::as_str),
+        Some("metadata.name=raven-cfg")
     );
-    b.stop().await;
-    a.stop().await;
+    for plural in ["gateways", "nodes", "configmaps"] {
+        assert_eq!(lists_of(&api, plural), 1, "{plural} listed once");
+        let watches = watches_of(&api, plural);
+        assert_eq!(
+            watches[0].as_deref(),
+            Some(api.resource_version().to_string().as_str()),
+            "{plural} watched from the listed version"
+        );
+    }
+    source.stop().await
+}
+
+#[tokio::test]
+async fn gateway_change_is_applied_from_watch() -> Result<()> {
+    let api = cluster(Options::default()).await?;
+    let source = Source::start(&api);
+    source.until("synced", Index::is_synced).await?;
+
+    api.upsert("gateways", gateway("gw-a", &["a2", "a1"]));
+    source
+        .until("gw-a endpoints reordered", |i| {
+            Snapshot::of(i).gateways["gw-a"] == ["a2", "a1"]
+        })
+        .await?;
+
+    api.upsert("gateways", gateway("gw-c", &["c1"]));
+    api.delete("gateways", "gw-b");
+    source
+        .until("gw-c added and gw-b deleted", |i| {
+            Snapshot::of(i).gateway_names() == ["gw-a", "gw-c"]
+        })
+        .await?;
+
+    api.upsert("nodes", node("a1", "gw-a", "192.168.0.1", "10.244.9.0/24"));
+    api.delete("nodes", "b1");
+    source
+        .until("node changes", |i| {
+            let s = Snapshot::of(i);
+            s.nodes.get("a1").is_some_and(|c| c == &["10.244.9.0/24"])
+                && !s.nodes.contains_key("b1")
+        })
+        .await?;
+
+    api.upsert("configmaps", raven_cfg("kube-system", false));
+    source
+        .until("tunnel switched off", |i| !Snapshot::of(i).l3)
+        .await?;
+    api.delete("configmaps", "kube-system/raven-cfg");
+    source
+        .until("raven-cfg gone", |i| !Snapshot::of(i).config_present)
+        .await?;
+
+    for plural in ["gateways", "nodes", "configmaps"] {
+        assert_eq!(lists_of(&api, plural), 1, "{plural}: watch only, no relist");
+    }
+    source.stop().await
+}
+
+#[tokio::test]
+async fn expired_resource_version_410_triggers_relist_and_nothing_is_lost() -> Result<()> {
+    let mut api = cluster(Options::default()).await?;
+    let source = Source::start(&api);
+    source.until("synced", Index::is_synced).await?;
+
+    // While the watches are broken, objects change and etcd compacts the
+    // history: resuming from the old version must get 410, and only a
+    // relist can show what happened — including the deletion.
+    api.stop().await;
+    api.upsert("gateways", gateway("gw-a", &["a2"]));
+    api.delete("gateways", "gw-b");
+    api.upsert("gateways", gateway("gw-c", &["c1"]));
+    api.upsert("nodes", node("a2", "gw-a", "192.168.0.2", "10.244.20.0/24"));
+    api.delete("configmaps", "kube-system/raven-cfg");
+    api.compact();
+    api.restart().await?;
+
+    source
+        .until("the relisted state", |i| {
+            let s = Snapshot::of(i);
+            s.gateway_names() == ["gw-a", "gw-c"]
+                && s.gateways["gw-a"] == ["a2"]
+                && s.nodes.get("a2").is_some_and(|c| c == &["10.244.20.0/24"])
+                && !s.config_present
+        })
+        .await?;
+    assert!(api.expired_watches() >= 3, "every kind got 410");
+    for plural in ["gateways", "nodes", "configmaps"] {
+        assert_eq!(lists_of(&api, plural), 2, "{plural} relisted after 410");
+    }
+    assert!(source.index.read(Index::is_synced));
+
+    // And it watches again from the new list.
+    api.upsert("gateways", gateway("gw-d", &["d1"]));
+    source
+        .until("watching after the relist", |i| {
+            Snapshot::of(i).gateways.contains_key("gw-d")
+        })
+        .await?;
+    source.stop().await
+}
+
+#[tokio::test]
+async fn api_server_outage_keeps_last_state_and_resumes_watching() -> Result<()> {
+    let mut api = cluster(Options::default()).await?;
+    let source = Source::start(&api);
+    source.until("synced", Index::is_synced).await?;
+    let before = source.snapshot();
+    let listed_at = api.resource_version().to_string();
+
+    api.stop().await;
+    // The watchers fail to re-watch and back off; the index stays as it was.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(source.snapshot(), before, "the last state is kept");
+
+    api.upsert("gateways", gateway("gw-a", &["a1"]));
+    api.delete("gateways", "gw-b");
+    api.upsert("nodes", node("a1", "gw-a", "192.168.0.1", "10.244.11.0/24"));
+    api.upsert("configmaps", raven_cfg("kube-system", false));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        source.snapshot(),
+        before,
+        "nothing is seen while it is down"
+    );
+
+    api.restart().await?;
+    source
+        .until("the changes made during the outage", |i| {
+            let s = Snapshot::of(i);
+            s.gateway_names() == ["gw-a"]
+                && s.gateways["gw-a"] == ["a1"]
+                && s.nodes.get("a1").is_some_and(|c| c == &["10.244.11.0/24"])
+                && !s.l3
+        })
+        .await?;
+    // Resumed from the last version, without a relist.
+    assert_eq!(api.expired_watches(), 0);
+    for plural in ["gateways", "nodes", "configmaps"] {
+        assert_eq!(lists_of(&api, plural), 1, "{plural}: no relist");
+        let watches = watches_of(&api, plural);
+        assert!(
+            watches.len() >= 2,
+            "{plural} re-watched after the outage: {watches:?}"
+        );
+        assert!(
+            watches
+                .iter()
+                .all(|rv| rv.as_deref() == Some(listed_at.as_str())),
+            "{plural} resumed from version {listed_at}: {watches:?}"
+        );
+    }
+    source.stop().await
+}
+
+#[tokio::test]
+async fn bookmarks_are_accepted() -> Result<()> {
+    let api = cluster(Options {
+        bookmark_interval: Duration::from_millis(100),
+    })
+    .await?;
+    let source = Source::start(&api);
+    source.until("synced", Index::is_synced).await?;
+    let listed = source.snapshot();
+
+    // Writes no watcher of ours sees move the global version on; only
+    // bookmarks carry it to the watchers.
+    for i in 0..5 {
+        api.upsert(
+            "leases",
+            json!({"metadata": {"name": format!("other-{i}"), "namespace": "kube-system"}, "spec": {}}),
+        );
+    }
+    let moved_to = api.resource_version();
+    tokio::time::timeout(WAIT, async {
+        while ["gateways", "nodes", "configmaps"]
+            .iter()
+            .any(|k| !api.bookmarks(k).iter().any(|rv| *rv >= moved_to))
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .context("bookmarks at the new version reach every watch")?;
+
+    // History is compacted up to the new version and the watches break: a
+    // watcher that took the bookmarks in resumes from `moved_to` (no 410, no
+    // relist); one that ignored them would be sent back to LIST.
+    let kinds = ["gateways", "nodes", "configmaps"];
+    let watches_before: Vec<usize> = kinds.iter().map(|k| watches_of(&api, k).len()).collect();
+    api.compact();
+    api.drop_watches();
+    tokio::time::timeout(WAIT, async {
+        while kinds
+            .iter()
+            .zip(&watches_before)
+            .any(|(k, before)| watches_of(&api, k).len() <= *before)
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .context("every kind re-watched")?;
+
+    for plural in ["gateways", "nodes", "configmaps"] {
+        let last = watches_of(&api, plural)
+            .last()
+            .cloned()
+            .flatten()
+            .context("a watch")?;
+        assert!(
+            last.parse::<u64>()? >= moved_to,
+            "{plural} resumed from the bookmark's version {moved_to}, not {last}"
+        );
+        assert_eq!(lists_of(&api, plural), 1, "{plural}: no relist");
+    }
+    assert_eq!(api.expired_watches(), 0);
+    assert_eq!(source.snapshot(), listed);
+
+    // Still watching.
+    api.upsert("gateways", gateway("gw-b", &["b1", "b2"]));
+    source
+        .until("a change after the resume", |i| {
+            Snapshot::of(i).gateways["gw-b"] == ["b1", "b2"]
+        })
+        .await?;
+    source.stop().await
 }
