@@ -38,7 +38,10 @@ fn up(tag: &str) -> (std::sync::MutexGuard<'static, ()>, Lab) {
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     let dir = std::env::temp_dir().join(format!("raven-lab-test-{tag}-{}", std::process::id()));
-    let mut lab = Lab::build(&format!("rl{tag}-"), &dir).expect("lab builds");
+    // Namespace and interface names are global to the machine: every test
+    // run gets its own prefix (tunnel device names stay within 15 bytes).
+    let prefix = format!("rl{tag}{}-", std::process::id() % 10_000);
+    let mut lab = Lab::build(&prefix, &dir).expect("lab builds");
     lab.start_hub().expect("hub");
     lab.start_agents().expect("agents");
     converge(&lab, "first sync");
