@@ -13,7 +13,7 @@ use raven_core::topology::{
     EndpointType, ExposeType, GatewayEndpoint, GatewayView, Member, NodeView, Settings,
 };
 use raven_core::{GatewayName, NodeName};
-use raven_edge::dataplane::{Kernel, NodeInputs};
+use raven_edge::dataplane::{Kernel, NodeInputs, ReconcileReport};
 use serde_json::Value;
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -83,15 +83,19 @@ impl Netns {
         .expect("namespace thread")
     }
 
+    /// One reconcile, from a fresh netlink connection; the ops applied.
     fn reconcile(&self, inputs: &NodeInputs) -> usize {
+        self.reconcile_with(Kernel::new(true), inputs).ops_applied
+    }
+
+    fn reconcile_with(&self, kernel: Kernel, inputs: &NodeInputs) -> ReconcileReport {
         let inputs = inputs.clone();
         self.run(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .expect("runtime");
-            rt.block_on(Kernel::new(true).reconcile(&inputs))
-                .map(|r| r.ops_applied)
+            rt.block_on(kernel.reconcile(&inputs))
                 .unwrap_or_else(|e| panic!("{e}"))
         })
     }
@@ -347,7 +351,7 @@ fn hand_deleted_route_is_repaired() {
 }
 
 #[test]
-fn foreign_route_in_ravens_table_survives_reconcile_and_teardown() {
+fn foreign_route_in_raven_table_is_untouched() {
     if !is_root() {
         return;
     }
@@ -387,8 +391,10 @@ fn foreign_route_in_ravens_table_survives_reconcile_and_teardown() {
     assert_eq!(ns.routes("100").len(), 1);
 }
 
+/// A restarted agent adopts what it finds: a fresh netlink connection plans
+/// nothing, and raven0 keeps its ifindex.
 #[test]
-fn restarted_agent_adopts_the_dataplane_without_churn() {
+fn second_reconcile_is_a_no_op() {
     if !is_root() {
         return;
     }
@@ -454,7 +460,7 @@ fn teardown_removes_only_ravens_objects() {
 }
 
 #[test]
-fn gateway_node_gets_return_routes_in_table_9028_and_no_remote_routes() {
+fn gateway_node_gets_return_routes_in_table_9028() {
     if !is_root() {
         return;
     }
@@ -480,4 +486,299 @@ fn gateway_node_gets_return_routes_in_table_9028_and_no_remote_routes() {
         .cloned()
         .expect("rule 9028");
     assert_eq!(ret["iif"], "raven-wg0");
+}
+
+/// `ip -j [-6] route show table T` in the namespace (an empty table does
+/// not exist for `ip`: no routes).
+fn route_table(ns: &Netns, v6: bool, table: &str) -> Vec<Value> {
+    let mut args = vec!["-n", ns.name.as_str(), "-j"];
+    if v6 {
+        args.push("-6");
+    }
+    args.extend(["route", "show", "table", table]);
+    let out = Command::new("ip").args(&args).output().expect("ip");
+    if String::from_utf8_lossy(&out.stderr).contains("does not exist") {
+        return Vec::new();
+    }
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Array(vec![]));
+    v.as_array().cloned().unwrap_or_default()
+}
+
+fn route_mtu(r: &Value) -> Option<u64> {
+    r["metrics"]
+        .as_array()?
+        .iter()
+        .find_map(|m| m["mtu"].as_u64())
+}
+
+fn is_raven_protocol(r: &Value) -> bool {
+    r["protocol"] == "82" || r["protocol"] == 82
+}
+
+/// `ip -j -4|-6 neigh show dev raven0 nud permanent`: (address, MAC).
+fn neighbours(ns: &Netns, v6: bool) -> Vec<(String, String)> {
+    let mut args = vec!["-n", ns.name.as_str(), "-j", if v6 { "-6" } else { "-4" }];
+    args.extend(["neigh", "show", "dev", "raven0", "nud", "permanent"]);
+    let text = ip(&args);
+    let v: Value = serde_json::from_str(if text.trim().is_empty() { "[]" } else { &text })
+        .expect("ip -j neigh");
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .map(|n| {
+            (
+                n["dst"].as_str().unwrap_or_default().to_owned(),
+                n["lladdr"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// `bridge -j fdb show dev raven0`: (MAC, VXLAN destination) of unicast entries.
+fn fdb(ns: &Netns) -> Vec<(String, String)> {
+    let out = Command::new("bridge")
+        .args(["-n", &ns.name, "-j", "fdb", "show", "dev", "raven0"])
+        .output()
+        .expect("bridge");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Array(vec![]));
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["dst"].is_string())
+        .map(|e| {
+            (
+                e["mac"].as_str().unwrap_or_default().to_owned(),
+                e["dst"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn ipv6_remote_prefix_is_routed_via_the_gateways_link_local_address() {
+    if !is_root() {
+        return;
+    }
+    // hz-2 (not the gateway): the qingdao IPv6 subnet goes to hz-gw over raven0.
+    let ns = Netns::new("172.16.2.104/24");
+    let n = inputs("hz-2", "172.16.2.104");
+    ns.reconcile(&n);
+    let v6 = route_table(&ns, true, "9027");
+    assert_eq!(v6.len(), 1, "{v6:?}");
+    let r = &v6[0];
+    assert_eq!(r["dst"], "fd10:3::/64");
+    assert_eq!(
+        r["gateway"], "fe80::c52:acff:fe10:267",
+        "EUI-64 of hz-gw's raven0 MAC"
+    );
+    assert_eq!(r["dev"], "raven0");
+    assert!(is_raven_protocol(r), "{r}");
+    assert_eq!(route_mtu(r), Some(1370), "raven0 1450 minus tunnel 80");
+    assert!(
+        r["flags"]
+            .as_array()
+            .is_some_and(|f| f.iter().any(|x| x == "onlink")),
+        "{r}"
+    );
+    assert!(
+        neighbours(&ns, true).contains(&(
+            "fe80::c52:acff:fe10:267".to_owned(),
+            "0e:52:ac:10:02:67".to_owned()
+        )),
+        "the IPv6 next hop resolves without neighbour discovery"
+    );
+    let rules = ip_json(&ns.name, &["-6", "rule", "show"]);
+    let prios: Vec<u64> = rules
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r["priority"].as_u64())
+        .collect();
+    assert!(prios.contains(&9027) && prios.contains(&9028), "{prios:?}");
+
+    // Drift on the IPv6 side is repaired like any other, and then stable.
+    ip(&[
+        "-n",
+        &ns.name,
+        "-6",
+        "route",
+        "del",
+        "fd10:3::/64",
+        "table",
+        "9027",
+    ]);
+    assert_eq!(ns.reconcile(&n), 1);
+    assert_eq!(route_table(&ns, true, "9027").len(), 1);
+    assert_eq!(ns.plan(&n), Vec::<String>::new());
+
+    // The gateway routes a member's IPv6 subnet back over raven0.
+    let gw = Netns::new("172.16.2.103/24");
+    let mut g = inputs("hz-gw", "172.16.2.103");
+    g.gateways[0].members[1]
+        .subnets
+        .push("fd10:2::/64".parse().expect("cidr"));
+    gw.reconcile(&g);
+    let back = route_table(&gw, true, "9028");
+    assert_eq!(back.len(), 1, "{back:?}");
+    assert_eq!(back[0]["dst"], "fd10:2::/64");
+    assert_eq!(back[0]["gateway"], "fe80::c52:acff:fe10:268");
+    assert_eq!(gw.plan(&g), Vec::<String>::new());
+}
+
+#[test]
+fn member_leaving_the_domain_loses_its_fdb_and_neighbour_entries() {
+    if !is_root() {
+        return;
+    }
+    let ns = Netns::new("172.16.2.104/24");
+    let mut n = inputs("hz-2", "172.16.2.104");
+    n.gateways[0]
+        .members
+        .push(member("hz-3", "172.16.2.105", &["10.244.5.0/24"]));
+    ns.reconcile(&n);
+    assert_eq!(fdb(&ns).len(), 2);
+    assert_eq!(neighbours(&ns, false).len(), 2);
+
+    n.gateways[0].members.pop();
+    assert!(ns.reconcile(&n) > 0);
+    assert_eq!(
+        fdb(&ns),
+        vec![("0e:52:ac:10:02:67".to_owned(), "172.16.2.103".to_owned())]
+    );
+    assert_eq!(
+        neighbours(&ns, false),
+        vec![("172.16.2.103".to_owned(), "0e:52:ac:10:02:67".to_owned())]
+    );
+    assert_eq!(neighbours(&ns, true).len(), 1);
+    assert_eq!(ns.plan(&n), Vec::<String>::new());
+}
+
+#[test]
+fn foreign_route_on_a_wanted_destination_is_reported_not_overwritten() {
+    if !is_root() {
+        return;
+    }
+    let ns = Netns::new("172.16.2.104/24");
+    ip(&[
+        "-n",
+        &ns.name,
+        "route",
+        "add",
+        "10.244.3.0/24",
+        "dev",
+        "v0",
+        "table",
+        "9027",
+        "proto",
+        "static",
+    ]);
+    let n = inputs("hz-2", "172.16.2.104");
+    let report = ns.reconcile_with(Kernel::new(true), &n);
+    assert!(
+        report
+            .warnings
+            .iter()
+            .any(|w| w.contains("10.244.3.0/24") && w.contains("does not own")),
+        "{:?}",
+        report.warnings
+    );
+    let routes = ns.routes("9027");
+    assert!(
+        routes.contains(&("10.244.3.0/24".to_owned(), "\"static\"".to_owned())),
+        "the foreign route keeps its slot: {routes:?}"
+    );
+    assert!(
+        routes.iter().any(|(d, _)| d == "172.16.1.89"),
+        "the rest is applied: {routes:?}"
+    );
+    let rules = ip_json(&ns.name, &["rule", "show"]);
+    assert!(
+        rules
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|r| r["priority"] == 9027),
+        "a conflict does not stop the reconcile"
+    );
+}
+
+#[test]
+fn changed_vxlan_port_recreates_raven0_and_keeps_tunnel_routes() {
+    if !is_root() {
+        return;
+    }
+    let ns = Netns::new("172.16.2.103/24");
+    // A stand-in for the gateway's tunnel device (no kernel WireGuard here).
+    ip(&[
+        "-n",
+        &ns.name,
+        "link",
+        "add",
+        "raven-wg0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "wgpeer",
+    ]);
+    ip(&["-n", &ns.name, "link", "set", "raven-wg0", "up"]);
+    let mut g = inputs("hz-gw", "172.16.2.103");
+    g.tunnel_up = true;
+    ns.reconcile(&g);
+    let tunnel = route_table(&ns, false, "9027");
+    assert_eq!(tunnel.len(), 2, "{tunnel:?}");
+    assert!(
+        tunnel
+            .iter()
+            .all(|r| r["dev"] == "raven-wg0" && route_mtu(r) == Some(1420))
+    );
+    let index = ns.link().map(|l| l["ifindex"].clone());
+
+    if let Some(s) = &mut g.settings {
+        s.vxlan_port = 4789;
+    }
+    assert!(ns.reconcile(&g) > 0);
+    let link = ns.link().expect("raven0");
+    assert_eq!(link["linkinfo"]["info_data"]["port"], 4789);
+    assert_ne!(Some(link["ifindex"].clone()), index, "recreated");
+    assert_eq!(
+        route_table(&ns, false, "9027").len(),
+        2,
+        "tunnel routes kept"
+    );
+    assert_eq!(
+        ns.routes("9028")
+            .into_iter()
+            .map(|r| r.0)
+            .collect::<Vec<_>>(),
+        vec!["10.244.2.0/24"],
+        "return routes restored on the new raven0"
+    );
+    assert_eq!(ns.plan(&g), Vec::<String>::new());
+
+    // Without the tunnel, its routes go; teardown leaves the device alone.
+    g.tunnel_up = false;
+    ns.reconcile(&g);
+    assert!(route_table(&ns, false, "9027").is_empty());
+    ns.teardown();
+    assert_eq!(
+        ip_json(&ns.name, &["link", "show", "raven-wg0"])
+            .as_array()
+            .map(Vec::len),
+        Some(1)
+    );
+}
+
+#[test]
+fn dry_run_observes_and_plans_but_never_writes() {
+    if !is_root() {
+        return;
+    }
+    let ns = Netns::new("172.16.2.104/24");
+    let n = inputs("hz-2", "172.16.2.104");
+    let report = ns.reconcile_with(Kernel::dry_run(), &n);
+    assert_eq!(report.ops_applied, 0);
+    assert!(!ns.plan(&n).is_empty());
+    assert!(ns.link().is_none());
+    assert!(ns.routes("9027").is_empty());
 }

@@ -1,6 +1,17 @@
 //! The node dataplane: desired state (pure) → plan (pure diff) → apply
 //! (rtnetlink), level-triggered and idempotent. Calling [`Kernel::reconcile`]
 //! again is drift repair.
+//!
+//! ```text
+//! NodeInputs ──desired()──▶ Desired ─┐
+//! kernel ──netlink::observe()──▶ State ┴─plan()──▶ Vec<Op> ──netlink::apply()──▶ kernel
+//! ```
+//!
+//! What raven owns, and all it ever reads or changes: the link `raven0`
+//! (VXLAN, VNI 1) and the addresses, neighbours and FDB entries on it,
+//! routes of protocol 82 in tables 9027 (remote prefixes) and 9028 (return
+//! routes on the gateway), and rules of priority 9027 and 9028 — see the
+//! constants in [`model`].
 
 pub mod model;
 pub mod netlink;
@@ -61,6 +72,18 @@ impl Kernel {
         Self { write }
     }
 
+    /// A dataplane that observes (netlink dumps need no privileges) and
+    /// plans, but never writes: `raven-edge plan`.
+    pub fn dry_run() -> Self {
+        Self::new(false)
+    }
+
+    /// Raven's objects in the kernel now.
+    pub async fn observe(&self, tunnel_dev: &str) -> Result<State, DataplaneError> {
+        let h = netlink::connect()?;
+        netlink::observe(&h, tunnel_dev).await
+    }
+
     /// Whether this dataplane changes the kernel (not a dry run).
     pub fn writes(&self) -> bool {
         self.write
@@ -110,10 +133,15 @@ impl Kernel {
             enable_forwarding();
         }
         let applied = netlink::apply(&h, &ops, &inputs.tunnel_dev).await?;
+        for c in &applied.conflicts {
+            tracing::warn!(conflict = %c, "dataplane");
+        }
+        let mut warnings = want.warnings;
+        warnings.extend(applied.conflicts);
         Ok(ReconcileReport {
-            ops_applied: applied,
+            ops_applied: applied.ops,
             summary: summary(&want.state),
-            warnings: want.warnings,
+            warnings,
         })
     }
 
@@ -122,7 +150,7 @@ impl Kernel {
         let h = netlink::connect()?;
         let have = netlink::observe(&h, tunnel_dev).await?;
         let ops = plan(&State::default(), &have);
-        netlink::apply(&h, &ops, tunnel_dev).await
+        Ok(netlink::apply(&h, &ops, tunnel_dev).await?.ops)
     }
 }
 

@@ -138,7 +138,14 @@ fn addr_of(a: &RouteAddress) -> Option<IpAddr> {
     }
 }
 
-fn parse_route(m: &RouteMessage, tunnel_index: Option<u32>) -> Option<Route> {
+/// Raven's route in `m`, if it is one: table 9027/9028 and protocol 82.
+/// Anything else — other tables, other protocols — is not raven's and is
+/// never seen by the planner.
+fn parse_route(
+    m: &RouteMessage,
+    vxlan_index: Option<u32>,
+    tunnel_index: Option<u32>,
+) -> Option<Route> {
     let table = table_of_route(m);
     if ![TABLE_REMOTE, TABLE_RETURN].contains(&table)
         || m.header.protocol != RouteProtocol::from(ROUTE_PROTOCOL)
@@ -171,12 +178,12 @@ fn parse_route(m: &RouteMessage, tunnel_index: Option<u32>) -> Option<Route> {
     });
     let dst = IpNet::new(dst, m.header.destination_prefix_length).ok()?;
     // Raven's route through the tunnel has no next hop; any other shape is
-    // still raven's (table + protocol) and is reported as a raven0 route so
-    // the planner replaces or removes it.
-    let dev = if via.is_none() && oif.is_some() && oif == tunnel_index {
-        RouteDev::Tunnel
-    } else {
-        RouteDev::Vxlan
+    // still raven's (table + protocol) and is reported as `Other` so the
+    // planner replaces or removes it.
+    let dev = match oif {
+        Some(i) if Some(i) == vxlan_index => RouteDev::Vxlan,
+        Some(i) if Some(i) == tunnel_index && via.is_none() => RouteDev::Tunnel,
+        _ => RouteDev::Other,
     };
     Some(Route {
         table,
@@ -187,6 +194,7 @@ fn parse_route(m: &RouteMessage, tunnel_index: Option<u32>) -> Option<Route> {
     })
 }
 
+/// Raven's rule in `m`, if it is one: priority 9027 or 9028.
 fn parse_rule(m: &RuleMessage) -> Option<Rule> {
     let mut priority = None;
     let mut table = u32::from(m.header.table);
@@ -307,7 +315,7 @@ pub async fn observe(h: &Handle, tunnel_dev: &str) -> Result<State, DataplaneErr
     ] {
         let mut dump = h.route().get(msg).execute();
         while let Some(r) = dump.try_next().await.map_err(nl("dumping routes"))? {
-            if let Some(route) = parse_route(&r, tunnel_index) {
+            if let Some(route) = parse_route(&r, index, tunnel_index) {
                 s.routes.insert(route);
             }
         }
@@ -358,6 +366,20 @@ fn route_message(r: &Route, index: u32) -> Result<RouteMessage, DataplaneError> 
     Ok(b.build())
 }
 
+/// The request deleting raven's route `r`. It names table and protocol, so
+/// the kernel (which matches on both, IPv4 and IPv6 alike) never removes a
+/// foreign route with the same destination.
+fn route_delete_message(r: &Route) -> Result<RouteMessage, String> {
+    let mut msg = RouteMessageBuilder::<IpAddr>::new()
+        .destination_prefix(r.dst.addr(), r.dst.prefix_len())
+        .map_err(|e| e.to_string())?
+        .table_id(r.table)
+        .protocol(RouteProtocol::from(ROUTE_PROTOCOL))
+        .build();
+    msg.header.scope = netlink_packet_route::route::RouteScope::NoWhere;
+    Ok(msg)
+}
+
 fn rule_message(r: &Rule) -> RuleMessage {
     let mut m = RuleMessage::default();
     m.header.family = if r.v6 {
@@ -396,8 +418,21 @@ fn neighbour_message(
     m
 }
 
-/// Applies `ops` in order. Returns how many were applied.
-pub async fn apply(h: &Handle, ops: &[Op], tunnel_dev: &str) -> Result<usize, DataplaneError> {
+/// What [`apply`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// Operations that changed (or already matched) the kernel.
+    pub ops: usize,
+    /// Operations left undone because an object raven does not own holds
+    /// the slot (a route of another protocol on a destination raven wants).
+    pub conflicts: Vec<String>,
+}
+
+/// Applies `ops` in order. "Already exists" on a create and "not found" on
+/// a delete count as success; a route slot held by a foreign route is left
+/// alone and reported in [`Applied::conflicts`]. Stops at the first error.
+pub async fn apply(h: &Handle, ops: &[Op], tunnel_dev: &str) -> Result<Applied, DataplaneError> {
+    let mut done = Applied::default();
     let mut index = vxlan_index(h).await?;
     let tunnel_index = link_index(h, tunnel_dev).await?;
     for op in ops {
@@ -492,28 +527,42 @@ pub async fn apply(h: &Handle, ops: &[Op], tunnel_dev: &str) -> Result<usize, Da
                 let msg = neighbour_message(need(index)?, family, n.ip, None);
                 tolerate(h.neighbours().del(msg).execute().await, &[ENOENT], op)?;
             }
-            Op::ReplaceRoute(r) => {
+            Op::AddRoute(r) | Op::ReplaceRoute(r) => {
                 let dev = match r.dev {
                     RouteDev::Vxlan => need(index)?,
                     RouteDev::Tunnel => tunnel_index.ok_or_else(|| DataplaneError::Invalid {
                         op: op.to_string(),
                         reason: format!("the tunnel device {tunnel_dev} does not exist"),
                     })?,
+                    RouteDev::Other => {
+                        return Err(DataplaneError::Invalid {
+                            op: op.to_string(),
+                            reason: "an observed-only route cannot be installed".into(),
+                        });
+                    }
                 };
                 let msg = route_message(r, dev)?;
-                tolerate(h.route().add(msg).replace().execute().await, &[], op)?;
+                if matches!(op, Op::ReplaceRoute(_)) {
+                    tolerate(h.route().add(msg).replace().execute().await, &[], op)?;
+                } else {
+                    match h.route().add(msg).execute().await {
+                        Ok(()) => {}
+                        Err(e) if errno(&e) == Some(EEXIST) => {
+                            done.conflicts.push(format!(
+                                "route {} in table {} is held by a route raven does not own; left alone",
+                                r.dst, r.table
+                            ));
+                            continue;
+                        }
+                        Err(e) => return Err(nl(op.to_string())(e)),
+                    }
+                }
             }
             Op::DeleteRoute(r) => {
-                let mut msg = RouteMessageBuilder::<IpAddr>::new()
-                    .destination_prefix(r.dst.addr(), r.dst.prefix_len())
-                    .map_err(|e| DataplaneError::Invalid {
-                        op: op.to_string(),
-                        reason: e.to_string(),
-                    })?
-                    .table_id(r.table)
-                    .protocol(RouteProtocol::from(ROUTE_PROTOCOL))
-                    .build();
-                msg.header.scope = netlink_packet_route::route::RouteScope::NoWhere;
+                let msg = route_delete_message(r).map_err(|reason| DataplaneError::Invalid {
+                    op: op.to_string(),
+                    reason,
+                })?;
                 tolerate(h.route().del(msg).execute().await, &[ENOENT, ESRCH], op)?;
             }
             Op::AddRule(r) => {
@@ -525,8 +574,9 @@ pub async fn apply(h: &Handle, ops: &[Op], tunnel_dev: &str) -> Result<usize, Da
                 tolerate(h.rule().del(rule_message(r)).execute().await, &[ENOENT], op)?;
             }
         }
+        done.ops += 1;
     }
-    Ok(ops.len())
+    Ok(done)
 }
 
 /// The MTU of the link holding `ip` (the underlay), if any.
@@ -578,4 +628,235 @@ pub async fn set_link_up(name: &str, mtu: u32) -> Result<(), DataplaneError> {
         .execute()
         .await
         .map_err(nl(format!("ip link set {name} mtu {mtu} up")))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::dataplane::model::{DEFAULT_TUNNEL_DEV, link_local, mac_for, plan};
+
+    const RAVEN0: u32 = 10;
+    const TUNNEL: u32 = 11;
+    const ETH0: u32 = 2;
+
+    fn dst(v6: bool, net: u8) -> IpNet {
+        if v6 {
+            IpNet::new(
+                IpAddr::V6(Ipv6Addr::new(0xfd10, net.into(), 0, 0, 0, 0, 0, 0)),
+                64,
+            )
+        } else {
+            IpNet::new(IpAddr::V4(Ipv4Addr::new(10, net, 0, 0)), 24)
+        }
+        .unwrap_or_default()
+    }
+
+    fn next_hop(dst: &IpNet) -> IpAddr {
+        let gw = Ipv4Addr::new(172, 16, 0, 1);
+        match dst {
+            IpNet::V4(_) => IpAddr::V4(gw),
+            IpNet::V6(_) => IpAddr::V6(link_local(mac_for(gw))),
+        }
+    }
+
+    /// A route message as a dump returns it: any table, any protocol.
+    fn route_msg() -> impl Strategy<Value = RouteMessage> {
+        (
+            prop_oneof![
+                Just(254u32),
+                Just(100),
+                Just(255),
+                Just(TABLE_REMOTE),
+                Just(TABLE_RETURN)
+            ],
+            prop_oneof![
+                Just(RouteProtocol::Static),
+                Just(RouteProtocol::Boot),
+                Just(RouteProtocol::Kernel),
+                Just(RouteProtocol::Dhcp),
+                Just(RouteProtocol::from(ROUTE_PROTOCOL)),
+            ],
+            any::<bool>(),
+            0u8..4,
+            prop_oneof![Just(RAVEN0), Just(TUNNEL), Just(ETH0)],
+            any::<bool>(),
+        )
+            .prop_map(|(table, protocol, v6, net, oif, via)| {
+                let dst = dst(v6, net);
+                let mut b = RouteMessageBuilder::<IpAddr>::new()
+                    .destination_prefix(dst.addr(), dst.prefix_len())
+                    .unwrap_or_else(|_| unreachable!())
+                    .table_id(table)
+                    .protocol(protocol)
+                    .output_interface(oif);
+                if via {
+                    b = b.gateway(next_hop(&dst)).unwrap_or_else(|_| unreachable!());
+                }
+                b.build()
+            })
+    }
+
+    fn rule_msg() -> impl Strategy<Value = RuleMessage> {
+        (
+            any::<bool>(),
+            prop_oneof![
+                Just(0u32),
+                Just(100),
+                Just(PRIORITY_REMOTE),
+                Just(PRIORITY_RETURN),
+                Just(32766)
+            ],
+            prop_oneof![
+                Just(254u32),
+                Just(100),
+                Just(TABLE_REMOTE),
+                Just(TABLE_RETURN)
+            ],
+            any::<bool>(),
+        )
+            .prop_map(|(v6, priority, table, iif)| {
+                rule_message(&Rule {
+                    v6,
+                    priority,
+                    table,
+                    iif: iif.then(|| DEFAULT_TUNNEL_DEV.to_owned()),
+                })
+            })
+    }
+
+    /// Raven's usual wishes: rules, and routes over raven0 to a few of the
+    /// destinations the generated dump also uses.
+    fn wanted() -> impl Strategy<Value = State> {
+        proptest::collection::btree_set((any::<bool>(), any::<bool>(), 0u8..4), 0..6).prop_map(
+            |routes| {
+                let local = Ipv4Addr::new(172, 16, 0, 2);
+                let mut s = State {
+                    link: Some(VxlanLink {
+                        vni: 1,
+                        port: 4472,
+                        local,
+                        mtu: 1450,
+                        mac: mac_for(local),
+                    }),
+                    link_up: true,
+                    ..State::default()
+                };
+                let mut seen = BTreeSet::new();
+                for (ret, v6, net) in routes {
+                    let table = if ret { TABLE_RETURN } else { TABLE_REMOTE };
+                    let dst = dst(v6, net);
+                    if seen.insert((table, dst)) {
+                        s.routes.insert(Route {
+                            table,
+                            dst,
+                            dev: RouteDev::Vxlan,
+                            via: Some(next_hop(&dst)),
+                            mtu: 1370,
+                        });
+                    }
+                }
+                for v6 in [false, true] {
+                    s.rules.insert(Rule {
+                        v6,
+                        priority: PRIORITY_REMOTE,
+                        table: TABLE_REMOTE,
+                        iif: None,
+                    });
+                }
+                s
+            },
+        )
+    }
+
+    fn is_ravens(m: &RouteMessage) -> bool {
+        [TABLE_REMOTE, TABLE_RETURN].contains(&table_of_route(m))
+            && m.header.protocol == RouteProtocol::from(ROUTE_PROTOCOL)
+    }
+
+    fn slot(m: &RouteMessage) -> (u32, IpNet) {
+        let dst = m
+            .attributes
+            .iter()
+            .find_map(|a| match a {
+                RouteAttribute::Destination(d) => addr_of(d),
+                _ => None,
+            })
+            .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+        (
+            table_of_route(m),
+            IpNet::new(dst, m.header.destination_prefix_length).unwrap_or_default(),
+        )
+    }
+
+    proptest! {
+        #[test]
+        fn plans_never_touch_foreign_routes_or_rules(
+            want in wanted(),
+            routes in proptest::collection::vec(route_msg(), 0..12),
+            rules in proptest::collection::vec(rule_msg(), 0..8),
+        ) {
+            let observed = State {
+                link: want.link.clone(),
+                link_up: true,
+                routes: routes.iter().filter_map(|m| parse_route(m, Some(RAVEN0), Some(TUNNEL))).collect(),
+                rules: rules.iter().filter_map(parse_rule).collect(),
+                ..State::default()
+            };
+            // Only raven's objects are observed...
+            let ravens: BTreeSet<(u32, IpNet)> = routes.iter().filter(|m| is_ravens(m)).map(slot).collect();
+            let foreign: BTreeSet<(u32, IpNet)> = routes.iter().filter(|m| !is_ravens(m)).map(slot).collect();
+            for r in &observed.routes {
+                prop_assert!(ravens.contains(&(r.table, r.dst)));
+            }
+            for m in &rules {
+                let p = parse_rule(m);
+                let prio = m.attributes.iter().find_map(|a| match a {
+                    RuleAttribute::Priority(p) => Some(*p),
+                    _ => None,
+                });
+                prop_assert_eq!(p.is_some(), prio.is_some_and(|p| p == PRIORITY_REMOTE || p == PRIORITY_RETURN));
+            }
+            // ...and no operation names anything else.
+            for op in plan(&want, &observed) {
+                match &op {
+                    Op::DeleteRoute(r) => {
+                        prop_assert!(ravens.contains(&(r.table, r.dst)), "{}", op);
+                        let msg = route_delete_message(r).map_err(TestCaseError::fail)?;
+                        prop_assert_eq!(msg.header.protocol, RouteProtocol::from(ROUTE_PROTOCOL));
+                        prop_assert_eq!(table_of_route(&msg), r.table);
+                    }
+                    Op::AddRoute(r) | Op::ReplaceRoute(r) => {
+                        prop_assert!([TABLE_REMOTE, TABLE_RETURN].contains(&r.table));
+                        // A slot held only by a foreign route is never
+                        // replaced: the exclusive add fails and is reported.
+                        let slot = (r.table, r.dst);
+                        if foreign.contains(&slot) && !ravens.contains(&slot) {
+                            prop_assert!(matches!(op, Op::AddRoute(_)), "{}", op);
+                        }
+                    }
+                    Op::DeleteRule(r) | Op::AddRule(r) => {
+                        prop_assert!([PRIORITY_REMOTE, PRIORITY_RETURN].contains(&r.priority), "{}", op);
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_route_through_a_foreign_device_is_observed_as_other() {
+        let msg = RouteMessageBuilder::<IpAddr>::new()
+            .destination_prefix(IpAddr::V4(Ipv4Addr::new(10, 1, 0, 0)), 24)
+            .unwrap_or_else(|_| unreachable!())
+            .table_id(TABLE_REMOTE)
+            .protocol(RouteProtocol::from(ROUTE_PROTOCOL))
+            .output_interface(ETH0)
+            .build();
+        let r = parse_route(&msg, Some(RAVEN0), Some(TUNNEL));
+        assert_eq!(r.map(|r| r.dev), Some(RouteDev::Other));
+    }
 }
