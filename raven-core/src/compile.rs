@@ -521,18 +521,20 @@ pub fn remote_prefixes_of(gateways: &[GatewayView], own_gateway: &GatewayName) -
     let mut out: Vec<IpNet> = gateways
         .iter()
         .filter(|g| &g.name != own_gateway)
-        .flat_map(|g| {
-            g.members
-                .iter()
-                .flat_map(|m| {
-                    std::iter::once(host_net(m.private_ip)).chain(m.subnets.iter().copied())
-                })
-                .chain(g.extra_source_cidrs.iter().copied())
-        })
+        .flat_map(gateway_prefixes)
         .collect();
     out.sort();
     out.dedup();
     out
+}
+
+/// Everything one gateway's domain holds: each member's address and pod
+/// subnets, and the gateway's extra source CIDRs.
+pub fn gateway_prefixes(g: &GatewayView) -> impl Iterator<Item = IpNet> + '_ {
+    g.members
+        .iter()
+        .flat_map(|m| std::iter::once(host_net(m.private_ip)).chain(m.subnets.iter().copied()))
+        .chain(g.extra_source_cidrs.iter().copied())
 }
 
 /// The /32 or /128 of an address.

@@ -49,11 +49,7 @@ pub struct TunnelSpec {
 }
 
 fn prefixes(g: &GatewayView) -> BTreeSet<IpNet> {
-    g.members
-        .iter()
-        .flat_map(|m| std::iter::once(IpNet::from(m.private_ip)).chain(m.subnets.iter().copied()))
-        .chain(g.extra_source_cidrs.iter().copied())
-        .collect()
+    raven_core::compile::gateway_prefixes(g).collect()
 }
 
 /// The tunnel this node must run: `None` unless it is its domain's active
