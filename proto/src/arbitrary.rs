@@ -226,18 +226,21 @@ pub fn agent_report() -> impl Strategy<Value = AgentReport> {
         option::of(any::<u16>()),
         option::of(socket_addr()),
         btree_map(gateway_name(), node_name(), 0..3),
+        btree_map(node_name(), socket_addr(), 0..3),
     )
         .prop_map(
-            |(wireguard_public_key, tunnel_port, observed_endpoint, local_failover): (
-                _,
-                _,
-                _,
-                BTreeMap<_, _>,
-            )| AgentReport {
+            |(
                 wireguard_public_key,
                 tunnel_port,
                 observed_endpoint,
                 local_failover,
+                observed_peers,
+            ): (_, _, _, BTreeMap<_, _>, BTreeMap<_, _>)| AgentReport {
+                wireguard_public_key,
+                tunnel_port,
+                observed_endpoint,
+                local_failover,
+                observed_peers,
             },
         )
 }

@@ -555,8 +555,9 @@ pub fn problem_from_proto(p: &v1::Problem) -> Result<Problem, ConversionError> {
     })
 }
 
-/// The part of a Report the domain model knows. `local_endpoints` and
-/// `peers` are left empty for the agent to fill in.
+/// The part of a Report the domain model knows. `local_endpoints` is left
+/// empty and `peers` holds only the observed endpoints (with a fresh
+/// handshake), for the agent to fill in.
 pub fn report_to_proto(r: &AgentReport) -> v1::Report {
     v1::Report {
         wireguard_public_key: r.wireguard_public_key.clone(),
@@ -571,9 +572,22 @@ pub fn report_to_proto(r: &AgentReport) -> v1::Report {
                 active_node: node.to_string(),
             })
             .collect(),
-        peers: Vec::new(),
+        peers: r
+            .observed_peers
+            .iter()
+            .map(|(node, endpoint)| v1::PeerTunnelState {
+                peer_node: node.to_string(),
+                handshake_age_seconds: Some(0),
+                endpoint: endpoint.to_string(),
+                ..Default::default()
+            })
+            .collect(),
     }
 }
+
+/// A handshake younger than this makes a peer's endpoint an observation the
+/// hub passes on (WireGuard's REJECT_AFTER_TIME).
+pub const OBSERVATION_FRESH_SECS: u64 = 180;
 
 /// Validates a Report as the hub receives it and returns what the compiler
 /// uses. The WireGuard key must look like one (44 characters of base64), every
@@ -610,10 +624,18 @@ pub fn report_from_proto(r: &v1::Report) -> Result<AgentReport, ConversionError>
         }
         local_failover.insert(gateway, node);
     }
+    let mut observed_peers = BTreeMap::new();
     for (i, p) in r.peers.iter().enumerate() {
-        cx.node_name(&format!("peers[{i}].peer_node"), &p.peer_node)?;
-        if !p.endpoint.is_empty() {
-            cx.socket(&format!("peers[{i}].endpoint"), &p.endpoint)?;
+        let node = cx.node_name(&format!("peers[{i}].peer_node"), &p.peer_node)?;
+        if p.endpoint.is_empty() {
+            continue;
+        }
+        let endpoint = cx.socket(&format!("peers[{i}].endpoint"), &p.endpoint)?;
+        let fresh = p
+            .handshake_age_seconds
+            .is_some_and(|age| age < OBSERVATION_FRESH_SECS);
+        if fresh && !p.relayed {
+            observed_peers.insert(node, endpoint);
         }
     }
     Ok(AgentReport {
@@ -628,6 +650,7 @@ pub fn report_from_proto(r: &v1::Report) -> Result<AgentReport, ConversionError>
             .map(|e| cx.socket("observed_endpoint", e))
             .transpose()?,
         local_failover,
+        observed_peers,
     })
 }
 

@@ -142,6 +142,12 @@ pub struct AgentReport {
     /// The node's own choice of active tunnel gateway while it could not reach
     /// the hub (local failover), per gateway.
     pub local_failover: BTreeMap<GatewayName, NodeName>,
+    /// Where this node's tunnel currently hears each peer from (peers with a
+    /// fresh handshake, not through a relay). From a gateway that is not under
+    /// NAT, these are the NATed peers' mapped endpoints, which the hub passes
+    /// on so two NATed gateways can try a direct path.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub observed_peers: BTreeMap<NodeName, SocketAddr>,
 }
 
 /// Everything the compiler reads. Keyed maps make the result independent of

@@ -126,7 +126,9 @@ pub fn compile(inputs: &Inputs) -> Compiled {
     let mut compiled = BTreeMap::new();
     for (name, gw) in &admitted {
         let members = members_of.get(name).cloned().unwrap_or_default();
-        let (view, status, ps) = compile_gateway(name, gw, &members, &config, &mut claimed);
+        let (gw, adopted) = adopt_local_failover(name, gw, &members, inputs);
+        problems.extend(adopted);
+        let (view, status, ps) = compile_gateway(name, &gw, &members, &config, &mut claimed);
         problems.extend(ps);
         let mut gw = gw.clone();
         gw.status = Some(status.clone());
@@ -170,7 +172,9 @@ pub fn compile(inputs: &Inputs) -> Compiled {
                 gateway: view.name.clone(),
                 wireguard_public_key: report.wireguard_public_key,
                 tunnel_port: report.tunnel_port,
-                observed_endpoint: report.observed_endpoint,
+                observed_endpoint: report
+                    .observed_endpoint
+                    .or_else(|| observed_endpoint(view, &cand.node, &views, inputs)),
             };
             resources.insert(
                 ResourceName::peer(&cand.node),
@@ -194,6 +198,89 @@ pub fn compile(inputs: &Inputs) -> Compiled {
         },
         gateways: compiled,
     }
+}
+
+/// Local failover the hub hears about (DESIGN §4): a tunnel candidate that
+/// took its gateway over while the hub was unreachable reports itself in
+/// `local_failover`. The hub adopts that as the gateway's current active
+/// tunnel endpoint, so the sticky election keeps it (and the status records
+/// it) instead of moving traffic back to the endpoint its domain found dead.
+/// Only a Ready member listed as a tunnel endpoint can claim; of several
+/// claimants the first in `spec.endpoints` order wins.
+fn adopt_local_failover(
+    name: &GatewayName,
+    gw: &v1beta1::Gateway,
+    members: &[&ClusterNode],
+    inputs: &Inputs,
+) -> (v1beta1::Gateway, Vec<Problem>) {
+    let claims = |node: &str| {
+        NodeName::new(node.to_owned()).ok().is_some_and(|n| {
+            inputs
+                .reports
+                .get(&n)
+                .and_then(|r| r.local_failover.get(name))
+                == Some(&n)
+        })
+    };
+    let ready = |node: &str| members.iter().any(|m| m.ready && m.name.as_str() == node);
+    let Some(claimant) =
+        gw.spec.endpoints.iter().find(|ep| {
+            ep.type_ == v1beta1::TUNNEL && ready(&ep.node_name) && claims(&ep.node_name)
+        })
+    else {
+        return (gw.clone(), Vec::new());
+    };
+    let mut gw = gw.clone();
+    let status = gw.status.get_or_insert_with(Default::default);
+    let already = status
+        .active_endpoints
+        .iter()
+        .any(|e| e.type_ == v1beta1::TUNNEL && e.node_name == claimant.node_name);
+    if already {
+        return (gw, Vec::new());
+    }
+    status
+        .active_endpoints
+        .retain(|e| e.type_ != v1beta1::TUNNEL);
+    status.active_endpoints.push(claimant.clone());
+    let problem = Problem::warning(
+        gateway_object(name.as_str()),
+        "status.activeEndpoints",
+        &claimant.node_name,
+        "adopted the local failover this node reported: its domain found the previous tunnel endpoint dead while the hub was unreachable",
+    );
+    (gw, vec![problem])
+}
+
+/// The NAT-mapped endpoint of `node` (a tunnel candidate of the NATed gateway
+/// `view`) as seen by the active tunnel node of a gateway that is not under
+/// NAT: `view`'s relay first, then the others by name.
+fn observed_endpoint(
+    view: &GatewayView,
+    node: &NodeName,
+    views: &BTreeMap<GatewayName, GatewayView>,
+    inputs: &Inputs,
+) -> Option<std::net::SocketAddr> {
+    if !view.under_nat {
+        return None;
+    }
+    let public = views.values().filter(|g| !g.under_nat);
+    let relay_first = view
+        .relay
+        .as_ref()
+        .and_then(|r| views.get(r))
+        .into_iter()
+        .chain(public);
+    relay_first
+        .filter_map(|g| g.active_tunnel.as_ref())
+        .find_map(|t| {
+            inputs
+                .reports
+                .get(&t.node)?
+                .observed_peers
+                .get(node)
+                .copied()
+        })
 }
 
 fn endpoint(ep: &v1beta1::Endpoint) -> Option<GatewayEndpoint> {

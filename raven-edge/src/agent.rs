@@ -7,12 +7,13 @@
 //!
 //! Stopping the agent leaves the dataplane as it is; the next agent adopts it.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use raven_core::NodeName;
+use raven_core::{GatewayName, NodeName};
 use raven_proto::v1;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -20,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use crate::cache::{Cache, CachedState};
 use crate::client::{self, AppliedReport, ClientConfig, Links};
 use crate::dataplane;
+use crate::failover;
 
 /// Everything `run` needs.
 #[derive(Debug, Clone)]
@@ -37,6 +39,12 @@ pub struct AgentConfig {
     /// Name of the gateway tunnel device (unique per host for userspace
     /// WireGuard, whose control socket lives in /var/run/wireguard).
     pub tunnel_dev: String,
+    /// Local failover: period of the probes of the gateway candidates.
+    pub probe_interval: Duration,
+    /// Local failover: missed probes in a row that make a candidate dead.
+    pub probe_failures: u32,
+    /// The hub counts as unreachable after this long without a message.
+    pub hub_silence: Duration,
 }
 
 /// Health of the agent, for `/readyz` and metrics.
@@ -68,6 +76,45 @@ pub enum AgentError {
     Tunnel(#[from] crate::tunnel::TunnelError),
 }
 
+/// Probes the gateway candidates of this node's domain every `every` and
+/// wakes the reconcile loop when the evidence changes a decision (a
+/// candidate died or came back, the hub went silent, a standby or direct
+/// peer started or stopped handshaking).
+async fn probe_loop(
+    ctx: Arc<Reconciler>,
+    state: watch::Receiver<Arc<CachedState>>,
+    every: Duration,
+    wake: Arc<tokio::sync::Notify>,
+    shutdown: CancellationToken,
+) {
+    let mut warned = false;
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+        let cached = state.borrow().clone();
+        let inputs = dataplane::inputs_from(&ctx.node, &cached);
+        let targets = failover::probe_targets(&inputs);
+        match failover::probe(targets.clone(), every.min(Duration::from_secs(1))).await {
+            Ok(answered) => {
+                warned = false;
+                if let Ok(mut st) = ctx.failover.lock() {
+                    st.probes.record(&targets, &answered);
+                }
+            }
+            Err(e) if !warned => {
+                warned = true;
+                tracing::warn!(error = %e, "cannot probe the gateway candidates; local failover is off");
+            }
+            Err(_) => {}
+        }
+        if ctx.decisions_changed(&cached).await {
+            wake.notify_one();
+        }
+    }
+}
+
 /// Runs the agent until `shutdown`.
 pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
     let (node, dir, max) = (cfg.node.clone(), cfg.data_dir.clone(), cfg.cache_max_bytes);
@@ -87,13 +134,15 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
     });
 
     let dp = dataplane::Kernel::new(cfg.apply);
-    let ctx = Reconciler {
+    let ctx = Arc::new(Reconciler {
         dp,
         tunnel,
         node: cfg.node.clone(),
         health: health.clone(),
         report: report_tx,
-    };
+        failover: std::sync::Mutex::new(FailoverState::new(cfg.probe_failures)),
+        hub_silence: cfg.hub_silence,
+    });
     // 1. Program the kernel from the cache before dialling anyone.
     let first = ctx.reconcile_once(&state_rx.borrow_and_update()).await;
     applied_tx.send_replace(Some(first));
@@ -120,7 +169,19 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         };
         tasks.spawn(client::run(client_cfg, links, shutdown.clone()));
     }
-    // 3. Reconcile on change and periodically.
+    // 3. Probes for local failover; they wake the loop below when the
+    //    evidence changes a decision.
+    let wake = Arc::new(tokio::sync::Notify::new());
+    if cfg.apply {
+        tasks.spawn(probe_loop(
+            ctx.clone(),
+            state_rx.clone(),
+            cfg.probe_interval,
+            wake.clone(),
+            shutdown.clone(),
+        ));
+    }
+    // 4. Reconcile on change, on new evidence and periodically.
     let mut ticker = tokio::time::interval(cfg.resync);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker.tick().await;
@@ -128,6 +189,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         tokio::select! {
             () = shutdown.cancelled() => break,
             changed = state_rx.changed() => if changed.is_err() { shutdown.cancelled().await; break },
+            () = wake.notified() => {}
             _ = ticker.tick() => {}
         }
         let state = state_rx.borrow_and_update().clone();
@@ -139,6 +201,28 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
     Ok(())
 }
 
+/// Evidence and decisions of local failover, kept across reconciles.
+#[derive(Debug)]
+pub struct FailoverState {
+    pub probes: failover::ProbeBook,
+    pub activity: failover::PeerActivity,
+    /// Gateway → node, where this node overrides the hub's choice.
+    pub overrides: BTreeMap<GatewayName, NodeName>,
+    /// NATed peers reached directly (not through the relay).
+    pub direct: BTreeSet<NodeName>,
+}
+
+impl FailoverState {
+    pub fn new(probe_failures: u32) -> Self {
+        Self {
+            probes: failover::ProbeBook::new(probe_failures),
+            activity: failover::PeerActivity::default(),
+            overrides: BTreeMap::new(),
+            direct: BTreeSet::new(),
+        }
+    }
+}
+
 /// What one reconcile pass needs.
 #[derive(Debug)]
 pub struct Reconciler {
@@ -147,17 +231,119 @@ pub struct Reconciler {
     pub node: NodeName,
     pub health: Health,
     pub report: watch::Sender<v1::Report>,
+    pub failover: std::sync::Mutex<FailoverState>,
+    pub hub_silence: Duration,
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 impl Reconciler {
+    fn hub_reachable(&self) -> bool {
+        let last = self.health.last_contact_ms.load(Ordering::Relaxed);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        last != 0 && now.saturating_sub(last) < self.hub_silence.as_millis() as u64
+    }
+
+    /// Local failover and path decisions from the current evidence: the
+    /// overrides of the hub's gateway choices and the NATed peers reached
+    /// directly. Records them when `commit`.
+    fn decide(
+        &self,
+        inputs: &dataplane::NodeInputs,
+        peers: &[raven_core::topology::PeerInfo],
+        device: Option<&crate::tunnel::uapi::DeviceState>,
+        commit: bool,
+    ) -> (BTreeMap<GatewayName, NodeName>, BTreeSet<NodeName>) {
+        let now = now_unix();
+        let hub_reachable = self.hub_reachable();
+        let Ok(mut st) = self.failover.lock() else {
+            return (BTreeMap::new(), BTreeSet::new());
+        };
+        let mut handshakes = BTreeMap::new();
+        let mut direct = BTreeSet::new();
+        if let Some(have) = device {
+            st.activity.observe(have, now);
+            for p in peers {
+                let Some(key) = p
+                    .wireguard_public_key
+                    .as_deref()
+                    .and_then(crate::tunnel::keys::base64_to_hex)
+                else {
+                    continue;
+                };
+                if let Some(s) = have.peers.get(&key) {
+                    handshakes.insert(p.node.clone(), s.last_handshake_sec);
+                    if p.observed_endpoint.is_some() && st.activity.alive(have, &key, now) {
+                        direct.insert(p.node.clone());
+                    }
+                }
+            }
+        }
+        let evidence = failover::Evidence {
+            probes: &st.probes,
+            handshakes: &handshakes,
+            now,
+            hub_reachable,
+        };
+        let overrides = failover::choose(inputs, &evidence, &st.overrides);
+        if commit {
+            if overrides != st.overrides {
+                tracing::info!(?overrides, hub_reachable, "local gateway failover changed");
+            }
+            if direct != st.direct {
+                tracing::info!(?direct, "direct NAT-to-NAT paths changed");
+            }
+            st.overrides.clone_from(&overrides);
+            st.direct.clone_from(&direct);
+        }
+        (overrides, direct)
+    }
+
+    /// Whether new evidence would change a decision of the last reconcile.
+    async fn decisions_changed(&self, state: &CachedState) -> bool {
+        let inputs = dataplane::inputs_from(&self.node, state);
+        let peers = state.view(&self.node).map(|v| v.peers).unwrap_or_default();
+        let device = self.tunnel.device_state().await;
+        let decided = self.decide(&inputs, &peers, device.as_ref(), false);
+        self.failover
+            .lock()
+            .is_ok_and(|st| (&st.overrides, &st.direct) != (&decided.0, &decided.1))
+    }
+
     /// Tunnel first (make before break), then observe → plan → apply, from `state`.
     pub async fn reconcile_once(&self, state: &CachedState) -> AppliedReport {
         let mut inputs = dataplane::inputs_from(&self.node, state);
         inputs.tunnel_dev = self.tunnel.dev.clone();
         let peers = state.view(&self.node).map(|v| v.peers).unwrap_or_default();
+        let device = self.tunnel.device_state().await;
+        let (overrides, direct) = self.decide(&inputs, &peers, device.as_ref(), true);
+        inputs.active_override = overrides;
+        let local_failover: Vec<v1::LocalFailover> = inputs
+            .active_override
+            .iter()
+            .map(|(g, n)| v1::LocalFailover {
+                gateway: g.to_string(),
+                active_node: n.to_string(),
+            })
+            .collect();
+        self.report.send_if_modified(|r| {
+            let changed = r.local_failover != local_failover;
+            r.local_failover.clone_from(&local_failover);
+            changed
+        });
         let mut errors = Vec::new();
         let mut tunnels = 0;
-        if let Some(spec) = crate::tunnel::spec(&inputs, &peers).filter(|_| self.dp.writes()) {
+        if let Some(spec) =
+            crate::tunnel::spec(&inputs, &peers, &direct).filter(|_| self.dp.writes())
+        {
             for w in &spec.warnings {
                 tracing::warn!(warning = %w, "tunnel");
             }
@@ -166,11 +352,18 @@ impl Reconciler {
                 Ok(()) => match self.tunnel.apply(&spec).await {
                     Ok(changed) => {
                         inputs.tunnel_up = true;
-                        tunnels = spec.peers.len() as u32;
+                        tunnels = spec
+                            .peers
+                            .values()
+                            .filter(|p| !p.allowed_ips.is_empty())
+                            .count() as u32;
                         if changed > 0 {
                             tracing::info!(dev = %self.tunnel.dev, peers = spec.peers.len(), "tunnel peers updated");
                         }
-                        let peers = self.tunnel.peer_states(&spec).await;
+                        let peers = device
+                            .as_ref()
+                            .map(|have| crate::tunnel::peer_states(&spec, have, now_unix()))
+                            .unwrap_or_default();
                         if let Ok(mut p) = self.health.peers.lock() {
                             p.clone_from(&peers);
                         }

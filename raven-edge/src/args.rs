@@ -31,6 +31,18 @@ pub struct Common {
     pub data_dir: PathBuf,
 }
 
+/// Local gateway failover (DESIGN §4).
+#[derive(Debug, clap::Args)]
+pub struct FailoverArgs {
+    /// Period of the ICMP probes of the tunnel candidates of this node's
+    /// gateway.
+    #[arg(long, env = "RAVEN_PROBE_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub probe_interval: Duration,
+    /// Missed probes in a row that make a candidate dead.
+    #[arg(long, env = "RAVEN_PROBE_FAILURES", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    pub probe_failures: u32,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the agent: program the kernel from the cache, then follow the hub.
@@ -61,6 +73,8 @@ pub enum Command {
         /// Name of the gateway tunnel device (userspace WireGuard).
         #[arg(long, env = "RAVEN_TUNNEL_DEV", default_value = "raven-wg0")]
         tunnel_dev: String,
+        #[command(flatten)]
+        failover: FailoverArgs,
         /// Log as JSON.
         #[arg(long, env = "RAVEN_LOG_JSON")]
         log_json: bool,
@@ -109,6 +123,7 @@ impl Args {
                 heartbeat,
                 dry_run,
                 tunnel_dev,
+                failover,
                 log_json,
             } => {
                 init_tracing(log_json);
@@ -135,6 +150,10 @@ impl Args {
                     cache_max_bytes: 64 << 20,
                     http_addr,
                     tunnel_dev,
+                    probe_interval: failover.probe_interval,
+                    probe_failures: failover.probe_failures,
+                    // The client redials after three silent heartbeats.
+                    hub_silence: heartbeat * 3,
                 };
                 rt.block_on(async {
                     let shutdown = CancellationToken::new();

@@ -14,5 +14,6 @@ pub mod args;
 pub mod cache;
 pub mod client;
 pub mod dataplane;
+pub mod failover;
 pub mod http;
 pub mod tunnel;

@@ -68,14 +68,17 @@ impl Agents {
         })
     }
 
-    /// Records the end of a stream, unless a newer one replaced it.
-    pub fn disconnected(&self, node: &NodeName, session: u64) {
+    /// Records the end of a stream, unless a newer one replaced it; returns
+    /// whether the agent is now disconnected.
+    pub fn disconnected(&self, node: &NodeName, session: u64) -> bool {
         let mut map = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(e) = map.get_mut(node)
             && e.session == session
         {
             e.connected = false;
+            return true;
         }
+        false
     }
 
     pub fn connected_count(&self) -> usize {

@@ -99,10 +99,13 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
         Some(dir) => Revisions::open(dir, config.epoch.as_deref())?,
         None => Revisions::in_memory(),
     };
-    // Reports survive restarts: load them before the first compile.
+    // Reports survive restarts: load them before the first compile (keys
+    // and observations; a local failover claim counts only while its agent
+    // is connected, and it re-reports it).
     let reports = crate::revision::Reports::load(revisions.store())?;
     index.update(|i| {
-        for (node, report) in reports.all() {
+        for (node, mut report) in reports.all() {
+            report.local_failover.clear();
             i.set_report(node, report);
         }
     });

@@ -140,6 +140,18 @@ impl Index {
         true
     }
 
+    /// Forgets the local failover a node reported (it disconnected).
+    /// Returns whether anything changed.
+    pub fn withdraw_failover_claim(&mut self, node: &NodeName) -> bool {
+        match self.reports.get_mut(node) {
+            Some(r) if !r.local_failover.is_empty() => {
+                r.local_failover.clear();
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Records a resourceVersion observed from the API server (objects,
     /// deletions, bookmarks, list metadata).
     pub fn see(&mut self, resource_version: u64) {

@@ -12,12 +12,12 @@ pub mod keys;
 pub mod uapi;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ipnet::IpNet;
-use raven_core::topology::{GatewayView, PeerInfo, TUNNEL_PORT};
+use raven_core::topology::{GatewayView, PeerInfo};
 use raven_core::{GatewayName, NodeName};
 
 use crate::dataplane::model::{NodeInputs, active_node};
@@ -35,8 +35,23 @@ pub struct PeerSpec {
     pub endpoint: Option<SocketAddr>,
     pub allowed_ips: BTreeSet<IpNet>,
     pub keepalive: u16,
-    /// Other NATed gateways reached through this peer (it is our relay).
-    pub relays_for: Vec<GatewayName>,
+    /// Active nodes of other NATed gateways reached through this peer (it
+    /// is our relay).
+    pub relays_for: Vec<NodeName>,
+    pub path: PeerPath,
+}
+
+/// Why a peer is configured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerPath {
+    /// The active tunnel node of another gateway.
+    Active,
+    /// Another tunnel candidate of a gateway: no prefixes until it becomes
+    /// the one its domain uses (local failover).
+    Standby,
+    /// A NATed gateway reached straight through both NATs at its observed
+    /// endpoint; carries prefixes only while the path handshakes.
+    Direct,
 }
 
 /// The tunnel device as raven wants it.
@@ -52,86 +67,139 @@ fn prefixes(g: &GatewayView) -> BTreeSet<IpNet> {
     raven_core::compile::gateway_prefixes(g).collect()
 }
 
-/// The tunnel this node must run: `None` unless it is its domain's active
-/// gateway. Pure.
-pub fn spec(inputs: &NodeInputs, peers: &[PeerInfo]) -> Option<TunnelSpec> {
+/// The tunnel this node must run: `None` unless it is a tunnel candidate of
+/// its gateway. A candidate that is not the active one runs the device with
+/// no peers (a warm standby whose key the hub already knows; a node that
+/// stops being active drops its peers so the other side follows the new
+/// active node). Pure.
+///
+/// `direct` names the NATed peers whose direct path (to their observed,
+/// NAT-mapped endpoint) handshakes: their prefixes move off the relay.
+pub fn spec(
+    inputs: &NodeInputs,
+    peers: &[PeerInfo],
+    direct: &BTreeSet<NodeName>,
+) -> Option<TunnelSpec> {
     let me = inputs.me.as_ref()?;
     let my_gw = inputs
         .gateways
         .iter()
         .find(|g| Some(&g.name) == me.gateway.as_ref())?;
-    if active_node(my_gw, &inputs.active_override) != Some(&me.name) {
-        return None;
-    }
+    let mine = my_gw.tunnel_candidates.iter().find(|c| c.node == me.name)?;
     let mut out = TunnelSpec {
-        listen_port: my_gw
-            .tunnel_candidates
-            .iter()
-            .find(|c| c.node == me.name)
-            .map_or(TUNNEL_PORT, |c| c.port),
+        listen_port: mine.port,
         ..Default::default()
     };
+    if active_node(my_gw, &inputs.active_override) != Some(&me.name) {
+        return Some(out);
+    }
+    let info = |node: &NodeName| peers.iter().find(|p| &p.node == node);
     let key_of = |node: &NodeName| {
-        peers
-            .iter()
-            .find(|p| &p.node == node)
+        info(node)
             .and_then(|p| p.wireguard_public_key.as_deref())
             .and_then(keys::base64_to_hex)
     };
     let mut relayed: Vec<&GatewayView> = Vec::new();
     for other in inputs.gateways.iter().filter(|g| g.name != my_gw.name) {
-        let Some(node) = active_node(other, &inputs.active_override) else {
+        let Some(active) = active_node(other, &inputs.active_override) else {
             continue;
         };
         if my_gw.under_nat && other.under_nat {
-            relayed.push(other);
+            // Direct through both NATs when the hub learned the other side's
+            // mapped endpoint; the relay carries the prefixes until the
+            // direct path handshakes, and again when it stops.
+            let observed = info(active).and_then(|p| p.observed_endpoint);
+            match (observed, key_of(active)) {
+                (Some(endpoint), Some(key)) => {
+                    let up = direct.contains(active);
+                    out.peers.insert(
+                        key,
+                        PeerSpec {
+                            node: active.clone(),
+                            gateway: other.name.clone(),
+                            endpoint: Some(endpoint),
+                            allowed_ips: if up { prefixes(other) } else { BTreeSet::new() },
+                            keepalive: NAT_KEEPALIVE,
+                            relays_for: Vec::new(),
+                            path: PeerPath::Direct,
+                        },
+                    );
+                    if !up {
+                        relayed.push(other);
+                    }
+                }
+                _ => relayed.push(other),
+            }
             continue;
         }
-        let Some(key) = key_of(node) else {
-            out.warnings.push(format!(
-                "gateway {} ({node}) has not reported a WireGuard key yet",
-                other.name
-            ));
-            continue;
-        };
-        let endpoint = if other.under_nat {
-            peers
-                .iter()
-                .find(|p| &p.node == node)
-                .and_then(|p| p.observed_endpoint)
-        } else {
-            other
-                .tunnel_candidates
-                .iter()
-                .chain(other.active_tunnel.iter())
-                .find(|c| &c.node == node)
-                .and_then(|c| {
-                    let ip: IpAddr = c.public_ip?;
-                    Some(SocketAddr::new(ip, c.public_port.unwrap_or(c.port)))
-                })
-        };
-        out.peers.insert(
-            key,
-            PeerSpec {
-                node: node.clone(),
-                gateway: other.name.clone(),
-                endpoint,
-                allowed_ips: prefixes(other),
-                keepalive: if my_gw.under_nat { NAT_KEEPALIVE } else { 0 },
-                relays_for: Vec::new(),
-            },
-        );
+        // Every candidate is a peer; only the active one carries prefixes.
+        // A standby that starts handshaking is the node its domain failed
+        // over to (see `crate::failover`).
+        let mut seen = BTreeSet::new();
+        for cand in &other.tunnel_candidates {
+            if !seen.insert(&cand.node) {
+                continue;
+            }
+            let is_active = &cand.node == active;
+            let Some(key) = key_of(&cand.node) else {
+                if is_active {
+                    out.warnings.push(format!(
+                        "gateway {} ({active}) has not reported a WireGuard key yet",
+                        other.name
+                    ));
+                }
+                continue;
+            };
+            let endpoint = if other.under_nat {
+                info(&cand.node).and_then(|p| p.observed_endpoint)
+            } else {
+                cand.public_ip
+                    .map(|ip| SocketAddr::new(ip, cand.public_port.unwrap_or(cand.port)))
+            };
+            let keepalive = if my_gw.under_nat || (!is_active && endpoint.is_some()) {
+                NAT_KEEPALIVE
+            } else {
+                0
+            };
+            out.peers.insert(
+                key,
+                PeerSpec {
+                    node: cand.node.clone(),
+                    gateway: other.name.clone(),
+                    endpoint,
+                    allowed_ips: if is_active {
+                        prefixes(other)
+                    } else {
+                        BTreeSet::new()
+                    },
+                    keepalive,
+                    relays_for: Vec::new(),
+                    path: if is_active {
+                        PeerPath::Active
+                    } else {
+                        PeerPath::Standby
+                    },
+                },
+            );
+        }
     }
     if !relayed.is_empty() {
-        let relay = my_gw
+        let relay_node = my_gw
             .relay
             .as_ref()
-            .and_then(|r| out.peers.values_mut().find(|p| &p.gateway == r));
+            .and_then(|r| inputs.gateways.iter().find(|g| &g.name == r))
+            .and_then(|g| active_node(g, &inputs.active_override));
+        let relay = relay_node.and_then(|n| {
+            out.peers
+                .values_mut()
+                .find(|p| &p.node == n && p.path == PeerPath::Active)
+        });
         match relay {
             Some(peer) => {
                 for g in relayed {
                     peer.allowed_ips.extend(prefixes(g));
-                    peer.relays_for.push(g.name.clone());
+                    peer.relays_for
+                        .extend(active_node(g, &inputs.active_override).cloned());
                 }
             }
             None => out.warnings.push(format!(
@@ -271,37 +339,58 @@ impl Tunnel {
         Ok(body.lines().count())
     }
 
-    /// Per-peer state for reports and metrics.
-    pub async fn peer_states(&self, spec: &TunnelSpec) -> Vec<raven_proto::v1::PeerTunnelState> {
-        let Ok(have) = uapi::get(&self.dev).await else {
-            return Vec::new();
-        };
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        spec.peers
-            .iter()
-            .filter_map(|(k, p)| {
-                let s = have.peers.get(k)?;
-                Some(raven_proto::v1::PeerTunnelState {
-                    peer_node: p.node.to_string(),
-                    handshake_age_seconds: (s.last_handshake_sec > 0)
-                        .then(|| now.saturating_sub(s.last_handshake_sec)),
-                    rx_bytes: s.rx_bytes,
-                    tx_bytes: s.tx_bytes,
-                    endpoint: s.endpoint.map(|e| e.to_string()).unwrap_or_default(),
-                    relayed: false,
-                })
-            })
-            .collect()
+    /// The device as it is now; `None` when there is none (or it does not
+    /// answer).
+    pub async fn device_state(&self) -> Option<uapi::DeviceState> {
+        uapi::get(&self.dev).await.ok()
     }
+}
+
+/// Per-peer state for reports and metrics, sorted by peer node: every
+/// configured peer, and every gateway reached through a relay (with the
+/// relay's endpoint and handshake, marked relayed). Pure.
+pub fn peer_states(
+    spec: &TunnelSpec,
+    have: &uapi::DeviceState,
+    now_unix: u64,
+) -> Vec<raven_proto::v1::PeerTunnelState> {
+    let mut out = Vec::new();
+    for (k, p) in &spec.peers {
+        // A direct path still being tried is not the path in use: the
+        // relayed entry below stands for the node.
+        if p.path == PeerPath::Direct && p.allowed_ips.is_empty() {
+            continue;
+        }
+        let Some(s) = have.peers.get(k) else { continue };
+        let state = raven_proto::v1::PeerTunnelState {
+            peer_node: p.node.to_string(),
+            handshake_age_seconds: (s.last_handshake_sec > 0)
+                .then(|| now_unix.saturating_sub(s.last_handshake_sec)),
+            rx_bytes: s.rx_bytes,
+            tx_bytes: s.tx_bytes,
+            endpoint: s.endpoint.map(|e| e.to_string()).unwrap_or_default(),
+            relayed: false,
+        };
+        for node in &p.relays_for {
+            out.push(raven_proto::v1::PeerTunnelState {
+                peer_node: node.to_string(),
+                relayed: true,
+                rx_bytes: 0,
+                tx_bytes: 0,
+                ..state.clone()
+            });
+        }
+        out.push(state);
+    }
+    out.sort_by(|a, b| a.peer_node.cmp(&b.peer_node));
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use raven_core::topology::{EndpointType, ExposeType, GatewayEndpoint, Member, NodeView};
+    use std::net::IpAddr;
 
     const KEY_A: &str = "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=";
     const KEY_B: &str = "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=";
@@ -400,7 +489,7 @@ mod tests {
 
     #[test]
     fn natted_gateway_reaches_other_natted_gateways_through_its_relay() {
-        let s = spec(&inputs("h1", "gw-hz"), &peers()).unwrap_or_default();
+        let s = spec(&inputs("h1", "gw-hz"), &peers(), &BTreeSet::new()).unwrap_or_default();
         assert_eq!(s.peers.len(), 1, "only the public relay is a direct peer");
         let relay = s
             .peers
@@ -419,7 +508,7 @@ mod tests {
 
     #[test]
     fn public_relay_peers_with_every_natted_gateway_without_endpoints() {
-        let s = spec(&inputs("c1", "gw-cloud"), &peers()).unwrap_or_default();
+        let s = spec(&inputs("c1", "gw-cloud"), &peers(), &BTreeSet::new()).unwrap_or_default();
         assert_eq!(s.peers.len(), 2);
         assert!(
             s.peers
@@ -428,19 +517,134 @@ mod tests {
         );
     }
 
+    const KEY_D: &str = "BBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBA=";
+
+    /// The pod subnets among a peer's allowed IPs (the fixtures' member
+    /// addresses are all 10.0.0.1).
+    fn ips(p: &PeerSpec) -> Vec<String> {
+        p.allowed_ips
+            .iter()
+            .filter(|n| n.prefix_len() < 32)
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    fn by_node<'a>(s: &'a TunnelSpec, node: &str) -> &'a PeerSpec {
+        s.peers
+            .values()
+            .find(|p| p.node.as_str() == node)
+            .unwrap_or_else(|| panic!("no peer {node} in {s:?}"))
+    }
+
     #[test]
-    fn a_node_that_is_not_the_active_gateway_runs_no_tunnel() {
+    fn a_node_that_is_no_tunnel_candidate_runs_no_tunnel() {
+        assert!(spec(&inputs("h7", "gw-hz"), &peers(), &BTreeSet::new()).is_none());
+    }
+
+    #[test]
+    fn standby_candidates_are_peers_without_prefixes_until_a_local_failover_picks_them() {
+        let mut i = inputs("h1", "gw-hz");
+        let cloud = &mut i.gateways[0];
+        let mut c2 = cloud.tunnel_candidates[0].clone();
+        c2.node = n("c2");
+        c2.public_ip = "198.51.100.2".parse().ok();
+        cloud.tunnel_candidates.push(c2);
+        let mut all = peers();
+        all.push(peer("c2", "gw-cloud", KEY_D));
+
+        let s = spec(&i, &all, &BTreeSet::new()).unwrap_or_default();
+        let c2 = by_node(&s, "c2");
+        assert_eq!(c2.path, PeerPath::Standby);
+        assert!(c2.allowed_ips.is_empty());
+        assert_eq!(c2.endpoint, "198.51.100.2:4500".parse().ok());
+        assert_eq!(
+            c2.keepalive, NAT_KEEPALIVE,
+            "a standby is dialled to notice it"
+        );
+        assert!(ips(by_node(&s, "c1")).contains(&"10.3.0.0/24".to_owned()));
+
+        // The cloud domain failed over to c2: its prefixes, and the relayed
+        // qingdao prefixes, move there; c1 stays as a standby.
+        i.active_override.insert(
+            GatewayName::new("gw-cloud").unwrap_or_else(|_| unreachable!()),
+            n("c2"),
+        );
+        let s = spec(&i, &all, &BTreeSet::new()).unwrap_or_default();
+        assert_eq!(
+            ips(by_node(&s, "c2")),
+            vec!["10.1.0.0/24", "10.3.0.0/24"],
+            "c2 carries the cloud's and, as the relay, qingdao's prefixes"
+        );
+        assert!(by_node(&s, "c1").allowed_ips.is_empty());
+    }
+
+    #[test]
+    fn a_natted_peer_with_an_observed_endpoint_is_tried_directly_and_used_once_it_handshakes() {
+        let i = inputs("h1", "gw-hz");
+        let mut all = peers();
+        all[2].observed_endpoint = "192.0.2.30:4500".parse().ok();
+
+        let trying = spec(&i, &all, &BTreeSet::new()).unwrap_or_default();
+        let q1 = by_node(&trying, "q1");
+        assert_eq!(q1.path, PeerPath::Direct);
+        assert_eq!(q1.endpoint, "192.0.2.30:4500".parse().ok());
+        assert_eq!(q1.keepalive, NAT_KEEPALIVE);
+        assert!(
+            q1.allowed_ips.is_empty(),
+            "no prefixes before it handshakes"
+        );
+        assert!(ips(by_node(&trying, "c1")).contains(&"10.3.0.0/24".to_owned()));
+
+        let direct = spec(&i, &all, &[n("q1")].into()).unwrap_or_default();
+        assert_eq!(ips(by_node(&direct, "q1")), vec!["10.3.0.0/24"]);
+        assert_eq!(ips(by_node(&direct, "c1")), vec!["10.1.0.0/24"]);
+        assert!(by_node(&direct, "c1").relays_for.is_empty());
+    }
+
+    #[test]
+    fn relayed_gateways_are_reported_with_the_relays_endpoint() {
+        let s = spec(&inputs("h1", "gw-hz"), &peers(), &BTreeSet::new()).unwrap_or_default();
+        let key = s.peers.keys().next().cloned().unwrap_or_default();
+        let have = uapi::DeviceState {
+            peers: [(
+                key,
+                uapi::PeerState {
+                    endpoint: "198.51.100.1:4500".parse().ok(),
+                    last_handshake_sec: 990,
+                    rx_bytes: 7,
+                    ..Default::default()
+                },
+            )]
+            .into(),
+            ..Default::default()
+        };
+        let states = peer_states(&s, &have, 1_000);
+        let names: Vec<(&str, bool)> = states
+            .iter()
+            .map(|p| (p.peer_node.as_str(), p.relayed))
+            .collect();
+        assert_eq!(names, vec![("c1", false), ("q1", true)]);
+        assert_eq!(states[1].endpoint, "198.51.100.1:4500");
+        assert_eq!(states[1].handshake_age_seconds, Some(10));
+    }
+
+    #[test]
+    fn a_candidate_that_is_not_active_runs_the_device_without_peers() {
         let mut i = inputs("h1", "gw-hz");
         i.active_override.insert(
             GatewayName::new("gw-hz").unwrap_or_else(|_| unreachable!()),
             n("h2"),
         );
-        assert!(spec(&i, &peers()).is_none());
+        assert_eq!(
+            spec(&i, &peers(), &BTreeSet::new()).map(|s| s.peers.len()),
+            Some(0),
+            "a standby runs the device without peers"
+        );
     }
 
     #[test]
     fn unchanged_peers_are_not_touched_and_a_new_endpoint_is_a_one_peer_diff() {
-        let mut s = spec(&inputs("h1", "gw-hz"), &peers()).unwrap_or_default();
+        let mut s = spec(&inputs("h1", "gw-hz"), &peers(), &BTreeSet::new()).unwrap_or_default();
         let key = s.peers.keys().next().cloned().unwrap_or_default();
         let p = &s.peers[&key];
         let have = uapi::DeviceState {

@@ -256,7 +256,13 @@ impl Session {
         let session = self.shared.agents.connected(&self.node, &hello, remote);
         tracing::info!(node = %self.node, epoch = %hello.epoch, revision = hello.revision, held = self.held.len(), delta, "agent connected");
         let result = self.main_loop(inbound, &mut published, snapshot).await;
-        self.shared.agents.disconnected(&self.node, session);
+        if self.shared.agents.disconnected(&self.node, session) {
+            // A local failover claim counts only while its agent is connected
+            // (it re-reports on reconnect); the election it caused stays.
+            self.shared
+                .index
+                .update(|i| i.withdraw_failover_claim(&self.node));
+        }
         result
     }
 

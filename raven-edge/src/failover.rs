@@ -1,0 +1,594 @@
+//! Local gateway failover (DESIGN §4): which node carries each gateway's
+//! tunnel when the hub's choice is dead and the hub cannot be asked.
+//!
+//! The hub ships every gateway's ordered candidate list
+//! (`GatewayView.tunnel_candidates`, the elected one first). Two kinds of
+//! evidence decide, and [`choose`] turns them into overrides of the hub's
+//! choice, purely:
+//!
+//! * **Own domain** — every node probes its gateway's candidates with ICMP
+//!   echo on their private addresses (the LAN the VXLAN path runs over). When
+//!   the hub's choice has missed [`ProbeBook::fail_after`] probes in a row and
+//!   the hub is unreachable, the domain moves to the first candidate in list
+//!   order that is not dead. Every node applies the same rule to the same list,
+//!   so the domain agrees without talking to the cloud. An override stays
+//!   (also once the hub is back) until the hub's choice answers again, so a
+//!   returning hub that has not yet heard of the failover cannot flap it back.
+//! * **Remote domains** — the active tunnel node keeps every candidate of the
+//!   other gateways as a WireGuard peer, standbys without allowed IPs. Only a
+//!   domain's active node runs a tunnel, so a candidate whose handshake is
+//!   fresher than the hub's choice (and fresh at all) is the one its domain
+//!   moved to: its prefixes follow it.
+//!
+//! When the hub is reachable and its choice is alive, the hub is
+//! authoritative. Agents report their overrides (`Report.local_failover`); a
+//! candidate that took over reports itself, and the hub adopts that as the
+//! gateway's current active endpoint (sticky), so it does not move traffic
+//! back when it returns.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Duration;
+
+use raven_core::topology::GatewayView;
+use raven_core::{GatewayName, NodeName};
+
+use crate::dataplane::model::NodeInputs;
+
+/// A WireGuard session older than this is unusable (REJECT_AFTER_TIME): a
+/// handshake is fresh when it is younger.
+pub const HANDSHAKE_FRESH_SECS: u64 = 180;
+
+/// What the probes say about one address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    /// Not probed yet, or not probeable: never a reason to fail over.
+    Unknown,
+    Alive,
+    /// Missed `fail_after` probes in a row.
+    Dead,
+}
+
+/// Consecutive probe results per address.
+#[derive(Debug, Clone)]
+pub struct ProbeBook {
+    /// Misses in a row that make an address dead.
+    pub fail_after: u32,
+    misses: BTreeMap<Ipv4Addr, u32>,
+}
+
+impl ProbeBook {
+    pub fn new(fail_after: u32) -> Self {
+        Self {
+            fail_after: fail_after.max(1),
+            misses: BTreeMap::new(),
+        }
+    }
+
+    /// Records one round: `answered` out of `probed`. Forgets addresses no
+    /// longer probed. Returns whether any address changed health.
+    pub fn record(&mut self, probed: &[Ipv4Addr], answered: &BTreeSet<Ipv4Addr>) -> bool {
+        let before: Vec<(Ipv4Addr, Health)> =
+            probed.iter().map(|a| (*a, self.health(*a))).collect();
+        self.misses.retain(|a, _| probed.contains(a));
+        for a in probed {
+            let m = self.misses.entry(*a).or_insert(0);
+            *m = if answered.contains(a) { 0 } else { *m + 1 };
+        }
+        before.iter().any(|(a, h)| self.health(*a) != *h)
+    }
+
+    pub fn health(&self, addr: Ipv4Addr) -> Health {
+        match self.misses.get(&addr) {
+            None => Health::Unknown,
+            Some(m) if *m >= self.fail_after => Health::Dead,
+            Some(_) => Health::Alive,
+        }
+    }
+}
+
+/// Everything [`choose`] weighs besides the topology.
+#[derive(Debug, Clone, Copy)]
+pub struct Evidence<'a> {
+    pub probes: &'a ProbeBook,
+    /// Unix seconds of the last WireGuard handshake with each peer node (0 or
+    /// absent: never).
+    pub handshakes: &'a BTreeMap<NodeName, u64>,
+    /// Unix seconds now.
+    pub now: u64,
+    /// The agent heard from a hub recently.
+    pub hub_reachable: bool,
+}
+
+/// The private IPv4 address of `node` if it is a member of `gw`.
+fn member_ip(gw: &GatewayView, node: &NodeName) -> Option<Ipv4Addr> {
+    gw.members
+        .iter()
+        .find(|m| &m.node == node)
+        .and_then(|m| match m.private_ip {
+            IpAddr::V4(v4) => Some(v4),
+            IpAddr::V6(_) => None,
+        })
+}
+
+fn my_gateway(inputs: &NodeInputs) -> Option<&GatewayView> {
+    let gw = inputs.me.as_ref()?.gateway.as_ref()?;
+    inputs.gateways.iter().find(|g| &g.name == gw)
+}
+
+/// The addresses this node probes: the other tunnel candidates of its own
+/// gateway.
+pub fn probe_targets(inputs: &NodeInputs) -> Vec<Ipv4Addr> {
+    let (Some(me), Some(gw)) = (inputs.me.as_ref(), my_gateway(inputs)) else {
+        return Vec::new();
+    };
+    let mut out: Vec<Ipv4Addr> = gw
+        .tunnel_candidates
+        .iter()
+        .filter(|c| c.node != me.name)
+        .filter_map(|c| member_ip(gw, &c.node))
+        .collect();
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+/// The overrides of the hub's choices this node acts on: gateway → the node
+/// carrying its tunnel. Pure; see the module documentation for the rules.
+pub fn choose(
+    inputs: &NodeInputs,
+    ev: &Evidence<'_>,
+    previous: &BTreeMap<GatewayName, NodeName>,
+) -> BTreeMap<GatewayName, NodeName> {
+    let mut out = BTreeMap::new();
+    let Some(me) = inputs.me.as_ref() else {
+        return out;
+    };
+    for gw in &inputs.gateways {
+        let Some(hub_choice) = gw.active_tunnel.as_ref().map(|t| &t.node) else {
+            continue;
+        };
+        let pick = if me.gateway.as_ref() == Some(&gw.name) {
+            own_domain(
+                gw,
+                &me.name,
+                hub_choice,
+                ev,
+                previous.contains_key(&gw.name),
+            )
+        } else {
+            remote_domain(gw, hub_choice, ev)
+        };
+        if let Some(node) = pick.filter(|n| *n != hub_choice) {
+            out.insert(gw.name.clone(), node.clone());
+        }
+    }
+    out
+}
+
+fn own_domain<'a>(
+    gw: &'a GatewayView,
+    me: &NodeName,
+    hub_choice: &'a NodeName,
+    ev: &Evidence<'_>,
+    overridden: bool,
+) -> Option<&'a NodeName> {
+    let health = |n: &NodeName| {
+        if n == me {
+            return Health::Alive;
+        }
+        member_ip(gw, n).map_or(Health::Unknown, |ip| ev.probes.health(ip))
+    };
+    if health(hub_choice) != Health::Dead || (ev.hub_reachable && !overridden) {
+        return Some(hub_choice);
+    }
+    gw.tunnel_candidates
+        .iter()
+        .map(|c| &c.node)
+        .find(|n| health(n) != Health::Dead)
+}
+
+fn remote_domain<'a>(
+    gw: &'a GatewayView,
+    hub_choice: &'a NodeName,
+    ev: &Evidence<'_>,
+) -> Option<&'a NodeName> {
+    let at = |n: &NodeName| ev.handshakes.get(n).copied().unwrap_or(0);
+    let fresh = |t: u64| t > 0 && ev.now.saturating_sub(t) < HANDSHAKE_FRESH_SECS;
+    let best = gw
+        .tunnel_candidates
+        .iter()
+        .map(|c| &c.node)
+        .filter(|n| *n != hub_choice && fresh(at(n)))
+        .max_by_key(|n| at(n));
+    match best {
+        Some(n) if at(n) > at(hub_choice) => Some(n),
+        _ => Some(hub_choice),
+    }
+}
+
+/// How long a direct path may go without receiving anything before its
+/// prefixes go back to the relay: both NATed ends send a keepalive every
+/// [`crate::tunnel::NAT_KEEPALIVE`] seconds, so three missed ones and some
+/// slack.
+pub const DIRECT_SILENCE_SECS: u64 = 3 * crate::tunnel::NAT_KEEPALIVE as u64 + 5;
+
+/// Per-peer activity read from the tunnel device over time: when each
+/// peer's received byte count last grew.
+#[derive(Debug, Clone, Default)]
+pub struct PeerActivity {
+    /// Public key (hex) → (rx bytes, unix seconds they last grew).
+    rx: BTreeMap<String, (u64, u64)>,
+}
+
+impl PeerActivity {
+    /// Takes in the device's current counters.
+    pub fn observe(&mut self, have: &crate::tunnel::uapi::DeviceState, now: u64) {
+        self.rx.retain(|k, _| have.peers.contains_key(k));
+        for (k, p) in &have.peers {
+            match self.rx.get_mut(k) {
+                Some((bytes, at)) if p.rx_bytes > *bytes => {
+                    *bytes = p.rx_bytes;
+                    *at = now;
+                }
+                Some(_) => {}
+                None => {
+                    self.rx.insert(k.clone(), (p.rx_bytes, now));
+                }
+            }
+        }
+    }
+
+    /// Whether the peer with key `key` carries traffic: a fresh handshake
+    /// and bytes received within [`DIRECT_SILENCE_SECS`].
+    pub fn alive(&self, have: &crate::tunnel::uapi::DeviceState, key: &str, now: u64) -> bool {
+        let Some(p) = have.peers.get(key) else {
+            return false;
+        };
+        let fresh = p.last_handshake_sec > 0
+            && now.saturating_sub(p.last_handshake_sec) < HANDSHAKE_FRESH_SECS;
+        let heard = self
+            .rx
+            .get(key)
+            .is_some_and(|(_, at)| now.saturating_sub(*at) < DIRECT_SILENCE_SECS);
+        fresh && heard
+    }
+}
+
+/// One round of ICMP echo to `targets` from the current network namespace
+/// (a raw socket: needs CAP_NET_RAW). Returns the addresses that answered
+/// within `timeout`.
+pub async fn probe(
+    targets: Vec<Ipv4Addr>,
+    timeout: Duration,
+) -> std::io::Result<BTreeSet<Ipv4Addr>> {
+    if targets.is_empty() {
+        return Ok(BTreeSet::new());
+    }
+    tokio::task::spawn_blocking(move || icmp::echo_round(&targets, timeout))
+        .await
+        .map_err(std::io::Error::other)?
+}
+
+mod icmp {
+    use std::collections::BTreeSet;
+    use std::io::Read;
+    use std::net::{Ipv4Addr, SocketAddrV4};
+    use std::time::{Duration, Instant};
+
+    use socket2::{Domain, Protocol, Socket, Type};
+
+    const ECHO_REQUEST: u8 = 8;
+    const ECHO_REPLY: u8 = 0;
+
+    pub fn checksum(data: &[u8]) -> u16 {
+        let mut sum: u32 = data
+            .chunks(2)
+            .map(|c| u32::from(u16::from_be_bytes([c[0], c.get(1).copied().unwrap_or(0)])))
+            .sum();
+        while sum >> 16 != 0 {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        !(sum as u16)
+    }
+
+    pub fn echo_request(id: u16, seq: u16) -> [u8; 16] {
+        let mut p = [0u8; 16];
+        p[0] = ECHO_REQUEST;
+        p[4..6].copy_from_slice(&id.to_be_bytes());
+        p[6..8].copy_from_slice(&seq.to_be_bytes());
+        p[8..16].copy_from_slice(b"raven-gw");
+        let c = checksum(&p);
+        p[2..4].copy_from_slice(&c.to_be_bytes());
+        p
+    }
+
+    /// The (source, id, seq) of an echo reply in a raw IPv4 packet (IP
+    /// header included, as raw sockets deliver it).
+    pub fn parse_reply(packet: &[u8]) -> Option<(Ipv4Addr, u16, u16)> {
+        let ihl = usize::from(packet.first()? & 0x0f) * 4;
+        let src: [u8; 4] = packet.get(12..16)?.try_into().ok()?;
+        let icmp = packet.get(ihl..)?;
+        if ihl < 20 || icmp.len() < 8 || icmp[0] != ECHO_REPLY {
+            return None;
+        }
+        Some((
+            Ipv4Addr::from(src),
+            u16::from_be_bytes([icmp[4], icmp[5]]),
+            u16::from_be_bytes([icmp[6], icmp[7]]),
+        ))
+    }
+
+    pub fn echo_round(
+        targets: &[Ipv4Addr],
+        timeout: Duration,
+    ) -> std::io::Result<BTreeSet<Ipv4Addr>> {
+        let socket = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4))?;
+        let id = rand::random::<u16>();
+        for (seq, t) in targets.iter().enumerate() {
+            let seq = u16::try_from(seq).unwrap_or(u16::MAX);
+            // An unreachable target fails the send; that is a missed probe.
+            let _ = socket.send_to(&echo_request(id, seq), &SocketAddrV4::new(*t, 0).into());
+        }
+        let mut answered = BTreeSet::new();
+        let deadline = Instant::now() + timeout;
+        let mut buf = [0u8; 1500];
+        let mut socket = socket;
+        while answered.len() < targets.len() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            socket.set_read_timeout(Some(left))?;
+            let n = match socket.read(&mut buf) {
+                Ok(n) => n,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    break;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            if let Some((src, rid, seq)) = parse_reply(&buf[..n])
+                && rid == id
+                && targets.get(usize::from(seq)) == Some(&src)
+            {
+                answered.insert(src);
+            }
+        }
+        Ok(answered)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use raven_core::topology::{EndpointType, ExposeType, GatewayEndpoint, Member, NodeView};
+
+    fn n(s: &str) -> NodeName {
+        NodeName::new(s).unwrap_or_else(|_| unreachable!())
+    }
+    fn g(s: &str) -> GatewayName {
+        GatewayName::new(s).unwrap_or_else(|_| unreachable!())
+    }
+    fn ep(node: &str) -> GatewayEndpoint {
+        GatewayEndpoint {
+            node: n(node),
+            type_: EndpointType::Tunnel,
+            port: 4500,
+            under_nat: true,
+            nat_type: String::new(),
+            public_ip: None,
+            public_port: None,
+            config: BTreeMap::new(),
+        }
+    }
+    fn ip(last: u8) -> Ipv4Addr {
+        Ipv4Addr::new(10, 0, 0, last)
+    }
+    /// A gateway whose candidates are `nodes` in order, the first elected;
+    /// node i has address 10.0.0.(i+1).
+    fn gw(name: &str, nodes: &[&str]) -> GatewayView {
+        GatewayView {
+            name: g(name),
+            expose_type: ExposeType::None,
+            under_nat: true,
+            members: nodes
+                .iter()
+                .enumerate()
+                .map(|(i, m)| Member {
+                    node: n(m),
+                    private_ip: IpAddr::V4(ip(u8::try_from(i + 1).unwrap_or(0))),
+                    subnets: vec![],
+                    ready: true,
+                })
+                .collect(),
+            active_tunnel: Some(ep(nodes[0])),
+            tunnel_candidates: nodes.iter().map(|m| ep(m)).collect(),
+            active_proxies: vec![],
+            extra_source_cidrs: vec![],
+            relay: None,
+        }
+    }
+    fn inputs(me: &str, my_gw: &str) -> NodeInputs {
+        NodeInputs {
+            me: Some(NodeView {
+                name: n(me),
+                gateway: Some(g(my_gw)),
+                private_ip: None,
+                subnets: vec![],
+                tunnel_active: false,
+                tunnel_candidate: false,
+                proxy_active: false,
+            }),
+            gateways: vec![gw("gw-a", &["a1", "a2", "a3"]), gw("gw-b", &["b1", "b2"])],
+            settings: None,
+            active_override: BTreeMap::new(),
+            underlay_mtu: 1500,
+            tunnel_dev: "raven-wg0".into(),
+            tunnel_up: false,
+        }
+    }
+    fn book(dead: &[u8], alive: &[u8]) -> ProbeBook {
+        let mut b = ProbeBook::new(3);
+        let probed: Vec<Ipv4Addr> = dead.iter().chain(alive).map(|l| ip(*l)).collect();
+        let answered: BTreeSet<Ipv4Addr> = alive.iter().map(|l| ip(*l)).collect();
+        for _ in 0..3 {
+            b.record(&probed, &answered);
+        }
+        b
+    }
+    fn ev<'a>(
+        probes: &'a ProbeBook,
+        hs: &'a BTreeMap<NodeName, u64>,
+        hub_reachable: bool,
+    ) -> Evidence<'a> {
+        Evidence {
+            probes,
+            handshakes: hs,
+            now: 1_000,
+            hub_reachable,
+        }
+    }
+
+    #[test]
+    fn a_probe_is_dead_only_after_fail_after_misses_in_a_row() {
+        let mut b = ProbeBook::new(3);
+        let t = [ip(1)];
+        assert_eq!(b.health(ip(1)), Health::Unknown);
+        assert!(b.record(&t, &BTreeSet::new()), "unknown → alive (1 miss)");
+        b.record(&t, &BTreeSet::new());
+        assert_eq!(b.health(ip(1)), Health::Alive);
+        assert!(b.record(&t, &BTreeSet::new()));
+        assert_eq!(b.health(ip(1)), Health::Dead);
+        assert!(b.record(&t, &[ip(1)].into()));
+        assert_eq!(b.health(ip(1)), Health::Alive);
+    }
+
+    #[test]
+    fn with_the_hub_unreachable_every_member_moves_to_the_first_live_candidate() {
+        let probes = book(&[1], &[2, 3]);
+        let hs = BTreeMap::new();
+        for me in ["a2", "a3", "a4"] {
+            let o = choose(
+                &inputs(me, "gw-a"),
+                &ev(&probes, &hs, false),
+                &BTreeMap::new(),
+            );
+            assert_eq!(o.get(&g("gw-a")), Some(&n("a2")), "as seen by {me}");
+        }
+        // a2 dead too: a3 (in list order), whoever decides.
+        let probes = book(&[1, 2], &[3]);
+        let o = choose(
+            &inputs("a4", "gw-a"),
+            &ev(&probes, &hs, false),
+            &BTreeMap::new(),
+        );
+        assert_eq!(o.get(&g("gw-a")), Some(&n("a3")));
+    }
+
+    #[test]
+    fn a_reachable_hub_stays_authoritative_until_a_failover_has_happened() {
+        let probes = book(&[1], &[2, 3]);
+        let hs = BTreeMap::new();
+        let i = inputs("a3", "gw-a");
+        assert!(choose(&i, &ev(&probes, &hs, true), &BTreeMap::new()).is_empty());
+        // Already failed over while the hub was away: the returning hub, still
+        // naming the dead a1, does not move the domain back.
+        let held = [(g("gw-a"), n("a2"))].into();
+        assert_eq!(
+            choose(&i, &ev(&probes, &hs, true), &held).get(&g("gw-a")),
+            Some(&n("a2"))
+        );
+        // Once the hub's choice answers again, the hub wins.
+        let probes = book(&[], &[1, 2, 3]);
+        assert!(choose(&i, &ev(&probes, &hs, true), &held).is_empty());
+    }
+
+    #[test]
+    fn unknown_health_never_triggers_a_failover() {
+        let probes = ProbeBook::new(3);
+        let hs = BTreeMap::new();
+        assert!(
+            choose(
+                &inputs("a3", "gw-a"),
+                &ev(&probes, &hs, false),
+                &BTreeMap::new()
+            )
+            .is_empty()
+        );
+    }
+
+    #[test]
+    fn a_remote_candidate_with_a_fresher_handshake_takes_its_domains_prefixes() {
+        let probes = ProbeBook::new(3);
+        let i = inputs("a1", "gw-a");
+        let mut hs = BTreeMap::from([(n("b1"), 900)]);
+        assert!(choose(&i, &ev(&probes, &hs, true), &BTreeMap::new()).is_empty());
+        hs.insert(n("b2"), 950);
+        assert_eq!(
+            choose(&i, &ev(&probes, &hs, true), &BTreeMap::new()).get(&g("gw-b")),
+            Some(&n("b2"))
+        );
+        // A stale handshake is no evidence, however much newer.
+        let hs = BTreeMap::from([(n("b2"), 1_000 - HANDSHAKE_FRESH_SECS)]);
+        assert!(choose(&i, &ev(&probes, &hs, true), &BTreeMap::new()).is_empty());
+    }
+
+    #[test]
+    fn a_direct_path_is_alive_while_it_handshakes_and_receives() {
+        use crate::tunnel::uapi::{DeviceState, PeerState};
+        let state = |rx: u64, hs: u64| DeviceState {
+            peers: [(
+                "k".to_owned(),
+                PeerState {
+                    rx_bytes: rx,
+                    last_handshake_sec: hs,
+                    ..Default::default()
+                },
+            )]
+            .into(),
+            ..Default::default()
+        };
+        let mut a = PeerActivity::default();
+        a.observe(&state(0, 0), 100);
+        assert!(!a.alive(&state(0, 0), "k", 100), "never handshaked");
+        a.observe(&state(92, 105), 106);
+        assert!(a.alive(&state(92, 105), "k", 106));
+        // Handshake still fresh, but nothing received for too long.
+        let later = 106 + DIRECT_SILENCE_SECS;
+        a.observe(&state(92, 105), later);
+        assert!(!a.alive(&state(92, 105), "k", later));
+        a.observe(&state(184, 105), later + 1);
+        assert!(a.alive(&state(184, 105), "k", later + 1));
+        assert!(!a.alive(&state(184, 105), "other", later + 1));
+    }
+
+    #[test]
+    fn probe_targets_are_the_other_candidates_of_my_gateway() {
+        assert_eq!(probe_targets(&inputs("a2", "gw-a")), vec![ip(1), ip(3)]);
+    }
+
+    #[test]
+    fn echo_request_checksum_verifies_and_replies_parse() {
+        let p = icmp::echo_request(0x1234, 7);
+        assert_eq!(
+            icmp::checksum(&p),
+            0,
+            "a packet with its checksum sums to 0"
+        );
+        let mut reply = vec![0x45u8];
+        reply.extend_from_slice(&[0u8; 11]);
+        reply.extend_from_slice(&[10, 0, 0, 9, 10, 0, 0, 1]);
+        let mut body = p;
+        body[0] = 0;
+        reply.extend_from_slice(&body);
+        assert_eq!(icmp::parse_reply(&reply), Some((ip(9), 0x1234, 7)));
+        reply[20] = 8;
+        assert_eq!(icmp::parse_reply(&reply), None, "a request is not a reply");
+    }
+}
