@@ -59,6 +59,8 @@ pub struct Health {
     pub reconciles: Arc<AtomicU64>,
     /// Tunnel peers as last read from the device (gateways only).
     pub peers: Arc<std::sync::Mutex<Vec<v1::PeerTunnelState>>>,
+    /// Local failover in effect: gateway → node.
+    pub local_failover: Arc<std::sync::Mutex<BTreeMap<GatewayName, NodeName>>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -269,6 +271,13 @@ impl Reconciler {
         };
         let mut handshakes = BTreeMap::new();
         let mut direct = BTreeSet::new();
+        // Direct paths are between two NATed gateways only.
+        let natted = inputs.me.as_ref().is_some_and(|me| {
+            inputs
+                .gateways
+                .iter()
+                .any(|g| Some(&g.name) == me.gateway.as_ref() && g.under_nat)
+        });
         if let Some(have) = device {
             st.activity.observe(have, now);
             for p in peers {
@@ -281,7 +290,8 @@ impl Reconciler {
                 };
                 if let Some(s) = have.peers.get(&key) {
                     handshakes.insert(p.node.clone(), s.last_handshake_sec);
-                    if p.observed_endpoint.is_some() && st.activity.alive(have, &key, now) {
+                    if natted && p.observed_endpoint.is_some() && st.activity.alive(have, &key, now)
+                    {
                         direct.insert(p.node.clone());
                     }
                 }
@@ -325,6 +335,9 @@ impl Reconciler {
         let peers = state.view(&self.node).map(|v| v.peers).unwrap_or_default();
         let device = self.tunnel.device_state().await;
         let (overrides, direct) = self.decide(&inputs, &peers, device.as_ref(), true);
+        if let Ok(mut f) = self.health.local_failover.lock() {
+            f.clone_from(&overrides);
+        }
         inputs.active_override = overrides;
         let local_failover: Vec<v1::LocalFailover> = inputs
             .active_override

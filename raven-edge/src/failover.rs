@@ -209,9 +209,9 @@ fn remote_domain<'a>(
 
 /// How long a direct path may go without receiving anything before its
 /// prefixes go back to the relay: both NATed ends send a keepalive every
-/// [`crate::tunnel::NAT_KEEPALIVE`] seconds, so three missed ones and some
-/// slack.
-pub const DIRECT_SILENCE_SECS: u64 = 3 * crate::tunnel::NAT_KEEPALIVE as u64 + 5;
+/// [`crate::tunnel::DIRECT_KEEPALIVE`] seconds, so three missed ones and
+/// some slack.
+pub const DIRECT_SILENCE_SECS: u64 = 3 * crate::tunnel::DIRECT_KEEPALIVE as u64 + 3;
 
 /// Per-peer activity read from the tunnel device over time: when each
 /// peer's received byte count last grew.

@@ -103,6 +103,26 @@ async fn metrics(State(h): State<Health>) -> String {
                 p.peer_node, p.tx_bytes
             ));
         }
+        out.push_str("# HELP raven_edge_tunnel_path The path to a peer gateway in use: direct or relayed (through a public gateway)\n# TYPE raven_edge_tunnel_path gauge\n");
+        for p in &peers {
+            out.push_str(&format!(
+                "raven_edge_tunnel_path{{peer=\"{}\",endpoint=\"{}\",path=\"{}\"}} 1\n",
+                p.peer_node,
+                p.endpoint,
+                if p.relayed { "relayed" } else { "direct" }
+            ));
+        }
+    }
+    let failover = h
+        .local_failover
+        .lock()
+        .map(|f| f.clone())
+        .unwrap_or_default();
+    out.push_str("# HELP raven_edge_local_failover Gateways whose tunnel this node sends to another node than the hub elected (local failover)\n# TYPE raven_edge_local_failover gauge\n");
+    for (gateway, node) in &failover {
+        out.push_str(&format!(
+            "raven_edge_local_failover{{gateway=\"{gateway}\",node=\"{node}\"}} 1\n"
+        ));
     }
     out
 }
@@ -119,5 +139,43 @@ pub async fn serve(listener: TcpListener, health: Health, shutdown: Cancellation
         .await
     {
         tracing::warn!(error = %e, "HTTP endpoint failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use raven_core::{GatewayName, NodeName};
+
+    #[tokio::test]
+    async fn metrics_show_each_peers_path_and_the_local_failover_in_effect() {
+        let h = Health::default();
+        if let Ok(mut p) = h.peers.lock() {
+            p.push(raven_proto::v1::PeerTunnelState {
+                peer_node: "q1".into(),
+                handshake_age_seconds: Some(3),
+                endpoint: "198.51.100.1:4500".into(),
+                relayed: true,
+                ..Default::default()
+            });
+        }
+        if let (Ok(mut f), Ok(g), Ok(n)) = (
+            h.local_failover.lock(),
+            GatewayName::new("gw-hz"),
+            NodeName::new("h2"),
+        ) {
+            f.insert(g, n);
+        }
+        let text = metrics(State(h)).await;
+        assert!(
+            text.contains(
+                "raven_edge_tunnel_path{peer=\"q1\",endpoint=\"198.51.100.1:4500\",path=\"relayed\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("raven_edge_local_failover{gateway=\"gw-hz\",node=\"h2\"} 1"),
+            "{text}"
+        );
     }
 }

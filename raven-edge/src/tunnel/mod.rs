@@ -25,6 +25,11 @@ use keys::KeyPair;
 
 /// Persistent keepalive a NATed gateway sends to keep its mapping open.
 pub const NAT_KEEPALIVE: u16 = 25;
+/// Persistent keepalive on a direct NAT-to-NAT path, both ways: short, so a
+/// path that stops working is noticed within seconds
+/// ([`crate::failover::DIRECT_SILENCE_SECS`]) and its prefixes go back to
+/// the relay.
+pub const DIRECT_KEEPALIVE: u16 = 5;
 
 /// One WireGuard peer as raven wants it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -119,7 +124,7 @@ pub fn spec(
                             gateway: other.name.clone(),
                             endpoint: Some(endpoint),
                             allowed_ips: if up { prefixes(other) } else { BTreeSet::new() },
-                            keepalive: NAT_KEEPALIVE,
+                            keepalive: DIRECT_KEEPALIVE,
                             relays_for: Vec::new(),
                             path: PeerPath::Direct,
                         },
@@ -588,7 +593,7 @@ mod tests {
         let q1 = by_node(&trying, "q1");
         assert_eq!(q1.path, PeerPath::Direct);
         assert_eq!(q1.endpoint, "192.0.2.30:4500".parse().ok());
-        assert_eq!(q1.keepalive, NAT_KEEPALIVE);
+        assert_eq!(q1.keepalive, DIRECT_KEEPALIVE);
         assert!(
             q1.allowed_ips.is_empty(),
             "no prefixes before it handshakes"
