@@ -232,22 +232,17 @@ fn adopt_local_failover(
     };
     let mut gw = gw.clone();
     let status = gw.status.get_or_insert_with(Default::default);
-    let already = status
-        .active_endpoints
-        .iter()
-        .any(|e| e.type_ == v1beta1::TUNNEL && e.node_name == claimant.node_name);
-    if already {
-        return (gw, Vec::new());
-    }
     status
         .active_endpoints
         .retain(|e| e.type_ != v1beta1::TUNNEL);
     status.active_endpoints.push(claimant.clone());
+    // Reported for as long as the claim stands (its agent re-reports it until
+    // it sees the hub agree, and it is withdrawn when the agent disconnects).
     let problem = Problem::warning(
         gateway_object(name.as_str()),
         "status.activeEndpoints",
         &claimant.node_name,
-        "adopted the local failover this node reported: its domain found the previous tunnel endpoint dead while the hub was unreachable",
+        "this node took the tunnel over by local failover (its domain found the previous endpoint dead while the hub was unreachable); the election keeps it",
     );
     (gw, vec![problem])
 }

@@ -298,6 +298,22 @@ impl IndexHandle {
         r
     }
 
+    /// Changes the index; wakes the pipeline only when `f` says it changed
+    /// something (agents re-send unchanged reports all the time).
+    pub fn update_if(&self, f: impl FnOnce(&mut Index) -> bool) -> bool {
+        let changed = {
+            let mut idx = self
+                .inner
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            f(&mut idx)
+        };
+        if changed {
+            self.changed.notify_one();
+        }
+        changed
+    }
+
     /// Reads the index without waking anyone.
     pub fn read<R>(&self, f: impl FnOnce(&Index) -> R) -> R {
         let idx = self

@@ -28,6 +28,41 @@ pub struct Published {
     pub encoded: BTreeMap<ResourceName, EncodedResource>,
 }
 
+/// Logs every gateway whose elected endpoints changed, and why when a local
+/// failover caused it.
+fn log_elections(
+    before: &BTreeMap<GatewayName, CompiledGateway>,
+    after: &BTreeMap<GatewayName, CompiledGateway>,
+    problems: &[raven_core::Problem],
+) {
+    let active = |g: Option<&CompiledGateway>| -> Vec<String> {
+        g.map(|g| {
+            g.status
+                .active_endpoints
+                .iter()
+                .map(|e| format!("{}:{}", e.type_, e.node_name))
+                .collect()
+        })
+        .unwrap_or_default()
+    };
+    for (name, g) in after {
+        let (old, new) = (active(before.get(name)), active(Some(g)));
+        if old == new || before.is_empty() {
+            continue;
+        }
+        let object = format!("Gateway/{name}");
+        let claim = problems
+            .iter()
+            .find(|p| p.object == object && p.field == "status.activeEndpoints");
+        match claim {
+            Some(p) => {
+                tracing::warn!(gateway = %name, ?old, ?new, claimant = %p.value, "elected endpoints changed: adopted a local failover")
+            }
+            None => tracing::info!(gateway = %name, ?old, ?new, "elected endpoints changed"),
+        }
+    }
+}
+
 /// Receiver of the published state.
 pub type PublishedRx = tokio::sync::watch::Receiver<Arc<Published>>;
 
@@ -102,6 +137,11 @@ impl Pipeline {
             }
         }
         let mut compiled = raven_core::compile(&inputs);
+        log_elections(
+            &prev.gateways,
+            &compiled.gateways,
+            &compiled.topology.problems,
+        );
         problems.append(&mut compiled.topology.problems);
         problems.sort();
         problems.dedup();

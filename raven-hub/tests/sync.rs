@@ -585,3 +585,102 @@ async fn reported_keys_survive_a_hub_restart() {
     );
     hub.stop().await;
 }
+
+fn tunnel_active(p: &raven_hub::pipeline::Published, gateway: &str) -> Option<String> {
+    p.gateways
+        .values()
+        .find(|g| g.name.as_str() == gateway)?
+        .status
+        .active_endpoints
+        .iter()
+        .find(|e| e.type_ == "tunnel")
+        .map(|e| e.node_name.clone())
+}
+
+#[tokio::test]
+async fn a_takeover_claim_is_adopted_while_its_agent_is_connected_and_the_election_keeps_it() {
+    let env = Env::new();
+    // hz's member becomes a second tunnel candidate (the first stays elected).
+    env.edit(
+        "gateways.yaml",
+        "      port: 4500\n      type: tunnel\n---",
+        &format!(
+            "      port: 4500\n      type: tunnel\n    - nodeName: {HZ_MEMBER}\n      underNAT: true\n      port: 4500\n      type: tunnel\n---"
+        ),
+    );
+    let hub = env.hub().await;
+    let mut rx = hub.published.clone();
+    let wait = |rx: &mut raven_hub::pipeline::PublishedRx,
+                what: &'static str,
+                f: Box<dyn Fn(&raven_hub::pipeline::Published) -> bool>| {
+        let mut rx = rx.clone();
+        async move {
+            tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|p| f(p)))
+                .await
+                .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+                .expect("hub alive")
+                .clone()
+        }
+    };
+    let p = wait(
+        &mut rx,
+        "the first election",
+        Box::new(|p| p.ready && tunnel_active(p, "gw-hangzhou").is_some()),
+    )
+    .await;
+    assert_eq!(
+        tunnel_active(&p, "gw-hangzhou").as_deref(),
+        Some("izbp15inok0kbfkg3in52rz")
+    );
+
+    let mut client = env.client(&hub, HZ_MEMBER).await;
+    let mut agent = Agent::open(&mut client, hello(HZ_MEMBER, &[], "", 0, false))
+        .await
+        .expect("open");
+    let first = agent.update().await.expect("snapshot");
+    agent.ack(&first).await;
+    let report = v1::Report {
+        local_failover: vec![v1::LocalFailover {
+            gateway: "gw-hangzhou".into(),
+            active_node: HZ_MEMBER.into(),
+        }],
+        ..Default::default()
+    };
+    agent
+        .tx
+        .send(v1::SyncRequest {
+            message: Some(Req::Report(report)),
+        })
+        .await
+        .expect("report");
+    let p = wait(
+        &mut rx,
+        "the claim to be adopted",
+        Box::new(|p| tunnel_active(p, "gw-hangzhou").as_deref() == Some(HZ_MEMBER)),
+    )
+    .await;
+    assert!(
+        p.topology
+            .problems
+            .iter()
+            .any(|pr| pr.object == "Gateway/gw-hangzhou" && pr.value == HZ_MEMBER),
+        "the adoption is recorded in the problems: {:?}",
+        p.topology.problems
+    );
+
+    // The agent goes away: its claim is withdrawn, the election it caused stays.
+    drop(agent);
+    let p = wait(
+        &mut rx,
+        "the claim to be withdrawn",
+        Box::new(|p| {
+            !p.topology
+                .problems
+                .iter()
+                .any(|pr| pr.field == "status.activeEndpoints")
+        }),
+    )
+    .await;
+    assert_eq!(tunnel_active(&p, "gw-hangzhou").as_deref(), Some(HZ_MEMBER));
+    hub.stop().await;
+}

@@ -261,7 +261,7 @@ impl Session {
             // (it re-reports on reconnect); the election it caused stays.
             self.shared
                 .index
-                .update(|i| i.withdraw_failover_claim(&self.node));
+                .update_if(|i| i.withdraw_failover_claim(&self.node));
         }
         result
     }
@@ -508,7 +508,7 @@ impl Session {
                 if let Err(e) = self.shared.reports.put(node.clone(), parsed.clone()) {
                     tracing::warn!(node = %node, error = %e, "could not persist the agent report");
                 }
-                self.shared.index.update(|i| i.set_report(node, parsed));
+                self.shared.index.update_if(|i| i.set_report(node, parsed));
                 Ok(false)
             }
         }
