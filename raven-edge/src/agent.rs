@@ -237,6 +237,25 @@ pub struct Reconciler {
     pub hub_silence: Duration,
 }
 
+/// MTU of the link that holds the node's private address (1500 when it
+/// cannot be told).
+async fn underlay_mtu(inputs: &dataplane::NodeInputs) -> u32 {
+    let Some(ip) = inputs.me.as_ref().and_then(|m| m.private_ip) else {
+        return 1500;
+    };
+    let Ok(h) = dataplane::netlink::connect() else {
+        return 1500;
+    };
+    match dataplane::netlink::underlay_mtu(&h, ip).await {
+        Ok(Some(mtu)) => mtu,
+        Ok(None) => 1500,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the underlay MTU; assuming 1500");
+            1500
+        }
+    }
+}
+
 fn now_unix() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -332,6 +351,8 @@ impl Reconciler {
     pub async fn reconcile_once(&self, state: &CachedState) -> AppliedReport {
         let mut inputs = dataplane::inputs_from(&self.node, state);
         inputs.tunnel_dev = self.tunnel.dev.clone();
+        // One underlay MTU for the tunnel device, raven0 and the routes.
+        inputs.underlay_mtu = underlay_mtu(&inputs).await;
         let peers = state.view(&self.node).map(|v| v.peers).unwrap_or_default();
         let device = self.tunnel.device_state().await;
         let (overrides, direct) = self.decide(&inputs, &peers, device.as_ref(), true);
@@ -360,7 +381,9 @@ impl Reconciler {
             for w in &spec.warnings {
                 tracing::warn!(warning = %w, "tunnel");
             }
-            let mtu = 1500 - crate::dataplane::model::TUNNEL_OVERHEAD;
+            let mtu = inputs
+                .underlay_mtu
+                .saturating_sub(crate::dataplane::model::TUNNEL_OVERHEAD);
             match self.tunnel.ensure_device(mtu).await {
                 Ok(()) => match self.tunnel.apply(&spec).await {
                     Ok(changed) => {

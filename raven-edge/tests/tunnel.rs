@@ -96,6 +96,8 @@ impl Lab {
             (&lab.b, "198.51.100.2/24", "10.10.2.1/24"),
         ] {
             must(&["-n", ns, "addr", "add", wan, "dev", "up0"]);
+            // A smaller underlay than Ethernet's: the tunnel MTU follows it.
+            must(&["-n", ns, "link", "set", "up0", "mtu", "1400"]);
             must(&[
                 "-n", ns, "link", "add", "pod0", "type", "veth", "peer", "name", "pod1",
             ]);
@@ -297,6 +299,13 @@ fn two_gateways_handshake_and_carry_pod_traffic_and_keep_their_keys() {
             .is_some_and(|t| t != "0"),
         "no handshake: {handshakes}"
     );
+
+    // MTU = underlay (1400) − WireGuard over IPv6 (80).
+    for side in ["a", "b"] {
+        let ns = if side == "a" { &lab.a } else { &lab.b };
+        let (ok, out) = support::ip(&["-n", ns, "-o", "link", "show", &lab.dev(side)]);
+        assert!(ok && out.contains(" mtu 1320 "), "{out}");
+    }
 
     // The agent exports per-peer tunnel state (refreshed every reconcile).
     let read_metrics = || {
