@@ -14,6 +14,10 @@
 //! holding `10.244.X.1`), and the harness plays the CNI inside each domain.
 //! Everything is created and deleted by name under a per-lab prefix; traffic
 //! only flows between addresses inside these namespaces.
+//!
+//! While it runs, a node ([`Lab::add_node`]) or a whole NAT-ed domain
+//! ([`Lab::add_domain`]) can be added, and a node can lose its power
+//! ([`Lab::power_off`], [`Lab::power_on`]).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -78,7 +82,64 @@ pub const NODES: [LabNode; 6] = [
     },
 ];
 
+/// A NAT router between a domain's LAN and the internet (masquerading on
+/// its WAN side).
+#[derive(Debug, Clone)]
+pub struct LabRouter {
+    /// Short name used for the namespace.
+    pub short: &'static str,
+    /// LAN address (the nodes' default gateway), in a /24.
+    pub lan: &'static str,
+    /// WAN address on the internet segment 203.0.113.0/24.
+    pub wan: &'static str,
+}
+
+/// A network domain of the lab: a LAN segment (a bridge in its own
+/// namespace) behind a NAT router, or the cloud's (no router; its gateway
+/// has a public address).
+#[derive(Debug, Clone)]
+pub struct LabDomain {
+    /// The name `LabNode::domain` refers to.
+    pub name: &'static str,
+    /// Its `Gateway` object (the nodes' `raven.openyurt.io/gateway` label).
+    pub gateway: &'static str,
+    /// Short name of the LAN switch's namespace.
+    pub switch: &'static str,
+    pub router: Option<LabRouter>,
+}
+
+/// The three domains of the user manual.
+pub const DOMAINS: [LabDomain; 3] = [
+    LabDomain {
+        name: "cloud",
+        gateway: "gw-cloud",
+        switch: "cloudsw",
+        router: None,
+    },
+    LabDomain {
+        name: "hangzhou",
+        gateway: "gw-hangzhou",
+        switch: "hzsw",
+        router: Some(LabRouter {
+            short: "hzrt",
+            lan: "172.16.2.1",
+            wan: "203.0.113.20",
+        }),
+    },
+    LabDomain {
+        name: "qingdao",
+        gateway: "gw-qingdao",
+        switch: "qdsw",
+        router: Some(LabRouter {
+            short: "qdrt",
+            lan: "172.16.1.1",
+            wan: "203.0.113.30",
+        }),
+    },
+];
+
 const CLOUD_PUBLIC: &str = "203.0.113.10";
+const CLOUD_LAN: &str = "192.168.0.195";
 
 /// Errors building or driving the lab.
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +150,8 @@ pub enum LabError {
     Spawn { cmd: String, source: std::io::Error },
     #[error("{0} is not built: run `cargo build --workspace --bins` first")]
     MissingBinary(PathBuf),
+    #[error("lab: {0}")]
+    Setup(String),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -110,17 +173,22 @@ fn run(cmd: &str, args: &[&str]) -> Result<String, LabError> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Sends `signal` to `pid` (with kill(1), so no unsafe code).
+fn signal(pid: u32, signal: i32) {
+    let _ = Command::new("kill")
+        .args([format!("-{signal}"), pid.to_string()])
+        .stderr(Stdio::null())
+        .status();
+}
+
 /// A process the lab started; stopped by PID.
 #[derive(Debug)]
 pub struct Proc(Child);
 
 impl Proc {
     /// Sends `signal` and reaps the process.
-    pub fn stop(mut self, signal: i32) {
-        let _ = Command::new("kill")
-            .args([format!("-{signal}"), self.0.id().to_string()])
-            .stderr(Stdio::null())
-            .status();
+    pub fn stop(mut self, sig: i32) {
+        signal(self.0.id(), sig);
         let _ = self.0.wait();
     }
 }
@@ -128,13 +196,88 @@ impl Proc {
 impl Drop for Proc {
     fn drop(&mut self) {
         if matches!(self.0.try_wait(), Ok(None)) {
-            let _ = Command::new("kill")
-                .args(["-TERM", &self.0.id().to_string()])
-                .stderr(Stdio::null())
-                .status();
+            signal(self.0.id(), 15);
         }
         let _ = self.0.wait();
     }
+}
+
+/// What the lab's PID files may name: the hub, the agents, and the
+/// wireguard-go each agent starts (it records it in its data dir).
+const RECORDED: [&str; 3] = ["raven-hub", "raven-edge", "wireguard-go"];
+
+/// The PID a PID file holds.
+fn recorded_pid(pid_file: &Path) -> Option<u32> {
+    std::fs::read_to_string(pid_file).ok()?.trim().parse().ok()
+}
+
+/// The command name of a running process (a zombie has exited: only its
+/// parent can reap it, so it counts as gone).
+fn running_as(pid: u32) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (head, rest) = stat.rsplit_once(") ")?;
+    if rest.starts_with('Z') {
+        return None;
+    }
+    head.split_once(" (").map(|(_, comm)| comm.to_owned())
+}
+
+/// Sends `sig` to the process a PID file names, if that PID still runs one
+/// of `names` (a PID can be reused once its process has gone); returns it.
+fn kill_recorded(pid_file: &Path, sig: i32, names: &[&str]) -> Option<u32> {
+    let pid = recorded_pid(pid_file)?;
+    let comm = running_as(pid)?;
+    names.contains(&comm.as_str()).then(|| {
+        signal(pid, sig);
+        pid
+    })
+}
+
+/// Waits (at most `timeout`) until `pid` has gone.
+fn wait_gone(pid: u32, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while running_as(pid).is_some() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Whether `pid` lives in the named network namespace.
+fn in_netns(pid: u32, ns: &str) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let id = |p: String| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+    id(format!("/proc/{pid}/ns/net")).is_some_and(|a| id(format!("/run/netns/{ns}")) == Some(a))
+}
+
+/// Where userspace WireGuard devices keep their UAPI sockets (one
+/// directory for the whole machine).
+const UAPI_DIR: &str = "/var/run/wireguard";
+
+/// The UAPI socket of a userspace WireGuard device.
+fn uapi_socket(dev: &str) -> PathBuf {
+    Path::new(UAPI_DIR).join(format!("{dev}.sock"))
+}
+
+/// The /24 a pod stand-in address lies in (its node's pod CIDR).
+fn pod_net(pod: &str) -> String {
+    format!("{}.0/24", pod.rsplit_once('.').map_or("", |x| x.0))
+}
+
+/// The `Node` document of a node labelled into `gateway`, Ready.
+fn node_manifest(node: &LabNode, gateway: &str) -> String {
+    format!(
+        "---\napiVersion: v1\nkind: Node\nmetadata:\n  name: {}\n  labels:\n    raven.openyurt.io/gateway: {gateway}\nspec:\n  podCIDR: {}\nstatus:\n  conditions:\n    - type: Ready\n      status: \"True\"\n  addresses:\n    - type: InternalIP\n      address: {}\n",
+        node.name,
+        pod_net(node.pod),
+        node.ip
+    )
+}
+
+/// The `Gateway` document of a domain behind NAT whose gateway is `node`,
+/// shaped like the manual's gw-hangzhou and gw-qingdao.
+fn gateway_manifest(gateway: &str, node: &str) -> String {
+    format!(
+        "---\napiVersion: raven.openyurt.io/v1beta1\nkind: Gateway\nmetadata:\n  name: {gateway}\nspec:\n  proxyConfig:\n    Replicas: 1\n  tunnelConfig:\n    Replicas: 1\n  endpoints:\n    - nodeName: {node}\n      underNAT: true\n      port: 10262\n      type: proxy\n    - nodeName: {node}\n      underNAT: true\n      port: 4500\n      type: tunnel\n"
+    )
 }
 
 /// Finds a sibling binary of the running executable.
@@ -175,6 +318,10 @@ pub struct Lab {
     pub agents: BTreeMap<&'static str, Proc>,
     /// The nodes of this lab: the manual's six, plus any added while running.
     pub nodes: Vec<LabNode>,
+    /// Its domains: the manual's three, plus any added while running.
+    pub domains: Vec<LabDomain>,
+    /// The links [`Lab::power_off`] set down, by node.
+    powered_off: BTreeMap<String, Vec<String>>,
 }
 
 impl Lab {
@@ -199,7 +346,8 @@ impl Lab {
 
     /// Removes a lab with `prefix` whose state is in `dir`, also after an
     /// interrupted run: ends the processes it started (by the PIDs it
-    /// recorded), then deletes its namespaces by name.
+    /// recorded, while they still run the program recorded), then deletes
+    /// its namespaces, and the UAPI sockets of its tunnel devices, by name.
     pub fn clean(prefix: &str, dir: &Path) {
         if let Ok(entries) = std::fs::read_dir(dir) {
             for e in entries.filter_map(Result::ok) {
@@ -213,15 +361,7 @@ impl Lab {
                     .filter(|p| p.extension().is_some_and(|x| x == "pid"))
                     .collect();
                 for pid_file in sub_pids.into_iter().chain(is_pid.then_some(path)) {
-                    if let Some(pid) = std::fs::read_to_string(&pid_file)
-                        .ok()
-                        .map(|p| p.trim().to_owned())
-                    {
-                        let _ = Command::new("kill")
-                            .args(["-TERM", &pid])
-                            .stderr(Stdio::null())
-                            .status();
-                    }
+                    kill_recorded(&pid_file, 15, &RECORDED);
                 }
             }
         }
@@ -238,11 +378,25 @@ impl Lab {
                 }
             }
         }
+        // A wireguard-go that died without closing its socket (power_off,
+        // or a crash) leaves the socket file behind.
+        if !Self::leftover_pids(dir) {
+            for e in std::fs::read_dir(UAPI_DIR)
+                .into_iter()
+                .flatten()
+                .filter_map(Result::ok)
+            {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with(prefix) && name.ends_with(".sock") {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
     }
 
     /// Whether a process this lab recorded is still running.
     fn leftover_pids(dir: &Path) -> bool {
-        let mut pids = Vec::new();
+        let mut pid_files = Vec::new();
         let mut stack = vec![dir.to_owned()];
         while let Some(d) = stack.pop() {
             for e in std::fs::read_dir(&d)
@@ -254,20 +408,14 @@ impl Lab {
                 if p.is_dir() {
                     stack.push(p);
                 } else if p.extension().is_some_and(|x| x == "pid") {
-                    pids.extend(
-                        std::fs::read_to_string(&p)
-                            .ok()
-                            .map(|s| s.trim().to_owned()),
-                    );
+                    pid_files.push(p);
                 }
             }
         }
-        // A zombie (state Z) has exited; only its parent can reap it.
-        pids.iter().any(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .ok()
-                .and_then(|st| st.rsplit_once(") ").map(|(_, rest)| !rest.starts_with('Z')))
-                .unwrap_or(false)
+        pid_files.iter().any(|f| {
+            recorded_pid(f)
+                .and_then(running_as)
+                .is_some_and(|comm| RECORDED.contains(&comm.as_str()))
         })
     }
 
@@ -276,86 +424,27 @@ impl Lab {
         Self::clean(prefix, dir);
         let _ = std::fs::remove_dir_all(dir);
         std::fs::create_dir_all(dir)?;
-        let lab = Self {
+        let mut lab = Self {
             prefix: prefix.to_owned(),
             dir: dir.to_owned(),
             hub_exe: binary("raven-hub")?,
             edge_exe: binary("raven-edge")?,
             hub: None,
             agents: BTreeMap::new(),
-            nodes: NODES.to_vec(),
+            nodes: Vec::new(),
+            domains: Vec::new(),
+            powered_off: BTreeMap::new(),
         };
-        for ns in ["inet", "hzrt", "qdrt", "cloudsw", "hzsw", "qdsw"]
-            .iter()
-            .chain(NODES.iter().map(|n| &n.short))
-        {
-            run("ip", &["netns", "add", &lab.ns(ns)])?;
-            lab.ip(ns, &["link", "set", "lo", "up"])?;
+        lab.add_switch("inet", "wanbr")?;
+        for d in DOMAINS {
+            lab.build_domain(d)?;
         }
-        // Switches: a bridge per segment.
-        for (sw, br) in [
-            ("inet", "wanbr"),
-            ("cloudsw", "lanbr"),
-            ("hzsw", "lanbr"),
-            ("qdsw", "lanbr"),
-        ] {
-            lab.ip(sw, &["link", "add", br, "type", "bridge"])?;
-            lab.ip(sw, &["link", "set", br, "up"])?;
-        }
-        // Routers: LAN side on the site switch, WAN side on the internet.
-        for (rt, sw, lan, wan) in [
-            ("hzrt", "hzsw", "172.16.2.1/24", "203.0.113.20/24"),
-            ("qdrt", "qdsw", "172.16.1.1/24", "203.0.113.30/24"),
-        ] {
-            lab.plug(rt, "lan", sw, "lanbr", lan)?;
-            lab.plug(rt, "wan", "inet", "wanbr", wan)?;
-            lab.exec(rt, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
-            lab.exec(rt, &["nft", "add table ip nat; add chain ip nat post { type nat hook postrouting priority 100; }; add rule ip nat post oifname \"wan\" masquerade"])?;
-        }
-        for n in &NODES {
-            let sw = match n.domain {
-                "cloud" => "cloudsw",
-                "hangzhou" => "hzsw",
-                _ => "qdsw",
-            };
-            lab.plug(n.short, "eth0", sw, "lanbr", &format!("{}/24", n.ip))?;
-            // The pod stand-in.
-            lab.ip(
-                n.short,
-                &[
-                    "link", "add", "pod0", "type", "veth", "peer", "name", "pod1",
-                ],
-            )?;
-            lab.ip(
-                n.short,
-                &["addr", "add", &format!("{}/24", n.pod), "dev", "pod0"],
-            )?;
-            lab.ip(n.short, &["link", "set", "pod0", "up"])?;
-            lab.ip(n.short, &["link", "set", "pod1", "up"])?;
-            match n.domain {
-                "hangzhou" => lab
-                    .ip(n.short, &["route", "add", "default", "via", "172.16.2.1"])
-                    .map(drop)?,
-                "qingdao" => lab
-                    .ip(n.short, &["route", "add", "default", "via", "172.16.1.1"])
-                    .map(drop)?,
-                _ => {}
-            }
+        for n in NODES {
+            lab.build_node(n)?;
         }
         // The cloud gateway's public address.
         lab.plug("c1", "wan0", "inet", "wanbr", &format!("{CLOUD_PUBLIC}/24"))?;
-        // The CNI's job inside each domain: pod subnets of the other nodes
-        // of the same domain via their node address.
-        for a in &NODES {
-            for b in NODES
-                .iter()
-                .filter(|b| b.domain == a.domain && b.short != a.short)
-            {
-                let net = format!("{}.0/24", b.pod.rsplit_once('.').map_or("", |x| x.0));
-                lab.ip(a.short, &["route", "add", &net, "via", b.ip])?;
-            }
-        }
-        lab.certs()?;
+        lab.certs(&NODES.map(|n| n.name))?;
         let manifests = lab.dir.join("manifests");
         std::fs::create_dir_all(&manifests)?;
         let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/user-manual");
@@ -363,6 +452,103 @@ impl Lab {
             std::fs::copy(example.join(f), manifests.join(f))?;
         }
         Ok(lab)
+    }
+
+    /// A namespace with its loopback up.
+    fn add_ns(&self, short: &str) -> Result<(), LabError> {
+        run("ip", &["netns", "add", &self.ns(short)])?;
+        self.ip(short, &["link", "set", "lo", "up"]).map(drop)
+    }
+
+    /// A switch: a namespace holding bridge `br`.
+    fn add_switch(&self, sw: &str, br: &str) -> Result<(), LabError> {
+        self.add_ns(sw)?;
+        self.ip(sw, &["link", "add", br, "type", "bridge"])?;
+        self.ip(sw, &["link", "set", br, "up"]).map(drop)
+    }
+
+    /// A domain's LAN switch and, unless it is the cloud, its NAT router:
+    /// LAN side on the switch, WAN side on the internet, masquerading.
+    fn build_domain(&mut self, d: LabDomain) -> Result<(), LabError> {
+        self.add_switch(d.switch, "lanbr")?;
+        if let Some(r) = &d.router {
+            self.add_ns(r.short)?;
+            self.plug(r.short, "lan", d.switch, "lanbr", &format!("{}/24", r.lan))?;
+            self.plug(r.short, "wan", "inet", "wanbr", &format!("{}/24", r.wan))?;
+            self.exec(r.short, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+            self.exec(r.short, &["nft", "add table ip nat; add chain ip nat post { type nat hook postrouting priority 100; }; add rule ip nat post oifname \"wan\" masquerade"])?;
+        }
+        self.domains.push(d);
+        Ok(())
+    }
+
+    /// The domain called `name`.
+    fn domain(&self, name: &str) -> Result<&LabDomain, LabError> {
+        self.domains
+            .iter()
+            .find(|d| d.name == name)
+            .ok_or_else(|| LabError::Setup(format!("no domain {name:?} in this lab")))
+    }
+
+    /// The node whose short name is `short`.
+    fn node(&self, short: &str) -> Result<&LabNode, LabError> {
+        self.nodes
+            .iter()
+            .find(|n| n.short == short)
+            .ok_or_else(|| LabError::Setup(format!("no node {short:?} in this lab")))
+    }
+
+    /// A node on its domain's LAN: namespace, `eth0`, the pod stand-in (a
+    /// veth holding the pod address), its boot-time routes, and the CNI's
+    /// routes to its pod subnet on the other nodes of the domain.
+    fn build_node(&mut self, n: LabNode) -> Result<(), LabError> {
+        let sw = self.domain(n.domain)?.switch;
+        self.add_ns(n.short)?;
+        self.plug(n.short, "eth0", sw, "lanbr", &format!("{}/24", n.ip))?;
+        self.ip(
+            n.short,
+            &[
+                "link", "add", "pod0", "type", "veth", "peer", "name", "pod1",
+            ],
+        )?;
+        self.ip(
+            n.short,
+            &["addr", "add", &format!("{}/24", n.pod), "dev", "pod0"],
+        )?;
+        self.ip(n.short, &["link", "set", "pod0", "up"])?;
+        self.ip(n.short, &["link", "set", "pod1", "up"])?;
+        self.boot_routes(&n)?;
+        for other in self.neighbours(&n) {
+            self.ip(
+                other.short,
+                &["route", "replace", &pod_net(n.pod), "via", n.ip],
+            )?;
+        }
+        self.nodes.push(n);
+        Ok(())
+    }
+
+    /// The other nodes of `n`'s domain.
+    fn neighbours<'a>(&'a self, n: &'a LabNode) -> impl Iterator<Item = &'a LabNode> {
+        self.nodes
+            .iter()
+            .filter(|o| o.domain == n.domain && o.short != n.short)
+    }
+
+    /// What a node's own network configuration sets up at boot: the default
+    /// route to its NAT router and, as the CNI does, the pod subnets of the
+    /// other nodes of its domain via their node address.
+    fn boot_routes(&self, n: &LabNode) -> Result<(), LabError> {
+        if let Some(r) = &self.domain(n.domain)?.router {
+            self.ip(n.short, &["route", "replace", "default", "via", r.lan])?;
+        }
+        for other in self.neighbours(n) {
+            self.ip(
+                n.short,
+                &["route", "replace", &pod_net(other.pod), "via", other.ip],
+            )?;
+        }
+        Ok(())
     }
 
     /// A veth from `ns` (named `ifname`, holding `addr`) to bridge `br` in `sw`.
@@ -389,19 +575,19 @@ impl Lab {
         Ok(())
     }
 
-    fn certs(&self) -> Result<(), LabError> {
-        let out = self.path("certs");
-        let nodes: Vec<&str> = NODES.iter().map(|n| n.name).collect();
+    /// Client certificates for `nodes` (and the hub's, the first time),
+    /// from the lab's CA.
+    fn certs(&self, nodes: &[&str]) -> Result<(), LabError> {
         run(
             self.hub_exe.to_str().unwrap_or_default(),
             &[
                 "certs",
                 "--out",
-                &out,
+                &self.path("certs"),
                 "--hub-name",
                 CLOUD_PUBLIC,
                 "--hub-name",
-                "192.168.0.195",
+                CLOUD_LAN,
                 "--node",
                 &nodes.join(","),
             ],
@@ -467,18 +653,22 @@ impl Lab {
         format!("{}{short}wg", self.prefix)
     }
 
-    /// Starts (or restarts) the agent of a node.
+    /// Where a node's agent records the PID of the wireguard-go it started.
+    pub fn wireguard_pid_file(&self, short: &str) -> PathBuf {
+        self.dir.join(format!(
+            "edge-{short}/wireguard-go-{}.pid",
+            self.tunnel_dev(short)
+        ))
+    }
+
+    /// Starts (or restarts) the agent of a node. Cloud nodes dial the hub
+    /// on the cloud LAN, the others its public address through their NAT.
     pub fn start_agent(&mut self, short: &'static str) -> Result<(), LabError> {
-        let n = self
-            .nodes
-            .iter()
-            .find(|n| n.short == short)
-            .cloned()
-            .unwrap_or_else(|| NODES[0].clone());
-        let hub = if n.domain == "cloud" {
-            "https://192.168.0.195:10270"
+        let n = self.node(short)?;
+        let hub = if self.domain(n.domain)?.router.is_none() {
+            format!("https://{CLOUD_LAN}:10270")
         } else {
-            "https://203.0.113.10:10270"
+            format!("https://{CLOUD_PUBLIC}:10270")
         };
         let args: Vec<String> = [
             "run",
@@ -487,7 +677,7 @@ impl Lab {
             "--data-dir",
             &self.path(&format!("edge-{short}")),
             "--hub",
-            hub,
+            &hub,
             "--certs",
             &self.path("certs"),
             "--http-addr",
@@ -527,9 +717,20 @@ impl Lab {
 
     /// Every node and pod address pinged from every other: (from, to, ok).
     pub fn matrix(&self) -> Vec<(String, String, bool)> {
+        let all: Vec<&str> = self.nodes.iter().map(|n| n.short).collect();
+        self.matrix_of(&all)
+    }
+
+    /// The matrix among the nodes named in `shorts` only.
+    pub fn matrix_of(&self, shorts: &[&str]) -> Vec<(String, String, bool)> {
+        let nodes: Vec<&LabNode> = self
+            .nodes
+            .iter()
+            .filter(|n| shorts.contains(&n.short))
+            .collect();
         let mut out = Vec::new();
-        for a in &self.nodes {
-            for b in self.nodes.iter().filter(|b| b.short != a.short) {
+        for a in &nodes {
+            for b in nodes.iter().filter(|b| b.short != a.short) {
                 for (src, slabel) in [(a.ip, "node"), (a.pod, "pod")] {
                     for (dst, dlabel) in [(b.ip, "node"), (b.pod, "pod")] {
                         let ok = self.ping(a.short, src, dst);
@@ -548,12 +749,24 @@ impl Lab {
     /// Waits until every pair reaches every other (or `timeout`); returns
     /// the time it took.
     pub fn converge(&self, timeout: Duration) -> Result<Duration, Vec<(String, String, bool)>> {
+        // A cheap probe first (an unreachable address costs a second): the
+        // longest paths, pod to pod between the last nodes of every two
+        // domains.
+        let last: Vec<&LabNode> = self
+            .domains
+            .iter()
+            .filter_map(|d| self.nodes.iter().rfind(|n| n.domain == d.name))
+            .collect();
+        let probe = || {
+            last.iter().all(|a| {
+                last.iter()
+                    .filter(|b| b.short != a.short)
+                    .all(|b| self.ping(a.short, a.pod, b.pod))
+            })
+        };
         let t = Instant::now();
         loop {
-            // A cheap probe first: the longest path, hangzhou pod to qingdao pod.
-            if self.ping("h2", "10.244.2.1", "10.244.4.1")
-                && self.ping("q2", "10.244.4.1", "10.244.2.1")
-            {
+            if probe() {
                 let m = self.matrix();
                 if m.iter().all(|x| x.2) {
                     return Ok(t.elapsed());
@@ -613,20 +826,7 @@ impl Lab {
             h.stop(15);
         }
         for n in &self.nodes {
-            let pid_file = self.dir.join(format!(
-                "edge-{}/wireguard-go-{}.pid",
-                n.short,
-                self.tunnel_dev(n.short)
-            ));
-            if let Some(pid) = std::fs::read_to_string(&pid_file)
-                .ok()
-                .map(|p| p.trim().to_owned())
-            {
-                let _ = Command::new("kill")
-                    .args(["-TERM", &pid])
-                    .stderr(Stdio::null())
-                    .status();
-            }
+            kill_recorded(&self.wireguard_pid_file(n.short), 15, &["wireguard-go"]);
         }
     }
 
@@ -648,24 +848,45 @@ impl Lab {
 }
 
 impl Drop for Lab {
+    /// Stops and removes everything, the state directory too (failure
+    /// reports carry the logs' last lines; `RAVEN_LAB_KEEP_STATE=1` keeps
+    /// the directory for a closer look).
     fn drop(&mut self) {
         self.stop_all();
         Self::clean(&self.prefix, &self.dir);
+        if std::env::var_os("RAVEN_LAB_KEEP_STATE").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 
 impl Lab {
     /// Replaces `from` by `to` in the lab's copy of a manifest file.
     pub fn edit_manifest(&self, file: &str, from: &str, to: &str) -> Result<(), LabError> {
-        let path = self.dir.join("manifests").join(file);
-        let text = std::fs::read_to_string(&path)?;
+        let text = std::fs::read_to_string(self.dir.join("manifests").join(file))?;
         if !text.contains(from) {
             return Err(LabError::Command {
                 cmd: format!("edit {file}"),
                 out: format!("{from:?} not found"),
             });
         }
-        std::fs::write(&path, text.replacen(from, to, 1))?;
+        self.write_manifest(file, &text.replacen(from, to, 1))
+    }
+
+    /// Appends documents to the lab's copy of a manifest file.
+    pub fn append_manifest(&self, file: &str, docs: &str) -> Result<(), LabError> {
+        let text = std::fs::read_to_string(self.dir.join("manifests").join(file))?;
+        self.write_manifest(file, &(text + docs))
+    }
+
+    /// Replaces a manifest file at once (write aside, rename), so the hub,
+    /// which polls the directory, never reads half a file.
+    fn write_manifest(&self, file: &str, text: &str) -> Result<(), LabError> {
+        let dir = self.dir.join("manifests");
+        // Not `.yaml`: the hub reads only those.
+        let aside = dir.join(format!(".{file}.new"));
+        std::fs::write(&aside, text)?;
+        std::fs::rename(&aside, dir.join(file))?;
         Ok(())
     }
 
@@ -699,66 +920,134 @@ impl Lab {
     /// port, pod stand-in, the CNI's routes, a client certificate, a `Node`
     /// manifest labelled into the domain's gateway, and its agent.
     pub fn add_node(&mut self, node: LabNode) -> Result<(), LabError> {
-        let (sw, router, gateway) = match node.domain {
-            "cloud" => ("cloudsw", None, "gw-cloud"),
-            "hangzhou" => ("hzsw", Some("172.16.2.1"), "gw-hangzhou"),
-            _ => ("qdsw", Some("172.16.1.1"), "gw-qingdao"),
-        };
-        run("ip", &["netns", "add", &self.ns(node.short)])?;
-        self.ip(node.short, &["link", "set", "lo", "up"])?;
-        self.plug(node.short, "eth0", sw, "lanbr", &format!("{}/24", node.ip))?;
-        self.ip(
-            node.short,
-            &[
-                "link", "add", "pod0", "type", "veth", "peer", "name", "pod1",
-            ],
-        )?;
-        self.ip(
-            node.short,
-            &["addr", "add", &format!("{}/24", node.pod), "dev", "pod0"],
-        )?;
-        self.ip(node.short, &["link", "set", "pod0", "up"])?;
-        self.ip(node.short, &["link", "set", "pod1", "up"])?;
-        if let Some(r) = router {
-            self.ip(node.short, &["route", "add", "default", "via", r])?;
-        }
-        let net = |pod: &str| format!("{}.0/24", pod.rsplit_once('.').map_or("", |x| x.0));
-        for other in self.nodes.iter().filter(|o| o.domain == node.domain) {
-            self.ip(
-                node.short,
-                &["route", "add", &net(other.pod), "via", other.ip],
-            )?;
-            self.ip(
-                other.short,
-                &["route", "add", &net(node.pod), "via", node.ip],
-            )?;
-        }
-        run(
-            self.hub_exe.to_str().unwrap_or_default(),
-            &[
-                "certs",
-                "--out",
-                &self.path("certs"),
-                "--hub-name",
-                CLOUD_PUBLIC,
-                "--hub-name",
-                "192.168.0.195",
-                "--node",
-                node.name,
-            ],
-        )?;
-        let doc = format!(
-            "---\napiVersion: v1\nkind: Node\nmetadata:\n  name: {}\n  labels:\n    raven.openyurt.io/gateway: {gateway}\nspec:\n  podCIDR: {}\nstatus:\n  conditions:\n    - type: Ready\n      status: \"True\"\n  addresses:\n    - type: InternalIP\n      address: {}\n",
-            node.name,
-            net(node.pod),
-            node.ip
-        );
-        let path = self.dir.join("manifests/nodes.yaml");
-        let mut text = std::fs::read_to_string(&path)?;
-        text.push_str(&doc);
-        std::fs::write(&path, text)?;
-        let short = node.short;
-        self.nodes.push(node);
+        let gateway = self.domain(node.domain)?.gateway;
+        let (short, name) = (node.short, node.name);
+        let doc = node_manifest(&node, gateway);
+        self.build_node(node)?;
+        self.certs(&[name])?;
+        self.append_manifest("nodes.yaml", &doc)?;
         self.start_agent(short)
+    }
+
+    /// Adds a whole edge domain while everything runs: its LAN switch, a
+    /// NAT router on the internet, its `nodes` (as [`Lab::add_node`] does),
+    /// a `Gateway` with the first node as its tunnel and proxy endpoint
+    /// under NAT, the nodes' `Node` manifests labelled into it, and their
+    /// agents. The domain needs a router, addresses of its own and pod
+    /// subnets no other node uses.
+    pub fn add_domain(&mut self, domain: LabDomain, nodes: Vec<LabNode>) -> Result<(), LabError> {
+        let bad = |why: String| Err(LabError::Setup(format!("domain {}: {why}", domain.name)));
+        let Some(first) = nodes.first() else {
+            return bad("needs a node".into());
+        };
+        if domain.router.is_none() {
+            return bad("needs a NAT router (only the cloud has a public gateway)".into());
+        }
+        if self.domain(domain.name).is_ok() {
+            return bad("exists already".into());
+        }
+        if let Some(n) = nodes.iter().find(|n| n.domain != domain.name) {
+            return bad(format!("node {} is in domain {}", n.short, n.domain));
+        }
+        if let Some(n) = nodes.iter().find(|n| {
+            self.nodes
+                .iter()
+                .any(|o| o.short == n.short || pod_net(o.pod) == pod_net(n.pod))
+        }) {
+            return bad(format!("node {} or its pod subnet is taken", n.short));
+        }
+        let gateway_doc = gateway_manifest(domain.gateway, first.name);
+        let node_docs: String = nodes
+            .iter()
+            .map(|n| node_manifest(n, domain.gateway))
+            .collect();
+        let names: Vec<&str> = nodes.iter().map(|n| n.name).collect();
+        let shorts: Vec<&'static str> = nodes.iter().map(|n| n.short).collect();
+        self.build_domain(domain)?;
+        for n in nodes {
+            self.build_node(n)?;
+        }
+        self.certs(&names)?;
+        // As `kubectl apply` of the Gateway, then labelling the nodes.
+        self.append_manifest("gateways.yaml", &gateway_doc)?;
+        self.append_manifest("nodes.yaml", &node_docs)?;
+        for short in shorts {
+            self.start_agent(short)?;
+        }
+        Ok(())
+    }
+}
+
+impl Lab {
+    /// The links of a namespace (only those administratively up, if `up`).
+    fn links(&self, short: &str, up: bool) -> Result<Vec<String>, LabError> {
+        let args: &[&str] = if up {
+            &["-o", "link", "show", "up"]
+        } else {
+            &["-o", "link", "show"]
+        };
+        Ok(self
+            .ip(short, args)?
+            .lines()
+            .filter_map(|l| l.split(": ").nth(1))
+            .map(|name| name.split('@').next().unwrap_or(name).to_owned())
+            .collect())
+    }
+
+    /// Cuts a node's power: first every interface of its namespace goes
+    /// down (so it neither answers nor forwards, and nothing the dying
+    /// processes send gets out), then its agent and the wireguard-go its
+    /// agent recorded die without a word (SIGKILL; the latter only if that
+    /// PID still runs wireguard-go in this node's namespace). Its namespace,
+    /// addresses and agent store stay, as a disk would.
+    pub fn power_off(&mut self, short: &str) -> Result<(), LabError> {
+        self.node(short)?;
+        let links = self.links(short, true)?;
+        for link in &links {
+            self.ip(short, &["link", "set", "dev", link, "down"])?;
+        }
+        self.powered_off.insert(short.to_owned(), links);
+        if let Some(agent) = self.agents.remove(short) {
+            agent.stop(9);
+        }
+        let pid_file = self.wireguard_pid_file(short);
+        if recorded_pid(&pid_file).is_some_and(|pid| in_netns(pid, &self.ns(short)))
+            && let Some(pid) = kill_recorded(&pid_file, 9, &["wireguard-go"])
+        {
+            wait_gone(pid, Duration::from_secs(3));
+            // Killed, it could not remove its UAPI socket.
+            let _ = std::fs::remove_file(uapi_socket(&self.tunnel_dev(short)));
+        }
+        Ok(())
+    }
+
+    /// Powers a node on again: the links [`Lab::power_off`] set down (and
+    /// that still exist) come up, and its boot-time routes (default route,
+    /// the CNI's) are set again, as a booting machine's network
+    /// configuration does. Its agent is not started: [`Lab::start_agent`].
+    pub fn power_on(&mut self, short: &str) -> Result<(), LabError> {
+        let n = self.node(short)?.clone();
+        let links = self
+            .powered_off
+            .remove(short)
+            .ok_or_else(|| LabError::Setup(format!("node {short} is not powered off")))?;
+        let present = self.links(short, false)?;
+        for link in links.iter().filter(|l| present.contains(l)) {
+            self.ip(short, &["link", "set", "dev", link, "up"])?;
+        }
+        self.boot_routes(&n)
+    }
+
+    /// The programs still running of those a node's PID files name (its
+    /// agent, its wireguard-go).
+    pub fn node_processes(&self, short: &str) -> Vec<String> {
+        [
+            self.dir.join(format!("edge-{short}.pid")),
+            self.wireguard_pid_file(short),
+        ]
+        .iter()
+        .filter_map(|f| recorded_pid(f).and_then(running_as))
+        .filter(|comm| RECORDED.contains(&comm.as_str()))
+        .collect()
     }
 }

@@ -8,7 +8,7 @@ use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use raven_tests::lab::{Lab, NODES};
+use raven_tests::lab::{Lab, LabDomain, LabNode, LabRouter, NODES};
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
@@ -270,4 +270,121 @@ fn a_node_added_to_a_domain_while_running_is_reached_from_every_domain() {
         lab.ping("q2", "10.244.4.1", "10.244.6.1"),
         "qingdao pod reaches the new hangzhou pod"
     );
+}
+
+#[test]
+fn a_new_domain_added_while_running_is_reached_from_every_domain() {
+    if !ready() {
+        return;
+    }
+    let (_g, mut lab) = up("d");
+    let old: Vec<&str> = lab.nodes.iter().map(|n| n.short).collect();
+    let t = Instant::now();
+    lab.add_domain(
+        LabDomain {
+            name: "shenzhen",
+            gateway: "gw-shenzhen",
+            switch: "szsw",
+            router: Some(LabRouter {
+                short: "szrt",
+                lan: "172.16.3.1",
+                wan: "203.0.113.40",
+            }),
+        },
+        vec![
+            LabNode {
+                short: "s1",
+                name: "izwv5ahl9m2kxq0d7f3t1az",
+                domain: "shenzhen",
+                ip: "172.16.3.10",
+                pod: "10.244.7.1",
+            },
+            LabNode {
+                short: "s2",
+                name: "izwv5ahl9m2kxq0d7f3t1bz",
+                domain: "shenzhen",
+                ip: "172.16.3.11",
+                pod: "10.244.8.1",
+            },
+        ],
+    )
+    .expect("domain added");
+    // While the hub recompiles and every gateway learns the new peer, no
+    // pair of the running cluster breaks.
+    let mut checked = 0;
+    while !(lab.ping("s2", "10.244.8.1", "10.244.2.1")
+        && lab.ping("q2", "10.244.4.1", "10.244.8.1"))
+    {
+        let m = lab.matrix_of(&old);
+        assert!(
+            m.iter().all(|x| x.2),
+            "an existing pair broke while a domain was added\n{}\n{}",
+            Lab::render(&m),
+            lab.logs()
+        );
+        checked += 1;
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the new domain is not reached after 60 s\n{}",
+            lab.logs()
+        );
+    }
+    converge(&lab, "new shenzhen domain");
+    eprintln!(
+        "domain added to a running cluster: full matrix ({} nodes, {} domains) after {:?} (existing pairs intact in {checked} checks meanwhile)",
+        lab.nodes.len(),
+        lab.domains.len(),
+        t.elapsed()
+    );
+    // The new gateway's tunnel reaches the cloud through its own NAT.
+    let endpoints = lab
+        .sh("c1", &["wg", "show", &lab.tunnel_dev("c1"), "endpoints"])
+        .expect("wg show");
+    assert!(
+        endpoints.contains("203.0.113.40:"),
+        "the cloud gateway has no peer behind the shenzhen router:\n{endpoints}"
+    );
+}
+
+#[test]
+fn a_powered_off_node_drops_off_its_lan_until_powered_on() {
+    if !ready() {
+        return;
+    }
+    let (_g, mut lab) = up("p");
+    // hz-1 is hangzhou's gateway: it runs raven-edge and wireguard-go.
+    let mut running = lab.node_processes("h1");
+    running.sort();
+    assert_eq!(running, ["raven-edge", "wireguard-go"]);
+    lab.power_off("h1").expect("power off");
+    assert!(
+        lab.node_processes("h1").is_empty(),
+        "still running after power off: {:?}",
+        lab.node_processes("h1")
+    );
+    assert!(
+        !lab.ping("h2", "172.16.2.104", "172.16.2.103"),
+        "answers on its LAN"
+    );
+    assert!(
+        !lab.ping("h2", "10.244.2.1", "10.244.1.1"),
+        "its pod answers"
+    );
+    assert!(
+        !lab.ping("h2", "10.244.2.1", "10.244.4.1"),
+        "it still forwards for its domain"
+    );
+    let t = Instant::now();
+    lab.power_on("h1").expect("power on");
+    while !(lab.ping("h2", "172.16.2.104", "172.16.2.103")
+        && lab.ping("h2", "10.244.2.1", "10.244.1.1"))
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "powered on, hz-1 is not back on its LAN"
+        );
+    }
+    eprintln!("power on: back on its LAN after {:?}", t.elapsed());
+    lab.start_agent("h1").expect("agent");
+    converge(&lab, "hz-1 powered on, agent started");
 }
