@@ -476,7 +476,13 @@ impl Lab {
             self.plug(r.short, "lan", d.switch, "lanbr", &format!("{}/24", r.lan))?;
             self.plug(r.short, "wan", "inet", "wanbr", &format!("{}/24", r.wan))?;
             self.exec(r.short, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+            // A home router: masquerade out, and a stateful firewall that
+            // drops what nobody inside asked for. Dropped before conntrack
+            // confirms it, an unsolicited packet leaves no entry behind that
+            // would make the NAT pick another port for the inside's own flow
+            // to that sender (which would break hole punching for good).
             self.exec(r.short, &["nft", "add table ip nat; add chain ip nat post { type nat hook postrouting priority 100; }; add rule ip nat post oifname \"wan\" masquerade"])?;
+            self.exec(r.short, &["nft", "add table inet fw; add chain inet fw input { type filter hook input priority 0; }; add rule inet fw input iifname \"wan\" ct state new drop"])?;
         }
         self.domains.push(d);
         Ok(())
@@ -895,6 +901,34 @@ impl Lab {
         self.exec("c1", &["grpcurl", "-plaintext", "127.0.0.1:10271", method])
     }
 
+    /// The gateways' tunnel paths as their agents last reported them to the
+    /// hub: `(from, to, relayed, endpoint)` by lab short names.
+    pub fn tunnel_paths(&self) -> Vec<(String, String, bool, String)> {
+        let text = self
+            .grpcurl("raven.v1.InspectService/ListAgents")
+            .unwrap_or_default();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+        let short = |name: &serde_json::Value| {
+            self.nodes
+                .iter()
+                .find(|n| *name == n.name)
+                .map_or_else(|| name.to_string(), |n| n.short.to_owned())
+        };
+        let mut out = Vec::new();
+        for agent in v["agents"].as_array().into_iter().flatten() {
+            for p in agent["peers"].as_array().into_iter().flatten() {
+                out.push((
+                    short(&agent["nodeName"]),
+                    short(&p["peerNode"]),
+                    p["relayed"] == true,
+                    p["endpoint"].as_str().unwrap_or_default().to_owned(),
+                ));
+            }
+        }
+        out.sort();
+        out
+    }
+
     /// Runs a command in a node's namespace.
     pub fn sh(&self, short: &str, cmd: &[&str]) -> Result<String, LabError> {
         self.exec(short, cmd)
@@ -905,6 +939,20 @@ impl Lab {
         if let Some(a) = self.agents.remove(short) {
             a.stop(15);
         }
+    }
+
+    /// Turns a domain's router into a symmetric NAT: every destination gets
+    /// its own random source port (`masquerade fully-random`), so a peer
+    /// never learns a mapping it can use — hole punching cannot work.
+    pub fn make_nat_symmetric(&self, domain: &str) -> Result<(), LabError> {
+        let router = self
+            .domain(domain)?
+            .router
+            .as_ref()
+            .ok_or_else(|| LabError::Setup(format!("domain {domain} has no NAT router")))?
+            .short;
+        self.exec(router, &["nft", "flush chain ip nat post; add rule ip nat post oifname \"wan\" masquerade fully-random"])?;
+        self.exec(router, &["conntrack", "-F"]).map(drop)
     }
 
     /// Kills the hub (SIGKILL).

@@ -34,6 +34,11 @@ fn ready() -> bool {
 }
 
 fn up(tag: &str) -> (std::sync::MutexGuard<'static, ()>, Lab) {
+    up_with(tag, |_| {})
+}
+
+/// A lab changed by `prepare` after it is built, before anything runs.
+fn up_with(tag: &str, prepare: impl FnOnce(&mut Lab)) -> (std::sync::MutexGuard<'static, ()>, Lab) {
     let guard = ONE_AT_A_TIME
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -42,6 +47,7 @@ fn up(tag: &str) -> (std::sync::MutexGuard<'static, ()>, Lab) {
     // run gets its own prefix (tunnel device names stay within 15 bytes).
     let prefix = format!("rl{tag}{}-", std::process::id() % 10_000);
     let mut lab = Lab::build(&prefix, &dir).expect("lab builds");
+    prepare(&mut lab);
     lab.start_hub().expect("hub");
     lab.start_agents().expect("agents");
     converge(&lab, "first sync");
@@ -131,7 +137,7 @@ fn hub_killed_traffic_keeps_flowing_and_a_restarted_hub_resends_nothing() {
         return;
     }
     let (_g, mut lab) = up("h");
-    let rev = hub_revision(&lab);
+    let rev = settle(&lab);
     lab.kill_hub();
     std::thread::sleep(Duration::from_secs(3));
     let m = lab.matrix();
@@ -387,4 +393,217 @@ fn a_powered_off_node_drops_off_its_lan_until_powered_on() {
     eprintln!("power on: back on its LAN after {:?}", t.elapsed());
     lab.start_agent("h1").expect("agent");
     converge(&lab, "hz-1 powered on, agent started");
+}
+
+fn name_of(short: &str) -> &'static str {
+    NODES
+        .iter()
+        .find(|n| n.short == short)
+        .map(|n| n.name)
+        .unwrap_or_else(|| panic!("no lab node {short}"))
+}
+
+/// How `from`'s tunnel reaches `to`, as `from` last reported it to the hub:
+/// `Some(true)` through a relay, `Some(false)` directly.
+fn relayed(lab: &Lab, from: &str, to: &str) -> Option<bool> {
+    let a = agents(lab);
+    let agent = a["agents"]
+        .as_array()?
+        .iter()
+        .find(|x| x["nodeName"] == name_of(from))?
+        .clone();
+    agent["peers"]
+        .as_array()?
+        .iter()
+        .find(|p| p["peerNode"] == name_of(to))
+        .map(|p| p["relayed"] == true)
+}
+
+fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) -> Duration {
+    let t = Instant::now();
+    while !done() {
+        assert!(t.elapsed() < timeout, "{what}: not within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    t.elapsed()
+}
+
+/// Waits until hangzhou and qingdao report a direct path to each other.
+fn direct_path(lab: &Lab) -> Duration {
+    wait_for(
+        "hangzhou and qingdao on a direct path",
+        Duration::from_secs(60),
+        || relayed(lab, "h1", "q1") == Some(false) && relayed(lab, "q1", "h1") == Some(false),
+    )
+}
+
+/// Waits until the topology stops moving on its own (the public gateway's
+/// observations of the NATed ones have reached the hub, and the direct
+/// path is up) and every agent applied it; returns the revision.
+fn settle(lab: &Lab) -> u64 {
+    direct_path(lab);
+    let rev = hub_revision(lab);
+    all_applied(lab, rev);
+    rev
+}
+
+#[test]
+fn natted_gateways_go_direct_once_the_hole_punched_path_handshakes() {
+    if !ready() {
+        return;
+    }
+    let (_g, lab) = up("d");
+    let t = direct_path(&lab);
+    eprintln!("direct path hangzhou <-> qingdao {t:?} after the first full matrix");
+    // The two NAT routers talk to each other: each has a flow to the
+    // other's public address that got answers.
+    for (router, other) in [("hzrt", "203.0.113.30"), ("qdrt", "203.0.113.20")] {
+        let ct = lab
+            .sh(router, &["conntrack", "-L", "-p", "udp", "--dst", other])
+            .unwrap_or_default();
+        assert!(
+            ct.lines()
+                .any(|l| l.contains("dport=4500") && !l.contains("UNREPLIED")),
+            "{router}: no answered flow to {other}: {ct}"
+        );
+    }
+    converge(&lab, "on the direct path");
+}
+
+#[test]
+fn behind_a_symmetric_nat_the_relay_keeps_carrying_natted_gateways() {
+    if !ready() {
+        return;
+    }
+    let (_g, lab) = up_with("s", |lab| {
+        lab.make_nat_symmetric("qingdao").expect("symmetric NAT");
+    });
+    // The hub learns a mapping for qingdao's gateway and hangzhou tries it,
+    // but a symmetric NAT maps the direct flow to another port: no handshake.
+    wait_for(
+        "an observed endpoint for qingdao's gateway",
+        Duration::from_secs(30),
+        || {
+            lab.grpcurl("raven.v1.InspectService/GetTopology")
+                .unwrap_or_default()
+                .contains("\"observedEndpoint\": \"203.0.113.30:")
+        },
+    );
+    std::thread::sleep(Duration::from_secs(12));
+    assert_eq!(relayed(&lab, "h1", "q1"), Some(true), "{:#}", agents(&lab));
+    assert_eq!(relayed(&lab, "q1", "h1"), Some(true), "{:#}", agents(&lab));
+    converge(&lab, "through the relay behind a symmetric NAT");
+}
+
+/// Every pair among `shorts` answers; a pair that fails is tried once more
+/// (a lost ping is not a broken path).
+fn all_reach(lab: &Lab, shorts: &[&str]) -> Result<(), String> {
+    let m = lab.matrix_of(shorts);
+    if m.iter().all(|x| x.2) {
+        return Ok(());
+    }
+    let again = lab.matrix_of(shorts);
+    let broken: Vec<_> = m
+        .iter()
+        .zip(&again)
+        .filter(|(a, b)| !a.2 && !b.2)
+        .map(|(a, _)| format!("{} -> {}", a.0, a.1))
+        .collect();
+    if broken.is_empty() {
+        Ok(())
+    } else {
+        Err(broken.join(", "))
+    }
+}
+
+fn active_tunnel(lab: &Lab, gateway: &str) -> Option<String> {
+    let v: serde_json::Value =
+        serde_json::from_str(&lab.grpcurl("raven.v1.InspectService/GetTopology").ok()?).ok()?;
+    v["resources"]
+        .as_array()?
+        .iter()
+        .find(|r| r["name"] == format!("gateway/{gateway}"))?["gateway"]["activeTunnel"]["node"]
+        .as_str()
+        .map(str::to_owned)
+}
+
+#[test]
+fn with_the_hub_down_a_dead_gateway_fails_over_locally_and_the_returning_hub_keeps_it() {
+    if !ready() {
+        return;
+    }
+    let (_g, mut lab) = up("l");
+    // hz-2 becomes gw-hangzhou's second tunnel candidate; wait until every
+    // agent holds the topology that says so (with hz-2's key).
+    lab.edit_manifest(
+        "gateways.yaml",
+        "      port: 4500\n      type: tunnel\n---",
+        &format!(
+            "      port: 4500\n      type: tunnel\n    - nodeName: {}\n      underNAT: true\n      port: 4500\n      type: tunnel\n---",
+            name_of("h2")
+        ),
+    )
+    .expect("edit");
+    wait_for(
+        "hz-2's key in the topology",
+        Duration::from_secs(30),
+        || {
+            lab.grpcurl("raven.v1.InspectService/GetTopology")
+                .unwrap_or_default()
+                .contains(&format!("\"name\": \"peer/{}\"", name_of("h2")))
+        },
+    );
+    all_applied(&lab, hub_revision(&lab));
+
+    lab.kill_hub();
+    std::thread::sleep(Duration::from_secs(4)); // > 3 heartbeats: agents know
+    let t = Instant::now();
+    lab.power_off("h1").expect("power off hz-1");
+    let alive = ["c1", "c2", "h2", "q1", "q2"];
+    while let Err(broken) = all_reach(&lab, &alive) {
+        assert!(
+            t.elapsed() < Duration::from_secs(90),
+            "no failover to hz-2 within 90 s: {broken}\n{}",
+            lab.logs()
+        );
+    }
+    eprintln!(
+        "local failover (hub down): hz-1 powered off, every other node and pod reached again after {:?}",
+        t.elapsed()
+    );
+
+    // The hub comes back still believing in hz-1 (its manifests say Ready);
+    // it hears hz-2's takeover and keeps it. Traffic never flaps back.
+    lab.start_hub().expect("hub restarts");
+    let back = Instant::now();
+    let mut adopted = None;
+    // Sample until 10 s after the adoption (agents redial with backoff).
+    while back.elapsed() < Duration::from_secs(60)
+        && adopted.is_none_or(|at: Duration| back.elapsed() < at + Duration::from_secs(10))
+    {
+        if let Err(broken) = all_reach(&lab, &alive) {
+            panic!(
+                "traffic flapped {:?} after the hub returned: {broken}\n{}",
+                back.elapsed(),
+                lab.logs()
+            );
+        }
+        if adopted.is_none() && active_tunnel(&lab, "gw-hangzhou").as_deref() == Some(name_of("h2"))
+        {
+            adopted = Some(back.elapsed());
+        }
+    }
+    let adopted = adopted.unwrap_or_else(|| {
+        panic!(
+            "the hub did not adopt hz-2: {:?}\n{}",
+            active_tunnel(&lab, "gw-hangzhou"),
+            lab.logs()
+        )
+    });
+    eprintln!("returning hub adopted hz-2 after {adopted:?}; no flap before or in the 10 s after");
+    assert_eq!(
+        active_tunnel(&lab, "gw-hangzhou").as_deref(),
+        Some(name_of("h2")),
+        "the election keeps hz-2"
+    );
 }

@@ -76,9 +76,19 @@ fn main() -> std::process::ExitCode {
         Err(m) => (false, m),
     };
     println!("{}", Lab::render(&matrix));
-    println!(
-        "hangzhou <-> qingdao is relayed through the cloud gateway (both behind NAT); the rest is direct."
-    );
+    // NATed gateways start out relayed through the cloud gateway and move to
+    // a hole-punched direct path once it handshakes (a second or two).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut paths = lab.tunnel_paths();
+    while ok && paths.iter().any(|p| p.2) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(500));
+        paths = lab.tunnel_paths();
+    }
+    println!("tunnel paths (as the gateways report them to the hub):");
+    for (from, to, relayed, endpoint) in &paths {
+        let how = if *relayed { "relayed via" } else { "direct to" };
+        println!("  {from:>3} -> {to:<3} {how} {endpoint}");
+    }
     if !ok {
         eprintln!("{}", lab.logs());
     }
