@@ -53,6 +53,13 @@ fn key_report() -> AgentReport {
     }
 }
 
+/// A report saying its node sends `gateway`'s tunnel traffic to `node`.
+fn failover_report(gateway: &str, node: &str) -> AgentReport {
+    let mut r = key_report();
+    r.local_failover.insert(g(gateway), n(node));
+    r
+}
+
 #[test]
 fn a_candidate_that_reports_taking_over_becomes_the_elected_endpoint_and_stays() {
     let mut i = inputs();
@@ -61,9 +68,8 @@ fn a_candidate_that_reports_taking_over_becomes_the_elected_endpoint_and_stays()
         Some("n1a")
     );
 
-    let mut claim = key_report();
-    claim.local_failover.insert(g("gw-nat-1"), n("n1b"));
-    i.reports.insert(n("n1b"), claim);
+    i.reports
+        .insert(n("n1b"), failover_report("gw-nat-1", "n1b"));
     let c = compile(&i);
     assert_eq!(active_tunnel(&c, "gw-nat-1").as_deref(), Some("n1b"));
     assert!(
@@ -92,17 +98,15 @@ fn a_candidate_that_reports_taking_over_becomes_the_elected_endpoint_and_stays()
 fn only_the_claimant_itself_can_claim_a_gateway_and_only_while_ready() {
     let mut i = inputs();
     // A member reporting that it uses n1b is not n1b claiming.
-    let mut other = key_report();
-    other.local_failover.insert(g("gw-nat-1"), n("n1b"));
-    i.reports.insert(n("n1a"), other);
+    i.reports
+        .insert(n("n1a"), failover_report("gw-nat-1", "n1b"));
     assert_eq!(
         active_tunnel(&compile(&i), "gw-nat-1").as_deref(),
         Some("n1a")
     );
     // A NotReady claimant is ignored.
-    let mut claim = key_report();
-    claim.local_failover.insert(g("gw-nat-1"), n("n1b"));
-    i.reports.insert(n("n1b"), claim);
+    i.reports
+        .insert(n("n1b"), failover_report("gw-nat-1", "n1b"));
     if let Some(node) = i.nodes.get_mut(&n("n1b")) {
         node.ready = false;
     }

@@ -287,15 +287,12 @@ pub struct IndexHandle {
 impl IndexHandle {
     /// Runs `f` on the index and wakes the pipeline.
     pub fn update<R>(&self, f: impl FnOnce(&mut Index) -> R) -> R {
-        let r = {
-            let mut idx = self
-                .inner
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            f(&mut idx)
-        };
-        self.changed.notify_one();
-        r
+        let mut r = None;
+        self.update_if(|idx| {
+            r = Some(f(idx));
+            true
+        });
+        r.unwrap_or_else(|| unreachable!("update_if always runs its closure"))
     }
 
     /// Changes the index; wakes the pipeline only when `f` says it changed
