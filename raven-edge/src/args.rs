@@ -126,7 +126,7 @@ impl Args {
                 failover,
                 log_json,
             } => {
-                init_tracing(log_json);
+                raven_cli::init_tracing(log_json);
                 let node = node(&common)?;
                 let client = (!hubs.is_empty()).then(|| ClientConfig {
                     node: node.clone(),
@@ -159,7 +159,7 @@ impl Args {
                     let shutdown = CancellationToken::new();
                     let s = shutdown.clone();
                     tokio::spawn(async move {
-                        shutdown_signal().await;
+                        raven_cli::shutdown_signal().await;
                         s.cancel();
                     });
                     agent::run(cfg, shutdown).await
@@ -189,7 +189,7 @@ impl Args {
                 Ok(std::process::ExitCode::SUCCESS)
             }
             Command::Teardown => {
-                init_tracing(false);
+                raven_cli::init_tracing(false);
                 rt.block_on(
                     dataplane::Kernel::new(true).teardown(dataplane::model::DEFAULT_TUNNEL_DEV),
                 )?;
@@ -197,32 +197,5 @@ impl Args {
                 Ok(std::process::ExitCode::SUCCESS)
             }
         }
-    }
-}
-
-fn init_tracing(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        b.json().init();
-    } else {
-        b.init();
-    }
-}
-
-async fn shutdown_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
     }
 }

@@ -138,22 +138,8 @@ fn compile(dir: Option<&std::path::Path>, strict: bool) -> anyhow::Result<std::p
     })
 }
 
-/// Sets up logging: `RUST_LOG` filter, text or JSON.
-pub fn init_tracing(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
 fn serve(args: ServeArgs) -> anyhow::Result<std::process::ExitCode> {
-    init_tracing(args.log_json);
+    raven_cli::init_tracing(args.log_json);
     let layout = crate::certs::Layout {
         dir: args.certs.clone(),
     };
@@ -194,32 +180,11 @@ fn serve(args: ServeArgs) -> anyhow::Result<std::process::ExitCode> {
         let hub = crate::hub::start(config).await?;
         let shutdown = hub.shutdown.clone();
         tokio::spawn(async move {
-            shutdown_signal().await;
+            raven_cli::shutdown_signal().await;
             tracing::info!("shutting down");
             shutdown.cancel();
         });
         hub.wait().await;
         anyhow::Ok(std::process::ExitCode::SUCCESS)
     })
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
 }
