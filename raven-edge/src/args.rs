@@ -193,7 +193,7 @@ impl Args {
                 rt.block_on(
                     dataplane::Kernel::new(true).teardown(dataplane::model::DEFAULT_TUNNEL_DEV),
                 )?;
-                eprintln!("removed raven's links, routes and rules");
+                eprintln!("removed raven's links, routes, rules and skip-NAT rules");
                 Ok(std::process::ExitCode::SUCCESS)
             }
         }

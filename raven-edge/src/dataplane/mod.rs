@@ -11,10 +11,16 @@
 //! (VXLAN, VNI 1) and the addresses, neighbours and FDB entries on it,
 //! routes of protocol 82 in tables 9027 (remote prefixes) and 9028 (return
 //! routes on the gateway), and rules of priority 9027 and 9028 — see the
-//! constants in [`model`].
+//! constants in [`model`]. In the `nat` tables (iptables and ip6tables):
+//! the chains `RAVEN-SKIP-NAT` and `RAVEN-SKIP-NAT-DST` and the
+//! `POSTROUTING` rule jumping to them, which keep the CNI from masquerading
+//! traffic from this node's domain to remote domains — see [`skipnat`].
+//! They are applied after the routes; a failure there (no iptables on the
+//! host, say) is a warning of the reconcile, never a reason to skip routes.
 
 pub mod model;
 pub mod netlink;
+pub mod skipnat;
 
 use std::collections::BTreeMap;
 
@@ -122,7 +128,13 @@ impl Kernel {
         for w in &want.warnings {
             tracing::warn!(warning = %w, "dataplane");
         }
+        let skip_nat = skipnat::spec(inputs);
         if !self.write {
+            tracing::debug!(
+                v4_sources = skip_nat.v4.sources.len(),
+                v6_sources = skip_nat.v6.sources.len(),
+                "dry run: skip-NAT rules computed, not applied"
+            );
             return Ok(ReconcileReport {
                 ops_applied: 0,
                 summary: summary(&have),
@@ -138,19 +150,43 @@ impl Kernel {
         }
         let mut warnings = want.warnings;
         warnings.extend(applied.conflicts);
+        let nat = skipnat::apply(&skip_nat).await;
+        for e in &nat.errors {
+            tracing::warn!(error = %e, "skip-NAT");
+            warnings.push(format!("skip-NAT: {e}"));
+        }
         Ok(ReconcileReport {
-            ops_applied: applied.ops,
+            ops_applied: applied.ops + nat.changes,
             summary: summary(&want.state),
             warnings,
         })
     }
 
-    /// Removes every object raven owns from the kernel.
+    /// Removes every object raven owns from the kernel: the skip-NAT rules
+    /// too, also when removing the rest failed.
     pub async fn teardown(&self, tunnel_dev: &str) -> Result<usize, DataplaneError> {
-        let h = netlink::connect()?;
-        let have = netlink::observe(&h, tunnel_dev).await?;
-        let ops = plan(&State::default(), &have);
-        Ok(netlink::apply(&h, &ops, tunnel_dev).await?.ops)
+        let routes = async {
+            let h = netlink::connect()?;
+            let have = netlink::observe(&h, tunnel_dev).await?;
+            let ops = plan(&State::default(), &have);
+            Ok::<_, DataplaneError>(netlink::apply(&h, &ops, tunnel_dev).await?.ops)
+        }
+        .await;
+        let nat = skipnat::teardown().await;
+        let ops = routes?;
+        if !nat.errors.is_empty() {
+            let reason = nat
+                .errors
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; ");
+            return Err(DataplaneError::Invalid {
+                op: "removing the skip-NAT rules".into(),
+                reason,
+            });
+        }
+        Ok(ops + nat.changes)
     }
 }
 

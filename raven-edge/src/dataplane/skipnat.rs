@@ -1,0 +1,866 @@
+//! Skip-NAT: traffic between raven domains keeps its source address.
+//!
+//! A CNI masquerades what leaves the node (flannel's `FLANNEL-POSTRTG`,
+//! calico's `natOutgoing`, kube-proxy's `KUBE-POSTROUTING`): all of it in
+//! the `nat` table's `POSTROUTING` chain. Rewriting the source of a packet
+//! from this node's domain to a remote domain would hide the pod behind the
+//! node and break replies routed back by pod address, so raven ends the
+//! chain first for exactly that traffic:
+//!
+//! ```text
+//! POSTROUTING  1: -m comment --comment "raven: …" -j RAVEN-SKIP-NAT   (then the CNI's rules)
+//! RAVEN-SKIP-NAT      -s <each prefix of my domain>   -j RAVEN-SKIP-NAT-DST
+//! RAVEN-SKIP-NAT-DST  -d <each remote domain prefix>  -j ACCEPT
+//! ```
+//!
+//! `ACCEPT` in a `nat` chain ends the traversal of `POSTROUTING` without
+//! NAT, so the rule count is sources + destinations, not their product.
+//! Sources are my gateway's prefixes (members' addresses, pod subnets,
+//! extra source CIDRs); destinations are the remote prefixes raven routes
+//! (the same filter as the routes in [`super::model::desired`]: a remote
+//! host prefix that is one of my members or a tunnel endpoint's public
+//! address is not routed to a remote domain, so it is not exempted either).
+//!
+//! Programmed with the `iptables`/`ip6tables` binaries, which pick the
+//! host's backend (nft or legacy) the way the CNI's own tools do. Raven owns
+//! the two chains and every `POSTROUTING` rule jumping to `RAVEN-SKIP-NAT`;
+//! nothing else is read beyond `POSTROUTING` or ever changed. Level-
+//! triggered: observe (`iptables -t nat -S CHAIN`) → [`plan`] (pure) → one
+//! atomic `iptables-restore --noflush` that redeclares (flushes and refills)
+//! only the chains whose content differs, and adds the jump when missing.
+//! A jump already present is left where it is, also when another tool has
+//! since inserted rules above it: moving it back to the top would fight
+//! CNIs that keep their own jump first (calico's insert mode).
+
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+use std::net::IpAddr;
+use std::process::{Output, Stdio};
+
+use ipnet::IpNet;
+use tokio::io::AsyncWriteExt;
+
+use super::model::NodeInputs;
+
+/// The chain `POSTROUTING` jumps to: one rule per source prefix.
+pub const CHAIN: &str = "RAVEN-SKIP-NAT";
+/// The chain of destinations: one `ACCEPT` per remote prefix.
+pub const DST_CHAIN: &str = "RAVEN-SKIP-NAT-DST";
+/// The comment on raven's jump in `POSTROUTING`.
+pub const COMMENT: &str = "raven: no CNI masquerade between raven domains";
+/// Seconds to wait for the xtables lock (legacy backend; nft ignores it).
+const WAIT_SECONDS: &str = "5";
+
+/// An address family, and the binaries that program it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    pub const ALL: [Family; 2] = [Family::V4, Family::V6];
+
+    pub fn iptables(self) -> &'static str {
+        match self {
+            Family::V4 => "iptables",
+            Family::V6 => "ip6tables",
+        }
+    }
+
+    pub fn restore(self) -> &'static str {
+        match self {
+            Family::V4 => "iptables-restore",
+            Family::V6 => "ip6tables-restore",
+        }
+    }
+
+    fn of(net: &IpNet) -> Self {
+        match net {
+            IpNet::V4(_) => Family::V4,
+            IpNet::V6(_) => Family::V6,
+        }
+    }
+}
+
+/// The skip-NAT rules of one family: traffic from any source to any
+/// destination is not masqueraded. Both sorted, aggregated, host bits
+/// cleared; both empty when either would be (no rules at all).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Rules {
+    pub sources: Vec<IpNet>,
+    pub destinations: Vec<IpNet>,
+}
+
+impl Rules {
+    pub fn is_empty(&self) -> bool {
+        self.sources.is_empty()
+    }
+
+    /// `-A` lines of [`CHAIN`], exactly as `iptables -S` prints them.
+    pub fn source_lines(&self) -> Vec<String> {
+        self.sources
+            .iter()
+            .map(|s| format!("-A {CHAIN}{} -j {DST_CHAIN}", addr_match("-s", s)))
+            .collect()
+    }
+
+    /// `-A` lines of [`DST_CHAIN`], exactly as `iptables -S` prints them.
+    pub fn destination_lines(&self) -> Vec<String> {
+        self.destinations
+            .iter()
+            .map(|d| format!("-A {DST_CHAIN}{} -j ACCEPT", addr_match("-d", d)))
+            .collect()
+    }
+}
+
+/// ` -s NET`, or nothing for a catch-all prefix (`iptables -S` omits it).
+fn addr_match(flag: &str, net: &IpNet) -> String {
+    if net.prefix_len() == 0 {
+        String::new()
+    } else {
+        format!(" {flag} {net}")
+    }
+}
+
+/// raven's jump from `POSTROUTING`, as `iptables -S` prints it.
+pub fn jump_line() -> String {
+    format!("-A POSTROUTING -m comment --comment \"{COMMENT}\" -j {CHAIN}")
+}
+
+/// The node's skip-NAT rules, per family.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SkipNat {
+    pub v4: Rules,
+    pub v6: Rules,
+}
+
+impl SkipNat {
+    pub fn family(&self, f: Family) -> &Rules {
+        match f {
+            Family::V4 => &self.v4,
+            Family::V6 => &self.v6,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.v4.is_empty() && self.v6.is_empty()
+    }
+}
+
+/// The skip-NAT rules `inputs` call for: from my gateway's prefixes to
+/// every other gateway's. Empty when the node belongs to no gateway (or
+/// to one the topology does not list) or there is no remote domain. Pure;
+/// independent of the order of gateways, members and prefixes.
+pub fn spec(inputs: &NodeInputs) -> SkipNat {
+    let Some(gw_name) = inputs.me.as_ref().and_then(|me| me.gateway.as_ref()) else {
+        return SkipNat::default();
+    };
+    let Some(my_gw) = inputs.gateways.iter().find(|g| &g.name == gw_name) else {
+        return SkipNat::default();
+    };
+    let sources: Vec<IpNet> = raven_core::compile::gateway_prefixes(my_gw).collect();
+    let own: BTreeSet<IpAddr> = my_gw.members.iter().map(|m| m.private_ip).collect();
+    let endpoints: BTreeSet<IpAddr> = inputs
+        .gateways
+        .iter()
+        .flat_map(|g| g.tunnel_candidates.iter().chain(g.active_tunnel.iter()))
+        .filter_map(|e| e.public_ip)
+        .collect();
+    let destinations: Vec<IpNet> =
+        raven_core::compile::remote_prefixes_of(&inputs.gateways, gw_name)
+            .into_iter()
+            .filter(|p| {
+                let host = p.prefix_len() == p.max_prefix_len();
+                !(host && (own.contains(&p.addr()) || endpoints.contains(&p.addr())))
+            })
+            .collect();
+    let family = |f: Family| {
+        let pick = |nets: &[IpNet]| -> Vec<IpNet> {
+            let nets: Vec<IpNet> = nets
+                .iter()
+                .filter(|n| Family::of(n) == f)
+                .copied()
+                .collect();
+            IpNet::aggregate(&nets)
+        };
+        let rules = Rules {
+            sources: pick(&sources),
+            destinations: pick(&destinations),
+        };
+        if rules.sources.is_empty() || rules.destinations.is_empty() {
+            Rules::default()
+        } else {
+            rules
+        }
+    };
+    SkipNat {
+        v4: family(Family::V4),
+        v6: family(Family::V6),
+    }
+}
+
+/// Raven's part of one family's `nat` table, as `iptables -S` prints it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Observed {
+    /// The `POSTROUTING` rules jumping to [`CHAIN`].
+    pub jumps: Vec<String>,
+    /// The `-A` lines of [`CHAIN`]; `None` when the chain does not exist.
+    pub sources: Option<Vec<String>>,
+    /// The `-A` lines of [`DST_CHAIN`]; `None` when the chain does not exist.
+    pub destinations: Option<Vec<String>>,
+}
+
+/// The rules of `POSTROUTING` (`iptables -S POSTROUTING` output) that jump
+/// to [`CHAIN`].
+pub fn parse_jumps(postrouting: &str) -> Vec<String> {
+    postrouting
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("-A POSTROUTING "))
+        .filter(|l| {
+            let t: Vec<&str> = l.split_whitespace().collect();
+            t.windows(2)
+                .last()
+                .is_some_and(|w| (w[0] == "-j" || w[0] == "--jump") && w[1] == CHAIN)
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The rules of a chain (`iptables -S CHAIN` output), without its `-N`.
+pub fn parse_chain(listing: &str) -> Vec<String> {
+    listing
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("-A "))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// One atomic change of a family's `nat` table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Restore {
+    /// Input for `iptables-restore --noflush`.
+    pub script: String,
+    /// Chains rebuilt or removed, plus jumps added or removed.
+    pub changes: usize,
+}
+
+/// What turns `observed` into `desired`; `None` when they already agree.
+/// A chain is redeclared (flushed and refilled in the same transaction)
+/// only when its rules differ; an exact jump is kept wherever it stands;
+/// empty rules remove the jumps and both chains. Pure.
+pub fn plan(desired: &Rules, observed: &Observed) -> Option<Restore> {
+    let mut declare = String::new();
+    let mut body = String::new();
+    let mut changes = 0;
+    let delete = |body: &mut String, jump: &str| {
+        if let Some(rest) = jump.strip_prefix("-A ") {
+            let _ = writeln!(body, "-D {rest}");
+        }
+    };
+    if desired.is_empty() {
+        for j in &observed.jumps {
+            delete(&mut body, j);
+            changes += 1;
+        }
+        let present: Vec<&str> = [
+            (CHAIN, observed.sources.is_some()),
+            (DST_CHAIN, observed.destinations.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(c, p)| p.then_some(c))
+        .collect();
+        // Flush all before deleting any: CHAIN's rules reference DST_CHAIN.
+        for c in &present {
+            let _ = writeln!(body, "-F {c}");
+        }
+        for c in &present {
+            let _ = writeln!(body, "-X {c}");
+            changes += 1;
+        }
+    } else {
+        for (chain, want, have) in [
+            (
+                DST_CHAIN,
+                desired.destination_lines(),
+                &observed.destinations,
+            ),
+            (CHAIN, desired.source_lines(), &observed.sources),
+        ] {
+            if have.as_ref() == Some(&want) {
+                continue;
+            }
+            let _ = writeln!(declare, ":{chain} - [0:0]");
+            for l in want {
+                let _ = writeln!(body, "{l}");
+            }
+            changes += 1;
+        }
+        let jump = jump_line();
+        let mut kept = false;
+        for j in &observed.jumps {
+            if *j == jump && !kept {
+                kept = true;
+            } else {
+                delete(&mut body, j);
+                changes += 1;
+            }
+        }
+        if !kept {
+            let rest = jump.strip_prefix("-A POSTROUTING").unwrap_or_default();
+            let _ = writeln!(body, "-I POSTROUTING 1{rest}");
+            changes += 1;
+        }
+    }
+    (changes > 0).then(|| Restore {
+        script: format!("*nat\n{declare}{body}COMMIT\n"),
+        changes,
+    })
+}
+
+/// Programming skip-NAT failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SkipNatError {
+    #[error(
+        "{binary} not found: install iptables so the CNI does not masquerade traffic between raven domains"
+    )]
+    NotInstalled { binary: &'static str },
+    #[error("could not run `{command}`: {source}")]
+    Spawn {
+        command: String,
+        source: std::io::Error,
+    },
+    #[error("`{command}` failed ({status}): {stderr}")]
+    Failed {
+        command: String,
+        status: String,
+        stderr: String,
+    },
+}
+
+/// Runs `binary args`, feeding `stdin`. Spawned from the calling thread,
+/// so it runs in that thread's network namespace.
+async fn run(
+    binary: &'static str,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> Result<Output, SkipNatError> {
+    let command = format!("{binary} {}", args.join(" "));
+    let mut cmd = tokio::process::Command::new(binary);
+    cmd.args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().map_err(|source| {
+        if source.kind() == std::io::ErrorKind::NotFound {
+            SkipNatError::NotInstalled { binary }
+        } else {
+            SkipNatError::Spawn {
+                command: command.clone(),
+                source,
+            }
+        }
+    })?;
+    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(input.as_bytes())
+            .await
+            .map_err(|source| SkipNatError::Spawn {
+                command: command.clone(),
+                source,
+            })?;
+    }
+    child
+        .wait_with_output()
+        .await
+        .map_err(|source| SkipNatError::Spawn { command, source })
+}
+
+fn failed(binary: &str, args: &[&str], out: &Output) -> SkipNatError {
+    SkipNatError::Failed {
+        command: format!("{binary} {}", args.join(" ")),
+        status: out.status.to_string(),
+        stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+    }
+}
+
+/// `iptables -S CHAIN` in the `nat` table; `None` when the chain does not
+/// exist (exit status 1 with one of the backends' "no such chain" texts;
+/// iptables-nft 1.8.9 calls a missing chain "incompatible").
+async fn list_chain(family: Family, chain: &str) -> Result<Option<String>, SkipNatError> {
+    let binary = family.iptables();
+    let args = ["-w", WAIT_SECONDS, "-t", "nat", "-S", chain];
+    let out = run(binary, &args, None).await?;
+    if out.status.success() {
+        return Ok(Some(String::from_utf8_lossy(&out.stdout).into_owned()));
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let missing = ["No chain/target/match", "does not exist", "incompatible"]
+        .iter()
+        .any(|m| stderr.contains(m));
+    if out.status.code() == Some(1) && missing {
+        Ok(None)
+    } else {
+        Err(failed(binary, &args, &out))
+    }
+}
+
+/// Raven's skip-NAT objects of `family` in the current namespace.
+pub async fn observe(family: Family) -> Result<Observed, SkipNatError> {
+    let postrouting = list_chain(family, "POSTROUTING").await?.unwrap_or_default();
+    Ok(Observed {
+        jumps: parse_jumps(&postrouting),
+        sources: list_chain(family, CHAIN).await?.as_deref().map(parse_chain),
+        destinations: list_chain(family, DST_CHAIN)
+            .await?
+            .as_deref()
+            .map(parse_chain),
+    })
+}
+
+/// Observe → plan → restore for one family; the changes made.
+pub async fn apply_family(family: Family, rules: &Rules) -> Result<usize, SkipNatError> {
+    let observed = match observe(family).await {
+        Ok(o) => o,
+        // Without the binary there is nothing of raven's to remove.
+        Err(SkipNatError::NotInstalled { .. }) if rules.is_empty() => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    let Some(restore) = plan(rules, &observed) else {
+        return Ok(0);
+    };
+    let binary = family.restore();
+    let args = ["-w", WAIT_SECONDS, "--noflush"];
+    let out = run(binary, &args, Some(&restore.script)).await?;
+    if !out.status.success() {
+        return Err(failed(binary, &args, &out));
+    }
+    Ok(restore.changes)
+}
+
+/// The outcome of [`apply`]: one family failing does not stop the other.
+#[derive(Debug, Default)]
+pub struct Applied {
+    pub changes: usize,
+    pub errors: Vec<SkipNatError>,
+}
+
+/// Makes the current namespace's `nat` tables hold exactly `spec`.
+pub async fn apply(spec: &SkipNat) -> Applied {
+    let mut out = Applied::default();
+    for f in Family::ALL {
+        match apply_family(f, spec.family(f)).await {
+            Ok(n) => out.changes += n,
+            Err(e) => out.errors.push(e),
+        }
+    }
+    out
+}
+
+/// Removes raven's jumps and chains from both families' `nat` tables.
+pub async fn teardown() -> Applied {
+    apply(&SkipNat::default()).await
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use raven_core::topology::{
+        EndpointType, ExposeType, GatewayEndpoint, GatewayView, Member, NodeView,
+    };
+    use raven_core::{GatewayName, NodeName};
+
+    use super::*;
+
+    fn net(s: &str) -> IpNet {
+        s.parse().expect("cidr")
+    }
+
+    fn nets(s: &[&str]) -> Vec<IpNet> {
+        s.iter().map(|s| net(s)).collect()
+    }
+
+    fn member(n: &str, ip: &str, subnets: &[&str]) -> Member {
+        Member {
+            node: NodeName::new(n).expect("node"),
+            private_ip: ip.parse().expect("ip"),
+            subnets: nets(subnets),
+            ready: true,
+        }
+    }
+
+    fn gateway(name: &str, members: Vec<Member>) -> GatewayView {
+        GatewayView {
+            name: GatewayName::new(name).expect("gw"),
+            expose_type: ExposeType::None,
+            under_nat: true,
+            active_tunnel: None,
+            members,
+            tunnel_candidates: vec![],
+            active_proxies: vec![],
+            extra_source_cidrs: vec![],
+            relay: None,
+        }
+    }
+
+    /// Node `hz-2` of `gw-hangzhou`; `gw-qingdao` is the remote domain.
+    fn inputs() -> NodeInputs {
+        let mut hz = gateway(
+            "gw-hangzhou",
+            vec![
+                member("hz-gw", "172.16.2.103", &["10.244.1.0/24", "fd10:1::/64"]),
+                member("hz-2", "172.16.2.104", &["10.244.2.0/24"]),
+            ],
+        );
+        hz.extra_source_cidrs = nets(&["192.168.50.0/24"]);
+        NodeInputs {
+            me: Some(NodeView {
+                name: NodeName::new("hz-2").expect("node"),
+                gateway: Some(hz.name.clone()),
+                private_ip: Some("172.16.2.104".parse().expect("ip")),
+                subnets: vec![],
+                tunnel_active: false,
+                tunnel_candidate: false,
+                proxy_active: false,
+            }),
+            gateways: vec![
+                hz,
+                gateway(
+                    "gw-qingdao",
+                    vec![member(
+                        "qd-gw",
+                        "172.16.1.89",
+                        &["10.244.3.0/24", "fd10:3::/64"],
+                    )],
+                ),
+            ],
+            settings: None,
+            active_override: BTreeMap::new(),
+            underlay_mtu: 1500,
+            tunnel_dev: "raven-wg0".into(),
+            tunnel_up: false,
+        }
+    }
+
+    #[test]
+    fn sources_are_my_domains_prefixes_and_destinations_the_remote_ones_per_family() {
+        let s = spec(&inputs());
+        assert_eq!(
+            s.v4.sources,
+            nets(&[
+                "10.244.1.0/24",
+                "10.244.2.0/24",
+                "172.16.2.103/32",
+                "172.16.2.104/32",
+                "192.168.50.0/24",
+            ])
+        );
+        assert_eq!(
+            s.v4.destinations,
+            nets(&["10.244.3.0/24", "172.16.1.89/32"])
+        );
+        assert_eq!(s.v6.sources, nets(&["fd10:1::/64"]));
+        assert_eq!(s.v6.destinations, nets(&["fd10:3::/64"]));
+    }
+
+    #[test]
+    fn no_rules_without_a_gateway_or_without_a_remote_domain() {
+        let mut n = inputs();
+        n.me = None;
+        assert!(spec(&n).is_empty(), "unknown node");
+
+        let mut n = inputs();
+        if let Some(me) = &mut n.me {
+            me.gateway = None;
+        }
+        assert!(spec(&n).is_empty(), "node in no gateway");
+
+        let mut n = inputs();
+        if let Some(me) = &mut n.me {
+            me.gateway = Some(GatewayName::new("gw-gone").expect("gw"));
+        }
+        assert!(spec(&n).is_empty(), "gateway missing from the topology");
+
+        let mut n = inputs();
+        n.gateways.truncate(1);
+        assert!(spec(&n).is_empty(), "no remote domain");
+    }
+
+    #[test]
+    fn a_family_without_remote_destinations_gets_no_rules() {
+        let mut n = inputs();
+        n.gateways[1].members[0].subnets = nets(&["10.244.3.0/24"]);
+        let s = spec(&n);
+        assert!(!s.v4.is_empty());
+        assert_eq!(s.v6, Rules::default(), "IPv6 sources but no IPv6 remote");
+        let mut n = inputs();
+        n.gateways[1].members[0].subnets = nets(&["fd10:3::/64"]);
+        n.gateways[1].members[0].private_ip = "fd00::89".parse().expect("ip");
+        assert_eq!(spec(&n).v4, Rules::default(), "no IPv4 remote");
+    }
+
+    #[test]
+    fn remote_hosts_that_are_my_members_or_tunnel_endpoints_stay_masqueraded() {
+        let mut n = inputs();
+        // Overlapping private ranges across NATs: a remote member shares
+        // hz-gw's address; and qd-gw's public endpoint is its node address.
+        n.gateways[1]
+            .members
+            .push(member("qd-2", "172.16.2.103", &["10.244.4.0/24"]));
+        n.gateways[1].active_tunnel = Some(GatewayEndpoint {
+            node: NodeName::new("qd-gw").expect("node"),
+            type_: EndpointType::Tunnel,
+            port: 4500,
+            under_nat: false,
+            nat_type: String::new(),
+            public_ip: Some("172.16.1.89".parse().expect("ip")),
+            public_port: None,
+            config: BTreeMap::new(),
+        });
+        assert_eq!(
+            spec(&n).v4.destinations,
+            nets(&["10.244.3.0/24", "10.244.4.0/24"])
+        );
+    }
+
+    #[test]
+    fn prefixes_are_normalised_deduplicated_and_aggregated() {
+        let mut n = inputs();
+        n.gateways[0].extra_source_cidrs = nets(&["10.244.1.7/24", "10.244.0.0/16"]);
+        n.gateways[1].members[0].subnets = nets(&["10.245.3.9/24", "10.245.3.0/24"]);
+        let s = spec(&n);
+        assert_eq!(
+            s.v4.sources,
+            nets(&["10.244.0.0/16", "172.16.2.103/32", "172.16.2.104/32"])
+        );
+        assert_eq!(
+            s.v4.destinations,
+            nets(&["10.245.3.0/24", "172.16.1.89/32"])
+        );
+    }
+
+    #[test]
+    fn spec_does_not_depend_on_input_order() {
+        let n = inputs();
+        let mut r = n.clone();
+        r.gateways.reverse();
+        for g in &mut r.gateways {
+            g.members.reverse();
+            for m in &mut g.members {
+                m.subnets.reverse();
+            }
+        }
+        assert_eq!(spec(&n), spec(&r));
+    }
+
+    /// The lines below are what iptables 1.8.9 (nft and legacy) prints for
+    /// these rules with `-S`: anything else would rebuild the chains on
+    /// every reconcile.
+    #[test]
+    fn rendered_rules_match_iptables_listing_format() {
+        let r = Rules {
+            sources: nets(&["0.0.0.0/0", "172.16.2.103/32"]),
+            destinations: nets(&["10.3.0.0/16"]),
+        };
+        assert_eq!(
+            r.source_lines(),
+            vec![
+                "-A RAVEN-SKIP-NAT -j RAVEN-SKIP-NAT-DST",
+                "-A RAVEN-SKIP-NAT -s 172.16.2.103/32 -j RAVEN-SKIP-NAT-DST",
+            ]
+        );
+        assert_eq!(
+            r.destination_lines(),
+            vec!["-A RAVEN-SKIP-NAT-DST -d 10.3.0.0/16 -j ACCEPT"]
+        );
+        let v6 = Rules {
+            sources: nets(&["fd10:0:0:1::5/128"]),
+            destinations: nets(&["fd10:2::/64"]),
+        };
+        assert_eq!(
+            v6.source_lines(),
+            vec!["-A RAVEN-SKIP-NAT -s fd10:0:0:1::5/128 -j RAVEN-SKIP-NAT-DST"]
+        );
+        assert_eq!(
+            v6.destination_lines(),
+            vec!["-A RAVEN-SKIP-NAT-DST -d fd10:2::/64 -j ACCEPT"]
+        );
+        assert_eq!(
+            jump_line(),
+            "-A POSTROUTING -m comment --comment \"raven: no CNI masquerade between raven domains\" -j RAVEN-SKIP-NAT"
+        );
+    }
+
+    #[test]
+    fn listings_are_parsed_into_ravens_jumps_and_chain_rules() {
+        let postrouting = format!(
+            "-P POSTROUTING ACCEPT\n{}\n-A POSTROUTING -j RAVEN-SKIP-NAT-DST\n\
+             -A POSTROUTING -m comment --comment \"old\" -j RAVEN-SKIP-NAT\n\
+             -A POSTROUTING -s 10.244.0.0/16 -j MASQUERADE\n",
+            jump_line()
+        );
+        assert_eq!(
+            parse_jumps(&postrouting),
+            vec![
+                jump_line(),
+                "-A POSTROUTING -m comment --comment \"old\" -j RAVEN-SKIP-NAT".to_owned()
+            ]
+        );
+        assert_eq!(
+            parse_chain(
+                "-N RAVEN-SKIP-NAT\n-A RAVEN-SKIP-NAT -s 10.0.0.0/8 -j RAVEN-SKIP-NAT-DST\n"
+            ),
+            vec!["-A RAVEN-SKIP-NAT -s 10.0.0.0/8 -j RAVEN-SKIP-NAT-DST"]
+        );
+    }
+
+    fn rules() -> Rules {
+        Rules {
+            sources: nets(&["10.244.1.0/24", "10.244.2.0/24"]),
+            destinations: nets(&["10.244.3.0/24"]),
+        }
+    }
+
+    fn in_place(r: &Rules) -> Observed {
+        Observed {
+            jumps: vec![jump_line()],
+            sources: Some(r.source_lines()),
+            destinations: Some(r.destination_lines()),
+        }
+    }
+
+    #[test]
+    fn fresh_table_gets_both_chains_and_the_jump_in_one_transaction() {
+        let p = plan(&rules(), &Observed::default()).expect("changes");
+        assert_eq!(p.changes, 3);
+        assert_eq!(
+            p.script,
+            format!(
+                "*nat\n:RAVEN-SKIP-NAT-DST - [0:0]\n:RAVEN-SKIP-NAT - [0:0]\n\
+                 -A RAVEN-SKIP-NAT-DST -d 10.244.3.0/24 -j ACCEPT\n\
+                 -A RAVEN-SKIP-NAT -s 10.244.1.0/24 -j RAVEN-SKIP-NAT-DST\n\
+                 -A RAVEN-SKIP-NAT -s 10.244.2.0/24 -j RAVEN-SKIP-NAT-DST\n\
+                 -I POSTROUTING 1 -m comment --comment \"{COMMENT}\" -j RAVEN-SKIP-NAT\n\
+                 COMMIT\n"
+            )
+        );
+    }
+
+    #[test]
+    fn matching_table_plans_nothing() {
+        assert_eq!(plan(&rules(), &in_place(&rules())), None);
+        assert_eq!(plan(&Rules::default(), &Observed::default()), None);
+    }
+
+    #[test]
+    fn only_the_chain_that_differs_is_rebuilt() {
+        let mut want = rules();
+        want.destinations.push(net("10.244.4.0/24"));
+        let p = plan(&want, &in_place(&rules())).expect("changes");
+        assert_eq!(p.changes, 1);
+        assert_eq!(
+            p.script,
+            "*nat\n:RAVEN-SKIP-NAT-DST - [0:0]\n\
+             -A RAVEN-SKIP-NAT-DST -d 10.244.3.0/24 -j ACCEPT\n\
+             -A RAVEN-SKIP-NAT-DST -d 10.244.4.0/24 -j ACCEPT\n\
+             COMMIT\n"
+        );
+        // A hand-edited rule order counts as different.
+        let mut have = in_place(&rules());
+        if let Some(s) = &mut have.sources {
+            s.reverse();
+        }
+        let p = plan(&rules(), &have).expect("changes");
+        assert!(
+            p.script.contains(":RAVEN-SKIP-NAT - [0:0]\n"),
+            "{}",
+            p.script
+        );
+        assert!(!p.script.contains(":RAVEN-SKIP-NAT-DST"), "{}", p.script);
+    }
+
+    #[test]
+    fn missing_jump_is_inserted_first_and_stale_or_duplicate_jumps_removed() {
+        let mut have = in_place(&rules());
+        have.jumps.clear();
+        let p = plan(&rules(), &have).expect("changes");
+        assert_eq!(p.changes, 1);
+        assert_eq!(
+            p.script,
+            format!(
+                "*nat\n-I POSTROUTING 1 -m comment --comment \"{COMMENT}\" -j RAVEN-SKIP-NAT\nCOMMIT\n"
+            )
+        );
+
+        let stale = "-A POSTROUTING -m comment --comment \"old\" -j RAVEN-SKIP-NAT".to_owned();
+        have.jumps = vec![stale, jump_line(), jump_line()];
+        let p = plan(&rules(), &have).expect("changes");
+        assert_eq!(p.changes, 2);
+        assert_eq!(
+            p.script,
+            format!(
+                "*nat\n-D POSTROUTING -m comment --comment \"old\" -j RAVEN-SKIP-NAT\n\
+                 -D POSTROUTING -m comment --comment \"{COMMENT}\" -j RAVEN-SKIP-NAT\nCOMMIT\n"
+            ),
+            "one exact jump stays where it is"
+        );
+    }
+
+    #[test]
+    fn empty_rules_remove_the_jumps_then_both_chains() {
+        let p = plan(&Rules::default(), &in_place(&rules())).expect("changes");
+        assert_eq!(p.changes, 3);
+        assert_eq!(
+            p.script,
+            format!(
+                "*nat\n-D POSTROUTING -m comment --comment \"{COMMENT}\" -j RAVEN-SKIP-NAT\n\
+                 -F RAVEN-SKIP-NAT\n-F RAVEN-SKIP-NAT-DST\n\
+                 -X RAVEN-SKIP-NAT\n-X RAVEN-SKIP-NAT-DST\nCOMMIT\n"
+            )
+        );
+        // Only what exists is removed (-X of a missing chain fails the
+        // whole transaction).
+        let leftover = Observed {
+            destinations: Some(vec![]),
+            ..Observed::default()
+        };
+        let p = plan(&Rules::default(), &leftover).expect("changes");
+        assert_eq!(
+            p.script,
+            "*nat\n-F RAVEN-SKIP-NAT-DST\n-X RAVEN-SKIP-NAT-DST\nCOMMIT\n"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_missing_binary_is_reported_by_name() {
+        let e = run("raven-no-such-iptables", &["-S"], None)
+            .await
+            .expect_err("not installed");
+        assert!(matches!(e, SkipNatError::NotInstalled { .. }), "{e:?}");
+        assert!(
+            e.to_string()
+                .starts_with("raven-no-such-iptables not found"),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failing_command_is_reported_with_its_arguments_and_stderr() {
+        let out = run("sh", &["-c", "echo boom >&2; exit 3"], None)
+            .await
+            .expect("ran");
+        let e = failed("sh", &["-c", "x"], &out);
+        let text = e.to_string();
+        assert!(
+            text.contains("`sh -c x` failed") && text.contains("boom"),
+            "{text}"
+        );
+    }
+}

@@ -1,0 +1,475 @@
+//! Skip-NAT against real `nat` tables: a node namespace and a peer
+//! namespace joined by a veth pair, a catch-all `MASQUERADE` in the node's
+//! `POSTROUTING` standing in for the CNI, and UDP datagrams from a local
+//! pod address whose source the peer reports. Every name carries a per-run
+//! prefix (`rsn<pid % 10000><n>`); the namespaces are deleted by name on
+//! drop, also when a test fails. Needs root and iptables/ip6tables; skipped
+//! (with a message) otherwise, unless `RAVEN_REQUIRE_TOOLS=1`.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, UdpSocket};
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use raven_core::topology::{
+    EndpointType, ExposeType, GatewayEndpoint, GatewayView, Member, NodeView, Settings,
+};
+use raven_core::{GatewayName, NodeName};
+use raven_edge::dataplane::{Kernel, NodeInputs, ReconcileReport};
+use support::must;
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// The node's underlay address (on the veth) and its local pod addresses.
+const NODE: &str = "192.168.77.1";
+const NODE6: &str = "fd00:77::1";
+const POD: &str = "10.244.1.5";
+const POD6: &str = "fd10:1::5";
+/// A pod of the remote domain, and an address no raven domain holds; both
+/// live in the peer namespace.
+const REMOTE_POD: &str = "10.244.3.7";
+const REMOTE_POD6: &str = "fd10:3::7";
+const OUTSIDE: &str = "10.99.0.7";
+const OUTSIDE6: &str = "fd99::7";
+
+fn ready() -> bool {
+    let root = nix::unistd::Uid::effective().is_root();
+    let tools = ["iptables", "ip6tables", "iptables-save", "ip6tables-save"]
+        .iter()
+        .all(|t| Command::new(t).arg("--version").output().is_ok());
+    if !(root && tools) {
+        assert!(
+            std::env::var_os("RAVEN_REQUIRE_TOOLS").is_none(),
+            "skip-NAT kernel tests need root and iptables (RAVEN_REQUIRE_TOOLS is set)"
+        );
+        eprintln!("skipped: skip-NAT kernel tests need root and iptables");
+    }
+    root && tools
+}
+
+/// Runs `args` inside namespace `ns` and fails the test if it fails.
+fn exec(ns: &str, args: &[&str]) -> String {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns])
+        .args(args)
+        .output()
+        .expect("ip netns exec");
+    assert!(
+        out.status.success(),
+        "{args:?} in {ns}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8")
+}
+
+/// The node namespace `a` and the peer namespace `b`; deleted on drop.
+struct Pair {
+    a: String,
+    b: String,
+    /// The namespaces this pair added: only these are deleted.
+    created: Vec<String>,
+}
+
+impl Pair {
+    fn new() -> Self {
+        let prefix = format!(
+            "rsn{}{}",
+            std::process::id() % 10000,
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let mut pair = Self {
+            a: format!("{prefix}a"),
+            b: format!("{prefix}b"),
+            created: Vec::new(),
+        };
+        // The guard exists before anything is created: a failure below
+        // still deletes whatever was made (and nothing else).
+        for ns in [pair.a.clone(), pair.b.clone()] {
+            must(&["netns", "add", &ns]);
+            pair.created.push(ns);
+        }
+        let (a, b) = (pair.a.as_str(), pair.b.as_str());
+        let (va, vb) = (format!("{prefix}x"), format!("{prefix}y"));
+        must(&[
+            "-n", a, "link", "add", &va, "type", "veth", "peer", "name", &vb, "netns", b,
+        ]);
+        for (ns, dev, addr, addr6, pods) in [
+            (a, &va, "192.168.77.1/24", "fd00:77::1/64", vec![POD, POD6]),
+            (
+                b,
+                &vb,
+                "192.168.77.2/24",
+                "fd00:77::2/64",
+                vec![REMOTE_POD, REMOTE_POD6, OUTSIDE, OUTSIDE6],
+            ),
+        ] {
+            must(&["-n", ns, "addr", "add", addr, "dev", dev]);
+            must(&["-n", ns, "addr", "add", addr6, "dev", dev, "nodad"]);
+            for p in pods {
+                must(&["-n", ns, "addr", "add", p, "dev", "lo"]);
+            }
+            for l in ["lo", dev.as_str()] {
+                must(&["-n", ns, "link", "set", l, "up"]);
+            }
+        }
+        for dst in ["10.244.3.0/24", "10.99.0.0/24"] {
+            must(&["-n", a, "route", "add", dst, "via", "192.168.77.2"]);
+        }
+        for dst in ["fd10:3::/64", "fd99::/64"] {
+            must(&["-n", a, "route", "add", dst, "via", "fd00:77::2"]);
+        }
+        // Replies to unmasqueraded datagrams (none are sent, but a route
+        // back keeps reverse-path filtering from dropping them).
+        must(&["-n", b, "route", "add", "10.244.1.0/24", "via", NODE]);
+        must(&["-n", b, "route", "add", "fd10:1::/64", "via", NODE6]);
+        pair
+    }
+
+    /// Runs `f` on a thread inside namespace `ns`.
+    fn run<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/var/run/netns/{ns}");
+        std::thread::spawn(move || {
+            let fd = std::fs::File::open(&path).expect("open netns");
+            nix::sched::setns(fd, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+            f()
+        })
+        .join()
+        .expect("namespace thread")
+    }
+
+    fn block_on<T: Send + 'static>(
+        &self,
+        f: impl std::future::Future<Output = T> + Send + 'static,
+    ) -> T {
+        Self::run(&self.a, move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime")
+                .block_on(f)
+        })
+    }
+
+    /// One reconcile of the node namespace.
+    fn reconcile(&self, kernel: Kernel, inputs: &NodeInputs) -> ReconcileReport {
+        let inputs = inputs.clone();
+        self.block_on(async move { kernel.reconcile(&inputs).await })
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn teardown(&self) -> usize {
+        self.block_on(async { Kernel::new(true).teardown("raven-wg0").await })
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Sends a datagram from `src` (in the node namespace) to `dst` (in the
+    /// peer namespace); the source address the peer receives it from.
+    fn source_seen(&self, src: &str, dst: &str) -> IpAddr {
+        let src: IpAddr = src.parse().expect("src");
+        let dst: IpAddr = dst.parse().expect("dst");
+        let rx = Self::run(&self.b, move || UdpSocket::bind((dst, 0)).expect("bind rx"));
+        rx.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let port = rx.local_addr().expect("rx addr").port();
+        let tx = Self::run(&self.a, move || UdpSocket::bind((src, 0)).expect("bind tx"));
+        tx.send_to(b"raven", (dst, port)).expect("send");
+        let mut buf = [0u8; 16];
+        let (_, peer) = rx
+            .recv_from(&mut buf)
+            .unwrap_or_else(|e| panic!("{src} -> {dst}: nothing arrived: {e}"));
+        peer.ip()
+    }
+
+    /// `iptables-save -c -t nat` and `ip6tables-save -c -t nat` of the
+    /// node namespace, with counters, without the timestamped comments.
+    fn nat_tables(&self) -> String {
+        ["iptables-save", "ip6tables-save"]
+            .iter()
+            .map(|t| exec(&self.a, &[t, "-c", "-t", "nat"]))
+            .collect::<String>()
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| format!("{l}\n"))
+            .collect()
+    }
+
+    /// `iptables -t nat -S` / `ip6tables -t nat -S` of the node namespace.
+    fn nat_rules(&self, v6: bool) -> String {
+        let bin = if v6 { "ip6tables" } else { "iptables" };
+        exec(&self.a, &[bin, "-w", "5", "-t", "nat", "-S"])
+    }
+}
+
+impl Drop for Pair {
+    fn drop(&mut self) {
+        for ns in &self.created {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+fn name(s: &str) -> NodeName {
+    NodeName::new(s).expect("node name")
+}
+
+fn gateway(g: &str, active: Option<&str>, members: Vec<Member>) -> GatewayView {
+    GatewayView {
+        name: GatewayName::new(g).expect("gw"),
+        expose_type: ExposeType::None,
+        under_nat: true,
+        active_tunnel: active.map(|a| GatewayEndpoint {
+            node: name(a),
+            type_: EndpointType::Tunnel,
+            port: 4500,
+            under_nat: true,
+            nat_type: String::new(),
+            public_ip: None,
+            public_port: None,
+            config: BTreeMap::new(),
+        }),
+        members,
+        tunnel_candidates: vec![],
+        active_proxies: vec![],
+        extra_source_cidrs: vec![],
+        relay: None,
+    }
+}
+
+/// The node is its domain's active gateway with the tunnel down, so raven
+/// routes nothing into table 9027 and the test's own routes carry the
+/// datagrams; the remote domain holds 10.244.3.0/24 and fd10:3::/64.
+fn inputs() -> NodeInputs {
+    let member = |n: &str, ip: &str, subnets: &[&str]| Member {
+        node: name(n),
+        private_ip: ip.parse().expect("ip"),
+        subnets: subnets.iter().map(|s| s.parse().expect("cidr")).collect(),
+        ready: true,
+    };
+    NodeInputs {
+        me: Some(NodeView {
+            name: name("hz-gw"),
+            gateway: Some(GatewayName::new("gw-hangzhou").expect("gw")),
+            private_ip: Some(NODE.parse().expect("ip")),
+            subnets: vec![],
+            tunnel_active: true,
+            tunnel_candidate: true,
+            proxy_active: false,
+        }),
+        gateways: vec![
+            gateway(
+                "gw-hangzhou",
+                Some("hz-gw"),
+                vec![member("hz-gw", NODE, &["10.244.1.0/24", "fd10:1::/64"])],
+            ),
+            gateway(
+                "gw-qingdao",
+                None,
+                vec![member(
+                    "qd-gw",
+                    "172.31.0.9",
+                    &["10.244.3.0/24", "fd10:3::/64"],
+                )],
+            ),
+        ],
+        settings: Some(Settings {
+            raven_cfg_present: true,
+            enable_l3_tunnel: true,
+            enable_l7_proxy: false,
+            vxlan_port: 4472,
+        }),
+        active_override: BTreeMap::new(),
+        underlay_mtu: 0,
+        tunnel_dev: "raven-wg0".into(),
+        tunnel_up: false,
+    }
+}
+
+/// A pair whose node namespace masquerades everything it sends, like a CNI.
+fn pair_with_cni_masquerade() -> Pair {
+    let p = Pair::new();
+    for bin in ["iptables", "ip6tables"] {
+        exec(
+            &p.a,
+            &[
+                bin,
+                "-w",
+                "5",
+                "-t",
+                "nat",
+                "-A",
+                "POSTROUTING",
+                "-j",
+                "MASQUERADE",
+            ],
+        );
+    }
+    // The stand-in works: without raven, a pod's source is rewritten.
+    assert_eq!(
+        p.source_seen(POD, REMOTE_POD),
+        NODE.parse::<IpAddr>().expect("ip")
+    );
+    assert_eq!(
+        p.source_seen(POD6, REMOTE_POD6),
+        NODE6.parse::<IpAddr>().expect("ip")
+    );
+    p
+}
+
+fn addr(s: &str) -> IpAddr {
+    s.parse().expect("ip")
+}
+
+#[test]
+fn traffic_to_a_remote_domain_keeps_its_source_while_the_rest_is_still_masqueraded() {
+    if !ready() {
+        return;
+    }
+    let p = pair_with_cni_masquerade();
+    let before = (p.nat_rules(false), p.nat_rules(true));
+
+    // A dry run computes but never writes.
+    let n = inputs();
+    p.reconcile(Kernel::dry_run(), &n);
+    assert_eq!((p.nat_rules(false), p.nat_rules(true)), before);
+
+    let first = p.reconcile(Kernel::new(true), &n);
+    assert!(first.warnings.is_empty(), "{:?}", first.warnings);
+    let v4 = p.nat_rules(false);
+    let first_rule = v4
+        .lines()
+        .find(|l| l.starts_with("-A POSTROUTING"))
+        .unwrap_or_default();
+    assert!(
+        first_rule.contains("--comment \"raven: ") && first_rule.ends_with("-j RAVEN-SKIP-NAT"),
+        "raven's jump comes before the CNI's rule:\n{v4}"
+    );
+
+    assert_eq!(
+        p.source_seen(POD, REMOTE_POD),
+        addr(POD),
+        "pod to remote pod"
+    );
+    assert_eq!(
+        p.source_seen(POD6, REMOTE_POD6),
+        addr(POD6),
+        "IPv6 pod to remote pod"
+    );
+    assert_eq!(
+        p.source_seen(POD, OUTSIDE),
+        addr(NODE),
+        "pod to the outside"
+    );
+    assert_eq!(
+        p.source_seen(POD6, OUTSIDE6),
+        addr(NODE6),
+        "IPv6 pod to the outside"
+    );
+
+    // The counters show the datagrams went through raven's rules, so a
+    // rebuilt chain or a re-inserted jump (counters reset) would show.
+    let tables = p.nat_tables();
+    assert!(
+        tables
+            .lines()
+            .any(|l| l.contains("-A RAVEN-SKIP-NAT-DST") && !l.starts_with("[0:0]")),
+        "{tables}"
+    );
+    let second = p.reconcile(Kernel::new(true), &n);
+    assert_eq!(second.ops_applied, 0, "{second:?}");
+    assert_eq!(p.nat_tables(), tables, "a second reconcile changes nothing");
+
+    assert!(p.teardown() > 0);
+    assert_eq!(
+        (p.nat_rules(false), p.nat_rules(true)),
+        before,
+        "teardown removes raven's jumps and chains and leaves the CNI's rules"
+    );
+    assert_eq!(
+        p.source_seen(POD, REMOTE_POD),
+        addr(NODE),
+        "masqueraded again after teardown"
+    );
+    assert_eq!(p.teardown(), 0, "nothing left to remove");
+}
+
+#[test]
+fn hand_removed_jump_and_rule_are_restored_without_rebuilding_the_intact_chain() {
+    if !ready() {
+        return;
+    }
+    let p = pair_with_cni_masquerade();
+    let n = inputs();
+    p.reconcile(Kernel::new(true), &n);
+    assert_eq!(p.source_seen(POD, REMOTE_POD), addr(POD));
+    let source_rules = |p: &Pair| -> Vec<String> {
+        p.nat_tables()
+            .lines()
+            .filter(|l| l.contains("-A RAVEN-SKIP-NAT "))
+            .map(str::to_owned)
+            .collect()
+    };
+    let counted = source_rules(&p);
+    assert!(
+        counted.iter().any(|l| !l.starts_with("[0:0]")),
+        "{counted:?}"
+    );
+
+    // A CNI restart flushing its own rules, say: the jump and a
+    // destination are gone, and the pod is masqueraded again.
+    exec(
+        &p.a,
+        &["iptables", "-w", "5", "-t", "nat", "-D", "POSTROUTING", "1"],
+    );
+    exec(
+        &p.a,
+        &[
+            "iptables",
+            "-w",
+            "5",
+            "-t",
+            "nat",
+            "-D",
+            "RAVEN-SKIP-NAT-DST",
+            "-d",
+            "10.244.3.0/24",
+            "-j",
+            "ACCEPT",
+        ],
+    );
+    assert_eq!(p.source_seen(POD, REMOTE_POD), addr(NODE));
+
+    let repair = p.reconcile(Kernel::new(true), &n);
+    assert_eq!(
+        repair.ops_applied, 2,
+        "the jump and the destination chain: {repair:?}"
+    );
+    assert_eq!(
+        source_rules(&p),
+        counted,
+        "the source chain was not rebuilt"
+    );
+    assert_eq!(p.source_seen(POD, REMOTE_POD), addr(POD));
+    assert_eq!(p.reconcile(Kernel::new(true), &n).ops_applied, 0);
+}
+
+#[test]
+fn node_leaving_its_gateway_loses_its_skip_nat_rules() {
+    if !ready() {
+        return;
+    }
+    let p = pair_with_cni_masquerade();
+    let before = (p.nat_rules(false), p.nat_rules(true));
+    let mut n = inputs();
+    p.reconcile(Kernel::new(true), &n);
+    assert_ne!(p.nat_rules(false), before.0);
+
+    // The remote domain goes away: nothing to exempt, in either family.
+    n.gateways.truncate(1);
+    let r = p.reconcile(Kernel::new(true), &n);
+    assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+    assert_eq!((p.nat_rules(false), p.nat_rules(true)), before);
+    assert_eq!(p.source_seen(POD, REMOTE_POD), addr(NODE));
+}
