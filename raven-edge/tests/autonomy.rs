@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use std::time::{Duration, Instant};
-use support::{Proc, ip, must, sibling};
+use support::{Proc, agent_args, hub_args, ip, must, sibling, spawn_in};
 
 const NODE: &str = "izbp15inok0kbfkg3in52sz";
 
@@ -62,75 +62,34 @@ impl Lab {
         self.dir.path().join(p)
     }
 
-    fn spawn(&self, exe: &Path, args: &[&str], log: &str) -> Proc {
-        let log = std::fs::File::create(self.path(log)).expect("log");
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.ns])
-            .arg(exe)
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn");
-        Proc(child)
-    }
-
     fn hub(&self) -> Proc {
         let manifests = concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/../deploy/examples/user-manual"
         );
-        let certs = self.path("certs");
-        let data = self.path("hub-data");
-        self.spawn(
+        let args = hub_args(manifests, self.dir.path(), "127.0.0.1:10270");
+        spawn_in(
+            &self.ns,
             &sibling("raven-hub"),
-            &[
-                "serve",
-                "--manifests",
-                manifests,
-                "--certs",
-                certs.to_str().unwrap_or_default(),
-                "--data-dir",
-                data.to_str().unwrap_or_default(),
-                "--grpc-addr",
-                "127.0.0.1:10270",
-                "--plaintext-addr",
-                "127.0.0.1:10271",
-                "--http-addr",
-                "127.0.0.1:10272",
-                "--heartbeat",
-                "1s",
-            ],
-            "hub.log",
+            &args,
+            &self.path("hub.log"),
         )
     }
 
     fn agent(&self) -> Proc {
-        let certs = self.path("certs");
-        let data = self.path("edge-data");
-        self.spawn(
+        let args = agent_args(
+            NODE,
+            &self.path("edge-data"),
+            self.dir.path(),
+            "https://127.0.0.1:10270",
+            "localhost",
+            &[],
+        );
+        spawn_in(
+            &self.ns,
             Path::new(env!("CARGO_BIN_EXE_raven-edge")),
-            &[
-                "run",
-                "--node",
-                NODE,
-                "--data-dir",
-                data.to_str().unwrap_or_default(),
-                "--hub",
-                "https://127.0.0.1:10270",
-                "--hub-server-name",
-                "localhost",
-                "--certs",
-                certs.to_str().unwrap_or_default(),
-                "--http-addr",
-                "127.0.0.1:10273",
-                "--resync",
-                "1s",
-                "--heartbeat",
-                "1s",
-            ],
-            "edge.log",
+            &args,
+            &self.path("edge.log"),
         )
     }
 

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use std::time::{Duration, Instant};
-use support::{Proc, must, sibling};
+use support::{Proc, agent_args, hub_args, must, sibling, spawn_in};
 
 fn ready() -> bool {
     let root = nix::unistd::Uid::effective().is_root();
@@ -123,43 +123,13 @@ impl Lab {
         self.dir.path().join(s).to_string_lossy().into_owned()
     }
 
-    fn spawn(&self, ns: &str, exe: &Path, args: &[String], log: &str) -> Proc {
-        let log = std::fs::File::create(self.p(log)).expect("log");
-        let child = Command::new("ip")
-            .args(["netns", "exec", ns])
-            .arg(exe)
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn");
-        Proc(child)
-    }
-
     fn hub(&self) -> Proc {
-        let args = [
-            "serve",
-            "--manifests",
-            &self.p("manifests"),
-            "--certs",
-            &self.p("certs"),
-            "--data-dir",
-            &self.p("hub"),
-            "--grpc-addr",
-            "198.51.100.1:10270",
-            "--plaintext-addr",
-            "127.0.0.1:10271",
-            "--http-addr",
-            "127.0.0.1:10272",
-            "--heartbeat",
-            "1s",
-        ];
-        self.spawn(
+        let args = hub_args(&self.p("manifests"), self.dir.path(), "198.51.100.1:10270");
+        spawn_in(
             &self.a,
             &sibling("raven-hub"),
-            &args.map(str::to_owned),
-            "hub.log",
+            &args,
+            Path::new(&self.p("hub.log")),
         )
     }
 
@@ -173,32 +143,20 @@ impl Lab {
         } else {
             (&self.b, "edge-1")
         };
-        let args = [
-            "run",
-            "--node",
+        let dev = self.dev(side);
+        let args = agent_args(
             node,
-            "--data-dir",
-            &self.p(&format!("edge-{side}")),
-            "--hub",
+            Path::new(&self.p(&format!("edge-{side}"))),
+            self.dir.path(),
             "https://198.51.100.1:10270",
-            "--hub-server-name",
             "198.51.100.1",
-            "--certs",
-            &self.p("certs"),
-            "--http-addr",
-            "127.0.0.1:10273",
-            "--resync",
-            "1s",
-            "--heartbeat",
-            "1s",
-            "--tunnel-dev",
-            &self.dev(side),
-        ];
-        self.spawn(
+            &["--tunnel-dev", &dev],
+        );
+        spawn_in(
             ns,
             Path::new(env!("CARGO_BIN_EXE_raven-edge")),
-            &args.map(str::to_owned),
-            &format!("edge-{side}.log"),
+            &args,
+            Path::new(&self.p(&format!("edge-{side}.log"))),
         )
     }
 

@@ -58,3 +58,82 @@ impl Drop for Proc {
         let _ = self.0.wait();
     }
 }
+
+/// Starts `exe ARGS` inside network namespace `ns`, logging (info) to
+/// `log`.
+pub fn spawn_in(ns: &str, exe: &Path, args: &[String], log: &Path) -> Proc {
+    let log = std::fs::File::create(log).expect("log");
+    let child = Command::new("ip")
+        .args(["netns", "exec", ns])
+        .arg(exe)
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn");
+    Proc(child)
+}
+
+/// Arguments of `raven-hub serve` from `manifests` with its certificates and
+/// state under `dir`, gRPC on `grpc_addr`, the rest on loopback.
+pub fn hub_args(manifests: &str, dir: &Path, grpc_addr: &str) -> Vec<String> {
+    let p = |s: &str| dir.join(s).to_string_lossy().into_owned();
+    [
+        "serve",
+        "--manifests",
+        manifests,
+        "--certs",
+        &p("certs"),
+        "--data-dir",
+        &p("hub-data"),
+        "--grpc-addr",
+        grpc_addr,
+        "--plaintext-addr",
+        "127.0.0.1:10271",
+        "--http-addr",
+        "127.0.0.1:10272",
+        "--heartbeat",
+        "1s",
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
+/// Arguments of `raven-edge run` for `node` with its state in `data` and the
+/// certificates under `dir`, following `hub` (whose certificate names
+/// `server_name`), with fast resync and heartbeats; `extra` is appended.
+pub fn agent_args(
+    node: &str,
+    data: &Path,
+    dir: &Path,
+    hub: &str,
+    server_name: &str,
+    extra: &[&str],
+) -> Vec<String> {
+    let certs = dir.join("certs").to_string_lossy().into_owned();
+    let data = data.to_string_lossy().into_owned();
+    let mut args: Vec<String> = [
+        "run",
+        "--node",
+        node,
+        "--data-dir",
+        &data,
+        "--hub",
+        hub,
+        "--hub-server-name",
+        server_name,
+        "--certs",
+        &certs,
+        "--http-addr",
+        "127.0.0.1:10273",
+        "--resync",
+        "1s",
+        "--heartbeat",
+        "1s",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    args.extend(extra.iter().map(|s| (*s).to_owned()));
+    args
+}
