@@ -39,6 +39,8 @@ pub struct AgentConfig {
     /// Name of the gateway tunnel device (unique per host for userspace
     /// WireGuard, whose control socket lives in /var/run/wireguard).
     pub tunnel_dev: String,
+    /// Which WireGuard to run (`--wireguard`).
+    pub wireguard: crate::tunnel::backend::WgMode,
     /// Local failover: period of the probes of the gateway candidates.
     pub probe_interval: Duration,
     /// Local failover: missed probes in a row that make a candidate dead.
@@ -129,7 +131,9 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
     let (state_tx, mut state_rx) = watch::channel(Arc::new(state));
     let (applied_tx, applied_rx) = watch::channel(None::<AppliedReport>);
     // Only the public key leaves the node.
-    let tunnel = crate::tunnel::Tunnel::new(cfg.tunnel_dev.clone(), &cfg.data_dir)?;
+    let backend = crate::tunnel::backend::detect(cfg.wireguard, cfg.apply).await?;
+    tracing::info!(%backend, mode = %cfg.wireguard, "WireGuard");
+    let tunnel = crate::tunnel::Tunnel::new(cfg.tunnel_dev.clone(), &cfg.data_dir, backend)?;
     let (report_tx, report_rx) = watch::channel(v1::Report {
         wireguard_public_key: Some(tunnel.keys.public_base64()),
         ..Default::default()

@@ -73,6 +73,10 @@ pub enum Command {
         /// Name of the gateway tunnel device (userspace WireGuard).
         #[arg(long, env = "RAVEN_TUNNEL_DEV", default_value = "raven-wg0")]
         tunnel_dev: String,
+        /// WireGuard implementation: `auto` (the kernel's where it exists,
+        /// wireguard-go otherwise), `kernel` or `userspace`.
+        #[arg(long, env = "RAVEN_WIREGUARD", default_value = "auto")]
+        wireguard: crate::tunnel::backend::WgMode,
         #[command(flatten)]
         failover: FailoverArgs,
         /// Log as JSON.
@@ -123,6 +127,7 @@ impl Args {
                 heartbeat,
                 dry_run,
                 tunnel_dev,
+                wireguard,
                 failover,
                 log_json,
             } => {
@@ -150,6 +155,7 @@ impl Args {
                     cache_max_bytes: 64 << 20,
                     http_addr,
                     tunnel_dev,
+                    wireguard,
                     probe_interval: failover.probe_interval,
                     probe_failures: failover.probe_failures,
                     // The client redials after three silent heartbeats.

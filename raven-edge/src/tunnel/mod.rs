@@ -1,5 +1,6 @@
 //! The gateway tunnel: WireGuard between the active gateway nodes of the
-//! domains, userspace (wireguard-go, driven over its UAPI socket).
+//! domains — the kernel's where it exists, userspace (wireguard-go, driven
+//! over its UAPI socket) otherwise; see [`backend`].
 //!
 //! Reachability follows Raven: a gateway not under NAT is dialled at its
 //! public address; a NATed gateway dials the public ones and reaches other
@@ -8,6 +9,8 @@
 //! are applied as a minimal UAPI diff: the device is never recreated and
 //! unchanged peers are never touched, so their handshakes survive.
 
+pub mod backend;
+pub mod kernel;
 pub mod keys;
 pub mod uapi;
 
@@ -274,23 +277,35 @@ pub enum TunnelError {
     NoSocket { path: PathBuf, log: PathBuf },
     #[error(transparent)]
     Dataplane(#[from] crate::dataplane::DataplaneError),
+    #[error(transparent)]
+    Kernel(#[from] kernel::KernelWgError),
+    #[error(
+        "--wireguard=kernel: this kernel has no WireGuard (module not loaded and a wireguard link cannot be created)"
+    )]
+    NoKernelWireGuard,
 }
 
-/// The userspace WireGuard device of this node.
+/// The WireGuard device of this node.
 #[derive(Debug, Clone)]
 pub struct Tunnel {
     pub dev: String,
     data_dir: PathBuf,
     pub keys: KeyPair,
+    pub backend: backend::Backend,
 }
 
 impl Tunnel {
     /// Loads (or creates) the node's key.
-    pub fn new(dev: impl Into<String>, data_dir: &Path) -> Result<Self, TunnelError> {
+    pub fn new(
+        dev: impl Into<String>,
+        data_dir: &Path,
+        backend: backend::Backend,
+    ) -> Result<Self, TunnelError> {
         Ok(Self {
             dev: dev.into(),
             data_dir: data_dir.to_owned(),
             keys: KeyPair::load_or_create(data_dir)?,
+            backend,
         })
     }
 
@@ -299,10 +314,16 @@ impl Tunnel {
         self.data_dir.join(format!("wireguard-go-{}.pid", self.dev))
     }
 
-    /// Adopts a running device or starts wireguard-go in its own session
-    /// (so stopping the agent leaves it, and the tunnel, running).
+    /// Adopts the device or creates it: a kernel WireGuard link, or
+    /// wireguard-go started in its own session (so stopping the agent leaves
+    /// it, and the tunnel, running).
     pub async fn ensure_device(&self, mtu: u32) -> Result<(), TunnelError> {
-        if uapi::get(&self.dev).await.is_err() {
+        if self.backend == backend::Backend::Kernel {
+            if self.backend.get(&self.dev).await.is_err() {
+                kernel::create(&self.dev).await?;
+                tracing::info!(dev = %self.dev, "created a kernel WireGuard link");
+            }
+        } else if uapi::get(&self.dev).await.is_err() {
             let log = self.data_dir.join(format!("wireguard-go-{}.log", self.dev));
             let err = |source| TunnelError::Spawn {
                 dev: self.dev.clone(),
@@ -335,19 +356,19 @@ impl Tunnel {
 
     /// Applies `spec` as a minimal diff; returns the number of UAPI lines sent.
     pub async fn apply(&self, spec: &TunnelSpec) -> Result<usize, TunnelError> {
-        let have = uapi::get(&self.dev).await?;
+        let have = self.backend.get(&self.dev).await?;
         let body = diff(spec, &self.keys.private_hex(), &have);
         if body.is_empty() {
             return Ok(0);
         }
-        uapi::set(&self.dev, &body).await?;
+        self.backend.set(&self.dev, &body).await?;
         Ok(body.lines().count())
     }
 
     /// The device as it is now; `None` when there is none (or it does not
     /// answer).
     pub async fn device_state(&self) -> Option<uapi::DeviceState> {
-        uapi::get(&self.dev).await.ok()
+        self.backend.get(&self.dev).await.ok()
     }
 }
 

@@ -1,0 +1,128 @@
+//! Which WireGuard runs the tunnel: the kernel's (configured over generic
+//! netlink) where the module exists, wireguard-go (driven over its UAPI
+//! socket) otherwise — detected at start, or chosen with `--wireguard`.
+
+use std::fmt;
+use std::str::FromStr;
+
+use super::uapi::DeviceState;
+use super::{TunnelError, kernel, uapi};
+
+/// The `--wireguard` choice.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum WgMode {
+    /// Kernel WireGuard when the kernel has it, userspace otherwise.
+    #[default]
+    Auto,
+    Kernel,
+    Userspace,
+}
+
+impl FromStr for WgMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "kernel" => Ok(Self::Kernel),
+            "userspace" => Ok(Self::Userspace),
+            _ => Err(format!(
+                "{s:?} is not a WireGuard implementation (auto, kernel, userspace)"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for WgMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::Kernel => "kernel",
+            Self::Userspace => "userspace",
+        })
+    }
+}
+
+/// The WireGuard implementation in use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// The kernel module, over generic netlink.
+    Kernel,
+    /// wireguard-go, over its UAPI socket.
+    Userspace,
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Kernel => "kernel",
+            Self::Userspace => "userspace (wireguard-go)",
+        })
+    }
+}
+
+/// Whether this kernel can create WireGuard links: the module is loaded, or
+/// creating (and at once deleting) a throw-away link works — which also
+/// loads the module where it is available. Creates a link only when
+/// `may_create`.
+pub async fn kernel_supported(may_create: bool) -> bool {
+    if std::path::Path::new("/sys/module/wireguard").exists() {
+        return true;
+    }
+    if !may_create {
+        return false;
+    }
+    let probe = format!("rvwgprobe{}", std::process::id() % 100_000);
+    match kernel::create(&probe).await {
+        Ok(()) => {
+            if let Err(e) = kernel::delete(&probe).await {
+                tracing::warn!(link = %probe, error = %e, "could not delete the WireGuard probe link");
+            }
+            true
+        }
+        Err(_) => false,
+    }
+}
+
+/// The backend for `mode`. `may_create`: probing may create a throw-away
+/// link (false in a dry run).
+pub async fn detect(mode: WgMode, may_create: bool) -> Result<Backend, TunnelError> {
+    match mode {
+        WgMode::Userspace => Ok(Backend::Userspace),
+        WgMode::Auto if kernel_supported(may_create).await => Ok(Backend::Kernel),
+        WgMode::Auto => Ok(Backend::Userspace),
+        WgMode::Kernel if kernel_supported(may_create).await => Ok(Backend::Kernel),
+        WgMode::Kernel => Err(TunnelError::NoKernelWireGuard),
+    }
+}
+
+impl Backend {
+    /// The device as it is now.
+    pub async fn get(self, dev: &str) -> Result<DeviceState, TunnelError> {
+        match self {
+            Self::Kernel => Ok(kernel::get(dev).await?),
+            Self::Userspace => Ok(uapi::get(dev).await?),
+        }
+    }
+
+    /// Applies a UAPI `set=1` body (see [`super::diff`]).
+    pub async fn set(self, dev: &str, body: &str) -> Result<(), TunnelError> {
+        match self {
+            Self::Kernel => Ok(kernel::set(dev, body).await?),
+            Self::Userspace => Ok(uapi::set(dev, body).await?),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_flag_values_round_trip_and_others_are_refused() {
+        for m in [WgMode::Auto, WgMode::Kernel, WgMode::Userspace] {
+            assert_eq!(m.to_string().parse::<WgMode>(), Ok(m));
+        }
+        let e = "boringtun".parse::<WgMode>().expect_err("not a mode");
+        assert!(e.contains("auto, kernel, userspace"), "{e}");
+    }
+}

@@ -1,0 +1,106 @@
+//! Which WireGuard the agent picks, decided inside a network namespace made
+//! for the test: the kernel's when this kernel can create WireGuard links
+//! (then a real kernel device is configured and read back over generic
+//! netlink), userspace otherwise — and `--wireguard=kernel` refuses a kernel
+//! without it. Needs root; skipped otherwise unless `RAVEN_REQUIRE_TOOLS=1`.
+
+mod support;
+
+use raven_edge::tunnel::backend::{Backend, WgMode, detect};
+use raven_edge::tunnel::kernel;
+use support::must;
+
+fn is_root() -> bool {
+    let root = nix::unistd::Uid::effective().is_root();
+    if !root {
+        assert!(
+            std::env::var_os("RAVEN_REQUIRE_TOOLS").is_none(),
+            "needs root (RAVEN_REQUIRE_TOOLS is set)"
+        );
+        eprintln!("skipped: needs root");
+    }
+    root
+}
+
+/// A namespace of this test, removed by name on drop.
+struct Netns(String);
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .status();
+    }
+}
+
+/// Runs `f` on a current-thread runtime in a thread that entered `ns`.
+fn in_netns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> std::pin::Pin<Box<dyn std::future::Future<Output = T>>> + Send + 'static,
+) -> T {
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let fd = std::fs::File::open(&path).expect("open netns");
+        nix::sched::setns(fd, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(f())
+    })
+    .join()
+    .expect("netns thread")
+}
+
+#[test]
+fn auto_picks_the_kernel_only_where_it_has_wireguard_and_kernel_mode_refuses_otherwise() {
+    if !is_root() {
+        return;
+    }
+    let ns = Netns(format!("rwb{}", std::process::id() % 100_000));
+    must(&["netns", "add", &ns.0]);
+    let (auto, forced, can_create) = in_netns(&ns.0, || {
+        Box::pin(async {
+            let can_create = kernel::create("rwbprobe0").await.is_ok();
+            let _ = kernel::delete("rwbprobe0").await;
+            let auto = detect(WgMode::Auto, true).await.ok();
+            let forced = detect(WgMode::Kernel, true).await.map_err(|e| e.to_string());
+            (auto, forced, can_create)
+        })
+    });
+    let module = std::path::Path::new("/sys/module/wireguard").exists();
+    if module || can_create {
+        assert_eq!(auto, Some(Backend::Kernel));
+        assert_eq!(forced, Ok(Backend::Kernel));
+        // A real kernel device: a change written as a UAPI body reads back.
+        let state = in_netns(&ns.0, || {
+            Box::pin(async {
+                kernel::create("rwbwg0").await.expect("create");
+                let key = "11".repeat(32);
+                let peer = "22".repeat(32);
+                kernel::set(
+                    "rwbwg0",
+                    &format!(
+                        "private_key={key}\nlisten_port=4599\npublic_key={peer}\nendpoint=192.0.2.1:4500\nreplace_allowed_ips=true\nallowed_ip=10.77.0.0/24\n"
+                    ),
+                )
+                .await
+                .expect("set");
+                kernel::get("rwbwg0").await.expect("get")
+            })
+        });
+        assert_eq!(state.listen_port, 4599);
+        assert_eq!(
+            state.peers.values().next().map(|p| p.allowed_ips.clone()),
+            Some(vec!["10.77.0.0/24".to_owned()])
+        );
+    } else {
+        // This machine (DESIGN §8): no kernel WireGuard.
+        assert_eq!(auto, Some(Backend::Userspace));
+        let e = forced.expect_err("kernel mode without kernel WireGuard");
+        assert!(e.contains("--wireguard=kernel"), "{e}");
+    }
+    // Probing left no link behind in the namespace.
+    let (_, links) = support::ip(&["-n", &ns.0, "-o", "link", "show"]);
+    assert!(!links.contains("rwbprobe") && !links.contains("rvwgprobe"), "{links}");
+}
