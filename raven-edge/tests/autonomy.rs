@@ -15,15 +15,7 @@ use support::{Proc, agent_args, hub_args, ip, must, sibling, spawn_in};
 const NODE: &str = "izbp15inok0kbfkg3in52sz";
 
 fn is_root() -> bool {
-    let root = nix::unistd::Uid::effective().is_root();
-    if !root {
-        assert!(
-            std::env::var_os("RAVEN_REQUIRE_TOOLS").is_none(),
-            "needs root (RAVEN_REQUIRE_TOOLS is set)"
-        );
-        eprintln!("skipped: needs root");
-    }
-    root
+    support::root_with(&[])
 }
 
 struct Lab {

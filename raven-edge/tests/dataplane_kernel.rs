@@ -4,6 +4,8 @@
 //! namespace — also when it fails. Needs root; skipped (with a message)
 //! otherwise, unless `RAVEN_REQUIRE_TOOLS=1`.
 
+mod support;
+
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::process::Command;
@@ -19,15 +21,7 @@ use serde_json::Value;
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
 fn is_root() -> bool {
-    let root = nix::unistd::Uid::effective().is_root();
-    if !root {
-        assert!(
-            std::env::var_os("RAVEN_REQUIRE_TOOLS").is_none(),
-            "kernel tests need root (RAVEN_REQUIRE_TOOLS is set)"
-        );
-        eprintln!("skipped: kernel tests need root");
-    }
-    root
+    support::root_with(&[])
 }
 
 fn ip(args: &[&str]) -> String {

@@ -36,18 +36,7 @@ const OUTSIDE: &str = "10.99.0.7";
 const OUTSIDE6: &str = "fd99::7";
 
 fn ready() -> bool {
-    let root = nix::unistd::Uid::effective().is_root();
-    let tools = ["iptables", "ip6tables", "iptables-save", "ip6tables-save"]
-        .iter()
-        .all(|t| Command::new(t).arg("--version").output().is_ok());
-    if !(root && tools) {
-        assert!(
-            std::env::var_os("RAVEN_REQUIRE_TOOLS").is_none(),
-            "skip-NAT kernel tests need root and iptables (RAVEN_REQUIRE_TOOLS is set)"
-        );
-        eprintln!("skipped: skip-NAT kernel tests need root and iptables");
-    }
-    root && tools
+    support::root_with(&["iptables", "ip6tables", "iptables-save", "ip6tables-save"])
 }
 
 /// Runs `args` inside namespace `ns` and fails the test if it fails.

@@ -13,19 +13,7 @@ use std::time::{Duration, Instant};
 use support::{Proc, agent_args, hub_args, must, sibling, spawn_in};
 
 fn ready() -> bool {
-    let root = nix::unistd::Uid::effective().is_root();
-    let wg = Command::new("wireguard-go")
-        .arg("--version")
-        .output()
-        .is_ok();
-    if !(root && wg) {
-        assert!(
-            std::env::var_os("RAVEN_REQUIRE_TOOLS").is_none(),
-            "needs root and wireguard-go (RAVEN_REQUIRE_TOOLS is set)"
-        );
-        eprintln!("skipped: needs root and wireguard-go");
-    }
-    root && wg
+    support::root_with(&["wireguard-go"])
 }
 
 const MANIFESTS: &str = r#"

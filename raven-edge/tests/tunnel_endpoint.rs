@@ -17,19 +17,7 @@ use raven_edge::tunnel::{PeerPath, PeerSpec, Tunnel, TunnelSpec, diff, uapi};
 use support::{Proc, ip, must};
 
 fn ready() -> bool {
-    let root = nix::unistd::Uid::effective().is_root();
-    let wg = Command::new("wireguard-go")
-        .arg("--version")
-        .output()
-        .is_ok();
-    if !(root && wg) {
-        assert!(
-            std::env::var_os("RAVEN_REQUIRE_TOOLS").is_none(),
-            "needs root and wireguard-go (RAVEN_REQUIRE_TOOLS is set)"
-        );
-        eprintln!("skipped: needs root and wireguard-go");
-    }
-    root && wg
+    support::root_with(&["wireguard-go"])
 }
 
 /// Namespaces a, b, c; a–b and a–c on their own veth links; a WireGuard

@@ -11,15 +11,7 @@ use raven_edge::tunnel::kernel;
 use support::must;
 
 fn is_root() -> bool {
-    let root = nix::unistd::Uid::effective().is_root();
-    if !root {
-        assert!(
-            std::env::var_os("RAVEN_REQUIRE_TOOLS").is_none(),
-            "needs root (RAVEN_REQUIRE_TOOLS is set)"
-        );
-        eprintln!("skipped: needs root");
-    }
-    root
+    support::root_with(&[])
 }
 
 /// A namespace of this test, removed by name on drop.
@@ -64,7 +56,9 @@ fn auto_picks_the_kernel_only_where_it_has_wireguard_and_kernel_mode_refuses_oth
             let can_create = kernel::create("rwbprobe0").await.is_ok();
             let _ = kernel::delete("rwbprobe0").await;
             let auto = detect(WgMode::Auto, true).await.ok();
-            let forced = detect(WgMode::Kernel, true).await.map_err(|e| e.to_string());
+            let forced = detect(WgMode::Kernel, true)
+                .await
+                .map_err(|e| e.to_string());
             (auto, forced, can_create)
         })
     });
@@ -102,5 +96,8 @@ fn auto_picks_the_kernel_only_where_it_has_wireguard_and_kernel_mode_refuses_oth
     }
     // Probing left no link behind in the namespace.
     let (_, links) = support::ip(&["-n", &ns.0, "-o", "link", "show"]);
-    assert!(!links.contains("rwbprobe") && !links.contains("rvwgprobe"), "{links}");
+    assert!(
+        !links.contains("rwbprobe") && !links.contains("rvwgprobe"),
+        "{links}"
+    );
 }

@@ -137,3 +137,29 @@ pub fn agent_args(
     args.extend(extra.iter().map(|s| (*s).to_owned()));
     args
 }
+
+/// Whether this test can run: root, and every tool of `tools` runs. Without
+/// them the test is skipped — unless `RAVEN_REQUIRE_TOOLS` is set (CI), where
+/// that is a failure.
+pub fn root_with(tools: &[&str]) -> bool {
+    let root = nix::unistd::Uid::effective().is_root();
+    let missing: Vec<&str> = tools
+        .iter()
+        .copied()
+        .filter(|t| Command::new(t).arg("--version").output().is_err())
+        .collect();
+    let ok = root && missing.is_empty();
+    if !ok {
+        let why = format!(
+            "needs root{}{} (root: {root})",
+            if missing.is_empty() { "" } else { " and " },
+            missing.join(", ")
+        );
+        assert!(
+            std::env::var_os("RAVEN_REQUIRE_TOOLS").is_none(),
+            "{why}; RAVEN_REQUIRE_TOOLS is set"
+        );
+        eprintln!("skipped: {why}");
+    }
+    ok
+}
