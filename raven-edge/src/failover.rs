@@ -16,9 +16,10 @@
 //!   returning hub that has not yet heard of the failover cannot flap it back.
 //! * **Remote domains** — the active tunnel node keeps every candidate of the
 //!   other gateways as a WireGuard peer, standbys without allowed IPs. Only a
-//!   domain's active node runs a tunnel, so a candidate whose handshake is
-//!   fresher than the hub's choice (and fresh at all) is the one its domain
-//!   moved to: its prefixes follow it.
+//!   domain's active node runs a tunnel, so while the hub is unreachable a
+//!   candidate whose handshake is fresher than the hub's choice (and fresh at
+//!   all) is the one its domain moved to: its prefixes follow it, and stay
+//!   there (also once the hub is back) while it is the fresher one.
 //!
 //! When the hub is reachable and its choice is alive, the hub is
 //! authoritative. Agents report their overrides (`Report.local_failover`); a
@@ -157,7 +158,7 @@ pub fn choose(
                 previous.contains_key(&gw.name),
             )
         } else {
-            remote_domain(gw, hub_choice, ev)
+            remote_domain(gw, hub_choice, ev, previous.contains_key(&gw.name))
         };
         if let Some(node) = pick.filter(|n| *n != hub_choice) {
             out.insert(gw.name.clone(), node.clone());
@@ -192,7 +193,14 @@ fn remote_domain<'a>(
     gw: &'a GatewayView,
     hub_choice: &'a NodeName,
     ev: &Evidence<'_>,
+    overridden: bool,
 ) -> Option<&'a NodeName> {
+    // A reachable hub is authoritative: a candidate that lost an election
+    // while its agent was stopped still answers handshakes until its agent
+    // drops its peers, and must not pull traffic away meanwhile.
+    if ev.hub_reachable && !overridden {
+        return Some(hub_choice);
+    }
     let at = |n: &NodeName| ev.handshakes.get(n).copied().unwrap_or(0);
     let fresh = |t: u64| t > 0 && ev.now.saturating_sub(t) < HANDSHAKE_FRESH_SECS;
     let best = gw
@@ -528,14 +536,23 @@ mod tests {
         let probes = ProbeBook::new(3);
         let i = inputs("a1", "gw-a");
         let mut hs = BTreeMap::from([(n("b1"), 900)]);
-        assert!(choose(&i, &ev(&probes, &hs, true), &BTreeMap::new()).is_empty());
+        assert!(choose(&i, &ev(&probes, &hs, false), &BTreeMap::new()).is_empty());
         hs.insert(n("b2"), 950);
-        assert_eq!(
-            choose(&i, &ev(&probes, &hs, true), &BTreeMap::new()).get(&g("gw-b")),
-            Some(&n("b2"))
-        );
+        let moved = choose(&i, &ev(&probes, &hs, false), &BTreeMap::new());
+        assert_eq!(moved.get(&g("gw-b")), Some(&n("b2")));
+        // The hub back, still naming b1: the move holds while b2 is fresher.
+        assert_eq!(choose(&i, &ev(&probes, &hs, true), &moved), moved);
         // A stale handshake is no evidence, however much newer.
         let hs = BTreeMap::from([(n("b2"), 1_000 - HANDSHAKE_FRESH_SECS)]);
+        assert!(choose(&i, &ev(&probes, &hs, false), &BTreeMap::new()).is_empty());
+    }
+
+    #[test]
+    fn with_the_hub_reachable_a_fresher_standby_does_not_pull_traffic_away() {
+        // b2 lost an election while its agent was stopped and still answers.
+        let probes = ProbeBook::new(3);
+        let hs = BTreeMap::from([(n("b1"), 900), (n("b2"), 950)]);
+        let i = inputs("a1", "gw-a");
         assert!(choose(&i, &ev(&probes, &hs, true), &BTreeMap::new()).is_empty());
     }
 
