@@ -96,7 +96,11 @@ pub enum Command {
     },
     /// Remove everything raven installed on this node. The only command that
     /// tears the dataplane down.
-    Teardown,
+    Teardown {
+        /// Name of the gateway tunnel device, as given to `run`.
+        #[arg(long, env = "RAVEN_TUNNEL_DEV", default_value = "raven-wg0")]
+        tunnel_dev: String,
+    },
 }
 
 fn node(common: &Common) -> anyhow::Result<NodeName> {
@@ -194,12 +198,12 @@ impl Args {
                 eprintln!("{} change(s)", ops.len());
                 Ok(std::process::ExitCode::SUCCESS)
             }
-            Command::Teardown => {
+            Command::Teardown { tunnel_dev } => {
                 raven_cli::init_tracing(false);
-                rt.block_on(
-                    dataplane::Kernel::new(true).teardown(dataplane::model::DEFAULT_TUNNEL_DEV),
-                )?;
-                eprintln!("removed raven's links, routes, rules and skip-NAT rules");
+                rt.block_on(dataplane::Kernel::new(true).teardown(&tunnel_dev))?;
+                eprintln!(
+                    "removed raven's links (raven0, {tunnel_dev}), routes, rules and skip-NAT rules"
+                );
                 Ok(std::process::ExitCode::SUCCESS)
             }
         }

@@ -224,14 +224,14 @@ impl Drop for Lab {
 }
 
 #[test]
-fn two_gateways_handshake_and_carry_pod_traffic_and_keep_their_keys() {
+fn two_gateways_carry_pod_traffic_keep_their_keys_and_teardown_removes_the_tunnel() {
     if !ready() {
         return;
     }
     let lab = Lab::new();
     let _hub = lab.hub();
     let agent_a = lab.agent("a");
-    let _agent_b = lab.agent("b");
+    let agent_b = lab.agent("b");
     lab.converge("first sync");
     let out = Command::new("wg")
         .args(["show", &lab.dev("a"), "latest-handshakes"])
@@ -278,4 +278,30 @@ fn two_gateways_handshake_and_carry_pod_traffic_and_keep_their_keys() {
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(lab.public_key("a"), key);
     lab.converge("after agent restart");
+
+    // Teardown (agent stopped) removes the tunnel too; wireguard-go exits.
+    drop(agent_b);
+    let pid_file = lab
+        .dir
+        .path()
+        .join(format!("edge-b/wireguard-go-{}.pid", lab.dev("b")));
+    let pid = std::fs::read_to_string(&pid_file).expect("pid file");
+    let st = Command::new("ip")
+        .args(["netns", "exec", &lab.b])
+        .arg(env!("CARGO_BIN_EXE_raven-edge"))
+        .args(["teardown", "--tunnel-dev", &lab.dev("b")])
+        .stderr(Stdio::null())
+        .status()
+        .expect("teardown");
+    assert!(st.success());
+    let (_, links) = support::ip(&["-n", &lab.b, "-o", "link", "show"]);
+    assert!(!links.contains(&lab.dev("b")), "{links}");
+    let t = Instant::now();
+    while std::path::Path::new(&format!("/proc/{}", pid.trim())).exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "wireguard-go still runs"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

@@ -162,8 +162,9 @@ impl Kernel {
         })
     }
 
-    /// Removes every object raven owns from the kernel: the skip-NAT rules
-    /// too, also when removing the rest failed.
+    /// Removes every object raven owns from the kernel: routes, rules,
+    /// `raven0`, the skip-NAT rules (also when removing the rest failed) and
+    /// the tunnel device `tunnel_dev`.
     pub async fn teardown(&self, tunnel_dev: &str) -> Result<usize, DataplaneError> {
         let routes = async {
             let h = netlink::connect()?;
@@ -173,7 +174,21 @@ impl Kernel {
         }
         .await;
         let nat = skipnat::teardown().await;
-        let ops = routes?;
+        let mut ops = routes?;
+        // The tunnel goes last (routes into it went first); wireguard-go
+        // exits when its link is deleted.
+        let h = netlink::connect()?;
+        if let Some(index) = netlink::link_index(&h, tunnel_dev).await? {
+            h.link()
+                .del(index)
+                .execute()
+                .await
+                .map_err(|source| DataplaneError::Netlink {
+                    op: format!("ip link del {tunnel_dev}"),
+                    source,
+                })?;
+            ops += 1;
+        }
         if !nat.errors.is_empty() {
             let reason = nat
                 .errors
