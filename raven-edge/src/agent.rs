@@ -119,6 +119,23 @@ async fn probe_loop(
     }
 }
 
+/// Every half second, re-adds once the tunnel peers this node dials that
+/// never completed a handshake (see [`crate::tunnel::Nudges`]).
+async fn nudge_loop(ctx: Arc<Reconciler>, shutdown: CancellationToken) {
+    let mut nudges = crate::tunnel::Nudges::default();
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+        match ctx.tunnel.nudge(&mut nudges).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(peers = n, "re-added peers that never handshook"),
+            Err(e) => tracing::warn!(error = %e, "could not re-add a peer"),
+        }
+    }
+}
+
 /// Runs the agent until `shutdown`.
 pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
     let (node, dir, max) = (cfg.node.clone(), cfg.data_dir.clone(), cfg.cache_max_bytes);
@@ -186,6 +203,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
             wake.clone(),
             shutdown.clone(),
         ));
+        tasks.spawn(nudge_loop(ctx.clone(), shutdown.clone()));
     }
     // 4. Reconcile on change, on new evidence and periodically.
     let mut ticker = tokio::time::interval(cfg.resync);

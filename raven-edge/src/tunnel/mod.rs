@@ -265,6 +265,58 @@ pub fn diff(want: &TunnelSpec, private_key_hex: &str, have: &uapi::DeviceState) 
     body
 }
 
+/// After this long without a first handshake, a peer this node dials is
+/// re-added once (see [`Nudges`]).
+pub const FIRST_HANDSHAKE_GRACE: Duration = Duration::from_millis(1500);
+
+/// One-time nudges for peers this node dials that have never completed a
+/// handshake. A gateway's first initiation often reaches a peer that does
+/// not know its key yet (both learn each other's keys from the hub at about
+/// the same time) and is dropped; WireGuard retries only after 5 s. Re-adding
+/// such a peer, unchanged, makes WireGuard initiate again at once. Each peer
+/// is nudged at most once; a peer without a session loses nothing.
+#[derive(Debug, Default)]
+pub struct Nudges {
+    /// Public key (hex) → when it was first seen without a handshake, and
+    /// whether it was nudged.
+    seen: BTreeMap<String, (std::time::Instant, bool)>,
+}
+
+impl Nudges {
+    /// The UAPI `set` body that re-adds the peers due a nudge now (empty when
+    /// none). Pure but for the clock it is given.
+    pub fn due(&mut self, have: &uapi::DeviceState, now: std::time::Instant) -> String {
+        self.seen
+            .retain(|k, _| have.peers.get(k).is_some_and(|p| p.last_handshake_sec == 0));
+        let mut body = String::new();
+        for (key, p) in &have.peers {
+            let dials = p.endpoint.is_some() && p.keepalive > 0;
+            if !dials || p.last_handshake_sec != 0 {
+                continue;
+            }
+            let (since, nudged) = self.seen.entry(key.clone()).or_insert((now, false));
+            if *nudged || now.duration_since(*since) < FIRST_HANDSHAKE_GRACE {
+                continue;
+            }
+            *nudged = true;
+            body.push_str(&format!(
+                "public_key={key}\nremove=true\npublic_key={key}\n"
+            ));
+            if let Some(e) = p.endpoint {
+                body.push_str(&format!("endpoint={e}\n"));
+            }
+            body.push_str(&format!(
+                "persistent_keepalive_interval={}\nreplace_allowed_ips=true\n",
+                p.keepalive
+            ));
+            for ip in &p.allowed_ips {
+                body.push_str(&format!("allowed_ip={ip}\n"));
+            }
+        }
+        body
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum TunnelError {
     #[error(transparent)]
@@ -363,6 +415,20 @@ impl Tunnel {
         }
         self.backend.set(&self.dev, &body).await?;
         Ok(body.lines().count())
+    }
+
+    /// Re-adds, once, the peers this node dials that never handshook (see
+    /// [`Nudges`]); returns how many.
+    pub async fn nudge(&self, nudges: &mut Nudges) -> Result<usize, TunnelError> {
+        let Ok(have) = self.backend.get(&self.dev).await else {
+            return Ok(0);
+        };
+        let body = nudges.due(&have, std::time::Instant::now());
+        if body.is_empty() {
+            return Ok(0);
+        }
+        self.backend.set(&self.dev, &body).await?;
+        Ok(body.matches("remove=true").count())
     }
 
     /// The device as it is now; `None` when there is none (or it does not
@@ -652,6 +718,47 @@ mod tests {
         assert_eq!(names, vec![("c1", false), ("q1", true)]);
         assert_eq!(states[1].endpoint, "198.51.100.1:4500");
         assert_eq!(states[1].handshake_age_seconds, Some(10));
+    }
+
+    #[test]
+    fn a_dialled_peer_without_a_first_handshake_is_re_added_once_after_the_grace() {
+        let state = |hs: u64| uapi::DeviceState {
+            peers: [
+                (
+                    "aa".to_owned(),
+                    uapi::PeerState {
+                        endpoint: "198.51.100.1:4500".parse().ok(),
+                        keepalive: 25,
+                        allowed_ips: vec!["10.1.0.0/24".into()],
+                        last_handshake_sec: hs,
+                        ..Default::default()
+                    },
+                ),
+                (
+                    // Dials us (no endpoint): never nudged.
+                    "bb".to_owned(),
+                    uapi::PeerState::default(),
+                ),
+            ]
+            .into(),
+            ..Default::default()
+        };
+        let t0 = std::time::Instant::now();
+        let mut n = Nudges::default();
+        assert_eq!(n.due(&state(0), t0), "", "within the grace");
+        let later = t0 + FIRST_HANDSHAKE_GRACE;
+        assert_eq!(
+            n.due(&state(0), later),
+            "public_key=aa\nremove=true\npublic_key=aa\nendpoint=198.51.100.1:4500\npersistent_keepalive_interval=25\nreplace_allowed_ips=true\nallowed_ip=10.1.0.0/24\n"
+        );
+        assert_eq!(
+            n.due(&state(0), later + FIRST_HANDSHAKE_GRACE),
+            "",
+            "only once"
+        );
+        let mut fresh = Nudges::default();
+        fresh.due(&state(5), t0);
+        assert_eq!(fresh.due(&state(5), later), "", "handshook: nothing to do");
     }
 
     #[test]
