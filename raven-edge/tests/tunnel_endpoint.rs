@@ -1,7 +1,9 @@
 //! A peer's endpoint change is applied to a running WireGuard device as a
 //! one-peer diff: the device is not recreated, wireguard-go keeps running,
 //! the other peer's session is untouched, and traffic follows the new
-//! endpoint. Real wireguard-go in three network namespaces made for the test.
+//! endpoint. Real wireguard-go in three network namespaces made for the test:
+//! a peers with b and c, each on its own veth; b's uplink then moves to
+//! another network (its old address is gone) and a is told b's new endpoint.
 //! Needs root and wireguard-go; skipped otherwise unless
 //! `RAVEN_REQUIRE_TOOLS=1`.
 
@@ -20,8 +22,10 @@ fn ready() -> bool {
     support::root_with(&["wireguard-go"])
 }
 
-/// Namespaces a, b, c; a–b and a–c on their own veth links; a WireGuard
-/// device in each (wireguard-go), all removed by name on drop.
+/// Namespaces a, b, c; a–b (198.18.1.0/24, and 198.18.3.0/24 where b moves
+/// to) and a–c (198.18.2.0/24) on their own veth links; a WireGuard device
+/// in each (wireguard-go, started and ended here by PID), all removed by
+/// name on drop.
 struct Lab {
     tag: String,
     dir: tempfile::TempDir,
@@ -89,6 +93,16 @@ impl Lab {
             ]);
             must(&["-n", &lab.ns(peer), "link", "set", "toa", "up"]);
         }
+        // The network b moves to: a is reachable there too.
+        must(&[
+            "-n",
+            &lab.ns("a"),
+            "addr",
+            "add",
+            "198.18.3.1/24",
+            "dev",
+            "tob",
+        ]);
         for (n, inner) in [("a", "10.99.0.1"), ("b", "10.99.0.2"), ("c", "10.99.0.3")] {
             let child = Command::new("ip")
                 .args([
@@ -134,6 +148,29 @@ impl Lab {
             .is_ok_and(|o| o.status.success())
     }
 
+    /// b's uplink moves: its old address goes, a new one on another network
+    /// comes (wireguard-go keeps listening on the same port).
+    fn move_b(&self) {
+        must(&[
+            "-n",
+            &self.ns("b"),
+            "addr",
+            "del",
+            "198.18.1.2/24",
+            "dev",
+            "toa",
+        ]);
+        must(&[
+            "-n",
+            &self.ns("b"),
+            "addr",
+            "add",
+            "198.18.3.2/24",
+            "dev",
+            "toa",
+        ]);
+    }
+
     fn ifindex(&self, n: &str) -> String {
         let (_, out) = ip(&["-n", &self.ns(n), "-o", "link", "show", &self.dev(n)]);
         out.split(':').next().unwrap_or_default().to_owned()
@@ -176,16 +213,24 @@ fn hex(t: &Tunnel) -> String {
     raven_edge::tunnel::keys::base64_to_hex(&t.keys.public_base64()).expect("key")
 }
 
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 #[tokio::test(flavor = "multi_thread")]
-async fn an_endpoint_change_touches_only_that_peer_and_keeps_the_device_and_other_sessions() {
+async fn an_endpoint_change_is_a_one_peer_diff_on_the_running_device_and_traffic_follows_it() {
     if !ready() {
         return;
     }
-    let lab = Lab::new();
+    let started = unix_now();
+    let mut lab = Lab::new();
     let (a, b, c) = (lab.tunnel("a"), lab.tunnel("b"), lab.tunnel("c"));
+    let (kb, kc) = (hex(&b), hex(&c));
     let mut want_a = spec(vec![
-        (hex(&b), peer("b", "198.18.1.2:5000", "10.99.0.2/32")),
-        (hex(&c), peer("c", "198.18.2.2:5000", "10.99.0.3/32")),
+        (kb.clone(), peer("b", "198.18.1.2:5000", "10.99.0.2/32")),
+        (kc.clone(), peer("c", "198.18.2.2:5000", "10.99.0.3/32")),
     ]);
     a.apply(&want_a).await.expect("a");
     b.apply(&spec(vec![(
@@ -206,52 +251,79 @@ async fn an_endpoint_change_touches_only_that_peer_and_keeps_the_device_and_othe
     );
 
     let before = uapi::get(&a.dev).await.expect("state");
-    let c_handshake = before.peers[&hex(&c)].last_handshake_sec;
-    assert!(c_handshake > 0);
+    let c_handshake = before.peers[&kc].last_handshake_sec;
+    assert!(c_handshake >= started, "c handshook");
     let (index, pid) = (lab.ifindex("a"), lab.wg[0].0.id());
 
-    // b's endpoint moves (it listens on another port now, as after a NAT
-    // remapping); a is told its new endpoint.
-    let mut want_b = spec(vec![(
-        hex(&a),
-        peer("a", "198.18.1.1:5000", "10.99.0.1/32"),
-    )]);
-    want_b.listen_port = 5001;
-    b.apply(&want_b).await.expect("b moves");
-    if let Some(p) = want_a.peers.get_mut(&hex(&b)) {
-        p.endpoint = "198.18.1.2:5001".parse().ok();
+    // b's uplink moves. Until a is told, b is out of reach: its old address
+    // is gone, and b has nothing to send that would let a roam.
+    lab.move_b();
+    assert!(!lab.ping("a", "10.99.0.2"), "b reached at its old address");
+
+    if let Some(p) = want_a.peers.get_mut(&kb) {
+        p.endpoint = "198.18.3.2:5000".parse().ok();
     }
-    let body = diff(&want_a, &before.private_key_hex, &before);
+    let now = uapi::get(&a.dev).await.expect("state");
+    let body = diff(&want_a, &now.private_key_hex, &now);
     assert_eq!(
         body,
-        format!("public_key={}\nendpoint=198.18.1.2:5001\n", hex(&b)),
-        "a one-peer diff"
+        format!("public_key={kb}\nendpoint=198.18.3.2:5000\n"),
+        "a diff that names only b, and only its endpoint"
     );
-    a.apply(&want_a).await.expect("apply the change");
+    assert!(!body.contains(&kc));
+    assert_eq!(
+        a.apply(&want_a).await.expect("apply the change"),
+        2,
+        "the same two lines applied"
+    );
+    assert_eq!(
+        a.apply(&want_a).await.expect("apply again"),
+        0,
+        "nothing left to change"
+    );
 
     let t = Instant::now();
     while !lab.ping("a", "10.99.0.2") {
         assert!(
             t.elapsed() < Duration::from_secs(10),
             "b not reached at its new endpoint: {:?}",
-            uapi::get(&a.dev).await.map(|s| s.peers[&hex(&b)].clone())
+            uapi::get(&a.dev).await.map(|s| s.peers[&kb].clone())
         );
     }
-    assert!(lab.ping("a", "10.99.0.3"), "c still reached");
-    let after = uapi::get(&a.dev).await.expect("state");
-    assert_eq!(
-        after.peers[&hex(&b)].endpoint,
-        "198.18.1.2:5001".parse().ok()
+    assert!(lab.ping("b", "10.99.0.1"), "b reaches a");
+    assert!(
+        lab.ping("a", "10.99.0.3") && lab.ping("c", "10.99.0.1"),
+        "a and c still reach each other"
     );
+
+    let after = uapi::get(&a.dev).await.expect("state");
+    // (4) b over its new endpoint: a reports it, with a handshake of this
+    // run and bytes received since the move — which can only have come
+    // over the new network; b saw a arrive from there too (and roamed).
+    let (b0, b1) = (&now.peers[&kb], &after.peers[&kb]);
+    assert_eq!(b1.endpoint, "198.18.3.2:5000".parse().ok());
+    assert!(b1.last_handshake_sec >= started, "{b1:?}");
+    assert!(b1.rx_bytes > b0.rx_bytes, "nothing from b: {b0:?} → {b1:?}");
+    let b_view = uapi::get(&b.dev).await.expect("b's state");
     assert_eq!(
-        after.peers[&hex(&c)].last_handshake_sec,
-        c_handshake,
+        b_view.peers[&hex(&a)].endpoint,
+        "198.18.3.1:5000".parse().ok(),
+        "b hears a over the new network"
+    );
+    // (3) c's session was not touched, and carries traffic.
+    let (c0, c1) = (&now.peers[&kc], &after.peers[&kc]);
+    assert_eq!(
+        c1.last_handshake_sec, c_handshake,
         "c's session was not touched"
     );
+    assert_eq!(c1.endpoint, c0.endpoint);
+    assert!(c1.rx_bytes > c0.rx_bytes, "nothing from c: {c0:?} → {c1:?}");
+    // (1) the same device, served by the same wireguard-go.
     assert_eq!(lab.ifindex("a"), index, "the device was not recreated");
-    let still = Command::new("kill")
-        .args(["-0", &pid.to_string()])
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(still, "wireguard-go kept running");
+    assert_eq!(lab.wg[0].0.id(), pid);
+    assert!(
+        matches!(lab.wg[0].0.try_wait(), Ok(None)),
+        "wireguard-go kept running"
+    );
+    assert!(Backend::Userspace.device_exists(&a.dev).await);
 }

@@ -104,6 +104,12 @@ impl Backend {
         }
     }
 
+    /// Whether `dev` exists and answers: a kernel WireGuard link that
+    /// generic netlink can read, or a wireguard-go whose UAPI socket answers.
+    pub async fn device_exists(self, dev: &str) -> bool {
+        self.get(dev).await.is_ok()
+    }
+
     /// Applies a UAPI `set=1` body (see [`super::diff`]).
     pub async fn set(self, dev: &str, body: &str) -> Result<(), TunnelError> {
         match self {
@@ -124,5 +130,20 @@ mod tests {
         }
         let e = "boringtun".parse::<WgMode>().expect_err("not a mode");
         assert!(e.contains("auto, kernel, userspace"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_device_that_does_not_exist_is_missing_for_both_backends() {
+        for b in [Backend::Kernel, Backend::Userspace] {
+            assert!(!b.device_exists("rvnosuchwg0").await, "{b}");
+        }
+    }
+
+    #[tokio::test]
+    async fn userspace_mode_is_chosen_without_probing() {
+        assert_eq!(
+            detect(WgMode::Userspace, false).await.ok(),
+            Some(Backend::Userspace)
+        );
     }
 }
