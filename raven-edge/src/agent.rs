@@ -57,6 +57,8 @@ pub struct Health {
     pub last_error: Arc<std::sync::Mutex<Option<String>>>,
     pub revision: Arc<AtomicU64>,
     pub last_contact_ms: Arc<AtomicU64>,
+    /// A hub session is open (see [`Links::hub_session`]).
+    pub hub_session: Arc<std::sync::atomic::AtomicBool>,
     pub ops_applied: Arc<AtomicU64>,
     pub reconciles: Arc<AtomicU64>,
     /// Tunnel peers as last read from the device (gateways only).
@@ -92,15 +94,22 @@ async fn probe_loop(
     shutdown: CancellationToken,
 ) {
     let mut warned = false;
+    // One round per period, however long a round waits for answers (a dead
+    // candidate costs the whole timeout): `fail_after` misses take
+    // `fail_after` periods, not twice that.
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker.tick().await;
+    let timeout = (every * 3 / 4).min(Duration::from_secs(1));
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(every) => {}
+            _ = ticker.tick() => {}
         }
         let cached = state.borrow().clone();
         let inputs = dataplane::inputs_from(&ctx.node, &cached);
         let targets = failover::probe_targets(&inputs);
-        match failover::probe(targets.clone(), every.min(Duration::from_secs(1))).await {
+        match failover::probe(targets.clone(), timeout).await {
             Ok(answered) => {
                 warned = false;
                 if let Ok(mut st) = ctx.failover.lock() {
@@ -189,6 +198,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
             applied: applied_rx,
             report: report_rx,
             last_contact_ms: health.last_contact_ms.clone(),
+            hub_session: health.hub_session.clone(),
         };
         tasks.spawn(client::run(client_cfg, links, shutdown.clone()));
     }
@@ -286,7 +296,11 @@ fn now_unix() -> u64 {
 }
 
 impl Reconciler {
+    /// A hub session is open and the hub spoke within `hub_silence`.
     fn hub_reachable(&self) -> bool {
+        if !self.health.hub_session.load(Ordering::Relaxed) {
+            return false;
+        }
         let last = self.health.last_contact_ms.load(Ordering::Relaxed);
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -310,7 +324,7 @@ impl Reconciler {
         let Ok(mut st) = self.failover.lock() else {
             return (BTreeMap::new(), BTreeSet::new());
         };
-        let mut handshakes = BTreeMap::new();
+        let mut seen = BTreeMap::new();
         let mut direct = BTreeSet::new();
         // Direct paths are between two NATed gateways only.
         let natted = inputs.me.as_ref().is_some_and(|me| {
@@ -330,7 +344,13 @@ impl Reconciler {
                     continue;
                 };
                 if let Some(s) = have.peers.get(&key) {
-                    handshakes.insert(p.node.clone(), s.last_handshake_sec);
+                    seen.insert(
+                        p.node.clone(),
+                        failover::PeerSeen {
+                            handshake: s.last_handshake_sec,
+                            heard: st.activity.heard(&key),
+                        },
+                    );
                     if natted && p.observed_endpoint.is_some() && st.activity.alive(have, &key, now)
                     {
                         direct.insert(p.node.clone());
@@ -340,7 +360,7 @@ impl Reconciler {
         }
         let evidence = failover::Evidence {
             probes: &st.probes,
-            handshakes: &handshakes,
+            peers: &seen,
             now,
             hub_reachable,
         };

@@ -36,7 +36,7 @@ pub struct Common {
 pub struct FailoverArgs {
     /// Period of the ICMP probes of the tunnel candidates of this node's
     /// gateway.
-    #[arg(long, env = "RAVEN_PROBE_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "RAVEN_PROBE_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     pub probe_interval: Duration,
     /// Missed probes in a row that make a candidate dead.
     #[arg(long, env = "RAVEN_PROBE_FAILURES", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]

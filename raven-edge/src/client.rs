@@ -7,7 +7,7 @@
 //! watch channel and reports back what it applied.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use raven_core::NodeName;
@@ -64,6 +64,10 @@ pub struct Links {
     pub report: watch::Receiver<v1::Report>,
     /// Unix milliseconds of the last message from a hub (0: never).
     pub last_contact_ms: Arc<AtomicU64>,
+    /// A session with a hub is open (set on its first message, cleared
+    /// when it ends): a hub that went away counts as unreachable at once,
+    /// not only after its heartbeats have been missed.
+    pub hub_session: Arc<AtomicBool>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -153,6 +157,7 @@ pub async fn run(cfg: ClientConfig, links: Links, shutdown: CancellationToken) {
             () = shutdown.cancelled() => return,
             r = session(&cfg, &hub, &links) => r,
         };
+        links.hub_session.store(false, Ordering::Relaxed);
         if started.elapsed() > Duration::from_secs(60) {
             backoff.reset();
         }
@@ -286,6 +291,7 @@ async fn session(cfg: &ClientConfig, hub: &str, links: &Links) -> Result<(), Ses
                 };
                 last_heard = tokio::time::Instant::now();
                 links.last_contact_ms.store(now_ms(), Ordering::Relaxed);
+                links.hub_session.store(true, Ordering::Relaxed);
                 match msg.message {
                     Some(Resp::Update(u)) => handle_update(&u, links, &tx, &mut progress).await?,
                     Some(Resp::Heartbeat(_)) | None => {}

@@ -15,11 +15,21 @@
 //!   (also once the hub is back) until the hub's choice answers again, so a
 //!   returning hub that has not yet heard of the failover cannot flap it back.
 //! * **Remote domains** — the active tunnel node keeps every candidate of the
-//!   other gateways as a WireGuard peer, standbys without allowed IPs. Only a
-//!   domain's active node runs a tunnel, so while the hub is unreachable a
-//!   candidate whose handshake is fresher than the hub's choice (and fresh at
-//!   all) is the one its domain moved to: its prefixes follow it, and stay
-//!   there (also once the hub is back) while it is the fresher one.
+//!   other gateways as a WireGuard peer, standbys without allowed IPs. Every
+//!   peer that carries prefixes sends a keepalive each
+//!   [`crate::tunnel::LIVE_KEEPALIVE`] seconds, so a live gateway is *heard*
+//!   at least that often. While the hub is unreachable, a gateway's prefixes
+//!   move from the node that carries them to another candidate only when
+//!   both hold: the current node is **silent** (nothing received for
+//!   [`SILENCE_SECS`]) and the candidate is **live** — a fresh handshake
+//!   made *after* the current node was last heard, and traffic received
+//!   within [`SILENCE_SECS`]. A fresher handshake alone never moves traffic:
+//!   a standby that was briefly up (say, powered on with a stale cache that
+//!   named it active, until the hub demoted it) handshook while the active
+//!   gateway kept talking, so its handshake is older than the active's last
+//!   packet and it falls silent again. A move holds (also once the hub is
+//!   back) until the node moved to falls silent while the hub's choice is
+//!   heard.
 //!
 //! When the hub is reachable and its choice is alive, the hub is
 //! authoritative. Agents report their overrides (`Report.local_failover`); a
@@ -88,13 +98,36 @@ impl ProbeBook {
     }
 }
 
+/// What the tunnel device tells of one peer, in unix seconds (0: never).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PeerSeen {
+    /// The last completed handshake.
+    pub handshake: u64,
+    /// When its received byte count last grew (as observed by
+    /// [`PeerActivity`]).
+    pub heard: u64,
+}
+
+impl PeerSeen {
+    /// Heard within [`SILENCE_SECS`].
+    fn heard_recently(self, now: u64) -> bool {
+        self.heard > 0 && now.saturating_sub(self.heard) < SILENCE_SECS
+    }
+
+    /// A usable session that carries traffic.
+    fn live(self, now: u64) -> bool {
+        self.handshake > 0
+            && now.saturating_sub(self.handshake) < HANDSHAKE_FRESH_SECS
+            && self.heard_recently(now)
+    }
+}
+
 /// Everything [`choose`] weighs besides the topology.
 #[derive(Debug, Clone, Copy)]
 pub struct Evidence<'a> {
     pub probes: &'a ProbeBook,
-    /// Unix seconds of the last WireGuard handshake with each peer node (0 or
-    /// absent: never).
-    pub handshakes: &'a BTreeMap<NodeName, u64>,
+    /// What the tunnel device tells of each peer node (absent: not a peer).
+    pub peers: &'a BTreeMap<NodeName, PeerSeen>,
     /// Unix seconds now.
     pub now: u64,
     /// The agent heard from a hub recently.
@@ -158,7 +191,7 @@ pub fn choose(
                 previous.contains_key(&gw.name),
             )
         } else {
-            remote_domain(gw, hub_choice, ev, previous.contains_key(&gw.name))
+            remote_domain(gw, hub_choice, ev, previous.get(&gw.name))
         };
         if let Some(node) = pick.filter(|n| *n != hub_choice) {
             out.insert(gw.name.clone(), node.clone());
@@ -193,33 +226,50 @@ fn remote_domain<'a>(
     gw: &'a GatewayView,
     hub_choice: &'a NodeName,
     ev: &Evidence<'_>,
-    overridden: bool,
+    previous: Option<&'a NodeName>,
 ) -> Option<&'a NodeName> {
     // A reachable hub is authoritative: a candidate that lost an election
     // while its agent was stopped still answers handshakes until its agent
     // drops its peers, and must not pull traffic away meanwhile.
-    if ev.hub_reachable && !overridden {
+    if ev.hub_reachable && previous.is_none() {
         return Some(hub_choice);
     }
-    let at = |n: &NodeName| ev.handshakes.get(n).copied().unwrap_or(0);
-    let fresh = |t: u64| t > 0 && ev.now.saturating_sub(t) < HANDSHAKE_FRESH_SECS;
-    let best = gw
-        .tunnel_candidates
+    let seen = |n: &NodeName| ev.peers.get(n).copied().unwrap_or_default();
+    // The node that carries the prefixes now: a move made earlier, as long
+    // as it is still a candidate.
+    let current = previous
+        .and_then(|p| {
+            gw.tunnel_candidates
+                .iter()
+                .map(|c| &c.node)
+                .find(|n| *n == p)
+        })
+        .unwrap_or(hub_choice);
+    if seen(current).heard_recently(ev.now) {
+        return Some(current);
+    }
+    // Silent. Back to the hub's choice if it is heard; otherwise to a
+    // candidate that took over after the current node was last heard.
+    if current != hub_choice && seen(hub_choice).heard_recently(ev.now) {
+        return Some(hub_choice);
+    }
+    let since = seen(current).heard;
+    gw.tunnel_candidates
         .iter()
         .map(|c| &c.node)
-        .filter(|n| *n != hub_choice && fresh(at(n)))
-        .max_by_key(|n| at(n));
-    match best {
-        Some(n) if at(n) > at(hub_choice) => Some(n),
-        _ => Some(hub_choice),
-    }
+        .filter(|n| *n != current)
+        .filter(|n| seen(n).live(ev.now) && seen(n).handshake > since)
+        .max_by_key(|n| seen(n).handshake)
+        .or(Some(current))
 }
 
-/// How long a direct path may go without receiving anything before its
-/// prefixes go back to the relay: both NATed ends send a keepalive every
-/// [`crate::tunnel::DIRECT_KEEPALIVE`] seconds, so three missed ones and
-/// some slack.
-pub const DIRECT_SILENCE_SECS: u64 = 3 * crate::tunnel::DIRECT_KEEPALIVE as u64 + 3;
+/// How long a peer that carries prefixes may go without sending anything
+/// before it counts as silent: it sends a keepalive every
+/// [`crate::tunnel::LIVE_KEEPALIVE`] seconds when idle, so at least two
+/// missed ones. A silent direct path hands its prefixes back to the relay; a
+/// silent remote gateway lets a live candidate take its prefixes (hub
+/// unreachable).
+pub const SILENCE_SECS: u64 = 2 * crate::tunnel::LIVE_KEEPALIVE as u64 + 1;
 
 /// Per-peer activity read from the tunnel device over time: when each
 /// peer's received byte count last grew.
@@ -240,15 +290,24 @@ impl PeerActivity {
                     *at = now;
                 }
                 Some(_) => {}
+                // First seen: heard now if it has sent anything (an agent
+                // adopting a running device), never otherwise.
                 None => {
-                    self.rx.insert(k.clone(), (p.rx_bytes, now));
+                    let at = if p.rx_bytes > 0 { now } else { 0 };
+                    self.rx.insert(k.clone(), (p.rx_bytes, at));
                 }
             }
         }
     }
 
+    /// Unix seconds when the peer with key `key` was last heard (its
+    /// received byte count grew); 0 when never observed.
+    pub fn heard(&self, key: &str) -> u64 {
+        self.rx.get(key).map_or(0, |(_, at)| *at)
+    }
+
     /// Whether the peer with key `key` carries traffic: a fresh handshake
-    /// and bytes received within [`DIRECT_SILENCE_SECS`].
+    /// and bytes received within [`SILENCE_SECS`].
     pub fn alive(&self, have: &crate::tunnel::uapi::DeviceState, key: &str, now: u64) -> bool {
         let Some(p) = have.peers.get(key) else {
             return false;
@@ -258,7 +317,7 @@ impl PeerActivity {
         let heard = self
             .rx
             .get(key)
-            .is_some_and(|(_, at)| now.saturating_sub(*at) < DIRECT_SILENCE_SECS);
+            .is_some_and(|(_, at)| now.saturating_sub(*at) < SILENCE_SECS);
         fresh && heard
     }
 }
@@ -452,12 +511,12 @@ mod tests {
     }
     fn ev<'a>(
         probes: &'a ProbeBook,
-        hs: &'a BTreeMap<NodeName, u64>,
+        hs: &'a BTreeMap<NodeName, PeerSeen>,
         hub_reachable: bool,
     ) -> Evidence<'a> {
         Evidence {
             probes,
-            handshakes: hs,
+            peers: hs,
             now: 1_000,
             hub_reachable,
         }
@@ -531,27 +590,75 @@ mod tests {
         );
     }
 
+    /// A peer last handshaking at `handshake` and last heard at `heard`
+    /// (now is 1000).
+    fn seen(handshake: u64, heard: u64) -> PeerSeen {
+        PeerSeen { handshake, heard }
+    }
+
     #[test]
-    fn a_remote_candidate_with_a_fresher_handshake_takes_its_domains_prefixes() {
+    fn a_silent_remote_gateway_hands_its_prefixes_to_the_candidate_that_took_over() {
         let probes = ProbeBook::new(3);
         let i = inputs("a1", "gw-a");
-        let mut hs = BTreeMap::from([(n("b1"), 900)]);
+        // b1 heard a second ago: nothing moves, whatever b2 did.
+        let mut hs = BTreeMap::from([(n("b1"), seen(900, 999)), (n("b2"), seen(995, 999))]);
         assert!(choose(&i, &ev(&probes, &hs, false), &BTreeMap::new()).is_empty());
-        hs.insert(n("b2"), 950);
+        // b1 silent since 990; b2 handshook after that and is heard.
+        hs.insert(n("b1"), seen(900, 990));
         let moved = choose(&i, &ev(&probes, &hs, false), &BTreeMap::new());
         assert_eq!(moved.get(&g("gw-b")), Some(&n("b2")));
-        // The hub back, still naming b1: the move holds while b2 is fresher.
+        // The hub back, still naming the silent b1: the move holds.
         assert_eq!(choose(&i, &ev(&probes, &hs, true), &moved), moved);
-        // A stale handshake is no evidence, however much newer.
-        let hs = BTreeMap::from([(n("b2"), 1_000 - HANDSHAKE_FRESH_SECS)]);
+        // A stale handshake is no evidence, however recent the traffic.
+        hs.insert(n("b2"), seen(1_000 - HANDSHAKE_FRESH_SECS, 999));
         assert!(choose(&i, &ev(&probes, &hs, false), &BTreeMap::new()).is_empty());
     }
 
     #[test]
-    fn with_the_hub_reachable_a_fresher_standby_does_not_pull_traffic_away() {
-        // b2 lost an election while its agent was stopped and still answers.
+    fn a_fresher_handshake_alone_never_moves_traffic_from_a_gateway_that_is_heard() {
+        // b2 was briefly up with a stale cache that named it active: it
+        // handshook at 950 (b1 last rekeyed at 900) and went quiet; b1 keeps
+        // sending keepalives.
         let probes = ProbeBook::new(3);
-        let hs = BTreeMap::from([(n("b1"), 900), (n("b2"), 950)]);
+        let hs = BTreeMap::from([(n("b1"), seen(900, 999)), (n("b2"), seen(950, 951))]);
+        let i = inputs("a1", "gw-a");
+        for hub_reachable in [false, true] {
+            assert!(choose(&i, &ev(&probes, &hs, hub_reachable), &BTreeMap::new()).is_empty());
+        }
+    }
+
+    #[test]
+    fn a_candidate_that_handshook_before_the_gateway_fell_silent_is_no_takeover() {
+        // b1 dies at ~996; b2's handshake (and its last traffic) is older.
+        let probes = ProbeBook::new(3);
+        let i = inputs("a1", "gw-a");
+        let hs = BTreeMap::from([(n("b1"), seen(900, 996)), (n("b2"), seen(950, 999))]);
+        assert!(choose(&i, &ev(&probes, &hs, false), &BTreeMap::new()).is_empty());
+        // Quiet since then: not live either.
+        let hs = BTreeMap::from([(n("b1"), seen(900, 996)), (n("b2"), seen(997, 997))]);
+        assert!(choose(&i, &ev(&probes, &hs, false), &BTreeMap::new()).is_empty());
+    }
+
+    #[test]
+    fn a_move_ends_when_the_moved_to_node_falls_silent_and_the_hubs_choice_is_heard() {
+        let probes = ProbeBook::new(3);
+        let i = inputs("a1", "gw-a");
+        let moved: BTreeMap<_, _> = [(g("gw-b"), n("b2"))].into();
+        let hs = BTreeMap::from([(n("b1"), seen(998, 999)), (n("b2"), seen(950, 990))]);
+        for hub_reachable in [false, true] {
+            assert!(choose(&i, &ev(&probes, &hs, hub_reachable), &moved).is_empty());
+        }
+        // Both silent: stay where the prefixes are.
+        let hs = BTreeMap::from([(n("b1"), seen(900, 980)), (n("b2"), seen(950, 990))]);
+        assert_eq!(choose(&i, &ev(&probes, &hs, false), &moved), moved);
+    }
+
+    #[test]
+    fn with_the_hub_reachable_a_fresher_standby_does_not_pull_traffic_away() {
+        // b2 lost an election while its agent was stopped and still answers;
+        // b1 is silent for a moment.
+        let probes = ProbeBook::new(3);
+        let hs = BTreeMap::from([(n("b1"), seen(900, 980)), (n("b2"), seen(995, 999))]);
         let i = inputs("a1", "gw-a");
         assert!(choose(&i, &ev(&probes, &hs, true), &BTreeMap::new()).is_empty());
     }
@@ -577,7 +684,7 @@ mod tests {
         a.observe(&state(92, 105), 106);
         assert!(a.alive(&state(92, 105), "k", 106));
         // Handshake still fresh, but nothing received for too long.
-        let later = 106 + DIRECT_SILENCE_SECS;
+        let later = 106 + SILENCE_SECS;
         a.observe(&state(92, 105), later);
         assert!(!a.alive(&state(92, 105), "k", later));
         a.observe(&state(184, 105), later + 1);

@@ -727,27 +727,39 @@ impl Lab {
         self.matrix_of(&all)
     }
 
-    /// The matrix among the nodes named in `shorts` only.
+    /// The matrix among the nodes named in `shorts` only. The pings run
+    /// side by side (a round costs about one ping timeout however many
+    /// fail), so a round is also a timestamp for when each pair recovered.
     pub fn matrix_of(&self, shorts: &[&str]) -> Vec<(String, String, bool)> {
         let nodes: Vec<&LabNode> = self
             .nodes
             .iter()
             .filter(|n| shorts.contains(&n.short))
             .collect();
-        let mut out = Vec::new();
+        let mut pairs = Vec::new();
         for a in &nodes {
             for b in nodes.iter().filter(|b| b.short != a.short) {
                 for (src, slabel) in [(a.ip, "node"), (a.pod, "pod")] {
                     for (dst, dlabel) in [(b.ip, "node"), (b.pod, "pod")] {
-                        let ok = self.ping(a.short, src, dst);
-                        out.push((
-                            format!("{} {slabel}", a.short),
-                            format!("{} {dlabel}", b.short),
-                            ok,
-                        ));
+                        pairs.push((a.short, src, dst, slabel, b.short, dlabel));
                     }
                 }
             }
+        }
+        let mut out = Vec::with_capacity(pairs.len());
+        for chunk in pairs.chunks(24) {
+            std::thread::scope(|scope| {
+                let running: Vec<_> = chunk
+                    .iter()
+                    .map(|&(a, src, dst, slabel, b, dlabel)| {
+                        let h = scope.spawn(move || self.ping(a, src, dst));
+                        (format!("{a} {slabel}"), format!("{b} {dlabel}"), h)
+                    })
+                    .collect();
+                for (from, to, h) in running {
+                    out.push((from, to, h.join().unwrap_or(false)));
+                }
+            });
         }
         out
     }

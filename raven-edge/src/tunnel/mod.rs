@@ -28,11 +28,14 @@ use keys::KeyPair;
 
 /// Persistent keepalive a NATed gateway sends to keep its mapping open.
 pub const NAT_KEEPALIVE: u16 = 25;
-/// Persistent keepalive on a direct NAT-to-NAT path, both ways: short, so a
-/// path that stops working is noticed within seconds
-/// ([`crate::failover::DIRECT_SILENCE_SECS`]) and its prefixes go back to
-/// the relay.
-pub const DIRECT_KEEPALIVE: u16 = 5;
+/// Persistent keepalive of every peer that carries prefixes (active
+/// gateways, the relay, direct NAT-to-NAT paths), both ways: an idle live
+/// gateway is heard every second, so one that stops is noticed within
+/// [`crate::failover::SILENCE_SECS`] — a direct path then hands its prefixes
+/// back to the relay, and with the hub unreachable a remote domain's
+/// prefixes follow the candidate that took over (see [`crate::failover`]).
+/// It costs one 32-byte packet per second per idle peer.
+pub const LIVE_KEEPALIVE: u16 = 1;
 
 /// One WireGuard peer as raven wants it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -127,7 +130,7 @@ pub fn spec(
                             gateway: other.name.clone(),
                             endpoint: Some(endpoint),
                             allowed_ips: if up { prefixes(other) } else { BTreeSet::new() },
-                            keepalive: DIRECT_KEEPALIVE,
+                            keepalive: LIVE_KEEPALIVE,
                             relays_for: Vec::new(),
                             path: PeerPath::Direct,
                         },
@@ -164,7 +167,9 @@ pub fn spec(
                 cand.public_ip
                     .map(|ip| SocketAddr::new(ip, cand.public_port.unwrap_or(cand.port)))
             };
-            let keepalive = if my_gw.under_nat || (!is_active && endpoint.is_some()) {
+            let keepalive = if is_active {
+                LIVE_KEEPALIVE
+            } else if my_gw.under_nat || endpoint.is_some() {
                 NAT_KEEPALIVE
             } else {
                 0
@@ -590,7 +595,10 @@ mod tests {
             .cloned()
             .unwrap_or_else(|| unreachable!());
         assert_eq!(relay.endpoint, "198.51.100.1:4500".parse().ok());
-        assert_eq!(relay.keepalive, NAT_KEEPALIVE);
+        assert_eq!(
+            relay.keepalive, LIVE_KEEPALIVE,
+            "the relay carries prefixes: heard every second"
+        );
         let ips: Vec<String> = relay.allowed_ips.iter().map(ToString::to_string).collect();
         assert!(
             ips.contains(&"10.1.0.0/24".to_owned()) && ips.contains(&"10.3.0.0/24".to_owned()),
@@ -605,7 +613,8 @@ mod tests {
         assert!(
             s.peers
                 .values()
-                .all(|p| p.endpoint.is_none() && p.keepalive == 0)
+                .all(|p| p.endpoint.is_none() && p.keepalive == LIVE_KEEPALIVE),
+            "they dial us; once they have, we keep them hearing from us"
         );
     }
 
@@ -680,7 +689,7 @@ mod tests {
         let q1 = by_node(&trying, "q1");
         assert_eq!(q1.path, PeerPath::Direct);
         assert_eq!(q1.endpoint, "192.0.2.30:4500".parse().ok());
-        assert_eq!(q1.keepalive, DIRECT_KEEPALIVE);
+        assert_eq!(q1.keepalive, LIVE_KEEPALIVE);
         assert!(
             q1.allowed_ips.is_empty(),
             "no prefixes before it handshakes"
