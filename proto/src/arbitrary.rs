@@ -183,14 +183,23 @@ pub fn peer_info() -> impl Strategy<Value = PeerInfo> {
         option::of(prop_oneof![wireguard_key(), text()]),
         option::of(any::<u16>()),
         option::of(socket_addr()),
+        option::of((wireguard_key(), option::of(socket_addr()))),
     )
         .prop_map(
-            |(node, gateway, wireguard_public_key, tunnel_port, observed_endpoint)| PeerInfo {
-                node,
-                gateway,
-                wireguard_public_key,
-                tunnel_port,
-                observed_endpoint,
+            |(node, gateway, wireguard_public_key, tunnel_port, observed_endpoint, direct)| {
+                PeerInfo {
+                    node,
+                    gateway,
+                    wireguard_public_key,
+                    tunnel_port,
+                    observed_endpoint,
+                    direct: direct.map(|(public_key, observed_endpoint)| {
+                        raven_core::topology::DirectDevice {
+                            public_key,
+                            observed_endpoint,
+                        }
+                    }),
+                }
             },
         )
 }
@@ -227,6 +236,8 @@ pub fn agent_report() -> impl Strategy<Value = AgentReport> {
         option::of(socket_addr()),
         btree_map(gateway_name(), node_name(), 0..3),
         btree_map(node_name(), socket_addr(), 0..3),
+        option::of(wireguard_key()),
+        btree_map(node_name(), socket_addr(), 0..3),
     )
         .prop_map(
             |(
@@ -235,12 +246,18 @@ pub fn agent_report() -> impl Strategy<Value = AgentReport> {
                 observed_endpoint,
                 local_failover,
                 observed_peers,
-            ): (_, _, _, BTreeMap<_, _>, BTreeMap<_, _>)| AgentReport {
-                wireguard_public_key,
-                tunnel_port,
-                observed_endpoint,
-                local_failover,
-                observed_peers,
+                direct_public_key,
+                observed_direct_peers,
+            ): (_, _, _, BTreeMap<_, _>, BTreeMap<_, _>, _, BTreeMap<_, _>)| {
+                AgentReport {
+                    wireguard_public_key,
+                    tunnel_port,
+                    observed_endpoint,
+                    local_failover,
+                    observed_peers,
+                    direct_public_key,
+                    observed_direct_peers,
+                }
             },
         )
 }

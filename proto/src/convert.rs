@@ -17,8 +17,8 @@ use raven_core::cluster::AgentReport;
 use raven_core::names::{GatewayName, NodeName};
 use raven_core::problem::{Problem, Severity};
 use raven_core::topology::{
-    ContentVersion, EndpointType, ExposeType, GatewayEndpoint, GatewayView, Member, NodeView,
-    PeerInfo, Resource, ResourceBody, ResourceName, Settings, Topology,
+    ContentVersion, DirectDevice, EndpointType, ExposeType, GatewayEndpoint, GatewayView, Member,
+    NodeView, PeerInfo, Resource, ResourceBody, ResourceName, Settings, Topology,
 };
 
 use crate::v1;
@@ -224,6 +224,10 @@ fn body_to_proto(body: &ResourceBody) -> v1::resource::Body {
             wireguard_public_key: p.wireguard_public_key.clone(),
             tunnel_port: p.tunnel_port.map(u32::from),
             observed_endpoint: p.observed_endpoint.as_ref().map(ToString::to_string),
+            direct: p.direct.as_ref().map(|d| v1::DirectDevice {
+                public_key: d.public_key.clone(),
+                observed_endpoint: d.observed_endpoint.as_ref().map(ToString::to_string),
+            }),
         }),
     }
 }
@@ -289,6 +293,27 @@ fn body_from_proto(cx: &Cx, body: &v1::resource::Body) -> Result<ResourceBody, C
                 .observed_endpoint
                 .as_deref()
                 .map(|e| cx.socket("observed_endpoint", e))
+                .transpose()?,
+            direct: p
+                .direct
+                .as_ref()
+                .map(|d| {
+                    if !is_wireguard_key(&d.public_key) {
+                        return Err(cx.invalid(
+                            "direct.public_key",
+                            &d.public_key,
+                            "is not a WireGuard public key (44 characters of base64)",
+                        ));
+                    }
+                    Ok(DirectDevice {
+                        public_key: d.public_key.clone(),
+                        observed_endpoint: d
+                            .observed_endpoint
+                            .as_deref()
+                            .map(|e| cx.socket("direct.observed_endpoint", e))
+                            .transpose()?,
+                    })
+                })
                 .transpose()?,
         }),
     })
@@ -575,13 +600,17 @@ pub fn report_to_proto(r: &AgentReport) -> v1::Report {
         peers: r
             .observed_peers
             .iter()
-            .map(|(node, endpoint)| v1::PeerTunnelState {
+            .map(|(node, endpoint)| (node, endpoint, false))
+            .chain(r.observed_direct_peers.iter().map(|(n, e)| (n, e, true)))
+            .map(|(node, endpoint, direct_device)| v1::PeerTunnelState {
                 peer_node: node.to_string(),
                 handshake_age_seconds: Some(0),
                 endpoint: endpoint.to_string(),
+                direct_device,
                 ..Default::default()
             })
             .collect(),
+        direct_public_key: r.direct_public_key.clone(),
     }
 }
 
@@ -596,14 +625,19 @@ pub const OBSERVATION_FRESH_SECS: u64 = 180;
 /// the result.
 pub fn report_from_proto(r: &v1::Report) -> Result<AgentReport, ConversionError> {
     let cx = Cx::new(Subject::Message("report"));
-    if let Some(key) = &r.wireguard_public_key
-        && !is_wireguard_key(key)
-    {
-        return Err(cx.invalid(
-            "wireguard_public_key",
-            key,
-            "is not a WireGuard public key (44 characters of base64)",
-        ));
+    for (field, key) in [
+        ("wireguard_public_key", &r.wireguard_public_key),
+        ("direct_public_key", &r.direct_public_key),
+    ] {
+        if let Some(key) = key
+            && !is_wireguard_key(key)
+        {
+            return Err(cx.invalid(
+                field,
+                key,
+                "is not a WireGuard public key (44 characters of base64)",
+            ));
+        }
     }
     for (i, e) in r.local_endpoints.iter().enumerate() {
         cx.socket(&format!("local_endpoints[{i}]"), e)?;
@@ -625,6 +659,7 @@ pub fn report_from_proto(r: &v1::Report) -> Result<AgentReport, ConversionError>
         local_failover.insert(gateway, node);
     }
     let mut observed_peers = BTreeMap::new();
+    let mut observed_direct_peers = BTreeMap::new();
     for (i, p) in r.peers.iter().enumerate() {
         let node = cx.node_name(&format!("peers[{i}].peer_node"), &p.peer_node)?;
         if p.endpoint.is_empty() {
@@ -634,7 +669,9 @@ pub fn report_from_proto(r: &v1::Report) -> Result<AgentReport, ConversionError>
         let fresh = p
             .handshake_age_seconds
             .is_some_and(|age| age < OBSERVATION_FRESH_SECS);
-        if fresh && !p.relayed {
+        if fresh && p.direct_device {
+            observed_direct_peers.insert(node, endpoint);
+        } else if fresh && !p.relayed {
             observed_peers.insert(node, endpoint);
         }
     }
@@ -651,6 +688,8 @@ pub fn report_from_proto(r: &v1::Report) -> Result<AgentReport, ConversionError>
             .transpose()?,
         local_failover,
         observed_peers,
+        direct_public_key: r.direct_public_key.clone(),
+        observed_direct_peers,
     })
 }
 

@@ -23,6 +23,7 @@ fn peer(node: &str) -> (ResourceName, Resource) {
         wireguard_public_key: Some("xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=".into()),
         tunnel_port: Some(4500),
         observed_endpoint: Some("192.0.2.7:4500".parse().expect("socket address")),
+        direct: None,
     });
     (ResourceName::peer(&node), Resource::new(body))
 }

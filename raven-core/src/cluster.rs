@@ -148,6 +148,14 @@ pub struct AgentReport {
     /// on so two NATed gateways can try a direct path.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub observed_peers: BTreeMap<NodeName, SocketAddr>,
+    /// The public key of the node's direct-path device, base64.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub direct_public_key: Option<String>,
+    /// Where this node's tunnel hears each peer's direct-path device from
+    /// (fresh handshakes): reported by relays, passed on as the peers'
+    /// `DirectDevice.observed_endpoint`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub observed_direct_peers: BTreeMap<NodeName, SocketAddr>,
 }
 
 /// Everything the compiler reads. Keyed maps make the result independent of

@@ -14,13 +14,13 @@ use ipnet::IpNet;
 use sha2::{Digest, Sha256};
 
 use crate::api::{self, v1beta1};
-use crate::cluster::{ClusterNode, Inputs, RavenConfig};
+use crate::cluster::{AgentReport, ClusterNode, Inputs, RavenConfig};
 use crate::election;
 use crate::names::{GatewayName, NodeName};
 use crate::problem::Problem;
 use crate::topology::{
-    EndpointType, ExposeType, GatewayEndpoint, GatewayView, Member, NodeView, PeerInfo, Resource,
-    ResourceBody, ResourceName, Settings, Topology, VXLAN_PORT,
+    DirectDevice, EndpointType, ExposeType, GatewayEndpoint, GatewayView, Member, NodeView,
+    PeerInfo, Resource, ResourceBody, ResourceName, Settings, Topology, VXLAN_PORT,
 };
 use crate::validate::{self, gateway_object};
 
@@ -167,14 +167,25 @@ pub fn compile(inputs: &Inputs) -> Compiled {
             if report.wireguard_public_key.is_none() && report.observed_endpoint.is_none() {
                 continue;
             }
+            // A direct-path device is of use between NATed gateways only.
+            let direct = report
+                .direct_public_key
+                .filter(|_| view.under_nat)
+                .map(|public_key| DirectDevice {
+                    public_key,
+                    observed_endpoint: observed_endpoint(view, &cand.node, &views, inputs, |r| {
+                        &r.observed_direct_peers
+                    }),
+                });
             let peer = PeerInfo {
                 node: cand.node.clone(),
                 gateway: view.name.clone(),
                 wireguard_public_key: report.wireguard_public_key,
                 tunnel_port: report.tunnel_port,
-                observed_endpoint: report
-                    .observed_endpoint
-                    .or_else(|| observed_endpoint(view, &cand.node, &views, inputs)),
+                observed_endpoint: report.observed_endpoint.or_else(|| {
+                    observed_endpoint(view, &cand.node, &views, inputs, |r| &r.observed_peers)
+                }),
+                direct,
             };
             resources.insert(
                 ResourceName::peer(&cand.node),
@@ -249,12 +260,14 @@ fn adopt_local_failover(
 
 /// The NAT-mapped endpoint of `node` (a tunnel candidate of the NATed gateway
 /// `view`) as seen by the active tunnel node of a gateway that is not under
-/// NAT: `view`'s relay first, then the others by name.
+/// NAT: `view`'s relay first, then the others by name. `seen` picks the
+/// observations of one of the node's devices from a report.
 fn observed_endpoint(
     view: &GatewayView,
     node: &NodeName,
     views: &BTreeMap<GatewayName, GatewayView>,
     inputs: &Inputs,
+    seen: impl Fn(&AgentReport) -> &BTreeMap<NodeName, std::net::SocketAddr>,
 ) -> Option<std::net::SocketAddr> {
     if !view.under_nat {
         return None;
@@ -271,9 +284,8 @@ fn observed_endpoint(
         .find_map(|t| {
             inputs
                 .reports
-                .get(&t.node)?
-                .observed_peers
-                .get(node)
+                .get(&t.node)
+                .and_then(|r| seen(r).get(node))
                 .copied()
         })
 }

@@ -201,6 +201,21 @@ pub struct PeerInfo {
     /// The NAT-mapped address its tunnel traffic was seen from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_endpoint: Option<SocketAddr>,
+    /// Its direct-path device, when it runs one (a NATed gateway).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub direct: Option<DirectDevice>,
+}
+
+/// The second WireGuard device of a NATed gateway, which carries only direct
+/// paths to other NATed gateways (see `DirectDevice` in the proto).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DirectDevice {
+    /// WireGuard public key, base64.
+    pub public_key: String,
+    /// Its NAT-mapped address as the node's relay sees it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_endpoint: Option<SocketAddr>,
 }
 
 /// The content of a resource.

@@ -131,16 +131,23 @@ async fn probe_loop(
 /// Every half second, re-adds once the tunnel peers this node dials that
 /// never completed a handshake (see [`crate::tunnel::Nudges`]).
 async fn nudge_loop(ctx: Arc<Reconciler>, shutdown: CancellationToken) {
-    let mut nudges = crate::tunnel::Nudges::default();
+    let mut nudges = [
+        crate::tunnel::Nudges::default(),
+        crate::tunnel::Nudges::default(),
+    ];
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(Duration::from_millis(500)) => {}
         }
-        match ctx.tunnel.nudge(&mut nudges).await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(peers = n, "re-added peers that never handshook"),
-            Err(e) => tracing::warn!(error = %e, "could not re-add a peer"),
+        for (dev, nudges) in [&ctx.tunnel, &ctx.direct].into_iter().zip(&mut nudges) {
+            match dev.nudge(nudges).await {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::info!(dev = %dev.dev, peers = n, "re-added peers that never handshook")
+                }
+                Err(e) => tracing::warn!(dev = %dev.dev, error = %e, "could not re-add a peer"),
+            }
         }
     }
 }
@@ -160,8 +167,10 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
     let backend = crate::tunnel::backend::detect(cfg.wireguard, cfg.apply).await?;
     tracing::info!(%backend, mode = %cfg.wireguard, "WireGuard");
     let tunnel = crate::tunnel::Tunnel::new(cfg.tunnel_dev.clone(), &cfg.data_dir, backend)?;
+    let direct = tunnel.direct()?;
     let (report_tx, report_rx) = watch::channel(v1::Report {
         wireguard_public_key: Some(tunnel.keys.public_base64()),
+        direct_public_key: Some(direct.keys.public_base64()),
         ..Default::default()
     });
 
@@ -169,6 +178,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
     let ctx = Arc::new(Reconciler {
         dp,
         tunnel,
+        direct,
         node: cfg.node.clone(),
         health: health.clone(),
         report: report_tx,
@@ -240,6 +250,8 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
 pub struct FailoverState {
     pub probes: failover::ProbeBook,
     pub activity: failover::PeerActivity,
+    /// The same for the direct-path device.
+    pub direct_activity: failover::PeerActivity,
     /// Gateway → node, where this node overrides the hub's choice.
     pub overrides: BTreeMap<GatewayName, NodeName>,
     /// NATed peers reached directly (not through the relay).
@@ -251,6 +263,7 @@ impl FailoverState {
         Self {
             probes: failover::ProbeBook::new(probe_failures),
             activity: failover::PeerActivity::default(),
+            direct_activity: failover::PeerActivity::default(),
             overrides: BTreeMap::new(),
             direct: BTreeSet::new(),
         }
@@ -262,11 +275,31 @@ impl FailoverState {
 pub struct Reconciler {
     pub dp: dataplane::Kernel,
     pub tunnel: crate::tunnel::Tunnel,
+    /// The direct-path device (NATed gateways only run it).
+    pub direct: crate::tunnel::Tunnel,
     pub node: NodeName,
     pub health: Health,
     pub report: watch::Sender<v1::Report>,
     pub failover: std::sync::Mutex<FailoverState>,
     pub hub_silence: Duration,
+}
+
+/// Brings a tunnel device up (adopting it when it exists) and applies `spec`
+/// to it as a minimal diff.
+async fn apply_tunnel(
+    tunnel: &crate::tunnel::Tunnel,
+    spec: &crate::tunnel::TunnelSpec,
+    mtu: u32,
+    address: Option<std::net::Ipv4Addr>,
+) -> Result<(), crate::tunnel::TunnelError> {
+    for w in &spec.warnings {
+        tracing::warn!(warning = %w, dev = %tunnel.dev, "tunnel");
+    }
+    tunnel.ensure_device(mtu, address).await?;
+    if tunnel.apply(spec).await? > 0 {
+        tracing::info!(dev = %tunnel.dev, peers = spec.peers.len(), "tunnel peers updated");
+    }
+    Ok(())
 }
 
 /// MTU of the link that holds the node's private address (1500 when it
@@ -317,6 +350,7 @@ impl Reconciler {
         inputs: &dataplane::NodeInputs,
         peers: &[raven_core::topology::PeerInfo],
         device: Option<&crate::tunnel::uapi::DeviceState>,
+        direct_device: Option<&crate::tunnel::uapi::DeviceState>,
         commit: bool,
     ) -> (BTreeMap<GatewayName, NodeName>, BTreeSet<NodeName>) {
         let now = now_unix();
@@ -351,10 +385,23 @@ impl Reconciler {
                             heard: st.activity.heard(&key),
                         },
                     );
-                    if natted && p.observed_endpoint.is_some() && st.activity.alive(have, &key, now)
-                    {
-                        direct.insert(p.node.clone());
-                    }
+                }
+            }
+        }
+        // A direct path carries traffic while its peer on the direct device
+        // handshakes and is heard.
+        if let Some(have) = direct_device {
+            st.direct_activity.observe(have, now);
+            for p in peers.iter().filter(|_| natted) {
+                let Some(key) = p
+                    .direct
+                    .as_ref()
+                    .and_then(|d| crate::tunnel::keys::base64_to_hex(&d.public_key))
+                else {
+                    continue;
+                };
+                if st.direct_activity.alive(have, &key, now) {
+                    direct.insert(p.node.clone());
                 }
             }
         }
@@ -383,7 +430,14 @@ impl Reconciler {
         let inputs = dataplane::inputs_from(&self.node, state);
         let peers = state.view(&self.node).map(|v| v.peers).unwrap_or_default();
         let device = self.tunnel.device_state().await;
-        let decided = self.decide(&inputs, &peers, device.as_ref(), false);
+        let direct_device = self.direct.device_state().await;
+        let decided = self.decide(
+            &inputs,
+            &peers,
+            device.as_ref(),
+            direct_device.as_ref(),
+            false,
+        );
         self.failover
             .lock()
             .is_ok_and(|st| (&st.overrides, &st.direct) != (&decided.0, &decided.1))
@@ -397,7 +451,14 @@ impl Reconciler {
         inputs.underlay_mtu = underlay_mtu(&inputs).await;
         let peers = state.view(&self.node).map(|v| v.peers).unwrap_or_default();
         let device = self.tunnel.device_state().await;
-        let (overrides, direct) = self.decide(&inputs, &peers, device.as_ref(), true);
+        let direct_device = self.direct.device_state().await;
+        let (overrides, direct) = self.decide(
+            &inputs,
+            &peers,
+            device.as_ref(),
+            direct_device.as_ref(),
+            true,
+        );
         if let Ok(mut f) = self.health.local_failover.lock() {
             f.clone_from(&overrides);
         }
@@ -417,44 +478,70 @@ impl Reconciler {
         });
         let mut errors = Vec::new();
         let mut tunnels = 0;
-        if let Some(spec) =
-            crate::tunnel::spec(&inputs, &peers, &direct).filter(|_| self.dp.writes())
-        {
-            for w in &spec.warnings {
-                tracing::warn!(warning = %w, "tunnel");
-            }
-            let mtu = inputs
-                .underlay_mtu
-                .saturating_sub(crate::dataplane::model::TUNNEL_OVERHEAD);
-            match self.tunnel.ensure_device(mtu).await {
-                Ok(()) => match self.tunnel.apply(&spec).await {
-                    Ok(changed) => {
-                        inputs.tunnel_up = true;
-                        tunnels = spec
-                            .peers
-                            .values()
-                            .filter(|p| !p.allowed_ips.is_empty())
-                            .count() as u32;
-                        if changed > 0 {
-                            tracing::info!(dev = %self.tunnel.dev, peers = spec.peers.len(), "tunnel peers updated");
-                        }
-                        let peers = device
+        let mtu = inputs
+            .underlay_mtu
+            .saturating_sub(crate::dataplane::model::TUNNEL_OVERHEAD);
+        let mut rows = None;
+        let address = inputs
+            .me
+            .as_ref()
+            .and_then(|m| m.private_ip)
+            .and_then(|ip| match ip {
+                std::net::IpAddr::V4(v4) => Some(v4),
+                std::net::IpAddr::V6(_) => None,
+            });
+        if let Some(spec) = crate::tunnel::spec(&inputs, &peers).filter(|_| self.dp.writes()) {
+            match apply_tunnel(&self.tunnel, &spec, mtu, address).await {
+                Ok(()) => {
+                    inputs.tunnel_up = true;
+                    tunnels = spec
+                        .peers
+                        .values()
+                        .filter(|p| !p.allowed_ips.is_empty())
+                        .count() as u32;
+                    rows = Some(
+                        device
                             .as_ref()
                             .map(|have| crate::tunnel::peer_states(&spec, have, now_unix()))
-                            .unwrap_or_default();
-                        if let Ok(mut p) = self.health.peers.lock() {
-                            p.clone_from(&peers);
-                        }
-                        self.report.send_if_modified(|r| {
-                            let changed = r.peers != peers;
-                            r.peers = peers;
-                            changed
-                        });
-                    }
-                    Err(e) => errors.push(e.to_string()),
-                },
+                            .unwrap_or_default(),
+                    );
+                }
                 Err(e) => errors.push(e.to_string()),
             }
+        }
+        // The direct-path device of a NATed gateway: up before routes move
+        // into it; which gateways it carries follows its live peers.
+        inputs.direct.dev = self.direct.dev.clone();
+        let mut direct_rows = Vec::new();
+        if let Some(spec) = crate::tunnel::direct_spec(&inputs, &peers).filter(|_| self.dp.writes())
+        {
+            match apply_tunnel(&self.direct, &spec, mtu, address).await {
+                Ok(()) => {
+                    inputs.direct.up = true;
+                    inputs.direct.gateways = spec
+                        .peers
+                        .values()
+                        .filter(|p| p.path == crate::tunnel::PeerPath::Direct)
+                        .filter(|p| direct.contains(&p.node))
+                        .map(|p| p.gateway.clone())
+                        .collect();
+                    if let Some(have) = &direct_device {
+                        direct_rows = crate::tunnel::peer_states(&spec, have, now_unix());
+                    }
+                }
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+        if let Some(rows) = rows {
+            let rows = crate::tunnel::merge_paths(rows, direct_rows, &direct);
+            if let Ok(mut p) = self.health.peers.lock() {
+                p.clone_from(&rows);
+            }
+            self.report.send_if_modified(|r| {
+                let changed = r.peers != rows;
+                r.peers = rows;
+                changed
+            });
         }
         let result = self.dp.reconcile(&inputs).await;
         let health = &self.health;

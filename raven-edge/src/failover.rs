@@ -498,6 +498,7 @@ mod tests {
             underlay_mtu: 1500,
             tunnel_dev: "raven-wg0".into(),
             tunnel_up: false,
+            direct: Default::default(),
         }
     }
     fn book(dead: &[u8], alive: &[u8]) -> ProbeBook {

@@ -259,6 +259,7 @@ fn inputs(me: &str, my_ip: &str) -> NodeInputs {
         underlay_mtu: 0,
         tunnel_dev: "raven-wg0".into(),
         tunnel_up: false,
+        direct: Default::default(),
     }
 }
 

@@ -273,6 +273,7 @@ fn inputs() -> NodeInputs {
         underlay_mtu: 0,
         tunnel_dev: "raven-wg0".into(),
         tunnel_up: false,
+        direct: Default::default(),
     }
 }
 

@@ -967,6 +967,39 @@ impl Lab {
         self.exec(router, &["conntrack", "-F"]).map(drop)
     }
 
+    /// Freezes (SIGSTOP) or thaws (SIGCONT) a node's agent: a frozen agent
+    /// decides nothing, while its kernel state and wireguard-go keep working,
+    /// as a slow or busy agent would.
+    pub fn freeze_agent(&self, short: &str, frozen: bool) {
+        if let Some(a) = self.agents.get(short) {
+            signal(a.0.id(), if frozen { 19 } else { 18 });
+        }
+    }
+
+    /// Cuts (or restores) every packet between two NAT routers' public
+    /// addresses, in the first router's forward path: the direct path
+    /// between their domains, nothing else.
+    pub fn cut_between_routers(
+        &self,
+        domain: &str,
+        other: &str,
+        cut: bool,
+    ) -> Result<(), LabError> {
+        let router = |d: &str| {
+            self.domain(d)?
+                .router
+                .clone()
+                .ok_or_else(|| LabError::Setup(format!("domain {d} has no NAT router")))
+        };
+        let (r, o) = (router(domain)?, router(other)?);
+        if cut {
+            self.exec(r.short, &["nft", &format!("add table inet rcut; add chain inet rcut cut {{ type filter hook forward priority -10; }}; add rule inet rcut cut ip daddr {0} drop; add rule inet rcut cut ip saddr {0} drop", o.wan)])?;
+        } else {
+            self.exec(r.short, &["nft", "delete table inet rcut"])?;
+        }
+        Ok(())
+    }
+
     /// Kills the hub (SIGKILL).
     pub fn kill_hub(&mut self) {
         if let Some(h) = self.hub.take() {

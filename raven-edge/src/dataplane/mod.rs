@@ -28,7 +28,7 @@ use raven_core::NodeName;
 use raven_proto::v1;
 
 pub use model::{Desired, NodeInputs, Op, State, desired, plan};
-pub use netlink::DataplaneError;
+pub use netlink::{DataplaneError, TunnelDevs};
 
 use crate::cache::CachedState;
 
@@ -46,6 +46,7 @@ pub fn inputs_from(node: &NodeName, state: &CachedState) -> NodeInputs {
         underlay_mtu: 0,
         tunnel_dev: model::DEFAULT_TUNNEL_DEV.to_owned(),
         tunnel_up: false,
+        direct: Default::default(),
     }
 }
 
@@ -85,9 +86,9 @@ impl Kernel {
     }
 
     /// Raven's objects in the kernel now.
-    pub async fn observe(&self, tunnel_dev: &str) -> Result<State, DataplaneError> {
+    pub async fn observe(&self, devs: TunnelDevs<'_>) -> Result<State, DataplaneError> {
         let h = netlink::connect()?;
-        netlink::observe(&h, tunnel_dev).await
+        netlink::observe(&h, devs).await
     }
 
     /// Whether this dataplane changes the kernel (not a dry run).
@@ -115,7 +116,7 @@ impl Kernel {
     pub async fn plan(&self, inputs: &NodeInputs) -> Result<Vec<Op>, DataplaneError> {
         let h = netlink::connect()?;
         let want = self.desired(&h, inputs).await?;
-        let have = netlink::observe(&h, &inputs.tunnel_dev).await?;
+        let have = netlink::observe(&h, devs(inputs)).await?;
         Ok(plan(&want.state, &have))
     }
 
@@ -123,7 +124,7 @@ impl Kernel {
     pub async fn reconcile(&self, inputs: &NodeInputs) -> Result<ReconcileReport, DataplaneError> {
         let h = netlink::connect()?;
         let want = self.desired(&h, inputs).await?;
-        let have = netlink::observe(&h, &inputs.tunnel_dev).await?;
+        let have = netlink::observe(&h, devs(inputs)).await?;
         let ops = plan(&want.state, &have);
         for w in &want.warnings {
             tracing::warn!(warning = %w, "dataplane");
@@ -144,7 +145,7 @@ impl Kernel {
         if want.state.link.is_some() {
             enable_forwarding();
         }
-        let applied = netlink::apply(&h, &ops, &inputs.tunnel_dev).await?;
+        let applied = netlink::apply(&h, &ops, devs(inputs)).await?;
         for c in &applied.conflicts {
             tracing::warn!(conflict = %c, "dataplane");
         }
@@ -164,30 +165,37 @@ impl Kernel {
 
     /// Removes every object raven owns from the kernel: routes, rules,
     /// `raven0`, the skip-NAT rules (also when removing the rest failed) and
-    /// the tunnel device `tunnel_dev`.
+    /// the tunnel devices `tunnel_dev` and its direct-path device.
     pub async fn teardown(&self, tunnel_dev: &str) -> Result<usize, DataplaneError> {
+        let direct = crate::tunnel::direct_dev(tunnel_dev);
+        let devs = TunnelDevs {
+            tunnel: tunnel_dev,
+            direct: &direct,
+        };
         let routes = async {
             let h = netlink::connect()?;
-            let have = netlink::observe(&h, tunnel_dev).await?;
+            let have = netlink::observe(&h, devs).await?;
             let ops = plan(&State::default(), &have);
-            Ok::<_, DataplaneError>(netlink::apply(&h, &ops, tunnel_dev).await?.ops)
+            Ok::<_, DataplaneError>(netlink::apply(&h, &ops, devs).await?.ops)
         }
         .await;
         let nat = skipnat::teardown().await;
         let mut ops = routes?;
-        // The tunnel goes last (routes into it went first); wireguard-go
+        // The tunnels go last (routes into them went first); wireguard-go
         // exits when its link is deleted.
         let h = netlink::connect()?;
-        if let Some(index) = netlink::link_index(&h, tunnel_dev).await? {
-            h.link()
-                .del(index)
-                .execute()
-                .await
-                .map_err(|source| DataplaneError::Netlink {
-                    op: format!("ip link del {tunnel_dev}"),
-                    source,
-                })?;
-            ops += 1;
+        for dev in [tunnel_dev, direct.as_str()] {
+            if let Some(index) = netlink::link_index(&h, dev).await? {
+                h.link()
+                    .del(index)
+                    .execute()
+                    .await
+                    .map_err(|source| DataplaneError::Netlink {
+                        op: format!("ip link del {dev}"),
+                        source,
+                    })?;
+                ops += 1;
+            }
         }
         if !nat.errors.is_empty() {
             let reason = nat
@@ -202,6 +210,14 @@ impl Kernel {
             });
         }
         Ok(ops + nat.changes)
+    }
+}
+
+/// The tunnel devices `inputs` names.
+fn devs(inputs: &NodeInputs) -> TunnelDevs<'_> {
+    TunnelDevs {
+        tunnel: &inputs.tunnel_dev,
+        direct: &inputs.direct.dev,
     }
 }
 

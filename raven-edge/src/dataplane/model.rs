@@ -117,6 +117,9 @@ pub enum RouteDev {
     Vxlan,
     /// The gateway tunnel device (no next hop).
     Tunnel,
+    /// The direct-path device of a NATed gateway (no next hop): see
+    /// [`DirectRoutes`].
+    Direct,
     /// Observed only: a route of raven's (table and protocol) leaving
     /// through any other device, or through the tunnel with a next hop.
     /// Never desired, so the planner replaces or removes it; it survives
@@ -250,6 +253,7 @@ impl fmt::Display for Op {
                 match r.dev {
                     RouteDev::Vxlan => format!("{VXLAN_DEV} onlink"),
                     RouteDev::Tunnel => "<tunnel>".to_owned(),
+                    RouteDev::Direct => "<direct>".to_owned(),
                     RouteDev::Other => "<other>".to_owned(),
                 },
                 r.table,
@@ -299,6 +303,24 @@ pub struct NodeInputs {
     /// The tunnel device exists (the tunnel driver brought it up): remote
     /// prefixes may be routed into it. Make before break.
     pub tunnel_up: bool,
+    /// Which remote gateways a NATed gateway reaches on its direct-path
+    /// device instead of through the relay.
+    pub direct: DirectRoutes,
+}
+
+/// The direct-path device of a NATed gateway (`crate::tunnel::direct_spec`)
+/// and the gateways routed into it. Both of its devices accept a direct
+/// peer's traffic at all times (the relay's peer on the tunnel device, the
+/// peer itself on this one), so moving a gateway's routes between them is
+/// one `ip route replace` per prefix and loses nothing, whichever side of a
+/// path moves first.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DirectRoutes {
+    pub dev: String,
+    /// The device exists and carries the peers of `gateways`.
+    pub up: bool,
+    /// Gateways whose direct path handshakes and is heard.
+    pub gateways: BTreeSet<GatewayName>,
 }
 
 fn ipv4(ip: IpAddr) -> Option<Ipv4Addr> {
@@ -414,11 +436,21 @@ pub fn desired(inputs: &NodeInputs) -> Desired {
             // members here.
             if inputs.tunnel_up {
                 let mtu = inputs.underlay_mtu.saturating_sub(TUNNEL_OVERHEAD);
+                let direct: BTreeSet<IpNet> = inputs
+                    .gateways
+                    .iter()
+                    .filter(|g| inputs.direct.up && inputs.direct.gateways.contains(&g.name))
+                    .flat_map(raven_core::compile::gateway_prefixes)
+                    .collect();
                 for dst in &remote {
                     out.state.routes.insert(Route {
                         table: TABLE_REMOTE,
                         dst: *dst,
-                        dev: RouteDev::Tunnel,
+                        dev: if direct.contains(dst) {
+                            RouteDev::Direct
+                        } else {
+                            RouteDev::Tunnel
+                        },
                         via: None,
                         mtu,
                     });
@@ -481,6 +513,14 @@ pub fn desired(inputs: &NodeInputs) -> Desired {
             table: TABLE_RETURN,
             iif: Some(inputs.tunnel_dev.clone()),
         });
+        if inputs.direct.up && active == Some(&me.name) {
+            out.state.rules.insert(Rule {
+                v6,
+                priority: PRIORITY_RETURN,
+                table: TABLE_RETURN,
+                iif: Some(inputs.direct.dev.clone()),
+            });
+        }
     }
     out
 }
@@ -1099,6 +1139,7 @@ mod tests {
                     underlay_mtu: 1500,
                     tunnel_dev: DEFAULT_TUNNEL_DEV.into(),
                     tunnel_up,
+                    direct: Default::default(),
                 }
             })
     }
@@ -1187,6 +1228,121 @@ mod tests {
         }
     }
 
+    /// A member holding one pod subnet.
+    fn member(n: &str, ip: &str, subnet: &str) -> Member {
+        Member {
+            node: NodeName::new(n).unwrap_or_else(|_| unreachable!()),
+            private_ip: ip.parse().unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+            subnets: vec![subnet.parse().unwrap_or_default()],
+            ready: true,
+        }
+    }
+
+    /// A NATed gateway whose first member is its active tunnel node.
+    fn natted(name: &str, members: Vec<Member>) -> GatewayView {
+        GatewayView {
+            name: GatewayName::new(name).unwrap_or_else(|_| unreachable!()),
+            expose_type: ExposeType::None,
+            under_nat: true,
+            active_tunnel: Some(GatewayEndpoint {
+                node: members[0].node.clone(),
+                type_: EndpointType::Tunnel,
+                port: 4500,
+                under_nat: true,
+                nat_type: String::new(),
+                public_ip: None,
+                public_port: None,
+                config: BTreeMap::new(),
+            }),
+            members,
+            tunnel_candidates: vec![],
+            active_proxies: vec![],
+            extra_source_cidrs: vec![],
+            relay: None,
+        }
+    }
+
+    #[test]
+    fn a_gateway_on_its_direct_path_moves_by_route_replacement_only() {
+        let mut inputs = NodeInputs {
+            me: Some(view("a1", "192.168.1.1", "gw-a", true)),
+            gateways: vec![
+                natted("gw-a", vec![member("a1", "192.168.1.1", "10.1.1.0/24")]),
+                natted("gw-b", vec![member("b1", "192.168.2.1", "10.2.1.0/24")]),
+                natted("gw-c", vec![member("c1", "192.168.3.1", "10.3.1.0/24")]),
+            ],
+            settings: None,
+            active_override: BTreeMap::new(),
+            underlay_mtu: 1500,
+            tunnel_dev: DEFAULT_TUNNEL_DEV.into(),
+            tunnel_up: true,
+            direct: DirectRoutes {
+                dev: "raven-wg0d".into(),
+                up: true,
+                gateways: BTreeSet::new(),
+            },
+        };
+        let relayed = desired(&inputs);
+        assert!(
+            relayed
+                .state
+                .routes
+                .iter()
+                .all(|r| r.dev == RouteDev::Tunnel)
+        );
+        inputs.direct.gateways =
+            [GatewayName::new("gw-c").unwrap_or_else(|_| unreachable!())].into();
+        let direct = desired(&inputs);
+        let on = |d: &Desired, dev: RouteDev| -> Vec<String> {
+            d.state
+                .routes
+                .iter()
+                .filter(|r| r.table == TABLE_REMOTE && r.dev == dev)
+                .map(|r| r.dst.to_string())
+                .collect()
+        };
+        assert_eq!(
+            on(&direct, RouteDev::Direct),
+            vec!["10.3.1.0/24", "192.168.3.1/32"]
+        );
+        assert_eq!(
+            on(&direct, RouteDev::Tunnel),
+            vec!["10.2.1.0/24", "192.168.2.1/32"]
+        );
+        assert!(
+            direct
+                .state
+                .rules
+                .iter()
+                .any(|r| r.iif.as_deref() == Some("raven-wg0d")),
+            "traffic from the direct device finds the members"
+        );
+        // Either way, only `ip route replace` of the moved prefixes (and the
+        // direct device's rules when it first comes up): nothing is removed
+        // first, so no packet meets a missing route.
+        for (from, to) in [(&relayed, &direct), (&direct, &relayed)] {
+            let ops = plan(&to.state, &from.state);
+            let moved: Vec<&Op> = ops
+                .iter()
+                .filter(|o| !matches!(o, Op::AddRule(_) | Op::DeleteRule(_)))
+                .collect();
+            assert_eq!(moved.len(), 2, "{ops:?}");
+            assert!(
+                moved.iter().all(|o| matches!(o, Op::ReplaceRoute(_))),
+                "{ops:?}"
+            );
+        }
+        // Not up (yet): everything stays on the tunnel.
+        inputs.direct.up = false;
+        assert!(
+            desired(&inputs)
+                .state
+                .routes
+                .iter()
+                .all(|r| r.dev != RouteDev::Direct)
+        );
+    }
+
     #[test]
     fn remote_member_address_equal_to_a_local_one_is_not_routed_away() {
         let member = |n: &str, ip: &str, subnet: &str| Member {
@@ -1232,6 +1388,7 @@ mod tests {
             underlay_mtu: 1500,
             tunnel_dev: DEFAULT_TUNNEL_DEV.into(),
             tunnel_up: false,
+            direct: Default::default(),
         };
         let d = desired(&inputs);
         let dsts: Vec<String> = d.state.routes.iter().map(|r| r.dst.to_string()).collect();

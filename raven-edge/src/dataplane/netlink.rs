@@ -145,6 +145,7 @@ fn parse_route(
     m: &RouteMessage,
     vxlan_index: Option<u32>,
     tunnel_index: Option<u32>,
+    direct_index: Option<u32>,
 ) -> Option<Route> {
     let table = table_of_route(m);
     if ![TABLE_REMOTE, TABLE_RETURN].contains(&table)
@@ -183,6 +184,7 @@ fn parse_route(
     let dev = match oif {
         Some(i) if Some(i) == vxlan_index => RouteDev::Vxlan,
         Some(i) if Some(i) == tunnel_index && via.is_none() => RouteDev::Tunnel,
+        Some(i) if Some(i) == direct_index && via.is_none() => RouteDev::Direct,
         _ => RouteDev::Other,
     };
     Some(Route {
@@ -229,10 +231,29 @@ pub async fn link_index(h: &Handle, name: &str) -> Result<Option<u32>, Dataplane
     }
 }
 
+/// The names of a node's tunnel devices: the gateway tunnel and the
+/// direct-path device of a NATed gateway (empty: none).
+#[derive(Debug, Clone, Copy)]
+pub struct TunnelDevs<'a> {
+    pub tunnel: &'a str,
+    pub direct: &'a str,
+}
+
+impl TunnelDevs<'_> {
+    async fn indexes(&self, h: &Handle) -> Result<(Option<u32>, Option<u32>), DataplaneError> {
+        let direct = if self.direct.is_empty() {
+            None
+        } else {
+            link_index(h, self.direct).await?
+        };
+        Ok((link_index(h, self.tunnel).await?, direct))
+    }
+}
+
 /// Reads raven's objects from the kernel.
-pub async fn observe(h: &Handle, tunnel_dev: &str) -> Result<State, DataplaneError> {
+pub async fn observe(h: &Handle, devs: TunnelDevs<'_>) -> Result<State, DataplaneError> {
     let mut s = State::default();
-    let tunnel_index = link_index(h, tunnel_dev).await?;
+    let (tunnel_index, direct_index) = devs.indexes(h).await?;
     let link = vxlan_message(h).await?;
     let index = link.as_ref().map(|m| m.header.index);
     if let Some(m) = &link {
@@ -315,7 +336,7 @@ pub async fn observe(h: &Handle, tunnel_dev: &str) -> Result<State, DataplaneErr
     ] {
         let mut dump = h.route().get(msg).execute();
         while let Some(r) = dump.try_next().await.map_err(nl("dumping routes"))? {
-            if let Some(route) = parse_route(&r, index, tunnel_index) {
+            if let Some(route) = parse_route(&r, index, tunnel_index, direct_index) {
                 s.routes.insert(route);
             }
         }
@@ -431,10 +452,14 @@ pub struct Applied {
 /// Applies `ops` in order. "Already exists" on a create and "not found" on
 /// a delete count as success; a route slot held by a foreign route is left
 /// alone and reported in [`Applied::conflicts`]. Stops at the first error.
-pub async fn apply(h: &Handle, ops: &[Op], tunnel_dev: &str) -> Result<Applied, DataplaneError> {
+pub async fn apply(
+    h: &Handle,
+    ops: &[Op],
+    devs: TunnelDevs<'_>,
+) -> Result<Applied, DataplaneError> {
     let mut done = Applied::default();
     let mut index = vxlan_index(h).await?;
-    let tunnel_index = link_index(h, tunnel_dev).await?;
+    let (tunnel_index, direct_index) = devs.indexes(h).await?;
     for op in ops {
         let need = |index: Option<u32>| {
             index.ok_or_else(|| DataplaneError::Invalid {
@@ -532,7 +557,11 @@ pub async fn apply(h: &Handle, ops: &[Op], tunnel_dev: &str) -> Result<Applied, 
                     RouteDev::Vxlan => need(index)?,
                     RouteDev::Tunnel => tunnel_index.ok_or_else(|| DataplaneError::Invalid {
                         op: op.to_string(),
-                        reason: format!("the tunnel device {tunnel_dev} does not exist"),
+                        reason: format!("the tunnel device {} does not exist", devs.tunnel),
+                    })?,
+                    RouteDev::Direct => direct_index.ok_or_else(|| DataplaneError::Invalid {
+                        op: op.to_string(),
+                        reason: format!("the direct-path device {:?} does not exist", devs.direct),
                     })?,
                     RouteDev::Other => {
                         return Err(DataplaneError::Invalid {
@@ -583,11 +612,14 @@ pub async fn apply(h: &Handle, ops: &[Op], tunnel_dev: &str) -> Result<Applied, 
 pub async fn underlay_mtu(h: &Handle, ip: IpAddr) -> Result<Option<u32>, DataplaneError> {
     let mut addrs = h.address().get().execute();
     let mut index = None;
-    // raven0 holds the node address too (as a /32); the underlay is the
-    // other link.
+    // raven0 holds the node address too (as a /32), and the tunnel devices
+    // with host scope (see `ensure_host_address`); the underlay is the other
+    // link.
     let own = vxlan_index(h).await?;
     while let Some(a) = addrs.try_next().await.map_err(nl("dumping addresses"))? {
-        if Some(a.header.index) == own {
+        if Some(a.header.index) == own
+            || a.header.scope == netlink_packet_route::address::AddressScope::Host
+        {
             continue;
         }
         let holds = a.attributes.iter().any(|x| match x {
@@ -628,6 +660,27 @@ pub async fn set_link_up(name: &str, mtu: u32) -> Result<(), DataplaneError> {
         .execute()
         .await
         .map_err(nl(format!("ip link set {name} mtu {mtu} up")))
+}
+
+/// Gives link `name` the address `ip/32` with host scope (kept if it is
+/// there). A tunnel device needs an IPv4 address for loose reverse-path
+/// filtering: the kernel drops a packet that arrives on an address-less
+/// device whose source it routes through another device — exactly what a
+/// gateway receives while it and a peer use different paths (relay and
+/// direct) between them. Host scope keeps the address out of source
+/// address selection; it is the node's own address, as on `raven0`.
+pub async fn ensure_host_address(name: &str, ip: Ipv4Addr) -> Result<(), DataplaneError> {
+    let h = connect()?;
+    let op = format!("ip addr replace {ip}/32 dev {name} scope host");
+    let Some(index) = link_index(&h, name).await? else {
+        return Err(DataplaneError::Invalid {
+            op,
+            reason: "no such link".into(),
+        });
+    };
+    let mut req = h.address().add(index, IpAddr::V4(ip), 32).replace();
+    req.message_mut().header.scope = netlink_packet_route::address::AddressScope::Host;
+    req.execute().await.map_err(nl(op))
 }
 
 #[cfg(test)]
@@ -802,7 +855,7 @@ mod tests {
             let observed = State {
                 link: want.link.clone(),
                 link_up: true,
-                routes: routes.iter().filter_map(|m| parse_route(m, Some(RAVEN0), Some(TUNNEL))).collect(),
+                routes: routes.iter().filter_map(|m| parse_route(m, Some(RAVEN0), Some(TUNNEL), None)).collect(),
                 rules: rules.iter().filter_map(parse_rule).collect(),
                 ..State::default()
             };
@@ -856,7 +909,7 @@ mod tests {
             .protocol(RouteProtocol::from(ROUTE_PROTOCOL))
             .output_interface(ETH0)
             .build();
-        let r = parse_route(&msg, Some(RAVEN0), Some(TUNNEL));
+        let r = parse_route(&msg, Some(RAVEN0), Some(TUNNEL), None);
         assert_eq!(r.map(|r| r.dev), Some(RouteDev::Other));
     }
 }

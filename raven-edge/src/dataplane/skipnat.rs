@@ -546,6 +546,7 @@ mod tests {
             underlay_mtu: 1500,
             tunnel_dev: "raven-wg0".into(),
             tunnel_up: false,
+            direct: Default::default(),
         }
     }
 

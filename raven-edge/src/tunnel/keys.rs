@@ -53,9 +53,15 @@ impl KeyPair {
         }
     }
 
-    /// Loads the key of `dir`, creating it on first use.
+    /// Loads the tunnel device's key of `dir`, creating it on first use.
     pub fn load_or_create(dir: &Path) -> Result<Self, KeyError> {
-        let path = dir.join("wireguard.key");
+        Self::load_or_create_named(dir, "wireguard.key")
+    }
+
+    /// Loads the key in file `name` of `dir` (the direct-path device has a
+    /// key of its own), creating it on first use.
+    pub fn load_or_create_named(dir: &Path, name: &str) -> Result<Self, KeyError> {
+        let path = dir.join(name);
         match std::fs::read_to_string(&path) {
             Ok(text) => {
                 let bytes = STANDARD
@@ -71,7 +77,7 @@ impl KeyPair {
                     path: path.clone(),
                     source,
                 })?;
-                let tmp = dir.join("wireguard.key.tmp");
+                let tmp = dir.join(format!("{name}.tmp"));
                 let err = |source| KeyError::Write {
                     path: path.clone(),
                     source,

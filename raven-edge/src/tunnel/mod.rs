@@ -8,6 +8,22 @@
 //! `GatewayView.relay`), whose peer entry carries their prefixes. Changes
 //! are applied as a minimal UAPI diff: the device is never recreated and
 //! unchanged peers are never touched, so their handshakes survive.
+//!
+//! **Direct paths between NATed gateways run on a second device**
+//! ([`direct_spec`], named by [`direct_dev`], its own key and port). In
+//! WireGuard a peer's allowed IPs are both the outbound route and the inbound
+//! filter, and one prefix belongs to one peer of a device. On one device, a
+//! gateway moving another NATed domain's prefixes from the relay to the
+//! direct peer would drop everything that domain still sends through the
+//! relay (and the other way round) until both sides have moved — 0 to 30+
+//! packets at 20 pps, depending on how far apart the two decide. With two
+//! devices the relay's peer (main device) and the direct peer (direct
+//! device) both hold the prefixes, so both paths are accepted at all times,
+//! and which one carries outbound traffic is a kernel route
+//! ([`crate::dataplane::model::DirectRoutes`]): each side moves on its own,
+//! in either direction, without loss. The direct device also dials the
+//! relay (no prefixes), whose handshakes tell the hub its NAT mapping; the
+//! relay holds that key as an [`PeerPath::Observe`] peer.
 
 pub mod backend;
 pub mod kernel;
@@ -20,7 +36,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ipnet::IpNet;
-use raven_core::topology::{GatewayView, PeerInfo};
+use raven_core::topology::{GatewayEndpoint, GatewayView, PeerInfo};
 use raven_core::{GatewayName, NodeName};
 
 use crate::dataplane::model::{NodeInputs, active_node};
@@ -60,9 +76,13 @@ pub enum PeerPath {
     /// Another tunnel candidate of a gateway: no prefixes until it becomes
     /// the one its domain uses (local failover).
     Standby,
-    /// A NATed gateway reached straight through both NATs at its observed
-    /// endpoint; carries prefixes only while the path handshakes.
+    /// A NATed gateway reached straight through both NATs at the observed
+    /// endpoint of its direct-path device (on this node's direct device).
     Direct,
+    /// No prefixes, both ways between a NATed gateway's direct device and its
+    /// relay: the relay sees where the device's traffic comes from (its NAT
+    /// mapping, which the hub passes on).
+    Observe,
 }
 
 /// The tunnel device as raven wants it.
@@ -78,25 +98,40 @@ fn prefixes(g: &GatewayView) -> BTreeSet<IpNet> {
     raven_core::compile::gateway_prefixes(g).collect()
 }
 
-/// The tunnel this node must run: `None` unless it is a tunnel candidate of
-/// its gateway. A candidate that is not the active one runs the device with
-/// no peers (a warm standby whose key the hub already knows; a node that
-/// stops being active drops its peers so the other side follows the new
-/// active node). Pure.
-///
-/// `direct` names the NATed peers whose direct path (to their observed,
-/// NAT-mapped endpoint) handshakes: their prefixes move off the relay.
-pub fn spec(
-    inputs: &NodeInputs,
-    peers: &[PeerInfo],
-    direct: &BTreeSet<NodeName>,
-) -> Option<TunnelSpec> {
+/// The name of the direct-path device that goes with tunnel device `dev`.
+pub fn direct_dev(dev: &str) -> String {
+    format!("{dev}d")
+}
+
+/// The UDP port of the direct-path device next to a tunnel on `port`.
+pub fn direct_port(port: u16) -> u16 {
+    port.checked_add(1).unwrap_or(0)
+}
+
+/// This node's gateway and its own tunnel endpoint, when it is a tunnel
+/// candidate.
+fn my_candidacy(inputs: &NodeInputs) -> Option<(&GatewayView, &GatewayEndpoint)> {
     let me = inputs.me.as_ref()?;
     let my_gw = inputs
         .gateways
         .iter()
         .find(|g| Some(&g.name) == me.gateway.as_ref())?;
     let mine = my_gw.tunnel_candidates.iter().find(|c| c.node == me.name)?;
+    Some((my_gw, mine))
+}
+
+/// The tunnel this node must run: `None` unless it is a tunnel candidate of
+/// its gateway. A candidate that is not the active one runs the device with
+/// no peers (a warm standby whose key the hub already knows; a node that
+/// stops being active drops its peers so the other side follows the new
+/// active node). Pure.
+///
+/// Other NATed gateways are always reached through the relay on this
+/// device; a direct path to them runs beside it on the direct device (see
+/// the module documentation).
+pub fn spec(inputs: &NodeInputs, peers: &[PeerInfo]) -> Option<TunnelSpec> {
+    let me = inputs.me.as_ref()?;
+    let (my_gw, mine) = my_candidacy(inputs)?;
     let mut out = TunnelSpec {
         listen_port: mine.port,
         ..Default::default()
@@ -116,32 +151,27 @@ pub fn spec(
             continue;
         };
         if my_gw.under_nat && other.under_nat {
-            // Direct through both NATs when the hub learned the other side's
-            // mapped endpoint; the relay carries the prefixes until the
-            // direct path handshakes, and again when it stops.
-            let observed = info(active).and_then(|p| p.observed_endpoint);
-            match (observed, key_of(active)) {
-                (Some(endpoint), Some(key)) => {
-                    let up = direct.contains(active);
-                    out.peers.insert(
-                        key,
-                        PeerSpec {
-                            node: active.clone(),
-                            gateway: other.name.clone(),
-                            endpoint: Some(endpoint),
-                            allowed_ips: if up { prefixes(other) } else { BTreeSet::new() },
-                            keepalive: LIVE_KEEPALIVE,
-                            relays_for: Vec::new(),
-                            path: PeerPath::Direct,
-                        },
-                    );
-                    if !up {
-                        relayed.push(other);
-                    }
-                }
-                _ => relayed.push(other),
-            }
+            relayed.push(other);
             continue;
+        }
+        // The direct device of a NATed gateway I relay for dials me.
+        if other.relay.as_ref() == Some(&my_gw.name)
+            && let Some(key) = info(active)
+                .and_then(|p| p.direct.as_ref())
+                .and_then(|d| keys::base64_to_hex(&d.public_key))
+        {
+            out.peers.insert(
+                key,
+                PeerSpec {
+                    node: active.clone(),
+                    gateway: other.name.clone(),
+                    endpoint: None,
+                    allowed_ips: BTreeSet::new(),
+                    keepalive: 0,
+                    relays_for: Vec::new(),
+                    path: PeerPath::Observe,
+                },
+            );
         }
         // Every candidate is a peer; only the active one carries prefixes.
         // A standby that starts handshaking is the node its domain failed
@@ -224,6 +254,92 @@ pub fn spec(
                     .join(", ")
             )),
         }
+    }
+    Some(out)
+}
+
+/// The direct-path device this node must run: `None` unless it is a tunnel
+/// candidate of a NATed gateway; without peers unless it is the active one.
+/// The active node's device dials its relay (no prefixes: the relay sees the
+/// device's NAT mapping and reports it) and holds, for every other NATed
+/// gateway whose active node's direct device has an observed endpoint, that
+/// device at that endpoint with the gateway's prefixes — accepted inbound at
+/// all times; kernel routes decide when it carries outbound traffic (see
+/// the module documentation). Pure.
+pub fn direct_spec(inputs: &NodeInputs, peers: &[PeerInfo]) -> Option<TunnelSpec> {
+    let me = inputs.me.as_ref()?;
+    let (my_gw, mine) = my_candidacy(inputs)?;
+    if !my_gw.under_nat {
+        return None;
+    }
+    let mut out = TunnelSpec {
+        listen_port: direct_port(mine.port),
+        ..Default::default()
+    };
+    if active_node(my_gw, &inputs.active_override) != Some(&me.name) {
+        return Some(out);
+    }
+    let info = |node: &NodeName| peers.iter().find(|p| &p.node == node);
+    let relay = my_gw
+        .relay
+        .as_ref()
+        .and_then(|r| inputs.gateways.iter().find(|g| &g.name == r));
+    if let Some(relay) = relay
+        && let Some(node) = active_node(relay, &inputs.active_override)
+        && let Some(key) = info(node)
+            .and_then(|p| p.wireguard_public_key.as_deref())
+            .and_then(keys::base64_to_hex)
+    {
+        let endpoint = relay
+            .tunnel_candidates
+            .iter()
+            .find(|c| &c.node == node)
+            .and_then(|c| {
+                c.public_ip
+                    .map(|ip| SocketAddr::new(ip, c.public_port.unwrap_or(c.port)))
+            });
+        out.peers.insert(
+            key,
+            PeerSpec {
+                node: node.clone(),
+                gateway: relay.name.clone(),
+                endpoint,
+                allowed_ips: BTreeSet::new(),
+                keepalive: NAT_KEEPALIVE,
+                relays_for: Vec::new(),
+                path: PeerPath::Observe,
+            },
+        );
+    }
+    for other in inputs
+        .gateways
+        .iter()
+        .filter(|g| g.name != my_gw.name && g.under_nat)
+    {
+        let Some(active) = active_node(other, &inputs.active_override) else {
+            continue;
+        };
+        let Some(device) = info(active).and_then(|p| p.direct.as_ref()) else {
+            continue;
+        };
+        let (Some(endpoint), Some(key)) = (
+            device.observed_endpoint,
+            keys::base64_to_hex(&device.public_key),
+        ) else {
+            continue;
+        };
+        out.peers.insert(
+            key,
+            PeerSpec {
+                node: active.clone(),
+                gateway: other.name.clone(),
+                endpoint: Some(endpoint),
+                allowed_ips: prefixes(other),
+                keepalive: LIVE_KEEPALIVE,
+                relays_for: Vec::new(),
+                path: PeerPath::Direct,
+            },
+        );
     }
     Some(out)
 }
@@ -337,6 +453,10 @@ pub enum TunnelError {
     #[error(transparent)]
     Kernel(#[from] kernel::KernelWgError),
     #[error(
+        "the direct-path device name {dev} is longer than 15 bytes: choose a --tunnel-dev of at most 14"
+    )]
+    DeviceName { dev: String },
+    #[error(
         "--wireguard=kernel: this kernel has no WireGuard (module not loaded and a wireguard link cannot be created)"
     )]
     NoKernelWireGuard,
@@ -366,6 +486,21 @@ impl Tunnel {
         })
     }
 
+    /// The direct-path device that goes with this tunnel ([`direct_dev`]),
+    /// with a key of its own.
+    pub fn direct(&self) -> Result<Self, TunnelError> {
+        let dev = direct_dev(&self.dev);
+        if dev.len() > 15 {
+            return Err(TunnelError::DeviceName { dev });
+        }
+        Ok(Self {
+            dev,
+            data_dir: self.data_dir.clone(),
+            keys: KeyPair::load_or_create_named(&self.data_dir, "wireguard-direct.key")?,
+            backend: self.backend,
+        })
+    }
+
     /// File holding the PID of the wireguard-go this node started.
     pub fn pid_file(&self) -> PathBuf {
         self.data_dir.join(format!("wireguard-go-{}.pid", self.dev))
@@ -374,7 +509,13 @@ impl Tunnel {
     /// Adopts the device or creates it: a kernel WireGuard link, or
     /// wireguard-go started in its own session (so stopping the agent leaves
     /// it, and the tunnel, running).
-    pub async fn ensure_device(&self, mtu: u32) -> Result<(), TunnelError> {
+    /// `address`, the node's own, is given to the device with host scope
+    /// (see [`crate::dataplane::netlink::ensure_host_address`]).
+    pub async fn ensure_device(
+        &self,
+        mtu: u32,
+        address: Option<std::net::Ipv4Addr>,
+    ) -> Result<(), TunnelError> {
         if self.backend == backend::Backend::Kernel {
             if self.backend.get(&self.dev).await.is_err() {
                 kernel::create(&self.dev).await?;
@@ -408,6 +549,9 @@ impl Tunnel {
             tracing::info!(dev = %self.dev, pid = child.id(), "started wireguard-go");
         }
         crate::dataplane::netlink::set_link_up(&self.dev, mtu).await?;
+        if let Some(ip) = address {
+            crate::dataplane::netlink::ensure_host_address(&self.dev, ip).await?;
+        }
         Ok(())
     }
 
@@ -443,6 +587,26 @@ impl Tunnel {
     }
 }
 
+/// The rows of both devices as one view of the paths in use: a NATed peer
+/// routed onto the direct device (`direct_nodes`) shows its direct row
+/// instead of its relayed one; direct rows of paths not in use, and the
+/// direct device's own row for its relay, are left out. Pure.
+pub fn merge_paths(
+    mut main: Vec<raven_proto::v1::PeerTunnelState>,
+    direct: Vec<raven_proto::v1::PeerTunnelState>,
+    direct_nodes: &BTreeSet<NodeName>,
+) -> Vec<raven_proto::v1::PeerTunnelState> {
+    for row in direct {
+        if row.direct_device || !direct_nodes.iter().any(|n| n.as_str() == row.peer_node) {
+            continue;
+        }
+        main.retain(|r| r.peer_node != row.peer_node);
+        main.push(row);
+    }
+    main.sort_by(|a, b| a.peer_node.cmp(&b.peer_node));
+    main
+}
+
 /// Per-peer state for reports and metrics, sorted by peer node: every
 /// configured peer, and every gateway reached through a relay (with the
 /// relay's endpoint and handshake, marked relayed). Pure.
@@ -453,11 +617,6 @@ pub fn peer_states(
 ) -> Vec<raven_proto::v1::PeerTunnelState> {
     let mut out = Vec::new();
     for (k, p) in &spec.peers {
-        // A direct path still being tried is not the path in use: the
-        // relayed entry below stands for the node.
-        if p.path == PeerPath::Direct && p.allowed_ips.is_empty() {
-            continue;
-        }
         let Some(s) = have.peers.get(k) else { continue };
         let state = raven_proto::v1::PeerTunnelState {
             peer_node: p.node.to_string(),
@@ -467,6 +626,7 @@ pub fn peer_states(
             tx_bytes: s.tx_bytes,
             endpoint: s.endpoint.map(|e| e.to_string()).unwrap_or_default(),
             relayed: false,
+            direct_device: p.path == PeerPath::Observe,
         };
         for node in &p.relays_for {
             out.push(raven_proto::v1::PeerTunnelState {
@@ -542,6 +702,7 @@ mod tests {
             wireguard_public_key: Some(key.into()),
             tunnel_port: Some(4500),
             observed_endpoint: None,
+            direct: None,
         }
     }
 
@@ -573,6 +734,7 @@ mod tests {
             underlay_mtu: 1500,
             tunnel_dev: "raven-wg0".into(),
             tunnel_up: false,
+            direct: Default::default(),
         }
     }
 
@@ -586,7 +748,7 @@ mod tests {
 
     #[test]
     fn natted_gateway_reaches_other_natted_gateways_through_its_relay() {
-        let s = spec(&inputs("h1", "gw-hz"), &peers(), &BTreeSet::new()).unwrap_or_default();
+        let s = spec(&inputs("h1", "gw-hz"), &peers()).unwrap_or_default();
         assert_eq!(s.peers.len(), 1, "only the public relay is a direct peer");
         let relay = s
             .peers
@@ -608,7 +770,7 @@ mod tests {
 
     #[test]
     fn public_relay_peers_with_every_natted_gateway_without_endpoints() {
-        let s = spec(&inputs("c1", "gw-cloud"), &peers(), &BTreeSet::new()).unwrap_or_default();
+        let s = spec(&inputs("c1", "gw-cloud"), &peers()).unwrap_or_default();
         assert_eq!(s.peers.len(), 2);
         assert!(
             s.peers
@@ -639,7 +801,7 @@ mod tests {
 
     #[test]
     fn a_node_that_is_no_tunnel_candidate_runs_no_tunnel() {
-        assert!(spec(&inputs("h7", "gw-hz"), &peers(), &BTreeSet::new()).is_none());
+        assert!(spec(&inputs("h7", "gw-hz"), &peers()).is_none());
     }
 
     #[test]
@@ -653,7 +815,7 @@ mod tests {
         let mut all = peers();
         all.push(peer("c2", "gw-cloud", KEY_D));
 
-        let s = spec(&i, &all, &BTreeSet::new()).unwrap_or_default();
+        let s = spec(&i, &all).unwrap_or_default();
         let c2 = by_node(&s, "c2");
         assert_eq!(c2.path, PeerPath::Standby);
         assert!(c2.allowed_ips.is_empty());
@@ -670,7 +832,7 @@ mod tests {
             GatewayName::new("gw-cloud").unwrap_or_else(|_| unreachable!()),
             n("c2"),
         );
-        let s = spec(&i, &all, &BTreeSet::new()).unwrap_or_default();
+        let s = spec(&i, &all).unwrap_or_default();
         assert_eq!(
             ips(by_node(&s, "c2")),
             vec!["10.1.0.0/24", "10.3.0.0/24"],
@@ -679,32 +841,108 @@ mod tests {
         assert!(by_node(&s, "c1").allowed_ips.is_empty());
     }
 
-    #[test]
-    fn a_natted_peer_with_an_observed_endpoint_is_tried_directly_and_used_once_it_handshakes() {
-        let i = inputs("h1", "gw-hz");
+    const KEY_QD: &str = "DDDDDDDDDDDDDDDDDDDDDDDDDDDDDDDDDDDDDDDDDDA=";
+    const KEY_HD: &str = "HHHHHHHHHHHHHHHHHHHHHHHHHHHHHHHHHHHHHHHHHHA=";
+
+    /// The fixture's peers with q1 and h1 running direct-path devices, q1's
+    /// observed by the relay.
+    fn peers_with_direct() -> Vec<PeerInfo> {
         let mut all = peers();
-        all[2].observed_endpoint = "192.0.2.30:4500".parse().ok();
+        all[1].direct = Some(raven_core::topology::DirectDevice {
+            public_key: KEY_HD.into(),
+            observed_endpoint: None,
+        });
+        all[2].direct = Some(raven_core::topology::DirectDevice {
+            public_key: KEY_QD.into(),
+            observed_endpoint: "192.0.2.30:4501".parse().ok(),
+        });
+        all
+    }
 
-        let trying = spec(&i, &all, &BTreeSet::new()).unwrap_or_default();
-        let q1 = by_node(&trying, "q1");
-        assert_eq!(q1.path, PeerPath::Direct);
-        assert_eq!(q1.endpoint, "192.0.2.30:4500".parse().ok());
-        assert_eq!(q1.keepalive, LIVE_KEEPALIVE);
+    #[test]
+    fn natted_gateways_keep_the_relay_on_the_tunnel_and_the_direct_path_on_the_direct_device() {
+        let i = inputs("h1", "gw-hz");
+        let all = peers_with_direct();
+        let main = spec(&i, &all).unwrap_or_default();
+        assert_eq!(main.peers.len(), 1, "only the relay");
         assert!(
-            q1.allowed_ips.is_empty(),
-            "no prefixes before it handshakes"
+            ips(by_node(&main, "c1")).contains(&"10.3.0.0/24".to_owned()),
+            "the relay always holds qingdao's prefixes: its traffic is accepted there"
         );
-        assert!(ips(by_node(&trying, "c1")).contains(&"10.3.0.0/24".to_owned()));
+        let direct = direct_spec(&i, &all).unwrap_or_default();
+        assert_eq!(direct.listen_port, 4501);
+        let q1 = by_node(&direct, "q1");
+        assert_eq!(q1.path, PeerPath::Direct);
+        assert_eq!(q1.endpoint, "192.0.2.30:4501".parse().ok());
+        assert_eq!(q1.keepalive, LIVE_KEEPALIVE);
+        assert_eq!(
+            ips(q1),
+            vec!["10.3.0.0/24"],
+            "and so does the direct peer, from the start"
+        );
+        let relay = by_node(&direct, "c1");
+        assert_eq!(relay.path, PeerPath::Observe);
+        assert!(relay.allowed_ips.is_empty());
+        assert_eq!(relay.endpoint, "198.51.100.1:4500".parse().ok());
+        assert_eq!(relay.keepalive, NAT_KEEPALIVE);
+    }
 
-        let direct = spec(&i, &all, &[n("q1")].into()).unwrap_or_default();
-        assert_eq!(ips(by_node(&direct, "q1")), vec!["10.3.0.0/24"]);
-        assert_eq!(ips(by_node(&direct, "c1")), vec!["10.1.0.0/24"]);
-        assert!(by_node(&direct, "c1").relays_for.is_empty());
+    #[test]
+    fn a_relay_holds_the_direct_devices_of_its_natted_gateways_without_prefixes() {
+        let s = spec(&inputs("c1", "gw-cloud"), &peers_with_direct()).unwrap_or_default();
+        let observed: Vec<&PeerSpec> = s
+            .peers
+            .values()
+            .filter(|p| p.path == PeerPath::Observe)
+            .collect();
+        assert_eq!(observed.len(), 2);
+        assert!(
+            observed
+                .iter()
+                .all(|p| p.allowed_ips.is_empty() && p.endpoint.is_none())
+        );
+        assert!(
+            s.peers
+                .contains_key(&keys::base64_to_hex(KEY_QD).unwrap_or_default())
+        );
+    }
+
+    #[test]
+    fn only_natted_candidates_run_a_direct_device_and_only_the_active_one_has_peers() {
+        let all = peers_with_direct();
+        assert!(direct_spec(&inputs("c1", "gw-cloud"), &all).is_none());
+        let mut i = inputs("h1", "gw-hz");
+        i.active_override.insert(
+            GatewayName::new("gw-hz").unwrap_or_else(|_| unreachable!()),
+            n("h2"),
+        );
+        let standby = direct_spec(&i, &all).unwrap_or_default();
+        assert!(standby.peers.is_empty(), "{standby:?}");
+    }
+
+    #[test]
+    fn the_paths_in_use_show_a_direct_row_only_for_nodes_routed_onto_it() {
+        let row =
+            |node: &str, relayed: bool, direct_device: bool| raven_proto::v1::PeerTunnelState {
+                peer_node: node.into(),
+                relayed,
+                direct_device,
+                ..Default::default()
+            };
+        let main = vec![row("c1", false, false), row("q1", true, false)];
+        let direct = vec![row("c1", false, true), row("q1", false, false)];
+        let merged = merge_paths(main.clone(), direct.clone(), &BTreeSet::new());
+        assert_eq!(merged, main, "a direct path being tried is not in use");
+        let merged = merge_paths(main, direct, &[n("q1")].into());
+        assert_eq!(
+            merged,
+            vec![row("c1", false, false), row("q1", false, false)]
+        );
     }
 
     #[test]
     fn relayed_gateways_are_reported_with_the_relays_endpoint() {
-        let s = spec(&inputs("h1", "gw-hz"), &peers(), &BTreeSet::new()).unwrap_or_default();
+        let s = spec(&inputs("h1", "gw-hz"), &peers()).unwrap_or_default();
         let key = s.peers.keys().next().cloned().unwrap_or_default();
         let have = uapi::DeviceState {
             peers: [(
@@ -778,7 +1016,7 @@ mod tests {
             n("h2"),
         );
         assert_eq!(
-            spec(&i, &peers(), &BTreeSet::new()).map(|s| s.peers.len()),
+            spec(&i, &peers()).map(|s| s.peers.len()),
             Some(0),
             "a standby runs the device without peers"
         );
@@ -786,7 +1024,7 @@ mod tests {
 
     #[test]
     fn unchanged_peers_are_not_touched_and_a_new_endpoint_is_a_one_peer_diff() {
-        let mut s = spec(&inputs("h1", "gw-hz"), &peers(), &BTreeSet::new()).unwrap_or_default();
+        let mut s = spec(&inputs("h1", "gw-hz"), &peers()).unwrap_or_default();
         let key = s.peers.keys().next().cloned().unwrap_or_default();
         let p = &s.peers[&key];
         let have = uapi::DeviceState {
