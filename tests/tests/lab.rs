@@ -219,6 +219,13 @@ fn gateway_failover_follows_the_hubs_election() {
     )
     .expect("edit");
     std::thread::sleep(Duration::from_millis(1200));
+    settle(&lab);
+    // Traffic into hangzhou from the cloud and from qingdao, across the move.
+    let pings = [
+        ("c2", "h1", Pinger::start(&lab, "c2", "h1", 300)),
+        ("q1", "h1", Pinger::start(&lab, "q1", "h1", 300)),
+    ];
+    std::thread::sleep(Duration::from_secs(2));
     let t = Instant::now();
     lab.edit_manifest("nodes.yaml", "      status: \"True\"\n  addresses:\n    - type: InternalIP\n      address: 172.16.2.103", "      status: \"False\"\n  addresses:\n    - type: InternalIP\n      address: 172.16.2.103")
         .or_else(|_| {
@@ -249,6 +256,12 @@ fn gateway_failover_follows_the_hubs_election() {
     );
     // hz-2 now runs the tunnel.
     assert!(lab.sh("h2", &["wg", "show", &lab.tunnel_dev("h2")]).is_ok());
+    for (from, to, ping) in pings {
+        let (sent, lost) = ping.lost();
+        eprintln!(
+            "gateway failover (hub up): {from} pod -> {to} pod lost {lost} of {sent} packets at 20 pps across the move"
+        );
+    }
 }
 
 #[test]
