@@ -227,6 +227,7 @@ pub fn agent_report() -> impl Strategy<Value = AgentReport> {
         option::of(socket_addr()),
         btree_map(gateway_name(), node_name(), 0..3),
         btree_map(node_name(), socket_addr(), 0..3),
+        proptest::collection::btree_set(node_name(), 0..3),
     )
         .prop_map(
             |(
@@ -235,12 +236,14 @@ pub fn agent_report() -> impl Strategy<Value = AgentReport> {
                 observed_endpoint,
                 local_failover,
                 observed_peers,
-            ): (_, _, _, BTreeMap<_, _>, BTreeMap<_, _>)| AgentReport {
+                dead_candidates,
+            ): (_, _, _, BTreeMap<_, _>, BTreeMap<_, _>, _)| AgentReport {
                 wireguard_public_key,
                 tunnel_port,
                 observed_endpoint,
                 local_failover,
                 observed_peers,
+                dead_candidates,
             },
         )
 }

@@ -100,12 +100,13 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
         None => Revisions::in_memory(),
     };
     // Reports survive restarts: load them before the first compile (keys
-    // and observations; a local failover claim counts only while its agent
-    // is connected, and it re-reports it).
+    // and observations; a local failover claim and probe verdicts count only
+    // while their agent is connected, and it re-reports them).
     let reports = crate::revision::Reports::load(revisions.store())?;
     index.update(|i| {
         for (node, mut report) in reports.all() {
             report.local_failover.clear();
+            report.dead_candidates.clear();
             i.set_report(node, report);
         }
     });
@@ -132,7 +133,13 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
     let http_addr = http.as_ref().and_then(|l| l.local_addr().ok());
 
     let mut tasks = JoinSet::new();
-    let (pipeline, published) = Pipeline::new(index.clone(), revisions, config.debounce);
+    index.update(|i| i.set_started(tokio::time::Instant::now()));
+    let (pipeline, published) = Pipeline::new(
+        index.clone(),
+        revisions,
+        config.debounce,
+        config.sync.failover_grace,
+    );
     spawn_source(
         &mut tasks,
         &config.source,
