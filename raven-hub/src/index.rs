@@ -1,6 +1,8 @@
 //! The hub's view of the cluster, fed by the sources and read by the
 //! pipeline. Synchronous (`apply`/`delete`/`reset` on `&mut self`), so every
-//! source event is a plain, testable state change.
+//! source event is a plain, testable state change. It also keeps when each
+//! agent's stream opened or ended (times are passed in), which the pipeline
+//! resolves against `--failover-grace` into [`raven_core::Streams`].
 //!
 //! A Gateway that fails validation never replaces its last good version: the
 //! index keeps serving the previous one and reports the problem, so one bad
