@@ -25,9 +25,10 @@
 //! as it was. NodeReady=False still excludes a node as before, and once
 //! moved, stickiness keeps the new choice when the old node comes back.
 //!
-//! Stream liveness is per hub replica: with several replicas, a node
-//! connected to another replica looks gone here, and only condition 2
-//! protects it.
+//! Stream liveness is per hub replica. With `--kubernetes` only the replica
+//! that writes the Gateway status applies this rule (the others follow the
+//! status it writes); a node connected to another replica looks gone to it,
+//! and only condition 2 protects that node.
 
 use std::collections::BTreeSet;
 

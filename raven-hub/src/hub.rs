@@ -224,7 +224,23 @@ pub fn spawn_kube(
             crate::sources::kube::run(client, index, shutdown).await;
         });
     }
-    let (lead_tx, _) = tokio::sync::watch::channel(false);
+    let (lead_tx, mut lead_rx) = tokio::sync::watch::channel(false);
+    // Only the replica that writes the status runs the failure detector;
+    // the others follow the status it writes, so replicas agree.
+    index.update(|i| i.set_failure_detector(false));
+    {
+        let (index, shutdown) = (index.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            loop {
+                let lead = *lead_rx.borrow_and_update();
+                index.update_if(|i| i.set_failure_detector(lead));
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    r = lead_rx.changed() => if r.is_err() { return },
+                }
+            }
+        });
+    }
     let lease = crate::status::LeaseConfig::new(replica);
     tasks.spawn(crate::status::run_status_writer(
         client,

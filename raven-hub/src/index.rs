@@ -51,6 +51,10 @@ pub struct Index {
     /// When this hub started; an agent it has not heard from since counts
     /// as gone from then on. `None`: such agents are gone at once.
     started: Option<Instant>,
+    /// The failure detector is off on a replica that does not write the
+    /// Gateway status (Kubernetes, not the leader): it follows the status
+    /// the leader writes, so replicas never elect differently.
+    detector_off: bool,
     synced: BTreeSet<Kind>,
     /// Problems a source found outside any single object (e.g. a broken file).
     source_problems: Vec<Problem>,
@@ -173,10 +177,18 @@ impl Index {
         self.started = Some(at);
     }
 
-    /// Some report lists a dead candidate: only then can a stream's coming
-    /// or going change an election.
+    /// Turns the failure detector on or off (see `detector_off`). Returns
+    /// whether that changed anything.
+    pub fn set_failure_detector(&mut self, on: bool) -> bool {
+        let changed = self.detector_off == on;
+        self.detector_off = !on;
+        changed
+    }
+
+    /// Some report lists a dead candidate (and the detector is on): only
+    /// then can a stream's coming or going change an election.
     fn probes_report_a_death(&self) -> bool {
-        self.reports.values().any(|r| !r.dead_candidates.is_empty())
+        !self.detector_off && self.reports.values().any(|r| !r.dead_candidates.is_empty())
     }
 
     /// An agent's stream opened at `at`. Returns whether that can change
@@ -216,8 +228,12 @@ impl Index {
     /// Stream liveness at `now`: who is connected, and whose stream has been
     /// gone for at least `grace` (every known node is one or the other, or
     /// within its grace).
+    /// With the detector off, nobody is gone.
     pub fn streams_at(&self, now: Instant, grace: Duration) -> Streams {
         let mut out = Streams::default();
+        if self.detector_off {
+            return out;
+        }
         let gone_since = |since: Instant| now.saturating_duration_since(since) >= grace;
         let names = self
             .nodes
@@ -424,6 +440,12 @@ mod tests {
             Some(closed_at + grace)
         );
         assert_eq!(idx.next_grace_deadline(closed_at + grace, grace), None);
+        // A replica that does not lead has the detector off: nobody is gone.
+        assert!(idx.set_failure_detector(false));
+        assert_eq!(idx.next_grace_deadline(closed_at, grace), None);
+        assert!(idx.streams_at(closed_at + grace, grace).gone.is_empty());
+        assert!(idx.set_failure_detector(true));
+        assert!(!idx.streams_at(closed_at + grace, grace).gone.is_empty());
         // b's stream ends: its verdict stops counting.
         assert!(idx.stream_closed(&b, closed_at));
         assert!(idx.inputs().0.reports[&b].dead_candidates.is_empty());
