@@ -121,6 +121,12 @@ async fn probe_loop(
                     let dead: Vec<String> = dead.iter().map(ToString::to_string).collect();
                     ctx.report.send_if_modified(|r| {
                         let changed = r.dead_candidates != dead;
+                        if changed {
+                            tracing::info!(
+                                ?dead,
+                                "gateway candidates found dead by the probes changed"
+                            );
+                        }
                         r.dead_candidates = dead;
                         changed
                     });

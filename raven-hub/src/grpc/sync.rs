@@ -277,6 +277,7 @@ impl Session {
             // election they caused stays. The failure detector starts
             // counting the stream's absence now.
             let closed = tokio::time::Instant::now();
+            tracing::info!(node = %self.node, ended = ?result.as_ref().err().map(Status::code), "agent disconnected");
             self.shared
                 .index
                 .update_if(|i| i.stream_closed(&self.node, closed));
