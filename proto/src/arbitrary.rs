@@ -238,6 +238,7 @@ pub fn agent_report() -> impl Strategy<Value = AgentReport> {
         btree_map(node_name(), socket_addr(), 0..3),
         option::of(wireguard_key()),
         btree_map(node_name(), socket_addr(), 0..3),
+        proptest::collection::btree_set(node_name(), 0..3),
     )
         .prop_map(
             |(
@@ -248,7 +249,8 @@ pub fn agent_report() -> impl Strategy<Value = AgentReport> {
                 observed_peers,
                 direct_public_key,
                 observed_direct_peers,
-            ): (_, _, _, BTreeMap<_, _>, BTreeMap<_, _>, _, BTreeMap<_, _>)| {
+                dead_candidates,
+            ): (_, _, _, BTreeMap<_, _>, BTreeMap<_, _>, _, BTreeMap<_, _>, _)| {
                 AgentReport {
                     wireguard_public_key,
                     tunnel_port,
@@ -257,6 +259,7 @@ pub fn agent_report() -> impl Strategy<Value = AgentReport> {
                     observed_peers,
                     direct_public_key,
                     observed_direct_peers,
+                    dead_candidates,
                 }
             },
         )

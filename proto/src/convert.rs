@@ -8,7 +8,7 @@
 //! and carry the content version of what it holds: an agent NACKs anything
 //! else instead of applying it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 
@@ -611,6 +611,7 @@ pub fn report_to_proto(r: &AgentReport) -> v1::Report {
             })
             .collect(),
         direct_public_key: r.direct_public_key.clone(),
+        dead_candidates: r.dead_candidates.iter().map(ToString::to_string).collect(),
     }
 }
 
@@ -675,6 +676,27 @@ pub fn report_from_proto(r: &v1::Report) -> Result<AgentReport, ConversionError>
             observed_peers.insert(node, endpoint);
         }
     }
+    if r.dead_candidates.len() > raven_core::liveness::MAX_DEAD_CANDIDATES {
+        return Err(cx.invalid(
+            "dead_candidates",
+            r.dead_candidates.len().to_string(),
+            "lists more than 16 nodes (only the candidates of the node's own gateway belong there)",
+        ));
+    }
+    const _: () = assert!(raven_core::liveness::MAX_DEAD_CANDIDATES == 16);
+    let mut dead_candidates = BTreeSet::new();
+    for (i, d) in r.dead_candidates.iter().enumerate() {
+        let field = format!("dead_candidates[{i}]");
+        let node = cx.node_name(&field, d)?;
+        if dead_candidates.last().is_some_and(|last| *last >= node) {
+            return Err(cx.invalid(
+                &field,
+                d,
+                "is out of order or repeated (sorted, unique nodes)",
+            ));
+        }
+        dead_candidates.insert(node);
+    }
     Ok(AgentReport {
         wireguard_public_key: r.wireguard_public_key.clone(),
         tunnel_port: r
@@ -690,6 +712,7 @@ pub fn report_from_proto(r: &v1::Report) -> Result<AgentReport, ConversionError>
         observed_peers,
         direct_public_key: r.direct_public_key.clone(),
         observed_direct_peers,
+        dead_candidates,
     })
 }
 

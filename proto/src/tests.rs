@@ -474,6 +474,28 @@ fn reports_with_bad_keys_endpoints_or_unsorted_failover_are_rejected() {
             .to_string(),
         r#"report: local_failover[1].gateway: "gw-a" is out of order or repeated (sorted, unique gateways)"#
     );
+    let unsorted_dead = v1::Report {
+        dead_candidates: vec!["edge-2".into(), "edge-1".into()],
+        ..Default::default()
+    };
+    assert_eq!(
+        report_from_proto(&unsorted_dead)
+            .expect_err("unsorted accepted")
+            .to_string(),
+        r#"report: dead_candidates[1]: "edge-1" is out of order or repeated (sorted, unique nodes)"#
+    );
+    let too_many = v1::Report {
+        dead_candidates: (0..=raven_core::liveness::MAX_DEAD_CANDIDATES)
+            .map(|i| format!("edge-{i:02}"))
+            .collect(),
+        ..Default::default()
+    };
+    assert!(
+        report_from_proto(&too_many)
+            .expect_err("unbounded accepted")
+            .to_string()
+            .contains("lists more than 16 nodes"),
+    );
     let good = v1::Report {
         wireguard_public_key: Some("xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=".into()),
         tunnel_port: Some(51820),

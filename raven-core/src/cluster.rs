@@ -1,7 +1,7 @@
 //! What the compiler reads about the cluster besides Gateways: nodes (reduced
 //! to the facts raven uses), the `raven-cfg` switches and agent reports.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 
 use ipnet::IpNet;
@@ -156,6 +156,24 @@ pub struct AgentReport {
     /// `DirectDevice.observed_endpoint`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub observed_direct_peers: BTreeMap<NodeName, SocketAddr>,
+    /// The other tunnel candidates of this node's own gateway that its
+    /// probes say are dead. Evidence only while the node's stream is up (see
+    /// [`crate::liveness`]); the compiler ignores names that are not
+    /// candidates of the reporter's own gateway.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub dead_candidates: BTreeSet<NodeName>,
+}
+
+/// What the hub knows about the agents' Sync streams, resolved against its
+/// clock and `--failover-grace` before compiling (the compiler has no clock).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Streams {
+    /// Nodes whose agent has a Sync stream to this hub now.
+    pub connected: BTreeSet<NodeName>,
+    /// Nodes whose agent has had no stream for at least the grace period:
+    /// since its stream ended, or since this hub started for an agent it
+    /// has not heard from.
+    pub gone: BTreeSet<NodeName>,
 }
 
 /// Everything the compiler reads. Keyed maps make the result independent of
@@ -167,4 +185,7 @@ pub struct Inputs {
     pub nodes: BTreeMap<NodeName, ClusterNode>,
     pub config: RavenConfig,
     pub reports: BTreeMap<NodeName, AgentReport>,
+    /// Liveness of the agents' streams (empty: nobody is gone, which turns
+    /// the hub's failure detector off).
+    pub streams: Streams,
 }

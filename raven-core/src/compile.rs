@@ -16,6 +16,7 @@ use sha2::{Digest, Sha256};
 use crate::api::{self, v1beta1};
 use crate::cluster::{AgentReport, ClusterNode, Inputs, RavenConfig};
 use crate::election;
+use crate::liveness;
 use crate::names::{GatewayName, NodeName};
 use crate::problem::Problem;
 use crate::topology::{
@@ -128,7 +129,13 @@ pub fn compile(inputs: &Inputs) -> Compiled {
         let members = members_of.get(name).cloned().unwrap_or_default();
         let (gw, adopted) = adopt_local_failover(name, gw, &members, inputs);
         problems.extend(adopted);
-        let (view, status, ps) = compile_gateway(name, &gw, &members, &config, &mut claimed);
+        let dead = liveness::proven_dead(name, &gw.spec, &members, inputs);
+        problems.extend(dead_problems(name, &gw.spec, &dead));
+        let live = Liveness {
+            connected: &inputs.streams.connected,
+            dead: &dead,
+        };
+        let (view, status, ps) = compile_gateway(name, &gw, &members, &config, &live, &mut claimed);
         problems.extend(ps);
         let mut gw = gw.clone();
         gw.status = Some(status.clone());
@@ -308,11 +315,40 @@ fn endpoint(ep: &v1beta1::Endpoint) -> Option<GatewayEndpoint> {
     })
 }
 
+/// One warning per tunnel endpoint on a node the hub's failure detector
+/// proved dead, for as long as that holds.
+fn dead_problems(
+    name: &GatewayName,
+    spec: &v1beta1::GatewaySpec,
+    dead: &BTreeSet<NodeName>,
+) -> Vec<Problem> {
+    spec.endpoints
+        .iter()
+        .enumerate()
+        .filter(|(_, ep)| ep.type_ == v1beta1::TUNNEL && dead.iter().any(|d| d.as_str() == ep.node_name))
+        .map(|(i, ep)| {
+            Problem::warning(
+                gateway_object(name.as_str()),
+                format!("spec.endpoints[{i}].nodeName"),
+                &ep.node_name,
+                "proven dead: its agent's stream has been gone for the failover grace and its domain's probes fail; not elected while that holds",
+            )
+        })
+        .collect()
+}
+
+/// The hub's failure detector, as one gateway's election sees it.
+struct Liveness<'a> {
+    connected: &'a BTreeSet<NodeName>,
+    dead: &'a BTreeSet<NodeName>,
+}
+
 fn compile_gateway(
     name: &GatewayName,
     gw: &v1beta1::Gateway,
     members: &[&ClusterNode],
     config: &RavenConfig,
+    live: &Liveness<'_>,
     claimed: &mut Claims,
 ) -> (GatewayView, v1beta1::GatewayStatus, Vec<Problem>) {
     let obj = gateway_object(name.as_str());
@@ -370,7 +406,9 @@ fn compile_gateway(
         .as_ref()
         .map(|s| s.active_endpoints.as_slice())
         .unwrap_or(&[]);
-    let active = election::elect(spec, previous, &ready, config);
+    let connected: BTreeSet<&str> = live.connected.iter().map(NodeName::as_str).collect();
+    let dead: BTreeSet<&str> = live.dead.iter().map(NodeName::as_str).collect();
+    let active = election::elect_live(spec, previous, &ready, &connected, &dead, config);
 
     // Extra allowed source CIDRs (annotation), as Raven attaches them to the
     // active tunnel node's subnets.
@@ -460,8 +498,10 @@ fn compile_gateway(
         .endpoints
         .iter()
         .filter(|e| e.type_ == v1beta1::TUNNEL && member_names.contains(e.node_name.as_str()));
-    let (ready_eps, unready_eps): (Vec<_>, Vec<_>) =
-        tunnel_eps.partition(|e| ready.contains(e.node_name.as_str()));
+    // Proven-dead candidates go last, with the unready ones.
+    let (ready_eps, unready_eps): (Vec<_>, Vec<_>) = tunnel_eps.partition(|e| {
+        ready.contains(e.node_name.as_str()) && !dead.contains(e.node_name.as_str())
+    });
     for ep in ready_eps
         .into_iter()
         .chain(unready_eps)

@@ -37,6 +37,42 @@ pub fn elect(
     eps
 }
 
+/// [`elect`] with the hub's failure detector (see [`crate::liveness`]):
+/// for each endpoint type whose election would land on a `dead` node, the
+/// dead nodes are left out and a freed slot goes only to a Ready node whose
+/// agent is `connected` — a node nobody can show alive does not replace one
+/// shown dead. When no such node exists, [`elect`]'s result stands (the
+/// domain keeps the endpoint it has rather than none). Without dead nodes
+/// this is [`elect`].
+pub fn elect_live(
+    spec: &GatewaySpec,
+    previous: &[Endpoint],
+    ready: &BTreeSet<&str>,
+    connected: &BTreeSet<&str>,
+    dead: &BTreeSet<&str>,
+    config: &RavenConfig,
+) -> Vec<Endpoint> {
+    let keep: BTreeSet<&str> = ready.difference(dead).copied().collect();
+    let fill: BTreeSet<&str> = keep.intersection(connected).copied().collect();
+    let one = |ty: &str| {
+        let plain = elect_type(spec, previous, ty, ready);
+        if !plain.iter().any(|e| dead.contains(e.node_name.as_str())) {
+            return plain;
+        }
+        let live = elect_type_in(spec, previous, ty, &keep, &fill);
+        if live.is_empty() { plain } else { live }
+    };
+    let mut eps = Vec::new();
+    if config.enable_l7_proxy {
+        eps.extend(one(v1beta1::PROXY));
+    }
+    if config.enable_l3_tunnel {
+        eps.extend(one(v1beta1::TUNNEL));
+    }
+    eps.sort_by(|a, b| a.node_name.cmp(&b.node_name));
+    eps
+}
+
 /// Elects the endpoints of one type (`electEndpoints` in Raven).
 pub fn elect_type(
     spec: &GatewaySpec,
@@ -44,20 +80,33 @@ pub fn elect_type(
     endpoint_type: &str,
     ready: &BTreeSet<&str>,
 ) -> Vec<Endpoint> {
+    elect_type_in(spec, previous, endpoint_type, ready, ready)
+}
+
+/// [`elect_type`] where current endpoints stay while on a node in `keep`,
+/// and free slots are filled from nodes in `fill` only.
+fn elect_type_in(
+    spec: &GatewaySpec,
+    previous: &[Endpoint],
+    endpoint_type: &str,
+    keep: &BTreeSet<&str>,
+    fill: &BTreeSet<&str>,
+) -> Vec<Endpoint> {
     let replicas = match endpoint_type {
         v1beta1::PROXY => spec.proxy_config.replicas,
         v1beta1::TUNNEL => spec.tunnel_config.replicas,
         _ => 1,
     };
     let replicas = usize::try_from(replicas).unwrap_or(0);
-    let is_candidate =
-        |ep: &Endpoint| ep.type_ == endpoint_type && ready.contains(ep.node_name.as_str());
+    let is_candidate = |ep: &Endpoint, among: &BTreeSet<&str>| {
+        ep.type_ == endpoint_type && among.contains(ep.node_name.as_str())
+    };
 
     // Sticky: a current active endpoint stays when its node is still ready and
     // the spec still lists it with the same type. The spec's copy is used, so
     // an edited port or public IP takes effect.
     let mut elected: Vec<Endpoint> = Vec::new();
-    for active in previous.iter().filter(|ep| is_candidate(ep)) {
+    for active in previous.iter().filter(|ep| is_candidate(ep, keep)) {
         let in_spec = spec
             .endpoints
             .iter()
@@ -74,7 +123,7 @@ pub fn elect_type(
         if elected.len() >= replicas {
             break;
         }
-        if is_candidate(ep) && !elected.iter().any(|e| e.node_name == ep.node_name) {
+        if is_candidate(ep, fill) && !elected.iter().any(|e| e.node_name == ep.node_name) {
             elected.push(ep.clone());
         }
     }
@@ -254,6 +303,115 @@ mod tests {
             vec![("n1".into(), "proxy".into())]
         );
         assert!(elect(&s, &[], &ready, &RavenConfig::default()).is_empty());
+    }
+
+    #[test]
+    fn a_dead_active_endpoint_is_replaced_by_the_first_ready_connected_candidate() {
+        let s = spec(
+            1,
+            0,
+            vec![ep("n1", "tunnel"), ep("n2", "tunnel"), ep("n3", "tunnel")],
+        );
+        let ready = set(&["n1", "n2", "n3"]);
+        // n2 is Ready but its agent is not connected: it is skipped.
+        let got = elect_live(
+            &s,
+            &[ep("n1", "tunnel")],
+            &ready,
+            &set(&["n3"]),
+            &set(&["n1"]),
+            &BOTH,
+        );
+        assert_eq!(names(&got), vec![("n3".into(), "tunnel".into())]);
+    }
+
+    #[test]
+    fn with_no_ready_connected_candidate_the_dead_endpoint_stays() {
+        let s = spec(1, 0, vec![ep("n1", "tunnel"), ep("n2", "tunnel")]);
+        let got = elect_live(
+            &s,
+            &[ep("n1", "tunnel")],
+            &set(&["n1", "n2"]),
+            &set(&[]),
+            &set(&["n1"]),
+            &BOTH,
+        );
+        assert_eq!(names(&got), vec![("n1".into(), "tunnel".into())]);
+    }
+
+    #[test]
+    fn node_ready_still_rules_a_not_ready_connected_node_is_no_replacement() {
+        let s = spec(1, 0, vec![ep("n1", "tunnel"), ep("n2", "tunnel")]);
+        let got = elect_live(
+            &s,
+            &[ep("n1", "tunnel")],
+            &set(&["n1"]),
+            &set(&["n2"]),
+            &set(&["n1"]),
+            &BOTH,
+        );
+        assert_eq!(names(&got), vec![("n1".into(), "tunnel".into())]);
+        // And NodeReady=False replaces as before, dead or not.
+        let got = elect_live(
+            &s,
+            &[ep("n1", "tunnel")],
+            &set(&["n2"]),
+            &set(&[]),
+            &set(&[]),
+            &BOTH,
+        );
+        assert_eq!(names(&got), vec![("n2".into(), "tunnel".into())]);
+    }
+
+    #[test]
+    fn once_moved_the_replacement_is_sticky_when_the_dead_node_returns() {
+        let s = spec(1, 0, vec![ep("n1", "tunnel"), ep("n2", "tunnel")]);
+        let ready = set(&["n1", "n2"]);
+        let moved = elect_live(
+            &s,
+            &[ep("n1", "tunnel")],
+            &ready,
+            &set(&["n2"]),
+            &set(&["n1"]),
+            &BOTH,
+        );
+        assert_eq!(names(&moved), vec![("n2".into(), "tunnel".into())]);
+        let back = elect_live(&s, &moved, &ready, &set(&["n1", "n2"]), &set(&[]), &BOTH);
+        assert_eq!(back, moved);
+    }
+
+    #[test]
+    fn a_dead_node_loses_its_proxy_too_and_other_types_are_untouched() {
+        let s = spec(
+            1,
+            1,
+            vec![
+                ep("n1", "tunnel"),
+                ep("n1", "proxy"),
+                ep("n2", "tunnel"),
+                ep("n3", "proxy"),
+            ],
+        );
+        let ready = set(&["n1", "n2", "n3"]);
+        let previous = [ep("n1", "tunnel"), ep("n1", "proxy")];
+        let got = elect_live(
+            &s,
+            &previous,
+            &ready,
+            &set(&["n2", "n3"]),
+            &set(&["n1"]),
+            &BOTH,
+        );
+        assert_eq!(
+            names(&got),
+            vec![
+                ("n2".into(), "tunnel".into()),
+                ("n3".into(), "proxy".into())
+            ]
+        );
+        // Nobody dead: exactly `elect`.
+        let none = elect_live(&s, &previous, &ready, &set(&[]), &set(&[]), &BOTH);
+        assert_eq!(none, elect(&s, &previous, &ready, &BOTH));
     }
 
     #[test]

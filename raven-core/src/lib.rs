@@ -11,6 +11,7 @@ pub mod api;
 pub mod cluster;
 pub mod compile;
 pub mod election;
+pub mod liveness;
 pub mod manifest;
 pub mod names;
 pub mod problem;
@@ -19,7 +20,7 @@ pub mod validate;
 pub mod view;
 pub mod yaml;
 
-pub use cluster::{AgentReport, ClusterNode, Inputs, RavenConfig};
+pub use cluster::{AgentReport, ClusterNode, Inputs, RavenConfig, Streams};
 pub use compile::{Compiled, compile};
 pub use names::{GatewayName, NodeName};
 pub use problem::{Problem, Severity};

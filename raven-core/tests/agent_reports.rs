@@ -161,3 +161,81 @@ fn a_natted_node_cannot_inject_observations_about_others() {
     i.reports.insert(n("n2a"), natted);
     assert_eq!(peer_observed(&compile(&i), "n1a"), None);
 }
+
+/// `reporter` (connected) says its probes find `dead` dead.
+fn dead_report(i: &mut raven_core::Inputs, reporter: &str, dead: &[&str]) {
+    i.reports.entry(n(reporter)).or_default().dead_candidates = dead.iter().map(|d| n(d)).collect();
+    i.streams.connected.insert(n(reporter));
+}
+
+#[test]
+fn a_gateway_whose_stream_is_gone_and_whose_domain_probes_it_dead_is_replaced_by_a_connected_candidate()
+ {
+    let mut i = inputs();
+    // n1a's stream gone for the grace, n1b connected, member n1c probes n1a dead.
+    i.streams.gone.insert(n("n1a"));
+    i.streams.connected.insert(n("n1b"));
+    let before = compile(&i);
+    assert_eq!(active_tunnel(&before, "gw-nat-1").as_deref(), Some("n1a"));
+    dead_report(&mut i, "n1c", &["n1a"]);
+    let c = compile(&i);
+    assert_eq!(active_tunnel(&c, "gw-nat-1").as_deref(), Some("n1b"));
+    assert!(
+        c.topology
+            .problems
+            .iter()
+            .any(|p| p.object == "Gateway/gw-nat-1"
+                && p.field == "spec.endpoints[0].nodeName"
+                && p.value == "n1a"
+                && p.message.contains("proven dead")),
+        "{:?}",
+        c.topology.problems
+    );
+    let view = c
+        .topology
+        .gateways()
+        .find(|v| v.name == g("gw-nat-1"))
+        .cloned()
+        .unwrap_or_else(|| panic!("no gw-nat-1"));
+    let order: Vec<String> = view
+        .tunnel_candidates
+        .iter()
+        .map(|t| t.node.to_string())
+        .collect();
+    assert_eq!(order, ["n1b", "n1a"], "the dead candidate goes last");
+    // The candidate reconnects: the election keeps n1b (sticky, as the hub
+    // feeds its last election back).
+    i.streams.gone.clear();
+    i.streams.connected.insert(n("n1a"));
+    i.gateways
+        .get_mut("gw-nat-1")
+        .unwrap_or_else(|| panic!("no gw-nat-1"))
+        .status = Some(c.gateways[&g("gw-nat-1")].status.clone());
+    assert_eq!(
+        active_tunnel(&compile(&i), "gw-nat-1").as_deref(),
+        Some("n1b")
+    );
+}
+
+#[test]
+fn probe_verdicts_from_another_gateways_node_do_not_move_a_gateway() {
+    let mut i = inputs();
+    i.streams.gone.insert(n("n1a"));
+    i.streams.connected.insert(n("n1b"));
+    dead_report(&mut i, "n2a", &["n1a"]);
+    assert_eq!(
+        active_tunnel(&compile(&i), "gw-nat-1").as_deref(),
+        Some("n1a")
+    );
+}
+
+#[test]
+fn without_a_connected_ready_candidate_the_dead_gateway_stays_elected() {
+    let mut i = inputs();
+    i.streams.gone.extend([n("n1a"), n("n1b")]);
+    dead_report(&mut i, "n1c", &["n1a"]);
+    assert_eq!(
+        active_tunnel(&compile(&i), "gw-nat-1").as_deref(),
+        Some("n1a")
+    );
+}

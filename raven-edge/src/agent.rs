@@ -82,7 +82,8 @@ pub enum AgentError {
     Tunnel(#[from] crate::tunnel::TunnelError),
 }
 
-/// Probes the gateway candidates of this node's domain every `every` and
+/// Probes the gateway candidates of this node's domain every `every`,
+/// reports the ones it finds dead to the hub (`Report.dead_candidates`), and
 /// wakes the reconcile loop when the evidence changes a decision (a
 /// candidate died or came back, the hub went silent, a standby or direct
 /// peer started or stopped handshaking).
@@ -112,8 +113,23 @@ async fn probe_loop(
         match failover::probe(targets.clone(), timeout).await {
             Ok(answered) => {
                 warned = false;
-                if let Ok(mut st) = ctx.failover.lock() {
+                let dead = ctx.failover.lock().ok().map(|mut st| {
                     st.probes.record(&targets, &answered);
+                    failover::dead_candidates(&inputs, &st.probes)
+                });
+                if let Some(dead) = dead {
+                    let dead: Vec<String> = dead.iter().map(ToString::to_string).collect();
+                    ctx.report.send_if_modified(|r| {
+                        let changed = r.dead_candidates != dead;
+                        if changed {
+                            tracing::info!(
+                                ?dead,
+                                "gateway candidates found dead by the probes changed"
+                            );
+                        }
+                        r.dead_candidates = dead;
+                        changed
+                    });
                 }
             }
             Err(e) if !warned => {

@@ -43,6 +43,22 @@ pub struct FailoverArgs {
     pub probe_failures: u32,
 }
 
+/// How the agent redials the hub (exponential backoff with full jitter).
+#[derive(Debug, clap::Args)]
+pub struct ReconnectArgs {
+    /// First reconnect delay cap: the first redial waits a random time up
+    /// to this.
+    #[arg(long, env = "RAVEN_RECONNECT_MIN", default_value = "250ms", value_parser = humantime::parse_duration)]
+    pub reconnect_min: Duration,
+    /// Highest reconnect delay cap, however long the hub has been away: an
+    /// agent is back at most about this long after a hub serves again. Kept
+    /// low on purpose; a hub spreads a reconnect storm by admission control
+    /// (RESOURCE_EXHAUSTED with a retry hint, which the agent follows
+    /// instead of its backoff), not by long sleeps.
+    #[arg(long, env = "RAVEN_RECONNECT_MAX", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub reconnect_max: Duration,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the agent: program the kernel from the cache, then follow the hub.
@@ -79,6 +95,8 @@ pub enum Command {
         wireguard: crate::tunnel::backend::WgMode,
         #[command(flatten)]
         failover: FailoverArgs,
+        #[command(flatten)]
+        reconnect: Box<ReconnectArgs>,
         /// Log as JSON.
         #[arg(long, env = "RAVEN_LOG_JSON")]
         log_json: bool,
@@ -133,6 +151,7 @@ impl Args {
                 tunnel_dev,
                 wireguard,
                 failover,
+                reconnect,
                 log_json,
             } => {
                 raven_cli::init_tracing(log_json);
@@ -147,8 +166,8 @@ impl Args {
                         key: certs.join(format!("node-{node}-key.pem")),
                     },
                     heartbeat,
-                    backoff_min: Duration::from_millis(500),
-                    backoff_max: Duration::from_secs(30),
+                    backoff_min: reconnect.reconnect_min,
+                    backoff_max: reconnect.reconnect_max.max(reconnect.reconnect_min),
                 });
                 let cfg = AgentConfig {
                     node,
@@ -207,5 +226,31 @@ impl Args {
                 Ok(std::process::ExitCode::SUCCESS)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn by_default_an_agent_redials_within_two_seconds_however_long_the_hub_was_away() {
+        let args = Args::try_parse_from(["raven-edge", "run", "--node", "n1"])
+            .unwrap_or_else(|e| panic!("{e}"));
+        let Command::Run {
+            reconnect,
+            failover,
+            ..
+        } = args.command
+        else {
+            unreachable!("parsed run")
+        };
+        assert_eq!(reconnect.reconnect_max, Duration::from_secs(2));
+        let mut b = crate::client::Backoff::new(reconnect.reconnect_min, reconnect.reconnect_max);
+        // An hour of failed attempts: no delay above the cap.
+        assert!((0..3600).all(|_| b.next_delay() <= reconnect.reconnect_max));
+        // And a dead candidate is known within about three seconds.
+        assert!(failover.probe_interval * failover.probe_failures <= Duration::from_secs(3));
     }
 }

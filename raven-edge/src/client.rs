@@ -161,26 +161,36 @@ pub async fn run(cfg: ClientConfig, links: Links, shutdown: CancellationToken) {
         if started.elapsed() > Duration::from_secs(60) {
             backoff.reset();
         }
-        let mut delay = backoff.next_delay();
-        match &result {
+        let delay = match &result {
             Err(SessionError::Status { status, .. })
                 if status.code() == tonic::Code::ResourceExhausted =>
             {
-                let hint = raven_proto::retry_after(status).unwrap_or(cfg.backoff_min);
-                delay = hint + hint.mul_f64(rand::random::<f64>() * 0.5);
+                let delay = admission_delay(status, cfg.backoff_min);
                 tracing::info!(%hub, ?delay, "hub is admission limiting; retrying later");
+                delay
             }
             Err(e) => {
+                let delay = backoff.next_delay();
                 tracing::warn!(error = %e, ?delay, "hub session ended; the dataplane keeps running from the cache");
                 next += 1;
+                delay
             }
-            Ok(()) => {}
-        }
+            Ok(()) => backoff.next_delay(),
+        };
         tokio::select! {
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(delay) => {}
         }
     }
+}
+
+/// How long to wait after a hub refused the stream by admission control:
+/// its retry hint plus up to half of it again (jitter), instead of the
+/// agent's own (short) backoff, which this does not advance — the hub, not
+/// the agent, spreads a reconnect storm.
+fn admission_delay(status: &tonic::Status, fallback: Duration) -> Duration {
+    let hint = raven_proto::retry_after(status).unwrap_or(fallback);
+    hint + hint.mul_f64(rand::random::<f64>() * 0.5)
 }
 
 async fn channel(cfg: &ClientConfig, hub: &str) -> Result<Channel, SessionError> {
@@ -385,4 +395,38 @@ async fn handle_update(
     .await;
     links.state.send_replace(Arc::new(accepted.next));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_backoff_has_full_jitter_and_never_exceeds_its_cap() {
+        let (min, max) = (Duration::from_millis(250), Duration::from_secs(2));
+        let mut b = Backoff::new(min, max);
+        assert!(b.next_delay() <= min, "the first redial comes quickly");
+        let later: Vec<Duration> = (0..1000).map(|_| b.next_delay()).collect();
+        assert!(later.iter().all(|d| *d <= max));
+        assert!(
+            later.iter().any(|d| *d < max / 4),
+            "full jitter reaches down towards 0"
+        );
+        b.reset();
+        assert!(b.next_delay() <= min);
+    }
+
+    #[test]
+    fn an_admission_refusal_waits_for_the_hubs_retry_hint_not_the_backoff() {
+        let status = raven_proto::resource_exhausted(Duration::from_secs(3));
+        for _ in 0..100 {
+            let d = admission_delay(&status, Duration::from_millis(250));
+            assert!(
+                d >= Duration::from_secs(3) && d <= Duration::from_millis(4500),
+                "{d:?}"
+            );
+        }
+        let no_hint = tonic::Status::resource_exhausted("busy");
+        assert!(admission_delay(&no_hint, Duration::from_secs(1)) >= Duration::from_secs(1));
+    }
 }

@@ -167,6 +167,27 @@ pub fn probe_targets(inputs: &NodeInputs) -> Vec<Ipv4Addr> {
     out
 }
 
+/// The other tunnel candidates of this node's own gateway that the probes
+/// say are dead, sorted, at most [`raven_core::liveness::MAX_DEAD_CANDIDATES`]:
+/// what the node reports to the hub (`Report.dead_candidates`), whose failure
+/// detector replaces a dead gateway while the hub is reachable.
+pub fn dead_candidates(inputs: &NodeInputs, probes: &ProbeBook) -> Vec<NodeName> {
+    let (Some(me), Some(gw)) = (inputs.me.as_ref(), my_gateway(inputs)) else {
+        return Vec::new();
+    };
+    let mut out: Vec<NodeName> = gw
+        .tunnel_candidates
+        .iter()
+        .filter(|c| c.node != me.name)
+        .filter(|c| member_ip(gw, &c.node).is_some_and(|ip| probes.health(ip) == Health::Dead))
+        .map(|c| c.node.clone())
+        .collect();
+    out.sort();
+    out.dedup();
+    out.truncate(raven_core::liveness::MAX_DEAD_CANDIDATES);
+    out
+}
+
 /// The overrides of the hub's choices this node acts on: gateway → the node
 /// carrying its tunnel. Pure; see the module documentation for the rules.
 pub fn choose(
@@ -691,6 +712,22 @@ mod tests {
         a.observe(&state(184, 105), later + 1);
         assert!(a.alive(&state(184, 105), "k", later + 1));
         assert!(!a.alive(&state(184, 105), "other", later + 1));
+    }
+
+    #[test]
+    fn a_node_reports_only_its_own_gateways_candidates_its_probes_find_dead() {
+        // 10.0.0.1 (a1, and b1 in gw-b) dead, 10.0.0.3 (a3) alive.
+        let probes = book(&[1], &[3]);
+        assert_eq!(
+            dead_candidates(&inputs("a2", "gw-a"), &probes),
+            vec![n("a1")]
+        );
+        // Never itself, never another gateway's candidates.
+        assert!(dead_candidates(&inputs("a1", "gw-a"), &probes).is_empty());
+        assert_eq!(
+            dead_candidates(&inputs("b2", "gw-b"), &probes),
+            vec![n("b1")]
+        );
     }
 
     #[test]

@@ -136,6 +136,11 @@ impl Agents {
                     .as_ref()
                     .map(|r| r.local_failover.clone())
                     .unwrap_or_default(),
+                dead_candidates: e
+                    .report
+                    .as_ref()
+                    .map(|r| r.dead_candidates.clone())
+                    .unwrap_or_default(),
             })
             .collect()
     }

@@ -74,9 +74,26 @@ pub struct ServeArgs {
     /// Heartbeat interval of Sync streams.
     #[arg(long, env = "RAVEN_HEARTBEAT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub heartbeat: std::time::Duration,
+    /// HTTP/2 keepalive of agent connections: the hub PINGs an agent silent
+    /// this long and drops the connection when the PING is not answered
+    /// within as long again, so a powered-off agent's stream ends within two
+    /// intervals. Raise it for agents on very slow links.
+    #[arg(long, env = "RAVEN_KEEPALIVE", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub keepalive: std::time::Duration,
+    /// How long an agent's stream must have been gone before the hub counts
+    /// it in gateway failover: a tunnel endpoint whose stream has been gone
+    /// this long and that a connected member of its gateway probes dead is
+    /// no longer elected. Longer than a short reconnect.
+    #[arg(long, env = "RAVEN_FAILOVER_GRACE", default_value = "3s", value_parser = humantime::parse_duration)]
+    pub failover_grace: std::time::Duration,
     /// Agents allowed in their initial sync at once; others are told to retry.
     #[arg(long, env = "RAVEN_MAX_INITIAL_SYNCS", default_value_t = 256)]
     pub max_initial_syncs: usize,
+    /// Base of the retry hint sent with RESOURCE_EXHAUSTED to agents over
+    /// the admission limit (the hint is uniform in [base, 2·base), and agents
+    /// add up to half of it again): what spreads a reconnect storm.
+    #[arg(long, env = "RAVEN_ADMISSION_RETRY_AFTER", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub admission_retry_after: std::time::Duration,
     /// Epoch of the revision sequence. Replicas serving the same cluster
     /// share it (default with --kubernetes: "kubernetes", revisions then
     /// follow the API server's resourceVersion); a standalone hub picks a
@@ -166,6 +183,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<std::process::ExitCode> {
         sync: crate::grpc::sync::SyncConfig {
             heartbeat: args.heartbeat,
             max_initial_syncs: args.max_initial_syncs,
+            retry_after: args.admission_retry_after,
+            keepalive: args.keepalive,
+            failover_grace: args.failover_grace,
             ..Default::default()
         },
         debounce: crate::pipeline::Debounce::default(),

@@ -100,12 +100,13 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
         None => Revisions::in_memory(),
     };
     // Reports survive restarts: load them before the first compile (keys
-    // and observations; a local failover claim counts only while its agent
-    // is connected, and it re-reports it).
+    // and observations; a local failover claim and probe verdicts count only
+    // while their agent is connected, and it re-reports them).
     let reports = crate::revision::Reports::load(revisions.store())?;
     index.update(|i| {
         for (node, mut report) in reports.all() {
             report.local_failover.clear();
+            report.dead_candidates.clear();
             i.set_report(node, report);
         }
     });
@@ -132,7 +133,13 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
     let http_addr = http.as_ref().and_then(|l| l.local_addr().ok());
 
     let mut tasks = JoinSet::new();
-    let (pipeline, published) = Pipeline::new(index.clone(), revisions, config.debounce);
+    index.update(|i| i.set_started(tokio::time::Instant::now()));
+    let (pipeline, published) = Pipeline::new(
+        index.clone(),
+        revisions,
+        config.debounce,
+        config.sync.failover_grace,
+    );
     spawn_source(
         &mut tasks,
         &config.source,
@@ -217,7 +224,23 @@ pub fn spawn_kube(
             crate::sources::kube::run(client, index, shutdown).await;
         });
     }
-    let (lead_tx, _) = tokio::sync::watch::channel(false);
+    let (lead_tx, mut lead_rx) = tokio::sync::watch::channel(false);
+    // Only the replica that writes the status runs the failure detector;
+    // the others follow the status it writes, so replicas agree.
+    index.update(|i| i.set_failure_detector(false));
+    {
+        let (index, shutdown) = (index.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            loop {
+                let lead = *lead_rx.borrow_and_update();
+                index.update_if(|i| i.set_failure_detector(lead));
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    r = lead_rx.changed() => if r.is_err() { return },
+                }
+            }
+        });
+    }
     let lease = crate::status::LeaseConfig::new(replica);
     tasks.spawn(crate::status::run_status_writer(
         client,

@@ -1,6 +1,8 @@
 //! The hub's view of the cluster, fed by the sources and read by the
 //! pipeline. Synchronous (`apply`/`delete`/`reset` on `&mut self`), so every
-//! source event is a plain, testable state change.
+//! source event is a plain, testable state change. It also keeps when each
+//! agent's stream opened or ended (times are passed in), which the pipeline
+//! resolves against `--failover-grace` into [`raven_core::Streams`].
 //!
 //! A Gateway that fails validation never replaces its last good version: the
 //! index keeps serving the previous one and reports the problem, so one bad
@@ -11,7 +13,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Node};
 use raven_core::api::v1beta1::Gateway;
 use raven_core::compile::admit;
-use raven_core::{AgentReport, ClusterNode, Inputs, NodeName, Problem, RavenConfig};
+use raven_core::{AgentReport, ClusterNode, Inputs, NodeName, Problem, RavenConfig, Streams};
+use tokio::time::{Duration, Instant};
 
 /// The kinds of object a source delivers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -19,6 +22,14 @@ pub enum Kind {
     Gateway,
     Node,
     Config,
+}
+
+/// An agent's Sync stream as the failure detector sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct StreamEntry {
+    connected: bool,
+    /// When it opened (connected) or ended (not connected).
+    since: Instant,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -36,6 +47,14 @@ pub struct Index {
     nodes: BTreeMap<String, Result<(ClusterNode, Vec<Problem>), Problem>>,
     config: RavenConfig,
     reports: BTreeMap<NodeName, AgentReport>,
+    streams: BTreeMap<NodeName, StreamEntry>,
+    /// When this hub started; an agent it has not heard from since counts
+    /// as gone from then on. `None`: such agents are gone at once.
+    started: Option<Instant>,
+    /// The failure detector is off on a replica that does not write the
+    /// Gateway status (Kubernetes, not the leader): it follows the status
+    /// the leader writes, so replicas never elect differently.
+    detector_off: bool,
     synced: BTreeSet<Kind>,
     /// Problems a source found outside any single object (e.g. a broken file).
     source_problems: Vec<Problem>,
@@ -152,6 +171,115 @@ impl Index {
         }
     }
 
+    /// Records when this hub started (agents it never hears from count as
+    /// gone from then on).
+    pub fn set_started(&mut self, at: Instant) {
+        self.started = Some(at);
+    }
+
+    /// Turns the failure detector on or off (see `detector_off`). Returns
+    /// whether that changed anything.
+    pub fn set_failure_detector(&mut self, on: bool) -> bool {
+        let changed = self.detector_off == on;
+        self.detector_off = !on;
+        changed
+    }
+
+    /// Some report lists a dead candidate (and the detector is on): only
+    /// then can a stream's coming or going change an election.
+    fn probes_report_a_death(&self) -> bool {
+        !self.detector_off && self.reports.values().any(|r| !r.dead_candidates.is_empty())
+    }
+
+    /// An agent's stream opened at `at`. Returns whether that can change
+    /// the compiled topology.
+    pub fn stream_opened(&mut self, node: NodeName, at: Instant) -> bool {
+        let was = self.streams.insert(
+            node,
+            StreamEntry {
+                connected: true,
+                since: at,
+            },
+        );
+        !was.is_some_and(|w| w.connected) && self.probes_report_a_death()
+    }
+
+    /// An agent's (latest) stream ended at `at`: its local failover claim and
+    /// its probe verdicts stop counting (it re-reports them on reconnect).
+    /// Returns whether that can change the compiled topology.
+    pub fn stream_closed(&mut self, node: &NodeName, at: Instant) -> bool {
+        self.streams.insert(
+            node.clone(),
+            StreamEntry {
+                connected: false,
+                since: at,
+            },
+        );
+        let mut changed = self.withdraw_failover_claim(node);
+        if let Some(r) = self.reports.get_mut(node)
+            && !r.dead_candidates.is_empty()
+        {
+            r.dead_candidates.clear();
+            changed = true;
+        }
+        changed || self.probes_report_a_death()
+    }
+
+    /// Stream liveness at `now`: who is connected, and whose stream has been
+    /// gone for at least `grace` (every known node is one or the other, or
+    /// within its grace).
+    /// With the detector off, nobody is gone.
+    pub fn streams_at(&self, now: Instant, grace: Duration) -> Streams {
+        let mut out = Streams::default();
+        if self.detector_off {
+            return out;
+        }
+        let gone_since = |since: Instant| now.saturating_duration_since(since) >= grace;
+        let names = self
+            .nodes
+            .values()
+            .filter_map(|n| n.as_ref().ok().map(|(n, _)| n.name.clone()))
+            .chain(self.streams.keys().cloned());
+        for node in names {
+            match self.streams.get(&node) {
+                Some(e) if e.connected => {
+                    out.connected.insert(node);
+                }
+                Some(e) if gone_since(e.since) => {
+                    out.gone.insert(node);
+                }
+                Some(_) => {}
+                None if self.started.is_none_or(gone_since) => {
+                    out.gone.insert(node);
+                }
+                None => {}
+            }
+        }
+        out
+    }
+
+    /// The next moment after `now` at which a stream's absence reaches
+    /// `grace` (the pipeline recompiles then), if any is pending and could
+    /// matter.
+    pub fn next_grace_deadline(&self, now: Instant, grace: Duration) -> Option<Instant> {
+        if !self.probes_report_a_death() {
+            return None;
+        }
+        let unseen = self
+            .nodes
+            .values()
+            .filter_map(|n| n.as_ref().ok())
+            .any(|(n, _)| !self.streams.contains_key(&n.name));
+        self.streams
+            .values()
+            .filter(|e| !e.connected)
+            .map(|e| e.since)
+            .chain(self.started.filter(|_| unseen))
+            .map(|since| since + grace)
+            .filter(|at| *at > now)
+            .min()
+    }
+
     /// Records a resourceVersion observed from the API server (objects,
     /// deletions, bookmarks, list metadata).
     pub fn see(&mut self, resource_version: u64) {
@@ -263,6 +391,64 @@ mod tests {
         idx.apply_gateway(gw(1));
         idx.reset_gateways(vec![]);
         assert!(idx.inputs().0.gateways.is_empty());
+    }
+
+    fn node(name: &str) -> NodeName {
+        NodeName::new(name).unwrap_or_else(|_| unreachable!())
+    }
+
+    fn dead_report(dead: &str) -> AgentReport {
+        AgentReport {
+            dead_candidates: [node(dead)].into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_closed_stream_counts_as_gone_only_after_the_grace_and_reconnecting_ends_that() {
+        let t0 = Instant::now();
+        let grace = Duration::from_secs(3);
+        let mut idx = Index::default();
+        idx.set_started(t0);
+        let a = node("a");
+        idx.stream_opened(a.clone(), t0);
+        assert_eq!(idx.streams_at(t0, grace).connected, [a.clone()].into());
+        idx.stream_closed(&a, t0 + Duration::from_secs(1));
+        let at = |idx: &Index, s: u64| idx.streams_at(t0 + Duration::from_secs(s), grace);
+        let within = at(&idx, 3);
+        assert!(within.gone.is_empty() && within.connected.is_empty());
+        assert_eq!(at(&idx, 4).gone, [a.clone()].into());
+        idx.stream_opened(a.clone(), t0 + Duration::from_secs(5));
+        assert!(at(&idx, 9).gone.is_empty());
+    }
+
+    #[test]
+    fn a_grace_deadline_is_armed_only_while_some_probe_reports_a_death() {
+        let t0 = Instant::now();
+        let grace = Duration::from_secs(3);
+        let mut idx = Index::default();
+        idx.set_started(t0);
+        let (a, b) = (node("a"), node("b"));
+        idx.stream_opened(a.clone(), t0);
+        idx.stream_opened(b.clone(), t0);
+        let closed_at = t0 + Duration::from_secs(1);
+        assert!(!idx.stream_closed(&a, closed_at), "nothing to decide yet");
+        assert_eq!(idx.next_grace_deadline(closed_at, grace), None);
+        assert!(idx.set_report(b.clone(), dead_report("a")));
+        assert_eq!(
+            idx.next_grace_deadline(closed_at, grace),
+            Some(closed_at + grace)
+        );
+        assert_eq!(idx.next_grace_deadline(closed_at + grace, grace), None);
+        // A replica that does not lead has the detector off: nobody is gone.
+        assert!(idx.set_failure_detector(false));
+        assert_eq!(idx.next_grace_deadline(closed_at, grace), None);
+        assert!(idx.streams_at(closed_at + grace, grace).gone.is_empty());
+        assert!(idx.set_failure_detector(true));
+        assert!(!idx.streams_at(closed_at + grace, grace).gone.is_empty());
+        // b's stream ends: its verdict stops counting.
+        assert!(idx.stream_closed(&b, closed_at));
+        assert!(idx.inputs().0.reports[&b].dead_candidates.is_empty());
     }
 
     #[test]

@@ -54,9 +54,17 @@ fn log_elections(
         let claim = problems
             .iter()
             .find(|p| p.object == object && p.field == "status.activeEndpoints");
+        let dead: Vec<&str> = problems
+            .iter()
+            .filter(|p| p.object == object && p.message.starts_with("proven dead"))
+            .map(|p| p.value.as_str())
+            .collect();
         match claim {
             Some(p) => {
                 tracing::warn!(gateway = %name, ?old, ?new, claimant = %p.value, "elected endpoints changed: adopted a local failover")
+            }
+            None if !dead.is_empty() => {
+                tracing::warn!(gateway = %name, ?old, ?new, ?dead, "elected endpoints changed: replaced an endpoint proven dead (stream gone, domain probes fail)")
             }
             None => tracing::info!(gateway = %name, ?old, ?new, "elected endpoints changed"),
         }
@@ -90,6 +98,9 @@ pub struct Pipeline {
     revisions: crate::revision::Revisions,
     tx: tokio::sync::watch::Sender<Arc<Published>>,
     debounce: Debounce,
+    /// How long an agent's stream must be gone before the failure detector
+    /// counts it (see [`raven_core::liveness`]).
+    failover_grace: std::time::Duration,
 }
 
 impl Pipeline {
@@ -97,6 +108,7 @@ impl Pipeline {
         index: crate::index::IndexHandle,
         revisions: crate::revision::Revisions,
         debounce: Debounce,
+        failover_grace: std::time::Duration,
     ) -> (Self, PublishedRx) {
         let initial = Published {
             epoch: revisions.current().epoch.clone(),
@@ -110,6 +122,7 @@ impl Pipeline {
                 revisions,
                 tx,
                 debounce,
+                failover_grace,
             },
             rx,
         )
@@ -118,7 +131,12 @@ impl Pipeline {
     /// Compiles now and publishes the result if anything a reader can see
     /// changed. Returns whether it published.
     pub fn recompile(&mut self) -> Result<bool, crate::revision::RevisionError> {
-        let (mut inputs, mut problems) = self.index.read(|i| i.inputs());
+        let now = tokio::time::Instant::now();
+        let (mut inputs, mut problems) = self.index.read(|i| {
+            let (mut inputs, problems) = i.inputs();
+            inputs.streams = i.streams_at(now, self.failover_grace);
+            (inputs, problems)
+        });
         let (ready, floor) = self.index.read(|i| (i.is_synced(), i.high_water()));
         let prev = self.tx.borrow().clone();
         // Stickiness needs the current active endpoints. The API server has
@@ -186,16 +204,27 @@ impl Pipeline {
         Ok(changed)
     }
 
-    /// Recompiles after every (debounced) burst of index changes until
+    /// Recompiles after every (debounced) burst of index changes, and when
+    /// an agent's stream has been gone for the failover grace, until
     /// `shutdown` fires.
     pub async fn run(mut self, shutdown: tokio_util::sync::CancellationToken) {
         let index = self.index.clone();
+        let grace = self.failover_grace;
         loop {
             if let Err(e) = self.recompile() {
                 tracing::error!(error = %e, "could not persist a new revision; keeping the previous state published");
             }
+            let now = tokio::time::Instant::now();
+            let deadline = index.read(|i| i.next_grace_deadline(now, grace));
+            let grace_passed = async {
+                match deadline {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 () = shutdown.cancelled() => return,
+                () = grace_passed => continue,
                 () = index.changed() => {}
             }
             let started = tokio::time::Instant::now();

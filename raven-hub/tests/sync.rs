@@ -684,3 +684,150 @@ async fn a_takeover_claim_is_adopted_while_its_agent_is_connected_and_the_electi
     assert_eq!(tunnel_active(&p, "gw-hangzhou").as_deref(), Some(HZ_MEMBER));
     hub.stop().await;
 }
+
+/// hz's member becomes gw-hangzhou's second tunnel candidate; a hub with a
+/// 1 s failover grace.
+async fn two_candidate_hub(env: &Env) -> RunningHub {
+    env.edit(
+        "gateways.yaml",
+        "      port: 4500\n      type: tunnel\n---",
+        &format!(
+            "      port: 4500\n      type: tunnel\n    - nodeName: {HZ_MEMBER}\n      underNAT: true\n      port: 4500\n      type: tunnel\n---"
+        ),
+    );
+    let mut cfg = env.config(64);
+    cfg.sync.failover_grace = Duration::from_secs(1);
+    hub::start(cfg).await.expect("hub starts")
+}
+
+/// Opens `node`'s stream and acknowledges its snapshot.
+async fn synced_agent(env: &Env, hub: &RunningHub, node: &str) -> Agent {
+    let mut client = env.client(hub, node).await;
+    let mut agent = Agent::open(&mut client, hello(node, &[], "", 0, false))
+        .await
+        .expect("open");
+    let first = agent.update().await.expect("snapshot");
+    agent.ack(&first).await;
+    agent
+}
+
+async fn report_dead(agent: &Agent, dead: &[&str]) {
+    let report = v1::Report {
+        dead_candidates: dead.iter().map(|d| (*d).to_owned()).collect(),
+        ..Default::default()
+    };
+    agent
+        .tx
+        .send(v1::SyncRequest {
+            message: Some(Req::Report(report)),
+        })
+        .await
+        .expect("report");
+}
+
+async fn elected_within(hub: &RunningHub, node: &str, within: Duration) -> Option<Duration> {
+    let t = tokio::time::Instant::now();
+    let mut rx = hub.published.clone();
+    tokio::time::timeout(
+        within,
+        rx.wait_for(|p| tunnel_active(p, "gw-hangzhou").as_deref() == Some(node)),
+    )
+    .await
+    .ok()
+    .map(|_| t.elapsed())
+}
+
+#[tokio::test]
+async fn a_gateway_whose_stream_is_gone_for_the_grace_and_whose_member_probes_it_dead_is_replaced()
+{
+    let env = Env::new();
+    let hub = two_candidate_hub(&env).await;
+    let gw = synced_agent(&env, &hub, HZ_GW).await;
+    let member = synced_agent(&env, &hub, HZ_MEMBER).await;
+    assert!(
+        elected_within(&hub, HZ_GW, Duration::from_secs(5))
+            .await
+            .is_some()
+    );
+
+    // The member's probes say the gateway is dead, but its stream is up:
+    // the hub keeps it.
+    report_dead(&member, &[HZ_GW]).await;
+    assert!(
+        elected_within(&hub, HZ_MEMBER, Duration::from_millis(2500))
+            .await
+            .is_none(),
+        "moved while the gateway's stream was up"
+    );
+
+    // The gateway's stream ends: after the grace (and no earlier) the hub
+    // elects the member, the only other Ready candidate with a stream.
+    drop(gw);
+    let t = tokio::time::Instant::now();
+    let after = elected_within(&hub, HZ_MEMBER, Duration::from_secs(10))
+        .await
+        .expect("the member elected after the grace");
+    assert!(
+        t.elapsed() >= Duration::from_millis(900),
+        "moved after {after:?}, within the 1 s grace"
+    );
+    let p = hub.published.borrow().clone();
+    assert!(
+        p.topology
+            .problems
+            .iter()
+            .any(|pr| pr.object == "Gateway/gw-hangzhou"
+                && pr.value == HZ_GW
+                && pr.message.starts_with("proven dead")),
+        "{:?}",
+        p.topology.problems
+    );
+
+    // The old gateway comes back: the election keeps the member.
+    let _gw = synced_agent(&env, &hub, HZ_GW).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        tunnel_active(&hub.published.borrow(), "gw-hangzhou").as_deref(),
+        Some(HZ_MEMBER)
+    );
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn a_short_reconnect_of_the_gateway_or_a_probe_report_from_another_domain_never_moves_it() {
+    let env = Env::new();
+    let hub = two_candidate_hub(&env).await;
+    let gw = synced_agent(&env, &hub, HZ_GW).await;
+    let member = synced_agent(&env, &hub, HZ_MEMBER).await;
+    let other = synced_agent(&env, &hub, QD_MEMBER).await;
+    assert!(
+        elected_within(&hub, HZ_GW, Duration::from_secs(5))
+            .await
+            .is_some()
+    );
+    // A qingdao node says hangzhou's gateway is dead: not its domain.
+    report_dead(&other, &[HZ_GW]).await;
+    // hz's own member says so too (a LAN blip), and the gateway's agent
+    // restarts quickly (within the grace).
+    report_dead(&member, &[HZ_GW]).await;
+    drop(gw);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let gw = synced_agent(&env, &hub, HZ_GW).await;
+    assert!(
+        elected_within(&hub, HZ_MEMBER, Duration::from_secs(3))
+            .await
+            .is_none(),
+        "a short reconnect moved the gateway"
+    );
+    // The member's probes recover; the gateway's stream then ends for good:
+    // only another domain still calls it dead, which does not count.
+    report_dead(&member, &[]).await;
+    drop(gw);
+    assert!(
+        elected_within(&hub, HZ_MEMBER, Duration::from_secs(3))
+            .await
+            .is_none(),
+        "another domain's word moved the gateway"
+    );
+    hub.stop().await;
+}

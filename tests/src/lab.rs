@@ -322,6 +322,9 @@ pub struct Lab {
     pub domains: Vec<LabDomain>,
     /// The links [`Lab::power_off`] set down, by node.
     powered_off: BTreeMap<String, Vec<String>>,
+    /// Run the hub and agents with their default `--heartbeat` and
+    /// `--resync` instead of the lab's fast 1 s (set before starting them).
+    pub default_timers: bool,
 }
 
 impl Lab {
@@ -434,6 +437,7 @@ impl Lab {
             nodes: Vec::new(),
             domains: Vec::new(),
             powered_off: BTreeMap::new(),
+            default_timers: false,
         };
         lab.add_switch("inet", "wanbr")?;
         for d in DOMAINS {
@@ -649,8 +653,30 @@ impl Lab {
         ]
         .map(str::to_owned)
         .to_vec();
+        let args = self.with_timers(args);
         self.hub = Some(self.spawn("c1", &self.hub_exe.clone(), &args, "hub.log")?);
         Ok(())
+    }
+
+    /// `args` without `--heartbeat`/`--resync` and their values when the
+    /// lab runs with [`Lab::default_timers`].
+    fn with_timers(&self, args: Vec<String>) -> Vec<String> {
+        if !self.default_timers {
+            return args;
+        }
+        let mut out = Vec::new();
+        let mut skip = false;
+        for a in args {
+            if std::mem::take(&mut skip) {
+                continue;
+            }
+            if a == "--heartbeat" || a == "--resync" {
+                skip = true;
+                continue;
+            }
+            out.push(a);
+        }
+        out
     }
 
     /// Tunnel device name of a node: unique per lab (the UAPI socket
@@ -697,6 +723,7 @@ impl Lab {
         ]
         .map(str::to_owned)
         .to_vec();
+        let args = self.with_timers(args);
         let proc = self.spawn(
             short,
             &self.edge_exe.clone(),

@@ -778,6 +778,24 @@ fn a_briefly_up_standby_never_pulls_traffic_from_a_live_gateway_when_the_hub_goe
     );
 }
 
+/// (transmitted, received) from ping's summary line; (0, 0) without one.
+fn ping_summary(stdout: &[u8]) -> (u64, u64) {
+    let text = String::from_utf8_lossy(stdout);
+    let summary = text
+        .lines()
+        .find(|l| l.contains("transmitted"))
+        .unwrap_or_default();
+    let num = |key: &str| {
+        summary
+            .split(',')
+            .find(|p| p.contains(key))
+            .and_then(|p| p.split_whitespace().next())
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    (num("transmitted"), num("received"))
+}
+
 /// A ping at 20 per second from `from`'s pod to `to`'s pod, running in the
 /// background for `count` packets; [`Pinger::lost`] waits for it.
 struct Pinger(std::process::Child);
@@ -812,22 +830,10 @@ impl Pinger {
     }
 
     /// Packets sent and lost.
-    fn lost(self) -> (u32, u32) {
+    fn lost(self) -> (u64, u64) {
         let out = self.0.wait_with_output().expect("ping ran");
-        let text = String::from_utf8_lossy(&out.stdout);
-        let summary = text
-            .lines()
-            .find(|l| l.contains("transmitted"))
-            .unwrap_or_default();
-        let num = |word: &str| {
-            summary
-                .split(',')
-                .find(|p| p.contains(word))
-                .and_then(|p| p.split_whitespace().next())
-                .and_then(|n| n.parse::<u32>().ok())
-                .unwrap_or_else(|| panic!("no {word:?} in ping's summary: {text}"))
-        };
-        let (sent, got) = (num("transmitted"), num("received"));
+        let (sent, got) = ping_summary(&out.stdout);
+        assert!(sent > 0, "ping sent nothing (or printed no summary)");
         (sent, sent.saturating_sub(got))
     }
 }
@@ -916,4 +922,139 @@ fn a_move_between_relay_and_direct_path_loses_no_packet_whichever_side_moves_fir
         "relayed -> direct, qd-1 first ({moved:?} after the path opened), hz-1 3 s later: {lost} of {sent} packets lost at 20 pps"
     );
     assert_eq!(lost, 0, "packets lost while the sides moved apart");
+}
+
+/// A steady ping (every 100 ms) from a node's address to another, in the
+/// background; [`SteadyPing::stop`] says how many were sent and answered.
+struct SteadyPing(std::process::Child);
+
+/// Interval of [`SteadyPing`].
+const PING_EVERY: Duration = Duration::from_millis(100);
+
+impl SteadyPing {
+    fn start(lab: &Lab, from: &str, src: &str, to: &str) -> Self {
+        let child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &lab.ns(from),
+                "ping",
+                "-n",
+                "-q",
+                "-i",
+                "0.1",
+            ])
+            .args(["-W", "1", "-I", src, to])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("ping starts");
+        Self(child)
+    }
+
+    /// Interrupts it and returns (sent, answered).
+    fn stop(self) -> (u64, u64) {
+        let pid = self.0.id().to_string();
+        // `ip netns exec` execs ping, so this is ping's own PID.
+        let _ = Command::new("kill").args(["-INT", &pid]).status();
+        let out = self.0.wait_with_output().expect("ping output");
+        ping_summary(&out.stdout)
+    }
+}
+
+/// Issue 10, defect 2: with the hub reachable, a powered-off active gateway
+/// of a NATed domain is replaced by the hub (its stream is gone and its
+/// domain's probes say dead) — with the default `--heartbeat`/`--resync`.
+/// Prints the time until the hub elects the replacement, until traffic
+/// across domains flows again, and what a steady ping lost meanwhile; then
+/// the old gateway comes back and the election stays (sticky).
+#[test]
+fn with_the_hub_up_a_powered_off_gateway_is_replaced_by_the_hub_within_seconds() {
+    if !ready() {
+        return;
+    }
+    let (_g, mut lab) = up_with("g", |lab| lab.default_timers = true);
+    add_hz2_candidate(&lab);
+    converge(&lab, "hz-2 a standby candidate");
+    assert_eq!(
+        active_tunnel(&lab, "gw-hangzhou").as_deref(),
+        Some(name_of("h1"))
+    );
+
+    // qingdao's member pings hangzhou's member, pod to pod: that path runs
+    // through both domains' gateways.
+    let ping = SteadyPing::start(&lab, "q2", "10.244.4.1", "10.244.2.1");
+    std::thread::sleep(Duration::from_secs(2));
+    let t = Instant::now();
+    lab.power_off("h1").expect("power off hz-1");
+    let elected = wait_for(
+        "the hub electing hz-2 for gw-hangzhou",
+        Duration::from_secs(30),
+        || active_tunnel(&lab, "gw-hangzhou").as_deref() == Some(name_of("h2")),
+    );
+    let alive = ["c1", "c2", "h2", "q1", "q2"];
+    while let Err(broken) = all_reach(&lab, &alive) {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "hz-2 elected after {elected:?} but traffic does not flow: {broken}\n{}",
+            lab.logs()
+        );
+    }
+    let flowing = t.elapsed();
+    std::thread::sleep(Duration::from_secs(1));
+    let (sent, answered) = ping.stop();
+    let lost = sent.saturating_sub(answered);
+    eprintln!(
+        "gateway failover (hub up, default timers): hz-1 powered off; hub elected hz-2 after {elected:?}, every other node and pod reached again after {flowing:?}; steady ping q2 pod -> h2 pod lost {lost} of {sent} ({:?} of traffic)",
+        PING_EVERY * u32::try_from(lost).unwrap_or(u32::MAX)
+    );
+    assert!(answered > 0, "the steady ping never got an answer");
+
+    // hz-1 comes back: the election keeps hz-2.
+    lab.power_on("h1").expect("power on");
+    lab.start_agent("h1").expect("agent");
+    wait_for("hz-1's agent back", Duration::from_secs(30), || {
+        agents(&lab)["agents"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|a| a["nodeName"] == name_of("h1") && a["connected"] == true)
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        active_tunnel(&lab, "gw-hangzhou").as_deref(),
+        Some(name_of("h2")),
+        "the returning hz-1 does not take the tunnel back"
+    );
+    converge(&lab, "hz-1 back, hz-2 keeps the tunnel");
+}
+
+/// Issue 10, defect 6: after a hub outage long enough for any backoff to
+/// grow, every agent is connected and has applied the hub's state again
+/// within seconds of the hub serving (default `--heartbeat`/`--resync`).
+/// Prints the time from the restart until the hub serves and until every
+/// agent is back.
+#[test]
+fn after_a_long_hub_outage_every_agent_is_back_within_seconds_of_the_hub_serving() {
+    if !ready() {
+        return;
+    }
+    let (_g, mut lab) = up_with("r", |lab| lab.default_timers = true);
+    let rev = settle(&lab);
+    lab.kill_hub();
+    std::thread::sleep(Duration::from_secs(40));
+    lab.start_hub().expect("hub restarts");
+    let serving = wait_for("the hub serving", Duration::from_secs(30), || {
+        lab.grpcurl("grpc.health.v1.Health/Check")
+            .is_ok_and(|s| s.contains("SERVING") && !s.contains("NOT_SERVING"))
+    });
+    let back = all_applied(&lab, rev);
+    eprintln!(
+        "hub restart after a 40 s outage (default timers): serving after {serving:?}, all {} agents connected and applied revision {rev} {back:?} after that",
+        NODES.len()
+    );
+    assert!(
+        back < Duration::from_secs(15),
+        "agents took {back:?} to come back after the hub was serving"
+    );
 }

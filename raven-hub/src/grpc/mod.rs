@@ -199,7 +199,7 @@ pub async fn serve(
         agents: shared.agents.clone(),
     };
     let (refl_v1, refl_v1alpha) = reflection()?;
-    let keepalive = Some(shared.config.heartbeat);
+    let keepalive = Some(shared.config.keepalive);
     let sync = SyncServiceServer::new(Sync { shared });
     let tls_server = Server::builder()
         .tls_config(tls_config)?

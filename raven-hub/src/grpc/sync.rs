@@ -38,6 +38,15 @@ pub struct SyncConfig {
     pub retry_after: Duration,
     /// Snapshot parts are cut at about this many bytes.
     pub max_update_bytes: usize,
+    /// HTTP/2 keepalive of agent connections: a PING after this long
+    /// without a frame from the agent, and the connection is dropped when it
+    /// is not answered within as long again. This is how the hub notices a
+    /// powered-off agent (no FIN, no RST) between application heartbeats.
+    pub keepalive: Duration,
+    /// How long an agent's stream must have been gone before the failure
+    /// detector counts it (see `raven_core::liveness`); longer than a
+    /// short reconnect.
+    pub failover_grace: Duration,
 }
 
 impl Default for SyncConfig {
@@ -49,6 +58,8 @@ impl Default for SyncConfig {
             max_initial_syncs: 256,
             retry_after: Duration::from_secs(2),
             max_update_bytes: 1 << 20,
+            keepalive: Duration::from_secs(2),
+            failover_grace: Duration::from_secs(3),
         }
     }
 }
@@ -254,14 +265,22 @@ impl Session {
             ));
         }
         let session = self.shared.agents.connected(&self.node, &hello, remote);
+        let opened = tokio::time::Instant::now();
+        self.shared
+            .index
+            .update_if(|i| i.stream_opened(self.node.clone(), opened));
         tracing::info!(node = %self.node, epoch = %hello.epoch, revision = hello.revision, held = self.held.len(), delta, "agent connected");
         let result = self.main_loop(inbound, &mut published, snapshot).await;
         if self.shared.agents.disconnected(&self.node, session) {
-            // A local failover claim counts only while its agent is connected
-            // (it re-reports on reconnect); the election it caused stays.
+            // A local failover claim and probe verdicts count only while
+            // their agent is connected (it re-reports on reconnect); the
+            // election they caused stays. The failure detector starts
+            // counting the stream's absence now.
+            let closed = tokio::time::Instant::now();
+            tracing::info!(node = %self.node, ended = ?result.as_ref().err().map(Status::code), "agent disconnected");
             self.shared
                 .index
-                .update_if(|i| i.withdraw_failover_claim(&self.node));
+                .update_if(|i| i.stream_closed(&self.node, closed));
         }
         result
     }
