@@ -250,7 +250,16 @@ pub fn agent_report() -> impl Strategy<Value = AgentReport> {
                 direct_public_key,
                 observed_direct_peers,
                 dead_candidates,
-            ): (_, _, _, BTreeMap<_, _>, BTreeMap<_, _>, _, BTreeMap<_, _>, _)| {
+            ): (
+                _,
+                _,
+                _,
+                BTreeMap<_, _>,
+                BTreeMap<_, _>,
+                _,
+                BTreeMap<_, _>,
+                _,
+            )| {
                 AgentReport {
                     wireguard_public_key,
                     tunnel_port,

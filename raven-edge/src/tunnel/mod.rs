@@ -94,6 +94,24 @@ pub struct TunnelSpec {
     pub warnings: Vec<String>,
 }
 
+impl TunnelSpec {
+    /// Adds a peer under its public key — unless another node already holds
+    /// that key here: a key names one node, and two gateways merged onto one
+    /// peer would leave one domain's prefixes on no peer at all. The first
+    /// keeps it; the other is left out with a warning.
+    fn add_peer(&mut self, key: String, peer: PeerSpec) {
+        match self.peers.get(&key) {
+            Some(held) if held.node != peer.node => self.warnings.push(format!(
+                "{} ({}) reports the WireGuard key of {} ({}); it is left out",
+                peer.node, peer.gateway, held.node, held.gateway
+            )),
+            _ => {
+                self.peers.insert(key, peer);
+            }
+        }
+    }
+}
+
 fn prefixes(g: &GatewayView) -> BTreeSet<IpNet> {
     raven_core::compile::gateway_prefixes(g).collect()
 }
@@ -160,7 +178,7 @@ pub fn spec(inputs: &NodeInputs, peers: &[PeerInfo]) -> Option<TunnelSpec> {
                 .and_then(|p| p.direct.as_ref())
                 .and_then(|d| keys::base64_to_hex(&d.public_key))
         {
-            out.peers.insert(
+            out.add_peer(
                 key,
                 PeerSpec {
                     node: active.clone(),
@@ -204,7 +222,7 @@ pub fn spec(inputs: &NodeInputs, peers: &[PeerInfo]) -> Option<TunnelSpec> {
             } else {
                 0
             };
-            out.peers.insert(
+            out.add_peer(
                 key,
                 PeerSpec {
                     node: cand.node.clone(),
@@ -298,7 +316,7 @@ pub fn direct_spec(inputs: &NodeInputs, peers: &[PeerInfo]) -> Option<TunnelSpec
                 c.public_ip
                     .map(|ip| SocketAddr::new(ip, c.public_port.unwrap_or(c.port)))
             });
-        out.peers.insert(
+        out.add_peer(
             key,
             PeerSpec {
                 node: node.clone(),
@@ -328,7 +346,7 @@ pub fn direct_spec(inputs: &NodeInputs, peers: &[PeerInfo]) -> Option<TunnelSpec
         ) else {
             continue;
         };
-        out.peers.insert(
+        out.add_peer(
             key,
             PeerSpec {
                 node: active.clone(),
@@ -918,6 +936,24 @@ mod tests {
         );
         let standby = direct_spec(&i, &all).unwrap_or_default();
         assert!(standby.peers.is_empty(), "{standby:?}");
+    }
+
+    #[test]
+    fn two_gateways_reporting_one_key_are_never_merged_onto_one_peer() {
+        // q1 reports h1's key: h1 keeps its peer and hangzhou's prefixes.
+        let mut all = peers();
+        all[2].wireguard_public_key = Some(KEY_B.into());
+        let s = spec(&inputs("c1", "gw-cloud"), &all).unwrap_or_default();
+        let h1 = &s.peers[&keys::base64_to_hex(KEY_B).unwrap_or_default()];
+        assert_eq!(h1.node, n("h1"));
+        assert_eq!(s.peers.len(), 1);
+        assert!(
+            s.warnings
+                .iter()
+                .any(|w| w.contains("q1") && w.contains("h1")),
+            "{:?}",
+            s.warnings
+        );
     }
 
     #[test]
