@@ -58,6 +58,8 @@ pub struct Index {
     synced: BTreeSet<Kind>,
     /// Problems a source found outside any single object (e.g. a broken file).
     source_problems: Vec<Problem>,
+    /// Nodes whose report named another node's WireGuard key.
+    key_conflicts: BTreeMap<NodeName, Vec<Problem>>,
     /// Highest Kubernetes resourceVersion seen (etcd's revision): the same
     /// cluster state gives every hub replica the same floor, so revisions
     /// stay comparable across replicas of one epoch.
@@ -151,12 +153,53 @@ impl Index {
 
     /// Records what an agent reported about itself. Returns whether anything
     /// changed.
-    pub fn set_report(&mut self, node: NodeName, report: AgentReport) -> bool {
+    ///
+    /// A WireGuard public key belongs to the first node that reported it: a
+    /// report naming a key another node holds has that key removed (it never
+    /// reaches any agent) and the conflict is reported as a problem of the
+    /// newcomer, for as long as it keeps reporting that key.
+    pub fn set_report(&mut self, node: NodeName, mut report: AgentReport) -> bool {
+        let held_by = |key: &str| {
+            self.reports
+                .iter()
+                .filter(|(n, _)| **n != node)
+                .find(|(_, r)| {
+                    r.wireguard_public_key.as_deref() == Some(key)
+                        || r.direct_public_key.as_deref() == Some(key)
+                })
+                .map(|(n, _)| n.clone())
+        };
+        let mut conflicts = Vec::new();
+        for (field, key) in [
+            ("wireguard_public_key", &mut report.wireguard_public_key),
+            ("direct_public_key", &mut report.direct_public_key),
+        ] {
+            if let Some(owner) = key.as_deref().and_then(held_by) {
+                conflicts.push(Problem::error(
+                    format!("Node/{node}"),
+                    format!("report.{field}"),
+                    key.take().unwrap_or_default(),
+                    format!(
+                        "is the WireGuard key of node {owner}, which reported it first; refused"
+                    ),
+                ));
+            }
+        }
+        let problems_changed = if conflicts.is_empty() {
+            self.key_conflicts.remove(&node).is_some()
+        } else {
+            self.key_conflicts.insert(node.clone(), conflicts.clone()) != Some(conflicts)
+        };
         if self.reports.get(&node) == Some(&report) {
-            return false;
+            return problems_changed;
         }
         self.reports.insert(node, report);
         true
+    }
+
+    /// What the index keeps of a node's report.
+    pub fn report(&self, node: &NodeName) -> Option<&AgentReport> {
+        self.reports.get(node)
     }
 
     /// Forgets the local failover a node reported (it disconnected).
@@ -305,6 +348,7 @@ impl Index {
     /// The compiler's inputs, and the problems found on the way in.
     pub fn inputs(&self) -> (Inputs, Vec<Problem>) {
         let mut problems = self.source_problems.clone();
+        problems.extend(self.key_conflicts.values().flatten().cloned());
         let mut inputs = Inputs {
             config: self.config,
             reports: self.reports.clone(),
@@ -402,6 +446,40 @@ mod tests {
             dead_candidates: [node(dead)].into(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_key_another_node_reported_first_is_refused_and_reported() {
+        let key = |k: &str| AgentReport {
+            wireguard_public_key: Some(k.into()),
+            ..Default::default()
+        };
+        const H1: &str = "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=";
+        let mut idx = Index::default();
+        assert!(idx.set_report(node("h1"), key(H1)));
+        // q1 claims h1's key: stored without it, a problem names both.
+        assert!(idx.set_report(node("q1"), key(H1)));
+        let (inputs, problems) = idx.inputs();
+        assert_eq!(
+            inputs.reports[&node("h1")].wireguard_public_key.as_deref(),
+            Some(H1)
+        );
+        assert_eq!(inputs.reports[&node("q1")].wireguard_public_key, None);
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.object == "Node/q1" && p.message.contains("h1")),
+            "{problems:?}"
+        );
+        // Re-sent unchanged: nothing new. A key of its own clears the problem.
+        assert!(!idx.set_report(node("q1"), key(H1)));
+        assert!(idx.set_report(
+            node("q1"),
+            key("TrMvSoP4jYQlY6RIzBgbssQqY3vxI2Pi+y71lOWWXX0=")
+        ));
+        assert!(idx.inputs().1.iter().all(|p| p.object != "Node/q1"));
+        // h1 still holds its key when it re-reports.
+        assert!(!idx.set_report(node("h1"), key(H1)));
     }
 
     #[test]

@@ -831,3 +831,82 @@ async fn a_short_reconnect_of_the_gateway_or_a_probe_report_from_another_domain_
     );
     hub.stop().await;
 }
+
+/// The key a published `peer/<node>` resource carries.
+fn published_key(p: &raven_hub::pipeline::Published, node: &str) -> Option<String> {
+    p.topology
+        .resources
+        .iter()
+        .find_map(|(n, r)| match &r.body {
+            raven_core::topology::ResourceBody::Peer(peer)
+                if n.as_str() == format!("peer/{node}") =>
+            {
+                peer.wireguard_public_key.clone()
+            }
+            _ => None,
+        })
+}
+
+async fn report_key(agent: &Agent, key: &str) {
+    agent
+        .tx
+        .send(v1::SyncRequest {
+            message: Some(Req::Report(v1::Report {
+                wireguard_public_key: Some(key.into()),
+                ..Default::default()
+            })),
+        })
+        .await
+        .expect("report");
+}
+
+/// Issue 11, finding 1: qingdao's gateway reports hangzhou's gateway's
+/// WireGuard key as its own. The key stays hangzhou's, never reaches any agent
+/// as qingdao's, the conflict is a problem naming both — also after a restart.
+#[tokio::test]
+async fn a_key_spoofed_by_another_gateway_is_refused_for_the_newcomer_and_reported() {
+    const QD_GW: &str = "izm5eb24dmjfimuaybpnqzz";
+    const KEY: &str = "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=";
+    let env = Env::new();
+    let hub = env.hub().await;
+    let mut rx = hub.published.clone();
+    let hz = synced_agent(&env, &hub, HZ_GW).await;
+    report_key(&hz, KEY).await;
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        rx.wait_for(|p| published_key(p, HZ_GW).as_deref() == Some(KEY)),
+    )
+    .await
+    .expect("hangzhou's key published")
+    .expect("alive");
+    let qd = synced_agent(&env, &hub, QD_GW).await;
+    report_key(&qd, KEY).await;
+    let p = tokio::time::timeout(
+        Duration::from_secs(10),
+        rx.wait_for(|p| {
+            p.topology
+                .problems
+                .iter()
+                .any(|x| x.object == format!("Node/{QD_GW}") && x.message.contains(HZ_GW))
+        }),
+    )
+    .await
+    .expect("the conflict is reported")
+    .expect("alive")
+    .clone();
+    assert_eq!(published_key(&p, HZ_GW).as_deref(), Some(KEY));
+    assert_eq!(published_key(&p, QD_GW), None, "never qingdao's");
+    drop((hz, qd));
+    hub.stop().await;
+
+    let hub = env.hub().await;
+    let mut rx = hub.published.clone();
+    let p = tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|p| p.ready))
+        .await
+        .expect("ready")
+        .expect("alive")
+        .clone();
+    assert_eq!(published_key(&p, HZ_GW).as_deref(), Some(KEY), "owner kept");
+    assert_eq!(published_key(&p, QD_GW), None);
+    hub.stop().await;
+}

@@ -524,10 +524,19 @@ impl Session {
                 self.shared
                     .agents
                     .update(&node, |e| e.report = Some(report));
-                if let Err(e) = self.shared.reports.put(node.clone(), parsed.clone()) {
+                // Persist what the index keeps (a key another node holds is
+                // refused there), so a restarted hub keeps the same owner.
+                let mut kept = None;
+                self.shared.index.update_if(|i| {
+                    let changed = i.set_report(node.clone(), parsed);
+                    kept = i.report(&node).cloned();
+                    changed
+                });
+                if let Some(kept) = kept
+                    && let Err(e) = self.shared.reports.put(node.clone(), kept)
+                {
                     tracing::warn!(node = %node, error = %e, "could not persist the agent report");
                 }
-                self.shared.index.update_if(|i| i.set_report(node, parsed));
                 Ok(false)
             }
         }
