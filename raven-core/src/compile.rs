@@ -224,7 +224,12 @@ pub fn compile(inputs: &Inputs) -> Compiled {
 /// tunnel endpoint, so the sticky election keeps it (and the status records
 /// it) instead of moving traffic back to the endpoint its domain found dead.
 /// Only a Ready member listed as a tunnel endpoint can claim; of several
-/// claimants the first in `spec.endpoints` order wins.
+/// claimants the first in `spec.endpoints` order wins. A claim is adopted
+/// only while the hub's own choice is unreachable — its agent has no stream
+/// to this hub, or its domain has proven it dead — so a candidate cannot take
+/// a gateway over from a connected, heartbeating endpoint (such a claim is
+/// refused and reported). A claim counts while its agent is connected (it is
+/// withdrawn when the agent disconnects).
 fn adopt_local_failover(
     name: &GatewayName,
     gw: &v1beta1::Gateway,
@@ -248,6 +253,29 @@ fn adopt_local_failover(
     else {
         return (gw.clone(), Vec::new());
     };
+    let current = gw.status.as_ref().and_then(|s| {
+        s.active_endpoints
+            .iter()
+            .find(|e| e.type_ == v1beta1::TUNNEL)
+            .map(|e| e.node_name.clone())
+    });
+    let reachable = |node: &str| {
+        NodeName::new(node.to_owned()).ok().is_some_and(|n| {
+            inputs.streams.connected.contains(&n)
+                && !liveness::proven_dead(name, &gw.spec, members, inputs).contains(&n)
+        })
+    };
+    if let Some(current) = current.filter(|c| *c != claimant.node_name && reachable(c)) {
+        let problem = Problem::warning(
+            gateway_object(name.as_str()),
+            "status.activeEndpoints",
+            &claimant.node_name,
+            format!(
+                "this node claims a local failover while the elected endpoint {current} is connected and not proven dead; refused"
+            ),
+        );
+        return (gw.clone(), vec![problem]);
+    }
     let mut gw = gw.clone();
     let status = gw.status.get_or_insert_with(Default::default);
     status

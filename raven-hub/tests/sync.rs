@@ -910,3 +910,62 @@ async fn a_key_spoofed_by_another_gateway_is_refused_for_the_newcomer_and_report
     assert_eq!(published_key(&p, QD_GW), None);
     hub.stop().await;
 }
+
+/// Issue 11, finding 2: a listed candidate claims a local failover while the
+/// elected endpoint is connected and heartbeating. The claim is refused (and
+/// reported); the election stays; when the claimant goes, so does the report.
+#[tokio::test]
+async fn a_takeover_claim_against_a_connected_elected_endpoint_is_refused() {
+    let env = Env::new();
+    env.edit(
+        "gateways.yaml",
+        "      port: 4500\n      type: tunnel\n---",
+        &format!(
+            "      port: 4500\n      type: tunnel\n    - nodeName: {HZ_MEMBER}\n      underNAT: true\n      port: 4500\n      type: tunnel\n---"
+        ),
+    );
+    let hub = env.hub().await;
+    let mut rx = hub.published.clone();
+    let gw = synced_agent(&env, &hub, HZ_GW).await;
+    let claimant = synced_agent(&env, &hub, HZ_MEMBER).await;
+    claimant
+        .tx
+        .send(v1::SyncRequest {
+            message: Some(Req::Report(v1::Report {
+                local_failover: vec![v1::LocalFailover {
+                    gateway: "gw-hangzhou".into(),
+                    active_node: HZ_MEMBER.into(),
+                }],
+                ..Default::default()
+            })),
+        })
+        .await
+        .expect("report");
+    let refused = |p: &raven_hub::pipeline::Published| {
+        p.topology
+            .problems
+            .iter()
+            .any(|x| x.value == HZ_MEMBER && x.message.contains("refused"))
+    };
+    let p = tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|p| refused(p)))
+        .await
+        .expect("the refusal is reported")
+        .expect("alive")
+        .clone();
+    assert_eq!(tunnel_active(&p, "gw-hangzhou").as_deref(), Some(HZ_GW));
+    // Nothing changes while both stay.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        tunnel_active(&rx.borrow(), "gw-hangzhou").as_deref(),
+        Some(HZ_GW)
+    );
+    drop(claimant);
+    let p = tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|p| !refused(p)))
+        .await
+        .expect("the claim ends with the claimant's stream")
+        .expect("alive")
+        .clone();
+    assert_eq!(tunnel_active(&p, "gw-hangzhou").as_deref(), Some(HZ_GW));
+    drop(gw);
+    hub.stop().await;
+}
