@@ -403,9 +403,7 @@ impl Reconciler {
             for w in &spec.warnings {
                 tracing::warn!(warning = %w, "tunnel");
             }
-            let mtu = inputs
-                .underlay_mtu
-                .saturating_sub(crate::dataplane::model::TUNNEL_OVERHEAD);
+            let mtu = crate::dataplane::model::tunnel_mtu(inputs.underlay_mtu);
             match self.tunnel.ensure_device(mtu).await {
                 Ok(()) => match self.tunnel.apply(&spec).await {
                     Ok(changed) => {
