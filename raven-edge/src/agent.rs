@@ -63,6 +63,16 @@ pub struct Health {
     pub peers: Arc<std::sync::Mutex<Vec<v1::PeerTunnelState>>>,
     /// Local failover in effect: gateway → node.
     pub local_failover: Arc<std::sync::Mutex<BTreeMap<GatewayName, NodeName>>>,
+    /// Why the agent holds the kernel state as found, changing nothing
+    /// (see [`crate::hold`]); `None` when it reconciles.
+    pub holding: Arc<std::sync::Mutex<Option<String>>>,
+}
+
+impl Health {
+    /// Whether the agent holds the kernel state as found.
+    pub fn is_holding(&self) -> bool {
+        self.holding.lock().is_ok_and(|h| h.is_some())
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -128,6 +138,10 @@ async fn nudge_loop(ctx: Arc<Reconciler>, shutdown: CancellationToken) {
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(Duration::from_millis(500)) => {}
         }
+        // Holding the kernel state: not even a peer re-added.
+        if ctx.health.is_holding() {
+            continue;
+        }
         match ctx.tunnel.nudge(&mut nudges).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(peers = n, "re-added peers that never handshook"),
@@ -142,6 +156,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
     let (cache, state) =
         tokio::task::spawn_blocking(move || Cache::open(&dir, &node, max)).await??;
     tracing::info!(node = %cfg.node, epoch = %state.epoch, revision = state.revision, resources = state.resources.len(), "cache loaded");
+    let mut holding = crate::hold::at_start(&state, cache.recovered());
     let health = Health::default();
     health.revision.store(state.revision, Ordering::Relaxed);
 
@@ -166,9 +181,15 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         failover: std::sync::Mutex::new(FailoverState::new(cfg.probe_failures)),
         hub_silence: cfg.hub_silence,
     });
-    // 1. Program the kernel from the cache before dialling anyone.
-    let first = ctx.reconcile_once(&state_rx.borrow_and_update()).await;
-    applied_tx.send_replace(Some(first));
+    // 1. Program the kernel from the cache before dialling anyone — or,
+    //    without a usable cache, hold what the kernel has.
+    let first = state_rx.borrow_and_update().clone();
+    match &holding {
+        Some(reason) => ctx.hold(reason).await,
+        None => {
+            applied_tx.send_replace(Some(ctx.reconcile_once(&first).await));
+        }
+    }
 
     let mut tasks = tokio::task::JoinSet::new();
     if let Some(addr) = cfg.http_addr {
@@ -217,6 +238,13 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
             _ = ticker.tick() => {}
         }
         let state = state_rx.borrow_and_update().clone();
+        if holding.is_some() {
+            if !crate::hold::ends_with(&state) {
+                continue;
+            }
+            holding = None;
+            ctx.release(&state);
+        }
         let report = ctx.reconcile_once(&state).await;
         applied_tx.send_replace(Some(report));
     }
@@ -286,6 +314,43 @@ fn now_unix() -> u64 {
 }
 
 impl Reconciler {
+    /// Adopts the kernel state as it is and changes nothing (see
+    /// [`crate::hold`]): reports what it holds and why.
+    async fn hold(&self, reason: &crate::hold::HoldReason) {
+        let held = match self.dp.observe(&self.tunnel.dev).await {
+            Ok(have) => format!(
+                "{} routes, {} rules, raven0 {}",
+                have.routes.len(),
+                have.rules.len(),
+                if have.link.is_some() {
+                    "present"
+                } else {
+                    "absent"
+                }
+            ),
+            Err(e) => format!("unobservable: {e}"),
+        };
+        let tunnel = if self.tunnel.device_state().await.is_some() {
+            "present"
+        } else {
+            "absent"
+        };
+        tracing::warn!(%reason, kernel = %held, tunnel_device = %tunnel, "holding the kernel state as found; nothing changes until a complete snapshot from a hub is persisted");
+        if let Ok(mut h) = self.health.holding.lock() {
+            *h = Some(format!(
+                "{reason}; holding the kernel state as found ({held}) until a complete snapshot from a hub arrives"
+            ));
+        }
+    }
+
+    /// Ends a hold: `state` is a complete snapshot, persisted.
+    fn release(&self, state: &CachedState) {
+        tracing::info!(epoch = %state.epoch, revision = state.revision, resources = state.resources.len(), "complete snapshot persisted; no longer holding the kernel state, reconciling");
+        if let Ok(mut h) = self.health.holding.lock() {
+            *h = None;
+        }
+    }
+
     fn hub_reachable(&self) -> bool {
         let last = self.health.last_contact_ms.load(Ordering::Relaxed);
         let now = std::time::SystemTime::now()
