@@ -1288,3 +1288,134 @@ mod report_tests {
         );
     }
 }
+
+/// Copies the files of `from` into `to`, recursively, leaving out `skip`.
+fn copy_files(from: &Path, to: &Path, skip: &str) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for e in std::fs::read_dir(from)? {
+        let e = e?;
+        if e.file_name() == skip {
+            continue;
+        }
+        let target = to.join(e.file_name());
+        if e.file_type()?.is_dir() {
+            copy_files(&e.path(), &target, skip)?;
+        } else {
+            std::fs::copy(e.path(), &target)?;
+        }
+    }
+    Ok(())
+}
+
+/// The store's head file (it records the last write made durable).
+const STORE_HEAD: &str = "raven-head";
+
+impl Lab {
+    /// Rolls a node's cache back as a torn write would (sled truncates its
+    /// log at the first damaged entry and so loses acknowledged writes):
+    /// stops its agent, keeps a copy of sled's files, restarts the agent so
+    /// that it makes more durable writes (it records the hub it reached),
+    /// stops it again and puts the old sled files back under the newer
+    /// head file. The agent is left stopped; its dataplane stays. Needs the
+    /// hub up.
+    pub fn tear_cache(&mut self, short: &'static str) -> Result<(), LabError> {
+        let cache = self.dir.join(format!("edge-{short}/cache"));
+        let old = self.dir.join(format!("edge-{short}-old-sled-files"));
+        self.stop_agent(short);
+        let _ = std::fs::remove_dir_all(&old);
+        copy_files(&cache, &old, STORE_HEAD)?;
+        let log = self.dir.join(format!("edge-{short}.log"));
+        let connected = || {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .matches("connected to hub")
+                .count()
+        };
+        let before = connected();
+        self.start_agent(short)?;
+        let t = Instant::now();
+        while connected() == before {
+            if t.elapsed() > Duration::from_secs(30) {
+                return Err(LabError::Setup(format!(
+                    "{short}: the agent did not reach the hub to write to its cache"
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // The hub address is recorded right after connecting.
+        std::thread::sleep(Duration::from_millis(500));
+        self.stop_agent(short);
+        for e in std::fs::read_dir(&cache)? {
+            let e = e?;
+            if e.file_name() == STORE_HEAD {
+                continue;
+            }
+            if e.file_type()?.is_dir() {
+                std::fs::remove_dir_all(e.path())?;
+            } else {
+                std::fs::remove_file(e.path())?;
+            }
+        }
+        copy_files(&old, &cache, STORE_HEAD)?;
+        std::fs::remove_dir_all(&old)?;
+        Ok(())
+    }
+
+    /// `GET /readyz` of a node's agent: the HTTP status (0: no answer) and
+    /// the body.
+    pub fn readyz(&self, short: &str) -> (u16, String) {
+        let out = self
+            .exec(
+                short,
+                &[
+                    "curl",
+                    "-s",
+                    "-m",
+                    "1",
+                    "-w",
+                    "\n%{http_code}",
+                    "http://127.0.0.1:10273/readyz",
+                ],
+            )
+            .unwrap_or_default();
+        let (body, code) = out.rsplit_once('\n').unwrap_or(("", "0"));
+        (code.trim().parse().unwrap_or(0), body.to_owned())
+    }
+
+    /// The MTU of the route a node has in table 9027 for `dst` (`None`:
+    /// no such route, or no MTU on it).
+    pub fn route_mtu(&self, short: &str, dst: &str) -> Option<u32> {
+        let out = self
+            .ip(short, &["-j", "-d", "route", "show", "table", "9027", dst])
+            .ok()?;
+        let v: serde_json::Value = serde_json::from_str(&out).ok()?;
+        v.as_array()?.iter().find_map(|r| {
+            r["metrics"]
+                .as_array()?
+                .iter()
+                .find_map(|m| m["mtu"].as_u64())
+                .and_then(|m| u32::try_from(m).ok())
+        })
+    }
+
+    /// Whether one ICMP echo with `payload` bytes and Don't Fragment set
+    /// goes from `src` (an address of `from_ns`) to `to` and back.
+    pub fn ping_df(&self, from_ns: &str, src: &str, to: &str, payload: u32) -> bool {
+        self.exec(
+            from_ns,
+            &[
+                "ping",
+                "-c1",
+                "-W1",
+                "-M",
+                "do",
+                "-s",
+                &payload.to_string(),
+                "-I",
+                src,
+                to,
+            ],
+        )
+        .is_ok()
+    }
+}
