@@ -2,7 +2,9 @@
 //! `raven-edge` run inside a network namespace made for the test. The agent
 //! keeps the dataplane when it stops, and restores it from its cache with the
 //! hub down — also after a "reboot" that wiped every raven link, route and
-//! rule. Needs root; skipped otherwise unless `RAVEN_REQUIRE_TOOLS=1`.
+//! rule — and, when its cache is corrupt or lost, holds what the kernel has
+//! until the hub's complete snapshot arrives. Needs root; skipped otherwise
+//! unless `RAVEN_REQUIRE_TOOLS=1`.
 
 mod support;
 
@@ -396,4 +398,44 @@ fn a_corrupt_cache_with_the_hub_down_keeps_the_kernel_state_until_a_complete_sna
         before,
         "the same topology, the same kernel"
     );
+}
+
+#[test]
+fn a_lost_cache_with_the_hub_down_keeps_the_kernel_state() {
+    if !is_root() {
+        return;
+    }
+    let lab = Lab::new("l");
+    let hub = lab.hub();
+    let agent = lab.agent();
+    lab.converge("first sync from the hub");
+    agent.stop(nix::sys::signal::Signal::SIGTERM);
+    hub.stop(nix::sys::signal::Signal::SIGKILL);
+    // The data directory's cache is gone (a wiped disk, a new volume).
+    std::fs::remove_dir_all(lab.path("edge-data/cache")).expect("rm cache");
+    let before = lab.kernel_state();
+    let (ok, out, err) = lab.plan();
+    assert!(
+        ok && out.trim().is_empty() && err.contains("holds nothing"),
+        "{out}\n{err}"
+    );
+    std::fs::write(lab.path("edge.log"), "").expect("truncate log");
+    let _agent = lab.agent();
+    lab.wait_log(
+        "restart without a cache",
+        "holding the kernel state",
+        Duration::from_secs(10),
+    );
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(4) {
+        std::thread::sleep(Duration::from_millis(500));
+        assert_eq!(
+            lab.kernel_state(),
+            before,
+            "changed after {:?}",
+            t.elapsed()
+        );
+    }
+    let r = lab.http("readyz");
+    assert!(r.0 == 503 && r.1.contains("holds nothing"), "{r:?}");
 }
