@@ -89,7 +89,9 @@ pub enum Command {
         #[command(flatten)]
         common: Common,
     },
-    /// Print what reconciling the cached state would change (no root needed).
+    /// Print what reconciling the cached state would change (no root
+    /// needed); with the cache unusable or empty, that `run` would hold the
+    /// kernel state as it is and change nothing.
     Plan {
         #[command(flatten)]
         common: Common,
@@ -136,11 +138,7 @@ fn start_state(
         Err(e) if e.moves_store_aside() => e.to_string(),
         Err(e) => return Err(e.into()),
     };
-    let reason = crate::hold::at_start(&cache::CachedState::default(), Some(&unusable));
-    Ok((
-        node,
-        Err(reason.unwrap_or(crate::hold::HoldReason::Unusable(unusable))),
-    ))
+    Ok((node, Err(crate::hold::HoldReason::Unusable(unusable))))
 }
 
 /// The node and its cached state, read without changing anything.
