@@ -31,7 +31,7 @@ pub enum HoldReason {
 impl fmt::Display for HoldReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            HoldReason::Unusable(why) => write!(f, "the topology cache was unusable ({why})"),
+            HoldReason::Unusable(why) => write!(f, "the topology cache is unusable ({why})"),
             HoldReason::Empty => write!(
                 f,
                 "the topology cache holds nothing (a new node, or the cache was lost)"

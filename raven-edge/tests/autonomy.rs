@@ -330,6 +330,7 @@ fn a_corrupt_cache_with_the_hub_down_keeps_the_kernel_state_until_a_complete_sna
         err.contains("0 change(s)") && err.contains("hold"),
         "plan must say it holds:\n{err}"
     );
+    eprintln!("plan on the corrupt cache:\n{}", err.trim());
 
     // The agent restarts with the hub still down.
     std::fs::write(lab.path("edge.log"), "").expect("truncate log");
@@ -353,6 +354,7 @@ fn a_corrupt_cache_with_the_hub_down_keeps_the_kernel_state_until_a_complete_sna
         );
         readyz = lab.http("readyz");
     }
+    eprintln!("/readyz while holding: {} {}", readyz.0, readyz.1.trim());
     assert_eq!(readyz.0, 503, "{readyz:?}");
     assert!(readyz.1.contains("holding"), "{readyz:?}");
     let (_, metrics) = lab.http("metrics");
