@@ -253,6 +253,46 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
     Ok(())
 }
 
+/// Holding the kernel state (see [`crate::hold`]).
+impl Reconciler {
+    /// Adopts the kernel state as it is and changes nothing (see
+    /// [`crate::hold`]): reports what it holds and why.
+    async fn hold(&self, reason: &crate::hold::HoldReason) {
+        let held = match self.dp.observe(&self.tunnel.dev).await {
+            Ok(have) => format!(
+                "{} routes, {} rules, raven0 {}",
+                have.routes.len(),
+                have.rules.len(),
+                if have.link.is_some() {
+                    "present"
+                } else {
+                    "absent"
+                }
+            ),
+            Err(e) => format!("unobservable: {e}"),
+        };
+        let tunnel = if self.tunnel.device_state().await.is_some() {
+            "present"
+        } else {
+            "absent"
+        };
+        tracing::warn!(%reason, kernel = %held, tunnel_device = %tunnel, "holding the kernel state as found; nothing changes until a complete snapshot from a hub is persisted");
+        if let Ok(mut h) = self.health.holding.lock() {
+            *h = Some(format!(
+                "{reason}; holding the kernel state as found ({held}) until a complete snapshot from a hub arrives"
+            ));
+        }
+    }
+
+    /// Ends a hold: `state` is a complete snapshot, persisted.
+    fn release(&self, state: &CachedState) {
+        tracing::info!(epoch = %state.epoch, revision = state.revision, resources = state.resources.len(), "complete snapshot persisted; no longer holding the kernel state, reconciling");
+        if let Ok(mut h) = self.health.holding.lock() {
+            *h = None;
+        }
+    }
+}
+
 /// Evidence and decisions of local failover, kept across reconciles.
 #[derive(Debug)]
 pub struct FailoverState {
@@ -314,43 +354,6 @@ fn now_unix() -> u64 {
 }
 
 impl Reconciler {
-    /// Adopts the kernel state as it is and changes nothing (see
-    /// [`crate::hold`]): reports what it holds and why.
-    async fn hold(&self, reason: &crate::hold::HoldReason) {
-        let held = match self.dp.observe(&self.tunnel.dev).await {
-            Ok(have) => format!(
-                "{} routes, {} rules, raven0 {}",
-                have.routes.len(),
-                have.rules.len(),
-                if have.link.is_some() {
-                    "present"
-                } else {
-                    "absent"
-                }
-            ),
-            Err(e) => format!("unobservable: {e}"),
-        };
-        let tunnel = if self.tunnel.device_state().await.is_some() {
-            "present"
-        } else {
-            "absent"
-        };
-        tracing::warn!(%reason, kernel = %held, tunnel_device = %tunnel, "holding the kernel state as found; nothing changes until a complete snapshot from a hub is persisted");
-        if let Ok(mut h) = self.health.holding.lock() {
-            *h = Some(format!(
-                "{reason}; holding the kernel state as found ({held}) until a complete snapshot from a hub arrives"
-            ));
-        }
-    }
-
-    /// Ends a hold: `state` is a complete snapshot, persisted.
-    fn release(&self, state: &CachedState) {
-        tracing::info!(epoch = %state.epoch, revision = state.revision, resources = state.resources.len(), "complete snapshot persisted; no longer holding the kernel state, reconciling");
-        if let Ok(mut h) = self.health.holding.lock() {
-            *h = None;
-        }
-    }
-
     fn hub_reachable(&self) -> bool {
         let last = self.health.last_contact_ms.load(Ordering::Relaxed);
         let now = std::time::SystemTime::now()
