@@ -136,11 +136,8 @@ async fn nudge_loop(ctx: Arc<Reconciler>, shutdown: CancellationToken) {
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(Duration::from_millis(500)) => {}
-        }
-        // Holding the kernel state: not even a peer re-added.
-        if ctx.health.is_holding() {
-            continue;
+            // Holding the kernel state: not even a peer re-added.
+            () = tokio::time::sleep(Duration::from_millis(500)) => if ctx.health.is_holding() { continue },
         }
         match ctx.tunnel.nudge(&mut nudges).await {
             Ok(0) => {}
@@ -471,7 +468,9 @@ impl Reconciler {
             for w in &spec.warnings {
                 tracing::warn!(warning = %w, "tunnel");
             }
-            let mtu = crate::dataplane::model::tunnel_mtu(inputs.underlay_mtu);
+            let mtu = inputs
+                .underlay_mtu
+                .saturating_sub(crate::dataplane::model::TUNNEL_OVERHEAD);
             match self.tunnel.ensure_device(mtu).await {
                 Ok(()) => match self.tunnel.apply(&spec).await {
                     Ok(changed) => {

@@ -440,8 +440,7 @@ pub fn desired(inputs: &NodeInputs) -> Desired {
             // is up (make before break), and traffic from the tunnel finds
             // members here.
             if inputs.tunnel_up {
-                // One hop: the tunnel.
-                let mtu = tunnel_mtu(inputs.underlay_mtu);
+                let mtu = inputs.underlay_mtu.saturating_sub(TUNNEL_OVERHEAD);
                 for dst in &remote {
                     out.state.routes.insert(Route {
                         table: TABLE_REMOTE,
