@@ -255,12 +255,15 @@ impl Reconciler {
     /// Adopts the kernel state as it is and changes nothing (see
     /// [`crate::hold`]): reports what it holds and why.
     async fn hold(&self, reason: &crate::hold::HoldReason) {
-        let held = match self.dp.observe(&self.tunnel.dev).await {
-            Ok(have) => format!(
+        // A dry run observes and writes nothing; its summary is what the
+        // kernel holds.
+        let nothing = dataplane::inputs_from(&self.node, &CachedState::default());
+        let held = match dataplane::Kernel::dry_run().reconcile(&nothing).await {
+            Ok(r) => format!(
                 "{} routes, {} rules, raven0 {}",
-                have.routes.len(),
-                have.rules.len(),
-                if have.link.is_some() {
+                r.summary.routes,
+                r.summary.rules,
+                if r.summary.links > 0 {
                     "present"
                 } else {
                     "absent"
