@@ -65,6 +65,16 @@ pub struct Health {
     pub peers: Arc<std::sync::Mutex<Vec<v1::PeerTunnelState>>>,
     /// Local failover in effect: gateway → node.
     pub local_failover: Arc<std::sync::Mutex<BTreeMap<GatewayName, NodeName>>>,
+    /// Why the agent holds the kernel state as found, changing nothing
+    /// (see [`crate::hold`]); `None` when it reconciles.
+    pub holding: Arc<std::sync::Mutex<Option<String>>>,
+}
+
+impl Health {
+    /// Whether the agent holds the kernel state as found.
+    pub fn is_holding(&self) -> bool {
+        self.holding.lock().is_ok_and(|h| h.is_some())
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -154,7 +164,8 @@ async fn nudge_loop(ctx: Arc<Reconciler>, shutdown: CancellationToken) {
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(Duration::from_millis(500)) => {}
+            // Holding the kernel state: not even a peer re-added.
+            () = tokio::time::sleep(Duration::from_millis(500)) => if ctx.health.is_holding() { continue },
         }
         for (dev, nudges) in [&ctx.tunnel, &ctx.direct].into_iter().zip(&mut nudges) {
             match dev.nudge(nudges).await {
@@ -174,6 +185,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
     let (cache, state) =
         tokio::task::spawn_blocking(move || Cache::open(&dir, &node, max)).await??;
     tracing::info!(node = %cfg.node, epoch = %state.epoch, revision = state.revision, resources = state.resources.len(), "cache loaded");
+    let mut holding = crate::hold::at_start(&state, cache.recovered());
     let health = Health::default();
     health.revision.store(state.revision, Ordering::Relaxed);
 
@@ -201,9 +213,15 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         failover: std::sync::Mutex::new(FailoverState::new(cfg.probe_failures)),
         hub_silence: cfg.hub_silence,
     });
-    // 1. Program the kernel from the cache before dialling anyone.
-    let first = ctx.reconcile_once(&state_rx.borrow_and_update()).await;
-    applied_tx.send_replace(Some(first));
+    // 1. Program the kernel from the cache before dialling anyone — or,
+    //    without a usable cache, hold what the kernel has.
+    let first = state_rx.borrow_and_update().clone();
+    match &holding {
+        Some(reason) => ctx.hold(reason).await,
+        None => {
+            applied_tx.send_replace(Some(ctx.reconcile_once(&first).await));
+        }
+    }
 
     let mut tasks = tokio::task::JoinSet::new();
     if let Some(addr) = cfg.http_addr {
@@ -253,12 +271,62 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
             _ = ticker.tick() => {}
         }
         let state = state_rx.borrow_and_update().clone();
+        if holding.is_some() {
+            if !crate::hold::ends_with(&state) {
+                continue;
+            }
+            holding = None;
+            ctx.release(&state);
+        }
         let report = ctx.reconcile_once(&state).await;
         applied_tx.send_replace(Some(report));
     }
     tracing::info!("agent stopping; the dataplane stays as it is");
     while tasks.join_next().await.is_some() {}
     Ok(())
+}
+
+/// Holding the kernel state (see [`crate::hold`]).
+impl Reconciler {
+    /// Adopts the kernel state as it is and changes nothing (see
+    /// [`crate::hold`]): reports what it holds and why.
+    async fn hold(&self, reason: &crate::hold::HoldReason) {
+        // A dry run observes and writes nothing; its summary is what the
+        // kernel holds.
+        let nothing = dataplane::inputs_from(&self.node, &CachedState::default());
+        let held = match dataplane::Kernel::dry_run().reconcile(&nothing).await {
+            Ok(r) => format!(
+                "{} routes, {} rules, raven0 {}",
+                r.summary.routes,
+                r.summary.rules,
+                if r.summary.links > 0 {
+                    "present"
+                } else {
+                    "absent"
+                }
+            ),
+            Err(e) => format!("unobservable: {e}"),
+        };
+        let tunnel = if self.tunnel.device_state().await.is_some() {
+            "present"
+        } else {
+            "absent"
+        };
+        tracing::warn!(%reason, kernel = %held, tunnel_device = %tunnel, "holding the kernel state as found; nothing changes until a complete snapshot from a hub is persisted");
+        if let Ok(mut h) = self.health.holding.lock() {
+            *h = Some(format!(
+                "{reason}; holding the kernel state as found ({held}) until a complete snapshot from a hub arrives"
+            ));
+        }
+    }
+
+    /// Ends a hold: `state` is a complete snapshot, persisted.
+    fn release(&self, state: &CachedState) {
+        tracing::info!(epoch = %state.epoch, revision = state.revision, resources = state.resources.len(), "complete snapshot persisted; no longer holding the kernel state, reconciling");
+        if let Ok(mut h) = self.health.holding.lock() {
+            *h = None;
+        }
+    }
 }
 
 /// Evidence and decisions of local failover, kept across reconciles.

@@ -107,7 +107,9 @@ pub enum Command {
         #[command(flatten)]
         common: Common,
     },
-    /// Print what reconciling the cached state would change (no root needed).
+    /// Print what reconciling the cached state would change (no root
+    /// needed); with the cache unusable or empty, that `run` would hold the
+    /// kernel state as it is and change nothing.
     Plan {
         #[command(flatten)]
         common: Common,
@@ -123,6 +125,38 @@ pub enum Command {
 
 fn node(common: &Common) -> anyhow::Result<NodeName> {
     NodeName::new(common.node.clone()).map_err(|e| anyhow::anyhow!("--node {:?}: {e}", common.node))
+}
+
+/// The node and the state `run` would start from, read without changing
+/// anything: `Err` with the reason when `run` would hold the kernel state
+/// as it is (see [`crate::hold`]).
+fn start_state(
+    common: &Common,
+) -> anyhow::Result<(
+    NodeName,
+    Result<cache::CachedState, crate::hold::HoldReason>,
+)> {
+    let node = node(common)?;
+    let snap = raven_store::Store::open_read_only_snapshot(
+        &common.data_dir.join("cache"),
+        &cache::purpose(&node),
+    );
+    // What `Cache::open` moves aside: a store that fails its checks, or
+    // holds a resource that does not decode.
+    let unusable = match snap {
+        Ok(snap) => match cache::decode_snapshot(&snap) {
+            Ok(state) => {
+                return Ok(match crate::hold::at_start(&state, None) {
+                    Some(reason) => (node, Err(reason)),
+                    None => (node, Ok(state)),
+                });
+            }
+            Err(e) => e.to_string(),
+        },
+        Err(e) if e.moves_store_aside() => e.to_string(),
+        Err(e) => return Err(e.into()),
+    };
+    Ok((node, Err(crate::hold::HoldReason::Unusable(unusable))))
 }
 
 /// The node and its cached state, read without changing anything.
@@ -208,7 +242,16 @@ impl Args {
                 Ok(std::process::ExitCode::SUCCESS)
             }
             Command::Plan { common } => {
-                let (node, state) = cached(&common)?;
+                let (node, state) = match start_state(&common)? {
+                    (node, Ok(state)) => (node, state),
+                    (_, Err(reason)) => {
+                        eprintln!(
+                            "`run` would hold the kernel state as it is — {reason} — and change nothing until a hub sends a complete snapshot"
+                        );
+                        eprintln!("0 change(s)");
+                        return Ok(std::process::ExitCode::SUCCESS);
+                    }
+                };
                 let inputs = dataplane::inputs_from(&node, &state);
                 let ops = rt.block_on(dataplane::Kernel::new(false).plan(&inputs))?;
                 for op in &ops {

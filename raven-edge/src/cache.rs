@@ -201,6 +201,8 @@ pub enum CacheError {
 #[derive(Debug, Clone)]
 pub struct Cache {
     store: Store,
+    /// Why the store found at open was unusable (it was moved aside).
+    recovered: Option<String>,
 }
 
 /// Store identity of a node's cache.
@@ -261,9 +263,10 @@ impl Cache {
         if let Some(r) = &opened.recovery {
             tracing::error!(reason = %r.reason, moved_to = %r.moved_to.display(), "the topology cache was unusable; moved aside, starting from an empty cache until the hub is reached");
         }
+        let recovered = opened.recovery.map(|r| r.reason.to_string());
         let store = opened.store;
         match decode_snapshot(&store.snapshot()?) {
-            Ok(state) => Ok((Self { store }, state)),
+            Ok(state) => Ok((Self { store, recovered }, state)),
             Err(e) => {
                 tracing::error!(error = %e, "the topology cache holds an undecodable resource; moving it aside");
                 drop(store);
@@ -274,7 +277,8 @@ impl Cache {
                     source,
                 })?;
                 let store = Store::open(&dir, opts)?.store;
-                Ok((Self { store }, CachedState::default()))
+                let recovered = Some(e.to_string());
+                Ok((Self { store, recovered }, CachedState::default()))
             }
         }
     }
@@ -314,6 +318,11 @@ impl Cache {
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// Why the cache found at open was unusable and moved aside, if it was.
+    pub fn recovered(&self) -> Option<&str> {
+        self.recovered.as_deref()
     }
 }
 

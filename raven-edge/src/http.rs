@@ -1,5 +1,6 @@
 //! The agent's HTTP endpoint: `/healthz` (the process runs), `/readyz` (the
-//! last reconcile succeeded) and `/metrics`, including the age of the last
+//! last reconcile succeeded, and the agent is not holding the kernel state
+//! for want of a usable cache — [`crate::hold`]) and `/metrics`, including the age of the last
 //! contact with a hub — staleness is visible, and never a reason to tear
 //! anything down.
 
@@ -27,6 +28,12 @@ fn contact_age_seconds(h: &Health) -> Option<f64> {
 }
 
 async fn readyz(State(h): State<Health>) -> (StatusCode, String) {
+    if let Some(why) = h.holding.lock().ok().and_then(|w| w.clone()) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
+        );
+    }
     if h.dataplane_ok.load(Ordering::Relaxed) {
         (
             StatusCode::OK,
@@ -62,6 +69,12 @@ async fn metrics(State(h): State<Health>) -> String {
         "1 when the last reconcile succeeded",
         "gauge",
         f64::from(u8::from(h.dataplane_ok.load(Ordering::Relaxed))),
+    );
+    line(
+        "holding_kernel_state",
+        "1 while the agent holds the kernel state as found (no usable cache, no complete snapshot yet) and changes nothing",
+        "gauge",
+        f64::from(u8::from(h.is_holding())),
     );
     line(
         "reconciles_total",

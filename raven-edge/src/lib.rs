@@ -15,5 +15,6 @@ pub mod cache;
 pub mod client;
 pub mod dataplane;
 pub mod failover;
+pub mod hold;
 pub mod http;
 pub mod tunnel;

@@ -568,7 +568,11 @@ fn ipv6_remote_prefix_is_routed_via_the_gateways_link_local_address() {
     );
     assert_eq!(r["dev"], "raven0");
     assert!(is_raven_protocol(r), "{r}");
-    assert_eq!(route_mtu(r), Some(1370), "raven0 1450 minus tunnel 80");
+    assert_eq!(
+        route_mtu(r),
+        Some(1420),
+        "min of raven0 (1450) and the gateway's tunnel (1420): consecutive hops, not nested"
+    );
     assert!(
         r["flags"]
             .as_array()

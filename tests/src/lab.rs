@@ -1171,3 +1171,323 @@ impl Lab {
         .collect()
     }
 }
+
+/// One line of the tunnel paths the demo prints: `(from, to, relayed,
+/// endpoint)` by lab short names.
+pub type TunnelPath = (String, String, bool, String);
+
+/// What `raven-lab` prints after its cluster came up — the matrix and the
+/// tunnel paths — and its verdict, which is computed from exactly what is
+/// printed: a FAIL anywhere in it is a failed run.
+#[derive(Debug, Clone)]
+pub struct Report {
+    /// How long the first full matrix took (`None`: none within the timeout).
+    pub converged: Option<Duration>,
+    /// The matrix printed (measured again after the first full one).
+    pub matrix: Vec<(String, String, bool)>,
+    /// The tunnel paths the gateways report.
+    pub paths: Vec<TunnelPath>,
+    /// Gateways that report no path to another gateway that is reported.
+    pub missing_paths: Vec<(String, String)>,
+}
+
+impl Report {
+    /// A report of `matrix` and `paths`, finding the missing paths.
+    pub fn new(
+        converged: Option<Duration>,
+        matrix: Vec<(String, String, bool)>,
+        paths: Vec<TunnelPath>,
+    ) -> Self {
+        let gateways: std::collections::BTreeSet<&String> =
+            paths.iter().flat_map(|p| [&p.0, &p.1]).collect();
+        let missing_paths = gateways
+            .iter()
+            .flat_map(|a| gateways.iter().map(move |b| (*a, *b)))
+            .filter(|(a, b)| a != b && !paths.iter().any(|p| &p.0 == *a && &p.1 == *b))
+            .map(|(a, b)| (a.clone(), b.clone()))
+            .collect();
+        Self {
+            converged,
+            matrix,
+            paths,
+            missing_paths,
+        }
+    }
+
+    /// Failed pairs of the matrix.
+    pub fn matrix_fails(&self) -> usize {
+        self.matrix.iter().filter(|m| !m.2).count()
+    }
+
+    /// Everything printed is ok: a non-empty matrix without a FAIL, and a
+    /// path between every two gateways.
+    pub fn ok(&self) -> bool {
+        !self.matrix.is_empty()
+            && self.matrix_fails() == 0
+            && !self.paths.is_empty()
+            && self.missing_paths.is_empty()
+    }
+
+    /// The matrix and the paths (stdout).
+    pub fn render(&self) -> String {
+        let mut s = Lab::render(&self.matrix);
+        s.push_str("\ntunnel paths (as the gateways report them to the hub):\n");
+        if self.paths.is_empty() {
+            s.push_str("  FAIL: no gateway reports a tunnel path\n");
+        }
+        for (from, to, relayed, endpoint) in &self.paths {
+            let how = if *relayed { "relayed via" } else { "direct to" };
+            s.push_str(&format!("  {from:>3} -> {to:<3} {how} {endpoint}\n"));
+        }
+        for (from, to) in &self.missing_paths {
+            s.push_str(&format!("  {from:>3} -> {to:<3} FAIL: no path reported\n"));
+        }
+        s
+    }
+
+    /// The verdict (stderr), true to what [`Report::render`] shows.
+    pub fn verdict(&self) -> String {
+        if self.ok() {
+            let t = self
+                .converged
+                .map_or_else(String::new, |t| format!(" (first full matrix after {t:?})"));
+            return format!(
+                "every node and pod reaches every other{t}, and every gateway reports a tunnel path to every other"
+            );
+        }
+        let mut why = Vec::new();
+        if self.converged.is_none() {
+            why.push("no full matrix within the timeout".to_owned());
+        }
+        let fails = self.matrix_fails();
+        if fails > 0 || self.matrix.is_empty() {
+            why.push(format!(
+                "{fails} of {} pairs of the matrix above FAIL",
+                self.matrix.len()
+            ));
+        }
+        if self.paths.is_empty() {
+            why.push("no tunnel path reported".to_owned());
+        } else if !self.missing_paths.is_empty() {
+            why.push(format!(
+                "{} tunnel path(s) missing",
+                self.missing_paths.len()
+            ));
+        }
+        format!("FAIL: {}", why.join("; "))
+    }
+}
+
+impl Lab {
+    /// What the demo prints once the cluster is up (or `timeout` passed):
+    /// the matrix measured again, and the tunnel paths once no NATed
+    /// gateway is relayed any more (at most `settle`).
+    pub fn report(&self, timeout: Duration, settle: Duration) -> Report {
+        let (converged, matrix) = match self.converge(timeout) {
+            Ok(t) => (Some(t), self.matrix()),
+            Err(m) => (None, m),
+        };
+        // NATed gateways start out relayed through the cloud gateway and
+        // move to a hole-punched direct path once it handshakes.
+        let deadline = Instant::now() + settle;
+        let mut paths = self.tunnel_paths();
+        while converged.is_some() && paths.iter().any(|p| p.2) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(500));
+            paths = self.tunnel_paths();
+        }
+        Report::new(converged, matrix, paths)
+    }
+}
+
+/// Copies the files of `from` into `to`, recursively, leaving out `skip`.
+fn copy_files(from: &Path, to: &Path, skip: &str) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for e in std::fs::read_dir(from)? {
+        let e = e?;
+        if e.file_name() == skip {
+            continue;
+        }
+        let target = to.join(e.file_name());
+        if e.file_type()?.is_dir() {
+            copy_files(&e.path(), &target, skip)?;
+        } else {
+            std::fs::copy(e.path(), &target)?;
+        }
+    }
+    Ok(())
+}
+
+/// The store's head file (it records the last write made durable).
+const STORE_HEAD: &str = "raven-head";
+
+impl Lab {
+    /// Rolls a node's cache back as a torn write would (sled truncates its
+    /// log at the first damaged entry and so loses acknowledged writes):
+    /// stops its agent, keeps a copy of sled's files, restarts the agent so
+    /// that it makes more durable writes (it records the hub it reached),
+    /// stops it again and puts the old sled files back under the newer
+    /// head file. The agent is left stopped; its dataplane stays. Needs the
+    /// hub up.
+    pub fn tear_cache(&mut self, short: &'static str) -> Result<(), LabError> {
+        let cache = self.dir.join(format!("edge-{short}/cache"));
+        let old = self.dir.join(format!("edge-{short}-old-sled-files"));
+        self.stop_agent(short);
+        let _ = std::fs::remove_dir_all(&old);
+        copy_files(&cache, &old, STORE_HEAD)?;
+        let log = self.dir.join(format!("edge-{short}.log"));
+        let connected = || {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .matches("connected to hub")
+                .count()
+        };
+        let before = connected();
+        self.start_agent(short)?;
+        let t = Instant::now();
+        while connected() == before {
+            if t.elapsed() > Duration::from_secs(30) {
+                return Err(LabError::Setup(format!(
+                    "{short}: the agent did not reach the hub to write to its cache"
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // The hub address is recorded right after connecting.
+        std::thread::sleep(Duration::from_millis(500));
+        self.stop_agent(short);
+        for e in std::fs::read_dir(&cache)? {
+            let e = e?;
+            if e.file_name() == STORE_HEAD {
+                continue;
+            }
+            if e.file_type()?.is_dir() {
+                std::fs::remove_dir_all(e.path())?;
+            } else {
+                std::fs::remove_file(e.path())?;
+            }
+        }
+        copy_files(&old, &cache, STORE_HEAD)?;
+        std::fs::remove_dir_all(&old)?;
+        Ok(())
+    }
+
+    /// `GET /readyz` of a node's agent: the HTTP status (0: no answer) and
+    /// the body.
+    pub fn readyz(&self, short: &str) -> (u16, String) {
+        let out = self
+            .exec(
+                short,
+                &[
+                    "curl",
+                    "-s",
+                    "-m",
+                    "1",
+                    "-w",
+                    "\n%{http_code}",
+                    "http://127.0.0.1:10273/readyz",
+                ],
+            )
+            .unwrap_or_default();
+        let (body, code) = out.rsplit_once('\n').unwrap_or(("", "0"));
+        (code.trim().parse().unwrap_or(0), body.to_owned())
+    }
+
+    /// The MTU of the route a node has in table 9027 for `dst` (`None`:
+    /// no such route, or no MTU on it).
+    pub fn route_mtu(&self, short: &str, dst: &str) -> Option<u32> {
+        let out = self
+            .ip(short, &["-j", "-d", "route", "show", "table", "9027", dst])
+            .ok()?;
+        let v: serde_json::Value = serde_json::from_str(&out).ok()?;
+        v.as_array()?.iter().find_map(|r| {
+            r["metrics"]
+                .as_array()?
+                .iter()
+                .find_map(|m| m["mtu"].as_u64())
+                .and_then(|m| u32::try_from(m).ok())
+        })
+    }
+
+    /// Whether one ICMP echo with `payload` bytes and Don't Fragment set
+    /// goes from `src` (an address of `from_ns`) to `to` and back.
+    pub fn ping_df(&self, from_ns: &str, src: &str, to: &str, payload: u32) -> bool {
+        self.exec(
+            from_ns,
+            &[
+                "ping",
+                "-c1",
+                "-W1",
+                "-M",
+                "do",
+                "-s",
+                &payload.to_string(),
+                "-I",
+                src,
+                to,
+            ],
+        )
+        .is_ok()
+    }
+}
+
+#[cfg(test)]
+mod report_tests {
+    use super::*;
+
+    fn paths() -> Vec<TunnelPath> {
+        let p = |a: &str, b: &str| (a.to_owned(), b.to_owned(), false, "x:4500".to_owned());
+        vec![
+            p("c1", "h1"),
+            p("c1", "q1"),
+            p("h1", "c1"),
+            p("h1", "q1"),
+            p("q1", "c1"),
+            p("q1", "h1"),
+        ]
+    }
+
+    fn matrix(fail: bool) -> Vec<(String, String, bool)> {
+        vec![
+            ("c1 node".into(), "h1 pod".into(), true),
+            ("h1 pod".into(), "q1 pod".into(), !fail),
+        ]
+    }
+
+    #[test]
+    fn a_fail_in_the_printed_matrix_fails_the_run_even_after_a_full_matrix_was_seen() {
+        // The first full matrix came after 2 s; the one printed has a FAIL.
+        let r = Report::new(Some(Duration::from_secs(2)), matrix(true), paths());
+        assert!(!r.ok());
+        assert!(r.render().contains("FAIL"), "{}", r.render());
+        let v = r.verdict();
+        assert!(v.starts_with("FAIL") && v.contains("1 of 2 pairs"), "{v}");
+        assert!(!v.contains("every node and pod reaches every other"), "{v}");
+    }
+
+    #[test]
+    fn a_missing_tunnel_path_fails_the_run_and_is_printed() {
+        let mut p = paths();
+        p.retain(|x| !(x.0 == "h1" && x.1 == "q1"));
+        let r = Report::new(Some(Duration::from_secs(2)), matrix(false), p);
+        assert!(!r.ok());
+        assert!(
+            r.render().contains(" h1 -> q1  FAIL: no path reported"),
+            "{}",
+            r.render()
+        );
+        assert!(r.verdict().contains("1 tunnel path(s) missing"));
+        let none = Report::new(Some(Duration::from_secs(2)), matrix(false), vec![]);
+        assert!(!none.ok() && none.render().contains("FAIL"));
+    }
+
+    #[test]
+    fn only_an_all_ok_report_says_everything_reaches_everything() {
+        let r = Report::new(Some(Duration::from_secs(2)), matrix(false), paths());
+        assert!(r.ok());
+        assert!(!r.render().contains("FAIL"));
+        assert!(
+            r.verdict()
+                .starts_with("every node and pod reaches every other")
+        );
+    }
+}

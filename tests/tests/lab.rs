@@ -205,6 +205,180 @@ fn every_agent_restarted_while_the_hub_is_down_restores_traffic_from_its_cache()
     converge(&lab, "every agent restarted, hub down");
 }
 
+fn node(short: &str) -> &'static LabNode {
+    NODES
+        .iter()
+        .find(|n| n.short == short)
+        .unwrap_or_else(|| panic!("no lab node {short}"))
+}
+
+/// Pings pod to pod for each of `pairs` every 100 ms
+/// until `done`; returns (sent, lost, time of the first reply).
+fn pings_until(
+    lab: &Lab,
+    pairs: &[(&str, &str)],
+    t0: Instant,
+    mut done: impl FnMut() -> bool,
+    timeout: Duration,
+) -> (usize, usize, Option<Duration>) {
+    let (mut sent, mut lost, mut first) = (0, 0, None);
+    loop {
+        for (a, b) in pairs {
+            sent += 1;
+            if lab.ping(a, node(a).pod, node(b).pod) {
+                first.get_or_insert_with(|| t0.elapsed());
+            } else {
+                lost += 1;
+            }
+        }
+        if done() {
+            return (sent, lost, first);
+        }
+        assert!(t0.elapsed() < timeout, "not done within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_gateway_restarted_on_a_corrupt_cache_keeps_traffic_flowing_until_the_hubs_snapshot() {
+    if !ready() {
+        return;
+    }
+    let (_g, mut lab) = up("k");
+    settle(&lab);
+    // Through hangzhou's gateway h1: its members' pods and its own.
+    let through_h1 = [("h2", "q2"), ("h1", "q1"), ("c2", "h2")];
+
+    // 1. Hub up: h1's store lost acknowledged writes (a torn sled log).
+    lab.tear_cache("h1").expect("tear h1's cache");
+    let t0 = Instant::now();
+    lab.start_agent("h1").expect("agent");
+    let (sent, lost, first) = pings_until(
+        &lab,
+        &through_h1,
+        t0,
+        || lab.readyz("h1").0 == 200,
+        Duration::from_secs(30),
+    );
+    let applied = t0.elapsed();
+    let log = std::fs::read_to_string(lab.path("edge-h1.log")).unwrap_or_default();
+    assert!(log.contains("moved aside"), "{log}");
+    assert!(log.contains("holding the kernel state"), "{log}");
+    assert!(log.contains("complete snapshot persisted"), "{log}");
+    eprintln!(
+        "cold start of gateway h1 after a corrupt cache, hub up: traffic flowing at +{:?} (first pod-to-pod reply), {lost} of {sent} pings lost; topology applied (readyz 200) at +{applied:?}",
+        first.unwrap_or_default()
+    );
+    assert_eq!(lost, 0, "traffic through h1 must not stop");
+    // After the snapshot: reconciling normally (a new agent starts its
+    // NAT-to-NAT paths relayed and moves them direct again).
+    let t1 = Instant::now();
+    let (sent, lost, _) = pings_until(
+        &lab,
+        &through_h1,
+        t1,
+        || t1.elapsed() > Duration::from_secs(3),
+        Duration::from_secs(30),
+    );
+    eprintln!(
+        "gateway h1, the 3 s after it applied the hub's snapshot: {lost} of {sent} pings lost"
+    );
+    let full = converge(&lab, "h1 back after a corrupt cache");
+    eprintln!(
+        "cold start of gateway h1 after a corrupt cache, hub up: full matrix at +{:?}",
+        applied + full
+    );
+
+    // 2. Hub down: q1's store is rolled back too; it holds what it has.
+    settle(&lab);
+    lab.tear_cache("q1").expect("tear q1's cache");
+    lab.kill_hub();
+    let t0 = Instant::now();
+    lab.start_agent("q1").expect("agent");
+    let through_q1 = [("q2", "h2"), ("q1", "h1"), ("c2", "q2")];
+    let (sent, lost, first) = pings_until(
+        &lab,
+        &through_q1,
+        t0,
+        || t0.elapsed() > Duration::from_secs(5),
+        Duration::from_secs(30),
+    );
+    let r = lab.readyz("q1");
+    assert_eq!(r.0, 503, "{r:?}");
+    assert!(r.1.contains("holding"), "{r:?}");
+    eprintln!(
+        "cold start of gateway q1 after a corrupt cache, hub down: traffic flowing at +{:?}, {lost} of {sent} pings lost over 5 s of holding",
+        first.unwrap_or_default()
+    );
+    assert_eq!(
+        lost, 0,
+        "traffic through q1 must not stop while the hub is down"
+    );
+    let t1 = Instant::now();
+    lab.start_hub().expect("hub");
+    wait_for(
+        "q1 applies the hub's snapshot",
+        Duration::from_secs(60),
+        || lab.readyz("q1").0 == 200,
+    );
+    eprintln!(
+        "cold start of gateway q1 after a corrupt cache, hub down: topology applied {:?} after the hub came back (+{:?} from the agent's start)",
+        t1.elapsed(),
+        t0.elapsed()
+    );
+    converge(&lab, "q1 back after a corrupt cache and a hub outage");
+}
+
+#[test]
+fn the_largest_df_ping_pod_to_pod_across_domains_is_the_route_mtu() {
+    if !ready() {
+        return;
+    }
+    let (_g, lab) = up("u");
+    settle(&lab);
+    // (from, to): member to member through both gateways, gateway to
+    // member, member to the cloud.
+    for (a, b) in [("h2", "q2"), ("q1", "h2"), ("q2", "c2")] {
+        let (from, to) = (node(a), node(b));
+        let dst = format!("{}.0/24", to.pod.rsplit_once('.').map_or("", |x| x.0));
+        let mtu = lab
+            .route_mtu(a, &dst)
+            .unwrap_or_else(|| panic!("{a}: no route with an MTU to {dst}"));
+        // The smallest hop: the gateways' tunnel (underlay 1500 − 80).
+        assert_eq!(mtu, 1420, "{a} -> {dst}");
+        // ICMP echo: 20 bytes of IPv4 header and 8 of ICMP.
+        let fits = mtu - 28;
+        // Find the largest payload that passes (a failed ping costs up
+        // to a second; the search needs a dozen).
+        let (mut lo, mut hi) = (1000u32, 1500u32);
+        assert!(
+            lab.ping_df(a, from.pod, to.pod, lo),
+            "{a} -> {b}: {lo} bytes"
+        );
+        while hi - lo > 1 {
+            let mid = (lo + hi) / 2;
+            if lab.ping_df(a, from.pod, to.pod, mid) {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        eprintln!(
+            "largest DF ping pod {a} -> pod {b} across domains: payload {lo} bytes (packet {}), route MTU {mtu}",
+            lo + 28
+        );
+        assert_eq!(lo, fits, "{a} -> {b}");
+        assert!(
+            lab.ping_df(a, from.pod, to.pod, fits),
+            "{a} -> {b}: {fits} bytes"
+        );
+        assert!(
+            !lab.ping_df(a, from.pod, to.pod, fits + 1),
+            "{a} -> {b}: one byte more must not pass with DF"
+        );
+    }
+}
+
 #[test]
 fn gateway_failover_follows_the_hubs_election() {
     if !ready() {

@@ -49,10 +49,34 @@ pub const PRIORITY_REMOTE: u32 = 9027;
 pub const PRIORITY_RETURN: u32 = 9028;
 /// Route protocol id marking raven's routes (`ip route ... proto 82`).
 pub const ROUTE_PROTOCOL: u8 = 82;
-/// VXLAN over IPv4 overhead.
+/// VXLAN over IPv4 overhead: outer IPv4 20, UDP 8, VXLAN 8, inner
+/// Ethernet 14.
 pub const VXLAN_OVERHEAD: u32 = 50;
-/// Worst-case tunnel overhead added at the gateway (WireGuard over IPv6).
+/// VXLAN over IPv6 overhead (outer IPv6 header of 40).
+pub const VXLAN_V6_OVERHEAD: u32 = 70;
+/// Worst-case tunnel overhead added at the gateway (WireGuard over IPv6:
+/// outer IPv6 40, UDP 8, WireGuard 32), so one tunnel MTU serves peers of
+/// either family.
 pub const TUNNEL_OVERHEAD: u32 = 80;
+
+/// MTU of the gateway's tunnel device over an underlay of `underlay` bytes.
+pub fn tunnel_mtu(underlay: u32) -> u32 {
+    underlay.saturating_sub(TUNNEL_OVERHEAD)
+}
+
+/// VXLAN overhead over an underlay of `local`'s family.
+pub fn vxlan_overhead(local: IpAddr) -> u32 {
+    match local {
+        IpAddr::V4(_) => VXLAN_OVERHEAD,
+        IpAddr::V6(_) => VXLAN_V6_OVERHEAD,
+    }
+}
+
+/// MTU of a path whose hops (each an encapsulation that is removed before
+/// the next one is added) have these MTUs: the smallest of them.
+pub fn path_mtu(hops: &[u32]) -> u32 {
+    hops.iter().copied().min().unwrap_or(0)
+}
 /// Default name of the gateway tunnel device.
 pub const DEFAULT_TUNNEL_DEV: &str = "raven-wg0";
 
@@ -363,7 +387,10 @@ pub fn desired(inputs: &NodeInputs) -> Desired {
         .settings
         .as_ref()
         .map_or(VXLAN_PORT, |s| s.vxlan_port);
-    let link_mtu = inputs.underlay_mtu.saturating_sub(VXLAN_OVERHEAD);
+    // raven0's outer header is of the family of its local address.
+    let link_mtu = inputs
+        .underlay_mtu
+        .saturating_sub(vxlan_overhead(IpAddr::V4(private)));
     out.state.link = Some(VxlanLink {
         vni: VXLAN_VNI,
         port,
@@ -480,7 +507,10 @@ pub fn desired(inputs: &NodeInputs) -> Desired {
                 .and_then(|m| ipv4(m.private_ip));
             match gw_ip {
                 Some(gw_ip) => {
-                    let mtu = link_mtu.saturating_sub(TUNNEL_OVERHEAD);
+                    // Two hops, one after the other (not nested): over
+                    // raven0 to the gateway, which decapsulates, then into
+                    // its tunnel. The packet must fit both.
+                    let mtu = path_mtu(&[link_mtu, tunnel_mtu(inputs.underlay_mtu)]);
                     for dst in remote {
                         out.state.routes.insert(Route {
                             table: TABLE_REMOTE,
@@ -1183,7 +1213,7 @@ mod tests {
                     Some(a) => {
                         let gw_ip = gw.members.iter().find(|m| &m.node == a).and_then(|m| ipv4(m.private_ip));
                         prop_assert_eq!(r.table, TABLE_REMOTE);
-                        prop_assert_eq!(r.mtu, link_mtu - TUNNEL_OVERHEAD);
+                        prop_assert_eq!(r.mtu, link_mtu.min(inputs.underlay_mtu - TUNNEL_OVERHEAD));
                         prop_assert_eq!(r.via, gw_ip.map(|ip| next_hop(ip, &r.dst)));
                         prop_assert_eq!(r.via.map(|v| v.is_ipv4()), Some(r.dst.addr().is_ipv4()));
                     }
@@ -1191,6 +1221,35 @@ mod tests {
                 }
             }
             prop_assert!(d.state.rules.iter().all(|r| [PRIORITY_REMOTE, PRIORITY_RETURN].contains(&r.priority)));
+        }
+
+        /// A member's packet to a remote domain takes two hops, one after
+        /// the other: over `raven0` to its gateway (VXLAN over the LAN),
+        /// then into the tunnel (WireGuard over the gateway's underlay).
+        /// Its route MTU is the largest packet that fits both, and the
+        /// gateway's own routes into the tunnel carry the tunnel's MTU.
+        #[test]
+        fn every_route_mtu_is_the_largest_packet_that_fits_each_hop_it_takes(
+            inputs in cluster(),
+            underlay in 1280u32..9001,
+        ) {
+            let mut inputs = inputs;
+            inputs.underlay_mtu = underlay;
+            let d = desired(&inputs);
+            let Some(link) = &d.state.link else { return Ok(()) };
+            let tunnel = tunnel_mtu(underlay);
+            for r in d.state.routes.iter().filter(|r| r.table == TABLE_REMOTE) {
+                prop_assert_ne!(r.dev, RouteDev::Other, "desired never routes into a foreign device");
+                // Over raven0 to the gateway, then its tunnel; or, on the
+                // gateway, a tunnel device alone.
+                let over_vxlan = r.dev == RouteDev::Vxlan;
+                let hops: Vec<u32> = if over_vxlan { vec![link.mtu, tunnel] } else { vec![tunnel] };
+                // Fits: each hop carries it within the underlay.
+                prop_assert!(!over_vxlan || r.mtu + VXLAN_OVERHEAD <= underlay);
+                prop_assert!(r.mtu + TUNNEL_OVERHEAD <= underlay);
+                // Largest: one byte more overflows some hop.
+                prop_assert_eq!(Some(r.mtu), hops.iter().copied().min(), "{}", r.dst);
+            }
         }
 
         #[test]
@@ -1401,7 +1460,9 @@ mod tests {
             d.state
                 .routes
                 .iter()
-                .all(|r| r.via == Some(IpAddr::V4(Ipv4Addr::new(192, 168, 1, 1))) && r.mtu == 1370)
+                .all(|r| r.via == Some(IpAddr::V4(Ipv4Addr::new(192, 168, 1, 1))) && r.mtu == 1420),
+            "over raven0 (1450) and then the tunnel (1420): {:?}",
+            d.state.routes
         );
     }
 }

@@ -1,6 +1,7 @@
 //! `raven-lab`: brings the OpenYurt Raven user-manual cluster up in network
-//! namespaces (real hub, real agents), prints the connectivity matrix, and
-//! tears everything down. Needs root.
+//! namespaces (real hub, real agents), prints the connectivity matrix and the
+//! tunnel paths, and tears everything down. Exits non-zero when anything it
+//! printed shows a FAIL. Needs root.
 //!
 //! `raven-lab` (up, matrix, down) · `raven-lab --keep` (leave it running
 //! until Enter) · `raven-lab down` (remove a lab left behind).
@@ -67,28 +68,12 @@ fn main() -> std::process::ExitCode {
         eprintln!("starting raven failed: {e}");
         return std::process::ExitCode::FAILURE;
     }
-    let result = lab.converge(Duration::from_secs(60));
-    let (ok, matrix) = match result {
-        Ok(t) => {
-            eprintln!("every node and pod reaches every other after {t:?}");
-            (true, lab.matrix())
-        }
-        Err(m) => (false, m),
-    };
-    println!("{}", Lab::render(&matrix));
-    // NATed gateways start out relayed through the cloud gateway and move to
-    // a hole-punched direct path once it handshakes (a second or two).
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let mut paths = lab.tunnel_paths();
-    while ok && paths.iter().any(|p| p.2) && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(500));
-        paths = lab.tunnel_paths();
-    }
-    println!("tunnel paths (as the gateways report them to the hub):");
-    for (from, to, relayed, endpoint) in &paths {
-        let how = if *relayed { "relayed via" } else { "direct to" };
-        println!("  {from:>3} -> {to:<3} {how} {endpoint}");
-    }
+    // The verdict is computed from what is printed: a FAIL in the matrix or
+    // the paths fails the run, also after a full matrix was seen once.
+    let report = lab.report(Duration::from_secs(60), Duration::from_secs(10));
+    let ok = report.ok();
+    println!("{}", report.render());
+    eprintln!("{}", report.verdict());
     if !ok {
         eprintln!("{}", lab.logs());
     }
