@@ -1026,6 +1026,31 @@ fn direct_dev(dev: &str) -> String {
     format!("{dev}d")
 }
 
+/// Opens the cut direct path between `first` and `frozen` (the two NATed
+/// gateways) with `frozen`'s agent stopped, so `first` moves to it alone;
+/// thaws `frozen` 3 s later. A 20 pps ping from `first`'s pod to `frozen`'s
+/// runs throughout and must lose nothing.
+fn move_with_one_side_frozen(lab: &Lab, first: &str, frozen: &str) {
+    let ping = Pinger::start(lab, first, frozen, 200);
+    std::thread::sleep(Duration::from_secs(1));
+    lab.freeze_agent(frozen, true);
+    lab.cut_between_routers("hangzhou", "qingdao", false)
+        .expect("restore");
+    let moved = wait_for(
+        "the first side on the direct path",
+        Duration::from_secs(20),
+        || relayed(lab, first, frozen) == Some(false),
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    lab.freeze_agent(frozen, false);
+    direct_path(lab);
+    let (sent, lost) = ping.lost();
+    eprintln!(
+        "relayed -> direct, {first} first ({moved:?} after the path opened), {frozen} 3 s later: {lost} of {sent} packets lost at 20 pps"
+    );
+    assert_eq!(lost, 0, "packets lost while the sides moved apart");
+}
+
 /// Issue 10, defect 3: moving two NATed gateways between the relay and their
 /// direct path loses nothing, whichever side moves first and however long the
 /// other takes. The direct path is cut from the start; once it is restored one
@@ -1048,22 +1073,7 @@ fn a_move_between_relay_and_direct_path_loses_no_packet_whichever_side_moves_fir
     assert_eq!(relayed(&lab, "h1", "q1"), Some(true), "{:#}", agents(&lab));
 
     // hz-1 moves first; qd-1 stays on the relay for 3 s more.
-    let ping = Pinger::start(&lab, "h1", "q1", 200);
-    std::thread::sleep(Duration::from_secs(1));
-    lab.freeze_agent("q1", true);
-    lab.cut_between_routers("hangzhou", "qingdao", false)
-        .expect("restore");
-    let moved = wait_for("hz-1 on the direct path", Duration::from_secs(20), || {
-        relayed(&lab, "h1", "q1") == Some(false)
-    });
-    std::thread::sleep(Duration::from_secs(3));
-    lab.freeze_agent("q1", false);
-    direct_path(&lab);
-    let (sent, lost) = ping.lost();
-    eprintln!(
-        "relayed -> direct, hz-1 first ({moved:?} after the path opened), qd-1 3 s later: {lost} of {sent} packets lost at 20 pps"
-    );
-    assert_eq!(lost, 0, "packets lost while the sides moved apart");
+    move_with_one_side_frozen(&lab, "h1", "q1");
 
     // Back to the relay: the path is cut (packets on it are lost until the
     // silence shows, ~3 s: a figure, not a move).
@@ -1080,22 +1090,7 @@ fn a_move_between_relay_and_direct_path_loses_no_packet_whichever_side_moves_fir
     );
 
     // The other side first: qd-1 moves, hz-1 frozen for 3 s.
-    let ping = Pinger::start(&lab, "q1", "h1", 200);
-    std::thread::sleep(Duration::from_secs(1));
-    lab.freeze_agent("h1", true);
-    lab.cut_between_routers("hangzhou", "qingdao", false)
-        .expect("restore");
-    let moved = wait_for("qd-1 on the direct path", Duration::from_secs(20), || {
-        relayed(&lab, "q1", "h1") == Some(false)
-    });
-    std::thread::sleep(Duration::from_secs(3));
-    lab.freeze_agent("h1", false);
-    direct_path(&lab);
-    let (sent, lost) = ping.lost();
-    eprintln!(
-        "relayed -> direct, qd-1 first ({moved:?} after the path opened), hz-1 3 s later: {lost} of {sent} packets lost at 20 pps"
-    );
-    assert_eq!(lost, 0, "packets lost while the sides moved apart");
+    move_with_one_side_frozen(&lab, "q1", "h1");
 }
 
 /// A steady ping (every 100 ms) from a node's address to another, in the

@@ -1404,43 +1404,17 @@ mod tests {
 
     #[test]
     fn remote_member_address_equal_to_a_local_one_is_not_routed_away() {
-        let member = |n: &str, ip: &str, subnet: &str| Member {
-            node: NodeName::new(n).unwrap_or_else(|_| unreachable!()),
-            private_ip: ip.parse().unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
-            subnets: vec![subnet.parse().unwrap_or_default()],
-            ready: true,
-        };
-        let gw = |name: &str, members: Vec<Member>| GatewayView {
-            name: GatewayName::new(name).unwrap_or_else(|_| unreachable!()),
-            expose_type: ExposeType::None,
-            under_nat: true,
-            active_tunnel: Some(GatewayEndpoint {
-                node: members[0].node.clone(),
-                type_: EndpointType::Tunnel,
-                port: 4500,
-                under_nat: true,
-                nat_type: String::new(),
-                public_ip: None,
-                public_port: None,
-                config: BTreeMap::new(),
-            }),
-            members,
-            tunnel_candidates: vec![],
-            active_proxies: vec![],
-            extra_source_cidrs: vec![],
-            relay: None,
-        };
         let inputs = NodeInputs {
             me: Some(view("a2", "192.168.1.2", "gw-a", false)),
             gateways: vec![
-                gw(
+                natted(
                     "gw-a",
                     vec![
                         member("a1", "192.168.1.1", "10.1.1.0/24"),
                         member("a2", "192.168.1.2", "10.1.2.0/24"),
                     ],
                 ),
-                gw("gw-b", vec![member("b1", "192.168.1.1", "10.2.1.0/24")]),
+                natted("gw-b", vec![member("b1", "192.168.1.1", "10.2.1.0/24")]),
             ],
             settings: None,
             active_override: BTreeMap::new(),
