@@ -955,7 +955,14 @@ impl Lab {
         };
         let mut out = Vec::new();
         for agent in v["agents"].as_array().into_iter().flatten() {
-            for p in agent["peers"].as_array().into_iter().flatten() {
+            // A relay's rows for NATed gateways' direct-path devices are
+            // observations (their NAT mappings), not paths.
+            for p in agent["peers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|p| p["directDevice"] != true)
+            {
                 out.push((
                     short(&agent["nodeName"]),
                     short(&p["peerNode"]),
