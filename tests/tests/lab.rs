@@ -725,12 +725,25 @@ fn with_the_hub_down_a_dead_gateway_fails_over_locally_and_the_returning_hub_kee
 
     lab.kill_hub();
     std::thread::sleep(Duration::from_secs(4)); // > 3 heartbeats: agents know
+    // Into hangzhou's surviving node from the cloud and from qingdao.
+    let pings = [
+        ("c2", Pinger::start(&lab, "c2", "h2", 300)),
+        ("q2", Pinger::start(&lab, "q2", "h2", 300)),
+    ];
+    std::thread::sleep(Duration::from_secs(1));
     lab.power_off("h1").expect("power off hz-1");
     let alive = ["c1", "c2", "h2", "q1", "q2"];
     let (worst, pair) = recovery(&lab, &alive, Duration::from_secs(90));
     eprintln!(
         "local failover (hub down): hz-1 powered off, every pair among the others reached again within {worst:?} (the last: {pair})"
     );
+    for (from, ping) in pings {
+        let (sent, lost) = ping.lost();
+        eprintln!(
+            "local failover (hub down): {from} pod -> h2 pod lost {lost} of {sent} packets at 20 pps ({:.1} s of traffic)",
+            lost as f64 / 20.0
+        );
+    }
 
     // The hub comes back still believing in hz-1 (its manifests say Ready);
     // it hears hz-2's takeover and keeps it. Traffic never flaps back.
