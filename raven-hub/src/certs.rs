@@ -19,6 +19,10 @@ use rcgen::{
 /// Prefix of the subject CN of a node certificate.
 pub const NODE_CN_PREFIX: &str = "system:node:";
 
+/// Prefix of the subject CN of an operator certificate: inspection of the
+/// whole cluster over mTLS (`raven-hub certs --operator NAME`).
+pub const OPERATOR_CN_PREFIX: &str = "raven:operator:";
+
 #[derive(Debug, thiserror::Error)]
 pub enum CertError {
     #[error("generating {what}: {source}")]
@@ -185,21 +189,46 @@ pub enum IdentityError {
     NotANode(String),
 }
 
-/// The node named by a client certificate (DER): subject CN
-/// `system:node:<name>`.
-pub fn node_identity(der: &[u8]) -> Result<NodeName, IdentityError> {
+/// Who a client certificate names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientIdentity {
+    /// CN `system:node:<name>`.
+    Node(NodeName),
+    /// CN `raven:operator:<name>`.
+    Operator(String),
+}
+
+fn subject_cn(der: &[u8]) -> Result<String, IdentityError> {
     let (_, cert) = x509_parser::parse_x509_certificate(der)
         .map_err(|e| IdentityError::Unparseable(e.to_string()))?;
-    let cn = cert
+    Ok(cert
         .subject()
         .iter_common_name()
         .next()
         .and_then(|cn| cn.as_str().ok())
         .unwrap_or_default()
-        .to_owned();
+        .to_owned())
+}
+
+/// The node named by a client certificate (DER): subject CN
+/// `system:node:<name>`.
+pub fn node_identity(der: &[u8]) -> Result<NodeName, IdentityError> {
+    let cn = subject_cn(der)?;
     cn.strip_prefix(NODE_CN_PREFIX)
         .and_then(|n| NodeName::new(n).ok())
         .ok_or(IdentityError::NotANode(cn))
+}
+
+/// The node or operator a client certificate (DER) names.
+pub fn client_identity(der: &[u8]) -> Result<ClientIdentity, IdentityError> {
+    let cn = subject_cn(der)?;
+    if let Some(op) = cn
+        .strip_prefix(OPERATOR_CN_PREFIX)
+        .filter(|o| !o.is_empty())
+    {
+        return Ok(ClientIdentity::Operator(op.to_owned()));
+    }
+    node_identity(der).map(ClientIdentity::Node)
 }
 
 #[cfg(test)]

@@ -96,6 +96,11 @@ impl Env {
     }
 
     async fn client(&self, hub: &RunningHub, node: &str) -> SyncServiceClient<Channel> {
+        SyncServiceClient::new(self.channel(hub, node).await)
+    }
+
+    /// An mTLS channel to the hub with `node`'s certificate.
+    async fn channel(&self, hub: &RunningHub, node: &str) -> Channel {
         let l = self.certs();
         let node = NodeName::new(node).expect("name");
         let tls = ClientTlsConfig::new()
@@ -107,14 +112,13 @@ impl Env {
                 std::fs::read(l.node_key(&node)).expect("key"),
             ))
             .domain_name("localhost");
-        let channel = Channel::from_shared(format!("https://{}", hub.grpc_addr))
+        Channel::from_shared(format!("https://{}", hub.grpc_addr))
             .expect("uri")
             .tls_config(tls)
             .expect("tls")
             .connect()
             .await
-            .expect("connect");
-        SyncServiceClient::new(channel)
+            .expect("connect")
     }
 
     fn edit(&self, file: &str, from: &str, to: &str) {
@@ -967,5 +971,59 @@ async fn a_takeover_claim_against_a_connected_elected_endpoint_is_refused() {
         .clone();
     assert_eq!(tunnel_active(&p, "gw-hangzhou").as_deref(), Some(HZ_GW));
     drop(gw);
+    hub.stop().await;
+}
+
+/// Issue 11, finding 3: a node certificate reads its own view over mTLS and
+/// nothing else — not the topology, not the agent table (every agent's
+/// address), not another node's view.
+#[tokio::test]
+async fn a_node_certificate_may_inspect_only_its_own_view() {
+    use raven_proto::v1::inspect_service_client::InspectServiceClient;
+    let env = Env::new();
+    let hub = env.hub().await;
+    let mut rx = hub.published.clone();
+    tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|p| p.ready))
+        .await
+        .expect("ready")
+        .expect("alive");
+    let channel = env.channel(&hub, HZ_GW).await;
+    let mut inspect = InspectServiceClient::new(channel);
+    let denied = |r: Result<_, tonic::Status>, what: &str| {
+        let e = r
+            .err()
+            .unwrap_or_else(|| panic!("{what} allowed to a node"));
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{what}: {e}");
+    };
+    denied(
+        inspect
+            .get_topology(v1::GetTopologyRequest::default())
+            .await
+            .map(drop),
+        "GetTopology",
+    );
+    denied(
+        inspect
+            .list_agents(v1::ListAgentsRequest::default())
+            .await
+            .map(drop),
+        "ListAgents",
+    );
+    denied(
+        inspect
+            .get_node_view(v1::GetNodeViewRequest {
+                node_name: QD_MEMBER.into(),
+            })
+            .await
+            .map(drop),
+        "another node's view",
+    );
+    let own = inspect
+        .get_node_view(v1::GetNodeViewRequest {
+            node_name: HZ_GW.into(),
+        })
+        .await
+        .expect("its own view");
+    assert!(!own.into_inner().resources.is_empty());
     hub.stop().await;
 }

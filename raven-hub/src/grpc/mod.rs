@@ -197,6 +197,7 @@ pub async fn serve(
     let inspect = Inspect {
         published: shared.published.clone(),
         agents: shared.agents.clone(),
+        authorize: true,
     };
     let (refl_v1, refl_v1alpha) = reflection()?;
     let keepalive = Some(shared.config.keepalive);
@@ -222,7 +223,10 @@ pub async fn serve(
                 .add_service(health)
                 .add_service(refl_v1)
                 .add_service(refl_v1alpha)
-                .add_service(InspectServiceServer::new(inspect))
+                .add_service(InspectServiceServer::new(Inspect {
+                    authorize: false,
+                    ..inspect
+                }))
                 .serve_with_incoming_shutdown(
                     TcpListenerStream::new(plain),
                     shutdown.cancelled_owned(),
