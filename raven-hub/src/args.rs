@@ -89,6 +89,12 @@ pub struct ServeArgs {
     /// Agents allowed in their initial sync at once; others are told to retry.
     #[arg(long, env = "RAVEN_MAX_INITIAL_SYNCS", default_value_t = 256)]
     pub max_initial_syncs: usize,
+    /// Longest one stream holds an admission permit (no Hello, or an initial
+    /// sync never ACKed): permits always come back. A node has one stream at
+    /// a time — a newer one replaces it — so one node certificate holds at
+    /// most one permit.
+    #[arg(long, env = "RAVEN_ADMISSION_HOLD", default_value = "20s", value_parser = humantime::parse_duration)]
+    pub admission_hold: std::time::Duration,
     /// Base of the retry hint sent with RESOURCE_EXHAUSTED to agents over
     /// the admission limit (the hint is uniform in [base, 2·base), and agents
     /// add up to half of it again): what spreads a reconnect storm.
@@ -183,6 +189,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<std::process::ExitCode> {
         sync: crate::grpc::sync::SyncConfig {
             heartbeat: args.heartbeat,
             max_initial_syncs: args.max_initial_syncs,
+            admission_hold: args.admission_hold,
             retry_after: args.admission_retry_after,
             keepalive: args.keepalive,
             failover_grace: args.failover_grace,

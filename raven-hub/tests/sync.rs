@@ -1027,3 +1027,89 @@ async fn a_node_certificate_may_inspect_only_its_own_view() {
     assert!(!own.into_inner().resources.is_empty());
     hub.stop().await;
 }
+
+/// Issue 11, finding 5: one node certificate opens many streams that send a
+/// Hello and never ACK. They replace each other (one stream per node), so
+/// they hold one admission permit, not all of them: another node gets in.
+#[tokio::test]
+async fn streams_from_one_node_certificate_replace_each_other_and_never_lock_others_out() {
+    let env = Env::new();
+    let hub = hub::start(env.config(4)).await.expect("hub");
+    let mut a = env.client(&hub, HZ_GW).await;
+    let mut streams = Vec::new();
+    for _ in 0..10 {
+        let mut s = Agent::open(&mut a, hello(HZ_GW, &[], "", 0, false))
+            .await
+            .expect("opened");
+        let _ = s.update().await.expect("a snapshot, never acked");
+        streams.push(s);
+    }
+    // The older ones were ended by the newest.
+    let mut oldest = streams.remove(0);
+    let ended = loop {
+        match oldest.rx.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => break None,
+            Err(e) => break Some(e),
+        }
+    };
+    assert_eq!(
+        ended.map(|e| e.code()),
+        Some(tonic::Code::Aborted),
+        "replaced by the newer stream"
+    );
+    let mut b = env.client(&hub, HZ_MEMBER).await;
+    let mut other = Agent::open(&mut b, hello(HZ_MEMBER, &[], "", 0, false))
+        .await
+        .expect("another node is admitted");
+    other.update().await.expect("and synced");
+    hub.stop().await;
+}
+
+/// Issue 11, finding 5: a stream that never finishes its initial sync gives
+/// its admission permit back after `admission_hold`.
+#[tokio::test]
+async fn an_admission_permit_comes_back_after_the_hold_even_if_the_stream_never_acks() {
+    let env = Env::new();
+    let mut config = env.config(1);
+    config.sync.admission_hold = Duration::from_secs(1);
+    let hub = hub::start(config).await.expect("hub");
+    let mut a = env.client(&hub, HZ_GW).await;
+    let mut hog = Agent::open(&mut a, hello(HZ_GW, &[], "", 0, false))
+        .await
+        .expect("admitted");
+    let _ = hog.update().await.expect("snapshot, never acked");
+    // It stays alive: heartbeats, never an ACK.
+    let beats = hog.tx.clone();
+    let beating = tokio::spawn(async move {
+        let mut interval = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            interval.tick().await;
+            let beat = v1::SyncRequest {
+                message: Some(Req::Heartbeat(v1::Heartbeat::default())),
+            };
+            if beats.send(beat).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut b = env.client(&hub, HZ_MEMBER).await;
+    let t = tokio::time::Instant::now();
+    loop {
+        let attempt = match Agent::open(&mut b, hello(HZ_MEMBER, &[], "", 0, false)).await {
+            Ok(mut s) => s.update().await.map(drop),
+            Err(e) => Err(e),
+        };
+        match attempt {
+            Ok(()) => break,
+            Err(e) if e.code() == tonic::Code::ResourceExhausted => {
+                assert!(t.elapsed() < Duration::from_secs(10), "never admitted");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    beating.abort();
+    drop(hog);
+    hub.stop().await;
+}

@@ -34,6 +34,10 @@ pub struct SyncConfig {
     pub ready_timeout: Duration,
     /// Streams allowed to be in their initial sync at once (admission).
     pub max_initial_syncs: usize,
+    /// Longest a stream holds its admission permit: a stream that has not
+    /// finished its initial sync by then (no Hello, never ACKs) goes on
+    /// without one, so permits always come back.
+    pub admission_hold: Duration,
     /// Base of the retry hint for refused streams (jitter is added).
     pub retry_after: Duration,
     /// Snapshot parts are cut at about this many bytes.
@@ -56,6 +60,7 @@ impl Default for SyncConfig {
             hello_timeout: Duration::from_secs(15),
             ready_timeout: Duration::from_secs(30),
             max_initial_syncs: 256,
+            admission_hold: Duration::from_secs(20),
             retry_after: Duration::from_secs(2),
             max_update_bytes: 1 << 20,
             keepalive: Duration::from_secs(2),
@@ -74,6 +79,11 @@ pub struct SyncShared {
     pub config: SyncConfig,
     pub admission: Arc<Semaphore>,
     pub reports: crate::revision::Reports,
+    /// The live stream of each node: a newer stream from the same node
+    /// replaces it, so one node certificate holds at most one stream (and at
+    /// most one admission permit).
+    live: Arc<std::sync::Mutex<BTreeMap<NodeName, (u64, tokio_util::sync::CancellationToken)>>>,
+    next_stream: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl SyncShared {
@@ -94,6 +104,36 @@ impl SyncShared {
             config,
             admission,
             reports,
+            live: Arc::default(),
+            next_stream: Arc::default(),
+        }
+    }
+
+    /// Registers a new stream of `node`, ending the one it had: returns the
+    /// stream's id and the token cancelled when a newer one replaces it.
+    pub fn claim_stream(&self, node: &NodeName) -> (u64, tokio_util::sync::CancellationToken) {
+        let id = self
+            .next_stream
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let token = tokio_util::sync::CancellationToken::new();
+        let mut live = self
+            .live
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((_, old)) = live.insert(node.clone(), (id, token.clone())) {
+            old.cancel();
+        }
+        (id, token)
+    }
+
+    /// Forgets stream `id` of `node`, unless a newer one took its place.
+    fn release_stream(&self, node: &NodeName, id: u64) {
+        let mut live = self
+            .live
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if live.get(node).is_some_and(|(held, _)| *held == id) {
+            live.remove(node);
         }
     }
 
@@ -140,6 +180,12 @@ pub struct Session {
     shared: SyncShared,
     out: Outbound,
     permit: Option<OwnedSemaphorePermit>,
+    /// When the admission permit goes back at the latest.
+    permit_until: tokio::time::Instant,
+    /// This stream's id among the node's ([`SyncShared::claim_stream`]).
+    stream_id: u64,
+    /// Cancelled when a newer stream of the same node replaces this one.
+    replaced: tokio_util::sync::CancellationToken,
     /// What the agent holds (as of its last Ack).
     held: BTreeMap<ResourceName, ContentVersion>,
     held_epoch: String,
@@ -174,11 +220,16 @@ impl Session {
         out: Outbound,
         permit: OwnedSemaphorePermit,
     ) -> Self {
+        let (stream_id, replaced) = shared.claim_stream(&node);
+        let permit_until = tokio::time::Instant::now() + shared.config.admission_hold;
         Self {
             node,
             shared,
             out,
             permit: Some(permit),
+            permit_until,
+            stream_id,
+            replaced,
             held: BTreeMap::new(),
             held_epoch: String::new(),
             held_revision: 0,
@@ -197,6 +248,7 @@ impl Session {
         let node = self.node.clone();
         self.shared.metrics.stream_opened();
         let result = self.serve(&mut inbound, remote).await;
+        self.shared.release_stream(&node, self.stream_id);
         self.shared.metrics.stream_closed();
         if let Err(status) = result {
             if status.code() != tonic::Code::Cancelled {
@@ -211,24 +263,29 @@ impl Session {
         inbound: &mut Streaming<v1::SyncRequest>,
         remote: String,
     ) -> Result<(), Status> {
-        let hello =
-            match tokio::time::timeout(self.shared.config.hello_timeout, inbound.message()).await {
-                Err(_) => {
-                    return Err(Status::failed_precondition(
-                        "no Hello within the hello timeout",
-                    ));
-                }
-                Ok(Err(s)) => return Err(s),
-                Ok(Ok(None)) => return Ok(()),
-                Ok(Ok(Some(v1::SyncRequest {
-                    message: Some(Req::Hello(h)),
-                }))) => h,
-                Ok(Ok(Some(_))) => {
-                    return Err(Status::failed_precondition(
-                        "the first message must be a Hello",
-                    ));
-                }
-            };
+        let replaced = self.replaced.clone();
+        let first = tokio::time::timeout(self.shared.config.hello_timeout, inbound.message());
+        let first = tokio::select! {
+            r = first => r,
+            () = replaced.cancelled() => return Err(self.replaced_status()),
+        };
+        let hello = match first {
+            Err(_) => {
+                return Err(Status::failed_precondition(
+                    "no Hello within the hello timeout",
+                ));
+            }
+            Ok(Err(s)) => return Err(s),
+            Ok(Ok(None)) => return Ok(()),
+            Ok(Ok(Some(v1::SyncRequest {
+                message: Some(Req::Hello(h)),
+            }))) => h,
+            Ok(Ok(Some(_))) => {
+                return Err(Status::failed_precondition(
+                    "the first message must be a Hello",
+                ));
+            }
+        };
         if hello.protocol_version != raven_proto::PROTOCOL_VERSION {
             return Err(Status::failed_precondition(format!(
                 "protocol version {} is not supported (this hub speaks {})",
@@ -303,6 +360,11 @@ impl Session {
                 dirty = !self.queued.is_empty();
             }
             tokio::select! {
+                () = self.replaced.cancelled() => return Err(self.replaced_status()),
+                () = tokio::time::sleep_until(self.permit_until), if self.permit.is_some() => {
+                    // Whatever it is doing, the stream gives admission back.
+                    self.permit.take();
+                }
                 msg = inbound.message() => {
                     last_heard = tokio::time::Instant::now();
                     match msg? {
@@ -330,6 +392,13 @@ impl Session {
                 }
             }
         }
+    }
+
+    fn replaced_status(&self) -> Status {
+        Status::aborted(format!(
+            "replaced by a newer stream of node {} (one stream per node)",
+            self.node
+        ))
     }
 
     async fn send(&self, msg: EncodedSyncResponse) -> Result<(), Status> {
