@@ -95,6 +95,14 @@ pub struct ServeArgs {
     /// most one permit.
     #[arg(long, env = "RAVEN_ADMISSION_HOLD", default_value = "20s", value_parser = humantime::parse_duration)]
     pub admission_hold: std::time::Duration,
+    /// Reports one node may send per second (bursts of twice that); faster
+    /// ones are coalesced, the latest applied when the rate allows.
+    #[arg(long, env = "RAVEN_REPORT_RATE", default_value_t = 4.0)]
+    pub report_rate: f64,
+    /// Largest Report accepted, in encoded bytes; a larger one ends its
+    /// stream with INVALID_ARGUMENT.
+    #[arg(long, env = "RAVEN_MAX_REPORT_BYTES", default_value_t = 256 * 1024)]
+    pub max_report_bytes: usize,
     /// Base of the retry hint sent with RESOURCE_EXHAUSTED to agents over
     /// the admission limit (the hint is uniform in [base, 2·base), and agents
     /// add up to half of it again): what spreads a reconnect storm.
@@ -190,6 +198,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<std::process::ExitCode> {
             heartbeat: args.heartbeat,
             max_initial_syncs: args.max_initial_syncs,
             admission_hold: args.admission_hold,
+            report_rate: args.report_rate,
+            max_report_bytes: args.max_report_bytes,
             retry_after: args.admission_retry_after,
             keepalive: args.keepalive,
             failover_grace: args.failover_grace,

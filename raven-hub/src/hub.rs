@@ -54,6 +54,7 @@ pub struct RunningHub {
     pub published: PublishedRx,
     pub index: IndexHandle,
     pub agents: Agents,
+    pub metrics: Metrics,
     pub shutdown: CancellationToken,
     tasks: JoinSet<()>,
 }
@@ -169,6 +170,7 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
         });
     }
 
+    tasks.spawn(reports.clone().run_writer(shutdown.clone()));
     let shared = SyncShared::new(
         published.clone(),
         index.clone(),
@@ -187,11 +189,12 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
             }
         });
     }
+    let metrics_http = metrics.clone();
     if let Some(listener) = http {
         let shutdown = shutdown.clone();
         let published = published.clone();
         tasks.spawn(async move {
-            if let Err(e) = crate::http::serve(listener, metrics, published, shutdown).await {
+            if let Err(e) = crate::http::serve(listener, metrics_http, published, shutdown).await {
                 tracing::error!(error = %e, "HTTP endpoint failed");
             }
         });
@@ -204,6 +207,7 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
         published,
         index,
         agents,
+        metrics,
         shutdown,
         tasks,
     })

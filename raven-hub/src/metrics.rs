@@ -23,6 +23,8 @@ pub struct Metrics {
     nacks: Counter<u64, AtomicU64>,
     admission_rejections: Counter<u64, AtomicU64>,
     problems: Gauge<i64, AtomicI64>,
+    reports_applied: Counter<u64, AtomicU64>,
+    reports_coalesced: Counter<u64, AtomicU64>,
 }
 
 impl Default for Metrics {
@@ -66,8 +68,22 @@ impl Metrics {
             "Problems in the current topology inputs",
             problems.clone(),
         );
+        let reports_applied = Counter::default();
+        registry.register(
+            "reports_applied",
+            "Agent Reports taken in",
+            reports_applied.clone(),
+        );
+        let reports_coalesced = Counter::default();
+        registry.register(
+            "reports_coalesced",
+            "Agent Reports over their node's rate, replaced by a later one",
+            reports_coalesced.clone(),
+        );
         Self {
             registry: Arc::new(registry),
+            reports_applied,
+            reports_coalesced,
             streams,
             revision,
             pushes,
@@ -94,6 +110,16 @@ impl Metrics {
     }
     pub fn nacked(&self) {
         self.nacks.inc();
+    }
+    pub fn report_applied(&self) {
+        self.reports_applied.inc();
+    }
+    pub fn report_coalesced(&self) {
+        self.reports_coalesced.inc();
+    }
+    /// Reports taken in so far.
+    pub fn reports_applied(&self) -> u64 {
+        self.reports_applied.get()
     }
     pub fn admission_rejected(&self) {
         self.admission_rejections.inc();

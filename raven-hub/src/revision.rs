@@ -193,30 +193,63 @@ mod tests {
     }
 }
 
-const REPORTS_RECORD: &str = "hub/reports";
+/// Before per-node records: every report in one record (read at start only).
+const LEGACY_REPORTS_RECORD: &str = "hub/reports";
+/// The nodes that have a report record.
+const REPORT_NODES_RECORD: &str = "hub/report-nodes";
+
+/// The record holding one node's report.
+fn report_record(node: &raven_core::NodeName) -> String {
+    format!("hub/report/{node}")
+}
 
 /// What agents reported about themselves (WireGuard keys, endpoints), kept
 /// across hub restarts: a restarted hub must not withdraw every tunnel peer
 /// until each gateway has reported again.
+///
+/// Each node's report is its own record, so one node's report costs only its
+/// own bytes to persist, whatever the others hold. [`Reports::put`] only
+/// records the change in memory; [`Reports::run_writer`] writes the changed
+/// nodes' records in one durable commit, coalesced (at most one commit per
+/// [`WRITE_EVERY`]), off the async runtime, and once more at shutdown.
 #[derive(Debug, Clone)]
 pub struct Reports {
     store: Option<Store>,
     all: std::sync::Arc<std::sync::Mutex<BTreeMap<raven_core::NodeName, raven_core::AgentReport>>>,
+    dirty: std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<raven_core::NodeName>>>,
+    wake: std::sync::Arc<tokio::sync::Notify>,
 }
+
+/// Least time between two commits of reports.
+pub const WRITE_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
 
 impl Reports {
     /// Loads the persisted reports (none without a store).
     pub fn load(store: Option<Store>) -> Result<Self, RevisionError> {
-        let all = match &store {
-            Some(s) => match s.get_record(REPORTS_RECORD)? {
+        let mut all = BTreeMap::new();
+        let mut dirty = std::collections::BTreeSet::new();
+        if let Some(s) = &store {
+            if let Some(bytes) = s.get_record(LEGACY_REPORTS_RECORD)? {
+                all = serde_json::from_slice(&bytes).map_err(RevisionError::Decode)?;
+                // Written again as per-node records by the writer.
+                dirty.extend(all.keys().cloned());
+            }
+            let nodes: Vec<raven_core::NodeName> = match s.get_record(REPORT_NODES_RECORD)? {
                 Some(bytes) => serde_json::from_slice(&bytes).map_err(RevisionError::Decode)?,
-                None => BTreeMap::new(),
-            },
-            None => BTreeMap::new(),
-        };
+                None => Vec::new(),
+            };
+            for node in nodes {
+                if let Some(bytes) = s.get_record(&report_record(&node))? {
+                    let report = serde_json::from_slice(&bytes).map_err(RevisionError::Decode)?;
+                    all.insert(node, report);
+                }
+            }
+        }
         Ok(Self {
             store,
             all: std::sync::Arc::new(std::sync::Mutex::new(all)),
+            dirty: std::sync::Arc::new(std::sync::Mutex::new(dirty)),
+            wake: std::sync::Arc::default(),
         })
     }
 
@@ -224,26 +257,86 @@ impl Reports {
         self.all.lock().map(|m| m.clone()).unwrap_or_default()
     }
 
-    /// Records a report; persists it when it changed.
-    pub fn put(
-        &self,
-        node: raven_core::NodeName,
-        report: raven_core::AgentReport,
-    ) -> Result<bool, RevisionError> {
-        let snapshot = {
+    /// Records a report (in memory; the writer persists it). Returns whether
+    /// it changed.
+    pub fn put(&self, node: raven_core::NodeName, report: raven_core::AgentReport) -> bool {
+        {
             let mut all = self
                 .all
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             if all.get(&node) == Some(&report) {
-                return Ok(false);
+                return false;
             }
-            all.insert(node, report);
-            serde_json::to_vec(&*all).unwrap_or_default()
-        };
-        if let Some(s) = &self.store {
-            s.put_records(&[(REPORTS_RECORD, &snapshot)])?;
+            all.insert(node.clone(), report);
         }
-        Ok(true)
+        self.dirty
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(node);
+        self.wake.notify_one();
+        true
+    }
+
+    /// Writes what changed, blocking: the changed nodes' records and the
+    /// node list, in one commit.
+    pub fn flush(&self) -> Result<usize, RevisionError> {
+        let Some(store) = &self.store else {
+            return Ok(0);
+        };
+        let dirty = std::mem::take(
+            &mut *self
+                .dirty
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        if dirty.is_empty() {
+            return Ok(0);
+        }
+        let (nodes, records) = {
+            let all = self
+                .all
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let nodes: Vec<&raven_core::NodeName> = all.keys().collect();
+            let records: Vec<(String, Vec<u8>)> = dirty
+                .iter()
+                .filter_map(|n| {
+                    let report = all.get(n)?;
+                    Some((report_record(n), serde_json::to_vec(report).ok()?))
+                })
+                .collect();
+            (serde_json::to_vec(&nodes).unwrap_or_default(), records)
+        };
+        let mut batch: Vec<(&str, &[u8])> = records
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_slice()))
+            .collect();
+        batch.push((REPORT_NODES_RECORD, &nodes));
+        store.put_records(&batch)?;
+        Ok(records.len())
+    }
+
+    /// Persists changes until `shutdown`, then once more.
+    pub async fn run_writer(self, shutdown: tokio_util::sync::CancellationToken) {
+        loop {
+            let stop = tokio::select! {
+                () = shutdown.cancelled() => true,
+                () = self.wake.notified() => false,
+            };
+            if !stop {
+                // Coalesce a burst into one commit.
+                tokio::time::sleep(WRITE_EVERY).await;
+            }
+            let me = self.clone();
+            match tokio::task::spawn_blocking(move || me.flush()).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "could not persist agent reports"),
+                Err(e) => tracing::warn!(error = %e, "the report writer failed"),
+            }
+            if stop {
+                return;
+            }
+        }
     }
 }

@@ -1113,3 +1113,114 @@ async fn an_admission_permit_comes_back_after_the_hold_even_if_the_stream_never_
     drop(hog);
     hub.stop().await;
 }
+
+fn changed_report(i: u64) -> v1::Report {
+    v1::Report {
+        tunnel_port: Some(4500),
+        peers: vec![v1::PeerTunnelState {
+            peer_node: QD_MEMBER.into(),
+            rx_bytes: i,
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+/// Issue 11, finding 7: one node floods changed Reports. Its Reports are
+/// rate-limited and coalesced (the latest is applied), an oversized one ends
+/// only its own stream, and another node's updates keep flowing — their
+/// latency under the flood is printed next to the unloaded one.
+#[tokio::test]
+async fn a_report_flood_from_one_node_is_rate_limited_and_others_stay_prompt() {
+    let env = Env::new();
+    let hub = env.hub().await;
+    let flooder = synced_agent(&env, &hub, HZ_GW).await;
+    let mut other = synced_agent(&env, &hub, QD_MEMBER).await;
+    // The flood: 2,000 changed Reports as fast as the stream takes them.
+    let flood_start = tokio::time::Instant::now();
+    let tx = flooder.tx.clone();
+    let flood = tokio::spawn(async move {
+        for i in 0..2_000 {
+            let req = v1::SyncRequest {
+                message: Some(Req::Report(changed_report(i))),
+            };
+            if tx.send(req).await.is_err() {
+                return;
+            }
+        }
+    });
+    flood.await.expect("flood sent");
+    // Meanwhile another node's update arrives promptly (printed, not
+    // asserted: a figure).
+    let t = tokio::time::Instant::now();
+    env.edit(
+        "gateways.yaml",
+        "      port: 4500\n      type: tunnel\n---",
+        &format!(
+            "      port: 4500\n      type: tunnel\n    - nodeName: {HZ_MEMBER}\n      underNAT: true\n      port: 4500\n      type: tunnel\n---"
+        ),
+    );
+    let u = other
+        .update()
+        .await
+        .expect("another node's update during the flood");
+    other.ack(&u).await;
+    eprintln!(
+        "report flood (2,000 changed Reports at once): another node's update arrived {:?} after the edit",
+        t.elapsed()
+    );
+    // Only a handful were applied: the rate is 4/s with a burst of 8.
+    let applied_rx = |hub: &RunningHub| {
+        hub.agents
+            .get(&NodeName::new(HZ_GW).expect("name"))
+            .and_then(|a| a.report)
+            .and_then(|r| r.peers.first().map(|p| p.rx_bytes))
+            .unwrap_or(0)
+    };
+    // Taken in: the burst (8) and four a second since, not 2,000.
+    let taken = hub.metrics.reports_applied();
+    let allowed = 8 + (4.0 * flood_start.elapsed().as_secs_f64()).ceil() as u64 + 1;
+    assert!(
+        taken <= allowed,
+        "{taken} Reports taken in (at most {allowed}): not rate-limited"
+    );
+    // The latest is applied when the rate allows.
+    let t = tokio::time::Instant::now();
+    loop {
+        let last = applied_rx(&hub);
+        if last == 1_999 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "the latest Report was lost ({last})"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A 2.4 MB Report ends the flooder's stream, nobody else's.
+    let mut big = changed_report(0);
+    big.peers = (0..30_000)
+        .map(|i| v1::PeerTunnelState {
+            peer_node: format!("node-{i}"),
+            endpoint: "203.0.113.1:4500".into(),
+            ..Default::default()
+        })
+        .collect();
+    let mut flooder = flooder;
+    flooder
+        .tx
+        .send(v1::SyncRequest {
+            message: Some(Req::Report(big)),
+        })
+        .await
+        .expect("sent");
+    let ended = loop {
+        match flooder.rx.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => break None,
+            Err(e) => break Some(e.code()),
+        }
+    };
+    assert_eq!(ended, Some(tonic::Code::InvalidArgument));
+    hub.stop().await;
+}

@@ -34,6 +34,11 @@ pub struct SyncConfig {
     pub ready_timeout: Duration,
     /// Streams allowed to be in their initial sync at once (admission).
     pub max_initial_syncs: usize,
+    /// Reports a node may send per second (a burst of twice as many is
+    /// allowed); faster ones are coalesced: the latest waits its turn.
+    pub report_rate: f64,
+    /// Largest Report accepted (encoded bytes); a larger one ends the stream.
+    pub max_report_bytes: usize,
     /// Longest a stream holds its admission permit: a stream that has not
     /// finished its initial sync by then (no Hello, never ACKs) goes on
     /// without one, so permits always come back.
@@ -61,6 +66,8 @@ impl Default for SyncConfig {
             ready_timeout: Duration::from_secs(30),
             max_initial_syncs: 256,
             admission_hold: Duration::from_secs(20),
+            report_rate: 4.0,
+            max_report_bytes: 256 * 1024,
             retry_after: Duration::from_secs(2),
             max_update_bytes: 1 << 20,
             keepalive: Duration::from_secs(2),
@@ -186,6 +193,10 @@ pub struct Session {
     stream_id: u64,
     /// Cancelled when a newer stream of the same node replaces this one.
     replaced: tokio_util::sync::CancellationToken,
+    /// This node's Report rate.
+    report_rate: Rate,
+    /// The latest Report that came faster than the rate allows.
+    pending_report: Option<v1::Report>,
     /// What the agent holds (as of its last Ack).
     held: BTreeMap<ResourceName, ContentVersion>,
     held_epoch: String,
@@ -222,6 +233,7 @@ impl Session {
     ) -> Self {
         let (stream_id, replaced) = shared.claim_stream(&node);
         let permit_until = tokio::time::Instant::now() + shared.config.admission_hold;
+        let report_rate = Rate::new(shared.config.report_rate, 2.0 * shared.config.report_rate);
         Self {
             node,
             shared,
@@ -230,6 +242,8 @@ impl Session {
             permit_until,
             stream_id,
             replaced,
+            report_rate,
+            pending_report: None,
             held: BTreeMap::new(),
             held_epoch: String::new(),
             held_revision: 0,
@@ -361,6 +375,13 @@ impl Session {
             }
             tokio::select! {
                 () = self.replaced.cancelled() => return Err(self.replaced_status()),
+                () = tokio::time::sleep_until(self.report_rate.next_at()), if self.pending_report.is_some() => {
+                    if self.report_rate.take(tokio::time::Instant::now())
+                        && let Some(report) = self.pending_report.take()
+                    {
+                        self.apply_report(report)?;
+                    }
+                }
                 () = tokio::time::sleep_until(self.permit_until), if self.permit.is_some() => {
                     // Whatever it is doing, the stream gives admission back.
                     self.permit.take();
@@ -588,6 +609,33 @@ impl Session {
                 Ok(false)
             }
             Some(Req::Report(report)) => {
+                let size = prost::Message::encoded_len(&report);
+                if size > self.shared.config.max_report_bytes {
+                    return Err(status_invalid(format!(
+                        "a Report of {size} bytes is over the limit of {} (--max-report-bytes)",
+                        self.shared.config.max_report_bytes
+                    )));
+                }
+                // A Report that comes faster than the node's rate waits (the
+                // latest one only); it is applied when the rate allows.
+                if !self.report_rate.take(tokio::time::Instant::now()) {
+                    if self.pending_report.replace(report).is_some() {
+                        self.shared.metrics.report_coalesced();
+                    }
+                    return Ok(false);
+                }
+                self.apply_report(report)?;
+                Ok(false)
+            }
+        }
+    }
+
+    /// Takes in a Report that passed the size and rate limits.
+    fn apply_report(&mut self, report: v1::Report) -> Result<(), Status> {
+        let node = self.node.clone();
+        self.shared.metrics.report_applied();
+        {
+            {
                 let parsed = raven_proto::report_from_proto(&report)
                     .map_err(|e| status_invalid(e.to_string()))?;
                 self.shared
@@ -601,13 +649,54 @@ impl Session {
                     kept = i.report(&node).cloned();
                     changed
                 });
-                if let Some(kept) = kept
-                    && let Err(e) = self.shared.reports.put(node.clone(), kept)
-                {
-                    tracing::warn!(node = %node, error = %e, "could not persist the agent report");
+                if let Some(kept) = kept {
+                    self.shared.reports.put(node.clone(), kept);
                 }
-                Ok(false)
+                Ok(())
             }
         }
+    }
+}
+
+/// A token bucket: `per_second` tokens a second, at most `burst` saved.
+#[derive(Debug)]
+struct Rate {
+    per_second: f64,
+    burst: f64,
+    tokens: f64,
+    at: tokio::time::Instant,
+}
+
+impl Rate {
+    fn new(per_second: f64, burst: f64) -> Self {
+        Self {
+            per_second: per_second.max(0.001),
+            burst: burst.max(1.0),
+            tokens: burst.max(1.0),
+            at: tokio::time::Instant::now(),
+        }
+    }
+
+    fn refill(&mut self, now: tokio::time::Instant) {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.per_second).min(self.burst);
+        self.at = now;
+    }
+
+    /// Takes a token if there is one.
+    fn take(&mut self, now: tokio::time::Instant) -> bool {
+        self.refill(now);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// When the next token is there.
+    fn next_at(&self) -> tokio::time::Instant {
+        let missing = (1.0 - self.tokens).max(0.0);
+        self.at + Duration::from_secs_f64(missing / self.per_second)
     }
 }
