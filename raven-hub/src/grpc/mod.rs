@@ -51,6 +51,8 @@ pub enum ServeError {
         "the plaintext listener {0} is not a loopback address; use the mTLS listener off loopback"
     )]
     PlaintextNotLoopback(SocketAddr),
+    #[error("the hub's TLS key: {0}")]
+    TlsKey(#[from] raven_cli::files::FileError),
     #[error("TLS configuration: {0}")]
     Tls(#[from] tonic::transport::Error),
     #[error("reflection: {0}")]
@@ -165,7 +167,15 @@ pub async fn serve(
     shared: SyncShared,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
-    let identity = Identity::from_pem(read(&tls.cert)?, read(&tls.key)?);
+    let (key, found) = raven_cli::files::read_private_key(&tls.key)?;
+    if let raven_cli::files::Found::Fixed { was } = found {
+        tracing::warn!(
+            path = %tls.key.display(),
+            mode = format!("{was:04o}"),
+            "the hub's TLS private key was readable by group or others; made it 0600 (it may have been read: consider issuing a new one)"
+        );
+    }
+    let identity = Identity::from_pem(read(&tls.cert)?, key);
     let ca = Certificate::from_pem(read(&tls.client_ca)?);
     let tls_config = ServerTlsConfig::new().identity(identity).client_ca_root(ca);
 
