@@ -283,6 +283,35 @@ mod tests {
     }
 
     #[test]
+    fn a_world_readable_key_of_another_user_is_refused_naming_file_and_mode_and_left_alone() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let key = dir.path().join("k.pem");
+        fs::write(&key, "secret").unwrap_or_else(|e| panic!("{e}"));
+        fs::set_permissions(&key, fs::Permissions::from_mode(0o644))
+            .unwrap_or_else(|e| panic!("{e}"));
+        // Only root can give a file away; without root there is nothing to
+        // check.
+        if std::os::unix::fs::chown(&key, Some(65534), Some(65534)).is_err() {
+            return;
+        }
+        let err = read_private_key(&key).err();
+        assert!(
+            matches!(
+                err,
+                Some(FileError::ExposedKeyNotOurs {
+                    mode: 0o644,
+                    owner: 65534,
+                    ..
+                })
+            ),
+            "{err:?}"
+        );
+        let text = err.map(|e| e.to_string()).unwrap_or_default();
+        assert!(text.contains("k.pem") && text.contains("0644"), "{text}");
+        assert_eq!(mode(&key), 0o644);
+    }
+
+    #[test]
     fn a_shared_writable_directory_is_refused_and_left_alone() {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         let shared = dir.path().join("shared");
