@@ -1,5 +1,7 @@
-//! Process plumbing shared by `raven-hub` and `raven-edge`: one way to log
-//! and one way to stop.
+//! Process plumbing shared by `raven-hub` and `raven-edge`: one way to log,
+//! one way to stop, and one way to keep private keys private ([`files`]).
+
+pub mod files;
 
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`), as JSON lines
 /// when `json`.

@@ -71,7 +71,10 @@ pub enum Command {
         /// Name the hub certificate must carry (default: the address's host).
         #[arg(long, env = "RAVEN_HUB_SERVER_NAME")]
         hub_server_name: Option<String>,
-        /// Directory with ca.pem, node-<node>.pem and node-<node>-key.pem.
+        /// The node's certificate bundle: the directory `raven-hub certs`
+        /// writes as nodes/<node>/ (ca.pem, node.pem, node-key.pem). A
+        /// `raven-hub certs` output directory or the older flat layout
+        /// (ca.pem, node-<node>.pem, node-<node>-key.pem) work too.
         #[arg(long, env = "RAVEN_CERTS", default_value = "/etc/raven/certs")]
         certs: PathBuf,
         /// HTTP listener for /healthz, /readyz, /metrics.
@@ -190,15 +193,17 @@ impl Args {
             } => {
                 raven_cli::init_tracing(log_json);
                 let node = node(&common)?;
+                if let Some(ca_key) = ClientTls::ca_key_beside(&certs) {
+                    tracing::warn!(
+                        path = %ca_key.display(),
+                        "the CA's private key is in this node's certificate directory: whoever reads it can issue certificates for any node; give the agent only its bundle (nodes/<node>/ of `raven-hub certs`)"
+                    );
+                }
                 let client = (!hubs.is_empty()).then(|| ClientConfig {
                     node: node.clone(),
                     hubs,
                     server_name: hub_server_name,
-                    tls: ClientTls {
-                        ca: certs.join("ca.pem"),
-                        cert: certs.join(format!("node-{node}.pem")),
-                        key: certs.join(format!("node-{node}-key.pem")),
-                    },
+                    tls: ClientTls::in_dir(&certs, &node),
                     heartbeat,
                     backoff_min: reconnect.reconnect_min,
                     backoff_max: reconnect.reconnect_max.max(reconnect.reconnect_min),

@@ -25,11 +25,51 @@ use crate::cache::{Cache, CachedState, SnapshotProgress, check_update};
 const LAST_HUB_RECORD: &str = "edge/last-hub";
 
 /// PEM files of the agent's client identity.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientTls {
     pub ca: std::path::PathBuf,
     pub cert: std::path::PathBuf,
     pub key: std::path::PathBuf,
+}
+
+impl ClientTls {
+    /// The files of `node` in `dir`, which is, in this order of preference:
+    /// the node's bundle as `raven-hub certs` writes it (`ca.pem`,
+    /// `node.pem`, `node-key.pem`: what belongs on a node); a `raven-hub
+    /// certs` output directory, whose `nodes/<node>/` bundle is used (one
+    /// machine running hub and agents); or the flat layout of earlier
+    /// versions (`ca.pem`, `node-<node>.pem`, `node-<node>-key.pem`).
+    pub fn in_dir(dir: &std::path::Path, node: &NodeName) -> Self {
+        use raven_cli::files::bundle;
+        let in_bundle = |d: &std::path::Path| Self {
+            ca: d.join(bundle::CA),
+            cert: d.join(bundle::CERT),
+            key: d.join(bundle::KEY),
+        };
+        let flat = Self {
+            ca: dir.join(bundle::CA),
+            cert: dir.join(format!("node-{node}.pem")),
+            key: dir.join(format!("node-{node}-key.pem")),
+        };
+        let nested = dir.join("nodes").join(node.as_str());
+        if dir.join(bundle::CERT).exists() {
+            in_bundle(dir)
+        } else if nested.join(bundle::CERT).exists() {
+            in_bundle(&nested)
+        } else if flat.cert.exists() {
+            flat
+        } else {
+            // Nothing there yet: name the files of a bundle in errors.
+            in_bundle(dir)
+        }
+    }
+
+    /// The CA's private key, when it lies in `dir`: a node's certificate
+    /// directory must not hold it (whoever reads it can issue a
+    /// certificate for any node).
+    pub fn ca_key_beside(dir: &std::path::Path) -> Option<std::path::PathBuf> {
+        Some(dir.join("ca-key.pem")).filter(|p| p.exists())
+    }
 }
 
 /// How the agent reaches the hub.
@@ -92,6 +132,8 @@ enum SessionError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    #[error("the TLS key: {0}")]
+    TlsKey(#[from] raven_cli::files::FileError),
 }
 
 fn now_ms() -> u64 {
@@ -208,12 +250,17 @@ async fn channel(cfg: &ClientConfig, hub: &str) -> Result<Channel, SessionError>
         .clone()
         .or_else(|| uri.host().map(str::to_owned))
         .ok_or_else(|| SessionError::BadAddress(hub.to_owned()))?;
+    let (key, found) = raven_cli::files::read_private_key(&cfg.tls.key)?;
+    if let raven_cli::files::Found::Fixed { was } = found {
+        tracing::warn!(
+            path = %cfg.tls.key.display(),
+            mode = format!("{was:04o}"),
+            "the node's TLS private key was readable by group or others; made it 0600 (it may have been read: consider issuing a new one)"
+        );
+    }
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(read(&cfg.tls.ca)?))
-        .identity(Identity::from_pem(
-            read(&cfg.tls.cert)?,
-            read(&cfg.tls.key)?,
-        ))
+        .identity(Identity::from_pem(read(&cfg.tls.cert)?, key))
         .domain_name(server_name);
     let connect_err = |source| SessionError::Connect {
         hub: hub.to_owned(),
@@ -400,6 +447,49 @@ async fn handle_update(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn certs_dir_is_a_node_bundle_a_certs_output_or_the_old_flat_layout() {
+        let node = NodeName::new("edge-1").unwrap_or_else(|_| unreachable!());
+        let touch = |p: &std::path::Path| {
+            std::fs::create_dir_all(p.parent().unwrap_or(p)).unwrap_or_else(|e| panic!("{e}"));
+            std::fs::write(p, "").unwrap_or_else(|e| panic!("{e}"));
+        };
+        // A bundle, as copied to the node.
+        let bundle = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        for f in ["ca.pem", "node.pem", "node-key.pem"] {
+            touch(&bundle.path().join(f));
+        }
+        let tls = ClientTls::in_dir(bundle.path(), &node);
+        assert_eq!(tls.key, bundle.path().join("node-key.pem"));
+        assert_eq!(ClientTls::ca_key_beside(bundle.path()), None);
+        // The output of `raven-hub certs` (hub and agent on one machine).
+        let out = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        for f in ["ca.pem", "ca-key.pem", "nodes/edge-1/node.pem"] {
+            touch(&out.path().join(f));
+        }
+        let tls = ClientTls::in_dir(out.path(), &node);
+        assert_eq!(tls.cert, out.path().join("nodes/edge-1/node.pem"));
+        assert_eq!(tls.ca, out.path().join("nodes/edge-1/ca.pem"));
+        assert_eq!(
+            ClientTls::ca_key_beside(out.path()),
+            Some(out.path().join("ca-key.pem"))
+        );
+        // The flat layout of earlier versions keeps working.
+        let flat = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        for f in ["ca.pem", "node-edge-1.pem", "node-edge-1-key.pem"] {
+            touch(&flat.path().join(f));
+        }
+        let tls = ClientTls::in_dir(flat.path(), &node);
+        assert_eq!(
+            tls,
+            ClientTls {
+                ca: flat.path().join("ca.pem"),
+                cert: flat.path().join("node-edge-1.pem"),
+                key: flat.path().join("node-edge-1-key.pem"),
+            }
+        );
+    }
 
     #[test]
     fn the_backoff_has_full_jitter_and_never_exceeds_its_cap() {

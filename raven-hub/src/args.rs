@@ -19,7 +19,9 @@ pub enum Command {
     /// Serve the topology to agents over mTLS gRPC.
     Serve(Box<ServeArgs>),
     /// Create a CA, a hub certificate and node client certificates for
-    /// standalone use (reuses the CA already in --out).
+    /// standalone use (reuses the CA already in --out). Each node's files
+    /// go to <out>/nodes/<node>/, the directory to copy to that node; the
+    /// CA key (ca-key.pem) never needs to leave <out>.
     Certs {
         /// Output directory.
         #[arg(long, default_value = "raven-certs")]
@@ -136,8 +138,24 @@ impl Args {
                             .map_err(|e| anyhow::anyhow!("--node {n:?}: {e}"))
                     })
                     .collect::<anyhow::Result<Vec<_>>>()?;
-                let layout = crate::certs::generate(&out, &hub_names, &nodes)?;
-                println!("wrote certificates to {}", layout.dir.display());
+                let generated = crate::certs::generate(&out, &hub_names, &nodes)?;
+                for (path, was) in &generated.fixed {
+                    eprintln!(
+                        "warning: {} had mode {was:04o} (open to group or others); made it private — a key in it may have been read",
+                        path.display()
+                    );
+                }
+                let layout = generated.layout;
+                println!(
+                    "wrote certificates to {} (keep it, and ca-key.pem in it, on this machine)",
+                    layout.dir.display()
+                );
+                for node in &nodes {
+                    println!(
+                        "  {node}: copy {} to the node, pass it to `raven-edge run --certs`",
+                        layout.node_bundle(node).display()
+                    );
+                }
                 Ok(std::process::ExitCode::SUCCESS)
             }
             Command::Compile { manifests, strict } => compile(manifests.as_deref(), strict),

@@ -4,12 +4,18 @@
 //! A node certificate carries the node's identity the way kubelet client
 //! certificates do: subject CN `system:node:<name>`, O `system:nodes`. The hub
 //! takes a node's identity from that CN and from nothing else.
+//!
+//! The output directory is the CA's: it holds the CA key and stays on the
+//! machine that issues certificates. What a node needs is written apart, in
+//! `nodes/<node>/` (CA certificate, node certificate, node key), so the
+//! directory to copy to a node holds nothing else. Directories are 0700,
+//! private keys 0600 and certificates 0644 whatever the umask; every file
+//! is written to a fresh temporary file and renamed into place.
 
-use std::fs;
-use std::io::Write;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
+use raven_cli::files::{self, FileError, Found, bundle};
 use raven_core::NodeName;
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
@@ -27,16 +33,8 @@ pub const OPERATOR_CN_PREFIX: &str = "raven:operator:";
 pub enum CertError {
     #[error("generating {what}: {source}")]
     Generate { what: String, source: rcgen::Error },
-    #[error("writing {path}: {source}")]
-    Write {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("reading {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    File(#[from] FileError),
     #[error("{path}: not a usable CA ({source})")]
     BadCa { path: PathBuf, source: rcgen::Error },
 }
@@ -51,6 +49,8 @@ impl Layout {
     pub fn ca_cert(&self) -> PathBuf {
         self.dir.join("ca.pem")
     }
+    /// The CA key: only `raven-hub certs` reads it; neither the hub nor any
+    /// node needs it.
     pub fn ca_key(&self) -> PathBuf {
         self.dir.join("ca-key.pem")
     }
@@ -60,12 +60,33 @@ impl Layout {
     pub fn hub_key(&self) -> PathBuf {
         self.dir.join("hub-key.pem")
     }
+    /// The directory of all node bundles.
+    pub fn nodes(&self) -> PathBuf {
+        self.dir.join("nodes")
+    }
+    /// What `node`'s agent needs and nothing else: copy this directory to
+    /// the node and give it to `raven-edge run --certs`.
+    pub fn node_bundle(&self, node: &NodeName) -> PathBuf {
+        self.nodes().join(node.as_str())
+    }
+    pub fn node_ca(&self, node: &NodeName) -> PathBuf {
+        self.node_bundle(node).join(bundle::CA)
+    }
     pub fn node_cert(&self, node: &NodeName) -> PathBuf {
-        self.dir.join(format!("node-{node}.pem"))
+        self.node_bundle(node).join(bundle::CERT)
     }
     pub fn node_key(&self, node: &NodeName) -> PathBuf {
-        self.dir.join(format!("node-{node}-key.pem"))
+        self.node_bundle(node).join(bundle::KEY)
     }
+}
+
+/// What `generate` wrote, and what it found and fixed on the way.
+#[derive(Debug, Clone)]
+pub struct Generated {
+    pub layout: Layout,
+    /// Files and directories that were open to group or others (with the
+    /// mode they had) and were made private.
+    pub fixed: Vec<(PathBuf, u32)>,
 }
 
 fn gen_err(what: &str) -> impl FnOnce(rcgen::Error) -> CertError + '_ {
@@ -76,48 +97,60 @@ fn gen_err(what: &str) -> impl FnOnce(rcgen::Error) -> CertError + '_ {
 }
 
 fn write(path: &Path, contents: &str, private: bool) -> Result<(), CertError> {
-    let err = |source| CertError::Write {
-        path: path.to_owned(),
-        source,
+    let mode = if private {
+        files::PRIVATE_FILE
+    } else {
+        files::PUBLIC_FILE
     };
-    let mut opts = fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    if private {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
-    }
-    let _ = private;
-    let mut f = opts.open(path).map_err(err)?;
-    f.write_all(contents.as_bytes()).map_err(err)?;
-    f.sync_all().map_err(err)
+    Ok(files::write_atomic(path, contents.as_bytes(), mode)?)
 }
 
 fn read(path: &Path) -> Result<String, CertError> {
-    fs::read_to_string(path).map_err(|source| CertError::Read {
-        path: path.to_owned(),
-        source,
+    std::fs::read_to_string(path).map_err(|source| {
+        CertError::File(FileError::Io {
+            path: path.to_owned(),
+            op: "reading",
+            source,
+        })
     })
 }
 
+fn private_dir(dir: &Path, fixed: &mut Vec<(PathBuf, u32)>) -> Result<(), CertError> {
+    if let Found::Fixed { was } = files::ensure_private_dir(dir)? {
+        fixed.push((dir.to_owned(), was));
+    }
+    Ok(())
+}
+
 /// Creates (or reuses, when `dir` already holds one) a CA, then writes a hub
-/// certificate valid for `hub_names` (DNS names or IP addresses) and a client
-/// certificate for every node.
-pub fn generate(dir: &Path, hub_names: &[String], nodes: &[NodeName]) -> Result<Layout, CertError> {
+/// certificate valid for `hub_names` (DNS names or IP addresses) and a
+/// bundle (`nodes/<node>/`) for every node.
+///
+/// An existing CA key open to group or others is made 0600 when this
+/// process owns it (and reported in [`Generated::fixed`]), refused
+/// otherwise; the same holds for `dir`, which is refused when group or
+/// others may write to it.
+pub fn generate(
+    dir: &Path,
+    hub_names: &[String],
+    nodes: &[NodeName],
+) -> Result<Generated, CertError> {
     let layout = Layout {
         dir: dir.to_owned(),
     };
-    fs::create_dir_all(dir).map_err(|source| CertError::Write {
-        path: dir.to_owned(),
-        source,
-    })?;
+    let mut fixed = Vec::new();
+    private_dir(dir, &mut fixed)?;
 
     let (ca_key, ca_pem) = if layout.ca_cert().exists() && layout.ca_key().exists() {
-        let key =
-            KeyPair::from_pem(&read(&layout.ca_key())?).map_err(|source| CertError::BadCa {
-                path: layout.ca_key(),
-                source,
-            })?;
+        let (pem, found) = files::read_private_key(&layout.ca_key())?;
+        if let Found::Fixed { was } = found {
+            fixed.push((layout.ca_key(), was));
+        }
+        let pem = String::from_utf8_lossy(&pem);
+        let key = KeyPair::from_pem(&pem).map_err(|source| CertError::BadCa {
+            path: layout.ca_key(),
+            source,
+        })?;
         (key, read(&layout.ca_cert())?)
     } else {
         let key = KeyPair::generate().map_err(gen_err("CA key"))?;
@@ -159,7 +192,11 @@ pub fn generate(dir: &Path, hub_names: &[String], nodes: &[NodeName]) -> Result<
     write(&layout.hub_key(), &key.serialize_pem(), true)?;
     write(&layout.hub_cert(), &cert.pem(), false)?;
 
+    if !nodes.is_empty() {
+        private_dir(&layout.nodes(), &mut fixed)?;
+    }
     for node in nodes {
+        private_dir(&layout.node_bundle(node), &mut fixed)?;
         let key = KeyPair::generate().map_err(gen_err("node key"))?;
         let mut params = CertificateParams::new(Vec::<String>::new()).map_err(gen_err("node"))?;
         params
@@ -174,8 +211,9 @@ pub fn generate(dir: &Path, hub_names: &[String], nodes: &[NodeName]) -> Result<
             .map_err(gen_err("node certificate"))?;
         write(&layout.node_key(node), &key.serialize_pem(), true)?;
         write(&layout.node_cert(node), &cert.pem(), false)?;
+        write(&layout.node_ca(node), &ca_pem, false)?;
     }
-    Ok(layout)
+    Ok(Generated { layout, fixed })
 }
 
 /// Why a client certificate does not identify a node.
@@ -250,7 +288,8 @@ mod tests {
             &["localhost".into(), "127.0.0.1".into()],
             std::slice::from_ref(&node),
         )
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap_or_else(|e| panic!("{e}"))
+        .layout;
         let der = pem_to_der(&read(&layout.node_cert(&node)).unwrap_or_default());
         assert_eq!(node_identity(&der), Ok(node));
         let hub = pem_to_der(&read(&layout.hub_cert()).unwrap_or_default());
@@ -261,7 +300,7 @@ mod tests {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let mode = fs::metadata(layout.ca_key())
+            let mode = std::fs::metadata(layout.ca_key())
                 .map(|m| m.permissions().mode())
                 .unwrap_or(0);
             assert_eq!(mode & 0o777, 0o600);
@@ -270,6 +309,6 @@ mod tests {
         let ca_before = read(&layout.ca_cert()).unwrap_or_default();
         generate(&dir, &["localhost".into()], &[]).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(read(&layout.ca_cert()).unwrap_or_default(), ca_before);
-        let _ = fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

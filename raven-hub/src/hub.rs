@@ -92,6 +92,9 @@ pub enum StartError {
 /// Starts the hub: binds every listener first (so errors surface now), then
 /// spawns the sources, the pipeline and the servers.
 pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
+    // The private key is checked (and fixed or refused) before anything
+    // else runs, so a key others may read stops the hub here.
+    config.tls.read_key()?;
     let shutdown = CancellationToken::new();
     let metrics = Metrics::new();
     let index = IndexHandle::default();

@@ -440,6 +440,25 @@ async fn slow_agent_gets_the_latest_state_not_every_intermediate_one() {
     hub.stop().await;
 }
 
+#[cfg(unix)]
+#[tokio::test]
+async fn hub_makes_its_world_readable_tls_key_0600_at_start_and_serves() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new();
+    let key = env.certs().hub_key();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let hub = env.hub().await;
+    let mode = std::fs::metadata(&key).expect("key").permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    // Agents connect with the files of their bundle (nodes/<node>/).
+    let mut client = env.client(&hub, HZ_MEMBER).await;
+    let mut agent = Agent::open(&mut client, hello(HZ_MEMBER, &[], "", 0, false))
+        .await
+        .expect("open");
+    assert!(agent.update().await.expect("update").snapshot_complete);
+    hub.stop().await;
+}
+
 #[tokio::test]
 async fn a_node_cannot_claim_another_nodes_identity() {
     let env = Env::new();

@@ -710,8 +710,9 @@ impl Lab {
             &self.path(&format!("edge-{short}")),
             "--hub",
             &hub,
+            // The node's bundle only: the CA key stays with the hub.
             "--certs",
-            &self.path("certs"),
+            &self.path(&format!("certs/nodes/{}", n.name)),
             "--http-addr",
             "127.0.0.1:10273",
             "--resync",

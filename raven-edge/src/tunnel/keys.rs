@@ -1,8 +1,15 @@
 //! The node's WireGuard key pair: generated on the node once, persisted with
 //! mode 0600, reused across restarts. Only the public key ever leaves.
+//!
+//! The key file is checked at every start: one open to group or others is
+//! made 0600 with a warning when the agent owns it, refused otherwise (see
+//! [`raven_cli::files`]). A new key goes through a fresh temporary file
+//! (`O_EXCL`, 0600, fsync, rename, directory fsync): a stale `*.tmp` left by
+//! a crash is removed, never reused, so it cannot lend the key its mode.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
+
+pub use raven_cli::files::Found;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
@@ -36,6 +43,8 @@ pub enum KeyError {
     },
     #[error("the WireGuard key {path} is not a base64 32-byte key")]
     Malformed { path: PathBuf },
+    #[error("the WireGuard key: {0}")]
+    File(#[from] raven_cli::files::FileError),
 }
 
 impl KeyPair {
@@ -59,41 +68,59 @@ impl KeyPair {
     }
 
     /// Loads the key in file `name` of `dir` (the direct-path device has a
-    /// key of its own), creating it on first use.
+    /// key of its own), creating it on first use; a key file that was open
+    /// to group or others is made 0600 and warned about.
     pub fn load_or_create_named(dir: &Path, name: &str) -> Result<Self, KeyError> {
+        let (pair, found) = Self::load_or_create_checked(dir, name)?;
+        if let Found::Fixed { was } = found {
+            tracing::warn!(
+                path = %dir.join(name).display(),
+                mode = format!("{was:04o}"),
+                "the WireGuard private key was readable by group or others; made it 0600 (it may have been read: consider rotating it)"
+            );
+        }
+        Ok(pair)
+    }
+
+    /// [`Self::load_or_create_named`], saying what it found instead of
+    /// warning.
+    pub fn load_or_create_checked(dir: &Path, name: &str) -> Result<(Self, Found), KeyError> {
         let path = dir.join(name);
-        match std::fs::read_to_string(&path) {
-            Ok(text) => {
+        match raven_cli::files::read_private_key(&path) {
+            Ok((bytes, found)) => {
+                let text = String::from_utf8_lossy(&bytes);
                 let bytes = STANDARD
                     .decode(text.trim())
                     .map_err(|_| KeyError::Malformed { path: path.clone() })?;
                 let private = <[u8; 32]>::try_from(bytes.as_slice())
                     .map_err(|_| KeyError::Malformed { path })?;
-                Ok(Self::from_private(private))
+                Ok((Self::from_private(private), found))
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(raven_cli::files::FileError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
                 let pair = Self::from_private(rand::random());
-                std::fs::create_dir_all(dir).map_err(|source| KeyError::Write {
+                // A data directory raven creates is its own: 0700.
+                std::os::unix::fs::DirBuilderExt::mode(
+                    std::fs::DirBuilder::new().recursive(true),
+                    raven_cli::files::PRIVATE_DIR,
+                )
+                .create(dir)
+                .map_err(|source| KeyError::Write {
                     path: path.clone(),
                     source,
                 })?;
-                let tmp = dir.join(format!("{name}.tmp"));
-                let err = |source| KeyError::Write {
-                    path: path.clone(),
-                    source,
-                };
-                let mut opts = std::fs::OpenOptions::new();
-                opts.write(true).create(true).truncate(true);
-                #[cfg(unix)]
-                std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-                let mut f = opts.open(&tmp).map_err(err)?;
-                f.write_all(STANDARD.encode(pair.private).as_bytes())
-                    .map_err(err)?;
-                f.sync_all().map_err(err)?;
-                std::fs::rename(&tmp, &path).map_err(err)?;
-                Ok(pair)
+                raven_cli::files::write_atomic(
+                    &path,
+                    STANDARD.encode(pair.private).as_bytes(),
+                    raven_cli::files::PRIVATE_FILE,
+                )?;
+                Ok((pair, Found::Created))
             }
-            Err(source) => Err(KeyError::Read { path, source }),
+            Err(raven_cli::files::FileError::Io { source, .. }) => {
+                Err(KeyError::Read { path, source })
+            }
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -152,5 +179,49 @@ mod tests {
             hex_to_base64(&base64_to_hex(&a.public_base64()).unwrap_or_default()),
             Some(a.public_base64())
         );
+    }
+
+    #[cfg(unix)]
+    fn mode(p: &Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(p)
+            .map(|m| m.permissions().mode() & 0o777)
+            .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn stale_world_readable_temp_file_does_not_pass_its_mode_to_a_new_key() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        for name in ["wireguard.key", "wireguard-direct.key"] {
+            let tmp = dir.path().join(format!("{name}.tmp"));
+            std::fs::write(&tmp, "left over by a crash").unwrap_or_else(|e| panic!("{e}"));
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))
+                .unwrap_or_else(|e| panic!("{e}"));
+            KeyPair::load_or_create_named(dir.path(), name).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(mode(&dir.path().join(name)), 0o600, "{name}");
+            assert!(!tmp.exists(), "{name}.tmp is left behind");
+        }
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn existing_world_readable_key_is_made_0600_and_said_not_reused_silently() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let first = KeyPair::load_or_create(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+        let path = dir.path().join("wireguard.key");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let (again, found) = KeyPair::load_or_create_checked(dir.path(), "wireguard.key")
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(again.public, first.public, "the key itself is kept");
+        assert_eq!(found, Found::Fixed { was: 0o644 });
+        assert_eq!(mode(&path), 0o600);
+        // Once fixed, it is plain again.
+        let (_, found) = KeyPair::load_or_create_checked(dir.path(), "wireguard.key")
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(found, Found::Private);
     }
 }

@@ -100,8 +100,8 @@ pub fn hub_args(manifests: &str, dir: &Path, grpc_addr: &str) -> Vec<String> {
     .to_vec()
 }
 
-/// Arguments of `raven-edge run` for `node` with its state in `data` and the
-/// certificates under `dir`, following `hub` (whose certificate names
+/// Arguments of `raven-edge run` for `node` with its state in `data` and its
+/// certificate bundle under `dir` (`certs/nodes/<node>`), following `hub` (whose certificate names
 /// `server_name`), with fast resync and heartbeats; `extra` is appended.
 pub fn agent_args(
     node: &str,
@@ -111,7 +111,13 @@ pub fn agent_args(
     server_name: &str,
     extra: &[&str],
 ) -> Vec<String> {
-    let certs = dir.join("certs").to_string_lossy().into_owned();
+    // The node's bundle only, as on a real node: the CA key stays behind.
+    let certs = dir
+        .join("certs")
+        .join("nodes")
+        .join(node)
+        .to_string_lossy()
+        .into_owned();
     let data = data.to_string_lossy().into_owned();
     let mut args: Vec<String> = [
         "run",

@@ -35,6 +35,23 @@ pub struct TlsFiles {
     pub client_ca: PathBuf,
 }
 
+impl TlsFiles {
+    /// Reads the hub's private key: one that group or others may read is
+    /// made 0600 with a warning when the hub owns it, refused otherwise
+    /// (see [`raven_cli::files`]).
+    pub fn read_key(&self) -> Result<Vec<u8>, ServeError> {
+        let (key, found) = raven_cli::files::read_private_key(&self.key)?;
+        if let raven_cli::files::Found::Fixed { was } = found {
+            tracing::warn!(
+                path = %self.key.display(),
+                mode = format!("{was:04o}"),
+                "the hub's TLS private key was readable by group or others; made it 0600 (it may have been read: consider issuing a new one)"
+            );
+        }
+        Ok(key)
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("reading {path}: {source}")]
@@ -51,6 +68,8 @@ pub enum ServeError {
         "the plaintext listener {0} is not a loopback address; use the mTLS listener off loopback"
     )]
     PlaintextNotLoopback(SocketAddr),
+    #[error("the hub's TLS key: {0}")]
+    TlsKey(#[from] raven_cli::files::FileError),
     #[error("TLS configuration: {0}")]
     Tls(#[from] tonic::transport::Error),
     #[error("reflection: {0}")]
@@ -165,7 +184,7 @@ pub async fn serve(
     shared: SyncShared,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
-    let identity = Identity::from_pem(read(&tls.cert)?, read(&tls.key)?);
+    let identity = Identity::from_pem(read(&tls.cert)?, tls.read_key()?);
     let ca = Certificate::from_pem(read(&tls.client_ca)?);
     let tls_config = ServerTlsConfig::new().identity(identity).client_ca_root(ca);
 
