@@ -32,6 +32,11 @@ pub enum Command {
         /// Nodes to issue client certificates for (repeat or comma-separate).
         #[arg(long = "node", value_delimiter = ',')]
         nodes: Vec<String>,
+        /// Operators to issue inspection certificates for (CN
+        /// `raven:operator:<name>`: GetTopology, ListAgents and every node's
+        /// view over mTLS; node certificates read only their own view).
+        #[arg(long = "operator", value_delimiter = ',')]
+        operators: Vec<String>,
     },
     /// Compile a directory of Gateway/Node/ConfigMap manifests and print the
     /// topology as JSON (stable, sorted). Problems also go to stderr.
@@ -130,7 +135,16 @@ impl Args {
                 out,
                 hub_names,
                 nodes,
+                operators,
             } => {
+                if let Some(bad) = operators.iter().find(|o| {
+                    o.is_empty()
+                        || !o
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+                }) {
+                    anyhow::bail!("--operator {bad:?}: use letters, digits, '-', '_' or '.'");
+                }
                 let nodes = nodes
                     .iter()
                     .map(|n| {
@@ -138,7 +152,8 @@ impl Args {
                             .map_err(|e| anyhow::anyhow!("--node {n:?}: {e}"))
                     })
                     .collect::<anyhow::Result<Vec<_>>>()?;
-                let generated = crate::certs::generate(&out, &hub_names, &nodes)?;
+                let generated =
+                    crate::certs::generate_with_operators(&out, &hub_names, &nodes, &operators)?;
                 for (path, was) in &generated.fixed {
                     eprintln!(
                         "warning: {} had mode {was:04o} (open to group or others); made it private — a key in it may have been read",
@@ -154,6 +169,12 @@ impl Args {
                     println!(
                         "  {node}: copy {} to the node, pass it to `raven-edge run --certs`",
                         layout.node_bundle(node).display()
+                    );
+                }
+                for op in &operators {
+                    println!(
+                        "  operator {op}: {} (grpcurl -cacert ca.pem -cert operator.pem -key operator-key.pem)",
+                        layout.operator_bundle(op).display()
                     );
                 }
                 Ok(std::process::ExitCode::SUCCESS)

@@ -60,6 +60,10 @@ impl Layout {
     pub fn hub_key(&self) -> PathBuf {
         self.dir.join("hub-key.pem")
     }
+    /// An operator's bundle (`raven-hub certs --operator NAME`).
+    pub fn operator_bundle(&self, name: &str) -> PathBuf {
+        self.dir.join("operators").join(name)
+    }
     /// The directory of all node bundles.
     pub fn nodes(&self) -> PathBuf {
         self.dir.join("nodes")
@@ -134,6 +138,18 @@ pub fn generate(
     dir: &Path,
     hub_names: &[String],
     nodes: &[NodeName],
+) -> Result<Generated, CertError> {
+    generate_with_operators(dir, hub_names, nodes, &[])
+}
+
+/// [`generate`], and an operator bundle (`operators/<name>/`: `ca.pem`,
+/// `operator.pem`, `operator-key.pem`, CN `raven:operator:<name>`) for every
+/// name in `operators`: inspection of the whole cluster over mTLS.
+pub fn generate_with_operators(
+    dir: &Path,
+    hub_names: &[String],
+    nodes: &[NodeName],
+    operators: &[String],
 ) -> Result<Generated, CertError> {
     let layout = Layout {
         dir: dir.to_owned(),
@@ -212,6 +228,26 @@ pub fn generate(
         write(&layout.node_key(node), &key.serialize_pem(), true)?;
         write(&layout.node_cert(node), &cert.pem(), false)?;
         write(&layout.node_ca(node), &ca_pem, false)?;
+    }
+    if !operators.is_empty() {
+        private_dir(&layout.dir.join("operators"), &mut fixed)?;
+    }
+    for name in operators {
+        let dir = layout.operator_bundle(name);
+        private_dir(&dir, &mut fixed)?;
+        let key = KeyPair::generate().map_err(gen_err("operator key"))?;
+        let mut params =
+            CertificateParams::new(Vec::<String>::new()).map_err(gen_err("operator"))?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, format!("{OPERATOR_CN_PREFIX}{name}"));
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = params
+            .signed_by(&key, &issuer)
+            .map_err(gen_err("operator certificate"))?;
+        write(&dir.join("operator-key.pem"), &key.serialize_pem(), true)?;
+        write(&dir.join("operator.pem"), &cert.pem(), false)?;
+        write(&dir.join("ca.pem"), &ca_pem, false)?;
     }
     Ok(Generated { layout, fixed })
 }

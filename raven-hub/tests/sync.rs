@@ -45,10 +45,11 @@ impl Env {
             .iter()
             .map(|n| NodeName::new(*n).expect("name"))
             .collect();
-        raven_hub::certs::generate(
+        raven_hub::certs::generate_with_operators(
             &dir.path().join("certs"),
             &["localhost".into(), "127.0.0.1".into()],
             &nodes,
+            &["ops".into()],
         )
         .expect("certs");
         Self { dir }
@@ -103,13 +104,30 @@ impl Env {
     async fn channel(&self, hub: &RunningHub, node: &str) -> Channel {
         let l = self.certs();
         let node = NodeName::new(node).expect("name");
+        self.channel_with(hub, &l.node_cert(&node), &l.node_key(&node))
+            .await
+    }
+
+    /// An mTLS channel to the hub with the operator certificate `ops`.
+    async fn operator_channel(&self, hub: &RunningHub) -> Channel {
+        let dir = self.certs().operator_bundle("ops");
+        self.channel_with(
+            hub,
+            &dir.join("operator.pem"),
+            &dir.join("operator-key.pem"),
+        )
+        .await
+    }
+
+    async fn channel_with(&self, hub: &RunningHub, cert: &Path, key: &Path) -> Channel {
+        let l = self.certs();
         let tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(
                 std::fs::read(l.ca_cert()).expect("ca"),
             ))
             .identity(Identity::from_pem(
-                std::fs::read(l.node_cert(&node)).expect("cert"),
-                std::fs::read(l.node_key(&node)).expect("key"),
+                std::fs::read(cert).expect("cert"),
+                std::fs::read(key).expect("key"),
             ))
             .domain_name("localhost");
         Channel::from_shared(format!("https://{}", hub.grpc_addr))
@@ -1241,5 +1259,36 @@ async fn a_report_flood_from_one_node_is_rate_limited_and_others_stay_prompt() {
         }
     };
     assert_eq!(ended, Some(tonic::Code::InvalidArgument));
+    hub.stop().await;
+}
+
+/// Issue 11, finding 3: an operator certificate (`raven-hub certs
+/// --operator`) inspects everything over mTLS.
+#[tokio::test]
+async fn an_operator_certificate_may_inspect_everything() {
+    use raven_proto::v1::inspect_service_client::InspectServiceClient;
+    let env = Env::new();
+    let hub = env.hub().await;
+    let mut rx = hub.published.clone();
+    tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|p| p.ready))
+        .await
+        .expect("ready")
+        .expect("alive");
+    let mut inspect = InspectServiceClient::new(env.operator_channel(&hub).await);
+    let topology = inspect
+        .get_topology(v1::GetTopologyRequest::default())
+        .await
+        .expect("GetTopology");
+    assert!(!topology.into_inner().resources.is_empty());
+    inspect
+        .list_agents(v1::ListAgentsRequest::default())
+        .await
+        .expect("ListAgents");
+    inspect
+        .get_node_view(v1::GetNodeViewRequest {
+            node_name: QD_MEMBER.into(),
+        })
+        .await
+        .expect("any node's view");
     hub.stop().await;
 }
