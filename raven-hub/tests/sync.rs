@@ -88,6 +88,7 @@ impl Env {
             },
             replica: "test".into(),
             epoch: None,
+            manifest_limits: Default::default(),
         }
     }
 
