@@ -1071,15 +1071,25 @@ async fn deleting_most_of_a_nodes_view_is_held_back_unless_the_operator_confirms
         // A deliberate deletion of the file holding every Gateway: three of
         // the node's five resources would go.
         std::fs::remove_file(env.manifests().join("gateways.yaml")).expect("rm");
-        published_until(&hub, "gateways gone", |p| p.topology.gateways().count() == 0).await;
+        published_until(&hub, "gateways gone", |p| {
+            p.topology.gateways().count() == 0
+        })
+        .await;
         let updates = updates_within(&mut agent, Duration::from_millis(1500)).await;
         let removed: Vec<&String> = updates.iter().flat_map(|u| &u.removed).collect();
         if confirm {
             assert_eq!(removed.len(), 3, "{updates:?}");
-            assert!(updates.iter().all(|u| u.removed.is_empty() || u.intentional_removal));
+            assert!(
+                updates
+                    .iter()
+                    .all(|u| u.removed.is_empty() || u.intentional_removal)
+            );
         } else {
             assert!(removed.is_empty(), "mass removal sent: {updates:?}");
-            assert!(updates.iter().all(|u| !u.intentional_removal), "{updates:?}");
+            assert!(
+                updates.iter().all(|u| !u.intentional_removal),
+                "{updates:?}"
+            );
         }
         hub.stop().await;
     }
@@ -1151,7 +1161,12 @@ status:
     })
     .await;
     assert_eq!(tunnel_port(&p), Some(4500), "the served gw-hangzhou stays");
-    assert_eq!(hz_subnets(&p), ["10.244.2.0/24"], "{:?}", p.topology.problems);
+    assert_eq!(
+        hz_subnets(&p),
+        ["10.244.2.0/24"],
+        "{:?}",
+        p.topology.problems
+    );
     assert!(
         has_problem(&p, "Gateway/gw-a-new", "served it first"),
         "{:?}",
