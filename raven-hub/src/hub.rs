@@ -287,6 +287,14 @@ async fn spawn_source(
         Source::Manifests(dir) => {
             // Reading blocks on the disk (and parsing a large file takes a
             // while): always on the blocking pool, never on the runtime.
+            // Watch before the first read, so no change falls in between.
+            let wake = std::sync::Arc::new(tokio::sync::Notify::new());
+            let inotify = manifests::watch(dir, wake.clone());
+            let interval = if inotify.is_some() {
+                manifests::SAFETY_POLL_INTERVAL
+            } else {
+                manifests::POLL_INTERVAL
+            };
             let mut watcher = manifests::DirSource::new(dir.clone(), limits);
             let (w, loaded) = tokio::task::spawn_blocking(move || {
                 let loaded = watcher.load();
@@ -298,10 +306,16 @@ async fn spawn_source(
             let index = index.clone();
             let shutdown = shutdown.clone();
             tasks.spawn(async move {
+                // Dropped with the task: the inotify watch ends with it.
+                let _inotify = inotify;
                 loop {
                     tokio::select! {
                         () = shutdown.cancelled() => return,
-                        () = tokio::time::sleep(manifests::POLL_INTERVAL) => {}
+                        () = tokio::time::sleep(interval) => {}
+                        () = wake.notified() => {
+                            // Let a burst of events (an editor's save) settle.
+                            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                        }
                     }
                     let Some(mut w) = watcher.take() else { return };
                     let polled = tokio::task::spawn_blocking(move || {

@@ -13,11 +13,16 @@
 //! - Of two copies of one object, the copy in the file that served it
 //!   first wins, whatever the file names; the other copy is reported.
 //!
-//! Changes are noticed by `stat` (device, inode, size, modification and
-//! change times, mode): a poll re-reads only the files whose stamp changed,
-//! plus any file written within [`RACY_WINDOW`] of its last read, so a
-//! same-size write within the file system's timestamp granularity is not
-//! missed. The caller runs this off the async runtime (it blocks on disk).
+//! Changes are noticed by inotify ([`watch`], the `notify` crate), which
+//! wakes a poll; a poll compares `stat` stamps (device, inode, size,
+//! modification and change times, mode) and re-reads only the files whose
+//! stamp changed, plus any file written within [`RACY_WINDOW`] of its last
+//! read, so a same-size write within the file system's timestamp
+//! granularity is not missed. The poll also runs every
+//! [`SAFETY_POLL_INTERVAL`] (a symlinked file's target outside the
+//! directory, a directory replaced as a whole), or every [`POLL_INTERVAL`]
+//! where inotify is not available. The caller runs polls off the async
+//! runtime (they block on disk).
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -41,8 +46,42 @@ pub enum ManifestDirError {
 /// Default of `--manifest-max-file-bytes`.
 pub const DEFAULT_MAX_FILE_BYTES: u64 = 8 << 20;
 
-/// How often the directory is polled for changes (`stat` only).
+/// How often the directory is polled for changes (`stat` only) when
+/// inotify is not available.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
+
+/// How often it is polled anyway while inotify watches it.
+pub const SAFETY_POLL_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Watches `dir` (not recursive) with inotify and wakes `wake` on every
+/// event (and on watcher errors, which call for a rescan). `None`, logged,
+/// when inotify is not available (e.g. out of watches): poll instead.
+pub fn watch(
+    dir: &Path,
+    wake: std::sync::Arc<tokio::sync::Notify>,
+) -> Option<notify::RecommendedWatcher> {
+    use notify::Watcher as _;
+    let handler = move |event: notify::Result<notify::Event>| {
+        // Our own reads (open, close without writing) change nothing.
+        if let Ok(e) = &event
+            && matches!(e.kind, notify::EventKind::Access(_))
+        {
+            return;
+        }
+        wake.notify_one();
+    };
+    let watched = notify::recommended_watcher(handler).and_then(|mut w| {
+        w.watch(dir, notify::RecursiveMode::NonRecursive)?;
+        Ok(w)
+    });
+    match watched {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot watch the manifest directory with inotify; polling it every {POLL_INTERVAL:?}");
+            None
+        }
+    }
+}
 
 /// A file modified this close to when it was read may change again without
 /// its stamp changing (coarse timestamps); it is re-read on the next poll.
@@ -472,6 +511,17 @@ mod tests {
             "{:?}",
             l.problems
         );
+    }
+
+    #[tokio::test]
+    async fn inotify_wakes_the_source_on_a_write_long_before_the_safety_poll() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let wake = std::sync::Arc::new(tokio::sync::Notify::new());
+        let _watcher = watch(d.path(), wake.clone()).expect("inotify");
+        write(d.path(), "a.yaml", GW);
+        tokio::time::timeout(Duration::from_secs(2), wake.notified())
+            .await
+            .expect("woken by inotify");
     }
 
     #[test]
