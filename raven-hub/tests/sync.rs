@@ -1174,3 +1174,42 @@ status:
     );
     hub.stop().await;
 }
+
+#[tokio::test]
+async fn a_gateway_with_100000_endpoints_is_refused_and_parsing_it_never_stalls_the_hub() {
+    let env = Env::new();
+    let hub = env.hub().await;
+    published_until(&hub, "ready", |p| p.ready).await;
+    let endpoints: String = (0..100_000)
+        .map(|i| format!("    - {{nodeName: n{i}, type: tunnel}}\n"))
+        .collect();
+    std::fs::write(
+        env.manifests().join("big.yaml"),
+        format!(
+            "apiVersion: raven.openyurt.io/v1beta1\nkind: Gateway\nmetadata: {{name: gw-big}}\nspec:\n  endpoints:\n{endpoints}"
+        ),
+    )
+    .expect("write");
+    // While the file is being parsed (seconds in a debug build; a reload
+    // starts within a poll interval), a new agent is served at once. The
+    // clock starts before the wait: a runtime blocked by the parse would
+    // wake this task late.
+    let started = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let mut client = env.client(&hub, HZ_MEMBER).await;
+    let mut agent = Agent::open(&mut client, hello(HZ_MEMBER, &[], "", 0, false))
+        .await
+        .expect("open");
+    agent.update().await.expect("snapshot");
+    assert!(
+        started.elapsed() < Duration::from_millis(2700),
+        "snapshot took {:?}",
+        started.elapsed()
+    );
+    let p = published_until(&hub, "the big gateway refused", |p| {
+        has_problem(p, "Gateway/gw-big (big.yaml#1)", "--manifest-max-endpoints")
+    })
+    .await;
+    assert_eq!(p.topology.gateways().count(), 3);
+    hub.stop().await;
+}
