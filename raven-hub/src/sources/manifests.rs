@@ -451,6 +451,22 @@ mod tests {
     }
 
     #[test]
+    fn a_file_that_fails_with_an_io_error_keeps_serving_its_last_good_version() {
+        // Root reads a chmod-000 file anyway; /proc/self/mem is a regular
+        // file whose read at offset 0 fails (EIO) for everyone.
+        let d = tempfile::tempdir().expect("tempdir");
+        write(d.path(), "a.yaml", GW);
+        let mut s = source(d.path());
+        assert_eq!(gateways(&s.load().expect("load")), ["gw-a"]);
+        std::fs::remove_file(d.path().join("a.yaml")).expect("rm");
+        std::os::unix::fs::symlink("/proc/self/mem", d.path().join("a.yaml")).expect("symlink");
+        let l = s.poll().expect("poll").expect("changed: a problem");
+        assert_eq!(gateways(&l), ["gw-a"]);
+        assert!(names_file(&l, "a.yaml", "cannot read"), "{:?}", l.problems);
+        assert!(names_file(&l, "a.yaml", "last good"), "{:?}", l.problems);
+    }
+
+    #[test]
     fn a_fifo_and_a_symlink_to_dev_zero_are_reported_and_never_read() {
         let d = tempfile::tempdir().expect("tempdir");
         write(d.path(), "a.yaml", GW);
