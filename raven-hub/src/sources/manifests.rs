@@ -274,7 +274,8 @@ impl DirSource {
     /// Reads the directory now.
     pub fn load(&mut self) -> Result<manifest::Loaded, ManifestDirError> {
         let scan = scan(&self.dir, self.limits.max_file_bytes)?;
-        Ok(self.reload(scan).0)
+        self.refresh_all(scan);
+        Ok(self.combine())
     }
 
     /// Looks for changes; `Some` when what the directory serves changed.
@@ -284,14 +285,13 @@ impl DirSource {
         if self.last_scan.as_ref() == Some(&scan) && !racy {
             return Ok(None);
         }
-        let (loaded, changed) = self.reload(scan);
-        Ok(changed.then_some(loaded))
+        // Parse the whole directory again only when a file changed.
+        Ok(self.refresh_all(scan).then(|| self.combine()))
     }
 
-    /// Brings every file up to `scan` (reading only what changed) and loads
-    /// the result. Returns whether any file's served content or problems
-    /// changed.
-    fn reload(&mut self, scan: BTreeMap<String, Scanned>) -> (manifest::Loaded, bool) {
+    /// Brings every file up to `scan`, reading only what changed. Returns
+    /// whether any file's served content or problems changed.
+    fn refresh_all(&mut self, scan: BTreeMap<String, Scanned>) -> bool {
         let mut files = BTreeMap::new();
         for (name, scanned) in &scan {
             let prev = self.files.get(name).cloned().unwrap_or_default();
@@ -306,6 +306,11 @@ impl DirSource {
             });
         self.files = files;
         self.last_scan = Some(scan);
+        changed
+    }
+
+    /// Loads what every file serves; the winners become the owners.
+    fn combine(&mut self) -> manifest::Loaded {
         let used: Vec<(String, String)> = self
             .files
             .iter()
@@ -318,7 +323,7 @@ impl DirSource {
         loaded.problems.sort();
         loaded.problems.dedup();
         self.owners.clone_from(&loaded.origins);
-        (loaded, changed)
+        loaded
     }
 
     fn refresh(&self, name: &str, scanned: &Scanned, prev: FileState) -> FileState {
