@@ -188,4 +188,9 @@ pub struct Inputs {
     /// Liveness of the agents' streams (empty: nobody is gone, which turns
     /// the hub's failure detector off).
     pub streams: Streams,
+    /// The subnets each gateway served in the previous compile (the hub's
+    /// last published state). A gateway keeps a range it served against a
+    /// newcomer claiming an overlapping one, whatever their names; without
+    /// history (a fresh start) the first gateway by name keeps it.
+    pub held_subnets: BTreeMap<IpNet, GatewayName>,
 }

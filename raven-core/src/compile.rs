@@ -120,9 +120,21 @@ pub fn compile(inputs: &Inputs) -> Compiled {
         }
     }
 
-    // Subnets claimed across gateways: the first gateway (by name) to claim an
-    // address range keeps it; a later, overlapping claim is dropped.
+    // Subnets claimed across gateways: a range a gateway served before
+    // (`inputs.held_subnets`) and still has a member for stays with it;
+    // otherwise the first gateway (by name) to claim an address range keeps
+    // it. A later, overlapping claim is dropped and reported.
     let mut claimed = Claims::default();
+    for (net, gw) in &inputs.held_subnets {
+        let holder = members_of.get_key_value(gw).and_then(|(g, ms)| {
+            ms.iter()
+                .find(|m| m.pod_cidrs.contains(net))
+                .map(|m| (*g, m))
+        });
+        if let Some((g, m)) = holder {
+            claimed.reserved.insert(*net, (g.clone(), m.name.clone()));
+        }
+    }
     let mut views = BTreeMap::new();
     let mut compiled = BTreeMap::new();
     for (name, gw) in &admitted {
@@ -480,6 +492,17 @@ fn compile_gateway(
                 ));
                 continue;
             }
+            if let Some((other_gw, other_node)) = Claims::overlap_in(&claimed.reserved, net, name) {
+                problems.push(Problem::error(
+                    &obj,
+                    format!("status.nodes[{}].subnets", node.name),
+                    net.to_string(),
+                    format!(
+                        "overlaps a subnet of node {other_node} in gateway {other_gw}, which served it first; not routed to this gateway"
+                    ),
+                ));
+                continue;
+            }
             claimed.insert(*net, name, &node.name);
             subnets.push(*net);
         }
@@ -586,6 +609,9 @@ fn compile_gateway(
 #[derive(Debug, Default)]
 struct Claims {
     by_net: BTreeMap<IpNet, (GatewayName, NodeName)>,
+    /// Ranges their gateway served in the previous compile and still has a
+    /// member for: no other gateway may claim an overlapping one.
+    reserved: BTreeMap<IpNet, (GatewayName, NodeName)>,
 }
 
 impl Claims {
@@ -599,17 +625,26 @@ impl Claims {
     /// (a supernet, found by truncating `net` to each shorter length) or one
     /// it contains (a network address inside `net`'s range).
     fn overlapping(&self, net: &IpNet, gw: &GatewayName) -> Option<(GatewayName, NodeName)> {
+        Self::overlap_in(&self.by_net, net, gw)
+    }
+
+    /// A claim in `by_net` of a gateway other than `gw` that overlaps `net`.
+    fn overlap_in(
+        by_net: &BTreeMap<IpNet, (GatewayName, NodeName)>,
+        net: &IpNet,
+        gw: &GatewayName,
+    ) -> Option<(GatewayName, NodeName)> {
         let other = |(g, n): &(GatewayName, NodeName)| (g != gw).then(|| (g.clone(), n.clone()));
         let supernet = (0..=net.prefix_len()).find_map(|len| {
             let candidate = IpNet::new(net.network(), len).ok()?.trunc();
-            self.by_net.get(&candidate).and_then(other)
+            by_net.get(&candidate).and_then(other)
         });
         supernet.or_else(|| {
             // Keys order by address first, so the claims inside `net` are
             // the keys from its network address up to its broadcast address.
             let lo = IpNet::new(net.network(), 0).ok()?;
             let hi = net.broadcast();
-            self.by_net
+            by_net
                 .range(lo..)
                 .take_while(|(k, _)| k.addr() <= hi)
                 .filter(|(k, _)| net.contains(&k.network()))

@@ -21,7 +21,37 @@ use crate::yaml;
 pub struct Loaded {
     pub inputs: Inputs,
     pub problems: Vec<Problem>,
+    /// Where each served object came from: `Kind/name` → file name.
+    pub origins: BTreeMap<String, String>,
 }
+
+/// Caps on what one file may hold (the hub's `--manifest-max-*` flags).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Documents in one file (`---` separated, List items not counted).
+    pub max_documents: usize,
+    /// Entries of one Gateway's `spec.endpoints`.
+    pub max_endpoints: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_documents: DEFAULT_MAX_DOCUMENTS,
+            max_endpoints: DEFAULT_MAX_ENDPOINTS,
+        }
+    }
+}
+
+/// Default of [`Limits::max_documents`].
+pub const DEFAULT_MAX_DOCUMENTS: usize = 10_000;
+/// Default of [`Limits::max_endpoints`].
+pub const DEFAULT_MAX_ENDPOINTS: usize = 1_000;
+
+/// Which file owns an object (`Kind/name` → file name): the file it was
+/// served from before. On a duplicate, the owner's copy wins whatever the
+/// file order; without an owner, the first file by name wins.
+pub type Owners = BTreeMap<String, String>;
 
 /// Where an object came from, for duplicate reports.
 fn origin(file: &str, doc: usize) -> String {
@@ -50,29 +80,58 @@ fn describe(value: &Value, at: &str) -> String {
 }
 
 #[derive(Default)]
-struct Loader {
+struct Loader<'a> {
     inputs: Inputs,
     problems: Vec<Problem>,
-    seen: BTreeMap<String, String>,
+    /// `Kind/name` → (where it was loaded from, its file).
+    seen: BTreeMap<String, (String, String)>,
+    limits: Limits,
+    owners: Option<&'a Owners>,
+    file: String,
 }
 
-/// Loads manifests from `(file name, contents)` pairs, in the given order.
+/// Loads manifests from `(file name, contents)` pairs, in the given order,
+/// with the default limits.
 pub fn load(sources: &[(String, String)]) -> Loaded {
-    let mut l = Loader::default();
+    load_with(sources, Limits::default(), &Owners::new())
+}
+
+/// Loads manifests with `limits`; of two copies of one object, the one in
+/// the file `owners` names wins (else the first in order).
+pub fn load_with(sources: &[(String, String)], limits: Limits, owners: &Owners) -> Loaded {
+    let mut l = Loader {
+        limits,
+        owners: Some(owners),
+        ..Default::default()
+    };
     for (file, text) in sources {
+        l.file.clone_from(file);
         l.load_file(file, text);
     }
     l.problems.sort();
     Loaded {
         inputs: l.inputs,
         problems: l.problems,
+        origins: l.seen.into_iter().map(|(k, (_, f))| (k, f)).collect(),
     }
 }
 
-impl Loader {
+impl Loader<'_> {
     fn load_file(&mut self, file: &str, text: &str) {
         for (i, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
             let at = origin(file, i + 1);
+            if i >= self.limits.max_documents {
+                self.problems.push(Problem::error(
+                    file,
+                    "",
+                    format!(">{}", self.limits.max_documents),
+                    format!(
+                        "more than {} documents in one file (--manifest-max-documents); the rest of this file is not read",
+                        self.limits.max_documents
+                    ),
+                ));
+                break;
+            }
             match yaml::read_document(doc) {
                 Ok((Value::Null, _)) => {}
                 Ok((value, repeats)) => {
@@ -123,6 +182,8 @@ impl Loader {
             .unwrap_or_default();
         let object = describe(&value, at);
         match (api_version.as_str(), kind.as_str()) {
+            ("raven.openyurt.io/v1beta1" | "raven.openyurt.io/v1alpha1", "Gateway")
+                if self.too_many_endpoints(&object, &value) => {}
             ("raven.openyurt.io/v1beta1", "Gateway") => {
                 if let Some(gw) = self.typed::<v1beta1::Gateway>(&object, value) {
                     self.add_gateway(at, gw);
@@ -219,17 +280,58 @@ impl Loader {
         }
     }
 
+    /// Whether this copy of `key` is the one to serve. The copy in the file
+    /// that owns the key wins (it was there first); otherwise the first
+    /// copy read. The other copy is reported.
     fn first(&mut self, key: String, at: &str) -> bool {
-        if let Some(prev) = self.seen.get(&key) {
+        let owner = self.owners.and_then(|o| o.get(&key));
+        if let Some((prev, prev_file)) = self.seen.get(&key) {
+            let takes_over = owner == Some(&self.file) && owner != Some(prev_file);
+            let (ignored, kept) = if takes_over {
+                (prev.as_str(), at)
+            } else {
+                (at, prev.as_str())
+            };
             self.problems.push(Problem::error(
-                format!("{key} ({at})"),
+                format!("{key} ({ignored})"),
                 "metadata.name",
                 "",
-                format!("already defined at {prev}; this copy is ignored"),
+                if takes_over {
+                    format!(
+                        "already defined at {kept}, which was served first; this copy is ignored"
+                    )
+                } else {
+                    format!("already defined at {kept}; this copy is ignored")
+                },
             ));
+            if !takes_over {
+                return false;
+            }
+        }
+        self.seen.insert(key, (at.to_owned(), self.file.clone()));
+        true
+    }
+
+    /// A Gateway with more endpoints than the limit is refused before it is
+    /// decoded (decoding and electing among 100,000 endpoints stalls).
+    fn too_many_endpoints(&mut self, object: &str, value: &Value) -> bool {
+        let n = value
+            .get("spec")
+            .and_then(|s| s.get("endpoints"))
+            .and_then(Value::as_sequence)
+            .map_or(0, Vec::len);
+        if n <= self.limits.max_endpoints {
             return false;
         }
-        self.seen.insert(key, at.to_owned());
+        self.problems.push(Problem::error(
+            object,
+            "spec.endpoints",
+            n.to_string(),
+            format!(
+                "more than {} endpoints (--manifest-max-endpoints); this document is ignored",
+                self.limits.max_endpoints
+            ),
+        ));
         true
     }
 
@@ -404,5 +506,66 @@ data: {enable-l3-tunnel: "true"}
         );
         assert_eq!(l.problems, vec![]);
         assert!(l.inputs.gateways.contains_key("gw-l"));
+    }
+
+    #[test]
+    fn the_copy_in_the_file_that_owned_an_object_wins_even_when_a_duplicate_sorts_earlier() {
+        let gw = |port: u16| {
+            format!(
+                "apiVersion: raven.openyurt.io/v1beta1\nkind: Gateway\nmetadata: {{name: gw-cloud}}\nspec: {{endpoints: [{{nodeName: n1, type: tunnel, port: {port}}}]}}\n"
+            )
+        };
+        let files = [("0-dup.yaml".into(), gw(1)), ("gw.yaml".into(), gw(4500))];
+        // Without history the first file by name wins.
+        assert_eq!(
+            load(&files).inputs.gateways["gw-cloud"].spec.endpoints[0].port,
+            1
+        );
+        let owners: Owners = [("Gateway/gw-cloud".to_owned(), "gw.yaml".to_owned())].into();
+        let l = load_with(&files, Limits::default(), &owners);
+        assert_eq!(l.inputs.gateways["gw-cloud"].spec.endpoints[0].port, 4500);
+        assert_eq!(l.origins["Gateway/gw-cloud"], "gw.yaml");
+        assert_eq!(l.problems.len(), 1, "{:?}", l.problems);
+        assert_eq!(l.problems[0].object, "Gateway/gw-cloud (0-dup.yaml#1)");
+        assert!(
+            l.problems[0].message.contains("gw.yaml#1"),
+            "{}",
+            l.problems[0]
+        );
+    }
+
+    #[test]
+    fn a_file_over_the_document_cap_is_an_error_naming_the_file() {
+        let doc = "apiVersion: v1\nkind: Node\nmetadata: {name: n}\n---\n".repeat(5);
+        let limits = Limits {
+            max_documents: 3,
+            ..Default::default()
+        };
+        let l = load_with(&[("many.yaml".into(), doc)], limits, &Owners::new());
+        let p = l
+            .problems
+            .iter()
+            .find(|p| p.object == "many.yaml")
+            .expect("cap reported");
+        assert_eq!(p.severity, crate::Severity::Error);
+        assert!(p.message.contains("--manifest-max-documents"), "{p}");
+    }
+
+    #[test]
+    fn a_gateway_over_the_endpoint_cap_is_refused_and_named() {
+        let eps = "  - {nodeName: n1, type: tunnel}\n".repeat(4);
+        let text = format!(
+            "apiVersion: raven.openyurt.io/v1beta1\nkind: Gateway\nmetadata: {{name: gw-big}}\nspec:\n  endpoints:\n{eps}"
+        );
+        let limits = Limits {
+            max_endpoints: 3,
+            ..Default::default()
+        };
+        let l = load_with(&[("big.yaml".into(), text)], limits, &Owners::new());
+        assert!(l.inputs.gateways.is_empty());
+        assert_eq!(l.problems.len(), 1);
+        assert_eq!(l.problems[0].object, "Gateway/gw-big (big.yaml#1)");
+        assert_eq!(l.problems[0].field, "spec.endpoints");
+        assert_eq!(l.problems[0].value, "4");
     }
 }

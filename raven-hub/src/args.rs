@@ -122,6 +122,23 @@ pub struct ServeArgs {
     /// backup.
     #[arg(long, env = "RAVEN_EPOCH")]
     pub epoch: Option<String>,
+    /// Largest manifest file read (bytes); a larger one is reported and its
+    /// last good version kept.
+    #[arg(long, env = "RAVEN_MANIFEST_MAX_FILE_BYTES", default_value_t = manifests::DEFAULT_MAX_FILE_BYTES)]
+    pub manifest_max_file_bytes: u64,
+    /// Most YAML documents read from one manifest file; a file with more is
+    /// reported and its last good version kept.
+    #[arg(long, env = "RAVEN_MANIFEST_MAX_DOCUMENTS", default_value_t = raven_core::manifest::DEFAULT_MAX_DOCUMENTS)]
+    pub manifest_max_documents: usize,
+    /// Most `spec.endpoints` of one Gateway manifest; a Gateway with more is
+    /// reported and not loaded.
+    #[arg(long, env = "RAVEN_MANIFEST_MAX_ENDPOINTS", default_value_t = raven_core::manifest::DEFAULT_MAX_ENDPOINTS)]
+    pub manifest_max_endpoints: usize,
+    /// Let a change remove most of a node's view (agents otherwise hold
+    /// such a removal back, and the hub does not ask them to take it).
+    /// Start the hub with it once to confirm a deliberate mass removal.
+    #[arg(long, env = "RAVEN_CONFIRM_MASS_REMOVAL")]
+    pub confirm_mass_removal: bool,
     /// Log as JSON.
     #[arg(long, env = "RAVEN_LOG_JSON")]
     pub log_json: bool,
@@ -242,7 +259,15 @@ fn serve(args: ServeArgs) -> anyhow::Result<std::process::ExitCode> {
             retry_after: args.admission_retry_after,
             keepalive: args.keepalive,
             failover_grace: args.failover_grace,
+            confirm_mass_removal: args.confirm_mass_removal,
             ..Default::default()
+        },
+        manifest_limits: manifests::Limits {
+            max_file_bytes: args.manifest_max_file_bytes,
+            manifest: raven_core::manifest::Limits {
+                max_documents: args.manifest_max_documents,
+                max_endpoints: args.manifest_max_endpoints,
+            },
         },
         debounce: crate::pipeline::Debounce::default(),
         replica: std::env::var("HOSTNAME").unwrap_or_else(|_| "raven-hub".to_owned()),

@@ -43,6 +43,8 @@ pub struct HubConfig {
     /// Epoch shared by every replica (Kubernetes mode); `None` lets this hub
     /// pick and persist its own.
     pub epoch: Option<String>,
+    /// Caps on the files of a manifest directory (`--manifest-max-*`).
+    pub manifest_limits: manifests::Limits,
 }
 
 /// A running hub.
@@ -87,6 +89,8 @@ pub enum StartError {
     Manifests(#[from] manifests::ManifestDirError),
     #[error("Kubernetes client: {0}")]
     Kube(String),
+    #[error("the manifest reader stopped: {0}")]
+    Reader(#[from] tokio::task::JoinError),
 }
 
 /// Starts the hub: binds every listener first (so errors surface now), then
@@ -147,6 +151,7 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
     spawn_source(
         &mut tasks,
         &config.source,
+        config.manifest_limits,
         &index,
         &published,
         config.replica.clone(),
@@ -273,6 +278,7 @@ fn load_into(index: &IndexHandle, loaded: raven_core::manifest::Loaded) {
 async fn spawn_source(
     tasks: &mut JoinSet<()>,
     source: &Source,
+    limits: manifests::Limits,
     index: &IndexHandle,
     published: &PublishedRx,
     replica: String,
@@ -286,29 +292,62 @@ async fn spawn_source(
             );
         }
         Source::Manifests(dir) => {
-            let mut watcher = manifests::DirSource::new(dir.clone());
-            load_into(index, watcher.load()?);
+            // Reading blocks on the disk (and parsing a large file takes a
+            // while): always on the blocking pool, never on the runtime.
+            // Watch before the first read, so no change falls in between.
+            let wake = std::sync::Arc::new(tokio::sync::Notify::new());
+            let inotify = manifests::watch(dir, wake.clone());
+            let interval = if inotify.is_some() {
+                manifests::SAFETY_POLL_INTERVAL
+            } else {
+                manifests::POLL_INTERVAL
+            };
+            let mut watcher = manifests::DirSource::new(dir.clone(), limits);
+            let (w, loaded) = tokio::task::spawn_blocking(move || {
+                let loaded = watcher.load();
+                (watcher, loaded)
+            })
+            .await?;
+            load_into(index, loaded?);
+            let mut watcher = Some(w);
             let index = index.clone();
             let shutdown = shutdown.clone();
             tasks.spawn(async move {
-                let mut last = manifests::fingerprint(watcher.dir());
+                // Dropped with the task: the inotify watch ends with it.
+                let _inotify = inotify;
                 loop {
                     tokio::select! {
                         () = shutdown.cancelled() => return,
-                        () = tokio::time::sleep(manifests::POLL_INTERVAL) => {}
+                        () = tokio::time::sleep(interval) => {}
+                        () = wake.notified() => {
+                            // Let a burst of events (an editor's save) settle.
+                            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                        }
                     }
-                    let now = manifests::fingerprint(watcher.dir());
-                    if now == last {
-                        continue;
-                    }
-                    last = now;
-                    match watcher.load() {
-                        Ok(loaded) => {
-                            tracing::info!(dir = %watcher.dir().display(), problems = loaded.problems.len(), "manifests changed; reloaded");
+                    let Some(mut w) = watcher.take() else { return };
+                    let polled = tokio::task::spawn_blocking(move || {
+                        let r = w.poll();
+                        (w, r)
+                    });
+                    let (w, r) = tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        r = polled => match r {
+                            Ok(r) => r,
+                            Err(e) => {
+                                tracing::error!(error = %e, "manifest reader panicked; keeping the last state, no more reloads");
+                                return;
+                            }
+                        },
+                    };
+                    match r {
+                        Ok(Some(loaded)) => {
+                            tracing::info!(dir = %w.dir().display(), problems = loaded.problems.len(), "manifests changed; reloaded");
                             load_into(&index, loaded);
                         }
+                        Ok(None) => {}
                         Err(e) => tracing::warn!(error = %e, "manifest directory unreadable; keeping the last state"),
                     }
+                    watcher = Some(w);
                 }
             });
         }

@@ -154,6 +154,41 @@ impl Pipeline {
                 gw.status = Some(last.status.clone());
             }
         }
+        // Subnet precedence needs history: a gateway keeps the ranges it
+        // served in the last published state against a newcomer. Before
+        // this hub published anything, the status the gateways carry (the
+        // leader's, in Kubernetes mode) stands in.
+        let served = |gw: &raven_core::api::v1beta1::GatewayStatus| {
+            gw.nodes
+                .iter()
+                .flat_map(|n| n.subnets.iter())
+                .filter_map(|s| s.parse().ok())
+                .collect::<Vec<ipnet::IpNet>>()
+        };
+        inputs.held_subnets = if prev.gateways.is_empty() {
+            inputs
+                .gateways
+                .iter()
+                .filter_map(|(name, gw)| Some((GatewayName::new(name.clone()).ok()?, gw)))
+                .flat_map(|(name, gw)| {
+                    gw.status
+                        .as_ref()
+                        .map(served)
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(move |net| (net, name.clone()))
+                })
+                .collect()
+        } else {
+            prev.gateways
+                .values()
+                .flat_map(|c| {
+                    served(&c.status)
+                        .into_iter()
+                        .map(|net| (net, c.name.clone()))
+                })
+                .collect()
+        };
         let mut compiled = raven_core::compile(&inputs);
         log_elections(
             &prev.gateways,

@@ -89,6 +89,7 @@ impl Env {
             },
             replica: "test".into(),
             epoch: None,
+            manifest_limits: Default::default(),
         }
     }
 
@@ -1290,5 +1291,248 @@ async fn an_operator_certificate_may_inspect_everything() {
         })
         .await
         .expect("any node's view");
+    hub.stop().await;
+}
+
+async fn published_until(
+    hub: &RunningHub,
+    what: &str,
+    f: impl Fn(&raven_hub::pipeline::Published) -> bool,
+) -> std::sync::Arc<raven_hub::pipeline::Published> {
+    let mut rx = hub.published.clone();
+    let r = tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|p| f(p)))
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for: {what}"))
+        .expect("hub running");
+    r.clone()
+}
+
+fn has_problem(p: &raven_hub::pipeline::Published, object: &str, what: &str) -> bool {
+    p.topology
+        .problems
+        .iter()
+        .any(|x| x.object == object && x.message.contains(what))
+}
+
+/// Acks every Update that arrives within `wait` and returns them.
+async fn updates_within(agent: &mut Agent, wait: Duration) -> Vec<v1::Update> {
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut out = Vec::new();
+    loop {
+        match tokio::time::timeout_at(deadline, agent.rx.message()).await {
+            Err(_) => return out,
+            Ok(msg) => match msg.expect("stream").and_then(|m| m.message) {
+                Some(Resp::Update(u)) => {
+                    agent.ack(&u).await;
+                    out.push(u);
+                }
+                Some(Resp::Heartbeat(_)) => {}
+                None => panic!("stream ended"),
+            },
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_file_replaced_by_a_directory_a_fifo_and_dev_zero_change_nothing_and_the_hub_keeps_serving()
+ {
+    let env = Env::new();
+    let hub = env.hub().await;
+    let mut client = env.client(&hub, HZ_MEMBER).await;
+    let mut agent = Agent::open(&mut client, hello(HZ_MEMBER, &[], "", 0, false))
+        .await
+        .expect("open");
+    let first = agent.update().await.expect("snapshot");
+    agent.ack(&first).await;
+    let dir = env.manifests();
+    std::fs::remove_file(dir.join("gateways.yaml")).expect("rm");
+    std::fs::create_dir(dir.join("gateways.yaml")).expect("mkdir");
+    let ok = std::process::Command::new("mkfifo")
+        .arg(dir.join("fifo.yaml"))
+        .status()
+        .expect("mkfifo")
+        .success();
+    assert!(ok);
+    std::os::unix::fs::symlink("/dev/zero", dir.join("zero.yaml")).expect("symlink");
+    let p = published_until(&hub, "the three files reported", |p| {
+        has_problem(p, "gateways.yaml", "a directory")
+            && has_problem(p, "fifo.yaml", "a FIFO")
+            && has_problem(p, "zero.yaml", "a character device")
+    })
+    .await;
+    assert_eq!(p.topology.gateways().count(), 3, "last good gateways kept");
+    assert!(
+        has_problem(&p, "gateways.yaml", "last good version"),
+        "{:?}",
+        p.topology.problems
+    );
+    // Nothing the agent holds changed, and the hub still answers a new agent.
+    agent.no_update_within(Duration::from_millis(800)).await;
+    let mut other = env.client(&hub, QD_MEMBER).await;
+    let mut second = Agent::open(&mut other, hello(QD_MEMBER, &[], "", 0, false))
+        .await
+        .expect("open");
+    let u = second.update().await.expect("snapshot");
+    assert!(names(&u).contains(&"gateway/gw-hangzhou".to_owned()));
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn deleting_most_of_a_nodes_view_is_held_back_unless_the_operator_confirms_it() {
+    for confirm in [false, true] {
+        let env = Env::new();
+        let mut config = env.config(64);
+        config.sync.confirm_mass_removal = confirm;
+        let hub = hub::start(config).await.expect("hub starts");
+        let mut client = env.client(&hub, HZ_MEMBER).await;
+        let mut agent = Agent::open(&mut client, hello(HZ_MEMBER, &[], "", 0, false))
+            .await
+            .expect("open");
+        let first = agent.update().await.expect("snapshot");
+        assert_eq!(first.resources.len(), 5);
+        agent.ack(&first).await;
+        // A deliberate deletion of the file holding every Gateway: three of
+        // the node's five resources would go.
+        std::fs::remove_file(env.manifests().join("gateways.yaml")).expect("rm");
+        published_until(&hub, "gateways gone", |p| {
+            p.topology.gateways().count() == 0
+        })
+        .await;
+        let updates = updates_within(&mut agent, Duration::from_millis(1500)).await;
+        let removed: Vec<&String> = updates.iter().flat_map(|u| &u.removed).collect();
+        if confirm {
+            assert_eq!(removed.len(), 3, "{updates:?}");
+            assert!(
+                updates
+                    .iter()
+                    .all(|u| u.removed.is_empty() || u.intentional_removal)
+            );
+        } else {
+            assert!(removed.is_empty(), "mass removal sent: {updates:?}");
+            assert!(
+                updates.iter().all(|u| !u.intentional_removal),
+                "{updates:?}"
+            );
+        }
+        hub.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn a_newcomer_never_takes_an_existing_gateways_name_or_subnet_whatever_its_file_or_name() {
+    let env = Env::new();
+    let hub = env.hub().await;
+    let hz_subnets = |p: &raven_hub::pipeline::Published| -> Vec<String> {
+        p.gateways
+            .values()
+            .find(|g| g.name.as_str() == "gw-hangzhou")
+            .map(|g| {
+                g.status
+                    .nodes
+                    .iter()
+                    .filter(|n| n.node_name == HZ_MEMBER)
+                    .flat_map(|n| n.subnets.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let before = published_until(&hub, "ready", |p| p.ready).await;
+    assert_eq!(hz_subnets(&before), ["10.244.2.0/24"]);
+    let tunnel_port = |p: &raven_hub::pipeline::Published| {
+        p.gateways
+            .values()
+            .find(|g| g.name.as_str() == "gw-hangzhou")
+            .and_then(|g| {
+                g.gateway
+                    .spec
+                    .endpoints
+                    .iter()
+                    .find(|e| e.type_ == "tunnel")
+                    .map(|e| e.port)
+            })
+    };
+    assert_eq!(tunnel_port(&before), Some(4500));
+    // A file sorting first holds a second gw-hangzhou and a new gateway
+    // whose name sorts first and whose node claims gw-hangzhou's subnet.
+    std::fs::write(
+        env.manifests().join("0-new.yaml"),
+        r#"apiVersion: raven.openyurt.io/v1beta1
+kind: Gateway
+metadata: {name: gw-hangzhou}
+spec:
+  endpoints: [{nodeName: izbp15inok0kbfkg3in52rz, type: tunnel, port: 4999, underNAT: true}]
+---
+apiVersion: raven.openyurt.io/v1beta1
+kind: Gateway
+metadata: {name: gw-a-new}
+spec:
+  endpoints: [{nodeName: newnode, type: tunnel, publicIP: 192.0.2.99}]
+---
+apiVersion: v1
+kind: Node
+metadata: {name: newnode, labels: {raven.openyurt.io/gateway: gw-a-new}}
+spec: {podCIDR: 10.244.2.0/24}
+status:
+  conditions: [{type: Ready, status: "True"}]
+  addresses: [{type: InternalIP, address: 172.16.9.1}]
+"#,
+    )
+    .expect("write");
+    let p = published_until(&hub, "the newcomers reported", |p| {
+        p.gateways.values().any(|g| g.name.as_str() == "gw-a-new")
+            && has_problem(p, "Gateway/gw-hangzhou (0-new.yaml#1)", "already defined")
+    })
+    .await;
+    assert_eq!(tunnel_port(&p), Some(4500), "the served gw-hangzhou stays");
+    assert_eq!(
+        hz_subnets(&p),
+        ["10.244.2.0/24"],
+        "{:?}",
+        p.topology.problems
+    );
+    assert!(
+        has_problem(&p, "Gateway/gw-a-new", "served it first"),
+        "{:?}",
+        p.topology.problems
+    );
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn a_gateway_with_100000_endpoints_is_refused_and_parsing_it_never_stalls_the_hub() {
+    let env = Env::new();
+    let hub = env.hub().await;
+    published_until(&hub, "ready", |p| p.ready).await;
+    let endpoints: String = (0..100_000)
+        .map(|i| format!("    - {{nodeName: n{i}, type: tunnel}}\n"))
+        .collect();
+    std::fs::write(
+        env.manifests().join("big.yaml"),
+        format!(
+            "apiVersion: raven.openyurt.io/v1beta1\nkind: Gateway\nmetadata: {{name: gw-big}}\nspec:\n  endpoints:\n{endpoints}"
+        ),
+    )
+    .expect("write");
+    // While the file is being parsed (seconds in a debug build; a reload
+    // starts within a poll interval), a new agent is served at once. The
+    // clock starts before the wait: a runtime blocked by the parse would
+    // wake this task late.
+    let started = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let mut client = env.client(&hub, HZ_MEMBER).await;
+    let mut agent = Agent::open(&mut client, hello(HZ_MEMBER, &[], "", 0, false))
+        .await
+        .expect("open");
+    agent.update().await.expect("snapshot");
+    assert!(
+        started.elapsed() < Duration::from_millis(2700),
+        "snapshot took {:?}",
+        started.elapsed()
+    );
+    let p = published_until(&hub, "the big gateway refused", |p| {
+        has_problem(p, "Gateway/gw-big (big.yaml#1)", "--manifest-max-endpoints")
+    })
+    .await;
+    assert_eq!(p.topology.gateways().count(), 3);
     hub.stop().await;
 }

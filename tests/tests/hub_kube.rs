@@ -78,6 +78,7 @@ impl Env {
             },
             replica: replica.into(),
             epoch: Some("kubernetes".into()),
+            manifest_limits: Default::default(),
         })
         .await?)
     }

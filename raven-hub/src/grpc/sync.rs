@@ -56,6 +56,18 @@ pub struct SyncConfig {
     /// detector counts it (see `raven_core::liveness`); longer than a
     /// short reconnect.
     pub failover_grace: Duration,
+    /// Removals of most of a node's view are marked intentional
+    /// (`--confirm-mass-removal`); otherwise the hub holds them back (see
+    /// [`is_mass_removal`]).
+    pub confirm_mass_removal: bool,
+}
+
+/// The agent's mass-removal guard (raven-edge `cache.rs`, which keeps the
+/// same numbers): removing more than half of at least four held resources.
+/// The hub never marks such a removal intentional unless the operator
+/// confirmed it, so a source that lost its inputs cannot empty agents.
+pub fn is_mass_removal(removing: usize, held: usize) -> bool {
+    held >= 4 && removing * 2 > held
 }
 
 impl Default for SyncConfig {
@@ -72,6 +84,7 @@ impl Default for SyncConfig {
             max_update_bytes: 1 << 20,
             keepalive: Duration::from_secs(2),
             failover_grace: Duration::from_secs(3),
+            confirm_mass_removal: false,
         }
     }
 }
@@ -210,6 +223,8 @@ pub struct Session {
     heartbeat_seq: u64,
     /// The first Update (answer to the Hello) has been sent.
     answered: bool,
+    /// A mass removal the hub is holding back (logged once per set).
+    held_back: Vec<ResourceName>,
 }
 
 impl std::fmt::Debug for Session {
@@ -253,6 +268,7 @@ impl Session {
             next_nonce: 0,
             heartbeat_seq: 0,
             answered: false,
+            held_back: Vec::new(),
         }
     }
 
@@ -483,13 +499,31 @@ impl Session {
             .filter(|(n, v)| !self.nacked.contains(&((*n).clone(), (*v).clone())))
             .map(|(n, v)| (n.clone(), v.clone()))
             .collect();
-        let removed: Vec<ResourceName> = self
+        let mut removed: Vec<ResourceName> = self
             .held
             .keys()
             .filter(|n| !wanted.contains_key(*n))
             .cloned()
             .collect();
         let first = !self.answered;
+        // A removal of most of the view is intentional only when the
+        // operator confirmed it. Unconfirmed, a delta leaves it out (the
+        // agent keeps those resources, and nothing is NACKed in a loop); a
+        // first snapshot goes out unmarked, so the agent's guard holds it
+        // back. Any smaller removal after the first Update was observed by
+        // this hub while the agent was in sync with it: a deliberate change.
+        let mass = is_mass_removal(removed.len(), self.held.len());
+        let confirmed = self.shared.config.confirm_mass_removal;
+        if mass && !confirmed && !first {
+            if self.held_back != removed {
+                tracing::warn!(node = %self.node, removing = removed.len(), held = self.held.len(), names = ?removed, "holding back a removal of most of this node's view; start the hub with --confirm-mass-removal if it is meant");
+                self.held_back.clone_from(&removed);
+            }
+            removed.clear();
+        } else {
+            self.held_back.clear();
+        }
+        let intentional_removal = confirmed || (!first && !mass);
         if !first && changed.is_empty() && removed.is_empty() {
             return;
         }
@@ -529,10 +563,10 @@ impl Session {
                 snapshot: full_snapshot,
                 snapshot_complete: full_snapshot && last,
                 removed: if last { removed.clone() } else { Vec::new() },
-                // Removals the hub observed while the agent was in sync with
-                // it are intended; removals at the start of a session (this
-                // hub may have restarted with the wrong sources) are not.
-                intentional_removal: !first,
+                // Removals at the start of a session (this hub may have
+                // restarted with the wrong sources) and mass removals are
+                // intended only when confirmed (see above).
+                intentional_removal,
             };
             let resources = part
                 .iter()
