@@ -184,6 +184,18 @@ fn hello(
 }
 
 impl Agent {
+    /// Reads until the stream ends: the status code it ended with (`None`:
+    /// a clean end).
+    async fn end(&mut self) -> Option<tonic::Code> {
+        loop {
+            match self.rx.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => return None,
+                Err(e) => return Some(e.code()),
+            }
+        }
+    }
+
     async fn open(
         client: &mut SyncServiceClient<Channel>,
         first: v1::SyncRequest,
@@ -1012,6 +1024,17 @@ async fn a_takeover_claim_against_a_connected_elected_endpoint_is_refused() {
     hub.stop().await;
 }
 
+/// A hub on `env` that has synced its sources.
+async fn ready_hub(env: &Env) -> RunningHub {
+    let hub = env.hub().await;
+    let mut rx = hub.published.clone();
+    tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|p| p.ready))
+        .await
+        .expect("ready")
+        .expect("alive");
+    hub
+}
+
 /// Issue 11, finding 3: a node certificate reads its own view over mTLS and
 /// nothing else — not the topology, not the agent table (every agent's
 /// address), not another node's view.
@@ -1019,12 +1042,7 @@ async fn a_takeover_claim_against_a_connected_elected_endpoint_is_refused() {
 async fn a_node_certificate_may_inspect_only_its_own_view() {
     use raven_proto::v1::inspect_service_client::InspectServiceClient;
     let env = Env::new();
-    let hub = env.hub().await;
-    let mut rx = hub.published.clone();
-    tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|p| p.ready))
-        .await
-        .expect("ready")
-        .expect("alive");
+    let hub = ready_hub(&env).await;
     let channel = env.channel(&hub, HZ_GW).await;
     let mut inspect = InspectServiceClient::new(channel);
     let denied = |r: Result<_, tonic::Status>, what: &str| {
@@ -1084,15 +1102,8 @@ async fn streams_from_one_node_certificate_replace_each_other_and_never_lock_oth
     }
     // The older ones were ended by the newest.
     let mut oldest = streams.remove(0);
-    let ended = loop {
-        match oldest.rx.message().await {
-            Ok(Some(_)) => continue,
-            Ok(None) => break None,
-            Err(e) => break Some(e),
-        }
-    };
     assert_eq!(
-        ended.map(|e| e.code()),
+        oldest.end().await,
         Some(tonic::Code::Aborted),
         "replaced by the newer stream"
     );
@@ -1252,14 +1263,7 @@ async fn a_report_flood_from_one_node_is_rate_limited_and_others_stay_prompt() {
         })
         .await
         .expect("sent");
-    let ended = loop {
-        match flooder.rx.message().await {
-            Ok(Some(_)) => continue,
-            Ok(None) => break None,
-            Err(e) => break Some(e.code()),
-        }
-    };
-    assert_eq!(ended, Some(tonic::Code::InvalidArgument));
+    assert_eq!(flooder.end().await, Some(tonic::Code::InvalidArgument));
     hub.stop().await;
 }
 
@@ -1269,12 +1273,7 @@ async fn a_report_flood_from_one_node_is_rate_limited_and_others_stay_prompt() {
 async fn an_operator_certificate_may_inspect_everything() {
     use raven_proto::v1::inspect_service_client::InspectServiceClient;
     let env = Env::new();
-    let hub = env.hub().await;
-    let mut rx = hub.published.clone();
-    tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|p| p.ready))
-        .await
-        .expect("ready")
-        .expect("alive");
+    let hub = ready_hub(&env).await;
     let mut inspect = InspectServiceClient::new(env.operator_channel(&hub).await);
     let topology = inspect
         .get_topology(v1::GetTopologyRequest::default())
