@@ -93,6 +93,14 @@ pub struct ServeArgs {
     /// no longer elected. Longer than a short reconnect.
     #[arg(long, env = "RAVEN_FAILOVER_GRACE", default_value = "3s", value_parser = humantime::parse_duration)]
     pub failover_grace: std::time::Duration,
+    /// Connections open at once on the mTLS listener (TCP accepted, TLS or
+    /// not); one over that is closed at once. Lowered to the open-files
+    /// limit less 256 descriptors of headroom.
+    #[arg(long, env = "RAVEN_MAX_CONNECTIONS", default_value_t = 20_000)]
+    pub max_connections: usize,
+    /// A TLS handshake that does not finish within this is dropped.
+    #[arg(long, env = "RAVEN_TLS_HANDSHAKE_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub tls_handshake_timeout: std::time::Duration,
     /// Agents allowed in their initial sync at once; others are told to retry.
     #[arg(long, env = "RAVEN_MAX_INITIAL_SYNCS", default_value_t = 256)]
     pub max_initial_syncs: usize,
@@ -253,6 +261,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<std::process::ExitCode> {
         sync: crate::grpc::sync::SyncConfig {
             heartbeat: args.heartbeat,
             max_initial_syncs: args.max_initial_syncs,
+            max_connections: args.max_connections,
+            tls_handshake_timeout: args.tls_handshake_timeout,
             admission_hold: args.admission_hold,
             report_rate: args.report_rate,
             max_report_bytes: args.max_report_bytes,

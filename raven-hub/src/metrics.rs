@@ -25,6 +25,7 @@ pub struct Metrics {
     problems: Gauge<i64, AtomicI64>,
     reports_applied: Counter<u64, AtomicU64>,
     reports_coalesced: Counter<u64, AtomicU64>,
+    connections_refused: Counter<u64, AtomicU64>,
 }
 
 impl Default for Metrics {
@@ -80,8 +81,15 @@ impl Metrics {
             "Agent Reports over their node's rate, replaced by a later one",
             reports_coalesced.clone(),
         );
+        let connections_refused = Counter::default();
+        registry.register(
+            "connections_refused",
+            "Connections closed at once because the connection limit was reached",
+            connections_refused.clone(),
+        );
         Self {
             registry: Arc::new(registry),
+            connections_refused,
             reports_applied,
             reports_coalesced,
             streams,
@@ -110,6 +118,13 @@ impl Metrics {
     }
     pub fn nacked(&self) {
         self.nacks.inc();
+    }
+    pub fn connection_refused(&self) {
+        self.connections_refused.inc();
+    }
+    /// Connections refused at the limit so far.
+    pub fn connections_refused(&self) -> u64 {
+        self.connections_refused.get()
     }
     pub fn report_applied(&self) {
         self.reports_applied.inc();

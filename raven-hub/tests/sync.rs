@@ -1535,3 +1535,44 @@ async fn a_gateway_with_100000_endpoints_is_refused_and_parsing_it_never_stalls_
     assert_eq!(p.topology.gateways().count(), 3);
     hub.stop().await;
 }
+
+/// Issue 11, finding 6: idle connections that never finish a TLS handshake
+/// cannot use up the hub. Over the connection limit they are closed at once,
+/// under it they are dropped after the handshake timeout, and a real agent
+/// gets in.
+#[tokio::test]
+async fn idle_connections_are_bounded_and_dropped_and_an_agent_still_gets_in() {
+    use tokio::io::AsyncReadExt;
+    let env = Env::new();
+    let mut config = env.config(64);
+    config.sync.max_connections = 8;
+    config.sync.tls_handshake_timeout = Duration::from_secs(1);
+    let hub = hub::start(config).await.expect("hub");
+    let mut idle = Vec::new();
+    for _ in 0..40 {
+        idle.push(
+            tokio::net::TcpStream::connect(hub.grpc_addr)
+                .await
+                .expect("tcp connect"),
+        );
+    }
+    // Every idle connection is closed by the hub: at once over the limit,
+    // after the handshake timeout under it.
+    for (i, c) in idle.iter_mut().enumerate() {
+        let mut buf = [0u8; 16];
+        let r = tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf)).await;
+        assert!(
+            matches!(r, Ok(Ok(0)) | Ok(Err(_))),
+            "idle connection {i} still open: {r:?}"
+        );
+    }
+    assert!(
+        hub.metrics.connections_refused() > 0,
+        "the limit was never hit"
+    );
+    // Meanwhile (and after) an agent connects and syncs.
+    let mut agent = synced_agent(&env, &hub, HZ_GW).await;
+    agent.no_update_within(Duration::from_millis(100)).await;
+    drop(idle);
+    hub.stop().await;
+}

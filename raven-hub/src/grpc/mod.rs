@@ -5,6 +5,7 @@
 //! - An optional plaintext listener, allowed on loopback addresses only,
 //!   serves inspection, reflection and health — never `Sync`.
 
+pub mod conn;
 pub mod inspect;
 pub mod sync;
 
@@ -186,7 +187,18 @@ pub async fn serve(
 ) -> Result<(), ServeError> {
     let identity = Identity::from_pem(read(&tls.cert)?, tls.read_key()?);
     let ca = Certificate::from_pem(read(&tls.client_ca)?);
-    let tls_config = ServerTlsConfig::new().identity(identity).client_ca_root(ca);
+    let tls_config = ServerTlsConfig::new()
+        .identity(identity)
+        .client_ca_root(ca)
+        .timeout(shared.config.tls_handshake_timeout);
+    let max_connections = conn::effective_max(shared.config.max_connections);
+    if max_connections < shared.config.max_connections {
+        tracing::warn!(
+            wanted = shared.config.max_connections,
+            max_connections,
+            "the open-files limit caps agent connections; raise it (ulimit -n) for more"
+        );
+    }
 
     let (health_reporter, health) = tonic_health::server::health_reporter();
     let mut published = shared.published.clone();
@@ -220,6 +232,7 @@ pub async fn serve(
     };
     let (refl_v1, refl_v1alpha) = reflection()?;
     let keepalive = Some(shared.config.keepalive);
+    let metrics = shared.metrics.clone();
     let sync = SyncServiceServer::new(Sync { shared });
     let tls_server = Server::builder()
         .tls_config(tls_config)?
@@ -231,7 +244,9 @@ pub async fn serve(
         .add_service(InspectServiceServer::new(inspect.clone()))
         .add_service(sync)
         .serve_with_incoming_shutdown(
-            TcpListenerStream::new(listeners.grpc),
+            conn::bounded(listeners.grpc, max_connections, move || {
+                metrics.connection_refused();
+            }),
             shutdown.clone().cancelled_owned(),
         );
 

@@ -32,6 +32,12 @@ pub struct SyncConfig {
     /// How long a stream waits for the hub's sources to sync before it is
     /// refused with UNAVAILABLE.
     pub ready_timeout: Duration,
+    /// Agent connections (TCP, TLS or not yet) open at once on the mTLS
+    /// listener; one over that is closed at once. Capped by the open-files
+    /// limit less a headroom (see `grpc::conn`).
+    pub max_connections: usize,
+    /// A TLS handshake not finished within this is dropped.
+    pub tls_handshake_timeout: Duration,
     /// Streams allowed to be in their initial sync at once (admission).
     pub max_initial_syncs: usize,
     /// Reports a node may send per second (a burst of twice as many is
@@ -76,6 +82,8 @@ impl Default for SyncConfig {
             heartbeat: Duration::from_secs(10),
             hello_timeout: Duration::from_secs(15),
             ready_timeout: Duration::from_secs(30),
+            max_connections: 20_000,
+            tls_handshake_timeout: Duration::from_secs(5),
             max_initial_syncs: 256,
             admission_hold: Duration::from_secs(20),
             report_rate: 4.0,
