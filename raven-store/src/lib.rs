@@ -54,6 +54,21 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 pub use error::StoreError;
+
+/// For the fuzz targets (`fuzz/`): decodes one stored value as it is read
+/// from disk — the frame, then its body as a resource and as a sequence.
+/// Returns whether the frame was valid. Must never panic on any input.
+#[doc(hidden)]
+pub fn decode_value_for_fuzzing(value: &[u8]) -> bool {
+    match frame::unframe(value) {
+        Ok(f) => {
+            let _ = frame::decode_resource(f.body);
+            let _ = frame::decode_seq(f.body);
+            true
+        }
+        Err(_) => false,
+    }
+}
 pub use frame::SCHEMA_VERSION;
 pub use store::Store;
 
