@@ -53,3 +53,13 @@ pub fn node_view<'a>(
         .filter_map(|n| topology.resources.get(&n).map(|r| (n, r)))
         .collect()
 }
+
+/// Below this many held resources a removal is never a mass removal.
+pub const MASS_REMOVAL_MIN_HELD: usize = 4;
+
+/// A removal of more than half of at least [`MASS_REMOVAL_MIN_HELD`] held
+/// resources: an agent refuses it unless the hub marks it intentional, and
+/// the hub marks it so only when an operator confirmed it. One rule for both.
+pub fn is_mass_removal(removing: usize, held: usize) -> bool {
+    held >= MASS_REMOVAL_MIN_HELD && removing * 2 > held
+}

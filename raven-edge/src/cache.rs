@@ -16,12 +16,6 @@ use raven_core::{ContentVersion, NodeName, Resource, ResourceBody, ResourceName}
 use raven_proto::{DecodedUpdate, v1};
 use raven_store::{Commit, Meta, Store, StoreError, StoreOptions, StoredResource};
 
-/// A removal of more than this share of the held resources needs the hub's
-/// `intentional_removal` mark.
-pub const MASS_REMOVAL_SHARE: f64 = 0.5;
-/// Below this many held resources the mass-removal guard does not apply.
-pub const MASS_REMOVAL_MIN_HELD: usize = 4;
-
 /// The state the agent holds.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CachedState {
@@ -115,10 +109,7 @@ pub fn check_update(
             && !update.resources.iter().any(|(u, _)| u == n)
     });
     let held_count = held.resources.len();
-    if !h.intentional_removal
-        && held_count >= MASS_REMOVAL_MIN_HELD
-        && (remove.len() as f64) > (held_count as f64) * MASS_REMOVAL_SHARE
-    {
+    if !h.intentional_removal && raven_core::view::is_mass_removal(remove.len(), held_count) {
         return Err(Refusal::MassRemoval {
             removing: remove.len(),
             held: held_count,

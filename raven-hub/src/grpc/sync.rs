@@ -68,13 +68,11 @@ pub struct SyncConfig {
     pub confirm_mass_removal: bool,
 }
 
-/// The agent's mass-removal guard (raven-edge `cache.rs`, which keeps the
-/// same numbers): removing more than half of at least four held resources.
-/// The hub never marks such a removal intentional unless the operator
-/// confirmed it, so a source that lost its inputs cannot empty agents.
-pub fn is_mass_removal(removing: usize, held: usize) -> bool {
-    held >= 4 && removing * 2 > held
-}
+/// The agent's mass-removal guard, shared with it
+/// ([`raven_core::view::is_mass_removal`]). The hub never marks such a
+/// removal intentional unless the operator confirmed it, so a source that
+/// lost its inputs cannot empty agents.
+pub use raven_core::view::is_mass_removal;
 
 impl Default for SyncConfig {
     fn default() -> Self {
