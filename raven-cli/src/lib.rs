@@ -2,6 +2,8 @@
 //! one way to stop, and one way to keep private keys private ([`files`]).
 
 pub mod files;
+pub mod metrics;
+pub mod output;
 
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`), as JSON lines
 /// when `json`.
@@ -15,6 +17,21 @@ pub fn init_tracing(json: bool) {
         builder.json().init();
     } else {
         builder.init();
+    }
+}
+
+/// Items for a log line, `a, b, c`, or `none`: never Rust's `Debug` form
+/// (`["a"]`, `Some(…)`), which an operator should not have to read.
+pub fn list<T: std::fmt::Display>(items: impl IntoIterator<Item = T>) -> String {
+    let out = items
+        .into_iter()
+        .map(|i| i.to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    if out.is_empty() {
+        "none".to_owned()
+    } else {
+        out
     }
 }
 

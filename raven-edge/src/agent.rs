@@ -228,11 +228,12 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|source| AgentError::Http { addr, source })?;
-        tasks.spawn(crate::http::serve(
-            listener,
-            health.clone(),
-            shutdown.clone(),
-        ));
+        let sources = crate::http::Sources {
+            node: cfg.node.to_string(),
+            health: health.clone(),
+            state: state_rx.clone(),
+        };
+        tasks.spawn(crate::http::serve(listener, sources, shutdown.clone()));
     }
     // 2. The hub, in the background.
     if let Some(client_cfg) = cfg.client.clone() {
@@ -498,10 +499,10 @@ impl Reconciler {
         let overrides = failover::choose(inputs, &evidence, &st.overrides);
         if commit {
             if overrides != st.overrides {
-                tracing::info!(?overrides, hub_reachable, "local gateway failover changed");
+                tracing::info!(overrides = %raven_cli::list(overrides.iter().map(|(g, n)| format!("{g}→{n}"))), hub_reachable, "local gateway failover changed");
             }
             if direct != st.direct {
-                tracing::info!(?direct, "direct NAT-to-NAT paths changed");
+                tracing::info!(direct = %raven_cli::list(&direct), "direct NAT-to-NAT paths changed");
             }
             st.overrides.clone_from(&overrides);
             st.direct.clone_from(&direct);

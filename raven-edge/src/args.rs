@@ -104,6 +104,18 @@ pub enum Command {
         #[arg(long, env = "RAVEN_LOG_JSON")]
         log_json: bool,
     },
+    /// Show this node as the running agent sees it: role, gateway and
+    /// failover, hub contact, cached revision, dataplane, and the tunnel
+    /// peers (path, endpoint, handshake, bytes). Asks the agent's HTTP
+    /// endpoint, so no root is needed.
+    Status {
+        /// The agent's HTTP endpoint (as given to `run --http-addr`).
+        #[arg(long, env = "RAVEN_HTTP_ADDR", default_value = "127.0.0.1:10273")]
+        http_addr: std::net::SocketAddr,
+        /// Output format.
+        #[arg(short = 'o', long, value_enum, default_value_t)]
+        output: raven_cli::output::Format,
+    },
     /// Print the cached topology and versions as JSON (works with the agent
     /// stopped and the hub down).
     Show {
@@ -234,8 +246,27 @@ impl Args {
                 })?;
                 Ok(std::process::ExitCode::SUCCESS)
             }
+            Command::Status { http_addr, output } => {
+                let status = crate::status::fetch(http_addr, Duration::from_secs(5))?;
+                print!("{}", crate::status::render(&status, output));
+                Ok(std::process::ExitCode::SUCCESS)
+            }
             Command::Show { common } => {
+                let dir = common.data_dir.join("cache");
+                if !dir.exists() {
+                    anyhow::bail!(
+                        "no cache in {}: the agent has not run on this node with --data-dir {} (nothing to show)",
+                        dir.display(),
+                        common.data_dir.display()
+                    );
+                }
                 let (node, state) = cached(&common)?;
+                if state.epoch.is_empty() && state.resources.is_empty() {
+                    eprintln!(
+                        "the cache in {} is empty: the agent has not yet persisted a topology from a hub",
+                        dir.display()
+                    );
+                }
                 let out = serde_json::json!({
                     "node": node,
                     "epoch": state.epoch,

@@ -208,12 +208,12 @@ pub async fn run(cfg: ClientConfig, links: Links, shutdown: CancellationToken) {
                 if status.code() == tonic::Code::ResourceExhausted =>
             {
                 let delay = admission_delay(status, cfg.backoff_min);
-                tracing::info!(%hub, ?delay, "hub is admission limiting; retrying later");
+                tracing::info!(%hub, delay = %format!("{}ms", delay.as_millis()), "hub is admission limiting; retrying later");
                 delay
             }
             Err(e) => {
                 let delay = backoff.next_delay();
-                tracing::warn!(error = %e, ?delay, "hub session ended; the dataplane keeps running from the cache");
+                tracing::warn!(error = %e, delay = %format!("{}ms", delay.as_millis()), "hub session ended; the dataplane keeps running from the cache");
                 next += 1;
                 delay
             }

@@ -28,6 +28,19 @@ pub struct AgentEntry {
     pub report: Option<v1::Report>,
 }
 
+/// Agents by state, for the metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Fleet {
+    pub connected: u64,
+    pub disconnected: u64,
+    /// Connected agents that have not acknowledged the published revision.
+    pub acked_behind: u64,
+    /// Connected agents that have not applied the published revision.
+    pub applied_behind: u64,
+    /// Agents whose last Applied report was a failure.
+    pub applied_failed: u64,
+}
+
 /// Shared agent table.
 #[derive(Debug, Clone, Default)]
 pub struct Agents {
@@ -86,6 +99,31 @@ impl Agents {
         map.values().filter(|e| e.connected).count()
     }
 
+    /// Counts for the fleet metrics, against the published `(epoch,
+    /// revision)`.
+    pub fn fleet(&self, epoch: &str, revision: u64) -> Fleet {
+        let map = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut f = Fleet::default();
+        for e in map.values() {
+            if e.connected {
+                f.connected += 1;
+                let current = |v: Option<(&str, u64)>| v == Some((epoch, revision));
+                if !current(e.acked.as_ref().map(|(ep, r)| (ep.as_str(), *r))) {
+                    f.acked_behind += 1;
+                }
+                if !current(e.applied.as_ref().map(|a| (a.epoch.as_str(), a.revision))) {
+                    f.applied_behind += 1;
+                }
+            } else {
+                f.disconnected += 1;
+            }
+            if e.applied.as_ref().is_some_and(|a| !a.success) {
+                f.applied_failed += 1;
+            }
+        }
+        f
+    }
+
     pub fn get(&self, node: &NodeName) -> Option<AgentEntry> {
         let map = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         map.get(node).cloned()
@@ -99,7 +137,9 @@ impl Agents {
                 node_name: node.to_string(),
                 connected: e.connected,
                 hub_replica: self.replica.to_string(),
-                connected_since: e.connected_since.map(ts),
+                // Only while connected, as documented: a disconnected agent
+                // has no current stream.
+                connected_since: e.connected.then_some(e.connected_since).flatten().map(ts),
                 last_seen: e.last_seen.map(ts),
                 acked_epoch: e.acked.as_ref().map(|a| a.0.clone()).unwrap_or_default(),
                 acked_revision: e.acked.as_ref().map(|a| a.1).unwrap_or_default(),
@@ -130,7 +170,11 @@ impl Agents {
                 agent_version: e.agent_version.clone(),
                 capabilities: e.capabilities.clone(),
                 protocol_version: e.protocol_version,
-                remote_address: e.remote_address.clone(),
+                remote_address: if e.connected {
+                    e.remote_address.clone()
+                } else {
+                    String::new()
+                },
                 local_failover: e
                     .report
                     .as_ref()

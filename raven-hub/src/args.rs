@@ -38,6 +38,25 @@ pub enum Command {
         #[arg(long = "operator", value_delimiter = ',')]
         operators: Vec<String>,
     },
+    /// Show every gateway and agent as a running hub sees them: elected
+    /// endpoints, members, relays; each agent's connection, acknowledged and
+    /// applied revisions, last NACK; and the problems of the inputs.
+    Status {
+        /// The hub: its loopback plaintext listener (the default, on the
+        /// hub's host), or `https://HOST:10270` with --certs.
+        #[arg(long, env = "RAVEN_HUB", default_value = "http://127.0.0.1:10271")]
+        hub: String,
+        /// An operator bundle (`raven-hub certs --operator NAME` writes
+        /// operators/NAME/) for the mTLS listener.
+        #[arg(long)]
+        certs: Option<PathBuf>,
+        /// Name the hub certificate must carry (default: the host of --hub).
+        #[arg(long)]
+        hub_server_name: Option<String>,
+        /// Output format.
+        #[arg(short = 'o', long, value_enum, default_value_t)]
+        output: raven_cli::output::Format,
+    },
     /// Compile a directory of Gateway/Node/ConfigMap manifests and print the
     /// topology as JSON (stable, sorted). Problems also go to stderr.
     Compile {
@@ -205,6 +224,25 @@ impl Args {
                 Ok(std::process::ExitCode::SUCCESS)
             }
             Command::Compile { manifests, strict } => compile(manifests.as_deref(), strict),
+            Command::Status {
+                hub,
+                certs,
+                hub_server_name,
+                output,
+            } => {
+                let target = crate::fleet::Target {
+                    hub,
+                    certs,
+                    server_name: hub_server_name,
+                };
+                let fleet =
+                    tokio::runtime::Runtime::new()?.block_on(crate::fleet::fetch(&target))?;
+                print!(
+                    "{}",
+                    crate::fleet::render(&fleet, output, std::time::SystemTime::now())
+                );
+                Ok(std::process::ExitCode::SUCCESS)
+            }
         }
     }
 }
@@ -245,6 +283,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<std::process::ExitCode> {
     } else if let Some(dir) = &args.manifests {
         crate::hub::Source::Manifests(dir.clone())
     } else {
+        tracing::warn!(
+            "no --manifests and no --kubernetes: serving the embedded demo topology (the OpenYurt user-manual example), not your cluster"
+        );
         crate::hub::Source::Embedded
     };
     let config = crate::hub::HubConfig {
@@ -295,7 +336,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<std::process::ExitCode> {
             tracing::info!("shutting down");
             shutdown.cancel();
         });
-        hub.wait().await;
+        hub.wait().await.map_err(anyhow::Error::msg)?;
         anyhow::Ok(std::process::ExitCode::SUCCESS)
     })
 }

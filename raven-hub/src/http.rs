@@ -5,11 +5,12 @@ use std::net::SocketAddr;
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::routing::get;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::agents::Agents;
 use crate::metrics::Metrics;
 use crate::pipeline::PublishedRx;
 
@@ -17,10 +18,21 @@ use crate::pipeline::PublishedRx;
 struct AppState {
     metrics: Metrics,
     published: PublishedRx,
+    agents: Agents,
 }
 
-async fn metrics(State(s): State<AppState>) -> String {
-    s.metrics.render()
+async fn metrics(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+) -> ([(header::HeaderName, &'static str); 1], String) {
+    let (epoch, revision) = {
+        let p = s.published.borrow();
+        (p.epoch.clone(), p.revision)
+    };
+    s.metrics.set_fleet(s.agents.fleet(&epoch, revision));
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    let (content_type, body) = s.metrics.render_for(accept);
+    ([(header::CONTENT_TYPE, content_type)], body)
 }
 
 async fn healthz() -> &'static str {
@@ -47,6 +59,7 @@ pub async fn serve(
     listener: TcpListener,
     metrics_: Metrics,
     published: PublishedRx,
+    agents: Agents,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let app = Router::new()
@@ -56,6 +69,7 @@ pub async fn serve(
         .with_state(AppState {
             metrics: metrics_,
             published,
+            agents,
         });
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())

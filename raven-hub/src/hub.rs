@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
 
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -59,6 +60,8 @@ pub struct RunningHub {
     pub metrics: Metrics,
     pub shutdown: CancellationToken,
     tasks: JoinSet<()>,
+    /// Why a task that the hub cannot run without ended, when one did.
+    failed: Arc<OnceLock<String>>,
 }
 
 impl RunningHub {
@@ -68,9 +71,15 @@ impl RunningHub {
         while self.tasks.join_next().await.is_some() {}
     }
 
-    /// Waits until every task ended (after `shutdown` is cancelled).
-    pub async fn wait(mut self) {
+    /// Waits until every task ended (after `shutdown` is cancelled, or a
+    /// server failed and cancelled it): `Err` with the reason when a server
+    /// failed, so the process exits non-zero.
+    pub async fn wait(mut self) -> Result<(), String> {
         while self.tasks.join_next().await.is_some() {}
+        match self.failed.get() {
+            Some(why) => Err(why.clone()),
+            None => Ok(()),
+        }
     }
 }
 
@@ -96,9 +105,12 @@ pub enum StartError {
 /// Starts the hub: binds every listener first (so errors surface now), then
 /// spawns the sources, the pipeline and the servers.
 pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
-    // The private key is checked (and fixed or refused) before anything
-    // else runs, so a key others may read stops the hub here.
-    config.tls.read_key()?;
+    // Every TLS file is read and checked (the private key fixed or refused)
+    // before anything else runs, so a missing or bad file stops the hub
+    // here, with the file named.
+    let tls_config = config
+        .tls
+        .server_config(config.sync.tls_handshake_timeout)?;
     let shutdown = CancellationToken::new();
     let metrics = Metrics::new();
     let index = IndexHandle::default();
@@ -141,6 +153,7 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
     let http_addr = http.as_ref().and_then(|l| l.local_addr().ok());
 
     let mut tasks = JoinSet::new();
+    let failed = Arc::new(OnceLock::new());
     index.update(|i| i.set_started(tokio::time::Instant::now()));
     let (pipeline, published) = Pipeline::new(
         index.clone(),
@@ -165,10 +178,14 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
         let mut rx = published.clone();
         let shutdown = shutdown.clone();
         tasks.spawn(async move {
+            let mut problems = crate::problem_log::ProblemLog::default();
             loop {
                 {
                     let p = rx.borrow_and_update();
                     metrics.published(p.revision, p.topology.problems.len());
+                    if p.ready {
+                        problems.log(p.revision, &p.topology.problems);
+                    }
                 }
                 tokio::select! {
                     () = shutdown.cancelled() => return,
@@ -189,9 +206,10 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
     );
     {
         let shutdown = shutdown.clone();
-        let tls = config.tls.clone();
+        let failed = failed.clone();
         tasks.spawn(async move {
-            if let Err(e) = grpc::serve(listeners, tls, shared, shutdown.clone()).await {
+            if let Err(e) = grpc::serve(listeners, tls_config, shared, shutdown.clone()).await {
+                let _ = failed.set(format!("gRPC server failed: {e}"));
                 tracing::error!(error = %e, "gRPC server failed; shutting the hub down");
                 shutdown.cancel();
             }
@@ -201,13 +219,25 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
     if let Some(listener) = http {
         let shutdown = shutdown.clone();
         let published = published.clone();
+        let failed = failed.clone();
+        let agents = agents.clone();
         tasks.spawn(async move {
-            if let Err(e) = crate::http::serve(listener, metrics_http, published, shutdown).await {
-                tracing::error!(error = %e, "HTTP endpoint failed");
+            if let Err(e) =
+                crate::http::serve(listener, metrics_http, published, agents, shutdown.clone())
+                    .await
+            {
+                let _ = failed.set(format!("HTTP endpoint failed: {e}"));
+                tracing::error!(error = %e, "HTTP endpoint failed; shutting the hub down");
+                shutdown.cancel();
             }
         });
     }
-    tracing::info!(%grpc_addr, ?plaintext_addr, ?http_addr, "raven-hub started");
+    tracing::info!(
+        %grpc_addr,
+        plaintext_addr = %display_addr(plaintext_addr),
+        http_addr = %display_addr(http_addr),
+        "raven-hub started"
+    );
     Ok(RunningHub {
         grpc_addr,
         plaintext_addr,
@@ -218,7 +248,13 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
         metrics,
         shutdown,
         tasks,
+        failed,
     })
+}
+
+/// An optional listener address for logs: the address, or `off`.
+fn display_addr(addr: Option<SocketAddr>) -> String {
+    addr.map_or_else(|| "off".to_owned(), |a| a.to_string())
 }
 
 /// Starts the Kubernetes watchers and the leader-only status writer.
@@ -341,7 +377,7 @@ async fn spawn_source(
                     };
                     match r {
                         Ok(Some(loaded)) => {
-                            tracing::info!(dir = %w.dir().display(), problems = loaded.problems.len(), "manifests changed; reloaded");
+                            tracing::info!(dir = %w.dir().display(), "manifests changed; reloaded (new problems are logged when the topology is published)");
                             load_into(&index, loaded);
                         }
                         Ok(None) => {}

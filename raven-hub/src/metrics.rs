@@ -1,15 +1,61 @@
-//! Prometheus metrics of the hub and the HTTP endpoint serving them with
-//! `/healthz` and `/readyz`.
+//! Prometheus metrics of the hub: every family is registered here, in
+//! [`Metrics::new`] (one place to look; `raven_cli::metrics` writes them out,
+//! classic text or OpenMetrics as the scraper asks). Served on `/metrics` by
+//! [`crate::http`].
+//!
+//! Fleet signals are counted when scraped, from the agent table and the
+//! published revision ([`Metrics::set_fleet`]): agents by state, connected
+//! agents behind on their ACK or their apply, failed applies. Label values
+//! are bounded: no node names, no addresses.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64};
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
-use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+
+use crate::agents::Fleet;
+use crate::index::Kind;
+
+/// `state` label of `raven_hub_agents`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct StateLabel {
+    state: &'static str,
+}
+
+/// `kind` label of `raven_hub_kubernetes_watch_errors`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct KindLabel {
+    kind: String,
+}
+
+/// Time of one compile of the topology (election, views, versions), fed by
+/// the pipeline wherever it runs ([`compile_observed`]).
+static COMPILE_SECONDS: LazyLock<Histogram> =
+    LazyLock::new(|| Histogram::new(exponential_buckets(0.0005, 2.0, 16)));
+/// Failed Kubernetes watches, by kind ([`kubernetes_watch_error`]).
+static KUBE_WATCH_ERRORS: LazyLock<Family<KindLabel, Counter>> = LazyLock::new(Family::default);
+
+/// Records one compile's duration.
+pub fn compile_observed(took: Duration) {
+    COMPILE_SECONDS.observe(took.as_secs_f64());
+}
+
+/// Counts one failed Kubernetes watch (list or watch request) of `kind`.
+pub fn kubernetes_watch_error(kind: impl std::fmt::Debug) {
+    KUBE_WATCH_ERRORS.get_or_create(&kind_label(kind)).inc();
+}
+
+fn kind_label(kind: impl std::fmt::Debug) -> KindLabel {
+    KindLabel {
+        kind: format!("{kind:?}").to_lowercase(),
+    }
+}
 
 /// The hub's metrics. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -26,6 +72,10 @@ pub struct Metrics {
     reports_applied: Counter<u64, AtomicU64>,
     reports_coalesced: Counter<u64, AtomicU64>,
     connections_refused: Counter<u64, AtomicU64>,
+    agents: Family<StateLabel, Gauge<i64, AtomicI64>>,
+    acked_behind: Gauge<i64, AtomicI64>,
+    applied_behind: Gauge<i64, AtomicI64>,
+    applied_failed: Gauge<i64, AtomicI64>,
 }
 
 impl Default for Metrics {
@@ -87,7 +137,54 @@ impl Metrics {
             "Connections closed at once because the connection limit was reached",
             connections_refused.clone(),
         );
+        let agents = Family::default();
+        registry.register(
+            "agents",
+            "Agents this replica knows of, by state (connected or disconnected)",
+            agents.clone(),
+        );
+        let acked_behind = Gauge::default();
+        registry.register(
+            "agents_acked_behind",
+            "Connected agents that have not acknowledged the published revision",
+            acked_behind.clone(),
+        );
+        let applied_behind = Gauge::default();
+        registry.register(
+            "agents_applied_behind",
+            "Connected agents that have not reported the published revision applied",
+            applied_behind.clone(),
+        );
+        let applied_failed = Gauge::default();
+        registry.register(
+            "agents_apply_failed",
+            "Agents whose last Applied report says programming the kernel failed",
+            applied_failed.clone(),
+        );
+        registry.register(
+            "compile_seconds",
+            "Time of one compile of the topology",
+            COMPILE_SECONDS.clone(),
+        );
+        // Every kind is there from the start, at 0 until a watch fails.
+        for kind in [Kind::Gateway, Kind::Node, Kind::Config] {
+            let _ = KUBE_WATCH_ERRORS.get_or_create(&kind_label(kind));
+        }
+        registry.register(
+            "kubernetes_watch_errors",
+            "Failed Kubernetes list or watch requests, by kind",
+            KUBE_WATCH_ERRORS.clone(),
+        );
+        raven_cli::metrics::register_build_info(
+            &mut registry,
+            env!("CARGO_PKG_VERSION"),
+            env!("CARGO_PKG_RUST_VERSION"),
+        );
         Self {
+            agents,
+            acked_behind,
+            applied_behind,
+            applied_failed,
             registry: Arc::new(registry),
             connections_refused,
             reports_applied,
@@ -146,10 +243,27 @@ impl Metrics {
             .set(i64::try_from(problems).unwrap_or(i64::MAX));
     }
 
-    /// The text exposition format.
+    /// Sets the fleet gauges (counted by the caller at scrape time).
+    pub fn set_fleet(&self, fleet: Fleet) {
+        let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        for (state, v) in [
+            ("connected", fleet.connected),
+            ("disconnected", fleet.disconnected),
+        ] {
+            self.agents.get_or_create(&StateLabel { state }).set(n(v));
+        }
+        self.acked_behind.set(n(fleet.acked_behind));
+        self.applied_behind.set(n(fleet.applied_behind));
+        self.applied_failed.set(n(fleet.applied_failed));
+    }
+
+    /// The exposition for a scrape sending `accept`: content type and body.
+    pub fn render_for(&self, accept: Option<&str>) -> (&'static str, String) {
+        raven_cli::metrics::render(&self.registry, accept)
+    }
+
+    /// The classic text exposition format.
     pub fn render(&self) -> String {
-        let mut out = String::new();
-        let _ = encode(&mut out, &self.registry);
-        out
+        self.render_for(None).1
     }
 }

@@ -61,12 +61,14 @@ fn log_elections(
             .collect();
         match claim {
             Some(p) => {
-                tracing::warn!(gateway = %name, ?old, ?new, claimant = %p.value, "elected endpoints changed: adopted a local failover")
+                tracing::warn!(gateway = %name, old = %raven_cli::list(&old), new = %raven_cli::list(&new), claimant = %p.value, "elected endpoints changed: adopted a local failover")
             }
             None if !dead.is_empty() => {
-                tracing::warn!(gateway = %name, ?old, ?new, ?dead, "elected endpoints changed: replaced an endpoint proven dead (stream gone, domain probes fail)")
+                tracing::warn!(gateway = %name, old = %raven_cli::list(&old), new = %raven_cli::list(&new), dead = %raven_cli::list(&dead), "elected endpoints changed: replaced an endpoint proven dead (stream gone, domain probes fail)")
             }
-            None => tracing::info!(gateway = %name, ?old, ?new, "elected endpoints changed"),
+            None => {
+                tracing::info!(gateway = %name, old = %raven_cli::list(&old), new = %raven_cli::list(&new), "elected endpoints changed")
+            }
         }
     }
 }
@@ -189,7 +191,9 @@ impl Pipeline {
                 })
                 .collect()
         };
+        let compile_started = std::time::Instant::now();
         let mut compiled = raven_core::compile(&inputs);
+        crate::metrics::compile_observed(compile_started.elapsed());
         log_elections(
             &prev.gateways,
             &compiled.gateways,

@@ -298,7 +298,7 @@ impl LeaderElector {
         {
             Ok(written) => {
                 if !mine {
-                    tracing::info!(identity = %self.config.identity, previous = ?record.holder, "took over the status-writer Lease");
+                    tracing::info!(identity = %self.config.identity, previous = %record.holder.as_deref().unwrap_or("none"), "took over the status-writer Lease");
                 }
                 self.won(written);
                 Ok(true)

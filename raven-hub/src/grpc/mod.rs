@@ -51,11 +51,94 @@ impl TlsFiles {
         }
         Ok(key)
     }
+
+    /// Reads and checks every file of the mTLS listener and builds its TLS
+    /// configuration, so a missing, unreadable or malformed file stops the
+    /// hub at start, with the file named — never later in the gRPC task.
+    pub fn server_config(
+        &self,
+        handshake_timeout: std::time::Duration,
+    ) -> Result<ServerTlsConfig, ServeError> {
+        let cert = read(&self.cert)?;
+        check_pem(&self.cert, &cert, "certificate", |label| {
+            label == "CERTIFICATE"
+        })?;
+        let key = self.read_key()?;
+        check_pem(&self.key, &key, "private key", |label| {
+            label.ends_with("PRIVATE KEY")
+        })?;
+        let ca = read(&self.client_ca)?;
+        check_pem(&self.client_ca, &ca, "CA certificate", |label| {
+            label == "CERTIFICATE"
+        })?;
+        let config = ServerTlsConfig::new()
+            .identity(Identity::from_pem(cert, key))
+            .client_ca_root(Certificate::from_pem(ca))
+            .timeout(handshake_timeout);
+        // Builds the acceptor (as serving does): a key that does not match
+        // the certificate fails here.
+        Server::builder()
+            .tls_config(config.clone())
+            .map_err(|e| ServeError::TlsConfig {
+                cert: self.cert.clone(),
+                key: self.key.clone(),
+                ca: self.client_ca.clone(),
+                reason: error_chain(&e),
+            })?;
+        Ok(config)
+    }
+}
+
+/// `error: cause: cause`, the whole chain on one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
+/// `bytes` (read from `path`) hold a PEM block with a label `wanted`
+/// accepts, whose content parses as PEM; anything else is named.
+fn check_pem(
+    path: &std::path::Path,
+    bytes: &[u8],
+    what: &'static str,
+    wanted: impl Fn(&str) -> bool,
+) -> Result<(), ServeError> {
+    let bad = |reason: String| ServeError::BadPem {
+        path: path.to_path_buf(),
+        what,
+        reason,
+    };
+    let mut labels = Vec::new();
+    for pem in x509_parser::pem::Pem::iter_from_buffer(bytes) {
+        let pem = pem.map_err(|e| bad(format!("not PEM ({e})")))?;
+        if wanted(&pem.label) {
+            if pem.label == "CERTIFICATE" {
+                pem.parse_x509()
+                    .map_err(|e| bad(format!("the certificate does not parse ({e})")))?;
+            }
+            return Ok(());
+        }
+        labels.push(pem.label);
+    }
+    Err(bad(if labels.is_empty() {
+        "no PEM block in it".to_owned()
+    } else {
+        format!("no {what} in it (found {})", labels.join(", "))
+    }))
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    #[error("reading {path}: {source}")]
+    #[error("reading {path}: {source}", path = path.display())]
     ReadTls {
         path: PathBuf,
         source: std::io::Error,
@@ -71,7 +154,25 @@ pub enum ServeError {
     PlaintextNotLoopback(SocketAddr),
     #[error("the hub's TLS key: {0}")]
     TlsKey(#[from] raven_cli::files::FileError),
-    #[error("TLS configuration: {0}")]
+    #[error("{path} is not a usable {what}: {reason}", path = path.display())]
+    BadPem {
+        path: PathBuf,
+        what: &'static str,
+        reason: String,
+    },
+    #[error(
+        "TLS configuration from {cert}, {key} and {ca}: {reason}",
+        cert = cert.display(),
+        key = key.display(),
+        ca = ca.display()
+    )]
+    TlsConfig {
+        cert: PathBuf,
+        key: PathBuf,
+        ca: PathBuf,
+        reason: String,
+    },
+    #[error("gRPC server: {0}")]
     Tls(#[from] tonic::transport::Error),
     #[error("reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
@@ -181,16 +282,10 @@ impl Listeners {
 /// Serves until `shutdown`; health reports SERVING once the hub is ready.
 pub async fn serve(
     listeners: Listeners,
-    tls: TlsFiles,
+    tls_config: ServerTlsConfig,
     shared: SyncShared,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
-    let identity = Identity::from_pem(read(&tls.cert)?, tls.read_key()?);
-    let ca = Certificate::from_pem(read(&tls.client_ca)?);
-    let tls_config = ServerTlsConfig::new()
-        .identity(identity)
-        .client_ca_root(ca)
-        .timeout(shared.config.tls_handshake_timeout);
     let max_connections = conn::effective_max(shared.config.max_connections);
     if max_connections < shared.config.max_connections {
         tracing::warn!(

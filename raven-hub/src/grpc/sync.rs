@@ -370,7 +370,7 @@ impl Session {
             // election they caused stays. The failure detector starts
             // counting the stream's absence now.
             let closed = tokio::time::Instant::now();
-            tracing::info!(node = %self.node, ended = ?result.as_ref().err().map(Status::code), "agent disconnected");
+            tracing::info!(node = %self.node, ended = %result.as_ref().err().map_or_else(|| "closed".to_owned(), |s| format!("{:?}", s.code())), "agent disconnected");
             self.shared
                 .index
                 .update_if(|i| i.stream_closed(&self.node, closed));
@@ -522,7 +522,7 @@ impl Session {
         let confirmed = self.shared.config.confirm_mass_removal;
         if mass && !confirmed && !first {
             if self.held_back != removed {
-                tracing::warn!(node = %self.node, removing = removed.len(), held = self.held.len(), names = ?removed, "holding back a removal of most of this node's view; start the hub with --confirm-mass-removal if it is meant");
+                tracing::warn!(node = %self.node, removing = removed.len(), held = self.held.len(), names = %raven_cli::list(&removed), "holding back a removal of most of this node's view; start the hub with --confirm-mass-removal if it is meant");
                 self.held_back.clone_from(&removed);
             }
             removed.clear();

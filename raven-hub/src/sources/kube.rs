@@ -147,6 +147,7 @@ struct Streak {
 
 impl Streak {
     fn failed(&mut self, kind: Kind, error: &watcher::Error) {
+        crate::metrics::kubernetes_watch_error(kind);
         let now = Instant::now();
         if self
             .last_error

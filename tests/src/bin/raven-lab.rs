@@ -50,6 +50,14 @@ fn main() -> std::process::ExitCode {
         );
         return std::process::ExitCode::FAILURE;
     }
+    let path = std::env::var("PATH").unwrap_or_default();
+    if let Some(report) = raven_tests::preflight::report(&raven_tests::preflight::missing(
+        raven_tests::preflight::LAB_TOOLS,
+        &path,
+    )) {
+        eprint!("{report}");
+        return std::process::ExitCode::FAILURE;
+    }
     let keep = args.iter().any(|a| a == "--keep");
     let started = Instant::now();
     let mut lab = match Lab::build(PREFIX, state) {
