@@ -127,6 +127,23 @@ pub fn promtool_check(text: &str) -> Option<Result<(), String>> {
     })
 }
 
+/// [`promtool_check`] for tests: panics with promtool's findings; without
+/// promtool, says so and returns, unless `RAVEN_REQUIRE_TOOLS` is set (CI),
+/// then panics.
+pub fn assert_promtool_clean(text: &str) {
+    match promtool_check(text) {
+        Some(Ok(())) => {}
+        Some(Err(e)) => panic!("promtool check metrics: {e}\n{text}"),
+        None => {
+            assert!(
+                std::env::var_os("RAVEN_REQUIRE_TOOLS").is_none(),
+                "promtool is required (RAVEN_REQUIRE_TOOLS is set) but not installed"
+            );
+            eprintln!("skipped the promtool check: promtool is not installed (.ci/run shows how)");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
