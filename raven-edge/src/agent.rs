@@ -57,6 +57,9 @@ pub struct Health {
     pub last_error: Arc<std::sync::Mutex<Option<String>>>,
     pub revision: Arc<AtomicU64>,
     pub last_contact_ms: Arc<AtomicU64>,
+    /// This node's clock minus the hub's, in milliseconds, from the hub's
+    /// last heartbeat (see [`Links::hub_clock_offset_ms`]).
+    pub hub_clock_offset_ms: Arc<std::sync::Mutex<Option<i64>>>,
     /// A hub session is open (see [`Links::hub_session`]).
     pub hub_session: Arc<std::sync::atomic::AtomicBool>,
     pub ops_applied: Arc<AtomicU64>,
@@ -243,6 +246,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
             applied: applied_rx,
             report: report_rx,
             last_contact_ms: health.last_contact_ms.clone(),
+            hub_clock_offset_ms: health.hub_clock_offset_ms.clone(),
             hub_session: health.hub_session.clone(),
         };
         tasks.spawn(client::run(client_cfg, links, shutdown.clone()));

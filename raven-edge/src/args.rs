@@ -116,6 +116,22 @@ pub enum Command {
         #[arg(short = 'o', long, value_enum, default_value_t)]
         output: raven_cli::output::Format,
     },
+    /// Check this node: kernel features, iptables backend and the CNI's
+    /// masquerade rules, UDP reachability of every tunnel peer (from the
+    /// tunnel's own handshakes), raven0, NAT behaviour, MTU, clock skew
+    /// against the hub; each finding with what to do. Exits 1 when a
+    /// finding is an error. Reading the nat table needs root.
+    Diagnose {
+        /// The agent's HTTP endpoint (as given to `run --http-addr`).
+        #[arg(long, env = "RAVEN_HTTP_ADDR", default_value = "127.0.0.1:10273")]
+        http_addr: std::net::SocketAddr,
+        /// Name of the gateway tunnel device, as given to `run`.
+        #[arg(long, env = "RAVEN_TUNNEL_DEV", default_value = "raven-wg0")]
+        tunnel_dev: String,
+        /// Output format.
+        #[arg(short = 'o', long, value_enum, default_value_t)]
+        output: raven_cli::output::Format,
+    },
     /// Print the cached topology and versions as JSON (works with the agent
     /// stopped and the hub down).
     Show {
@@ -250,6 +266,21 @@ impl Args {
                 let status = crate::status::fetch(http_addr, Duration::from_secs(5))?;
                 print!("{}", crate::status::render(&status, output));
                 Ok(std::process::ExitCode::SUCCESS)
+            }
+            Command::Diagnose {
+                http_addr,
+                tunnel_dev,
+                output,
+            } => {
+                let status = crate::status::fetch(http_addr, Duration::from_secs(5))?;
+                let facts = crate::diagnose::gather(&status, &tunnel_dev);
+                let findings = crate::diagnose::findings(&status, &facts);
+                print!("{}", crate::diagnose::render(&findings, output));
+                Ok(if crate::diagnose::failed(&findings) {
+                    std::process::ExitCode::FAILURE
+                } else {
+                    std::process::ExitCode::SUCCESS
+                })
             }
             Command::Show { common } => {
                 let dir = common.data_dir.join("cache");

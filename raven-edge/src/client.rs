@@ -104,10 +104,24 @@ pub struct Links {
     pub report: watch::Receiver<v1::Report>,
     /// Unix milliseconds of the last message from a hub (0: never).
     pub last_contact_ms: Arc<AtomicU64>,
+    /// This node's clock minus the hub's in milliseconds, measured at the
+    /// hub's last heartbeat (its `sent_at`; one-way latency included);
+    /// `None` until one arrived.
+    pub hub_clock_offset_ms: Arc<std::sync::Mutex<Option<i64>>>,
     /// A session with a hub is open (set on its first message, cleared
     /// when it ends): a hub that went away counts as unreachable at once,
     /// not only after its heartbeats have been missed.
     pub hub_session: Arc<AtomicBool>,
+}
+
+/// Now minus `sent_at`, in milliseconds.
+fn clock_offset_ms(sent_at: Option<&prost_types::Timestamp>) -> Option<i64> {
+    let sent = std::time::SystemTime::try_from(sent_at?.clone()).ok()?;
+    let now = std::time::SystemTime::now();
+    Some(match now.duration_since(sent) {
+        Ok(d) => i64::try_from(d.as_millis()).unwrap_or(i64::MAX),
+        Err(e) => -i64::try_from(e.duration().as_millis()).unwrap_or(i64::MAX),
+    })
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -351,7 +365,14 @@ async fn session(cfg: &ClientConfig, hub: &str, links: &Links) -> Result<(), Ses
                 links.hub_session.store(true, Ordering::Relaxed);
                 match msg.message {
                     Some(Resp::Update(u)) => handle_update(&u, links, &tx, &mut progress).await?,
-                    Some(Resp::Heartbeat(_)) | None => {}
+                    Some(Resp::Heartbeat(h)) => {
+                        if let (Some(offset), Ok(mut slot)) =
+                            (clock_offset_ms(h.sent_at.as_ref()), links.hub_clock_offset_ms.lock())
+                        {
+                            *slot = Some(offset);
+                        }
+                    }
+                    None => {}
                 }
             }
             changed = applied.changed() => {

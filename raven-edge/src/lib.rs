@@ -14,6 +14,7 @@ pub mod args;
 pub mod cache;
 pub mod client;
 pub mod dataplane;
+pub mod diagnose;
 pub mod failover;
 pub mod hold;
 pub mod http;

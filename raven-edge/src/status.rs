@@ -32,6 +32,11 @@ pub struct Status {
     /// through its gateway) or `none` (in no gateway's domain, or no view yet).
     pub role: String,
     pub gateway: Option<String>,
+    /// Its gateway's endpoints are under NAT.
+    #[serde(rename = "underNAT")]
+    pub under_nat: bool,
+    /// Members of its gateway's domain (nodes with an InternalIP).
+    pub domain_members: usize,
     /// Proxy endpoint of its gateway.
     pub proxy: bool,
     /// Which node carries its gateway's tunnel: as the hub elected it, and
@@ -60,6 +65,9 @@ pub struct HubContact {
     pub connected: bool,
     /// Seconds since the last message from a hub; unset when never.
     pub last_contact_seconds: Option<u64>,
+    /// This node's clock minus the hub's (milliseconds), from the hub's last
+    /// heartbeat; unset until one arrived.
+    pub clock_offset_ms: Option<i64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -103,6 +111,7 @@ pub fn build(node: &str, health: &Health, state: &CachedState) -> Status {
     let mut gateway_of = BTreeMap::new();
     let mut own = None;
     let mut elected_of = BTreeMap::new();
+    let mut domains = BTreeMap::new();
     for r in state.resources.values() {
         match &r.body {
             ResourceBody::Node(n) if n.name.as_str() == node => own = Some(n.clone()),
@@ -115,6 +124,7 @@ pub fn build(node: &str, health: &Health, state: &CachedState) -> Status {
                 if let Some(a) = &g.active_tunnel {
                     elected_of.insert(g.name.to_string(), a.node.to_string());
                 }
+                domains.insert(g.name.to_string(), (g.under_nat, g.members.len()));
             }
             ResourceBody::Peer(p) => {
                 gateway_of.insert(p.node.to_string(), p.gateway.to_string());
@@ -175,6 +185,14 @@ pub fn build(node: &str, health: &Health, state: &CachedState) -> Status {
         node: node.to_owned(),
         role: role.to_owned(),
         proxy: own.as_ref().is_some_and(|n| n.proxy_active),
+        under_nat: gateway
+            .as_ref()
+            .and_then(|g| domains.get(g))
+            .is_some_and(|d| d.0),
+        domain_members: gateway
+            .as_ref()
+            .and_then(|g| domains.get(g))
+            .map_or(0, |d| d.1),
         gateway,
         failover: Failover {
             elected,
@@ -184,6 +202,7 @@ pub fn build(node: &str, health: &Health, state: &CachedState) -> Status {
         hub: HubContact {
             connected: health.hub_session.load(Ordering::Relaxed),
             last_contact_seconds: (contact != 0).then(|| now_ms.saturating_sub(contact) / 1000),
+            clock_offset_ms: health.hub_clock_offset_ms.lock().ok().and_then(|o| *o),
         },
         cache: CacheInfo {
             epoch: state.epoch.clone(),

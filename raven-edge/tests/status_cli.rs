@@ -308,3 +308,45 @@ fn a_running_agents_metrics_pass_promtool_and_its_status_says_it_holds() {
     );
     assert!(table.contains("Hub:        never reached\n"), "{table}");
 }
+
+#[test]
+fn diagnose_reports_a_silent_peer_with_what_to_do_and_exits_one() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let addr = serve(&rt, health_with_peers(), user_manual_state());
+    let out = Command::new(EXE)
+        .args([
+            "diagnose",
+            "--http-addr",
+            &addr,
+            "--tunnel-dev",
+            "rv-absent0",
+        ])
+        .output()
+        .expect("raven-edge diagnose");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    let line = |check: &str| {
+        text.lines()
+            .find(|l| l.starts_with(check))
+            .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+            .unwrap_or_else(|| panic!("no {check} line in\n{text}"))
+    };
+    assert_eq!(
+        line("UDP to izwz9dohcv74iegqecp4axz"),
+        "UDP to izwz9dohcv74iegqecp4axz (gw-cloud) ok direct path via 203.0.113.10:4500: handshake 17s ago"
+    );
+    assert_eq!(
+        line("UDP to izm5eb24dmjfimuaybpnqzz"),
+        "UDP to izm5eb24dmjfimuaybpnqzz (gw-qingdao) error relayed path via 203.0.113.10:4500: no handshake ever"
+    );
+    assert!(text.contains("What to do:"), "{text}");
+    let json = Command::new(EXE)
+        .args(["diagnose", "--http-addr", &addr, "-o", "json"])
+        .output()
+        .expect("raven-edge diagnose -o json");
+    let findings: serde_json::Value = serde_json::from_slice(&json.stdout).expect("json");
+    assert!(findings.as_array().is_some_and(|a| {
+        a.iter()
+            .all(|f| f["check"].is_string() && f["fix"].is_string())
+    }));
+}
