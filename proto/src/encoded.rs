@@ -1,5 +1,6 @@
-//! Pre-encoded fan-out (DESIGN §3 rule 6): serialize each shared resource
-//! once and send the same bytes on every stream.
+//! Pre-encoded fan-out: the protocol's rule is that a resource shared by
+//! many nodes' views is serialized once, and the same bytes are sent on
+//! every stream that carries it.
 //!
 //! The hub turns each resource version into an [`EncodedResource`] once. An
 //! [`EncodedSyncResponse`] for one agent is then a handful of small header

@@ -1,5 +1,5 @@
-//! Compiler and view throughput at DESIGN §7 scale (1,000 gateways, 10,000
-//! nodes), reported as ratios against the same work at a tenth of the size
+//! Compiler and view throughput at the scale raven is designed for (1,000
+//! gateways, 10,000 nodes per cluster), reported as ratios against the same work at a tenth of the size
 //! measured in the same run, so machine noise cancels out.
 //!
 //! `cargo bench -p raven-core --bench compile`

@@ -229,7 +229,8 @@ pub fn compile(inputs: &Inputs) -> Compiled {
     }
 }
 
-/// Local failover the hub hears about (DESIGN §4): a tunnel candidate that
+/// Local failover the hub hears about (agents fail over between a
+/// gateway's candidates on their own, without the hub): a tunnel candidate that
 /// took its gateway over while the hub was unreachable reports itself in
 /// `local_failover`. The hub adopts that as the gateway's current active
 /// tunnel endpoint, so the sticky election keeps it (and the status records

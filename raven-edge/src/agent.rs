@@ -1,4 +1,6 @@
-//! The agent's main loop (DESIGN §4):
+//! The agent's main loop, which keeps the edge autonomous (the kernel is
+//! programmed from the last good state before the hub is dialled, and the
+//! hub's absence never tears anything down):
 //!
 //! 1. open the cache and program the kernel from it — before any network call;
 //! 2. dial the hub in the background (the dataplane never waits for it);

@@ -31,7 +31,8 @@ pub struct Common {
     pub data_dir: PathBuf,
 }
 
-/// Local gateway failover (DESIGN §4).
+/// Local gateway failover: agents probe their gateway's tunnel candidates
+/// and move to the next live one on their own, without the hub.
 #[derive(Debug, clap::Args)]
 pub struct FailoverArgs {
     /// Period of the ICMP probes of the tunnel candidates of this node's

@@ -2,7 +2,7 @@
 //! are persisted in. Applying an Update is a pure check (`check_update`)
 //! followed by one atomic, durable commit.
 //!
-//! Autonomy rules enforced here (DESIGN §4): nothing expires; removal only by
+//! The edge's autonomy rules enforced here: nothing expires; removal only by
 //! explicit name or by garbage collection after a *completed* snapshot; a
 //! mass removal the hub did not mark intentional is refused (NACKed) and the
 //! last good state stays; an older revision of the same epoch is refused.

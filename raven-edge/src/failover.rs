@@ -1,5 +1,6 @@
-//! Local gateway failover (DESIGN §4): which node carries each gateway's
-//! tunnel when the hub's choice is dead and the hub cannot be asked.
+//! Local gateway failover, which must not need the cloud: which node carries
+//! each gateway's tunnel when the hub's choice is dead and the hub cannot be
+//! asked.
 //!
 //! The hub ships every gateway's ordered candidate list
 //! (`GatewayView.tunnel_candidates`, the elected one first). Two kinds of

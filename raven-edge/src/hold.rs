@@ -1,4 +1,6 @@
-//! Holding the kernel state as found (DESIGN §4, "stale is not invalid").
+//! Holding the kernel state as found. The edge's autonomy rule "stale is
+//! not invalid": nothing expires because the hub has been silent, and state
+//! is removed only on explicit removal after a complete snapshot.
 //!
 //! An agent that starts without a usable state — its cache was corrupt,
 //! torn or rolled back and moved aside, or it was lost — knows nothing it
