@@ -743,7 +743,10 @@ pub fn topology_to_proto(
             .map(|(name, r)| resource_to_proto(name, r))
             .collect(),
         problems: topology.problems.iter().map(problem_to_proto).collect(),
-        json: topology.to_json(),
+        total_resources: u32::try_from(topology.resources.len()).unwrap_or(u32::MAX),
+        // The deprecated second copy is filled only on request (the hub's
+        // `include_json`).
+        ..Default::default()
     }
 }
 

@@ -103,13 +103,11 @@ fn grpcurl_lists_describes_and_queries_a_running_hub() {
     }
 
     let list = grpcurl(&plain, &[], &["list"]);
-    for svc in [
-        "raven.v1.SyncService",
-        "raven.v1.InspectService",
-        "grpc.health.v1.Health",
-    ] {
+    for svc in ["raven.v1.InspectService", "grpc.health.v1.Health"] {
         assert!(list.contains(svc), "list lacks {svc}: {list}");
     }
+    // The loopback listener never serves Sync, and reflection does not list it.
+    assert!(!list.contains("raven.v1.SyncService"), "{list}");
     let describe = grpcurl(&plain, &[], &["describe", "raven.v1.SyncService"]);
     assert!(
         describe.contains(
@@ -119,6 +117,48 @@ fn grpcurl_lists_describes_and_queries_a_running_hub() {
     );
     let health = grpcurl(&plain, &[], &["grpc.health.v1.Health/Check"]);
     assert!(health.contains("SERVING"), "{health}");
+    // Health answers for every service the listener serves, and not for Sync.
+    for svc in [
+        "raven.v1.InspectService",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ] {
+        let h = grpcurl(
+            &plain,
+            &["-d", &format!("{{\"service\":\"{svc}\"}}")],
+            &["grpc.health.v1.Health/Check"],
+        );
+        assert!(h.contains("\"SERVING\""), "{svc}: {h}");
+    }
+    let sync = Command::new("grpcurl")
+        .args([
+            "-plaintext",
+            "-d",
+            r#"{"service":"raven.v1.SyncService"}"#,
+            &plain,
+        ])
+        .arg("grpc.health.v1.Health/Check")
+        .output()
+        .expect("grpcurl");
+    assert!(
+        !sync.status.success() && String::from_utf8_lossy(&sync.stderr).contains("NotFound"),
+        "the plaintext listener reports health for Sync, which it does not serve: {}",
+        String::from_utf8_lossy(&sync.stdout)
+    );
+    // A page of the topology: filtered, with a token for the next one.
+    let page = grpcurl(
+        &plain,
+        &["-d", r#"{"kinds":["gateway"],"page_size":2}"#],
+        &["raven.v1.InspectService/GetTopology"],
+    );
+    let p: serde_json::Value = serde_json::from_str(&page).expect("json");
+    assert_eq!(p["resources"].as_array().map(Vec::len), Some(2), "{page}");
+    assert_eq!(p["totalResources"], 3, "{page}");
+    assert!(
+        p["nextPageToken"].is_string() && p.get("json").is_none(),
+        "{page}"
+    );
     let topo = grpcurl(&plain, &[], &["raven.v1.InspectService/GetTopology"]);
     let v: serde_json::Value = serde_json::from_str(&topo).expect("json");
     let names: Vec<&str> = v["resources"]

@@ -223,7 +223,55 @@ fn read(path: &PathBuf) -> Result<Vec<u8>, ServeError> {
     })
 }
 
-fn reflection() -> Result<
+/// Services of the mTLS listener, as reflection lists them and health
+/// reports them.
+const TLS_SERVICES: [&str; 5] = [
+    "raven.v1.SyncService",
+    "raven.v1.InspectService",
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+];
+/// Services of the loopback plaintext listener: the same, without Sync.
+const PLAINTEXT_SERVICES: [&str; 4] = [
+    "raven.v1.InspectService",
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+];
+
+/// Reports SERVING for `services` (and the whole server, `""`) once the
+/// hub is ready, NOT_SERVING from shutdown on.
+fn spawn_health(
+    reporter: tonic_health::server::HealthReporter,
+    services: &'static [&'static str],
+    mut published: crate::pipeline::PublishedRx,
+    shutdown: CancellationToken,
+) {
+    tokio::spawn(async move {
+        let _ = tokio::select! {
+            r = published.wait_for(|p| p.ready) => r.map(|_| ()),
+            () = shutdown.cancelled() => Ok(()),
+        };
+        let set = |status| {
+            let reporter = reporter.clone();
+            async move {
+                for name in services.iter().copied().chain([""]) {
+                    reporter.set_service_status(name, status).await;
+                }
+            }
+        };
+        if !shutdown.is_cancelled() {
+            set(tonic_health::ServingStatus::Serving).await;
+        }
+        shutdown.cancelled().await;
+        set(tonic_health::ServingStatus::NotServing).await;
+    });
+}
+
+fn reflection(
+    services: &[&str],
+) -> Result<
     (
         tonic_reflection::server::v1::ServerReflectionServer<
             impl tonic_reflection::server::v1::ServerReflection,
@@ -236,8 +284,14 @@ fn reflection() -> Result<
 > {
     // Both reflection versions know every descriptor, including each other's,
     // so `grpcurl` (v1alpha) and `buf curl` (v1) see the same services.
+    // Both list only the services of their listener (a symbol of another
+    // service still resolves, for `describe`).
     let builder = || {
-        tonic_reflection::server::Builder::configure()
+        services
+            .iter()
+            .fold(tonic_reflection::server::Builder::configure(), |b, s| {
+                b.with_service_name(*s)
+            })
             .register_encoded_file_descriptor_set(raven_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
@@ -295,37 +349,28 @@ pub async fn serve(
         );
     }
 
-    let (health_reporter, health) = tonic_health::server::health_reporter();
-    let mut published = shared.published.clone();
-    let health_shutdown = shutdown.clone();
-    tokio::spawn(async move {
-        let _ = tokio::select! {
-            r = published.wait_for(|p| p.ready) => r.map(|_| ()),
-            () = health_shutdown.cancelled() => Ok(()),
-        };
-        if !health_shutdown.is_cancelled() {
-            health_reporter
-                .set_serving::<SyncServiceServer<Sync>>()
-                .await;
-            health_reporter
-                .set_service_status("", tonic_health::ServingStatus::Serving)
-                .await;
-        }
-        health_shutdown.cancelled().await;
-        health_reporter
-            .set_not_serving::<SyncServiceServer<Sync>>()
-            .await;
-        health_reporter
-            .set_service_status("", tonic_health::ServingStatus::NotServing)
-            .await;
-    });
+    let (tls_health_reporter, tls_health) = tonic_health::server::health_reporter();
+    spawn_health(
+        tls_health_reporter,
+        &TLS_SERVICES,
+        shared.published.clone(),
+        shutdown.clone(),
+    );
+    let (plain_health_reporter, plain_health) = tonic_health::server::health_reporter();
+    spawn_health(
+        plain_health_reporter,
+        &PLAINTEXT_SERVICES,
+        shared.published.clone(),
+        shutdown.clone(),
+    );
 
     let inspect = Inspect {
         published: shared.published.clone(),
         agents: shared.agents.clone(),
         authorize: true,
     };
-    let (refl_v1, refl_v1alpha) = reflection()?;
+    let (refl_v1, refl_v1alpha) = reflection(&TLS_SERVICES)?;
+    let (plain_refl_v1, plain_refl_v1alpha) = reflection(&PLAINTEXT_SERVICES)?;
     let keepalive = Some(shared.config.keepalive);
     let metrics = shared.metrics.clone();
     let sync = SyncServiceServer::new(Sync { shared });
@@ -333,9 +378,9 @@ pub async fn serve(
         .tls_config(tls_config)?
         .http2_keepalive_interval(keepalive)
         .http2_keepalive_timeout(keepalive)
-        .add_service(health.clone())
-        .add_service(refl_v1.clone())
-        .add_service(refl_v1alpha.clone())
+        .add_service(tls_health)
+        .add_service(refl_v1)
+        .add_service(refl_v1alpha)
         .add_service(InspectServiceServer::new(inspect.clone()))
         .add_service(sync)
         .serve_with_incoming_shutdown(
@@ -349,9 +394,9 @@ pub async fn serve(
         None => tls_server.await?,
         Some(plain) => {
             let plain_server = Server::builder()
-                .add_service(health)
-                .add_service(refl_v1)
-                .add_service(refl_v1alpha)
+                .add_service(plain_health)
+                .add_service(plain_refl_v1)
+                .add_service(plain_refl_v1alpha)
                 .add_service(InspectServiceServer::new(Inspect {
                     authorize: false,
                     ..inspect
