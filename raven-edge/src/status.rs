@@ -307,30 +307,19 @@ fn table(s: &Status, wide: bool) -> String {
         out.push_str("No tunnel peers (only gateways carrying a tunnel have them).\n");
         return out;
     }
-    let header: &[&str] = if wide {
-        &[
-            "peer",
-            "gateway",
-            "path",
-            "endpoint",
-            "handshake",
-            "rx",
-            "tx",
-            "rx bytes",
-            "tx bytes",
-        ]
-    } else {
-        &[
-            "peer",
-            "gateway",
-            "path",
-            "endpoint",
-            "handshake",
-            "rx",
-            "tx",
-        ]
-    };
-    let mut t = Table::new(header);
+    let mut header = vec![
+        "peer",
+        "gateway",
+        "path",
+        "endpoint",
+        "handshake",
+        "rx",
+        "tx",
+    ];
+    if wide {
+        header.extend(["rx bytes", "tx bytes"]);
+    }
+    let mut t = Table::new(&header);
     for p in &s.peers {
         let mut row = vec![
             p.peer.clone(),

@@ -189,3 +189,38 @@ impl Agents {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_disconnected_agent_has_no_connected_since_and_no_remote_address_as_documented() {
+        let agents = Agents::new("hub-0");
+        let node = NodeName::new("n1").expect("name");
+        let session = agents.connected(&node, &v1::Hello::default(), "198.51.100.7:40000".into());
+        let up = agents.to_proto();
+        assert!(up[0].connected_since.is_some());
+        assert_eq!(up[0].remote_address, "198.51.100.7:40000");
+        assert!(agents.disconnected(&node, session));
+        let down = agents.to_proto();
+        assert!(!down[0].connected);
+        assert_eq!(down[0].connected_since, None);
+        assert_eq!(down[0].remote_address, "");
+        // What it last did stays visible.
+        assert!(down[0].last_seen.is_some());
+    }
+
+    #[test]
+    fn the_fleet_counts_agents_behind_the_published_revision() {
+        let agents = Agents::new("hub-0");
+        for (name, acked) in [("a", 5), ("b", 4)] {
+            let node = NodeName::new(name).expect("name");
+            agents.connected(&node, &v1::Hello::default(), String::new());
+            agents.update(&node, |e| e.acked = Some(("e".into(), acked)));
+        }
+        let f = agents.fleet("e", 5);
+        assert_eq!((f.connected, f.disconnected, f.acked_behind), (2, 0, 1));
+        assert_eq!(f.applied_behind, 2);
+    }
+}

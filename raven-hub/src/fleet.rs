@@ -298,24 +298,12 @@ fn last_error(r: &AgentRow) -> String {
 fn table(f: &Fleet, wide: bool, now: SystemTime) -> String {
     let mut out = format!("Topology: epoch {} revision {}\n\n", f.epoch, f.revision);
     let list = |v: &[String]| v.join(",");
-    let mut g = Table::new(if wide {
-        &[
-            "gateway",
-            "expose",
-            "nat",
-            "tunnel",
-            "endpoint",
-            "candidates",
-            "proxies",
-            "members",
-            "relay",
-            "problems",
-        ][..]
-    } else {
-        &[
-            "gateway", "expose", "nat", "tunnel", "proxies", "members", "relay", "problems",
-        ][..]
-    });
+    let mut header = vec!["gateway", "expose", "nat", "tunnel"];
+    if wide {
+        header.extend(["endpoint", "candidates"]);
+    }
+    header.extend(["proxies", "members", "relay", "problems"]);
+    let mut g = Table::new(&header);
     for r in &f.gateways {
         let mut row = vec![
             r.name.clone(),
@@ -339,33 +327,26 @@ fn table(f: &Fleet, wide: bool, now: SystemTime) -> String {
         out.push_str(&g.render());
     }
     out.push('\n');
-    let mut a = Table::new(if wide {
-        &[
-            "node",
-            "gateway",
-            "role",
-            "state",
-            "acked",
-            "applied",
-            "last error",
+    let mut header = vec![
+        "node",
+        "gateway",
+        "role",
+        "state",
+        "acked",
+        "applied",
+        "last error",
+    ];
+    if wide {
+        header.extend([
             "version",
             "remote",
             "connected",
             "last seen",
             "peers",
             "failover",
-        ][..]
-    } else {
-        &[
-            "node",
-            "gateway",
-            "role",
-            "state",
-            "acked",
-            "applied",
-            "last error",
-        ][..]
-    });
+        ]);
+    }
+    let mut a = Table::new(&header);
     for r in &f.agents {
         let mut row = vec![
             r.node.clone(),

@@ -26,24 +26,22 @@ impl ProblemLog {
     /// [`ProblemLog::observe`], logging each new problem.
     pub fn log(&mut self, revision: u64, problems: &[Problem]) {
         let new = self.observe(problems);
+        macro_rules! log_problem {
+            ($level:ident, $p:expr) => {
+                tracing::$level!(
+                    object = %$p.object,
+                    field = %$p.field,
+                    value = %$p.value,
+                    revision,
+                    "{}",
+                    $p.message
+                )
+            };
+        }
         for p in &new {
             match p.severity {
-                Severity::Error => tracing::error!(
-                    object = %p.object,
-                    field = %p.field,
-                    value = %p.value,
-                    revision,
-                    "{}",
-                    p.message
-                ),
-                Severity::Warning => tracing::warn!(
-                    object = %p.object,
-                    field = %p.field,
-                    value = %p.value,
-                    revision,
-                    "{}",
-                    p.message
-                ),
+                Severity::Error => log_problem!(error, p),
+                Severity::Warning => log_problem!(warn, p),
             }
         }
         if !new.is_empty() {
