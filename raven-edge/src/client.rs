@@ -116,7 +116,7 @@ pub struct Links {
 
 /// Now minus `sent_at`, in milliseconds.
 fn clock_offset_ms(sent_at: Option<&prost_types::Timestamp>) -> Option<i64> {
-    let sent = std::time::SystemTime::try_from(sent_at?.clone()).ok()?;
+    let sent = std::time::SystemTime::try_from(*sent_at?).ok()?;
     let now = std::time::SystemTime::now();
     Some(match now.duration_since(sent) {
         Ok(d) => i64::try_from(d.as_millis()).unwrap_or(i64::MAX),

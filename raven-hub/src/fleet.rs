@@ -99,7 +99,7 @@ pub struct ProblemRow {
 
 fn time(t: &Option<prost_types::Timestamp>) -> Option<SystemTime> {
     let t = t.as_ref()?;
-    SystemTime::try_from(t.clone()).ok()
+    SystemTime::try_from(*t).ok()
 }
 
 fn rfc3339(t: Option<SystemTime>) -> Option<String> {
