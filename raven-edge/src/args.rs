@@ -77,6 +77,21 @@ pub enum Command {
         /// (ca.pem, node-<node>.pem, node-<node>-key.pem) work too.
         #[arg(long, env = "RAVEN_CERTS", default_value = "/etc/raven/certs")]
         certs: PathBuf,
+        /// The node's client certificate instead of the bundle's `node.pem`:
+        /// e.g. the kubelet's own (CN `system:node:<node>`),
+        /// /var/lib/kubelet/pki/kubelet-client-current.pem, certificate and
+        /// key in one PEM file, which the kubelet rotates. Read again at
+        /// every connection, so a rotated certificate is used from the next.
+        #[arg(long, env = "RAVEN_CLIENT_CERT")]
+        client_cert: Option<PathBuf>,
+        /// The key of --client-cert (default: the --client-cert file itself,
+        /// holding both, as the kubelet's does).
+        #[arg(long, env = "RAVEN_CLIENT_KEY", requires = "client_cert")]
+        client_key: Option<PathBuf>,
+        /// CA certificate(s) the hub's certificate is checked against,
+        /// instead of the bundle's `ca.pem` (e.g. a ConfigMap mount).
+        #[arg(long, env = "RAVEN_HUB_CA")]
+        hub_ca: Option<PathBuf>,
         /// HTTP listener for /healthz, /readyz, /metrics.
         #[arg(long, env = "RAVEN_HTTP_ADDR", default_value = "127.0.0.1:10273")]
         http_addr: Option<std::net::SocketAddr>,
@@ -96,6 +111,13 @@ pub enum Command {
         /// wireguard-go otherwise), `kernel` or `userspace`.
         #[arg(long, env = "RAVEN_WIREGUARD", default_value = "auto")]
         wireguard: crate::tunnel::backend::WgMode,
+        /// Who runs wireguard-go (userspace WireGuard): `spawn` — the agent
+        /// starts it in a session of its own (host installs) — or
+        /// `external` — another container runs it (Kubernetes: a process
+        /// started in the agent's container dies with that container) and
+        /// the agent only waits for its UAPI socket.
+        #[arg(long, env = "RAVEN_WIREGUARD_GO", default_value = "spawn")]
+        wireguard_go: crate::tunnel::backend::WireguardGo,
         #[command(flatten)]
         failover: FailoverArgs,
         #[command(flatten)]
@@ -181,12 +203,16 @@ impl Args {
                 hubs,
                 hub_server_name,
                 certs,
+                client_cert,
+                client_key,
+                hub_ca,
                 http_addr,
                 resync,
                 heartbeat,
                 dry_run,
                 tunnel_dev,
                 wireguard,
+                wireguard_go,
                 failover,
                 reconnect,
                 log_json,
@@ -203,7 +229,11 @@ impl Args {
                     node: node.clone(),
                     hubs,
                     server_name: hub_server_name,
-                    tls: ClientTls::in_dir(&certs, &node),
+                    tls: ClientTls::in_dir(&certs, &node).with_files(
+                        client_cert,
+                        client_key,
+                        hub_ca,
+                    ),
                     heartbeat,
                     backoff_min: reconnect.reconnect_min,
                     backoff_max: reconnect.reconnect_max.max(reconnect.reconnect_min),
@@ -218,6 +248,7 @@ impl Args {
                     http_addr,
                     tunnel_dev,
                     wireguard,
+                    wireguard_go,
                     probe_interval: failover.probe_interval,
                     probe_failures: failover.probe_failures,
                     // The client redials after three silent heartbeats.

@@ -696,6 +696,24 @@ impl Lab {
     /// Starts (or restarts) the agent of a node. Cloud nodes dial the hub
     /// on the cloud LAN, the others its public address through their NAT.
     pub fn start_agent(&mut self, short: &'static str) -> Result<(), LabError> {
+        let args = self.agent_args(short)?;
+        let proc = self.spawn(
+            short,
+            &self.edge_exe.clone(),
+            &args,
+            &format!("edge-{short}.log"),
+        )?;
+        self.agents.insert(short, proc);
+        Ok(())
+    }
+
+    /// The directory holding the `raven-hub` and `raven-edge` this lab runs.
+    pub fn binaries_dir(&self) -> Option<&Path> {
+        self.edge_exe.parent()
+    }
+
+    /// The `raven-edge` arguments (from `run` on) of a node's agent.
+    pub fn agent_args(&self, short: &str) -> Result<Vec<String>, LabError> {
         let n = self.node(short)?;
         let hub = if self.domain(n.domain)?.router.is_none() {
             format!("https://{CLOUD_LAN}:10270")
@@ -724,15 +742,7 @@ impl Lab {
         ]
         .map(str::to_owned)
         .to_vec();
-        let args = self.with_timers(args);
-        let proc = self.spawn(
-            short,
-            &self.edge_exe.clone(),
-            &args,
-            &format!("edge-{short}.log"),
-        )?;
-        self.agents.insert(short, proc);
-        Ok(())
+        Ok(self.with_timers(args))
     }
 
     /// Starts every agent.
