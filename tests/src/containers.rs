@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::lab::{Lab, LabError};
+use crate::lab::{Lab, LabError, output_of, ping_summary};
 
 /// The images of one run, all tagged `tag`.
 #[derive(Debug)]
@@ -48,16 +48,11 @@ impl Images {
             }
             // Recorded first: a half-built set is removed too.
             images.tags.push((*tag).to_owned());
-            let out = Command::new(&script)
-                .args(&args)
-                .env("CONTAINERS_CONF", &images.conf)
-                .output()?;
-            if !out.status.success() {
-                return Err(LabError::Command {
-                    cmd: format!("{} {}", script.display(), args.join(" ")),
-                    out: String::from_utf8_lossy(&out.stderr).into_owned(),
-                });
-            }
+            output_of(
+                Command::new(&script)
+                    .args(&args)
+                    .env("CONTAINERS_CONF", &images.conf),
+            )?;
         }
         Ok(images)
     }
@@ -83,6 +78,11 @@ impl Images {
         .unwrap_or_default()
     }
 
+    /// The containers.conf podman runs with.
+    pub fn conf(&self) -> &Path {
+        &self.conf
+    }
+
     /// Runs podman with this run's configuration.
     pub fn podman(&self, args: &[&str]) -> Result<String, LabError> {
         podman(&self.conf, args)
@@ -99,39 +99,12 @@ impl Drop for Images {
     }
 }
 
-fn run(cmd: &str, args: &[&str]) -> Result<String, LabError> {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .map_err(|source| LabError::Spawn {
-            cmd: cmd.into(),
-            source,
-        })?;
-    if !out.status.success() {
-        return Err(LabError::Command {
-            cmd: format!("{cmd} {}", args.join(" ")),
-            out: String::from_utf8_lossy(&out.stderr).into_owned(),
-        });
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 fn podman(conf: &Path, args: &[&str]) -> Result<String, LabError> {
-    let out = Command::new("podman")
-        .args(args)
-        .env("CONTAINERS_CONF", conf)
-        .output()
-        .map_err(|source| LabError::Spawn {
-            cmd: "podman".into(),
-            source,
-        })?;
-    if !out.status.success() {
-        return Err(LabError::Command {
-            cmd: format!("podman {}", args.join(" ")),
-            out: String::from_utf8_lossy(&out.stderr).into_owned(),
-        });
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    output_of(
+        Command::new("podman")
+            .args(args)
+            .env("CONTAINERS_CONF", conf),
+    )
 }
 
 /// Which WireGuard the containerised agent runs.
@@ -191,6 +164,16 @@ impl EdgePod {
             "/var/run/wireguard:/var/run/wireguard".to_owned(),
             "/run/xtables.lock:/run/xtables.lock".to_owned(),
         ];
+        // What deploy/README.md asks of every node, since /proc/sys is
+        // read-only in a container (the agent sets these on a host install):
+        // forwarding on, loose reverse-path filtering.
+        for kv in [
+            "net.ipv4.ip_forward=1",
+            "net.ipv6.conf.all.forwarding=1",
+            "net.ipv4.conf.all.rp_filter=2",
+        ] {
+            lab.sh(short, &["sysctl", "-qw", kv])?;
+        }
         if !Path::new("/run/xtables.lock").exists() {
             std::fs::write("/run/xtables.lock", b"")?;
         }
@@ -222,6 +205,8 @@ impl EdgePod {
                     "all",
                     "--cap-add",
                     "NET_ADMIN",
+                    "--read-only",
+                    "--read-only-tmpfs=false",
                     "--device",
                     "/dev/net/tun",
                     "-v",
@@ -248,7 +233,8 @@ impl EdgePod {
     }
 
     /// Starts the agent container from image `tag` (as the DaemonSet:
-    /// exactly NET_ADMIN and NET_RAW, host network, no devices).
+    /// exactly NET_ADMIN and NET_RAW, host network, read-only root, no
+    /// devices).
     pub fn run_agent(&self, tag: &str) -> Result<(), LabError> {
         let network = format!("ns:/run/netns/{}", self.netns);
         let mut args: Vec<&str> = vec![
@@ -262,6 +248,8 @@ impl EdgePod {
             "all",
             "--cap-add",
             "NET_ADMIN,NET_RAW",
+            "--read-only",
+            "--read-only-tmpfs=false",
             "-e",
             "RUST_LOG=info",
         ];
@@ -343,15 +331,12 @@ impl Drop for EdgePod {
 /// Whether this kernel can make WireGuard links: tried in a scratch
 /// namespace (`ns`), removed by name.
 pub fn kernel_wireguard(ns: &str) -> bool {
-    if run("ip", &["netns", "add", ns]).is_err() {
+    let ip = |args: &[&str]| output_of(Command::new("ip").args(args));
+    if ip(&["netns", "add", ns]).is_err() {
         return false;
     }
-    let ok = run(
-        "ip",
-        &["-n", ns, "link", "add", "rvkwgprobe", "type", "wireguard"],
-    )
-    .is_ok();
-    let _ = run("ip", &["netns", "del", ns]);
+    let ok = ip(&["-n", ns, "link", "add", "rvkwgprobe", "type", "wireguard"]).is_ok();
+    let _ = ip(&["netns", "del", ns]);
     ok
 }
 
@@ -382,20 +367,7 @@ impl Pinger {
         let Ok(out) = self.0.wait_with_output() else {
             return (0, 0);
         };
-        let text = String::from_utf8_lossy(&out.stdout);
-        let summary = text
-            .lines()
-            .find(|l| l.contains("transmitted"))
-            .unwrap_or_default();
-        let num = |key: &str| {
-            summary
-                .split(',')
-                .find(|p| p.contains(key))
-                .and_then(|p| p.split_whitespace().next())
-                .and_then(|n| n.parse::<u64>().ok())
-                .unwrap_or(0)
-        };
-        let sent = num("transmitted");
-        (sent, sent.saturating_sub(num("received")))
+        let (sent, received) = ping_summary(&out.stdout);
+        (sent, sent.saturating_sub(received))
     }
 }

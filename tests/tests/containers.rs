@@ -15,15 +15,12 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use raven_tests::containers::{EdgePod, Images, Pinger, Wireguard, kernel_wireguard};
-use raven_tests::lab::{Lab, NODES};
+use raven_tests::lab::{Lab, NODES, is_root, manual_node};
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 fn ready() -> bool {
-    let root = Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| o.stdout.starts_with(b"0"));
+    let root = is_root();
     let tools = [
         "podman",
         "runc",
@@ -55,11 +52,7 @@ fn ready() -> bool {
 }
 
 fn pod_ip(short: &str) -> &'static str {
-    NODES
-        .iter()
-        .find(|n| n.short == short)
-        .map(|n| n.pod)
-        .unwrap_or_else(|| panic!("no lab node {short}"))
+    manual_node(short).map_or_else(|| panic!("no lab node {short}"), |n| n.pod)
 }
 
 /// The interface index of a link in a node's namespace (`None`: no link).
@@ -275,4 +268,154 @@ fn with_kernel_wireguard_restarting_and_upgrading_the_agent_container_loses_no_p
         return;
     }
     restart_and_upgrade(Wireguard::Kernel, "t");
+}
+
+/// The hub image as the Deployment runs it: user and group 65532, read-only
+/// root filesystem, every capability dropped, its certificates mounted the
+/// way kubelet mounts a Secret for `fsGroup: 65532` (root-owned, group
+/// 65532, 0440): it starts and answers /readyz.
+#[test]
+fn the_hub_image_serves_as_a_non_root_user_from_a_read_only_root_with_a_secret_like_mount() {
+    if !ready() {
+        return;
+    }
+    let _guard = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let pid = std::process::id() % 10_000;
+    let ns = format!("rch{pid}");
+    struct Netns(String);
+    impl Drop for Netns {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+        }
+    }
+    let ip = |args: &[&str]| {
+        let st = Command::new("ip").args(args).status().expect("ip");
+        assert!(st.success(), "ip {args:?}");
+    };
+    ip(&["netns", "add", &ns]);
+    let _ns = Netns(ns.clone());
+    ip(&["-n", &ns, "link", "set", "lo", "up"]);
+
+    let binaries = raven_tests::lab::binary("raven-hub")
+        .expect("raven-hub built")
+        .parent()
+        .expect("dir")
+        .to_owned();
+    let tag = format!("th{pid}");
+    let images = Images::build(&binaries, &[(&tag, None)]).expect("images build");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let certs = dir.path().join("certs");
+    let st = Command::new(binaries.join("raven-hub"))
+        .args(["certs", "--out"])
+        .arg(&certs)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("certs");
+    assert!(st.success());
+    // What kubelet makes of the Secret (defaultMode 0440, fsGroup 65532).
+    let secret = dir.path().join("secret");
+    std::fs::create_dir(&secret).expect("mkdir");
+    for f in ["ca.pem", "hub.pem", "hub-key.pem"] {
+        std::fs::copy(certs.join(f), secret.join(f)).expect("copy");
+        std::os::unix::fs::chown(secret.join(f), Some(0), Some(65532)).expect("chown");
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(secret.join(f), std::fs::Permissions::from_mode(0o440))
+            .expect("chmod");
+    }
+    let examples = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/examples/user-manual"
+    );
+    let name = format!("rch{pid}-hub");
+    let network = format!("ns:/run/netns/{ns}");
+    let secret_mount = format!("{}:/etc/raven/certs:ro", secret.display());
+    let examples_mount = format!("{examples}:/etc/raven/manifests:ro");
+    let image = Images::reference("raven-hub", &tag);
+    struct Container<'a>(&'a Images, String);
+    impl Drop for Container<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.podman(&["rm", "-f", "-t", "2", &self.1]);
+        }
+    }
+    images
+        .podman(&[
+            "run",
+            "-d",
+            "--name",
+            &name,
+            "--network",
+            &network,
+            "--user",
+            "65532:65532",
+            "--read-only",
+            "--cap-drop",
+            "all",
+            "--tmpfs",
+            "/var/lib/raven-hub:mode=1777",
+            "-v",
+            &secret_mount,
+            "-v",
+            &examples_mount,
+            &image,
+            "serve",
+            "--manifests",
+            "/etc/raven/manifests",
+            "--certs",
+            "/etc/raven/certs",
+            "--data-dir",
+            "/var/lib/raven-hub",
+            "--grpc-addr",
+            "127.0.0.1:10270",
+            "--http-addr",
+            "127.0.0.1:10272",
+        ])
+        .expect("hub container starts");
+    let _c = Container(&images, name.clone());
+    let t = Instant::now();
+    let ok = loop {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &ns,
+                "curl",
+                "-s",
+                "-m",
+                "1",
+                "-o",
+                "/dev/null",
+            ])
+            .args(["-w", "%{http_code}", "http://127.0.0.1:10272/readyz"])
+            .output()
+            .expect("curl");
+        if out.stdout == b"200" {
+            break true;
+        }
+        if t.elapsed() > Duration::from_secs(30) {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let logs = Command::new("podman")
+        .args(["logs", &name])
+        .env("CONTAINERS_CONF", images.conf())
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
+        .unwrap_or_default();
+    assert!(ok, "the hub container never became ready:\n{logs}");
+    let users = images.podman(&["top", &name, "user", "comm"]).expect("top");
+    assert!(
+        users
+            .lines()
+            .skip(1)
+            .all(|l| l.trim_start().starts_with("65532")),
+        "the hub runs as 65532: {users}"
+    );
+    eprintln!(
+        "hub image {} ready {:?} after start as 65532 on a read-only root",
+        images.size("raven-hub", &tag),
+        t.elapsed()
+    );
 }

@@ -99,6 +99,20 @@ fn compose(dir: &Path, resource: &Path, components: &[&str]) -> PathBuf {
     dir.to_owned()
 }
 
+/// The userspace overlay with every optional component, composed in `tmp`.
+fn every_component(tmp: &Path) -> PathBuf {
+    compose(
+        &tmp.join("all"),
+        &repo().join("deploy/overlays/userspace-wireguard"),
+        &[
+            "servicemonitor",
+            "iptables-legacy",
+            "kubernetes-1.20",
+            "kubelet-identity",
+        ],
+    )
+}
+
 /// `kubectl kustomize DIR`: the YAML and its objects.
 fn render(dir: &Path) -> (String, Vec<Value>) {
     let out = Command::new("kubectl")
@@ -453,16 +467,7 @@ fn every_optional_component_composes_with_the_overlays() {
         return;
     }
     let tmp = tempfile::tempdir().expect("tempdir");
-    let dir = compose(
-        &tmp.path().join("all"),
-        &repo().join("deploy/overlays/userspace-wireguard"),
-        &[
-            "servicemonitor",
-            "iptables-legacy",
-            "kubernetes-1.20",
-            "kubelet-identity",
-        ],
-    );
+    let dir = every_component(tmp.path());
     let (_, docs) = render(&dir);
     check_install("all components", &docs);
     check_userspace("all components", &docs);
@@ -631,19 +636,7 @@ fn a_real_api_server_accepts_every_object_of_every_overlay_in_a_server_side_dry_
             (name, dir)
         })
         .collect();
-    cases.push((
-        "every component".into(),
-        compose(
-            &tmp.path().join("all"),
-            &repo().join("deploy/overlays/userspace-wireguard"),
-            &[
-                "servicemonitor",
-                "iptables-legacy",
-                "kubernetes-1.20",
-                "kubelet-identity",
-            ],
-        ),
-    ));
+    cases.push(("every component".into(), every_component(tmp.path())));
     for (what, dir) in cases {
         let (yaml, docs) = render(&dir);
         let (ok, out) = api.kubectl(&["apply", "--dry-run=server", "-f", "-"], Some(&yaml));
