@@ -30,8 +30,7 @@ impl Images {
     /// image a distinct one: an "upgrade").
     pub fn build(binaries: &Path, tags: &[(&str, Option<&str>)]) -> Result<Self, LabError> {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/images/build.sh");
-        let conf =
-            PathBuf::from(run(script.to_str().unwrap_or_default(), &["--print-conf"])?.trim());
+        let conf = PathBuf::from(output_of(Command::new(&script).arg("--print-conf"))?.trim());
         let mut images = Self {
             conf,
             tags: Vec::new(),

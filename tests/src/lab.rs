@@ -162,20 +162,18 @@ fn run(cmd: &str, args: &[&str]) -> Result<String, LabError> {
 
 /// Runs `cmd`: its standard output, or an error with its standard error.
 pub(crate) fn output_of(cmd: &mut Command) -> Result<String, LabError> {
-    let line = || {
-        std::iter::once(cmd.get_program())
-            .chain(cmd.get_args())
-            .map(|a| a.to_string_lossy().into_owned())
-            .collect::<Vec<_>>()
-            .join(" ")
-    };
+    let line = std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ");
     let out = cmd.output().map_err(|source| LabError::Spawn {
-        cmd: line(),
+        cmd: line.clone(),
         source,
     })?;
     if !out.status.success() {
         return Err(LabError::Command {
-            cmd: line(),
+            cmd: line,
             out: String::from_utf8_lossy(&out.stderr).into_owned(),
         });
     }
