@@ -99,6 +99,7 @@ base() {
   if [ -n "${RAVEN_IMAGES_REFRESH:-}" ]; then rm -f "$tar"; podman rmi -f "$ref" >/dev/null 2>&1 || true; fi
   if podman image exists "$ref"; then echo "$ref"; return; fi
   if [ ! -s "$tar" ]; then
+    rm -f "$cache"/partial-"$name"-*.tar
     echo "--- mmdebstrap $name: $pkgs" >&2
     mmdebstrap --quiet --variant=extract --include="${pkgs// /,}" \
       --hook-dir=/usr/share/mmdebstrap/hooks/merged-usr \
@@ -112,6 +113,13 @@ base() {
     mv "$cache/partial-$name-$key.tar" "$tar"
   fi
   podman import --quiet --change 'ENV PATH=/usr/sbin:/usr/bin' "$tar" "$ref" >/dev/null
+  # Bases of earlier inputs are not used again: drop them (their images stay while an
+  # application image still uses them).
+  local old
+  for old in $(podman images --format '{{.Repository}}:{{.Tag}}' "localhost/raven-base-$name"); do
+    [ "$old" = "$ref" ] || podman rmi "$old" >/dev/null 2>&1 || true
+  done
+  find "$cache" -maxdepth 1 -name "base-$name-*.tar" ! -name "base-$name-$key.tar" -delete
   echo "$ref"
 }
 
@@ -132,7 +140,11 @@ image() {
     local args=(--quiet --pull=never --network=none --build-arg "BASE=$base_ref" --label "io.raven.inputs=$inputs"
       --label "org.opencontainers.image.version=$version" --label "org.opencontainers.image.revision=$revision")
     for l in "${labels[@]}"; do args+=(--label "$l"); done
+    local old_id
+    old_id=$(podman image inspect --format '{{.Id}}' "$ref" 2>/dev/null || true)
     podman build "${args[@]}" -f "$here/$containerfile" -t "$ref" "$ctx" >/dev/null
+    # The image this tag named before, now untagged (kept while a container uses it).
+    [ -z "$old_id" ] || podman rmi "$old_id" >/dev/null 2>&1 || true
     echo "$ref: built (inputs $inputs)"
   fi
   if [ -n "$save" ]; then
