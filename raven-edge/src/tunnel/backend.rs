@@ -165,7 +165,9 @@ mod tests {
         for m in [WireguardGo::Spawn, WireguardGo::External] {
             assert_eq!(m.to_string().parse::<WireguardGo>(), Ok(m));
         }
-        let err = "sidecar".parse::<WireguardGo>().unwrap_err();
+        let err = "sidecar"
+            .parse::<WireguardGo>()
+            .expect_err("not a way to run wireguard-go");
         assert!(err.contains("sidecar") && err.contains("external"), "{err}");
     }
 
