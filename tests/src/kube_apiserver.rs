@@ -152,8 +152,20 @@ impl std::ops::Deref for Turn {
 }
 
 impl KubeApiServer {
-    fn start_in(dir: PathBuf, tmp: Option<tempfile::TempDir>, shared: bool) -> Result<Self> {
-        run(Command::new(script()).arg("start").arg(&dir))?;
+    fn start_in(
+        dir: PathBuf,
+        tmp: Option<tempfile::TempDir>,
+        shared: bool,
+        extra_flags: &str,
+    ) -> Result<Self> {
+        std::fs::write(dir.join("extra-flags"), extra_flags).map_err(|source| HarnessError::Io {
+            what: "writing extra-flags".into(),
+            source,
+        })?;
+        run(Command::new(script())
+            .arg("start")
+            .arg(&dir)
+            .env("APISERVER_EXTRA_FLAGS", extra_flags))?;
         let port = std::fs::read_to_string(dir.join("apiserver.port"))
             .map_err(|source| HarnessError::Io {
                 what: "reading apiserver.port".into(),
@@ -185,6 +197,12 @@ impl KubeApiServer {
     /// A server of this test's own, stopped (both processes, by PID) when
     /// dropped. `None`: skipped (see [`available`]).
     pub fn dedicated() -> Result<Option<Self>> {
+        Self::dedicated_with("")
+    }
+
+    /// [`KubeApiServer::dedicated`] with extra kube-apiserver flags (e.g.
+    /// `--watch-cache=false`, so watches read etcd and compaction 410s them).
+    pub fn dedicated_with(extra_flags: &str) -> Result<Option<Self>> {
         if !available() {
             return Ok(None);
         }
@@ -196,7 +214,7 @@ impl KubeApiServer {
                 source,
             })?;
         let dir = tmp.path().to_owned();
-        Self::start_in(dir, Some(tmp), false).map(Some)
+        Self::start_in(dir, Some(tmp), false, extra_flags).map(Some)
     }
 
     /// The server shared by the tests of this binary, started on first use;
@@ -250,7 +268,7 @@ impl KubeApiServer {
         // Leaked on purpose: the write end stays open for as long as the
         // test binary lives.
         std::mem::forget(child);
-        Self::start_in(dir, None, true)
+        Self::start_in(dir, None, true, "")
     }
 
     /// Removes what tests create, so each turn starts from the same cluster
@@ -290,12 +308,13 @@ impl KubeApiServer {
             .map_err(err)?;
             let svcs: kube::Api<k8s_openapi::api::core::v1::Service> =
                 kube::Api::namespaced(client.clone(), ns);
-            svcs.delete_collection(
-                &dp,
-                &ListParams::default().labels("raven.openyurt.io/gateway"),
-            )
-            .await
-            .map_err(err)?;
+            // Services have no DELETE on the collection.
+            let labelled = ListParams::default().labels("raven.openyurt.io/gateway");
+            for svc in svcs.list(&labelled).await.map_err(err)?.items {
+                if let Some(name) = svc.metadata.name {
+                    svcs.delete(&name, &dp).await.map_err(err)?;
+                }
+            }
         }
         Ok(())
     }
@@ -364,7 +383,12 @@ impl KubeApiServer {
     /// Starts kube-apiserver again on the same port and waits for `/readyz`.
     pub fn start_apiserver(&self) -> Result<()> {
         assert!(!self.shared, "outages need a dedicated server");
-        run(Command::new(script()).arg("start-apiserver").arg(&self.dir)).map(drop)
+        let flags = std::fs::read_to_string(self.dir.join("extra-flags")).unwrap_or_default();
+        run(Command::new(script())
+            .arg("start-apiserver")
+            .arg(&self.dir)
+            .env("APISERVER_EXTRA_FLAGS", flags))
+        .map(drop)
     }
 
     /// Runs etcdctl against this server's etcd (v3 API).
@@ -437,4 +461,151 @@ where
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A TCP forwarder on 127.0.0.1 in front of the API server that can be cut:
+/// a network partition between one client (the hub) and a real server,
+/// while kubectl keeps talking to the server directly. TLS passes through
+/// untouched (the server's certificate names 127.0.0.1).
+#[derive(Debug)]
+pub struct Partition {
+    addr: std::net::SocketAddr,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Cancelled to close every forwarded connection.
+    conns: std::sync::Arc<std::sync::Mutex<tokio_util::sync::CancellationToken>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Partition {
+    pub async fn start(server: &KubeApiServer) -> Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(|source| HarnessError::Io {
+                what: "binding the partition proxy".into(),
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| HarnessError::Io {
+            what: "partition proxy address".into(),
+            source,
+        })?;
+        let upstream = format!("127.0.0.1:{}", server.port);
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let conns = std::sync::Arc::new(std::sync::Mutex::new(
+            tokio_util::sync::CancellationToken::new(),
+        ));
+        let (c, k) = (cut.clone(), conns.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((mut down, _)) = listener.accept().await {
+                if c.load(std::sync::atomic::Ordering::SeqCst) {
+                    drop(down); // refused: closed at once
+                    continue;
+                }
+                let token = k.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+                let upstream = upstream.clone();
+                tokio::spawn(async move {
+                    let Ok(mut up) = tokio::net::TcpStream::connect(&upstream).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        () = token.cancelled() => {}
+                        _ = tokio::io::copy_bidirectional(&mut down, &mut up) => {}
+                    }
+                });
+            }
+        });
+        Ok(Self {
+            addr,
+            cut,
+            conns,
+            task,
+        })
+    }
+
+    /// Cuts every open connection and refuses new ones.
+    pub fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+        let mut token = self
+            .conns
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        token.cancel();
+        *token = tokio_util::sync::CancellationToken::new();
+    }
+
+    /// Forwards again.
+    pub fn heal(&self) {
+        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// A kubeconfig like `server`'s admin one, pointing at this proxy.
+    pub fn kubeconfig(&self, server: &KubeApiServer) -> Result<PathBuf> {
+        let text = std::fs::read_to_string(server.kubeconfig()).map_err(|source| {
+            HarnessError::Io {
+                what: "reading the kubeconfig".into(),
+                source,
+            }
+        })?;
+        let path = server
+            .dir()
+            .join(format!("kubeconfig-partition-{}", self.addr.port()));
+        let text = text.replace(&server.url(), &format!("https://{}", self.addr));
+        std::fs::write(&path, text).map_err(|source| HarnessError::Io {
+            what: format!("writing {}", path.display()),
+            source,
+        })?;
+        Ok(path)
+    }
+}
+
+impl Drop for Partition {
+    fn drop(&mut self) {
+        self.task.abort();
+        self.cut();
+    }
+}
+
+/// Creates a Node labelled into `gateway` and sets its status (Ready,
+/// InternalIP) through the status subresource, as a kubelet would.
+pub async fn create_node(
+    client: &kube::Client,
+    name: &str,
+    gateway: &str,
+    ip: &str,
+    pod_cidr: &str,
+) -> Result<()> {
+    use k8s_openapi::api::core::v1::Node;
+    let api: kube::Api<Node> = kube::Api::all(client.clone());
+    let node: Node = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": name, "labels": {"raven.openyurt.io/gateway": gateway}},
+        "spec": {"podCIDR": pod_cidr, "podCIDRs": [pod_cidr]},
+    }))
+    .map_err(|e| HarnessError::Kube(e.to_string()))?;
+    let err = |e: kube::Error| HarnessError::Kube(format!("node {name}: {e}"));
+    api.create(&Default::default(), &node).await.map_err(err)?;
+    set_node_status(client, name, ip, true).await
+}
+
+/// Sets a Node's Ready condition and InternalIP.
+pub async fn set_node_status(
+    client: &kube::Client,
+    name: &str,
+    ip: &str,
+    ready: bool,
+) -> Result<()> {
+    use k8s_openapi::api::core::v1::Node;
+    let api: kube::Api<Node> = kube::Api::all(client.clone());
+    let status = serde_json::json!({"status": {
+        "conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}],
+        "addresses": [{"type": "InternalIP", "address": ip}],
+    }});
+    api.patch_status(
+        name,
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(&status),
+    )
+    .await
+    .map_err(|e| HarnessError::Kube(format!("node {name} status: {e}")))?;
+    Ok(())
 }
