@@ -158,9 +158,11 @@ impl KubeApiServer {
         shared: bool,
         extra_flags: &str,
     ) -> Result<Self> {
-        std::fs::write(dir.join("extra-flags"), extra_flags).map_err(|source| HarnessError::Io {
-            what: "writing extra-flags".into(),
-            source,
+        std::fs::write(dir.join("extra-flags"), extra_flags).map_err(|source| {
+            HarnessError::Io {
+                what: "writing extra-flags".into(),
+                source,
+            }
         })?;
         run(Command::new(script())
             .arg("start")
@@ -500,7 +502,10 @@ impl Partition {
                     drop(down); // refused: closed at once
                     continue;
                 }
-                let token = k.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+                let token = k
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .clone();
                 let upstream = upstream.clone();
                 tokio::spawn(async move {
                     let Ok(mut up) = tokio::net::TcpStream::connect(&upstream).await else {
@@ -539,12 +544,11 @@ impl Partition {
 
     /// A kubeconfig like `server`'s admin one, pointing at this proxy.
     pub fn kubeconfig(&self, server: &KubeApiServer) -> Result<PathBuf> {
-        let text = std::fs::read_to_string(server.kubeconfig()).map_err(|source| {
-            HarnessError::Io {
+        let text =
+            std::fs::read_to_string(server.kubeconfig()).map_err(|source| HarnessError::Io {
                 what: "reading the kubeconfig".into(),
                 source,
-            }
-        })?;
+            })?;
         let path = server
             .dir()
             .join(format!("kubeconfig-partition-{}", self.addr.port()));

@@ -189,3 +189,76 @@ async fn leader_hub_writes_the_elected_status_and_a_second_replica_does_not() ->
     a.stop().await;
     Ok(())
 }
+
+/// Stores a Gateway straight into etcd, bypassing the API server's
+/// validation — as an object written through an older schema (a
+/// v1alpha1 Gateway stored as v1beta1 without `type`) lies there.
+fn store_in_etcd(server: &KubeApiServer, name: &str, object: &Value) -> Result<()> {
+    server.etcdctl(&[
+        "put",
+        &format!("/registry/raven.openyurt.io/gateways/{name}"),
+        &object.to_string(),
+    ])?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn gateway_stored_without_type_does_not_block_the_others_on_a_fresh_hub() -> Result<()> {
+    let Some(server) = KubeApiServer::shared().await? else {
+        return Ok(());
+    };
+    load_example(&server).await?;
+    store_in_etcd(
+        &server,
+        "gw-untyped",
+        &serde_json::json!({
+            "apiVersion": "raven.openyurt.io/v1beta1",
+            "kind": "Gateway",
+            "metadata": {
+                "name": "gw-untyped",
+                "uid": "7d6f1a34-0000-4000-8000-000000000001",
+                "creationTimestamp": "2026-12-01T00:00:00Z",
+            },
+            "spec": {
+                "endpoints": [{"nodeName": "izbp15inok0kbfkg3in52sz", "underNAT": true}],
+            },
+        }),
+    )?;
+    let stored = server.kubectl(&["get", "gateway", "gw-untyped", "-o", "json"])?;
+    assert!(
+        !stored.contains("\"type\""),
+        "the API server serves it without type: {stored}"
+    );
+
+    // A hub started now lists all four: the three good ones are served.
+    let env = Env::new()?;
+    let hub = env.hub(&server.kubeconfig(), "a").await?;
+    until(&hub, "ready with the three good gateways", |p| {
+        p.ready && p.topology.gateways().count() == 3
+    })
+    .await?;
+    let problems = hub.published.borrow().topology.problems.clone();
+    let bad: Vec<_> = problems
+        .iter()
+        .filter(|p| p.object == "Gateway/gw-untyped")
+        .collect();
+    assert!(
+        bad.iter().any(|p| p.message.contains("type")),
+        "the undecodable Gateway is a problem naming the field: {problems:?}"
+    );
+    // And the leader tells kubectl users: a Warning Event on the object.
+    let client = server.client().await?;
+    let events: Api<k8s_openapi::api::core::v1::Event> = Api::all(client);
+    let warned = kube_apiserver::eventually(WAIT, || async {
+        events.list(&Default::default()).await.is_ok_and(|l| {
+            l.items.iter().any(|e| {
+                e.type_.as_deref() == Some("Warning")
+                    && e.involved_object.name.as_deref() == Some("gw-untyped")
+            })
+        })
+    })
+    .await;
+    assert!(warned, "a Warning Event on gw-untyped");
+    hub.stop().await;
+    Ok(())
+}
