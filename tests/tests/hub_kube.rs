@@ -262,3 +262,130 @@ async fn gateway_stored_without_type_does_not_block_the_others_on_a_fresh_hub() 
     hub.stop().await;
     Ok(())
 }
+
+/// The active endpoints of `name` as the API server holds them.
+async fn active_of(gateways: &Api<Gateway>, name: &str) -> Vec<String> {
+    gateways
+        .get_opt(name)
+        .await
+        .ok()
+        .flatten()
+        .and_then(|g| g.status)
+        .map(|s| {
+            s.active_endpoints
+                .into_iter()
+                .map(|e| format!("{}:{}", e.type_, e.node_name))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Bound of "status follows the object": the hub writes within a second;
+/// this leaves room for a loaded CI machine, far below the 300 s resync the
+/// writer once needed.
+const FOLLOWS: Duration = Duration::from_secs(8);
+
+#[tokio::test]
+async fn status_follows_a_gateway_deleted_and_created_again_and_an_edit_by_someone_else()
+-> Result<()> {
+    let Some(server) = KubeApiServer::shared().await? else {
+        return Ok(());
+    };
+    load_example(&server).await?;
+    let env = Env::new()?;
+    let hub = env.hub(&server.kubeconfig(), "a").await?;
+    let gateways: Api<Gateway> = Api::all(server.client().await?);
+    let written = kube_apiserver::eventually(WAIT, || async {
+        !active_of(&gateways, "gw-qingdao").await.is_empty()
+    })
+    .await;
+    assert!(written, "gw-qingdao got its status");
+    let elected = active_of(&gateways, "gw-qingdao").await;
+
+    // Deleted and created again: a new object without status.
+    server.kubectl(&["delete", "gateway", "gw-qingdao"])?;
+    let manual = repo_root().join("deploy/examples/user-manual/gateways.yaml");
+    server.kubectl(&["apply", "-f", &manual.display().to_string()])?;
+    let rewritten = kube_apiserver::eventually(FOLLOWS, || async {
+        active_of(&gateways, "gw-qingdao").await == elected
+    })
+    .await;
+    assert!(
+        rewritten,
+        "the recreated gw-qingdao got its status back within {FOLLOWS:?}"
+    );
+
+    // Someone else clears the status: the leader writes it again.
+    let hangzhou = active_of(&gateways, "gw-hangzhou").await;
+    assert!(!hangzhou.is_empty());
+    server.kubectl(&[
+        "patch",
+        "gateway",
+        "gw-hangzhou",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        r#"{"status":{"activeEndpoints":null}}"#,
+    ])?;
+    let restored = kube_apiserver::eventually(FOLLOWS, || async {
+        active_of(&gateways, "gw-hangzhou").await == hangzhou
+    })
+    .await;
+    assert!(
+        restored,
+        "the status someone else cleared was written again within {FOLLOWS:?}"
+    );
+    // Written by the hub's field manager.
+    let managed = server.kubectl(&[
+        "get",
+        "gateway",
+        "gw-hangzhou",
+        "-o",
+        "jsonpath={.metadata.managedFields[*].manager}",
+    ])?;
+    assert!(
+        managed.split_whitespace().any(|m| m == "raven-hub"),
+        "status written by field manager raven-hub: {managed}"
+    );
+    hub.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn hub_resumes_at_once_after_an_api_server_outage_and_writes_nothing_while_stale()
+-> Result<()> {
+    let Some(server) = KubeApiServer::dedicated()? else {
+        return Ok(());
+    };
+    load_example(&server).await?;
+    let env = Env::new()?;
+    let hub = env.hub(&server.kubeconfig(), "a").await?;
+    until(&hub, "ready and fresh", |p| {
+        p.ready && p.fresh && p.topology.gateways().count() == 3
+    })
+    .await?;
+
+    server.kill_apiserver()?;
+    until(&hub, "stale once the watches fail", |p| p.ready && !p.fresh).await?;
+    // Long enough for an exponential backoff to reach its 30 s cap.
+    tokio::time::sleep(Duration::from_secs(40)).await;
+    assert!(
+        hub.published.borrow().ready,
+        "still serving the last state during the outage"
+    );
+    server.start_apiserver()?;
+    // /readyz answered: a change made now must reach the hub at once.
+    let ready_at = tokio::time::Instant::now();
+    server.kubectl(&["delete", "gateway", "gw-qingdao"])?;
+    until(&hub, "fresh again with gw-qingdao gone", |p| {
+        p.fresh && p.topology.gateways().count() == 2
+    })
+    .await?;
+    let resumed = ready_at.elapsed();
+    assert!(
+        resumed < Duration::from_secs(5),
+        "resumed {resumed:?} after the API server was ready (the backoff is reset, ≤ 1 s)"
+    );
+    hub.stop().await;
+    Ok(())
+}
