@@ -30,6 +30,11 @@ pub const DEFAULT_TUNNEL_SERVER_EXPOSED_PORT: i32 = 4500;
     shortname = "gw",
     category = "yurt",
     status = "GatewayStatus",
+    printcolumn = r#"{"name":"ActiveTunnel","type":"string","jsonPath":".status.activeEndpoints[?(@.type==\"tunnel\")].nodeName"}"#,
+    printcolumn = r#"{"name":"ActiveProxy","type":"string","jsonPath":".status.activeEndpoints[?(@.type==\"proxy\")].nodeName"}"#,
+    printcolumn = r#"{"name":"PublicIP","type":"string","jsonPath":".status.activeEndpoints[?(@.type==\"tunnel\")].publicIP"}"#,
+    printcolumn = r#"{"name":"Nodes","type":"string","jsonPath":".status.nodes[*].nodeName","priority":1}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
     derive = "PartialEq",
     derive = "Default"
 )]
