@@ -368,7 +368,11 @@ async fn api_server_outage_keeps_last_state_and_resumes_watching() -> Result<()>
     // up), once per kind, from the most recent state.
     assert_eq!(api.expired_watches(), 0);
     for plural in ["gateways", "nodes", "configmaps"] {
-        assert_eq!(lists_of(&api, plural), 2, "{plural}: relisted once after the outage");
+        assert_eq!(
+            lists_of(&api, plural),
+            2,
+            "{plural}: relisted once after the outage"
+        );
         let watches = watches_of(&api, plural);
         assert_eq!(watches[0].as_deref(), Some(listed_at.as_str()));
     }
