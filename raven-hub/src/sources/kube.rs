@@ -195,7 +195,7 @@ struct Undecodable {
 }
 
 /// Decodes one served object as `K`, or says why it cannot be.
-fn decode<K: Sink>(obj: DynamicObject) -> Result<K, Undecodable> {
+fn decode<K: Sink>(obj: DynamicObject) -> Result<K, Box<Undecodable>> {
     let name = obj.metadata.name.clone().unwrap_or_default();
     let resource_version = obj
         .metadata
@@ -208,7 +208,7 @@ fn decode<K: Sink>(obj: DynamicObject) -> Result<K, Undecodable> {
         .and_then(|v| serde_json::from_value::<K>(v).map_err(|e| e.to_string()))
         .map_err(|error| {
             let kind = K::OBJECT.split('/').next().unwrap_or(K::OBJECT);
-            Undecodable {
+            Box::new(Undecodable {
                 problem: Problem::error(
                     format!("{}/{name}", K::OBJECT),
                     "",
@@ -219,7 +219,7 @@ fn decode<K: Sink>(obj: DynamicObject) -> Result<K, Undecodable> {
                 ),
                 name,
                 resource_version,
-            }
+            })
         })
 }
 
@@ -266,7 +266,7 @@ async fn pump<K: Sink>(api: Api<DynamicObject>, config: watcher::Config, index: 
         // The relist in progress; swapped into the index whole at InitDone, so
         // a list cut short by an error never replaces the last good state.
         let mut listing: Vec<K> = Vec::new();
-        let mut bad: Vec<Undecodable> = Vec::new();
+        let mut bad: Vec<Box<Undecodable>> = Vec::new();
         while let Some(event) = stream.next().await {
             match event {
                 Ok(Event::Init) => {
@@ -285,7 +285,7 @@ async fn pump<K: Sink>(api: Api<DynamicObject>, config: watcher::Config, index: 
                         i.clear_undecodable(K::KIND);
                         K::reset(i, objs);
                         for u in undecodable {
-                            undecodable_into(i, u);
+                            undecodable_into(i, &u);
                         }
                         i.mark_synced(K::KIND);
                     });
@@ -296,7 +296,7 @@ async fn pump<K: Sink>(api: Api<DynamicObject>, config: watcher::Config, index: 
                 Ok(Event::Apply(obj)) => {
                     match decode::<K>(obj) {
                         Ok(obj) => index.update(|i| K::apply(i, obj)),
-                        Err(u) => index.update(|i| undecodable_into(i, u)),
+                        Err(u) => index.update(|i| undecodable_into(i, &u)),
                     }
                     reconnect.reset();
                 }
@@ -326,7 +326,7 @@ async fn pump<K: Sink>(api: Api<DynamicObject>, config: watcher::Config, index: 
     }
 }
 
-fn undecodable_into(index: &mut Index, u: Undecodable) {
+fn undecodable_into(index: &mut Index, u: &Undecodable) {
     tracing::warn!(object = %u.problem.object, message = %u.problem.message, "undecodable object");
     index.apply_undecodable(
         match u.problem.object.split('/').next() {
@@ -336,7 +336,7 @@ fn undecodable_into(index: &mut Index, u: Undecodable) {
         },
         &u.name,
         u.resource_version,
-        u.problem,
+        u.problem.clone(),
     );
 }
 
