@@ -102,9 +102,12 @@ async fn hub_with_its_service_account_token_does_everything_it_needs_and_no_more
 
     // Lists and watches of all three kinds (raven-cfg by name).
     let mut rx = hub.published.clone();
-    tokio::time::timeout(WAIT, rx.wait_for(|p| p.ready && p.topology.gateways().count() == 2))
-        .await
-        .context("ready with both gateways: every list and watch was allowed")??;
+    tokio::time::timeout(
+        WAIT,
+        rx.wait_for(|p| p.ready && p.topology.gateways().count() == 2),
+    )
+    .await
+    .context("ready with both gateways: every list and watch was allowed")??;
     // The Lease (create, get, update) and every status (patch).
     let gateways: Api<Gateway> = Api::all(client.clone());
     let written = kube_apiserver::eventually(WAIT, || async {
@@ -158,7 +161,11 @@ async fn hub_with_its_service_account_token_does_everything_it_needs_and_no_more
             .map(|out| out.trim() == "yes")
             .unwrap_or(false))
     };
-    assert!(can(&["patch", "gateways.raven.openyurt.io/gw-a", "--subresource=status"])?);
+    assert!(can(&[
+        "patch",
+        "gateways.raven.openyurt.io/gw-a",
+        "--subresource=status"
+    ])?);
     for denied in [
         vec!["update", "gateways.raven.openyurt.io/gw-a"],
         vec!["delete", "gateways.raven.openyurt.io/gw-a"],

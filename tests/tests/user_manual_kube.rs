@@ -291,3 +291,80 @@ async fn user_manual_sequence_by_kubectl_ends_with_status_events_and_columns() -
     hub.stop().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn kubectl_apply_refuses_what_ravens_webhook_refuses_naming_the_field() -> Result<()> {
+    let Some(server) = KubeApiServer::shared().await? else {
+        return Ok(());
+    };
+    let gateway = |version: &str, endpoint: &str, expose: &str| {
+        format!(
+            "apiVersion: raven.openyurt.io/{version}\nkind: Gateway\nmetadata:\n  name: gw-bad\nspec:\n  exposeType: \"{expose}\"\n  proxyConfig: {{Replicas: 1}}\n  tunnelConfig: {{Replicas: 1}}\n  endpoints:\n  - {endpoint}\n"
+        )
+    };
+    for version in ["v1beta1", "v1alpha1"] {
+        for (doc, field) in [
+            (
+                gateway(version, "{nodeName: n1, type: vpn, port: 4500}", ""),
+                "type",
+            ),
+            (
+                gateway(version, "{nodeName: n1, type: tunnel, port: 70000}", ""),
+                "port",
+            ),
+            (
+                gateway(version, "{nodeName: n1, type: tunnel, port: 0}", ""),
+                "port",
+            ),
+            (
+                gateway(
+                    version,
+                    "{nodeName: n1, type: tunnel, port: 4500, publicPort: -1}",
+                    "",
+                ),
+                "publicPort",
+            ),
+            (
+                gateway(
+                    version,
+                    "{nodeName: n1, type: tunnel, port: 4500}",
+                    "NodePort",
+                ),
+                "exposeType",
+            ),
+            (
+                gateway(version, "{nodeName: \"\", type: tunnel, port: 4500}", ""),
+                "nodeName",
+            ),
+        ] {
+            let refused = server
+                .kubectl_stdin(&["apply", "-f", "-"], &doc)
+                .err()
+                .with_context(|| format!("{version} accepted: {doc}"))?;
+            assert!(
+                refused.to_string().contains(field),
+                "{version}: the refusal names {field}: {refused}"
+            );
+        }
+    }
+    // Raven's webhook allows one tunnel replica at most.
+    let two_tunnels = gateway("v1beta1", "{nodeName: n1, type: tunnel, port: 4500}", "")
+        .replace("tunnelConfig: {Replicas: 1}", "tunnelConfig: {Replicas: 2}");
+    let refused = server
+        .kubectl_stdin(&["apply", "-f", "-"], &two_tunnels)
+        .err()
+        .context("two tunnel replicas accepted")?;
+    assert!(refused.to_string().contains("Replicas"), "{refused}");
+    // A valid one of each version is accepted.
+    for version in ["v1beta1", "v1alpha1"] {
+        server.kubectl_stdin(
+            &["apply", "-f", "-"],
+            &gateway(
+                version,
+                "{nodeName: n1, type: tunnel, port: 4500}",
+                "LoadBalancer",
+            ),
+        )?;
+    }
+    Ok(())
+}

@@ -52,6 +52,7 @@ pub struct GatewaySpec {
     pub endpoints: Vec<Endpoint>,
     /// ExposeType determines how the Gateway is exposed.
     #[serde(default, skip_serializing_if = "String::is_empty")]
+    #[schemars(extend("enum" = ["", "PublicIP", "LoadBalancer"]))]
     pub expose_type: String,
     /// v1beta1's ProxyConfig, kept when written here (OpenYurt's manual
     /// does); Replicas 1 when absent, as OpenYurt's conversion sets it.
@@ -93,6 +94,7 @@ fn tunnel_port() -> i32 {
 #[serde(rename_all = "camelCase")]
 pub struct Endpoint {
     /// NodeName is the Node hosting this endpoint.
+    #[schemars(length(min = 1))]
     pub node_name: String,
     #[serde(rename = "underNAT", default)]
     pub under_nat: bool,
@@ -102,15 +104,18 @@ pub struct Endpoint {
     pub config: BTreeMap<String, String>,
     /// v1beta1's endpoint type; `tunnel` when absent (OpenYurt's rule).
     #[serde(rename = "type", default = "tunnel")]
+    #[schemars(extend("enum" = ["proxy", "tunnel"]))]
     pub type_: String,
     /// v1beta1's exposed port; 4500 when absent (OpenYurt's rule).
     #[serde(default = "tunnel_port")]
+    #[schemars(range(min = 1, max = 65535))]
     pub port: i32,
     /// NATType is the NAT type of the endpoint.
     #[serde(rename = "natType", default, skip_serializing_if = "String::is_empty")]
     pub nat_type: String,
     /// PublicPort is the exposed port of the node.
     #[serde(default, skip_serializing_if = "is_zero")]
+    #[schemars(range(min = 0, max = 65535))]
     pub public_port: i32,
 }
 
