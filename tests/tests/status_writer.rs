@@ -78,6 +78,7 @@ fn status(active: &str) -> GatewayStatus {
                 subnets: vec!["10.244.2.0/24".into()],
             },
         ],
+        conditions: Vec::new(),
     }
 }
 
@@ -200,14 +201,35 @@ async fn leader_patches_gateway_status() -> Result<()> {
     assert_eq!(patch.key, "gw-a");
     assert_eq!(patch.content_type, "application/merge-patch+json");
     assert_eq!(
-        patch.body,
-        json!({"status": {
-            "activeEndpoints": [{"nodeName": "n1", "type": "tunnel", "port": 4500, "publicIP": "203.0.113.1"}],
-            "nodes": [
-                {"nodeName": "n1", "privateIP": "192.168.0.1", "subnets": ["10.244.1.0/24"]},
-                {"nodeName": "n2", "privateIP": "192.168.0.2", "subnets": ["10.244.2.0/24"]},
-            ],
-        }})
+        patch.body["status"]["activeEndpoints"],
+        json!([{"nodeName": "n1", "type": "tunnel", "port": 4500, "publicIP": "203.0.113.1"}])
+    );
+    assert_eq!(
+        patch.body["status"]["nodes"],
+        json!([
+            {"nodeName": "n1", "privateIP": "192.168.0.1", "subnets": ["10.244.1.0/24"]},
+            {"nodeName": "n2", "privateIP": "192.168.0.2", "subnets": ["10.244.2.0/24"]},
+        ])
+    );
+    let conditions: Vec<(String, String, String)> = patch.body["status"]["conditions"]
+        .as_array()
+        .context("conditions")?
+        .iter()
+        .map(|c| {
+            let f = |k: &str| c[k].as_str().unwrap_or_default().to_owned();
+            (f("type"), f("status"), f("reason"))
+        })
+        .collect();
+    assert_eq!(
+        conditions,
+        [
+            ("Valid".into(), "True".into(), "Valid".into()),
+            (
+                "Ready".into(),
+                "True".into(),
+                "ActiveEndpointElected".into()
+            )
+        ]
     );
     let stored = api.get("gateways", "gw-a").context("gw-a")?;
     assert_eq!(stored["status"], patch.body["status"]);
@@ -228,17 +250,26 @@ async fn leader_patches_gateway_status() -> Result<()> {
     let stored = api.get("gateways", "gw-a").context("gw-a")?;
     assert_eq!(stored["status"]["activeEndpoints"][0]["nodeName"], "n2");
 
-    // An empty election clears the lists (a merge patch needs explicit nulls).
+    // An empty election clears the lists (a merge patch needs explicit
+    // nulls) and says why in the Ready condition.
     writer
         .published
         .send_replace(published(&api, &[("gw-a", GatewayStatus::default())])?);
     until_patches(&api, 3).await?;
+    let body = &api.status_patches()[2].body;
+    assert_eq!(body["status"]["activeEndpoints"], Value::Null);
+    assert_eq!(body["status"]["nodes"], Value::Null);
+    assert_eq!(body["status"]["conditions"][1]["type"], "Ready");
+    assert_eq!(body["status"]["conditions"][1]["status"], "False");
     assert_eq!(
-        api.status_patches()[2].body,
-        json!({"status": {"activeEndpoints": null, "nodes": null}})
+        body["status"]["conditions"][1]["reason"],
+        "NoActiveEndpoint"
     );
     let stored = api.get("gateways", "gw-a").context("gw-a")?;
-    assert_eq!(stored["status"], json!({}));
+    assert_eq!(stored["status"].get("activeEndpoints"), None);
+    writer
+        .published
+        .send_replace(published(&api, &[("gw-a", GatewayStatus::default())])?);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(api.status_patches().len(), 3);
 
@@ -250,22 +281,25 @@ async fn leader_patches_gateway_status() -> Result<()> {
 #[tokio::test]
 async fn leader_does_not_rewrite_a_status_the_api_server_already_has() -> Result<()> {
     let api = FakeApiServer::start().await?;
-    let mut gw = gateway_object("gw-a");
-    gw["status"] = serde_json::to_value(status("n1"))?;
-    api.upsert("gateways", gw);
+    api.upsert("gateways", gateway_object("gw-a"));
     api.upsert("gateways", gateway_object("gw-b"));
+    let election = [("gw-a", status("n1")), ("gw-b", status("n2"))];
+    let mut a = Writer::start(&api, lease("hub-a"), published(&api, &election)?);
+    a.until_leading().await?;
+    until_patches(&api, 2).await?;
+    a.stop().await?;
 
-    let mut writer = Writer::start(
-        &api,
-        lease("hub-a"),
-        published(&api, &[("gw-a", status("n1")), ("gw-b", status("n2"))])?,
-    );
-    writer.until_leading().await?;
-    until_patches(&api, 1).await?;
+    // A new leader with the same election finds both statuses in place
+    // (conditions and their transition times included): nothing to write.
+    let mut b = Writer::start(&api, lease("hub-b"), published(&api, &election)?);
+    b.until_leading().await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let patched: Vec<String> = api.status_patches().into_iter().map(|p| p.key).collect();
-    assert_eq!(patched, ["gw-b"], "gw-a already had its status");
-    writer.stop().await
+    assert_eq!(
+        api.status_patches().len(),
+        2,
+        "both already had their status"
+    );
+    b.stop().await
 }
 
 #[tokio::test]

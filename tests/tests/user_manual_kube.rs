@@ -252,6 +252,30 @@ async fn user_manual_sequence_by_kubectl_ends_with_status_events_and_columns() -
     assert_eq!(node.private_ip, "172.16.1.90");
     assert_eq!(node.subnets, ["10.244.4.0/24"]);
 
+    // Conditions with reasons: gw-qingdao is valid and ready; gw-cloud is
+    // served (the manual's masked publicIP is forgiven) but not Valid.
+    let condition = |g: &Gateway, type_: &str| -> Option<(String, String, String)> {
+        g.status
+            .as_ref()?
+            .conditions
+            .iter()
+            .find(|c| c.type_ == type_)
+            .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+    };
+    let qingdao = gateways.get("gw-qingdao").await?;
+    assert_eq!(
+        condition(&qingdao, "Valid").map(|c| c.0),
+        Some("True".into())
+    );
+    assert_eq!(
+        condition(&qingdao, "Ready").map(|c| (c.0, c.1)),
+        Some(("True".into(), "ActiveEndpointElected".into()))
+    );
+    let cloud = gateways.get("gw-cloud").await?;
+    let valid = condition(&cloud, "Valid").context("gw-cloud Valid")?;
+    assert_eq!((valid.0.as_str(), valid.1.as_str()), ("False", "Invalid"));
+    assert!(valid.2.contains("publicIP"), "names the field: {valid:?}");
+
     // Columns: `kubectl get gw` shows the active tunnel and proxy endpoints.
     let table = server.kubectl(&["get", "gw", "gw-qingdao"])?;
     let header = table.lines().next().unwrap_or_default().to_owned();

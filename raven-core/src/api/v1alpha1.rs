@@ -196,6 +196,7 @@ impl From<Gateway> for v1beta1::Gateway {
             } else {
                 s.active_endpoints
             },
+            ..Default::default()
         });
         v1beta1::Gateway {
             metadata: src.metadata,

@@ -151,6 +151,32 @@ pub struct GatewayStatus {
     /// ActiveEndpoints is the reference of the active endpoint.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub active_endpoints: Vec<Endpoint>,
+    /// Conditions the hub keeps for kubectl users (raven's addition):
+    /// `Valid` (no problem found in the Gateway) and `Ready` (an endpoint is
+    /// elected), each with a reason and message.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<GatewayCondition>,
+}
+
+/// A status condition, in the shape of Kubernetes' `metav1.Condition`.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayCondition {
+    /// `Valid` or `Ready`.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// `True`, `False` or `Unknown`.
+    #[schemars(extend("enum" = ["True", "False", "Unknown"]))]
+    pub status: String,
+    /// CamelCase reason of the last transition.
+    pub reason: String,
+    /// Human-readable detail.
+    pub message: String,
+    /// When `status` last changed (RFC 3339).
+    pub last_transition_time: String,
+    /// The `metadata.generation` the condition was computed from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
 }
 
 fn is_zero(v: &i32) -> bool {

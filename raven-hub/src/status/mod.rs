@@ -29,7 +29,9 @@ use std::time::Duration;
 
 use kube::api::{Patch, PatchParams};
 use kube::{Api, Client};
-use raven_core::api::v1beta1::{Gateway, GatewayStatus};
+use raven_core::Problem;
+use raven_core::api::v1beta1::{Gateway, GatewayCondition, GatewayStatus};
+use raven_core::compile::CompiledGateway;
 use serde_json::{Value, json};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -88,7 +90,102 @@ pub fn status_patch(status: &GatewayStatus) -> Value {
     } else {
         json!(status.active_endpoints)
     };
-    json!({"status": {"nodes": nodes, "activeEndpoints": active}})
+    let conditions = if status.conditions.is_empty() {
+        Value::Null
+    } else {
+        json!(status.conditions)
+    };
+    json!({"status": {"nodes": nodes, "activeEndpoints": active, "conditions": conditions}})
+}
+
+/// Condition type: the Gateway passed validation without a problem.
+pub const CONDITION_VALID: &str = "Valid";
+/// Condition type: an endpoint is elected (the gateway carries traffic).
+pub const CONDITION_READY: &str = "Ready";
+
+/// The status to write: the election plus the `Valid` and `Ready`
+/// conditions. A condition keeps its `lastTransitionTime` from `earlier`
+/// (what the API server shows, then what we last wrote) while its status
+/// stays; otherwise it is `now`.
+pub fn with_conditions(
+    compiled: &CompiledGateway,
+    problems: &[Problem],
+    earlier: &[&GatewayStatus],
+    now: &str,
+) -> GatewayStatus {
+    let object = format!("Gateway/{}", compiled.name.as_str());
+    let mine: Vec<&Problem> = problems.iter().filter(|p| p.object == object).collect();
+    let generation = compiled.gateway.metadata.generation;
+    let condition = |type_: &str, ok: bool, reason: &str, message: String| {
+        let status = if ok { "True" } else { "False" };
+        let since = earlier
+            .iter()
+            .flat_map(|s| s.conditions.iter())
+            .find(|c| c.type_ == type_ && c.status == status)
+            .map_or_else(|| now.to_owned(), |c| c.last_transition_time.clone());
+        GatewayCondition {
+            type_: type_.to_owned(),
+            status: status.to_owned(),
+            reason: reason.to_owned(),
+            message,
+            last_transition_time: since,
+            observed_generation: generation,
+        }
+    };
+    let valid = if mine.is_empty() {
+        condition(
+            CONDITION_VALID,
+            true,
+            "Valid",
+            "no problem found".to_owned(),
+        )
+    } else {
+        let mut text: Vec<String> = mine
+            .iter()
+            .take(3)
+            .map(|p| {
+                if p.field.is_empty() {
+                    p.message.clone()
+                } else {
+                    format!("{}: {}", p.field, p.message)
+                }
+            })
+            .collect();
+        if mine.len() > 3 {
+            text.push(format!("and {} more", mine.len() - 3));
+        }
+        condition(CONDITION_VALID, false, "Invalid", text.join("; "))
+    };
+    let active = &compiled.status.active_endpoints;
+    let ready = if active.is_empty() {
+        condition(
+            CONDITION_READY,
+            false,
+            "NoActiveEndpoint",
+            "no endpoint could be elected (none listed, or none on a ready node)".to_owned(),
+        )
+    } else {
+        let list: Vec<String> = active
+            .iter()
+            .map(|e| format!("{} {}", e.type_, e.node_name))
+            .collect();
+        condition(
+            CONDITION_READY,
+            true,
+            "ActiveEndpointElected",
+            format!("active: {}", list.join(", ")),
+        )
+    };
+    GatewayStatus {
+        conditions: vec![valid, ready],
+        ..compiled.status.clone()
+    }
+}
+
+fn now_rfc3339() -> String {
+    k8s_openapi::jiff::Timestamp::now()
+        .strftime("%Y-%m-%dT%H:%M:%SZ")
+        .to_string()
 }
 
 /// Exponential backoff with jitter: `RETRY_MIN · 2^(attempt-1)`, capped at
@@ -180,15 +277,21 @@ impl StatusWriter {
             .retain(|name, _| published.gateways.keys().any(|g| g.as_str() == name));
         self.written
             .retain(|name, _| published.observed.contains_key(name));
+        let now = now_rfc3339();
         for (name, compiled) in &published.gateways {
             if Instant::now() >= until {
                 return;
             }
             let name = name.as_str();
-            let want = &compiled.status;
             let Some(observed) = published.observed.get(name) else {
                 continue;
             };
+            let earlier: Vec<&GatewayStatus> = observed
+                .status
+                .iter()
+                .chain(self.written.get(name).map(|w| &w.status))
+                .collect();
+            let want = &with_conditions(compiled, &published.topology.problems, &earlier, &now);
             if !needs_write(want, observed, self.written.get(name)) {
                 self.retries.remove(name);
                 continue;
