@@ -19,7 +19,7 @@
 //! one by a reaper process that waits for the test binary's end (EOF on a
 //! pipe) and then runs `apiserver.sh stop`.
 //!
-//! Without the binary, `etcd`, `kubectl`, `openssl` or `curl` the tests are
+//! Without the binary, `etcd`, `etcdctl`, `kubectl`, `openssl` or `curl` the tests are
 //! skipped with a message — unless `RAVEN_REQUIRE_TOOLS` is set (CI), where
 //! that is a failure.
 
@@ -76,7 +76,7 @@ pub fn available() -> bool {
             apiserver_binary().display()
         ));
     }
-    for tool in ["etcd", "kubectl", "openssl", "curl"] {
+    for tool in ["etcd", "etcdctl", "kubectl", "openssl", "curl"] {
         let found = Command::new(tool)
             .arg("--version")
             .stdout(Stdio::null())

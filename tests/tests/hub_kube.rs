@@ -4,20 +4,20 @@
 //! synced, follows the watch, and its leader writes the elected Gateway
 //! status back. Skipped without the server unless `RAVEN_REQUIRE_TOOLS=1`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
+
+mod common;
 
 use anyhow::{Context, Result};
 use kube::Api;
 use raven_core::api::v1beta1::Gateway;
-use raven_hub::grpc::TlsFiles;
-use raven_hub::grpc::sync::SyncConfig;
-use raven_hub::hub::{self, HubConfig, RunningHub, Source};
-use raven_hub::pipeline::{Debounce, Published};
+use raven_hub::hub::RunningHub;
+use raven_hub::pipeline::Published;
 use raven_tests::kube_apiserver::{self, KubeApiServer, repo_root};
 use serde_json::Value;
 
-const WAIT: Duration = Duration::from_secs(30);
+use common::WAIT;
 
 /// The user manual's six nodes (created and status-patched, as a kubelet
 /// would), `raven-cfg` and its three Gateways, by kubectl.
@@ -49,38 +49,13 @@ struct Env {
 
 impl Env {
     fn new() -> Result<Self> {
-        let dir = tempfile::tempdir()?;
-        raven_hub::certs::generate(&dir.path().join("certs"), &["localhost".into()], &[])?;
-        Ok(Self { dir })
+        Ok(Self {
+            dir: tempfile::tempdir()?,
+        })
     }
 
     async fn hub(&self, kubeconfig: &Path, replica: &str) -> Result<RunningHub> {
-        let certs = raven_hub::certs::Layout {
-            dir: self.dir.path().join("certs"),
-        };
-        Ok(hub::start(HubConfig {
-            source: Source::Kubernetes {
-                kubeconfig: Some(PathBuf::from(kubeconfig)),
-            },
-            grpc_addr: "127.0.0.1:0".parse()?,
-            plaintext_addr: None,
-            http_addr: None,
-            tls: TlsFiles {
-                cert: certs.hub_cert(),
-                key: certs.hub_key(),
-                client_ca: certs.ca_cert(),
-            },
-            data_dir: Some(self.dir.path().join(format!("data-{replica}"))),
-            sync: SyncConfig::default(),
-            debounce: Debounce {
-                quiet: Duration::from_millis(20),
-                max_delay: Duration::from_millis(200),
-            },
-            replica: replica.into(),
-            epoch: Some("kubernetes".into()),
-            manifest_limits: Default::default(),
-        })
-        .await?)
+        common::start_hub(kubeconfig, self.dir.path(), replica).await
     }
 }
 

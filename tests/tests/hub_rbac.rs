@@ -8,17 +8,15 @@
 
 use std::time::Duration;
 
+mod common;
+
 use anyhow::{Context, Result};
 use kube::Api;
 use raven_core::api::v1beta1::Gateway;
-use raven_hub::grpc::TlsFiles;
-use raven_hub::grpc::sync::SyncConfig;
-use raven_hub::hub::{self, HubConfig};
-use raven_hub::pipeline::Debounce;
 use raven_tests::kube_apiserver::{self, KubeApiServer, repo_root};
 use serde_json::Value;
 
-const WAIT: Duration = Duration::from_secs(30);
+use common::WAIT;
 const SA: &str = "system:serviceaccount:kube-system:raven-hub";
 
 /// The RBAC documents of deploy/hub.yaml (not the Deployment or Service:
@@ -72,33 +70,7 @@ async fn hub_with_its_service_account_token_does_everything_it_needs_and_no_more
 
     let kubeconfig = server.service_account_kubeconfig("kube-system", "raven-hub")?;
     let tmp = tempfile::tempdir()?;
-    raven_hub::certs::generate(&tmp.path().join("certs"), &["localhost".into()], &[])?;
-    let certs = raven_hub::certs::Layout {
-        dir: tmp.path().join("certs"),
-    };
-    let hub = hub::start(HubConfig {
-        source: hub::Source::Kubernetes {
-            kubeconfig: Some(kubeconfig),
-        },
-        grpc_addr: "127.0.0.1:0".parse()?,
-        plaintext_addr: None,
-        http_addr: None,
-        tls: TlsFiles {
-            cert: certs.hub_cert(),
-            key: certs.hub_key(),
-            client_ca: certs.ca_cert(),
-        },
-        data_dir: Some(tmp.path().join("data")),
-        sync: SyncConfig::default(),
-        debounce: Debounce {
-            quiet: Duration::from_millis(20),
-            max_delay: Duration::from_millis(200),
-        },
-        replica: "rbac".into(),
-        epoch: Some("kubernetes".into()),
-        manifest_limits: Default::default(),
-    })
-    .await?;
+    let hub = common::start_hub(&kubeconfig, tmp.path(), "rbac").await?;
 
     // Lists and watches of all three kinds (raven-cfg by name).
     let mut rx = hub.published.clone();
@@ -153,7 +125,7 @@ async fn hub_with_its_service_account_token_does_everything_it_needs_and_no_more
     let can = |args: &[&str]| -> Result<bool> {
         let mut full = vec!["auth", "can-i"];
         full.extend_from_slice(args);
-        full.push(&"--as");
+        full.push("--as");
         full.push(SA);
         // `can-i` exits 1 for "no".
         Ok(server

@@ -4,21 +4,19 @@
 //! the server. The index is read directly; no pipeline, no gRPC. Skipped
 //! without the server unless `RAVEN_REQUIRE_TOOLS=1`.
 
-use std::collections::BTreeMap;
-use std::path::Path;
 use std::time::Duration;
 
+mod common;
+
 use anyhow::{Context, Result};
+use common::{Snapshot, Source};
 use k8s_openapi::api::core::v1::{ConfigMap, Node};
 use kube::Api;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use raven_core::api::v1beta1::Gateway;
-use raven_hub::index::{Index, IndexHandle};
+use raven_hub::index::Index;
 use raven_tests::kube_apiserver::{self, KubeApiServer, Partition};
 use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
-
-const WAIT: Duration = Duration::from_secs(30);
 
 fn gateway(name: &str, endpoints: &[&str]) -> Result<Gateway> {
     Ok(serde_json::from_value(json!({
@@ -136,123 +134,6 @@ impl Cluster {
     }
 }
 
-/// The real Kubernetes source feeding a fresh index.
-struct Source {
-    index: IndexHandle,
-    shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Source {
-    async fn start(kubeconfig: &Path) -> Result<Self> {
-        let client = kube_apiserver::client_from_kubeconfig(kubeconfig).await?;
-        let index = IndexHandle::default();
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(raven_hub::sources::kube::run(
-            client,
-            index.clone(),
-            shutdown.clone(),
-        ));
-        Ok(Self {
-            index,
-            shutdown,
-            task,
-        })
-    }
-
-    async fn until(&self, what: &str, f: impl Fn(&Index) -> bool) -> Result<()> {
-        tokio::time::timeout(WAIT, async {
-            while !self.index.read(&f) {
-                tokio::select! {
-                    () = self.index.changed() => {}
-                    () = tokio::time::sleep(Duration::from_millis(20)) => {}
-                }
-            }
-        })
-        .await
-        .with_context(|| {
-            format!(
-                "timed out waiting for: {what}; index: {:?}",
-                self.snapshot()
-            )
-        })
-    }
-
-    fn snapshot(&self) -> Snapshot {
-        self.index.read(Snapshot::of)
-    }
-
-    async fn stop(self) -> Result<()> {
-        self.shutdown.cancel();
-        tokio::time::timeout(WAIT, self.task)
-            .await
-            .context("the source did not stop")??;
-        Ok(())
-    }
-}
-
-/// What the index holds, comparably.
-#[derive(Debug, Clone, PartialEq)]
-struct Snapshot {
-    synced: bool,
-    fresh: bool,
-    /// Gateway → endpoint node names.
-    gateways: BTreeMap<String, Vec<String>>,
-    /// Node → pod CIDRs.
-    nodes: BTreeMap<String, Vec<String>>,
-    config_present: bool,
-    l3: bool,
-}
-
-impl Snapshot {
-    fn of(index: &Index) -> Self {
-        let (inputs, _) = index.inputs();
-        Self {
-            synced: index.is_synced(),
-            fresh: index.is_fresh(),
-            gateways: inputs
-                .gateways
-                .iter()
-                .map(|(name, gw)| {
-                    let eps = gw.spec.endpoints.iter().map(|e| e.node_name.clone());
-                    (name.clone(), eps.collect())
-                })
-                .collect(),
-            nodes: inputs
-                .nodes
-                .iter()
-                .map(|(name, n)| {
-                    let cidrs = n.pod_cidrs.iter().map(ToString::to_string);
-                    (name.to_string(), cidrs.collect())
-                })
-                .collect(),
-            config_present: inputs.config.present,
-            l3: inputs.config.enable_l3_tunnel,
-        }
-    }
-
-    fn gateway_names(&self) -> Vec<&str> {
-        self.gateways.keys().map(String::as_str).collect()
-    }
-
-    /// Everything but the freshness flags.
-    fn content(
-        &self,
-    ) -> (
-        BTreeMap<String, Vec<String>>,
-        BTreeMap<String, Vec<String>>,
-        bool,
-        bool,
-    ) {
-        (
-            self.gateways.clone(),
-            self.nodes.clone(),
-            self.config_present,
-            self.l3,
-        )
-    }
-}
-
 #[tokio::test]
 async fn hub_index_fills_from_list_and_marks_synced() -> Result<()> {
     let Some(server) = KubeApiServer::shared().await? else {
@@ -260,7 +141,7 @@ async fn hub_index_fills_from_list_and_marks_synced() -> Result<()> {
     };
     let cluster = Cluster::of(&server).await?;
     cluster.fill(&server).await?;
-    let source = Source::start(&server.kubeconfig()).await?;
+    let source = Source::start(server.client().await?);
     source.until("every kind synced", Index::is_synced).await?;
 
     let s = source.snapshot();
@@ -285,7 +166,7 @@ async fn gateway_change_is_applied_from_watch() -> Result<()> {
     };
     let cluster = Cluster::of(&server).await?;
     cluster.fill(&server).await?;
-    let source = Source::start(&server.kubeconfig()).await?;
+    let source = Source::start(server.client().await?);
     source.until("synced", Index::is_synced).await?;
 
     cluster.set_endpoints("gw-a", &["a2", "a1"]).await?;
@@ -361,7 +242,9 @@ async fn expired_resource_version_410_triggers_relist_and_nothing_is_lost() -> R
     let cluster = Cluster::of(&server).await?;
     cluster.fill(&server).await?;
     let partition = Partition::start(&server).await?;
-    let source = Source::start(&partition.kubeconfig(&server)?).await?;
+    let source = Source::start(
+        kube_apiserver::client_from_kubeconfig(&partition.kubeconfig(&server)?).await?,
+    );
     source.until("synced", Index::is_synced).await?;
     let watched_from = etcd_revision(&server)?;
 
@@ -437,7 +320,9 @@ async fn api_server_partition_keeps_last_state_marks_it_stale_and_resumes() -> R
     let cluster = Cluster::of(&server).await?;
     cluster.fill(&server).await?;
     let partition = Partition::start(&server).await?;
-    let source = Source::start(&partition.kubeconfig(&server)?).await?;
+    let source = Source::start(
+        kube_apiserver::client_from_kubeconfig(&partition.kubeconfig(&server)?).await?,
+    );
     source.until("synced", Index::is_synced).await?;
     let before = source.snapshot();
 

@@ -11,17 +11,15 @@
 //! about the source — list, watch, 410 relist, outage — runs against the
 //! real kube-apiserver in `kube_source`.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
+mod common;
+
 use anyhow::{Context, Result};
-use raven_hub::index::{Index, IndexHandle};
+use common::{Snapshot, Source, WAIT};
+use raven_hub::index::Index;
 use raven_tests::fake_apiserver::{FakeApiServer, Options};
 use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
-
-/// Upper bound of every wait; the watchers' backoff starts at 0.8 s.
-const WAIT: Duration = Duration::from_secs(20);
 
 fn gateway(name: &str, endpoints: &[&str]) -> Value {
     json!({
@@ -79,103 +77,6 @@ async fn cluster(options: Options) -> Result<FakeApiServer> {
     Ok(api)
 }
 
-/// The real Kubernetes source feeding a fresh index.
-struct Source {
-    index: IndexHandle,
-    shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Source {
-    fn start(api: &FakeApiServer) -> Self {
-        let index = IndexHandle::default();
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(raven_hub::sources::kube::run(
-            api.client(),
-            index.clone(),
-            shutdown.clone(),
-        ));
-        Self {
-            index,
-            shutdown,
-            task,
-        }
-    }
-
-    async fn until(&self, what: &str, f: impl Fn(&Index) -> bool) -> Result<()> {
-        tokio::time::timeout(WAIT, async {
-            while !self.index.read(&f) {
-                tokio::select! {
-                    () = self.index.changed() => {}
-                    () = tokio::time::sleep(Duration::from_millis(20)) => {}
-                }
-            }
-        })
-        .await
-        .with_context(|| {
-            format!(
-                "timed out waiting for: {what}; index: {:?}",
-                self.snapshot()
-            )
-        })
-    }
-
-    fn snapshot(&self) -> Snapshot {
-        self.index.read(Snapshot::of)
-    }
-
-    async fn stop(self) -> Result<()> {
-        self.shutdown.cancel();
-        tokio::time::timeout(WAIT, self.task)
-            .await
-            .context("the source did not stop")??;
-        Ok(())
-    }
-}
-
-/// What the index holds, comparably.
-#[derive(Debug, Clone, PartialEq)]
-struct Snapshot {
-    synced: bool,
-    /// Gateway → endpoint node names.
-    gateways: BTreeMap<String, Vec<String>>,
-    /// Node → pod CIDRs.
-    nodes: BTreeMap<String, Vec<String>>,
-    config_present: bool,
-    l3: bool,
-}
-
-impl Snapshot {
-    fn of(index: &Index) -> Self {
-        let (inputs, _) = index.inputs();
-        Self {
-            synced: index.is_synced(),
-            gateways: inputs
-                .gateways
-                .iter()
-                .map(|(name, gw)| {
-                    let eps = gw.spec.endpoints.iter().map(|e| e.node_name.clone());
-                    (name.clone(), eps.collect())
-                })
-                .collect(),
-            nodes: inputs
-                .nodes
-                .iter()
-                .map(|(name, n)| {
-                    let cidrs = n.pod_cidrs.iter().map(ToString::to_string);
-                    (name.to_string(), cidrs.collect())
-                })
-                .collect(),
-            config_present: inputs.config.present,
-            l3: inputs.config.enable_l3_tunnel,
-        }
-    }
-
-    fn gateway_names(&self) -> Vec<&str> {
-        self.gateways.keys().map(String::as_str).collect()
-    }
-}
-
 fn lists_of(api: &FakeApiServer, plural: &str) -> usize {
     api.requests()
         .iter()
@@ -194,7 +95,7 @@ fn watches_of(api: &FakeApiServer, plural: &str) -> Vec<Option<String>> {
 #[tokio::test]
 async fn hub_index_fills_from_list_and_marks_synced() -> Result<()> {
     let api = cluster(Options::default()).await?;
-    let source = Source::start(&api);
+    let source = Source::start(api.client());
     source.until("every kind synced", Index::is_synced).await?;
 
     let s = source.snapshot();
@@ -247,7 +148,7 @@ async fn bookmarks_are_accepted() -> Result<()> {
         bookmark_interval: Duration::from_millis(100),
     })
     .await?;
-    let source = Source::start(&api);
+    let source = Source::start(api.client());
     source.until("synced", Index::is_synced).await?;
     let listed = source.snapshot();
 

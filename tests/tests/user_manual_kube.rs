@@ -8,18 +8,14 @@
 //! Events and `kubectl get gw` columns a Raven user sees. Skipped without
 //! the server unless `RAVEN_REQUIRE_TOOLS=1`.
 
-use std::time::Duration;
+mod common;
 
 use anyhow::{Context, Result};
 use kube::Api;
 use raven_core::api::v1beta1::Gateway;
-use raven_hub::grpc::TlsFiles;
-use raven_hub::grpc::sync::SyncConfig;
-use raven_hub::hub::{self, HubConfig};
-use raven_hub::pipeline::Debounce;
 use raven_tests::kube_apiserver::{self, KubeApiServer, repo_root};
 
-const WAIT: Duration = Duration::from_secs(30);
+use common::WAIT;
 
 /// The manual's Gateway documents, verbatim (section 2.1).
 const MANUAL_GATEWAYS: &str = r#"apiVersion: raven.openyurt.io/v1beta1
@@ -194,33 +190,7 @@ async fn user_manual_sequence_by_kubectl_ends_with_status_events_and_columns() -
 
     // The hub.
     let dir = tempfile::tempdir()?;
-    raven_hub::certs::generate(&dir.path().join("certs"), &["localhost".into()], &[])?;
-    let certs = raven_hub::certs::Layout {
-        dir: dir.path().join("certs"),
-    };
-    let hub = hub::start(HubConfig {
-        source: hub::Source::Kubernetes {
-            kubeconfig: Some(server.kubeconfig()),
-        },
-        grpc_addr: "127.0.0.1:0".parse()?,
-        plaintext_addr: None,
-        http_addr: None,
-        tls: TlsFiles {
-            cert: certs.hub_cert(),
-            key: certs.hub_key(),
-            client_ca: certs.ca_cert(),
-        },
-        data_dir: Some(dir.path().join("data")),
-        sync: SyncConfig::default(),
-        debounce: Debounce {
-            quiet: Duration::from_millis(20),
-            max_delay: Duration::from_millis(200),
-        },
-        replica: "manual".into(),
-        epoch: Some("kubernetes".into()),
-        manifest_limits: Default::default(),
-    })
-    .await?;
+    let hub = common::start_hub(&server.kubeconfig(), dir.path(), "manual").await?;
     let all_written = kube_apiserver::eventually(WAIT, || async {
         gateways.list(&Default::default()).await.is_ok_and(|l| {
             l.items.len() == 3

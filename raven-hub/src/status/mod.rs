@@ -470,6 +470,15 @@ mod tests {
         }
     }
 
+    /// We wrote status "a" to object u1, which then had version 6.
+    fn written_a() -> Written {
+        Written {
+            uid: Some("u1".into()),
+            resource_version: 6,
+            status: status("a"),
+        }
+    }
+
     #[test]
     fn a_status_the_watch_shows_is_not_written_again() {
         assert!(!needs_write(
@@ -481,11 +490,7 @@ mod tests {
 
     #[test]
     fn our_write_is_not_repeated_until_the_watch_echoes_it() {
-        let w = Written {
-            uid: Some("u1".into()),
-            resource_version: 6,
-            status: status("a"),
-        };
+        let w = written_a();
         assert!(!needs_write(
             &status("a"),
             &observed("u1", 5, None),
@@ -495,11 +500,7 @@ mod tests {
 
     #[test]
     fn a_recreated_gateway_is_written_although_we_wrote_the_old_one() {
-        let w = Written {
-            uid: Some("u1".into()),
-            resource_version: 6,
-            status: status("a"),
-        };
+        let w = written_a();
         assert!(needs_write(
             &status("a"),
             &observed("u2", 3, None),
@@ -509,11 +510,7 @@ mod tests {
 
     #[test]
     fn a_status_someone_else_changed_after_our_write_is_written_again() {
-        let w = Written {
-            uid: Some("u1".into()),
-            resource_version: 6,
-            status: status("a"),
-        };
+        let w = written_a();
         assert!(needs_write(
             &status("a"),
             &observed("u1", 9, Some(status("b"))),
