@@ -11,9 +11,9 @@ use ipnet::IpNet;
 use proptest::collection::{btree_map, vec};
 use proptest::option;
 use proptest::prelude::*;
-use raven_core::cluster::AgentReport;
-use raven_core::names::{GatewayName, NodeName};
-use raven_core::topology::{
+use raven_model::AgentReport;
+use raven_model::names::{GatewayName, NodeName};
+use raven_model::topology::{
     EndpointType, ExposeType, GatewayEndpoint, GatewayView, Member, NodeView, PeerInfo, Resource,
     ResourceBody, ResourceName, Settings,
 };
@@ -194,7 +194,7 @@ pub fn peer_info() -> impl Strategy<Value = PeerInfo> {
                     tunnel_port,
                     observed_endpoint,
                     direct: direct.map(|(public_key, observed_endpoint)| {
-                        raven_core::topology::DirectDevice {
+                        raven_model::topology::DirectDevice {
                             public_key,
                             observed_endpoint,
                         }

@@ -13,10 +13,10 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 
 use ipnet::IpNet;
-use raven_core::cluster::AgentReport;
-use raven_core::names::{GatewayName, NodeName};
-use raven_core::problem::{Problem, Severity};
-use raven_core::topology::{
+use raven_model::AgentReport;
+use raven_model::names::{GatewayName, NodeName};
+use raven_model::problem::{Problem, Severity};
+use raven_model::topology::{
     ContentVersion, DirectDevice, EndpointType, ExposeType, GatewayEndpoint, GatewayView, Member,
     NodeView, PeerInfo, Resource, ResourceBody, ResourceName, Settings, Topology,
 };
@@ -676,14 +676,14 @@ pub fn report_from_proto(r: &v1::Report) -> Result<AgentReport, ConversionError>
             observed_peers.insert(node, endpoint);
         }
     }
-    if r.dead_candidates.len() > raven_core::liveness::MAX_DEAD_CANDIDATES {
+    if r.dead_candidates.len() > raven_model::report::MAX_DEAD_CANDIDATES {
         return Err(cx.invalid(
             "dead_candidates",
             r.dead_candidates.len().to_string(),
             "lists more than 16 nodes (only the candidates of the node's own gateway belong there)",
         ));
     }
-    const _: () = assert!(raven_core::liveness::MAX_DEAD_CANDIDATES == 16);
+    const _: () = assert!(raven_model::report::MAX_DEAD_CANDIDATES == 16);
     let mut dead_candidates = BTreeSet::new();
     for (i, d) in r.dead_candidates.iter().enumerate() {
         let field = format!("dead_candidates[{i}]");

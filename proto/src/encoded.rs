@@ -14,7 +14,7 @@ use std::fmt;
 use bytes::{Buf, BufMut, Bytes};
 use prost::Message;
 use prost::encoding::{DecodeContext, WireType};
-use raven_core::topology::{Resource, ResourceName};
+use raven_model::topology::{Resource, ResourceName};
 
 use crate::convert::{UpdateHeader, resource_to_proto};
 use crate::v1;

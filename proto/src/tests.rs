@@ -4,9 +4,9 @@ use std::time::Duration;
 use proptest::collection::vec;
 use proptest::prelude::*;
 use prost::Message;
-use raven_core::names::{GatewayName, NodeName};
-use raven_core::problem::Problem;
-use raven_core::topology::{
+use raven_model::names::{GatewayName, NodeName};
+use raven_model::problem::Problem;
+use raven_model::topology::{
     ContentVersion, EndpointType, ExposeType, GatewayEndpoint, GatewayView, Member, Resource,
     ResourceBody, ResourceName,
 };
@@ -485,7 +485,7 @@ fn reports_with_bad_keys_endpoints_or_unsorted_failover_are_rejected() {
         r#"report: dead_candidates[1]: "edge-1" is out of order or repeated (sorted, unique nodes)"#
     );
     let too_many = v1::Report {
-        dead_candidates: (0..=raven_core::liveness::MAX_DEAD_CANDIDATES)
+        dead_candidates: (0..=raven_model::report::MAX_DEAD_CANDIDATES)
             .map(|i| format!("edge-{i:02}"))
             .collect(),
         ..Default::default()
@@ -528,7 +528,7 @@ fn hello_inventory_parses_names_and_rejects_duplicates() {
 #[test]
 fn topology_response_carries_resources_problems_and_json() {
     let (name, r) = sample_gateway();
-    let topology = raven_core::Topology {
+    let topology = raven_model::Topology {
         resources: BTreeMap::from([(name, r)]),
         problems: vec![Problem::error("Node/x", "", "", "broken")],
     };

@@ -4,8 +4,8 @@
 
 use std::pin::Pin;
 
-use raven_core::names::NodeName;
-use raven_core::topology::{PeerInfo, Resource, ResourceBody, ResourceName};
+use raven_model::names::NodeName;
+use raven_model::topology::{PeerInfo, Resource, ResourceBody, ResourceName};
 use raven_proto::v1::sync_service_client::SyncServiceClient;
 use raven_proto::wire::sync_service_server::{SyncService, SyncServiceServer};
 use raven_proto::{EncodedResource, EncodedSyncResponse, PROTOCOL_VERSION, UpdateHeader, v1};

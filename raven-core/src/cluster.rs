@@ -2,7 +2,7 @@
 //! to the facts raven uses), the `raven-cfg` switches and agent reports.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::{ConfigMap, Node};
@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::api::{self, v1beta1};
 use crate::names::{GatewayName, NodeName};
 use crate::problem::Problem;
+pub use raven_model::report::AgentReport;
 
 /// A node as raven sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -126,42 +127,6 @@ impl RavenConfig {
             _ => false,
         }
     }
-}
-
-/// What an agent has told the hub about itself (through its own, mTLS
-/// authenticated stream).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AgentReport {
-    /// The node's WireGuard public key, base64 as `wg` prints it.
-    pub wireguard_public_key: Option<String>,
-    /// The UDP port the node's tunnel listens on.
-    pub tunnel_port: Option<u16>,
-    /// The address the hub (or a public gateway) saw the node's tunnel
-    /// traffic come from: its NAT-mapped endpoint.
-    pub observed_endpoint: Option<SocketAddr>,
-    /// The node's own choice of active tunnel gateway while it could not reach
-    /// the hub (local failover), per gateway.
-    pub local_failover: BTreeMap<GatewayName, NodeName>,
-    /// Where this node's tunnel currently hears each peer from (peers with a
-    /// fresh handshake, not through a relay). From a gateway that is not under
-    /// NAT, these are the NATed peers' mapped endpoints, which the hub passes
-    /// on so two NATed gateways can try a direct path.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub observed_peers: BTreeMap<NodeName, SocketAddr>,
-    /// The public key of the node's direct-path device, base64.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub direct_public_key: Option<String>,
-    /// Where this node's tunnel hears each peer's direct-path device from
-    /// (fresh handshakes): reported by relays, passed on as the peers'
-    /// `DirectDevice.observed_endpoint`.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub observed_direct_peers: BTreeMap<NodeName, SocketAddr>,
-    /// The other tunnel candidates of this node's own gateway that its
-    /// probes say are dead. Evidence only while the node's stream is up (see
-    /// [`crate::liveness`]); the compiler ignores names that are not
-    /// candidates of the reporter's own gateway.
-    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
-    pub dead_candidates: BTreeSet<NodeName>,
 }
 
 /// What the hub knows about the agents' Sync streams, resolved against its

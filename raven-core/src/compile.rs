@@ -8,7 +8,6 @@
 //! gateway only, an unknown endpoint node is reported and never elected.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::IpAddr;
 
 use ipnet::IpNet;
 use sha2::{Digest, Sha256};
@@ -705,37 +704,4 @@ fn node_view(node: &ClusterNode, views: &BTreeMap<GatewayName, GatewayView>) -> 
             .is_some_and(|g| g.tunnel_candidates.iter().any(|c| c.node == node.name)),
         proxy_active: gw.is_some_and(|g| g.active_proxies.iter().any(|p| p.node == node.name)),
     }
-}
-
-/// What a node of `own_gateway` routes through its gateway: every member
-/// address and subnet of every other gateway.
-pub fn remote_prefixes(topology: &Topology, own_gateway: &GatewayName) -> Vec<IpNet> {
-    let gateways: Vec<GatewayView> = topology.gateways().cloned().collect();
-    remote_prefixes_of(&gateways, own_gateway)
-}
-
-/// [`remote_prefixes`] over a list of gateway views.
-pub fn remote_prefixes_of(gateways: &[GatewayView], own_gateway: &GatewayName) -> Vec<IpNet> {
-    let mut out: Vec<IpNet> = gateways
-        .iter()
-        .filter(|g| &g.name != own_gateway)
-        .flat_map(gateway_prefixes)
-        .collect();
-    out.sort();
-    out.dedup();
-    out
-}
-
-/// Everything one gateway's domain holds: each member's address and pod
-/// subnets, and the gateway's extra source CIDRs.
-pub fn gateway_prefixes(g: &GatewayView) -> impl Iterator<Item = IpNet> + '_ {
-    g.members
-        .iter()
-        .flat_map(|m| std::iter::once(host_net(m.private_ip)).chain(m.subnets.iter().copied()))
-        .chain(g.extra_source_cidrs.iter().copied())
-}
-
-/// The /32 or /128 of an address.
-pub fn host_net(ip: IpAddr) -> IpNet {
-    IpNet::from(ip)
 }

@@ -1,4 +1,4 @@
-//! raven's domain model, free of I/O: the Raven-compatible `Gateway` API,
+//! The hub's side of raven's model, free of I/O: the Raven-compatible `Gateway` API,
 //! its defaulting and validation, gateway election, and the compiler that
 //! turns a cluster into a versioned [`Topology`] of named resources.
 //!
@@ -13,15 +13,16 @@ pub mod compile;
 pub mod election;
 pub mod liveness;
 pub mod manifest;
-pub mod names;
-pub mod problem;
-pub mod topology;
 pub mod validate;
-pub mod view;
 pub mod yaml;
+
+// The wire model lives in `raven-model` (the edge depends on it alone);
+// re-exported so hub-side code keeps one path.
+pub use raven_model::{names, problem, topology, view};
 
 pub use cluster::{AgentReport, ClusterNode, Inputs, RavenConfig, Streams};
 pub use compile::{Compiled, compile};
-pub use names::{GatewayName, NodeName};
-pub use problem::{Problem, Severity};
-pub use topology::{ContentVersion, Resource, ResourceBody, ResourceName, Topology};
+pub use raven_model::{
+    ContentVersion, GatewayName, NodeName, Problem, Resource, ResourceBody, ResourceName, Severity,
+    Topology,
+};

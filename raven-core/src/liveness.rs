@@ -36,9 +36,7 @@ use crate::api::v1beta1;
 use crate::cluster::{ClusterNode, Inputs};
 use crate::names::{GatewayName, NodeName};
 
-/// Most names one report may list in `dead_candidates` (a gateway has a
-/// handful of tunnel candidates; the bound keeps a report small).
-pub const MAX_DEAD_CANDIDATES: usize = 16;
+pub use raven_model::report::MAX_DEAD_CANDIDATES;
 
 /// The tunnel endpoint nodes of `gateway` that are proven dead (see the
 /// module documentation). `members` are the nodes labelled into it.

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use raven_core::{GatewayName, NodeName};
+use raven_model::{GatewayName, NodeName};
 use raven_proto::v1;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -432,7 +432,7 @@ impl Reconciler {
     fn decide(
         &self,
         inputs: &dataplane::NodeInputs,
-        peers: &[raven_core::topology::PeerInfo],
+        peers: &[raven_model::topology::PeerInfo],
         device: Option<&crate::tunnel::uapi::DeviceState>,
         direct_device: Option<&crate::tunnel::uapi::DeviceState>,
         commit: bool,

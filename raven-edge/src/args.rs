@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use raven_core::NodeName;
+use raven_model::NodeName;
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::{self, AgentConfig};

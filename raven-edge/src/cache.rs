@@ -11,8 +11,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use prost::Message;
-use raven_core::topology::{GatewayView, NodeView, PeerInfo, Settings};
-use raven_core::{ContentVersion, NodeName, Resource, ResourceBody, ResourceName};
+use raven_model::topology::{GatewayView, NodeView, PeerInfo, Settings};
+use raven_model::{ContentVersion, NodeName, Resource, ResourceBody, ResourceName};
 use raven_proto::{DecodedUpdate, v1};
 use raven_store::{Commit, Meta, Store, StoreError, StoreOptions, StoredResource};
 
@@ -109,7 +109,7 @@ pub fn check_update(
             && !update.resources.iter().any(|(u, _)| u == n)
     });
     let held_count = held.resources.len();
-    if !h.intentional_removal && raven_core::view::is_mass_removal(remove.len(), held_count) {
+    if !h.intentional_removal && raven_model::view::is_mass_removal(remove.len(), held_count) {
         return Err(Refusal::MassRemoval {
             removing: remove.len(),
             held: held_count,
@@ -320,7 +320,7 @@ impl Cache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use raven_core::topology::Settings;
+    use raven_model::topology::Settings;
     use raven_proto::UpdateHeader;
 
     fn res(n: u16) -> (ResourceName, Resource) {

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use raven_core::NodeName;
+use raven_model::NodeName;
 use raven_proto::v1::sync_request::Message as Req;
 use raven_proto::v1::sync_response::Message as Resp;
 use raven_proto::v1::{self, sync_service_client::SyncServiceClient};

@@ -41,8 +41,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
-use raven_core::topology::GatewayView;
-use raven_core::{GatewayName, NodeName};
+use raven_model::topology::GatewayView;
+use raven_model::{GatewayName, NodeName};
 
 use crate::dataplane::model::NodeInputs;
 
@@ -168,7 +168,7 @@ pub fn probe_targets(inputs: &NodeInputs) -> Vec<Ipv4Addr> {
 }
 
 /// The other tunnel candidates of this node's own gateway that the probes
-/// say are dead, sorted, at most [`raven_core::liveness::MAX_DEAD_CANDIDATES`]:
+/// say are dead, sorted, at most [`raven_model::report::MAX_DEAD_CANDIDATES`]:
 /// what the node reports to the hub (`Report.dead_candidates`), whose failure
 /// detector replaces a dead gateway while the hub is reachable.
 pub fn dead_candidates(inputs: &NodeInputs, probes: &ProbeBook) -> Vec<NodeName> {
@@ -184,7 +184,7 @@ pub fn dead_candidates(inputs: &NodeInputs, probes: &ProbeBook) -> Vec<NodeName>
         .collect();
     out.sort();
     out.dedup();
-    out.truncate(raven_core::liveness::MAX_DEAD_CANDIDATES);
+    out.truncate(raven_model::report::MAX_DEAD_CANDIDATES);
     out
 }
 
@@ -455,7 +455,7 @@ mod icmp {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use raven_core::topology::{EndpointType, ExposeType, GatewayEndpoint, Member, NodeView};
+    use raven_model::topology::{EndpointType, ExposeType, GatewayEndpoint, Member, NodeView};
 
     fn n(s: &str) -> NodeName {
         NodeName::new(s).unwrap_or_else(|_| unreachable!())

@@ -60,8 +60,8 @@ pub fn ends_with(state: &CachedState) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use raven_core::topology::NodeView;
-    use raven_core::{NodeName, Resource, ResourceBody, ResourceName};
+    use raven_model::topology::NodeView;
+    use raven_model::{NodeName, Resource, ResourceBody, ResourceName};
 
     fn with_one_resource(complete: bool) -> CachedState {
         let node = NodeName::new("n0").unwrap_or_else(|_| unreachable!());

@@ -158,7 +158,7 @@ pub async fn serve(listener: TcpListener, health: Health, shutdown: Cancellation
 #[cfg(test)]
 mod tests {
     use super::*;
-    use raven_core::{GatewayName, NodeName};
+    use raven_model::{GatewayName, NodeName};
 
     #[tokio::test]
     async fn metrics_show_each_peers_path_and_the_local_failover_in_effect() {

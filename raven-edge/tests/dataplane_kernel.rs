@@ -11,11 +11,11 @@ use std::net::IpAddr;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use raven_core::topology::{
+use raven_edge::dataplane::{Kernel, NodeInputs, ReconcileReport};
+use raven_model::topology::{
     EndpointType, ExposeType, GatewayEndpoint, GatewayView, Member, NodeView, Settings,
 };
-use raven_core::{GatewayName, NodeName};
-use raven_edge::dataplane::{Kernel, NodeInputs, ReconcileReport};
+use raven_model::{GatewayName, NodeName};
 use serde_json::Value;
 
 static NEXT: AtomicU32 = AtomicU32::new(0);

@@ -13,9 +13,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use raven_core::{GatewayName, NodeName};
 use raven_edge::tunnel::backend::Backend;
 use raven_edge::tunnel::{PeerPath, PeerSpec, Tunnel, TunnelSpec, diff, uapi};
+use raven_model::{GatewayName, NodeName};
 use support::{Proc, ip, must};
 
 fn ready() -> bool {

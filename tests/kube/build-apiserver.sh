@@ -86,8 +86,16 @@ if [ ! -f "$OPENAPI" ]; then
   fi
 fi
 
+# The source archive's version strings say v0.0.0-master (git archive substitution), and
+# -X cannot override initialised variables here: write the release's version in place.
+for f in staging/src/k8s.io/component-base/version/base.go staging/src/k8s.io/client-go/pkg/version/base.go; do
+  sed -i -e "s|^\(\s*gitVersion\s*\(string\s*\)\?=\s*\)\"[^\"]*\"|\1\"$GIT_VERSION\"|" \
+         -e "s|^\(\s*gitMajor\s\+string\)\(\s*=\s*\"[^\"]*\"\)\?|\1 = \"1\"|" \
+         -e "s|^\(\s*gitMinor\s\+string\)\(\s*=\s*\"[^\"]*\"\)\?|\1 = \"20\"|" \
+         -e "s|^\(\s*gitTreeState\s*\(string\s*\)\?=\s*\)\"\"|\1\"clean\"|" "$f"
+done
+
 log "building kube-apiserver $GIT_VERSION (6-11 min on 2 cores)"
-pfx=k8s.io/kubernetes/vendor/k8s.io/component-base/version
-go build -o "$BIN.tmp" -ldflags "-s -w -X $pfx.gitVersion=$GIT_VERSION -X $pfx.gitMajor=1 -X $pfx.gitMinor=20 -X $pfx.gitTreeState=clean" ./cmd/kube-apiserver
+go build -o "$BIN.tmp" -ldflags "-s -w" ./cmd/kube-apiserver
 mv "$BIN.tmp" "$BIN"
 echo "$BIN"

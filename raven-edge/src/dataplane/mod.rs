@@ -24,7 +24,7 @@ pub mod skipnat;
 
 use std::collections::BTreeMap;
 
-use raven_core::NodeName;
+use raven_model::NodeName;
 use raven_proto::v1;
 
 pub use model::{Desired, NodeInputs, Op, State, desired, plan};

@@ -32,8 +32,8 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
-use raven_core::topology::{GatewayView, NodeView, Settings, VXLAN_PORT};
-use raven_core::{GatewayName, NodeName};
+use raven_model::topology::{GatewayView, NodeView, Settings, VXLAN_PORT};
+use raven_model::{GatewayName, NodeName};
 
 /// Name of raven's VXLAN device.
 pub const VXLAN_DEV: &str = "raven0";
@@ -447,7 +447,7 @@ pub fn desired(inputs: &NodeInputs) -> Desired {
         .flat_map(|g| g.tunnel_candidates.iter().chain(g.active_tunnel.iter()))
         .filter_map(|e| e.public_ip)
         .collect();
-    let remote: Vec<IpNet> = raven_core::compile::remote_prefixes_of(&inputs.gateways, gw_name)
+    let remote: Vec<IpNet> = raven_model::topology::remote_prefixes(&inputs.gateways, gw_name)
         .into_iter()
         .filter(|p| {
             let host = p.prefix_len() == p.max_prefix_len();
@@ -467,7 +467,7 @@ pub fn desired(inputs: &NodeInputs) -> Desired {
                     .gateways
                     .iter()
                     .filter(|g| inputs.direct.up && inputs.direct.gateways.contains(&g.name))
-                    .flat_map(raven_core::compile::gateway_prefixes)
+                    .flat_map(raven_model::topology::GatewayView::prefixes)
                     .collect();
                 for dst in &remote {
                     out.state.routes.insert(Route {
@@ -765,7 +765,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    use raven_core::topology::{EndpointType, ExposeType, GatewayEndpoint, Member};
+    use raven_model::topology::{EndpointType, ExposeType, GatewayEndpoint, Member};
 
     fn link() -> impl Strategy<Value = Option<VxlanLink>> {
         proptest::option::of(

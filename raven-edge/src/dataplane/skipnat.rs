@@ -159,7 +159,7 @@ pub fn spec(inputs: &NodeInputs) -> SkipNat {
     let Some(my_gw) = inputs.gateways.iter().find(|g| &g.name == gw_name) else {
         return SkipNat::default();
     };
-    let sources: Vec<IpNet> = raven_core::compile::gateway_prefixes(my_gw).collect();
+    let sources: Vec<IpNet> = my_gw.prefixes().collect();
     let own: BTreeSet<IpAddr> = my_gw.members.iter().map(|m| m.private_ip).collect();
     let endpoints: BTreeSet<IpAddr> = inputs
         .gateways
@@ -168,7 +168,7 @@ pub fn spec(inputs: &NodeInputs) -> SkipNat {
         .filter_map(|e| e.public_ip)
         .collect();
     let destinations: Vec<IpNet> =
-        raven_core::compile::remote_prefixes_of(&inputs.gateways, gw_name)
+        raven_model::topology::remote_prefixes(&inputs.gateways, gw_name)
             .into_iter()
             .filter(|p| {
                 let host = p.prefix_len() == p.max_prefix_len();
@@ -472,10 +472,10 @@ pub async fn teardown() -> Applied {
 mod tests {
     use std::collections::BTreeMap;
 
-    use raven_core::topology::{
+    use raven_model::topology::{
         EndpointType, ExposeType, GatewayEndpoint, GatewayView, Member, NodeView,
     };
-    use raven_core::{GatewayName, NodeName};
+    use raven_model::{GatewayName, NodeName};
 
     use super::*;
 

@@ -36,8 +36,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ipnet::IpNet;
-use raven_core::topology::{GatewayEndpoint, GatewayView, PeerInfo};
-use raven_core::{GatewayName, NodeName};
+use raven_model::topology::{GatewayEndpoint, GatewayView, PeerInfo};
+use raven_model::{GatewayName, NodeName};
 
 use crate::dataplane::model::{NodeInputs, active_node};
 use keys::KeyPair;
@@ -113,7 +113,7 @@ impl TunnelSpec {
 }
 
 fn prefixes(g: &GatewayView) -> BTreeSet<IpNet> {
-    raven_core::compile::gateway_prefixes(g).collect()
+    g.prefixes().collect()
 }
 
 /// The name of the direct-path device that goes with tunnel device `dev`.
@@ -664,7 +664,7 @@ pub fn peer_states(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use raven_core::topology::{EndpointType, ExposeType, GatewayEndpoint, Member, NodeView};
+    use raven_model::topology::{EndpointType, ExposeType, GatewayEndpoint, Member, NodeView};
     use std::net::IpAddr;
 
     const KEY_A: &str = "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=";
@@ -866,11 +866,11 @@ mod tests {
     /// observed by the relay.
     fn peers_with_direct() -> Vec<PeerInfo> {
         let mut all = peers();
-        all[1].direct = Some(raven_core::topology::DirectDevice {
+        all[1].direct = Some(raven_model::topology::DirectDevice {
             public_key: KEY_HD.into(),
             observed_endpoint: None,
         });
-        all[2].direct = Some(raven_core::topology::DirectDevice {
+        all[2].direct = Some(raven_model::topology::DirectDevice {
             public_key: KEY_QD.into(),
             observed_endpoint: "192.0.2.30:4501".parse().ok(),
         });

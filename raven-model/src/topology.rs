@@ -157,6 +157,35 @@ pub struct GatewayView {
     pub relay: Option<GatewayName>,
 }
 
+impl GatewayView {
+    /// Everything this gateway's domain holds: each member's address (as a
+    /// host prefix) and pod subnets, and the gateway's extra source CIDRs.
+    pub fn prefixes(&self) -> impl Iterator<Item = IpNet> + '_ {
+        self.members
+            .iter()
+            .flat_map(|m| {
+                std::iter::once(IpNet::from(m.private_ip)).chain(m.subnets.iter().copied())
+            })
+            .chain(self.extra_source_cidrs.iter().copied())
+    }
+}
+
+/// What a node of `own_gateway` routes through its gateway: every prefix of
+/// every other gateway, sorted and without repeats.
+pub fn remote_prefixes<'a>(
+    gateways: impl IntoIterator<Item = &'a GatewayView>,
+    own_gateway: &GatewayName,
+) -> Vec<IpNet> {
+    let mut out: Vec<IpNet> = gateways
+        .into_iter()
+        .filter(|g| &g.name != own_gateway)
+        .flat_map(GatewayView::prefixes)
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
 /// The node's own resource: where it belongs and which roles it holds.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
