@@ -600,6 +600,7 @@ fn compile_gateway(
     let status = v1beta1::GatewayStatus {
         nodes: status_nodes,
         active_endpoints: status_eps,
+        ..Default::default()
     };
     (view, status, problems)
 }

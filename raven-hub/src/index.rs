@@ -56,8 +56,14 @@ pub struct Index {
     /// the leader writes, so replicas never elect differently.
     detector_off: bool,
     synced: BTreeSet<Kind>,
+    /// Kinds whose watch failed since their last complete list.
+    stale: BTreeSet<Kind>,
     /// Problems a source found outside any single object (e.g. a broken file).
     source_problems: Vec<Problem>,
+    /// Objects the API server served that do not decode as their type (a
+    /// Gateway stored through an older schema without `type`, …), by kind
+    /// and name: each is a problem on that object, never on the others.
+    undecodable: BTreeMap<(Kind, String), Problem>,
     /// Nodes whose report named another node's WireGuard key.
     key_conflicts: BTreeMap<NodeName, Vec<Problem>>,
     /// Highest Kubernetes resourceVersion seen (etcd's revision): the same
@@ -77,6 +83,7 @@ impl Index {
     pub fn apply_gateway(&mut self, gw: Gateway) {
         self.see(resource_version(&gw.metadata));
         let name = gw.metadata.name.clone().unwrap_or_default();
+        self.undecodable.remove(&(Kind::Gateway, name.clone()));
         let entry = self.gateways.entry(name).or_default();
         match admit(&gw) {
             Ok(_) => {
@@ -97,6 +104,29 @@ impl Index {
 
     pub fn delete_gateway(&mut self, name: &str) {
         self.gateways.remove(name);
+        self.undecodable.remove(&(Kind::Gateway, name.to_owned()));
+    }
+
+    /// An object of `kind` named `name` (at `resource_version`) that the API
+    /// server served but that does not decode: a problem on that object. A
+    /// Gateway keeps serving its last version that decoded and validated.
+    pub fn apply_undecodable(
+        &mut self,
+        kind: Kind,
+        name: &str,
+        resource_version: u64,
+        problem: Problem,
+    ) {
+        self.see(resource_version);
+        if kind == Kind::Node {
+            self.nodes.remove(name);
+        }
+        self.undecodable.insert((kind, name.to_owned()), problem);
+    }
+
+    /// Forgets the undecodable objects of `kind` (before a relist).
+    pub fn clear_undecodable(&mut self, kind: Kind) {
+        self.undecodable.retain(|(k, _), _| *k != kind);
     }
 
     /// Replaces all gateways (a relist). Last good versions of gateways that
@@ -113,11 +143,13 @@ impl Index {
     pub fn apply_node(&mut self, node: &Node) {
         self.see(resource_version(&node.metadata));
         let name = node.metadata.name.clone().unwrap_or_default();
+        self.undecodable.remove(&(Kind::Node, name.clone()));
         self.nodes.insert(name, ClusterNode::from_k8s(node));
     }
 
     pub fn delete_node(&mut self, name: &str) {
         self.nodes.remove(name);
+        self.undecodable.remove(&(Kind::Node, name.to_owned()));
     }
 
     pub fn reset_nodes(&mut self, nodes: &[Node]) {
@@ -129,6 +161,7 @@ impl Index {
 
     /// Sets (or, with `None`, removes) the `raven-cfg` ConfigMap.
     pub fn set_config(&mut self, cm: Option<&ConfigMap>) {
+        self.clear_undecodable(Kind::Config);
         if let Some(cm) = cm {
             self.see(resource_version(&cm.metadata));
         }
@@ -336,6 +369,19 @@ impl Index {
 
     pub fn mark_synced(&mut self, kind: Kind) {
         self.synced.insert(kind);
+        self.stale.remove(&kind);
+    }
+
+    /// The watch of `kind` failed: what the index holds of it may be behind
+    /// the API server until its next complete list ([`Index::mark_synced`]).
+    /// Still served (the last known state), but no status is written from it.
+    pub fn mark_stale(&mut self, kind: Kind) -> bool {
+        self.stale.insert(kind)
+    }
+
+    /// Synced, and no watch has failed since its last complete list.
+    pub fn is_fresh(&self) -> bool {
+        self.is_synced() && self.stale.is_empty()
     }
 
     /// Every source has delivered its initial list.
@@ -348,6 +394,7 @@ impl Index {
     /// The compiler's inputs, and the problems found on the way in.
     pub fn inputs(&self) -> (Inputs, Vec<Problem>) {
         let mut problems = self.source_problems.clone();
+        problems.extend(self.undecodable.values().cloned());
         problems.extend(self.key_conflicts.values().flatten().cloned());
         let mut inputs = Inputs {
             config: self.config,

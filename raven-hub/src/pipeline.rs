@@ -21,11 +21,26 @@ pub struct Published {
     pub revision: u64,
     /// Every source has synced; before that nothing is served.
     pub ready: bool,
+    /// Synced and no watch failed since its last complete list: the index
+    /// matches the API server, so status may be written from it.
+    pub fresh: bool,
+    /// Each served Gateway as the source last showed it (uid,
+    /// resourceVersion, status) — what the API server holds, for the status
+    /// writer to compare against, never the hub's own election.
+    pub observed: BTreeMap<String, ObservedGateway>,
     pub topology: Topology,
     /// Per-gateway election results, for status writing.
     pub gateways: BTreeMap<GatewayName, CompiledGateway>,
     /// Every resource encoded once; streams send these bytes as they are.
     pub encoded: BTreeMap<ResourceName, EncodedResource>,
+}
+
+/// A Gateway's identity and status as the API server last showed them.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ObservedGateway {
+    pub uid: Option<String>,
+    pub resource_version: u64,
+    pub status: Option<raven_core::api::v1beta1::GatewayStatus>,
 }
 
 /// Logs every gateway whose elected endpoints changed, and why when a local
@@ -139,8 +154,29 @@ impl Pipeline {
             inputs.streams = i.streams_at(now, self.failover_grace);
             (inputs, problems)
         });
-        let (ready, floor) = self.index.read(|i| (i.is_synced(), i.high_water()));
+        let (ready, fresh, floor) = self
+            .index
+            .read(|i| (i.is_synced(), i.is_fresh(), i.high_water()));
         let prev = self.tx.borrow().clone();
+        let observed: BTreeMap<String, ObservedGateway> = inputs
+            .gateways
+            .iter()
+            .map(|(name, gw)| {
+                let meta = &gw.metadata;
+                let rv = meta
+                    .resource_version
+                    .as_deref()
+                    .and_then(|v| v.parse().ok());
+                (
+                    name.clone(),
+                    ObservedGateway {
+                        uid: meta.uid.clone(),
+                        resource_version: rv.unwrap_or(0),
+                        status: gw.status.clone(),
+                    },
+                )
+            })
+            .collect();
         // Stickiness needs the current active endpoints. The API server has
         // them in the status the leader wrote; manifests have none, so the
         // hub's own last election stands in.
@@ -229,12 +265,16 @@ impl Pipeline {
             epoch: state.epoch,
             revision: state.revision,
             ready,
+            fresh,
+            observed,
             topology: compiled.topology,
             gateways: compiled.gateways,
         };
         let changed = next.revision != prev.revision
             || next.epoch != prev.epoch
             || next.ready != prev.ready
+            || next.fresh != prev.fresh
+            || next.observed != prev.observed
             || next.topology.problems != prev.topology.problems
             || next.gateways != prev.gateways;
         if changed {

@@ -1,7 +1,10 @@
-//! Cross-crate tests of raven, and the one stand-in the project allows: a
-//! test-only fake Kubernetes API server that speaks the real wire protocol.
+//! Cross-crate tests of raven: the network-namespace lab, a harness running
+//! a real etcd + kube-apiserver on loopback, and — only for the faults the
+//! real server cannot be made to produce — a test-only fake API server that
+//! speaks the real wire protocol.
 
 pub mod containers;
 pub mod fake_apiserver;
+pub mod kube_apiserver;
 pub mod lab;
 pub mod preflight;

@@ -1,86 +1,61 @@
 //! The whole hub (`raven_hub::hub::start` with `Source::Kubernetes`) against
-//! the test-only fake API server loaded with the OpenYurt user-manual
-//! example: it serves once synced, follows the watch, and its leader writes
-//! the elected Gateway status back.
+//! a real kube-apiserver (shared by this binary's tests, one at a time)
+//! loaded with the OpenYurt user-manual example by kubectl: it serves once
+//! synced, follows the watch, and its leader writes the elected Gateway
+//! status back. Skipped without the server unless `RAVEN_REQUIRE_TOOLS=1`.
 
+use std::path::Path;
 use std::time::Duration;
 
+mod common;
+
 use anyhow::{Context, Result};
-use raven_hub::grpc::TlsFiles;
-use raven_hub::grpc::sync::SyncConfig;
-use raven_hub::hub::{self, HubConfig, RunningHub, Source};
-use raven_hub::pipeline::{Debounce, Published};
-use raven_tests::fake_apiserver::FakeApiServer;
+use kube::Api;
+use raven_core::api::v1beta1::Gateway;
+use raven_hub::hub::RunningHub;
+use raven_hub::pipeline::Published;
+use raven_tests::kube_apiserver::{self, KubeApiServer, repo_root};
 use serde_json::Value;
 
-const WAIT: Duration = Duration::from_secs(20);
+use common::WAIT;
 
-/// The user-manual example as (kind, object).
-fn example() -> Result<Vec<(&'static str, Value)>> {
-    let dir = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../deploy/examples/user-manual"
-    );
-    let mut out = Vec::new();
-    for f in ["gateways.yaml", "nodes.yaml", "raven-cfg.yaml"] {
-        let text = std::fs::read_to_string(format!("{dir}/{f}")).with_context(|| f.to_owned())?;
-        for doc in serde_yaml_ng::Deserializer::from_str(&text) {
-            let v: Value = serde::Deserialize::deserialize(doc)?;
-            let kind = match v["kind"].as_str() {
-                Some("Gateway") => "gateways",
-                Some("Node") => "nodes",
-                _ => "configmaps",
-            };
-            out.push((kind, v));
-        }
+/// The user manual's six nodes (created and status-patched, as a kubelet
+/// would), `raven-cfg` and its three Gateways, by kubectl.
+async fn load_example(server: &KubeApiServer) -> Result<()> {
+    let dir = repo_root().join("deploy/examples/user-manual");
+    let client = server.client().await?;
+    let text = std::fs::read_to_string(dir.join("nodes.yaml"))?;
+    for doc in serde_yaml_ng::Deserializer::from_str(&text) {
+        let v: Value = serde::Deserialize::deserialize(doc)?;
+        let name = v["metadata"]["name"].as_str().context("node name")?;
+        let gw = v["metadata"]["labels"]["raven.openyurt.io/gateway"]
+            .as_str()
+            .context("gateway label")?;
+        let ip = v["status"]["addresses"][0]["address"]
+            .as_str()
+            .context("ip")?;
+        let cidr = v["spec"]["podCIDR"].as_str().context("podCIDR")?;
+        kube_apiserver::create_node(&client, name, gw, ip, cidr).await?;
     }
-    Ok(out)
+    for f in ["raven-cfg.yaml", "gateways.yaml"] {
+        server.kubectl(&["apply", "-f", &dir.join(f).display().to_string()])?;
+    }
+    Ok(())
 }
 
 struct Env {
-    api: FakeApiServer,
     dir: tempfile::TempDir,
 }
 
 impl Env {
-    async fn new() -> Result<Self> {
-        let api = FakeApiServer::start().await?;
-        for (kind, obj) in example()? {
-            api.upsert(kind, obj);
-        }
-        let dir = tempfile::tempdir()?;
-        std::fs::write(dir.path().join("kubeconfig"), api.kubeconfig())?;
-        raven_hub::certs::generate(&dir.path().join("certs"), &["localhost".into()], &[])?;
-        Ok(Self { api, dir })
+    fn new() -> Result<Self> {
+        Ok(Self {
+            dir: tempfile::tempdir()?,
+        })
     }
 
-    async fn hub(&self, replica: &str) -> Result<RunningHub> {
-        let certs = raven_hub::certs::Layout {
-            dir: self.dir.path().join("certs"),
-        };
-        Ok(hub::start(HubConfig {
-            source: Source::Kubernetes {
-                kubeconfig: Some(self.dir.path().join("kubeconfig")),
-            },
-            grpc_addr: "127.0.0.1:0".parse()?,
-            plaintext_addr: None,
-            http_addr: None,
-            tls: TlsFiles {
-                cert: certs.hub_cert(),
-                key: certs.hub_key(),
-                client_ca: certs.ca_cert(),
-            },
-            data_dir: Some(self.dir.path().join(format!("data-{replica}"))),
-            sync: SyncConfig::default(),
-            debounce: Debounce {
-                quiet: Duration::from_millis(20),
-                max_delay: Duration::from_millis(200),
-            },
-            replica: replica.into(),
-            epoch: Some("kubernetes".into()),
-            manifest_limits: Default::default(),
-        })
-        .await?)
+    async fn hub(&self, kubeconfig: &Path, replica: &str) -> Result<RunningHub> {
+        common::start_hub(kubeconfig, self.dir.path(), replica).await
     }
 }
 
@@ -95,8 +70,12 @@ async fn until(hub: &RunningHub, what: &str, f: impl Fn(&Published) -> bool) -> 
 #[tokio::test]
 async fn hub_serves_the_user_manual_cluster_from_the_api_server_and_follows_the_watch() -> Result<()>
 {
-    let env = Env::new().await?;
-    let hub = env.hub("a").await?;
+    let Some(server) = KubeApiServer::shared().await? else {
+        return Ok(());
+    };
+    load_example(&server).await?;
+    let env = Env::new()?;
+    let hub = env.hub(&server.kubeconfig(), "a").await?;
     until(&hub, "ready with three gateways", |p| {
         p.ready && p.topology.gateways().count() == 3
     })
@@ -107,7 +86,7 @@ async fn hub_serves_the_user_manual_cluster_from_the_api_server_and_follows_the_
         "revisions follow the API server's resourceVersion"
     );
 
-    env.api.delete("gateways", "gw-qingdao");
+    server.kubectl(&["delete", "gateway", "gw-qingdao"])?;
     until(&hub, "gw-qingdao removed", |p| {
         p.topology.gateways().count() == 2
     })
@@ -119,53 +98,269 @@ async fn hub_serves_the_user_manual_cluster_from_the_api_server_and_follows_the_
 
 #[tokio::test]
 async fn leader_hub_writes_the_elected_status_and_a_second_replica_does_not() -> Result<()> {
-    let env = Env::new().await?;
-    let a = env.hub("replica-a").await?;
+    let Some(server) = KubeApiServer::shared().await? else {
+        return Ok(());
+    };
+    load_example(&server).await?;
+    let env = Env::new()?;
+    let client = server.client().await?;
+    let gateways: Api<Gateway> = Api::all(client.clone());
+    let a = env.hub(&server.kubeconfig(), "replica-a").await?;
     until(&a, "ready", |p| {
         p.ready && p.topology.gateways().count() == 3
     })
     .await?;
-    tokio::time::timeout(WAIT, async {
-        while env.api.status_patches().len() < 3 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    let written = kube_apiserver::eventually(WAIT, || async {
+        let Ok(list) = gateways.list(&Default::default()).await else {
+            return false;
+        };
+        list.items.iter().all(|g| {
+            g.status
+                .as_ref()
+                .is_some_and(|s| !s.active_endpoints.is_empty())
+        })
     })
-    .await
-    .with_context(|| format!("status patches: {:?}", env.api.status_patches()))?;
+    .await;
+    assert!(written, "every Gateway got a status");
 
-    let gw = env
-        .api
-        .get("gateways", "gw-hangzhou")
-        .context("gw-hangzhou")?;
-    let active = &gw["status"]["activeEndpoints"];
+    let gw = gateways.get("gw-hangzhou").await?;
+    let status = gw.status.clone().unwrap_or_default();
     assert_eq!(
-        active.as_array().map(Vec::len),
-        Some(2),
-        "proxy and tunnel elected: {active}"
+        status.active_endpoints.len(),
+        2,
+        "proxy and tunnel elected: {status:?}"
     );
-    assert_eq!(active[0]["nodeName"], "izbp15inok0kbfkg3in52rz");
-    assert_eq!(gw["status"]["nodes"].as_array().map(Vec::len), Some(2));
-    let lease = env
-        .api
-        .get("leases", "kube-system/raven-hub")
-        .context("lease")?;
-    let holder = lease["spec"]["holderIdentity"].as_str().unwrap_or_default();
+    assert_eq!(
+        status.active_endpoints[0].node_name,
+        "izbp15inok0kbfkg3in52rz"
+    );
+    assert_eq!(status.nodes.len(), 2);
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(client.clone(), "kube-system");
+    let lease = leases.get("raven-hub").await?;
+    let holder = lease
+        .spec
+        .and_then(|s| s.holder_identity)
+        .unwrap_or_default();
     assert!(
         holder.starts_with("replica-a-"),
         "held by replica-a: {holder}"
     );
 
-    // A second replica serves too, and writes nothing while replica-a leads.
-    let patches = env.api.status_patches().len();
-    let b = env.hub("replica-b").await?;
+    // A second replica serves too, and writes nothing while replica-a leads:
+    // no Gateway's resourceVersion moves.
+    let versions = |list: &[Gateway]| -> Vec<Option<String>> {
+        list.iter()
+            .map(|g| g.metadata.resource_version.clone())
+            .collect()
+    };
+    let before = versions(&gateways.list(&Default::default()).await?.items);
+    let b = env.hub(&server.kubeconfig(), "replica-b").await?;
     until(&b, "ready", |p| p.ready).await?;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(
-        env.api.status_patches().len(),
-        patches,
-        "nothing changed, nothing written"
-    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let after = versions(&gateways.list(&Default::default()).await?.items);
+    assert_eq!(before, after, "nothing changed, nothing written");
     b.stop().await;
     a.stop().await;
+    Ok(())
+}
+
+/// Stores a Gateway straight into etcd, bypassing the API server's
+/// validation — as an object written through an older schema (a
+/// v1alpha1 Gateway stored as v1beta1 without `type`) lies there.
+fn store_in_etcd(server: &KubeApiServer, name: &str, object: &Value) -> Result<()> {
+    server.etcdctl(&[
+        "put",
+        &format!("/registry/raven.openyurt.io/gateways/{name}"),
+        &object.to_string(),
+    ])?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn gateway_stored_without_type_does_not_block_the_others_on_a_fresh_hub() -> Result<()> {
+    let Some(server) = KubeApiServer::shared().await? else {
+        return Ok(());
+    };
+    load_example(&server).await?;
+    store_in_etcd(
+        &server,
+        "gw-untyped",
+        &serde_json::json!({
+            "apiVersion": "raven.openyurt.io/v1beta1",
+            "kind": "Gateway",
+            "metadata": {
+                "name": "gw-untyped",
+                "uid": "7d6f1a34-0000-4000-8000-000000000001",
+                "creationTimestamp": "2026-12-01T00:00:00Z",
+            },
+            "spec": {
+                "endpoints": [{"nodeName": "izbp15inok0kbfkg3in52sz", "underNAT": true}],
+            },
+        }),
+    )?;
+    let stored = server.kubectl(&["get", "gateway", "gw-untyped", "-o", "json"])?;
+    assert!(
+        !stored.contains("\"type\""),
+        "the API server serves it without type: {stored}"
+    );
+
+    // A hub started now lists all four: the three good ones are served.
+    let env = Env::new()?;
+    let hub = env.hub(&server.kubeconfig(), "a").await?;
+    until(&hub, "ready with the three good gateways", |p| {
+        p.ready && p.topology.gateways().count() == 3
+    })
+    .await?;
+    let problems = hub.published.borrow().topology.problems.clone();
+    let bad: Vec<_> = problems
+        .iter()
+        .filter(|p| p.object == "Gateway/gw-untyped")
+        .collect();
+    assert!(
+        bad.iter().any(|p| p.message.contains("type")),
+        "the undecodable Gateway is a problem naming the field: {problems:?}"
+    );
+    // And the leader tells kubectl users: a Warning Event on the object.
+    let client = server.client().await?;
+    let events: Api<k8s_openapi::api::core::v1::Event> = Api::all(client);
+    let warned = kube_apiserver::eventually(WAIT, || async {
+        events.list(&Default::default()).await.is_ok_and(|l| {
+            l.items.iter().any(|e| {
+                e.type_.as_deref() == Some("Warning")
+                    && e.involved_object.name.as_deref() == Some("gw-untyped")
+            })
+        })
+    })
+    .await;
+    assert!(warned, "a Warning Event on gw-untyped");
+    hub.stop().await;
+    Ok(())
+}
+
+/// The active endpoints of `name` as the API server holds them.
+async fn active_of(gateways: &Api<Gateway>, name: &str) -> Vec<String> {
+    gateways
+        .get_opt(name)
+        .await
+        .ok()
+        .flatten()
+        .and_then(|g| g.status)
+        .map(|s| {
+            s.active_endpoints
+                .into_iter()
+                .map(|e| format!("{}:{}", e.type_, e.node_name))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Bound of "status follows the object": the hub writes within a second;
+/// this leaves room for a loaded CI machine, far below the 300 s resync the
+/// writer once needed.
+const FOLLOWS: Duration = Duration::from_secs(8);
+
+#[tokio::test]
+async fn status_follows_a_gateway_deleted_and_created_again_and_an_edit_by_someone_else()
+-> Result<()> {
+    let Some(server) = KubeApiServer::shared().await? else {
+        return Ok(());
+    };
+    load_example(&server).await?;
+    let env = Env::new()?;
+    let hub = env.hub(&server.kubeconfig(), "a").await?;
+    let gateways: Api<Gateway> = Api::all(server.client().await?);
+    let written = kube_apiserver::eventually(WAIT, || async {
+        !active_of(&gateways, "gw-qingdao").await.is_empty()
+    })
+    .await;
+    assert!(written, "gw-qingdao got its status");
+    let elected = active_of(&gateways, "gw-qingdao").await;
+
+    // Deleted and created again: a new object without status.
+    server.kubectl(&["delete", "gateway", "gw-qingdao"])?;
+    let manual = repo_root().join("deploy/examples/user-manual/gateways.yaml");
+    server.kubectl(&["apply", "-f", &manual.display().to_string()])?;
+    let rewritten = kube_apiserver::eventually(FOLLOWS, || async {
+        active_of(&gateways, "gw-qingdao").await == elected
+    })
+    .await;
+    assert!(
+        rewritten,
+        "the recreated gw-qingdao got its status back within {FOLLOWS:?}"
+    );
+
+    // Someone else clears the status: the leader writes it again.
+    let hangzhou = active_of(&gateways, "gw-hangzhou").await;
+    assert!(!hangzhou.is_empty());
+    server.kubectl(&[
+        "patch",
+        "gateway",
+        "gw-hangzhou",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        r#"{"status":{"activeEndpoints":null}}"#,
+    ])?;
+    let restored = kube_apiserver::eventually(FOLLOWS, || async {
+        active_of(&gateways, "gw-hangzhou").await == hangzhou
+    })
+    .await;
+    assert!(
+        restored,
+        "the status someone else cleared was written again within {FOLLOWS:?}"
+    );
+    // Written by the hub's field manager.
+    let managed = server.kubectl(&[
+        "get",
+        "gateway",
+        "gw-hangzhou",
+        "-o",
+        "jsonpath={.metadata.managedFields[*].manager}",
+    ])?;
+    assert!(
+        managed.split_whitespace().any(|m| m == "raven-hub"),
+        "status written by field manager raven-hub: {managed}"
+    );
+    hub.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn hub_resumes_at_once_after_an_api_server_outage_and_writes_nothing_while_stale()
+-> Result<()> {
+    let Some(server) = KubeApiServer::dedicated()? else {
+        return Ok(());
+    };
+    load_example(&server).await?;
+    let env = Env::new()?;
+    let hub = env.hub(&server.kubeconfig(), "a").await?;
+    until(&hub, "ready and fresh", |p| {
+        p.ready && p.fresh && p.topology.gateways().count() == 3
+    })
+    .await?;
+
+    server.kill_apiserver()?;
+    until(&hub, "stale once the watches fail", |p| p.ready && !p.fresh).await?;
+    // Long enough for an exponential backoff to reach its 30 s cap.
+    tokio::time::sleep(Duration::from_secs(40)).await;
+    assert!(
+        hub.published.borrow().ready,
+        "still serving the last state during the outage"
+    );
+    server.start_apiserver()?;
+    // /readyz answered: a change made now must reach the hub at once.
+    let ready_at = tokio::time::Instant::now();
+    server.kubectl(&["delete", "gateway", "gw-qingdao"])?;
+    until(&hub, "fresh again with gw-qingdao gone", |p| {
+        p.fresh && p.topology.gateways().count() == 2
+    })
+    .await?;
+    let resumed = ready_at.elapsed();
+    assert!(
+        resumed < Duration::from_secs(5),
+        "resumed {resumed:?} after the API server was ready (the backoff is reset, ≤ 1 s)"
+    );
+    hub.stop().await;
     Ok(())
 }

@@ -1,22 +1,25 @@
-//! `raven_hub::sources::kube::run` against the test-only fake API server:
-//! real kube-rs watchers over HTTP, LIST then WATCH from the list's
-//! resourceVersion, bookmarks, `410 Gone` → relist, and an API server outage
-//! in the middle. The index is read directly; no pipeline, no gRPC.
+//! `raven_hub::sources::kube::run` against a real kube-apiserver: real
+//! kube-rs watchers, LIST then WATCH, changes by the API, `410 Gone` after
+//! etcd compaction → relist, and a network partition between the source and
+//! the server. The index is read directly; no pipeline, no gRPC. Skipped
+//! without the server unless `RAVEN_REQUIRE_TOOLS=1`.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
+mod common;
+
 use anyhow::{Context, Result};
-use raven_hub::index::{Index, IndexHandle};
-use raven_tests::fake_apiserver::{FakeApiServer, Options};
+use common::{Snapshot, Source};
+use k8s_openapi::api::core::v1::{ConfigMap, Node};
+use kube::Api;
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use raven_core::api::v1beta1::Gateway;
+use raven_hub::index::Index;
+use raven_tests::kube_apiserver::{self, KubeApiServer, Partition};
 use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
 
-/// Upper bound of every wait; the watchers' backoff starts at 0.8 s.
-const WAIT: Duration = Duration::from_secs(20);
-
-fn gateway(name: &str, endpoints: &[&str]) -> Value {
-    json!({
+fn gateway(name: &str, endpoints: &[&str]) -> Result<Gateway> {
+    Ok(serde_json::from_value(json!({
         "apiVersion": "raven.openyurt.io/v1beta1",
         "kind": "Gateway",
         "metadata": {"name": name},
@@ -28,165 +31,117 @@ fn gateway(name: &str, endpoints: &[&str]) -> Value {
                 .map(|n| json!({"nodeName": n, "type": "tunnel", "port": 4500}))
                 .collect::<Vec<_>>(),
         },
-    })
+    }))?)
 }
 
-fn node(name: &str, gateway: &str, ip: &str, pod_cidr: &str) -> Value {
-    json!({
-        "apiVersion": "v1",
-        "kind": "Node",
-        "metadata": {"name": name, "labels": {"raven.openyurt.io/gateway": gateway}},
-        "spec": {"podCIDR": pod_cidr, "podCIDRs": [pod_cidr]},
-        "status": {
-            "conditions": [{"type": "Ready", "status": "True"}],
-            "addresses": [{"type": "InternalIP", "address": ip}],
-        },
-    })
-}
-
-fn raven_cfg(namespace: &str, l3: bool) -> Value {
-    json!({
+fn raven_cfg(namespace: &str, l3: bool) -> Result<ConfigMap> {
+    Ok(serde_json::from_value(json!({
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": {"name": "raven-cfg", "namespace": namespace},
         "data": {"enable-l3-tunnel": l3.to_string(), "enable-l7-proxy": "false"},
-    })
+    }))?)
 }
 
-/// Two domains: gw-a (a1, a2) and gw-b (b1), raven-cfg with the tunnel on.
-async fn cluster(options: Options) -> Result<FakeApiServer> {
-    let api = FakeApiServer::start_with(options).await?;
-    // Decoys the ConfigMap watch must not see.
-    api.upsert("configmaps", raven_cfg("default", false));
-    api.upsert(
-        "configmaps",
-        json!({"metadata": {"name": "coredns", "namespace": "kube-system"}, "data": {}}),
-    );
-    api.upsert("gateways", gateway("gw-a", &["a1", "a2"]));
-    api.upsert("gateways", gateway("gw-b", &["b1"]));
-    api.upsert("nodes", node("a1", "gw-a", "192.168.0.1", "10.244.1.0/24"));
-    api.upsert("nodes", node("a2", "gw-a", "192.168.0.2", "10.244.2.0/24"));
-    api.upsert("nodes", node("b1", "gw-b", "172.16.0.1", "10.244.3.0/24"));
-    api.upsert("configmaps", raven_cfg("kube-system", true));
-    Ok(api)
+/// The cluster's objects, through the admin client.
+struct Cluster {
+    gateways: Api<Gateway>,
+    nodes: Api<Node>,
+    system: Api<ConfigMap>,
+    default: Api<ConfigMap>,
 }
 
-/// The real Kubernetes source feeding a fresh index.
-struct Source {
-    index: IndexHandle,
-    shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
-}
+impl Cluster {
+    async fn of(server: &KubeApiServer) -> Result<Self> {
+        let client = server.client().await?;
+        Ok(Self {
+            gateways: Api::all(client.clone()),
+            nodes: Api::all(client.clone()),
+            system: Api::namespaced(client.clone(), "kube-system"),
+            default: Api::namespaced(client, "default"),
+        })
+    }
 
-impl Source {
-    fn start(api: &FakeApiServer) -> Self {
-        let index = IndexHandle::default();
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(raven_hub::sources::kube::run(
-            api.client(),
-            index.clone(),
-            shutdown.clone(),
-        ));
-        Self {
-            index,
-            shutdown,
-            task,
+    /// Two domains: gw-a (a1, a2) and gw-b (b1), raven-cfg with the tunnel
+    /// on, and decoys the ConfigMap watch must not see.
+    async fn fill(&self, server: &KubeApiServer) -> Result<()> {
+        // Left over if an earlier test failed (the turn's wipe keeps it).
+        self.clean().await?;
+        let pp = PostParams::default();
+        self.default
+            .create(&pp, &raven_cfg("default", false)?)
+            .await?;
+        let coredns: ConfigMap = serde_json::from_value(
+            json!({"metadata": {"name": "coredns-decoy", "namespace": "kube-system"}, "data": {}}),
+        )?;
+        self.system.create(&pp, &coredns).await?;
+        self.gateways
+            .create(&pp, &gateway("gw-a", &["a1", "a2"])?)
+            .await?;
+        self.gateways
+            .create(&pp, &gateway("gw-b", &["b1"])?)
+            .await?;
+        let client = server.client().await?;
+        for (n, gw, ip, cidr) in [
+            ("a1", "gw-a", "192.168.0.1", "10.244.1.0/24"),
+            ("a2", "gw-a", "192.168.0.2", "10.244.2.0/24"),
+            ("b1", "gw-b", "172.16.0.1", "10.244.3.0/24"),
+        ] {
+            kube_apiserver::create_node(&client, n, gw, ip, cidr).await?;
         }
+        self.system
+            .create(&pp, &raven_cfg("kube-system", true)?)
+            .await?;
+        Ok(())
     }
 
-    async fn until(&self, what: &str, f: impl Fn(&Index) -> bool) -> Result<()> {
-        tokio::time::timeout(WAIT, async {
-            while !self.index.read(&f) {
-                tokio::select! {
-                    () = self.index.changed() => {}
-                    () = tokio::time::sleep(Duration::from_millis(20)) => {}
-                }
-            }
-        })
-        .await
-        .with_context(|| {
-            format!(
-                "timed out waiting for: {what}; index: {:?}",
-                self.snapshot()
+    async fn clean(&self) -> Result<()> {
+        let dp = DeleteParams::default();
+        let _ = self.default.delete("raven-cfg", &dp).await;
+        let _ = self.system.delete("coredns-decoy", &dp).await;
+        Ok(())
+    }
+
+    async fn set_endpoints(&self, name: &str, endpoints: &[&str]) -> Result<()> {
+        let spec = serde_json::to_value(gateway(name, endpoints)?.spec)?;
+        self.gateways
+            .patch(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": spec})),
             )
-        })
+            .await?;
+        Ok(())
     }
 
-    fn snapshot(&self) -> Snapshot {
-        self.index.read(Snapshot::of)
-    }
-
-    async fn stop(self) -> Result<()> {
-        self.shutdown.cancel();
-        tokio::time::timeout(WAIT, self.task)
-            .await
-            .context("the source did not stop")??;
+    async fn set_pod_cidr(&self, name: &str, cidr: &str) -> Result<()> {
+        // podCIDR is immutable once set: replace the node.
+        let node = self.nodes.get(name).await?;
+        let labels = node.metadata.labels.clone().unwrap_or_default();
+        let ip = node
+            .status
+            .and_then(|s| s.addresses)
+            .and_then(|a| a.first().map(|a| a.address.clone()))
+            .unwrap_or_default();
+        self.nodes.delete(name, &DeleteParams::default()).await?;
+        let gw = labels
+            .get("raven.openyurt.io/gateway")
+            .cloned()
+            .unwrap_or_default();
+        let client = self.nodes.clone().into_client();
+        kube_apiserver::create_node(&client, name, &gw, &ip, cidr).await?;
         Ok(())
     }
 }
 
-/// What the index holds, comparably.
-#[derive(Debug, Clone, PartialEq)]
-struct Snapshot {
-    synced: bool,
-    /// Gateway → endpoint node names.
-    gateways: BTreeMap<String, Vec<String>>,
-    /// Node → pod CIDRs.
-    nodes: BTreeMap<String, Vec<String>>,
-    config_present: bool,
-    l3: bool,
-}
-
-impl Snapshot {
-    fn of(index: &Index) -> Self {
-        let (inputs, _) = index.inputs();
-        Self {
-            synced: index.is_synced(),
-            gateways: inputs
-                .gateways
-                .iter()
-                .map(|(name, gw)| {
-                    let eps = gw.spec.endpoints.iter().map(|e| e.node_name.clone());
-                    (name.clone(), eps.collect())
-                })
-                .collect(),
-            nodes: inputs
-                .nodes
-                .iter()
-                .map(|(name, n)| {
-                    let cidrs = n.pod_cidrs.iter().map(ToString::to_string);
-                    (name.to_string(), cidrs.collect())
-                })
-                .collect(),
-            config_present: inputs.config.present,
-            l3: inputs.config.enable_l3_tunnel,
-        }
-    }
-
-    fn gateway_names(&self) -> Vec<&str> {
-        self.gateways.keys().map(String::as_str).collect()
-    }
-}
-
-fn lists_of(api: &FakeApiServer, plural: &str) -> usize {
-    api.requests()
-        .iter()
-        .filter(|r| r.is_list_of(plural))
-        .count()
-}
-
-fn watches_of(api: &FakeApiServer, plural: &str) -> Vec<Option<String>> {
-    api.requests()
-        .iter()
-        .filter(|r| r.is_watch_of(plural))
-        .map(|r| r.resource_version().map(str::to_owned))
-        .collect()
-}
-
 #[tokio::test]
 async fn hub_index_fills_from_list_and_marks_synced() -> Result<()> {
-    let api = cluster(Options::default()).await?;
-    let source = Source::start(&api);
+    let Some(server) = KubeApiServer::shared().await? else {
+        return Ok(());
+    };
+    let cluster = Cluster::of(&server).await?;
+    cluster.fill(&server).await?;
+    let source = Source::start(server.client().await?);
     source.until("every kind synced", Index::is_synced).await?;
 
     let s = source.snapshot();
@@ -198,64 +153,46 @@ async fn hub_index_fills_from_list_and_marks_synced() -> Result<()> {
         s.config_present && s.l3,
         "kube-system/raven-cfg is read, not the decoy in default: {s:?}"
     );
+    assert!(s.fresh);
     assert!(source.index.read(Index::high_water) > 0);
-
-    // Each kind was listed once, then watched from the list's version.
-    tokio::time::timeout(WAIT, async {
-        while ["gateways", "nodes", "configmaps"]
-            .iter()
-            .any(|k| watches_of(&api, k).is_empty())
-        {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .context("every kind watched after its list")?;
-    let requests = api.requests();
-    let cm_list = requests
-        .iter()
-        .find(|r| r.is_list_of("configmaps"))
-        .context("raven-cfg listed")?;
-    assert_eq!(cm_list.path, "/api/v1/namespaces/kube-system/configmaps");
-    assert_eq!(
-        cm_list.query.get("fieldSelector").map(String::as_str),
-        Some("metadata.name=raven-cfg")
-    );
-    for plural in ["gateways", "nodes", "configmaps"] {
-        assert_eq!(lists_of(&api, plural), 1, "{plural} listed once");
-        let watches = watches_of(&api, plural);
-        assert_eq!(
-            watches[0].as_deref(),
-            Some(api.resource_version().to_string().as_str()),
-            "{plural} watched from the listed version"
-        );
-    }
-    source.stop().await
+    source.stop().await?;
+    cluster.clean().await
 }
 
 #[tokio::test]
 async fn gateway_change_is_applied_from_watch() -> Result<()> {
-    let api = cluster(Options::default()).await?;
-    let source = Source::start(&api);
+    let Some(server) = KubeApiServer::shared().await? else {
+        return Ok(());
+    };
+    let cluster = Cluster::of(&server).await?;
+    cluster.fill(&server).await?;
+    let source = Source::start(server.client().await?);
     source.until("synced", Index::is_synced).await?;
 
-    api.upsert("gateways", gateway("gw-a", &["a2", "a1"]));
+    cluster.set_endpoints("gw-a", &["a2", "a1"]).await?;
     source
         .until("gw-a endpoints reordered", |i| {
             Snapshot::of(i).gateways["gw-a"] == ["a2", "a1"]
         })
         .await?;
 
-    api.upsert("gateways", gateway("gw-c", &["c1"]));
-    api.delete("gateways", "gw-b");
+    let pp = PostParams::default();
+    cluster
+        .gateways
+        .create(&pp, &gateway("gw-c", &["c1"])?)
+        .await?;
+    cluster
+        .gateways
+        .delete("gw-b", &DeleteParams::default())
+        .await?;
     source
         .until("gw-c added and gw-b deleted", |i| {
             Snapshot::of(i).gateway_names() == ["gw-a", "gw-c"]
         })
         .await?;
 
-    api.upsert("nodes", node("a1", "gw-a", "192.168.0.1", "10.244.9.0/24"));
-    api.delete("nodes", "b1");
+    cluster.set_pod_cidr("a1", "10.244.9.0/24").await?;
+    cluster.nodes.delete("b1", &DeleteParams::default()).await?;
     source
         .until("node changes", |i| {
             let s = Snapshot::of(i);
@@ -264,56 +201,109 @@ async fn gateway_change_is_applied_from_watch() -> Result<()> {
         })
         .await?;
 
-    api.upsert("configmaps", raven_cfg("kube-system", false));
+    cluster
+        .system
+        .replace("raven-cfg", &pp, &{
+            let mut cm = cluster.system.get("raven-cfg").await?;
+            cm.data = raven_cfg("kube-system", false)?.data;
+            cm
+        })
+        .await?;
     source
         .until("tunnel switched off", |i| !Snapshot::of(i).l3)
         .await?;
-    api.delete("configmaps", "kube-system/raven-cfg");
+    cluster
+        .system
+        .delete("raven-cfg", &DeleteParams::default())
+        .await?;
     source
         .until("raven-cfg gone", |i| !Snapshot::of(i).config_present)
         .await?;
+    source.stop().await?;
+    cluster.clean().await
+}
 
-    for plural in ["gateways", "nodes", "configmaps"] {
-        assert_eq!(lists_of(&api, plural), 1, "{plural}: watch only, no relist");
-    }
-    source.stop().await
+/// etcd's current revision (= the newest resourceVersion).
+fn etcd_revision(server: &KubeApiServer) -> Result<u64> {
+    let out = server.etcdctl(&["endpoint", "status", "-w", "json"])?;
+    let v: Value = serde_json::from_str(&out)?;
+    v[0]["Status"]["header"]["revision"]
+        .as_u64()
+        .context("etcd revision")
 }
 
 #[tokio::test]
 async fn expired_resource_version_410_triggers_relist_and_nothing_is_lost() -> Result<()> {
-    let mut api = cluster(Options::default()).await?;
-    let source = Source::start(&api);
+    // Without the watch cache, watches read etcd, so compaction makes a
+    // resume from an older version a 410 — as after a long disconnection.
+    let Some(server) = KubeApiServer::dedicated_with("--watch-cache=false")? else {
+        return Ok(());
+    };
+    let cluster = Cluster::of(&server).await?;
+    cluster.fill(&server).await?;
+    let partition = Partition::start(&server).await?;
+    let source = Source::start(
+        kube_apiserver::client_from_kubeconfig(&partition.kubeconfig(&server)?).await?,
+    );
     source.until("synced", Index::is_synced).await?;
+    let watched_from = etcd_revision(&server)?;
 
-    // While the watches are broken, objects change and etcd compacts the
-    // history: resuming from the old version must get 410, and only a
-    // relist can show what happened — including the deletion.
-    api.stop().await;
-    api.upsert("gateways", gateway("gw-a", &["a2"]));
-    api.delete("gateways", "gw-b");
-    api.upsert("gateways", gateway("gw-c", &["c1"]));
-    api.upsert("nodes", node("a2", "gw-a", "192.168.0.2", "10.244.20.0/24"));
-    api.delete("configmaps", "kube-system/raven-cfg");
-    api.compact();
-    api.restart().await?;
+    // While the source is cut off, objects change and etcd compacts the
+    // history: resuming from the old version gets 410, and only a relist
+    // shows what happened — including the deletion.
+    partition.cut();
+    cluster.set_endpoints("gw-a", &["a2"]).await?;
+    cluster
+        .gateways
+        .delete("gw-b", &DeleteParams::default())
+        .await?;
+    let pp = PostParams::default();
+    cluster
+        .gateways
+        .create(&pp, &gateway("gw-c", &["c1"])?)
+        .await?;
+    cluster.set_pod_cidr("a2", "10.244.20.0/24").await?;
+    cluster
+        .system
+        .delete("raven-cfg", &DeleteParams::default())
+        .await?;
+    let now = etcd_revision(&server)?;
+    assert!(now > watched_from);
+    server.etcdctl(&["compact", &now.to_string()])?;
+    // A watch from before the compaction is refused with 410 Expired.
+    let client = server.client().await?;
+    let old: Api<Gateway> = Api::all(client);
+    let expired = old
+        .watch(
+            &kube::api::WatchParams::default(),
+            &watched_from.to_string(),
+        )
+        .await;
+    let mut expired = std::pin::pin!(expired?);
+    let first = futures::StreamExt::next(&mut expired).await;
+    assert!(
+        matches!(&first, Some(Err(kube::Error::Api(s))) if s.code == 410)
+            || matches!(&first, Some(Ok(kube::api::WatchEvent::Error(e))) if e.code == 410),
+        "a watch from {watched_from} after compacting to {now} is 410: {first:?}"
+    );
+    partition.heal();
 
     source
         .until("the relisted state", |i| {
             let s = Snapshot::of(i);
-            s.gateway_names() == ["gw-a", "gw-c"]
+            s.fresh
+                && s.gateway_names() == ["gw-a", "gw-c"]
                 && s.gateways["gw-a"] == ["a2"]
                 && s.nodes.get("a2").is_some_and(|c| c == &["10.244.20.0/24"])
                 && !s.config_present
         })
         .await?;
-    assert!(api.expired_watches() >= 3, "every kind got 410");
-    for plural in ["gateways", "nodes", "configmaps"] {
-        assert_eq!(lists_of(&api, plural), 2, "{plural} relisted after 410");
-    }
-    assert!(source.index.read(Index::is_synced));
 
     // And it watches again from the new list.
-    api.upsert("gateways", gateway("gw-d", &["d1"]));
+    cluster
+        .gateways
+        .create(&pp, &gateway("gw-d", &["d1"])?)
+        .await?;
     source
         .until("watching after the relist", |i| {
             Snapshot::of(i).gateways.contains_key("gw-d")
@@ -323,128 +313,49 @@ async fn expired_resource_version_410_triggers_relist_and_nothing_is_lost() -> R
 }
 
 #[tokio::test]
-async fn api_server_outage_keeps_last_state_and_resumes_watching() -> Result<()> {
-    let mut api = cluster(Options::default()).await?;
-    let source = Source::start(&api);
+async fn api_server_partition_keeps_last_state_marks_it_stale_and_resumes() -> Result<()> {
+    let Some(server) = KubeApiServer::shared().await? else {
+        return Ok(());
+    };
+    let cluster = Cluster::of(&server).await?;
+    cluster.fill(&server).await?;
+    let partition = Partition::start(&server).await?;
+    let source = Source::start(
+        kube_apiserver::client_from_kubeconfig(&partition.kubeconfig(&server)?).await?,
+    );
     source.until("synced", Index::is_synced).await?;
     let before = source.snapshot();
-    let listed_at = api.resource_version().to_string();
 
-    api.stop().await;
-    // The watchers fail to re-watch and back off; the index stays as it was.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(source.snapshot(), before, "the last state is kept");
-
-    api.upsert("gateways", gateway("gw-a", &["a1"]));
-    api.delete("gateways", "gw-b");
-    api.upsert("nodes", node("a1", "gw-a", "192.168.0.1", "10.244.11.0/24"));
-    api.upsert("configmaps", raven_cfg("kube-system", false));
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    partition.cut();
+    // The watches fail; the index keeps its state, marked stale.
+    source
+        .until("stale", |i| i.is_synced() && !i.is_fresh())
+        .await?;
     assert_eq!(
-        source.snapshot(),
-        before,
-        "nothing is seen while it is down"
+        source.snapshot().content(),
+        before.content(),
+        "the last state is kept"
     );
 
-    api.restart().await?;
+    cluster.set_endpoints("gw-a", &["a1"]).await?;
+    cluster
+        .gateways
+        .delete("gw-b", &DeleteParams::default())
+        .await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        source.snapshot().content(),
+        before.content(),
+        "nothing is seen while cut off"
+    );
+
+    partition.heal();
     source
-        .until("the changes made during the outage", |i| {
+        .until("the changes made during the partition, fresh", |i| {
             let s = Snapshot::of(i);
-            s.gateway_names() == ["gw-a"]
-                && s.gateways["gw-a"] == ["a1"]
-                && s.nodes.get("a1").is_some_and(|c| c == &["10.244.11.0/24"])
-                && !s.l3
+            s.fresh && s.gateway_names() == ["gw-a"] && s.gateways["gw-a"] == ["a1"]
         })
         .await?;
-    // Resumed from the last version, without a relist.
-    assert_eq!(api.expired_watches(), 0);
-    for plural in ["gateways", "nodes", "configmaps"] {
-        assert_eq!(lists_of(&api, plural), 1, "{plural}: no relist");
-        let watches = watches_of(&api, plural);
-        assert!(
-            watches.len() >= 2,
-            "{plural} re-watched after the outage: {watches:?}"
-        );
-        assert!(
-            watches
-                .iter()
-                .all(|rv| rv.as_deref() == Some(listed_at.as_str())),
-            "{plural} resumed from version {listed_at}: {watches:?}"
-        );
-    }
-    source.stop().await
-}
-
-#[tokio::test]
-async fn bookmarks_are_accepted() -> Result<()> {
-    let api = cluster(Options {
-        bookmark_interval: Duration::from_millis(100),
-    })
-    .await?;
-    let source = Source::start(&api);
-    source.until("synced", Index::is_synced).await?;
-    let listed = source.snapshot();
-
-    // Writes no watcher of ours sees move the global version on; only
-    // bookmarks carry it to the watchers.
-    for i in 0..5 {
-        api.upsert(
-            "leases",
-            json!({"metadata": {"name": format!("other-{i}"), "namespace": "kube-system"}, "spec": {}}),
-        );
-    }
-    let moved_to = api.resource_version();
-    tokio::time::timeout(WAIT, async {
-        while ["gateways", "nodes", "configmaps"]
-            .iter()
-            .any(|k| !api.bookmarks(k).iter().any(|rv| *rv >= moved_to))
-        {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .context("bookmarks at the new version reach every watch")?;
-
-    // History is compacted up to the new version and the watches break: a
-    // watcher that took the bookmarks in resumes from `moved_to` (no 410, no
-    // relist); one that ignored them would be sent back to LIST.
-    let kinds = ["gateways", "nodes", "configmaps"];
-    let watches_before: Vec<usize> = kinds.iter().map(|k| watches_of(&api, k).len()).collect();
-    api.compact();
-    api.drop_watches();
-    tokio::time::timeout(WAIT, async {
-        while kinds
-            .iter()
-            .zip(&watches_before)
-            .any(|(k, before)| watches_of(&api, k).len() <= *before)
-        {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .context("every kind re-watched")?;
-
-    for plural in ["gateways", "nodes", "configmaps"] {
-        let last = watches_of(&api, plural)
-            .last()
-            .cloned()
-            .flatten()
-            .context("a watch")?;
-        assert!(
-            last.parse::<u64>()? >= moved_to,
-            "{plural} resumed from the bookmark's version {moved_to}, not {last}"
-        );
-        assert_eq!(lists_of(&api, plural), 1, "{plural}: no relist");
-    }
-    assert_eq!(api.expired_watches(), 0);
-    assert_eq!(source.snapshot(), listed);
-
-    // Still watching.
-    api.upsert("gateways", gateway("gw-b", &["b1", "b2"]));
-    source
-        .until("a change after the resume", |i| {
-            Snapshot::of(i).gateways["gw-b"] == ["b1", "b2"]
-        })
-        .await?;
-    source.stop().await
+    source.stop().await?;
+    cluster.clean().await
 }

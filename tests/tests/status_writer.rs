@@ -1,6 +1,13 @@
 //! `raven_hub::status::run_status_writer` against the test-only fake API
 //! server: Lease election between writers, and the leader's status PATCHes
 //! as the API server receives them.
+//!
+//! On the fake because these tests count and inspect the requests the
+//! writer sends (every PATCH body and content type, retries of a 404ed
+//! PATCH, "nothing more written across renewals"), which a real API server
+//! does not report. The same behaviour end to end — leader writes, second
+//! replica writes nothing, recreated and externally edited Gateways get
+//! their status back — runs against the real kube-apiserver in `hub_kube`.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -10,7 +17,7 @@ use anyhow::{Context, Result};
 use raven_core::GatewayName;
 use raven_core::api::v1beta1::{Endpoint, Gateway, GatewaySpec, GatewayStatus, NodeInfo};
 use raven_core::compile::CompiledGateway;
-use raven_hub::pipeline::Published;
+use raven_hub::pipeline::{ObservedGateway, Published};
 use raven_hub::status::{LeaseConfig, run_status_writer};
 use raven_tests::fake_apiserver::FakeApiServer;
 use serde_json::{Value, json};
@@ -71,11 +78,27 @@ fn status(active: &str) -> GatewayStatus {
                 subnets: vec!["10.244.2.0/24".into()],
             },
         ],
+        conditions: Vec::new(),
     }
 }
 
-fn published(statuses: &[(&str, GatewayStatus)]) -> Result<Arc<Published>> {
+/// The published state electing `statuses`, with each Gateway observed as
+/// the fake holds it now (what the hub's watch would show).
+fn published(api: &FakeApiServer, statuses: &[(&str, GatewayStatus)]) -> Result<Arc<Published>> {
     let mut gateways = BTreeMap::new();
+    let mut observed = BTreeMap::new();
+    for (name, _) in statuses {
+        let stored = api.get("gateways", name);
+        let seen = stored.map(|o| ObservedGateway {
+            uid: o["metadata"]["uid"].as_str().map(str::to_owned),
+            resource_version: o["metadata"]["resourceVersion"]
+                .as_str()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
+            status: serde_json::from_value(o["status"].clone()).ok(),
+        });
+        observed.insert((*name).to_owned(), seen.unwrap_or_default());
+    }
     for (name, status) in statuses {
         let name = GatewayName::new(*name)?;
         gateways.insert(
@@ -91,6 +114,8 @@ fn published(statuses: &[(&str, GatewayStatus)]) -> Result<Arc<Published>> {
         epoch: "test".into(),
         revision: 1,
         ready: true,
+        fresh: true,
+        observed,
         gateways,
         ..Default::default()
     }))
@@ -163,7 +188,11 @@ async fn leader_patches_gateway_status() -> Result<()> {
     api.upsert("gateways", gateway_object("gw-a"));
     let spec_before = api.get("gateways", "gw-a").context("gw-a")?["spec"].clone();
 
-    let mut writer = Writer::start(&api, lease("hub-a"), published(&[("gw-a", status("n1"))])?);
+    let mut writer = Writer::start(
+        &api,
+        lease("hub-a"),
+        published(&api, &[("gw-a", status("n1"))])?,
+    );
     writer.until_leading().await?;
     assert_eq!(holder(&api).as_deref(), Some("hub-a"));
     until_patches(&api, 1).await?;
@@ -172,14 +201,35 @@ async fn leader_patches_gateway_status() -> Result<()> {
     assert_eq!(patch.key, "gw-a");
     assert_eq!(patch.content_type, "application/merge-patch+json");
     assert_eq!(
-        patch.body,
-        json!({"status": {
-            "activeEndpoints": [{"nodeName": "n1", "type": "tunnel", "port": 4500, "publicIP": "203.0.113.1"}],
-            "nodes": [
-                {"nodeName": "n1", "privateIP": "192.168.0.1", "subnets": ["10.244.1.0/24"]},
-                {"nodeName": "n2", "privateIP": "192.168.0.2", "subnets": ["10.244.2.0/24"]},
-            ],
-        }})
+        patch.body["status"]["activeEndpoints"],
+        json!([{"nodeName": "n1", "type": "tunnel", "port": 4500, "publicIP": "203.0.113.1"}])
+    );
+    assert_eq!(
+        patch.body["status"]["nodes"],
+        json!([
+            {"nodeName": "n1", "privateIP": "192.168.0.1", "subnets": ["10.244.1.0/24"]},
+            {"nodeName": "n2", "privateIP": "192.168.0.2", "subnets": ["10.244.2.0/24"]},
+        ])
+    );
+    let conditions: Vec<(String, String, String)> = patch.body["status"]["conditions"]
+        .as_array()
+        .context("conditions")?
+        .iter()
+        .map(|c| {
+            let f = |k: &str| c[k].as_str().unwrap_or_default().to_owned();
+            (f("type"), f("status"), f("reason"))
+        })
+        .collect();
+    assert_eq!(
+        conditions,
+        [
+            ("Valid".into(), "True".into(), "Valid".into()),
+            (
+                "Ready".into(),
+                "True".into(),
+                "ActiveEndpointElected".into()
+            )
+        ]
     );
     let stored = api.get("gateways", "gw-a").context("gw-a")?;
     assert_eq!(stored["status"], patch.body["status"]);
@@ -188,29 +238,38 @@ async fn leader_patches_gateway_status() -> Result<()> {
     // Unchanged status: nothing more is written across several renewals.
     writer
         .published
-        .send_replace(published(&[("gw-a", status("n1"))])?);
+        .send_replace(published(&api, &[("gw-a", status("n1"))])?);
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(api.status_patches().len(), 1);
 
     // A new election is written once.
     writer
         .published
-        .send_replace(published(&[("gw-a", status("n2"))])?);
+        .send_replace(published(&api, &[("gw-a", status("n2"))])?);
     until_patches(&api, 2).await?;
     let stored = api.get("gateways", "gw-a").context("gw-a")?;
     assert_eq!(stored["status"]["activeEndpoints"][0]["nodeName"], "n2");
 
-    // An empty election clears the lists (a merge patch needs explicit nulls).
+    // An empty election clears the lists (a merge patch needs explicit
+    // nulls) and says why in the Ready condition.
     writer
         .published
-        .send_replace(published(&[("gw-a", GatewayStatus::default())])?);
+        .send_replace(published(&api, &[("gw-a", GatewayStatus::default())])?);
     until_patches(&api, 3).await?;
+    let body = &api.status_patches()[2].body;
+    assert_eq!(body["status"]["activeEndpoints"], Value::Null);
+    assert_eq!(body["status"]["nodes"], Value::Null);
+    assert_eq!(body["status"]["conditions"][1]["type"], "Ready");
+    assert_eq!(body["status"]["conditions"][1]["status"], "False");
     assert_eq!(
-        api.status_patches()[2].body,
-        json!({"status": {"activeEndpoints": null, "nodes": null}})
+        body["status"]["conditions"][1]["reason"],
+        "NoActiveEndpoint"
     );
     let stored = api.get("gateways", "gw-a").context("gw-a")?;
-    assert_eq!(stored["status"], json!({}));
+    assert_eq!(stored["status"].get("activeEndpoints"), None);
+    writer
+        .published
+        .send_replace(published(&api, &[("gw-a", GatewayStatus::default())])?);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(api.status_patches().len(), 3);
 
@@ -222,22 +281,25 @@ async fn leader_patches_gateway_status() -> Result<()> {
 #[tokio::test]
 async fn leader_does_not_rewrite_a_status_the_api_server_already_has() -> Result<()> {
     let api = FakeApiServer::start().await?;
-    let mut gw = gateway_object("gw-a");
-    gw["status"] = serde_json::to_value(status("n1"))?;
-    api.upsert("gateways", gw);
+    api.upsert("gateways", gateway_object("gw-a"));
     api.upsert("gateways", gateway_object("gw-b"));
+    let election = [("gw-a", status("n1")), ("gw-b", status("n2"))];
+    let mut a = Writer::start(&api, lease("hub-a"), published(&api, &election)?);
+    a.until_leading().await?;
+    until_patches(&api, 2).await?;
+    a.stop().await?;
 
-    let mut writer = Writer::start(
-        &api,
-        lease("hub-a"),
-        published(&[("gw-a", status("n1")), ("gw-b", status("n2"))])?,
-    );
-    writer.until_leading().await?;
-    until_patches(&api, 1).await?;
+    // A new leader with the same election finds both statuses in place
+    // (conditions and their transition times included): nothing to write.
+    let mut b = Writer::start(&api, lease("hub-b"), published(&api, &election)?);
+    b.until_leading().await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let patched: Vec<String> = api.status_patches().into_iter().map(|p| p.key).collect();
-    assert_eq!(patched, ["gw-b"], "gw-a already had its status");
-    writer.stop().await
+    assert_eq!(
+        api.status_patches().len(),
+        2,
+        "both already had their status"
+    );
+    b.stop().await
 }
 
 #[tokio::test]
@@ -245,12 +307,20 @@ async fn second_writer_does_not_patch_while_lease_held() -> Result<()> {
     let api = FakeApiServer::start().await?;
     api.upsert("gateways", gateway_object("gw-a"));
 
-    let mut a = Writer::start(&api, lease("hub-a"), published(&[("gw-a", status("n1"))])?);
+    let mut a = Writer::start(
+        &api,
+        lease("hub-a"),
+        published(&api, &[("gw-a", status("n1"))])?,
+    );
     a.until_leading().await?;
     until_patches(&api, 1).await?;
 
     // B would write a different election, so any write of B's shows.
-    let mut b = Writer::start(&api, lease("hub-b"), published(&[("gw-a", status("n2"))])?);
+    let mut b = Writer::start(
+        &api,
+        lease("hub-b"),
+        published(&api, &[("gw-a", status("n2"))])?,
+    );
     // Well past a lease duration: A keeps renewing, B never takes over.
     let b_led = tokio::time::timeout(Duration::from_millis(2500), b.leading.wait_for(|l| *l))
         .await
@@ -278,10 +348,18 @@ async fn second_writer_does_not_patch_while_lease_held() -> Result<()> {
 async fn lease_of_a_crashed_leader_is_taken_over_after_it_expires() -> Result<()> {
     let api = FakeApiServer::start().await?;
     api.upsert("gateways", gateway_object("gw-a"));
-    let mut a = Writer::start(&api, lease("hub-a"), published(&[("gw-a", status("n1"))])?);
+    let mut a = Writer::start(
+        &api,
+        lease("hub-a"),
+        published(&api, &[("gw-a", status("n1"))])?,
+    );
     a.until_leading().await?;
 
-    let mut b = Writer::start(&api, lease("hub-b"), published(&[("gw-a", status("n2"))])?);
+    let mut b = Writer::start(
+        &api,
+        lease("hub-b"),
+        published(&api, &[("gw-a", status("n2"))])?,
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
     // A dies without releasing the Lease.
     a.task.abort();
@@ -301,7 +379,11 @@ async fn lease_of_a_crashed_leader_is_taken_over_after_it_expires() -> Result<()
 async fn leader_that_cannot_reach_the_api_server_steps_down() -> Result<()> {
     let mut api = FakeApiServer::start().await?;
     api.upsert("gateways", gateway_object("gw-a"));
-    let mut a = Writer::start(&api, lease("hub-a"), published(&[("gw-a", status("n1"))])?);
+    let mut a = Writer::start(
+        &api,
+        lease("hub-a"),
+        published(&api, &[("gw-a", status("n1"))])?,
+    );
     a.until_leading().await?;
 
     api.stop().await;
@@ -320,7 +402,11 @@ async fn failed_status_write_is_retried_with_backoff() -> Result<()> {
     let api = FakeApiServer::start().await?;
     // The hub has elected gw-a before the API server holds it: the PATCH
     // gets 404 and is retried.
-    let mut writer = Writer::start(&api, lease("hub-a"), published(&[("gw-a", status("n1"))])?);
+    let mut writer = Writer::start(
+        &api,
+        lease("hub-a"),
+        published(&api, &[("gw-a", status("n1"))])?,
+    );
     writer.until_leading().await?;
     let attempts = || {
         api.requests()

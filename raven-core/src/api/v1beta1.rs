@@ -30,6 +30,11 @@ pub const DEFAULT_TUNNEL_SERVER_EXPOSED_PORT: i32 = 4500;
     shortname = "gw",
     category = "yurt",
     status = "GatewayStatus",
+    printcolumn = r#"{"name":"ActiveTunnel","type":"string","jsonPath":".status.activeEndpoints[?(@.type==\"tunnel\")].nodeName"}"#,
+    printcolumn = r#"{"name":"ActiveProxy","type":"string","jsonPath":".status.activeEndpoints[?(@.type==\"proxy\")].nodeName"}"#,
+    printcolumn = r#"{"name":"PublicIP","type":"string","jsonPath":".status.activeEndpoints[?(@.type==\"tunnel\")].publicIP"}"#,
+    printcolumn = r#"{"name":"Nodes","type":"string","jsonPath":".status.nodes[*].nodeName","priority":1}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
     derive = "PartialEq",
     derive = "Default"
 )]
@@ -50,6 +55,7 @@ pub struct GatewaySpec {
     pub endpoints: Vec<Endpoint>,
     /// ExposeType determines how the Gateway is exposed: "", "PublicIP" or "LoadBalancer".
     #[serde(default, skip_serializing_if = "String::is_empty")]
+    #[schemars(extend("enum" = ["", "PublicIP", "LoadBalancer"]))]
     pub expose_type: String,
 }
 
@@ -58,6 +64,7 @@ pub struct GatewaySpec {
 pub struct ProxyConfiguration {
     /// Replicas is the number of gateway active endpoints that enabled proxy.
     #[serde(rename = "Replicas")]
+    #[schemars(range(min = 0))]
     pub replicas: i32,
     /// ProxyHTTPPort is the proxy http port of the cross-domain request.
     #[serde(
@@ -78,8 +85,10 @@ pub struct ProxyConfiguration {
 /// TunnelConfiguration is the configuration for raven l3 tunnel.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 pub struct TunnelConfiguration {
-    /// Replicas is the number of gateway active endpoints that enabled tunnel.
+    /// Replicas is the number of gateway active endpoints that enabled tunnel
+    /// (at most 1, as Raven's webhook requires).
     #[serde(rename = "Replicas")]
+    #[schemars(range(min = 0, max = 1))]
     pub replicas: i32,
 }
 
@@ -88,12 +97,15 @@ pub struct TunnelConfiguration {
 #[serde(rename_all = "camelCase")]
 pub struct Endpoint {
     /// NodeName is the Node hosting this endpoint.
+    #[schemars(length(min = 1))]
     pub node_name: String,
     /// Type is the service type of the node, proxy or tunnel.
     #[serde(rename = "type")]
+    #[schemars(extend("enum" = ["proxy", "tunnel"]))]
     pub type_: String,
     /// Port is the exposed port of the node.
     #[serde(default, skip_serializing_if = "is_zero")]
+    #[schemars(range(min = 1, max = 65535))]
     pub port: i32,
     /// UnderNAT indicates whether the endpoint is under NAT.
     #[serde(rename = "underNAT", default, skip_serializing_if = "is_false")]
@@ -101,11 +113,15 @@ pub struct Endpoint {
     /// NATType is the NAT type of the endpoint.
     #[serde(rename = "natType", default, skip_serializing_if = "String::is_empty")]
     pub nat_type: String,
-    /// PublicIP is the exposed IP of the node.
+    /// PublicIP is the exposed IP of the node. Not format-checked by the
+    /// schema: the OpenYurt manual applies a masked `120.79.xxx.xxx`, which
+    /// must still apply; the hub reports a bad address as a problem and a
+    /// Warning Event on the Gateway and uses the endpoint without it.
     #[serde(rename = "publicIP", default, skip_serializing_if = "String::is_empty")]
     pub public_ip: String,
     /// PublicPort is the exposed port of the node.
     #[serde(default, skip_serializing_if = "is_zero")]
+    #[schemars(range(min = 0, max = 65535))]
     pub public_port: i32,
     /// Config is a map to record config for the raven agent of node.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -135,6 +151,32 @@ pub struct GatewayStatus {
     /// ActiveEndpoints is the reference of the active endpoint.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub active_endpoints: Vec<Endpoint>,
+    /// Conditions the hub keeps for kubectl users (raven's addition):
+    /// `Valid` (no problem found in the Gateway) and `Ready` (an endpoint is
+    /// elected), each with a reason and message.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<GatewayCondition>,
+}
+
+/// A status condition, in the shape of Kubernetes' `metav1.Condition`.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayCondition {
+    /// `Valid` or `Ready`.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// `True`, `False` or `Unknown`.
+    #[schemars(extend("enum" = ["True", "False", "Unknown"]))]
+    pub status: String,
+    /// CamelCase reason of the last transition.
+    pub reason: String,
+    /// Human-readable detail.
+    pub message: String,
+    /// When `status` last changed (RFC 3339).
+    pub last_transition_time: String,
+    /// The `metadata.generation` the condition was computed from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
 }
 
 fn is_zero(v: &i32) -> bool {

@@ -7,20 +7,29 @@
 //! WATCH from the list's resourceVersion ─▶ Apply / Delete ─▶ apply_* / delete_*
 //! ```
 //!
-//! The watchers resume from their last resourceVersion (bookmarks keep it
-//! fresh), relist on `410 Gone`, and back off exponentially with jitter
-//! while the API server is away. Errors never clear the index: the hub keeps
+//! A failed watch (the API server away, `410 Gone`, …) marks its kind stale
+//! and relists after a short reconnect delay (≤ 1 s, reset by every
+//! success), so the hub resumes within about a second of the API server
+//! being ready and knows when its index has caught up. Errors never clear the index: the hub keeps
 //! serving its last good state until the API server answers again.
+//!
+//! Objects are watched untyped ([`DynamicObject`]) and decoded one by one:
+//! one object the API server serves but that does not decode (a Gateway
+//! stored through an older schema without `type`) becomes a problem on that
+//! object, and every other object is served. Decoding the list as a whole
+//! would fail the whole list — and a hub that starts or relists would never
+//! become ready.
 
 use std::fmt::Debug;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use futures::{Stream, StreamExt};
+use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Node};
-use kube::runtime::WatchStreamExt;
+use kube::api::{ApiResource, DynamicObject};
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, Resource};
+use raven_core::Problem;
 use raven_core::api::{self, v1beta1::Gateway};
 use serde::de::DeserializeOwned;
 use tokio::time::Instant;
@@ -70,6 +79,8 @@ pub async fn client_from(kubeconfig: Option<PathBuf>) -> Result<Client, KubeSour
 /// How a watched kind lands in the index.
 trait Sink: Resource + Clone + Debug + DeserializeOwned + Send + Sync + 'static {
     const KIND: Kind;
+    /// `Kind/name` as problems name objects.
+    const OBJECT: &'static str;
     fn apply(index: &mut Index, obj: Self);
     fn delete(index: &mut Index, obj: &Self);
     fn reset(index: &mut Index, objs: Vec<Self>);
@@ -77,6 +88,7 @@ trait Sink: Resource + Clone + Debug + DeserializeOwned + Send + Sync + 'static 
 
 impl Sink for Gateway {
     const KIND: Kind = Kind::Gateway;
+    const OBJECT: &'static str = "Gateway";
     fn apply(index: &mut Index, obj: Self) {
         index.apply_gateway(obj);
     }
@@ -91,6 +103,7 @@ impl Sink for Gateway {
 
 impl Sink for Node {
     const KIND: Kind = Kind::Node;
+    const OBJECT: &'static str = "Node";
     fn apply(index: &mut Index, obj: Self) {
         index.apply_node(&obj);
     }
@@ -105,6 +118,7 @@ impl Sink for Node {
 
 impl Sink for ConfigMap {
     const KIND: Kind = Kind::Config;
+    const OBJECT: &'static str = "ConfigMap/kube-system";
     fn apply(index: &mut Index, obj: Self) {
         index.set_config(Some(&obj));
     }
@@ -134,8 +148,8 @@ fn see<K: Resource>(index: &mut Index, obj: &K) {
     }
 }
 
-/// A failure streak ends with the next event, or after this long without an
-/// error (the watcher's backoff resets after the same quiet period).
+/// A failure streak ends with the next list, or after this long without an
+/// error.
 const STREAK_QUIET: Duration = Duration::from_secs(120);
 
 /// Logs a watch failure once per streak of failures.
@@ -173,79 +187,192 @@ impl Streak {
     }
 }
 
-/// Feeds one watcher stream into the index until it ends.
-async fn pump<K: Sink>(
-    stream: impl Stream<Item = Result<Event<K>, watcher::Error>>,
-    index: IndexHandle,
-) {
-    let mut stream = std::pin::pin!(stream);
-    // The relist in progress; swapped into the index whole at InitDone, so
-    // a list cut short by an error never replaces the last good state.
-    let mut listing: Vec<K> = Vec::new();
-    let mut streak = Streak::default();
-    while let Some(event) = stream.next().await {
-        match event {
-            Ok(Event::Init) => listing.clear(),
-            Ok(Event::InitApply(obj)) => listing.push(obj),
-            Ok(Event::InitDone) => {
-                let objs = std::mem::take(&mut listing);
-                let count = objs.len();
-                index.update(|i| {
-                    K::reset(i, objs);
-                    i.mark_synced(K::KIND);
-                });
-                streak.succeeded(K::KIND);
-                tracing::info!(kind = ?K::KIND, count, "listed");
-            }
-            Ok(Event::Apply(obj)) => {
-                index.update(|i| K::apply(i, obj));
-                streak.succeeded(K::KIND);
-            }
-            Ok(Event::Delete(obj)) => {
-                index.update(|i| K::delete(i, &obj));
-                streak.succeeded(K::KIND);
-            }
-            Err(e) => streak.failed(K::KIND, &e),
-        }
-    }
-    // `default_backoff` never gives up, so this is unreachable in practice.
-    tracing::error!(kind = ?K::KIND, "watch stream ended; no further updates for this kind");
+/// An object that did not decode as `K`: its name, resourceVersion and why.
+#[derive(Debug, Clone)]
+struct Undecodable {
+    name: String,
+    resource_version: u64,
+    problem: Problem,
 }
 
-/// Spawns the watcher of one kind.
+/// Decodes one served object as `K`, or says why it cannot be.
+fn decode<K: Sink>(obj: DynamicObject) -> Result<K, Box<Undecodable>> {
+    let name = obj.metadata.name.clone().unwrap_or_default();
+    let resource_version = obj
+        .metadata
+        .resource_version
+        .as_deref()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let value = serde_json::to_value(&obj).map_err(|e| e.to_string());
+    value
+        .and_then(|v| serde_json::from_value::<K>(v).map_err(|e| e.to_string()))
+        .map_err(|error| {
+            let kind = K::OBJECT.split('/').next().unwrap_or(K::OBJECT);
+            Box::new(Undecodable {
+                problem: Problem::error(
+                    format!("{}/{name}", K::OBJECT),
+                    "",
+                    "",
+                    format!(
+                        "the API server serves this {kind} but it cannot be read ({error}); it is not served, every other object is"
+                    ),
+                ),
+                name,
+                resource_version,
+            })
+        })
+}
+
+/// Reconnect delay after a failed watch: 100 ms doubling to 1 s, with
+/// jitter, back to 100 ms after any success. Capped at 1 s so the hub
+/// resumes within about a second of the API server being ready again (an
+/// exponential backoff left at 30 s kept it blind for up to 30 s while the
+/// Lease was already retaken); three requests a second per replica while
+/// the server is away is no load.
+#[derive(Debug, Default)]
+struct Reconnect {
+    failures: u32,
+}
+
+impl Reconnect {
+    const MIN: Duration = Duration::from_millis(100);
+    const MAX: Duration = Duration::from_secs(1);
+
+    fn next(&mut self) -> Duration {
+        self.failures = self.failures.saturating_add(1);
+        let exp = Self::MIN.saturating_mul(1 << (self.failures - 1).min(8));
+        exp.min(Self::MAX)
+            .mul_f64(0.5 + rand::random::<f64>() / 2.0)
+    }
+
+    fn reset(&mut self) {
+        self.failures = 0;
+    }
+}
+
+/// Watches one kind into the index until the task is dropped.
+///
+/// A failed watch marks the kind stale and starts over with a fresh
+/// watcher — a LIST at the most recent version, then WATCH — after the
+/// [`Reconnect`] delay: only a complete list proves the index caught up
+/// with everything that happened while the watch was down, and until then
+/// the status writer writes nothing (the index keeps serving its last state).
+async fn pump<K: Sink>(api: Api<DynamicObject>, config: watcher::Config, index: IndexHandle) {
+    let mut reconnect = Reconnect::default();
+    let mut streak = Streak::default();
+    loop {
+        let stream = watcher::watcher(api.clone(), config.clone());
+        let mut stream = std::pin::pin!(stream);
+        // The relist in progress; swapped into the index whole at InitDone, so
+        // a list cut short by an error never replaces the last good state.
+        let mut listing: Vec<K> = Vec::new();
+        let mut bad: Vec<Box<Undecodable>> = Vec::new();
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(Event::Init) => {
+                    listing.clear();
+                    bad.clear();
+                }
+                Ok(Event::InitApply(obj)) => match decode::<K>(obj) {
+                    Ok(obj) => listing.push(obj),
+                    Err(u) => bad.push(u),
+                },
+                Ok(Event::InitDone) => {
+                    let objs = std::mem::take(&mut listing);
+                    let undecodable = std::mem::take(&mut bad);
+                    let (count, failed) = (objs.len(), undecodable.len());
+                    index.update(|i| {
+                        i.clear_undecodable(K::KIND);
+                        K::reset(i, objs);
+                        for u in undecodable {
+                            undecodable_into(i, &u);
+                        }
+                        i.mark_synced(K::KIND);
+                    });
+                    reconnect.reset();
+                    streak.succeeded(K::KIND);
+                    tracing::info!(kind = ?K::KIND, count, undecodable = failed, "listed");
+                }
+                Ok(Event::Apply(obj)) => {
+                    match decode::<K>(obj) {
+                        Ok(obj) => index.update(|i| K::apply(i, obj)),
+                        Err(u) => index.update(|i| undecodable_into(i, &u)),
+                    }
+                    reconnect.reset();
+                }
+                Ok(Event::Delete(obj)) => {
+                    match decode::<K>(obj) {
+                        Ok(obj) => index.update(|i| K::delete(i, &obj)),
+                        // Gone either way: deleting needs only the name.
+                        Err(u) => index.update(|i| {
+                            i.see(u.resource_version);
+                            match K::KIND {
+                                Kind::Gateway => i.delete_gateway(&u.name),
+                                Kind::Node => i.delete_node(&u.name),
+                                Kind::Config => i.set_config(None),
+                            }
+                        }),
+                    }
+                    reconnect.reset();
+                }
+                Err(e) => {
+                    streak.failed(K::KIND, &e);
+                    index.update_if(|i| i.mark_stale(K::KIND));
+                    break;
+                }
+            }
+        }
+        tokio::time::sleep(reconnect.next()).await;
+    }
+}
+
+fn undecodable_into(index: &mut Index, u: &Undecodable) {
+    tracing::warn!(object = %u.problem.object, message = %u.problem.message, "undecodable object");
+    index.apply_undecodable(
+        match u.problem.object.split('/').next() {
+            Some("Gateway") => Kind::Gateway,
+            Some("Node") => Kind::Node,
+            _ => Kind::Config,
+        },
+        &u.name,
+        u.resource_version,
+        u.problem.clone(),
+    );
+}
+
+/// Spawns the watcher of one kind, untyped: items are decoded one by one.
 fn spawn_watch<K: Sink>(
     tasks: &mut tokio::task::JoinSet<()>,
-    api: Api<K>,
+    client: &Client,
+    namespace: Option<&str>,
     config: watcher::Config,
     index: &IndexHandle,
 ) where
     K::DynamicType: Default,
 {
-    let stream = watcher::watcher(api, config).default_backoff();
-    tasks.spawn(pump(stream, index.clone()));
+    let resource = ApiResource::erase::<K>(&K::DynamicType::default());
+    let api: Api<DynamicObject> = match namespace {
+        Some(ns) => Api::namespaced_with(client.clone(), ns, &resource),
+        None => Api::all_with(client.clone(), &resource),
+    };
+    tasks.spawn(pump::<K>(api, config, index.clone()));
 }
 
 /// Watches Gateways, Nodes and `kube-system/raven-cfg` — one task each —
 /// until `shutdown`. Never returns early: while the API server is away the
 /// watchers retry with backoff and the index keeps its last state.
 pub async fn run(client: Client, index: IndexHandle, shutdown: CancellationToken) {
-    let config = watcher::Config::default();
+    // Lists read the most recent state (a quorum read), not the watch
+    // cache: a relist after an outage must show everything that happened.
+    let config = watcher::Config::default().list_semantic(watcher::ListSemantic::MostRecent);
     let mut tasks = tokio::task::JoinSet::new();
-    spawn_watch(
+    spawn_watch::<Gateway>(&mut tasks, &client, None, config.clone(), &index);
+    spawn_watch::<Node>(&mut tasks, &client, None, config.clone(), &index);
+    spawn_watch::<ConfigMap>(
         &mut tasks,
-        Api::<Gateway>::all(client.clone()),
-        config.clone(),
-        &index,
-    );
-    spawn_watch(
-        &mut tasks,
-        Api::<Node>::all(client.clone()),
-        config.clone(),
-        &index,
-    );
-    spawn_watch(
-        &mut tasks,
-        Api::<ConfigMap>::namespaced(client, api::CONFIG_NAMESPACE),
+        &client,
+        Some(api::CONFIG_NAMESPACE),
         config.fields(&format!("metadata.name={}", api::CONFIG_NAME)),
         &index,
     );

@@ -1,0 +1,160 @@
+//! Helpers shared by the Kubernetes test binaries (each uses a part; the
+//! rest is dead code there).
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use raven_hub::grpc::TlsFiles;
+use raven_hub::grpc::sync::SyncConfig;
+use raven_hub::hub::{self, HubConfig, RunningHub, Source as HubSource};
+use raven_hub::index::{Index, IndexHandle};
+use raven_hub::pipeline::Debounce;
+use tokio_util::sync::CancellationToken;
+
+/// Upper bound of every wait.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// A whole hub reading the Kubernetes API through `kubeconfig`, with its
+/// certificates and data under `dir` (certificates made on first use).
+pub async fn start_hub(kubeconfig: &Path, dir: &Path, replica: &str) -> Result<RunningHub> {
+    let certs = raven_hub::certs::Layout {
+        dir: dir.join("certs"),
+    };
+    if !certs.ca_cert().exists() {
+        raven_hub::certs::generate(&dir.join("certs"), &["localhost".into()], &[])?;
+    }
+    Ok(hub::start(HubConfig {
+        source: HubSource::Kubernetes {
+            kubeconfig: Some(kubeconfig.to_owned()),
+        },
+        grpc_addr: "127.0.0.1:0".parse()?,
+        plaintext_addr: None,
+        http_addr: None,
+        tls: TlsFiles {
+            cert: certs.hub_cert(),
+            key: certs.hub_key(),
+            client_ca: certs.ca_cert(),
+        },
+        data_dir: Some(dir.join(format!("data-{replica}"))),
+        sync: SyncConfig::default(),
+        debounce: Debounce {
+            quiet: Duration::from_millis(20),
+            max_delay: Duration::from_millis(200),
+        },
+        replica: replica.into(),
+        epoch: Some("kubernetes".into()),
+        manifest_limits: Default::default(),
+    })
+    .await?)
+}
+
+/// The real Kubernetes source feeding a fresh index (no pipeline, no gRPC).
+pub struct Source {
+    pub index: IndexHandle,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Source {
+    pub fn start(client: kube::Client) -> Self {
+        let index = IndexHandle::default();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(raven_hub::sources::kube::run(
+            client,
+            index.clone(),
+            shutdown.clone(),
+        ));
+        Self {
+            index,
+            shutdown,
+            task,
+        }
+    }
+
+    pub async fn until(&self, what: &str, f: impl Fn(&Index) -> bool) -> Result<()> {
+        tokio::time::timeout(WAIT, async {
+            while !self.index.read(&f) {
+                tokio::select! {
+                    () = self.index.changed() => {}
+                    () = tokio::time::sleep(Duration::from_millis(20)) => {}
+                }
+            }
+        })
+        .await
+        .with_context(|| {
+            format!(
+                "timed out waiting for: {what}; index: {:?}",
+                self.snapshot()
+            )
+        })
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        self.index.read(Snapshot::of)
+    }
+
+    pub async fn stop(self) -> Result<()> {
+        self.shutdown.cancel();
+        tokio::time::timeout(WAIT, self.task)
+            .await
+            .context("the source did not stop")??;
+        Ok(())
+    }
+}
+
+/// What the index holds, comparably.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Snapshot {
+    pub synced: bool,
+    pub fresh: bool,
+    /// Gateway → endpoint node names.
+    pub gateways: BTreeMap<String, Vec<String>>,
+    /// Node → pod CIDRs.
+    pub nodes: BTreeMap<String, Vec<String>>,
+    pub config_present: bool,
+    pub l3: bool,
+}
+
+impl Snapshot {
+    pub fn of(index: &Index) -> Self {
+        let (inputs, _) = index.inputs();
+        Self {
+            synced: index.is_synced(),
+            fresh: index.is_fresh(),
+            gateways: inputs
+                .gateways
+                .iter()
+                .map(|(name, gw)| {
+                    let eps = gw.spec.endpoints.iter().map(|e| e.node_name.clone());
+                    (name.clone(), eps.collect())
+                })
+                .collect(),
+            nodes: inputs
+                .nodes
+                .iter()
+                .map(|(name, n)| {
+                    let cidrs = n.pod_cidrs.iter().map(ToString::to_string);
+                    (name.to_string(), cidrs.collect())
+                })
+                .collect(),
+            config_present: inputs.config.present,
+            l3: inputs.config.enable_l3_tunnel,
+        }
+    }
+
+    pub fn gateway_names(&self) -> Vec<&str> {
+        self.gateways.keys().map(String::as_str).collect()
+    }
+
+    /// Everything but the sync flags.
+    pub fn content(&self) -> Self {
+        Self {
+            synced: false,
+            fresh: false,
+            ..self.clone()
+        }
+    }
+}
