@@ -544,6 +544,33 @@ async fn run_in_namespace(cfg: &Config) -> Report {
         report.noop_ops = r.ops_applied;
     }
     report.add("no-op resync: reconcile time", ms(median(noop)));
+    let t = Instant::now();
+    let d = dataplane::desired(&full);
+    let t_desired = t.elapsed();
+    let t = Instant::now();
+    let have = netlink::observe(&h, devs()).await.unwrap();
+    let t_observe = t.elapsed();
+    let t = Instant::now();
+    let ops = dataplane::plan(&d.state, &have);
+    let t_plan = t.elapsed();
+    assert!(ops.is_empty());
+    let t = Instant::now();
+    let spec = skipnat::spec(&full);
+    let t_spec = t.elapsed();
+    let t = Instant::now();
+    for f in skipnat::Family::ALL {
+        skipnat::observe(f).await.unwrap();
+    }
+    let t_nat = t.elapsed();
+    drop(spec);
+    report.add(
+        "no-op resync phases: desired / observe / plan (routes)",
+        format!("{} / {} / {}", ms(t_desired), ms(t_observe), ms(t_plan)),
+    );
+    report.add(
+        "no-op resync phases: skip-NAT spec / nat listings",
+        format!("{} / {}", ms(t_spec), ms(t_nat)),
+    );
     report.add("no-op resync: kernel changes", report.noop_ops.to_string());
 
     // One-node change.

@@ -92,7 +92,7 @@ impl State {
 /// data...
 const COMPACT_FACTOR: u64 = 4;
 /// ...and this many bytes.
-const COMPACT_FLOOR: u64 = 8 << 20;
+const COMPACT_FLOOR: u64 = 2 << 20;
 /// Suffix of the directory a compaction writes (and a crash may leave).
 const COMPACT_SUFFIX: &str = ".compact";
 
