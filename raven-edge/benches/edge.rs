@@ -278,7 +278,10 @@ fn sh(args: &[&str]) -> String {
 fn batch_lines(routes: &[&model::Route]) -> String {
     let mut s = String::new();
     for r in routes {
-        let via = r.via.map(|v| format!(" via {v} onlink")).unwrap_or_default();
+        let via = r
+            .via
+            .map(|v| format!(" via {v} onlink"))
+            .unwrap_or_default();
         let mtu = if r.mtu > 0 {
             format!(" mtu {}", r.mtu)
         } else {
@@ -446,10 +449,25 @@ async fn run_in_namespace(cfg: &Config) -> Report {
     let ip = node_ip(0, 1).to_string();
     sh(&["ip", "link", "set", "lo", "up"]);
     sh(&[
-        "ip", "link", "add", "rbench-eth", "type", "veth", "peer", "name", "rbench-peer",
+        "ip",
+        "link",
+        "add",
+        "rbench-eth",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "rbench-peer",
     ]);
     sh(&["ip", "link", "set", "rbench-peer", "up"]);
-    sh(&["ip", "addr", "add", &format!("{ip}/16"), "dev", "rbench-eth"]);
+    sh(&[
+        "ip",
+        "addr",
+        "add",
+        &format!("{ip}/16"),
+        "dev",
+        "rbench-eth",
+    ]);
     sh(&["ip", "link", "set", "rbench-eth", "up"]);
 
     let gateways: Vec<GatewayView> = (0..cfg.gateways).map(|i| gateway(i, cfg.nodes)).collect();
@@ -687,7 +705,11 @@ async fn run_in_namespace(cfg: &Config) -> Report {
     );
     report.add(
         format!("store: largest / last across {} changes", cfg.changes),
-        format!("{:.1} MB / {:.1} MB", largest as f64 / 1e6, last as f64 / 1e6),
+        format!(
+            "{:.1} MB / {:.1} MB",
+            largest as f64 / 1e6,
+            last as f64 / 1e6
+        ),
     );
     report.add(
         "store: time per one-node commit (incl. fsync)",

@@ -18,9 +18,19 @@ fn edge_benchmark_runs_at_a_small_size_and_counts_what_it_touched() {
     let cfg = edge::Config::small();
     let r = edge::run(&cfg);
     let remote_nodes = (cfg.gateways - 1) * cfg.nodes;
-    assert_eq!(r.routes, 2 * remote_nodes as usize, "an address and a pod subnet per remote node");
-    assert_eq!(r.noop_ops, 0, "a resync with nothing changed changes nothing");
-    assert_eq!(r.warm_restart_ops, 0, "a restart over a programmed kernel changes nothing");
+    assert_eq!(
+        r.routes,
+        2 * remote_nodes as usize,
+        "an address and a pod subnet per remote node"
+    );
+    assert_eq!(
+        r.noop_ops, 0,
+        "a resync with nothing changed changes nothing"
+    );
+    assert_eq!(
+        r.warm_restart_ops, 0,
+        "a restart over a programmed kernel changes nothing"
+    );
     assert_eq!(
         r.change_routes_touched, 2,
         "a moved pod subnet: one route removed, one added"

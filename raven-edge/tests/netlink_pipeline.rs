@@ -117,7 +117,14 @@ fn refused_routes_are_named_one_by_one_and_never_stop_the_rest_of_the_batch() {
     ns.ip(&["link", "set", "lo", "up"]);
     // The tunnel device exists but is down: the kernel refuses routes into it.
     ns.ip(&[
-        "link", "add", DEFAULT_TUNNEL_DEV, "type", "veth", "peer", "name", "rnp-tun-peer",
+        "link",
+        "add",
+        DEFAULT_TUNNEL_DEV,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "rnp-tun-peer",
     ]);
     // A foreign route (protocol static) holds one slot raven wants.
     ns.ip(&[
@@ -126,7 +133,15 @@ fn refused_routes_are_named_one_by_one_and_never_stop_the_rest_of_the_batch() {
     ns.ip(&["link", "set", "rnp-peer", "up"]);
     ns.ip(&["link", "set", "rnp-eth", "up"]);
     ns.ip(&[
-        "route", "add", "10.0.7.0/24", "dev", "rnp-eth", "table", "9027", "proto", "static",
+        "route",
+        "add",
+        "10.0.7.0/24",
+        "dev",
+        "rnp-eth",
+        "table",
+        "9027",
+        "proto",
+        "static",
     ]);
 
     // 400 routes over raven0 (several batches); routes 127 (the last of the
@@ -192,7 +207,14 @@ fn refused_routes_are_named_one_by_one_and_never_stop_the_rest_of_the_batch() {
         have.routes.into_iter().collect::<Vec<_>>(),
         vec![route(1, RouteDev::Vxlan)]
     );
-    let all = ns.ip(&["route", "show", "table", "9027", "proto", &ROUTE_PROTOCOL.to_string()]);
+    let all = ns.ip(&[
+        "route",
+        "show",
+        "table",
+        "9027",
+        "proto",
+        &ROUTE_PROTOCOL.to_string(),
+    ]);
     assert_eq!(all.lines().count(), 1, "{all}");
 }
 
@@ -222,7 +244,16 @@ fn observing_reads_only_ravens_tables_and_protocol() {
         ]);
     }
     ns.ip(&[
-        "-6", "route", "add", "fd10::/64", "dev", "rnp-eth", "table", "9028", "proto", "82",
+        "-6",
+        "route",
+        "add",
+        "fd10::/64",
+        "dev",
+        "rnp-eth",
+        "table",
+        "9028",
+        "proto",
+        "82",
     ]);
     let have = ns.block_on(observe());
     let dsts: Vec<String> = have.routes.iter().map(|r| r.dst.to_string()).collect();

@@ -544,9 +544,30 @@ fn after_a_restart_the_kernel_is_the_truth_stale_and_missing_rules_are_repaired_
     // While no agent runs: a destination rule is removed, a stale one and a
     // duplicate are added by hand.
     for args in [
-        &["-D", "RAVEN-SKIP-NAT-DST", "-d", "10.100.2.0/24", "-j", "ACCEPT"][..],
-        &["-A", "RAVEN-SKIP-NAT-DST", "-d", "192.0.2.0/24", "-j", "ACCEPT"][..],
-        &["-A", "RAVEN-SKIP-NAT-DST", "-d", "10.100.4.0/24", "-j", "ACCEPT"][..],
+        &[
+            "-D",
+            "RAVEN-SKIP-NAT-DST",
+            "-d",
+            "10.100.2.0/24",
+            "-j",
+            "ACCEPT",
+        ][..],
+        &[
+            "-A",
+            "RAVEN-SKIP-NAT-DST",
+            "-d",
+            "192.0.2.0/24",
+            "-j",
+            "ACCEPT",
+        ][..],
+        &[
+            "-A",
+            "RAVEN-SKIP-NAT-DST",
+            "-d",
+            "10.100.4.0/24",
+            "-j",
+            "ACCEPT",
+        ][..],
     ] {
         let mut cmd = vec!["iptables", "-w", "5", "-t", "nat"];
         cmd.extend_from_slice(args);

@@ -84,7 +84,11 @@ impl State {
 
     /// About what the meta record takes: a name and a checksum per resource.
     fn meta_bytes(&self) -> u64 {
-        self.resources.keys().map(|n| len64(n.len()) + 16).sum::<u64>() + 256
+        self.resources
+            .keys()
+            .map(|n| len64(n.len()) + 16)
+            .sum::<u64>()
+            + 256
     }
 }
 

@@ -6,7 +6,11 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use futures::TryStreamExt;
 use ipnet::IpNet;
+use netlink_packet_core::{
+    NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkMessage,
+};
 use netlink_packet_route::AddressFamily;
+use netlink_packet_route::RouteNetlinkMessage;
 use netlink_packet_route::link::{
     InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
 };
@@ -17,10 +21,6 @@ use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteMessage, RouteMetric, RouteProtocol, RouteVia,
 };
 use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
-use netlink_packet_core::{
-    NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkMessage,
-};
-use netlink_packet_route::RouteNetlinkMessage;
 use rtnetlink::{Handle, IpVersion, LinkUnspec, LinkVxlan, RouteMessageBuilder};
 
 use super::model::{
@@ -548,10 +548,7 @@ pub async fn apply(
     let mut pipe: Option<Pipeline> = None;
     let mut at = 0;
     while at < ops.len() {
-        let run = ops[at..]
-            .iter()
-            .take_while(|o| is_route(o))
-            .count();
+        let run = ops[at..].iter().take_while(|o| is_route(o)).count();
         if run > 0 {
             let routes = &ops[at..at + run];
             at += run;
@@ -721,7 +718,10 @@ enum RouteKind {
 }
 
 /// The request of one route operation, or why it cannot be made.
-fn route_request(op: &Op, ifaces: &RouteIfaces<'_>) -> Result<(RouteKind, RouteNetlinkMessage), String> {
+fn route_request(
+    op: &Op,
+    ifaces: &RouteIfaces<'_>,
+) -> Result<(RouteKind, RouteNetlinkMessage), String> {
     match op {
         Op::AddRoute(r) | Op::ReplaceRoute(r) => {
             let dev = match r.dev {
@@ -841,10 +841,7 @@ const NLM_F_ACK_TLVS: u16 = 0x200;
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Answer {
     Done,
-    Failed {
-        errno: i32,
-        message: Option<String>,
-    },
+    Failed { errno: i32, message: Option<String> },
 }
 
 /// A netlink socket of its own for pipelined writes (the rtnetlink

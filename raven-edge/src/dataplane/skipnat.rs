@@ -884,7 +884,11 @@ mod tests {
         // The rebuild fallback redeclares the one chain that differs.
         let r = plan_rebuild(&after, &in_place(&before)).expect("changes");
         assert_eq!(r.changes, 1);
-        assert!(r.script.starts_with("*nat\n:RAVEN-SKIP-NAT-DST - [0:0]\n"), "{}", r.script);
+        assert!(
+            r.script.starts_with("*nat\n:RAVEN-SKIP-NAT-DST - [0:0]\n"),
+            "{}",
+            r.script
+        );
         assert!(!r.script.contains(":RAVEN-SKIP-NAT -"), "{}", r.script);
     }
 
