@@ -52,18 +52,7 @@ impl Ns {
         &self,
         f: impl std::future::Future<Output = T> + Send + 'static,
     ) -> T {
-        let path = format!("/var/run/netns/{}", self.0);
-        std::thread::spawn(move || {
-            let fd = std::fs::File::open(&path).expect("open netns");
-            nix::sched::setns(fd, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime")
-                .block_on(f)
-        })
-        .join()
-        .expect("namespace thread")
+        support::block_on_in(&self.0, f)
     }
 }
 
