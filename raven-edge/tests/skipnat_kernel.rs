@@ -463,3 +463,124 @@ fn node_leaving_its_gateway_loses_its_skip_nat_rules() {
     assert_eq!((p.nat_rules(false), p.nat_rules(true)), before);
     assert_eq!(p.source_seen(POD, REMOTE_POD), addr(NODE));
 }
+
+/// The remote domain with `n` more pod subnets than the usual one: every
+/// other /24 of 10.100.0.0/15 and up (so none aggregate), the usual
+/// 10.244.3.0/24 first.
+fn inputs_with_many_destinations(n: u32, moved: Option<u32>) -> NodeInputs {
+    let mut i = inputs();
+    let subnets = &mut i.gateways[1].members[0].subnets;
+    for k in 0..n {
+        let k = if Some(k) == moved { k + n } else { k };
+        let base = u32::from(std::net::Ipv4Addr::new(10, 100, 0, 0)) + (k << 9);
+        subnets.push(
+            format!("{}/24", std::net::Ipv4Addr::from(base))
+                .parse()
+                .expect("cidr"),
+        );
+    }
+    i
+}
+
+/// `iptables-save -c` lines of RAVEN-SKIP-NAT-DST, as a set.
+fn destination_rules(p: &Pair) -> std::collections::BTreeSet<String> {
+    p.nat_tables()
+        .lines()
+        .filter(|l| l.contains("-A RAVEN-SKIP-NAT-DST "))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn one_moved_prefix_among_3000_touches_two_rules_and_keeps_every_other_rule_and_counter() {
+    if !ready() {
+        return;
+    }
+    let p = pair_with_cni_masquerade();
+    let before = inputs_with_many_destinations(3000, None);
+    let first = p.reconcile(Kernel::new(true), &before);
+    assert!(first.warnings.is_empty(), "{:?}", first.warnings);
+    assert_eq!(p.source_seen(POD, REMOTE_POD), addr(POD));
+    let kept = destination_rules(&p);
+    assert_eq!(
+        kept.len(),
+        3003,
+        "3,000 pod subnets, 10.244.3.0/24, the remote node's address, one IPv6 prefix"
+    );
+    assert!(
+        kept.iter()
+            .any(|l| l.contains("10.244.3.0/24") && !l.starts_with("[0:0]")),
+        "the datagram was counted"
+    );
+
+    // One remote prefix moves: one rule deleted, one appended; nothing else.
+    let after = inputs_with_many_destinations(3000, Some(1500));
+    let change = p.reconcile(Kernel::new(true), &after);
+    assert_eq!(change.ops_applied, 2, "{change:?}");
+    let now = destination_rules(&p);
+    let removed: Vec<_> = kept.difference(&now).collect();
+    let added: Vec<_> = now.difference(&kept).collect();
+    assert_eq!(removed.len(), 1, "{removed:?}");
+    assert_eq!(added.len(), 1, "{added:?}");
+    assert!(removed[0].contains("-d 10.111.184.0/24"), "{removed:?}");
+    assert!(
+        added[0].starts_with("[0:0]") && added[0].contains("-d 10.135.40.0/24"),
+        "{added:?}"
+    );
+    // Counters survive: the chain was not rebuilt.
+    assert_eq!(p.source_seen(POD, REMOTE_POD), addr(POD));
+    assert_eq!(p.reconcile(Kernel::new(true), &after).ops_applied, 0);
+}
+
+#[test]
+fn after_a_restart_the_kernel_is_the_truth_stale_and_missing_rules_are_repaired_one_by_one() {
+    if !ready() {
+        return;
+    }
+    let p = pair_with_cni_masquerade();
+    let n = inputs_with_many_destinations(100, None);
+    p.reconcile(Kernel::new(true), &n);
+    let wanted = destination_rules(&p);
+    // While no agent runs: a destination rule is removed, a stale one and a
+    // duplicate are added by hand.
+    for args in [
+        &[
+            "-D",
+            "RAVEN-SKIP-NAT-DST",
+            "-d",
+            "10.100.2.0/24",
+            "-j",
+            "ACCEPT",
+        ][..],
+        &[
+            "-A",
+            "RAVEN-SKIP-NAT-DST",
+            "-d",
+            "192.0.2.0/24",
+            "-j",
+            "ACCEPT",
+        ][..],
+        &[
+            "-A",
+            "RAVEN-SKIP-NAT-DST",
+            "-d",
+            "10.100.4.0/24",
+            "-j",
+            "ACCEPT",
+        ][..],
+    ] {
+        let mut cmd = vec!["iptables", "-w", "5", "-t", "nat"];
+        cmd.extend_from_slice(args);
+        exec(&p.a, &cmd);
+    }
+    // A new Kernel (a restarted agent) holds no memory of what it wrote.
+    let repair = p.reconcile(Kernel::new(true), &n);
+    assert_eq!(repair.ops_applied, 3, "{repair:?}");
+    let strip = |s: &std::collections::BTreeSet<String>| -> std::collections::BTreeSet<String> {
+        s.iter()
+            .map(|l| l.split_once("] ").map_or(l.as_str(), |x| x.1).to_owned())
+            .collect()
+    };
+    assert_eq!(strip(&destination_rules(&p)), strip(&wanted));
+    assert_eq!(p.reconcile(Kernel::new(true), &n).ops_applied, 0);
+}

@@ -6,7 +6,7 @@ use std::fs;
 use std::io;
 use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -45,7 +45,8 @@ pub struct Store {
 }
 
 struct Inner {
-    engine: Engine,
+    /// Replaced by a compacted copy now and then (under the `state` lock).
+    engine: RwLock<Engine>,
     opts: StoreOptions,
     /// What the store holds, by size and checksum, as of the last write.
     /// Writes hold the lock from the size check until sled has applied them.
@@ -56,7 +57,7 @@ impl std::fmt::Debug for Store {
     // Not derived: sled's own Debug dumps whole trees.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Store")
-            .field("path", &self.inner.engine.path)
+            .field("path", &self.engine().path)
             .field("purpose", &self.inner.opts.purpose)
             .finish_non_exhaustive()
     }
@@ -79,6 +80,138 @@ struct State {
 impl State {
     fn payload_bytes(&self) -> u64 {
         self.resources.values().map(|e| e.len).sum::<u64>() + self.records.values().sum::<u64>()
+    }
+
+    /// About what the meta record takes: a name and a checksum per resource.
+    fn meta_bytes(&self) -> u64 {
+        self.resources
+            .keys()
+            .map(|n| len64(n.len()) + 16)
+            .sum::<u64>()
+            + 256
+    }
+}
+
+/// Compaction rewrites a store whose files exceed this many times its live
+/// data...
+const COMPACT_FACTOR: u64 = 4;
+/// ...and this many bytes.
+const COMPACT_FLOOR: u64 = 2 << 20;
+/// Suffix of the directory a compaction writes (and a crash may leave).
+const COMPACT_SUFFIX: &str = ".compact";
+
+fn compact_dir(dir: &Path) -> PathBuf {
+    let mut name = dir.file_name().map(ToOwned::to_owned).unwrap_or_default();
+    name.push(COMPACT_SUFFIX);
+    dir.with_file_name(name)
+}
+
+/// Total size of the files under `dir`.
+fn dir_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+/// Writes every value of `engine` into a fresh store beside it, exchanges
+/// the directories and opens the result (see `Store::compact_if_bloated`).
+/// On an error before the exchange the old store is untouched; one after
+/// it exchanges back.
+fn compact(engine: &Engine, opts: &StoreOptions, seq: u64) -> Result<Engine, StoreError> {
+    let dir = &engine.path;
+    let tmp = compact_dir(dir);
+    let io_err = |path: &Path| {
+        let path = path.to_owned();
+        move |source| StoreError::Io {
+            path: path.clone(),
+            source,
+        }
+    };
+    match fs::remove_dir_all(&tmp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err(&tmp)(e)),
+    }
+    let written = (|| {
+        let fresh = Engine::open(&tmp, &tmp, opts.cache_capacity)?;
+        let err = fresh.err();
+        for (from, to) in [
+            (&*engine.db, &*fresh.db),
+            (&engine.meta, &fresh.meta),
+            (&engine.resources, &fresh.resources),
+            (&engine.records, &fresh.records),
+        ] {
+            let mut batch = sled::Batch::default();
+            for kv in from.iter() {
+                let (k, v) = kv.map_err(engine.err())?;
+                batch.insert(k, v);
+            }
+            to.apply_batch(batch).map_err(&err)?;
+        }
+        fresh.flush()?;
+        head::write(&tmp, &tmp, seq)
+    })();
+    if let Err(e) = written {
+        let _ = fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    let exchange = |a: &Path, b: &Path| {
+        nix::fcntl::renameat2(
+            nix::fcntl::AT_FDCWD,
+            a,
+            nix::fcntl::AT_FDCWD,
+            b,
+            nix::fcntl::RenameFlags::RENAME_EXCHANGE,
+        )
+        .map_err(|e| io_err(dir)(io::Error::from(e)))?;
+        if let Some(parent) = dir.parent() {
+            fs::File::open(parent)
+                .and_then(|d| d.sync_all())
+                .map_err(io_err(parent))?;
+        }
+        Ok::<_, StoreError>(())
+    };
+    exchange(dir, &tmp)?;
+    let reopened = Engine::open(dir, dir, opts.cache_capacity).and_then(|fresh| {
+        let (_, state) = fresh.load(&opts.purpose, true)?;
+        if state.seq == seq {
+            Ok(fresh)
+        } else {
+            Err(fresh.corrupt(
+                "compacted copy",
+                format!("holds {} writes, not {seq}", state.seq),
+            ))
+        }
+    });
+    match reopened {
+        Ok(fresh) => Ok(fresh),
+        Err(e) => {
+            exchange(dir, &tmp)?;
+            let _ = fs::remove_dir_all(&tmp);
+            Err(e)
+        }
+    }
+}
+
+/// Deletes what a compaction interrupted by a crash left beside `dir`:
+/// after the exchange it is the old store, before it an unused copy.
+fn remove_compaction_leftover(dir: &Path) -> Result<(), StoreError> {
+    let tmp = compact_dir(dir);
+    match fs::remove_dir_all(&tmp) {
+        Ok(()) => {
+            tracing::info!(dir = %tmp.display(), "removed the leftover of an interrupted store compaction");
+            Ok(())
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(StoreError::Io { path: tmp, source }),
     }
 }
 
@@ -669,12 +802,13 @@ impl Store {
     }
 
     fn open_validated(dir: &Path, opts: &StoreOptions) -> Result<Self, StoreError> {
+        remove_compaction_leftover(dir)?;
         let engine = Engine::open(dir, dir, opts.cache_capacity)?;
         let (_, state) = guard_panics(dir, "sled files", || engine.load(&opts.purpose, true))
             .map_err(as_opening_error)?;
         Ok(Self {
             inner: Arc::new(Inner {
-                engine,
+                engine: RwLock::new(engine),
                 opts: opts.clone(),
                 state: Mutex::new(state),
             }),
@@ -720,6 +854,22 @@ impl Store {
             .map_err(as_opening_error)
     }
 
+    fn engine(&self) -> RwLockReadGuard<'_, Engine> {
+        // The engine is only replaced whole, so a panic elsewhere leaves it
+        // usable.
+        self.inner
+            .engine
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn engine_mut(&self) -> RwLockWriteGuard<'_, Engine> {
+        self.inner
+            .engine
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
     fn state(&self) -> MutexGuard<'_, State> {
         // State is only changed after sled applied a write, so a panic
         // while it was held leaves it consistent.
@@ -732,7 +882,7 @@ impl Store {
     /// Everything the store holds, read and checked again.
     pub fn snapshot(&self) -> Result<Snapshot, StoreError> {
         let _writes_wait = self.state();
-        self.inner.engine.read_all().map(|(snapshot, _)| snapshot)
+        self.engine().read_all().map(|(snapshot, _)| snapshot)
     }
 
     /// Applies `c` — removes first, then puts, then the meta record — as
@@ -740,8 +890,9 @@ impl Store {
     /// A commit that would hold more than `max_bytes` of payload fails with
     /// [`StoreError::TooLarge`] and changes nothing.
     pub fn commit(&self, c: Commit) -> Result<(), StoreError> {
-        let engine = &self.inner.engine;
         let mut state = self.state();
+        let guard = self.engine();
+        let engine = &*guard;
 
         let mut listing = state.resources.clone();
         for name in &c.remove {
@@ -769,7 +920,7 @@ impl Store {
             resources: listing,
             records: state.records.clone(),
         };
-        self.check_size(&next)?;
+        Self::check_size(engine, &self.inner.opts, &next)?;
 
         let meta = MetaBody {
             meta: c.meta,
@@ -801,12 +952,16 @@ impl Store {
             .map_err(transaction_error(engine))?;
         let seq = next.seq;
         *state = next;
-        self.make_durable(seq)
+        Self::make_durable(engine, seq)?;
+        drop(guard);
+        self.compact_if_bloated(&state);
+        Ok(())
     }
 
     /// A small named record, or `None` if it was never written.
     pub fn get_record(&self, key: &str) -> Result<Option<Bytes>, StoreError> {
-        let engine = &self.inner.engine;
+        let guard = self.engine();
+        let engine = &*guard;
         let Some(value) = engine.records.get(key.as_bytes()).map_err(engine.err())? else {
             return Ok(None);
         };
@@ -818,8 +973,9 @@ impl Store {
     /// in one atomic transaction, durable before returning. They count
     /// towards `max_bytes`.
     pub fn put_records(&self, records: &[(&str, &[u8])]) -> Result<(), StoreError> {
-        let engine = &self.inner.engine;
         let mut state = self.state();
+        let guard = self.engine();
+        let engine = &*guard;
 
         let mut next = State {
             seq: state.seq + 1,
@@ -835,7 +991,7 @@ impl Store {
                 .insert((*key).to_owned(), len64(value.len() - frame::HEADER_LEN));
             framed.push((key.as_bytes(), value));
         }
-        self.check_size(&next)?;
+        Self::check_size(engine, &self.inner.opts, &next)?;
         let seq = frame::frame(&next.seq.to_le_bytes())
             .ok_or_else(|| engine.unencodable("seq record", "does not serialize"))?;
 
@@ -850,15 +1006,18 @@ impl Store {
             .map_err(transaction_error(engine))?;
         let seq = next.seq;
         *state = next;
-        self.make_durable(seq)
+        Self::make_durable(engine, seq)?;
+        drop(guard);
+        self.compact_if_bloated(&state);
+        Ok(())
     }
 
-    fn check_size(&self, next: &State) -> Result<(), StoreError> {
+    fn check_size(engine: &Engine, opts: &StoreOptions, next: &State) -> Result<(), StoreError> {
         let would_hold = next.payload_bytes();
-        let limit = self.inner.opts.max_bytes;
+        let limit = opts.max_bytes;
         if would_hold > limit {
             return Err(StoreError::TooLarge {
-                path: self.inner.engine.path.clone(),
+                path: engine.path.clone(),
                 would_hold,
                 limit,
             });
@@ -867,15 +1026,62 @@ impl Store {
     }
 
     /// Flushes sled, then records write `seq` in the head file.
-    fn make_durable(&self, seq: u64) -> Result<(), StoreError> {
-        let engine = &self.inner.engine;
+    fn make_durable(engine: &Engine, seq: u64) -> Result<(), StoreError> {
         engine.flush()?;
         head::write(&engine.files, &engine.path, seq)
     }
 
+    /// Bytes of sled's files (the directory, without the head file).
+    pub fn disk_bytes(&self) -> u64 {
+        dir_bytes(&self.engine().files)
+    }
+
+    /// sled is log-structured and reclaims little of what a stream of
+    /// commits leaves behind. After a write, when the files hold more than
+    /// [`COMPACT_FACTOR`] times the live data (payload plus the meta
+    /// record, at least [`COMPACT_FLOOR`]), the store is rewritten: a fresh
+    /// sled in `<dir>.compact` receives every value as stored, is flushed
+    /// and given the head file, the two directories are exchanged in one
+    /// atomic `renameat2(RENAME_EXCHANGE)`, the new files are opened and
+    /// checked like any store at open, and the old ones are deleted. A
+    /// crash at any point leaves `<dir>` complete — old or new — and a
+    /// leftover `<dir>.compact` that the next open deletes. A failed
+    /// compaction is logged and leaves the store as it was: the write
+    /// itself has already been made durable.
+    fn compact_if_bloated(&self, state: &State) {
+        let live = state.payload_bytes() + state.meta_bytes();
+        let budget = live.saturating_mul(COMPACT_FACTOR).max(COMPACT_FLOOR);
+        let mut engine = self.engine_mut();
+        let before = dir_bytes(&engine.files);
+        if before <= budget || engine.files != engine.path {
+            return;
+        }
+        let started = Instant::now();
+        match compact(&engine, &self.inner.opts, state.seq) {
+            Ok(fresh) => {
+                let old = std::mem::replace(&mut *engine, fresh);
+                drop(old);
+                let aside = compact_dir(&engine.path);
+                if let Err(e) = fs::remove_dir_all(&aside) {
+                    tracing::warn!(dir = %aside.display(), error = %e, "could not remove the store's pre-compaction files");
+                }
+                tracing::info!(
+                    store = %engine.path.display(),
+                    before,
+                    after = dir_bytes(&engine.files),
+                    ms = started.elapsed().as_millis() as u64,
+                    "compacted the store"
+                );
+            }
+            Err(e) => {
+                tracing::warn!(store = %engine.path.display(), error = %e, "store compaction failed; the store stays as it was");
+            }
+        }
+    }
+
     /// The store's directory.
-    pub fn path(&self) -> &Path {
-        &self.inner.engine.path
+    pub fn path(&self) -> PathBuf {
+        self.engine().path.clone()
     }
 
     /// The options the store was opened with.

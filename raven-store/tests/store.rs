@@ -861,3 +861,86 @@ proptest! {
         prop_assert_eq!(snap.meta.map(|m| m.revision), Some(ops.len() as u64));
     }
 }
+
+/// A cluster-sized store: 1,000 resources of about 1.5 KB, as an edge
+/// holds for 1,000 gateways.
+fn big_resource(i: u64, change: u64) -> StoredResource {
+    StoredResource {
+        version: format!("v{change}"),
+        payload: Bytes::from(format!("gw {i} change {change} {}", "p".repeat(1500))),
+    }
+}
+
+#[test]
+fn a_thousand_one_resource_changes_keep_the_store_bounded_and_every_commit_intact() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("store");
+    let s = open(&path);
+    let all: BTreeMap<String, StoredResource> = (0..1000u64)
+        .map(|i| (format!("gateway/gw-{i}"), big_resource(i, 0)))
+        .collect();
+    s.commit(Commit {
+        meta: meta_at(0),
+        put: all.clone(),
+        remove: BTreeSet::new(),
+    })
+    .expect("first commit");
+    let mut expect = all;
+    let (mut largest, mut shrank, mut last) = (0u64, 0u32, s.disk_bytes());
+    for change in 1..=1000u64 {
+        let name = format!("gateway/gw-{}", change % 1000);
+        let r = big_resource(change % 1000, change);
+        expect.insert(name.clone(), r.clone());
+        s.commit(Commit {
+            meta: meta_at(change),
+            put: BTreeMap::from([(name, r)]),
+            remove: BTreeSet::new(),
+        })
+        .expect("commit");
+        let now = s.disk_bytes();
+        largest = largest.max(now);
+        if now < last {
+            shrank += 1;
+        }
+        last = now;
+    }
+    // Live data ~1.6 MB: the bound is the compaction budget (4 x live)
+    // plus what one commit adds before it is checked.
+    assert!(
+        largest <= 10 << 20,
+        "the files grew to {largest} bytes across 1,000 commits"
+    );
+    assert!(shrank > 0, "the store was compacted at least once");
+    assert_eq!(
+        s.snapshot().expect("snapshot").resources,
+        expect,
+        "the last commit, exactly"
+    );
+    drop(s);
+    let reopened = open(&path);
+    let snap = reopened.snapshot().expect("snapshot");
+    assert_eq!(snap.resources, expect);
+    assert_eq!(snap.meta.map(|m| m.revision), Some(1000));
+    assert!(
+        !path.with_file_name("store.compact").exists(),
+        "no compaction leftover"
+    );
+}
+
+#[test]
+fn a_compaction_leftover_from_a_crash_is_deleted_at_open_and_the_store_kept() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("store");
+    {
+        let s = open(&path);
+        s.commit(commit_for(1)).expect("commit");
+    }
+    // A crash after the exchange leaves the old store beside the new one;
+    // one before it leaves a partial copy. Either is garbage.
+    let leftover = path.with_file_name("store.compact");
+    copy_dir(&path, &leftover);
+    std::fs::write(leftover.join("db"), b"torn").expect("write");
+    let s = open(&path);
+    assert_eq!(s.snapshot().expect("snapshot"), snapshot_at(1));
+    assert!(!leftover.exists());
+}

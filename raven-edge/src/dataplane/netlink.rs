@@ -6,7 +6,11 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use futures::TryStreamExt;
 use ipnet::IpNet;
+use netlink_packet_core::{
+    NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkMessage,
+};
 use netlink_packet_route::AddressFamily;
+use netlink_packet_route::RouteNetlinkMessage;
 use netlink_packet_route::link::{
     InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
 };
@@ -36,6 +40,42 @@ pub enum DataplaneError {
     },
     #[error("{op}: {reason}")]
     Invalid { op: String, reason: String },
+    /// Route operations the kernel refused, each named with its error; the
+    /// other routes of the same batch were written.
+    #[error("{} route operation(s) failed: {}", failed.len(), summarize(failed))]
+    Routes { failed: Vec<RouteFailure> },
+}
+
+/// One route operation the kernel refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteFailure {
+    /// The operation, as `Op` displays it (`ip route add …`).
+    pub op: String,
+    /// The kernel's errno (positive), 0 when the failure is not the kernel's.
+    pub errno: i32,
+    /// What went wrong: the errno's text and the kernel's extended message.
+    pub reason: String,
+}
+
+impl std::fmt::Display for RouteFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.op, self.reason)
+    }
+}
+
+/// The first few failures, then how many more.
+fn summarize(failed: &[RouteFailure]) -> String {
+    const SHOWN: usize = 5;
+    let mut s = failed
+        .iter()
+        .take(SHOWN)
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ");
+    if failed.len() > SHOWN {
+        s.push_str(&format!("; and {} more", failed.len() - SHOWN));
+    }
+    s
 }
 
 fn errno(e: &rtnetlink::Error) -> Option<i32> {
@@ -330,15 +370,9 @@ pub async fn observe(h: &Handle, devs: TunnelDevs<'_>) -> Result<State, Dataplan
             }
         }
     }
-    for msg in [
-        RouteMessageBuilder::<Ipv4Addr>::new().build(),
-        RouteMessageBuilder::<Ipv6Addr>::new().build(),
-    ] {
-        let mut dump = h.route().get(msg).execute();
-        while let Some(r) = dump.try_next().await.map_err(nl("dumping routes"))? {
-            if let Some(route) = parse_route(&r, index, tunnel_index, direct_index) {
-                s.routes.insert(route);
-            }
+    for route in dump_ravens_routes().await? {
+        if let Some(route) = parse_route(&route, index, tunnel_index, direct_index) {
+            s.routes.insert(route);
         }
     }
     for v in [IpVersion::V4, IpVersion::V6] {
@@ -350,6 +384,50 @@ pub async fn observe(h: &Handle, devs: TunnelDevs<'_>) -> Result<State, Dataplan
         }
     }
     Ok(s)
+}
+
+/// Raven's routes only: tables 9027 and 9028 of both families, protocol
+/// 82, filtered by the kernel (`NETLINK_GET_STRICT_CHK`, as `ip route show
+/// table N proto P` does) so that neither the main and local tables nor
+/// anyone else's routes are dumped. A table that does not exist yet dumps
+/// as empty.
+async fn dump_ravens_routes() -> Result<Vec<RouteMessage>, DataplaneError> {
+    let (conn, h, _) =
+        rtnetlink::new_connection_with_strict_check().map_err(DataplaneError::Connect)?;
+    let conn = tokio::spawn(conn);
+    let mut out = Vec::new();
+    let mut result = Ok(());
+    'tables: for table in [TABLE_REMOTE, TABLE_RETURN] {
+        for mut msg in [
+            RouteMessageBuilder::<Ipv4Addr>::new().build(),
+            RouteMessageBuilder::<Ipv6Addr>::new().build(),
+        ] {
+            msg.header.protocol = RouteProtocol::from(ROUTE_PROTOCOL);
+            if let Ok(t) = u8::try_from(table) {
+                msg.header.table = t;
+            } else {
+                // RT_TABLE_UNSPEC in the header; the attribute names it.
+                msg.header.table = 0;
+                msg.attributes.push(RouteAttribute::Table(table));
+            }
+            // No filter on the route type: every shape of raven's is seen.
+            msg.header.kind = netlink_packet_route::route::RouteType::Unspec;
+            let mut dump = h.route().get(msg).execute();
+            loop {
+                match dump.try_next().await {
+                    Ok(Some(r)) => out.push(r),
+                    Ok(None) => break,
+                    Err(e) if errno(&e) == Some(ENOENT) => break,
+                    Err(e) => {
+                        result = Err(nl(format!("dumping routes of table {table}"))(e));
+                        break 'tables;
+                    }
+                }
+            }
+        }
+    }
+    conn.abort();
+    result.map(|()| out)
 }
 
 fn tolerate(
@@ -451,7 +529,13 @@ pub struct Applied {
 
 /// Applies `ops` in order. "Already exists" on a create and "not found" on
 /// a delete count as success; a route slot held by a foreign route is left
-/// alone and reported in [`Applied::conflicts`]. Stops at the first error.
+/// alone and reported in [`Applied::conflicts`]. Runs of route operations
+/// (nearly all of a large plan) are pipelined on a socket of their own —
+/// many requests per `sendmsg`, answers matched by sequence number (see
+/// `write_routes`); a refused route is attributed to its operation and does
+/// not stop the others: all refused routes are returned together as
+/// [`DataplaneError::Routes`] once the rest is applied. Any other failed
+/// operation stops at once.
 pub async fn apply(
     h: &Handle,
     ops: &[Op],
@@ -460,7 +544,33 @@ pub async fn apply(
     let mut done = Applied::default();
     let mut index = vxlan_index(h).await?;
     let (tunnel_index, direct_index) = devs.indexes(h).await?;
-    for op in ops {
+    let mut failed_routes = Vec::new();
+    let mut pipe: Option<Pipeline> = None;
+    let mut at = 0;
+    while at < ops.len() {
+        let run = ops[at..].iter().take_while(|o| is_route(o)).count();
+        if run > 0 {
+            let routes = &ops[at..at + run];
+            at += run;
+            let ifaces = RouteIfaces {
+                vxlan: index,
+                tunnel: tunnel_index,
+                direct: direct_index,
+                devs,
+            };
+            if pipe.is_none() {
+                pipe = Some(Pipeline::open()?);
+            }
+            if let Some(pipe) = pipe.as_mut() {
+                let written = write_routes(pipe, routes, &ifaces).await?;
+                done.ops += written.ops;
+                done.conflicts.extend(written.conflicts);
+                failed_routes.extend(written.failed);
+            }
+            continue;
+        }
+        let op = &ops[at];
+        at += 1;
         let need = |index: Option<u32>| {
             index.ok_or_else(|| DataplaneError::Invalid {
                 op: op.to_string(),
@@ -552,47 +662,8 @@ pub async fn apply(
                 let msg = neighbour_message(need(index)?, family, n.ip, None);
                 tolerate(h.neighbours().del(msg).execute().await, &[ENOENT], op)?;
             }
-            Op::AddRoute(r) | Op::ReplaceRoute(r) => {
-                let dev = match r.dev {
-                    RouteDev::Vxlan => need(index)?,
-                    RouteDev::Tunnel => tunnel_index.ok_or_else(|| DataplaneError::Invalid {
-                        op: op.to_string(),
-                        reason: format!("the tunnel device {} does not exist", devs.tunnel),
-                    })?,
-                    RouteDev::Direct => direct_index.ok_or_else(|| DataplaneError::Invalid {
-                        op: op.to_string(),
-                        reason: format!("the direct-path device {:?} does not exist", devs.direct),
-                    })?,
-                    RouteDev::Other => {
-                        return Err(DataplaneError::Invalid {
-                            op: op.to_string(),
-                            reason: "an observed-only route cannot be installed".into(),
-                        });
-                    }
-                };
-                let msg = route_message(r, dev)?;
-                if matches!(op, Op::ReplaceRoute(_)) {
-                    tolerate(h.route().add(msg).replace().execute().await, &[], op)?;
-                } else {
-                    match h.route().add(msg).execute().await {
-                        Ok(()) => {}
-                        Err(e) if errno(&e) == Some(EEXIST) => {
-                            done.conflicts.push(format!(
-                                "route {} in table {} is held by a route raven does not own; left alone",
-                                r.dst, r.table
-                            ));
-                            continue;
-                        }
-                        Err(e) => return Err(nl(op.to_string())(e)),
-                    }
-                }
-            }
-            Op::DeleteRoute(r) => {
-                let msg = route_delete_message(r).map_err(|reason| DataplaneError::Invalid {
-                    op: op.to_string(),
-                    reason,
-                })?;
-                tolerate(h.route().del(msg).execute().await, &[ENOENT, ESRCH], op)?;
+            Op::AddRoute(_) | Op::ReplaceRoute(_) | Op::DeleteRoute(_) => {
+                unreachable!("route operations are written by the pipeline above")
             }
             Op::AddRule(r) => {
                 let mut req = h.rule().add();
@@ -605,7 +676,330 @@ pub async fn apply(
         }
         done.ops += 1;
     }
+    if !failed_routes.is_empty() {
+        return Err(DataplaneError::Routes {
+            failed: failed_routes,
+        });
+    }
     Ok(done)
+}
+
+fn is_route(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::AddRoute(_) | Op::ReplaceRoute(_) | Op::DeleteRoute(_)
+    )
+}
+
+/// The devices route operations name, resolved once per [`apply`].
+struct RouteIfaces<'a> {
+    vxlan: Option<u32>,
+    tunnel: Option<u32>,
+    direct: Option<u32>,
+    devs: TunnelDevs<'a>,
+}
+
+/// What one run of route operations did.
+#[derive(Debug, Default)]
+struct RoutesWritten {
+    ops: usize,
+    conflicts: Vec<String>,
+    failed: Vec<RouteFailure>,
+}
+
+/// How a route operation's outcome is judged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RouteKind {
+    /// Exclusive add: "exists" means a foreign route holds the slot.
+    Add,
+    Replace,
+    /// "Not found" is success.
+    Delete,
+}
+
+/// The request of one route operation, or why it cannot be made.
+fn route_request(
+    op: &Op,
+    ifaces: &RouteIfaces<'_>,
+) -> Result<(RouteKind, RouteNetlinkMessage), String> {
+    match op {
+        Op::AddRoute(r) | Op::ReplaceRoute(r) => {
+            let dev = match r.dev {
+                RouteDev::Vxlan => ifaces
+                    .vxlan
+                    .ok_or_else(|| format!("{VXLAN_DEV} does not exist"))?,
+                RouteDev::Tunnel => ifaces.tunnel.ok_or_else(|| {
+                    format!("the tunnel device {} does not exist", ifaces.devs.tunnel)
+                })?,
+                RouteDev::Direct => ifaces.direct.ok_or_else(|| {
+                    format!(
+                        "the direct-path device {:?} does not exist",
+                        ifaces.devs.direct
+                    )
+                })?,
+                RouteDev::Other => return Err("an observed-only route cannot be installed".into()),
+            };
+            let msg = route_message(r, dev).map_err(|e| e.to_string())?;
+            let kind = if matches!(op, Op::AddRoute(_)) {
+                RouteKind::Add
+            } else {
+                RouteKind::Replace
+            };
+            Ok((kind, RouteNetlinkMessage::NewRoute(msg)))
+        }
+        Op::DeleteRoute(r) => Ok((
+            RouteKind::Delete,
+            RouteNetlinkMessage::DelRoute(route_delete_message(r)?),
+        )),
+        other => Err(format!("{other} is not a route operation")),
+    }
+}
+
+/// Writes a run of route operations on the pipeline: requests go out in
+/// batches of up to [`BATCH`] per `sendmsg`, without waiting for each
+/// answer. Only the last request of a batch asks for an ACK; the kernel
+/// handles a socket's requests in order and answers every failed one with
+/// an error carrying its sequence number, so the batch's ACK means all of
+/// it was handled and each error is attributed to its own route. One
+/// refused route never stops the others: failures are collected and
+/// reported together.
+async fn write_routes(
+    pipe: &mut Pipeline,
+    ops: &[Op],
+    ifaces: &RouteIfaces<'_>,
+) -> Result<RoutesWritten, DataplaneError> {
+    let mut out = RoutesWritten::default();
+    let mut i = 0;
+    while i < ops.len() {
+        let mut batch: Vec<(usize, RouteKind, RouteNetlinkMessage)> = Vec::with_capacity(BATCH);
+        while i < ops.len() && batch.len() < BATCH {
+            match route_request(&ops[i], ifaces) {
+                Ok((kind, msg)) => batch.push((i, kind, msg)),
+                Err(reason) => out.failed.push(RouteFailure {
+                    op: ops[i].to_string(),
+                    errno: 0,
+                    reason,
+                }),
+            }
+            i += 1;
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        let judged: Vec<(usize, RouteKind)> = batch.iter().map(|(i, k, _)| (*i, *k)).collect();
+        let answers = pipe
+            .exchange(batch.into_iter().map(|(_, k, m)| (k, m)))
+            .await?;
+        for ((idx, kind), answer) in judged.into_iter().zip(answers) {
+            let op = &ops[idx];
+            match (kind, answer) {
+                (_, Answer::Done) => out.ops += 1,
+                (RouteKind::Delete, Answer::Failed { errno, .. })
+                    if [ENOENT, ESRCH].contains(&errno) =>
+                {
+                    out.ops += 1;
+                }
+                (RouteKind::Add, Answer::Failed { errno: EEXIST, .. }) => {
+                    if let Op::AddRoute(r) = op {
+                        out.conflicts.push(format!(
+                            "route {} in table {} is held by a route raven does not own; left alone",
+                            r.dst, r.table
+                        ));
+                    }
+                }
+                (_, Answer::Failed { errno, message }) => out.failed.push(RouteFailure {
+                    op: op.to_string(),
+                    errno,
+                    reason: describe_errno(errno, message.as_deref()),
+                }),
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn describe_errno(errno: i32, extended: Option<&str>) -> String {
+    let text = std::io::Error::from_raw_os_error(errno).to_string();
+    match extended {
+        Some(m) if !m.is_empty() => format!("{text} ({m})"),
+        _ => text,
+    }
+}
+
+/// Requests per `sendmsg`. The kernel handles a batch inside the call and
+/// queues at most one answer per request; 128 small answers fit any
+/// netlink receive buffer (each costs about 1 KiB of it).
+const BATCH: usize = 128;
+const NLMSG_HDRLEN: usize = 16;
+const NLMSG_ERROR: u16 = 2;
+/// Extended-ACK attribute carrying the kernel's error text.
+const NLMSGERR_ATTR_MSG: u16 = 1;
+const NLM_F_CAPPED: u16 = 0x100;
+const NLM_F_ACK_TLVS: u16 = 0x200;
+
+/// The kernel's answer to one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Answer {
+    Done,
+    Failed { errno: i32, message: Option<String> },
+}
+
+/// A netlink socket of its own for pipelined writes (the rtnetlink
+/// connection waits for each answer). Non-blocking, driven by the runtime;
+/// ACKs capped (no echo of the request) and extended (the kernel's text).
+struct Pipeline {
+    sock: netlink_sys::TokioSocket,
+    seq: u32,
+    buf: Vec<u8>,
+}
+
+impl Pipeline {
+    fn open() -> Result<Self, DataplaneError> {
+        use netlink_sys::AsyncSocket;
+        let mut sock = netlink_sys::TokioSocket::new(netlink_sys::protocols::NETLINK_ROUTE)
+            .map_err(DataplaneError::Connect)?;
+        let s = sock.socket_mut();
+        s.bind_auto().map_err(DataplaneError::Connect)?;
+        s.connect(&netlink_sys::SocketAddr::new(0, 0))
+            .map_err(DataplaneError::Connect)?;
+        // Best effort: older kernels lack them, and answers still parse.
+        let _ = s.set_cap_ack(true);
+        let _ = s.set_ext_ack(true);
+        let _ = s.set_rx_buf_sz(1 << 20);
+        Ok(Self {
+            sock,
+            seq: 0,
+            buf: Vec::with_capacity(64 << 10),
+        })
+    }
+
+    /// Sends `batch` in one `sendmsg` and collects one answer per request,
+    /// matched by sequence number.
+    async fn exchange(
+        &mut self,
+        batch: impl ExactSizeIterator<Item = (RouteKind, RouteNetlinkMessage)>,
+    ) -> Result<Vec<Answer>, DataplaneError> {
+        let io = |what: &str| {
+            let what = what.to_owned();
+            move |e: std::io::Error| DataplaneError::Invalid {
+                op: what.clone(),
+                reason: e.to_string(),
+            }
+        };
+        let count = batch.len();
+        let first = self.seq.wrapping_add(1);
+        let mut out = Vec::new();
+        for (n, (kind, msg)) in batch.enumerate() {
+            self.seq = self.seq.wrapping_add(1);
+            let mut req = NetlinkMessage::from(msg);
+            let mut flags = NLM_F_REQUEST
+                | match kind {
+                    RouteKind::Add => NLM_F_CREATE | NLM_F_EXCL,
+                    RouteKind::Replace => NLM_F_CREATE | NLM_F_REPLACE,
+                    RouteKind::Delete => 0,
+                };
+            if n + 1 == count {
+                flags |= NLM_F_ACK;
+            }
+            req.header.flags = flags;
+            req.header.sequence_number = self.seq;
+            req.finalize();
+            let at = out.len();
+            out.resize(at + req.buffer_len(), 0);
+            req.serialize(&mut out[at..]);
+        }
+        use netlink_sys::AsyncSocketExt;
+        self.sock.send(&out).await.map_err(io("netlink send"))?;
+        let mut answers = vec![Answer::Done; count];
+        let last_seq = self.seq;
+        loop {
+            self.buf.clear();
+            self.sock.recv(&mut self.buf).await.map_err(io(
+                "netlink receive (answers were lost: the next reconcile observes the kernel again)",
+            ))?;
+            let data = &self.buf[..];
+            let mut acked = false;
+            for (seq, answer) in parse_answers(data) {
+                let n = seq.wrapping_sub(first) as usize;
+                if n < answers.len() {
+                    answers[n] = answer;
+                }
+                acked |= seq == last_seq;
+            }
+            if acked {
+                return Ok(answers);
+            }
+        }
+    }
+}
+
+/// The `NLMSG_ERROR` answers in one datagram: sequence number and outcome
+/// (error 0 is an ACK).
+fn parse_answers(data: &[u8]) -> Vec<(u32, Answer)> {
+    let u16_at = |b: &[u8], i: usize| b.get(i..i + 2).map(|x| u16::from_ne_bytes([x[0], x[1]]));
+    let u32_at = |b: &[u8], i: usize| {
+        b.get(i..i + 4)
+            .map(|x| u32::from_ne_bytes([x[0], x[1], x[2], x[3]]))
+    };
+    let mut out = Vec::new();
+    let mut at = 0;
+    while let (Some(len), Some(kind), Some(flags), Some(seq)) = (
+        u32_at(data, at),
+        u16_at(data, at + 4),
+        u16_at(data, at + 6),
+        u32_at(data, at + 8),
+    ) {
+        let len = len as usize;
+        if len < NLMSG_HDRLEN || at + len > data.len() {
+            break;
+        }
+        let msg = &data[at..at + len];
+        if kind == NLMSG_ERROR
+            && let Some(code) = u32_at(msg, NLMSG_HDRLEN)
+        {
+            let errno = -(code as i32);
+            let answer = if errno == 0 {
+                Answer::Done
+            } else {
+                Answer::Failed {
+                    errno,
+                    message: extended_message(msg, flags),
+                }
+            };
+            out.push((seq, answer));
+        }
+        at += (len + 3) & !3;
+    }
+    out
+}
+
+/// The kernel's error text of an extended ACK, if it sent one.
+fn extended_message(msg: &[u8], flags: u16) -> Option<String> {
+    if flags & NLM_F_ACK_TLVS == 0 {
+        return None;
+    }
+    // error code, then the request's header (capped) or the whole request.
+    let request_len = if flags & NLM_F_CAPPED != 0 {
+        NLMSG_HDRLEN
+    } else {
+        msg.get(NLMSG_HDRLEN + 4..NLMSG_HDRLEN + 8)
+            .map(|x| u32::from_ne_bytes([x[0], x[1], x[2], x[3]]) as usize)?
+    };
+    let mut at = NLMSG_HDRLEN + 4 + ((request_len + 3) & !3);
+    while let Some(h) = msg.get(at..at + 4) {
+        let len = u16::from_ne_bytes([h[0], h[1]]) as usize;
+        let kind = u16::from_ne_bytes([h[2], h[3]]) & 0x3fff;
+        if len < 4 || at + len > msg.len() {
+            break;
+        }
+        if kind == NLMSGERR_ATTR_MSG {
+            let text = &msg[at + 4..at + len];
+            let text = text.split(|b| *b == 0).next().unwrap_or_default();
+            return Some(String::from_utf8_lossy(text).into_owned());
+        }
+        at += (len + 3) & !3;
+    }
+    None
 }
 
 /// The MTU of the link holding `ip` (the underlay), if any.

@@ -24,15 +24,22 @@
 //! Programmed with the `iptables`/`ip6tables` binaries, which pick the
 //! host's backend (nft or legacy) the way the CNI's own tools do. Raven owns
 //! the two chains and every `POSTROUTING` rule jumping to `RAVEN-SKIP-NAT`;
-//! nothing else is read beyond `POSTROUTING` or ever changed. Level-
-//! triggered: observe (`iptables -t nat -S CHAIN`) → [`plan`] (pure) → one
-//! atomic `iptables-restore --noflush` that redeclares (flushes and refills)
-//! only the chains whose content differs, and adds the jump when missing.
+//! nothing else is ever changed. Level-triggered and incremental: observe
+//! (one `iptables -t nat -S` per family: the kernel's rules are the truth,
+//! also after a restart) → [`plan`] (pure) → one atomic
+//! `iptables-restore --noflush` that deletes exactly the rules of raven's
+//! chains that are not wanted (stale, duplicated or foreign) and appends
+//! exactly the wanted ones that are missing — a change of one remote
+//! prefix writes two rules, never a rebuild of thousands. Both chains'
+//! rules are all alike (`-j RAVEN-SKIP-NAT-DST`, `-j ACCEPT`), so their
+//! order carries no meaning and is never corrected. Should an incremental
+//! transaction be refused (a hand-made rule `iptables-restore` cannot
+//! delete by its listing, say), the chains are rebuilt whole instead.
 //! A jump already present is left where it is, also when another tool has
 //! since inserted rules above it: moving it back to the top would fight
 //! CNIs that keep their own jump first (calico's insert mode).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::process::{Output, Stdio};
@@ -238,25 +245,65 @@ pub fn parse_chain(listing: &str) -> Vec<String> {
         .collect()
 }
 
+/// Raven's part of a whole `nat` table listing (`iptables -t nat -S`):
+/// the jumps from `POSTROUTING` and both chains, each `None` when absent.
+pub fn parse_table(listing: &str) -> Observed {
+    let mut o = Observed {
+        jumps: parse_jumps(listing),
+        ..Observed::default()
+    };
+    for line in listing.lines().map(str::trim) {
+        let mut words = line.split_whitespace();
+        let (Some(verb), Some(chain)) = (words.next(), words.next()) else {
+            continue;
+        };
+        let slot = match chain {
+            CHAIN => &mut o.sources,
+            DST_CHAIN => &mut o.destinations,
+            _ => continue,
+        };
+        match verb {
+            "-N" => {
+                slot.get_or_insert_with(Vec::new);
+            }
+            "-A" => slot.get_or_insert_with(Vec::new).push(line.to_owned()),
+            _ => {}
+        }
+    }
+    o
+}
+
 /// One atomic change of a family's `nat` table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Restore {
     /// Input for `iptables-restore --noflush`.
     pub script: String,
-    /// Chains rebuilt or removed, plus jumps added or removed.
+    /// Rules written: each rule appended or deleted, each jump inserted or
+    /// deleted, each chain created, rebuilt or removed counts one.
     pub changes: usize,
 }
 
-/// What turns `observed` into `desired`; `None` when they already agree.
-/// A chain is redeclared (flushed and refilled in the same transaction)
-/// only when its rules differ; an exact jump is kept wherever it stands;
-/// empty rules remove the jumps and both chains. Pure.
+/// What turns `observed` into `desired`, touching only the rules that
+/// differ; `None` when they already agree. A missing chain is created; an
+/// exact jump is kept wherever it stands; empty rules remove the jumps and
+/// both chains. Pure.
 pub fn plan(desired: &Rules, observed: &Observed) -> Option<Restore> {
+    plan_with(desired, observed, false)
+}
+
+/// Like [`plan`], but every chain that differs at all is redeclared
+/// (flushed and refilled in the same transaction): the fallback when an
+/// incremental transaction is refused.
+pub fn plan_rebuild(desired: &Rules, observed: &Observed) -> Option<Restore> {
+    plan_with(desired, observed, true)
+}
+
+fn plan_with(desired: &Rules, observed: &Observed, rebuild: bool) -> Option<Restore> {
     let mut declare = String::new();
     let mut body = String::new();
     let mut changes = 0;
-    let delete = |body: &mut String, jump: &str| {
-        if let Some(rest) = jump.strip_prefix("-A ") {
+    let delete = |body: &mut String, rule: &str| {
+        if let Some(rest) = rule.strip_prefix("-A ") {
             let _ = writeln!(body, "-D {rest}");
         }
     };
@@ -281,6 +328,7 @@ pub fn plan(desired: &Rules, observed: &Observed) -> Option<Restore> {
             changes += 1;
         }
     } else {
+        // The destination chain first: the source chain's rules jump to it.
         for (chain, want, have) in [
             (
                 DST_CHAIN,
@@ -289,14 +337,35 @@ pub fn plan(desired: &Rules, observed: &Observed) -> Option<Restore> {
             ),
             (CHAIN, desired.source_lines(), &observed.sources),
         ] {
-            if have.as_ref() == Some(&want) {
+            let Some(have) = have else {
+                let _ = writeln!(declare, ":{chain} - [0:0]");
+                changes += 1;
+                for l in &want {
+                    let _ = writeln!(body, "{l}");
+                    changes += 1;
+                }
+                continue;
+            };
+            let (stale, missing) = rule_diff(&want, have);
+            if stale.is_empty() && missing.is_empty() {
                 continue;
             }
-            let _ = writeln!(declare, ":{chain} - [0:0]");
-            for l in want {
-                let _ = writeln!(body, "{l}");
+            if rebuild {
+                let _ = writeln!(declare, ":{chain} - [0:0]");
+                for l in &want {
+                    let _ = writeln!(body, "{l}");
+                }
+                changes += 1;
+                continue;
             }
-            changes += 1;
+            for l in stale {
+                delete(&mut body, l);
+                changes += 1;
+            }
+            for l in missing {
+                let _ = writeln!(body, "{l}");
+                changes += 1;
+            }
         }
         let jump = jump_line();
         let mut kept = false;
@@ -318,6 +387,26 @@ pub fn plan(desired: &Rules, observed: &Observed) -> Option<Restore> {
         script: format!("*nat\n{declare}{body}COMMIT\n"),
         changes,
     })
+}
+
+/// The rules of `have` to delete (not wanted, or a duplicate: one `-D`
+/// each, so duplicates go one by one) and the rules of `want` to append.
+/// Order is ignored. Linear in the sizes.
+fn rule_diff<'a>(want: &'a [String], have: &'a [String]) -> (Vec<&'a str>, Vec<&'a str>) {
+    let mut wanted: BTreeMap<&str, bool> = want.iter().map(|l| (l.as_str(), false)).collect();
+    let mut stale = Vec::new();
+    for l in have {
+        match wanted.get_mut(l.as_str()) {
+            Some(seen @ false) => *seen = true,
+            _ => stale.push(l.as_str()),
+        }
+    }
+    let missing = want
+        .iter()
+        .map(String::as_str)
+        .filter(|l| wanted.get(l) == Some(&false))
+        .collect();
+    (stale, missing)
 }
 
 /// Programming skip-NAT failed.
@@ -390,38 +479,41 @@ fn failed(binary: &str, args: &[&str], out: &Output) -> SkipNatError {
     }
 }
 
-/// `iptables -S CHAIN` in the `nat` table; `None` when the chain does not
-/// exist (exit status 1 with one of the backends' "no such chain" texts;
-/// iptables-nft 1.8.9 calls a missing chain "incompatible").
-async fn list_chain(family: Family, chain: &str) -> Result<Option<String>, SkipNatError> {
+/// `iptables -t nat -S`: the whole `nat` table in one listing. A table
+/// that does not exist yet lists as empty.
+async fn list_table(family: Family) -> Result<String, SkipNatError> {
     let binary = family.iptables();
-    let args = ["-w", WAIT_SECONDS, "-t", "nat", "-S", chain];
+    let args = ["-w", WAIT_SECONDS, "-t", "nat", "-S"];
     let out = run(binary, &args, None).await?;
     if out.status.success() {
-        return Ok(Some(String::from_utf8_lossy(&out.stdout).into_owned()));
+        return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
     }
     let stderr = String::from_utf8_lossy(&out.stderr);
-    let missing = ["No chain/target/match", "does not exist", "incompatible"]
+    let missing = ["does not exist", "Table does not exist"]
         .iter()
         .any(|m| stderr.contains(m));
-    if out.status.code() == Some(1) && missing {
-        Ok(None)
+    if missing {
+        Ok(String::new())
     } else {
         Err(failed(binary, &args, &out))
     }
 }
 
-/// Raven's skip-NAT objects of `family` in the current namespace.
+/// Raven's skip-NAT objects of `family` in the current namespace, from one
+/// listing of the `nat` table.
 pub async fn observe(family: Family) -> Result<Observed, SkipNatError> {
-    let postrouting = list_chain(family, "POSTROUTING").await?.unwrap_or_default();
-    Ok(Observed {
-        jumps: parse_jumps(&postrouting),
-        sources: list_chain(family, CHAIN).await?.as_deref().map(parse_chain),
-        destinations: list_chain(family, DST_CHAIN)
-            .await?
-            .as_deref()
-            .map(parse_chain),
-    })
+    let table = list_table(family).await?;
+    Ok(parse_table(&table))
+}
+
+async fn restore(family: Family, script: &str) -> Result<(), SkipNatError> {
+    let binary = family.restore();
+    let args = ["-w", WAIT_SECONDS, "--noflush"];
+    let out = run(binary, &args, Some(script)).await?;
+    if !out.status.success() {
+        return Err(failed(binary, &args, &out));
+    }
+    Ok(())
 }
 
 /// Observe → plan → restore for one family; the changes made.
@@ -432,16 +524,23 @@ pub async fn apply_family(family: Family, rules: &Rules) -> Result<usize, SkipNa
         Err(SkipNatError::NotInstalled { .. }) if rules.is_empty() => return Ok(0),
         Err(e) => return Err(e),
     };
-    let Some(restore) = plan(rules, &observed) else {
+    let Some(change) = plan(rules, &observed) else {
         return Ok(0);
     };
-    let binary = family.restore();
-    let args = ["-w", WAIT_SECONDS, "--noflush"];
-    let out = run(binary, &args, Some(&restore.script)).await?;
-    if !out.status.success() {
-        return Err(failed(binary, &args, &out));
+    match restore(family, &change.script).await {
+        Ok(()) => Ok(change.changes),
+        Err(SkipNatError::Failed { stderr, .. }) => {
+            // In doubt: read the table again and rebuild what differs.
+            tracing::warn!(family = ?family, error = %stderr, "incremental skip-NAT change refused; rebuilding the chains");
+            let observed = observe(family).await?;
+            let Some(rebuild) = plan_rebuild(rules, &observed) else {
+                return Ok(0);
+            };
+            restore(family, &rebuild.script).await?;
+            Ok(rebuild.changes)
+        }
+        Err(e) => Err(e),
     }
-    Ok(restore.changes)
 }
 
 /// The outcome of [`apply`]: one family failing does not stop the other.
@@ -740,7 +839,7 @@ mod tests {
     #[test]
     fn fresh_table_gets_both_chains_and_the_jump_in_one_transaction() {
         let p = plan(&rules(), &Observed::default()).expect("changes");
-        assert_eq!(p.changes, 3);
+        assert_eq!(p.changes, 6, "two chains, three rules, the jump");
         assert_eq!(
             p.script,
             format!(
@@ -761,30 +860,82 @@ mod tests {
     }
 
     #[test]
-    fn only_the_chain_that_differs_is_rebuilt() {
-        let mut want = rules();
-        want.destinations.push(net("10.244.4.0/24"));
-        let p = plan(&want, &in_place(&rules())).expect("changes");
-        assert_eq!(p.changes, 1);
+    fn one_changed_prefix_writes_only_its_two_rules() {
+        // 3,000 destinations, one of which moves: one -D and one -A.
+        let many = |moved: Option<&str>| Rules {
+            sources: nets(&["10.244.1.0/24"]),
+            destinations: (0..3000u32)
+                .map(|k| match moved {
+                    Some(m) if k == 1500 => net(m),
+                    _ => IpNet::new(IpAddr::from([10, 100 + (k >> 8) as u8, k as u8, 0]), 24)
+                        .expect("net"),
+                })
+                .collect(),
+        };
+        let before = many(None);
+        let after = many(Some("10.250.0.0/24"));
+        let p = plan(&after, &in_place(&before)).expect("changes");
+        assert_eq!(p.changes, 2);
         assert_eq!(
             p.script,
-            "*nat\n:RAVEN-SKIP-NAT-DST - [0:0]\n\
-             -A RAVEN-SKIP-NAT-DST -d 10.244.3.0/24 -j ACCEPT\n\
-             -A RAVEN-SKIP-NAT-DST -d 10.244.4.0/24 -j ACCEPT\n\
-             COMMIT\n"
+            "*nat\n-D RAVEN-SKIP-NAT-DST -d 10.105.220.0/24 -j ACCEPT\n\
+             -A RAVEN-SKIP-NAT-DST -d 10.250.0.0/24 -j ACCEPT\nCOMMIT\n"
         );
-        // A hand-edited rule order counts as different.
+        // The rebuild fallback redeclares the one chain that differs.
+        let r = plan_rebuild(&after, &in_place(&before)).expect("changes");
+        assert_eq!(r.changes, 1);
+        assert!(
+            r.script.starts_with("*nat\n:RAVEN-SKIP-NAT-DST - [0:0]\n"),
+            "{}",
+            r.script
+        );
+        assert!(!r.script.contains(":RAVEN-SKIP-NAT -"), "{}", r.script);
+    }
+
+    #[test]
+    fn rule_order_is_ignored_and_duplicates_and_foreign_rules_are_deleted_one_by_one() {
         let mut have = in_place(&rules());
         if let Some(s) = &mut have.sources {
             s.reverse();
         }
+        assert_eq!(plan(&rules(), &have), None, "order carries no meaning");
+        let dup = "-A RAVEN-SKIP-NAT -s 10.244.1.0/24 -j RAVEN-SKIP-NAT-DST".to_owned();
+        let foreign = "-A RAVEN-SKIP-NAT-DST -d 192.0.2.0/24 -j DROP".to_owned();
+        if let Some(s) = &mut have.sources {
+            s.push(dup);
+        }
+        if let Some(d) = &mut have.destinations {
+            d.insert(0, foreign);
+        }
         let p = plan(&rules(), &have).expect("changes");
-        assert!(
-            p.script.contains(":RAVEN-SKIP-NAT - [0:0]\n"),
-            "{}",
-            p.script
+        assert_eq!(p.changes, 2);
+        assert_eq!(
+            p.script,
+            "*nat\n-D RAVEN-SKIP-NAT-DST -d 192.0.2.0/24 -j DROP\n\
+             -D RAVEN-SKIP-NAT -s 10.244.1.0/24 -j RAVEN-SKIP-NAT-DST\nCOMMIT\n"
         );
-        assert!(!p.script.contains(":RAVEN-SKIP-NAT-DST"), "{}", p.script);
+    }
+
+    #[test]
+    fn a_whole_table_listing_yields_ravens_chains_and_jumps_only() {
+        let listing = format!(
+            "-P PREROUTING ACCEPT\n-P POSTROUTING ACCEPT\n-N KUBE-POSTROUTING\n\
+             -N RAVEN-SKIP-NAT\n-N RAVEN-SKIP-NAT-DST\n{}\n\
+             -A POSTROUTING -j MASQUERADE\n\
+             -A KUBE-POSTROUTING -j RETURN\n\
+             -A RAVEN-SKIP-NAT -s 10.244.1.0/24 -j RAVEN-SKIP-NAT-DST\n",
+            jump_line()
+        );
+        let o = parse_table(&listing);
+        assert_eq!(o.jumps, vec![jump_line()]);
+        assert_eq!(
+            o.sources,
+            Some(vec![
+                "-A RAVEN-SKIP-NAT -s 10.244.1.0/24 -j RAVEN-SKIP-NAT-DST".to_owned()
+            ])
+        );
+        assert_eq!(o.destinations, Some(vec![]), "declared, empty");
+        assert_eq!(parse_table("-P POSTROUTING ACCEPT\n"), Observed::default());
     }
 
     #[test]

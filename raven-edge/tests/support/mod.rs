@@ -169,3 +169,24 @@ pub fn root_with(tools: &[&str]) -> bool {
     }
     ok
 }
+
+/// Runs `f` to completion on a current-thread runtime, in a thread that
+/// entered network namespace `ns` (sockets and child processes it makes
+/// live there).
+pub fn block_on_in<T: Send + 'static>(
+    ns: &str,
+    f: impl std::future::Future<Output = T> + Send + 'static,
+) -> T {
+    let path = format!("/var/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let fd = std::fs::File::open(&path).expect("open netns");
+        nix::sched::setns(fd, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(f)
+    })
+    .join()
+    .expect("namespace thread")
+}
