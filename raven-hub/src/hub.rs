@@ -59,18 +59,23 @@ pub struct RunningHub {
     pub metrics: Metrics,
     pub shutdown: CancellationToken,
     tasks: JoinSet<()>,
+    /// The Sync sessions, ended by `shutdown` and waited for.
+    sessions: tokio_util::task::TaskTracker,
 }
 
 impl RunningHub {
-    /// Stops every task and waits for them.
-    pub async fn stop(mut self) {
+    /// Stops every task, every Sync session included, and waits for them.
+    pub async fn stop(self) {
         self.shutdown.cancel();
-        while self.tasks.join_next().await.is_some() {}
+        self.wait().await;
     }
 
-    /// Waits until every task ended (after `shutdown` is cancelled).
+    /// Waits until every task and every Sync session ended (after
+    /// `shutdown` is cancelled).
     pub async fn wait(mut self) {
         while self.tasks.join_next().await.is_some() {}
+        self.sessions.close();
+        self.sessions.wait().await;
     }
 }
 
@@ -110,9 +115,9 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
     // Reports survive restarts: load them before the first compile (keys
     // and observations; a local failover claim and probe verdicts count only
     // while their agent is connected, and it re-reports them).
-    let reports = crate::revision::Reports::load(revisions.store())?;
+    let (reports, stored) = crate::reports::Reports::load(revisions.store())?;
     index.update(|i| {
-        for (node, mut report) in reports.all() {
+        for (node, mut report) in stored {
             report.local_failover.clear();
             report.dead_candidates.clear();
             i.set_report(node, report);
@@ -186,7 +191,9 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
         metrics.clone(),
         config.sync.clone(),
         reports,
+        shutdown.clone(),
     );
+    let sessions = shared.sessions.clone();
     {
         let shutdown = shutdown.clone();
         let tls = config.tls.clone();
@@ -218,6 +225,7 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
         metrics,
         shutdown,
         tasks,
+        sessions,
     })
 }
 

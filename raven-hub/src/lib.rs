@@ -16,6 +16,7 @@ pub mod hub;
 pub mod index;
 pub mod metrics;
 pub mod pipeline;
+pub mod reports;
 pub mod revision;
 pub mod sources;
 pub mod status;
