@@ -234,6 +234,16 @@ impl Agent {
         }
     }
 
+    /// Sends one message on the stream.
+    async fn send(&self, message: Req) {
+        self.tx
+            .send(v1::SyncRequest {
+                message: Some(message),
+            })
+            .await
+            .expect("send");
+    }
+
     async fn ack(&self, u: &v1::Update) {
         let ack = v1::Ack {
             nonce: u.nonce.clone(),
@@ -1638,13 +1648,7 @@ async fn an_applied_with_a_resource_list_is_kept_without_it() {
         }),
         ..Default::default()
     };
-    agent
-        .tx
-        .send(v1::SyncRequest {
-            message: Some(Req::Applied(applied)),
-        })
-        .await
-        .expect("applied");
+    agent.send(Req::Applied(applied)).await;
     let node = NodeName::new(HZ_MEMBER).expect("name");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let kept = loop {
