@@ -110,3 +110,33 @@ fn invalid_objects_are_reported_next_to_valid_ones() {
 fn missing_raven_cfg_elects_nothing_like_raven() {
     case("no-raven-cfg");
 }
+
+#[test]
+fn in_view_agrees_with_view_names_for_every_node_and_resource_of_every_case() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
+    let mut dirs: Vec<_> = std::fs::read_dir(&root)
+        .expect("golden dir")
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.is_dir())
+        .collect();
+    dirs.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/user-manual"));
+    let mut checked = 0;
+    for dir in dirs {
+        let loaded = manifest::load(&read_yaml_dir(&dir));
+        let topology = compile(&loaded.inputs).topology;
+        for node in loaded.inputs.nodes.keys() {
+            let names = raven_core::view::view_names(&topology, node);
+            for name in topology.resources.keys() {
+                assert_eq!(
+                    raven_core::view::in_view(&topology, node, name),
+                    names.contains(name),
+                    "{}: {node} / {name}",
+                    dir.display()
+                );
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked > 100, "only {checked} pairs checked");
+}

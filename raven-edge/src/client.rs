@@ -399,14 +399,15 @@ async fn session(cfg: &ClientConfig, hub: &str, links: &Links) -> Result<(), Ses
                 let latest = applied.borrow_and_update().clone();
                 if changed.is_ok() && let Some(a) = latest {
                     let error = a.error.map(|message| v1::ErrorDetail { message, ..Default::default() });
-                    let state = links.state.borrow().clone();
                     send(&tx, Req::Applied(v1::Applied {
                         epoch: a.epoch,
                         revision: a.revision,
                         success: error.is_none(),
                         error,
-                        resources: raven_proto::resource_versions_to_proto(state.resources.iter().map(|(n, r)| (n, &r.version))),
                         summary: Some(a.summary),
+                        // The hub knows the versions from the Ack: no
+                        // resource list (the field is deprecated).
+                        ..Default::default()
                     })).await;
                 }
             }

@@ -109,11 +109,15 @@ pub struct ServeArgs {
     #[arg(long, env = "RAVEN_HEARTBEAT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub heartbeat: std::time::Duration,
     /// HTTP/2 keepalive of agent connections: the hub PINGs an agent silent
-    /// this long and drops the connection when the PING is not answered
-    /// within as long again, so a powered-off agent's stream ends within two
-    /// intervals. Raise it for agents on very slow links.
+    /// this long (and drops it when the PING is not answered within
+    /// --keepalive-timeout). Raise it for agents on very slow links.
     #[arg(long, env = "RAVEN_KEEPALIVE", default_value = "2s", value_parser = humantime::parse_duration)]
     pub keepalive: std::time::Duration,
+    /// How long a keepalive PING may go unanswered before the hub drops the
+    /// connection; a powered-off agent's stream ends within --keepalive plus
+    /// this. Long enough that a busy hub never drops healthy streams.
+    #[arg(long, env = "RAVEN_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub keepalive_timeout: std::time::Duration,
     /// How long an agent's stream must have been gone before the hub counts
     /// it in gateway failover: a tunnel endpoint whose stream has been gone
     /// this long and that a connected member of its gateway probes dead is
@@ -342,6 +346,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<std::process::ExitCode> {
             max_report_bytes: args.max_report_bytes,
             retry_after: args.admission_retry_after,
             keepalive: args.keepalive,
+            keepalive_timeout: args.keepalive_timeout,
             failover_grace: args.failover_grace,
             confirm_mass_removal: args.confirm_mass_removal,
             ..Default::default()

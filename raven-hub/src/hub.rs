@@ -62,20 +62,24 @@ pub struct RunningHub {
     tasks: JoinSet<()>,
     /// Why a task that the hub cannot run without ended, when one did.
     failed: Arc<OnceLock<String>>,
+    /// The Sync sessions, ended by `shutdown` and waited for.
+    sessions: tokio_util::task::TaskTracker,
 }
 
 impl RunningHub {
-    /// Stops every task and waits for them.
-    pub async fn stop(mut self) {
+    /// Stops every task, every Sync session included, and waits for them.
+    pub async fn stop(self) {
         self.shutdown.cancel();
-        while self.tasks.join_next().await.is_some() {}
+        self.wait().await;
     }
 
-    /// Waits until every task ended (after `shutdown` is cancelled, or a
-    /// server failed and cancelled it): `Err` with the reason when a server
-    /// failed, so the process exits non-zero.
+    /// Waits until every task and every Sync session ended (after
+    /// `shutdown` is cancelled, or a server failed and cancelled it): `Err`
+    /// with the reason when a server failed, so the process exits non-zero.
     pub async fn wait(mut self) -> Result<(), String> {
         while self.tasks.join_next().await.is_some() {}
+        self.sessions.close();
+        self.sessions.wait().await;
         match self.failed.get() {
             Some(why) => Err(why.clone()),
             None => Ok(()),
@@ -122,9 +126,9 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
     // Reports survive restarts: load them before the first compile (keys
     // and observations; a local failover claim and probe verdicts count only
     // while their agent is connected, and it re-reports them).
-    let reports = crate::revision::Reports::load(revisions.store())?;
+    let (reports, stored) = crate::reports::Reports::load(revisions.store())?;
     index.update(|i| {
-        for (node, mut report) in reports.all() {
+        for (node, mut report) in stored {
             report.local_failover.clear();
             report.dead_candidates.clear();
             i.set_report(node, report);
@@ -203,7 +207,9 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
         metrics.clone(),
         config.sync.clone(),
         reports,
+        shutdown.clone(),
     );
+    let sessions = shared.sessions.clone();
     {
         let shutdown = shutdown.clone();
         let failed = failed.clone();
@@ -249,6 +255,7 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
         shutdown,
         tasks,
         failed,
+        sessions,
     })
 }
 

@@ -18,6 +18,7 @@ pub mod index;
 pub mod metrics;
 pub mod pipeline;
 pub mod problem_log;
+pub mod reports;
 pub mod revision;
 pub mod sources;
 pub mod status;

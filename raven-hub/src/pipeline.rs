@@ -4,7 +4,7 @@
 //! Shared resources are encoded once per content version and the same bytes
 //! are handed to every stream.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use raven_core::compile::CompiledGateway;
@@ -33,6 +33,44 @@ pub struct Published {
     pub gateways: BTreeMap<GatewayName, CompiledGateway>,
     /// Every resource encoded once; streams send these bytes as they are.
     pub encoded: BTreeMap<ResourceName, EncodedResource>,
+    /// What changed between `delta.from` and `revision`, so a session whose
+    /// agent is in sync with `delta.from` plans only those names instead of
+    /// its whole view (work per change proportional to the change).
+    pub delta: Option<Arc<Delta>>,
+}
+
+/// The resources that differ between two consecutive revisions of one epoch:
+/// changed, added or removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Delta {
+    pub from: u64,
+    pub names: BTreeSet<ResourceName>,
+}
+
+impl Delta {
+    /// The names whose presence or version differs between `before` and
+    /// `after`.
+    pub fn between(from: u64, before: &Topology, after: &Topology) -> Self {
+        let mut names: BTreeSet<ResourceName> = after
+            .resources
+            .iter()
+            .filter(|(n, r)| {
+                before
+                    .resources
+                    .get(*n)
+                    .is_none_or(|b| b.version != r.version)
+            })
+            .map(|(n, _)| n.clone())
+            .collect();
+        names.extend(
+            before
+                .resources
+                .keys()
+                .filter(|n| !after.resources.contains_key(*n))
+                .cloned(),
+        );
+        Self { from, names }
+    }
 }
 
 /// A Gateway's identity and status as the API server last showed them.
@@ -188,7 +226,11 @@ impl Pipeline {
             if has_status {
                 continue;
             }
-            if let Some(last) = prev.gateways.values().find(|c| c.name.as_str() == name) {
+            // A keyed lookup, not a search of every gateway per gateway.
+            let last = GatewayName::new(name.clone())
+                .ok()
+                .and_then(|n| prev.gateways.get(&n));
+            if let Some(last) = last {
                 gw.status = Some(last.status.clone());
             }
         }
@@ -260,8 +302,20 @@ impl Pipeline {
                 )
             })
             .collect();
+        let delta = if state.epoch != prev.epoch {
+            None
+        } else if state.revision == prev.revision {
+            prev.delta.clone()
+        } else {
+            Some(Arc::new(Delta::between(
+                prev.revision,
+                &prev.topology,
+                &compiled.topology,
+            )))
+        };
         let next = Published {
             encoded,
+            delta,
             epoch: state.epoch,
             revision: state.revision,
             ready,
@@ -286,13 +340,30 @@ impl Pipeline {
     /// Recompiles after every (debounced) burst of index changes, and when
     /// an agent's stream has been gone for the failover grace, until
     /// `shutdown` fires.
-    pub async fn run(mut self, shutdown: tokio_util::sync::CancellationToken) {
+    ///
+    /// Each compile runs on the blocking pool: it is CPU work proportional
+    /// to the cluster and ends in a durable (fsync'ed) write of the new
+    /// revision, neither of which may hold a runtime worker that thousands
+    /// of streams share.
+    pub async fn run(self, shutdown: tokio_util::sync::CancellationToken) {
         let index = self.index.clone();
         let grace = self.failover_grace;
+        let debounce = self.debounce;
+        let mut pipeline = self;
         loop {
-            if let Err(e) = self.recompile() {
-                tracing::error!(error = %e, "could not persist a new revision; keeping the previous state published");
-            }
+            let compiled = tokio::task::spawn_blocking(move || {
+                if let Err(e) = pipeline.recompile() {
+                    tracing::error!(error = %e, "could not persist a new revision; keeping the previous state published");
+                }
+                pipeline
+            });
+            pipeline = match compiled.await {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::error!(error = %e, "the compiler panicked; keeping the previous state published, no more recompiles");
+                    return;
+                }
+            };
             let now = tokio::time::Instant::now();
             let deadline = index.read(|i| i.next_grace_deadline(now, grace));
             let grace_passed = async {
@@ -308,16 +379,51 @@ impl Pipeline {
             }
             let started = tokio::time::Instant::now();
             loop {
-                let deadline = (started + self.debounce.max_delay)
-                    .min(tokio::time::Instant::now() + self.debounce.quiet);
+                let deadline = (started + debounce.max_delay)
+                    .min(tokio::time::Instant::now() + debounce.quiet);
                 tokio::select! {
                     () = shutdown.cancelled() => return,
                     () = index.changed() => {
-                        if tokio::time::Instant::now() >= started + self.debounce.max_delay { break; }
+                        if tokio::time::Instant::now() >= started + debounce.max_delay { break; }
                     }
                     () = tokio::time::sleep_until(deadline) => break,
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use raven_core::topology::{Resource, ResourceBody, Settings};
+
+    fn settings(port: u16) -> Resource {
+        Resource::new(ResourceBody::Settings(Settings {
+            raven_cfg_present: true,
+            enable_l3_tunnel: true,
+            enable_l7_proxy: true,
+            vxlan_port: port,
+        }))
+    }
+
+    fn topology(entries: &[(&str, u16)]) -> Topology {
+        let mut t = Topology::default();
+        for (name, port) in entries {
+            let name = ResourceName::parse(name).unwrap_or_else(|| panic!("{name}"));
+            t.resources.insert(name, settings(*port));
+        }
+        t
+    }
+
+    #[test]
+    fn a_delta_names_what_changed_appeared_or_disappeared_and_nothing_else() {
+        let before = topology(&[("settings", 1), ("gateway/a", 1), ("gateway/b", 1)]);
+        let after = topology(&[("settings", 1), ("gateway/a", 2), ("gateway/c", 1)]);
+        let d = Delta::between(7, &before, &after);
+        assert_eq!(d.from, 7);
+        let names: Vec<&str> = d.names.iter().map(ResourceName::as_str).collect();
+        assert_eq!(names, ["gateway/a", "gateway/b", "gateway/c"]);
+        assert!(Delta::between(7, &after, &after).names.is_empty());
     }
 }

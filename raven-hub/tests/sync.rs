@@ -234,6 +234,16 @@ impl Agent {
         }
     }
 
+    /// Sends one message on the stream.
+    async fn send(&self, message: Req) {
+        self.tx
+            .send(v1::SyncRequest {
+                message: Some(message),
+            })
+            .await
+            .expect("send");
+    }
+
     async fn ack(&self, u: &v1::Update) {
         let ack = v1::Ack {
             nonce: u.nonce.clone(),
@@ -1575,4 +1585,117 @@ async fn idle_connections_are_bounded_and_dropped_and_an_agent_still_gets_in() {
     agent.no_update_within(Duration::from_millis(100)).await;
     drop(idle);
     hub.stop().await;
+}
+
+/// A report that changes only `peer/` resources (which members never see)
+/// sends a member nothing; the next change it does see brings only that
+/// resource. (The session plans from the change's names once it is in sync
+/// with the revision before it, including a revision it was sent nothing
+/// for.)
+#[tokio::test]
+async fn after_a_change_outside_its_view_a_member_gets_only_what_the_next_change_touches() {
+    let env = Env::new();
+    let hub = env.hub().await;
+    let gw = synced_agent(&env, &hub, HZ_GW).await;
+    let mut member = synced_agent(&env, &hub, HZ_MEMBER).await;
+    let mut rx = hub.published.clone();
+    let before = rx.borrow().revision;
+    report_key(&gw, "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=").await;
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        rx.wait_for(|p| p.revision > before),
+    )
+    .await
+    .expect("the key makes a new revision")
+    .expect("published");
+    member.no_update_within(Duration::from_millis(500)).await;
+    env.edit("nodes.yaml", "10.244.4.0/24", "10.244.40.0/24");
+    let u = member.update().await.expect("delta");
+    assert!(!u.snapshot);
+    assert_eq!(names(&u), vec!["gateway/gw-qingdao"]);
+    assert!(u.removed.is_empty());
+    hub.stop().await;
+}
+
+/// The Applied resource list is deprecated: an older agent that still sends
+/// it has it dropped, so the hub keeps only the summary per agent.
+#[tokio::test]
+async fn an_applied_with_a_resource_list_is_kept_without_it() {
+    let env = Env::new();
+    let hub = env.hub().await;
+    let mut client = env.client(&hub, HZ_MEMBER).await;
+    let mut agent = Agent::open(&mut client, hello(HZ_MEMBER, &[], "", 0, false))
+        .await
+        .expect("open");
+    let u = agent.update().await.expect("snapshot");
+    agent.ack(&u).await;
+    #[allow(deprecated)]
+    let applied = v1::Applied {
+        epoch: u.epoch.clone(),
+        revision: u.revision,
+        success: true,
+        resources: u
+            .resources
+            .iter()
+            .map(|r| v1::ResourceVersion {
+                name: r.name.clone(),
+                version: r.version.clone(),
+            })
+            .collect(),
+        summary: Some(v1::ApplySummary {
+            routes: 3,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    agent.send(Req::Applied(applied)).await;
+    let node = NodeName::new(HZ_MEMBER).expect("name");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let kept = loop {
+        if let Some(a) = hub.agents.get(&node).and_then(|e| e.applied) {
+            break a;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no Applied recorded"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!((kept.revision, kept.success), (u.revision, true));
+    assert_eq!(kept.summary.map(|s| s.routes), Some(3));
+    #[allow(deprecated)]
+    let listed = kept.resources.len();
+    assert_eq!(listed, 0, "the resource list is not kept");
+    hub.stop().await;
+}
+
+/// `stop()` ends every Sync session (UNAVAILABLE) and returns only after
+/// they ended: the agent table says disconnected by then.
+#[tokio::test]
+async fn stop_ends_every_sync_session_and_waits_for_them() {
+    let env = Env::new();
+    let hub = env.hub().await;
+    let mut agents = Vec::new();
+    for node in [HZ_GW, HZ_MEMBER, QD_MEMBER] {
+        agents.push(synced_agent(&env, &hub, node).await);
+    }
+    let table = hub.agents.clone();
+    assert_eq!(table.connected_count(), 3);
+    tokio::time::timeout(Duration::from_secs(10), hub.stop())
+        .await
+        .expect("stop returns");
+    assert_eq!(
+        table.connected_count(),
+        0,
+        "sessions still running after stop()"
+    );
+    for mut a in agents {
+        let code = tokio::time::timeout(Duration::from_secs(10), a.end())
+            .await
+            .expect("the stream ends");
+        assert!(
+            matches!(code, Some(tonic::Code::Unavailable) | None),
+            "ended with {code:?}"
+        );
+    }
 }

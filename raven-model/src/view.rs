@@ -43,6 +43,29 @@ pub fn view_names(topology: &Topology, node: &NodeName) -> Vec<ResourceName> {
     names
 }
 
+/// Whether `name` is in `node`'s view of `topology`: the rule of
+/// [`view_names`] for one name, so a change touching a few names is routed
+/// to a node without listing its whole view. False when the topology does
+/// not know the node.
+pub fn in_view(topology: &Topology, node: &NodeName, name: &ResourceName) -> bool {
+    let Some(me) = topology.node(node) else {
+        return false;
+    };
+    if !topology.resources.contains_key(name) {
+        return false;
+    }
+    let s = name.as_str();
+    if s == ResourceName::SETTINGS {
+        true
+    } else if s.starts_with("gateway/") {
+        me.gateway.is_some()
+    } else if s.starts_with("peer/") {
+        me.tunnel_candidate
+    } else {
+        *name == ResourceName::node(node)
+    }
+}
+
 /// The resources `node` receives.
 pub fn node_view<'a>(
     topology: &'a Topology,

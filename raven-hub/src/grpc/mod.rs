@@ -211,7 +211,9 @@ impl SyncService for Sync {
         let permit = self.shared.admit()?;
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let session = Session::new(node, self.shared.clone(), tx, permit);
-        tokio::spawn(session.run(request.into_inner(), remote));
+        self.shared
+            .sessions
+            .spawn(session.run(request.into_inner(), remote));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
@@ -304,6 +306,11 @@ fn reflection(
     Ok((v1, v1alpha))
 }
 
+/// Pending connections the agent listener queues before `accept` (capped by
+/// the kernel's `net.core.somaxconn`): thousands of agents redial at once
+/// after a hub restart, and a short queue resets their dials.
+pub const LISTEN_BACKLOG: u32 = 8192;
+
 /// Bound listeners, before serving.
 #[derive(Debug)]
 pub struct Listeners {
@@ -313,20 +320,33 @@ pub struct Listeners {
 
 impl Listeners {
     pub async fn bind(grpc: SocketAddr, plaintext: Option<SocketAddr>) -> Result<Self, ServeError> {
+        Self::bind_now(grpc, plaintext)
+    }
+
+    fn bind_now(grpc: SocketAddr, plaintext: Option<SocketAddr>) -> Result<Self, ServeError> {
         if let Some(p) = plaintext
             && !p.ip().is_loopback()
         {
             return Err(ServeError::PlaintextNotLoopback(p));
         }
-        let bind = |addr: SocketAddr| async move {
-            TcpListener::bind(addr)
-                .await
+        let bind = |addr: SocketAddr, backlog: u32| {
+            let socket = if addr.is_ipv4() {
+                tokio::net::TcpSocket::new_v4()
+            } else {
+                tokio::net::TcpSocket::new_v6()
+            };
+            socket
+                .and_then(|s| {
+                    s.set_reuseaddr(true)?;
+                    s.bind(addr)?;
+                    s.listen(backlog)
+                })
                 .map_err(|source| ServeError::Bind { addr, source })
         };
         Ok(Self {
-            grpc: bind(grpc).await?,
+            grpc: bind(grpc, LISTEN_BACKLOG)?,
             plaintext: match plaintext {
-                Some(p) => Some(bind(p).await?),
+                Some(p) => Some(bind(p, 128)?),
                 None => None,
             },
         })
@@ -372,12 +392,13 @@ pub async fn serve(
     let (refl_v1, refl_v1alpha) = reflection(&TLS_SERVICES)?;
     let (plain_refl_v1, plain_refl_v1alpha) = reflection(&PLAINTEXT_SERVICES)?;
     let keepalive = Some(shared.config.keepalive);
+    let keepalive_timeout = Some(shared.config.keepalive_timeout);
     let metrics = shared.metrics.clone();
     let sync = SyncServiceServer::new(Sync { shared });
     let tls_server = Server::builder()
         .tls_config(tls_config)?
         .http2_keepalive_interval(keepalive)
-        .http2_keepalive_timeout(keepalive)
+        .http2_keepalive_timeout(keepalive_timeout)
         .add_service(tls_health)
         .add_service(refl_v1)
         .add_service(refl_v1alpha)

@@ -55,9 +55,14 @@ pub struct SyncConfig {
     pub max_update_bytes: usize,
     /// HTTP/2 keepalive of agent connections: a PING after this long
     /// without a frame from the agent, and the connection is dropped when it
-    /// is not answered within as long again. This is how the hub notices a
+    /// is not answered within `keepalive_timeout`. This is how the hub notices a
     /// powered-off agent (no FIN, no RST) between application heartbeats.
     pub keepalive: Duration,
+    /// How long the hub waits for the answer to a keepalive PING before it
+    /// drops the connection. Much longer than a busy second of the hub's own
+    /// runtime (thousands of streams updating at once), so load alone never
+    /// ends healthy streams (whose redials would add to the load).
+    pub keepalive_timeout: Duration,
     /// How long an agent's stream must have been gone before the failure
     /// detector counts it (see `raven_core::liveness`); longer than a
     /// short reconnect.
@@ -89,6 +94,7 @@ impl Default for SyncConfig {
             retry_after: Duration::from_secs(2),
             max_update_bytes: 1 << 20,
             keepalive: Duration::from_secs(2),
+            keepalive_timeout: Duration::from_secs(10),
             failover_grace: Duration::from_secs(3),
             confirm_mass_removal: false,
         }
@@ -104,7 +110,12 @@ pub struct SyncShared {
     pub metrics: Metrics,
     pub config: SyncConfig,
     pub admission: Arc<Semaphore>,
-    pub reports: crate::revision::Reports,
+    pub reports: crate::reports::Reports,
+    /// Every session task: the hub's `stop()` ends them (`shutdown`) and
+    /// waits for them.
+    pub sessions: tokio_util::task::TaskTracker,
+    /// Cancelled when the hub shuts down: every session ends UNAVAILABLE.
+    pub shutdown: tokio_util::sync::CancellationToken,
     /// The live stream of each node: a newer stream from the same node
     /// replaces it, so one node certificate holds at most one stream (and at
     /// most one admission permit).
@@ -119,7 +130,8 @@ impl SyncShared {
         agents: Agents,
         metrics: Metrics,
         config: SyncConfig,
-        reports: crate::revision::Reports,
+        reports: crate::reports::Reports,
+        shutdown: tokio_util::sync::CancellationToken,
     ) -> Self {
         let admission = Arc::new(Semaphore::new(config.max_initial_syncs));
         Self {
@@ -130,6 +142,8 @@ impl SyncShared {
             config,
             admission,
             reports,
+            sessions: tokio_util::task::TaskTracker::new(),
+            shutdown,
             live: Arc::default(),
             next_stream: Arc::default(),
         }
@@ -183,10 +197,11 @@ struct InFlight {
     nonce: String,
     epoch: String,
     revision: u64,
-    /// What the agent holds once it ACKs.
-    after: BTreeMap<ResourceName, ContentVersion>,
-    /// The resources sent, for NACK bookkeeping.
+    /// The resources sent (the agent holds them once it ACKs; NACK
+    /// bookkeeping).
     sent: Vec<(ResourceName, ContentVersion)>,
+    /// The names removed (gone from what the agent holds once it ACKs).
+    removed: Vec<ResourceName>,
     sent_at: tokio::time::Instant,
 }
 
@@ -195,8 +210,6 @@ struct InFlight {
 struct Part {
     header: UpdateHeader,
     resources: Vec<EncodedResource>,
-    /// What the agent holds once it ACKs this part.
-    after: BTreeMap<ResourceName, ContentVersion>,
     sent: Vec<(ResourceName, ContentVersion)>,
 }
 
@@ -220,6 +233,11 @@ pub struct Session {
     held: BTreeMap<ResourceName, ContentVersion>,
     held_epoch: String,
     held_revision: u64,
+    /// The revision (of `held_epoch`) whose view `held` is, but for content
+    /// the agent refused: known after this session's first ACK. A session
+    /// in sync with the revision a [`crate::pipeline::Delta`] starts from
+    /// plans only the delta's names.
+    synced: Option<u64>,
     /// Content the agent refused; never sent again unchanged.
     nacked: BTreeSet<(ResourceName, ContentVersion)>,
     in_flight: Option<InFlight>,
@@ -239,6 +257,10 @@ impl std::fmt::Debug for Session {
             .field("node", &self.node)
             .finish_non_exhaustive()
     }
+}
+
+fn shutting_down() -> Status {
+    Status::unavailable("the hub is shutting down")
 }
 
 fn status_invalid(msg: impl Into<String>) -> Status {
@@ -268,6 +290,7 @@ impl Session {
             held: BTreeMap::new(),
             held_epoch: String::new(),
             held_revision: 0,
+            synced: None,
             nacked: BTreeSet::new(),
             in_flight: None,
             queued: Vec::new(),
@@ -300,10 +323,12 @@ impl Session {
         remote: String,
     ) -> Result<(), Status> {
         let replaced = self.replaced.clone();
+        let shutdown = self.shared.shutdown.clone();
         let first = tokio::time::timeout(self.shared.config.hello_timeout, inbound.message());
         let first = tokio::select! {
             r = first => r,
             () = replaced.cancelled() => return Err(self.replaced_status()),
+            () = shutdown.cancelled() => return Err(shutting_down()),
         };
         let hello = match first {
             Err(_) => {
@@ -349,9 +374,11 @@ impl Session {
         let ready = tokio::time::timeout(
             self.shared.config.ready_timeout,
             published.wait_for(|p| p.ready),
-        )
-        .await
-        .is_ok_and(|r| r.is_ok());
+        );
+        let ready = tokio::select! {
+            r = ready => r.is_ok_and(|r| r.is_ok()),
+            () = shutdown.cancelled() => return Err(shutting_down()),
+        };
         if !ready {
             return Err(Status::unavailable(
                 "the hub has not synced its sources yet",
@@ -397,6 +424,7 @@ impl Session {
             }
             tokio::select! {
                 () = self.replaced.cancelled() => return Err(self.replaced_status()),
+                () = self.shared.shutdown.cancelled() => return Err(shutting_down()),
                 () = tokio::time::sleep_until(self.report_rate.next_at()), if self.pending_report.is_some() => {
                     if self.report_rate.take(tokio::time::Instant::now())
                         && let Some(report) = self.pending_report.take()
@@ -417,7 +445,7 @@ impl Session {
                 }
                 changed = published.changed() => {
                     if changed.is_err() {
-                        return Err(Status::unavailable("the hub is shutting down"));
+                        return Err(shutting_down());
                     }
                     dirty = true;
                 }
@@ -467,7 +495,6 @@ impl Session {
         let Part {
             mut header,
             resources,
-            after,
             sent,
         } = self.queued.remove(0);
         self.next_nonce += 1;
@@ -477,8 +504,8 @@ impl Session {
             nonce: header.nonce.clone(),
             epoch: header.epoch.clone(),
             revision: header.revision,
-            after,
             sent,
+            removed: header.removed.clone(),
             sent_at: tokio::time::Instant::now(),
         });
         self.answered = true;
@@ -488,6 +515,59 @@ impl Session {
 
     /// Computes the Updates that bring the agent to `current`.
     fn plan(&mut self, current: &Published, full_snapshot: bool) {
+        let (changed, removed) = match self.plan_delta(current) {
+            Some(Some(planned)) => planned,
+            Some(None) => return,
+            None => self.plan_full(current),
+        };
+        self.queue(current, full_snapshot, changed, removed);
+    }
+
+    /// What changed for this agent, from the names of `current.delta` only,
+    /// when the agent is in sync with the revision the delta starts from:
+    /// `Some(None)` when it is in sync with `current` already, `None` when
+    /// a full plan is needed (first Update, another base revision, a held
+    /// back removal, or this node's own resource changed, which may change
+    /// which names its view has).
+    #[allow(clippy::type_complexity)]
+    fn plan_delta(
+        &self,
+        current: &Published,
+    ) -> Option<Option<(Vec<(ResourceName, ContentVersion)>, Vec<ResourceName>)>> {
+        if !self.answered || !self.held_back.is_empty() || current.epoch != self.held_epoch {
+            return None;
+        }
+        let synced = self.synced?;
+        if synced == current.revision {
+            return Some(None);
+        }
+        let delta = current.delta.as_ref().filter(|d| d.from == synced)?;
+        if delta.names.contains(&ResourceName::node(&self.node)) {
+            return None;
+        }
+        let mut changed = Vec::new();
+        let mut removed = Vec::new();
+        for name in &delta.names {
+            match current.topology.resources.get(name) {
+                Some(r) if view::in_view(&current.topology, &self.node, name) => {
+                    if self.held.get(name) != Some(&r.version)
+                        && !self.nacked.contains(&(name.clone(), r.version.clone()))
+                    {
+                        changed.push((name.clone(), r.version.clone()));
+                    }
+                }
+                _ if self.held.contains_key(name) => removed.push(name.clone()),
+                _ => {}
+            }
+        }
+        Some(Some((changed, removed)))
+    }
+
+    /// What changed for this agent, from its whole view.
+    fn plan_full(
+        &self,
+        current: &Published,
+    ) -> (Vec<(ResourceName, ContentVersion)>, Vec<ResourceName>) {
         let names = view::view_names(&current.topology, &self.node);
         let wanted: BTreeMap<ResourceName, ContentVersion> = names
             .iter()
@@ -505,12 +585,23 @@ impl Session {
             .filter(|(n, v)| !self.nacked.contains(&((*n).clone(), (*v).clone())))
             .map(|(n, v)| (n.clone(), v.clone()))
             .collect();
-        let mut removed: Vec<ResourceName> = self
+        let removed: Vec<ResourceName> = self
             .held
             .keys()
             .filter(|n| !wanted.contains_key(*n))
             .cloned()
             .collect();
+        (changed, removed)
+    }
+
+    /// Queues the Updates that send `changed` and `removed`.
+    fn queue(
+        &mut self,
+        current: &Published,
+        full_snapshot: bool,
+        changed: Vec<(ResourceName, ContentVersion)>,
+        mut removed: Vec<ResourceName>,
+    ) {
         let first = !self.answered;
         // A removal of most of the view is intentional only when the
         // operator confirmed it. Unconfirmed, a delta leaves it out (the
@@ -531,6 +622,9 @@ impl Session {
         }
         let intentional_removal = confirmed || (!first && !mass);
         if !first && changed.is_empty() && removed.is_empty() {
+            if self.held_back.is_empty() && current.epoch == self.held_epoch {
+                self.synced = Some(current.revision);
+            }
             return;
         }
         // Split into parts of about max_update_bytes; the removals and the
@@ -551,17 +645,8 @@ impl Session {
             }
         }
         let count = parts.len();
-        let mut after = self.held.clone();
         for (i, part) in parts.into_iter().enumerate() {
             let last = i + 1 == count;
-            for (n, v) in &part {
-                after.insert(n.clone(), v.clone());
-            }
-            if last {
-                for n in &removed {
-                    after.remove(n);
-                }
-            }
             let header = UpdateHeader {
                 epoch: current.epoch.clone(),
                 revision: current.revision,
@@ -581,7 +666,6 @@ impl Session {
             self.queued.push(Part {
                 header,
                 resources,
-                after: after.clone(),
                 sent: part,
             });
         }
@@ -601,9 +685,20 @@ impl Session {
                     )));
                 };
                 self.shared.metrics.acked(f.sent_at.elapsed());
-                self.held = f.after;
+                for (n, v) in &f.sent {
+                    self.held.insert(n.clone(), v.clone());
+                }
+                for n in &f.removed {
+                    self.held.remove(n);
+                }
+                if f.epoch != self.held_epoch {
+                    self.synced = None;
+                }
                 self.held_epoch = f.epoch.clone();
                 self.held_revision = f.revision;
+                if self.queued.is_empty() {
+                    self.synced = Some(f.revision);
+                }
                 self.shared
                     .agents
                     .update(&node, |e| e.acked = Some((f.epoch, f.revision)));
@@ -639,6 +734,17 @@ impl Session {
                 Ok(true)
             }
             Some(Req::Applied(applied)) => {
+                // The deprecated resource list (older agents) is dropped
+                // unread: the versions are known from the Ack, and keeping
+                // it would cost every agent its whole inventory again.
+                let applied = v1::Applied {
+                    epoch: applied.epoch,
+                    revision: applied.revision,
+                    success: applied.success,
+                    error: applied.error,
+                    summary: applied.summary,
+                    ..Default::default()
+                };
                 self.shared
                     .agents
                     .update(&node, |e| e.applied = Some(applied));
@@ -683,10 +789,13 @@ impl Session {
                     .update(&node, |e| e.report = Some(report));
                 // Persist what the index keeps (a key another node holds is
                 // refused there), so a restarted hub keeps the same owner.
+                // The index owns reports; only a change is queued for disk.
                 let mut kept = None;
                 self.shared.index.update_if(|i| {
                     let changed = i.set_report(node.clone(), parsed);
-                    kept = i.report(&node).cloned();
+                    if changed {
+                        kept = i.report(&node).cloned();
+                    }
                     changed
                 });
                 if let Some(kept) = kept {

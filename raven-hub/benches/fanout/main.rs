@@ -1,0 +1,606 @@
+//! The hub's fan-out benchmark: a generated cluster (G gateways × N Ready
+//! nodes), the `raven-hub` binary as its own process, and M simulated agents
+//! in this process — each its own TLS connection and node certificate —
+//! against it; then etcd's watch fan-out in the same run as the baseline.
+//!
+//! ```text
+//! cargo bench -p raven-hub --bench fanout -- [--gateways G] [--nodes N] [--agents M]
+//!     [--changes C] [--applied-with-resources] [--no-etcd]
+//! ```
+//!
+//! Prints figures (all connect → all synced, one-node change → ACK p50/p99,
+//! hub CPU per change, hub RSS per agent, restart → in sync, bytes) and their
+//! ratios to the etcd baseline. Never asserts a time: it fails only when the
+//! hub does not deliver at all.
+
+mod agent;
+mod cluster;
+mod etcd;
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cluster::Shape;
+use raven_core::NodeName;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+
+struct Opts {
+    shape: Shape,
+    agents: usize,
+    changes: usize,
+    applied_with_resources: bool,
+    etcd: bool,
+}
+
+fn opts() -> Opts {
+    let mut o = Opts {
+        shape: Shape {
+            gateways: 20,
+            nodes: 10,
+        },
+        agents: 0,
+        changes: 5,
+        applied_with_resources: false,
+        etcd: true,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut num = |what: &str| -> usize {
+            args.next()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("{what} needs a number"))
+        };
+        match a.as_str() {
+            "--gateways" => o.shape.gateways = num("--gateways"),
+            "--nodes" => o.shape.nodes = num("--nodes"),
+            "--agents" => o.agents = num("--agents"),
+            "--changes" => o.changes = num("--changes").max(1),
+            "--applied-with-resources" => o.applied_with_resources = true,
+            "--no-etcd" => o.etcd = false,
+            // cargo bench passes --bench; libtest-style filters are ignored.
+            _ => {}
+        }
+    }
+    if o.agents == 0 {
+        o.agents = o.shape.gateways * o.shape.nodes;
+    }
+    o.agents = o.agents.min(o.shape.gateways * o.shape.nodes);
+    o
+}
+
+/// utime + stime of a process.
+pub fn proc_cpu(pid: u32) -> Duration {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return Duration::ZERO;
+    };
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+        return Duration::ZERO;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // Fields 14 and 15 of stat; `rest` starts at field 3.
+    let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+    // USER_HZ is 100 on Linux.
+    Duration::from_millis(ticks * 10)
+}
+
+/// Resident set size in bytes.
+fn proc_rss(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .unwrap_or(0)
+        * 1024
+}
+
+fn raise_nofile() {
+    // The hub inherits it; each agent holds one socket here and one there.
+    let soft = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("Max open files"))
+                .and_then(|l| l.split_whitespace().nth(3)?.parse::<u64>().ok())
+        });
+    if soft.is_some_and(|s| s < 4096) {
+        eprintln!(
+            "note: open-files limit {soft:?}; run with `ulimit -n 65536` for thousands of agents"
+        );
+    }
+}
+
+struct Hub {
+    child: Child,
+    grpc: SocketAddr,
+    http: SocketAddr,
+}
+
+impl Hub {
+    fn start(work: &Path, grpc: SocketAddr) -> Self {
+        let http: SocketAddr = ([127, 0, 0, 1], etcd::free_port()).into();
+        let plain: SocketAddr = ([127, 0, 0, 1], etcd::free_port()).into();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(work.join("hub.log"))
+            .unwrap_or_else(|e| panic!("hub log: {e}"));
+        // RAVEN_HUB_BIN runs another build (a before/after comparison).
+        let bin = std::env::var_os("RAVEN_HUB_BIN").map_or_else(
+            || env!("CARGO_BIN_EXE_raven-hub").into(),
+            std::path::PathBuf::from,
+        );
+        let child = Command::new(bin)
+            .arg("serve")
+            .arg("--manifests")
+            .arg(work.join("manifests"))
+            .arg("--certs")
+            .arg(work.join("certs"))
+            .arg("--data-dir")
+            .arg(work.join("hub-data"))
+            .arg("--grpc-addr")
+            .arg(grpc.to_string())
+            .arg("--plaintext-addr")
+            .arg(plain.to_string())
+            .arg("--http-addr")
+            .arg(http.to_string())
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting raven-hub: {e}"));
+        Self { child, grpc, http }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Polls `/readyz` until the hub serves.
+    async fn ready(&self) -> Duration {
+        let t0 = Instant::now();
+        loop {
+            if t0.elapsed() > Duration::from_secs(300) {
+                panic!("the hub did not become ready within 300 s (see hub.log)");
+            }
+            let http = self.http;
+            let ok = tokio::task::spawn_blocking(move || {
+                let Ok(mut s) = std::net::TcpStream::connect(http) else {
+                    return false;
+                };
+                let _ = s.write_all(b"GET /readyz HTTP/1.0\r\nHost: x\r\n\r\n");
+                let mut buf = String::new();
+                let _ = s.read_to_string(&mut buf);
+                buf.starts_with("HTTP/1.1 200") || buf.starts_with("HTTP/1.0 200")
+            })
+            .await
+            .unwrap_or(false);
+            if ok {
+                return t0.elapsed();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGTERM (by PID) and wait for it to exit.
+    fn stop(mut self) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+}
+
+/// The per-agent state the benchmark tracks from events.
+#[derive(Default, Clone)]
+struct Seen {
+    /// Latest Update of each agent: (when, revision, stream bytes so far, first of its stream)
+    last: Option<(Instant, u64, usize, bool)>,
+    synced_at: Option<Instant>,
+    first_sync_bytes: usize,
+}
+
+struct Collector {
+    rx: mpsc::UnboundedReceiver<agent::Event>,
+    seen: Vec<Seen>,
+    dial_failed: usize,
+    refused: usize,
+    ended: usize,
+}
+
+impl Collector {
+    fn take(&mut self, e: agent::Event) {
+        match e {
+            agent::Event::Update {
+                idx,
+                at,
+                revision,
+                bytes,
+                first,
+                complete,
+            } => {
+                let s = &mut self.seen[idx];
+                if complete && s.synced_at.is_none() {
+                    s.synced_at = Some(at);
+                    s.first_sync_bytes = bytes;
+                }
+                s.last = Some((at, revision, bytes, first));
+            }
+            agent::Event::DialFailed => self.dial_failed += 1,
+            agent::Event::Refused => self.refused += 1,
+            agent::Event::StreamEnded => self.ended += 1,
+        }
+    }
+
+    /// Takes events until `done` holds or `limit` passes; false on timeout.
+    async fn until(&mut self, limit: Duration, done: impl Fn(&Self) -> bool) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        while !done(self) {
+            match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                Ok(Some(e)) => self.take(e),
+                _ => return done(self),
+            }
+        }
+        true
+    }
+
+    fn drain(&mut self) {
+        while let Ok(e) = self.rx.try_recv() {
+            self.take(e);
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let o = opts();
+    raise_nofile();
+    let work = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+    let w = work.path();
+    let machine = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
+        .unwrap_or_default();
+    println!(
+        "raven hub fan-out: {} gateways × {} nodes ({} nodes), {} agents, {} changes; {} CPUs ({machine})",
+        o.shape.gateways,
+        o.shape.nodes,
+        o.shape.gateways * o.shape.nodes,
+        o.agents,
+        o.changes,
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+
+    // Cluster and certificates.
+    let t = Instant::now();
+    cluster::write(&w.join("manifests"), o.shape).unwrap_or_else(|e| panic!("manifests: {e}"));
+    let picked = cluster::pick_agents(o.shape, o.agents);
+    let nodes: Vec<NodeName> = picked
+        .iter()
+        .map(|&(g, i)| NodeName::new(cluster::node_name(g, i)).unwrap_or_else(|e| panic!("{e}")))
+        .collect();
+    raven_hub::certs::generate(
+        &w.join("certs"),
+        &["localhost".into(), "127.0.0.1".into()],
+        &nodes,
+    )
+    .unwrap_or_else(|e| panic!("certificates: {e}"));
+    println!(
+        "setup: cluster and {} certificates in {}",
+        nodes.len(),
+        ms(t.elapsed())
+    );
+
+    let grpc: SocketAddr = ([127, 0, 0, 1], etcd::free_port()).into();
+    let mut hub = Hub::start(w, grpc);
+    let startup = hub.ready().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss0 = proc_rss(hub.pid());
+    println!(
+        "hub ready in {} (RSS {:.1} MB before agents)",
+        ms(startup),
+        rss0 as f64 / 1e6
+    );
+
+    let layout = raven_hub::certs::Layout {
+        dir: w.join("certs"),
+    };
+    let ca = Certificate::from_pem(std::fs::read(layout.ca_cert()).unwrap_or_default());
+    let url = Arc::new(std::sync::Mutex::new(format!("https://{}", hub.grpc)));
+    let (tx, rx) = mpsc::unbounded_channel();
+    let stop = CancellationToken::new();
+    let mut specs = Vec::new();
+    for (idx, (&(g, i), node)) in picked.iter().zip(&nodes).enumerate() {
+        let identity = Identity::from_pem(
+            std::fs::read(layout.node_cert(node)).unwrap_or_default(),
+            std::fs::read(layout.node_key(node)).unwrap_or_default(),
+        );
+        specs.push(agent::Spec {
+            idx,
+            node: node.to_string(),
+            candidate: i < 2,
+            internal_ip: cluster::internal_ip(o.shape, g, i),
+            tls: ClientTlsConfig::new()
+                .ca_certificate(ca.clone())
+                .identity(identity)
+                .domain_name("localhost"),
+            hub: url.clone(),
+            applied_with_resources: o.applied_with_resources,
+            heartbeat: Duration::from_secs(10),
+        });
+    }
+    let mut c = Collector {
+        rx,
+        seen: vec![Seen::default(); o.agents],
+        dial_failed: 0,
+        refused: 0,
+        ended: 0,
+    };
+
+    // 1. Everyone at once.
+    let t0 = Instant::now();
+    for spec in specs {
+        tokio::spawn(agent::run(spec, tx.clone(), stop.clone()));
+    }
+    let all = c
+        .until(Duration::from_secs(600), |c| {
+            c.seen.iter().all(|s| s.synced_at.is_some())
+        })
+        .await;
+    let synced = c.seen.iter().filter(|s| s.synced_at.is_some()).count();
+    let connect_all = c
+        .seen
+        .iter()
+        .filter_map(|s| s.synced_at)
+        .max()
+        .map_or(Duration::ZERO, |t| t.saturating_duration_since(t0));
+    let (dials, refusals) = (c.dial_failed, c.refused);
+    // Let Reports and the peers they create settle.
+    settle(&mut c, Duration::from_secs(2)).await;
+    let rss1 = proc_rss(hub.pid());
+    let first_bytes: Vec<(bool, usize)> = c
+        .seen
+        .iter()
+        .zip(&picked)
+        .map(|(s, &(_, i))| (i < 2, s.first_sync_bytes))
+        .collect();
+    let avg = |gw: bool| {
+        let v: Vec<usize> = first_bytes
+            .iter()
+            .filter(|(g, _)| *g == gw)
+            .map(|(_, b)| *b)
+            .collect();
+        (
+            v.iter().sum::<usize>() / v.len().max(1),
+            v.iter().copied().max().unwrap_or(0),
+        )
+    };
+    let (cand_avg, cand_max) = avg(true);
+    let (member_avg, member_max) = avg(false);
+
+    // 2. One-node changes: a member of gateway 1 moves its pod CIDR, back
+    // and forth. Every node in a domain sees the gateway's view change.
+    let g = 1.min(o.shape.gateways - 1);
+    let n = (o.shape.nodes - 1).min(2);
+    let mut latencies = Vec::new();
+    let mut cpu_per_change = Vec::new();
+    let mut delivered = Vec::new();
+    let mut bytes_per_change = Vec::new();
+    for k in 0..o.changes {
+        // Idle CPU of the hub (heartbeats) over a quiet second, subtracted.
+        let idle0 = proc_cpu(hub.pid());
+        settle(&mut c, Duration::from_millis(1000)).await;
+        let idle = proc_cpu(hub.pid()).saturating_sub(idle0);
+        let before: Vec<Option<(Instant, u64, usize, bool)>> =
+            c.seen.iter().map(|s| s.last).collect();
+        let cpu0 = proc_cpu(hub.pid());
+        let at = Instant::now();
+        cluster::rewrite(&w.join("manifests"), o.shape, g, (k % 2 == 0).then_some(n))
+            .unwrap_or_else(|e| panic!("rewrite: {e}"));
+        let changed = |c: &Collector| {
+            c.seen
+                .iter()
+                .zip(&before)
+                .filter(|(s, b)| s.last.map(|l| l.0) != b.map(|b| b.0))
+                .count()
+        };
+        c.until(Duration::from_secs(120), |c| changed(c) >= o.agents)
+            .await;
+        let took = at.elapsed();
+        // Applied and anything else the change causes.
+        settle(&mut c, Duration::from_millis(300)).await;
+        let spent = proc_cpu(hub.pid()).saturating_sub(cpu0);
+        let window = took + Duration::from_millis(300);
+        let idle_share = idle.mul_f64(window.as_secs_f64().min(10.0));
+        cpu_per_change.push(spent.saturating_sub(idle_share));
+        let mut got = 0;
+        for (s, b) in c.seen.iter().zip(&before) {
+            if let Some(l) = s.last
+                && Some(l.0) != b.map(|b| b.0)
+            {
+                latencies.push(l.0.saturating_duration_since(at));
+                bytes_per_change.push(l.2.saturating_sub(b.map_or(0, |b| b.2)));
+                got += 1;
+            }
+        }
+        delivered.push(got);
+    }
+    latencies.sort();
+    cpu_per_change.sort();
+    let change_p50 = pct(&latencies, 0.5);
+    let change_p99 = pct(&latencies, 0.99);
+    let cpu_change = pct(&cpu_per_change, 0.5);
+    let per_change_bytes = bytes_per_change.iter().sum::<usize>() / bytes_per_change.len().max(1);
+
+    // 3. Restart with nothing changed.
+    let ended0 = c.ended;
+    let rss_connected = proc_rss(hub.pid());
+    hub.stop();
+    let before: Vec<Option<(Instant, u64, usize, bool)>> = c.seen.iter().map(|s| s.last).collect();
+    let t_restart = Instant::now();
+    hub = Hub::start(w, grpc);
+    let hub_ready = hub.ready().await;
+    let back = |c: &Collector| {
+        c.seen
+            .iter()
+            .zip(&before)
+            .filter(|(s, b)| s.last.map(|l| l.0) != b.map(|b| b.0))
+            .count()
+    };
+    c.until(Duration::from_secs(600), |c| back(c) >= o.agents)
+        .await;
+    let restart_back = back(&c);
+    let restart = c
+        .seen
+        .iter()
+        .zip(&before)
+        .filter_map(|(s, b)| s.last.filter(|l| Some(l.0) != b.map(|b| b.0)))
+        .map(|l| l.0.saturating_duration_since(t_restart))
+        .max()
+        .unwrap_or_default();
+    let restart_bytes: Vec<usize> = c
+        .seen
+        .iter()
+        .zip(&before)
+        .filter_map(|(s, b)| s.last.filter(|l| Some(l.0) != b.map(|b| b.0)))
+        .map(|l| l.2)
+        .collect();
+    let restart_avg = restart_bytes.iter().sum::<usize>() / restart_bytes.len().max(1);
+    let _ = ended0;
+    stop.cancel();
+    hub.stop();
+
+    let rss_per_agent = rss1.saturating_sub(rss0) / o.agents.max(1) as u64;
+    println!();
+    println!("| figure | raven hub |");
+    println!("|---|---|");
+    println!(
+        "| all {} connect at once → all synced | {} ({} synced{}; {} dials failed, {} admission refusals) |",
+        o.agents,
+        ms(connect_all),
+        synced,
+        if all { "" } else { ", TIMED OUT" },
+        dials,
+        refusals
+    );
+    println!(
+        "| first-sync bytes per agent | tunnel candidates {:.1} KB avg ({:.1} KB max); members {:.1} KB avg ({:.1} KB max) |",
+        cand_avg as f64 / 1e3,
+        cand_max as f64 / 1e3,
+        member_avg as f64 / 1e3,
+        member_max as f64 / 1e3
+    );
+    println!(
+        "| one-node change → ACK p50 / p99 | {} / {} (agents updated per change: {:?}) |",
+        ms(change_p50),
+        ms(change_p99),
+        delivered
+    );
+    println!(
+        "| hub CPU per one-node change (median, idle subtracted) | {} |",
+        ms(cpu_change)
+    );
+    println!(
+        "| hub RSS connected | {:.1} MB ({:.1} MB before agents; {:.1} KB per agent; {:.1} MB after the changes) |",
+        rss1 as f64 / 1e6,
+        rss0 as f64 / 1e6,
+        rss_per_agent as f64 / 1e3,
+        rss_connected as f64 / 1e6
+    );
+    println!(
+        "| hub restart, nothing changed → all in sync | {} ({} of {} back; hub ready after {}) |",
+        ms(restart),
+        restart_back,
+        o.agents,
+        ms(hub_ready)
+    );
+    println!(
+        "| bytes per agent per change / after restart | {per_change_bytes} B / {restart_avg} B |"
+    );
+
+    if o.etcd {
+        match etcd::start(w).await {
+            None => println!(
+                "\netcd baseline: skipped (no `etcd` on PATH; apt-get install etcd-server)"
+            ),
+            Some(e) => {
+                let f = etcd::fanout(&e, o.agents, o.changes).await;
+                let mut d = f.delivery.clone();
+                d.sort();
+                let (e50, e99) = (pct(&d, 0.5), pct(&d, 0.99));
+                println!();
+                println!(
+                    "| baseline: etcd watch fan-out, {} watchers of one key, 650 B put | etcd | raven ÷ etcd |",
+                    f.watchers
+                );
+                println!("|---|---|---|");
+                println!(
+                    "| all watches open | {} | {:.2}× (all synced) |",
+                    ms(f.open),
+                    ratio(connect_all, f.open)
+                );
+                println!(
+                    "| delivery p50 | {} | {:.2}× |",
+                    ms(e50),
+                    ratio(change_p50, e50)
+                );
+                println!(
+                    "| delivery p99 | {} | {:.2}× |",
+                    ms(e99),
+                    ratio(change_p99, e99)
+                );
+                println!(
+                    "| server CPU per change | {} | {:.2}× |",
+                    ms(f.cpu_per_change),
+                    ratio(cpu_change, f.cpu_per_change)
+                );
+            }
+        }
+    }
+    if !all || synced == 0 || latencies.is_empty() {
+        eprintln!(
+            "the hub did not deliver to every agent (see {})",
+            w.join("hub.log").display()
+        );
+        let _ = std::fs::copy(
+            w.join("hub.log"),
+            std::env::temp_dir().join("fanout-hub.log"),
+        );
+        std::process::exit(1);
+    }
+}
+
+fn ratio(a: Duration, b: Duration) -> f64 {
+    a.as_secs_f64() / b.as_secs_f64().max(1e-6)
+}
+
+async fn settle(c: &mut Collector, d: Duration) {
+    let _ = c.until(d, |_| false).await;
+    c.drain();
+}
