@@ -380,7 +380,7 @@ async fn apply_tunnel(
         tracing::warn!(warning = %w, dev = %tunnel.dev, "tunnel");
     }
     tunnel.ensure_device(mtu, address).await?;
-    if tunnel.apply(spec).await? > 0 {
+    if !tunnel.apply(spec).await?.is_empty() {
         tracing::info!(dev = %tunnel.dev, peers = spec.peers.len(), "tunnel peers updated");
     }
     Ok(())
@@ -457,7 +457,7 @@ impl Reconciler {
                 let Some(key) = p
                     .wireguard_public_key
                     .as_deref()
-                    .and_then(crate::tunnel::keys::base64_to_hex)
+                    .and_then(crate::tunnel::keys::Key::from_base64)
                 else {
                     continue;
                 };
@@ -480,7 +480,7 @@ impl Reconciler {
                 let Some(key) = p
                     .direct
                     .as_ref()
-                    .and_then(|d| crate::tunnel::keys::base64_to_hex(&d.public_key))
+                    .and_then(|d| crate::tunnel::keys::Key::from_base64(&d.public_key))
                 else {
                     continue;
                 };

@@ -45,6 +45,7 @@ use raven_model::topology::GatewayView;
 use raven_model::{GatewayName, NodeName};
 
 use crate::dataplane::model::NodeInputs;
+use crate::tunnel::keys::Key;
 
 /// A WireGuard session older than this is unusable (REJECT_AFTER_TIME): a
 /// handshake is fresh when it is younger.
@@ -296,8 +297,8 @@ pub const SILENCE_SECS: u64 = 2 * crate::tunnel::LIVE_KEEPALIVE as u64 + 1;
 /// peer's received byte count last grew.
 #[derive(Debug, Clone, Default)]
 pub struct PeerActivity {
-    /// Public key (hex) → (rx bytes, unix seconds they last grew).
-    rx: BTreeMap<String, (u64, u64)>,
+    /// Public key → (rx bytes, unix seconds they last grew).
+    rx: BTreeMap<Key, (u64, u64)>,
 }
 
 impl PeerActivity {
@@ -315,7 +316,7 @@ impl PeerActivity {
                 // adopting a running device), never otherwise.
                 None => {
                     let at = if p.rx_bytes > 0 { now } else { 0 };
-                    self.rx.insert(k.clone(), (p.rx_bytes, at));
+                    self.rx.insert(*k, (p.rx_bytes, at));
                 }
             }
         }
@@ -323,13 +324,13 @@ impl PeerActivity {
 
     /// Unix seconds when the peer with key `key` was last heard (its
     /// received byte count grew); 0 when never observed.
-    pub fn heard(&self, key: &str) -> u64 {
+    pub fn heard(&self, key: &Key) -> u64 {
         self.rx.get(key).map_or(0, |(_, at)| *at)
     }
 
     /// Whether the peer with key `key` carries traffic: a fresh handshake
     /// and bytes received within [`SILENCE_SECS`].
-    pub fn alive(&self, have: &crate::tunnel::uapi::DeviceState, key: &str, now: u64) -> bool {
+    pub fn alive(&self, have: &crate::tunnel::uapi::DeviceState, key: &Key, now: u64) -> bool {
         let Some(p) = have.peers.get(key) else {
             return false;
         };
@@ -688,9 +689,10 @@ mod tests {
     #[test]
     fn a_direct_path_is_alive_while_it_handshakes_and_receives() {
         use crate::tunnel::uapi::{DeviceState, PeerState};
+        let k = &Key([7; 32]);
         let state = |rx: u64, hs: u64| DeviceState {
             peers: [(
-                "k".to_owned(),
+                *k,
                 PeerState {
                     rx_bytes: rx,
                     last_handshake_sec: hs,
@@ -702,16 +704,16 @@ mod tests {
         };
         let mut a = PeerActivity::default();
         a.observe(&state(0, 0), 100);
-        assert!(!a.alive(&state(0, 0), "k", 100), "never handshaked");
+        assert!(!a.alive(&state(0, 0), k, 100), "never handshaked");
         a.observe(&state(92, 105), 106);
-        assert!(a.alive(&state(92, 105), "k", 106));
+        assert!(a.alive(&state(92, 105), k, 106));
         // Handshake still fresh, but nothing received for too long.
         let later = 106 + SILENCE_SECS;
         a.observe(&state(92, 105), later);
-        assert!(!a.alive(&state(92, 105), "k", later));
+        assert!(!a.alive(&state(92, 105), k, later));
         a.observe(&state(184, 105), later + 1);
-        assert!(a.alive(&state(184, 105), "k", later + 1));
-        assert!(!a.alive(&state(184, 105), "other", later + 1));
+        assert!(a.alive(&state(184, 105), k, later + 1));
+        assert!(!a.alive(&state(184, 105), &Key([8; 32]), later + 1));
     }
 
     #[test]
