@@ -7,7 +7,7 @@
 //!
 //! Stopping the agent leaves the dataplane as it is; the next agent adopts it.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -117,15 +117,20 @@ async fn probe_loop(
             () = shutdown.cancelled() => return,
             _ = ticker.tick() => {}
         }
-        let cached = state.borrow().clone();
-        let inputs = dataplane::inputs_from(&ctx.node, &cached);
-        let targets = failover::probe_targets(&inputs);
+        // The view, built once per tick.
+        let view = state.borrow().view(&ctx.node);
+        let targets = view
+            .as_ref()
+            .map(failover::probe_targets)
+            .unwrap_or_default();
         match failover::probe(targets.clone(), timeout).await {
             Ok(answered) => {
                 warned = false;
                 let dead = ctx.failover.lock().ok().map(|mut st| {
                     st.probes.record(&targets, &answered);
-                    failover::dead_candidates(&inputs, &st.probes)
+                    view.as_ref()
+                        .map(|v| failover::dead_candidates(v, &st.probes))
+                        .unwrap_or_default()
                 });
                 if let Some(dead) = dead {
                     let dead: Vec<String> = dead.iter().map(ToString::to_string).collect();
@@ -148,7 +153,7 @@ async fn probe_loop(
             }
             Err(_) => {}
         }
-        if ctx.decisions_changed(&cached).await {
+        if ctx.decisions_changed(view.as_ref()).await {
             wake.notify_one();
         }
     }
@@ -210,7 +215,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         node: cfg.node.clone(),
         health: health.clone(),
         report: report_tx,
-        failover: std::sync::Mutex::new(FailoverState::new(cfg.probe_failures)),
+        failover: std::sync::Mutex::new(failover::FailoverState::new(cfg.probe_failures)),
         hub_silence: cfg.hub_silence,
     });
     // 1. Program the kernel from the cache before dialling anyone — or,
@@ -293,7 +298,7 @@ impl Reconciler {
     async fn hold(&self, reason: &crate::hold::HoldReason) {
         // A dry run observes and writes nothing; its summary is what the
         // kernel holds.
-        let nothing = dataplane::inputs_from(&self.node, &CachedState::default());
+        let nothing = dataplane::assemble(None, &self.local(0), BTreeMap::new());
         let held = match dataplane::Kernel::dry_run().reconcile(&nothing).await {
             Ok(r) => format!(
                 "{} routes, {} rules, raven0 {}",
@@ -329,31 +334,6 @@ impl Reconciler {
     }
 }
 
-/// Evidence and decisions of local failover, kept across reconciles.
-#[derive(Debug)]
-pub struct FailoverState {
-    pub probes: failover::ProbeBook,
-    pub activity: failover::PeerActivity,
-    /// The same for the direct-path device.
-    pub direct_activity: failover::PeerActivity,
-    /// Gateway → node, where this node overrides the hub's choice.
-    pub overrides: BTreeMap<GatewayName, NodeName>,
-    /// NATed peers reached directly (not through the relay).
-    pub direct: BTreeSet<NodeName>,
-}
-
-impl FailoverState {
-    pub fn new(probe_failures: u32) -> Self {
-        Self {
-            probes: failover::ProbeBook::new(probe_failures),
-            activity: failover::PeerActivity::default(),
-            direct_activity: failover::PeerActivity::default(),
-            overrides: BTreeMap::new(),
-            direct: BTreeSet::new(),
-        }
-    }
-}
-
 /// What one reconcile pass needs.
 #[derive(Debug)]
 pub struct Reconciler {
@@ -364,7 +344,7 @@ pub struct Reconciler {
     pub node: NodeName,
     pub health: Health,
     pub report: watch::Sender<v1::Report>,
-    pub failover: std::sync::Mutex<FailoverState>,
+    pub failover: std::sync::Mutex<failover::FailoverState>,
     pub hub_silence: Duration,
 }
 
@@ -384,25 +364,6 @@ async fn apply_tunnel(
         tracing::info!(dev = %tunnel.dev, peers = spec.peers.len(), "tunnel peers updated");
     }
     Ok(())
-}
-
-/// MTU of the link that holds the node's private address (1500 when it
-/// cannot be told).
-async fn underlay_mtu(inputs: &dataplane::NodeInputs) -> u32 {
-    let Some(ip) = inputs.me.as_ref().and_then(|m| m.private_ip) else {
-        return 1500;
-    };
-    let Ok(h) = dataplane::netlink::connect() else {
-        return 1500;
-    };
-    match dataplane::netlink::underlay_mtu(&h, ip).await {
-        Ok(Some(mtu)) => mtu,
-        Ok(None) => 1500,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot read the underlay MTU; assuming 1500");
-            1500
-        }
-    }
 }
 
 fn now_unix() -> u64 {
@@ -426,127 +387,80 @@ impl Reconciler {
         last != 0 && now.saturating_sub(last) < self.hub_silence.as_millis() as u64
     }
 
-    /// Local failover and path decisions from the current evidence: the
-    /// overrides of the hub's gateway choices and the NATed peers reached
-    /// directly. Records them when `commit`.
-    fn decide(
-        &self,
-        inputs: &dataplane::NodeInputs,
-        peers: &[raven_model::topology::PeerInfo],
-        device: Option<&crate::tunnel::uapi::DeviceState>,
-        direct_device: Option<&crate::tunnel::uapi::DeviceState>,
-        commit: bool,
-    ) -> (BTreeMap<GatewayName, NodeName>, BTreeSet<NodeName>) {
-        let now = now_unix();
-        let hub_reachable = self.hub_reachable();
-        let Ok(mut st) = self.failover.lock() else {
-            return (BTreeMap::new(), BTreeSet::new());
-        };
-        let mut seen = BTreeMap::new();
-        let mut direct = BTreeSet::new();
-        // Direct paths are between two NATed gateways only.
-        let natted = inputs.me.as_ref().is_some_and(|me| {
-            inputs
-                .gateways
-                .iter()
-                .any(|g| Some(&g.name) == me.gateway.as_ref() && g.under_nat)
-        });
-        if let Some(have) = device {
-            st.activity.observe(have, now);
-            for p in peers {
-                let Some(key) = p
-                    .wireguard_public_key
-                    .as_deref()
-                    .and_then(crate::tunnel::keys::Key::from_base64)
-                else {
-                    continue;
-                };
-                if let Some(s) = have.peers.get(&key) {
-                    seen.insert(
-                        p.node.clone(),
-                        failover::PeerSeen {
-                            handshake: s.last_handshake_sec,
-                            heard: st.activity.heard(&key),
-                        },
-                    );
-                }
-            }
+    /// What this node knows of itself: its tunnel devices, over an
+    /// underlay of `underlay_mtu` bytes.
+    fn local(&self, underlay_mtu: u32) -> dataplane::Local {
+        dataplane::Local {
+            tunnel_dev: self.tunnel.dev.clone(),
+            direct_dev: self.direct.dev.clone(),
+            underlay_mtu,
         }
-        // A direct path carries traffic while its peer on the direct device
-        // handshakes and is heard.
-        if let Some(have) = direct_device {
-            st.direct_activity.observe(have, now);
-            for p in peers.iter().filter(|_| natted) {
-                let Some(key) = p
-                    .direct
-                    .as_ref()
-                    .and_then(|d| crate::tunnel::keys::Key::from_base64(&d.public_key))
-                else {
-                    continue;
-                };
-                if st.direct_activity.alive(have, &key, now) {
-                    direct.insert(p.node.clone());
-                }
-            }
-        }
-        let evidence = failover::Evidence {
-            probes: &st.probes,
-            peers: &seen,
-            now,
-            hub_reachable,
-        };
-        let overrides = failover::choose(inputs, &evidence, &st.overrides);
-        if commit {
-            if overrides != st.overrides {
-                tracing::info!(?overrides, hub_reachable, "local gateway failover changed");
-            }
-            if direct != st.direct {
-                tracing::info!(?direct, "direct NAT-to-NAT paths changed");
-            }
-            st.overrides.clone_from(&overrides);
-            st.direct.clone_from(&direct);
-        }
-        (overrides, direct)
     }
 
-    /// Whether new evidence would change a decision of the last reconcile.
-    async fn decisions_changed(&self, state: &CachedState) -> bool {
-        let inputs = dataplane::inputs_from(&self.node, state);
-        let peers = state.view(&self.node).map(|v| v.peers).unwrap_or_default();
+    /// Records what the tunnel devices show now and decides local failover
+    /// from all the evidence (see [`failover::decide`]), and whether the hub
+    /// is reachable; `None` when the failover state is poisoned.
+    fn observe_and_decide(
+        &self,
+        view: Option<&crate::cache::View>,
+        devices: failover::Devices<'_>,
+    ) -> Option<(failover::Decision, bool)> {
+        let now = now_unix();
+        let hub_reachable = self.hub_reachable();
+        let mut st = self.failover.lock().ok()?;
+        st.observe(devices, now);
+        // Without a view there is nothing to override.
+        let decided = view
+            .map(|v| failover::decide(v, &st, devices, now, hub_reachable))
+            .unwrap_or_default();
+        Some((decided, hub_reachable))
+    }
+
+    /// Whether new evidence would change the decision of the last reconcile.
+    async fn decisions_changed(&self, view: Option<&crate::cache::View>) -> bool {
         let device = self.tunnel.device_state().await;
         let direct_device = self.direct.device_state().await;
-        let decided = self.decide(
-            &inputs,
-            &peers,
-            device.as_ref(),
-            direct_device.as_ref(),
-            false,
-        );
+        let devices = failover::Devices {
+            tunnel: device.as_ref(),
+            direct: direct_device.as_ref(),
+        };
+        let Some((decided, _)) = self.observe_and_decide(view, devices) else {
+            return false;
+        };
         self.failover
             .lock()
-            .is_ok_and(|st| (&st.overrides, &st.direct) != (&decided.0, &decided.1))
+            .is_ok_and(|st| st.decided() != &decided)
     }
 
     /// Tunnel first (make before break), then observe → plan → apply, from `state`.
     pub async fn reconcile_once(&self, state: &CachedState) -> AppliedReport {
-        let mut inputs = dataplane::inputs_from(&self.node, state);
-        inputs.tunnel_dev = self.tunnel.dev.clone();
-        // One underlay MTU for the tunnel device, raven0 and the routes.
-        inputs.underlay_mtu = underlay_mtu(&inputs).await;
-        let peers = state.view(&self.node).map(|v| v.peers).unwrap_or_default();
+        // The view, built once per reconcile.
+        let view = state.view(&self.node);
         let device = self.tunnel.device_state().await;
         let direct_device = self.direct.device_state().await;
-        let (overrides, direct) = self.decide(
-            &inputs,
-            &peers,
-            device.as_ref(),
-            direct_device.as_ref(),
-            true,
-        );
+        let devices = failover::Devices {
+            tunnel: device.as_ref(),
+            direct: direct_device.as_ref(),
+        };
+        let decision = match self.observe_and_decide(view.as_ref(), devices) {
+            Some((d, hub_reachable)) => {
+                if let Ok(mut st) = self.failover.lock() {
+                    st.commit(d.clone(), hub_reachable);
+                }
+                d
+            }
+            None => failover::Decision::default(),
+        };
         if let Ok(mut f) = self.health.local_failover.lock() {
-            f.clone_from(&overrides);
+            f.clone_from(&decision.overrides);
         }
-        inputs.active_override = overrides;
+        // One underlay MTU for the tunnel device, raven0 and the routes.
+        let private_ip = view.as_ref().and_then(|v| v.me.private_ip);
+        let local = self.local(dataplane::underlay_mtu(private_ip).await);
+        let mut inputs = dataplane::assemble(view.as_ref(), &local, decision.overrides.clone());
+        let peers: &[raven_model::topology::PeerInfo] =
+            view.as_ref().map_or(&[], |v| v.peers.as_slice());
+        let direct = decision.direct;
         let local_failover: Vec<v1::LocalFailover> = inputs
             .active_override
             .iter()
@@ -574,7 +488,7 @@ impl Reconciler {
                 std::net::IpAddr::V4(v4) => Some(v4),
                 std::net::IpAddr::V6(_) => None,
             });
-        if let Some(spec) = crate::tunnel::spec(&inputs, &peers).filter(|_| self.dp.writes()) {
+        if let Some(spec) = crate::tunnel::spec(&inputs, peers).filter(|_| self.dp.writes()) {
             match apply_tunnel(&self.tunnel, &spec, mtu, address).await {
                 Ok(()) => {
                     inputs.tunnel_up = true;
@@ -595,20 +509,13 @@ impl Reconciler {
         }
         // The direct-path device of a NATed gateway: up before routes move
         // into it; which gateways it carries follows its live peers.
-        inputs.direct.dev = self.direct.dev.clone();
         let mut direct_rows = Vec::new();
-        if let Some(spec) = crate::tunnel::direct_spec(&inputs, &peers).filter(|_| self.dp.writes())
+        if let Some(spec) = crate::tunnel::direct_spec(&inputs, peers).filter(|_| self.dp.writes())
         {
             match apply_tunnel(&self.direct, &spec, mtu, address).await {
                 Ok(()) => {
                     inputs.direct.up = true;
-                    inputs.direct.gateways = spec
-                        .peers
-                        .values()
-                        .filter(|p| p.path == crate::tunnel::PeerPath::Direct)
-                        .filter(|p| direct.contains(&p.node))
-                        .map(|p| p.gateway.clone())
-                        .collect();
+                    inputs.direct.gateways = crate::tunnel::direct_gateways(&spec, &direct);
                     if let Some(have) = &direct_device {
                         direct_rows = crate::tunnel::peer_states(&spec, have, now_unix());
                     }

@@ -178,6 +178,29 @@ impl KeyPair {
         }
     }
 
+    /// The key in file `name` of `dir` if there is one, read without
+    /// creating, fixing or changing anything (`raven-edge plan`).
+    pub fn read(dir: &Path, name: &str) -> Result<Option<Self>, KeyError> {
+        let path = dir.join(name);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(KeyError::Read { path, source }),
+        };
+        let bytes = STANDARD
+            .decode(text.trim())
+            .map_err(|_| KeyError::Malformed { path: path.clone() })?;
+        let private =
+            <[u8; 32]>::try_from(bytes.as_slice()).map_err(|_| KeyError::Malformed { path })?;
+        Ok(Some(Self::from_private(private)))
+    }
+
+    /// A key that exists only in memory: what `plan` diffs against where
+    /// `run` would create the key file.
+    pub fn ephemeral() -> Self {
+        Self::from_private(rand::random())
+    }
+
     /// The public key, base64 as `wg` prints it.
     pub fn public_base64(&self) -> String {
         STANDARD.encode(self.public)
@@ -204,6 +227,21 @@ mod tests {
         let a = KeyPair::load_or_create(dir.path()).unwrap_or_else(|e| panic!("{e}"));
         let b = KeyPair::load_or_create(dir.path()).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(a.public, b.public);
+        let read = KeyPair::read(dir.path(), "wireguard.key").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            read.map(|k| k.public),
+            Some(a.public),
+            "read back as created"
+        );
+        assert!(
+            KeyPair::read(dir.path(), "absent.key")
+                .unwrap_or_else(|e| panic!("{e}"))
+                .is_none()
+        );
+        assert!(
+            !dir.path().join("absent.key").exists(),
+            "reading creates nothing"
+        );
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;

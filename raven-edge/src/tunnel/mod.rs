@@ -400,6 +400,17 @@ pub fn diff(want: &TunnelSpec, private_key: keys::Secret, have: &uapi::DeviceSta
     change
 }
 
+/// The gateways whose routes go into the direct-path device `spec`
+/// describes: those of its direct peers that `alive` (the paths local
+/// failover found handshaking and heard) names. Pure.
+pub fn direct_gateways(spec: &TunnelSpec, alive: &BTreeSet<NodeName>) -> BTreeSet<GatewayName> {
+    spec.peers
+        .values()
+        .filter(|p| p.path == PeerPath::Direct && alive.contains(&p.node))
+        .map(|p| p.gateway.clone())
+        .collect()
+}
+
 /// After this long without a first handshake, a peer this node dials is
 /// re-added once (see [`Nudges`]).
 pub const FIRST_HANDSHAKE_GRACE: Duration = Duration::from_millis(1500);
