@@ -552,6 +552,8 @@ impl Reconciler {
                     .ops_applied
                     .fetch_add(r.ops_applied as u64, Ordering::Relaxed);
                 summary = r.summary;
+                // Applied, but not all of it: not a success.
+                errors.extend(r.failures);
             }
             Err(e) => errors.push(e.to_string()),
         }

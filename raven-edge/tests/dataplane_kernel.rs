@@ -693,6 +693,11 @@ fn foreign_route_on_a_wanted_destination_is_reported_not_overwritten() {
         "{:?}",
         report.warnings
     );
+    assert!(
+        report.failures.iter().any(|w| w.contains("10.244.3.0/24")),
+        "a route not installed is a failure the agent reports (Applied success: false): {:?}",
+        report.failures
+    );
     let routes = ns.routes("9027");
     assert!(
         routes.contains(&("10.244.3.0/24".to_owned(), "\"static\"".to_owned())),

@@ -108,6 +108,10 @@ pub struct ReconcileReport {
     pub ops_applied: usize,
     pub summary: v1::ApplySummary,
     pub warnings: Vec<String>,
+    /// The warnings that mean the reconcile did not do all it should: a
+    /// foreign route holding a slot raven wants, skip-NAT failing. The
+    /// agent reports them as a failed Applied, never as success.
+    pub failures: Vec<String>,
 }
 
 /// The kernel of the current network namespace.
@@ -176,6 +180,7 @@ impl Kernel {
                 ops_applied: 0,
                 summary: summary(&have),
                 warnings: want.warnings,
+                failures: Vec::new(),
             });
         }
         if want.state.link.is_some() {
@@ -185,17 +190,19 @@ impl Kernel {
         for c in &applied.conflicts {
             tracing::warn!(conflict = %c, "dataplane");
         }
-        let mut warnings = want.warnings;
-        warnings.extend(applied.conflicts);
+        let mut failures = applied.conflicts;
         let nat = skipnat::apply(&skip_nat).await;
         for e in &nat.errors {
             tracing::warn!(error = %e, "skip-NAT");
-            warnings.push(format!("skip-NAT: {e}"));
+            failures.push(format!("skip-NAT: {e}"));
         }
+        let mut warnings = want.warnings;
+        warnings.extend(failures.iter().cloned());
         Ok(ReconcileReport {
             ops_applied: applied.ops + nat.changes,
             summary: summary(&want.state),
             warnings,
+            failures,
         })
     }
 
