@@ -92,6 +92,41 @@ pub enum AgentError {
     Tunnel(#[from] crate::tunnel::TunnelError),
 }
 
+/// Why one reconcile did not do all it should.
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    /// Bringing up or configuring a tunnel device failed.
+    #[error(transparent)]
+    Tunnel(#[from] crate::tunnel::TunnelError),
+    /// Observing or programming the kernel failed.
+    #[error(transparent)]
+    Dataplane(#[from] dataplane::DataplaneError),
+    /// Applied, except for what something else holds: a foreign route in a
+    /// slot raven wants, skip-NAT that cannot be programmed (see
+    /// [`dataplane::ReconcileReport::failures`]).
+    #[error("{0}")]
+    Incomplete(String),
+}
+
+impl ReconcileError {
+    /// Worth retrying soon: an operation that failed may work a moment
+    /// later (a device still starting, a busy netlink socket). What another
+    /// owner holds stays until the topology or the kernel changes: the
+    /// periodic resync retries it.
+    pub fn is_transient(&self) -> bool {
+        !matches!(self, Self::Incomplete(_))
+    }
+}
+
+/// Whether any of `errors` is worth a retry before the next resync.
+pub fn retry_soon(errors: &[ReconcileError]) -> bool {
+    errors.iter().any(ReconcileError::is_transient)
+}
+
+/// First delay of the retry of a failed reconcile (grows to the resync
+/// period, with full jitter).
+pub const RETRY_MIN: Duration = Duration::from_millis(250);
+
 /// Probes the gateway candidates of this node's domain every `every`,
 /// reports the ones it finds dead to the hub (`Report.dead_candidates`), and
 /// wakes the reconcile loop when the evidence changes a decision (a
@@ -221,10 +256,16 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
     // 1. Program the kernel from the cache before dialling anyone — or,
     //    without a usable cache, hold what the kernel has.
     let first = state_rx.borrow_and_update().clone();
+    // A failed reconcile is retried with backoff up to the resync period,
+    // sooner than the resync for what may work a moment later.
+    let mut retry = crate::client::Backoff::new(RETRY_MIN, cfg.resync.max(RETRY_MIN));
+    let mut retry_at: Option<tokio::time::Instant> = None;
     match &holding {
         Some(reason) => ctx.hold(reason).await,
         None => {
-            applied_tx.send_replace(Some(ctx.reconcile_once(&first).await));
+            let done = ctx.reconcile_once(&first).await;
+            retry_at = next_retry(&mut retry, done.retry_soon);
+            applied_tx.send_replace(Some(done.report));
         }
     }
 
@@ -274,6 +315,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
             changed = state_rx.changed() => if changed.is_err() { shutdown.cancelled().await; break },
             () = wake.notified() => {}
             _ = ticker.tick() => {}
+            () = sleep_until(retry_at) => {}
         }
         let state = state_rx.borrow_and_update().clone();
         if holding.is_some() {
@@ -283,12 +325,34 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
             holding = None;
             ctx.release(&state);
         }
-        let report = ctx.reconcile_once(&state).await;
-        applied_tx.send_replace(Some(report));
+        let done = ctx.reconcile_once(&state).await;
+        retry_at = next_retry(&mut retry, done.retry_soon);
+        applied_tx.send_replace(Some(done.report));
     }
     tracing::info!("agent stopping; the dataplane stays as it is");
     while tasks.join_next().await.is_some() {}
     Ok(())
+}
+
+/// When to retry after a reconcile: `None` when it needs no early retry
+/// (the backoff starts over), otherwise after the next backoff delay.
+fn next_retry(
+    backoff: &mut crate::client::Backoff,
+    retry_soon: bool,
+) -> Option<tokio::time::Instant> {
+    if !retry_soon {
+        backoff.reset();
+        return None;
+    }
+    Some(tokio::time::Instant::now() + backoff.next_delay())
+}
+
+/// Sleeps until `at`; forever when `None`.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Holding the kernel state (see [`crate::hold`]).
@@ -332,6 +396,14 @@ impl Reconciler {
             *h = None;
         }
     }
+}
+
+/// What one reconcile did: the report for the hub, and whether it failed
+/// in a way worth retrying before the next resync.
+#[derive(Debug, Clone)]
+pub struct Reconciled {
+    pub report: AppliedReport,
+    pub retry_soon: bool,
 }
 
 /// What one reconcile pass needs.
@@ -433,7 +505,7 @@ impl Reconciler {
     }
 
     /// Tunnel first (make before break), then observe → plan → apply, from `state`.
-    pub async fn reconcile_once(&self, state: &CachedState) -> AppliedReport {
+    pub async fn reconcile_once(&self, state: &CachedState) -> Reconciled {
         // The view, built once per reconcile.
         let view = state.view(&self.node);
         let device = self.tunnel.device_state().await;
@@ -504,7 +576,7 @@ impl Reconciler {
                             .unwrap_or_default(),
                     );
                 }
-                Err(e) => errors.push(e.to_string()),
+                Err(e) => errors.push(ReconcileError::from(e)),
             }
         }
         // The direct-path device of a NATed gateway: up before routes move
@@ -520,7 +592,7 @@ impl Reconciler {
                         direct_rows = crate::tunnel::peer_states(&spec, have, now_unix());
                     }
                 }
-                Err(e) => errors.push(e.to_string()),
+                Err(e) => errors.push(ReconcileError::from(e)),
             }
         }
         if let Some(rows) = rows {
@@ -553,12 +625,18 @@ impl Reconciler {
                     .fetch_add(r.ops_applied as u64, Ordering::Relaxed);
                 summary = r.summary;
                 // Applied, but not all of it: not a success.
-                errors.extend(r.failures);
+                errors.extend(r.failures.into_iter().map(ReconcileError::Incomplete));
             }
-            Err(e) => errors.push(e.to_string()),
+            Err(e) => errors.push(ReconcileError::from(e)),
         }
         summary.tunnels = tunnels;
-        let error = (!errors.is_empty()).then(|| errors.join("; "));
+        let error = (!errors.is_empty()).then(|| {
+            errors
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; ")
+        });
         if let Some(e) = &error {
             tracing::warn!(error = %e, "reconcile failed; will retry");
         }
@@ -568,11 +646,63 @@ impl Reconciler {
         if let Ok(mut last) = health.last_error.lock() {
             last.clone_from(&error);
         }
-        AppliedReport {
-            epoch: state.epoch.clone(),
-            revision: state.revision,
-            error,
-            summary,
+        Reconciled {
+            report: AppliedReport {
+                epoch: state.epoch.clone(),
+                revision: state.revision,
+                error,
+                summary,
+            },
+            retry_soon: retry_soon(&errors),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_failures_that_may_pass_a_moment_later_are_retried_before_the_resync() {
+        let held = ReconcileError::Incomplete("route 10.244.3.0/24 held by proto static".into());
+        assert!(
+            !retry_soon(&[held]),
+            "what another owner holds waits for the resync"
+        );
+        let busy = ReconcileError::Dataplane(dataplane::DataplaneError::Invalid {
+            op: "ip route add".into(),
+            reason: "busy".into(),
+        });
+        assert!(busy.is_transient());
+        assert!(retry_soon(&[
+            ReconcileError::Incomplete("skip-NAT: iptables not found".into()),
+            busy
+        ]));
+        assert!(!retry_soon(&[]));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_reconcile_is_retried_within_the_backoff_and_a_success_resets_it() {
+        let resync = Duration::from_secs(30);
+        let mut b = crate::client::Backoff::new(RETRY_MIN, resync);
+        let t0 = tokio::time::Instant::now();
+        let first = next_retry(&mut b, true).unwrap_or_else(|| unreachable!("a retry"));
+        assert!(first - t0 <= RETRY_MIN, "{:?}", first - t0);
+        // Failing again and again: never later than the resync would.
+        for _ in 0..50 {
+            let at = next_retry(&mut b, true).unwrap_or_else(|| unreachable!("a retry"));
+            assert!(at - tokio::time::Instant::now() <= resync);
+        }
+        // The retry fires on (paused, auto-advanced) time.
+        let at = next_retry(&mut b, true);
+        sleep_until(at).await;
+        assert!(at.is_some_and(|at| tokio::time::Instant::now() >= at));
+        // A success: no retry, and the next failure starts small again.
+        assert_eq!(next_retry(&mut b, false), None);
+        let again = next_retry(&mut b, true).unwrap_or_else(|| unreachable!("a retry"));
+        assert!(again - tokio::time::Instant::now() <= RETRY_MIN);
+        // No retry pending: sleep_until never wakes.
+        let pending = tokio::time::timeout(Duration::from_secs(3600), sleep_until(None)).await;
+        assert!(pending.is_err(), "nothing to retry never fires");
     }
 }
