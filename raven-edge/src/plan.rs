@@ -127,37 +127,38 @@ pub async fn plan(
     let peers = view.as_ref().map_or(&[][..], |v| v.peers.as_slice());
     let mut warnings = Vec::new();
     let mut planned = Vec::new();
-    let key = |name: &str| -> Result<KeyPair, TunnelError> {
-        Ok(KeyPair::read(data_dir, name)?.unwrap_or_else(KeyPair::ephemeral))
+    // What `run` would do to one device, from the key in file `key_file`.
+    let device_plan = |dev: &str,
+                       key_file: &str,
+                       spec: &tunnel::TunnelSpec,
+                       have: Option<&tunnel::uapi::DeviceState>|
+     -> Result<DevicePlan, TunnelError> {
+        let keys = KeyPair::read(data_dir, key_file)?.unwrap_or_else(KeyPair::ephemeral);
+        Ok(DevicePlan {
+            dev: dev.to_owned(),
+            backend,
+            create: have.is_none(),
+            change: tunnel::diff(spec, keys.private_key(), &have.cloned().unwrap_or_default()),
+        })
     };
     // `run` brings each device up before it routes into it.
     if let Some(spec) = tunnel::spec(&inputs, peers) {
-        let keys = key("wireguard.key")?;
-        planned.push(DevicePlan {
-            dev: tunnel_dev.to_owned(),
-            backend,
-            create: device.is_none(),
-            change: tunnel::diff(
-                &spec,
-                keys.private_key(),
-                &device.clone().unwrap_or_default(),
-            ),
-        });
+        planned.push(device_plan(
+            tunnel_dev,
+            "wireguard.key",
+            &spec,
+            device.as_ref(),
+        )?);
         warnings.extend(spec.warnings);
         inputs.tunnel_up = true;
     }
     if let Some(spec) = tunnel::direct_spec(&inputs, peers) {
-        let keys = key("wireguard-direct.key")?;
-        planned.push(DevicePlan {
-            dev: direct_dev.clone(),
-            backend,
-            create: direct_device.is_none(),
-            change: tunnel::diff(
-                &spec,
-                keys.private_key(),
-                &direct_device.clone().unwrap_or_default(),
-            ),
-        });
+        planned.push(device_plan(
+            &direct_dev,
+            "wireguard-direct.key",
+            &spec,
+            direct_device.as_ref(),
+        )?);
         inputs.direct.up = true;
         inputs.direct.gateways = tunnel::direct_gateways(&spec, &decision.direct);
     }

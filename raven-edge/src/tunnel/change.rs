@@ -150,34 +150,35 @@ impl Change {
     }
 }
 
+/// A change touching every setting, for the renderers' tests: private key
+/// `[9; 32]`, listen port 4500, the removal of peer `[2; 32]` and peer
+/// `[1; 32]` at 198.51.100.1:4500, keepalive 25, two allowed IPs.
+#[cfg(test)]
+pub(crate) fn sample() -> Change {
+    let net = |s: &str| s.parse::<IpNet>().unwrap_or_else(|e| panic!("{s}: {e}"));
+    Change {
+        private_key: Some(Secret(Key([9; 32]))),
+        listen_port: Some(4500),
+        peers: vec![
+            PeerChange::removal(Key([2; 32])),
+            PeerChange::new(Key([1; 32]))
+                .endpoint(
+                    "198.51.100.1:4500"
+                        .parse()
+                        .unwrap_or_else(|_| unreachable!()),
+                )
+                .keepalive(25)
+                .replace_allowed_ips([net("10.1.0.0/24"), net("fd00::/64")]),
+        ],
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn key(b: u8) -> Key {
         Key([b; 32])
-    }
-
-    fn net(s: &str) -> IpNet {
-        s.parse().unwrap_or_else(|e| panic!("{s}: {e}"))
-    }
-
-    fn sample() -> Change {
-        Change {
-            private_key: Some(Secret(key(9))),
-            listen_port: Some(4500),
-            peers: vec![
-                PeerChange::removal(key(2)),
-                PeerChange::new(key(1))
-                    .endpoint(
-                        "198.51.100.1:4500"
-                            .parse()
-                            .unwrap_or_else(|_| unreachable!()),
-                    )
-                    .keepalive(25)
-                    .replace_allowed_ips([net("10.1.0.0/24"), net("fd00::/64")]),
-            ],
-        }
     }
 
     #[test]

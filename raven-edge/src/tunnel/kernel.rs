@@ -439,21 +439,7 @@ mod tests {
 
     #[test]
     fn set_messages_put_device_settings_and_peer_flags_on_the_wire() {
-        let change = Change {
-            private_key: Some(Secret(key(1))),
-            listen_port: Some(4500),
-            peers: vec![
-                PeerChange::removal(key(2)),
-                PeerChange::new(key(1))
-                    .endpoint(
-                        "198.51.100.1:4500"
-                            .parse()
-                            .unwrap_or_else(|_| unreachable!()),
-                    )
-                    .keepalive(25)
-                    .replace_allowed_ips([net("10.1.0.0/24"), net("fd00::/64")]),
-            ],
-        };
+        let change = super::super::change::sample();
         let msgs = set_messages("wg-test", &change);
         assert_eq!(msgs.len(), 1);
         assert_messages_apply(&msgs, &change);
@@ -461,7 +447,7 @@ mod tests {
         assert_eq!(
             peers[0].0,
             vec![
-                WireguardPeerAttribute::PublicKey(key(2).0),
+                WireguardPeerAttribute::PublicKey([2; 32]),
                 WireguardPeerAttribute::Flags(WireguardPeerFlags::RemoveMe),
             ]
         );
