@@ -41,6 +41,8 @@ pub struct AgentConfig {
     pub tunnel_dev: String,
     /// Which WireGuard to run (`--wireguard`).
     pub wireguard: crate::tunnel::backend::WgMode,
+    /// Who runs wireguard-go (`--wireguard-go`).
+    pub wireguard_go: crate::tunnel::backend::WireguardGo,
     /// Local failover: period of the probes of the gateway candidates.
     pub probe_interval: Duration,
     /// Local failover: missed probes in a row that make a candidate dead.
@@ -234,7 +236,8 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
     // Only the public key leaves the node.
     let backend = crate::tunnel::backend::detect(cfg.wireguard, cfg.apply).await?;
     tracing::info!(%backend, mode = %cfg.wireguard, "WireGuard");
-    let tunnel = crate::tunnel::Tunnel::new(cfg.tunnel_dev.clone(), &cfg.data_dir, backend)?;
+    let tunnel = crate::tunnel::Tunnel::new(cfg.tunnel_dev.clone(), &cfg.data_dir, backend)?
+        .with_wireguard_go(cfg.wireguard_go);
     let direct = tunnel.direct()?;
     let (report_tx, report_rx) = watch::channel(v1::Report {
         wireguard_public_key: Some(tunnel.keys.public_base64()),
