@@ -642,8 +642,12 @@ async fn run_in_namespace(cfg: &Config) -> Report {
             let t = Instant::now();
             let (_cache, state) = Cache::open(&data, &node, 256 << 20).unwrap();
             let opened = t.elapsed();
-            let mut inputs = dataplane::inputs_from(&node, &state);
-            inputs.underlay_mtu = 1500;
+            let local = dataplane::Local {
+                tunnel_dev: model::DEFAULT_TUNNEL_DEV.to_owned(),
+                direct_dev: raven_edge::tunnel::direct_dev(model::DEFAULT_TUNNEL_DEV),
+                underlay_mtu: 1500,
+            };
+            let inputs = dataplane::assemble(state.view(&node).as_ref(), &local, BTreeMap::new());
             let r = kernel.reconcile(&inputs).await.unwrap();
             (t.elapsed(), opened, r.ops_applied)
         }

@@ -9,7 +9,7 @@
 //!
 //! Stopping the agent leaves the dataplane as it is; the next agent adopts it.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -99,6 +99,41 @@ pub enum AgentError {
     Tunnel(#[from] crate::tunnel::TunnelError),
 }
 
+/// Why one reconcile did not do all it should.
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    /// Bringing up or configuring a tunnel device failed.
+    #[error(transparent)]
+    Tunnel(#[from] crate::tunnel::TunnelError),
+    /// Observing or programming the kernel failed.
+    #[error(transparent)]
+    Dataplane(#[from] dataplane::DataplaneError),
+    /// Applied, except for what something else holds: a foreign route in a
+    /// slot raven wants, skip-NAT that cannot be programmed (see
+    /// [`dataplane::ReconcileReport::failures`]).
+    #[error("{0}")]
+    Incomplete(String),
+}
+
+impl ReconcileError {
+    /// Worth retrying soon: an operation that failed may work a moment
+    /// later (a device still starting, a busy netlink socket). What another
+    /// owner holds stays until the topology or the kernel changes: the
+    /// periodic resync retries it.
+    pub fn is_transient(&self) -> bool {
+        !matches!(self, Self::Incomplete(_))
+    }
+}
+
+/// Whether any of `errors` is worth a retry before the next resync.
+pub fn retry_soon(errors: &[ReconcileError]) -> bool {
+    errors.iter().any(ReconcileError::is_transient)
+}
+
+/// First delay of the retry of a failed reconcile (grows to the resync
+/// period, with full jitter).
+pub const RETRY_MIN: Duration = Duration::from_millis(250);
+
 /// Probes the gateway candidates of this node's domain every `every`,
 /// reports the ones it finds dead to the hub (`Report.dead_candidates`), and
 /// wakes the reconcile loop when the evidence changes a decision (a
@@ -124,15 +159,20 @@ async fn probe_loop(
             () = shutdown.cancelled() => return,
             _ = ticker.tick() => {}
         }
-        let cached = state.borrow().clone();
-        let inputs = dataplane::inputs_from(&ctx.node, &cached);
-        let targets = failover::probe_targets(&inputs);
+        // The view, built once per tick.
+        let view = state.borrow().view(&ctx.node);
+        let targets = view
+            .as_ref()
+            .map(failover::probe_targets)
+            .unwrap_or_default();
         match failover::probe(targets.clone(), timeout).await {
             Ok(answered) => {
                 warned = false;
                 let dead = ctx.failover.lock().ok().map(|mut st| {
                     st.probes.record(&targets, &answered);
-                    failover::dead_candidates(&inputs, &st.probes)
+                    view.as_ref()
+                        .map(|v| failover::dead_candidates(v, &st.probes))
+                        .unwrap_or_default()
                 });
                 if let Some(dead) = dead {
                     let dead: Vec<String> = dead.iter().map(ToString::to_string).collect();
@@ -155,7 +195,7 @@ async fn probe_loop(
             }
             Err(_) => {}
         }
-        if ctx.decisions_changed(&cached).await {
+        if ctx.decisions_changed(view.as_ref()).await {
             wake.notify_one();
         }
     }
@@ -218,16 +258,22 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         node: cfg.node.clone(),
         health: health.clone(),
         report: report_tx,
-        failover: std::sync::Mutex::new(FailoverState::new(cfg.probe_failures)),
+        failover: std::sync::Mutex::new(failover::FailoverState::new(cfg.probe_failures)),
         hub_silence: cfg.hub_silence,
     });
     // 1. Program the kernel from the cache before dialling anyone — or,
     //    without a usable cache, hold what the kernel has.
     let first = state_rx.borrow_and_update().clone();
+    // A failed reconcile is retried with backoff up to the resync period,
+    // sooner than the resync for what may work a moment later.
+    let mut retry = crate::client::Backoff::new(RETRY_MIN, cfg.resync.max(RETRY_MIN));
+    let mut retry_at: Option<tokio::time::Instant> = None;
     match &holding {
         Some(reason) => ctx.hold(reason).await,
         None => {
-            applied_tx.send_replace(Some(ctx.reconcile_once(&first).await));
+            let done = ctx.reconcile_once(&first).await;
+            retry_at = next_retry(&mut retry, done.retry_soon);
+            applied_tx.send_replace(Some(done.report));
         }
     }
 
@@ -279,6 +325,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
             changed = state_rx.changed() => if changed.is_err() { shutdown.cancelled().await; break },
             () = wake.notified() => {}
             _ = ticker.tick() => {}
+            () = sleep_until(retry_at) => {}
         }
         let state = state_rx.borrow_and_update().clone();
         if holding.is_some() {
@@ -288,12 +335,34 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
             holding = None;
             ctx.release(&state);
         }
-        let report = ctx.reconcile_once(&state).await;
-        applied_tx.send_replace(Some(report));
+        let done = ctx.reconcile_once(&state).await;
+        retry_at = next_retry(&mut retry, done.retry_soon);
+        applied_tx.send_replace(Some(done.report));
     }
     tracing::info!("agent stopping; the dataplane stays as it is");
     while tasks.join_next().await.is_some() {}
     Ok(())
+}
+
+/// When to retry after a reconcile: `None` when it needs no early retry
+/// (the backoff starts over), otherwise after the next backoff delay.
+fn next_retry(
+    backoff: &mut crate::client::Backoff,
+    retry_soon: bool,
+) -> Option<tokio::time::Instant> {
+    if !retry_soon {
+        backoff.reset();
+        return None;
+    }
+    Some(tokio::time::Instant::now() + backoff.next_delay())
+}
+
+/// Sleeps until `at`; forever when `None`.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Holding the kernel state (see [`crate::hold`]).
@@ -303,7 +372,7 @@ impl Reconciler {
     async fn hold(&self, reason: &crate::hold::HoldReason) {
         // A dry run observes and writes nothing; its summary is what the
         // kernel holds.
-        let nothing = dataplane::inputs_from(&self.node, &CachedState::default());
+        let nothing = dataplane::assemble(None, &self.local(0), BTreeMap::new());
         let held = match dataplane::Kernel::dry_run().reconcile(&nothing).await {
             Ok(r) => format!(
                 "{} routes, {} rules, raven0 {}",
@@ -339,29 +408,12 @@ impl Reconciler {
     }
 }
 
-/// Evidence and decisions of local failover, kept across reconciles.
-#[derive(Debug)]
-pub struct FailoverState {
-    pub probes: failover::ProbeBook,
-    pub activity: failover::PeerActivity,
-    /// The same for the direct-path device.
-    pub direct_activity: failover::PeerActivity,
-    /// Gateway → node, where this node overrides the hub's choice.
-    pub overrides: BTreeMap<GatewayName, NodeName>,
-    /// NATed peers reached directly (not through the relay).
-    pub direct: BTreeSet<NodeName>,
-}
-
-impl FailoverState {
-    pub fn new(probe_failures: u32) -> Self {
-        Self {
-            probes: failover::ProbeBook::new(probe_failures),
-            activity: failover::PeerActivity::default(),
-            direct_activity: failover::PeerActivity::default(),
-            overrides: BTreeMap::new(),
-            direct: BTreeSet::new(),
-        }
-    }
+/// What one reconcile did: the report for the hub, and whether it failed
+/// in a way worth retrying before the next resync.
+#[derive(Debug, Clone)]
+pub struct Reconciled {
+    pub report: AppliedReport,
+    pub retry_soon: bool,
 }
 
 /// What one reconcile pass needs.
@@ -374,7 +426,7 @@ pub struct Reconciler {
     pub node: NodeName,
     pub health: Health,
     pub report: watch::Sender<v1::Report>,
-    pub failover: std::sync::Mutex<FailoverState>,
+    pub failover: std::sync::Mutex<failover::FailoverState>,
     pub hub_silence: Duration,
 }
 
@@ -390,29 +442,10 @@ async fn apply_tunnel(
         tracing::warn!(warning = %w, dev = %tunnel.dev, "tunnel");
     }
     tunnel.ensure_device(mtu, address).await?;
-    if tunnel.apply(spec).await? > 0 {
+    if !tunnel.apply(spec).await?.is_empty() {
         tracing::info!(dev = %tunnel.dev, peers = spec.peers.len(), "tunnel peers updated");
     }
     Ok(())
-}
-
-/// MTU of the link that holds the node's private address (1500 when it
-/// cannot be told).
-async fn underlay_mtu(inputs: &dataplane::NodeInputs) -> u32 {
-    let Some(ip) = inputs.me.as_ref().and_then(|m| m.private_ip) else {
-        return 1500;
-    };
-    let Ok(h) = dataplane::netlink::connect() else {
-        return 1500;
-    };
-    match dataplane::netlink::underlay_mtu(&h, ip).await {
-        Ok(Some(mtu)) => mtu,
-        Ok(None) => 1500,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot read the underlay MTU; assuming 1500");
-            1500
-        }
-    }
 }
 
 fn now_unix() -> u64 {
@@ -436,127 +469,80 @@ impl Reconciler {
         last != 0 && now.saturating_sub(last) < self.hub_silence.as_millis() as u64
     }
 
-    /// Local failover and path decisions from the current evidence: the
-    /// overrides of the hub's gateway choices and the NATed peers reached
-    /// directly. Records them when `commit`.
-    fn decide(
-        &self,
-        inputs: &dataplane::NodeInputs,
-        peers: &[raven_model::topology::PeerInfo],
-        device: Option<&crate::tunnel::uapi::DeviceState>,
-        direct_device: Option<&crate::tunnel::uapi::DeviceState>,
-        commit: bool,
-    ) -> (BTreeMap<GatewayName, NodeName>, BTreeSet<NodeName>) {
-        let now = now_unix();
-        let hub_reachable = self.hub_reachable();
-        let Ok(mut st) = self.failover.lock() else {
-            return (BTreeMap::new(), BTreeSet::new());
-        };
-        let mut seen = BTreeMap::new();
-        let mut direct = BTreeSet::new();
-        // Direct paths are between two NATed gateways only.
-        let natted = inputs.me.as_ref().is_some_and(|me| {
-            inputs
-                .gateways
-                .iter()
-                .any(|g| Some(&g.name) == me.gateway.as_ref() && g.under_nat)
-        });
-        if let Some(have) = device {
-            st.activity.observe(have, now);
-            for p in peers {
-                let Some(key) = p
-                    .wireguard_public_key
-                    .as_deref()
-                    .and_then(crate::tunnel::keys::base64_to_hex)
-                else {
-                    continue;
-                };
-                if let Some(s) = have.peers.get(&key) {
-                    seen.insert(
-                        p.node.clone(),
-                        failover::PeerSeen {
-                            handshake: s.last_handshake_sec,
-                            heard: st.activity.heard(&key),
-                        },
-                    );
-                }
-            }
+    /// What this node knows of itself: its tunnel devices, over an
+    /// underlay of `underlay_mtu` bytes.
+    fn local(&self, underlay_mtu: u32) -> dataplane::Local {
+        dataplane::Local {
+            tunnel_dev: self.tunnel.dev.clone(),
+            direct_dev: self.direct.dev.clone(),
+            underlay_mtu,
         }
-        // A direct path carries traffic while its peer on the direct device
-        // handshakes and is heard.
-        if let Some(have) = direct_device {
-            st.direct_activity.observe(have, now);
-            for p in peers.iter().filter(|_| natted) {
-                let Some(key) = p
-                    .direct
-                    .as_ref()
-                    .and_then(|d| crate::tunnel::keys::base64_to_hex(&d.public_key))
-                else {
-                    continue;
-                };
-                if st.direct_activity.alive(have, &key, now) {
-                    direct.insert(p.node.clone());
-                }
-            }
-        }
-        let evidence = failover::Evidence {
-            probes: &st.probes,
-            peers: &seen,
-            now,
-            hub_reachable,
-        };
-        let overrides = failover::choose(inputs, &evidence, &st.overrides);
-        if commit {
-            if overrides != st.overrides {
-                tracing::info!(overrides = %raven_cli::list(overrides.iter().map(|(g, n)| format!("{g}→{n}"))), hub_reachable, "local gateway failover changed");
-            }
-            if direct != st.direct {
-                tracing::info!(direct = %raven_cli::list(&direct), "direct NAT-to-NAT paths changed");
-            }
-            st.overrides.clone_from(&overrides);
-            st.direct.clone_from(&direct);
-        }
-        (overrides, direct)
     }
 
-    /// Whether new evidence would change a decision of the last reconcile.
-    async fn decisions_changed(&self, state: &CachedState) -> bool {
-        let inputs = dataplane::inputs_from(&self.node, state);
-        let peers = state.view(&self.node).map(|v| v.peers).unwrap_or_default();
+    /// Records what the tunnel devices show now and decides local failover
+    /// from all the evidence (see [`failover::decide`]), and whether the hub
+    /// is reachable; `None` when the failover state is poisoned.
+    fn observe_and_decide(
+        &self,
+        view: Option<&crate::cache::View>,
+        devices: failover::Devices<'_>,
+    ) -> Option<(failover::Decision, bool)> {
+        let now = now_unix();
+        let hub_reachable = self.hub_reachable();
+        let mut st = self.failover.lock().ok()?;
+        st.observe(devices, now);
+        // Without a view there is nothing to override.
+        let decided = view
+            .map(|v| failover::decide(v, &st, devices, now, hub_reachable))
+            .unwrap_or_default();
+        Some((decided, hub_reachable))
+    }
+
+    /// Whether new evidence would change the decision of the last reconcile.
+    async fn decisions_changed(&self, view: Option<&crate::cache::View>) -> bool {
         let device = self.tunnel.device_state().await;
         let direct_device = self.direct.device_state().await;
-        let decided = self.decide(
-            &inputs,
-            &peers,
-            device.as_ref(),
-            direct_device.as_ref(),
-            false,
-        );
+        let devices = failover::Devices {
+            tunnel: device.as_ref(),
+            direct: direct_device.as_ref(),
+        };
+        let Some((decided, _)) = self.observe_and_decide(view, devices) else {
+            return false;
+        };
         self.failover
             .lock()
-            .is_ok_and(|st| (&st.overrides, &st.direct) != (&decided.0, &decided.1))
+            .is_ok_and(|st| st.decided() != &decided)
     }
 
     /// Tunnel first (make before break), then observe → plan → apply, from `state`.
-    pub async fn reconcile_once(&self, state: &CachedState) -> AppliedReport {
-        let mut inputs = dataplane::inputs_from(&self.node, state);
-        inputs.tunnel_dev = self.tunnel.dev.clone();
-        // One underlay MTU for the tunnel device, raven0 and the routes.
-        inputs.underlay_mtu = underlay_mtu(&inputs).await;
-        let peers = state.view(&self.node).map(|v| v.peers).unwrap_or_default();
+    pub async fn reconcile_once(&self, state: &CachedState) -> Reconciled {
+        // The view, built once per reconcile.
+        let view = state.view(&self.node);
         let device = self.tunnel.device_state().await;
         let direct_device = self.direct.device_state().await;
-        let (overrides, direct) = self.decide(
-            &inputs,
-            &peers,
-            device.as_ref(),
-            direct_device.as_ref(),
-            true,
-        );
+        let devices = failover::Devices {
+            tunnel: device.as_ref(),
+            direct: direct_device.as_ref(),
+        };
+        let decision = match self.observe_and_decide(view.as_ref(), devices) {
+            Some((d, hub_reachable)) => {
+                if let Ok(mut st) = self.failover.lock() {
+                    st.commit(d.clone(), hub_reachable);
+                }
+                d
+            }
+            None => failover::Decision::default(),
+        };
         if let Ok(mut f) = self.health.local_failover.lock() {
-            f.clone_from(&overrides);
+            f.clone_from(&decision.overrides);
         }
-        inputs.active_override = overrides;
+        // One underlay MTU for the tunnel device, raven0 and the routes.
+        let private_ip = view.as_ref().and_then(|v| v.me.private_ip);
+        let local = self.local(dataplane::underlay_mtu(private_ip).await);
+        let mut inputs = dataplane::assemble(view.as_ref(), &local, decision.overrides.clone());
+        let peers: &[raven_model::topology::PeerInfo] =
+            view.as_ref().map_or(&[], |v| v.peers.as_slice());
+        let direct = decision.direct;
         let local_failover: Vec<v1::LocalFailover> = inputs
             .active_override
             .iter()
@@ -584,7 +570,7 @@ impl Reconciler {
                 std::net::IpAddr::V4(v4) => Some(v4),
                 std::net::IpAddr::V6(_) => None,
             });
-        if let Some(spec) = crate::tunnel::spec(&inputs, &peers).filter(|_| self.dp.writes()) {
+        if let Some(spec) = crate::tunnel::spec(&inputs, peers).filter(|_| self.dp.writes()) {
             match apply_tunnel(&self.tunnel, &spec, mtu, address).await {
                 Ok(()) => {
                     inputs.tunnel_up = true;
@@ -600,30 +586,23 @@ impl Reconciler {
                             .unwrap_or_default(),
                     );
                 }
-                Err(e) => errors.push(e.to_string()),
+                Err(e) => errors.push(ReconcileError::from(e)),
             }
         }
         // The direct-path device of a NATed gateway: up before routes move
         // into it; which gateways it carries follows its live peers.
-        inputs.direct.dev = self.direct.dev.clone();
         let mut direct_rows = Vec::new();
-        if let Some(spec) = crate::tunnel::direct_spec(&inputs, &peers).filter(|_| self.dp.writes())
+        if let Some(spec) = crate::tunnel::direct_spec(&inputs, peers).filter(|_| self.dp.writes())
         {
             match apply_tunnel(&self.direct, &spec, mtu, address).await {
                 Ok(()) => {
                     inputs.direct.up = true;
-                    inputs.direct.gateways = spec
-                        .peers
-                        .values()
-                        .filter(|p| p.path == crate::tunnel::PeerPath::Direct)
-                        .filter(|p| direct.contains(&p.node))
-                        .map(|p| p.gateway.clone())
-                        .collect();
+                    inputs.direct.gateways = crate::tunnel::direct_gateways(&spec, &direct);
                     if let Some(have) = &direct_device {
                         direct_rows = crate::tunnel::peer_states(&spec, have, now_unix());
                     }
                 }
-                Err(e) => errors.push(e.to_string()),
+                Err(e) => errors.push(ReconcileError::from(e)),
             }
         }
         if let Some(rows) = rows {
@@ -655,11 +634,19 @@ impl Reconciler {
                     .ops_applied
                     .fetch_add(r.ops_applied as u64, Ordering::Relaxed);
                 summary = r.summary;
+                // Applied, but not all of it: not a success.
+                errors.extend(r.failures.into_iter().map(ReconcileError::Incomplete));
             }
-            Err(e) => errors.push(e.to_string()),
+            Err(e) => errors.push(ReconcileError::from(e)),
         }
         summary.tunnels = tunnels;
-        let error = (!errors.is_empty()).then(|| errors.join("; "));
+        let error = (!errors.is_empty()).then(|| {
+            errors
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; ")
+        });
         if let Some(e) = &error {
             tracing::warn!(error = %e, "reconcile failed; will retry");
         }
@@ -669,11 +656,63 @@ impl Reconciler {
         if let Ok(mut last) = health.last_error.lock() {
             last.clone_from(&error);
         }
-        AppliedReport {
-            epoch: state.epoch.clone(),
-            revision: state.revision,
-            error,
-            summary,
+        Reconciled {
+            report: AppliedReport {
+                epoch: state.epoch.clone(),
+                revision: state.revision,
+                error,
+                summary,
+            },
+            retry_soon: retry_soon(&errors),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_failures_that_may_pass_a_moment_later_are_retried_before_the_resync() {
+        let held = ReconcileError::Incomplete("route 10.244.3.0/24 held by proto static".into());
+        assert!(
+            !retry_soon(&[held]),
+            "what another owner holds waits for the resync"
+        );
+        let busy = ReconcileError::Dataplane(dataplane::DataplaneError::Invalid {
+            op: "ip route add".into(),
+            reason: "busy".into(),
+        });
+        assert!(busy.is_transient());
+        assert!(retry_soon(&[
+            ReconcileError::Incomplete("skip-NAT: iptables not found".into()),
+            busy
+        ]));
+        assert!(!retry_soon(&[]));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_reconcile_is_retried_within_the_backoff_and_a_success_resets_it() {
+        let resync = Duration::from_secs(30);
+        let mut b = crate::client::Backoff::new(RETRY_MIN, resync);
+        let t0 = tokio::time::Instant::now();
+        let first = next_retry(&mut b, true).unwrap_or_else(|| unreachable!("a retry"));
+        assert!(first - t0 <= RETRY_MIN, "{:?}", first - t0);
+        // Failing again and again: never later than the resync would.
+        for _ in 0..50 {
+            let at = next_retry(&mut b, true).unwrap_or_else(|| unreachable!("a retry"));
+            assert!(at - tokio::time::Instant::now() <= resync);
+        }
+        // The retry fires on (paused, auto-advanced) time.
+        let at = next_retry(&mut b, true);
+        sleep_until(at).await;
+        assert!(at.is_some_and(|at| tokio::time::Instant::now() >= at));
+        // A success: no retry, and the next failure starts small again.
+        assert_eq!(next_retry(&mut b, false), None);
+        let again = next_retry(&mut b, true).unwrap_or_else(|| unreachable!("a retry"));
+        assert!(again - tokio::time::Instant::now() <= RETRY_MIN);
+        // No retry pending: sleep_until never wakes.
+        let pending = tokio::time::timeout(Duration::from_secs(3600), sleep_until(None)).await;
+        assert!(pending.is_err(), "nothing to retry never fires");
     }
 }

@@ -173,9 +173,23 @@ pub enum Command {
     /// Print what reconciling the cached state would change (no root
     /// needed); with the cache unusable or empty, that `run` would hold the
     /// kernel state as it is and change nothing.
+    ///
+    /// Shows what `run` would do now, one command per change: the WireGuard
+    /// devices (from the running devices and the node's key), the routes,
+    /// rules and raven0, and the skip-NAT rules.
     Plan {
         #[command(flatten)]
         common: Common,
+        /// Name of the gateway tunnel device, as given to `run`.
+        #[arg(long, env = "RAVEN_TUNNEL_DEV", default_value = "raven-wg0")]
+        tunnel_dev: String,
+        /// WireGuard implementation, as given to `run`.
+        #[arg(long, env = "RAVEN_WIREGUARD", default_value = "auto")]
+        wireguard: crate::tunnel::backend::WgMode,
+        /// Exit 1 when there is drift (something to change), 0 when there is
+        /// none, like `kubectl diff`; errors exit 2.
+        #[arg(long)]
+        exit_code: bool,
     },
     /// Remove everything raven installed on this node. The only command that
     /// tears the dataplane down.
@@ -346,24 +360,51 @@ impl Args {
                 println!("{}", serde_json::to_string_pretty(&out)?);
                 Ok(std::process::ExitCode::SUCCESS)
             }
-            Command::Plan { common } => {
-                let (node, state) = match start_state(&common)? {
-                    (node, Ok(state)) => (node, state),
-                    (_, Err(reason)) => {
+            Command::Plan {
+                common,
+                tunnel_dev,
+                wireguard,
+                exit_code,
+            } => {
+                let planned = start_state(&common).and_then(|(node, state)| match state {
+                    Ok(state) => Ok(Some(rt.block_on(crate::plan::plan(
+                        &node,
+                        &state,
+                        &common.data_dir,
+                        &tunnel_dev,
+                        wireguard,
+                    ))?)),
+                    Err(reason) => {
                         eprintln!(
                             "`run` would hold the kernel state as it is — {reason} — and change nothing until a hub sends a complete snapshot"
                         );
-                        eprintln!("0 change(s)");
-                        return Ok(std::process::ExitCode::SUCCESS);
+                        Ok(None)
                     }
+                });
+                let planned = match planned {
+                    Ok(p) => p,
+                    Err(e) if exit_code => {
+                        eprintln!("error: {e:#}");
+                        return Ok(std::process::ExitCode::from(2));
+                    }
+                    Err(e) => return Err(e),
                 };
-                let inputs = dataplane::inputs_from(&node, &state);
-                let ops = rt.block_on(dataplane::Kernel::new(false).plan(&inputs))?;
-                for op in &ops {
-                    println!("{op}");
+                let lines = planned
+                    .as_ref()
+                    .map(crate::plan::NodePlan::lines)
+                    .unwrap_or_default();
+                for w in planned.iter().flat_map(|p| &p.warnings) {
+                    eprintln!("warning: {w}");
                 }
-                eprintln!("{} change(s)", ops.len());
-                Ok(std::process::ExitCode::SUCCESS)
+                for l in &lines {
+                    println!("{l}");
+                }
+                eprintln!("{} change(s)", lines.len());
+                Ok(if exit_code && !lines.is_empty() {
+                    std::process::ExitCode::from(1)
+                } else {
+                    std::process::ExitCode::SUCCESS
+                })
             }
             Command::Teardown { tunnel_dev } => {
                 raven_cli::init_tracing(false);

@@ -45,7 +45,9 @@ use std::time::Duration;
 use raven_model::topology::GatewayView;
 use raven_model::{GatewayName, NodeName};
 
-use crate::dataplane::model::NodeInputs;
+use crate::cache::View;
+use crate::tunnel::keys::Key;
+use crate::tunnel::uapi::DeviceState;
 
 /// A WireGuard session older than this is unusable (REJECT_AFTER_TIME): a
 /// handshake is fresh when it is younger.
@@ -146,15 +148,15 @@ fn member_ip(gw: &GatewayView, node: &NodeName) -> Option<Ipv4Addr> {
         })
 }
 
-fn my_gateway(inputs: &NodeInputs) -> Option<&GatewayView> {
-    let gw = inputs.me.as_ref()?.gateway.as_ref()?;
-    inputs.gateways.iter().find(|g| &g.name == gw)
+fn my_gateway(view: &View) -> Option<&GatewayView> {
+    let gw = view.me.gateway.as_ref()?;
+    view.gateways.iter().find(|g| &g.name == gw)
 }
 
 /// The addresses this node probes: the other tunnel candidates of its own
 /// gateway.
-pub fn probe_targets(inputs: &NodeInputs) -> Vec<Ipv4Addr> {
-    let (Some(me), Some(gw)) = (inputs.me.as_ref(), my_gateway(inputs)) else {
+pub fn probe_targets(view: &View) -> Vec<Ipv4Addr> {
+    let (me, Some(gw)) = (&view.me, my_gateway(view)) else {
         return Vec::new();
     };
     let mut out: Vec<Ipv4Addr> = gw
@@ -172,8 +174,8 @@ pub fn probe_targets(inputs: &NodeInputs) -> Vec<Ipv4Addr> {
 /// say are dead, sorted, at most [`raven_model::report::MAX_DEAD_CANDIDATES`]:
 /// what the node reports to the hub (`Report.dead_candidates`), whose failure
 /// detector replaces a dead gateway while the hub is reachable.
-pub fn dead_candidates(inputs: &NodeInputs, probes: &ProbeBook) -> Vec<NodeName> {
-    let (Some(me), Some(gw)) = (inputs.me.as_ref(), my_gateway(inputs)) else {
+pub fn dead_candidates(view: &View, probes: &ProbeBook) -> Vec<NodeName> {
+    let (me, Some(gw)) = (&view.me, my_gateway(view)) else {
         return Vec::new();
     };
     let mut out: Vec<NodeName> = gw
@@ -192,15 +194,13 @@ pub fn dead_candidates(inputs: &NodeInputs, probes: &ProbeBook) -> Vec<NodeName>
 /// The overrides of the hub's choices this node acts on: gateway → the node
 /// carrying its tunnel. Pure; see the module documentation for the rules.
 pub fn choose(
-    inputs: &NodeInputs,
+    view: &View,
     ev: &Evidence<'_>,
     previous: &BTreeMap<GatewayName, NodeName>,
 ) -> BTreeMap<GatewayName, NodeName> {
     let mut out = BTreeMap::new();
-    let Some(me) = inputs.me.as_ref() else {
-        return out;
-    };
-    for gw in &inputs.gateways {
+    let me = &view.me;
+    for gw in &view.gateways {
         let Some(hub_choice) = gw.active_tunnel.as_ref().map(|t| &t.node) else {
             continue;
         };
@@ -285,6 +285,130 @@ fn remote_domain<'a>(
         .or(Some(current))
 }
 
+/// What local failover decided: the overrides of the hub's gateway choices
+/// and the NATed peers reached directly.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Decision {
+    /// Gateway → node, where this node overrides the hub's choice.
+    pub overrides: BTreeMap<GatewayName, NodeName>,
+    /// NATed peers reached directly (not through the relay).
+    pub direct: BTreeSet<NodeName>,
+}
+
+/// The tunnel devices as read now (`None`: absent or not answering).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Devices<'a> {
+    pub tunnel: Option<&'a DeviceState>,
+    pub direct: Option<&'a DeviceState>,
+}
+
+/// Evidence of local failover gathered over time, and the decision in
+/// effect. Recording ([`Self::observe`], [`Self::commit`]) is separate from
+/// deciding ([`decide`], pure).
+#[derive(Debug)]
+pub struct FailoverState {
+    pub probes: ProbeBook,
+    pub activity: PeerActivity,
+    /// The same for the direct-path device.
+    pub direct_activity: PeerActivity,
+    decided: Decision,
+}
+
+impl FailoverState {
+    pub fn new(probe_failures: u32) -> Self {
+        Self {
+            probes: ProbeBook::new(probe_failures),
+            activity: PeerActivity::default(),
+            direct_activity: PeerActivity::default(),
+            decided: Decision::default(),
+        }
+    }
+
+    /// Takes in what the devices show at `now` (unix seconds).
+    pub fn observe(&mut self, devices: Devices<'_>, now: u64) {
+        if let Some(have) = devices.tunnel {
+            self.activity.observe(have, now);
+        }
+        if let Some(have) = devices.direct {
+            self.direct_activity.observe(have, now);
+        }
+    }
+
+    /// The decision in effect.
+    pub fn decided(&self) -> &Decision {
+        &self.decided
+    }
+
+    /// Makes `d` the decision in effect, logging what changed.
+    pub fn commit(&mut self, d: Decision, hub_reachable: bool) {
+        if d.overrides != self.decided.overrides {
+            tracing::info!(overrides = %raven_cli::list(d.overrides.iter().map(|(g, n)| format!("{g}→{n}"))), hub_reachable, "local gateway failover changed");
+        }
+        if d.direct != self.decided.direct {
+            tracing::info!(direct = %raven_cli::list(&d.direct), "direct NAT-to-NAT paths changed");
+        }
+        self.decided = d;
+    }
+}
+
+/// What the evidence in `st` and the devices call for now: the gateway
+/// overrides ([`choose`], from the previous decision) and the direct paths
+/// in use (a NATed gateway's peer on the direct device that handshakes and
+/// is heard). Pure: it records nothing.
+pub fn decide(
+    view: &View,
+    st: &FailoverState,
+    devices: Devices<'_>,
+    now: u64,
+    hub_reachable: bool,
+) -> Decision {
+    let peers = &view.peers;
+    let mut seen = BTreeMap::new();
+    if let Some(have) = devices.tunnel {
+        for p in peers {
+            let Some(key) = p.wireguard_public_key.as_deref().and_then(Key::from_base64) else {
+                continue;
+            };
+            if let Some(s) = have.peers.get(&key) {
+                seen.insert(
+                    p.node.clone(),
+                    PeerSeen {
+                        handshake: s.last_handshake_sec,
+                        heard: st.activity.heard(&key),
+                    },
+                );
+            }
+        }
+    }
+    // Direct paths are between two NATed gateways only.
+    let natted = my_gateway(view).is_some_and(|g| g.under_nat);
+    let mut direct = BTreeSet::new();
+    if let Some(have) = devices.direct.filter(|_| natted) {
+        for p in peers {
+            let Some(key) = p
+                .direct
+                .as_ref()
+                .and_then(|d| Key::from_base64(&d.public_key))
+            else {
+                continue;
+            };
+            if st.direct_activity.alive(have, &key, now) {
+                direct.insert(p.node.clone());
+            }
+        }
+    }
+    let evidence = Evidence {
+        probes: &st.probes,
+        peers: &seen,
+        now,
+        hub_reachable,
+    };
+    Decision {
+        overrides: choose(view, &evidence, &st.decided.overrides),
+        direct,
+    }
+}
+
 /// How long a peer that carries prefixes may go without sending anything
 /// before it counts as silent: it sends a keepalive every
 /// [`crate::tunnel::LIVE_KEEPALIVE`] seconds when idle, so at least two
@@ -297,13 +421,13 @@ pub const SILENCE_SECS: u64 = 2 * crate::tunnel::LIVE_KEEPALIVE as u64 + 1;
 /// peer's received byte count last grew.
 #[derive(Debug, Clone, Default)]
 pub struct PeerActivity {
-    /// Public key (hex) → (rx bytes, unix seconds they last grew).
-    rx: BTreeMap<String, (u64, u64)>,
+    /// Public key → (rx bytes, unix seconds they last grew).
+    rx: BTreeMap<Key, (u64, u64)>,
 }
 
 impl PeerActivity {
     /// Takes in the device's current counters.
-    pub fn observe(&mut self, have: &crate::tunnel::uapi::DeviceState, now: u64) {
+    pub fn observe(&mut self, have: &DeviceState, now: u64) {
         self.rx.retain(|k, _| have.peers.contains_key(k));
         for (k, p) in &have.peers {
             match self.rx.get_mut(k) {
@@ -316,7 +440,7 @@ impl PeerActivity {
                 // adopting a running device), never otherwise.
                 None => {
                     let at = if p.rx_bytes > 0 { now } else { 0 };
-                    self.rx.insert(k.clone(), (p.rx_bytes, at));
+                    self.rx.insert(*k, (p.rx_bytes, at));
                 }
             }
         }
@@ -324,13 +448,13 @@ impl PeerActivity {
 
     /// Unix seconds when the peer with key `key` was last heard (its
     /// received byte count grew); 0 when never observed.
-    pub fn heard(&self, key: &str) -> u64 {
+    pub fn heard(&self, key: &Key) -> u64 {
         self.rx.get(key).map_or(0, |(_, at)| *at)
     }
 
     /// Whether the peer with key `key` carries traffic: a fresh handshake
     /// and bytes received within [`SILENCE_SECS`].
-    pub fn alive(&self, have: &crate::tunnel::uapi::DeviceState, key: &str, now: u64) -> bool {
+    pub fn alive(&self, have: &DeviceState, key: &Key, now: u64) -> bool {
         let Some(p) = have.peers.get(key) else {
             return false;
         };
@@ -456,7 +580,9 @@ mod icmp {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use raven_model::topology::{EndpointType, ExposeType, GatewayEndpoint, Member, NodeView};
+    use raven_model::topology::{
+        EndpointType, ExposeType, GatewayEndpoint, Member, NodeView, PeerInfo,
+    };
 
     fn n(s: &str) -> NodeName {
         NodeName::new(s).unwrap_or_else(|_| unreachable!())
@@ -503,9 +629,9 @@ mod tests {
             relay: None,
         }
     }
-    fn inputs(me: &str, my_gw: &str) -> NodeInputs {
-        NodeInputs {
-            me: Some(NodeView {
+    fn inputs(me: &str, my_gw: &str) -> View {
+        View {
+            me: NodeView {
                 name: n(me),
                 gateway: Some(g(my_gw)),
                 private_ip: None,
@@ -513,14 +639,10 @@ mod tests {
                 tunnel_active: false,
                 tunnel_candidate: false,
                 proxy_active: false,
-            }),
+            },
             gateways: vec![gw("gw-a", &["a1", "a2", "a3"]), gw("gw-b", &["b1", "b2"])],
             settings: None,
-            active_override: BTreeMap::new(),
-            underlay_mtu: 1500,
-            tunnel_dev: "raven-wg0".into(),
-            tunnel_up: false,
-            direct: Default::default(),
+            peers: vec![],
         }
     }
     fn book(dead: &[u8], alive: &[u8]) -> ProbeBook {
@@ -689,9 +811,10 @@ mod tests {
     #[test]
     fn a_direct_path_is_alive_while_it_handshakes_and_receives() {
         use crate::tunnel::uapi::{DeviceState, PeerState};
+        let k = &Key([7; 32]);
         let state = |rx: u64, hs: u64| DeviceState {
             peers: [(
-                "k".to_owned(),
+                *k,
                 PeerState {
                     rx_bytes: rx,
                     last_handshake_sec: hs,
@@ -703,16 +826,114 @@ mod tests {
         };
         let mut a = PeerActivity::default();
         a.observe(&state(0, 0), 100);
-        assert!(!a.alive(&state(0, 0), "k", 100), "never handshaked");
+        assert!(!a.alive(&state(0, 0), k, 100), "never handshaked");
         a.observe(&state(92, 105), 106);
-        assert!(a.alive(&state(92, 105), "k", 106));
+        assert!(a.alive(&state(92, 105), k, 106));
         // Handshake still fresh, but nothing received for too long.
         let later = 106 + SILENCE_SECS;
         a.observe(&state(92, 105), later);
-        assert!(!a.alive(&state(92, 105), "k", later));
+        assert!(!a.alive(&state(92, 105), k, later));
         a.observe(&state(184, 105), later + 1);
-        assert!(a.alive(&state(184, 105), "k", later + 1));
-        assert!(!a.alive(&state(184, 105), "other", later + 1));
+        assert!(a.alive(&state(184, 105), k, later + 1));
+        assert!(!a.alive(&state(184, 105), &Key([8; 32]), later + 1));
+    }
+
+    #[test]
+    fn deciding_records_nothing_and_committing_makes_the_decision_the_previous_one() {
+        use crate::tunnel::uapi::PeerState;
+        let key = |b: u8| Key([b; 32]);
+        let info = |node: &str, b: u8| PeerInfo {
+            node: n(node),
+            gateway: g("gw-b"),
+            wireguard_public_key: Some(key(b).to_base64()),
+            tunnel_port: Some(4500),
+            observed_endpoint: None,
+            direct: Some(raven_model::topology::DirectDevice {
+                public_key: key(b + 100).to_base64(),
+                observed_endpoint: None,
+            }),
+        };
+        let peers = vec![info("b1", 1), info("b2", 2)];
+        let device = |b2_rx: u64| DeviceState {
+            peers: [
+                (
+                    key(1),
+                    PeerState {
+                        last_handshake_sec: 900,
+                        rx_bytes: 10,
+                        ..Default::default()
+                    },
+                ),
+                (
+                    key(2),
+                    PeerState {
+                        last_handshake_sec: 995,
+                        rx_bytes: b2_rx,
+                        ..Default::default()
+                    },
+                ),
+            ]
+            .into(),
+            ..Default::default()
+        };
+        let direct = DeviceState {
+            peers: [(
+                key(101),
+                PeerState {
+                    last_handshake_sec: 995,
+                    rx_bytes: 10,
+                    ..Default::default()
+                },
+            )]
+            .into(),
+            ..Default::default()
+        };
+        let i = View {
+            peers,
+            ..inputs("a1", "gw-a")
+        };
+        let mut st = FailoverState::new(3);
+        // Both heard at 990; then only b2 (after its handshake at 995).
+        st.observe(
+            Devices {
+                tunnel: Some(&device(50)),
+                direct: Some(&direct),
+            },
+            990,
+        );
+        let now = device(60);
+        st.observe(
+            Devices {
+                tunnel: Some(&now),
+                direct: None,
+            },
+            999,
+        );
+        let devices = Devices {
+            tunnel: Some(&now),
+            direct: Some(&direct),
+        };
+        let d = decide(&i, &st, devices, 1_000, false);
+        assert_eq!(d.overrides.get(&g("gw-b")), Some(&n("b2")));
+        assert_eq!(
+            d.direct,
+            BTreeSet::new(),
+            "b1's direct device was heard 10 s ago: not alive"
+        );
+        assert_eq!(
+            decide(&i, &st, devices, 1_000, false),
+            d,
+            "the same evidence, the same decision"
+        );
+        assert_eq!(
+            st.decided(),
+            &Decision::default(),
+            "deciding records nothing"
+        );
+        st.commit(d.clone(), false);
+        assert_eq!(st.decided(), &d);
+        // The hub back: the committed move holds (it is the previous one now).
+        assert_eq!(decide(&i, &st, devices, 1_000, true).overrides, d.overrides);
     }
 
     #[test]

@@ -18,5 +18,6 @@ pub mod diagnose;
 pub mod failover;
 pub mod hold;
 pub mod http;
+pub mod plan;
 pub mod status;
 pub mod tunnel;

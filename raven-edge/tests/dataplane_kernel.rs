@@ -89,6 +89,7 @@ impl Netns {
                 .enable_all()
                 .build()
                 .expect("runtime");
+            let inputs = rt.block_on(with_underlay(inputs));
             rt.block_on(kernel.reconcile(&inputs))
                 .unwrap_or_else(|e| panic!("{e}"))
         })
@@ -101,6 +102,7 @@ impl Netns {
                 .enable_all()
                 .build()
                 .expect("runtime");
+            let inputs = rt.block_on(with_underlay(inputs));
             rt.block_on(Kernel::new(false).plan(&inputs))
                 .map(|p| p.iter().map(ToString::to_string).collect())
                 .unwrap_or_else(|e| panic!("{e}"))
@@ -216,6 +218,16 @@ fn gateway(g: &str, active: &str, members: Vec<Member>) -> GatewayView {
         extra_source_cidrs: vec![],
         relay: None,
     }
+}
+
+/// `inputs` with the underlay MTU read from the namespace's link that holds
+/// the node's address, as the agent reads it, unless the test set one.
+async fn with_underlay(mut inputs: NodeInputs) -> NodeInputs {
+    if inputs.underlay_mtu == 0 {
+        let ip = inputs.me.as_ref().and_then(|m| m.private_ip);
+        inputs.underlay_mtu = raven_edge::dataplane::underlay_mtu(ip).await;
+    }
+    inputs
 }
 
 /// The user-manual layout: me is hangzhou node `me` (gateway `hz-gw`).
@@ -680,6 +692,11 @@ fn foreign_route_on_a_wanted_destination_is_reported_not_overwritten() {
             .any(|w| w.contains("10.244.3.0/24") && w.contains("does not own")),
         "{:?}",
         report.warnings
+    );
+    assert!(
+        report.failures.iter().any(|w| w.contains("10.244.3.0/24")),
+        "a route not installed is a failure the agent reports (Applied success: false): {:?}",
+        report.failures
     );
     let routes = ns.routes("9027");
     assert!(

@@ -270,7 +270,7 @@ fn inputs() -> NodeInputs {
             vxlan_port: 4472,
         }),
         active_override: BTreeMap::new(),
-        underlay_mtu: 0,
+        underlay_mtu: 1500,
         tunnel_dev: "raven-wg0".into(),
         tunnel_up: false,
         direct: Default::default(),

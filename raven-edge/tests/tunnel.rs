@@ -189,6 +189,23 @@ impl Lab {
         );
     }
 
+    /// `raven-edge plan --exit-code` for cloud-1, in its namespace: the
+    /// exit code and what it prints on stdout.
+    fn plan(&self) -> (Option<i32>, String) {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.a])
+            .arg(env!("CARGO_BIN_EXE_raven-edge"))
+            .args(["plan", "--node", "cloud-1", "--data-dir"])
+            .arg(self.p("edge-a"))
+            .args(["--tunnel-dev", &self.dev("a"), "--exit-code"])
+            .output()
+            .expect("plan");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    }
+
     fn public_key(&self, side: &str) -> String {
         let out = Command::new("wg")
             .args(["show", &self.dev(side), "public-key"])
@@ -270,14 +287,64 @@ fn two_gateways_carry_pod_traffic_keep_their_keys_and_teardown_removes_the_tunne
         metrics = read_metrics();
     }
 
+    // `plan` on the active gateway, its agent running: no drift, though
+    // the routes go into the tunnel and skip-NAT and WireGuard are planned.
+    let (code, out) = lab.plan();
+    assert_eq!(
+        code,
+        Some(0),
+        "plan shows drift with the agent running:\n{out}"
+    );
+    assert!(out.is_empty(), "{out}");
+
     // The key is the node's: an agent restart keeps it and the tunnel.
     let key = lab.public_key("a");
     drop(agent_a);
     assert!(lab.ping(), "stopping the agent must not stop the tunnel");
+
+    // With the agent stopped, a route and a peer go missing: `plan` shows
+    // exactly those two changes, as the commands `run` would issue.
+    let dev = lab.dev("a");
+    must(&[
+        "-n",
+        &lab.a,
+        "route",
+        "del",
+        "10.10.2.0/24",
+        "table",
+        "9027",
+    ]);
+    let kb = lab.public_key("b");
+    let st = Command::new("wg")
+        .args(["set", &dev, "peer", &kb, "remove"])
+        .status()
+        .expect("wg");
+    assert!(st.success());
+    let (code, out) = lab.plan();
+    assert_eq!(code, Some(1), "drift exits 1:\n{out}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    assert!(
+        lines[0].starts_with(&format!("wg set {dev} peer {kb} endpoint 198.51.100.2:"))
+            && lines[0].contains(" persistent-keepalive 1 allowed-ips ")
+            && lines[0].contains("10.10.2.0/24"),
+        "{out}"
+    );
+    assert_eq!(
+        lines[1],
+        format!("ip route add 10.10.2.0/24 dev {dev} table 9027 proto 82 mtu 1320")
+    );
+
     let _agent_a = lab.agent("a");
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(lab.public_key("a"), key);
     lab.converge("after agent restart");
+    // The agent made exactly that change: no drift left.
+    let t = Instant::now();
+    while lab.plan().0 != Some(0) {
+        assert!(t.elapsed() < Duration::from_secs(10), "{:?}", lab.plan());
+        std::thread::sleep(Duration::from_millis(200));
+    }
 
     // Teardown (agent stopped) removes the tunnel too; wireguard-go exits.
     drop(agent_b);

@@ -14,7 +14,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use raven_edge::tunnel::backend::Backend;
-use raven_edge::tunnel::{PeerPath, PeerSpec, Tunnel, TunnelSpec, diff, uapi};
+use raven_edge::tunnel::keys::Key;
+use raven_edge::tunnel::{Change, PeerChange, PeerPath, PeerSpec, Tunnel, TunnelSpec, uapi};
 use raven_model::{GatewayName, NodeName};
 use support::{Proc, ip, must};
 
@@ -201,7 +202,7 @@ fn peer(node: &str, endpoint: &str, inner: &str) -> PeerSpec {
     }
 }
 
-fn spec(peers: Vec<(String, PeerSpec)>) -> TunnelSpec {
+fn spec(peers: Vec<(Key, PeerSpec)>) -> TunnelSpec {
     TunnelSpec {
         listen_port: 5000,
         peers: peers.into_iter().collect::<BTreeMap<_, _>>(),
@@ -209,8 +210,8 @@ fn spec(peers: Vec<(String, PeerSpec)>) -> TunnelSpec {
     }
 }
 
-fn hex(t: &Tunnel) -> String {
-    raven_edge::tunnel::keys::base64_to_hex(&t.keys.public_base64()).expect("key")
+fn key(t: &Tunnel) -> Key {
+    t.keys.public_key()
 }
 
 fn unix_now() -> u64 {
@@ -227,20 +228,20 @@ async fn an_endpoint_change_is_a_one_peer_diff_on_the_running_device_and_traffic
     let started = unix_now();
     let mut lab = Lab::new();
     let (a, b, c) = (lab.tunnel("a"), lab.tunnel("b"), lab.tunnel("c"));
-    let (kb, kc) = (hex(&b), hex(&c));
+    let (kb, kc) = (key(&b), key(&c));
     let mut want_a = spec(vec![
-        (kb.clone(), peer("b", "198.18.1.2:5000", "10.99.0.2/32")),
-        (kc.clone(), peer("c", "198.18.2.2:5000", "10.99.0.3/32")),
+        (kb, peer("b", "198.18.1.2:5000", "10.99.0.2/32")),
+        (kc, peer("c", "198.18.2.2:5000", "10.99.0.3/32")),
     ]);
     a.apply(&want_a).await.expect("a");
     b.apply(&spec(vec![(
-        hex(&a),
+        key(&a),
         peer("a", "198.18.1.1:5000", "10.99.0.1/32"),
     )]))
     .await
     .expect("b");
     c.apply(&spec(vec![(
-        hex(&a),
+        key(&a),
         peer("a", "198.18.2.1:5000", "10.99.0.1/32"),
     )]))
     .await
@@ -264,21 +265,22 @@ async fn an_endpoint_change_is_a_one_peer_diff_on_the_running_device_and_traffic
         p.endpoint = "198.18.3.2:5000".parse().ok();
     }
     let now = uapi::get(&a.dev).await.expect("state");
-    let body = diff(&want_a, &now.private_key_hex, &now);
+    let change = a.change(&want_a, &now);
+    let only_b = Change {
+        peers: vec![PeerChange::new(kb).endpoint("198.18.3.2:5000".parse().expect("addr"))],
+        ..Default::default()
+    };
     assert_eq!(
-        body,
-        format!("public_key={kb}\nendpoint=198.18.3.2:5000\n"),
+        change, only_b,
         "a diff that names only b, and only its endpoint"
     );
-    assert!(!body.contains(&kc));
     assert_eq!(
         a.apply(&want_a).await.expect("apply the change"),
-        2,
-        "the same two lines applied"
+        only_b,
+        "the same change applied"
     );
-    assert_eq!(
-        a.apply(&want_a).await.expect("apply again"),
-        0,
+    assert!(
+        a.apply(&want_a).await.expect("apply again").is_empty(),
         "nothing left to change"
     );
 
@@ -306,7 +308,7 @@ async fn an_endpoint_change_is_a_one_peer_diff_on_the_running_device_and_traffic
     assert!(b1.rx_bytes > b0.rx_bytes, "nothing from b: {b0:?} → {b1:?}");
     let b_view = uapi::get(&b.dev).await.expect("b's state");
     assert_eq!(
-        b_view.peers[&hex(&a)].endpoint,
+        b_view.peers[&key(&a)].endpoint,
         "198.18.3.1:5000".parse().ok(),
         "b hears a over the new network"
     );

@@ -7,8 +7,8 @@
 mod support;
 
 use raven_edge::tunnel::backend::{Backend, WgMode, WireguardGo, detect};
-use raven_edge::tunnel::kernel;
-use raven_edge::tunnel::{Tunnel, uapi};
+use raven_edge::tunnel::keys::{Key, Secret};
+use raven_edge::tunnel::{Change, PeerChange, Tunnel, kernel, uapi};
 use support::must;
 
 fn is_root() -> bool {
@@ -67,27 +67,28 @@ fn auto_picks_the_kernel_only_where_it_has_wireguard_and_kernel_mode_refuses_oth
     if module || can_create {
         assert_eq!(auto, Some(Backend::Kernel));
         assert_eq!(forced, Ok(Backend::Kernel));
-        // A real kernel device: a change written as a UAPI body reads back.
+        // A real kernel device: a change written over generic netlink reads
+        // back.
         let state = in_netns(&ns.0, || {
             Box::pin(async {
                 kernel::create("rwbwg0").await.expect("create");
-                let key = "11".repeat(32);
-                let peer = "22".repeat(32);
-                kernel::set(
-                    "rwbwg0",
-                    &format!(
-                        "private_key={key}\nlisten_port=4599\npublic_key={peer}\nendpoint=192.0.2.1:4500\nreplace_allowed_ips=true\nallowed_ip=10.77.0.0/24\n"
-                    ),
-                )
-                .await
-                .expect("set");
+                let change = Change {
+                    private_key: Some(Secret(Key([0x11; 32]))),
+                    listen_port: Some(4599),
+                    peers: vec![
+                        PeerChange::new(Key([0x22; 32]))
+                            .endpoint("192.0.2.1:4500".parse().expect("addr"))
+                            .replace_allowed_ips(["10.77.0.0/24".parse().expect("net")]),
+                    ],
+                };
+                kernel::set("rwbwg0", &change).await.expect("set");
                 kernel::get("rwbwg0").await.expect("get")
             })
         });
         assert_eq!(state.listen_port, 4599);
         assert_eq!(
             state.peers.values().next().map(|p| p.allowed_ips.clone()),
-            Some(vec!["10.77.0.0/24".to_owned()])
+            Some(vec!["10.77.0.0/24".parse().expect("net")])
         );
     } else {
         // No kernel WireGuard on this machine (the CI machines have none).

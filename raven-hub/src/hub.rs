@@ -70,7 +70,7 @@ impl RunningHub {
     /// Stops every task, every Sync session included, and waits for them.
     pub async fn stop(self) {
         self.shutdown.cancel();
-        self.wait().await;
+        let _ = self.wait().await;
     }
 
     /// Waits until every task and every Sync session ended (after

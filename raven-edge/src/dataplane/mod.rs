@@ -24,29 +24,81 @@ pub mod skipnat;
 
 use std::collections::BTreeMap;
 
-use raven_model::NodeName;
+use crate::cache::View;
+use raven_model::{GatewayName, NodeName};
 use raven_proto::v1;
 
 pub use model::{Desired, NodeInputs, Op, State, desired, plan};
 pub use netlink::{DataplaneError, TunnelDevs};
 
-use crate::cache::CachedState;
+/// What the node knows of itself besides the topology: the names of its
+/// tunnel devices and the MTU of its underlay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Local {
+    pub tunnel_dev: String,
+    pub direct_dev: String,
+    pub underlay_mtu: u32,
+}
 
-/// Builds the dataplane inputs of `node` from its cached view.
-pub fn inputs_from(node: &NodeName, state: &CachedState) -> NodeInputs {
-    let view = state.view(node);
+impl Local {
+    /// The devices of tunnel device `tunnel_dev` (its direct-path device
+    /// named after it) over an underlay of `underlay_mtu` bytes.
+    pub fn new(tunnel_dev: &str, underlay_mtu: u32) -> Self {
+        Self {
+            tunnel_dev: tunnel_dev.to_owned(),
+            direct_dev: crate::tunnel::direct_dev(tunnel_dev),
+            underlay_mtu,
+        }
+    }
+}
+
+/// The dataplane inputs of this node: its cached `view` (`None`: the cache
+/// does not describe it), what it knows of itself and the local failover
+/// overrides in effect. The one place [`NodeInputs`] is put together — for
+/// `run`, `plan` and the prober alike. The tunnels start down: only the
+/// tunnel step, once it has brought them up, marks them so (make before
+/// break).
+pub fn assemble(
+    view: Option<&View>,
+    local: &Local,
+    active_override: BTreeMap<GatewayName, NodeName>,
+) -> NodeInputs {
     NodeInputs {
-        me: view.as_ref().map(|v| v.me.clone()),
-        gateways: view
-            .as_ref()
-            .map(|v| v.gateways.clone())
-            .unwrap_or_default(),
-        settings: view.as_ref().and_then(|v| v.settings.clone()),
-        active_override: BTreeMap::new(),
-        underlay_mtu: 0,
-        tunnel_dev: model::DEFAULT_TUNNEL_DEV.to_owned(),
+        me: view.map(|v| v.me.clone()),
+        gateways: view.map(|v| v.gateways.clone()).unwrap_or_default(),
+        settings: view.and_then(|v| v.settings.clone()),
+        active_override,
+        underlay_mtu: local.underlay_mtu,
+        tunnel_dev: local.tunnel_dev.clone(),
         tunnel_up: false,
-        direct: Default::default(),
+        direct: model::DirectRoutes {
+            dev: local.direct_dev.clone(),
+            up: false,
+            gateways: Default::default(),
+        },
+    }
+}
+
+/// MTU of the link that holds the node's private address `private_ip`
+/// (1500 when there is none or it cannot be told).
+pub async fn underlay_mtu(private_ip: Option<std::net::IpAddr>) -> u32 {
+    const ETHERNET: u32 = 1500;
+    let Some(ip) = private_ip else {
+        return ETHERNET;
+    };
+    let h = match netlink::connect() {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the underlay MTU; assuming 1500");
+            return ETHERNET;
+        }
+    };
+    match netlink::underlay_mtu(&h, ip).await {
+        Ok(mtu) => mtu.unwrap_or(ETHERNET),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the underlay MTU; assuming 1500");
+            ETHERNET
+        }
     }
 }
 
@@ -56,6 +108,10 @@ pub struct ReconcileReport {
     pub ops_applied: usize,
     pub summary: v1::ApplySummary,
     pub warnings: Vec<String>,
+    /// The warnings that mean the reconcile did not do all it should: a
+    /// foreign route holding a slot raven wants, skip-NAT failing. The
+    /// agent reports them as a failed Applied, never as success.
+    pub failures: Vec<String>,
 }
 
 /// The kernel of the current network namespace.
@@ -96,26 +152,10 @@ impl Kernel {
         self.write
     }
 
-    async fn desired(
-        &self,
-        h: &rtnetlink::Handle,
-        inputs: &NodeInputs,
-    ) -> Result<Desired, DataplaneError> {
-        let mut inputs = inputs.clone();
-        if inputs.underlay_mtu == 0 {
-            let private = inputs.me.as_ref().and_then(|m| m.private_ip);
-            inputs.underlay_mtu = match private {
-                Some(ip) => netlink::underlay_mtu(h, ip).await?.unwrap_or(1500),
-                None => 1500,
-            };
-        }
-        Ok(desired(&inputs))
-    }
-
     /// What reconciling would change now.
     pub async fn plan(&self, inputs: &NodeInputs) -> Result<Vec<Op>, DataplaneError> {
         let h = netlink::connect()?;
-        let want = self.desired(&h, inputs).await?;
+        let want = desired(inputs);
         let have = netlink::observe(&h, devs(inputs)).await?;
         Ok(plan(&want.state, &have))
     }
@@ -123,7 +163,7 @@ impl Kernel {
     /// Observe → plan → apply.
     pub async fn reconcile(&self, inputs: &NodeInputs) -> Result<ReconcileReport, DataplaneError> {
         let h = netlink::connect()?;
-        let want = self.desired(&h, inputs).await?;
+        let want = desired(inputs);
         let have = netlink::observe(&h, devs(inputs)).await?;
         let ops = plan(&want.state, &have);
         for w in &want.warnings {
@@ -140,6 +180,7 @@ impl Kernel {
                 ops_applied: 0,
                 summary: summary(&have),
                 warnings: want.warnings,
+                failures: Vec::new(),
             });
         }
         if want.state.link.is_some() {
@@ -149,17 +190,19 @@ impl Kernel {
         for c in &applied.conflicts {
             tracing::warn!(conflict = %c, "dataplane");
         }
-        let mut warnings = want.warnings;
-        warnings.extend(applied.conflicts);
+        let mut failures = applied.conflicts;
         let nat = skipnat::apply(&skip_nat).await;
         for e in &nat.errors {
             tracing::warn!(error = %e, "skip-NAT");
-            warnings.push(format!("skip-NAT: {e}"));
+            failures.push(format!("skip-NAT: {e}"));
         }
+        let mut warnings = want.warnings;
+        warnings.extend(failures.iter().cloned());
         Ok(ReconcileReport {
             ops_applied: applied.ops + nat.changes,
             summary: summary(&want.state),
             warnings,
+            failures,
         })
     }
 

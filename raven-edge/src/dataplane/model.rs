@@ -235,8 +235,24 @@ pub enum Op {
     DeleteRule(Rule),
 }
 
+/// As the `ip` command that makes it, the tunnel devices shown as
+/// `<tunnel>` and `<direct>` (see [`Op::command`] for their names).
 impl fmt::Display for Op {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.command("<tunnel>", "<direct>"))
+    }
+}
+
+impl Op {
+    /// The `ip` (or `bridge`) command that makes this change, naming the
+    /// tunnel device `tunnel` and the direct-path device `direct`.
+    pub fn command(&self, tunnel: &str, direct: &str) -> String {
+        let mut out = String::new();
+        let _ = self.write_command(&mut out, tunnel, direct);
+        out
+    }
+
+    fn write_command(&self, f: &mut impl fmt::Write, tunnel: &str, direct: &str) -> fmt::Result {
         match self {
             Op::CreateLink(l) => write!(
                 f,
@@ -276,8 +292,8 @@ impl fmt::Display for Op {
                 r.via.map(|v| format!(" via {v}")).unwrap_or_default(),
                 match r.dev {
                     RouteDev::Vxlan => format!("{VXLAN_DEV} onlink"),
-                    RouteDev::Tunnel => "<tunnel>".to_owned(),
-                    RouteDev::Direct => "<direct>".to_owned(),
+                    RouteDev::Tunnel => tunnel.to_owned(),
+                    RouteDev::Direct => direct.to_owned(),
                     RouteDev::Other => "<other>".to_owned(),
                 },
                 r.table,
@@ -373,6 +389,30 @@ pub fn active_node<'a>(
         .or(gw.active_tunnel.as_ref().map(|t| &t.node))
 }
 
+/// The remote prefixes a node of `my_gw` routes to other domains (and
+/// exempts from the CNI's masquerade, see [`super::skipnat`]): everything of
+/// the other gateways, minus host prefixes that are an address of my own
+/// domain (overlapping private ranges across NATs are common; my own members
+/// are always reached directly) or a tunnel endpoint's public address
+/// (reached over the underlay, never through the tunnel it carries: a
+/// routing loop that would cut the tunnel and the hub connection when a
+/// gateway's public address is also its node IP). Pure.
+pub fn routed_remote_prefixes(gateways: &[GatewayView], my_gw: &GatewayView) -> Vec<IpNet> {
+    let own: BTreeSet<IpAddr> = my_gw.members.iter().map(|m| m.private_ip).collect();
+    let endpoints: BTreeSet<IpAddr> = gateways
+        .iter()
+        .flat_map(|g| g.tunnel_candidates.iter().chain(g.active_tunnel.iter()))
+        .filter_map(|e| e.public_ip)
+        .collect();
+    raven_model::topology::remote_prefixes(gateways, &my_gw.name)
+        .into_iter()
+        .filter(|p| {
+            let host = p.prefix_len() == p.max_prefix_len();
+            !(host && (own.contains(&p.addr()) || endpoints.contains(&p.addr())))
+        })
+        .collect()
+}
+
 /// Computes the desired dataplane of a node. Pure.
 pub fn desired(inputs: &NodeInputs) -> Desired {
     let mut out = Desired::default();
@@ -434,26 +474,7 @@ pub fn desired(inputs: &NodeInputs) -> Desired {
         });
     }
 
-    // Remote prefixes: everything of the other gateways, minus anything that
-    // is an address of my own domain (overlapping private ranges across NATs
-    // are common; my own members are always reached directly).
-    let own: BTreeSet<IpAddr> = my_gw.members.iter().map(|m| m.private_ip).collect();
-    // Tunnel endpoints are reached over the underlay, never through the
-    // tunnel they carry (a routing loop that would cut the tunnel and the
-    // hub connection when a gateway's public address is also its node IP).
-    let endpoints: BTreeSet<IpAddr> = inputs
-        .gateways
-        .iter()
-        .flat_map(|g| g.tunnel_candidates.iter().chain(g.active_tunnel.iter()))
-        .filter_map(|e| e.public_ip)
-        .collect();
-    let remote: Vec<IpNet> = raven_model::topology::remote_prefixes(&inputs.gateways, gw_name)
-        .into_iter()
-        .filter(|p| {
-            let host = p.prefix_len() == p.max_prefix_len();
-            !(host && (own.contains(&p.addr()) || endpoints.contains(&p.addr())))
-        })
-        .collect();
+    let remote = routed_remote_prefixes(&inputs.gateways, my_gw);
 
     let active = active_node(my_gw, &inputs.active_override);
     match active {

@@ -39,9 +39,8 @@
 //! since inserted rules above it: moving it back to the top would fight
 //! CNIs that keep their own jump first (calico's insert mode).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::net::IpAddr;
 use std::process::{Output, Stdio};
 
 use ipnet::IpNet;
@@ -167,21 +166,7 @@ pub fn spec(inputs: &NodeInputs) -> SkipNat {
         return SkipNat::default();
     };
     let sources: Vec<IpNet> = my_gw.prefixes().collect();
-    let own: BTreeSet<IpAddr> = my_gw.members.iter().map(|m| m.private_ip).collect();
-    let endpoints: BTreeSet<IpAddr> = inputs
-        .gateways
-        .iter()
-        .flat_map(|g| g.tunnel_candidates.iter().chain(g.active_tunnel.iter()))
-        .filter_map(|e| e.public_ip)
-        .collect();
-    let destinations: Vec<IpNet> =
-        raven_model::topology::remote_prefixes(&inputs.gateways, gw_name)
-            .into_iter()
-            .filter(|p| {
-                let host = p.prefix_len() == p.max_prefix_len();
-                !(host && (own.contains(&p.addr()) || endpoints.contains(&p.addr())))
-            })
-            .collect();
+    let destinations = super::model::routed_remote_prefixes(&inputs.gateways, my_gw);
     let family = |f: Family| {
         let pick = |nets: &[IpNet]| -> Vec<IpNet> {
             let nets: Vec<IpNet> = nets
@@ -570,6 +555,7 @@ pub async fn teardown() -> Applied {
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
+    use std::net::IpAddr;
 
     use raven_model::topology::{
         EndpointType, ExposeType, GatewayEndpoint, GatewayView, Member, NodeView,

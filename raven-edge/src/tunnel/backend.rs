@@ -5,6 +5,7 @@
 use std::fmt;
 use std::str::FromStr;
 
+use super::change::Change;
 use super::uapi::DeviceState;
 use super::{TunnelError, kernel, uapi};
 
@@ -147,11 +148,12 @@ impl Backend {
         self.get(dev).await.is_ok()
     }
 
-    /// Applies a UAPI `set=1` body (see [`super::diff`]).
-    pub async fn set(self, dev: &str, body: &str) -> Result<(), TunnelError> {
+    /// Applies `change` (see [`super::diff`]), rendered as the backend
+    /// speaks: generic netlink messages or a UAPI `set=1` body.
+    pub async fn set(self, dev: &str, change: &Change) -> Result<(), TunnelError> {
         match self {
-            Self::Kernel => Ok(kernel::set(dev, body).await?),
-            Self::Userspace => Ok(uapi::set(dev, body).await?),
+            Self::Kernel => Ok(kernel::set(dev, change).await?),
+            Self::Userspace => Ok(uapi::set(dev, change).await?),
         }
     }
 }

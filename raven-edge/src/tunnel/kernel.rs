@@ -1,15 +1,14 @@
 //! Kernel WireGuard, configured over generic netlink (the `wireguard`
 //! family, as `wg` does it).
 //!
-//! The tunnel driver computes every change as a UAPI `set=1` body (see
-//! [`super::diff`]); this module translates such a body into
-//! `WG_CMD_SET_DEVICE` requests and reads the device back into the same
-//! [`DeviceState`] the UAPI gives, so one planner serves both backends. The
-//! translation and the message building are pure and unit-tested; the kernel
-//! calls need a kernel with the wireguard module.
+//! The tunnel driver computes every change as a [`Change`] (see
+//! [`super::diff`]); this module renders it as `WG_CMD_SET_DEVICE` requests
+//! and reads the device back into the same [`DeviceState`] the UAPI gives,
+//! so one planner serves both backends. The message building and the
+//! reading are pure and unit-tested; the kernel calls need a kernel with
+//! the wireguard module.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 
 use futures::StreamExt;
 use ipnet::IpNet;
@@ -22,89 +21,16 @@ use netlink_packet_wireguard::{
     WireguardCmd, WireguardMessage, WireguardPeer, WireguardPeerAttribute, WireguardPeerFlags,
 };
 
+use super::change::{Change, PeerChange};
+use super::keys::{Key, Secret};
 use super::uapi::{DeviceState, PeerState};
-
-type Key = [u8; 32];
 
 #[derive(Debug, thiserror::Error)]
 pub enum KernelWgError {
-    #[error("UAPI set body, line {line} {text:?}: {reason}")]
-    Body {
-        line: usize,
-        text: String,
-        reason: String,
-    },
     #[error("generic netlink ({op}): {reason}")]
     Netlink { op: String, reason: String },
     #[error("kernel WireGuard {dev}: {source}")]
     Kernel { dev: String, source: std::io::Error },
-}
-
-/// One peer's part of a change.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct PeerChange {
-    pub key: Key,
-    pub remove: bool,
-    pub endpoint: Option<SocketAddr>,
-    pub keepalive: Option<u16>,
-    pub replace_allowed_ips: bool,
-    pub allowed_ips: Vec<IpNet>,
-}
-
-/// A device change, as a UAPI `set=1` body describes it.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Change {
-    pub private_key: Option<Key>,
-    pub listen_port: Option<u16>,
-    pub peers: Vec<PeerChange>,
-}
-
-fn hex_key(s: &str) -> Option<Key> {
-    hex::decode(s).ok()?.try_into().ok()
-}
-
-/// Parses the UAPI `set=1` body [`super::diff`] writes. Pure.
-pub fn parse_set(body: &str) -> Result<Change, KernelWgError> {
-    let mut change = Change::default();
-    for (i, text) in body.lines().enumerate() {
-        if text.is_empty() {
-            continue;
-        }
-        let bad = |reason: &str| KernelWgError::Body {
-            line: i + 1,
-            text: text.to_owned(),
-            reason: reason.to_owned(),
-        };
-        let (k, v) = text.split_once('=').ok_or_else(|| bad("not key=value"))?;
-        let peer = change.peers.last_mut();
-        match (k, peer) {
-            ("private_key", _) => {
-                change.private_key = Some(hex_key(v).ok_or_else(|| bad("not a 32-byte hex key"))?);
-            }
-            ("listen_port", _) => {
-                change.listen_port = Some(v.parse().map_err(|_| bad("not a port"))?);
-            }
-            ("public_key", _) => change.peers.push(PeerChange {
-                key: hex_key(v).ok_or_else(|| bad("not a 32-byte hex key"))?,
-                ..Default::default()
-            }),
-            ("remove", Some(p)) if v == "true" => p.remove = true,
-            ("endpoint", Some(p)) => {
-                p.endpoint = Some(v.parse().map_err(|_| bad("not an address:port"))?);
-            }
-            ("persistent_keepalive_interval", Some(p)) => {
-                p.keepalive = Some(v.parse().map_err(|_| bad("not a number of seconds"))?);
-            }
-            ("replace_allowed_ips", Some(p)) if v == "true" => p.replace_allowed_ips = true,
-            ("allowed_ip", Some(p)) => {
-                p.allowed_ips
-                    .push(v.parse().map_err(|_| bad("not a CIDR"))?);
-            }
-            (_, None) => return Err(bad("a peer setting before any public_key")),
-            _ => return Err(bad("not a setting raven sends")),
-        }
-    }
-    Ok(change)
 }
 
 fn allowed_ip(net: &IpNet) -> WireguardAllowedIp {
@@ -121,12 +47,12 @@ fn allowed_ip(net: &IpNet) -> WireguardAllowedIp {
 
 /// A peer's own settings — everything but its allowed IPs.
 fn peer_head(p: &PeerChange) -> Vec<WireguardPeerAttribute> {
-    let mut attrs = vec![WireguardPeerAttribute::PublicKey(p.key)];
+    let mut attrs = vec![WireguardPeerAttribute::PublicKey(p.key.0)];
     let mut flags = WireguardPeerFlags::empty();
     if p.remove {
         flags |= WireguardPeerFlags::RemoveMe;
     }
-    if p.replace_allowed_ips {
+    if p.allowed_ips.is_some() {
         flags |= WireguardPeerFlags::ReplaceAllowedIps;
     }
     if !flags.is_empty() {
@@ -209,8 +135,8 @@ impl Batcher {
 /// once, with the first part. Pure.
 pub fn set_messages(dev: &str, change: &Change) -> Vec<WireguardMessage> {
     let mut head = vec![WireguardAttribute::IfName(dev.to_owned())];
-    if let Some(k) = change.private_key {
-        head.push(WireguardAttribute::PrivateKey(k));
+    if let Some(Secret(k)) = change.private_key {
+        head.push(WireguardAttribute::PrivateKey(k.0));
     }
     if let Some(p) = change.listen_port {
         head.push(WireguardAttribute::ListenPort(p));
@@ -218,7 +144,7 @@ pub fn set_messages(dev: &str, change: &Change) -> Vec<WireguardMessage> {
     let mut b = Batcher::new(dev, head);
     for p in &change.peers {
         let mut attrs = peer_head(p);
-        let mut ips = p.allowed_ips.iter().map(allowed_ip).peekable();
+        let mut ips = p.allowed_ips.iter().flatten().map(allowed_ip).peekable();
         loop {
             let ips_header = if ips.peek().is_some() { NLA_HEADER } else { 0 };
             let fixed = NLA_HEADER + attrs.as_slice().buffer_len() + ips_header;
@@ -240,7 +166,7 @@ pub fn set_messages(dev: &str, change: &Change) -> Vec<WireguardMessage> {
                 break;
             }
             b.flush();
-            attrs = vec![WireguardPeerAttribute::PublicKey(p.key)];
+            attrs = vec![WireguardPeerAttribute::PublicKey(p.key.0)];
         }
     }
     b.finish()
@@ -251,11 +177,14 @@ pub fn set_messages(dev: &str, change: &Change) -> Vec<WireguardMessage> {
 /// IPs may continue in the next one). Pure.
 pub fn device_state(messages: &[WireguardMessage]) -> DeviceState {
     let mut state = DeviceState::default();
-    let mut peers: BTreeMap<String, PeerState> = BTreeMap::new();
+    let mut peers: BTreeMap<Key, PeerState> = BTreeMap::new();
     for m in messages {
         for a in &m.attributes {
             match a {
-                WireguardAttribute::PrivateKey(k) => state.private_key_hex = hex::encode(k),
+                // The kernel reports an unset key as zeros.
+                WireguardAttribute::PrivateKey(k) => {
+                    state.private_key = (*k != [0; 32]).then_some(Secret(Key(*k)));
+                }
                 WireguardAttribute::ListenPort(p) => state.listen_port = *p,
                 WireguardAttribute::Peers(list) => {
                     for peer in list {
@@ -270,9 +199,9 @@ pub fn device_state(messages: &[WireguardMessage]) -> DeviceState {
     state
 }
 
-fn read_peer(peer: &WireguardPeer, peers: &mut BTreeMap<String, PeerState>) {
+fn read_peer(peer: &WireguardPeer, peers: &mut BTreeMap<Key, PeerState>) {
     let Some(key) = peer.iter().find_map(|a| match a {
-        WireguardPeerAttribute::PublicKey(k) => Some(hex::encode(k)),
+        WireguardPeerAttribute::PublicKey(k) => Some(Key(*k)),
         _ => None,
     }) else {
         return;
@@ -298,7 +227,7 @@ fn read_peer(peer: &WireguardPeer, peers: &mut BTreeMap<String, PeerState>) {
                         _ => None,
                     });
                     if let Some(net) = addr.zip(cidr).and_then(|(a, c)| IpNet::new(a, c).ok()) {
-                        p.allowed_ips.push(net.to_string());
+                        p.allowed_ips.push(net);
                     }
                 }
             }
@@ -359,12 +288,11 @@ pub async fn get(dev: &str) -> Result<DeviceState, KernelWgError> {
     Ok(device_state(&replies))
 }
 
-/// Applies a UAPI `set=1` body: its messages in order over one socket,
-/// each acknowledged before the next is sent.
-pub async fn set(dev: &str, body: &str) -> Result<(), KernelWgError> {
-    let change = parse_set(body)?;
+/// Applies `change`: its messages in order over one socket, each
+/// acknowledged before the next is sent.
+pub async fn set(dev: &str, change: &Change) -> Result<(), KernelWgError> {
     let mut handle = connect()?;
-    for msg in set_messages(dev, &change) {
+    for msg in set_messages(dev, change) {
         request(&mut handle, dev, msg, NLM_F_REQUEST | NLM_F_ACK).await?;
     }
     Ok(())
@@ -402,62 +330,8 @@ mod tests {
     use netlink_packet_core::{Emitable, ParseableParametrized};
     use netlink_packet_generic::GenlHeader;
 
-    const K1: &str = "0101010101010101010101010101010101010101010101010101010101010101";
-    const K2: &str = "0202020202020202020202020202020202020202020202020202020202020202";
-
-    fn key(h: &str) -> Key {
-        hex_key(h).unwrap_or_else(|| panic!("{h}"))
-    }
-
-    #[test]
-    fn the_bodies_diff_writes_parse_into_a_structured_change() {
-        let body = format!(
-            "private_key={K1}\nlisten_port=4500\npublic_key={K2}\nremove=true\npublic_key={K1}\nendpoint=198.51.100.1:4500\npersistent_keepalive_interval=25\nreplace_allowed_ips=true\nallowed_ip=10.1.0.0/24\nallowed_ip=fd00::/64\n"
-        );
-        let c = parse_set(&body).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(c.private_key, Some(key(K1)));
-        assert_eq!(c.listen_port, Some(4500));
-        assert_eq!(c.peers.len(), 2);
-        assert!(c.peers[0].remove);
-        let p = &c.peers[1];
-        assert_eq!(p.endpoint, "198.51.100.1:4500".parse().ok());
-        assert_eq!(p.keepalive, Some(25));
-        assert!(p.replace_allowed_ips);
-        assert_eq!(
-            p.allowed_ips,
-            vec![
-                "10.1.0.0/24".parse().unwrap_or_else(|_| unreachable!()),
-                "fd00::/64".parse().unwrap_or_else(|_| unreachable!())
-            ]
-        );
-    }
-
-    #[test]
-    fn a_malformed_body_names_the_line() {
-        for (body, line, why) in [
-            ("endpoint=1.2.3.4:5\n", 1, "before any public_key"),
-            (
-                &format!("public_key={K1}\nallowed_ip=10.0.0.0/33\n") as &str,
-                2,
-                "CIDR",
-            ),
-            ("public_key=zz\n", 1, "hex key"),
-            (
-                &format!("public_key={K1}\npreshared_key={K2}\n") as &str,
-                2,
-                "not a setting",
-            ),
-            ("listen_port\n", 1, "key=value"),
-        ] {
-            let e = parse_set(body)
-                .map(|_| ())
-                .expect_err("malformed")
-                .to_string();
-            assert!(
-                e.contains(&format!("line {line} ")) && e.contains(why),
-                "{body:?}: {e}"
-            );
-        }
+    fn key(b: u8) -> Key {
+        Key([b; 32])
     }
 
     fn net(s: &str) -> IpNet {
@@ -517,7 +391,7 @@ mod tests {
             let want: Vec<_> = if i == 0 {
                 change
                     .private_key
-                    .map(WireguardAttribute::PrivateKey)
+                    .map(|Secret(k)| WireguardAttribute::PrivateKey(k.0))
                     .into_iter()
                     .chain(change.listen_port.map(WireguardAttribute::ListenPort))
                     .collect()
@@ -546,17 +420,18 @@ mod tests {
                 .collect();
             assert_eq!(head, peer_head(p), "the settings of the first part");
             ips.extend(ips_of(&first));
-            while ips.len() < p.allowed_ips.len() {
+            let all: Vec<IpNet> = p.allowed_ips.clone().unwrap_or_default();
+            while ips.len() < all.len() {
                 let more = parts.next().expect("the rest of the allowed IPs");
                 assert_eq!(
                     more.first(),
-                    Some(&WireguardPeerAttribute::PublicKey(p.key)),
+                    Some(&WireguardPeerAttribute::PublicKey(p.key.0)),
                     "a continuation names its peer"
                 );
                 assert_eq!(more.len(), 2, "a continuation carries only allowed IPs");
                 ips.extend(ips_of(&more));
             }
-            let want: Vec<_> = p.allowed_ips.iter().map(allowed_ip).collect();
+            let want: Vec<_> = all.iter().map(allowed_ip).collect();
             assert_eq!(ips, want, "the allowed IPs, in order");
         }
         assert_eq!(parts.next(), None, "no extra peers");
@@ -564,25 +439,7 @@ mod tests {
 
     #[test]
     fn set_messages_put_device_settings_and_peer_flags_on_the_wire() {
-        let change = Change {
-            private_key: Some(key(K1)),
-            listen_port: Some(4500),
-            peers: vec![
-                PeerChange {
-                    key: key(K2),
-                    remove: true,
-                    ..Default::default()
-                },
-                PeerChange {
-                    key: key(K1),
-                    endpoint: "198.51.100.1:4500".parse().ok(),
-                    keepalive: Some(25),
-                    replace_allowed_ips: true,
-                    allowed_ips: vec![net("10.1.0.0/24"), net("fd00::/64")],
-                    ..Default::default()
-                },
-            ],
-        };
+        let change = super::super::change::sample();
         let msgs = set_messages("wg-test", &change);
         assert_eq!(msgs.len(), 1);
         assert_messages_apply(&msgs, &change);
@@ -590,7 +447,7 @@ mod tests {
         assert_eq!(
             peers[0].0,
             vec![
-                WireguardPeerAttribute::PublicKey(key(K2)),
+                WireguardPeerAttribute::PublicKey([2; 32]),
                 WireguardPeerAttribute::Flags(WireguardPeerFlags::RemoveMe),
             ]
         );
@@ -626,15 +483,18 @@ mod tests {
         // 3000 IPv6 prefixes are ~120 KiB: more than a nested attribute's
         // 16-bit length can describe.
         let change = Change {
-            peers: vec![PeerChange {
-                key: key(K2),
-                endpoint: "[2001:db8::1]:4500".parse().ok(),
-                replace_allowed_ips: true,
-                allowed_ips: (0..3000u32)
-                    .map(|i| net(&format!("fd00:{:x}:{:x}::/48", i >> 8, i & 0xff)))
-                    .collect(),
-                ..Default::default()
-            }],
+            peers: vec![
+                PeerChange::new(key(2))
+                    .endpoint(
+                        "[2001:db8::1]:4500"
+                            .parse()
+                            .unwrap_or_else(|_| unreachable!()),
+                    )
+                    .replace_allowed_ips(
+                        (0..3000u32)
+                            .map(|i| net(&format!("fd00:{:x}:{:x}::/48", i >> 8, i & 0xff))),
+                    ),
+            ],
             ..Default::default()
         };
         let msgs = set_messages("wg-test", &change);
@@ -660,25 +520,26 @@ mod tests {
             ),
         ) {
             let change = Change {
-                private_key: device.map(|_| key(K1)),
+                private_key: device.map(|_| Secret(key(1))),
                 listen_port: device,
                 peers: peers
                     .into_iter()
                     .map(|(k, n, replace, keepalive, v6)| PeerChange {
-                        key: [k; 32],
+                        key: Key([k; 32]),
                         remove: n == 0 && replace,
                         endpoint: (n % 2 == 0).then(|| "198.51.100.1:4500".parse().ok()).flatten(),
                         keepalive,
-                        replace_allowed_ips: replace,
-                        allowed_ips: (0..n)
-                            .map(|i| {
-                                if v6 {
-                                    net(&format!("fd00:{i:x}::/64"))
-                                } else {
-                                    net(&format!("10.{}.{}.0/24", i >> 8, i & 0xff))
-                                }
-                            })
-                            .collect(),
+                        allowed_ips: replace.then(|| {
+                            (0..n)
+                                .map(|i| {
+                                    if v6 {
+                                        net(&format!("fd00:{i:x}::/64"))
+                                    } else {
+                                        net(&format!("10.{}.{}.0/24", i >> 8, i & 0xff))
+                                    }
+                                })
+                                .collect()
+                        }),
                     })
                     .collect(),
             };
@@ -690,7 +551,7 @@ mod tests {
     fn a_dump_reads_back_as_the_uapi_state_merging_split_peers() {
         let peer = |ips: &[&str], extra: Vec<WireguardPeerAttribute>| {
             let mut a = vec![
-                WireguardPeerAttribute::PublicKey(key(K2)),
+                WireguardPeerAttribute::PublicKey(key(2).0),
                 WireguardPeerAttribute::AllowedIps(
                     ips.iter()
                         .map(|s| allowed_ip(&s.parse().unwrap_or_else(|_| unreachable!())))
@@ -704,7 +565,7 @@ mod tests {
             WireguardMessage {
                 cmd: WireguardCmd::GetDevice,
                 attributes: vec![
-                    WireguardAttribute::PrivateKey(key(K1)),
+                    WireguardAttribute::PrivateKey(key(1).0),
                     WireguardAttribute::ListenPort(4500),
                     WireguardAttribute::Peers(vec![peer(
                         &["10.1.0.0/24"],
@@ -735,10 +596,10 @@ mod tests {
             },
         ];
         let s = device_state(&msgs);
-        assert_eq!(s.private_key_hex, K1);
+        assert_eq!(s.private_key, Some(Secret(key(1))));
         assert_eq!(s.listen_port, 4500);
-        let p = &s.peers[K2];
-        assert_eq!(p.allowed_ips, vec!["10.1.0.0/24", "fd00::/64"]);
+        let p = &s.peers[&key(2)];
+        assert_eq!(p.allowed_ips, vec![net("10.1.0.0/24"), net("fd00::/64")]);
         assert_eq!(p.keepalive, 25);
         assert_eq!(p.rx_bytes, 7);
         assert_eq!(p.last_handshake_sec, 1_700_000_000);

@@ -14,6 +14,60 @@ pub use raven_cli::files::Found;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 
+/// A WireGuard key (public, or the device's private one): 32 bytes,
+/// base64 where people and the hub see it (`wg` prints it so), hex on the
+/// UAPI socket, raw on generic netlink.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Key(pub [u8; 32]);
+
+impl Key {
+    /// A base64 key as the hub relays it, if it is one.
+    pub fn from_base64(s: &str) -> Option<Self> {
+        let b = STANDARD.decode(s).ok()?;
+        Some(Self(b.try_into().ok()?))
+    }
+
+    /// A hex key as the UAPI writes it, if it is one.
+    pub fn from_hex(s: &str) -> Option<Self> {
+        Some(Self(hex::decode(s).ok()?.try_into().ok()?))
+    }
+
+    pub fn to_base64(&self) -> String {
+        STANDARD.encode(self.0)
+    }
+
+    /// Hex, as the UAPI wants it.
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+}
+
+/// Base64, as `wg show` prints it.
+impl std::fmt::Display for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.to_base64())
+    }
+}
+
+/// Base64 too: a public key is no secret; a private one travels as a
+/// [`Secret`].
+impl std::fmt::Debug for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Key({})", self.to_base64())
+    }
+}
+
+/// A device's private key: formatted as `Secret(..)`, never its bytes, so a
+/// change or a device state can be logged.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Secret(pub Key);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
 /// A key pair.
 #[derive(Clone)]
 pub struct KeyPair {
@@ -124,37 +178,43 @@ impl KeyPair {
         }
     }
 
+    /// The key in file `name` of `dir` if there is one, read without
+    /// creating, fixing or changing anything (`raven-edge plan`).
+    pub fn read(dir: &Path, name: &str) -> Result<Option<Self>, KeyError> {
+        let path = dir.join(name);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(KeyError::Read { path, source }),
+        };
+        let bytes = STANDARD
+            .decode(text.trim())
+            .map_err(|_| KeyError::Malformed { path: path.clone() })?;
+        let private =
+            <[u8; 32]>::try_from(bytes.as_slice()).map_err(|_| KeyError::Malformed { path })?;
+        Ok(Some(Self::from_private(private)))
+    }
+
+    /// A key that exists only in memory: what `plan` diffs against where
+    /// `run` would create the key file.
+    pub fn ephemeral() -> Self {
+        Self::from_private(rand::random())
+    }
+
     /// The public key, base64 as `wg` prints it.
     pub fn public_base64(&self) -> String {
         STANDARD.encode(self.public)
     }
 
-    /// The private key, hex as the UAPI wants it.
-    pub(crate) fn private_hex(&self) -> String {
-        hex(&self.private)
+    /// The public key.
+    pub fn public_key(&self) -> Key {
+        Key(self.public)
     }
-}
 
-pub(crate) fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-/// A base64 public key as hex (UAPI), if it is a valid key.
-pub fn base64_to_hex(key: &str) -> Option<String> {
-    let b = STANDARD.decode(key).ok()?;
-    (b.len() == 32).then(|| hex(&b))
-}
-
-/// A hex key (UAPI) as base64.
-pub fn hex_to_base64(key: &str) -> Option<String> {
-    let bytes: Option<Vec<u8>> = (0..key.len())
-        .step_by(2)
-        .map(|i| {
-            key.get(i..i + 2)
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-        })
-        .collect();
-    bytes.filter(|b| b.len() == 32).map(|b| STANDARD.encode(b))
+    /// The private key, for the device.
+    pub(crate) fn private_key(&self) -> Secret {
+        Secret(Key(self.private))
+    }
 }
 
 #[cfg(test)]
@@ -167,6 +227,21 @@ mod tests {
         let a = KeyPair::load_or_create(dir.path()).unwrap_or_else(|e| panic!("{e}"));
         let b = KeyPair::load_or_create(dir.path()).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(a.public, b.public);
+        let read = KeyPair::read(dir.path(), "wireguard.key").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            read.map(|k| k.public),
+            Some(a.public),
+            "read back as created"
+        );
+        assert!(
+            KeyPair::read(dir.path(), "absent.key")
+                .unwrap_or_else(|e| panic!("{e}"))
+                .is_none()
+        );
+        assert!(
+            !dir.path().join("absent.key").exists(),
+            "reading creates nothing"
+        );
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
@@ -175,10 +250,10 @@ mod tests {
                 .unwrap_or(0);
             assert_eq!(mode & 0o777, 0o600);
         }
-        assert_eq!(
-            hex_to_base64(&base64_to_hex(&a.public_base64()).unwrap_or_default()),
-            Some(a.public_base64())
-        );
+        let key = Key::from_base64(&a.public_base64());
+        assert_eq!(key, Some(a.public_key()));
+        assert_eq!(key.and_then(|k| Key::from_hex(&k.to_hex())), key);
+        assert_eq!(a.public_key().to_string(), a.public_base64());
     }
 
     #[cfg(unix)]

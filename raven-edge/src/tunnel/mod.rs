@@ -7,7 +7,8 @@
 //! NATed gateways through its relay (a public gateway chosen by the hub, see
 //! `GatewayView.relay`), whose peer entry carries their prefixes. Changes
 //! are applied as a minimal UAPI diff: the device is never recreated and
-//! unchanged peers are never touched, so their handshakes survive.
+//! unchanged peers are never touched, so their handshakes survive. The
+//! diff is a value ([`Change`]), rendered per backend (see [`change`]).
 //!
 //! **Direct paths between NATed gateways run on a second device**
 //! ([`direct_spec`], named by [`direct_dev`], its own key and port). In
@@ -26,6 +27,7 @@
 //! relay holds that key as an [`PeerPath::Observe`] peer.
 
 pub mod backend;
+pub mod change;
 pub mod kernel;
 pub mod keys;
 pub mod uapi;
@@ -40,7 +42,8 @@ use raven_model::topology::{GatewayEndpoint, GatewayView, PeerInfo};
 use raven_model::{GatewayName, NodeName};
 
 use crate::dataplane::model::{NodeInputs, active_node};
-use keys::KeyPair;
+pub use change::{Change, PeerChange};
+use keys::{Key, KeyPair};
 
 /// Persistent keepalive a NATed gateway sends to keep its mapping open.
 pub const NAT_KEEPALIVE: u16 = 25;
@@ -89,8 +92,8 @@ pub enum PeerPath {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TunnelSpec {
     pub listen_port: u16,
-    /// By public key, hex.
-    pub peers: BTreeMap<String, PeerSpec>,
+    /// By public key.
+    pub peers: BTreeMap<Key, PeerSpec>,
     pub warnings: Vec<String>,
 }
 
@@ -99,7 +102,7 @@ impl TunnelSpec {
     /// that key here: a key names one node, and two gateways merged onto one
     /// peer would leave one domain's prefixes on no peer at all. The first
     /// keeps it; the other is left out with a warning.
-    fn add_peer(&mut self, key: String, peer: PeerSpec) {
+    fn add_peer(&mut self, key: Key, peer: PeerSpec) {
         match self.peers.get(&key) {
             Some(held) if held.node != peer.node => self.warnings.push(format!(
                 "{} ({}) reports the WireGuard key of {} ({}); it is left out",
@@ -161,7 +164,7 @@ pub fn spec(inputs: &NodeInputs, peers: &[PeerInfo]) -> Option<TunnelSpec> {
     let key_of = |node: &NodeName| {
         info(node)
             .and_then(|p| p.wireguard_public_key.as_deref())
-            .and_then(keys::base64_to_hex)
+            .and_then(Key::from_base64)
     };
     let mut relayed: Vec<&GatewayView> = Vec::new();
     for other in inputs.gateways.iter().filter(|g| g.name != my_gw.name) {
@@ -176,7 +179,7 @@ pub fn spec(inputs: &NodeInputs, peers: &[PeerInfo]) -> Option<TunnelSpec> {
         if other.relay.as_ref() == Some(&my_gw.name)
             && let Some(key) = info(active)
                 .and_then(|p| p.direct.as_ref())
-                .and_then(|d| keys::base64_to_hex(&d.public_key))
+                .and_then(|d| Key::from_base64(&d.public_key))
         {
             out.add_peer(
                 key,
@@ -306,7 +309,7 @@ pub fn direct_spec(inputs: &NodeInputs, peers: &[PeerInfo]) -> Option<TunnelSpec
         && let Some(node) = active_node(relay, &inputs.active_override)
         && let Some(key) = info(node)
             .and_then(|p| p.wireguard_public_key.as_deref())
-            .and_then(keys::base64_to_hex)
+            .and_then(Key::from_base64)
     {
         let endpoint = relay
             .tunnel_candidates
@@ -342,7 +345,7 @@ pub fn direct_spec(inputs: &NodeInputs, peers: &[PeerInfo]) -> Option<TunnelSpec
         };
         let (Some(endpoint), Some(key)) = (
             device.observed_endpoint,
-            keys::base64_to_hex(&device.public_key),
+            Key::from_base64(&device.public_key),
         ) else {
             continue;
         };
@@ -362,46 +365,50 @@ pub fn direct_spec(inputs: &NodeInputs, peers: &[PeerInfo]) -> Option<TunnelSpec
     Some(out)
 }
 
-/// The UAPI `set` body that turns `have` into `want` touching nothing else:
+/// The change that turns `have` into `want` touching nothing else:
 /// unchanged peers are not mentioned, a learned endpoint is kept when the
 /// spec has none. Empty when nothing differs. Pure.
-pub fn diff(want: &TunnelSpec, private_key_hex: &str, have: &uapi::DeviceState) -> String {
-    let mut body = String::new();
-    if have.private_key_hex != private_key_hex {
-        body.push_str(&format!("private_key={private_key_hex}\n"));
-    }
-    if have.listen_port != want.listen_port {
-        body.push_str(&format!("listen_port={}\n", want.listen_port));
-    }
+pub fn diff(want: &TunnelSpec, private_key: keys::Secret, have: &uapi::DeviceState) -> Change {
+    let mut change = Change {
+        private_key: (have.private_key != Some(private_key)).then_some(private_key),
+        listen_port: (have.listen_port != want.listen_port).then_some(want.listen_port),
+        peers: Vec::new(),
+    };
     for key in have.peers.keys().filter(|k| !want.peers.contains_key(*k)) {
-        body.push_str(&format!("public_key={key}\nremove=true\n"));
+        change.peers.push(PeerChange::removal(*key));
     }
     for (key, p) in &want.peers {
-        let want_ips: BTreeSet<String> = p.allowed_ips.iter().map(ToString::to_string).collect();
         let current = have.peers.get(key);
         let endpoint_changed =
             p.endpoint.is_some() && current.and_then(|c| c.endpoint) != p.endpoint;
-        let ips_changed = current.map(|c| c.allowed_ips.iter().cloned().collect::<BTreeSet<_>>())
-            != Some(want_ips.clone());
+        let ips_changed = current
+            .map(|c| c.allowed_ips.iter().copied().collect::<BTreeSet<_>>())
+            .as_ref()
+            != Some(&p.allowed_ips);
         let keepalive_changed = current.map(|c| c.keepalive) != Some(p.keepalive);
         if current.is_some() && !endpoint_changed && !ips_changed && !keepalive_changed {
             continue;
         }
-        body.push_str(&format!("public_key={key}\n"));
-        if let Some(e) = p.endpoint.filter(|_| endpoint_changed) {
-            body.push_str(&format!("endpoint={e}\n"));
-        }
-        if keepalive_changed {
-            body.push_str(&format!("persistent_keepalive_interval={}\n", p.keepalive));
-        }
+        let mut peer = PeerChange::new(*key);
+        peer.endpoint = p.endpoint.filter(|_| endpoint_changed);
+        peer.keepalive = keepalive_changed.then_some(p.keepalive);
         if ips_changed {
-            body.push_str("replace_allowed_ips=true\n");
-            for ip in &want_ips {
-                body.push_str(&format!("allowed_ip={ip}\n"));
-            }
+            peer = peer.replace_allowed_ips(p.allowed_ips.iter().copied());
         }
+        change.peers.push(peer);
     }
-    body
+    change
+}
+
+/// The gateways whose routes go into the direct-path device `spec`
+/// describes: those of its direct peers that `alive` (the paths local
+/// failover found handshaking and heard) names. Pure.
+pub fn direct_gateways(spec: &TunnelSpec, alive: &BTreeSet<NodeName>) -> BTreeSet<GatewayName> {
+    spec.peers
+        .values()
+        .filter(|p| p.path == PeerPath::Direct && alive.contains(&p.node))
+        .map(|p| p.gateway.clone())
+        .collect()
 }
 
 /// After this long without a first handshake, a peer this node dials is
@@ -416,43 +423,37 @@ pub const FIRST_HANDSHAKE_GRACE: Duration = Duration::from_millis(1500);
 /// is nudged at most once; a peer without a session loses nothing.
 #[derive(Debug, Default)]
 pub struct Nudges {
-    /// Public key (hex) → when it was first seen without a handshake, and
+    /// Public key → when it was first seen without a handshake, and
     /// whether it was nudged.
-    seen: BTreeMap<String, (std::time::Instant, bool)>,
+    seen: BTreeMap<Key, (std::time::Instant, bool)>,
 }
 
 impl Nudges {
-    /// The UAPI `set` body that re-adds the peers due a nudge now (empty when
-    /// none). Pure but for the clock it is given.
-    pub fn due(&mut self, have: &uapi::DeviceState, now: std::time::Instant) -> String {
+    /// The change that re-adds the peers due a nudge now (empty when none):
+    /// for each, its removal and then the peer as it was. Pure but for the
+    /// clock it is given.
+    pub fn due(&mut self, have: &uapi::DeviceState, now: std::time::Instant) -> Change {
         self.seen
             .retain(|k, _| have.peers.get(k).is_some_and(|p| p.last_handshake_sec == 0));
-        let mut body = String::new();
+        let mut change = Change::default();
         for (key, p) in &have.peers {
             let dials = p.endpoint.is_some() && p.keepalive > 0;
             if !dials || p.last_handshake_sec != 0 {
                 continue;
             }
-            let (since, nudged) = self.seen.entry(key.clone()).or_insert((now, false));
+            let (since, nudged) = self.seen.entry(*key).or_insert((now, false));
             if *nudged || now.duration_since(*since) < FIRST_HANDSHAKE_GRACE {
                 continue;
             }
             *nudged = true;
-            body.push_str(&format!(
-                "public_key={key}\nremove=true\npublic_key={key}\n"
-            ));
-            if let Some(e) = p.endpoint {
-                body.push_str(&format!("endpoint={e}\n"));
-            }
-            body.push_str(&format!(
-                "persistent_keepalive_interval={}\nreplace_allowed_ips=true\n",
-                p.keepalive
-            ));
-            for ip in &p.allowed_ips {
-                body.push_str(&format!("allowed_ip={ip}\n"));
-            }
+            change.peers.push(PeerChange::removal(*key));
+            let mut again = PeerChange::new(*key)
+                .keepalive(p.keepalive)
+                .replace_allowed_ips(p.allowed_ips.iter().copied());
+            again.endpoint = p.endpoint;
+            change.peers.push(again);
         }
-        body
+        change
     }
 }
 
@@ -606,15 +607,21 @@ impl Tunnel {
         Ok(())
     }
 
-    /// Applies `spec` as a minimal diff; returns the number of UAPI lines sent.
-    pub async fn apply(&self, spec: &TunnelSpec) -> Result<usize, TunnelError> {
+    /// The change that applying `spec` to the device as it is (`have`)
+    /// would make. Pure.
+    pub fn change(&self, spec: &TunnelSpec, have: &uapi::DeviceState) -> Change {
+        diff(spec, self.keys.private_key(), have)
+    }
+
+    /// Applies `spec` as a minimal diff; returns the change made (empty
+    /// when the device already matched).
+    pub async fn apply(&self, spec: &TunnelSpec) -> Result<Change, TunnelError> {
         let have = self.backend.get(&self.dev).await?;
-        let body = diff(spec, &self.keys.private_hex(), &have);
-        if body.is_empty() {
-            return Ok(0);
+        let change = self.change(spec, &have);
+        if !change.is_empty() {
+            self.backend.set(&self.dev, &change).await?;
         }
-        self.backend.set(&self.dev, &body).await?;
-        Ok(body.lines().count())
+        Ok(change)
     }
 
     /// Re-adds, once, the peers this node dials that never handshook (see
@@ -623,12 +630,12 @@ impl Tunnel {
         let Ok(have) = self.backend.get(&self.dev).await else {
             return Ok(0);
         };
-        let body = nudges.due(&have, std::time::Instant::now());
-        if body.is_empty() {
+        let change = nudges.due(&have, std::time::Instant::now());
+        if change.is_empty() {
             return Ok(0);
         }
-        self.backend.set(&self.dev, &body).await?;
-        Ok(body.matches("remove=true").count())
+        self.backend.set(&self.dev, &change).await?;
+        Ok(change.removals())
     }
 
     /// The device as it is now; `None` when there is none (or it does not
@@ -954,7 +961,7 @@ mod tests {
         );
         assert!(
             s.peers
-                .contains_key(&keys::base64_to_hex(KEY_QD).unwrap_or_default())
+                .contains_key(&Key::from_base64(KEY_QD).unwrap_or_else(|| unreachable!()))
         );
     }
 
@@ -977,7 +984,7 @@ mod tests {
         let mut all = peers();
         all[2].wireguard_public_key = Some(KEY_B.into());
         let s = spec(&inputs("c1", "gw-cloud"), &all).unwrap_or_default();
-        let h1 = &s.peers[&keys::base64_to_hex(KEY_B).unwrap_or_default()];
+        let h1 = &s.peers[&Key::from_base64(KEY_B).unwrap_or_else(|| unreachable!())];
         assert_eq!(h1.node, n("h1"));
         assert_eq!(s.peers.len(), 1);
         assert!(
@@ -1012,7 +1019,7 @@ mod tests {
     #[test]
     fn relayed_gateways_are_reported_with_the_relays_endpoint() {
         let s = spec(&inputs("h1", "gw-hz"), &peers()).unwrap_or_default();
-        let key = s.peers.keys().next().cloned().unwrap_or_default();
+        let key = first_key(&s);
         let have = uapi::DeviceState {
             peers: [(
                 key,
@@ -1036,23 +1043,32 @@ mod tests {
         assert_eq!(states[1].handshake_age_seconds, Some(10));
     }
 
+    fn first_key(s: &TunnelSpec) -> Key {
+        s.peers
+            .keys()
+            .next()
+            .copied()
+            .unwrap_or_else(|| panic!("no peer in {s:?}"))
+    }
+
     #[test]
     fn a_dialled_peer_without_a_first_handshake_is_re_added_once_after_the_grace() {
+        let (aa, bb) = (Key([0xaa; 32]), Key([0xbb; 32]));
         let state = |hs: u64| uapi::DeviceState {
             peers: [
                 (
-                    "aa".to_owned(),
+                    aa,
                     uapi::PeerState {
                         endpoint: "198.51.100.1:4500".parse().ok(),
                         keepalive: 25,
-                        allowed_ips: vec!["10.1.0.0/24".into()],
+                        allowed_ips: vec!["10.1.0.0/24".parse().unwrap_or_else(|_| unreachable!())],
                         last_handshake_sec: hs,
                         ..Default::default()
                     },
                 ),
                 (
                     // Dials us (no endpoint): never nudged.
-                    "bb".to_owned(),
+                    bb,
                     uapi::PeerState::default(),
                 ),
             ]
@@ -1061,20 +1077,37 @@ mod tests {
         };
         let t0 = std::time::Instant::now();
         let mut n = Nudges::default();
-        assert_eq!(n.due(&state(0), t0), "", "within the grace");
+        assert!(n.due(&state(0), t0).is_empty(), "within the grace");
         let later = t0 + FIRST_HANDSHAKE_GRACE;
+        let nudge = n.due(&state(0), later);
         assert_eq!(
-            n.due(&state(0), later),
-            "public_key=aa\nremove=true\npublic_key=aa\nendpoint=198.51.100.1:4500\npersistent_keepalive_interval=25\nreplace_allowed_ips=true\nallowed_ip=10.1.0.0/24\n"
+            nudge.peers,
+            vec![
+                PeerChange::removal(aa),
+                PeerChange::new(aa)
+                    .endpoint(
+                        "198.51.100.1:4500"
+                            .parse()
+                            .unwrap_or_else(|_| unreachable!())
+                    )
+                    .keepalive(25)
+                    .replace_allowed_ips(["10.1.0.0/24"
+                        .parse()
+                        .unwrap_or_else(|_| unreachable!())]),
+            ],
+            "removed and added back as it was"
         );
-        assert_eq!(
-            n.due(&state(0), later + FIRST_HANDSHAKE_GRACE),
-            "",
+        assert_eq!(nudge.removals(), 1, "one peer nudged");
+        assert!(
+            n.due(&state(0), later + FIRST_HANDSHAKE_GRACE).is_empty(),
             "only once"
         );
         let mut fresh = Nudges::default();
         fresh.due(&state(5), t0);
-        assert_eq!(fresh.due(&state(5), later), "", "handshook: nothing to do");
+        assert!(
+            fresh.due(&state(5), later).is_empty(),
+            "handshook: nothing to do"
+        );
     }
 
     #[test]
@@ -1094,29 +1127,57 @@ mod tests {
     #[test]
     fn unchanged_peers_are_not_touched_and_a_new_endpoint_is_a_one_peer_diff() {
         let mut s = spec(&inputs("h1", "gw-hz"), &peers()).unwrap_or_default();
-        let key = s.peers.keys().next().cloned().unwrap_or_default();
+        let key = first_key(&s);
         let p = &s.peers[&key];
+        let private = keys::Secret(Key([0xaa; 32]));
         let have = uapi::DeviceState {
-            private_key_hex: "aa".into(),
+            private_key: Some(private),
             listen_port: 4500,
             peers: [(
-                key.clone(),
+                key,
                 uapi::PeerState {
                     endpoint: p.endpoint,
-                    allowed_ips: p.allowed_ips.iter().map(ToString::to_string).collect(),
+                    allowed_ips: p.allowed_ips.iter().rev().copied().collect(),
                     keepalive: p.keepalive,
                     ..Default::default()
                 },
             )]
             .into(),
         };
-        assert_eq!(diff(&s, "aa", &have), "");
+        assert!(
+            diff(&s, private, &have).is_empty(),
+            "allowed IPs in any order"
+        );
         if let Some(p) = s.peers.get_mut(&key) {
             p.endpoint = "198.51.100.9:4500".parse().ok();
         }
+        let change = diff(&s, private, &have);
         assert_eq!(
-            diff(&s, "aa", &have),
-            format!("public_key={key}\nendpoint=198.51.100.9:4500\n")
+            change,
+            Change {
+                peers: vec![
+                    PeerChange::new(key).endpoint(
+                        "198.51.100.9:4500"
+                            .parse()
+                            .unwrap_or_else(|_| unreachable!())
+                    )
+                ],
+                ..Default::default()
+            }
+        );
+        assert_eq!(
+            change.to_uapi(),
+            format!("public_key={}\nendpoint=198.51.100.9:4500\n", key.to_hex())
+        );
+        // A departed peer is a typed removal; a new device gets key and port.
+        let mut gone = s.clone();
+        gone.peers.clear();
+        let change = diff(&gone, private, &uapi::DeviceState::default());
+        assert_eq!(change.private_key, Some(private));
+        assert_eq!(change.listen_port, Some(4500));
+        assert_eq!(
+            diff(&gone, private, &have).peers,
+            vec![PeerChange::removal(key)]
         );
     }
 }

@@ -214,7 +214,7 @@ pub async fn fanout(etcd: &Etcd, m: usize, changes: usize) -> Figures {
             let mut inbound = resp.into_inner();
             while let Ok(Some(r)) = inbound.message().await {
                 if r.created {
-                    permit = None;
+                    drop(permit.take());
                     let _ = created_tx.send(());
                 }
                 for e in r.events {
