@@ -2,4 +2,6 @@
 //! test-only fake Kubernetes API server that speaks the real wire protocol.
 
 pub mod fake_apiserver;
+pub mod fake_kubelet;
 pub mod lab;
+pub mod proxy_rig;

@@ -1142,6 +1142,7 @@ mod tests {
                             members,
                             tunnel_candidates: vec![],
                             active_proxies: vec![],
+                            proxy_ports: vec![],
                             extra_source_cidrs: vec![],
                             relay: None,
                         }
@@ -1316,6 +1317,7 @@ mod tests {
             members,
             tunnel_candidates: vec![],
             active_proxies: vec![],
+            proxy_ports: vec![],
             extra_source_cidrs: vec![],
             relay: None,
         }
