@@ -110,3 +110,8 @@ fn invalid_objects_are_reported_next_to_valid_ones() {
 fn missing_raven_cfg_elects_nothing_like_raven() {
     case("no-raven-cfg");
 }
+
+#[test]
+fn proxy_ports_default_to_the_kubelets_and_bad_entries_are_reported_by_field() {
+    case("proxy-ports");
+}
