@@ -107,6 +107,34 @@ impl Drop for Running {
     }
 }
 
+/// Serves CONNECT clients from `accept` until `stop`.
+async fn serve_connect<S, F, Fut>(
+    mut accept: F,
+    view: watch::Receiver<Option<ProxyView>>,
+    tunnels: Arc<server::Tunnels>,
+    stop: CancellationToken,
+) where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::io::Result<S>>,
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    loop {
+        let conn = tokio::select! {
+            () = stop.cancelled() => return,
+            c = accept() => c,
+        };
+        match conn {
+            Ok(s) => {
+                tokio::spawn(server::handle_connect(s, view.clone(), tunnels.clone()));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "accepting a CONNECT client");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
 /// Starts the server's listeners: tunnels on `port`, CONNECT as configured.
 async fn start_server(
     cfg: &ProxyConfig,
@@ -148,45 +176,34 @@ async fn start_server(
         stop.clone(),
     ));
     if let Some(l) = connect_tcp {
-        let (view, tunnels, stop) = (view.clone(), tunnels.clone(), stop.clone());
-        tokio::spawn(async move {
-            loop {
-                let conn = tokio::select! {
-                    () = stop.cancelled() => return,
-                    c = l.accept() => c,
-                };
-                match conn {
-                    Ok((s, _)) => {
-                        let _ = s.set_nodelay(true);
-                        tokio::spawn(server::handle_connect(s, view.clone(), tunnels.clone()));
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accepting a CONNECT client");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                }
+        let l = Arc::new(l);
+        let accept = move || {
+            let l = l.clone();
+            async move {
+                let (s, _) = l.accept().await?;
+                let _ = s.set_nodelay(true);
+                Ok(s)
             }
-        });
+        };
+        tokio::spawn(serve_connect(
+            accept,
+            view.clone(),
+            tunnels.clone(),
+            stop.clone(),
+        ));
     }
     if let Some(l) = connect_uds {
-        let (view, tunnels, stop) = (view.clone(), tunnels.clone(), stop.clone());
-        tokio::spawn(async move {
-            loop {
-                let conn = tokio::select! {
-                    () = stop.cancelled() => return,
-                    c = l.accept() => c,
-                };
-                match conn {
-                    Ok((s, _)) => {
-                        tokio::spawn(server::handle_connect(s, view.clone(), tunnels.clone()));
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accepting a CONNECT client");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                }
-            }
-        });
+        let l = Arc::new(l);
+        let accept = move || {
+            let l = l.clone();
+            async move { l.accept().await.map(|(s, _)| s) }
+        };
+        tokio::spawn(serve_connect(
+            accept,
+            view.clone(),
+            tunnels.clone(),
+            stop.clone(),
+        ));
     }
     tracing::info!(%addr, connect_tcp = ?cfg.connect_addr, connect_socket = ?cfg.connect_socket, "proxy server listening");
     Ok(tunnels)

@@ -270,6 +270,36 @@ pub async fn kubelet_tls<S: AsyncRead + AsyncWrite + Unpin>(
         .await
 }
 
+/// TLS to the kubelet of `node` over `conn`, then the request head
+/// `METHOD path`; the stream is left for the caller to write a body to,
+/// half-close or read.
+pub async fn start_request<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: S,
+    node: &str,
+    ca: Arc<rustls::ClientConfig>,
+    method: &str,
+    path: &str,
+) -> std::io::Result<tokio_rustls::client::TlsStream<S>> {
+    let mut s = kubelet_tls(conn, node, ca).await?;
+    s.write_all(format!("{method} {path} HTTP/1.1\r\nHost: {node}\r\n\r\n").as_bytes())
+        .await?;
+    Ok(s)
+}
+
+/// Uploads `n` bytes to `POST /count` on `s` (from [`start_request`]),
+/// half-closes, and returns the answer.
+pub async fn count_after_half_close<S: AsyncRead + AsyncWrite + Unpin>(
+    mut s: S,
+    n: usize,
+) -> std::io::Result<String> {
+    s.write_all(&vec![1u8; n]).await?;
+    // close_notify and FIN: the write half ends, the read half stays.
+    s.shutdown().await?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).await?;
+    Ok(answer)
+}
+
 /// One request over TLS through an already CONNECTed stream; returns the
 /// whole answer (head and body).
 pub async fn get<S: AsyncRead + AsyncWrite + Unpin>(

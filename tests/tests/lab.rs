@@ -1249,8 +1249,6 @@ fn after_a_long_hub_outage_every_agent_is_back_within_seconds_of_the_hub_serving
 #[test]
 fn l7_proxy_reaches_edge_kubelets_by_name_even_with_the_same_internal_ip_and_after_restarts() {
     use raven_tests::fake_kubelet::{self, KubeletCa};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
     if !ready() {
         return;
     }
@@ -1410,16 +1408,12 @@ fn l7_proxy_reaches_edge_kubelets_by_name_even_with_the_same_internal_ip_and_aft
         let conn = connect(format!("{}:10250", s1.name))
             .await
             .expect("connect");
-        let mut tls = fake_kubelet::kubelet_tls(conn, s1.name, client_tls.clone())
+        let s = fake_kubelet::start_request(conn, s1.name, client_tls.clone(), "POST", "/count")
             .await
             .expect("TLS");
-        tls.write_all(b"POST /count HTTP/1.1\r\nHost: s1\r\n\r\n")
+        let answer = fake_kubelet::count_after_half_close(s, 2_000_000)
             .await
-            .expect("head");
-        tls.write_all(&vec![1u8; 2_000_000]).await.expect("upload");
-        tls.shutdown().await.expect("half-close");
-        let mut answer = String::new();
-        tls.read_to_string(&mut answer).await.expect("answer");
+            .expect("answer");
         assert!(body(&answer).contains("counted 2000000 bytes"), "{answer}");
 
         // Streams nobody reads do not hold up the others on h1's tunnel.
@@ -1428,12 +1422,15 @@ fn l7_proxy_reaches_edge_kubelets_by_name_even_with_the_same_internal_ip_and_aft
             let conn = connect(format!("{}:10250", h2.name))
                 .await
                 .expect("connect");
-            let mut tls = fake_kubelet::kubelet_tls(conn, h2.name, client_tls.clone())
-                .await
-                .expect("TLS");
-            tls.write_all(b"GET /bytes/forever HTTP/1.1\r\nHost: h2\r\n\r\n")
-                .await
-                .expect("request");
+            let tls = fake_kubelet::start_request(
+                conn,
+                h2.name,
+                client_tls.clone(),
+                "GET",
+                "/bytes/forever",
+            )
+            .await
+            .expect("request");
             stalled.push(tls);
         }
         tokio::time::sleep(Duration::from_secs(1)).await;

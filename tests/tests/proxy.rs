@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use raven_tests::fake_kubelet;
 use raven_tests::proxy_rig::Rig;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 
 fn body(answer: &str) -> &str {
     answer.split("\r\n\r\n").nth(1).unwrap_or_default()
@@ -86,18 +86,12 @@ async fn half_close_reaches_the_kubelet_and_its_answer_still_comes_back() {
         .connect(&format!("s1:{}", rig.kubelet_port))
         .await
         .expect("connect");
-    let mut tls = fake_kubelet::kubelet_tls(conn, "s1", rig.client_tls.clone())
+    let s = fake_kubelet::start_request(conn, "s1", rig.client_tls.clone(), "POST", "/count")
         .await
         .expect("TLS");
-    tls.write_all(b"POST /count HTTP/1.1\r\nHost: s1\r\n\r\n")
+    let answer = fake_kubelet::count_after_half_close(s, 3_000_000)
         .await
-        .expect("head");
-    let payload = vec![7u8; 3_000_000];
-    tls.write_all(&payload).await.expect("payload");
-    // close_notify and FIN: the write half ends, the read half stays.
-    tls.shutdown().await.expect("half-close");
-    let mut answer = String::new();
-    tls.read_to_string(&mut answer).await.expect("answer");
+        .expect("answer");
     assert!(
         body(&answer).contains("counted 3000000 bytes on s1"),
         "{answer}"
@@ -114,12 +108,15 @@ async fn a_stream_nobody_reads_does_not_block_the_others_on_the_same_tunnel() {
             .connect(&format!("h2:{}", rig.kubelet_port))
             .await
             .expect("connect");
-        let mut tls = fake_kubelet::kubelet_tls(conn, "h2", rig.client_tls.clone())
-            .await
-            .expect("TLS");
-        tls.write_all(b"GET /bytes/forever HTTP/1.1\r\nHost: h2\r\n\r\n")
-            .await
-            .expect("request");
+        let tls = fake_kubelet::start_request(
+            conn,
+            "h2",
+            rig.client_tls.clone(),
+            "GET",
+            "/bytes/forever",
+        )
+        .await
+        .expect("request");
         stalled.push(tls);
     }
     // Let them fill every buffer and window they can.
