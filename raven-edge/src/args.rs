@@ -82,6 +82,8 @@ pub struct ProxyArgs {
     pub no_proxy: bool,
 }
 
+// Parsed once at start: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the agent: program the kernel from the cache, then follow the hub.

@@ -88,7 +88,10 @@ mod tests {
         );
         assert_eq!(r, b"\x16\x03\x01");
         let mut get = &b"GET / HTTP/1.1\r\n\r\n"[..];
-        assert_eq!(read_connect(&mut get).await.unwrap_err().status, 405);
+        assert_eq!(
+            read_connect(&mut get).await.expect_err("refused").status,
+            405
+        );
     }
 
     #[tokio::test]

@@ -421,7 +421,7 @@ mod tests {
         };
         assert_eq!(via(cloud_route(&v, "h2:10250")), ("h2".into(), "h1".into()));
         assert_eq!(via(cloud_route(&v, "s1:10250")), ("s1".into(), "s1".into()));
-        let err = cloud_route(&v, "172.16.2.103:10250").unwrap_err();
+        let err = cloud_route(&v, "172.16.2.103:10250").expect_err("refused");
         assert_eq!(err.status, 409);
         assert!(err.message.contains("h1, s1"), "{err}");
         // An IP only one node has is routed.
@@ -455,7 +455,7 @@ mod tests {
     #[test]
     fn ports_outside_the_servers_proxy_config_are_refused_naming_the_gateway_and_the_ports() {
         let v = view("c1", Some("gw-cloud"));
-        let err = cloud_route(&v, "h1:22").unwrap_err();
+        let err = cloud_route(&v, "h1:22").expect_err("refused");
         assert_eq!(err.status, 403);
         assert!(err.message.contains("port 22 of h1"), "{err}");
         assert!(
@@ -464,7 +464,7 @@ mod tests {
             "{err}"
         );
         assert!(cloud_route(&v, "h1:9100").is_ok());
-        assert_eq!(cloud_route(&v, "h1").unwrap_err().status, 400);
+        assert_eq!(cloud_route(&v, "h1").expect_err("refused").status, 400);
     }
 
     #[test]
@@ -477,10 +477,13 @@ mod tests {
                 .parse()
                 .unwrap_or_else(|_| unreachable!()))
         );
-        let err = edge_target(&v, &c1, "s1", 10250).unwrap_err();
+        let err = edge_target(&v, &c1, "s1", 10250).expect_err("refused");
         assert_eq!(err.status, 403);
         assert!(err.message.contains("serves only its own domain"), "{err}");
-        assert_eq!(edge_target(&v, &c1, "h2", 22).unwrap_err().status, 403);
+        assert_eq!(
+            edge_target(&v, &c1, "h2", 22).expect_err("refused").status,
+            403
+        );
     }
 
     #[test]

@@ -26,11 +26,14 @@ use crate::{HEADER_NODE, HEADER_PORT, HEADER_REASON, tls};
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// One open tunnel: its id and the handle that opens streams on it.
+type Tunnel = (u64, SendRequest<Bytes>);
+
 /// The tunnels open to this server, by the node that opened them (newest
 /// last).
 #[derive(Debug, Default)]
 pub struct Tunnels {
-    open: std::sync::Mutex<HashMap<NodeName, Vec<(u64, SendRequest<Bytes>)>>>,
+    open: std::sync::Mutex<HashMap<NodeName, Vec<Tunnel>>>,
     next: AtomicU64,
 }
 
