@@ -111,6 +111,7 @@ pub fn gateway_view() -> impl Strategy<Value = GatewayView> {
         vec(endpoint(), 0..3),
         vec(ip_net(), 0..3),
         option::of(gateway_name()),
+        vec(any::<u16>(), 0..3),
     )
         .prop_map(
             |(
@@ -123,6 +124,7 @@ pub fn gateway_view() -> impl Strategy<Value = GatewayView> {
                 active_proxies,
                 extra_source_cidrs,
                 relay,
+                proxy_ports,
             )| GatewayView {
                 name,
                 expose_type,
@@ -133,6 +135,7 @@ pub fn gateway_view() -> impl Strategy<Value = GatewayView> {
                 active_proxies,
                 extra_source_cidrs,
                 relay,
+                proxy_ports,
             },
         )
 }

@@ -208,6 +208,7 @@ fn body_to_proto(body: &ResourceBody) -> v1::resource::Body {
             active_proxies: g.active_proxies.iter().map(endpoint_to_proto).collect(),
             extra_source_cidrs: strings(&g.extra_source_cidrs),
             relay: g.relay.as_ref().map(ToString::to_string),
+            proxy_ports: g.proxy_ports.iter().map(|&p| u32::from(p)).collect(),
         }),
         ResourceBody::Node(n) => Body::Node(v1::NodeView {
             name: n.name.to_string(),
@@ -263,6 +264,11 @@ fn body_from_proto(cx: &Cx, body: &v1::resource::Body) -> Result<ResourceBody, C
                 .as_deref()
                 .map(|r| cx.gateway_name("relay", r))
                 .transpose()?,
+            proxy_ports: g
+                .proxy_ports
+                .iter()
+                .map(|&p| cx.port("proxy_ports", p))
+                .collect::<Result<_, _>>()?,
         }),
         Body::Node(n) => ResourceBody::Node(NodeView {
             name: cx.node_name("name", &n.name)?,

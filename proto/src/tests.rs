@@ -50,6 +50,7 @@ fn sample_gateway() -> (ResourceName, Resource) {
         active_tunnel: Some(ep("edge-1")),
         tunnel_candidates: vec![ep("edge-1"), ep("edge-2")],
         active_proxies: vec![],
+        proxy_ports: vec![],
         extra_source_cidrs: vec![],
         relay: None,
     };

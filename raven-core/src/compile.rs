@@ -383,6 +383,52 @@ struct Liveness<'a> {
     dead: &'a BTreeSet<NodeName>,
 }
 
+/// The TCP ports the layer-7 proxy carries for a gateway: the
+/// comma-separated `proxyHTTPPort` and `proxyHTTPSPort`, each defaulting to
+/// the kubelet's (10255, 10250) when empty. An entry that is not a port
+/// number is left out with a warning naming the field.
+fn proxy_ports(
+    obj: &str,
+    cfg: &v1beta1::ProxyConfiguration,
+    problems: &mut Vec<Problem>,
+) -> Vec<u16> {
+    let mut ports = Vec::new();
+    for (field, raw, default) in [
+        (
+            "spec.proxyConfig.proxyHTTPPort",
+            &cfg.proxy_http_port,
+            10255,
+        ),
+        (
+            "spec.proxyConfig.proxyHTTPSPort",
+            &cfg.proxy_https_port,
+            10250,
+        ),
+    ] {
+        let mut any = false;
+        for part in raw.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            match part.parse::<u16>() {
+                Ok(p) if p != 0 => {
+                    ports.push(p);
+                    any = true;
+                }
+                _ => problems.push(Problem::warning(
+                    obj,
+                    field,
+                    part,
+                    "not a TCP port number (1-65535); the proxy does not carry it",
+                )),
+            }
+        }
+        if !any {
+            ports.push(default);
+        }
+    }
+    ports.sort_unstable();
+    ports.dedup();
+    ports
+}
+
 fn compile_gateway(
     name: &GatewayName,
     gw: &v1beta1::Gateway,
@@ -586,6 +632,11 @@ fn compile_gateway(
         v1beta1::EXPOSE_TYPE_LOAD_BALANCER => ExposeType::LoadBalancer,
         _ => ExposeType::None,
     };
+    let proxy_ports = if active_proxies.is_empty() {
+        Vec::new()
+    } else {
+        proxy_ports(&obj, &spec.proxy_config, &mut problems)
+    };
     let view = GatewayView {
         name: name.clone(),
         expose_type,
@@ -594,6 +645,7 @@ fn compile_gateway(
         active_tunnel,
         tunnel_candidates,
         active_proxies,
+        proxy_ports,
         extra_source_cidrs: extra,
         relay: None,
     };

@@ -140,3 +140,8 @@ fn in_view_agrees_with_view_names_for_every_node_and_resource_of_every_case() {
     }
     assert!(checked > 100, "only {checked} pairs checked");
 }
+
+#[test]
+fn proxy_ports_default_to_the_kubelets_and_bad_entries_are_reported_by_field() {
+    case("proxy-ports");
+}

@@ -200,6 +200,7 @@ fn gateway(i: u32, nodes: u32) -> GatewayView {
         tunnel_candidates: vec![endpoint],
         active_proxies: vec![],
         extra_source_cidrs: vec![],
+        proxy_ports: vec![],
         relay: None,
     }
 }

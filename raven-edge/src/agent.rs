@@ -51,6 +51,9 @@ pub struct AgentConfig {
     pub probe_failures: u32,
     /// The hub counts as unreachable after this long without a message.
     pub hub_silence: Duration,
+    /// The layer-7 proxy (its roles follow the cached topology); `None`:
+    /// off.
+    pub proxy: Option<raven_proxy::ProxyConfig>,
 }
 
 /// Health of the agent, for `/readyz` and metrics.
@@ -301,6 +304,14 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
             hub_session: health.hub_session.clone(),
         };
         tasks.spawn(client::run(client_cfg, links, shutdown.clone()));
+    }
+    // The layer-7 proxy follows the cached topology on its own.
+    if let Some(proxy_cfg) = cfg.proxy.clone() {
+        tasks.spawn(crate::proxy::run(
+            proxy_cfg,
+            state_rx.clone(),
+            shutdown.clone(),
+        ));
     }
     // 3. Probes for local failover; they wake the loop below when the
     //    evidence changes a decision.

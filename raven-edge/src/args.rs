@@ -85,6 +85,29 @@ pub struct IdentityArgs {
     pub hub_ca: Option<PathBuf>,
 }
 
+/// The layer-7 proxy. Which role a node plays (cloud proxy server, edge
+/// tunnel, none) follows the topology: `enable-l7-proxy` and the Gateways'
+/// proxy endpoints.
+#[derive(Debug, clap::Args)]
+pub struct ProxyArgs {
+    /// Where a cloud proxy server takes HTTP CONNECT on TCP (not
+    /// authenticated: keep it on loopback).
+    #[arg(
+        long,
+        env = "RAVEN_PROXY_CONNECT_ADDR",
+        default_value = "127.0.0.1:10263"
+    )]
+    pub proxy_connect_addr: Option<std::net::SocketAddr>,
+    /// Where a cloud proxy server takes HTTP CONNECT on a Unix socket (mode
+    /// 0600), what kube-apiserver's egress selector dials
+    /// (`transport.uds.udsName`).
+    #[arg(long, env = "RAVEN_PROXY_CONNECT_SOCKET")]
+    pub proxy_connect_socket: Option<PathBuf>,
+    /// Never run the layer-7 proxy, whatever the topology says.
+    #[arg(long, env = "RAVEN_NO_PROXY")]
+    pub no_proxy: bool,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the agent: program the kernel from the cache, then follow the hub.
@@ -132,6 +155,8 @@ pub enum Command {
         failover: FailoverArgs,
         #[command(flatten)]
         reconnect: Box<ReconnectArgs>,
+        #[command(flatten)]
+        proxy: Box<ProxyArgs>,
         /// Log as JSON.
         #[arg(long, env = "RAVEN_LOG_JSON")]
         log_json: bool,
@@ -264,6 +289,7 @@ impl Args {
                 wireguard_go,
                 failover,
                 reconnect,
+                proxy,
                 log_json,
             } => {
                 raven_cli::init_tracing(log_json);
@@ -274,15 +300,32 @@ impl Args {
                         "the CA's private key is in this node's certificate directory: whoever reads it can issue certificates for any node; give the agent only its bundle (nodes/<node>/ of `raven-hub certs`)"
                     );
                 }
+                let IdentityArgs {
+                    hub_server_name,
+                    client_cert,
+                    client_key,
+                    hub_ca,
+                } = *identity;
+                let tls = ClientTls::in_dir(&certs, &node).with_files(client_cert, client_key, hub_ca);
+                // The proxy tunnel speaks as the node, with the Sync stream's
+                // certificates.
+                let proxy = (!proxy.no_proxy).then(|| raven_proxy::ProxyConfig {
+                    connect_addr: proxy.proxy_connect_addr,
+                    connect_socket: proxy.proxy_connect_socket.clone(),
+                    ..raven_proxy::ProxyConfig::new(
+                        node.clone(),
+                        raven_proxy::NodeTls {
+                            ca: tls.ca.clone(),
+                            cert: tls.cert.clone(),
+                            key: tls.key.clone(),
+                        },
+                    )
+                });
                 let client = (!hubs.is_empty()).then(|| ClientConfig {
                     node: node.clone(),
                     hubs,
-                    server_name: identity.hub_server_name,
-                    tls: ClientTls::in_dir(&certs, &node).with_files(
-                        identity.client_cert,
-                        identity.client_key,
-                        identity.hub_ca,
-                    ),
+                    server_name: hub_server_name,
+                    tls,
                     heartbeat,
                     backoff_min: reconnect.reconnect_min,
                     backoff_max: reconnect.reconnect_max.max(reconnect.reconnect_min),
@@ -302,6 +345,7 @@ impl Args {
                     probe_failures: failover.probe_failures,
                     // The client redials after three silent heartbeats.
                     hub_silence: heartbeat * 3,
+                    proxy,
                 };
                 rt.block_on(async {
                     let shutdown = CancellationToken::new();

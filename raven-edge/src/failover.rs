@@ -625,6 +625,7 @@ mod tests {
             active_tunnel: Some(ep(nodes[0])),
             tunnel_candidates: nodes.iter().map(|m| ep(m)).collect(),
             active_proxies: vec![],
+            proxy_ports: vec![],
             extra_source_cidrs: vec![],
             relay: None,
         }

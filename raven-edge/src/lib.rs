@@ -20,4 +20,5 @@ pub mod hold;
 pub mod http;
 pub mod plan;
 pub mod status;
+pub mod proxy;
 pub mod tunnel;

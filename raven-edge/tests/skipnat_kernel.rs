@@ -222,6 +222,7 @@ fn gateway(g: &str, active: Option<&str>, members: Vec<Member>) -> GatewayView {
         members,
         tunnel_candidates: vec![],
         active_proxies: vec![],
+        proxy_ports: vec![],
         extra_source_cidrs: vec![],
         relay: None,
     }

@@ -221,7 +221,18 @@ pub fn generate_with_operators(
         params
             .distinguished_name
             .push(DnType::OrganizationName, "system:nodes");
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        // The node's name as a DNS name and server use too: a cloud proxy
+        // server presents its node certificate to the edge nodes that dial
+        // it, which check it names that node.
+        params.subject_alt_names.push(SanType::DnsName(
+            node.to_string()
+                .try_into()
+                .map_err(gen_err("node DNS name"))?,
+        ));
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ClientAuth,
+            ExtendedKeyUsagePurpose::ServerAuth,
+        ];
         let cert = params
             .signed_by(&key, &issuer)
             .map_err(gen_err("node certificate"))?;

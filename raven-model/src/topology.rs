@@ -146,6 +146,12 @@ pub struct GatewayView {
     pub tunnel_candidates: Vec<GatewayEndpoint>,
     /// The elected proxy endpoints.
     pub active_proxies: Vec<GatewayEndpoint>,
+    /// TCP ports the layer-7 proxy carries, sorted and without repeats: the
+    /// union of `spec.proxyConfig.proxyHTTPPort` and `proxyHTTPSPort`, each
+    /// defaulting to the kubelet's (10255 and 10250). Empty when the gateway
+    /// has no active proxy endpoint.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub proxy_ports: Vec<u16>,
     /// Extra source CIDRs allowed through this gateway
     /// (`raven.openyurt.io/extra-allowed-source-cidrs`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

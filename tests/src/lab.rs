@@ -242,7 +242,7 @@ impl Drop for Proc {
 
 /// What the lab's PID files may name: the hub, the agents, and the
 /// wireguard-go each agent starts (it records it in its data dir).
-const RECORDED: [&str; 3] = ["raven-hub", "raven-edge", "wireguard-go"];
+const RECORDED: [&str; 4] = ["raven-hub", "raven-edge", "wireguard-go", "fake-kubelet"];
 
 /// The PID a PID file holds.
 fn recorded_pid(pid_file: &Path) -> Option<u32> {
@@ -363,6 +363,9 @@ pub struct Lab {
     /// Run the hub and agents with their default `--heartbeat` and
     /// `--resync` instead of the lab's fast 1 s (set before starting them).
     pub default_timers: bool,
+    /// Other processes a test started in the lab's namespaces
+    /// ([`Lab::spawn_helper`]), by name.
+    pub helpers: BTreeMap<String, Proc>,
 }
 
 impl Lab {
@@ -476,6 +479,7 @@ impl Lab {
             domains: Vec::new(),
             powered_off: BTreeMap::new(),
             default_timers: false,
+            helpers: BTreeMap::new(),
         };
         lab.add_switch("inet", "wanbr")?;
         for d in DOMAINS {
@@ -777,10 +781,35 @@ impl Lab {
             "1s",
             "--tunnel-dev",
             &self.tunnel_dev(short),
+            // Bound only where the topology makes the node a cloud proxy
+            // server.
+            "--proxy-connect-socket",
+            &self.proxy_socket(short).to_string_lossy(),
         ]
         .map(str::to_owned)
         .to_vec();
         Ok(self.with_timers(args))
+    }
+
+    /// The HTTP CONNECT socket of the layer-7 proxy server on a node (a
+    /// file: reachable from outside the node's namespace).
+    pub fn proxy_socket(&self, short: &str) -> PathBuf {
+        self.dir.join(format!("proxy-{short}.sock"))
+    }
+
+    /// Starts `exe` with `args` in the namespace of `short` as the helper
+    /// `name` (log `helper-<name>.log`, PID recorded so it is cleaned up
+    /// with the lab; its program name must be one the lab records).
+    pub fn spawn_helper(
+        &mut self,
+        short: &str,
+        name: &str,
+        exe: &Path,
+        args: &[String],
+    ) -> Result<(), LabError> {
+        let proc = self.spawn(short, exe, args, &format!("helper-{name}.log"))?;
+        self.helpers.insert(name.to_owned(), proc);
+        Ok(())
     }
 
     /// Starts every agent.
@@ -913,6 +942,9 @@ impl Lab {
     /// Stops every raven process this lab started, and the wireguard-go
     /// processes its agents started (by the PIDs they recorded).
     pub fn stop_all(&mut self) {
+        for (_, h) in std::mem::take(&mut self.helpers) {
+            h.stop(15);
+        }
         for (_, a) in std::mem::take(&mut self.agents) {
             a.stop(15);
         }

@@ -5,6 +5,8 @@
 
 pub mod containers;
 pub mod fake_apiserver;
+pub mod fake_kubelet;
 pub mod kube_apiserver;
 pub mod lab;
 pub mod preflight;
+pub mod proxy_rig;

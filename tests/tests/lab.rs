@@ -1222,3 +1222,225 @@ fn after_a_long_hub_outage_every_agent_is_back_within_seconds_of_the_hub_serving
         "agents took {back:?} to come back after the hub was serving"
     );
 }
+
+/// The layer-7 proxy in the lab: a fake kubelet (certificate from a kubelet
+/// CA) on h1, h2 and on s1 of a new domain behind its own NAT whose node has
+/// h1's InternalIP; a client speaking exactly what kube-apiserver's egress
+/// selector sends on the cloud proxy server's CONNECT socket (c1, the cloud
+/// gateway's proxy endpoint) reaches each by node name, TLS verified.
+#[test]
+fn l7_proxy_reaches_edge_kubelets_by_name_even_with_the_same_internal_ip_and_after_restarts() {
+    use raven_tests::fake_kubelet::{self, KubeletCa};
+    if !ready() {
+        return;
+    }
+    let (_guard, mut lab) = up("px");
+    let s1 = LabNode {
+        short: "s1",
+        name: "izwv5ahl9m2kxq0d7f3t1az",
+        domain: "shenzhen",
+        // h1's InternalIP, in another domain.
+        ip: "172.16.2.103",
+        pod: "10.244.7.1",
+    };
+    lab.add_domain(
+        LabDomain {
+            name: "shenzhen",
+            gateway: "gw-shenzhen",
+            switch: "szsw",
+            router: Some(LabRouter {
+                short: "szrt",
+                lan: "172.16.2.1",
+                wan: "203.0.113.40",
+            }),
+        },
+        vec![s1.clone()],
+    )
+    .expect("domain added");
+    let h1 = NODES[2].clone();
+    let h2 = NODES[3].clone();
+    assert_eq!(h1.ip, s1.ip);
+
+    let ca = KubeletCa::new();
+    let exe = std::path::Path::new(env!("CARGO_BIN_EXE_fake-kubelet"));
+    for n in [&h1, &h2, &s1] {
+        let (cert, key) = ca.serving(n.name, n.ip.parse().expect("ip"));
+        let cert_file = lab.dir.join(format!("kubelet-{}.pem", n.short));
+        let key_file = lab.dir.join(format!("kubelet-{}-key.pem", n.short));
+        std::fs::write(&cert_file, cert).expect("cert");
+        std::fs::write(&key_file, key).expect("key");
+        let args: Vec<String> = [
+            "--node",
+            n.name,
+            "--listen",
+            &format!("{}:10250", n.ip),
+            "--cert",
+            &cert_file.to_string_lossy(),
+            "--key",
+            &key_file.to_string_lossy(),
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        lab.spawn_helper(n.short, &format!("kubelet-{}", n.short), exe, &args)
+            .expect("fake kubelet");
+    }
+
+    let socket = lab.proxy_socket("c1");
+    let client_tls = ca.client_config();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let connect = move |target: String| {
+        let socket = socket.clone();
+        async move {
+            let conn = tokio::net::UnixStream::connect(&socket)
+                .await
+                .map_err(|e| format!("proxy socket: {e}"))?;
+            fake_kubelet::egress_connect(conn, &target).await
+        }
+    };
+    let get = {
+        let (connect, tls) = (connect.clone(), client_tls.clone());
+        move |node: &'static str, path: String| {
+            let (connect, tls) = (connect.clone(), tls.clone());
+            async move {
+                let conn = connect(format!("{node}:10250")).await?;
+                let s = fake_kubelet::kubelet_tls(conn, node, tls)
+                    .await
+                    .map_err(|e| format!("TLS to {node}: {e}"))?;
+                fake_kubelet::get(s, node, &path)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+        }
+    };
+    let reach = |lab: &Lab, node: &'static str, what: &str| {
+        let t = Instant::now();
+        loop {
+            match rt.block_on(get(node, "/healthz".into())) {
+                Ok(b) if b.contains(&format!("ok {node}")) => break,
+                r => {
+                    assert!(
+                        t.elapsed() < Duration::from_secs(60),
+                        "{what}: {node} unreachable through the proxy after 60 s: {r:?}\n{}",
+                        lab.logs()
+                    );
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
+        eprintln!(
+            "{what}: {node} answers through the proxy after {:?}",
+            t.elapsed()
+        );
+    };
+    for n in [&h1, &h2, &s1] {
+        reach(&lab, n.name, "first start");
+    }
+    let body = |a: &str| a.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
+
+    rt.block_on(async {
+        // Same InternalIP, two kubelets, each reached by name.
+        for n in [&h1, &s1] {
+            let logs = get(n.name, "/containerLogs/default/web-0/nginx".into())
+                .await
+                .expect("logs");
+            assert!(
+                body(&logs).contains(&format!("log line 1 of default/web-0/nginx on {}", n.name)),
+                "{logs}"
+            );
+        }
+        // By that IP it is ambiguous, and said so.
+        let err = connect(format!("{}:10250", h1.ip))
+            .await
+            .expect_err("ambiguous");
+        assert!(
+            err.starts_with("HTTP/1.1 409 InternalIP 172.16.2.103 is ambiguous"),
+            "{err}"
+        );
+        // Not an open relay.
+        let err = connect(format!("{}:22", h2.name))
+            .await
+            .expect_err("port 22");
+        assert!(err.starts_with("HTTP/1.1 403 port 22"), "{err}");
+
+        // Many concurrent streams on the tunnels.
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..120usize {
+            let node = [h1.name, h2.name, s1.name][i % 3];
+            let n = 20_000 + i * 1000;
+            let get = get.clone();
+            tasks.spawn(async move {
+                let a = get(node, format!("/bytes/{n}")).await.expect("get");
+                assert_eq!(
+                    a.split("\r\n\r\n").nth(1).unwrap_or_default().len(),
+                    n,
+                    "stream {i}"
+                );
+            });
+        }
+        while let Some(r) = tasks.join_next().await {
+            r.expect("stream");
+        }
+
+        // Half-close: the kubelet sees the end of the upload, its answer
+        // comes back on the same stream.
+        let conn = connect(format!("{}:10250", s1.name))
+            .await
+            .expect("connect");
+        let s = fake_kubelet::start_request(conn, s1.name, client_tls.clone(), "POST", "/count")
+            .await
+            .expect("TLS");
+        let answer = fake_kubelet::count_after_half_close(s, 2_000_000)
+            .await
+            .expect("answer");
+        assert!(body(&answer).contains("counted 2000000 bytes"), "{answer}");
+
+        // Streams nobody reads do not hold up the others on h1's tunnel.
+        let mut stalled = Vec::new();
+        for _ in 0..6 {
+            let conn = connect(format!("{}:10250", h2.name))
+                .await
+                .expect("connect");
+            let tls = fake_kubelet::start_request(
+                conn,
+                h2.name,
+                client_tls.clone(),
+                "GET",
+                "/bytes/forever",
+            )
+            .await
+            .expect("request");
+            stalled.push(tls);
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        for i in 0..10 {
+            let a = tokio::time::timeout(
+                Duration::from_secs(10),
+                get(h1.name, "/bytes/300000".into()),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("request {i} blocked behind the stalled streams"))
+            .expect("get");
+            assert_eq!(body(&a).len(), 300_000);
+        }
+        drop(stalled);
+    });
+
+    // The proxy server's agent restarts: new requests work again soon.
+    lab.stop_agent("c1");
+    lab.start_agent("c1").expect("c1 agent");
+    reach(&lab, h1.name, "cloud proxy server restarted");
+    reach(&lab, s1.name, "cloud proxy server restarted");
+    // An edge proxy's agent restarts.
+    lab.stop_agent("h1");
+    lab.start_agent("h1").expect("h1 agent");
+    reach(&lab, h2.name, "edge proxy h1 restarted");
+    // Without the hub the topology comes from the agents' caches.
+    lab.kill_hub();
+    lab.stop_agent("s1");
+    lab.start_agent("s1").expect("s1 agent");
+    reach(&lab, s1.name, "hub down, edge proxy s1 restarted");
+}

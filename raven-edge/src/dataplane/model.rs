@@ -1163,6 +1163,7 @@ mod tests {
                             members,
                             tunnel_candidates: vec![],
                             active_proxies: vec![],
+                            proxy_ports: vec![],
                             extra_source_cidrs: vec![],
                             relay: None,
                         }
@@ -1337,6 +1338,7 @@ mod tests {
             members,
             tunnel_candidates: vec![],
             active_proxies: vec![],
+            proxy_ports: vec![],
             extra_source_cidrs: vec![],
             relay: None,
         }

@@ -590,6 +590,7 @@ mod tests {
             members,
             tunnel_candidates: vec![],
             active_proxies: vec![],
+            proxy_ports: vec![],
             extra_source_cidrs: vec![],
             relay: None,
         }

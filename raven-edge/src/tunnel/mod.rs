@@ -748,6 +748,7 @@ mod tests {
             active_tunnel: Some(ep.clone()),
             tunnel_candidates: vec![ep],
             active_proxies: vec![],
+            proxy_ports: vec![],
             extra_source_cidrs: vec![],
             relay: relay.map(|r| GatewayName::new(r).unwrap_or_else(|_| unreachable!())),
         }

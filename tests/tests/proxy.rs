@@ -1,0 +1,174 @@
+//! The layer-7 proxy end to end on loopback (`raven_tests::proxy_rig`):
+//! real sockets, real mTLS with `raven-hub certs` node certificates, real
+//! HTTP/2 tunnels, fake kubelets verified against their CA. No root needed.
+
+use std::time::{Duration, Instant};
+
+use raven_tests::fake_kubelet;
+use raven_tests::proxy_rig::Rig;
+use tokio::io::AsyncReadExt;
+
+fn body(answer: &str) -> &str {
+    answer.split("\r\n\r\n").nth(1).unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_by_node_name_reaches_each_nodes_kubelet_through_its_gateways_tunnel() {
+    let rig = Rig::start().await;
+    for node in ["h1", "h2", "s1"] {
+        let logs = rig
+            .get(node, "/containerLogs/default/web-0/nginx")
+            .await
+            .expect("logs");
+        assert!(logs.starts_with("HTTP/1.1 200"), "{logs}");
+        assert!(
+            body(&logs).contains(&format!("log line 1 of default/web-0/nginx on {node}")),
+            "{logs}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unlisted_ports_and_unknown_ips_are_refused_with_the_reason_in_the_status_line() {
+    let rig = Rig::start().await;
+    let err = rig.connect("h1:22").await.expect_err("port 22");
+    assert!(
+        err.starts_with("HTTP/1.1 403 port 22 of h1 is not proxied"),
+        "{err}"
+    );
+    assert!(err.contains("gateway gw-cloud"), "{err}");
+    let err = rig
+        .connect(&format!("10.9.9.9:{}", rig.kubelet_port))
+        .await
+        .expect_err("unknown IP");
+    assert!(
+        err.starts_with("HTTP/1.1 404 no node of any gateway has InternalIP 10.9.9.9"),
+        "{err}"
+    );
+    // An InternalIP exactly one node has is routed to it.
+    let conn = rig
+        .connect(&format!("127.0.0.12:{}", rig.kubelet_port))
+        .await
+        .expect("by IP");
+    let tls = fake_kubelet::kubelet_tls(conn, "h2", rig.client_tls.clone())
+        .await
+        .expect("TLS");
+    assert!(
+        fake_kubelet::get(tls, "h2", "/healthz")
+            .await
+            .expect("get")
+            .contains("ok h2")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_concurrent_streams_each_get_all_their_bytes() {
+    let rig = std::sync::Arc::new(Rig::start().await);
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..200 {
+        let rig = rig.clone();
+        let node = ["h1", "h2", "s1"][i % 3];
+        let n = 50_000 + i * 100;
+        tasks.spawn(async move {
+            let answer = rig.get(node, &format!("/bytes/{n}")).await.expect("get");
+            assert_eq!(body(&answer).len(), n, "stream {i} to {node}");
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.expect("stream task");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_close_reaches_the_kubelet_and_its_answer_still_comes_back() {
+    let rig = Rig::start().await;
+    let conn = rig
+        .connect(&format!("s1:{}", rig.kubelet_port))
+        .await
+        .expect("connect");
+    let s = fake_kubelet::start_request(conn, "s1", rig.client_tls.clone(), "POST", "/count")
+        .await
+        .expect("TLS");
+    let answer = fake_kubelet::count_after_half_close(s, 3_000_000)
+        .await
+        .expect("answer");
+    assert!(
+        body(&answer).contains("counted 3000000 bytes on s1"),
+        "{answer}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_nobody_reads_does_not_block_the_others_on_the_same_tunnel() {
+    let rig = Rig::start().await;
+    // Many endless downloads on h1's tunnel that nobody reads.
+    let mut stalled = Vec::new();
+    for _ in 0..8 {
+        let conn = rig
+            .connect(&format!("h2:{}", rig.kubelet_port))
+            .await
+            .expect("connect");
+        let tls = fake_kubelet::start_request(
+            conn,
+            "h2",
+            rig.client_tls.clone(),
+            "GET",
+            "/bytes/forever",
+        )
+        .await
+        .expect("request");
+        stalled.push(tls);
+    }
+    // Let them fill every buffer and window they can.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for i in 0..20 {
+        let got = tokio::time::timeout(Duration::from_secs(10), rig.get("h1", "/bytes/200000"))
+            .await
+            .unwrap_or_else(|_| {
+                panic!("request {i} on the same tunnel blocked behind the stalled streams")
+            })
+            .expect("get");
+        assert_eq!(body(&got).len(), 200_000);
+    }
+    // The stalled ones still flow once read.
+    let mut buf = vec![0u8; 1 << 20];
+    let mut read = 0;
+    while read < 4 << 20 {
+        read += stalled[0].read(&mut buf).await.expect("read stalled");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_requests_work_again_soon_after_the_proxy_server_or_an_edge_proxy_restarts() {
+    let mut rig = Rig::start().await;
+    rig.stop_node("c1");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        rig.get("h1", "/healthz").await.is_err(),
+        "the server is down"
+    );
+    rig.start_node("c1");
+    let t = rig.wait_for("h1").await;
+    rig.wait_for("s1").await;
+    eprintln!("proxy server restarted: requests through it work again after {t:?}");
+
+    rig.stop_node("s1");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let err = rig
+        .get("s1", "/healthz")
+        .await
+        .expect_err("s1's proxy is down");
+    assert!(
+        err.contains("502") && err.contains("no tunnel to node s1"),
+        "{err}"
+    );
+    // h1's tunnel is unaffected.
+    rig.wait_for("h1").await;
+    let started = Instant::now();
+    rig.start_node("s1");
+    rig.wait_for("s1").await;
+    eprintln!(
+        "edge proxy restarted: s1 reachable again after {:?}",
+        started.elapsed()
+    );
+}
