@@ -17,4 +17,5 @@ pub mod dataplane;
 pub mod failover;
 pub mod hold;
 pub mod http;
+pub mod ipsec;
 pub mod tunnel;
