@@ -335,7 +335,7 @@ fn body_from_proto(cx: &Cx, body: &v1::resource::Body) -> Result<ResourceBody, C
             ipsec_public_key: p
                 .ipsec_public_key
                 .as_deref()
-                .map(|k| ipsec_key(&cx, "ipsec_public_key", k))
+                .map(|k| ipsec_key(cx, "ipsec_public_key", k))
                 .transpose()?,
         }),
     })

@@ -193,10 +193,19 @@ mod tests {
     #[test]
     fn vpn_driver_defaults_to_wireguard_and_selects_ipsec() {
         assert_eq!(config(&[]).vpn_driver, VpnDriver::Wireguard);
-        assert_eq!(config(&[("vpn-driver", "ipsec")]).vpn_driver, VpnDriver::Ipsec);
+        assert_eq!(
+            config(&[("vpn-driver", "ipsec")]).vpn_driver,
+            VpnDriver::Ipsec
+        );
         // Raven's own name for its IPsec driver.
-        assert_eq!(config(&[("vpn-driver", "Libreswan")]).vpn_driver, VpnDriver::Ipsec);
-        assert_eq!(config(&[("vpn-driver", "wireguard")]).vpn_driver, VpnDriver::Wireguard);
+        assert_eq!(
+            config(&[("vpn-driver", "Libreswan")]).vpn_driver,
+            VpnDriver::Ipsec
+        );
+        assert_eq!(
+            config(&[("vpn-driver", "wireguard")]).vpn_driver,
+            VpnDriver::Wireguard
+        );
         assert!(!config(&[("vpn-driver", "")]).vpn_driver_invalid);
     }
 

@@ -41,6 +41,8 @@ pub struct AgentConfig {
     pub tunnel_dev: String,
     /// Which WireGuard to run (`--wireguard`).
     pub wireguard: crate::tunnel::backend::WgMode,
+    /// IPsec instead of WireGuard (`--vpn`, `--ipsec-vici`).
+    pub ipsec: crate::ipsec::agent::IpsecArgs,
     /// Local failover: period of the probes of the gateway candidates.
     pub probe_interval: Duration,
     /// Local failover: missed probes in a row that make a candidate dead.
@@ -90,6 +92,8 @@ pub enum AgentError {
     Join(#[from] tokio::task::JoinError),
     #[error(transparent)]
     Tunnel(#[from] crate::tunnel::TunnelError),
+    #[error(transparent)]
+    Ipsec(#[from] crate::ipsec::agent::IpsecError),
 }
 
 /// Probes the gateway candidates of this node's domain every `every`,
@@ -196,9 +200,11 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
     tracing::info!(%backend, mode = %cfg.wireguard, "WireGuard");
     let tunnel = crate::tunnel::Tunnel::new(cfg.tunnel_dev.clone(), &cfg.data_dir, backend)?;
     let direct = tunnel.direct()?;
+    let ipsec = crate::ipsec::agent::IpsecAgent::start(&cfg.ipsec, &cfg.data_dir)?;
     let (report_tx, report_rx) = watch::channel(v1::Report {
         wireguard_public_key: Some(tunnel.keys.public_base64()),
         direct_public_key: Some(direct.keys.public_base64()),
+        ipsec_public_key: ipsec.as_ref().map(|i| i.public_base64().to_owned()),
         ..Default::default()
     });
 
@@ -207,6 +213,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         dp,
         tunnel,
         direct,
+        ipsec,
         node: cfg.node.clone(),
         health: health.clone(),
         report: report_tx,
@@ -361,6 +368,9 @@ pub struct Reconciler {
     pub tunnel: crate::tunnel::Tunnel,
     /// The direct-path device (NATed gateways only run it).
     pub direct: crate::tunnel::Tunnel,
+    /// IPsec, when `--vpn` allows it; it replaces WireGuard between
+    /// gateways while selected (see [`crate::ipsec::agent`]).
+    pub ipsec: Option<crate::ipsec::agent::IpsecAgent>,
     pub node: NodeName,
     pub health: Health,
     pub report: watch::Sender<v1::Report>,
@@ -574,7 +584,12 @@ impl Reconciler {
                 std::net::IpAddr::V4(v4) => Some(v4),
                 std::net::IpAddr::V6(_) => None,
             });
-        if let Some(spec) = crate::tunnel::spec(&inputs, &peers).filter(|_| self.dp.writes()) {
+        let ipsec = self
+            .ipsec
+            .as_ref()
+            .filter(|i| i.selected(inputs.settings.as_ref()));
+        let wireguard = self.dp.writes() && ipsec.is_none();
+        if let Some(spec) = crate::tunnel::spec(&inputs, &peers).filter(|_| wireguard) {
             match apply_tunnel(&self.tunnel, &spec, mtu, address).await {
                 Ok(()) => {
                     inputs.tunnel_up = true;
@@ -597,8 +612,7 @@ impl Reconciler {
         // into it; which gateways it carries follows its live peers.
         inputs.direct.dev = self.direct.dev.clone();
         let mut direct_rows = Vec::new();
-        if let Some(spec) = crate::tunnel::direct_spec(&inputs, &peers).filter(|_| self.dp.writes())
-        {
+        if let Some(spec) = crate::tunnel::direct_spec(&inputs, &peers).filter(|_| wireguard) {
             match apply_tunnel(&self.direct, &spec, mtu, address).await {
                 Ok(()) => {
                     inputs.direct.up = true;
@@ -614,6 +628,20 @@ impl Reconciler {
                     }
                 }
                 Err(e) => errors.push(e.to_string()),
+            }
+        }
+        // IPsec between gateways: charon carries the remote prefixes (its
+        // routes, table 220); raven routes nothing into a WireGuard device.
+        if let Some(ipsec) = ipsec
+            && inputs.me.as_ref().is_some_and(|m| m.tunnel_candidate)
+        {
+            match ipsec.reconcile(&inputs, &peers, self.dp.writes()).await {
+                Ok(pass) => {
+                    tunnels = pass.tunnels;
+                    errors.extend(pass.errors);
+                    rows = Some(pass.rows);
+                }
+                Err(e) => errors.push(format!("ipsec: {e}")),
             }
         }
         if let Some(rows) = rows {

@@ -97,7 +97,9 @@ pub enum Command {
         #[arg(long, env = "RAVEN_WIREGUARD", default_value = "auto")]
         wireguard: crate::tunnel::backend::WgMode,
         #[command(flatten)]
-        failover: FailoverArgs,
+        ipsec: Box<crate::ipsec::agent::IpsecArgs>,
+        #[command(flatten)]
+        failover: Box<FailoverArgs>,
         #[command(flatten)]
         reconnect: Box<ReconnectArgs>,
         /// Log as JSON.
@@ -187,6 +189,7 @@ impl Args {
                 dry_run,
                 tunnel_dev,
                 wireguard,
+                ipsec,
                 failover,
                 reconnect,
                 log_json,
@@ -218,6 +221,7 @@ impl Args {
                     http_addr,
                     tunnel_dev,
                     wireguard,
+                    ipsec: *ipsec,
                     probe_interval: failover.probe_interval,
                     probe_failures: failover.probe_failures,
                     // The client redials after three silent heartbeats.

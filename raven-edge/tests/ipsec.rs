@@ -65,7 +65,20 @@ fn ns_run(ns: &str, args: &[&str]) -> (bool, String) {
 fn ping(ns: &str, src: &str, dst: &str, count: u32) -> u32 {
     let (_, out) = ns_run(
         ns,
-        &["ping", "-n", "-q", "-c", &count.to_string(), "-i", "0.2", "-W", "1", "-I", src, dst],
+        &[
+            "ping",
+            "-n",
+            "-q",
+            "-c",
+            &count.to_string(),
+            "-i",
+            "0.2",
+            "-W",
+            "1",
+            "-I",
+            src,
+            dst,
+        ],
     );
     out.lines()
         .find(|l| l.contains("received"))
@@ -131,7 +144,11 @@ impl Namespaces {
         self.charons.push(Proc(child));
         let deadline = Instant::now() + Duration::from_secs(10);
         while !vici.exists() {
-            assert!(Instant::now() < deadline, "charon in {ns} did not open {}", vici.display());
+            assert!(
+                Instant::now() < deadline,
+                "charon in {ns} did not open {}",
+                vici.display()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         vici
@@ -402,12 +419,18 @@ async fn two_gateways_one_sa_pair_survives_restart_refuses_impostor_rekeys_and_r
     // answers any address for it — which is what an impostor would need);
     // x: a stranger on the same link.
     let mut lab = Namespaces::new("t", &["a", "b", "x"]);
-    let (a, b, x) = (lab.ns(0).to_owned(), lab.ns(1).to_owned(), lab.ns(2).to_owned());
+    let (a, b, x) = (
+        lab.ns(0).to_owned(),
+        lab.ns(1).to_owned(),
+        lab.ns(2).to_owned(),
+    );
     must(&["-n", &a, "link", "add", "br0", "type", "bridge"]);
     must(&["-n", &a, "link", "set", "br0", "up"]);
     must(&["-n", &a, "addr", "add", "192.0.2.1/24", "dev", "br0"]);
     for (ns, ip) in [(&b, "192.0.2.2/24"), (&x, "192.0.2.3/24")] {
-        must(&["-n", &a, "link", "add", "p", "type", "veth", "peer", "name", "up0", "netns", ns]);
+        must(&[
+            "-n", &a, "link", "add", "p", "type", "veth", "peer", "name", "up0", "netns", ns,
+        ]);
         let port = format!("p{}", &ns[ns.len() - 1..]);
         must(&["-n", &a, "link", "set", "p", "name", &port]);
         must(&["-n", &a, "link", "set", &port, "master", "br0", "up"]);
@@ -423,21 +446,47 @@ async fn two_gateways_one_sa_pair_survives_restart_refuses_impostor_rekeys_and_r
     let vx = lab.charon(2);
 
     let gws = vec![
-        gateway("gw-a", "a-1", "192.0.2.1", "10.1.0.0/24", Some("192.0.2.1"), None),
-        gateway("gw-b", "b-1", "192.0.2.2", "10.2.0.0/24", None, Some("gw-a")),
+        gateway(
+            "gw-a",
+            "a-1",
+            "192.0.2.1",
+            "10.1.0.0/24",
+            Some("192.0.2.1"),
+            None,
+        ),
+        gateway(
+            "gw-b",
+            "b-1",
+            "192.0.2.2",
+            "10.2.0.0/24",
+            None,
+            Some("gw-a"),
+        ),
     ];
     let (ka, kb) = (IdentityKey::generate(), IdentityKey::generate());
-    let peers = vec![peer("a-1", "gw-a", &ka, None), peer("b-1", "gw-b", &kb, Some("192.0.2.2:4500"))];
+    let peers = vec![
+        peer("a-1", "gw-a", &ka, None),
+        peer("b-1", "gw-b", &kb, Some("192.0.2.2:4500")),
+    ];
     let (pa, pb) = (plan_for(&gws, 0, &peers), plan_for(&gws, 1, &peers));
     assert_eq!(pa.conns.len(), 1, "{pa:#?}");
     assert!(pb.conns["raven-a-1"].initiator, "the NATed side initiates");
     assert!(!pa.conns["raven-b-1"].initiator);
 
     let (mut ra, mut rb) = (Ipsec::new(ka.clone()), Ipsec::new(kb.clone()));
-    let applied_a = ra.apply(&mut client(&va).await, &pa).await.expect("apply a");
+    let applied_a = ra
+        .apply(&mut client(&va).await, &pa)
+        .await
+        .expect("apply a");
     assert_eq!(applied_a.loaded, ["raven-b-1"], "{applied_a:?}");
-    assert!(applied_a.initiated.is_empty(), "the public side only answers");
-    let applied_b = rb.apply(&mut client(&vb).await, &pb).await.expect("apply b");
+    assert!(
+        applied_a.initiated.is_empty(),
+        "the public side only answers"
+    );
+    let applied_b = rb
+        .apply(&mut client(&vb).await, &pb)
+        .await
+        .expect("apply b");
     assert_eq!(applied_b.initiated, ["raven-a-1"], "{applied_b:?}");
     assert!(applied_b.errors.is_empty(), "{applied_b:?}");
 
@@ -445,10 +494,17 @@ async fn two_gateways_one_sa_pair_survives_restart_refuses_impostor_rekeys_and_r
     let sas_a = established(&va, &["raven-b-1"], 20).await;
     assert_eq!(sas_a.len(), 1, "one IKE_SA per gateway pair: {sas_a:#?}");
     assert_eq!(sas_a[0].children.len(), 1, "one CHILD_SA: {sas_a:#?}");
-    assert_eq!(ping(&a, "10.1.0.1", "10.2.0.1", 5), 5, "pods reach each other");
+    assert_eq!(
+        ping(&a, "10.1.0.1", "10.2.0.1", 5),
+        5,
+        "pods reach each other"
+    );
 
     // A second pass changes nothing.
-    let again = rb.apply(&mut client(&vb).await, &pb).await.expect("apply b");
+    let again = rb
+        .apply(&mut client(&vb).await, &pb)
+        .await
+        .expect("apply b");
     assert!(!again.changed(), "{again:?}");
 
     // Agent restart: the reconcilers and clients are gone, new ones re-plan.
@@ -456,15 +512,24 @@ async fn two_gateways_one_sa_pair_survives_restart_refuses_impostor_rekeys_and_r
     drop((ra, rb));
     let (mut ra, mut rb) = (Ipsec::new(ka.clone()), Ipsec::new(kb.clone()));
     let (pa, pb) = (plan_for(&gws, 0, &peers), plan_for(&gws, 1, &peers));
-    let ra_applied = ra.apply(&mut client(&va).await, &pa).await.expect("apply a");
-    let rb_applied = rb.apply(&mut client(&vb).await, &pb).await.expect("apply b");
+    let ra_applied = ra
+        .apply(&mut client(&va).await, &pa)
+        .await
+        .expect("apply a");
+    let rb_applied = rb
+        .apply(&mut client(&vb).await, &pb)
+        .await
+        .expect("apply b");
     assert!(rb_applied.initiated.is_empty(), "{rb_applied:?}");
     assert!(ra_applied.errors.is_empty() && rb_applied.errors.is_empty());
     let after = (
         ids(&established(&va, &["raven-b-1"], 5).await),
         ids(&established(&vb, &["raven-a-1"], 5).await),
     );
-    assert_eq!(before, after, "SA unique IDs are unchanged across a restart");
+    assert_eq!(
+        before, after,
+        "SA unique IDs are unchanged across a restart"
+    );
     assert_eq!(ping(&a, "10.1.0.1", "10.2.0.1", 3), 3);
 
     // A stranger claiming to be b-1 with another key is refused.
@@ -515,44 +580,81 @@ async fn two_gateways_one_sa_pair_survives_restart_refuses_impostor_rekeys_and_r
         assert!(Instant::now() < deadline, "no rekey: {now:?}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert_eq!(ping(&a, "10.1.0.1", "10.2.0.1", 3), 3, "traffic after the rekey");
+    assert_eq!(
+        ping(&a, "10.1.0.1", "10.2.0.1", 3),
+        3,
+        "traffic after the rekey"
+    );
 
     // b rotates its key: a learns the new key (through the hub, here by
     // hand), then b applies it and re-authenticates.
     let kb2 = IdentityKey::generate();
-    let peers2 = vec![peer("a-1", "gw-a", &ka, None), peer("b-1", "gw-b", &kb2, Some("192.0.2.2:4500"))];
+    let peers2 = vec![
+        peer("a-1", "gw-a", &ka, None),
+        peer("b-1", "gw-b", &kb2, Some("192.0.2.2:4500")),
+    ];
     let (pa2, pb2) = (plan_for(&gws, 0, &peers2), plan_for(&gws, 1, &peers2));
-    let ra2 = ra.apply(&mut client(&va).await, &pa2).await.expect("apply a");
+    let ra2 = ra
+        .apply(&mut client(&va).await, &pa2)
+        .await
+        .expect("apply a");
     assert_eq!(ra2.loaded, ["raven-b-1"], "a reloads b's connection");
     rb.set_key(kb2.clone());
-    let rb2 = rb.apply(&mut client(&vb).await, &pb2).await.expect("apply b");
+    let rb2 = rb
+        .apply(&mut client(&vb).await, &pb2)
+        .await
+        .expect("apply b");
     assert!(rb2.key_loaded, "{rb2:?}");
-    assert_eq!(rb2.initiated, ["raven-a-1"], "a fresh IKE_SA with the new key: {rb2:?}");
+    assert_eq!(
+        rb2.initiated,
+        ["raven-a-1"],
+        "a fresh IKE_SA with the new key: {rb2:?}"
+    );
     let old_ike = before.1["raven-a-1"].0;
     let b2_id = ike_id("b-1", &kb2.public);
     // Make before break: once the fresh IKE_SA is up, the next passes end
     // the old one on both sides.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let rb3 = rb.apply(&mut client(&vb).await, &pb2).await.expect("apply b");
-        let ra3 = ra.apply(&mut client(&va).await, &pa2).await.expect("apply a");
-        assert!(rb3.errors.is_empty() && ra3.errors.is_empty(), "{rb3:?} {ra3:?}");
+        let rb3 = rb
+            .apply(&mut client(&vb).await, &pb2)
+            .await
+            .expect("apply b");
+        let ra3 = ra
+            .apply(&mut client(&va).await, &pa2)
+            .await
+            .expect("apply a");
+        assert!(
+            rb3.errors.is_empty() && ra3.errors.is_empty(),
+            "{rb3:?} {ra3:?}"
+        );
         let sas = list_sas(&mut client(&vb).await).await.expect("list-sas");
         let sas_a = list_sas(&mut client(&va).await).await.expect("list-sas");
         let only_fresh = |sas: &[SaHealth], id: &str, peer: bool| {
             sas.len() == 1
                 && sas[0].ike_state == "ESTABLISHED"
-                && (if peer { &sas[0].remote_id } else { &sas[0].local_id }) == id
+                && (if peer {
+                    &sas[0].remote_id
+                } else {
+                    &sas[0].local_id
+                }) == id
         };
         if only_fresh(&sas, &b2_id, false) && only_fresh(&sas_a, &b2_id, true) {
             assert_ne!(sas[0].ike_id, old_ike);
             break;
         }
-        assert!(Instant::now() < deadline, "old IKE_SA not replaced: {sas:#?} {sas_a:#?}");
+        assert!(
+            Instant::now() < deadline,
+            "old IKE_SA not replaced: {sas:#?} {sas_a:#?}"
+        );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     established(&vb, &["raven-a-1"], 10).await;
-    assert_eq!(ping(&a, "10.1.0.1", "10.2.0.1", 3), 3, "traffic after the rotation");
+    assert_eq!(
+        ping(&a, "10.1.0.1", "10.2.0.1", 3),
+        3,
+        "traffic after the rotation"
+    );
     // The old key no longer passes for b-1.
     let err = impersonate(&vx, &kb, &b_id, "192.0.2.1", &a_id, &ka).await;
     assert!(!err.is_empty(), "b's old key still authenticates as b-1");

@@ -52,6 +52,18 @@ impl VpnChoice {
     }
 }
 
+/// The agent's IPsec flags (`raven-edge run`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct IpsecArgs {
+    /// VPN between gateways: `auto` (follow `raven-cfg` `vpn-driver`,
+    /// WireGuard unless it says `ipsec`), `wireguard` or `ipsec`.
+    #[arg(long = "vpn", env = "RAVEN_VPN", default_value = "auto")]
+    pub vpn: VpnChoice,
+    /// charon's VICI socket (IPsec); charon runs as its own process.
+    #[arg(long = "ipsec-vici", env = "RAVEN_IPSEC_VICI", default_value = DEFAULT_VICI)]
+    pub vici: PathBuf,
+}
+
 /// Default VICI socket of the charon next to the agent (in Kubernetes, a
 /// directory both containers of the pod mount).
 pub const DEFAULT_VICI: &str = "/run/raven/charon.vici";
@@ -72,6 +84,7 @@ pub enum IpsecError {
 
 /// The agent's IPsec state (none unless `--vpn` allows IPsec).
 pub struct IpsecAgent {
+    choice: VpnChoice,
     vici: PathBuf,
     public: String,
     ipsec: tokio::sync::Mutex<Ipsec>,
@@ -88,20 +101,23 @@ impl std::fmt::Debug for IpsecAgent {
 
 impl IpsecAgent {
     /// Loads or creates the key in `data_dir` unless `choice` is WireGuard.
-    pub fn start(
-        choice: VpnChoice,
-        data_dir: &Path,
-        vici: PathBuf,
-    ) -> Result<Option<Self>, IpsecError> {
-        if choice == VpnChoice::Wireguard {
+    pub fn start(args: &IpsecArgs, data_dir: &Path) -> Result<Option<Self>, IpsecError> {
+        if args.vpn == VpnChoice::Wireguard {
             return Ok(None);
         }
         let (key, _) = IdentityKey::load_or_create(data_dir, KEY_FILE)?;
+        tracing::info!(vpn = %args.vpn, vici = %args.vici.display(), "IPsec available");
         Ok(Some(Self {
-            vici,
+            choice: args.vpn,
+            vici: args.vici.clone(),
             public: key.public_base64(),
             ipsec: tokio::sync::Mutex::new(Ipsec::new(key)),
         }))
+    }
+
+    /// IPsec runs instead of WireGuard under `settings`.
+    pub fn selected(&self, settings: Option<&Settings>) -> bool {
+        self.choice.driver(settings) == VpnDriver::Ipsec
     }
 
     /// The public key to report.
@@ -176,7 +192,6 @@ pub fn rows(plan: &Plan, sas: &[SaHealth]) -> Vec<v1::PeerTunnelState> {
                 relayed: false,
                 direct_device: false,
                 ipsec_state: sa.map(SaHealth::state_label).unwrap_or_default(),
-                ..Default::default()
             }
         })
         .collect();
@@ -193,8 +208,8 @@ pub async fn sync_lo_addresses(want: &BTreeSet<IpAddr>) -> Result<(), IpsecError
         let op = op.to_owned();
         move |e: rtnetlink::Error| IpsecError::Netlink(format!("{op}: {e}"))
     };
-    let handle = crate::dataplane::netlink::connect()
-        .map_err(|e| IpsecError::Netlink(e.to_string()))?;
+    let handle =
+        crate::dataplane::netlink::connect().map_err(|e| IpsecError::Netlink(e.to_string()))?;
     const LO: u32 = 1;
     let mut have = BTreeSet::new();
     let mut stale = Vec::new();
@@ -254,20 +269,30 @@ mod tests {
         };
         assert_eq!(VpnChoice::Auto.driver(None), VpnDriver::Wireguard);
         assert_eq!(VpnChoice::Auto.driver(Some(&ipsec)), VpnDriver::Ipsec);
-        assert_eq!(VpnChoice::Wireguard.driver(Some(&ipsec)), VpnDriver::Wireguard);
+        assert_eq!(
+            VpnChoice::Wireguard.driver(Some(&ipsec)),
+            VpnDriver::Wireguard
+        );
         assert_eq!(VpnChoice::Ipsec.driver(None), VpnDriver::Ipsec);
     }
 
     #[test]
     fn wireguard_choice_makes_no_ipsec_key() {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        let none = IpsecAgent::start(VpnChoice::Wireguard, dir.path(), DEFAULT_VICI.into())
+        let args = |vpn| IpsecArgs {
+            vpn,
+            vici: DEFAULT_VICI.into(),
+        };
+        let none = IpsecAgent::start(&args(VpnChoice::Wireguard), dir.path())
             .unwrap_or_else(|e| panic!("{e}"));
         assert!(none.is_none());
         assert!(!dir.path().join(KEY_FILE).exists());
-        let some = IpsecAgent::start(VpnChoice::Auto, dir.path(), DEFAULT_VICI.into())
-            .unwrap_or_else(|e| panic!("{e}"));
-        assert!(some.is_some());
+        let some =
+            IpsecAgent::start(&args(VpnChoice::Auto), dir.path()).unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            some.is_some_and(|s| !s.selected(None)),
+            "auto without raven-cfg: WireGuard"
+        );
         assert!(dir.path().join(KEY_FILE).exists());
     }
 }

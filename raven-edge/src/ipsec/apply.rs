@@ -224,7 +224,9 @@ pub struct Ipsec {
 
 /// The raven connections charon has loaded.
 pub async fn list_conns(client: &mut Client) -> Result<BTreeSet<String>, ViciError> {
-    let events = client.stream("list-conns", "list-conn", &Message::new()).await?;
+    let events = client
+        .stream("list-conns", "list-conn", &Message::new())
+        .await?;
     Ok(events
         .iter()
         .flat_map(|e| e.sections().map(|(n, _)| n.to_owned()))
@@ -234,7 +236,9 @@ pub async fn list_conns(client: &mut Client) -> Result<BTreeSet<String>, ViciErr
 
 /// The IKE_SAs of raven connections.
 pub async fn list_sas(client: &mut Client) -> Result<Vec<SaHealth>, ViciError> {
-    let events = client.stream("list-sas", "list-sa", &Message::new()).await?;
+    let events = client
+        .stream("list-sas", "list-sa", &Message::new())
+        .await?;
     Ok(events
         .iter()
         .flat_map(|e| {
@@ -435,14 +439,25 @@ mod tests {
         let key = IdentityKey::from_seed([7; 32]).public;
         assert_eq!(remote.str("id"), Some(ike_id("b-1", &key)));
         assert!(ike_id("b-1", &key).starts_with("b-1."));
-        assert_ne!(ike_id("b-1", &key), ike_id("b-1", &[1; 32]), "one identity per key");
+        assert_ne!(
+            ike_id("b-1", &key),
+            ike_id("b-1", &[1; 32]),
+            "one identity per key"
+        );
         assert!(remote.strs("pubkeys")[0].starts_with("-----BEGIN PUBLIC KEY-----"));
         let children: Vec<_> = conn
             .sec("children")
-            .map(|c| c.sections().map(|(n, m)| (n.to_owned(), m.clone())).collect())
+            .map(|c| {
+                c.sections()
+                    .map(|(n, m)| (n.to_owned(), m.clone()))
+                    .collect()
+            })
             .unwrap_or_default();
         assert_eq!(children.len(), 1, "one CHILD_SA per gateway pair");
-        assert_eq!(children[0].1.strs("remote_ts"), ["10.2.0.0/24", "10.3.0.0/16"]);
+        assert_eq!(
+            children[0].1.strs("remote_ts"),
+            ["10.2.0.0/24", "10.3.0.0/16"]
+        );
         assert_eq!(children[0].1.str("dpd_action").as_deref(), Some("restart"));
         assert_eq!(children[0].1.str("start_action").as_deref(), Some("none"));
     }

@@ -34,7 +34,9 @@ impl std::str::FromStr for Datapath {
         match s {
             "libipsec" => Ok(Self::Libipsec),
             "kernel" => Ok(Self::Kernel),
-            _ => Err(format!("{s:?} is not an IPsec datapath (libipsec or kernel)")),
+            _ => Err(format!(
+                "{s:?} is not an IPsec datapath (libipsec or kernel)"
+            )),
         }
     }
 }
@@ -85,9 +87,15 @@ mod tests {
         let lib = s.find("kernel-libipsec").unwrap_or(usize::MAX);
         let nl = s.find("kernel-netlink").unwrap_or(0);
         assert!(lib < nl, "{s}");
-        assert!(s.contains("port = 0\n") && s.contains("port_nat_t = 4500\n"), "{s}");
+        assert!(
+            s.contains("port = 0\n") && s.contains("port_nat_t = 4500\n"),
+            "{s}"
+        );
         assert!(s.contains("socket = unix:///run/raven/charon.vici"), "{s}");
-        assert!(!s.contains(';'), "strongswan.conf has no ';' separators: {s}");
+        assert!(
+            !s.contains(';'),
+            "strongswan.conf has no ';' separators: {s}"
+        );
     }
 
     #[test]

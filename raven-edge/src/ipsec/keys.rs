@@ -240,7 +240,10 @@ mod tests {
             "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a"
         );
         let pem = key.public_pem();
-        assert!(pem.starts_with("-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEA"), "{pem}");
+        assert!(
+            pem.starts_with("-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEA"),
+            "{pem}"
+        );
         assert_eq!(key.private_pkcs8_der().len(), 48);
     }
 }

@@ -162,7 +162,9 @@ impl Message {
             }
         }
         if stack.len() != 1 || list.is_some() {
-            return Err(ViciError::Malformed("message ends inside a section or list"));
+            return Err(ViciError::Malformed(
+                "message ends inside a section or list",
+            ));
         }
         Ok(stack.pop().map(|(_, m)| m).unwrap_or_default())
     }
@@ -192,7 +194,8 @@ fn put_name(out: &mut Vec<u8>, name: &str) -> Result<(), ViciError> {
 }
 
 fn put_value(out: &mut Vec<u8>, v: &[u8]) -> Result<(), ViciError> {
-    let len = u16::try_from(v.len()).map_err(|_| ViciError::TooLong(format!("{} bytes", v.len())))?;
+    let len =
+        u16::try_from(v.len()).map_err(|_| ViciError::TooLong(format!("{} bytes", v.len())))?;
     out.extend_from_slice(&len.to_be_bytes());
     out.extend_from_slice(v);
     Ok(())
@@ -271,10 +274,7 @@ impl Client {
         let len = u32::try_from(body.len()).map_err(|_| ViciError::TooLong(name.to_owned()))?;
         let mut packet = len.to_be_bytes().to_vec();
         packet.extend_from_slice(&body);
-        self.stream
-            .write_all(&packet)
-            .await
-            .map_err(|e| self.io(e))
+        self.stream.write_all(&packet).await.map_err(|e| self.io(e))
     }
 
     /// Reads one packet: its type, name (for events) and message.
@@ -393,7 +393,10 @@ mod tests {
                 .kv("version", "2")
                 .list("local_addrs", ["10.0.0.1", "10.0.0.2"])
                 .list("empty", Vec::<&str>::new())
-                .section("children", Message::new().section("raven-b", Message::new())),
+                .section(
+                    "children",
+                    Message::new().section("raven-b", Message::new()),
+                ),
         )
     }
 
@@ -405,7 +408,10 @@ mod tests {
         assert_eq!(Message::decode(&buf).unwrap_or_default(), m);
         // Known bytes of the start: section "raven-b", key "version" = "2".
         assert_eq!(&buf[..9], &[1, 7, b'r', b'a', b'v', b'e', b'n', b'-', b'b']);
-        assert_eq!(&buf[9..21], &[3, 7, b'v', b'e', b'r', b's', b'i', b'o', b'n', 0, 1, b'2']);
+        assert_eq!(
+            &buf[9..21],
+            &[3, 7, b'v', b'e', b'r', b's', b'i', b'o', b'n', 0, 1, b'2']
+        );
     }
 
     #[test]
@@ -428,14 +434,19 @@ mod tests {
     #[test]
     fn too_long_name_is_refused() {
         let m = Message::new().kv(&"x".repeat(300), "v");
-        assert!(matches!(m.encode(&mut Vec::new()), Err(ViciError::TooLong(_))));
+        assert!(matches!(
+            m.encode(&mut Vec::new()),
+            Err(ViciError::TooLong(_))
+        ));
     }
 
     #[test]
     fn success_no_becomes_an_error_with_charons_message() {
         let err = check_success(
             "load-conn",
-            Message::new().kv("success", "no").kv("errmsg", "parsing failed"),
+            Message::new()
+                .kv("success", "no")
+                .kv("errmsg", "parsing failed"),
         )
         .err()
         .map(|e| e.to_string())
