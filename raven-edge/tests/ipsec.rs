@@ -659,3 +659,238 @@ async fn two_gateways_one_sa_pair_survives_restart_refuses_impostor_rekeys_and_r
     let err = impersonate(&vx, &kb, &b_id, "192.0.2.1", &a_id, &ka).await;
     assert!(!err.is_empty(), "b's old key still authenticates as b-1");
 }
+
+/// Runs `f` on a thread inside network namespace `ns` with a runtime of its
+/// own (netlink sockets open where the thread is).
+fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let fd = std::fs::File::open(format!("/run/netns/{ns}")).expect("netns file");
+            nix::sched::setns(fd, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+            f()
+        })
+        .join()
+        .expect("netns thread")
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_carries_two_natted_gateways_through_masquerade() {
+    if !ready() || !support::root_with(&["iptables"]) {
+        return;
+    }
+    // r: public relay 203.0.113.1. x, y: gateways behind MASQUERADE routers
+    // nx (203.0.113.2) and ny (203.0.113.3), LANs 10.8.0.0/24, 10.9.0.0/24.
+    let mut lab = Namespaces::new("r", &["r", "nx", "ny", "x", "y"]);
+    let n: Vec<String> = (0..5).map(|i| lab.ns(i).to_owned()).collect();
+    let (r, nx, ny, x, y) = (&n[0], &n[1], &n[2], &n[3], &n[4]);
+    must(&["-n", r, "link", "add", "br0", "type", "bridge"]);
+    must(&["-n", r, "link", "set", "br0", "up"]);
+    must(&["-n", r, "addr", "add", "203.0.113.1/24", "dev", "br0"]);
+    for (i, (router, wan, gw, lan)) in [
+        (nx, "203.0.113.2/24", x, "10.8.0"),
+        (ny, "203.0.113.3/24", y, "10.9.0"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let port = format!("p{i}");
+        must(&[
+            "-n", r, "link", "add", &port, "type", "veth", "peer", "name", "wan0", "netns", router,
+        ]);
+        must(&["-n", r, "link", "set", &port, "master", "br0", "up"]);
+        must(&["-n", router, "addr", "add", wan, "dev", "wan0"]);
+        must(&["-n", router, "link", "set", "wan0", "up"]);
+        must(&[
+            "-n", router, "link", "add", "lan0", "type", "veth", "peer", "name", "up0", "netns", gw,
+        ]);
+        must(&[
+            "-n",
+            router,
+            "addr",
+            "add",
+            &format!("{lan}.1/24"),
+            "dev",
+            "lan0",
+        ]);
+        must(&["-n", router, "link", "set", "lan0", "up"]);
+        must(&[
+            "-n",
+            gw,
+            "addr",
+            "add",
+            &format!("{lan}.2/24"),
+            "dev",
+            "up0",
+        ]);
+        must(&["-n", gw, "link", "set", "up0", "up"]);
+        must(&[
+            "-n",
+            gw,
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("{lan}.1"),
+        ]);
+        let (ok, out) = ns_run(router, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        assert!(ok, "{out}");
+        let (ok, out) = ns_run(
+            router,
+            &[
+                "iptables",
+                "-t",
+                "nat",
+                "-A",
+                "POSTROUTING",
+                "-o",
+                "wan0",
+                "-j",
+                "MASQUERADE",
+            ],
+        );
+        assert!(ok, "{out}");
+        // Stateful: nothing from the internet gets in unless it answers
+        // something that went out.
+        for rule in [
+            &[
+                "-A",
+                "FORWARD",
+                "-i",
+                "wan0",
+                "-m",
+                "conntrack",
+                "--ctstate",
+                "ESTABLISHED,RELATED",
+                "-j",
+                "ACCEPT",
+            ][..],
+            &["-A", "FORWARD", "-i", "wan0", "-j", "DROP"][..],
+        ] {
+            let mut args = vec!["iptables"];
+            args.extend_from_slice(rule);
+            let (ok, out) = ns_run(router, &args);
+            assert!(ok, "{out}");
+        }
+    }
+    for (ns, ip) in [(r, "10.1.0.1/32"), (x, "10.2.0.1/32"), (y, "10.3.0.1/32")] {
+        must(&["-n", ns, "addr", "add", ip, "dev", "lo"]);
+    }
+    let vr = lab.charon(0);
+    let vx = lab.charon(3);
+    let vy = lab.charon(4);
+
+    let gws = vec![
+        gateway(
+            "gw-r",
+            "r-1",
+            "203.0.113.1",
+            "10.1.0.0/24",
+            Some("203.0.113.1"),
+            None,
+        ),
+        gateway("gw-x", "x-1", "10.8.0.2", "10.2.0.0/24", None, Some("gw-r")),
+        gateway("gw-y", "y-1", "10.9.0.2", "10.3.0.0/24", None, Some("gw-r")),
+    ];
+    let keys = [
+        IdentityKey::generate(),
+        IdentityKey::generate(),
+        IdentityKey::generate(),
+    ];
+    let peers = vec![
+        peer("r-1", "gw-r", &keys[0], None),
+        peer("x-1", "gw-x", &keys[1], Some("203.0.113.2:4500")),
+        peer("y-1", "gw-y", &keys[2], Some("203.0.113.3:4500")),
+    ];
+    let plans: Vec<Plan> = (0..3).map(|i| plan_for(&gws, i, &peers)).collect();
+    assert_eq!(
+        plans[0].conns.len(),
+        2,
+        "the relay: one SA pair per NATed gateway"
+    );
+    assert_eq!(plans[1].conns.len(), 1, "x: only the relay");
+    // The relay's local selectors towards x include y's subnet, which holds
+    // no address of the relay: its network address goes on the relay's lo.
+    assert!(
+        plans[0]
+            .lo_addresses
+            .contains(&"10.3.0.0".parse().expect("ip"))
+    );
+    let lo = plans[0].lo_addresses.clone();
+    in_netns(r, || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(raven_edge::ipsec::agent::sync_lo_addresses(&lo))
+            .expect("lo addresses")
+    });
+    let (_, addrs) = ns_run(r, &["ip", "-4", "addr", "show", "dev", "lo"]);
+    assert!(
+        addrs.contains("10.3.0.0/32") && addrs.contains("lo:raven"),
+        "{addrs}"
+    );
+
+    let mut recs: Vec<Ipsec> = keys.iter().cloned().map(Ipsec::new).collect();
+    for (i, v) in [&vr, &vx, &vy].into_iter().enumerate() {
+        let a = recs[i]
+            .apply(&mut client(v).await, &plans[i])
+            .await
+            .expect("apply");
+        assert!(a.errors.is_empty(), "{a:?}");
+    }
+    established(&vx, &["raven-r-1"], 20).await;
+    established(&vy, &["raven-r-1"], 20).await;
+    let sas = established(&vr, &["raven-x-1", "raven-y-1"], 20).await;
+    // The relay sees both behind their NATs.
+    let remotes: Vec<String> = sas
+        .iter()
+        .filter_map(|s| s.remote.map(|e| e.ip().to_string()))
+        .collect();
+    assert!(remotes.contains(&"203.0.113.2".to_owned()), "{sas:#?}");
+    assert!(remotes.contains(&"203.0.113.3".to_owned()), "{sas:#?}");
+    // libipsec forwards between its SAs on the relay.
+    let (ok, out) = ns_run(r, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    assert!(ok, "{out}");
+    assert_eq!(
+        ping(x, "10.2.0.1", "10.3.0.1", 5),
+        5,
+        "x reaches y through the relay"
+    );
+    assert_eq!(
+        ping(y, "10.3.0.1", "10.1.0.1", 3),
+        3,
+        "y reaches the relay's domain"
+    );
+    // Only ESP in UDP 4500 crosses the internet side.
+    let lines = capture(r, "br0", || {
+        assert_eq!(ping(x, "10.2.0.1", "10.3.0.1", 5), 5);
+    });
+    assert!(
+        lines.iter().filter(|l| l.contains("ESP")).count() >= 20,
+        "{lines:#?}"
+    );
+    for l in &lines {
+        assert!(
+            l.contains(".4500 > ") && l.contains(".4500: "),
+            "not UDP 4500: {l}"
+        );
+    }
+    // Removing the wanted addresses removes only raven's.
+    in_netns(r, || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(raven_edge::ipsec::agent::sync_lo_addresses(
+                &Default::default(),
+            ))
+            .expect("lo addresses")
+    });
+    let (_, addrs) = ns_run(r, &["ip", "-4", "addr", "show", "dev", "lo"]);
+    assert!(!addrs.contains("lo:raven"), "{addrs}");
+    assert!(
+        addrs.contains("10.1.0.1/32"),
+        "foreign addresses stay: {addrs}"
+    );
+}
