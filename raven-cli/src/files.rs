@@ -2,7 +2,13 @@
 //! whatever the umask, written to a fresh temporary file that is renamed
 //! into place, and checked every time they are read.
 //!
-//! A private key found open to group or others is made 0600 when this
+//! A private key readable by its owner and by a group this process is in,
+//! and by no one else, is accepted when another user owns it: that is how a
+//! Kubernetes Secret volume reaches a non-root container (kubelet makes the
+//! files root-owned, group the pod's `fsGroup`, mode 0440 whatever
+//! `defaultMode` says, on a read-only mount) ([`Found::OurGroup`]).
+//!
+//! Otherwise a private key found open to group or others is made 0600 when this
 //! process owns it ([`Found::Fixed`], which the caller reports: the key may
 //! have been read, rotating it is the operator's call) and refused when it
 //! belongs to someone else or cannot be changed (a read-only mount): raven
@@ -55,7 +61,7 @@ pub enum FileError {
         euid: u32,
     },
     #[error(
-        "the private key {path} has mode {mode:04o} (group or others may read it) and cannot be made 0600: {source} (a Kubernetes Secret volume needs defaultMode: 0400)"
+        "the private key {path} has mode {mode:04o} (group or others may read it) and cannot be made 0600: {source} (a Kubernetes Secret volume needs defaultMode: 0400, or 0440 with the pod's fsGroup)"
     )]
     ExposedKeyFixed {
         path: PathBuf,
@@ -87,6 +93,9 @@ pub enum Found {
     /// It was open to group or others (`was`, the permission bits it had)
     /// and has been made private.
     Fixed { was: u32 },
+    /// Another user owns it and, besides them, only group `gid` — one this
+    /// process is in — may read it (see the module docs); left as it is.
+    OurGroup { gid: u32 },
 }
 
 fn io<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(std::io::Error) -> FileError + 'a {
@@ -99,6 +108,12 @@ fn io<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(std::io::Error) -> Fi
 
 fn euid() -> u32 {
     nix::unistd::geteuid().as_raw()
+}
+
+/// Whether this process is in group `gid` (effective or supplementary).
+fn in_our_groups(gid: u32) -> bool {
+    nix::unistd::getegid().as_raw() == gid
+        || nix::unistd::getgroups().is_ok_and(|groups| groups.iter().any(|g| g.as_raw() == gid))
 }
 
 /// Checks that the private key `path` is readable by its owner only,
@@ -116,6 +131,9 @@ pub fn check_private_key(path: &Path) -> Result<Found, FileError> {
         return Ok(Found::Private);
     }
     let euid = euid();
+    if meta.uid() != euid && mode & 0o037 == 0 && in_our_groups(meta.gid()) {
+        return Ok(Found::OurGroup { gid: meta.gid() });
+    }
     if meta.uid() != euid {
         return Err(FileError::ExposedKeyNotOurs {
             path: path.to_owned(),
@@ -309,6 +327,45 @@ mod tests {
         let text = err.map(|e| e.to_string()).unwrap_or_default();
         assert!(text.contains("k.pem") && text.contains("0644"), "{text}");
         assert_eq!(mode(&key), 0o644);
+    }
+
+    #[test]
+    fn a_key_of_another_user_readable_only_by_our_group_is_accepted_like_a_secret_with_fs_group() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let key = dir.path().join("k.pem");
+        fs::write(&key, "secret").unwrap_or_else(|e| panic!("{e}"));
+        let ours = nix::unistd::getegid().as_raw();
+        // Only root can give a file away; without root there is nothing to
+        // check.
+        if std::os::unix::fs::chown(&key, Some(65534), Some(ours)).is_err() {
+            return;
+        }
+        fs::set_permissions(&key, fs::Permissions::from_mode(0o440))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let (bytes, found) = read_private_key(&key).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(bytes, b"secret");
+        assert_eq!(found, Found::OurGroup { gid: ours });
+        assert_eq!(mode(&key), 0o440, "left as it is");
+        // Others may read it too, or the group may write it: refused.
+        for bad in [0o444, 0o460] {
+            fs::set_permissions(&key, fs::Permissions::from_mode(bad))
+                .unwrap_or_else(|e| panic!("{e}"));
+            let err = read_private_key(&key).err();
+            assert!(
+                matches!(err, Some(FileError::ExposedKeyNotOurs { .. })),
+                "{bad:o}: {err:?}"
+            );
+        }
+        // A group this process is not in: refused.
+        let not_ours = (60000..65000).find(|g| !in_our_groups(*g)).unwrap_or(65533);
+        fs::set_permissions(&key, fs::Permissions::from_mode(0o440))
+            .unwrap_or_else(|e| panic!("{e}"));
+        std::os::unix::fs::chown(&key, None, Some(not_ours)).unwrap_or_else(|e| panic!("{e}"));
+        let err = read_private_key(&key).err();
+        assert!(
+            matches!(err, Some(FileError::ExposedKeyNotOurs { .. })),
+            "{err:?}"
+        );
     }
 
     #[test]

@@ -43,6 +43,8 @@ pub struct AgentConfig {
     pub wireguard: crate::tunnel::backend::WgMode,
     /// IPsec instead of WireGuard (`--vpn`, `--ipsec-vici`).
     pub ipsec: crate::ipsec::agent::IpsecArgs,
+    /// Who runs wireguard-go (`--wireguard-go`).
+    pub wireguard_go: crate::tunnel::backend::WireguardGo,
     /// Local failover: period of the probes of the gateway candidates.
     pub probe_interval: Duration,
     /// Local failover: missed probes in a row that make a candidate dead.
@@ -198,7 +200,8 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
     // Only the public key leaves the node.
     let backend = crate::tunnel::backend::detect(cfg.wireguard, cfg.apply).await?;
     tracing::info!(%backend, mode = %cfg.wireguard, "WireGuard");
-    let tunnel = crate::tunnel::Tunnel::new(cfg.tunnel_dev.clone(), &cfg.data_dir, backend)?;
+    let tunnel = crate::tunnel::Tunnel::new(cfg.tunnel_dev.clone(), &cfg.data_dir, backend)?
+        .with_wireguard_go(cfg.wireguard_go);
     let direct = tunnel.direct()?;
     let ipsec = crate::ipsec::agent::IpsecAgent::start(&cfg.ipsec, &cfg.data_dir)?;
     let (report_tx, report_rx) = watch::channel(v1::Report {

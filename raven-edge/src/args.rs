@@ -59,24 +59,48 @@ pub struct ReconnectArgs {
     pub reconnect_max: Duration,
 }
 
+/// How the agent and the hub prove who they are, beyond the `--certs`
+/// bundle: the name the hub's certificate carries, and a client
+/// certificate or hub CA in place of the bundle's.
+#[derive(Debug, clap::Args)]
+pub struct IdentityArgs {
+    /// Name the hub certificate must carry (default: the address's host).
+    #[arg(long, env = "RAVEN_HUB_SERVER_NAME")]
+    pub hub_server_name: Option<String>,
+    /// The node's client certificate instead of the bundle's `node.pem`:
+    /// e.g. the kubelet's own (CN `system:node:<node>`),
+    /// /var/lib/kubelet/pki/kubelet-client-current.pem, certificate and
+    /// key in one PEM file, which the kubelet rotates. Read again at
+    /// every connection, so a rotated certificate is used from the next.
+    #[arg(long, env = "RAVEN_CLIENT_CERT")]
+    pub client_cert: Option<PathBuf>,
+    /// The key of --client-cert (default: the --client-cert file itself,
+    /// holding both, as the kubelet's does).
+    #[arg(long, env = "RAVEN_CLIENT_KEY", requires = "client_cert")]
+    pub client_key: Option<PathBuf>,
+    /// CA certificate(s) the hub's certificate is checked against,
+    /// instead of the bundle's `ca.pem` (e.g. a ConfigMap mount).
+    #[arg(long, env = "RAVEN_HUB_CA")]
+    pub hub_ca: Option<PathBuf>,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the agent: program the kernel from the cache, then follow the hub.
     Run {
         #[command(flatten)]
-        common: Common,
+        common: Box<Common>,
         /// Hub address, `https://host:port`; repeat for replicas (failover).
         #[arg(long = "hub", env = "RAVEN_HUBS", value_delimiter = ',')]
         hubs: Vec<String>,
-        /// Name the hub certificate must carry (default: the address's host).
-        #[arg(long, env = "RAVEN_HUB_SERVER_NAME")]
-        hub_server_name: Option<String>,
         /// The node's certificate bundle: the directory `raven-hub certs`
         /// writes as nodes/<node>/ (ca.pem, node.pem, node-key.pem). A
         /// `raven-hub certs` output directory or the older flat layout
         /// (ca.pem, node-<node>.pem, node-<node>-key.pem) work too.
         #[arg(long, env = "RAVEN_CERTS", default_value = "/etc/raven/certs")]
         certs: PathBuf,
+        #[command(flatten)]
+        identity: Box<IdentityArgs>,
         /// HTTP listener for /healthz, /readyz, /metrics.
         #[arg(long, env = "RAVEN_HTTP_ADDR", default_value = "127.0.0.1:10273")]
         http_addr: Option<std::net::SocketAddr>,
@@ -96,6 +120,13 @@ pub enum Command {
         /// wireguard-go otherwise), `kernel` or `userspace`.
         #[arg(long, env = "RAVEN_WIREGUARD", default_value = "auto")]
         wireguard: crate::tunnel::backend::WgMode,
+        /// Who runs wireguard-go (userspace WireGuard): `spawn` — the agent
+        /// starts it in a session of its own (host installs) — or
+        /// `external` — another container runs it (Kubernetes: a process
+        /// started in the agent's container dies with that container) and
+        /// the agent only waits for its UAPI socket.
+        #[arg(long, env = "RAVEN_WIREGUARD_GO", default_value = "spawn")]
+        wireguard_go: crate::tunnel::backend::WireguardGo,
         #[command(flatten)]
         ipsec: Box<crate::ipsec::agent::IpsecArgs>,
         #[command(flatten)]
@@ -181,8 +212,8 @@ impl Args {
             Command::Run {
                 common,
                 hubs,
-                hub_server_name,
                 certs,
+                identity,
                 http_addr,
                 resync,
                 heartbeat,
@@ -190,6 +221,7 @@ impl Args {
                 tunnel_dev,
                 wireguard,
                 ipsec,
+                wireguard_go,
                 failover,
                 reconnect,
                 log_json,
@@ -205,8 +237,12 @@ impl Args {
                 let client = (!hubs.is_empty()).then(|| ClientConfig {
                     node: node.clone(),
                     hubs,
-                    server_name: hub_server_name,
-                    tls: ClientTls::in_dir(&certs, &node),
+                    server_name: identity.hub_server_name,
+                    tls: ClientTls::in_dir(&certs, &node).with_files(
+                        identity.client_cert,
+                        identity.client_key,
+                        identity.hub_ca,
+                    ),
                     heartbeat,
                     backoff_min: reconnect.reconnect_min,
                     backoff_max: reconnect.reconnect_max.max(reconnect.reconnect_min),
@@ -222,6 +258,7 @@ impl Args {
                     tunnel_dev,
                     wireguard,
                     ipsec: *ipsec,
+                    wireguard_go,
                     probe_interval: failover.probe_interval,
                     probe_failures: failover.probe_failures,
                     // The client redials after three silent heartbeats.

@@ -64,6 +64,26 @@ impl ClientTls {
         }
     }
 
+    /// These files with the given ones in their place: a client
+    /// certificate (and its key; without one, the certificate's file holds
+    /// both, like the kubelet's combined PEM) and the hub's CA.
+    #[must_use]
+    pub fn with_files(
+        mut self,
+        cert: Option<std::path::PathBuf>,
+        key: Option<std::path::PathBuf>,
+        ca: Option<std::path::PathBuf>,
+    ) -> Self {
+        if let Some(cert) = cert {
+            self.key = key.unwrap_or_else(|| cert.clone());
+            self.cert = cert;
+        }
+        if let Some(ca) = ca {
+            self.ca = ca;
+        }
+        self
+    }
+
     /// The CA's private key, when it lies in `dir`: a node's certificate
     /// directory must not hold it (whoever reads it can issue a
     /// certificate for any node).

@@ -6,8 +6,9 @@
 
 mod support;
 
-use raven_edge::tunnel::backend::{Backend, WgMode, detect};
+use raven_edge::tunnel::backend::{Backend, WgMode, WireguardGo, detect};
 use raven_edge::tunnel::kernel;
+use raven_edge::tunnel::{Tunnel, uapi};
 use support::must;
 
 fn is_root() -> bool {
@@ -100,4 +101,60 @@ fn auto_picks_the_kernel_only_where_it_has_wireguard_and_kernel_mode_refuses_oth
         !links.contains("rwbprobe") && !links.contains("rvwgprobe"),
         "{links}"
     );
+}
+
+/// `--wireguard-go=external` (Kubernetes: wireguard-go runs in a container of
+/// its own, so that it outlives the agent's): the agent never starts
+/// wireguard-go — without one it fails naming the socket it waited for —
+/// and adopts the one started outside it.
+#[test]
+fn with_external_wireguard_go_the_agent_never_starts_one_and_adopts_the_one_running() {
+    if !support::root_with(&["wireguard-go"]) {
+        return;
+    }
+    let ns = Netns(format!("rwx{}", std::process::id() % 100_000));
+    must(&["netns", "add", &ns.0]);
+    let dev = format!("rwx{}wg", std::process::id() % 100_000);
+    let data = tempfile::tempdir().expect("tempdir");
+    let tunnel = Tunnel::new(dev.clone(), data.path(), Backend::Userspace)
+        .expect("key")
+        .with_wireguard_go(WireguardGo::External);
+    let t = tunnel.clone();
+    let err = in_netns(&ns.0, move || {
+        Box::pin(async move { t.ensure_device(1420, None).await.map_err(|e| e.to_string()) })
+    })
+    .expect_err("no wireguard-go runs for the device");
+    assert!(
+        err.contains("--wireguard-go=external") && err.contains(&format!("{dev}.sock")),
+        "{err}"
+    );
+    assert!(
+        !tunnel.pid_file().exists(),
+        "the agent started wireguard-go"
+    );
+    let (_, links) = support::ip(&["-n", &ns.0, "-o", "link", "show"]);
+    assert!(!links.contains(&dev), "a device appeared: {links}");
+
+    // wireguard-go started by someone else, in the namespace.
+    let outside = support::Proc(
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &ns.0, "wireguard-go", "-f", &dev])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("wireguard-go"),
+    );
+    let t = tunnel.clone();
+    in_netns(&ns.0, move || {
+        Box::pin(async move { t.ensure_device(1420, None).await.map_err(|e| e.to_string()) })
+    })
+    .expect("adopts the running wireguard-go");
+    assert!(
+        !tunnel.pid_file().exists(),
+        "the agent started wireguard-go"
+    );
+    let (_, link) = support::ip(&["-n", &ns.0, "-o", "link", "show", &dev]);
+    assert!(link.contains("mtu 1420") && link.contains(",UP"), "{link}");
+    drop(outside);
+    let _ = std::fs::remove_file(uapi::socket_path(&dev));
 }

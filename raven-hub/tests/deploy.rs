@@ -1,4 +1,4 @@
-//! The manifests in deploy/ use flags the real binaries accept.
+//! The manifests in deploy/base/ use flags the real binaries accept.
 
 use clap::Parser;
 
@@ -21,7 +21,7 @@ fn container_args(path: &str, kind: &str) -> Vec<String> {
 #[test]
 fn hub_deployment_args_parse_with_the_real_cli() {
     let args = container_args(
-        concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/hub.yaml"),
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/base/hub.yaml"),
         "Deployment",
     );
     let parsed =

@@ -157,16 +157,23 @@ pub enum LabError {
 }
 
 fn run(cmd: &str, args: &[&str]) -> Result<String, LabError> {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .map_err(|source| LabError::Spawn {
-            cmd: cmd.into(),
-            source,
-        })?;
+    output_of(Command::new(cmd).args(args))
+}
+
+/// Runs `cmd`: its standard output, or an error with its standard error.
+pub(crate) fn output_of(cmd: &mut Command) -> Result<String, LabError> {
+    let line = std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let out = cmd.output().map_err(|source| LabError::Spawn {
+        cmd: line.clone(),
+        source,
+    })?;
     if !out.status.success() {
         return Err(LabError::Command {
-            cmd: format!("{cmd} {}", args.join(" ")),
+            cmd: line,
             out: String::from_utf8_lossy(&out.stderr).into_owned(),
         });
     }
@@ -179,6 +186,37 @@ fn signal(pid: u32, signal: i32) {
         .args([format!("-{signal}"), pid.to_string()])
         .stderr(Stdio::null())
         .status();
+}
+
+/// (transmitted, received) from ping's summary line; (0, 0) without one.
+pub fn ping_summary(stdout: &[u8]) -> (u64, u64) {
+    let text = String::from_utf8_lossy(stdout);
+    let summary = text
+        .lines()
+        .find(|l| l.contains("transmitted"))
+        .unwrap_or_default();
+    let num = |key: &str| {
+        summary
+            .split(',')
+            .find(|p| p.contains(key))
+            .and_then(|p| p.split_whitespace().next())
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    (num("transmitted"), num("received"))
+}
+
+/// Whether this process runs as root.
+pub fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.starts_with(b"0"))
+}
+
+/// The lab node (of the manual's six) whose short name is `short`.
+pub fn manual_node(short: &str) -> Option<&'static LabNode> {
+    NODES.iter().find(|n| n.short == short)
 }
 
 /// A process the lab started; stopped by PID.
@@ -696,6 +734,24 @@ impl Lab {
     /// Starts (or restarts) the agent of a node. Cloud nodes dial the hub
     /// on the cloud LAN, the others its public address through their NAT.
     pub fn start_agent(&mut self, short: &'static str) -> Result<(), LabError> {
+        let args = self.agent_args(short)?;
+        let proc = self.spawn(
+            short,
+            &self.edge_exe.clone(),
+            &args,
+            &format!("edge-{short}.log"),
+        )?;
+        self.agents.insert(short, proc);
+        Ok(())
+    }
+
+    /// The directory holding the `raven-hub` and `raven-edge` this lab runs.
+    pub fn binaries_dir(&self) -> Option<&Path> {
+        self.edge_exe.parent()
+    }
+
+    /// The `raven-edge` arguments (from `run` on) of a node's agent.
+    pub fn agent_args(&self, short: &str) -> Result<Vec<String>, LabError> {
         let n = self.node(short)?;
         let hub = if self.domain(n.domain)?.router.is_none() {
             format!("https://{CLOUD_LAN}:10270")
@@ -724,15 +780,7 @@ impl Lab {
         ]
         .map(str::to_owned)
         .to_vec();
-        let args = self.with_timers(args);
-        let proc = self.spawn(
-            short,
-            &self.edge_exe.clone(),
-            &args,
-            &format!("edge-{short}.log"),
-        )?;
-        self.agents.insert(short, proc);
-        Ok(())
+        Ok(self.with_timers(args))
     }
 
     /// Starts every agent.

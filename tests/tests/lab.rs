@@ -8,7 +8,7 @@ use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use raven_tests::lab::{Lab, LabDomain, LabNode, LabRouter, NODES};
+use raven_tests::lab::{Lab, LabDomain, LabNode, LabRouter, NODES, ping_summary};
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
@@ -963,24 +963,6 @@ fn a_briefly_up_standby_never_pulls_traffic_from_a_live_gateway_when_the_hub_goe
     eprintln!(
         "briefly-up standby: no move and no loss over 30 s with the hub down ({rounds} full matrices among c1, h1, h2, q1)"
     );
-}
-
-/// (transmitted, received) from ping's summary line; (0, 0) without one.
-fn ping_summary(stdout: &[u8]) -> (u64, u64) {
-    let text = String::from_utf8_lossy(stdout);
-    let summary = text
-        .lines()
-        .find(|l| l.contains("transmitted"))
-        .unwrap_or_default();
-    let num = |key: &str| {
-        summary
-            .split(',')
-            .find(|p| p.contains(key))
-            .and_then(|p| p.split_whitespace().next())
-            .and_then(|n| n.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    (num("transmitted"), num("received"))
 }
 
 /// A ping at 20 per second from `from`'s pod to `to`'s pod, running in the

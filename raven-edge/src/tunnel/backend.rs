@@ -42,6 +42,43 @@ impl fmt::Display for WgMode {
     }
 }
 
+/// Who runs wireguard-go for the userspace backend (`--wireguard-go`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum WireguardGo {
+    /// The agent starts it, in a session of its own, when the device's UAPI
+    /// socket does not answer (a host install: stopping the agent leaves it
+    /// running).
+    #[default]
+    Spawn,
+    /// Something else runs it — in Kubernetes the `wireguard-go` container
+    /// of the `raven-wireguard` DaemonSet, whose processes outlive the
+    /// agent's container (a process the agent started would die with it).
+    /// The agent only waits for the UAPI socket and never starts one.
+    External,
+}
+
+impl FromStr for WireguardGo {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "spawn" => Ok(Self::Spawn),
+            "external" => Ok(Self::External),
+            _ => Err(format!(
+                "{s:?} is not a way to run wireguard-go (spawn, external)"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for WireguardGo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Spawn => "spawn",
+            Self::External => "external",
+        })
+    }
+}
+
 /// The WireGuard implementation in use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
@@ -122,6 +159,17 @@ impl Backend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_wireguard_go_flag_values_round_trip_and_others_are_refused() {
+        for m in [WireguardGo::Spawn, WireguardGo::External] {
+            assert_eq!(m.to_string().parse::<WireguardGo>(), Ok(m));
+        }
+        let err = "sidecar"
+            .parse::<WireguardGo>()
+            .expect_err("not a way to run wireguard-go");
+        assert!(err.contains("sidecar") && err.contains("external"), "{err}");
+    }
 
     #[test]
     fn the_flag_values_round_trip_and_others_are_refused() {

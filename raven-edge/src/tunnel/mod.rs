@@ -466,6 +466,10 @@ pub enum TunnelError {
     Spawn { dev: String, source: std::io::Error },
     #[error("wireguard-go did not open {path} within 5 s (see {log})")]
     NoSocket { path: PathBuf, log: PathBuf },
+    #[error(
+        "--wireguard-go=external: no wireguard-go answers on {path} for {dev} within 5 s (in Kubernetes: is the raven-wireguard DaemonSet's pod running on this node, with the same device names?)"
+    )]
+    NoExternalWireguardGo { dev: String, path: PathBuf },
     #[error(transparent)]
     Dataplane(#[from] crate::dataplane::DataplaneError),
     #[error(transparent)]
@@ -487,6 +491,8 @@ pub struct Tunnel {
     data_dir: PathBuf,
     pub keys: KeyPair,
     pub backend: backend::Backend,
+    /// Who starts wireguard-go (userspace backend only).
+    pub wireguard_go: backend::WireguardGo,
 }
 
 impl Tunnel {
@@ -501,7 +507,15 @@ impl Tunnel {
             data_dir: data_dir.to_owned(),
             keys: KeyPair::load_or_create(data_dir)?,
             backend,
+            wireguard_go: backend::WireguardGo::Spawn,
         })
+    }
+
+    /// The same tunnel with wireguard-go run by `who`.
+    #[must_use]
+    pub fn with_wireguard_go(mut self, who: backend::WireguardGo) -> Self {
+        self.wireguard_go = who;
+        self
     }
 
     /// The direct-path device that goes with this tunnel ([`direct_dev`]),
@@ -516,6 +530,7 @@ impl Tunnel {
             data_dir: self.data_dir.clone(),
             keys: KeyPair::load_or_create_named(&self.data_dir, "wireguard-direct.key")?,
             backend: self.backend,
+            wireguard_go: self.wireguard_go,
         })
     }
 
@@ -539,6 +554,8 @@ impl Tunnel {
                 kernel::create(&self.dev).await?;
                 tracing::info!(dev = %self.dev, "created a kernel WireGuard link");
             }
+        } else if self.wireguard_go == backend::WireguardGo::External {
+            self.wait_for_external().await?;
         } else if uapi::get(&self.dev).await.is_err() {
             let log = self.data_dir.join(format!("wireguard-go-{}.log", self.dev));
             let err = |source| TunnelError::Spawn {
@@ -569,6 +586,22 @@ impl Tunnel {
         crate::dataplane::netlink::set_link_up(&self.dev, mtu).await?;
         if let Some(ip) = address {
             crate::dataplane::netlink::ensure_host_address(&self.dev, ip).await?;
+        }
+        Ok(())
+    }
+
+    /// Waits (at most 5 s) until the wireguard-go someone else runs for
+    /// this device answers on its UAPI socket; never starts one.
+    async fn wait_for_external(&self) -> Result<(), TunnelError> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while uapi::get(&self.dev).await.is_err() {
+            if tokio::time::Instant::now() > deadline {
+                return Err(TunnelError::NoExternalWireguardGo {
+                    dev: self.dev.clone(),
+                    path: uapi::socket_path(&self.dev),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
         Ok(())
     }

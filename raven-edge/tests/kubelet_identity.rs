@@ -1,0 +1,244 @@
+//! Node identity without hand-made secrets: the agent presents the
+//! kubelet's own client certificate — one PEM file holding certificate and
+//! key, CN `system:node:<node>`, replaced by the kubelet when it rotates
+//! (a new file, the `kubelet-client-current.pem` symlink moved to it) — and
+//! the hub checks it against the cluster's CA (`--client-ca`). Real `raven-hub`
+//! and `raven-edge` processes, real mTLS over sockets, in a network
+//! namespace made for the test. Needs root and openssl; skipped otherwise
+//! unless `RAVEN_REQUIRE_TOOLS=1`.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::{Proc, agent_args, hub_args, must, sibling, spawn_in};
+
+const NODE: &str = "izbp15inok0kbfkg3in52sz";
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A cluster CA `name` (`name.crt`, `name.key`) in `dir`.
+fn cluster_ca(dir: &Path, name: &str) -> PathBuf {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN={name}"),
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.crt"),
+        ],
+    );
+    dir.join(format!("{name}.crt"))
+}
+
+/// What the kubelet writes when its client certificate is issued or
+/// rotated: `kubelet-client-<stamp>.pem` (certificate, then its EC key),
+/// mode 0600, and the `kubelet-client-current.pem` symlink moved onto it
+/// with a rename. Signed by CA `ca`; returns the symlink.
+fn kubelet_rotates(dir: &Path, ca: &str, stamp: &str) -> PathBuf {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-subj",
+            &format!("/O=system:nodes/CN=system:node:{NODE}"),
+            "-keyout",
+            "node.key",
+            "-out",
+            "node.csr",
+        ],
+    );
+    std::fs::write(
+        dir.join("node.ext"),
+        "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=clientAuth\n",
+    )
+    .expect("ext");
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "node.csr",
+            "-CA",
+            &format!("{ca}.crt"),
+            "-CAkey",
+            &format!("{ca}.key"),
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            "node.ext",
+            "-out",
+            "node.crt",
+        ],
+    );
+    openssl(dir, &["ec", "-in", "node.key", "-out", "node-ec.key"]);
+    let mut pem = std::fs::read(dir.join("node.crt")).expect("crt");
+    pem.extend(std::fs::read(dir.join("node-ec.key")).expect("key"));
+    let file = dir.join(format!("kubelet-client-{stamp}.pem"));
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&file)
+            .expect("pem");
+        f.write_all(&pem).expect("write");
+    }
+    let current = dir.join("kubelet-client-current.pem");
+    let tmp = dir.join(".kubelet-client-current.pem.tmp");
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(&file, &tmp).expect("symlink");
+    std::fs::rename(&tmp, &current).expect("rename");
+    current
+}
+
+struct Netns(String);
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// How many hub sessions the agent has opened so far (its log says
+/// "connected to hub" once the TLS handshake and the stream succeeded).
+fn sessions(log: &Path) -> usize {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .matches("connected to hub")
+        .count()
+}
+
+fn wait_sessions(log: &Path, at_least: usize, timeout: Duration) -> bool {
+    let t = Instant::now();
+    while t.elapsed() < timeout {
+        if sessions(log) >= at_least {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+#[test]
+fn the_agent_presents_the_kubelets_rotated_client_certificate_from_its_next_connection() {
+    if !support::root_with(&["openssl"]) {
+        return;
+    }
+    let ns = Netns(format!("rvk{}", std::process::id() % 100_000));
+    must(&["netns", "add", &ns.0]);
+    must(&["-n", &ns.0, "link", "set", "lo", "up"]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    // raven's own CA and the hub's serving certificate; no node bundle.
+    let st = Command::new(sibling("raven-hub"))
+        .args(["certs", "--out"])
+        .arg(d.join("certs"))
+        .stdout(Stdio::null())
+        .status()
+        .expect("certs");
+    assert!(st.success());
+    let pki = d.join("kubelet-pki");
+    std::fs::create_dir_all(&pki).expect("pki");
+    let old_ca = cluster_ca(&pki, "cluster-a");
+    let new_ca = cluster_ca(&pki, "cluster-b");
+    let current = kubelet_rotates(&pki, "cluster-a", "2026-12-01-00-00-00");
+
+    let manifests = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/examples/user-manual"
+    );
+    let hub_trusting = |ca: &Path, log: &str| -> Proc {
+        let mut args = hub_args(manifests, d, "127.0.0.1:10270");
+        args.extend(["--client-ca".to_owned(), ca.display().to_string()]);
+        spawn_in(&ns.0, &sibling("raven-hub"), &args, &d.join(log))
+    };
+    let hub = hub_trusting(&old_ca, "hub-1.log");
+    let agent_log = d.join("edge.log");
+    let hub_ca = d.join("certs/ca.pem").display().to_string();
+    let args = agent_args(
+        NODE,
+        &d.join("edge-data"),
+        d,
+        "https://127.0.0.1:10270",
+        "localhost",
+        &[
+            "--client-cert",
+            current.to_str().unwrap_or_default(),
+            "--hub-ca",
+            &hub_ca,
+            "--dry-run",
+        ],
+    );
+    let _agent = spawn_in(
+        &ns.0,
+        Path::new(env!("CARGO_BIN_EXE_raven-edge")),
+        &args,
+        &agent_log,
+    );
+    let log = || std::fs::read_to_string(&agent_log).unwrap_or_default();
+    assert!(
+        wait_sessions(&agent_log, 1, Duration::from_secs(20)),
+        "the hub did not take the kubelet's certificate (cluster CA via --client-ca):\n{}",
+        log()
+    );
+
+    // The cluster's CA changes under the hub (restarted trusting only the
+    // new one): the old certificate is refused...
+    hub.stop(nix::sys::signal::Signal::SIGKILL);
+    let _hub = hub_trusting(&new_ca, "hub-2.log");
+    let before = sessions(&agent_log);
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(
+        sessions(&agent_log),
+        before,
+        "a certificate of the old CA was accepted:\n{}",
+        log()
+    );
+    // ...and once the kubelet has rotated its certificate (same path, new
+    // file behind it), the running agent's next connection presents it.
+    let t = Instant::now();
+    kubelet_rotates(&pki, "cluster-b", "2026-12-01-06-00-00");
+    assert!(
+        wait_sessions(&agent_log, before + 1, Duration::from_secs(20)),
+        "the agent kept presenting the old certificate after the rotation:\n{}",
+        log()
+    );
+    eprintln!(
+        "rotated kubelet certificate in use {:?} after the rotation (the agent redials every ≤ 2 s)",
+        t.elapsed()
+    );
+}
