@@ -168,12 +168,17 @@ pub fn node_view() -> impl Strategy<Value = NodeView> {
 }
 
 pub fn settings() -> impl Strategy<Value = Settings> {
-    (any::<[bool; 3]>(), any::<u16>()).prop_map(
-        |([raven_cfg_present, enable_l3_tunnel, enable_l7_proxy], vxlan_port)| Settings {
+    (any::<[bool; 4]>(), any::<u16>()).prop_map(
+        |([raven_cfg_present, enable_l3_tunnel, enable_l7_proxy, ipsec], vxlan_port)| Settings {
             raven_cfg_present,
             enable_l3_tunnel,
             enable_l7_proxy,
             vxlan_port,
+            vpn_driver: if ipsec {
+                raven_model::topology::VpnDriver::Ipsec
+            } else {
+                raven_model::topology::VpnDriver::Wireguard
+            },
         },
     )
 }
@@ -187,9 +192,18 @@ pub fn peer_info() -> impl Strategy<Value = PeerInfo> {
         option::of(any::<u16>()),
         option::of(socket_addr()),
         option::of((wireguard_key(), option::of(socket_addr()))),
+        option::of(wireguard_key()),
     )
         .prop_map(
-            |(node, gateway, wireguard_public_key, tunnel_port, observed_endpoint, direct)| {
+            |(
+                node,
+                gateway,
+                wireguard_public_key,
+                tunnel_port,
+                observed_endpoint,
+                direct,
+                ipsec_public_key,
+            )| {
                 PeerInfo {
                     node,
                     gateway,
@@ -202,6 +216,7 @@ pub fn peer_info() -> impl Strategy<Value = PeerInfo> {
                             observed_endpoint,
                         }
                     }),
+                    ipsec_public_key,
                 }
             },
         )
@@ -242,6 +257,7 @@ pub fn agent_report() -> impl Strategy<Value = AgentReport> {
         option::of(wireguard_key()),
         btree_map(node_name(), socket_addr(), 0..3),
         proptest::collection::btree_set(node_name(), 0..3),
+        option::of(wireguard_key()),
     )
         .prop_map(
             |(
@@ -253,6 +269,7 @@ pub fn agent_report() -> impl Strategy<Value = AgentReport> {
                 direct_public_key,
                 observed_direct_peers,
                 dead_candidates,
+                ipsec_public_key,
             ): (
                 _,
                 _,
@@ -261,6 +278,7 @@ pub fn agent_report() -> impl Strategy<Value = AgentReport> {
                 BTreeMap<_, _>,
                 _,
                 BTreeMap<_, _>,
+                _,
                 _,
             )| {
                 AgentReport {
@@ -272,6 +290,7 @@ pub fn agent_report() -> impl Strategy<Value = AgentReport> {
                     direct_public_key,
                     observed_direct_peers,
                     dead_candidates,
+                    ipsec_public_key,
                 }
             },
         )

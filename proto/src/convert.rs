@@ -18,7 +18,7 @@ use raven_model::names::{GatewayName, NodeName};
 use raven_model::problem::{Problem, Severity};
 use raven_model::topology::{
     ContentVersion, DirectDevice, EndpointType, ExposeType, GatewayEndpoint, GatewayView, Member,
-    NodeView, PeerInfo, Resource, ResourceBody, ResourceName, Settings, Topology,
+    NodeView, PeerInfo, Resource, ResourceBody, ResourceName, Settings, Topology, VpnDriver,
 };
 
 use crate::v1;
@@ -197,6 +197,11 @@ fn body_to_proto(body: &ResourceBody) -> v1::resource::Body {
             enable_l3_tunnel: s.enable_l3_tunnel,
             enable_l7_proxy: s.enable_l7_proxy,
             vxlan_port: s.vxlan_port.into(),
+            vpn_driver: match s.vpn_driver {
+                VpnDriver::Wireguard => v1::VpnDriver::Wireguard,
+                VpnDriver::Ipsec => v1::VpnDriver::Ipsec,
+            }
+            .into(),
         }),
         ResourceBody::Gateway(g) => Body::Gateway(v1::GatewayView {
             name: g.name.to_string(),
@@ -229,6 +234,7 @@ fn body_to_proto(body: &ResourceBody) -> v1::resource::Body {
                 public_key: d.public_key.clone(),
                 observed_endpoint: d.observed_endpoint.as_ref().map(ToString::to_string),
             }),
+            ipsec_public_key: p.ipsec_public_key.clone(),
         }),
     }
 }
@@ -241,6 +247,17 @@ fn body_from_proto(cx: &Cx, body: &v1::resource::Body) -> Result<ResourceBody, C
             enable_l3_tunnel: s.enable_l3_tunnel,
             enable_l7_proxy: s.enable_l7_proxy,
             vxlan_port: cx.port("vxlan_port", s.vxlan_port)?,
+            vpn_driver: match v1::VpnDriver::try_from(s.vpn_driver) {
+                Ok(v1::VpnDriver::Unspecified | v1::VpnDriver::Wireguard) => VpnDriver::Wireguard,
+                Ok(v1::VpnDriver::Ipsec) => VpnDriver::Ipsec,
+                Err(_) => {
+                    return Err(cx.invalid(
+                        "vpn_driver",
+                        s.vpn_driver.to_string(),
+                        "is not a known VPN driver",
+                    ));
+                }
+            },
         }),
         Body::Gateway(g) => ResourceBody::Gateway(GatewayView {
             name: cx.gateway_name("name", &g.name)?,
@@ -321,8 +338,27 @@ fn body_from_proto(cx: &Cx, body: &v1::resource::Body) -> Result<ResourceBody, C
                     })
                 })
                 .transpose()?,
+            ipsec_public_key: p
+                .ipsec_public_key
+                .as_deref()
+                .map(|k| ipsec_key(cx, "ipsec_public_key", k))
+                .transpose()?,
         }),
     })
+}
+
+/// An IPsec raw Ed25519 public key as it travels: the canonical base64 of
+/// its 32 bytes (the same shape as a WireGuard key).
+fn ipsec_key(cx: &Cx, field: &str, key: &str) -> Result<String, ConversionError> {
+    if is_wireguard_key(key) {
+        Ok(key.to_owned())
+    } else {
+        Err(cx.invalid(
+            field,
+            key,
+            "is not an Ed25519 public key (44 characters of base64)",
+        ))
+    }
 }
 
 fn member_to_proto(m: &Member) -> v1::Member {
@@ -618,6 +654,7 @@ pub fn report_to_proto(r: &AgentReport) -> v1::Report {
             .collect(),
         direct_public_key: r.direct_public_key.clone(),
         dead_candidates: r.dead_candidates.iter().map(ToString::to_string).collect(),
+        ipsec_public_key: r.ipsec_public_key.clone(),
     }
 }
 
@@ -645,6 +682,9 @@ pub fn report_from_proto(r: &v1::Report) -> Result<AgentReport, ConversionError>
                 "is not a WireGuard public key (44 characters of base64)",
             ));
         }
+    }
+    if let Some(key) = &r.ipsec_public_key {
+        ipsec_key(&cx, "ipsec_public_key", key)?;
     }
     for (i, e) in r.local_endpoints.iter().enumerate() {
         cx.socket(&format!("local_endpoints[{i}]"), e)?;
@@ -719,6 +759,7 @@ pub fn report_from_proto(r: &v1::Report) -> Result<AgentReport, ConversionError>
         direct_public_key: r.direct_public_key.clone(),
         observed_direct_peers,
         dead_candidates,
+        ipsec_public_key: r.ipsec_public_key.clone(),
     })
 }
 

@@ -24,6 +24,7 @@ fn peer(node: &str) -> (ResourceName, Resource) {
         tunnel_port: Some(4500),
         observed_endpoint: Some("192.0.2.7:4500".parse().expect("socket address")),
         direct: None,
+        ipsec_public_key: None,
     });
     (ResourceName::peer(&node), Resource::new(body))
 }

@@ -17,6 +17,8 @@ fn cluster(gateways: usize, nodes_per_gateway: usize) -> Inputs {
             present: true,
             enable_l3_tunnel: true,
             enable_l7_proxy: true,
+            vpn_driver: raven_model::topology::VpnDriver::Wireguard,
+            vpn_driver_invalid: false,
         },
         ..Default::default()
     };

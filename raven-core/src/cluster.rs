@@ -101,6 +101,11 @@ pub struct RavenConfig {
     pub present: bool,
     pub enable_l3_tunnel: bool,
     pub enable_l7_proxy: bool,
+    /// `vpn-driver`: WireGuard unless it says `ipsec`.
+    pub vpn_driver: raven_model::topology::VpnDriver,
+    /// `vpn-driver` is set to something that is not a VPN driver (then
+    /// WireGuard is used, and the compiler reports it).
+    pub vpn_driver_invalid: bool,
 }
 
 impl RavenConfig {
@@ -112,10 +117,18 @@ impl RavenConfig {
                 .and_then(|d| d.get(key))
                 .is_some_and(|v| v.eq_ignore_ascii_case("true"))
         };
+        let driver = cm
+            .data
+            .as_ref()
+            .and_then(|d| d.get(api::KEY_VPN_DRIVER))
+            .filter(|v| !v.trim().is_empty());
+        let parsed = driver.map(|v| raven_model::topology::VpnDriver::parse(v));
         Self {
             present: true,
             enable_l3_tunnel: on(api::KEY_ENABLE_L3_TUNNEL),
             enable_l7_proxy: on(api::KEY_ENABLE_L7_PROXY),
+            vpn_driver: parsed.flatten().unwrap_or_default(),
+            vpn_driver_invalid: matches!(parsed, Some(None)),
         }
     }
 
@@ -158,4 +171,48 @@ pub struct Inputs {
     /// newcomer claiming an overlapping one, whatever their names; without
     /// history (a fresh start) the first gateway by name keeps it.
     pub held_subnets: BTreeMap<IpNet, GatewayName>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use raven_model::topology::VpnDriver;
+
+    fn config(data: &[(&str, &str)]) -> RavenConfig {
+        let cm = ConfigMap {
+            data: Some(
+                data.iter()
+                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                    .collect(),
+            ),
+            ..Default::default()
+        };
+        RavenConfig::from_configmap(&cm)
+    }
+
+    #[test]
+    fn vpn_driver_defaults_to_wireguard_and_selects_ipsec() {
+        assert_eq!(config(&[]).vpn_driver, VpnDriver::Wireguard);
+        assert_eq!(
+            config(&[("vpn-driver", "ipsec")]).vpn_driver,
+            VpnDriver::Ipsec
+        );
+        // Raven's own name for its IPsec driver.
+        assert_eq!(
+            config(&[("vpn-driver", "Libreswan")]).vpn_driver,
+            VpnDriver::Ipsec
+        );
+        assert_eq!(
+            config(&[("vpn-driver", "wireguard")]).vpn_driver,
+            VpnDriver::Wireguard
+        );
+        assert!(!config(&[("vpn-driver", "")]).vpn_driver_invalid);
+    }
+
+    #[test]
+    fn unknown_vpn_driver_falls_back_to_wireguard_and_is_flagged() {
+        let c = config(&[("vpn-driver", "openvpn")]);
+        assert_eq!(c.vpn_driver, VpnDriver::Wireguard);
+        assert!(c.vpn_driver_invalid);
+    }
 }

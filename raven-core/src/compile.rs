@@ -83,6 +83,14 @@ pub fn compile(inputs: &Inputs) -> Compiled {
             "not found: like Raven, no tunnel or proxy endpoint is elected until it exists",
         ));
     }
+    if config.vpn_driver_invalid {
+        problems.push(Problem::warning(
+            format!("ConfigMap/{}/{}", api::CONFIG_NAMESPACE, api::CONFIG_NAME),
+            format!("data.{}", api::KEY_VPN_DRIVER),
+            "",
+            "is not a VPN driver (wireguard or ipsec); WireGuard is used",
+        ));
+    }
 
     // Admit gateways.
     let mut admitted: BTreeMap<GatewayName, v1beta1::Gateway> = BTreeMap::new();
@@ -170,6 +178,7 @@ pub fn compile(inputs: &Inputs) -> Compiled {
             enable_l3_tunnel: config.enable_l3_tunnel,
             enable_l7_proxy: config.enable_l7_proxy,
             vxlan_port: VXLAN_PORT,
+            vpn_driver: config.vpn_driver,
         })),
     );
     for node in inputs.nodes.values() {
@@ -182,7 +191,10 @@ pub fn compile(inputs: &Inputs) -> Compiled {
     for view in views.values() {
         for cand in &view.tunnel_candidates {
             let report = inputs.reports.get(&cand.node).cloned().unwrap_or_default();
-            if report.wireguard_public_key.is_none() && report.observed_endpoint.is_none() {
+            if report.wireguard_public_key.is_none()
+                && report.ipsec_public_key.is_none()
+                && report.observed_endpoint.is_none()
+            {
                 continue;
             }
             // A direct-path device is of use between NATed gateways only.
@@ -204,6 +216,7 @@ pub fn compile(inputs: &Inputs) -> Compiled {
                     observed_endpoint(view, &cand.node, &views, inputs, |r| &r.observed_peers)
                 }),
                 direct,
+                ipsec_public_key: report.ipsec_public_key,
             };
             resources.insert(
                 ResourceName::peer(&cand.node),

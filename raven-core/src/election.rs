@@ -160,6 +160,8 @@ mod tests {
         present: true,
         enable_l3_tunnel: true,
         enable_l7_proxy: true,
+        vpn_driver: raven_model::topology::VpnDriver::Wireguard,
+        vpn_driver_invalid: false,
     };
 
     fn names(eps: &[Endpoint]) -> Vec<(String, String)> {

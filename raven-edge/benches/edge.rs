@@ -223,6 +223,7 @@ fn settings() -> Settings {
         enable_l3_tunnel: true,
         enable_l7_proxy: false,
         vxlan_port: 4472,
+        vpn_driver: Default::default(),
     }
 }
 

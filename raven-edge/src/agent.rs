@@ -43,6 +43,8 @@ pub struct AgentConfig {
     pub tunnel_dev: String,
     /// Which WireGuard to run (`--wireguard`).
     pub wireguard: crate::tunnel::backend::WgMode,
+    /// IPsec instead of WireGuard (`--vpn`, `--ipsec-vici`).
+    pub ipsec: crate::ipsec::agent::IpsecArgs,
     /// Who runs wireguard-go (`--wireguard-go`).
     pub wireguard_go: crate::tunnel::backend::WireguardGo,
     /// Local failover: period of the probes of the gateway candidates.
@@ -100,6 +102,8 @@ pub enum AgentError {
     Join(#[from] tokio::task::JoinError),
     #[error(transparent)]
     Tunnel(#[from] crate::tunnel::TunnelError),
+    #[error(transparent)]
+    Ipsec(#[from] crate::ipsec::agent::IpsecError),
 }
 
 /// Why one reconcile did not do all it should.
@@ -116,6 +120,9 @@ pub enum ReconcileError {
     /// [`dataplane::ReconcileReport::failures`]).
     #[error("{0}")]
     Incomplete(String),
+    /// charon refused or could not be reached over VICI.
+    #[error("ipsec: {0}")]
+    Ipsec(String),
 }
 
 impl ReconcileError {
@@ -247,9 +254,11 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
     let tunnel = crate::tunnel::Tunnel::new(cfg.tunnel_dev.clone(), &cfg.data_dir, backend)?
         .with_wireguard_go(cfg.wireguard_go);
     let direct = tunnel.direct()?;
+    let ipsec = crate::ipsec::agent::IpsecAgent::start(&cfg.ipsec, &cfg.data_dir)?;
     let (report_tx, report_rx) = watch::channel(v1::Report {
         wireguard_public_key: Some(tunnel.keys.public_base64()),
         direct_public_key: Some(direct.keys.public_base64()),
+        ipsec_public_key: ipsec.as_ref().map(|i| i.public_base64().to_owned()),
         ..Default::default()
     });
 
@@ -258,6 +267,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         dp,
         tunnel,
         direct,
+        ipsec,
         node: cfg.node.clone(),
         health: health.clone(),
         report: report_tx,
@@ -434,6 +444,9 @@ pub struct Reconciler {
     pub tunnel: crate::tunnel::Tunnel,
     /// The direct-path device (NATed gateways only run it).
     pub direct: crate::tunnel::Tunnel,
+    /// IPsec, when `--vpn` allows it; it replaces WireGuard between
+    /// gateways while selected (see [`crate::ipsec::agent`]).
+    pub ipsec: Option<crate::ipsec::agent::IpsecAgent>,
     pub node: NodeName,
     pub health: Health,
     pub report: watch::Sender<v1::Report>,
@@ -581,7 +594,12 @@ impl Reconciler {
                 std::net::IpAddr::V4(v4) => Some(v4),
                 std::net::IpAddr::V6(_) => None,
             });
-        if let Some(spec) = crate::tunnel::spec(&inputs, peers).filter(|_| self.dp.writes()) {
+        let ipsec = self
+            .ipsec
+            .as_ref()
+            .filter(|i| i.selected(inputs.settings.as_ref()));
+        let wireguard = self.dp.writes() && ipsec.is_none();
+        if let Some(spec) = crate::tunnel::spec(&inputs, peers).filter(|_| wireguard) {
             match apply_tunnel(&self.tunnel, &spec, mtu, address).await {
                 Ok(()) => {
                     inputs.tunnel_up = true;
@@ -603,8 +621,7 @@ impl Reconciler {
         // The direct-path device of a NATed gateway: up before routes move
         // into it; which gateways it carries follows its live peers.
         let mut direct_rows = Vec::new();
-        if let Some(spec) = crate::tunnel::direct_spec(&inputs, peers).filter(|_| self.dp.writes())
-        {
+        if let Some(spec) = crate::tunnel::direct_spec(&inputs, peers).filter(|_| wireguard) {
             match apply_tunnel(&self.direct, &spec, mtu, address).await {
                 Ok(()) => {
                     inputs.direct.up = true;
@@ -614,6 +631,20 @@ impl Reconciler {
                     }
                 }
                 Err(e) => errors.push(ReconcileError::from(e)),
+            }
+        }
+        // IPsec between gateways: charon carries the remote prefixes (its
+        // routes, table 220); raven routes nothing into a WireGuard device.
+        if let Some(ipsec) = ipsec
+            && inputs.me.as_ref().is_some_and(|m| m.tunnel_candidate)
+        {
+            match ipsec.reconcile(&inputs, peers, self.dp.writes()).await {
+                Ok(pass) => {
+                    tunnels = pass.tunnels;
+                    errors.extend(pass.errors.into_iter().map(ReconcileError::Ipsec));
+                    rows = Some(pass.rows);
+                }
+                Err(e) => errors.push(ReconcileError::Ipsec(e.to_string())),
             }
         }
         if let Some(rows) = rows {

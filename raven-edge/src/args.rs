@@ -152,7 +152,9 @@ pub enum Command {
         #[arg(long, env = "RAVEN_WIREGUARD_GO", default_value = "spawn")]
         wireguard_go: crate::tunnel::backend::WireguardGo,
         #[command(flatten)]
-        failover: FailoverArgs,
+        ipsec: Box<crate::ipsec::agent::IpsecArgs>,
+        #[command(flatten)]
+        failover: Box<FailoverArgs>,
         #[command(flatten)]
         reconnect: Box<ReconnectArgs>,
         #[command(flatten)]
@@ -286,6 +288,7 @@ impl Args {
                 dry_run,
                 tunnel_dev,
                 wireguard,
+                ipsec,
                 wireguard_go,
                 failover,
                 reconnect,
@@ -340,6 +343,7 @@ impl Args {
                     http_addr,
                     tunnel_dev,
                     wireguard,
+                    ipsec: *ipsec,
                     wireguard_go,
                     probe_interval: failover.probe_interval,
                     probe_failures: failover.probe_failures,

@@ -343,6 +343,7 @@ mod tests {
             enable_l3_tunnel: true,
             enable_l7_proxy: false,
             vxlan_port: port,
+            vpn_driver: Default::default(),
         });
         (ResourceName::settings(), Resource::new(body))
     }

@@ -853,6 +853,7 @@ mod tests {
                 public_key: key(b + 100).to_base64(),
                 observed_endpoint: None,
             }),
+            ipsec_public_key: None,
         };
         let peers = vec![info("b1", 1), info("b2", 2)];
         let device = |b2_rx: u64| DeviceState {

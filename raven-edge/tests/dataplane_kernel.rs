@@ -267,6 +267,7 @@ fn inputs(me: &str, my_ip: &str) -> NodeInputs {
             enable_l3_tunnel: true,
             enable_l7_proxy: false,
             vxlan_port: 4472,
+            vpn_driver: Default::default(),
         }),
         active_override: BTreeMap::new(),
         underlay_mtu: 0,

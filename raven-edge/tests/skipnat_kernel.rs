@@ -269,6 +269,7 @@ fn inputs() -> NodeInputs {
             enable_l3_tunnel: true,
             enable_l7_proxy: false,
             vxlan_port: 4472,
+            vpn_driver: Default::default(),
         }),
         active_override: BTreeMap::new(),
         underlay_mtu: 1500,

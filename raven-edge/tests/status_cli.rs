@@ -57,6 +57,7 @@ fn health_with_peers() -> Health {
             endpoint: "203.0.113.10:4500".into(),
             relayed: false,
             direct_device: false,
+            ..Default::default()
         });
         p.push(PeerTunnelState {
             peer_node: "izm5eb24dmjfimuaybpnqzz".into(),
@@ -66,6 +67,7 @@ fn health_with_peers() -> Health {
             endpoint: "203.0.113.10:4500".into(),
             relayed: true,
             direct_device: false,
+            ..Default::default()
         });
     }
     h

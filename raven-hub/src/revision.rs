@@ -146,6 +146,7 @@ mod tests {
             enable_l3_tunnel: true,
             enable_l7_proxy: true,
             vxlan_port: port,
+            vpn_driver: Default::default(),
         });
         t.resources
             .insert(ResourceName::settings(), Resource::new(body));

@@ -46,4 +46,8 @@ pub struct AgentReport {
     /// candidates of the reporter's own gateway.
     #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
     pub dead_candidates: BTreeSet<NodeName>,
+    /// The node's IPsec (IKEv2) raw Ed25519 public key, base64 of its 32
+    /// bytes; unset when it runs no IPsec.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipsec_public_key: Option<String>,
 }

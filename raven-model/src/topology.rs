@@ -220,6 +220,46 @@ pub struct Settings {
     pub enable_l3_tunnel: bool,
     pub enable_l7_proxy: bool,
     pub vxlan_port: u16,
+    /// The VPN between gateways (`raven-cfg` key `vpn-driver`). Left out
+    /// of the JSON when WireGuard, so versions of existing settings stay.
+    #[serde(default, skip_serializing_if = "VpnDriver::is_wireguard")]
+    pub vpn_driver: VpnDriver,
+}
+
+/// The VPN between gateways, chosen cluster-wide in `raven-cfg`
+/// (`vpn-driver`) and overridable per agent (`raven-edge run --vpn`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VpnDriver {
+    /// WireGuard (the default).
+    #[default]
+    Wireguard,
+    /// IPsec: IKEv2 with strongSwan's charon.
+    Ipsec,
+}
+
+impl VpnDriver {
+    pub fn is_wireguard(&self) -> bool {
+        *self == Self::Wireguard
+    }
+    /// Parses a `vpn-driver` value: `wireguard`, or `ipsec` (also Raven's
+    /// `libreswan`), any case; `None` for anything else.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "wireguard" => Some(Self::Wireguard),
+            "ipsec" | "libreswan" | "strongswan" => Some(Self::Ipsec),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for VpnDriver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Wireguard => "wireguard",
+            Self::Ipsec => "ipsec",
+        })
+    }
 }
 
 /// What a tunnel endpoint node has reported about itself.
@@ -239,6 +279,9 @@ pub struct PeerInfo {
     /// Its direct-path device, when it runs one (a NATed gateway).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub direct: Option<DirectDevice>,
+    /// IPsec (IKEv2) raw Ed25519 public key, base64 of its 32 bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipsec_public_key: Option<String>,
 }
 
 /// The second WireGuard device of a NATed gateway, which carries only direct

@@ -129,6 +129,7 @@ fn view(me: &str, tunnel_port: u16, target_port: u16) -> ProxyView {
             enable_l3_tunnel: true,
             enable_l7_proxy: true,
             vxlan_port: 4472,
+            vpn_driver: Default::default(),
         }),
     }
 }

@@ -408,6 +408,7 @@ mod tests {
                 enable_l3_tunnel: true,
                 enable_l7_proxy: true,
                 vxlan_port: 4472,
+                vpn_driver: Default::default(),
             }),
         }
     }

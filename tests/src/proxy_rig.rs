@@ -189,6 +189,7 @@ impl Rig {
                 enable_l3_tunnel: true,
                 enable_l7_proxy: true,
                 vxlan_port: 4472,
+                vpn_driver: Default::default(),
             }),
         }
     }

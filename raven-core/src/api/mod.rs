@@ -28,6 +28,9 @@ pub const CONFIG_NAME: &str = "raven-cfg";
 pub const KEY_ENABLE_L3_TUNNEL: &str = "enable-l3-tunnel";
 /// `raven-cfg` key switching the layer-7 proxy on.
 pub const KEY_ENABLE_L7_PROXY: &str = "enable-l7-proxy";
+/// `raven-cfg` key choosing the VPN between gateways: `wireguard` (the
+/// default) or `ipsec`.
+pub const KEY_VPN_DRIVER: &str = "vpn-driver";
 
 /// The `gateways.raven.openyurt.io` CRD with both served versions,
 /// `v1beta1` being the storage version, as OpenYurt ships it.

@@ -685,6 +685,7 @@ pub fn peer_states(
             endpoint: s.endpoint.map(|e| e.to_string()).unwrap_or_default(),
             relayed: false,
             direct_device: p.path == PeerPath::Observe,
+            ..Default::default()
         };
         for node in &p.relays_for {
             out.push(raven_proto::v1::PeerTunnelState {
@@ -762,6 +763,7 @@ mod tests {
             tunnel_port: Some(4500),
             observed_endpoint: None,
             direct: None,
+            ipsec_public_key: None,
         }
     }
 
