@@ -309,7 +309,8 @@ impl Args {
                     client_key,
                     hub_ca,
                 } = *identity;
-                let tls = ClientTls::in_dir(&certs, &node).with_files(client_cert, client_key, hub_ca);
+                let tls =
+                    ClientTls::in_dir(&certs, &node).with_files(client_cert, client_key, hub_ca);
                 // The proxy tunnel speaks as the node, with the Sync stream's
                 // certificates.
                 let proxy = (!proxy.no_proxy).then(|| raven_proxy::ProxyConfig {

@@ -549,13 +549,12 @@ impl Session {
         let mut removed = Vec::new();
         for name in &delta.names {
             match current.topology.resources.get(name) {
-                Some(r) if view::in_view(&current.topology, &self.node, name) => {
-                    if self.held.get(name) != Some(&r.version)
-                        && !self.nacked.contains(&(name.clone(), r.version.clone()))
-                    {
-                        changed.push((name.clone(), r.version.clone()));
-                    }
-                }
+                // In view: sent unless held at this version or refused.
+                Some(r) if view::in_view(&current.topology, &self.node, name) => changed.extend(
+                    (self.held.get(name) != Some(&r.version)
+                        && !self.nacked.contains(&(name.clone(), r.version.clone())))
+                    .then(|| (name.clone(), r.version.clone())),
+                ),
                 _ if self.held.contains_key(name) => removed.push(name.clone()),
                 _ => {}
             }
