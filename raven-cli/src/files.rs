@@ -212,6 +212,20 @@ pub fn ensure_private_dir(dir: &Path) -> Result<Found, FileError> {
     }
 }
 
+/// Writes a private key's `contents` to `dir`/`name`: the directory made
+/// if missing (0700: a data directory raven creates is its own), the file
+/// written atomically with mode 0600.
+pub fn write_private_key(dir: &Path, name: &str, contents: &[u8]) -> Result<(), FileError> {
+    std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), PRIVATE_DIR)
+        .create(dir)
+        .map_err(|source| FileError::Io {
+            path: dir.to_owned(),
+            op: "creating",
+            source,
+        })?;
+    write_atomic(&dir.join(name), contents, PRIVATE_FILE)
+}
+
 /// Writes `contents` to `path` with exactly `mode`, atomically and durably:
 /// a fresh `<name>.tmp` (a stale one, whatever its mode or owner, is
 /// removed first, never reused) is created with `O_EXCL` and `mode`, set to

@@ -120,21 +120,7 @@ impl IdentityKey {
     /// Writes the seed to `dir`/`name` (0600, atomically), replacing any
     /// key there: key rotation is generating a new key and writing it.
     pub fn write(&self, dir: &Path, name: &str) -> Result<(), KeyError> {
-        let path = dir.join(name);
-        std::os::unix::fs::DirBuilderExt::mode(
-            std::fs::DirBuilder::new().recursive(true),
-            raven_cli::files::PRIVATE_DIR,
-        )
-        .create(dir)
-        .map_err(|source| KeyError::Write {
-            path: path.clone(),
-            source,
-        })?;
-        raven_cli::files::write_atomic(
-            &path,
-            STANDARD.encode(self.seed).as_bytes(),
-            raven_cli::files::PRIVATE_FILE,
-        )?;
+        raven_cli::files::write_private_key(dir, name, STANDARD.encode(self.seed).as_bytes())?;
         Ok(())
     }
 

@@ -154,20 +154,10 @@ impl KeyPair {
                 if source.kind() == std::io::ErrorKind::NotFound =>
             {
                 let pair = Self::from_private(rand::random());
-                // A data directory raven creates is its own: 0700.
-                std::os::unix::fs::DirBuilderExt::mode(
-                    std::fs::DirBuilder::new().recursive(true),
-                    raven_cli::files::PRIVATE_DIR,
-                )
-                .create(dir)
-                .map_err(|source| KeyError::Write {
-                    path: path.clone(),
-                    source,
-                })?;
-                raven_cli::files::write_atomic(
-                    &path,
+                raven_cli::files::write_private_key(
+                    dir,
+                    name,
                     STANDARD.encode(pair.private).as_bytes(),
-                    raven_cli::files::PRIVATE_FILE,
                 )?;
                 Ok((pair, Found::Created))
             }
