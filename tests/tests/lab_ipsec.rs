@@ -1,0 +1,403 @@
+//! The user-manual lab (see `raven_tests::lab`) with IPsec between the
+//! gateways: `raven-cfg` says `vpn-driver: ipsec`, every node runs a charon
+//! of its own (strongSwan, kernel-libipsec: userspace ESP in UDP, as these
+//! kernels have no ESP) beside its agent, and the agents (default `--vpn
+//! auto`) follow raven-cfg. Real hub, real agents, NAT routers with
+//! stateful firewalls; the NATed domains reach each other through the
+//! cloud gateway (their relay). Each scenario prints what it measured.
+//!
+//! Needs root, charon, swanctl, nft, grpcurl and curl; skipped otherwise unless
+//! `RAVEN_REQUIRE_TOOLS=1`. Labs run one at a time.
+
+use std::collections::BTreeSet;
+use std::process::Command;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use raven_tests::lab::{CHARON, Lab, NODES};
+
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn ready() -> bool {
+    let root = raven_tests::lab::is_root();
+    let tools = ["nft", "grpcurl", "swanctl", "curl"].iter().all(|t| {
+        Command::new("sh")
+            .args(["-c", &format!("command -v {t}")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    }) && std::path::Path::new(CHARON).exists();
+    if !(root && tools) {
+        assert!(
+            std::env::var_os("RAVEN_REQUIRE_TOOLS").is_none(),
+            "IPsec lab tests need root, {CHARON}, swanctl, nft and grpcurl (RAVEN_REQUIRE_TOOLS is set)"
+        );
+        eprintln!("skipped: IPsec lab tests need root, {CHARON}, swanctl, nft and grpcurl");
+    }
+    root && tools
+}
+
+/// A lab over IPsec, changed by `prepare` before anything runs, up and
+/// converged.
+fn up_with(tag: &str, prepare: impl FnOnce(&mut Lab)) -> (std::sync::MutexGuard<'static, ()>, Lab) {
+    let guard = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let dir = std::env::temp_dir().join(format!("raven-lab-ipsec-{tag}-{}", std::process::id()));
+    let prefix = format!("ri{tag}{}-", std::process::id() % 10_000);
+    let mut lab = Lab::build(&prefix, &dir).expect("lab builds");
+    lab.use_ipsec().expect("IPsec");
+    prepare(&mut lab);
+    lab.start_hub().expect("hub");
+    lab.start_agents().expect("agents");
+    converge(&lab, "first sync over IPsec");
+    (guard, lab)
+}
+
+fn converge(lab: &Lab, what: &str) -> Duration {
+    match lab.converge(Duration::from_secs(90)) {
+        Ok(t) => {
+            eprintln!("{what}: full matrix after {t:?}");
+            t
+        }
+        Err(m) => panic!(
+            "{what}: no full matrix after 90 s\n{}\n{}",
+            Lab::render(&m),
+            lab.logs()
+        ),
+    }
+}
+
+fn name_of(short: &str) -> &'static str {
+    NODES
+        .iter()
+        .find(|n| n.short == short)
+        .map(|n| n.name)
+        .unwrap_or_else(|| panic!("no lab node {short}"))
+}
+
+fn agents(lab: &Lab) -> serde_json::Value {
+    serde_json::from_str(
+        &lab.grpcurl("raven.v1.InspectService/ListAgents")
+            .unwrap_or_default(),
+    )
+    .unwrap_or_default()
+}
+
+fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) -> Duration {
+    let t = Instant::now();
+    while !done() {
+        assert!(t.elapsed() < timeout, "{what}: not within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    t.elapsed()
+}
+
+/// The SAs of a node's charon as `swanctl --list-sas` shows them: one
+/// entry per IKE_SA (`name #unique-id state`) and per CHILD_SA
+/// (`  name #unique-id state`), sorted.
+fn sas(lab: &Lab, short: &str) -> BTreeSet<String> {
+    let uri = format!("unix://{}", lab.charon_vici(short).display());
+    let out = Command::new("swanctl")
+        .args(["--list-sas", "--uri", &uri])
+        .output()
+        .expect("swanctl");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            // `raven-x: #3, ESTABLISHED, IKEv2, ...` and
+            // `  raven-x: #2, reqid 1, INSTALLED, TUNNEL-in-UDP, ...`
+            let (name, rest) = l.split_once(": #")?;
+            let mut fields = rest.split(", ");
+            let id = fields.next()?;
+            let state = if name.starts_with(' ') {
+                fields.nth(1)?
+            } else {
+                fields.next()?
+            };
+            Some(format!("{name} #{id} {state}"))
+        })
+        .collect()
+}
+
+/// Established IKE_SAs of a node's charon.
+fn ike_established(lab: &Lab, short: &str) -> Vec<String> {
+    sas(lab, short)
+        .into_iter()
+        .filter(|s| !s.starts_with(' ') && s.ends_with(" ESTABLISHED"))
+        .collect()
+}
+
+/// Waits until the gateways' charons hold exactly one established IKE_SA
+/// per gateway pair they carry (the cloud: one to each NATed domain; each
+/// NATed domain: one, to its relay) and nothing else.
+fn one_sa_per_pair(lab: &Lab, gateways: &[(&str, usize)]) -> Duration {
+    let t = Instant::now();
+    loop {
+        let counts: Vec<(String, Vec<String>)> = gateways
+            .iter()
+            .map(|(g, _)| (g.to_string(), ike_established(lab, g)))
+            .collect();
+        let ok = gateways
+            .iter()
+            .zip(&counts)
+            .all(|((_, want), (_, have))| have.len() == *want);
+        if ok {
+            return t.elapsed();
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "IKE_SAs per gateway {counts:?}, want {gateways:?}\n{}",
+            lab.logs()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// Gateways of the lab with the IKE_SAs each carries.
+const GATEWAY_SAS: [(&str, usize); 3] = [("c1", 2), ("h1", 1), ("q1", 1)];
+
+#[test]
+fn over_ipsec_every_node_and_pod_reaches_every_other_through_nat_and_the_relay_on_one_sa_per_gateway_pair()
+ {
+    if !ready() {
+        return;
+    }
+    let (_g, lab) = up_with("m", |_| {});
+    let t = one_sa_per_pair(&lab, &GATEWAY_SAS);
+    eprintln!("one IKE_SA per gateway pair {t:?} after the full matrix");
+    // One CHILD_SA per IKE_SA: every subnet is a selector of it.
+    for (g, n) in GATEWAY_SAS {
+        let children = sas(&lab, g)
+            .into_iter()
+            .filter(|s| s.starts_with(' ') && s.ends_with(" INSTALLED"))
+            .count();
+        assert_eq!(children, n, "{g}: {:?}", sas(&lab, g));
+    }
+    // The NATed side dialled: the cloud's SAs come from the routers'
+    // public addresses, on UDP 4500 through the NAT.
+    let report = lab.report(Duration::from_secs(10), Duration::ZERO);
+    eprintln!("{}", report.render());
+    assert!(report.ok(), "{}\n{}", report.verdict(), lab.logs());
+    let paths = &report.paths;
+    for (from, to, relayed) in [
+        ("c1", "h1", false),
+        ("c1", "q1", false),
+        ("h1", "c1", false),
+        ("h1", "q1", true),
+        ("q1", "h1", true),
+        ("q1", "c1", false),
+    ] {
+        assert!(
+            paths
+                .iter()
+                .any(|p| p.0 == from && p.1 == to && p.2 == relayed),
+            "{from} -> {to} relayed {relayed}: {paths:?}"
+        );
+    }
+    // Agents announce IPsec; the hub shows every gateway's SA state.
+    let a = agents(&lab);
+    let list = a["agents"].as_array().cloned().unwrap_or_default();
+    assert_eq!(list.len(), NODES.len(), "{a:#}");
+    for agent in &list {
+        assert!(
+            agent["capabilities"]
+                .as_array()
+                .is_some_and(|c| c.iter().any(|x| x == "CAPABILITY_IPSEC")),
+            "{agent:#}"
+        );
+    }
+    for g in ["c1", "h1", "q1"] {
+        let agent = list
+            .iter()
+            .find(|x| x["nodeName"] == name_of(g))
+            .unwrap_or_else(|| panic!("no agent {g}: {a:#}"));
+        let peers = agent["peers"].as_array().cloned().unwrap_or_default();
+        assert!(
+            !peers.is_empty()
+                && peers
+                    .iter()
+                    .all(|p| p["ipsecState"] == "ESTABLISHED/INSTALLED"),
+            "{g}: {agent:#}"
+        );
+    }
+    // No WireGuard anywhere, and the libipsec device carries the underlay's
+    // MTU minus the tunnel overhead (not libipsec's fixed 1400).
+    for n in NODES {
+        let links = lab
+            .sh(n.short, &["ip", "-o", "link", "show"])
+            .unwrap_or_default();
+        assert!(
+            !links.contains(&lab.tunnel_dev(n.short)),
+            "{}: {links}",
+            n.short
+        );
+    }
+    for g in ["c1", "h1", "q1"] {
+        let link = lab
+            .sh(g, &["ip", "-o", "link", "show", "ipsec0"])
+            .unwrap_or_default();
+        assert!(link.contains(" mtu 1420 "), "{g}: {link}");
+    }
+    // The agent's own view: `raven-edge status` lists the SA state.
+    let edge = lab
+        .binaries_dir()
+        .map(|d| d.join("raven-edge"))
+        .expect("binaries");
+    let status = lab
+        .sh(
+            "h1",
+            &[
+                &edge.to_string_lossy(),
+                "status",
+                "--http-addr",
+                "127.0.0.1:10273",
+            ],
+        )
+        .expect("raven-edge status");
+    eprintln!("raven-edge status on hz-1:\n{status}");
+    assert!(
+        status.contains("IPSEC") && status.contains("ESTABLISHED/INSTALLED"),
+        "{status}"
+    );
+    // And its /metrics: the SA's state beside its bytes and rekey age.
+    let metrics = lab
+        .sh("h1", &["curl", "-sf", "http://127.0.0.1:10273/metrics"])
+        .unwrap_or_default();
+    assert!(
+        metrics.contains(&format!(
+            "raven_edge_ipsec_sa{{peer=\"{}\",state=\"ESTABLISHED/INSTALLED\"}} 1",
+            name_of("c1")
+        )),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn over_ipsec_restarted_agents_keep_every_sa_and_traffic_flows_with_the_hub_killed() {
+    if !ready() {
+        return;
+    }
+    let (_g, mut lab) = up_with("r", |_| {});
+    one_sa_per_pair(&lab, &GATEWAY_SAS);
+    let before: Vec<BTreeSet<String>> = GATEWAY_SAS.iter().map(|(g, _)| sas(&lab, g)).collect();
+    // Every gateway's agent restarts (SIGTERM, then a new process).
+    for (g, _) in GATEWAY_SAS {
+        lab.stop_agent(g);
+    }
+    let m = lab.matrix();
+    assert!(
+        m.iter().all(|x| x.2),
+        "traffic while no gateway agent runs\n{}",
+        Lab::render(&m)
+    );
+    for (g, _) in GATEWAY_SAS {
+        lab.start_agent(g).expect("agent");
+    }
+    wait_for("the gateways' agents back", Duration::from_secs(30), || {
+        let a = agents(&lab);
+        ["c1", "h1", "q1"].iter().all(|g| {
+            a["agents"].as_array().into_iter().flatten().any(|x| {
+                x["nodeName"] == name_of(g) && x["connected"] == true && x["appliedSuccess"] == true
+            })
+        })
+    });
+    // A few passes of the new agents (resync 1 s).
+    std::thread::sleep(Duration::from_secs(3));
+    for (i, (g, _)) in GATEWAY_SAS.iter().enumerate() {
+        let log = std::fs::read_to_string(lab.path(&format!("edge-{g}.log"))).unwrap_or_default();
+        assert!(log.contains("IPsec available"), "{g}: {log}");
+        assert_eq!(
+            sas(&lab, g),
+            before[i],
+            "{g}: SA unique IDs unchanged across the agent restart"
+        );
+    }
+    eprintln!("agent restart: every SA kept its unique ID: {before:?}");
+    converge(&lab, "after the gateways' agents restarted");
+
+    lab.kill_hub();
+    std::thread::sleep(Duration::from_secs(4));
+    let m = lab.matrix();
+    assert!(
+        m.iter().all(|x| x.2),
+        "traffic must survive the hub\n{}",
+        Lab::render(&m)
+    );
+    for (i, (g, _)) in GATEWAY_SAS.iter().enumerate() {
+        assert_eq!(sas(&lab, g), before[i], "{g}: SAs kept with the hub gone");
+    }
+    eprintln!("hub killed: full matrix over the same SAs");
+}
+
+/// Sets hz-2 up as gw-hangzhou's second tunnel candidate.
+fn add_hz2_candidate(lab: &Lab) {
+    lab.edit_manifest(
+        "gateways.yaml",
+        "      port: 4500\n      type: tunnel\n---",
+        &format!(
+            "      port: 4500\n      type: tunnel\n    - nodeName: {}\n      underNAT: true\n      port: 4500\n      type: tunnel\n---",
+            name_of("h2")
+        ),
+    )
+    .expect("edit");
+}
+
+fn active_tunnel(lab: &Lab, gateway: &str) -> Option<String> {
+    let v: serde_json::Value =
+        serde_json::from_str(&lab.grpcurl("raven.v1.InspectService/GetTopology").ok()?).ok()?;
+    v["resources"]
+        .as_array()?
+        .iter()
+        .find(|r| r["name"] == format!("gateway/{gateway}"))?["gateway"]["activeTunnel"]["node"]
+        .as_str()
+        .map(str::to_owned)
+}
+
+#[test]
+fn over_ipsec_a_powered_off_gateway_node_is_replaced_by_another_node_of_its_gateway() {
+    if !ready() {
+        return;
+    }
+    let (_g, mut lab) = up_with("f", |_| {});
+    add_hz2_candidate(&lab);
+    std::thread::sleep(Duration::from_secs(3));
+    converge(&lab, "hz-2 a standby candidate");
+    assert_eq!(
+        active_tunnel(&lab, "gw-hangzhou").as_deref(),
+        Some(name_of("h1"))
+    );
+    let t = Instant::now();
+    lab.power_off("h1").expect("power off hz-1");
+    let elected = wait_for(
+        "the hub electing hz-2 for gw-hangzhou",
+        Duration::from_secs(30),
+        || active_tunnel(&lab, "gw-hangzhou").as_deref() == Some(name_of("h2")),
+    );
+    let alive = ["c1", "c2", "h2", "q1", "q2"];
+    loop {
+        let m = lab.matrix_of(&alive);
+        if m.iter().all(|x| x.2) {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(90),
+            "hz-2 elected after {elected:?} but traffic does not flow\n{}\n{}",
+            Lab::render(&m),
+            lab.logs()
+        );
+    }
+    eprintln!(
+        "gateway failover over IPsec: hz-1 powered off; hz-2 elected after {elected:?}, every other node and pod reached again after {:?}",
+        t.elapsed()
+    );
+    // hz-2's charon carries gw-hangzhou's SA now.
+    let h2 = ike_established(&lab, "h2");
+    assert_eq!(h2.len(), 1, "{h2:?}");
+    assert!(
+        ike_established(&lab, "c1")
+            .iter()
+            .any(|s| s.contains(name_of("h2"))),
+        "{:?}",
+        sas(&lab, "c1")
+    );
+}
