@@ -401,3 +401,49 @@ fn over_ipsec_a_powered_off_gateway_node_is_replaced_by_another_node_of_its_gate
         sas(&lab, "c1")
     );
 }
+
+/// Every pair among `shorts` answers within `timeout` of `t`; returns when.
+fn all_reach_within(lab: &Lab, shorts: &[&str], t: Instant, timeout: Duration) -> Duration {
+    loop {
+        let m = lab.matrix_of(shorts);
+        if m.iter().all(|x| x.2) {
+            return t.elapsed();
+        }
+        assert!(
+            t.elapsed() < timeout,
+            "not every pair answers within {timeout:?}\n{}\n{}",
+            Lab::render(&m),
+            lab.logs()
+        );
+    }
+}
+
+#[test]
+fn over_ipsec_with_the_hub_down_a_dead_gateway_node_fails_over_locally_to_another_of_its_gateway() {
+    if !ready() {
+        return;
+    }
+    let (_g, mut lab) = up_with("l", |_| {});
+    add_hz2_candidate(&lab);
+    std::thread::sleep(Duration::from_secs(3));
+    converge(&lab, "hz-2 a standby candidate");
+    // The cloud already answers hz-2, should it dial.
+    lab.kill_hub();
+    std::thread::sleep(Duration::from_secs(4)); // > 3 heartbeats: agents know
+    let t = Instant::now();
+    lab.power_off("h1").expect("power off hz-1");
+    let alive = ["c1", "c2", "h2", "q1", "q2"];
+    let back = all_reach_within(&lab, &alive, t, Duration::from_secs(90));
+    eprintln!(
+        "local failover over IPsec (hub down): hz-1 powered off, every pair among the others reached again after {back:?}"
+    );
+    let h2 = ike_established(&lab, "h2");
+    assert_eq!(h2.len(), 1, "hz-2 carries gw-hangzhou's SA: {h2:?}");
+    assert!(
+        ike_established(&lab, "c1")
+            .iter()
+            .any(|s| s.contains(name_of("h2"))),
+        "{:?}",
+        sas(&lab, "c1")
+    );
+}

@@ -229,6 +229,9 @@ pub fn rows(plan: &Plan, sas: &[SaHealth]) -> Vec<v1::PeerTunnelState> {
             .iter()
             .filter(|s| s.conn == c.name)
             .max_by_key(|s| s.ike_id);
+        if c.standby && sa.is_none() {
+            continue;
+        }
         let child = sa.and_then(|s| s.children.iter().max_by_key(|ch| ch.id));
         let row = v1::PeerTunnelState {
             peer_node: c.peer_node.to_string(),

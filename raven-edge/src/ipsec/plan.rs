@@ -80,6 +80,11 @@ pub struct ConnSpec {
     /// our relay), or for which we relay (the peer is NATed and we are its
     /// relay).
     pub relays_for: Vec<NodeName>,
+    /// Another tunnel candidate of a NATed peer gateway than its active
+    /// node: loaded so that the node its domain fails over to on its own
+    /// (local failover, hub or not) is answered at once, with the same
+    /// selectors. Never initiated; no report row until it has an SA.
+    pub standby: bool,
 }
 
 /// Everything this node wants from charon.
@@ -267,29 +272,47 @@ pub fn plan(inputs: &NodeInputs, peers: &[PeerInfo]) -> Plan {
                 relays_for.push((*n).clone());
             }
         }
-        out.conns.insert(
-            conn_name(active),
-            ConnSpec {
-                name: conn_name(active),
-                peer_node: active.clone(),
-                peer_gateway: other.name.clone(),
-                // A public gateway answers on whichever address IKE
-                // reaches it (its public one may sit on another interface
-                // than its private one, or be a cloud's 1:1 NAT); a NATed
-                // one dials from its private address.
-                local_addr: if my_gw.under_nat { me.private_ip } else { None },
-                remote_addr,
-                local_port: mine.port,
-                remote_port,
-                local_id: me.name.to_string(),
-                remote_id: active.to_string(),
-                remote_key: key,
-                local_ts,
-                remote_ts,
-                initiator,
-                relays_for,
-            },
-        );
+        let conn = ConnSpec {
+            name: conn_name(active),
+            peer_node: active.clone(),
+            peer_gateway: other.name.clone(),
+            // A public gateway answers on whichever address IKE reaches it
+            // (its public one may sit on another interface than its private
+            // one, or be a cloud's 1:1 NAT); a NATed one dials from its
+            // private address.
+            local_addr: if my_gw.under_nat { me.private_ip } else { None },
+            remote_addr,
+            local_port: mine.port,
+            remote_port,
+            local_id: me.name.to_string(),
+            remote_id: active.to_string(),
+            remote_key: key,
+            local_ts,
+            remote_ts,
+            initiator,
+            relays_for,
+            standby: false,
+        };
+        // A NATed peer's other candidates dial me should its domain fail
+        // over locally: answer them with the same selectors.
+        if other.under_nat && !my_gw.under_nat {
+            for cand in other.tunnel_candidates.iter().filter(|c| &c.node != active) {
+                if let Some(key) = info(&cand.node).and_then(|p| p.ipsec_public_key.clone()) {
+                    out.conns.insert(
+                        conn_name(&cand.node),
+                        ConnSpec {
+                            name: conn_name(&cand.node),
+                            peer_node: cand.node.clone(),
+                            remote_id: cand.node.to_string(),
+                            remote_key: key,
+                            standby: true,
+                            ..conn.clone()
+                        },
+                    );
+                }
+            }
+        }
+        out.conns.insert(conn_name(active), conn);
     }
     if !relayed.is_empty() {
         let relay_node = my_gw
@@ -566,6 +589,47 @@ mod tests {
             selectors(&one, Some(ip("192.0.2.1"))),
             [net("10.3.0.0/24"), net("10.8.0.0/30")].into()
         );
+    }
+
+    #[test]
+    fn a_public_gateway_answers_a_natted_peers_standby_candidate_with_the_same_selectors() {
+        let mut b = gw("b", "10.9.0.2", "10.2.0.0/24", true, Some("a"));
+        let mut standby = b.tunnel_candidates[0].clone();
+        standby.node = n("b-2");
+        b.tunnel_candidates.push(standby);
+        b.members.push(Member {
+            node: n("b-2"),
+            private_ip: "10.9.0.3".parse().unwrap_or(IpAddr::from([0; 4])),
+            subnets: vec![net("10.2.1.0/24")],
+            ready: true,
+        });
+        let gws = [gw("a", "192.0.2.1", "10.1.0.0/24", false, None), b];
+        let mut ps = peers(&gws);
+        let mut p2 = ps[1].clone();
+        p2.node = n("b-2");
+        ps.push(p2);
+        let pa = plan(&inputs(&gws, "a-1"), &ps);
+        let (active, standby) = (&pa.conns["raven-b-1"], &pa.conns["raven-b-2"]);
+        assert!(!active.standby && standby.standby);
+        assert!(!standby.initiator, "a standby is answered, never dialled");
+        assert_eq!(standby.remote_id, "b-2");
+        assert_eq!(standby.local_ts, active.local_ts);
+        assert_eq!(standby.remote_ts, active.remote_ts);
+        // No report row for a standby without an SA.
+        let rows = crate::ipsec::agent::rows(&pa, &[]);
+        assert_eq!(
+            rows.iter()
+                .map(|r| r.peer_node.as_str())
+                .collect::<Vec<_>>(),
+            ["b-1"]
+        );
+        // The NATed side plans no standby of its own peers.
+        let mut me = inputs(&gws, "b-1");
+        me.me = me.me.map(|mut v| {
+            v.name = n("b-1");
+            v
+        });
+        assert!(plan(&me, &ps).conns.values().all(|c| !c.standby));
     }
 
     #[test]
