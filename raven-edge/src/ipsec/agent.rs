@@ -194,13 +194,19 @@ impl IpsecAgent {
     }
 }
 
-/// MTU of the IPsec device over an underlay of `underlay` bytes from
+/// The largest MTU kernel-libipsec's TUN device can carry: strongSwan
+/// 5.9.8 creates it with 1400 and reads packets into a buffer of that size,
+/// so a larger device MTU loses bigger packets silently (measured in the
+/// lab: with 1420, packets of 1401–1420 bytes vanished). The agent only ever
+/// lowers it.
+pub const LIBIPSEC_MAX_MTU: u32 = 1400;
+
+/// MTU of the libipsec device over an underlay of `underlay` bytes from
 /// `local`: the underlay's minus ESP in UDP over that family (IPv4 68, IPv6
-/// 88), and never above the WireGuard tunnel's (underlay − 80) that the
-/// routes of the domain's members are sized for. Over IPv4 those routes
-/// then always fit; over IPv6 the device is 8 bytes smaller than them and
-/// a member's largest packets learn the device's MTU by path MTU discovery
-/// from the gateway. Pure.
+/// 88), never above the WireGuard tunnel's (underlay − 80) that the routes
+/// of the domain's members are sized for, nor above [`LIBIPSEC_MAX_MTU`].
+/// A member's packets bigger than the device learn its MTU by path MTU
+/// discovery from the gateway. Pure.
 pub fn device_mtu(underlay: u32, local: Option<IpAddr>) -> u32 {
     let esp = super::plan::inner_mtu(underlay);
     let esp = match local {
@@ -208,6 +214,7 @@ pub fn device_mtu(underlay: u32, local: Option<IpAddr>) -> u32 {
         _ => esp,
     };
     esp.min(crate::dataplane::model::tunnel_mtu(underlay))
+        .min(LIBIPSEC_MAX_MTU)
 }
 
 /// What one IPsec pass found.
@@ -347,14 +354,15 @@ mod tests {
     fn the_ipsec_device_mtu_follows_the_underlay_minus_esp_in_udp() {
         let v4: Option<IpAddr> = "192.0.2.1".parse().ok();
         let v6: Option<IpAddr> = "2001:db8::1".parse().ok();
-        // IPv4: 1500 − 68 = 1432, capped at the tunnel MTU the members'
-        // routes use (1500 − 80).
-        assert_eq!(device_mtu(1500, v4), 1420);
-        // IPv6: 1500 − 88.
-        assert_eq!(device_mtu(1500, v6), 1412);
-        // A 9000-byte underlay is used, not libipsec's fixed 1400.
-        assert_eq!(device_mtu(9000, v4), 8920);
-        assert_eq!(device_mtu(1400, None), 1320);
+        // A 1400-byte underlay: 1400 − 68 = 1332, capped at the tunnel MTU
+        // the members' routes use (1400 − 80), not libipsec's 1400.
+        assert_eq!(device_mtu(1400, v4), 1320);
+        // IPv6: 1400 − 88.
+        assert_eq!(device_mtu(1400, v6), 1312);
+        // libipsec carries no more than 1400, whatever the underlay.
+        assert_eq!(device_mtu(1500, v4), 1400);
+        assert_eq!(device_mtu(9000, v6), 1400);
+        assert_eq!(device_mtu(10, None), 0);
     }
 
     #[test]
