@@ -540,3 +540,68 @@ fn over_ipsec_on_a_1400_byte_underlay_the_largest_df_ping_across_domains_is_the_
         assert_eq!(lo, 1320 - 28, "{a} -> {b}");
     }
 }
+
+/// Skip-NAT acts where traffic leaves a domain: on the sending side's
+/// gateway, a pod's packets to another domain pass the CNI's masquerade
+/// untouched, so they enter the IPsec tunnel with the pod's address (what
+/// the receiving domain's own CNI does with them is its business).
+#[test]
+fn over_ipsec_skip_nat_keeps_the_pod_source_address_into_the_tunnel_under_the_cnis_masquerade() {
+    if !ready() {
+        return;
+    }
+    // Every node masquerades what its pods send off the pod network, as
+    // flannel does (`-s <cluster CIDR> ! -d <cluster CIDR> -j MASQUERADE`).
+    let masquerade = [
+        "iptables",
+        "-t",
+        "nat",
+        "-A",
+        "POSTROUTING",
+        "-s",
+        "10.244.0.0/16",
+        "!",
+        "-d",
+        "10.244.0.0/16",
+        "-j",
+        "MASQUERADE",
+    ];
+    let (_g, lab) = up_with("n", |lab| {
+        for n in NODES {
+            lab.sh(n.short, &masquerade).expect("CNI masquerade");
+        }
+    });
+    one_sa_per_pair(&lab, &GATEWAY_SAS);
+    // (from, to, the sending side's gateway): a member's pod through its
+    // gateway and the relay, a gateway's own pod, a member's pod to the
+    // cloud.
+    for (a, b, gw) in [("h2", "q2", "h1"), ("h1", "c2", "h1"), ("q2", "h1", "q1")] {
+        let (from, to) = (
+            NODES.iter().find(|n| n.short == a).expect("node"),
+            NODES.iter().find(|n| n.short == b).expect("node"),
+        );
+        assert!(lab.ping(a, from.pod, to.ip), "{a} pod -> {b} node");
+        let flow = lab
+            .sh(
+                gw,
+                &[
+                    "conntrack",
+                    "-L",
+                    "-p",
+                    "icmp",
+                    "--src",
+                    from.pod,
+                    "--dst",
+                    to.ip,
+                ],
+            )
+            .unwrap_or_default();
+        eprintln!("skip-NAT over IPsec: {a} pod -> {b} node, on {gw}: {flow}");
+        // Not NATed: the reply goes to the pod itself.
+        assert!(
+            flow.contains(&format!("src={} dst={} ", to.ip, from.pod)),
+            "{gw} masqueraded {a}'s pod {}: {flow}",
+            from.pod
+        );
+    }
+}
