@@ -1566,68 +1566,6 @@ impl Lab {
     }
 }
 
-#[cfg(test)]
-mod report_tests {
-    use super::*;
-
-    fn paths() -> Vec<TunnelPath> {
-        let p = |a: &str, b: &str| (a.to_owned(), b.to_owned(), false, "x:4500".to_owned());
-        vec![
-            p("c1", "h1"),
-            p("c1", "q1"),
-            p("h1", "c1"),
-            p("h1", "q1"),
-            p("q1", "c1"),
-            p("q1", "h1"),
-        ]
-    }
-
-    fn matrix(fail: bool) -> Vec<(String, String, bool)> {
-        vec![
-            ("c1 node".into(), "h1 pod".into(), true),
-            ("h1 pod".into(), "q1 pod".into(), !fail),
-        ]
-    }
-
-    #[test]
-    fn a_fail_in_the_printed_matrix_fails_the_run_even_after_a_full_matrix_was_seen() {
-        // The first full matrix came after 2 s; the one printed has a FAIL.
-        let r = Report::new(Some(Duration::from_secs(2)), matrix(true), paths());
-        assert!(!r.ok());
-        assert!(r.render().contains("FAIL"), "{}", r.render());
-        let v = r.verdict();
-        assert!(v.starts_with("FAIL") && v.contains("1 of 2 pairs"), "{v}");
-        assert!(!v.contains("every node and pod reaches every other"), "{v}");
-    }
-
-    #[test]
-    fn a_missing_tunnel_path_fails_the_run_and_is_printed() {
-        let mut p = paths();
-        p.retain(|x| !(x.0 == "h1" && x.1 == "q1"));
-        let r = Report::new(Some(Duration::from_secs(2)), matrix(false), p);
-        assert!(!r.ok());
-        assert!(
-            r.render().contains(" h1 -> q1  FAIL: no path reported"),
-            "{}",
-            r.render()
-        );
-        assert!(r.verdict().contains("1 tunnel path(s) missing"));
-        let none = Report::new(Some(Duration::from_secs(2)), matrix(false), vec![]);
-        assert!(!none.ok() && none.render().contains("FAIL"));
-    }
-
-    #[test]
-    fn only_an_all_ok_report_says_everything_reaches_everything() {
-        let r = Report::new(Some(Duration::from_secs(2)), matrix(false), paths());
-        assert!(r.ok());
-        assert!(!r.render().contains("FAIL"));
-        assert!(
-            r.verdict()
-                .starts_with("every node and pod reaches every other")
-        );
-    }
-}
-
 impl Lab {
     /// Switches the lab to IPsec before anything runs: `vpn-driver: ipsec`
     /// in its `raven-cfg`, and a charon on every node started with its
@@ -1699,5 +1637,67 @@ impl Lab {
             std::thread::sleep(Duration::from_millis(50));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod report_tests {
+    use super::*;
+
+    fn paths() -> Vec<TunnelPath> {
+        let p = |a: &str, b: &str| (a.to_owned(), b.to_owned(), false, "x:4500".to_owned());
+        vec![
+            p("c1", "h1"),
+            p("c1", "q1"),
+            p("h1", "c1"),
+            p("h1", "q1"),
+            p("q1", "c1"),
+            p("q1", "h1"),
+        ]
+    }
+
+    fn matrix(fail: bool) -> Vec<(String, String, bool)> {
+        vec![
+            ("c1 node".into(), "h1 pod".into(), true),
+            ("h1 pod".into(), "q1 pod".into(), !fail),
+        ]
+    }
+
+    #[test]
+    fn a_fail_in_the_printed_matrix_fails_the_run_even_after_a_full_matrix_was_seen() {
+        // The first full matrix came after 2 s; the one printed has a FAIL.
+        let r = Report::new(Some(Duration::from_secs(2)), matrix(true), paths());
+        assert!(!r.ok());
+        assert!(r.render().contains("FAIL"), "{}", r.render());
+        let v = r.verdict();
+        assert!(v.starts_with("FAIL") && v.contains("1 of 2 pairs"), "{v}");
+        assert!(!v.contains("every node and pod reaches every other"), "{v}");
+    }
+
+    #[test]
+    fn a_missing_tunnel_path_fails_the_run_and_is_printed() {
+        let mut p = paths();
+        p.retain(|x| !(x.0 == "h1" && x.1 == "q1"));
+        let r = Report::new(Some(Duration::from_secs(2)), matrix(false), p);
+        assert!(!r.ok());
+        assert!(
+            r.render().contains(" h1 -> q1  FAIL: no path reported"),
+            "{}",
+            r.render()
+        );
+        assert!(r.verdict().contains("1 tunnel path(s) missing"));
+        let none = Report::new(Some(Duration::from_secs(2)), matrix(false), vec![]);
+        assert!(!none.ok() && none.render().contains("FAIL"));
+    }
+
+    #[test]
+    fn only_an_all_ok_report_says_everything_reaches_everything() {
+        let r = Report::new(Some(Duration::from_secs(2)), matrix(false), paths());
+        assert!(r.ok());
+        assert!(!r.render().contains("FAIL"));
+        assert!(
+            r.verdict()
+                .starts_with("every node and pod reaches every other")
+        );
     }
 }
