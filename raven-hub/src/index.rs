@@ -500,20 +500,22 @@ mod tests {
         )
     }
 
+    /// The replicas of the `gw-a` served.
+    fn replicas(inputs: &Inputs) -> i32 {
+        inputs.gateways["gw-a"]
+            .gateway()
+            .spec
+            .tunnel_config
+            .replicas
+    }
+
     #[test]
     fn invalid_update_keeps_serving_the_last_valid_gateway() {
         let mut idx = Index::default();
         idx.apply_gateway(gw(1));
         idx.apply_gateway(gw(5));
         let (inputs, problems) = idx.inputs();
-        assert_eq!(
-            inputs.gateways["gw-a"]
-                .gateway()
-                .spec
-                .tunnel_config
-                .replicas,
-            1
-        );
+        assert_eq!(replicas(&inputs), 1);
         assert_eq!(problems.len(), 1);
         assert_eq!(problems[0].field, "spec.tunnelConfig.Replicas");
         assert!(
@@ -539,14 +541,7 @@ mod tests {
         idx.apply_gateway(gw(5));
         idx.apply_gateway(gw(0));
         let (inputs, problems) = idx.inputs();
-        assert_eq!(
-            inputs.gateways["gw-a"]
-                .gateway()
-                .spec
-                .tunnel_config
-                .replicas,
-            0
-        );
+        assert_eq!(replicas(&inputs), 0);
         assert!(problems.is_empty());
     }
 

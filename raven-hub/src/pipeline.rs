@@ -433,6 +433,17 @@ mod tests {
         t
     }
 
+    /// `n1`, a ready member of `gw-a` at `ip`.
+    fn member(ip: &str) -> raven_core::ClusterNode {
+        raven_core::ClusterNode {
+            name: raven_core::NodeName::new("n1").expect("name"),
+            gateway_label: Some("gw-a".into()),
+            ready: true,
+            internal_ip: ip.parse().ok(),
+            pod_cidrs: vec!["10.244.1.0/24".parse().expect("cidr")],
+        }
+    }
+
     /// A ready member `n1` of `gw-a`, whose only endpoint is a tunnel on
     /// `n1`, with the tunnel switched on: `gw-a` elects `n1`.
     fn one_gateway_cluster(index: &crate::index::IndexHandle, resource_version: u64) {
@@ -453,13 +464,7 @@ mod tests {
         gw.metadata.resource_version = Some(resource_version.to_string());
         index.update(|i| {
             i.apply_gateway(gw);
-            i.reset_cluster_nodes([raven_core::ClusterNode {
-                name: raven_core::NodeName::new("n1").expect("name"),
-                gateway_label: Some("gw-a".into()),
-                ready: true,
-                internal_ip: "10.0.0.1".parse().ok(),
-                pod_cidrs: vec!["10.244.1.0/24".parse().expect("cidr")],
-            }]);
+            i.reset_cluster_nodes([member("10.0.0.1")]);
             i.set_raven_config(raven_core::RavenConfig {
                 present: true,
                 enable_l3_tunnel: true,
@@ -526,15 +531,7 @@ mod tests {
         assert_eq!(after.observed[&name].status, Some(status));
 
         // A change agents receive wakes them.
-        index.update(|i| {
-            i.reset_cluster_nodes([raven_core::ClusterNode {
-                name: raven_core::NodeName::new("n1").expect("name"),
-                gateway_label: Some("gw-a".into()),
-                ready: true,
-                internal_ip: "10.0.0.2".parse().ok(),
-                pod_cidrs: vec!["10.244.1.0/24".parse().expect("cidr")],
-            }]);
-        });
+        index.update(|i| i.reset_cluster_nodes([member("10.0.0.2")]));
         pipeline.recompile().expect("compiled");
         assert!(published.borrow().revision > first.revision);
         assert!(
