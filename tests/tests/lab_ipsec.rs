@@ -11,85 +11,28 @@
 
 use std::collections::BTreeSet;
 use std::process::Command;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use raven_tests::lab::{CHARON, Lab, NODES};
 
-static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+mod lab_common;
+
+use lab_common::{
+    active_tunnel, add_hz2_candidate_manifest as add_hz2_candidate, agents, converge, name_of,
+    wait_for,
+};
 
 fn ready() -> bool {
-    let root = raven_tests::lab::is_root();
-    let tools = ["nft", "grpcurl", "swanctl", "curl"].iter().all(|t| {
-        Command::new("sh")
-            .args(["-c", &format!("command -v {t}")])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    }) && std::path::Path::new(CHARON).exists();
-    if !(root && tools) {
-        assert!(
-            std::env::var_os("RAVEN_REQUIRE_TOOLS").is_none(),
-            "IPsec lab tests need root, {CHARON}, swanctl, nft and grpcurl (RAVEN_REQUIRE_TOOLS is set)"
-        );
-        eprintln!("skipped: IPsec lab tests need root, {CHARON}, swanctl, nft and grpcurl");
-    }
-    root && tools
+    lab_common::have(&["nft", "grpcurl", "swanctl", "curl", CHARON])
 }
 
 /// A lab over IPsec, changed by `prepare` before anything runs, up and
 /// converged.
 fn up_with(tag: &str, prepare: impl FnOnce(&mut Lab)) -> (std::sync::MutexGuard<'static, ()>, Lab) {
-    let guard = ONE_AT_A_TIME
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let dir = std::env::temp_dir().join(format!("raven-lab-ipsec-{tag}-{}", std::process::id()));
-    let prefix = format!("ri{tag}{}-", std::process::id() % 10_000);
-    let mut lab = Lab::build(&prefix, &dir).expect("lab builds");
-    lab.use_ipsec().expect("IPsec");
-    prepare(&mut lab);
-    lab.start_hub().expect("hub");
-    lab.start_agents().expect("agents");
-    converge(&lab, "first sync over IPsec");
-    (guard, lab)
-}
-
-fn converge(lab: &Lab, what: &str) -> Duration {
-    match lab.converge(Duration::from_secs(90)) {
-        Ok(t) => {
-            eprintln!("{what}: full matrix after {t:?}");
-            t
-        }
-        Err(m) => panic!(
-            "{what}: no full matrix after 90 s\n{}\n{}",
-            Lab::render(&m),
-            lab.logs()
-        ),
-    }
-}
-
-fn name_of(short: &str) -> &'static str {
-    NODES
-        .iter()
-        .find(|n| n.short == short)
-        .map(|n| n.name)
-        .unwrap_or_else(|| panic!("no lab node {short}"))
-}
-
-fn agents(lab: &Lab) -> serde_json::Value {
-    serde_json::from_str(
-        &lab.grpcurl("raven.v1.InspectService/ListAgents")
-            .unwrap_or_default(),
-    )
-    .unwrap_or_default()
-}
-
-fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) -> Duration {
-    let t = Instant::now();
-    while !done() {
-        assert!(t.elapsed() < timeout, "{what}: not within {timeout:?}");
-        std::thread::sleep(Duration::from_millis(250));
-    }
-    t.elapsed()
+    lab_common::up_with("i", tag, |lab| {
+        lab.use_ipsec().expect("IPsec");
+        prepare(lab);
+    })
 }
 
 /// The SAs of a node's charon as `swanctl --list-sas` shows them: one
@@ -329,30 +272,6 @@ fn over_ipsec_restarted_agents_keep_every_sa_and_traffic_flows_with_the_hub_kill
     eprintln!("hub killed: full matrix over the same SAs");
 }
 
-/// Sets hz-2 up as gw-hangzhou's second tunnel candidate.
-fn add_hz2_candidate(lab: &Lab) {
-    lab.edit_manifest(
-        "gateways.yaml",
-        "      port: 4500\n      type: tunnel\n---",
-        &format!(
-            "      port: 4500\n      type: tunnel\n    - nodeName: {}\n      underNAT: true\n      port: 4500\n      type: tunnel\n---",
-            name_of("h2")
-        ),
-    )
-    .expect("edit");
-}
-
-fn active_tunnel(lab: &Lab, gateway: &str) -> Option<String> {
-    let v: serde_json::Value =
-        serde_json::from_str(&lab.grpcurl("raven.v1.InspectService/GetTopology").ok()?).ok()?;
-    v["resources"]
-        .as_array()?
-        .iter()
-        .find(|r| r["name"] == format!("gateway/{gateway}"))?["gateway"]["activeTunnel"]["node"]
-        .as_str()
-        .map(str::to_owned)
-}
-
 #[test]
 fn over_ipsec_a_powered_off_gateway_node_is_replaced_by_another_node_of_its_gateway() {
     if !ready() {
@@ -367,38 +286,25 @@ fn over_ipsec_a_powered_off_gateway_node_is_replaced_by_another_node_of_its_gate
         Some(name_of("h1"))
     );
     let t = Instant::now();
-    lab.power_off("h1").expect("power off hz-1");
-    let elected = wait_for(
-        "the hub electing hz-2 for gw-hangzhou",
-        Duration::from_secs(30),
-        || active_tunnel(&lab, "gw-hangzhou").as_deref() == Some(name_of("h2")),
-    );
+    let elected = lab_common::power_off_hz1_until_the_hub_elects_hz2(&mut lab);
     let alive = ["c1", "c2", "h2", "q1", "q2"];
-    loop {
-        let m = lab.matrix_of(&alive);
-        if m.iter().all(|x| x.2) {
-            break;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(90),
-            "hz-2 elected after {elected:?} but traffic does not flow\n{}\n{}",
-            Lab::render(&m),
-            lab.logs()
-        );
-    }
+    let back = all_reach_within(&lab, &alive, t, Duration::from_secs(90));
     eprintln!(
-        "gateway failover over IPsec: hz-1 powered off; hz-2 elected after {elected:?}, every other node and pod reached again after {:?}",
-        t.elapsed()
+        "gateway failover over IPsec: hz-1 powered off; hz-2 elected after {elected:?}, every other node and pod reached again after {back:?}"
     );
-    // hz-2's charon carries gw-hangzhou's SA now.
-    let h2 = ike_established(&lab, "h2");
-    assert_eq!(h2.len(), 1, "{h2:?}");
+    hz2_carries_the_sa(&lab);
+}
+
+/// hz-2's charon carries gw-hangzhou's one SA, and the cloud's has it.
+fn hz2_carries_the_sa(lab: &Lab) {
+    let h2 = ike_established(lab, "h2");
+    assert_eq!(h2.len(), 1, "hz-2 carries gw-hangzhou's SA: {h2:?}");
     assert!(
-        ike_established(&lab, "c1")
+        ike_established(lab, "c1")
             .iter()
             .any(|s| s.contains(name_of("h2"))),
         "{:?}",
-        sas(&lab, "c1")
+        sas(lab, "c1")
     );
 }
 
@@ -437,15 +343,7 @@ fn over_ipsec_with_the_hub_down_a_dead_gateway_node_fails_over_locally_to_anothe
     eprintln!(
         "local failover over IPsec (hub down): hz-1 powered off, every pair among the others reached again after {back:?}"
     );
-    let h2 = ike_established(&lab, "h2");
-    assert_eq!(h2.len(), 1, "hz-2 carries gw-hangzhou's SA: {h2:?}");
-    assert!(
-        ike_established(&lab, "c1")
-            .iter()
-            .any(|s| s.contains(name_of("h2"))),
-        "{:?}",
-        sas(&lab, "c1")
-    );
+    hz2_carries_the_sa(&lab);
 }
 
 /// The largest ICMP payload with DF set that `from`'s pod gets to `to`'s
