@@ -548,12 +548,7 @@ async fn sync_family(
     let Some(change) = plan(rules, &observed) else {
         return Ok(());
     };
-    work.restores += 1;
-    match restore(family, &change.script).await {
-        Ok(()) => {
-            work.changes += change.changes;
-            Ok(())
-        }
+    match restore_counted(family, &change, work).await {
         Err(SkipNatError::Failed { stderr, .. }) => {
             // In doubt: read the table again and rebuild what differs.
             tracing::warn!(family = ?family, error = %stderr, "incremental skip-NAT change refused; rebuilding the chains");
@@ -562,13 +557,23 @@ async fn sync_family(
             let Some(rebuild) = plan_rebuild(rules, &observed) else {
                 return Ok(());
             };
-            work.restores += 1;
-            restore(family, &rebuild.script).await?;
-            work.changes += rebuild.changes;
-            Ok(())
+            restore_counted(family, &rebuild, work).await
         }
-        Err(e) => Err(e),
+        done => done,
     }
+}
+
+/// Runs `change`, counting the transaction and, once it succeeded, its
+/// changes into `work`.
+async fn restore_counted(
+    family: Family,
+    change: &Restore,
+    work: &mut Work,
+) -> Result<(), SkipNatError> {
+    work.restores += 1;
+    restore(family, &change.script).await?;
+    work.changes += change.changes;
+    Ok(())
 }
 
 /// Turns `before` — what the last pass applied without an error — into
@@ -587,17 +592,12 @@ async fn change_family(
     let Some(change) = plan(rules, &Observed::after(before)) else {
         return Ok(());
     };
-    work.restores += 1;
-    match restore(family, &change.script).await {
-        Ok(()) => {
-            work.changes += change.changes;
-            Ok(())
-        }
+    match restore_counted(family, &change, work).await {
         Err(SkipNatError::Failed { stderr, .. }) => {
             tracing::warn!(family = ?family, error = %stderr, "skip-NAT change refused; reading the table and planning again");
             sync_family(family, rules, None, work).await
         }
-        Err(e) => Err(e),
+        done => done,
     }
 }
 
