@@ -280,7 +280,10 @@ pub struct TunnelDevs<'a> {
 }
 
 impl TunnelDevs<'_> {
-    async fn indexes(&self, h: &Handle) -> Result<(Option<u32>, Option<u32>), DataplaneError> {
+    pub(crate) async fn indexes(
+        &self,
+        h: &Handle,
+    ) -> Result<(Option<u32>, Option<u32>), DataplaneError> {
         let direct = if self.direct.is_empty() {
             None
         } else {
