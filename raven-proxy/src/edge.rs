@@ -67,6 +67,7 @@ async fn session(
         .map_err(|_| "connect timed out".to_owned())?
         .map_err(|e| format!("connect: {e}"))?;
     let _ = tcp.set_nodelay(true);
+    let tcp = tokio::io::BufReader::with_capacity(crate::tls::TLS_READ_BUFFER, tcp);
     let name = ServerName::try_from(server.to_string()).map_err(|e| e.to_string())?;
     let stream = tokio::time::timeout(
         DIAL_TIMEOUT,

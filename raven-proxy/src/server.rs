@@ -23,7 +23,7 @@ use crate::route::{CloudRoute, ProxyView, Refusal, cloud_route};
 use crate::{HEADER_NODE, HEADER_PORT, HEADER_REASON, tls};
 
 /// How long a client may take to send its CONNECT, and a dial may take.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// One open tunnel: its id and the handle that opens streams on it.
@@ -117,6 +117,7 @@ async fn tunnel(
     shutdown: CancellationToken,
 ) -> Result<(), String> {
     let _ = tcp.set_nodelay(true);
+    let tcp = tokio::io::BufReader::with_capacity(tls::TLS_READ_BUFFER, tcp);
     let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
         .await
         .map_err(|_| "TLS handshake timed out".to_owned())?
