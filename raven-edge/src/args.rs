@@ -116,10 +116,18 @@ pub struct ProxyArgs {
     )]
     pub proxy_connect_tls_cert: Option<PathBuf>,
     /// Private key of `--proxy-connect-tls-cert`.
-    #[arg(long, env = "RAVEN_PROXY_CONNECT_TLS_KEY", requires = "proxy_connect_tls_cert")]
+    #[arg(
+        long,
+        env = "RAVEN_PROXY_CONNECT_TLS_KEY",
+        requires = "proxy_connect_tls_cert"
+    )]
     pub proxy_connect_tls_key: Option<PathBuf>,
     /// CA (PEM) of the client certificates the TCP CONNECT listener accepts.
-    #[arg(long, env = "RAVEN_PROXY_CONNECT_CLIENT_CA", requires = "proxy_connect_tls_cert")]
+    #[arg(
+        long,
+        env = "RAVEN_PROXY_CONNECT_CLIENT_CA",
+        requires = "proxy_connect_tls_cert"
+    )]
     pub proxy_connect_client_ca: Option<PathBuf>,
     /// Never run the layer-7 proxy, whatever the topology says.
     #[arg(long, env = "RAVEN_NO_PROXY")]

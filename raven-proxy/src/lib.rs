@@ -43,7 +43,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 pub use route::{ProxyView, Refusal};
-pub use tls::{ConnectTls, NodeTls};
+pub use tls::{ConnectTls, NodeTls, Tuning};
 
 /// Header of a tunnel stream naming the node to reach.
 pub const HEADER_NODE: &str = "x-raven-node";
@@ -71,6 +71,8 @@ pub struct ProxyConfig {
     pub connect_tls: Option<ConnectTls>,
     /// Address the tunnel listener binds (the port is the endpoint's).
     pub tunnel_ip: IpAddr,
+    /// The tunnel's data path knobs (the defaults are the tuned ones).
+    pub tuning: Tuning,
 }
 
 impl ProxyConfig {
@@ -82,6 +84,7 @@ impl ProxyConfig {
             connect_addr: None,
             connect_tls: None,
             tunnel_ip: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            tuning: Tuning::default(),
         }
     }
 }
@@ -137,7 +140,9 @@ async fn serve_connect<S, H, F, Fut>(
                 tokio::spawn(async move {
                     match tokio::time::timeout(server::HANDSHAKE_TIMEOUT, handshake).await {
                         Ok(Ok(s)) => server::handle_connect(s, view, tunnels).await,
-                        Ok(Err(e)) => tracing::info!(error = %e, "CONNECT client's TLS handshake failed"),
+                        Ok(Err(e)) => {
+                            tracing::info!(error = %e, "CONNECT client's TLS handshake failed")
+                        }
                         Err(_) => tracing::info!("CONNECT client's TLS handshake timed out"),
                     }
                 });
@@ -157,7 +162,10 @@ async fn start_server(
     view: &watch::Receiver<Option<ProxyView>>,
     stop: &CancellationToken,
 ) -> Result<Arc<server::Tunnels>, String> {
-    let tls = cfg.tls.server_config().map_err(|e| e.to_string())?;
+    let tls = cfg
+        .tls
+        .server_config(cfg.tuning)
+        .map_err(|e| e.to_string())?;
     let addr = SocketAddr::new(cfg.tunnel_ip, port);
     let tunnel_l = TcpListener::bind(addr)
         .await
@@ -194,6 +202,7 @@ async fn start_server(
     tokio::spawn(server::serve_tunnels(
         tunnel_l,
         tls,
+        cfg.tuning,
         tunnels.clone(),
         stop.clone(),
     ));
@@ -289,7 +298,7 @@ pub async fn run(
                 continue;
             }
             if client_tls.is_none() {
-                match cfg.tls.client_config() {
+                match cfg.tls.client_config(cfg.tuning) {
                     Ok(c) => client_tls = Some(c),
                     Err(e) => {
                         tracing::warn!(error = %e, "cannot load the proxy tunnel's TLS identity; retrying");
@@ -305,6 +314,7 @@ pub async fn run(
                 s.clone(),
                 *addr,
                 tls,
+                cfg.tuning,
                 views.clone(),
                 stop.clone(),
             ));

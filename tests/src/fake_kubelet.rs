@@ -87,7 +87,9 @@ impl KubeletCa {
     pub fn client(&self, cn: &str) -> (String, String) {
         let key = rcgen::KeyPair::generate().expect("key");
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
-        params.distinguished_name.push(rcgen::DnType::CommonName, cn);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
         params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
         let cert = params.signed_by(&key, &self.issuer).expect("cert");
         (cert.pem(), key.serialize_pem())
@@ -229,7 +231,9 @@ where
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
     let upgrade_to = header_values(&head, "upgrade");
     let upgrade = !upgrade_to.is_empty();
-    let spdy = upgrade_to.iter().any(|u| u.eq_ignore_ascii_case("SPDY/3.1"));
+    let spdy = upgrade_to
+        .iter()
+        .any(|u| u.eq_ignore_ascii_case("SPDY/3.1"));
     let protocols = header_values(&head, "x-stream-protocol-version");
     let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     match (method, segs.as_slice()) {
@@ -237,7 +241,9 @@ where
             reply(
                 &mut s,
                 "400 Bad Request",
-                &format!("{path}: this kubelet streams over SPDY/3.1 only, asked for {upgrade_to:?}\n"),
+                &format!(
+                    "{path}: this kubelet streams over SPDY/3.1 only, asked for {upgrade_to:?}\n"
+                ),
             )
             .await
         }
@@ -358,14 +364,23 @@ where
     if !switch(&mut s, protocols, "v4.channel.k8s.io").await? {
         return Ok(());
     }
-    let flag = |k: &str| params.iter().any(|(n, v)| n == k && (v == "1" || v == "true"));
+    let flag = |k: &str| {
+        params
+            .iter()
+            .any(|(n, v)| n == k && (v == "1" || v == "true"))
+    };
     let command: Vec<&str> = params
         .iter()
         .filter(|(n, _)| n == "command")
         .map(|(_, v)| v.as_str())
         .collect();
     let mut want = vec!["error"];
-    for (k, stream) in [("input", "stdin"), ("output", "stdout"), ("error", "stderr"), ("tty", "resize")] {
+    for (k, stream) in [
+        ("input", "stdin"),
+        ("output", "stdout"),
+        ("error", "stderr"),
+        ("tty", "resize"),
+    ] {
         if flag(k) {
             want.push(stream);
         }
@@ -378,7 +393,11 @@ where
                 let kind = st.header("streamtype").unwrap_or_default().to_owned();
                 streams.insert(kind, st);
             }
-            _ => return Err(std::io::Error::other(format!("exec: streams {want:?} did not all come"))),
+            _ => {
+                return Err(std::io::Error::other(format!(
+                    "exec: streams {want:?} did not all come"
+                )));
+            }
         }
     }
     let mut stdin = streams.remove("stdin");
@@ -415,7 +434,9 @@ where
             out.extend(format!("{stdin_bytes}\n").into_bytes());
             Ok(0)
         }
-        other => Err(format!("exec: {other:?}: executable file not found in $PATH of pod {pod} on {node}")),
+        other => Err(format!(
+            "exec: {other:?}: executable file not found in $PATH of pod {pod} on {node}"
+        )),
     };
     if let Some(o) = &stdout {
         o.send(&out)?;
@@ -445,7 +466,12 @@ where
 
 /// Port forwarding for one `portForward`: every pair of streams (error,
 /// data) with one `requestID` is one connection to the pod's `port`.
-async fn port_forward<S>(mut s: S, node: &str, pod: &str, protocols: &[String]) -> std::io::Result<()>
+async fn port_forward<S>(
+    mut s: S,
+    node: &str,
+    pod: &str,
+    protocols: &[String],
+) -> std::io::Result<()>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -476,11 +502,17 @@ where
 /// One forwarded connection to the built-in pod: port 80 echoes, then
 /// counts after the client's half-close; any other port is an error on the
 /// error stream, as the kubelet reports a refused dial.
-async fn forward(error: spdy::Stream, mut data: spdy::Stream, node: &str, pod: &str) -> std::io::Result<()> {
+async fn forward(
+    error: spdy::Stream,
+    mut data: spdy::Stream,
+    node: &str,
+    pod: &str,
+) -> std::io::Result<()> {
     let port = data.header("port").unwrap_or_default().to_owned();
     if port != "80" {
         error.tx.send(
-            format!("error forwarding port {port} to pod {pod} on {node}: nothing listens on it").as_bytes(),
+            format!("error forwarding port {port} to pod {pod} on {node}: nothing listens on it")
+                .as_bytes(),
         )?;
         error.tx.close()?;
         return data.tx.close();
@@ -490,7 +522,8 @@ async fn forward(error: spdy::Stream, mut data: spdy::Stream, node: &str, pod: &
         n += b.len();
         data.tx.send(&b)?;
     }
-    data.tx.send(format!("\n{n} bytes echoed by pod {pod} on {node}, port {port}\n").as_bytes())?;
+    data.tx
+        .send(format!("\n{n} bytes echoed by pod {pod} on {node}, port {port}\n").as_bytes())?;
     data.tx.close()?;
     error.tx.close()
 }

@@ -129,7 +129,9 @@ impl Egress {
         };
         let tcp = tokio::net::TcpStream::connect(self.addr).await?;
         let name = rustls::pki_types::ServerName::IpAddress(self.addr.ip().into());
-        tokio_rustls::TlsConnector::from(cfg).connect(name, tcp).await
+        tokio_rustls::TlsConnector::from(cfg)
+            .connect(name, tcp)
+            .await
     }
 }
 
@@ -153,7 +155,11 @@ pub struct Rig {
 /// The topology of the rig's cluster, as the hub's compiler lays it out.
 fn topology(gateways: [GatewayView; 3]) -> Topology {
     let mut nodes = vec![("c1", Some("gw-cloud"), "127.0.0.1", true)];
-    nodes.extend(EDGES.iter().map(|(n, g, ip)| (*n, Some(*g), *ip, *n != "h2")));
+    nodes.extend(
+        EDGES
+            .iter()
+            .map(|(n, g, ip)| (*n, Some(*g), *ip, *n != "h2")),
+    );
     nodes.push((LONELY.0, None, LONELY.1, false));
     let mut bodies: Vec<ResourceBody> = gateways.into_iter().map(ResourceBody::Gateway).collect();
     bodies.extend(nodes.into_iter().map(|(name, gw, ip, proxy)| {

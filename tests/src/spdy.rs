@@ -273,7 +273,8 @@ fn decompress_headers(z: &mut Decompress, block: &[u8]) -> std::io::Result<Heade
         match z.decompress_vec(&block[at..], &mut raw, FlushDecompress::Sync) {
             Ok(_) => {}
             Err(e) if e.needs_dictionary().is_some() => {
-                z.set_dictionary(DICTIONARY).map_err(std::io::Error::other)?;
+                z.set_dictionary(DICTIONARY)
+                    .map_err(std::io::Error::other)?;
             }
             Err(e) => return Err(std::io::Error::other(format!("SPDY header block: {e}"))),
         }

@@ -184,7 +184,10 @@ async fn a_node_in_no_gateway_receives_the_proxy_servers_and_is_reached_through_
         vec!["gw-cloud"]
     );
     assert_eq!(
-        view.servers().keys().map(|n| n.as_str()).collect::<Vec<_>>(),
+        view.servers()
+            .keys()
+            .map(|n| n.as_str())
+            .collect::<Vec<_>>(),
         vec!["c1"]
     );
     let logs = rig
@@ -215,14 +218,19 @@ async fn the_tcp_connect_listener_speaks_tls_and_serves_only_clients_with_a_cert
     let rig = Rig::start().await;
     let e = &rig.egress;
     // A client certificate from the CA: CONNECT by node name works.
-    let tls = e.dial(Some(&e.client)).await.expect("TLS with a certificate");
+    let tls = e
+        .dial(Some(&e.client))
+        .await
+        .expect("TLS with a certificate");
     let conn = fake_kubelet::egress_connect(tls, &format!("h2:{}", rig.kubelet_port))
         .await
         .expect("CONNECT over TLS");
     let kubelet = fake_kubelet::kubelet_tls(conn, "h2", rig.client_tls.clone())
         .await
         .expect("kubelet TLS inside the proxy's TLS");
-    let got = fake_kubelet::get(kubelet, "h2", "/healthz").await.expect("get");
+    let got = fake_kubelet::get(kubelet, "h2", "/healthz")
+        .await
+        .expect("get");
     assert!(got.contains("ok h2"), "{got}");
     // No certificate, or one from another CA: no CONNECT is served.
     let stranger = fake_kubelet::KubeletCa::new().client("intruder");
@@ -242,5 +250,8 @@ async fn the_tcp_connect_listener_speaks_tls_and_serves_only_clients_with_a_cert
         fake_kubelet::egress_connect(tcp, &format!("h2:{}", rig.kubelet_port)),
     )
     .await;
-    assert!(!matches!(plain, Ok(Ok(_))), "plain CONNECT was served on the TLS port");
+    assert!(
+        !matches!(plain, Ok(Ok(_))),
+        "plain CONNECT was served on the TLS port"
+    );
 }

@@ -231,7 +231,7 @@ fn runtime() -> tokio::runtime::Runtime {
 
 #[test]
 fn kube_apiserver_reaches_edge_kubelets_by_name_through_raven_for_proxy_logs_exec_and_port_forward()
- {
+{
     if !ready() {
         return;
     }
@@ -318,7 +318,10 @@ fn kubectl_exec_works_through_raven(api: &ApiServer) {
         .kubectl_retried(&["exec", "web-0", "--", "hostname"], None)
         .expect("kubectl exec hostname");
     assert_eq!(out, "h2\n");
-    eprintln!("kubectl exec web-0 -- hostname: {out:?} in {:?}", t.elapsed());
+    eprintln!(
+        "kubectl exec web-0 -- hostname: {out:?} in {:?}",
+        t.elapsed()
+    );
     // stdin to the pod, counted only after kubectl half-closes it.
     let input = "0123456789".repeat(100_000);
     let out = api
@@ -331,13 +334,25 @@ fn kubectl_exec_works_through_raven(api: &ApiServer) {
     let out = api
         .kubectl(&["exec", "-i", "web-0", "--", "cat"], Some(&input))
         .expect("kubectl exec -i cat");
-    assert!(out == input, "cat returned {} of {} bytes", out.len(), input.len());
-    eprintln!("kubectl exec -i web-0 -- cat: {} bytes back in {:?}", out.len(), t.elapsed());
+    assert!(
+        out == input,
+        "cat returned {} of {} bytes",
+        out.len(),
+        input.len()
+    );
+    eprintln!(
+        "kubectl exec -i web-0 -- cat: {} bytes back in {:?}",
+        out.len(),
+        t.elapsed()
+    );
     // The exit status travels on the error stream.
     let err = api
         .kubectl(&["exec", "web-0", "--", "false"], None)
         .expect_err("false fails");
-    assert!(err.contains("exit Some(1)") && err.contains("command terminated with exit code 1"), "{err}");
+    assert!(
+        err.contains("exit Some(1)") && err.contains("command terminated with exit code 1"),
+        "{err}"
+    );
 }
 
 /// `kubectl port-forward pod/web-0 :80`: two connections through the local
@@ -347,7 +362,12 @@ fn kubectl_port_forward_works_through_raven(api: &ApiServer) {
     use std::io::{BufRead, Read, Write};
     api.kubectl_retried(
         &[
-            "patch", "pod", "web-0", "--subresource=status", "--type=merge", "-p",
+            "patch",
+            "pod",
+            "web-0",
+            "--subresource=status",
+            "--type=merge",
+            "-p",
             r#"{"status":{"phase":"Running"}}"#,
         ],
         None,
@@ -373,14 +393,11 @@ fn kubectl_port_forward_works_through_raven(api: &ApiServer) {
     let stdout = child.stdout.take().expect("stdout");
     let mut child = Kill(child);
     let mut lines = std::io::BufReader::new(stdout).lines();
-    let line = lines
-        .next()
-        .and_then(Result::ok)
-        .unwrap_or_else(|| {
-            let mut e = String::new();
-            let _ = child.0.stderr.take().map(|mut s| s.read_to_string(&mut e));
-            panic!("kubectl port-forward printed nothing: {e}")
-        });
+    let line = lines.next().and_then(Result::ok).unwrap_or_else(|| {
+        let mut e = String::new();
+        let _ = child.0.stderr.take().map(|mut s| s.read_to_string(&mut e));
+        panic!("kubectl port-forward printed nothing: {e}")
+    });
     // "Forwarding from 127.0.0.1:PORT -> 80"
     let local: u16 = line
         .split_once("127.0.0.1:")
@@ -390,7 +407,8 @@ fn kubectl_port_forward_works_through_raven(api: &ApiServer) {
     let t = Instant::now();
     for conn in 0..2 {
         let mut s = std::net::TcpStream::connect(("127.0.0.1", local)).expect("local port");
-        s.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+        s.set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
         let mut sent = 0;
         for round in 0..10 {
             let msg = format!("conn {conn} round {round} {}\n", "y".repeat(5000 * round));
@@ -402,13 +420,17 @@ fn kubectl_port_forward_works_through_raven(api: &ApiServer) {
         }
         s.shutdown(std::net::Shutdown::Write).expect("half-close");
         let mut rest = String::new();
-        s.read_to_string(&mut rest).expect("answer after half-close");
+        s.read_to_string(&mut rest)
+            .expect("answer after half-close");
         assert_eq!(
             rest,
             format!("\n{sent} bytes echoed by pod web-0 on h2, port 80\n")
         );
     }
-    eprintln!("kubectl port-forward: two connections echoed and answered after half-close in {:?}", t.elapsed());
+    eprintln!(
+        "kubectl port-forward: two connections echoed and answered after half-close in {:?}",
+        t.elapsed()
+    );
 }
 
 #[test]
@@ -432,7 +454,10 @@ fn kube_apiserver_dials_the_tcp_connect_listener_with_tls_and_its_client_certifi
     let logs = api
         .kubectl_retried(&["logs", "web-0"], None)
         .expect("kubectl logs");
-    assert!(logs.contains("log line 1 of default/web-0/web on h2"), "{logs}");
+    assert!(
+        logs.contains("log line 1 of default/web-0/web on h2"),
+        "{logs}"
+    );
     let out = api
         .kubectl_retried(&["exec", "web-0", "--", "hostname"], None)
         .expect("kubectl exec over the TLS CONNECT listener");
