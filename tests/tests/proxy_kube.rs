@@ -221,6 +221,17 @@ fn cluster(rt: &tokio::runtime::Runtime, transport: impl Fn(&Rig) -> String) -> 
     (rig, api)
 }
 
+/// `kubectl logs web-0`: the stand-in kubelet of h2 answers.
+fn kubectl_logs_of_web_0_come_from_h2(api: &ApiServer) {
+    let logs = api
+        .kubectl_retried(&["logs", "web-0"], None)
+        .expect("kubectl logs");
+    assert!(
+        logs.contains("log line 1 of default/web-0/web on h2"),
+        "{logs}"
+    );
+}
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -245,13 +256,7 @@ fn kube_apiserver_reaches_edge_kubelets_by_name_through_raven_for_proxy_logs_exe
     // `IsProxyableHostname` in pkg/registry/core/node/strategy.go.)
 
     // kubectl logs of a Pod bound to h2.
-    let logs = api
-        .kubectl_retried(&["logs", "web-0"], None)
-        .expect("kubectl logs");
-    assert!(
-        logs.contains("log line 1 of default/web-0/web on h2"),
-        "{logs}"
-    );
+    kubectl_logs_of_web_0_come_from_h2(&api);
 
     // A long-lived upgraded stream through nodes/<n>/proxy: bytes both
     // ways for a while, then a half-close.
@@ -451,13 +456,7 @@ fn kube_apiserver_dials_the_tcp_connect_listener_with_tls_and_its_client_certifi
             e.client_cert.display()
         )
     });
-    let logs = api
-        .kubectl_retried(&["logs", "web-0"], None)
-        .expect("kubectl logs");
-    assert!(
-        logs.contains("log line 1 of default/web-0/web on h2"),
-        "{logs}"
-    );
+    kubectl_logs_of_web_0_come_from_h2(&api);
     let out = api
         .kubectl_retried(&["exec", "web-0", "--", "hostname"], None)
         .expect("kubectl exec over the TLS CONNECT listener");
