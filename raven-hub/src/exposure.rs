@@ -259,10 +259,10 @@ pub fn desired(
             }
             // A label value is at most 63 characters; the owner reference
             // names the Gateway whatever its length.
-            if gw.len() > 63 || gw.contains('.') {
-                if let Some(l) = labels.as_object_mut() {
-                    l.remove(api::LABEL_GATEWAY);
-                }
+            if gw.len() > 63
+                && let Some(l) = labels.as_object_mut()
+            {
+                l.remove(api::LABEL_GATEWAY);
             }
             let metadata = json!({
                 "name": object,
