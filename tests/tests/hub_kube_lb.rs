@@ -10,12 +10,11 @@
 mod common;
 
 use anyhow::{Context, Result};
-use raven_hub::hub::RunningHub;
 use raven_hub::pipeline::Published;
 use raven_tests::kube_apiserver::{self, KubeApiServer, repo_root};
 use serde_json::Value;
 
-use common::WAIT;
+use common::{WAIT, until};
 
 const TUNNEL_SVC: &str = "x-raven-tunnel-svc-gw-lb";
 const PROXY_SVC: &str = "x-raven-proxy-svc-gw-lb";
@@ -52,14 +51,6 @@ fn endpoint_addresses(
         })
         .collect();
     Some((addresses, subset["ports"][0].clone()))
-}
-
-async fn until(hub: &RunningHub, what: &str, f: impl Fn(&Published) -> bool) -> Result<()> {
-    let mut rx = hub.published.clone();
-    tokio::time::timeout(WAIT, rx.wait_for(|p| f(p)))
-        .await
-        .with_context(|| format!("timed out waiting for: {what}"))??;
-    Ok(())
 }
 
 /// The gateway's active tunnel node and public address in the topology.
