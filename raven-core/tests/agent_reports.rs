@@ -318,15 +318,17 @@ fn status_shows_the_reported_key_the_observed_address_and_a_symmetric_nat() {
 #[test]
 fn a_load_balancer_gateway_is_reached_at_the_load_balancer_ingress() {
     let mut i = inputs();
-    let gw = i
-        .gateways
-        .get_mut("gw-nat-1")
-        .unwrap_or_else(|| panic!("gw-nat-1"));
-    gw.spec.expose_type = "LoadBalancer".into();
-    // Raven's webhook: an exposed gateway is not under NAT.
-    for ep in &mut gw.spec.endpoints {
-        ep.under_nat = false;
-    }
+    let expose = |i: &mut raven_core::Inputs, how: &str| {
+        let mut gw = i.gateways[&g("gw-nat-1")].gateway().clone();
+        gw.spec.expose_type = how.into();
+        // Raven's webhook: an exposed gateway is not under NAT.
+        for ep in &mut gw.spec.endpoints {
+            ep.under_nat = false;
+        }
+        let admitted = raven_core::compile::admit(gw).unwrap_or_else(|e| panic!("{e:?}"));
+        i.gateways.insert(g("gw-nat-1"), admitted);
+    };
+    expose(&mut i, "LoadBalancer");
     let lb_ip: std::net::IpAddr = "192.0.2.77".parse().unwrap_or_else(|e| panic!("{e}"));
     let public = |c: &raven_core::compile::Compiled| {
         c.topology
@@ -357,10 +359,6 @@ fn a_load_balancer_gateway_is_reached_at_the_load_balancer_ingress() {
     );
     assert_eq!(status_tunnel(&c, "gw-nat-1").public_ip, "192.0.2.77");
     // An ingress for a gateway that is not LoadBalancer-exposed is ignored.
-    i.gateways
-        .get_mut("gw-nat-1")
-        .unwrap_or_else(|| panic!("gw-nat-1"))
-        .spec
-        .expose_type = String::new();
+    expose(&mut i, "");
     assert_eq!(public(&compile(&i)), None);
 }

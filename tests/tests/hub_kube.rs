@@ -13,7 +13,6 @@ use anyhow::{Context, Result};
 use kube::Api;
 use raven_core::api::v1beta1::Gateway;
 use raven_hub::hub::RunningHub;
-use raven_hub::pipeline::Published;
 use raven_tests::kube_apiserver::{self, KubeApiServer, repo_root};
 use serde_json::Value;
 
