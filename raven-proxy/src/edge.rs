@@ -28,7 +28,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(3);
 pub async fn keep_tunnel(
     server: NodeName,
     addr: SocketAddr,
-    tls: Arc<rustls::ClientConfig>,
+    tls: crate::tls::Watched<rustls::ClientConfig>,
     view: watch::Receiver<Option<ProxyView>>,
     shutdown: CancellationToken,
 ) {
@@ -37,7 +37,8 @@ pub async fn keep_tunnel(
         let started = tokio::time::Instant::now();
         let result = tokio::select! {
             () = shutdown.cancelled() => return,
-            r = session(&server, addr, tls.clone(), &view) => r,
+            // Each dial presents the node's certificate current then.
+            r = session(&server, addr, tls.current(), &view) => r,
         };
         match result {
             Ok(()) => tracing::info!(%server, %addr, "proxy tunnel closed by the server"),

@@ -21,6 +21,9 @@ pub const NODE_CN_PREFIX: &str = "system:node:";
 /// ALPN of the tunnel.
 pub const ALPN: &[u8] = b"raven-proxy/1";
 
+/// A TLS configuration rebuilt when its files change.
+pub type Watched<C> = raven_cli::reload::Reloading<C>;
+
 /// PEM files of a node's identity.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeTls {
@@ -106,6 +109,39 @@ impl NodeTls {
             .with_single_cert(certs(&self.cert)?, key(&self.key)?)?;
         cfg.alpn_protocols = vec![ALPN.to_vec()];
         Ok(Arc::new(cfg))
+    }
+
+    /// [`Self::server_config`] now, and again whenever the node's files
+    /// change (the kubelet's rotated certificate, a Secret's `..data`
+    /// swap): new tunnels are accepted with the new certificate, a new
+    /// version that does not load is refused (logged, naming the file) and
+    /// the one in use stays.
+    pub fn watch_server(&self) -> Result<Watched<rustls::ServerConfig>, TlsError> {
+        let files = self.clone();
+        raven_cli::reload::Reloading::start(
+            "the proxy tunnel listener's certificate",
+            self.paths(),
+            move || files.server_config().map(Arc::unwrap_or_clone),
+        )
+    }
+
+    /// [`Self::client_config`] now and whenever the node's files change:
+    /// each dial uses the version current then.
+    pub fn watch_client(&self) -> Result<Watched<rustls::ClientConfig>, TlsError> {
+        let files = self.clone();
+        raven_cli::reload::Reloading::start(
+            "the proxy tunnel's client certificate",
+            self.paths(),
+            move || files.client_config().map(Arc::unwrap_or_clone),
+        )
+    }
+
+    fn paths(&self) -> Vec<PathBuf> {
+        let mut v = vec![self.ca.clone(), self.cert.clone()];
+        if self.key != self.cert {
+            v.push(self.key.clone());
+        }
+        v
     }
 
     /// The edge side: present this node's certificate, trust the CA.

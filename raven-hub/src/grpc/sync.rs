@@ -225,6 +225,9 @@ pub struct Session {
     stream_id: u64,
     /// Cancelled when a newer stream of the same node replaces this one.
     replaced: tokio_util::sync::CancellationToken,
+    /// The client certificate of this stream: when it expires, the stream
+    /// ends.
+    cert: crate::certs::Presented,
     /// This node's Report rate.
     report_rate: Rate,
     /// The latest Report that came faster than the rate allows.
@@ -273,6 +276,7 @@ impl Session {
         shared: SyncShared,
         out: Outbound,
         permit: OwnedSemaphorePermit,
+        cert: crate::certs::Presented,
     ) -> Self {
         let (stream_id, replaced) = shared.claim_stream(&node);
         let permit_until = tokio::time::Instant::now() + shared.config.admission_hold;
@@ -285,6 +289,7 @@ impl Session {
             permit_until,
             stream_id,
             replaced,
+            cert,
             report_rate,
             pending_report: None,
             held: BTreeMap::new(),
@@ -325,8 +330,10 @@ impl Session {
         let replaced = self.replaced.clone();
         let shutdown = self.shared.shutdown.clone();
         let first = tokio::time::timeout(self.shared.config.hello_timeout, inbound.message());
+        let expired = self.cert_expiry();
         let first = tokio::select! {
             r = first => r,
+            () = tokio::time::sleep_until(expired) => return Err(self.expired_status()),
             () = replaced.cancelled() => return Err(self.replaced_status()),
             () = shutdown.cancelled() => return Err(shutting_down()),
         };
@@ -389,7 +396,7 @@ impl Session {
         self.shared
             .index
             .update_if(|i| i.stream_opened(self.node.clone(), opened));
-        tracing::info!(node = %self.node, epoch = %hello.epoch, revision = hello.revision, held = self.held.len(), delta, "agent connected");
+        tracing::info!(node = %self.node, epoch = %hello.epoch, revision = hello.revision, held = self.held.len(), delta, cert_serial = %self.cert.serial, cert_expires = %humantime::format_rfc3339_seconds(self.cert.not_after), "agent connected");
         let result = self.main_loop(inbound, &mut published, snapshot).await;
         if self.shared.agents.disconnected(&self.node, session) {
             // A local failover claim and probe verdicts count only while
@@ -416,6 +423,7 @@ impl Session {
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_heard = tokio::time::Instant::now();
         let mut dirty = true;
+        let expired = self.cert_expiry();
         loop {
             if dirty && self.in_flight.is_none() {
                 let current = published.borrow_and_update().clone();
@@ -425,6 +433,7 @@ impl Session {
             tokio::select! {
                 () = self.replaced.cancelled() => return Err(self.replaced_status()),
                 () = self.shared.shutdown.cancelled() => return Err(shutting_down()),
+                () = tokio::time::sleep_until(expired) => return Err(self.expired_status()),
                 () = tokio::time::sleep_until(self.report_rate.next_at()), if self.pending_report.is_some() => {
                     if self.report_rate.take(tokio::time::Instant::now())
                         && let Some(report) = self.pending_report.take()
@@ -463,6 +472,27 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// When (on the runtime's clock) the client certificate expires.
+    fn cert_expiry(&self) -> tokio::time::Instant {
+        let left = self
+            .cert
+            .not_after
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_default();
+        // Far enough to never fire, not so far that the Instant overflows.
+        tokio::time::Instant::now() + left.min(Duration::from_secs(100 * 365 * 86_400))
+    }
+
+    /// Ends the stream of a certificate that expired, logged.
+    fn expired_status(&self) -> Status {
+        let at = humantime::format_rfc3339_seconds(self.cert.not_after);
+        tracing::warn!(node = %self.node, expired = %at, "closing the sync stream: its client certificate expired (a stream does not outlive its credential; the agent must reconnect with a renewed certificate)");
+        Status::unauthenticated(format!(
+            "the client certificate of node {} expired at {at}; reconnect with a renewed one",
+            self.node
+        ))
     }
 
     fn replaced_status(&self) -> Status {

@@ -1,0 +1,280 @@
+//! A value built from files and built again when they change — a TLS
+//! configuration from its certificate, key and CA files — with the last
+//! good version kept when the new files do not build.
+//!
+//! Changes are noticed the way a Kubernetes Secret volume makes them: the
+//! kubelet writes the new files into a fresh hidden directory and renames a
+//! `..data` symlink onto it, so every visible file (itself a symlink
+//! through `..data`) changes at once, with nothing written in place. The
+//! parent directory of each file is watched with inotify (the rename is an
+//! event there) and every file is `stat`ed through its symlinks (device,
+//! inode, size, modification and change times): a change of any file,
+//! whichever way it was made (the swap, a rename onto it, an edit in
+//! place), makes a new build. A poll every [`POLL_INTERVAL`] catches what
+//! inotify misses (a symlink pointing outside the watched directory, no
+//! inotify at all).
+//!
+//! A build that fails — a torn or half-written file, a key that does not
+//! match the certificate, an expired certificate — is logged as an error
+//! naming the file, and the previous version stays in use; the next change
+//! of any file is tried again. Watching and building run on a thread of
+//! their own, never on the async runtime (they block on the disk); it ends
+//! once every [`Reloading`] handle is dropped.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+/// How often the files are `stat`ed whatever inotify says.
+pub const POLL_INTERVAL: Duration = Duration::from_secs(5);
+
+/// How long a burst of events is let settle before the files are read: a
+/// writer replacing two files one after the other is read once, complete.
+pub const SETTLE: Duration = Duration::from_millis(100);
+
+/// The current version of a value built from files; cheap to clone.
+#[derive(Debug)]
+pub struct Reloading<T> {
+    rx: watch::Receiver<Arc<T>>,
+}
+
+impl<T> Clone for Reloading<T> {
+    fn clone(&self) -> Self {
+        Self {
+            rx: self.rx.clone(),
+        }
+    }
+}
+
+/// A file's identity and content stamp, through symlinks; `None`: missing
+/// or unreadable.
+type Stamp = Option<(u64, u64, u64, i64, i64, i64, i64)>;
+
+fn stamps(files: &[PathBuf]) -> Vec<Stamp> {
+    use std::os::unix::fs::MetadataExt;
+    files
+        .iter()
+        .map(|f| {
+            std::fs::metadata(f).ok().map(|m| {
+                (
+                    m.dev(),
+                    m.ino(),
+                    m.size(),
+                    m.mtime(),
+                    m.mtime_nsec(),
+                    m.ctime(),
+                    m.ctime_nsec(),
+                )
+            })
+        })
+        .collect()
+}
+
+/// The stamps of `files` now, to compare with a later call (a change of
+/// any file, a swap of the `..data` symlink behind it included).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileStamps(Vec<Stamp>);
+
+impl FileStamps {
+    /// Blocks on the disk (`stat` of each file): call it off the runtime.
+    pub fn of(files: &[PathBuf]) -> Self {
+        Self(stamps(files))
+    }
+}
+
+impl<T: Send + Sync + 'static> Reloading<T> {
+    /// Builds the value now (an error is returned as is: a process refuses
+    /// to start on bad files) and again on every change of `files`.
+    /// `what` names the value in log lines ("the hub's serving
+    /// certificate").
+    pub fn start<E, F>(what: &'static str, files: Vec<PathBuf>, mut build: F) -> Result<Self, E>
+    where
+        E: std::fmt::Display,
+        F: FnMut() -> Result<T, E> + Send + 'static,
+    {
+        let seen = stamps(&files);
+        let first = build()?;
+        let (tx, rx) = watch::channel(Arc::new(first));
+        let (events_tx, events) = std::sync::mpsc::channel::<()>();
+        let watcher = watch_dirs(what, &files, events_tx);
+        std::thread::Builder::new()
+            .name("raven-reload".into())
+            .spawn(move || {
+                // Dropped with the thread: the inotify watches end with it.
+                let _watcher = watcher;
+                follow(what, &files, seen, &events, &tx, &mut build);
+            })
+            .map_err(|e| {
+                tracing::error!(what, error = %e, "cannot start the thread that reloads files; they are read only once");
+            })
+            .ok();
+        Ok(Self { rx })
+    }
+}
+
+impl<T> Reloading<T> {
+    /// The version in use now.
+    pub fn current(&self) -> Arc<T> {
+        self.rx.borrow().clone()
+    }
+
+    /// A receiver that sees every new version.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<T>> {
+        self.rx.clone()
+    }
+}
+
+/// Watches the parent directory of each of `files`; `None` (logged) when
+/// inotify is not available: the poll alone then notices changes.
+fn watch_dirs(
+    what: &'static str,
+    files: &[PathBuf],
+    events: std::sync::mpsc::Sender<()>,
+) -> Option<notify::RecommendedWatcher> {
+    use notify::Watcher as _;
+    let handler = move |event: notify::Result<notify::Event>| {
+        // Our own reads change nothing.
+        if let Ok(e) = &event
+            && matches!(e.kind, notify::EventKind::Access(_))
+        {
+            return;
+        }
+        let _ = events.send(());
+    };
+    let mut watcher = match notify::recommended_watcher(handler) {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::warn!(what, error = %e, "cannot use inotify; polling the files every {POLL_INTERVAL:?}");
+            return None;
+        }
+    };
+    let mut dirs: Vec<&Path> = files
+        .iter()
+        .map(|f| match f.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        })
+        .collect();
+    dirs.sort();
+    dirs.dedup();
+    for dir in dirs {
+        if let Err(e) = watcher.watch(dir, notify::RecursiveMode::NonRecursive) {
+            tracing::warn!(what, dir = %dir.display(), error = %e, "cannot watch the directory with inotify; polling it every {POLL_INTERVAL:?}");
+        }
+    }
+    Some(watcher)
+}
+
+fn follow<T, E: std::fmt::Display>(
+    what: &'static str,
+    files: &[PathBuf],
+    mut seen: Vec<Stamp>,
+    events: &std::sync::mpsc::Receiver<()>,
+    tx: &watch::Sender<Arc<T>>,
+    build: &mut impl FnMut() -> Result<T, E>,
+) {
+    use std::sync::mpsc::RecvTimeoutError;
+    let names = || {
+        files
+            .iter()
+            .map(|f| f.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    loop {
+        match events.recv_timeout(POLL_INTERVAL) {
+            Ok(()) => {
+                std::thread::sleep(SETTLE);
+                while events.try_recv().is_ok() {}
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            // No inotify: poll.
+            Err(RecvTimeoutError::Disconnected) => std::thread::sleep(POLL_INTERVAL),
+        }
+        if tx.is_closed() {
+            return;
+        }
+        let now = stamps(files);
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        match build() {
+            Ok(v) => {
+                tx.send_replace(Arc::new(v));
+                tracing::info!(what, files = %names(), "files changed: reloaded; new connections use the new version");
+            }
+            Err(e) => {
+                tracing::error!(what, error = %e, "files changed but do not load; the previous version stays in use");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wait_for(rx: &mut watch::Receiver<Arc<String>>, want: &str) -> bool {
+        let t = std::time::Instant::now();
+        while t.elapsed() < Duration::from_secs(10) {
+            if rx.borrow_and_update().as_str() == want {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    /// What the kubelet does to a Secret volume: new files in a fresh
+    /// directory, the `..data` symlink renamed onto it.
+    fn kubelet_swap(dir: &Path, generation: &str, content: &str) {
+        let data = dir.join(format!("..{generation}"));
+        std::fs::create_dir(&data).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(data.join("value"), content).unwrap_or_else(|e| panic!("{e}"));
+        let tmp = dir.join("..data_tmp");
+        std::os::unix::fs::symlink(format!("..{generation}"), &tmp)
+            .unwrap_or_else(|e| panic!("{e}"));
+        std::fs::rename(&tmp, dir.join("..data")).unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    #[test]
+    fn a_secret_volumes_data_symlink_swap_is_reloaded_and_a_bad_version_keeps_the_last_good_one() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        kubelet_swap(dir.path(), "1", "one");
+        let file = dir.path().join("value");
+        std::os::unix::fs::symlink("..data/value", &file).unwrap_or_else(|e| panic!("{e}"));
+        let read = file.clone();
+        let r = Reloading::start("test value", vec![file], move || {
+            let s = std::fs::read_to_string(&read).map_err(|e| e.to_string())?;
+            if s.starts_with("bad") {
+                return Err(format!("{}: bad", read.display()));
+            }
+            Ok(s)
+        })
+        .unwrap_or_else(|e: String| panic!("{e}"));
+        let mut rx = r.subscribe();
+        assert_eq!(r.current().as_str(), "one");
+
+        kubelet_swap(dir.path(), "2", "two");
+        assert!(wait_for(&mut rx, "two"), "the swap was not reloaded");
+
+        kubelet_swap(dir.path(), "3", "bad, torn");
+        std::thread::sleep(SETTLE * 5);
+        assert_eq!(r.current().as_str(), "two", "a bad version replaced a good one");
+
+        kubelet_swap(dir.path(), "4", "four");
+        assert!(wait_for(&mut rx, "four"), "a good version after a bad one was not taken");
+    }
+
+    #[test]
+    fn files_that_do_not_build_at_start_are_an_error() {
+        let r: Result<Reloading<()>, String> =
+            Reloading::start("test value", vec![PathBuf::from("/nonexistent")], || {
+                Err("/nonexistent: missing".to_owned())
+            });
+        assert_eq!(r.err().as_deref(), Some("/nonexistent: missing"));
+    }
+}
