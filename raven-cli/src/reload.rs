@@ -38,12 +38,14 @@ pub const SETTLE: Duration = Duration::from_millis(100);
 #[derive(Debug)]
 pub struct Reloading<T> {
     rx: watch::Receiver<Arc<T>>,
+    refused: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl<T> Clone for Reloading<T> {
     fn clone(&self) -> Self {
         Self {
             rx: self.rx.clone(),
+            refused: self.refused.clone(),
         }
     }
 }
@@ -99,18 +101,24 @@ impl<T: Send + Sync + 'static> Reloading<T> {
         let (tx, rx) = watch::channel(Arc::new(first));
         let (events_tx, events) = std::sync::mpsc::channel::<()>();
         let watcher = watch_dirs(what, &files, events_tx);
+        let refused = Arc::new(std::sync::Mutex::new(None));
+        let followed = Followed {
+            what,
+            tx,
+            refused: refused.clone(),
+        };
         std::thread::Builder::new()
             .name("raven-reload".into())
             .spawn(move || {
                 // Dropped with the thread: the inotify watches end with it.
                 let _watcher = watcher;
-                follow(what, &files, seen, &events, &tx, &mut build);
+                follow(&followed, &files, seen, &events, &mut build);
             })
             .map_err(|e| {
                 tracing::error!(what, error = %e, "cannot start the thread that reloads files; they are read only once");
             })
             .ok();
-        Ok(Self { rx })
+        Ok(Self { rx, refused })
     }
 }
 
@@ -118,6 +126,15 @@ impl<T> Reloading<T> {
     /// The version in use now.
     pub fn current(&self) -> Arc<T> {
         self.rx.borrow().clone()
+    }
+
+    /// Why the files' latest change was refused, while the version in use
+    /// is older than the files (`None` once a change loaded).
+    pub fn refused(&self) -> Option<String> {
+        self.refused
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// A receiver that sees every new version.
@@ -167,21 +184,33 @@ fn watch_dirs(
     Some(watcher)
 }
 
-fn follow<T, E: std::fmt::Display>(
+/// Where the watching thread reports.
+struct Followed<T> {
     what: &'static str,
+    tx: watch::Sender<Arc<T>>,
+    refused: Arc<std::sync::Mutex<Option<String>>>,
+}
+
+fn follow<T, E: std::fmt::Display>(
+    to: &Followed<T>,
     files: &[PathBuf],
     mut seen: Vec<Stamp>,
     events: &std::sync::mpsc::Receiver<()>,
-    tx: &watch::Sender<Arc<T>>,
     build: &mut impl FnMut() -> Result<T, E>,
 ) {
     use std::sync::mpsc::RecvTimeoutError;
+    let what = to.what;
     let names = || {
         files
             .iter()
             .map(|f| f.display().to_string())
             .collect::<Vec<_>>()
             .join(", ")
+    };
+    let refuse = |why: Option<String>| {
+        *to.refused
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = why;
     };
     loop {
         match events.recv_timeout(POLL_INTERVAL) {
@@ -193,7 +222,7 @@ fn follow<T, E: std::fmt::Display>(
             // No inotify: poll.
             Err(RecvTimeoutError::Disconnected) => std::thread::sleep(POLL_INTERVAL),
         }
-        if tx.is_closed() {
+        if to.tx.is_closed() {
             return;
         }
         let now = stamps(files);
@@ -203,10 +232,12 @@ fn follow<T, E: std::fmt::Display>(
         seen = now;
         match build() {
             Ok(v) => {
-                tx.send_replace(Arc::new(v));
+                to.tx.send_replace(Arc::new(v));
+                refuse(None);
                 tracing::info!(what, files = %names(), "files changed: reloaded; new connections use the new version");
             }
             Err(e) => {
+                refuse(Some(e.to_string()));
                 tracing::error!(what, error = %e, "files changed but do not load; the previous version stays in use");
             }
         }
@@ -262,11 +293,27 @@ mod tests {
         assert!(wait_for(&mut rx, "two"), "the swap was not reloaded");
 
         kubelet_swap(dir.path(), "3", "bad, torn");
-        std::thread::sleep(SETTLE * 5);
-        assert_eq!(r.current().as_str(), "two", "a bad version replaced a good one");
+        let t = std::time::Instant::now();
+        while r.refused().is_none() {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "the bad version was not noticed"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(r.refused().is_some_and(|e| e.ends_with("value: bad")));
+        assert_eq!(
+            r.current().as_str(),
+            "two",
+            "a bad version replaced a good one"
+        );
 
         kubelet_swap(dir.path(), "4", "four");
-        assert!(wait_for(&mut rx, "four"), "a good version after a bad one was not taken");
+        assert!(
+            wait_for(&mut rx, "four"),
+            "a good version after a bad one was not taken"
+        );
+        assert_eq!(r.refused(), None);
     }
 
     #[test]

@@ -341,7 +341,11 @@ struct Opened {
 }
 
 fn identity_files(cfg: &ClientConfig) -> Vec<std::path::PathBuf> {
-    vec![cfg.tls.cert.clone(), cfg.tls.key.clone(), cfg.tls.ca.clone()]
+    vec![
+        cfg.tls.cert.clone(),
+        cfg.tls.key.clone(),
+        cfg.tls.ca.clone(),
+    ]
 }
 
 /// The stamps of the identity files now, off the runtime (`stat`s).

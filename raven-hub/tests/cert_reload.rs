@@ -90,7 +90,12 @@ impl Hub {
         let log = dir.join("hub.log");
         let child = Command::new(EXE)
             .args(["serve", "--manifests", manifests, "--grpc-addr", &addr])
-            .args(["--http-addr", "127.0.0.1:0", "--plaintext-addr", "127.0.0.1:0"])
+            .args([
+                "--http-addr",
+                "127.0.0.1:0",
+                "--plaintext-addr",
+                "127.0.0.1:0",
+            ])
             .args(["--heartbeat", "1s"])
             .arg("--certs")
             .arg(certs)
@@ -155,7 +160,9 @@ impl Client {
     async fn served(&self, addr: &str) -> Result<Vec<u8>, String> {
         let mut roots = rustls::RootCertStore::empty();
         for c in CertificateDer::pem_slice_iter(&self.ca) {
-            roots.add(c.map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+            roots
+                .add(c.map_err(|e| e.to_string())?)
+                .map_err(|e| e.to_string())?;
         }
         let chain: Vec<_> = CertificateDer::pem_slice_iter(&self.cert)
             .collect::<Result<_, _>>()
@@ -348,7 +355,11 @@ async fn a_renewed_serving_certificate_and_client_ca_in_a_secret_serve_new_conne
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     };
-    assert_eq!(served, der(&v1_cert), "the hub serves its first certificate");
+    assert_eq!(
+        served,
+        der(&v1_cert),
+        "the hub serves its first certificate"
+    );
     let mut open = node.sync(&hub.addr).await.expect("a Sync stream");
     assert!(
         node_of_b.sync(&hub.addr).await.is_err(),
@@ -413,10 +424,7 @@ async fn a_renewed_serving_certificate_and_client_ca_in_a_secret_serve_new_conne
         ],
     );
     let line = hub
-        .wait_log(&[
-            "do not load",
-            &mount.join("hub.pem").display().to_string(),
-        ])
+        .wait_log(&["do not load", &mount.join("hub.pem").display().to_string()])
         .await;
     eprintln!("refused: {line}");
     assert_eq!(
@@ -500,9 +508,7 @@ async fn a_sync_stream_ends_when_its_client_certificate_expires() {
         late >= time::Duration::ZERO && late < time::Duration::seconds(3),
         "closed {late} after the expiry"
     );
-    let line = hub
-        .wait_log(&["client certificate expired", "n1"])
-        .await;
+    let line = hub.wait_log(&["client certificate expired", "n1"]).await;
     eprintln!("{line}");
     // And the expired certificate opens no new stream.
     assert!(node.sync(&hub.addr).await.is_err());

@@ -66,7 +66,7 @@ fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
         .collect::<Result<_, _>>()
         .map_err(|e| TlsError::Pem {
             path: path.to_owned(),
-            what: e.to_string(),
+            what: pem_error(&e),
         })?;
     if out.is_empty() {
         return Err(TlsError::Pem {
@@ -77,11 +77,21 @@ fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     Ok(out)
 }
 
+/// A PEM error in words (rustls prints a missing end marker as bytes).
+fn pem_error(e: &rustls::pki_types::pem::Error) -> String {
+    match e {
+        rustls::pki_types::pem::Error::MissingSectionEnd { .. } => {
+            "a PEM block has no end line (a torn or half-written file)".to_owned()
+        }
+        other => other.to_string(),
+    }
+}
+
 fn key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     let (pem, _) = raven_cli::files::read_private_key(path)?;
     PrivateKeyDer::from_pem_slice(&pem).map_err(|e| TlsError::Pem {
         path: path.to_owned(),
-        what: e.to_string(),
+        what: pem_error(&e),
     })
 }
 

@@ -142,9 +142,10 @@ async fn the_tunnel_listener_serves_a_renewed_node_certificate_and_keeps_the_old
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
     let stop = CancellationToken::new();
+    let watched = cloud.watch_server().expect("server TLS");
     tokio::spawn(serve_tunnels(
         listener,
-        cloud.watch_server().expect("server TLS"),
+        watched.clone(),
         Arc::new(Tunnels::default()),
         stop.clone(),
     ));
@@ -184,7 +185,22 @@ async fn the_tunnel_listener_serves_a_renewed_node_certificate_and_keeps_the_old
             ("node-key.pem", key3.as_bytes()),
         ],
     );
-    tokio::time::sleep(raven_cli::reload::SETTLE * 10).await;
+    let t = Instant::now();
+    let why = loop {
+        if let Some(why) = watched.refused() {
+            break why;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "the torn file was not noticed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    eprintln!("refused: {why}");
+    assert!(
+        why.contains(&mount.join("node.pem").display().to_string()),
+        "the error does not name the file: {why}"
+    );
     assert_eq!(
         served(addr, &edge).await,
         der(&cert2),

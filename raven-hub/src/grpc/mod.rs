@@ -18,11 +18,11 @@ use futures::Stream;
 use raven_proto::v1::inspect_service_server::InspectServiceServer;
 use raven_proto::wire::sync_service_server::{SyncService, SyncServiceServer};
 use raven_proto::{EncodedSyncResponse, v1};
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tokio_util::sync::CancellationToken;
-use rustls::pki_types::pem::PemObject as _;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tonic::transport::Server;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -118,14 +118,19 @@ impl TlsFiles {
             reason: error_chain(e),
         };
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let verifier =
-            rustls::server::WebPkiClientVerifier::builder_with_provider(roots.into(), provider.clone())
-                .build()
-                .map_err(|e| config_err(&e))?;
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            roots.into(),
+            provider.clone(),
+        )
+        .build()
+        .map_err(|e| config_err(&e))?;
         // A key that does not match the certificate fails here.
         let mut config = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
-            .and_then(|b| b.with_client_cert_verifier(verifier).with_single_cert(chain, key_der))
+            .and_then(|b| {
+                b.with_client_cert_verifier(verifier)
+                    .with_single_cert(chain, key_der)
+            })
             .map_err(|e| config_err(&e))?;
         config.alpn_protocols = vec![ALPN_H2.to_vec()];
         Ok(Arc::new(config))
@@ -165,8 +170,8 @@ impl TlsFiles {
             what: "certificate",
             reason,
         };
-        let (_, block) = x509_parser::pem::parse_x509_pem(&pem)
-            .map_err(|e| bad(format!("not PEM ({e})")))?;
+        let (_, block) =
+            x509_parser::pem::parse_x509_pem(&pem).map_err(|e| bad(format!("not PEM ({e})")))?;
         let cert = block
             .parse_x509()
             .map_err(|e| bad(format!("the certificate does not parse ({e})")))?;

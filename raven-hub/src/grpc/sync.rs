@@ -312,6 +312,22 @@ impl Session {
         let node = self.node.clone();
         self.shared.metrics.stream_opened();
         let result = self.serve(&mut inbound, remote).await;
+        // A stream replaced by a newer one of the same node (the agent
+        // moving to a renewed certificate, make before break) hands the
+        // node over: the agent never counts as gone. Otherwise the node has
+        // no stream now — even when this one ended before its Hello, after
+        // replacing one that had registered.
+        if !self.replaced.is_cancelled() && self.shared.agents.disconnected(&node) {
+            // A local failover claim and probe verdicts count only while
+            // their agent is connected (it re-reports on reconnect); the
+            // election they caused stays. The failure detector starts
+            // counting the stream's absence now.
+            let closed = tokio::time::Instant::now();
+            tracing::info!(node = %node, ended = %result.as_ref().err().map_or_else(|| "closed".to_owned(), |s| format!("{:?}", s.code())), "agent disconnected");
+            self.shared
+                .index
+                .update_if(|i| i.stream_closed(&node, closed));
+        }
         self.shared.release_stream(&node, self.stream_id);
         self.shared.metrics.stream_closed();
         if let Err(status) = result {
@@ -391,25 +407,13 @@ impl Session {
                 "the hub has not synced its sources yet",
             ));
         }
-        let session = self.shared.agents.connected(&self.node, &hello, remote);
+        self.shared.agents.connected(&self.node, &hello, remote);
         let opened = tokio::time::Instant::now();
         self.shared
             .index
             .update_if(|i| i.stream_opened(self.node.clone(), opened));
         tracing::info!(node = %self.node, epoch = %hello.epoch, revision = hello.revision, held = self.held.len(), delta, cert_serial = %self.cert.serial, cert_expires = %humantime::format_rfc3339_seconds(self.cert.not_after), "agent connected");
-        let result = self.main_loop(inbound, &mut published, snapshot).await;
-        if self.shared.agents.disconnected(&self.node, session) {
-            // A local failover claim and probe verdicts count only while
-            // their agent is connected (it re-reports on reconnect); the
-            // election they caused stays. The failure detector starts
-            // counting the stream's absence now.
-            let closed = tokio::time::Instant::now();
-            tracing::info!(node = %self.node, ended = %result.as_ref().err().map_or_else(|| "closed".to_owned(), |s| format!("{:?}", s.code())), "agent disconnected");
-            self.shared
-                .index
-                .update_if(|i| i.stream_closed(&self.node, closed));
-        }
-        result
+        self.main_loop(inbound, &mut published, snapshot).await
     }
 
     async fn main_loop(
