@@ -136,6 +136,56 @@ impl Drop for Netns {
     }
 }
 
+/// A namespace `<prefix><pid>` with loopback up; a directory holding
+/// raven's own CA and the hub's serving certificate (`certs/`, no node
+/// bundle) and an empty kubelet PKI directory (returned).
+fn setup(prefix: &str) -> (Netns, tempfile::TempDir, PathBuf) {
+    let ns = Netns(format!("{prefix}{}", std::process::id() % 100_000));
+    must(&["netns", "add", &ns.0]);
+    must(&["-n", &ns.0, "link", "set", "lo", "up"]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let st = Command::new(sibling("raven-hub"))
+        .args(["certs", "--out"])
+        .arg(dir.path().join("certs"))
+        .stdout(Stdio::null())
+        .status()
+        .expect("certs");
+    assert!(st.success());
+    let pki = dir.path().join("kubelet-pki");
+    std::fs::create_dir_all(&pki).expect("pki");
+    (ns, dir, pki)
+}
+
+/// The agent of `NODE` in `ns`, presenting the kubelet's certificate
+/// `current` to the hub on 127.0.0.1:10270 (raven's CA in `d/certs`),
+/// logging to `d/edge.log` (returned); `extra` flags appended.
+fn kubelet_agent(ns: &Netns, d: &Path, current: &Path, extra: &[&str]) -> (Proc, PathBuf) {
+    let log = d.join("edge.log");
+    let hub_ca = d.join("certs/ca.pem").display().to_string();
+    let mut flags = vec![
+        "--client-cert",
+        current.to_str().unwrap_or_default(),
+        "--hub-ca",
+        &hub_ca,
+    ];
+    flags.extend_from_slice(extra);
+    let args = agent_args(
+        NODE,
+        &d.join("edge-data"),
+        d,
+        "https://127.0.0.1:10270",
+        "localhost",
+        &flags,
+    );
+    let agent = spawn_in(
+        &ns.0,
+        Path::new(env!("CARGO_BIN_EXE_raven-edge")),
+        &args,
+        &log,
+    );
+    (agent, log)
+}
+
 /// How many hub sessions the agent has opened so far (its log says
 /// "connected to hub" once the TLS handshake and the stream succeeded).
 fn sessions(log: &Path) -> usize {
@@ -161,21 +211,8 @@ fn the_agent_presents_the_kubelets_rotated_client_certificate_from_its_next_conn
     if !support::root_with(&["openssl"]) {
         return;
     }
-    let ns = Netns(format!("rvk{}", std::process::id() % 100_000));
-    must(&["netns", "add", &ns.0]);
-    must(&["-n", &ns.0, "link", "set", "lo", "up"]);
-    let dir = tempfile::tempdir().expect("tempdir");
+    let (ns, dir, pki) = setup("rvk");
     let d = dir.path();
-    // raven's own CA and the hub's serving certificate; no node bundle.
-    let st = Command::new(sibling("raven-hub"))
-        .args(["certs", "--out"])
-        .arg(d.join("certs"))
-        .stdout(Stdio::null())
-        .status()
-        .expect("certs");
-    assert!(st.success());
-    let pki = d.join("kubelet-pki");
-    std::fs::create_dir_all(&pki).expect("pki");
     let old_ca = cluster_ca(&pki, "cluster-a");
     let new_ca = cluster_ca(&pki, "cluster-b");
     let current = kubelet_rotates(&pki, "cluster-a", "2026-12-01-00-00-00");
@@ -190,28 +227,7 @@ fn the_agent_presents_the_kubelets_rotated_client_certificate_from_its_next_conn
         spawn_in(&ns.0, &sibling("raven-hub"), &args, &d.join(log))
     };
     let hub = hub_trusting(&old_ca, "hub-1.log");
-    let agent_log = d.join("edge.log");
-    let hub_ca = d.join("certs/ca.pem").display().to_string();
-    let args = agent_args(
-        NODE,
-        &d.join("edge-data"),
-        d,
-        "https://127.0.0.1:10270",
-        "localhost",
-        &[
-            "--client-cert",
-            current.to_str().unwrap_or_default(),
-            "--hub-ca",
-            &hub_ca,
-            "--dry-run",
-        ],
-    );
-    let _agent = spawn_in(
-        &ns.0,
-        Path::new(env!("CARGO_BIN_EXE_raven-edge")),
-        &args,
-        &agent_log,
-    );
+    let (_agent, agent_log) = kubelet_agent(&ns, d, &current, &["--dry-run"]);
     let log = || std::fs::read_to_string(&agent_log).unwrap_or_default();
     assert!(
         wait_sessions(&agent_log, 1, Duration::from_secs(20)),
@@ -290,20 +306,8 @@ fn a_connected_agent_moves_to_the_kubelets_rotated_certificate_on_a_new_stream_b
     if !support::root_with(&["openssl"]) {
         return;
     }
-    let ns = Netns(format!("rvr{}", std::process::id() % 100_000));
-    must(&["netns", "add", &ns.0]);
-    must(&["-n", &ns.0, "link", "set", "lo", "up"]);
-    let dir = tempfile::tempdir().expect("tempdir");
+    let (ns, dir, pki) = setup("rvr");
     let d = dir.path();
-    let st = Command::new(sibling("raven-hub"))
-        .args(["certs", "--out"])
-        .arg(d.join("certs"))
-        .stdout(Stdio::null())
-        .status()
-        .expect("certs");
-    assert!(st.success());
-    let pki = d.join("kubelet-pki");
-    std::fs::create_dir_all(&pki).expect("pki");
     let ca = cluster_ca(&pki, "cluster");
     let current = kubelet_rotates(&pki, "cluster", "2026-12-01-00-00-00");
     let first_serial = serial(&current);
@@ -316,27 +320,7 @@ fn a_connected_agent_moves_to_the_kubelets_rotated_certificate_on_a_new_stream_b
     let mut args = hub_args(manifests, d, "127.0.0.1:10270");
     args.extend(["--client-ca".to_owned(), ca.display().to_string()]);
     let _hub = spawn_in(&ns.0, &sibling("raven-hub"), &args, &hub_log);
-    let agent_log = d.join("edge.log");
-    let hub_ca = d.join("certs/ca.pem").display().to_string();
-    let args = agent_args(
-        NODE,
-        &d.join("edge-data"),
-        d,
-        "https://127.0.0.1:10270",
-        "localhost",
-        &[
-            "--client-cert",
-            current.to_str().unwrap_or_default(),
-            "--hub-ca",
-            &hub_ca,
-        ],
-    );
-    let _agent = spawn_in(
-        &ns.0,
-        Path::new(env!("CARGO_BIN_EXE_raven-edge")),
-        &args,
-        &agent_log,
-    );
+    let (_agent, agent_log) = kubelet_agent(&ns, d, &current, &[]);
     let logs = || {
         format!(
             "agent:\n{}\nhub:\n{}",
