@@ -6,6 +6,7 @@
 //!   serves inspection, reflection and health — never `Sync`.
 
 pub mod conn;
+pub mod error;
 pub mod inspect;
 pub mod sync;
 
@@ -26,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 use tonic::{Request, Response, Status, Streaming};
 
+use self::error::SyncError;
 use self::inspect::Inspect;
 use self::sync::{Session, SyncShared};
 use crate::certs;
@@ -296,29 +298,24 @@ impl SyncService for Sync {
             .remote_addr()
             .map(|a| a.to_string())
             .unwrap_or_default();
-        let certs = request
-            .peer_certs()
-            .ok_or_else(|| Status::unauthenticated("Sync requires a client certificate (mTLS)"))?;
+        let certs = request.peer_certs().ok_or(SyncError::NotMtls)?;
         let leaf = certs
             .first()
-            .ok_or_else(|| Status::unauthenticated("no client certificate was presented"))?;
+            .ok_or(SyncError::Identity(certs::IdentityError::NoCertificate))?;
         let node = certs::node_identity(leaf.as_ref()).map_err(|e| {
             tracing::warn!(%remote, error = %e, "refused a Sync stream");
-            Status::unauthenticated(e.to_string())
+            SyncError::from(e)
         })?;
         // A stream must not outlive its credential: the session ends when
         // the client certificate expires (the agent moves to its renewed
         // one before that, on a new stream).
-        let presented =
-            certs::presented(leaf.as_ref()).map_err(|e| Status::unauthenticated(e.to_string()))?;
+        let presented = certs::presented(leaf.as_ref()).map_err(SyncError::from)?;
         // TLS checks expiry to the second, inclusive; a stream starts only
         // before the instant its certificate expires.
         if presented.not_after <= std::time::SystemTime::now() {
-            let at = humantime::format_rfc3339_seconds(presented.not_after);
+            let at = humantime::format_rfc3339_seconds(presented.not_after).to_string();
             tracing::warn!(%node, %remote, expired = %at, "refused a Sync stream: its client certificate expired");
-            return Err(Status::unauthenticated(format!(
-                "the client certificate of node {node} expired at {at}"
-            )));
+            return Err(SyncError::CertificateExpired { node, at }.into());
         }
         let permit = self.shared.admit()?;
         let (tx, rx) = tokio::sync::mpsc::channel(4);
