@@ -143,6 +143,39 @@ impl<T> Reloading<T> {
     }
 }
 
+/// Writes `files` (name, content) into `mount` the way the kubelet updates
+/// a Secret volume: into a fresh `..<generation>` directory (mode 0600),
+/// then the `..data` symlink renamed onto it — one atomic switch of every
+/// file — with each visible name a symlink through `..data` (made once).
+/// What [`Reloading`] must follow; the tests rotate certificates with it.
+pub fn write_secret_volume(
+    mount: &Path,
+    generation: &str,
+    files: &[(&str, &[u8])],
+) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = mount.join(format!("..{generation}"));
+    std::fs::create_dir_all(&dir)?;
+    for (name, bytes) in files {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(dir.join(name))?;
+        std::io::Write::write_all(&mut f, bytes)?;
+    }
+    let tmp = mount.join("..data_tmp");
+    std::os::unix::fs::symlink(format!("..{generation}"), &tmp)?;
+    std::fs::rename(&tmp, mount.join("..data"))?;
+    for (name, _) in files {
+        let link = mount.join(name);
+        if std::fs::symlink_metadata(&link).is_err() {
+            std::os::unix::fs::symlink(format!("..data/{name}"), &link)?;
+        }
+    }
+    Ok(())
+}
+
 /// Watches the parent directory of each of `files`; `None` (logged) when
 /// inotify is not available: the poll alone then notices changes.
 fn watch_dirs(
@@ -259,16 +292,9 @@ mod tests {
         false
     }
 
-    /// What the kubelet does to a Secret volume: new files in a fresh
-    /// directory, the `..data` symlink renamed onto it.
     fn kubelet_swap(dir: &Path, generation: &str, content: &str) {
-        let data = dir.join(format!("..{generation}"));
-        std::fs::create_dir(&data).unwrap_or_else(|e| panic!("{e}"));
-        std::fs::write(data.join("value"), content).unwrap_or_else(|e| panic!("{e}"));
-        let tmp = dir.join("..data_tmp");
-        std::os::unix::fs::symlink(format!("..{generation}"), &tmp)
+        write_secret_volume(dir, generation, &[("value", content.as_bytes())])
             .unwrap_or_else(|e| panic!("{e}"));
-        std::fs::rename(&tmp, dir.join("..data")).unwrap_or_else(|e| panic!("{e}"));
     }
 
     #[test]
@@ -276,7 +302,6 @@ mod tests {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         kubelet_swap(dir.path(), "1", "one");
         let file = dir.path().join("value");
-        std::os::unix::fs::symlink("..data/value", &file).unwrap_or_else(|e| panic!("{e}"));
         let read = file.clone();
         let r = Reloading::start("test value", vec![file], move || {
             let s = std::fs::read_to_string(&read).map_err(|e| e.to_string())?;

@@ -7,7 +7,6 @@
 //! A Sync stream ends when its client certificate expires. Real `raven-hub
 //! serve` processes, real mTLS over loopback sockets.
 
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -39,30 +38,9 @@ fn read(p: &Path) -> Vec<u8> {
     std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 
-/// What the kubelet does to a Secret volume at `mount`: `files` written
-/// into `..<generation>`, `..data` renamed onto it, each visible name a
-/// symlink through `..data` (made once).
+/// The kubelet's update of a Secret volume at `mount` (`..data` swap).
 fn secret_update(mount: &Path, generation: &str, files: &[(&str, &[u8])]) {
-    let dir = mount.join(format!("..{generation}"));
-    std::fs::create_dir_all(&dir).expect("mkdir");
-    for (name, bytes) in files {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(dir.join(name))
-            .expect("create");
-        std::io::Write::write_all(&mut f, bytes).expect("write");
-    }
-    let tmp = mount.join("..data_tmp");
-    std::os::unix::fs::symlink(format!("..{generation}"), &tmp).expect("symlink");
-    std::fs::rename(&tmp, mount.join("..data")).expect("rename ..data");
-    for (name, _) in files {
-        let link = mount.join(name);
-        if std::fs::symlink_metadata(&link).is_err() {
-            std::os::unix::fs::symlink(format!("..data/{name}"), &link).expect("symlink");
-        }
-    }
+    raven_cli::reload::write_secret_volume(mount, generation, files).expect("secret update");
 }
 
 fn free_port() -> u16 {

@@ -4,7 +4,6 @@
 //! renewed certificate without restarting the agent, and a torn new file is
 //! refused while the old certificate keeps serving. Real sockets, real mTLS.
 
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -47,29 +46,9 @@ fn node(ca: &Ca, name: &str) -> (String, String) {
     (cert.pem(), key.serialize_pem())
 }
 
-/// The kubelet's update of a Secret volume: files into `..<generation>`,
-/// `..data` renamed onto it, visible names symlinked through `..data`.
+/// The kubelet's update of a Secret volume at `mount` (`..data` swap).
 fn secret_update(mount: &Path, generation: &str, files: &[(&str, &[u8])]) {
-    let dir = mount.join(format!("..{generation}"));
-    std::fs::create_dir_all(&dir).expect("mkdir");
-    for (name, bytes) in files {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(dir.join(name))
-            .expect("create");
-        std::io::Write::write_all(&mut f, bytes).expect("write");
-    }
-    let tmp = mount.join("..data_tmp");
-    std::os::unix::fs::symlink(format!("..{generation}"), &tmp).expect("symlink");
-    std::fs::rename(&tmp, mount.join("..data")).expect("rename ..data");
-    for (name, _) in files {
-        let link = mount.join(name);
-        if std::fs::symlink_metadata(&link).is_err() {
-            std::os::unix::fs::symlink(format!("..data/{name}"), &link).expect("symlink");
-        }
-    }
+    raven_cli::reload::write_secret_volume(mount, generation, files).expect("secret update");
 }
 
 fn der(pem: &str) -> Vec<u8> {
