@@ -218,6 +218,24 @@ pub enum Command {
         #[arg(long)]
         exit_code: bool,
     },
+    /// Print the `strongswan.conf` of the charon beside the agent (IPsec):
+    /// its VICI socket, UDP 4500 only, and the datapath — `libipsec`
+    /// (userspace ESP over TUN `ipsec0`, for kernels without ESP) or
+    /// `kernel` (XFRM). Start charon with `STRONGSWAN_CONF=<file>`.
+    CharonConf {
+        /// charon's VICI socket, as given to `run --ipsec-vici`.
+        #[arg(long, env = "RAVEN_IPSEC_VICI", default_value = crate::ipsec::agent::DEFAULT_VICI)]
+        vici: std::path::PathBuf,
+        /// ESP datapath: `libipsec` or `kernel`.
+        #[arg(long, default_value = "libipsec")]
+        datapath: crate::ipsec::charon::Datapath,
+        /// A file charon logs to, line by line (default: none).
+        #[arg(long)]
+        log: Option<std::path::PathBuf>,
+        /// UDP port of IKE and ESP-in-UDP.
+        #[arg(long, default_value_t = 4500)]
+        port: u16,
+    },
     /// Remove everything raven installed on this node. The only command that
     /// tears the dataplane down.
     Teardown {
@@ -333,6 +351,7 @@ impl Args {
                     heartbeat,
                     backoff_min: reconnect.reconnect_min,
                     backoff_max: reconnect.reconnect_max.max(reconnect.reconnect_min),
+                    ipsec: ipsec.vpn != crate::ipsec::agent::VpnChoice::Wireguard,
                 });
                 let cfg = AgentConfig {
                     node,
@@ -361,6 +380,18 @@ impl Args {
                     });
                     agent::run(cfg, shutdown).await
                 })?;
+                Ok(std::process::ExitCode::SUCCESS)
+            }
+            Command::CharonConf {
+                vici,
+                datapath,
+                log,
+                port,
+            } => {
+                print!(
+                    "{}",
+                    crate::ipsec::charon::strongswan_conf(datapath, &vici, log.as_deref(), port)
+                );
                 Ok(std::process::ExitCode::SUCCESS)
             }
             Command::Status { http_addr, output } => {

@@ -1039,6 +1039,25 @@ pub async fn underlay_mtu(h: &Handle, ip: IpAddr) -> Result<Option<u32>, Datapla
     }))
 }
 
+/// The MTU of link `name`, `None` when there is no such link.
+pub async fn link_mtu(name: &str) -> Result<Option<u32>, DataplaneError> {
+    let h = connect()?;
+    let Some(index) = link_index(&h, name).await? else {
+        return Ok(None);
+    };
+    let mut links = h.link().get().match_index(index).execute();
+    let link = links
+        .try_next()
+        .await
+        .map_err(nl(format!("ip link show {name}")))?;
+    Ok(link.and_then(|l| {
+        l.attributes.iter().find_map(|a| match a {
+            LinkAttribute::Mtu(m) => Some(*m),
+            _ => None,
+        })
+    }))
+}
+
 /// Sets `name` up with `mtu` (the tunnel device).
 pub async fn set_link_up(name: &str, mtu: u32) -> Result<(), DataplaneError> {
     let h = connect()?;
