@@ -4,6 +4,7 @@
 pub mod files;
 pub mod metrics;
 pub mod output;
+pub mod reload;
 
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`), as JSON lines
 /// when `json`.

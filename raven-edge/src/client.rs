@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use raven_cli::reload::FileStamps;
 use raven_model::NodeName;
 use raven_proto::v1::sync_request::Message as Req;
 use raven_proto::v1::sync_response::Message as Resp;
@@ -334,8 +335,49 @@ fn capabilities(ipsec: bool) -> Vec<i32> {
     caps
 }
 
-/// One stream, from dial to its end.
-async fn session(cfg: &ClientConfig, hub: &str, links: &Links) -> Result<(), SessionError> {
+/// How often the agent checks whether its client certificate (or key, or
+/// the hub's CA) changed on disk — the kubelet rotating its certificate, a
+/// Secret's `..data` swap — to move its stream to the new one.
+pub const ROTATION_CHECK: Duration = Duration::from_secs(2);
+
+/// How long a stream with a rotated certificate may take to open (and
+/// bring its first message) before the agent keeps the stream it has.
+const ROTATION_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// After a failed move to a rotated certificate, the next try comes this
+/// much later (the stream in use carries on meanwhile).
+const ROTATION_RETRY: Duration = Duration::from_secs(30);
+
+/// An open stream: where to send, what the hub sends, and the stamps of
+/// the identity files it was opened with.
+struct Opened {
+    tx: mpsc::Sender<v1::SyncRequest>,
+    inbound: tonic::Streaming<v1::SyncResponse>,
+    identity: FileStamps,
+}
+
+fn identity_files(cfg: &ClientConfig) -> Vec<std::path::PathBuf> {
+    vec![
+        cfg.tls.cert.clone(),
+        cfg.tls.key.clone(),
+        cfg.tls.ca.clone(),
+    ]
+}
+
+/// The stamps of the identity files now, off the runtime (`stat`s).
+async fn identity_stamps(cfg: &ClientConfig) -> FileStamps {
+    let files = identity_files(cfg);
+    tokio::task::spawn_blocking(move || FileStamps::of(&files))
+        .await
+        .unwrap_or_else(|_| FileStamps::of(&[]))
+}
+
+/// Dials `hub` with the identity files as they are now and opens a Sync
+/// stream: the Hello carries what the agent holds, so the hub resumes
+/// from it.
+async fn open(cfg: &ClientConfig, hub: &str, links: &Links) -> Result<Opened, SessionError> {
+    // Stamped before they are read: a change while reading shows later.
+    let identity = identity_stamps(cfg).await;
     let channel = channel(cfg, hub).await?;
     let mut client = SyncServiceClient::new(channel);
     let (tx, rx) = mpsc::channel(16);
@@ -358,16 +400,57 @@ async fn session(cfg: &ClientConfig, hub: &str, links: &Links) -> Result<(), Ses
         cache_complete: held.complete,
     };
     send(&tx, Req::Hello(hello)).await;
-    let status_err = |status| SessionError::Status {
-        hub: hub.to_owned(),
-        status,
-    };
-    let mut inbound = client
+    let inbound = client
         .sync(ReceiverStream::new(rx))
         .await
-        .map_err(status_err)?
+        .map_err(|status| SessionError::Status {
+            hub: hub.to_owned(),
+            status,
+        })?
         .into_inner();
     tracing::info!(%hub, epoch = %held.epoch, revision = held.revision, held = held.resources.len(), "connected to hub");
+    Ok(Opened {
+        tx,
+        inbound,
+        identity,
+    })
+}
+
+/// Make before break: a new stream with the rotated identity files, open
+/// once the hub has answered on it (the hub then ends the old stream: one
+/// stream per node). Returns it with that first answer.
+async fn reopen(
+    cfg: &ClientConfig,
+    hub: &str,
+    links: &Links,
+) -> Result<(Opened, v1::SyncResponse), SessionError> {
+    let attempt = async {
+        let mut opened = open(cfg, hub, links).await?;
+        let first = opened
+            .inbound
+            .message()
+            .await
+            .map_err(|status| SessionError::Status {
+                hub: hub.to_owned(),
+                status,
+            })?
+            .ok_or_else(|| SessionError::Closed {
+                hub: hub.to_owned(),
+            })?;
+        Ok((opened, first))
+    };
+    tokio::time::timeout(ROTATION_TIMEOUT, attempt)
+        .await
+        .map_err(|_| SessionError::Silent {
+            hub: hub.to_owned(),
+            silent: ROTATION_TIMEOUT,
+        })?
+}
+
+/// One session with a hub, from dial to its end; it moves to a new stream
+/// (make before break) when the identity files change.
+async fn session(cfg: &ClientConfig, hub: &str, links: &Links) -> Result<(), SessionError> {
+    let mut stream = open(cfg, hub, links).await?;
     // Remember this hub for the next start; a durable write, off the runtime.
     let store = links.cache.store().clone();
     let remembered = hub.to_owned();
@@ -377,6 +460,10 @@ async fn session(cfg: &ClientConfig, hub: &str, links: &Links) -> Result<(), Ses
         }
     });
 
+    let status_err = |status| SessionError::Status {
+        hub: hub.to_owned(),
+        status,
+    };
     let mut applied = links.applied.clone();
     let mut report = links.report.clone();
     // Send the current report and applied state right away.
@@ -384,34 +471,51 @@ async fn session(cfg: &ClientConfig, hub: &str, links: &Links) -> Result<(), Ses
     report.mark_changed();
     let mut progress = SnapshotProgress::default();
     let mut ticker = tokio::time::interval(cfg.heartbeat);
+    let mut rotation = tokio::time::interval(ROTATION_CHECK);
+    rotation.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut rotation_after = tokio::time::Instant::now();
     let mut last_heard = tokio::time::Instant::now();
     let mut seq = 0u64;
     loop {
         tokio::select! {
-            msg = inbound.message() => {
+            msg = stream.inbound.message() => {
                 let Some(msg) = msg.map_err(status_err)? else {
                     return Err(SessionError::Closed { hub: hub.to_owned() });
                 };
                 last_heard = tokio::time::Instant::now();
-                links.last_contact_ms.store(now_ms(), Ordering::Relaxed);
-                links.hub_session.store(true, Ordering::Relaxed);
-                match msg.message {
-                    Some(Resp::Update(u)) => handle_update(&u, links, &tx, &mut progress).await?,
-                    Some(Resp::Heartbeat(h)) => {
-                        if let (Some(offset), Ok(mut slot)) =
-                            (clock_offset_ms(h.sent_at.as_ref()), links.hub_clock_offset_ms.lock())
-                        {
-                            *slot = Some(offset);
-                        }
+                handle_message(msg, links, &stream.tx, &mut progress).await?;
+            }
+            _ = rotation.tick(), if tokio::time::Instant::now() >= rotation_after => {
+                let now = identity_stamps(cfg).await;
+                if now == stream.identity {
+                    continue;
+                }
+                tracing::info!(%hub, cert = %cfg.tls.cert.display(), "the client certificate files changed; opening a stream with the new certificate before closing this one");
+                match reopen(cfg, hub, links).await {
+                    Ok((next, first)) => {
+                        // The old stream ends here (the hub has already
+                        // replaced it); the new one resumes from what the
+                        // agent holds, so nothing is sent again and the
+                        // dataplane is left alone.
+                        stream = next;
+                        progress = SnapshotProgress::default();
+                        last_heard = tokio::time::Instant::now();
+                        applied.mark_changed();
+                        report.mark_changed();
+                        tracing::info!(%hub, "moved to the renewed client certificate on a new stream; the old stream is closed");
+                        handle_message(first, links, &stream.tx, &mut progress).await?;
                     }
-                    None => {}
+                    Err(e) => {
+                        rotation_after = tokio::time::Instant::now() + ROTATION_RETRY;
+                        tracing::warn!(%hub, error = %e, retry = %format!("{}s", ROTATION_RETRY.as_secs()), "could not open a stream with the changed client certificate; the stream in use carries on");
+                    }
                 }
             }
             changed = applied.changed() => {
                 let latest = applied.borrow_and_update().clone();
                 if changed.is_ok() && let Some(a) = latest {
                     let error = a.error.map(|message| v1::ErrorDetail { message, ..Default::default() });
-                    send(&tx, Req::Applied(v1::Applied {
+                    send(&stream.tx, Req::Applied(v1::Applied {
                         epoch: a.epoch,
                         revision: a.revision,
                         success: error.is_none(),
@@ -426,7 +530,7 @@ async fn session(cfg: &ClientConfig, hub: &str, links: &Links) -> Result<(), Ses
             changed = report.changed() => {
                 if changed.is_ok() {
                     let r = report.borrow_and_update().clone();
-                    send(&tx, Req::Report(r)).await;
+                    send(&stream.tx, Req::Report(r)).await;
                 }
             }
             _ = ticker.tick() => {
@@ -435,7 +539,7 @@ async fn session(cfg: &ClientConfig, hub: &str, links: &Links) -> Result<(), Ses
                     return Err(SessionError::Silent { hub: hub.to_owned(), silent });
                 }
                 seq += 1;
-                send(&tx, Req::Heartbeat(v1::Heartbeat {
+                send(&stream.tx, Req::Heartbeat(v1::Heartbeat {
                     sequence: seq,
                     sent_at: Some(SystemTime::now().into()),
                     interval: prost_types::Duration::try_from(cfg.heartbeat).ok(),
@@ -443,6 +547,30 @@ async fn session(cfg: &ClientConfig, hub: &str, links: &Links) -> Result<(), Ses
             }
         }
     }
+}
+
+/// One message from the hub.
+async fn handle_message(
+    msg: v1::SyncResponse,
+    links: &Links,
+    tx: &mpsc::Sender<v1::SyncRequest>,
+    progress: &mut SnapshotProgress,
+) -> Result<(), SessionError> {
+    links.last_contact_ms.store(now_ms(), Ordering::Relaxed);
+    links.hub_session.store(true, Ordering::Relaxed);
+    match msg.message {
+        Some(Resp::Update(u)) => handle_update(&u, links, tx, progress).await?,
+        Some(Resp::Heartbeat(h)) => {
+            if let (Some(offset), Ok(mut slot)) = (
+                clock_offset_ms(h.sent_at.as_ref()),
+                links.hub_clock_offset_ms.lock(),
+            ) {
+                *slot = Some(offset);
+            }
+        }
+        None => {}
+    }
+    Ok(())
 }
 
 async fn handle_update(

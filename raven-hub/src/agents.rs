@@ -92,12 +92,12 @@ impl Agents {
         })
     }
 
-    /// Records the end of a stream, unless a newer one replaced it; returns
-    /// whether the agent is now disconnected.
-    pub fn disconnected(&self, node: &NodeName, session: u64) -> bool {
+    /// Records that `node` has no stream any more (its last one ended and
+    /// no newer one replaced it); returns whether it was connected.
+    pub fn disconnected(&self, node: &NodeName) -> bool {
         let mut map = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(e) = map.get_mut(node)
-            && e.session == session
+            && e.connected
         {
             e.connected = false;
             return true;
@@ -218,11 +218,12 @@ mod tests {
     fn a_disconnected_agent_has_no_connected_since_and_no_remote_address_as_documented() {
         let agents = Agents::new("hub-0", IndexHandle::default());
         let node = NodeName::new("n1").expect("name");
-        let session = agents.connected(&node, &v1::Hello::default(), "198.51.100.7:40000".into());
+        agents.connected(&node, &v1::Hello::default(), "198.51.100.7:40000".into());
         let up = agents.to_proto();
         assert!(up[0].connected_since.is_some());
         assert_eq!(up[0].remote_address, "198.51.100.7:40000");
-        assert!(agents.disconnected(&node, session));
+        assert!(agents.disconnected(&node));
+        assert!(!agents.disconnected(&node), "only once");
         let down = agents.to_proto();
         assert!(!down[0].connected);
         assert_eq!(down[0].connected_since, None);

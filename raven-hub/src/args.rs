@@ -1,6 +1,6 @@
 //! Command line of `raven-hub`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
@@ -283,31 +283,6 @@ fn compile(dir: Option<&std::path::Path>, strict: bool) -> anyhow::Result<std::p
     })
 }
 
-/// The CA certificates client certificates are checked against: `ca`
-/// alone, or with `more` written after it into one bundle under `data_dir`
-/// (made again at every start, so an edited CA file is taken up).
-fn client_ca_bundle(ca: &Path, more: &[PathBuf], data_dir: &Path) -> anyhow::Result<PathBuf> {
-    if more.is_empty() {
-        return Ok(ca.to_owned());
-    }
-    let mut bundle = Vec::new();
-    for f in std::iter::once(ca).chain(more.iter().map(PathBuf::as_path)) {
-        let pem =
-            std::fs::read(f).map_err(|e| anyhow::anyhow!("--client-ca {}: {e}", f.display()))?;
-        if !String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----") {
-            anyhow::bail!("--client-ca {}: no PEM certificate in it", f.display());
-        }
-        bundle.extend_from_slice(&pem);
-        bundle.push(b'\n');
-    }
-    std::fs::create_dir_all(data_dir)?;
-    let path = data_dir.join("client-ca-bundle.pem");
-    let aside = data_dir.join(".client-ca-bundle.pem.new");
-    std::fs::write(&aside, bundle)?;
-    std::fs::rename(&aside, &path)?;
-    Ok(path)
-}
-
 fn serve(args: ServeArgs) -> anyhow::Result<std::process::ExitCode> {
     raven_cli::init_tracing(args.log_json);
     let layout = crate::certs::Layout {
@@ -333,7 +308,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<std::process::ExitCode> {
         tls: crate::grpc::TlsFiles {
             cert: layout.hub_cert(),
             key: layout.hub_key(),
-            client_ca: client_ca_bundle(&layout.ca_cert(), &args.client_cas, &args.data_dir)?,
+            client_ca: std::iter::once(layout.ca_cert())
+                .chain(args.client_cas.iter().cloned())
+                .collect(),
         },
         data_dir: Some(args.data_dir.clone()),
         sync: crate::grpc::sync::SyncConfig {

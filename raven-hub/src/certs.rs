@@ -295,6 +295,31 @@ fn subject_cn(der: &[u8]) -> Result<String, IdentityError> {
         .to_owned())
 }
 
+/// Which certificate a client presented, and until when it holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Presented {
+    /// Serial number, hex (as `openssl x509 -serial` prints it).
+    pub serial: String,
+    pub not_after: std::time::SystemTime,
+}
+
+/// The serial and expiry of a certificate (DER).
+pub fn presented(der: &[u8]) -> Result<Presented, IdentityError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| IdentityError::Unparseable(e.to_string()))?;
+    let secs = cert.validity().not_after.timestamp();
+    Ok(Presented {
+        serial: cert
+            .raw_serial_as_string()
+            .replace(':', "")
+            .to_uppercase()
+            .trim_start_matches("00")
+            .to_owned(),
+        not_after: std::time::UNIX_EPOCH
+            + std::time::Duration::from_secs(u64::try_from(secs).unwrap_or(0)),
+    })
+}
+
 /// The node named by a client certificate (DER): subject CN
 /// `system:node:<name>`.
 pub fn node_identity(der: &[u8]) -> Result<NodeName, IdentityError> {

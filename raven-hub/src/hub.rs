@@ -111,10 +111,9 @@ pub enum StartError {
 pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
     // Every TLS file is read and checked (the private key fixed or refused)
     // before anything else runs, so a missing or bad file stops the hub
-    // here, with the file named.
-    let tls_config = config
-        .tls
-        .server_config(config.sync.tls_handshake_timeout)?;
+    // here, with the file named — and read again whenever they change (a
+    // renewed certificate serves new connections without a restart).
+    let tls_config = config.tls.watch()?;
     let shutdown = CancellationToken::new();
     let metrics = Metrics::new();
     let index = IndexHandle::default();

@@ -28,7 +28,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(3);
 pub async fn keep_tunnel(
     server: NodeName,
     addr: SocketAddr,
-    tls: Arc<rustls::ClientConfig>,
+    tls: crate::tls::Watched<rustls::ClientConfig>,
     tuning: crate::Tuning,
     view: watch::Receiver<Option<ProxyView>>,
     shutdown: CancellationToken,
@@ -38,7 +38,8 @@ pub async fn keep_tunnel(
         let started = tokio::time::Instant::now();
         let result = tokio::select! {
             () = shutdown.cancelled() => return,
-            r = session(&server, addr, tls.clone(), tuning, &view) => r,
+            // Each dial presents the node's certificate current then.
+            r = session(&server, addr, tls.current(), tuning, &view) => r,
         };
         match result {
             Ok(()) => tracing::info!(%server, %addr, "proxy tunnel closed by the server"),

@@ -164,7 +164,7 @@ async fn start_server(
 ) -> Result<Arc<server::Tunnels>, String> {
     let tls = cfg
         .tls
-        .server_config(cfg.tuning)
+        .watch_server(cfg.tuning)
         .map_err(|e| e.to_string())?;
     let addr = SocketAddr::new(cfg.tunnel_ip, port);
     let tunnel_l = TcpListener::bind(addr)
@@ -268,7 +268,7 @@ pub async fn run(
 ) {
     let mut server: Option<Running> = None;
     let mut tunnels: BTreeMap<NodeName, (SocketAddr, Running)> = BTreeMap::new();
-    let mut client_tls: Option<Arc<rustls::ClientConfig>> = None;
+    let mut client_tls: Option<tls::Watched<rustls::ClientConfig>> = None;
     loop {
         let view = views.borrow_and_update().clone();
         let want_port = view.as_ref().and_then(ProxyView::server_port);
@@ -298,7 +298,7 @@ pub async fn run(
                 continue;
             }
             if client_tls.is_none() {
-                match cfg.tls.client_config(cfg.tuning) {
+                match cfg.tls.watch_client(cfg.tuning) {
                     Ok(c) => client_tls = Some(c),
                     Err(e) => {
                         tracing::warn!(error = %e, "cannot load the proxy tunnel's TLS identity; retrying");

@@ -84,12 +84,11 @@ impl Tunnels {
 /// Accepts tunnels on `listener` until `shutdown`.
 pub async fn serve_tunnels(
     listener: TcpListener,
-    tls: Arc<rustls::ServerConfig>,
+    tls: crate::tls::Watched<rustls::ServerConfig>,
     tuning: tls::Tuning,
     tunnels: Arc<Tunnels>,
     shutdown: CancellationToken,
 ) {
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     loop {
         let (tcp, peer) = tokio::select! {
             () = shutdown.cancelled() => return,
@@ -102,7 +101,10 @@ pub async fn serve_tunnels(
                 }
             },
         };
-        let (acceptor, tunnels, shutdown) = (acceptor.clone(), tunnels.clone(), shutdown.clone());
+        // The certificate current now: a renewed one serves from the next
+        // tunnel on, an open tunnel keeps the one it was made with.
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
+        let (tunnels, shutdown) = (tunnels.clone(), shutdown.clone());
         tokio::spawn(async move {
             if let Err(e) = tunnel(tcp, acceptor, tuning, &tunnels, shutdown).await {
                 tracing::info!(%peer, error = %e, "proxy tunnel ended");

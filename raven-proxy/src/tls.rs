@@ -21,6 +21,9 @@ pub const NODE_CN_PREFIX: &str = "system:node:";
 /// ALPN of the tunnel.
 pub const ALPN: &[u8] = b"raven-proxy/1";
 
+/// A TLS configuration rebuilt when its files change.
+pub type Watched<C> = raven_cli::reload::Reloading<C>;
+
 /// PEM files of a node's identity.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeTls {
@@ -103,7 +106,7 @@ fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
         .collect::<Result<_, _>>()
         .map_err(|e| TlsError::Pem {
             path: path.to_owned(),
-            what: e.to_string(),
+            what: pem_error(&e),
         })?;
     if out.is_empty() {
         return Err(TlsError::Pem {
@@ -114,11 +117,21 @@ fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     Ok(out)
 }
 
+/// A PEM error in words (rustls prints a missing end marker as bytes).
+fn pem_error(e: &rustls::pki_types::pem::Error) -> String {
+    match e {
+        rustls::pki_types::pem::Error::MissingSectionEnd { .. } => {
+            "a PEM block has no end line (a torn or half-written file)".to_owned()
+        }
+        other => other.to_string(),
+    }
+}
+
 fn key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     let (pem, _) = raven_cli::files::read_private_key(path)?;
     PrivateKeyDer::from_pem_slice(&pem).map_err(|e| TlsError::Pem {
         path: path.to_owned(),
-        what: e.to_string(),
+        what: pem_error(&e),
     })
 }
 
@@ -147,6 +160,39 @@ impl NodeTls {
             .with_single_cert(certs(&self.cert)?, key(&self.key)?)?;
         cfg.alpn_protocols = vec![ALPN.to_vec()];
         Ok(Arc::new(cfg))
+    }
+
+    /// [`Self::server_config`] now, and again whenever the node's files
+    /// change (the kubelet's rotated certificate, a Secret's `..data`
+    /// swap): new tunnels are accepted with the new certificate, a new
+    /// version that does not load is refused (logged, naming the file) and
+    /// the one in use stays.
+    pub fn watch_server(&self, tuning: Tuning) -> Result<Watched<rustls::ServerConfig>, TlsError> {
+        let files = self.clone();
+        raven_cli::reload::Reloading::start(
+            "the proxy tunnel listener's certificate",
+            self.paths(),
+            move || files.server_config(tuning).map(Arc::unwrap_or_clone),
+        )
+    }
+
+    /// [`Self::client_config`] now and whenever the node's files change:
+    /// each dial uses the version current then.
+    pub fn watch_client(&self, tuning: Tuning) -> Result<Watched<rustls::ClientConfig>, TlsError> {
+        let files = self.clone();
+        raven_cli::reload::Reloading::start(
+            "the proxy tunnel's client certificate",
+            self.paths(),
+            move || files.client_config(tuning).map(Arc::unwrap_or_clone),
+        )
+    }
+
+    fn paths(&self) -> Vec<PathBuf> {
+        let mut v = vec![self.ca.clone(), self.cert.clone()];
+        if self.key != self.cert {
+            v.push(self.key.clone());
+        }
+        v
     }
 
     /// The edge side: present this node's certificate, trust the CA.

@@ -68,6 +68,8 @@ pub fn spawn_in(ns: &str, exe: &Path, args: &[String], log: &Path) -> Proc {
         .arg(exe)
         .args(args)
         .env("RUST_LOG", "info")
+        // Plain `key=value` fields in the log, for the tests to match.
+        .env("NO_COLOR", "1")
         .stdout(std::process::Stdio::null())
         .stderr(log)
         .spawn()

@@ -1,6 +1,6 @@
 //! Accepting agent connections within bounds: at most `max` open at once
 //! (one file descriptor each), and a TLS handshake that does not finish
-//! within its timeout is dropped (`ServerTlsConfig::timeout`). A connection
+//! within its timeout is dropped ([`tls`]). A connection
 //! over the bound is closed at once instead of waiting in the backlog, so
 //! idle or half-open connections from anyone can never use up the hub's file
 //! descriptors: the HTTP endpoint (`/readyz`, `/metrics`) and the loopback
@@ -127,4 +127,56 @@ pub fn effective_max(wanted: usize) -> usize {
         Some(limit) => wanted.min(limit.saturating_sub(FD_HEADROOM).max(16)),
         None => wanted,
     }
+}
+
+/// The TLS connections of `accepted`: each handshake runs in a task of its
+/// own, with the configuration current when the connection came (so a
+/// reloaded certificate serves every connection from then on, and a
+/// connection keeps the one it was made with), and is dropped when it does
+/// not finish within `timeout`. Ends at `shutdown`.
+pub fn tls(
+    accepted: impl Stream<Item = std::io::Result<Bounded>> + Send + 'static,
+    config: super::ServerTls,
+    timeout: std::time::Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> impl Stream<Item = std::io::Result<tokio_rustls::server::TlsStream<Bounded>>> {
+    use futures::StreamExt as _;
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        let mut accepted = std::pin::pin!(accepted);
+        loop {
+            let next = tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tx.closed() => return,
+                n = accepted.next() => n,
+            };
+            let io = match next {
+                None => return,
+                Some(Err(e)) => {
+                    // A transient accept error (EMFILE, ECONNABORTED):
+                    // tonic logs it and keeps accepting.
+                    if tx.send(Err(e)).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+                Some(Ok(io)) => io,
+            };
+            let acceptor = tokio_rustls::TlsAcceptor::from(config.current());
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let peer = io.stream.peer_addr().ok();
+                match tokio::time::timeout(timeout, acceptor.accept(io)).await {
+                    Ok(Ok(stream)) => {
+                        let _ = tx.send(Ok(stream)).await;
+                    }
+                    Ok(Err(e)) => {
+                        tracing::debug!(?peer, error = %e, "TLS handshake failed");
+                    }
+                    Err(_) => tracing::debug!(?peer, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
 }

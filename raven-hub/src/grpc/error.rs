@@ -42,6 +42,10 @@ pub enum SyncError {
     ShuttingDown,
     #[error("replaced by a newer stream of node {0} (one stream per node)")]
     Replaced(NodeName),
+    /// The client certificate expired (at the RFC 3339 time given): a
+    /// stream does not outlive its credential.
+    #[error("the client certificate of node {node} expired at {at}; reconnect with a renewed one")]
+    CertificateExpired { node: NodeName, at: String },
     #[error("no message from the agent for three heartbeat intervals")]
     Silent,
     #[error("the agent went away")]
@@ -72,7 +76,9 @@ impl SyncError {
         match self {
             Self::Stream(status) => status.code(),
             Self::Busy { .. } => Code::ResourceExhausted,
-            Self::NotMtls | Self::Identity(_) => Code::Unauthenticated,
+            Self::NotMtls | Self::Identity(_) | Self::CertificateExpired { .. } => {
+                Code::Unauthenticated
+            }
             Self::NoHello | Self::NotHello | Self::ProtocolVersion { .. } => {
                 Code::FailedPrecondition
             }
@@ -132,6 +138,13 @@ mod tests {
             (SyncError::NotReady, tonic::Code::Unavailable),
             (SyncError::ShuttingDown, tonic::Code::Unavailable),
             (SyncError::Silent, tonic::Code::Unavailable),
+            (
+                SyncError::CertificateExpired {
+                    node: node.clone(),
+                    at: "2026-12-01T16:00:00Z".into(),
+                },
+                tonic::Code::Unauthenticated,
+            ),
             (SyncError::Replaced(node), tonic::Code::Aborted),
             (SyncError::AgentGone, tonic::Code::Cancelled),
             (

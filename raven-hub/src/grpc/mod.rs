@@ -13,15 +13,18 @@ pub mod sync;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use futures::Stream;
 use raven_proto::v1::inspect_service_server::InspectServiceServer;
 use raven_proto::wire::sync_service_server::{SyncService, SyncServiceServer};
 use raven_proto::{EncodedSyncResponse, v1};
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::transport::Server;
 use tonic::{Request, Response, Status, Streaming};
 
 use self::error::SyncError;
@@ -34,9 +37,17 @@ use crate::certs;
 pub struct TlsFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
-    /// CA that signs agent (client) certificates.
-    pub client_ca: PathBuf,
+    /// CAs that sign agent (client) certificates: raven's own `ca.pem` and
+    /// any `--client-ca` (e.g. the cluster's CA), in one trust store.
+    pub client_ca: Vec<PathBuf>,
 }
+
+/// The hub's TLS configuration, built again from its files when they
+/// change ([`TlsFiles::watch`]).
+pub type ServerTls = raven_cli::reload::Reloading<rustls::ServerConfig>;
+
+/// ALPN of gRPC.
+const ALPN_H2: &[u8] = b"h2";
 
 impl TlsFiles {
     /// Reads the hub's private key: one that group or others may read is
@@ -54,13 +65,18 @@ impl TlsFiles {
         Ok(key)
     }
 
+    /// Every file of the mTLS listener, for watching.
+    fn paths(&self) -> Vec<PathBuf> {
+        let mut v = vec![self.cert.clone(), self.key.clone()];
+        v.extend(self.client_ca.iter().cloned());
+        v
+    }
+
     /// Reads and checks every file of the mTLS listener and builds its TLS
-    /// configuration, so a missing, unreadable or malformed file stops the
-    /// hub at start, with the file named — never later in the gRPC task.
-    pub fn server_config(
-        &self,
-        handshake_timeout: std::time::Duration,
-    ) -> Result<ServerTlsConfig, ServeError> {
+    /// configuration, so a missing, unreadable or malformed file is named.
+    /// At start it stops the hub; afterwards ([`Self::watch`]) it is
+    /// refused and the configuration in use stays.
+    pub fn server_config(&self) -> Result<Arc<rustls::ServerConfig>, ServeError> {
         let cert = read(&self.cert)?;
         check_pem(&self.cert, &cert, "certificate", |label| {
             label == "CERTIFICATE"
@@ -69,26 +85,110 @@ impl TlsFiles {
         check_pem(&self.key, &key, "private key", |label| {
             label.ends_with("PRIVATE KEY")
         })?;
-        let ca = read(&self.client_ca)?;
-        check_pem(&self.client_ca, &ca, "CA certificate", |label| {
-            label == "CERTIFICATE"
-        })?;
-        let config = ServerTlsConfig::new()
-            .identity(Identity::from_pem(cert, key))
-            .client_ca_root(Certificate::from_pem(ca))
-            .timeout(handshake_timeout);
-        // Builds the acceptor (as serving does): a key that does not match
-        // the certificate fails here.
-        Server::builder()
-            .tls_config(config.clone())
-            .map_err(|e| ServeError::TlsConfig {
-                cert: self.cert.clone(),
-                key: self.key.clone(),
-                ca: self.client_ca.clone(),
-                reason: error_chain(&e),
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert)
+            .collect::<Result<_, _>>()
+            .map_err(|e| ServeError::BadPem {
+                path: self.cert.clone(),
+                what: "certificate",
+                reason: format!("not PEM ({e})"),
             })?;
-        Ok(config)
+        let key_der = PrivateKeyDer::from_pem_slice(&key).map_err(|e| ServeError::BadPem {
+            path: self.key.clone(),
+            what: "private key",
+            reason: format!("the key does not parse ({e})"),
+        })?;
+        let mut roots = rustls::RootCertStore::empty();
+        for path in &self.client_ca {
+            let ca = read(path)?;
+            check_pem(path, &ca, "CA certificate", |label| label == "CERTIFICATE")?;
+            for der in CertificateDer::pem_slice_iter(&ca) {
+                let der = der.map_err(|e| ServeError::BadPem {
+                    path: path.clone(),
+                    what: "CA certificate",
+                    reason: format!("not PEM ({e})"),
+                })?;
+                roots.add(der).map_err(|e| ServeError::BadPem {
+                    path: path.clone(),
+                    what: "CA certificate",
+                    reason: e.to_string(),
+                })?;
+            }
+        }
+        let config_err = |e: &dyn std::error::Error| ServeError::TlsConfig {
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+            reason: error_chain(e),
+        };
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            roots.into(),
+            provider.clone(),
+        )
+        .build()
+        .map_err(|e| config_err(&e))?;
+        // A key that does not match the certificate fails here.
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .and_then(|b| {
+                b.with_client_cert_verifier(verifier)
+                    .with_single_cert(chain, key_der)
+            })
+            .map_err(|e| config_err(&e))?;
+        config.alpn_protocols = vec![ALPN_H2.to_vec()];
+        Ok(Arc::new(config))
     }
+
+    /// [`Self::server_config`] now (an error stops the hub), and again
+    /// whenever one of the files changes — a Secret volume's `..data`
+    /// swap, cert-manager's renewal, a rename or an edit in place. A new
+    /// version that does not build, or whose certificate has expired, is
+    /// refused with an error naming the file, and the one in use keeps
+    /// serving. Connections made before a change keep the certificate
+    /// they were made with.
+    pub fn watch(&self) -> Result<ServerTls, ServeError> {
+        let files = self.clone();
+        // The first build is the hub's start: its certificate is taken as
+        // it is; a renewed one must not have expired.
+        let mut started = false;
+        raven_cli::reload::Reloading::start(
+            "the hub's serving certificate and client CAs",
+            self.paths(),
+            move || {
+                if started {
+                    files.check_not_expired()?;
+                }
+                started = true;
+                files.server_config().map(Arc::unwrap_or_clone)
+            },
+        )
+    }
+
+    /// The serving certificate has not expired: a renewed file that holds
+    /// an expired certificate is not taken.
+    fn check_not_expired(&self) -> Result<(), ServeError> {
+        let pem = read(&self.cert)?;
+        let bad = |reason: String| ServeError::BadPem {
+            path: self.cert.clone(),
+            what: "certificate",
+            reason,
+        };
+        let (_, block) =
+            x509_parser::pem::parse_x509_pem(&pem).map_err(|e| bad(format!("not PEM ({e})")))?;
+        let cert = block
+            .parse_x509()
+            .map_err(|e| bad(format!("the certificate does not parse ({e})")))?;
+        let not_after = cert.validity().not_after;
+        if not_after.timestamp() < time_now() {
+            return Err(bad(format!("the certificate expired at {not_after}")));
+        }
+        Ok(())
+    }
+}
+
+fn time_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 /// `error: cause: cause`, the whole chain on one line.
@@ -163,15 +263,13 @@ pub enum ServeError {
         reason: String,
     },
     #[error(
-        "TLS configuration from {cert}, {key} and {ca}: {reason}",
+        "TLS configuration from {cert} and {key}: {reason}",
         cert = cert.display(),
-        key = key.display(),
-        ca = ca.display()
+        key = key.display()
     )]
     TlsConfig {
         cert: PathBuf,
         key: PathBuf,
-        ca: PathBuf,
         reason: String,
     },
     #[error("gRPC server: {0}")]
@@ -208,9 +306,20 @@ impl SyncService for Sync {
             tracing::warn!(%remote, error = %e, "refused a Sync stream");
             SyncError::from(e)
         })?;
+        // A stream must not outlive its credential: the session ends when
+        // the client certificate expires (the agent moves to its renewed
+        // one before that, on a new stream).
+        let presented = certs::presented(leaf.as_ref()).map_err(SyncError::from)?;
+        // TLS checks expiry to the second, inclusive; a stream starts only
+        // before the instant its certificate expires.
+        if presented.not_after <= std::time::SystemTime::now() {
+            let at = humantime::format_rfc3339_seconds(presented.not_after).to_string();
+            tracing::warn!(%node, %remote, expired = %at, "refused a Sync stream: its client certificate expired");
+            return Err(SyncError::CertificateExpired { node, at }.into());
+        }
         let permit = self.shared.admit()?;
         let (tx, rx) = tokio::sync::mpsc::channel(4);
-        let session = Session::new(node, self.shared.clone(), tx, permit);
+        let session = Session::new(node, self.shared.clone(), tx, permit, presented);
         self.shared
             .sessions
             .spawn(session.run(request.into_inner(), remote));
@@ -356,7 +465,7 @@ impl Listeners {
 /// Serves until `shutdown`; health reports SERVING once the hub is ready.
 pub async fn serve(
     listeners: Listeners,
-    tls_config: ServerTlsConfig,
+    tls: ServerTls,
     shared: SyncShared,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
@@ -392,11 +501,11 @@ pub async fn serve(
     let (refl_v1, refl_v1alpha) = reflection(&TLS_SERVICES)?;
     let (plain_refl_v1, plain_refl_v1alpha) = reflection(&PLAINTEXT_SERVICES)?;
     let keepalive = Some(shared.config.keepalive);
+    let handshake_timeout = shared.config.tls_handshake_timeout;
     let keepalive_timeout = Some(shared.config.keepalive_timeout);
     let metrics = shared.metrics.clone();
     let sync = SyncServiceServer::new(Sync { shared });
     let tls_server = Server::builder()
-        .tls_config(tls_config)?
         .http2_keepalive_interval(keepalive)
         .http2_keepalive_timeout(keepalive_timeout)
         .add_service(tls_health)
@@ -405,9 +514,14 @@ pub async fn serve(
         .add_service(InspectServiceServer::new(inspect.clone()))
         .add_service(sync)
         .serve_with_incoming_shutdown(
-            conn::bounded(listeners.grpc, max_connections, move || {
-                metrics.connection_refused();
-            }),
+            conn::tls(
+                conn::bounded(listeners.grpc, max_connections, move || {
+                    metrics.connection_refused();
+                }),
+                tls,
+                handshake_timeout,
+                shutdown.clone(),
+            ),
             shutdown.clone().cancelled_owned(),
         );
 

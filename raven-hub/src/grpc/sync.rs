@@ -235,6 +235,9 @@ pub struct Session {
     stream_id: u64,
     /// Cancelled when a newer stream of the same node replaces this one.
     replaced: tokio_util::sync::CancellationToken,
+    /// The client certificate of this stream: when it expires, the stream
+    /// ends.
+    cert: crate::certs::Presented,
     /// This node's Report rate.
     report_rate: Rate,
     /// The latest Report that came faster than the rate allows.
@@ -275,6 +278,7 @@ impl Session {
         shared: SyncShared,
         out: Outbound,
         permit: OwnedSemaphorePermit,
+        cert: crate::certs::Presented,
     ) -> Self {
         let (stream_id, replaced) = shared.claim_stream(&node);
         let permit_until = tokio::time::Instant::now() + shared.config.admission_hold;
@@ -287,6 +291,7 @@ impl Session {
             permit_until,
             stream_id,
             replaced,
+            cert,
             report_rate,
             pending_report: None,
             held: BTreeMap::new(),
@@ -309,6 +314,22 @@ impl Session {
         let node = self.node.clone();
         self.shared.metrics.stream_opened();
         let result = self.serve(&mut inbound, remote).await;
+        // A stream replaced by a newer one of the same node (the agent
+        // moving to a renewed certificate, make before break) hands the
+        // node over: the agent never counts as gone. Otherwise the node has
+        // no stream now — even when this one ended before its Hello, after
+        // replacing one that had registered.
+        if !self.replaced.is_cancelled() && self.shared.agents.disconnected(&node) {
+            // A local failover claim and probe verdicts count only while
+            // their agent is connected (it re-reports on reconnect); the
+            // election they caused stays. The failure detector starts
+            // counting the stream's absence now.
+            let closed = tokio::time::Instant::now();
+            tracing::info!(node = %node, ended = %result.as_ref().err().map_or_else(|| "closed".to_owned(), |s| format!("{:?}", s.code())), "agent disconnected");
+            self.shared
+                .index
+                .update_if(|i| i.stream_closed(&node, closed));
+        }
         self.shared.release_stream(&node, self.stream_id);
         self.shared.metrics.stream_closed();
         if let Err(e) = result {
@@ -328,8 +349,10 @@ impl Session {
         let replaced = self.replaced.clone();
         let shutdown = self.shared.shutdown.clone();
         let first = tokio::time::timeout(self.shared.config.hello_timeout, inbound.message());
+        let expired = self.cert_expiry();
         let first = tokio::select! {
             r = first => r,
+            () = tokio::time::sleep_until(expired) => return Err(self.expired()),
             () = replaced.cancelled() => return Err(self.replaced()),
             () = shutdown.cancelled() => return Err(SyncError::ShuttingDown),
         };
@@ -375,25 +398,13 @@ impl Session {
         if !ready {
             return Err(SyncError::NotReady);
         }
-        let session = self.shared.agents.connected(&self.node, &hello, remote);
+        self.shared.agents.connected(&self.node, &hello, remote);
         let opened = tokio::time::Instant::now();
         self.shared
             .index
             .update_if(|i| i.stream_opened(self.node.clone(), opened));
-        tracing::info!(node = %self.node, epoch = %hello.epoch, revision = hello.revision, held = self.held.len(), delta, "agent connected");
-        let result = self.main_loop(inbound, &mut published, snapshot).await;
-        if self.shared.agents.disconnected(&self.node, session) {
-            // A local failover claim and probe verdicts count only while
-            // their agent is connected (it re-reports on reconnect); the
-            // election they caused stays. The failure detector starts
-            // counting the stream's absence now.
-            let closed = tokio::time::Instant::now();
-            tracing::info!(node = %self.node, ended = %result.as_ref().err().map_or_else(|| "closed".to_owned(), |s| format!("{:?}", s.code())), "agent disconnected");
-            self.shared
-                .index
-                .update_if(|i| i.stream_closed(&self.node, closed));
-        }
-        result
+        tracing::info!(node = %self.node, epoch = %hello.epoch, revision = hello.revision, held = self.held.len(), delta, cert_serial = %self.cert.serial, cert_expires = %humantime::format_rfc3339_seconds(self.cert.not_after), "agent connected");
+        self.main_loop(inbound, &mut published, snapshot).await
     }
 
     async fn main_loop(
@@ -407,6 +418,7 @@ impl Session {
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_heard = tokio::time::Instant::now();
         let mut dirty = true;
+        let expired = self.cert_expiry();
         loop {
             if dirty && self.in_flight.is_none() {
                 let current = published.borrow_and_update().clone();
@@ -416,6 +428,7 @@ impl Session {
             tokio::select! {
                 () = self.replaced.cancelled() => return Err(self.replaced()),
                 () = self.shared.shutdown.cancelled() => return Err(SyncError::ShuttingDown),
+                () = tokio::time::sleep_until(expired) => return Err(self.expired()),
                 () = tokio::time::sleep_until(self.report_rate.next_at()), if self.pending_report.is_some() => {
                     if self.report_rate.take(tokio::time::Instant::now())
                         && let Some(report) = self.pending_report.take()
@@ -453,6 +466,27 @@ impl Session {
                     self.send(EncodedSyncResponse::heartbeat(beat)).await?;
                 }
             }
+        }
+    }
+
+    /// When (on the runtime's clock) the client certificate expires.
+    fn cert_expiry(&self) -> tokio::time::Instant {
+        let left = self
+            .cert
+            .not_after
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_default();
+        // Far enough to never fire, not so far that the Instant overflows.
+        tokio::time::Instant::now() + left.min(Duration::from_secs(100 * 365 * 86_400))
+    }
+
+    /// Ends the stream of a certificate that expired, logged.
+    fn expired(&self) -> SyncError {
+        let at = humantime::format_rfc3339_seconds(self.cert.not_after).to_string();
+        tracing::warn!(node = %self.node, expired = %at, "closing the sync stream: its client certificate expired (a stream does not outlive its credential; the agent must reconnect with a renewed certificate)");
+        SyncError::CertificateExpired {
+            node: self.node.clone(),
+            at,
         }
     }
 

@@ -78,7 +78,7 @@ impl Env {
             tls: TlsFiles {
                 cert: l.hub_cert(),
                 key: l.hub_key(),
-                client_ca: l.ca_cert(),
+                client_ca: vec![l.ca_cert()],
             },
             data_dir: Some(self.dir.path().join("hub-data")),
             sync: SyncConfig {

@@ -36,7 +36,7 @@ pub async fn start_hub(kubeconfig: &Path, dir: &Path, replica: &str) -> Result<R
         tls: TlsFiles {
             cert: certs.hub_cert(),
             key: certs.hub_key(),
-            client_ca: certs.ca_cert(),
+            client_ca: vec![certs.ca_cert()],
         },
         data_dir: Some(dir.join(format!("data-{replica}"))),
         sync: SyncConfig::default(),
