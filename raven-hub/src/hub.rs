@@ -112,9 +112,7 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
     // Every TLS file is read and checked (the private key fixed or refused)
     // before anything else runs, so a missing or bad file stops the hub
     // here, with the file named.
-    let tls_config = config
-        .tls
-        .server_config(config.sync.tls_handshake_timeout)?;
+    let tls_config = config.tls.server_config()?;
     let shutdown = CancellationToken::new();
     let metrics = Metrics::new();
     let index = IndexHandle::default();

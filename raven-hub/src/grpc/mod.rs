@@ -12,6 +12,7 @@ pub mod sync;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use futures::Stream;
 use raven_proto::v1::inspect_service_server::InspectServiceServer;
@@ -20,7 +21,7 @@ use raven_proto::{EncodedSyncResponse, v1};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::transport::Server;
 use tonic::{Request, Response, Status, Streaming};
 
 use self::inspect::Inspect;
@@ -55,10 +56,7 @@ impl TlsFiles {
     /// Reads and checks every file of the mTLS listener and builds its TLS
     /// configuration, so a missing, unreadable or malformed file stops the
     /// hub at start, with the file named — never later in the gRPC task.
-    pub fn server_config(
-        &self,
-        handshake_timeout: std::time::Duration,
-    ) -> Result<ServerTlsConfig, ServeError> {
+    pub fn server_config(&self) -> Result<Arc<rustls::ServerConfig>, ServeError> {
         let cert = read(&self.cert)?;
         check_pem(&self.cert, &cert, "certificate", |label| {
             label == "CERTIFICATE"
@@ -71,21 +69,36 @@ impl TlsFiles {
         check_pem(&self.client_ca, &ca, "CA certificate", |label| {
             label == "CERTIFICATE"
         })?;
-        let config = ServerTlsConfig::new()
-            .identity(Identity::from_pem(cert, key))
-            .client_ca_root(Certificate::from_pem(ca))
-            .timeout(handshake_timeout);
-        // Builds the acceptor (as serving does): a key that does not match
-        // the certificate fails here.
-        Server::builder()
-            .tls_config(config.clone())
-            .map_err(|e| ServeError::TlsConfig {
-                cert: self.cert.clone(),
-                key: self.key.clone(),
-                ca: self.client_ca.clone(),
-                reason: error_chain(&e),
-            })?;
-        Ok(config)
+        // Builds the acceptor's configuration now: a key that does not
+        // match the certificate, or a CA that does not parse, fails here.
+        let config = || -> Result<rustls::ServerConfig, Box<dyn std::error::Error>> {
+            use rustls::pki_types::pem::PemObject;
+            use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let mut roots = rustls::RootCertStore::empty();
+            for c in CertificateDer::pem_slice_iter(&ca) {
+                roots.add(c?)?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider.clone(),
+            )
+            .build()?;
+            let chain = CertificateDer::pem_slice_iter(&cert).collect::<Result<Vec<_>, _>>()?;
+            let mut config = rustls::ServerConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()?
+                .with_client_cert_verifier(verifier)
+                .with_single_cert(chain, PrivateKeyDer::from_pem_slice(&key)?)?;
+            config.alpn_protocols = vec![b"h2".to_vec()];
+            Ok(config)
+        };
+        let config = config().map_err(|e| ServeError::TlsConfig {
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+            ca: self.client_ca.clone(),
+            reason: error_chain(e.as_ref()),
+        })?;
+        Ok(Arc::new(config))
     }
 }
 
@@ -356,7 +369,7 @@ impl Listeners {
 /// Serves until `shutdown`; health reports SERVING once the hub is ready.
 pub async fn serve(
     listeners: Listeners,
-    tls_config: ServerTlsConfig,
+    tls_config: Arc<rustls::ServerConfig>,
     shared: SyncShared,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
@@ -394,9 +407,15 @@ pub async fn serve(
     let keepalive = Some(shared.config.keepalive);
     let keepalive_timeout = Some(shared.config.keepalive_timeout);
     let metrics = shared.metrics.clone();
+    let limits = conn::AcceptLimits {
+        max_connections,
+        max_handshakes: shared.config.max_tls_handshakes,
+        handshake_timeout: shared.config.tls_handshake_timeout,
+    };
     let sync = SyncServiceServer::new(Sync { shared });
+    // TLS is done by `conn::tls_incoming` (admission before the handshake),
+    // not by tonic.
     let tls_server = Server::builder()
-        .tls_config(tls_config)?
         .http2_keepalive_interval(keepalive)
         .http2_keepalive_timeout(keepalive_timeout)
         .add_service(tls_health)
@@ -405,7 +424,7 @@ pub async fn serve(
         .add_service(InspectServiceServer::new(inspect.clone()))
         .add_service(sync)
         .serve_with_incoming_shutdown(
-            conn::bounded(listeners.grpc, max_connections, move || {
+            conn::tls_incoming(listeners.grpc, tls_config, limits, move || {
                 metrics.connection_refused();
             }),
             shutdown.clone().cancelled_owned(),
