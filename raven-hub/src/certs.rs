@@ -302,12 +302,13 @@ impl NodeIssuer {
                 source,
             }
         })?;
-        let issuer = Issuer::from_ca_cert_pem(&read(&layout.ca_cert())?, key).map_err(
-            |source| CertError::BadCa {
-                path: layout.ca_cert(),
-                source,
-            },
-        )?;
+        let issuer =
+            Issuer::from_ca_cert_pem(&read(&layout.ca_cert())?, key).map_err(|source| {
+                CertError::BadCa {
+                    path: layout.ca_cert(),
+                    source,
+                }
+            })?;
         Ok(Self { issuer })
     }
 

@@ -497,9 +497,7 @@ mod tests {
         .await;
         tokio::time::sleep(quiet * 2).await;
         set_config(&index, true, true);
-        rx.wait_for(|p| p.revision > first)
-            .await
-            .expect("leading");
+        rx.wait_for(|p| p.revision > first).await.expect("leading");
         assert_eq!(rx.borrow_and_update().revision, first + 1);
         // Two more changes within `quiet`: one compile after the burst.
         tokio::time::sleep(quiet / 10).await;
@@ -515,7 +513,11 @@ mod tests {
         });
         let settings = settings.expect("a settings resource");
         assert!(!settings.enable_l3_tunnel && !settings.enable_l7_proxy);
-        assert!(burst.elapsed() >= quiet, "compiled after {:?}", burst.elapsed());
+        assert!(
+            burst.elapsed() >= quiet,
+            "compiled after {:?}",
+            burst.elapsed()
+        );
         // Both changes in one compile: one revision, not two.
         assert_eq!(p.revision, first + 2);
     }

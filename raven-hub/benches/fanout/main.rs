@@ -314,8 +314,8 @@ async fn main() {
         &[],
     )
     .unwrap_or_else(|e| panic!("certificates: {e}"));
-    let issuer = raven_hub::certs::NodeIssuer::open(&w.join("certs"))
-        .unwrap_or_else(|e| panic!("CA: {e}"));
+    let issuer =
+        raven_hub::certs::NodeIssuer::open(&w.join("certs")).unwrap_or_else(|e| panic!("CA: {e}"));
     let agent_key = rcgen::KeyPair::generate().unwrap_or_else(|e| panic!("agent key: {e}"));
     let agent_key_pem = agent_key.serialize_pem();
     let agent_certs: Vec<String> = nodes
@@ -351,8 +351,7 @@ async fn main() {
     let (tx, rx) = mpsc::unbounded_channel();
     let stop = CancellationToken::new();
     let mut specs = Vec::new();
-    for (idx, ((&(g, i), node), cert)) in picked.iter().zip(&nodes).zip(&agent_certs).enumerate()
-    {
+    for (idx, ((&(g, i), node), cert)) in picked.iter().zip(&nodes).zip(&agent_certs).enumerate() {
         let identity = Identity::from_pem(cert, &agent_key_pem);
         specs.push(agent::Spec {
             idx,
