@@ -554,10 +554,15 @@ mod tests {
         );
     }
 
-    /// A running pipeline over an empty, synced cluster whose `raven-cfg`
-    /// the test toggles; returns the index, the published state and the
-    /// revision of the first publish.
-    async fn running(debounce: Debounce) -> (crate::index::IndexHandle, PublishedRx, u64) {
+    /// A running pipeline (debounce `quiet`, at most 3 × `quiet`) over an
+    /// empty, synced cluster whose `raven-cfg` the test toggles, quiet for
+    /// twice `quiet` since its first publish; returns the index, the
+    /// published state and the revision of the first publish.
+    async fn running(quiet: std::time::Duration) -> (crate::index::IndexHandle, PublishedRx, u64) {
+        let debounce = Debounce {
+            quiet,
+            max_delay: quiet * 3,
+        };
         let index = crate::index::IndexHandle::default();
         index.update(|i| {
             for k in [
@@ -577,6 +582,7 @@ mod tests {
         tokio::spawn(p.run(tokio_util::sync::CancellationToken::new()));
         rx.wait_for(|p| p.ready).await.expect("published");
         let first = rx.borrow_and_update().revision;
+        tokio::time::sleep(quiet * 2).await;
         (index, rx, first)
     }
 
@@ -594,12 +600,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_single_change_after_quiet_compiles_at_once_without_waiting_for_the_debounce() {
         let quiet = std::time::Duration::from_secs(10);
-        let (index, mut rx, first) = running(Debounce {
-            quiet,
-            max_delay: quiet * 3,
-        })
-        .await;
-        tokio::time::sleep(quiet * 2).await;
+        let (index, mut rx, first) = running(quiet).await;
         let at = tokio::time::Instant::now();
         set_config(&index, true, true);
         rx.wait_for(|p| p.revision > first)
@@ -613,12 +614,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_burst_after_a_leading_compile_is_coalesced_into_one_trailing_compile() {
         let quiet = std::time::Duration::from_secs(10);
-        let (index, mut rx, first) = running(Debounce {
-            quiet,
-            max_delay: quiet * 3,
-        })
-        .await;
-        tokio::time::sleep(quiet * 2).await;
+        let (index, mut rx, first) = running(quiet).await;
         set_config(&index, true, true);
         rx.wait_for(|p| p.revision > first).await.expect("leading");
         assert_eq!(rx.borrow_and_update().revision, first + 1);
