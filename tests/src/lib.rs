@@ -10,3 +10,4 @@ pub mod kube_apiserver;
 pub mod lab;
 pub mod preflight;
 pub mod proxy_rig;
+pub mod spdy;

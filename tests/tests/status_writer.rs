@@ -79,6 +79,7 @@ fn status(active: &str) -> GatewayStatus {
             },
         ],
         conditions: Vec::new(),
+        node_count: Some(2),
     }
 }
 

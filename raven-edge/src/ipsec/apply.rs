@@ -423,6 +423,7 @@ mod tests {
             .into(),
             initiator,
             relays_for: Vec::new(),
+            standby: false,
         }
     }
 
