@@ -132,6 +132,11 @@ pub struct ServeArgs {
     /// A TLS handshake that does not finish within this is dropped.
     #[arg(long, env = "RAVEN_TLS_HANDSHAKE_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub tls_handshake_timeout: std::time::Duration,
+    /// TLS handshakes in progress at once on the mTLS listener; further
+    /// connections wait in the listen backlog until one ends, so thousands
+    /// of simultaneous dials never run thousands of handshakes at once.
+    #[arg(long, env = "RAVEN_MAX_TLS_HANDSHAKES", default_value_t = 64)]
+    pub max_tls_handshakes: usize,
     /// Agents allowed in their initial sync at once; others are told to retry.
     #[arg(long, env = "RAVEN_MAX_INITIAL_SYNCS", default_value_t = 256)]
     pub max_initial_syncs: usize,
@@ -318,6 +323,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<std::process::ExitCode> {
             max_initial_syncs: args.max_initial_syncs,
             max_connections: args.max_connections,
             tls_handshake_timeout: args.tls_handshake_timeout,
+            max_tls_handshakes: args.max_tls_handshakes,
             admission_hold: args.admission_hold,
             report_rate: args.report_rate,
             max_report_bytes: args.max_report_bytes,

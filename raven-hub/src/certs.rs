@@ -214,30 +214,9 @@ pub fn generate_with_operators(
     for node in nodes {
         private_dir(&layout.node_bundle(node), &mut fixed)?;
         let key = KeyPair::generate().map_err(gen_err("node key"))?;
-        let mut params = CertificateParams::new(Vec::<String>::new()).map_err(gen_err("node"))?;
-        params
-            .distinguished_name
-            .push(DnType::CommonName, format!("{NODE_CN_PREFIX}{node}"));
-        params
-            .distinguished_name
-            .push(DnType::OrganizationName, "system:nodes");
-        // The node's name as a DNS name and server use too: a cloud proxy
-        // server presents its node certificate to the edge nodes that dial
-        // it, which check it names that node.
-        params.subject_alt_names.push(SanType::DnsName(
-            node.to_string()
-                .try_into()
-                .map_err(gen_err("node DNS name"))?,
-        ));
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ClientAuth,
-            ExtendedKeyUsagePurpose::ServerAuth,
-        ];
-        let cert = params
-            .signed_by(&key, &issuer)
-            .map_err(gen_err("node certificate"))?;
+        let cert = node_certificate(node, &key, &issuer)?;
         write(&layout.node_key(node), &key.serialize_pem(), true)?;
-        write(&layout.node_cert(node), &cert.pem(), false)?;
+        write(&layout.node_cert(node), &cert, false)?;
         write(&layout.node_ca(node), &ca_pem, false)?;
     }
     if !operators.is_empty() {
@@ -261,6 +240,82 @@ pub fn generate_with_operators(
         write(&dir.join("ca.pem"), &ca_pem, false)?;
     }
     Ok(Generated { layout, fixed })
+}
+
+/// `node`'s client certificate (PEM) for `key`, signed by `issuer`.
+fn node_certificate(
+    node: &NodeName,
+    key: &KeyPair,
+    issuer: &Issuer<'_, KeyPair>,
+) -> Result<String, CertError> {
+    let mut params = CertificateParams::new(Vec::<String>::new()).map_err(gen_err("node"))?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, format!("{NODE_CN_PREFIX}{node}"));
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, "system:nodes");
+    // The node's name as a DNS name and server use too: a cloud proxy
+    // server presents its node certificate to the edge nodes that dial
+    // it, which check it names that node.
+    params.subject_alt_names.push(SanType::DnsName(
+        node.to_string()
+            .try_into()
+            .map_err(gen_err("node DNS name"))?,
+    ));
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ClientAuth,
+        ExtendedKeyUsagePurpose::ServerAuth,
+    ];
+    let cert = params
+        .signed_by(key, issuer)
+        .map_err(gen_err("node certificate"))?;
+    Ok(cert.pem())
+}
+
+/// Issues node certificates in memory from the CA of a directory that
+/// [`generate`] wrote — nothing is written. For load generators that
+/// simulate thousands of agents: one key may be shared by all of them (the
+/// hub identifies a node by its certificate's CN, and every certificate is
+/// still signed and checked on its own), so issuing costs a signature per
+/// node and no key generation or file writes.
+pub struct NodeIssuer {
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl std::fmt::Debug for NodeIssuer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeIssuer").finish_non_exhaustive()
+    }
+}
+
+impl NodeIssuer {
+    /// The CA of `dir` (`ca.pem`, `ca-key.pem`).
+    pub fn open(dir: &Path) -> Result<Self, CertError> {
+        let layout = Layout {
+            dir: dir.to_owned(),
+        };
+        let (pem, _) = files::read_private_key(&layout.ca_key())?;
+        let key = KeyPair::from_pem(&String::from_utf8_lossy(&pem)).map_err(|source| {
+            CertError::BadCa {
+                path: layout.ca_key(),
+                source,
+            }
+        })?;
+        let issuer =
+            Issuer::from_ca_cert_pem(&read(&layout.ca_cert())?, key).map_err(|source| {
+                CertError::BadCa {
+                    path: layout.ca_cert(),
+                    source,
+                }
+            })?;
+        Ok(Self { issuer })
+    }
+
+    /// `node`'s certificate (PEM) for `key`.
+    pub fn issue(&self, node: &NodeName, key: &KeyPair) -> Result<String, CertError> {
+        node_certificate(node, key, &self.issuer)
+    }
 }
 
 /// Why a client certificate does not identify a node.

@@ -129,8 +129,11 @@ fn log_elections(
 /// Receiver of the published state.
 pub type PublishedRx = tokio::sync::watch::Receiver<Arc<Published>>;
 
-/// Debounce settings: wait for `quiet` without changes, but never longer
-/// than `max_delay` after the first change.
+/// Debounce settings, leading edge plus trailing coalescing: the first
+/// change after `quiet` without any compiles at once (a single change costs
+/// no wait); a change that follows another within `quiet` is part of a
+/// burst, and the burst compiles once it has been quiet for `quiet`, but
+/// never later than `max_delay` after its first change.
 #[derive(Debug, Clone, Copy)]
 pub struct Debounce {
     pub quiet: std::time::Duration,
@@ -366,6 +369,9 @@ impl Pipeline {
         let grace = self.failover_grace;
         let debounce = self.debounce;
         let mut pipeline = self;
+        // When the pipeline last saw the index change (the start counts as
+        // one: changes right after it are the sources' initial burst).
+        let mut last_change = tokio::time::Instant::now();
         loop {
             let compiled = tokio::task::spawn_blocking(move || {
                 if let Err(e) = pipeline.recompile() {
@@ -394,13 +400,21 @@ impl Pipeline {
                 () = index.changed() => {}
             }
             let started = tokio::time::Instant::now();
+            // Leading edge: quiet since the change that led to the last
+            // compile, so this one is not (yet) a burst.
+            let leading = started >= last_change + debounce.quiet;
+            last_change = started;
+            if leading {
+                continue;
+            }
             loop {
                 let deadline = (started + debounce.max_delay)
                     .min(tokio::time::Instant::now() + debounce.quiet);
                 tokio::select! {
                     () = shutdown.cancelled() => return,
                     () = index.changed() => {
-                        if tokio::time::Instant::now() >= started + debounce.max_delay { break; }
+                        last_change = tokio::time::Instant::now();
+                        if last_change >= started + debounce.max_delay { break; }
                     }
                     () = tokio::time::sleep_until(deadline) => break,
                 }
@@ -538,6 +552,93 @@ mod tests {
             sessions.has_changed().expect("open"),
             "a new revision wakes sessions"
         );
+    }
+
+    /// A running pipeline (debounce `quiet`, at most 3 × `quiet`) over an
+    /// empty, synced cluster whose `raven-cfg` the test toggles, quiet for
+    /// twice `quiet` since its first publish; returns the index, the
+    /// published state and the revision of the first publish.
+    async fn running(quiet: std::time::Duration) -> (crate::index::IndexHandle, PublishedRx, u64) {
+        let debounce = Debounce {
+            quiet,
+            max_delay: quiet * 3,
+        };
+        let index = crate::index::IndexHandle::default();
+        index.update(|i| {
+            for k in [
+                crate::index::Kind::Gateway,
+                crate::index::Kind::Node,
+                crate::index::Kind::Config,
+            ] {
+                i.mark_synced(k);
+            }
+        });
+        let (p, mut rx) = Pipeline::new(
+            index.clone(),
+            crate::revision::Revisions::in_memory(),
+            debounce,
+            std::time::Duration::from_secs(3600),
+        );
+        tokio::spawn(p.run(tokio_util::sync::CancellationToken::new()));
+        rx.wait_for(|p| p.ready).await.expect("published");
+        let first = rx.borrow_and_update().revision;
+        tokio::time::sleep(quiet * 2).await;
+        (index, rx, first)
+    }
+
+    fn set_config(index: &crate::index::IndexHandle, l3: bool, l7: bool) {
+        index.update(|i| {
+            i.set_raven_config(raven_core::RavenConfig {
+                present: true,
+                enable_l3_tunnel: l3,
+                enable_l7_proxy: l7,
+                ..Default::default()
+            })
+        });
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_single_change_after_quiet_compiles_at_once_without_waiting_for_the_debounce() {
+        let quiet = std::time::Duration::from_secs(10);
+        let (index, mut rx, first) = running(quiet).await;
+        let at = tokio::time::Instant::now();
+        set_config(&index, true, true);
+        rx.wait_for(|p| p.revision > first)
+            .await
+            .expect("published");
+        // Time is paused (it moves only when every task waits on a timer),
+        // so this measures the pipeline's own waiting, not the machine.
+        assert!(at.elapsed() < quiet, "waited {:?}", at.elapsed());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_after_a_leading_compile_is_coalesced_into_one_trailing_compile() {
+        let quiet = std::time::Duration::from_secs(10);
+        let (index, mut rx, first) = running(quiet).await;
+        set_config(&index, true, true);
+        rx.wait_for(|p| p.revision > first).await.expect("leading");
+        assert_eq!(rx.borrow_and_update().revision, first + 1);
+        // Two more changes within `quiet`: one compile after the burst.
+        tokio::time::sleep(quiet / 10).await;
+        let burst = tokio::time::Instant::now();
+        set_config(&index, true, false);
+        tokio::time::sleep(quiet / 10).await;
+        set_config(&index, false, false);
+        rx.changed().await.expect("trailing");
+        let p = rx.borrow_and_update().clone();
+        let settings = p.topology.resources.values().find_map(|r| match &r.body {
+            raven_core::topology::ResourceBody::Settings(s) => Some(s.clone()),
+            _ => None,
+        });
+        let settings = settings.expect("a settings resource");
+        assert!(!settings.enable_l3_tunnel && !settings.enable_l7_proxy);
+        assert!(
+            burst.elapsed() >= quiet,
+            "compiled after {:?}",
+            burst.elapsed()
+        );
+        // Both changes in one compile: one revision, not two.
+        assert_eq!(p.revision, first + 2);
     }
 
     #[test]

@@ -1215,6 +1215,49 @@ async fn idle_connections_are_bounded_and_dropped_and_an_agent_still_gets_in() {
     hub.stop().await;
 }
 
+/// Admission before TLS: with every handshake slot held by a silent
+/// connection, the listener takes no further connection off its backlog, so
+/// an agent's handshake does not even start; the moment a slot frees, it is
+/// handshaken and syncs.
+#[tokio::test]
+async fn handshakes_beyond_the_limit_wait_in_the_backlog_and_run_once_a_slot_frees() {
+    let env = Env::new();
+    let mut config = env.config(64);
+    config.sync.max_tls_handshakes = 2;
+    config.sync.tls_handshake_timeout = Duration::from_secs(60);
+    let hub = hub::start(config).await.expect("hub");
+    let mut silent = Vec::new();
+    for _ in 0..2 {
+        silent.push(
+            tokio::net::TcpStream::connect(hub.grpc_addr)
+                .await
+                .expect("tcp connect"),
+        );
+    }
+    {
+        let agent = {
+            let (env, hub) = (&env, &hub);
+            async move { synced_agent(env, hub, HZ_GW).await }
+        };
+        tokio::pin!(agent);
+        // Both slots are held for up to a minute: the agent gets nowhere.
+        assert!(
+            tokio::time::timeout(Duration::from_secs(2), &mut agent)
+                .await
+                .is_err(),
+            "an agent got in while every handshake slot was held"
+        );
+        // One silent connection closes: its handshake ends, the agent's runs.
+        drop(silent.pop());
+        let mut agent: Agent = tokio::time::timeout(Duration::from_secs(20), agent)
+            .await
+            .expect("the agent got in once a slot freed");
+        agent.no_update_within(Duration::from_millis(100)).await;
+        drop((silent, agent));
+    }
+    hub.stop().await;
+}
+
 /// A report that changes only `peer/` resources (which members never see)
 /// sends a member nothing; the next change it does see brings only that
 /// resource. (The session plans from the change's names once it is in sync

@@ -1,10 +1,20 @@
 //! Accepting agent connections within bounds: at most `max` open at once
 //! (one file descriptor each), and a TLS handshake that does not finish
-//! within its timeout is dropped ([`tls`]). A connection
-//! over the bound is closed at once instead of waiting in the backlog, so
-//! idle or half-open connections from anyone can never use up the hub's file
-//! descriptors: the HTTP endpoint (`/readyz`, `/metrics`) and the loopback
-//! inspection listener have their own sockets and keep answering.
+//! within its timeout is dropped. A connection over the bound is closed at
+//! once instead of waiting in the backlog, so idle or half-open connections
+//! from anyone can never use up the hub's file descriptors: the HTTP
+//! endpoint (`/readyz`, `/metrics`) and the loopback inspection listener
+//! have their own sockets and keep answering.
+//!
+//! Admission before the handshake ([`tls_incoming`]): at most
+//! `max_handshakes` TLS handshakes run at once, and the listener accepts
+//! the next connection only when one of them ends. Ten thousand agents
+//! dialling at once therefore wait in the kernel's listen backlog (sized for
+//! thousands, and free for the hub), not as ten thousand concurrent
+//! handshakes that starve the runtime's established streams and each other
+//! past their timeouts. Once through TLS, a stream still meets the
+//! initial-sync admission, which answers RESOURCE_EXHAUSTED with a retry
+//! hint.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -68,46 +78,6 @@ impl AsyncWrite for Bounded {
     }
 }
 
-/// The connections of `listener`, at most `max` open at once; one over that
-/// is accepted and closed at once (and counted in `refused`).
-pub fn bounded(
-    listener: TcpListener,
-    max: usize,
-    refused: impl Fn() + Send + 'static,
-) -> impl Stream<Item = std::io::Result<Bounded>> {
-    let slots = Arc::new(Semaphore::new(max.max(1)));
-    futures::stream::unfold(
-        (listener, slots, refused),
-        |(listener, slots, refused)| async move {
-            loop {
-                let (stream, peer) = match listener.accept().await {
-                    Ok(s) => s,
-                    // A transient accept error (EMFILE, ECONNABORTED): yield
-                    // it; tonic logs it and keeps accepting.
-                    Err(e) => return Some((Err(e), (listener, slots, refused))),
-                };
-                match slots.clone().try_acquire_owned() {
-                    Ok(slot) => {
-                        let _ = stream.set_nodelay(true);
-                        return Some((
-                            Ok(Bounded {
-                                stream,
-                                _slot: slot,
-                            }),
-                            (listener, slots, refused),
-                        ));
-                    }
-                    Err(_) => {
-                        refused();
-                        tracing::debug!(%peer, "connection refused: at the connection limit");
-                        drop(stream);
-                    }
-                }
-            }
-        },
-    )
-}
-
 /// The soft limit on open files of this process (Linux, from
 /// `/proc/self/limits`), if it can be read.
 pub fn open_files_limit() -> Option<usize> {
@@ -129,51 +99,78 @@ pub fn effective_max(wanted: usize) -> usize {
     }
 }
 
-/// The TLS connections of `accepted`: each handshake runs in a task of its
-/// own, with the configuration current when the connection came (so a
-/// reloaded certificate serves every connection from then on, and a
-/// connection keeps the one it was made with), and is dropped when it does
-/// not finish within `timeout`. Ends at `shutdown`.
-pub fn tls(
-    accepted: impl Stream<Item = std::io::Result<Bounded>> + Send + 'static,
+/// Bounds of the mTLS listener's accept path.
+#[derive(Debug, Clone, Copy)]
+pub struct AcceptLimits {
+    /// Connections open at once (see [`effective_max`]).
+    pub max_connections: usize,
+    /// TLS handshakes in progress at once.
+    pub max_handshakes: usize,
+    /// A handshake not finished within this is dropped.
+    pub handshake_timeout: std::time::Duration,
+}
+
+/// The TLS connections of `listener`: accepts only while fewer than
+/// `max_handshakes` handshakes run (the rest wait in the listen backlog),
+/// closes a connection over `max_connections` at once (counted by
+/// `refused`), and yields each connection whose handshake finished in time.
+/// Ends when the returned stream is dropped.
+pub fn tls_incoming(
+    listener: TcpListener,
     config: super::ServerTls,
-    timeout: std::time::Duration,
-    shutdown: tokio_util::sync::CancellationToken,
+    limits: AcceptLimits,
+    refused: impl Fn() + Send + 'static,
 ) -> impl Stream<Item = std::io::Result<tokio_rustls::server::TlsStream<Bounded>>> {
-    use futures::StreamExt as _;
     let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let handshakes = Arc::new(Semaphore::new(limits.max_handshakes.max(1)));
     tokio::spawn(async move {
-        let mut accepted = std::pin::pin!(accepted);
         loop {
-            let next = tokio::select! {
-                () = shutdown.cancelled() => return,
+            let accepted = tokio::select! {
                 () = tx.closed() => return,
-                n = accepted.next() => n,
+                accepted = async {
+                    // A handshake slot first: only then is a connection
+                    // taken off the backlog.
+                    let turn = handshakes.clone().acquire_owned().await;
+                    (turn, listener.accept().await)
+                } => accepted,
             };
-            let io = match next {
-                None => return,
-                Some(Err(e)) => {
-                    // A transient accept error (EMFILE, ECONNABORTED):
-                    // tonic logs it and keeps accepting.
+            let (turn, (stream, peer)) = match accepted {
+                (Ok(turn), Ok(s)) => (turn, s),
+                (Err(_), _) => return,
+                // A transient accept error (EMFILE, ECONNABORTED): pass it
+                // on (tonic logs it) and keep accepting.
+                (_, Err(e)) => {
                     if tx.send(Err(e)).await.is_err() {
                         return;
                     }
                     continue;
                 }
-                Some(Ok(io)) => io,
             };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                refused();
+                tracing::debug!(%peer, "connection refused: at the connection limit");
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            // The configuration current now: a reloaded certificate serves
+            // every connection from here on; an open one keeps its own.
             let acceptor = tokio_rustls::TlsAcceptor::from(config.current());
             let tx = tx.clone();
             tokio::spawn(async move {
-                let peer = io.stream.peer_addr().ok();
-                match tokio::time::timeout(timeout, acceptor.accept(io)).await {
-                    Ok(Ok(stream)) => {
-                        let _ = tx.send(Ok(stream)).await;
+                let bounded = Bounded {
+                    stream,
+                    _slot: slot,
+                };
+                let shake =
+                    tokio::time::timeout(limits.handshake_timeout, acceptor.accept(bounded)).await;
+                drop(turn);
+                match shake {
+                    Ok(Ok(tls)) => {
+                        let _ = tx.send(Ok(tls)).await;
                     }
-                    Ok(Err(e)) => {
-                        tracing::debug!(?peer, error = %e, "TLS handshake failed");
-                    }
-                    Err(_) => tracing::debug!(?peer, "TLS handshake timed out"),
+                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                 }
             });
         }

@@ -501,10 +501,16 @@ pub async fn serve(
     let (refl_v1, refl_v1alpha) = reflection(&TLS_SERVICES)?;
     let (plain_refl_v1, plain_refl_v1alpha) = reflection(&PLAINTEXT_SERVICES)?;
     let keepalive = Some(shared.config.keepalive);
-    let handshake_timeout = shared.config.tls_handshake_timeout;
     let keepalive_timeout = Some(shared.config.keepalive_timeout);
     let metrics = shared.metrics.clone();
+    let limits = conn::AcceptLimits {
+        max_connections,
+        max_handshakes: shared.config.max_tls_handshakes,
+        handshake_timeout: shared.config.tls_handshake_timeout,
+    };
     let sync = SyncServiceServer::new(Sync { shared });
+    // TLS is done by `conn::tls_incoming` (admission before the handshake),
+    // not by tonic.
     let tls_server = Server::builder()
         .http2_keepalive_interval(keepalive)
         .http2_keepalive_timeout(keepalive_timeout)
@@ -514,14 +520,9 @@ pub async fn serve(
         .add_service(InspectServiceServer::new(inspect.clone()))
         .add_service(sync)
         .serve_with_incoming_shutdown(
-            conn::tls(
-                conn::bounded(listeners.grpc, max_connections, move || {
-                    metrics.connection_refused();
-                }),
-                tls,
-                handshake_timeout,
-                shutdown.clone(),
-            ),
+            conn::tls_incoming(listeners.grpc, tls, limits, move || {
+                metrics.connection_refused();
+            }),
             shutdown.clone().cancelled_owned(),
         );
 

@@ -39,6 +39,10 @@ pub struct SyncConfig {
     pub max_connections: usize,
     /// A TLS handshake not finished within this is dropped.
     pub tls_handshake_timeout: Duration,
+    /// TLS handshakes in progress at once on the mTLS listener; further
+    /// connections wait in the listen backlog until one ends (admission
+    /// before the handshake, see `grpc::conn`).
+    pub max_tls_handshakes: usize,
     /// Streams allowed to be in their initial sync at once (admission).
     pub max_initial_syncs: usize,
     /// Reports a node may send per second (a burst of twice as many is
@@ -88,6 +92,7 @@ impl Default for SyncConfig {
             ready_timeout: Duration::from_secs(30),
             max_connections: 20_000,
             tls_handshake_timeout: Duration::from_secs(5),
+            max_tls_handshakes: 64,
             max_initial_syncs: 256,
             admission_hold: Duration::from_secs(20),
             report_rate: 4.0,
