@@ -42,9 +42,9 @@ use std::time::{Duration, Instant};
 use ipnet::{IpNet, Ipv4Net};
 use raven_edge::cache::{Accepted, Cache, CachedState};
 use raven_edge::dataplane::{self, Kernel, NodeInputs, Op, model, netlink, skipnat};
+use raven_model::fixtures;
 use raven_model::topology::{
-    EndpointType, ExposeType, GatewayEndpoint, GatewayView, Member, NodeView, Resource,
-    ResourceBody, Settings,
+    ExposeType, GatewayEndpoint, GatewayView, Member, NodeView, Resource, ResourceBody,
 };
 use raven_model::{GatewayName, NodeName, ResourceName};
 
@@ -173,21 +173,13 @@ fn pod_subnet(k: u32) -> IpNet {
 
 fn gateway(i: u32, nodes: u32) -> GatewayView {
     let endpoint = GatewayEndpoint {
-        node: name(format!("g{i}-n0")),
-        type_: EndpointType::Tunnel,
-        port: 4500,
-        under_nat: false,
-        nat_type: String::new(),
         public_ip: Some(IpAddr::V4(Ipv4Addr::from(
             u32::from(Ipv4Addr::new(100, 64, 0, 0)) + i,
         ))),
-        public_port: None,
-        config: BTreeMap::new(),
+        ..fixtures::endpoint(&format!("g{i}-n0"), 4500)
     };
     GatewayView {
-        name: gw_name(i),
         expose_type: ExposeType::PublicIP,
-        under_nat: false,
         active_tunnel: Some(endpoint.clone()),
         members: (0..nodes)
             .map(|j| Member {
@@ -198,32 +190,15 @@ fn gateway(i: u32, nodes: u32) -> GatewayView {
             })
             .collect(),
         tunnel_candidates: vec![endpoint],
-        active_proxies: vec![],
-        extra_source_cidrs: vec![],
-        proxy_ports: vec![],
-        relay: None,
+        ..fixtures::gateway(gw_name(i).as_str())
     }
 }
 
 fn me() -> NodeView {
     NodeView {
-        name: name("g0-n1".into()),
-        gateway: Some(gw_name(0)),
         private_ip: Some(IpAddr::V4(node_ip(0, 1))),
         subnets: vec![pod_subnet(1)],
-        tunnel_active: false,
-        tunnel_candidate: false,
-        proxy_active: false,
-    }
-}
-
-fn settings() -> Settings {
-    Settings {
-        raven_cfg_present: true,
-        enable_l3_tunnel: true,
-        enable_l7_proxy: false,
-        vxlan_port: 4472,
-        vpn_driver: Default::default(),
+        ..fixtures::node_view("g0-n1", Some(gw_name(0).as_str()))
     }
 }
 
@@ -231,12 +206,8 @@ fn inputs(gateways: Vec<GatewayView>) -> NodeInputs {
     NodeInputs {
         me: Some(me()),
         gateways,
-        settings: Some(settings()),
-        active_override: BTreeMap::new(),
-        underlay_mtu: 1500,
-        tunnel_dev: model::DEFAULT_TUNNEL_DEV.to_owned(),
-        tunnel_up: false,
-        direct: Default::default(),
+        settings: Some(fixtures::settings()),
+        ..Default::default()
     }
 }
 
@@ -389,7 +360,7 @@ fn cached_state(gateways: &[GatewayView], revision: u64) -> CachedState {
     );
     resources.insert(
         ResourceName::settings(),
-        Resource::new(ResourceBody::Settings(settings())),
+        Resource::new(ResourceBody::Settings(fixtures::settings())),
     );
     for g in gateways {
         resources.insert(

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use raven_cli::pace::{Backoff, Contact, Heartbeat, Silent};
 use raven_model::NodeName;
 use raven_proto::v1::sync_request::Message as Req;
 use raven_proto::v1::sync_response::Message as Resp;
@@ -132,6 +133,9 @@ pub struct Links {
     /// when it ends): a hub that went away counts as unreachable at once,
     /// not only after its heartbeats have been missed.
     pub hub_session: Arc<AtomicBool>,
+    /// When a hub last sent anything, on tokio's clock (local failover
+    /// asks whether the hub is still there).
+    pub hub_contact: Contact,
 }
 
 /// Now minus `sent_at`, in milliseconds.
@@ -175,36 +179,6 @@ fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
-}
-
-/// Exponential backoff with full jitter.
-#[derive(Debug, Clone)]
-pub struct Backoff {
-    min: Duration,
-    max: Duration,
-    attempt: u32,
-}
-
-impl Backoff {
-    pub fn new(min: Duration, max: Duration) -> Self {
-        Self {
-            min,
-            max,
-            attempt: 0,
-        }
-    }
-    /// The next delay: uniform in `[0, min(max, min * 2^attempt)]`.
-    pub fn next_delay(&mut self) -> Duration {
-        let cap = self
-            .min
-            .saturating_mul(1 << self.attempt.min(20))
-            .min(self.max);
-        self.attempt = self.attempt.saturating_add(1);
-        cap.mul_f64(rand::random::<f64>())
-    }
-    pub fn reset(&mut self) {
-        self.attempt = 0;
-    }
 }
 
 /// Runs the client until `shutdown`.
@@ -371,8 +345,7 @@ async fn session(cfg: &ClientConfig, hub: &str, links: &Links) -> Result<(), Ses
     applied.mark_changed();
     report.mark_changed();
     let mut progress = SnapshotProgress::default();
-    let mut ticker = tokio::time::interval(cfg.heartbeat);
-    let mut last_heard = tokio::time::Instant::now();
+    let mut heartbeat = Heartbeat::new(cfg.heartbeat);
     let mut seq = 0u64;
     loop {
         tokio::select! {
@@ -380,8 +353,9 @@ async fn session(cfg: &ClientConfig, hub: &str, links: &Links) -> Result<(), Ses
                 let Some(msg) = msg.map_err(status_err)? else {
                     return Err(SessionError::Closed { hub: hub.to_owned() });
                 };
-                last_heard = tokio::time::Instant::now();
+                heartbeat.heard();
                 links.last_contact_ms.store(now_ms(), Ordering::Relaxed);
+                links.hub_contact.heard();
                 links.hub_session.store(true, Ordering::Relaxed);
                 match msg.message {
                     Some(Resp::Update(u)) => handle_update(&u, links, &tx, &mut progress).await?,
@@ -417,9 +391,8 @@ async fn session(cfg: &ClientConfig, hub: &str, links: &Links) -> Result<(), Ses
                     send(&tx, Req::Report(r)).await;
                 }
             }
-            _ = ticker.tick() => {
-                let silent = last_heard.elapsed();
-                if silent > cfg.heartbeat * 3 {
+            beat = heartbeat.beat() => {
+                if let Err(Silent(silent)) = beat {
                     return Err(SessionError::Silent { hub: hub.to_owned(), silent });
                 }
                 seq += 1;

@@ -580,26 +580,13 @@ mod icmp {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use raven_model::topology::{
-        EndpointType, ExposeType, GatewayEndpoint, Member, NodeView, PeerInfo,
-    };
+    use raven_model::fixtures::{self, gateway_name as g, node as n};
+    use raven_model::topology::{GatewayEndpoint, Member, PeerInfo};
 
-    fn n(s: &str) -> NodeName {
-        NodeName::new(s).unwrap_or_else(|_| unreachable!())
-    }
-    fn g(s: &str) -> GatewayName {
-        GatewayName::new(s).unwrap_or_else(|_| unreachable!())
-    }
     fn ep(node: &str) -> GatewayEndpoint {
         GatewayEndpoint {
-            node: n(node),
-            type_: EndpointType::Tunnel,
-            port: 4500,
             under_nat: true,
-            nat_type: String::new(),
-            public_ip: None,
-            public_port: None,
-            config: BTreeMap::new(),
+            ..fixtures::endpoint(node, 4500)
         }
     }
     fn ip(last: u8) -> Ipv4Addr {
@@ -609,8 +596,6 @@ mod tests {
     /// node i has address 10.0.0.(i+1).
     fn gw(name: &str, nodes: &[&str]) -> GatewayView {
         GatewayView {
-            name: g(name),
-            expose_type: ExposeType::None,
             under_nat: true,
             members: nodes
                 .iter()
@@ -624,23 +609,12 @@ mod tests {
                 .collect(),
             active_tunnel: Some(ep(nodes[0])),
             tunnel_candidates: nodes.iter().map(|m| ep(m)).collect(),
-            active_proxies: vec![],
-            proxy_ports: vec![],
-            extra_source_cidrs: vec![],
-            relay: None,
+            ..fixtures::gateway(name)
         }
     }
     fn inputs(me: &str, my_gw: &str) -> View {
         View {
-            me: NodeView {
-                name: n(me),
-                gateway: Some(g(my_gw)),
-                private_ip: None,
-                subnets: vec![],
-                tunnel_active: false,
-                tunnel_candidate: false,
-                proxy_active: false,
-            },
+            me: fixtures::node_view(me, Some(my_gw)),
             gateways: vec![gw("gw-a", &["a1", "a2", "a3"]), gw("gw-b", &["b1", "b2"])],
             settings: None,
             peers: vec![],
@@ -844,16 +818,13 @@ mod tests {
         use crate::tunnel::uapi::PeerState;
         let key = |b: u8| Key([b; 32]);
         let info = |node: &str, b: u8| PeerInfo {
-            node: n(node),
-            gateway: g("gw-b"),
             wireguard_public_key: Some(key(b).to_base64()),
             tunnel_port: Some(4500),
-            observed_endpoint: None,
             direct: Some(raven_model::topology::DirectDevice {
                 public_key: key(b + 100).to_base64(),
                 observed_endpoint: None,
             }),
-            ipsec_public_key: None,
+            ..fixtures::peer(node, "gw-b")
         };
         let peers = vec![info("b1", 1), info("b2", 2)];
         let device = |b2_rx: u64| DeviceState {

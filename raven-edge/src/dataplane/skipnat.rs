@@ -554,45 +554,22 @@ pub async fn teardown() -> Applied {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
     use std::net::IpAddr;
 
-    use raven_model::topology::{
-        EndpointType, ExposeType, GatewayEndpoint, GatewayView, Member, NodeView,
-    };
-    use raven_model::{GatewayName, NodeName};
+    use raven_model::fixtures::{self, member, net};
+    use raven_model::topology::{GatewayEndpoint, GatewayView, Member, NodeView};
 
     use super::*;
-
-    fn net(s: &str) -> IpNet {
-        s.parse().expect("cidr")
-    }
 
     fn nets(s: &[&str]) -> Vec<IpNet> {
         s.iter().map(|s| net(s)).collect()
     }
 
-    fn member(n: &str, ip: &str, subnets: &[&str]) -> Member {
-        Member {
-            node: NodeName::new(n).expect("node"),
-            private_ip: ip.parse().expect("ip"),
-            subnets: nets(subnets),
-            ready: true,
-        }
-    }
-
     fn gateway(name: &str, members: Vec<Member>) -> GatewayView {
         GatewayView {
-            name: GatewayName::new(name).expect("gw"),
-            expose_type: ExposeType::None,
             under_nat: true,
-            active_tunnel: None,
             members,
-            tunnel_candidates: vec![],
-            active_proxies: vec![],
-            proxy_ports: vec![],
-            extra_source_cidrs: vec![],
-            relay: None,
+            ..fixtures::gateway(name)
         }
     }
 
@@ -608,13 +585,8 @@ mod tests {
         hz.extra_source_cidrs = nets(&["192.168.50.0/24"]);
         NodeInputs {
             me: Some(NodeView {
-                name: NodeName::new("hz-2").expect("node"),
-                gateway: Some(hz.name.clone()),
-                private_ip: Some("172.16.2.104".parse().expect("ip")),
-                subnets: vec![],
-                tunnel_active: false,
-                tunnel_candidate: false,
-                proxy_active: false,
+                private_ip: Some(fixtures::ip("172.16.2.104")),
+                ..fixtures::node_view("hz-2", Some("gw-hangzhou"))
             }),
             gateways: vec![
                 hz,
@@ -627,12 +599,7 @@ mod tests {
                     )],
                 ),
             ],
-            settings: None,
-            active_override: BTreeMap::new(),
-            underlay_mtu: 1500,
-            tunnel_dev: "raven-wg0".into(),
-            tunnel_up: false,
-            direct: Default::default(),
+            ..Default::default()
         }
     }
 
@@ -671,7 +638,7 @@ mod tests {
 
         let mut n = inputs();
         if let Some(me) = &mut n.me {
-            me.gateway = Some(GatewayName::new("gw-gone").expect("gw"));
+            me.gateway = Some(fixtures::gateway_name("gw-gone"));
         }
         assert!(spec(&n).is_empty(), "gateway missing from the topology");
 
@@ -702,14 +669,8 @@ mod tests {
             .members
             .push(member("qd-2", "172.16.2.103", &["10.244.4.0/24"]));
         n.gateways[1].active_tunnel = Some(GatewayEndpoint {
-            node: NodeName::new("qd-gw").expect("node"),
-            type_: EndpointType::Tunnel,
-            port: 4500,
-            under_nat: false,
-            nat_type: String::new(),
-            public_ip: Some("172.16.1.89".parse().expect("ip")),
-            public_port: None,
-            config: BTreeMap::new(),
+            public_ip: Some(fixtures::ip("172.16.1.89")),
+            ..fixtures::endpoint("qd-gw", 4500)
         });
         assert_eq!(
             spec(&n).v4.destinations,

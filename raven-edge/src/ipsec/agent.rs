@@ -261,11 +261,9 @@ mod tests {
     #[test]
     fn auto_follows_raven_cfg_and_forced_choices_win() {
         let ipsec = Settings {
-            raven_cfg_present: true,
-            enable_l3_tunnel: true,
-            enable_l7_proxy: false,
             vxlan_port: 4472,
             vpn_driver: VpnDriver::Ipsec,
+            ..raven_model::fixtures::settings()
         };
         assert_eq!(VpnChoice::Auto.driver(None), VpnDriver::Wireguard);
         assert_eq!(VpnChoice::Auto.driver(Some(&ipsec)), VpnDriver::Ipsec);

@@ -23,7 +23,8 @@ use ipnet::IpNet;
 use raven_model::topology::{GatewayView, PeerInfo};
 use raven_model::{GatewayName, NodeName};
 
-use crate::dataplane::model::{NodeInputs, active_node};
+use crate::dataplane::model::NodeInputs;
+use crate::reach::Reach;
 
 /// Every connection (and CHILD_SA) raven loads into charon is named with
 /// this prefix; raven never touches one without it.
@@ -115,38 +116,21 @@ fn selectors(g: &GatewayView, holder: Option<IpAddr>) -> BTreeSet<IpNet> {
 /// node of its gateway. Pure.
 pub fn plan(inputs: &NodeInputs, peers: &[PeerInfo]) -> Plan {
     let mut out = Plan::default();
-    let Some(me) = inputs.me.as_ref() else {
+    let Some(reach) = Reach::of(inputs).filter(|r| r.active) else {
         return out;
     };
-    let Some(my_gw) = inputs
-        .gateways
-        .iter()
-        .find(|g| Some(&g.name) == me.gateway.as_ref())
-    else {
-        return out;
-    };
-    let Some(mine) = my_gw.tunnel_candidates.iter().find(|c| c.node == me.name) else {
-        return out;
-    };
-    if active_node(my_gw, &inputs.active_override) != Some(&me.name) {
-        return out;
-    }
+    let (me, my_gw, mine) = (reach.me, reach.gateway, reach.endpoint);
     let info = |node: &NodeName| peers.iter().find(|p| &p.node == node);
     let my_prefixes = selectors(my_gw, me.private_ip);
     // NATed gateways other than mine, with an active node.
-    let natted: Vec<(&GatewayView, &NodeName)> = inputs
-        .gateways
+    let natted: Vec<(&GatewayView, &NodeName)> = reach
+        .others
         .iter()
-        .filter(|g| g.name != my_gw.name && g.under_nat)
-        .filter_map(|g| active_node(g, &inputs.active_override).map(|n| (g, n)))
+        .filter(|(g, _)| g.under_nat)
+        .copied()
         .collect();
-    let mut relayed: Vec<&GatewayView> = Vec::new();
-    for other in inputs.gateways.iter().filter(|g| g.name != my_gw.name) {
-        let Some(active) = active_node(other, &inputs.active_override) else {
-            continue;
-        };
-        if my_gw.under_nat && other.under_nat {
-            relayed.push(other);
+    for &(other, active) in &reach.others {
+        if reach.through_relay(other) {
             continue;
         }
         let Some(key) = info(active).and_then(|p| p.ipsec_public_key.clone()) else {
@@ -227,35 +211,23 @@ pub fn plan(inputs: &NodeInputs, peers: &[PeerInfo]) -> Plan {
             },
         );
     }
+    let relayed = reach.relayed();
     if !relayed.is_empty() {
-        let relay_node = my_gw
+        let relay_ip = reach
             .relay
-            .as_ref()
-            .and_then(|r| inputs.gateways.iter().find(|g| &g.name == r))
-            .and_then(|g| active_node(g, &inputs.active_override));
-        let relay_ip = my_gw
-            .relay
-            .as_ref()
-            .and_then(|r| inputs.gateways.iter().find(|g| &g.name == r))
-            .zip(relay_node)
             .and_then(|(g, n)| g.members.iter().find(|m| &m.node == n))
             .map(|m| m.private_ip);
-        match relay_node.and_then(|n| out.conns.get_mut(&conn_name(n))) {
+        match reach
+            .relay
+            .and_then(|(_, n)| out.conns.get_mut(&conn_name(n)))
+        {
             Some(conn) => {
-                for g in relayed {
+                for (g, n) in &relayed {
                     conn.remote_ts.extend(selectors(g, relay_ip));
-                    conn.relays_for
-                        .extend(active_node(g, &inputs.active_override).cloned());
+                    conn.relays_for.push((*n).clone());
                 }
             }
-            None => out.warnings.push(format!(
-                "no relay gateway is reachable; NATed gateways {} are unreachable",
-                relayed
-                    .iter()
-                    .map(|g| g.name.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )),
+            None => out.warnings.push(Reach::no_relay_warning(&relayed)),
         }
     }
     let own: BTreeSet<IpAddr> = me.private_ip.into_iter().collect();
@@ -272,54 +244,32 @@ pub fn plan(inputs: &NodeInputs, peers: &[PeerInfo]) -> Plan {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use raven_model::topology::{EndpointType, ExposeType, GatewayEndpoint, Member, NodeView};
+    use raven_model::fixtures::{self, gateway_name as g, net, node as n};
+    use raven_model::topology::{ExposeType, GatewayEndpoint, NodeView};
 
     const KEY: &str = "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=";
-
-    fn n(s: &str) -> NodeName {
-        NodeName::new(s).unwrap_or_else(|e| panic!("{e}"))
-    }
-    fn g(s: &str) -> GatewayName {
-        GatewayName::new(s).unwrap_or_else(|e| panic!("{e}"))
-    }
-    fn net(s: &str) -> IpNet {
-        s.parse().unwrap_or_else(|e| panic!("{s}: {e}"))
-    }
 
     /// Gateway `name` with node `<name>-1` at `ip`, pod subnet `subnet`,
     /// public at `ip` unless `nat`.
     fn gw(name: &str, ip: &str, subnet: &str, nat: bool, relay: Option<&str>) -> GatewayView {
-        let ip: IpAddr = ip.parse().unwrap_or_else(|e| panic!("{e}"));
+        let node = format!("{name}-1");
         let ep = GatewayEndpoint {
-            node: n(&format!("{name}-1")),
-            type_: EndpointType::Tunnel,
-            port: 4500,
             under_nat: nat,
-            nat_type: String::new(),
-            public_ip: (!nat).then_some(ip),
-            public_port: None,
-            config: BTreeMap::new(),
+            public_ip: (!nat).then(|| fixtures::ip(ip)),
+            ..fixtures::endpoint(&node, 4500)
         };
         GatewayView {
-            name: g(name),
             expose_type: if nat {
                 ExposeType::None
             } else {
                 ExposeType::PublicIP
             },
             under_nat: nat,
-            members: vec![Member {
-                node: n(&format!("{name}-1")),
-                private_ip: ip,
-                subnets: vec![net(subnet)],
-                ready: true,
-            }],
+            members: vec![fixtures::member(&node, ip, &[subnet])],
             active_tunnel: Some(ep.clone()),
             tunnel_candidates: vec![ep],
-            active_proxies: Vec::new(),
-            extra_source_cidrs: Vec::new(),
-            proxy_ports: Vec::new(),
             relay: relay.map(g),
+            ..fixtures::gateway(name)
         }
     }
 
@@ -330,34 +280,25 @@ mod tests {
             .unwrap_or_else(|| panic!("no {me}"));
         NodeInputs {
             me: Some(NodeView {
-                name: n(me),
                 gateway: Some(view.name.clone()),
                 private_ip: Some(view.members[0].private_ip),
                 subnets: view.members[0].subnets.clone(),
                 tunnel_active: true,
                 tunnel_candidate: true,
-                proxy_active: false,
+                ..fixtures::node_view(me, None)
             }),
             gateways: gws.to_vec(),
-            settings: None,
-            active_override: BTreeMap::new(),
-            underlay_mtu: 1500,
             tunnel_dev: String::new(),
-            tunnel_up: false,
-            direct: Default::default(),
+            ..Default::default()
         }
     }
 
     fn peers(gws: &[GatewayView]) -> Vec<PeerInfo> {
         gws.iter()
             .map(|v| PeerInfo {
-                node: v.members[0].node.clone(),
-                gateway: v.name.clone(),
-                wireguard_public_key: None,
                 tunnel_port: Some(4500),
-                observed_endpoint: None,
-                direct: None,
                 ipsec_public_key: Some(KEY.into()),
+                ..fixtures::peer(v.members[0].node.as_str(), v.name.as_str())
             })
             .collect()
     }

@@ -412,9 +412,7 @@ impl Session {
         snapshot: bool,
     ) -> Result<(), Status> {
         let hb = self.shared.config.heartbeat;
-        let mut ticker = tokio::time::interval(hb);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last_heard = tokio::time::Instant::now();
+        let mut heartbeat = raven_cli::pace::Heartbeat::new(hb);
         let mut dirty = true;
         loop {
             if dirty && self.in_flight.is_none() {
@@ -437,7 +435,7 @@ impl Session {
                     self.permit.take();
                 }
                 msg = inbound.message() => {
-                    last_heard = tokio::time::Instant::now();
+                    heartbeat.heard();
                     match msg? {
                         None => return Ok(()),
                         Some(req) => if self.handle(req)? { dirty = true },
@@ -449,8 +447,8 @@ impl Session {
                     }
                     dirty = true;
                 }
-                _ = ticker.tick() => {
-                    if last_heard.elapsed() > hb * 3 {
+                beat = heartbeat.beat() => {
+                    if beat.is_err() {
                         return Err(Status::unavailable("no message from the agent for three heartbeat intervals"));
                     }
                     self.heartbeat_seq += 1;
