@@ -487,7 +487,7 @@ async fn run_in_namespace(cfg: &Config) -> Report {
 
         flush_routes();
         let have = netlink::observe(&h, devs()).await.unwrap();
-        let ops = dataplane::plan(&want.state, &have);
+        let ops = dataplane::diff(&want.state, &have);
         let adds = ops.iter().filter(|o| matches!(o, Op::AddRoute(_))).count();
         assert_eq!(adds, report.routes, "an empty table plans every route");
         let t = Instant::now();
@@ -542,7 +542,7 @@ async fn run_in_namespace(cfg: &Config) -> Report {
     let have = netlink::observe(&h, devs()).await.unwrap();
     let t_observe = t.elapsed();
     let t = Instant::now();
-    let ops = dataplane::plan(&d.state, &have);
+    let ops = dataplane::diff(&d.state, &have);
     let t_plan = t.elapsed();
     assert!(ops.is_empty());
     let t = Instant::now();
@@ -572,7 +572,7 @@ async fn run_in_namespace(cfg: &Config) -> Report {
         let next = inputs(changed.clone());
         let h = netlink::connect().unwrap();
         let have = netlink::observe(&h, devs()).await.unwrap();
-        let ops = dataplane::plan(&dataplane::desired(&next).state, &have);
+        let ops = dataplane::diff(&dataplane::desired(&next).state, &have);
         report.change_routes_touched = ops
             .iter()
             .filter(|o| {

@@ -537,7 +537,7 @@ impl Reconciler {
             .is_ok_and(|st| st.decided() != &decided)
     }
 
-    /// Tunnel first (make before break), then observe → plan → apply, from `state`.
+    /// Tunnel first (make before break), then observe → diff → apply, from `state`.
     pub async fn reconcile_once(&self, state: &CachedState) -> Reconciled {
         // The view, built once per reconcile.
         let view = state.view(&self.node);

@@ -55,7 +55,7 @@ pub const HANDSHAKE_FRESH_SECS: u64 = 180;
 
 /// What the probes say about one address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Health {
+pub enum ProbeVerdict {
     /// Not probed yet, or not probeable: never a reason to fail over.
     Unknown,
     Alive,
@@ -82,7 +82,7 @@ impl ProbeBook {
     /// Records one round: `answered` out of `probed`. Forgets addresses no
     /// longer probed. Returns whether any address changed health.
     pub fn record(&mut self, probed: &[Ipv4Addr], answered: &BTreeSet<Ipv4Addr>) -> bool {
-        let before: Vec<(Ipv4Addr, Health)> =
+        let before: Vec<(Ipv4Addr, ProbeVerdict)> =
             probed.iter().map(|a| (*a, self.health(*a))).collect();
         self.misses.retain(|a, _| probed.contains(a));
         for a in probed {
@@ -92,11 +92,11 @@ impl ProbeBook {
         before.iter().any(|(a, h)| self.health(*a) != *h)
     }
 
-    pub fn health(&self, addr: Ipv4Addr) -> Health {
+    pub fn health(&self, addr: Ipv4Addr) -> ProbeVerdict {
         match self.misses.get(&addr) {
-            None => Health::Unknown,
-            Some(m) if *m >= self.fail_after => Health::Dead,
-            Some(_) => Health::Alive,
+            None => ProbeVerdict::Unknown,
+            Some(m) if *m >= self.fail_after => ProbeVerdict::Dead,
+            Some(_) => ProbeVerdict::Alive,
         }
     }
 }
@@ -182,7 +182,9 @@ pub fn dead_candidates(view: &View, probes: &ProbeBook) -> Vec<NodeName> {
         .tunnel_candidates
         .iter()
         .filter(|c| c.node != me.name)
-        .filter(|c| member_ip(gw, &c.node).is_some_and(|ip| probes.health(ip) == Health::Dead))
+        .filter(|c| {
+            member_ip(gw, &c.node).is_some_and(|ip| probes.health(ip) == ProbeVerdict::Dead)
+        })
         .map(|c| c.node.clone())
         .collect();
     out.sort();
@@ -231,17 +233,17 @@ fn own_domain<'a>(
 ) -> Option<&'a NodeName> {
     let health = |n: &NodeName| {
         if n == me {
-            return Health::Alive;
+            return ProbeVerdict::Alive;
         }
-        member_ip(gw, n).map_or(Health::Unknown, |ip| ev.probes.health(ip))
+        member_ip(gw, n).map_or(ProbeVerdict::Unknown, |ip| ev.probes.health(ip))
     };
-    if health(hub_choice) != Health::Dead || (ev.hub_reachable && !overridden) {
+    if health(hub_choice) != ProbeVerdict::Dead || (ev.hub_reachable && !overridden) {
         return Some(hub_choice);
     }
     gw.tunnel_candidates
         .iter()
         .map(|c| &c.node)
-        .find(|n| health(n) != Health::Dead)
+        .find(|n| health(n) != ProbeVerdict::Dead)
 }
 
 fn remote_domain<'a>(
@@ -646,14 +648,14 @@ mod tests {
     fn a_probe_is_dead_only_after_fail_after_misses_in_a_row() {
         let mut b = ProbeBook::new(3);
         let t = [ip(1)];
-        assert_eq!(b.health(ip(1)), Health::Unknown);
+        assert_eq!(b.health(ip(1)), ProbeVerdict::Unknown);
         assert!(b.record(&t, &BTreeSet::new()), "unknown → alive (1 miss)");
         b.record(&t, &BTreeSet::new());
-        assert_eq!(b.health(ip(1)), Health::Alive);
+        assert_eq!(b.health(ip(1)), ProbeVerdict::Alive);
         assert!(b.record(&t, &BTreeSet::new()));
-        assert_eq!(b.health(ip(1)), Health::Dead);
+        assert_eq!(b.health(ip(1)), ProbeVerdict::Dead);
         assert!(b.record(&t, &[ip(1)].into()));
-        assert_eq!(b.health(ip(1)), Health::Alive);
+        assert_eq!(b.health(ip(1)), ProbeVerdict::Alive);
     }
 
     #[test]

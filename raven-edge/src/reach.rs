@@ -1,6 +1,6 @@
 //! Which gateways this node's tunnel talks to, and how: the peer selection
 //! the WireGuard tunnel ([`crate::tunnel::spec`]) and the IPsec connections
-//! ([`crate::ipsec::plan`]) share. Pure.
+//! ([`crate::ipsec::spec`]) share. Pure.
 //!
 //! Only the active tunnel node of a gateway has peers. A gateway not under
 //! NAT is reached at its public address; a NATed gateway dials the public

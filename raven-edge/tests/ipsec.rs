@@ -26,7 +26,7 @@ use raven_edge::dataplane::model::NodeInputs;
 use raven_edge::ipsec::apply::{Ipsec, SaHealth, ike_id, list_sas};
 use raven_edge::ipsec::charon::{Datapath, strongswan_conf};
 use raven_edge::ipsec::keys::IdentityKey;
-use raven_edge::ipsec::plan::{Plan, plan};
+use raven_edge::ipsec::spec::{IpsecSpec, spec};
 use raven_edge::ipsec::vici::{Client, Message};
 use raven_model::fixtures;
 use raven_model::topology::{ExposeType, GatewayEndpoint, GatewayView, NodeView, PeerInfo};
@@ -214,7 +214,7 @@ fn peer(member: &str, gw: &str, key: &IdentityKey, observed: Option<&str>) -> Pe
 }
 
 /// The plan of `me` (a member of `gws[i]`).
-fn plan_for(gws: &[GatewayView], i: usize, peers: &[PeerInfo]) -> Plan {
+fn plan_for(gws: &[GatewayView], i: usize, peers: &[PeerInfo]) -> IpsecSpec {
     let g = &gws[i];
     let m = &g.members[0];
     let inputs = NodeInputs {
@@ -229,7 +229,7 @@ fn plan_for(gws: &[GatewayView], i: usize, peers: &[PeerInfo]) -> Plan {
         tunnel_dev: String::new(),
         ..Default::default()
     };
-    plan(&inputs, peers)
+    spec(&inputs, peers)
 }
 
 async fn client(vici: &Path) -> Client {
@@ -757,7 +757,7 @@ async fn relay_carries_two_natted_gateways_through_masquerade() {
         peer("x-1", "gw-x", &keys[1], Some("203.0.113.2:4500")),
         peer("y-1", "gw-y", &keys[2], Some("203.0.113.3:4500")),
     ];
-    let plans: Vec<Plan> = (0..3).map(|i| plan_for(&gws, i, &peers)).collect();
+    let plans: Vec<IpsecSpec> = (0..3).map(|i| plan_for(&gws, i, &peers)).collect();
     assert_eq!(
         plans[0].conns.len(),
         2,

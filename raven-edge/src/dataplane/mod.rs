@@ -1,10 +1,10 @@
-//! The node dataplane: desired state (pure) → plan (pure diff) → apply
+//! The node dataplane: desired state (pure) → diff (pure) → apply
 //! (rtnetlink), level-triggered and idempotent. Calling [`Kernel::reconcile`]
 //! again is drift repair.
 //!
 //! ```text
 //! NodeInputs ──desired()──▶ Desired ─┐
-//! kernel ──netlink::observe()──▶ State ┴─plan()──▶ Vec<Op> ──netlink::apply()──▶ kernel
+//! kernel ──netlink::observe()──▶ State ┴─diff()──▶ Vec<Op> ──netlink::apply()──▶ kernel
 //! ```
 //!
 //! What raven owns, and all it ever reads or changes: the link `raven0`
@@ -28,7 +28,7 @@ use crate::cache::View;
 use raven_model::{GatewayName, NodeName};
 use raven_proto::v1;
 
-pub use model::{Desired, NodeInputs, Op, State, desired, plan};
+pub use model::{Desired, NodeInputs, Op, State, desired, diff};
 pub use netlink::{DataplaneError, TunnelDevs};
 
 /// What the node knows of itself besides the topology: the names of its
@@ -157,15 +157,15 @@ impl Kernel {
         let h = netlink::connect()?;
         let want = desired(inputs);
         let have = netlink::observe(&h, devs(inputs)).await?;
-        Ok(plan(&want.state, &have))
+        Ok(diff(&want.state, &have))
     }
 
-    /// Observe → plan → apply.
+    /// Observe → diff → apply.
     pub async fn reconcile(&self, inputs: &NodeInputs) -> Result<ReconcileReport, DataplaneError> {
         let h = netlink::connect()?;
         let want = desired(inputs);
         let have = netlink::observe(&h, devs(inputs)).await?;
-        let ops = plan(&want.state, &have);
+        let ops = diff(&want.state, &have);
         for w in &want.warnings {
             tracing::warn!(warning = %w, "dataplane");
         }
@@ -218,7 +218,7 @@ impl Kernel {
         let routes = async {
             let h = netlink::connect()?;
             let have = netlink::observe(&h, devs).await?;
-            let ops = plan(&State::default(), &have);
+            let ops = diff(&State::default(), &have);
             Ok::<_, DataplaneError>(netlink::apply(&h, &ops, devs).await?.ops)
         }
         .await;

@@ -597,7 +597,7 @@ pub fn desired(inputs: &NodeInputs) -> Desired {
 /// The changes that turn `observed` into `desired`, make-before-break:
 /// link, then FDB/neighbours, then routes, then rules; removals of routes
 /// and rules before removal of the link. Pure.
-pub fn plan(desired: &State, observed: &State) -> Vec<Op> {
+pub fn diff(desired: &State, observed: &State) -> Vec<Op> {
     let mut ops = Vec::new();
     let mut recreated = false;
     match (&desired.link, &observed.link) {
@@ -1041,19 +1041,19 @@ mod tests {
         #[test]
         fn applying_the_plan_then_planning_again_gives_nothing(want in wanted(), have in observed()) {
             let mut kernel = have.clone();
-            simulate(&mut kernel, &plan(&want, &have));
-            prop_assert_eq!(plan(&want, &kernel), vec![]);
+            simulate(&mut kernel, &diff(&want, &have));
+            prop_assert_eq!(diff(&want, &kernel), vec![]);
             prop_assert_eq!(kernel, want);
         }
 
         #[test]
         fn a_kernel_that_matches_needs_no_change(want in wanted()) {
-            prop_assert_eq!(plan(&want, &want), vec![]);
+            prop_assert_eq!(diff(&want, &want), vec![]);
         }
 
         #[test]
         fn deletions_only_name_what_was_observed(want in wanted(), have in observed()) {
-            for op in plan(&want, &have) {
+            for op in diff(&want, &have) {
                 match &op {
                     Op::DeleteRoute(r) => prop_assert!(have.routes.contains(r), "{}", op),
                     Op::DeleteRule(r) => prop_assert!(have.rules.contains(r), "{}", op),
@@ -1068,8 +1068,8 @@ mod tests {
 
         #[test]
         fn an_occupied_route_slot_is_replaced_a_free_one_added(want in wanted(), have in observed()) {
-            let recreated = plan(&want, &have).contains(&Op::DeleteLink);
-            for op in plan(&want, &have) {
+            let recreated = diff(&want, &have).contains(&Op::DeleteLink);
+            for op in diff(&want, &have) {
                 let (Op::AddRoute(r) | Op::ReplaceRoute(r)) = &op else { continue };
                 let held = have.routes.iter().any(|x| {
                     (x.table, x.dst) == (r.table, r.dst) && !(recreated && x.dev == RouteDev::Vxlan)
@@ -1084,13 +1084,13 @@ mod tests {
             let mut want = have.clone();
             want.link_up = true;
             if let Some(l) = &mut want.link { l.mtu = mtu; }
-            let ops = plan(&want, &have);
+            let ops = diff(&want, &have);
             prop_assert!(!ops.iter().any(|o| matches!(o, Op::DeleteLink | Op::CreateLink(_))));
         }
 
         #[test]
         fn make_before_break(want in wanted(), have in observed()) {
-            let ops = plan(&want, &have);
+            let ops = diff(&want, &have);
             let last_add = ops.iter().rposition(is_add);
             let first_delete = ops.iter().position(is_delete);
             if let (Some(a), Some(d)) = (last_add, first_delete) {
@@ -1377,7 +1377,7 @@ mod tests {
         // direct device's rules when it first comes up): nothing is removed
         // first, so no packet meets a missing route.
         for (from, to) in [(&relayed, &direct), (&direct, &relayed)] {
-            let ops = plan(&to.state, &from.state);
+            let ops = diff(&to.state, &from.state);
             let moved: Vec<&Op> = ops
                 .iter()
                 .filter(|o| !matches!(o, Op::AddRule(_) | Op::DeleteRule(_)))

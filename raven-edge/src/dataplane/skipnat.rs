@@ -26,7 +26,7 @@
 //! the two chains and every `POSTROUTING` rule jumping to `RAVEN-SKIP-NAT`;
 //! nothing else is ever changed. Level-triggered and incremental: observe
 //! (one `iptables -t nat -S` per family: the kernel's rules are the truth,
-//! also after a restart) → [`plan`] (pure) → one atomic
+//! also after a restart) → [`diff`] (pure) → one atomic
 //! `iptables-restore --noflush` that deletes exactly the rules of raven's
 //! chains that are not wanted (stale, duplicated or foreign) and appends
 //! exactly the wanted ones that are missing — a change of one remote
@@ -272,11 +272,11 @@ pub struct Restore {
 /// differ; `None` when they already agree. A missing chain is created; an
 /// exact jump is kept wherever it stands; empty rules remove the jumps and
 /// both chains. Pure.
-pub fn plan(desired: &Rules, observed: &Observed) -> Option<Restore> {
+pub fn diff(desired: &Rules, observed: &Observed) -> Option<Restore> {
     plan_with(desired, observed, false)
 }
 
-/// Like [`plan`], but every chain that differs at all is redeclared
+/// Like [`diff`], but every chain that differs at all is redeclared
 /// (flushed and refilled in the same transaction): the fallback when an
 /// incremental transaction is refused.
 pub fn plan_rebuild(desired: &Rules, observed: &Observed) -> Option<Restore> {
@@ -501,7 +501,7 @@ async fn restore(family: Family, script: &str) -> Result<(), SkipNatError> {
     Ok(())
 }
 
-/// Observe → plan → restore for one family; the changes made.
+/// Observe → diff → restore for one family; the changes made.
 pub async fn apply_family(family: Family, rules: &Rules) -> Result<usize, SkipNatError> {
     let observed = match observe(family).await {
         Ok(o) => o,
@@ -509,7 +509,7 @@ pub async fn apply_family(family: Family, rules: &Rules) -> Result<usize, SkipNa
         Err(SkipNatError::NotInstalled { .. }) if rules.is_empty() => return Ok(0),
         Err(e) => return Err(e),
     };
-    let Some(change) = plan(rules, &observed) else {
+    let Some(change) = diff(rules, &observed) else {
         return Ok(0);
     };
     match restore(family, &change.script).await {
@@ -530,14 +530,14 @@ pub async fn apply_family(family: Family, rules: &Rules) -> Result<usize, SkipNa
 
 /// The outcome of [`apply`]: one family failing does not stop the other.
 #[derive(Debug, Default)]
-pub struct Applied {
+pub struct SkipNatApplied {
     pub changes: usize,
     pub errors: Vec<SkipNatError>,
 }
 
 /// Makes the current namespace's `nat` tables hold exactly `spec`.
-pub async fn apply(spec: &SkipNat) -> Applied {
-    let mut out = Applied::default();
+pub async fn apply(spec: &SkipNat) -> SkipNatApplied {
+    let mut out = SkipNatApplied::default();
     for f in Family::ALL {
         match apply_family(f, spec.family(f)).await {
             Ok(n) => out.changes += n,
@@ -548,7 +548,7 @@ pub async fn apply(spec: &SkipNat) -> Applied {
 }
 
 /// Removes raven's jumps and chains from both families' `nat` tables.
-pub async fn teardown() -> Applied {
+pub async fn teardown() -> SkipNatApplied {
     apply(&SkipNat::default()).await
 }
 
@@ -786,7 +786,7 @@ mod tests {
 
     #[test]
     fn fresh_table_gets_both_chains_and_the_jump_in_one_transaction() {
-        let p = plan(&rules(), &Observed::default()).expect("changes");
+        let p = diff(&rules(), &Observed::default()).expect("changes");
         assert_eq!(p.changes, 6, "two chains, three rules, the jump");
         assert_eq!(
             p.script,
@@ -803,8 +803,8 @@ mod tests {
 
     #[test]
     fn matching_table_plans_nothing() {
-        assert_eq!(plan(&rules(), &in_place(&rules())), None);
-        assert_eq!(plan(&Rules::default(), &Observed::default()), None);
+        assert_eq!(diff(&rules(), &in_place(&rules())), None);
+        assert_eq!(diff(&Rules::default(), &Observed::default()), None);
     }
 
     #[test]
@@ -822,7 +822,7 @@ mod tests {
         };
         let before = many(None);
         let after = many(Some("10.250.0.0/24"));
-        let p = plan(&after, &in_place(&before)).expect("changes");
+        let p = diff(&after, &in_place(&before)).expect("changes");
         assert_eq!(p.changes, 2);
         assert_eq!(
             p.script,
@@ -846,7 +846,7 @@ mod tests {
         if let Some(s) = &mut have.sources {
             s.reverse();
         }
-        assert_eq!(plan(&rules(), &have), None, "order carries no meaning");
+        assert_eq!(diff(&rules(), &have), None, "order carries no meaning");
         let dup = "-A RAVEN-SKIP-NAT -s 10.244.1.0/24 -j RAVEN-SKIP-NAT-DST".to_owned();
         let foreign = "-A RAVEN-SKIP-NAT-DST -d 192.0.2.0/24 -j DROP".to_owned();
         if let Some(s) = &mut have.sources {
@@ -855,7 +855,7 @@ mod tests {
         if let Some(d) = &mut have.destinations {
             d.insert(0, foreign);
         }
-        let p = plan(&rules(), &have).expect("changes");
+        let p = diff(&rules(), &have).expect("changes");
         assert_eq!(p.changes, 2);
         assert_eq!(
             p.script,
@@ -890,7 +890,7 @@ mod tests {
     fn missing_jump_is_inserted_first_and_stale_or_duplicate_jumps_removed() {
         let mut have = in_place(&rules());
         have.jumps.clear();
-        let p = plan(&rules(), &have).expect("changes");
+        let p = diff(&rules(), &have).expect("changes");
         assert_eq!(p.changes, 1);
         assert_eq!(
             p.script,
@@ -901,7 +901,7 @@ mod tests {
 
         let stale = "-A POSTROUTING -m comment --comment \"old\" -j RAVEN-SKIP-NAT".to_owned();
         have.jumps = vec![stale, jump_line(), jump_line()];
-        let p = plan(&rules(), &have).expect("changes");
+        let p = diff(&rules(), &have).expect("changes");
         assert_eq!(p.changes, 2);
         assert_eq!(
             p.script,
@@ -915,7 +915,7 @@ mod tests {
 
     #[test]
     fn empty_rules_remove_the_jumps_then_both_chains() {
-        let p = plan(&Rules::default(), &in_place(&rules())).expect("changes");
+        let p = diff(&Rules::default(), &in_place(&rules())).expect("changes");
         assert_eq!(p.changes, 3);
         assert_eq!(
             p.script,
@@ -931,7 +931,7 @@ mod tests {
             destinations: Some(vec![]),
             ..Observed::default()
         };
-        let p = plan(&Rules::default(), &leftover).expect("changes");
+        let p = diff(&Rules::default(), &leftover).expect("changes");
         assert_eq!(
             p.script,
             "*nat\n-F RAVEN-SKIP-NAT-DST\n-X RAVEN-SKIP-NAT-DST\nCOMMIT\n"

@@ -1,5 +1,5 @@
 //! The agent's IPsec hook: which VPN to run, and one pass of IPsec for the
-//! reconciler (plan → `lo` addresses → VICI diff → health rows).
+//! reconciler (spec → `lo` addresses → VICI diff → health rows).
 //!
 //! Selection: `raven-edge run --vpn auto` (the default) follows the
 //! `raven-cfg` key `vpn-driver` as the hub passes it on in the settings
@@ -17,7 +17,7 @@ use raven_proto::v1;
 
 use super::apply::{Ipsec, SaHealth, list_sas};
 use super::keys::{IdentityKey, KEY_FILE, KeyError};
-use super::plan::{Plan, plan};
+use super::spec::{IpsecSpec, spec};
 use super::vici::Client;
 use crate::dataplane::model::NodeInputs;
 
@@ -125,7 +125,7 @@ impl IpsecAgent {
         &self.public
     }
 
-    /// One pass: the plan, the `lo` addresses it needs (only when `write`),
+    /// One pass: the spec, the `lo` addresses it needs (only when `write`),
     /// the VICI difference, and the health rows of the SAs. Warnings and
     /// per-connection failures come back as errors of the pass.
     pub async fn reconcile(
@@ -134,7 +134,7 @@ impl IpsecAgent {
         peers: &[PeerInfo],
         write: bool,
     ) -> Result<Pass, IpsecError> {
-        let plan = plan(inputs, peers);
+        let plan = spec(inputs, peers);
         for w in &plan.warnings {
             tracing::warn!(warning = %w, "ipsec");
         }
@@ -168,7 +168,7 @@ pub struct Pass {
 }
 
 /// Report rows: one per wanted connection, from its newest IKE_SA. Pure.
-pub fn rows(plan: &Plan, sas: &[SaHealth]) -> Vec<v1::PeerTunnelState> {
+pub fn rows(plan: &IpsecSpec, sas: &[SaHealth]) -> Vec<v1::PeerTunnelState> {
     let mut out: Vec<v1::PeerTunnelState> = plan
         .conns
         .values()

@@ -81,7 +81,7 @@ pub struct ConnSpec {
 
 /// Everything this node wants from charon.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Plan {
+pub struct IpsecSpec {
     /// By connection name.
     pub conns: BTreeMap<String, ConnSpec>,
     /// Addresses (host prefixes) to put on `lo`: the network address of every
@@ -103,7 +103,7 @@ pub fn conn_name(peer: &NodeName) -> String {
 /// the host prefixes (member node addresses) only the holder's own.
 /// strongSwan before 5.9.12 needs an address of the holder inside each of
 /// its local selectors: a subnet gets one on `lo` (its network address, see
-/// [`Plan::lo_addresses`]), but another node's host address cannot be
+/// [`IpsecSpec::lo_addresses`]), but another node's host address cannot be
 /// borrowed without capturing that node's traffic. So other members' node
 /// addresses are not carried by IPsec (their pods are).
 fn selectors(g: &GatewayView, holder: Option<IpAddr>) -> BTreeSet<IpNet> {
@@ -114,8 +114,8 @@ fn selectors(g: &GatewayView, holder: Option<IpAddr>) -> BTreeSet<IpNet> {
 
 /// The connections this node must run: none unless it is the active tunnel
 /// node of its gateway. Pure.
-pub fn plan(inputs: &NodeInputs, peers: &[PeerInfo]) -> Plan {
-    let mut out = Plan::default();
+pub fn spec(inputs: &NodeInputs, peers: &[PeerInfo]) -> IpsecSpec {
+    let mut out = IpsecSpec::default();
     let Some(reach) = Reach::of(inputs).filter(|r| r.active) else {
         return out;
     };
@@ -309,8 +309,8 @@ mod tests {
             gw("a", "192.0.2.1", "10.1.0.0/24", false, None),
             gw("b", "192.0.2.2", "10.2.0.0/24", false, None),
         ];
-        let pa = plan(&inputs(&gws, "a-1"), &peers(&gws));
-        let pb = plan(&inputs(&gws, "b-1"), &peers(&gws));
+        let pa = spec(&inputs(&gws, "a-1"), &peers(&gws));
+        let pb = spec(&inputs(&gws, "b-1"), &peers(&gws));
         assert_eq!(pa.conns.len(), 1);
         assert_eq!(pb.conns.len(), 1);
         let (ca, cb) = (&pa.conns["raven-b-1"], &pb.conns["raven-a-1"]);
@@ -335,8 +335,8 @@ mod tests {
             gw("a", "192.0.2.1", "10.1.0.0/24", false, None),
             gw("b", "10.9.0.2", "10.2.0.0/24", true, Some("a")),
         ];
-        let pa = plan(&inputs(&gws, "a-1"), &peers(&gws));
-        let pb = plan(&inputs(&gws, "b-1"), &peers(&gws));
+        let pa = spec(&inputs(&gws, "a-1"), &peers(&gws));
+        let pb = spec(&inputs(&gws, "b-1"), &peers(&gws));
         assert!(!pa.conns["raven-b-1"].initiator);
         assert_eq!(pa.conns["raven-b-1"].remote_addr, None);
         assert!(pb.conns["raven-a-1"].initiator);
@@ -350,7 +350,7 @@ mod tests {
             gw("x", "10.8.0.2", "10.2.0.0/24", true, Some("r")),
             gw("y", "10.9.0.2", "10.3.0.0/24", true, Some("r")),
         ];
-        let px = plan(&inputs(&gws, "x-1"), &peers(&gws));
+        let px = spec(&inputs(&gws, "x-1"), &peers(&gws));
         assert_eq!(
             px.conns.keys().collect::<Vec<_>>(),
             ["raven-r-1"],
@@ -363,7 +363,7 @@ mod tests {
         );
         assert!(to_relay.remote_ts.contains(&net("10.1.0.0/24")));
         assert_eq!(to_relay.relays_for, [n("y-1")]);
-        let pr = plan(&inputs(&gws, "r-1"), &peers(&gws));
+        let pr = spec(&inputs(&gws, "r-1"), &peers(&gws));
         assert_eq!(pr.conns.len(), 2);
         let to_x = &pr.conns["raven-x-1"];
         assert!(to_x.local_ts.contains(&net("10.3.0.0/24")), "{to_x:?}");
@@ -392,7 +392,7 @@ mod tests {
         ];
         let mut ps = peers(&gws);
         ps[1].ipsec_public_key = None;
-        let pa = plan(&inputs(&gws, "a-1"), &ps);
+        let pa = spec(&inputs(&gws, "a-1"), &ps);
         assert!(pa.conns.is_empty());
         assert!(
             pa.warnings[0].contains("b-1") && pa.warnings[0].contains("IPsec key"),
@@ -401,7 +401,7 @@ mod tests {
         );
         let mut standby = inputs(&gws, "a-1");
         standby.active_override.insert(g("a"), n("a-2"));
-        assert_eq!(plan(&standby, &peers(&gws)), Plan::default());
+        assert_eq!(spec(&standby, &peers(&gws)), IpsecSpec::default());
     }
 
     #[test]
