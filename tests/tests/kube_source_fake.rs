@@ -20,7 +20,7 @@ use common::{Snapshot, Source, WAIT};
 use raven_hub::index::Index;
 use raven_tests::fake_apiserver::{FakeApiServer, Options};
 use raven_tests::objects::{gateway_of as gateway, node, raven_cfg};
-use serde_json::{Value, json};
+use serde_json::json;
 
 /// Two domains: gw-a (a1, a2) and gw-b (b1), raven-cfg with the tunnel on.
 async fn cluster(options: Options) -> Result<FakeApiServer> {
