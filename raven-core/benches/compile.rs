@@ -42,9 +42,7 @@ fn cluster(gateways: usize, nodes_per_gateway: usize) -> Inputs {
             endpoints,
             ..Default::default()
         };
-        inputs
-            .gateways
-            .insert(name.clone(), Gateway::new(&name, spec));
+        inputs.admit_gateway(Gateway::new(&name, spec));
         for n in 0..nodes_per_gateway {
             let node = NodeName::new(format!("n-{g}-{n}")).expect("name");
             let i = g * nodes_per_gateway + n;

@@ -9,6 +9,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Node};
 use serde::{Deserialize, Serialize};
 
 use crate::api::{self, v1beta1};
+use crate::compile::Admitted;
 use crate::names::{GatewayName, NodeName};
 use crate::problem::Problem;
 pub use raven_model::report::AgentReport;
@@ -158,8 +159,12 @@ pub struct Streams {
 /// the order objects arrived in.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Inputs {
-    /// Gateways by name, already converted to `v1beta1`.
-    pub gateways: BTreeMap<String, v1beta1::Gateway>,
+    /// Gateways by name, converted to `v1beta1` and admitted.
+    pub gateways: BTreeMap<GatewayName, Admitted>,
+    /// Gateways that exist but failed admission, by name as written, with
+    /// why. The compiler reports these problems, and a node labelled with
+    /// one of these is not reported as naming no Gateway.
+    pub rejected: BTreeMap<String, Vec<Problem>>,
     pub nodes: BTreeMap<NodeName, ClusterNode>,
     pub config: RavenConfig,
     pub reports: BTreeMap<NodeName, AgentReport>,
@@ -171,6 +176,23 @@ pub struct Inputs {
     /// newcomer claiming an overlapping one, whatever their names; without
     /// history (a fresh start) the first gateway by name keeps it.
     pub held_subnets: BTreeMap<IpNet, GatewayName>,
+}
+
+impl Inputs {
+    /// Admits `gw` into [`Inputs::gateways`], or records it as rejected.
+    pub fn admit_gateway(&mut self, gw: v1beta1::Gateway) {
+        let raw = gw.metadata.name.clone().unwrap_or_default();
+        match crate::compile::admit(gw) {
+            Ok(admitted) => {
+                self.rejected.remove(&raw);
+                self.gateways.insert(admitted.name().clone(), admitted);
+            }
+            Err(problems) => {
+                self.gateways.remove(raw.as_str());
+                self.rejected.insert(raw, problems);
+            }
+        }
+    }
 }
 
 #[cfg(test)]

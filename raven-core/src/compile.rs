@@ -41,16 +41,46 @@ pub struct Compiled {
     pub gateways: BTreeMap<GatewayName, CompiledGateway>,
 }
 
+/// A Gateway that passed defaulting and validation. [`admit`] is the only
+/// way to make one, and the compiler takes it as it is: a gateway is
+/// admitted once, where it enters (the hub's index, the manifest loader),
+/// never again per compile.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Admitted {
+    name: GatewayName,
+    gateway: v1beta1::Gateway,
+    forgiven: Vec<Problem>,
+}
+
+impl Admitted {
+    pub fn name(&self) -> &GatewayName {
+        &self.name
+    }
+
+    /// The defaulted object (an unusable `publicIP` cleared).
+    pub fn gateway(&self) -> &v1beta1::Gateway {
+        &self.gateway
+    }
+
+    /// What admission forgave (see [`admit`]); the compiler reports it.
+    pub fn forgiven(&self) -> &[Problem] {
+        &self.forgiven
+    }
+
+    /// Replaces the status, which admission does not look at: the election
+    /// reads the current active endpoints from it.
+    pub fn set_status(&mut self, status: Option<v1beta1::GatewayStatus>) {
+        self.gateway.status = status;
+    }
+}
+
 /// Defaults and validates one Gateway (the webhook's job).
 ///
 /// One slip is forgiven: a `publicIP` that is not an address (the user
 /// manual's masked `47.xx.xx.xx`) is reported as an error and treated as
 /// unset, so the rest of the gateway keeps working. Every other validation
 /// error rejects the object, as Raven's webhook would.
-pub fn admit(
-    gw: &v1beta1::Gateway,
-) -> Result<(GatewayName, v1beta1::Gateway, Vec<Problem>), Vec<Problem>> {
-    let mut gw = gw.clone();
+pub fn admit(mut gw: v1beta1::Gateway) -> Result<Admitted, Vec<Problem>> {
     validate::set_defaults(&mut gw);
     let problems = validate::validate(&gw);
     let public_ip_only = problems.iter().all(|p| p.field.ends_with(".publicIP"));
@@ -60,7 +90,11 @@ pub fn admit(
     let forgiven = validate::drop_unusable_public_ips(&mut gw);
     let raw = gw.metadata.name.clone().unwrap_or_default();
     GatewayName::new(raw.clone())
-        .map(|n| (n, gw, forgiven))
+        .map(|name| Admitted {
+            name,
+            gateway: gw,
+            forgiven,
+        })
         .map_err(|e| {
             vec![Problem::error(
                 gateway_object(&raw),
@@ -92,17 +126,12 @@ pub fn compile(inputs: &Inputs) -> Compiled {
         ));
     }
 
-    // Admit gateways.
-    let mut admitted: BTreeMap<GatewayName, v1beta1::Gateway> = BTreeMap::new();
-    for gw in inputs.gateways.values() {
-        match admit(gw) {
-            Ok((name, gw, forgiven)) => {
-                problems.extend(forgiven);
-                admitted.insert(name, gw);
-            }
-            Err(ps) => problems.extend(ps),
-        }
+    // Gateways come admitted; what admission found is reported here.
+    for admitted in inputs.gateways.values() {
+        problems.extend(admitted.forgiven().iter().cloned());
     }
+    problems.extend(inputs.rejected.values().flatten().cloned());
+    let admitted = &inputs.gateways;
 
     // Membership by label.
     let mut members_of: BTreeMap<&GatewayName, Vec<&ClusterNode>> = BTreeMap::new();
@@ -110,14 +139,9 @@ pub fn compile(inputs: &Inputs) -> Compiled {
         let Some(label) = &node.gateway_label else {
             continue;
         };
-        let key = GatewayName::new(label.clone()).ok();
-        match key
-            .as_ref()
-            .and_then(|k| admitted.get_key_value(k))
-            .map(|(k, _)| k)
-        {
+        match admitted.get_key_value(label.as_str()).map(|(k, _)| k) {
             Some(g) => members_of.entry(g).or_default().push(node),
-            None if inputs.gateways.contains_key(label) => {} // invalid gateway, reported above
+            None if inputs.rejected.contains_key(label) => {} // reported above
             None => problems.push(Problem::warning(
                 format!("Node/{}", node.name),
                 format!("metadata.labels[{}]", api::LABEL_GATEWAY),
@@ -144,7 +168,8 @@ pub fn compile(inputs: &Inputs) -> Compiled {
     }
     let mut views = BTreeMap::new();
     let mut compiled = BTreeMap::new();
-    for (name, gw) in &admitted {
+    for (name, gw) in admitted {
+        let gw = gw.gateway();
         let members = members_of.get(name).cloned().unwrap_or_default();
         let (gw, adopted) = adopt_local_failover(name, gw, &members, inputs);
         problems.extend(adopted);

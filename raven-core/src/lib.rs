@@ -3,8 +3,8 @@
 //! turns a cluster into a versioned [`Topology`] of named resources.
 //!
 //! ```text
-//! manifests / API objects ─▶ Inputs ─▶ compile() ─▶ Topology ─▶ view_names(node)
-//!                            (admit ▸ elect ▸ subnets ▸ relays)      per-node view
+//! manifests / API objects ─▶ admit() ─▶ Inputs ─▶ compile() ─▶ Topology ─▶ view_names(node)
+//!                            (once, on the way in)  (elect ▸ subnets ▸ relays)  per-node view
 //! ```
 
 pub mod api;

@@ -347,7 +347,7 @@ impl Loader<'_> {
             return;
         }
         if self.first(format!("Gateway/{name}"), at) {
-            self.inputs.gateways.insert(name, gw);
+            self.inputs.admit_gateway(gw);
         }
     }
 }
@@ -392,11 +392,11 @@ metadata: {name: raven-cfg, namespace: kube-system}
 data: {enable-l3-tunnel: "true", enable-l7-proxy: "TRUE"}
 "#);
         assert_eq!(l.problems, vec![]);
-        let a = &l.inputs.gateways["gw-a"];
+        let a = l.inputs.gateways["gw-a"].gateway();
         assert_eq!(a.spec.proxy_config.proxy_http_port, "10255,9445");
         assert_eq!(a.spec.endpoints[0].nat_type, "FullCone");
         assert_eq!(a.spec.endpoints[0].public_port, 4600);
-        let b = &l.inputs.gateways["gw-b"];
+        let b = l.inputs.gateways["gw-b"].gateway();
         assert_eq!(b.spec.endpoints[0].type_, "tunnel");
         assert_eq!(b.spec.tunnel_config.replicas, 1);
         let n1 = l
@@ -518,12 +518,19 @@ data: {enable-l3-tunnel: "true"}
         let files = [("0-dup.yaml".into(), gw(1)), ("gw.yaml".into(), gw(4500))];
         // Without history the first file by name wins.
         assert_eq!(
-            load(&files).inputs.gateways["gw-cloud"].spec.endpoints[0].port,
+            load(&files).inputs.gateways["gw-cloud"]
+                .gateway()
+                .spec
+                .endpoints[0]
+                .port,
             1
         );
         let owners: Owners = [("Gateway/gw-cloud".to_owned(), "gw.yaml".to_owned())].into();
         let l = load_with(&files, Limits::default(), &owners);
-        assert_eq!(l.inputs.gateways["gw-cloud"].spec.endpoints[0].port, 4500);
+        assert_eq!(
+            l.inputs.gateways["gw-cloud"].gateway().spec.endpoints[0].port,
+            4500
+        );
         assert_eq!(l.origins["Gateway/gw-cloud"], "gw.yaml");
         assert_eq!(l.problems.len(), 1, "{:?}", l.problems);
         assert_eq!(l.problems[0].object, "Gateway/gw-cloud (0-dup.yaml#1)");

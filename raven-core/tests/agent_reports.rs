@@ -86,7 +86,7 @@ fn a_candidate_that_reports_taking_over_becomes_the_elected_endpoint_and_stays()
     // the hub wrote keeps n1b elected (sticky), n1a does not come back.
     let mut i2 = inputs();
     if let Some(gw) = i2.gateways.get_mut("gw-nat-1") {
-        gw.status = c.gateways.get(&g("gw-nat-1")).map(|cg| cg.status.clone());
+        gw.set_status(c.gateways.get(&g("gw-nat-1")).map(|cg| cg.status.clone()));
     }
     assert_eq!(
         active_tunnel(&compile(&i2), "gw-nat-1").as_deref(),
@@ -210,7 +210,7 @@ fn a_gateway_whose_stream_is_gone_and_whose_domain_probes_it_dead_is_replaced_by
     i.gateways
         .get_mut("gw-nat-1")
         .unwrap_or_else(|| panic!("no gw-nat-1"))
-        .status = Some(c.gateways[&g("gw-nat-1")].status.clone());
+        .set_status(Some(c.gateways[&g("gw-nat-1")].status.clone()));
     assert_eq!(
         active_tunnel(&compile(&i), "gw-nat-1").as_deref(),
         Some("n1b")

@@ -32,8 +32,7 @@ status:
 
 fn subnets(c: &Compiled, gw: &str) -> Vec<String> {
     c.gateways
-        .values()
-        .find(|g| g.name.as_str() == gw)
+        .get(gw)
         .map(|g| {
             g.status
                 .nodes

@@ -1,6 +1,10 @@
 //! The agent table: every node that has opened a stream to this hub replica,
-//! what it acknowledged, what it applied, its last NACK and what it reported.
-//! Read by the inspection RPCs and the metrics.
+//! what it acknowledged, what it applied, its last NACK and its tunnel state
+//! per peer. Read by the inspection RPCs and the metrics.
+//!
+//! What an agent reported that the hub acts on (its keys, a local failover
+//! claim, probe verdicts) is not kept here: the index owns it, and the table
+//! reads it from there, so `ListAgents` shows what the hub serves from.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -8,6 +12,8 @@ use std::time::SystemTime;
 
 use raven_core::NodeName;
 use raven_proto::v1;
+
+use crate::index::IndexHandle;
 
 /// One agent as this hub replica knows it.
 #[derive(Debug, Clone, Default)]
@@ -25,7 +31,9 @@ pub struct AgentEntry {
     pub acked: Option<(String, u64)>,
     pub applied: Option<v1::Applied>,
     pub last_nack: Option<(v1::Nack, SystemTime)>,
-    pub report: Option<v1::Report>,
+    /// Tunnel state per peer from the agent's last Report (diagnostics: the
+    /// hub acts on none of it, so only this table keeps it).
+    pub peers: Vec<v1::PeerTunnelState>,
 }
 
 /// Agents by state, for the metrics.
@@ -46,6 +54,8 @@ pub struct Fleet {
 pub struct Agents {
     inner: Arc<Mutex<BTreeMap<NodeName, AgentEntry>>>,
     replica: Arc<String>,
+    /// Where the agents' reports are kept.
+    index: IndexHandle,
 }
 
 fn ts(t: SystemTime) -> prost_types::Timestamp {
@@ -53,10 +63,11 @@ fn ts(t: SystemTime) -> prost_types::Timestamp {
 }
 
 impl Agents {
-    pub fn new(replica: impl Into<String>) -> Self {
+    pub fn new(replica: impl Into<String>, index: IndexHandle) -> Self {
         Self {
             inner: Arc::default(),
             replica: Arc::new(replica.into()),
+            index,
         }
     }
 
@@ -131,9 +142,22 @@ impl Agents {
 
     /// The table as the `ListAgents` RPC returns it, sorted by node.
     pub fn to_proto(&self) -> Vec<v1::AgentStatus> {
+        let nodes: Vec<NodeName> = {
+            let map = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+            map.keys().cloned().collect()
+        };
+        // Read before the table is locked again: the two locks are never
+        // held together.
+        let reports: BTreeMap<NodeName, raven_core::AgentReport> = self.index.read(|i| {
+            nodes
+                .into_iter()
+                .filter_map(|n| Some((n.clone(), i.report(&n)?.clone())))
+                .collect()
+        });
         let map = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         map.iter()
-            .map(|(node, e)| v1::AgentStatus {
+            .map(|(node, e)| (node, e, reports.get(node)))
+            .map(|(node, e, report)| v1::AgentStatus {
                 node_name: node.to_string(),
                 connected: e.connected,
                 hub_replica: self.replica.to_string(),
@@ -158,15 +182,8 @@ impl Agents {
                     error: n.error.clone(),
                     at: Some(ts(*at)),
                 }),
-                wireguard_public_key: e
-                    .report
-                    .as_ref()
-                    .and_then(|r| r.wireguard_public_key.clone()),
-                peers: e
-                    .report
-                    .as_ref()
-                    .map(|r| r.peers.clone())
-                    .unwrap_or_default(),
+                wireguard_public_key: report.and_then(|r| r.wireguard_public_key.clone()),
+                peers: e.peers.clone(),
                 agent_version: e.agent_version.clone(),
                 capabilities: e.capabilities.clone(),
                 protocol_version: e.protocol_version,
@@ -175,16 +192,19 @@ impl Agents {
                 } else {
                     String::new()
                 },
-                local_failover: e
-                    .report
-                    .as_ref()
-                    .map(|r| r.local_failover.clone())
-                    .unwrap_or_default(),
-                dead_candidates: e
-                    .report
-                    .as_ref()
-                    .map(|r| r.dead_candidates.clone())
-                    .unwrap_or_default(),
+                local_failover: report
+                    .into_iter()
+                    .flat_map(|r| &r.local_failover)
+                    .map(|(gateway, node)| v1::LocalFailover {
+                        gateway: gateway.to_string(),
+                        active_node: node.to_string(),
+                    })
+                    .collect(),
+                dead_candidates: report
+                    .into_iter()
+                    .flat_map(|r| &r.dead_candidates)
+                    .map(NodeName::to_string)
+                    .collect(),
             })
             .collect()
     }
@@ -196,7 +216,7 @@ mod tests {
 
     #[test]
     fn a_disconnected_agent_has_no_connected_since_and_no_remote_address_as_documented() {
-        let agents = Agents::new("hub-0");
+        let agents = Agents::new("hub-0", IndexHandle::default());
         let node = NodeName::new("n1").expect("name");
         let session = agents.connected(&node, &v1::Hello::default(), "198.51.100.7:40000".into());
         let up = agents.to_proto();
@@ -213,7 +233,7 @@ mod tests {
 
     #[test]
     fn the_fleet_counts_agents_behind_the_published_revision() {
-        let agents = Agents::new("hub-0");
+        let agents = Agents::new("hub-0", IndexHandle::default());
         for (name, acked) in [("a", 5), ("b", 4)] {
             let node = NodeName::new(name).expect("name");
             agents.connected(&node, &v1::Hello::default(), String::new());
@@ -222,5 +242,45 @@ mod tests {
         let f = agents.fleet("e", 5);
         assert_eq!((f.connected, f.disconnected, f.acked_behind), (2, 0, 1));
         assert_eq!(f.applied_behind, 2);
+    }
+
+    #[test]
+    fn the_table_shows_the_report_the_index_holds() {
+        let index = IndexHandle::default();
+        let agents = Agents::new("hub-0", index.clone());
+        let (n1, q1) = (
+            NodeName::new("n1").expect("name"),
+            NodeName::new("q1").expect("name"),
+        );
+        const KEY: &str = "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=";
+        let gw = raven_core::GatewayName::new("gw-a").expect("name");
+        index.update(|i| {
+            i.set_report(
+                n1.clone(),
+                raven_core::AgentReport {
+                    wireguard_public_key: Some(KEY.into()),
+                    local_failover: [(gw, n1.clone())].into(),
+                    dead_candidates: [q1.clone()].into(),
+                    ..Default::default()
+                },
+            );
+            // q1 claims n1's key: the index refuses it, so does the table.
+            i.set_report(
+                q1.clone(),
+                raven_core::AgentReport {
+                    wireguard_public_key: Some(KEY.into()),
+                    ..Default::default()
+                },
+            )
+        });
+        for n in [&n1, &q1] {
+            agents.connected(n, &v1::Hello::default(), String::new());
+        }
+        let listed = agents.to_proto();
+        assert_eq!(listed[0].wireguard_public_key.as_deref(), Some(KEY));
+        assert_eq!(listed[0].dead_candidates, ["q1"]);
+        assert_eq!(listed[0].local_failover[0].gateway, "gw-a");
+        assert_eq!(listed[0].local_failover[0].active_node, "n1");
+        assert_eq!(listed[1].wireguard_public_key, None);
     }
 }

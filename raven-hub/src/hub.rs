@@ -118,7 +118,7 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
     let shutdown = CancellationToken::new();
     let metrics = Metrics::new();
     let index = IndexHandle::default();
-    let agents = Agents::new(config.replica.clone());
+    let agents = Agents::new(config.replica.clone(), index.clone());
     let revisions = match &config.data_dir {
         Some(dir) => Revisions::open(dir, config.epoch.as_deref())?,
         None => Revisions::in_memory(),
@@ -176,6 +176,7 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
     )
     .await?;
 
+    let for_agents = pipeline.sessions();
     tasks.spawn(pipeline.run(shutdown.clone()));
     {
         let metrics = metrics.clone();
@@ -202,6 +203,7 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
     tasks.spawn(reports.clone().run_writer(shutdown.clone()));
     let shared = SyncShared::new(
         published.clone(),
+        for_agents,
         index.clone(),
         agents.clone(),
         metrics.clone(),
@@ -308,7 +310,7 @@ pub fn spawn_kube(
 
 fn load_into(index: &IndexHandle, loaded: raven_core::manifest::Loaded) {
     index.update(|i| {
-        i.reset_gateways(loaded.inputs.gateways.into_values().collect());
+        i.reset_admitted_gateways(loaded.inputs.gateways, loaded.inputs.rejected);
         i.reset_cluster_nodes(loaded.inputs.nodes.into_values());
         i.set_raven_config(loaded.inputs.config);
         i.set_source_problems(loaded.problems);

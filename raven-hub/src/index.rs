@@ -12,8 +12,10 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::{ConfigMap, Node};
 use raven_core::api::v1beta1::Gateway;
-use raven_core::compile::admit;
-use raven_core::{AgentReport, ClusterNode, Inputs, NodeName, Problem, RavenConfig, Streams};
+use raven_core::compile::{Admitted, admit};
+use raven_core::{
+    AgentReport, ClusterNode, GatewayName, Inputs, NodeName, Problem, RavenConfig, Streams,
+};
 use tokio::time::{Duration, Instant};
 
 /// The kinds of object a source delivers.
@@ -34,8 +36,9 @@ struct StreamEntry {
 
 #[derive(Debug, Clone, Default)]
 struct GatewayEntry {
-    /// The last version that passed validation, if any did.
-    good: Option<Gateway>,
+    /// The last version that passed admission, if any did (admitted once,
+    /// here: the compiler takes it as it is).
+    good: Option<Admitted>,
     /// Problems of the latest version (empty when it is the good one).
     problems: Vec<Problem>,
 }
@@ -43,10 +46,17 @@ struct GatewayEntry {
 /// The cluster as the sources last described it.
 #[derive(Debug, Clone, Default)]
 pub struct Index {
-    gateways: BTreeMap<String, GatewayEntry>,
-    nodes: BTreeMap<String, Result<(ClusterNode, Vec<Problem>), Problem>>,
+    gateways: BTreeMap<GatewayName, GatewayEntry>,
+    nodes: BTreeMap<NodeName, (ClusterNode, Vec<Problem>)>,
+    /// Objects whose name is not a valid object name, by kind and name as
+    /// written: never served, only reported.
+    misnamed: BTreeMap<(Kind, String), Vec<Problem>>,
     config: RavenConfig,
     reports: BTreeMap<NodeName, AgentReport>,
+    /// Who holds each WireGuard key of `reports` (the node that reported it
+    /// first): a report's keys are checked by lookup, not by a search of
+    /// every other report.
+    key_owners: BTreeMap<String, NodeName>,
     streams: BTreeMap<NodeName, StreamEntry>,
     /// When this hub started; an agent it has not heard from since counts
     /// as gone from then on. `None`: such agents are gone at once.
@@ -72,6 +82,13 @@ pub struct Index {
     high_water: u64,
 }
 
+/// The WireGuard keys a report names.
+fn report_keys(report: &AgentReport) -> impl Iterator<Item = &str> {
+    [&report.wireguard_public_key, &report.direct_public_key]
+        .into_iter()
+        .filter_map(|k| k.as_deref())
+}
+
 fn resource_version(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> u64 {
     meta.resource_version
         .as_deref()
@@ -83,11 +100,22 @@ impl Index {
     pub fn apply_gateway(&mut self, gw: Gateway) {
         self.see(resource_version(&gw.metadata));
         let name = gw.metadata.name.clone().unwrap_or_default();
+        self.apply_admission(name, admit(gw));
+    }
+
+    /// Takes in the gateway named `name` as admission left it: admitted, it
+    /// is served; refused, its last admitted version (if any) still is.
+    pub fn apply_admission(&mut self, name: String, admission: Result<Admitted, Vec<Problem>>) {
         self.undecodable.remove(&(Kind::Gateway, name.clone()));
-        let entry = self.gateways.entry(name).or_default();
-        match admit(&gw) {
-            Ok(_) => {
-                entry.good = Some(gw);
+        let Ok(key) = GatewayName::new(name.as_str()) else {
+            let problems = admission.err().unwrap_or_default();
+            self.misnamed.insert((Kind::Gateway, name), problems);
+            return;
+        };
+        let entry = self.gateways.entry(key).or_default();
+        match admission {
+            Ok(admitted) => {
+                entry.good = Some(admitted);
                 entry.problems.clear();
             }
             Err(mut problems) => {
@@ -104,6 +132,7 @@ impl Index {
 
     pub fn delete_gateway(&mut self, name: &str) {
         self.gateways.remove(name);
+        self.misnamed.remove(&(Kind::Gateway, name.to_owned()));
         self.undecodable.remove(&(Kind::Gateway, name.to_owned()));
     }
 
@@ -120,6 +149,7 @@ impl Index {
         self.see(resource_version);
         if kind == Kind::Node {
             self.nodes.remove(name);
+            self.misnamed.remove(&(kind, name.to_owned()));
         }
         self.undecodable.insert((kind, name.to_owned()), problem);
     }
@@ -134,26 +164,66 @@ impl Index {
     pub fn reset_gateways(&mut self, gws: Vec<Gateway>) {
         let present: BTreeSet<String> =
             gws.iter().filter_map(|g| g.metadata.name.clone()).collect();
-        self.gateways.retain(|name, _| present.contains(name));
+        self.retain_gateways(&present);
         for gw in gws {
             self.apply_gateway(gw);
         }
+    }
+
+    /// Replaces all gateways with ones admitted already (the manifest
+    /// loader admits what it reads): the same as [`Index::reset_gateways`].
+    pub fn reset_admitted_gateways(
+        &mut self,
+        admitted: BTreeMap<GatewayName, Admitted>,
+        rejected: BTreeMap<String, Vec<Problem>>,
+    ) {
+        let present: BTreeSet<String> = admitted
+            .keys()
+            .map(GatewayName::to_string)
+            .chain(rejected.keys().cloned())
+            .collect();
+        self.retain_gateways(&present);
+        for (name, gw) in admitted {
+            self.apply_admission(name.to_string(), Ok(gw));
+        }
+        for (name, problems) in rejected {
+            self.apply_admission(name, Err(problems));
+        }
+    }
+
+    /// Forgets the gateways not named in `present`.
+    fn retain_gateways(&mut self, present: &BTreeSet<String>) {
+        self.gateways
+            .retain(|name, _| present.contains(name.as_str()));
+        self.misnamed
+            .retain(|(kind, name), _| *kind != Kind::Gateway || present.contains(name));
     }
 
     pub fn apply_node(&mut self, node: &Node) {
         self.see(resource_version(&node.metadata));
         let name = node.metadata.name.clone().unwrap_or_default();
         self.undecodable.remove(&(Kind::Node, name.clone()));
-        self.nodes.insert(name, ClusterNode::from_k8s(node));
+        match ClusterNode::from_k8s(node) {
+            Ok((node, problems)) => {
+                self.misnamed.remove(&(Kind::Node, name));
+                self.nodes.insert(node.name.clone(), (node, problems));
+            }
+            Err(problem) => {
+                self.nodes.remove(name.as_str());
+                self.misnamed.insert((Kind::Node, name), vec![problem]);
+            }
+        }
     }
 
     pub fn delete_node(&mut self, name: &str) {
         self.nodes.remove(name);
+        self.misnamed.remove(&(Kind::Node, name.to_owned()));
         self.undecodable.remove(&(Kind::Node, name.to_owned()));
     }
 
     pub fn reset_nodes(&mut self, nodes: &[Node]) {
         self.nodes.clear();
+        self.misnamed.retain(|(kind, _), _| *kind != Kind::Node);
         for n in nodes {
             self.apply_node(n);
         }
@@ -172,8 +242,9 @@ impl Index {
     pub fn reset_cluster_nodes(&mut self, nodes: impl IntoIterator<Item = ClusterNode>) {
         self.nodes = nodes
             .into_iter()
-            .map(|n| (n.name.to_string(), Ok((n, Vec::new()))))
+            .map(|n| (n.name.clone(), (n, Vec::new())))
             .collect();
+        self.misnamed.retain(|(kind, _), _| *kind != Kind::Node);
     }
 
     pub fn set_raven_config(&mut self, config: RavenConfig) {
@@ -192,16 +263,7 @@ impl Index {
     /// reaches any agent) and the conflict is reported as a problem of the
     /// newcomer, for as long as it keeps reporting that key.
     pub fn set_report(&mut self, node: NodeName, mut report: AgentReport) -> bool {
-        let held_by = |key: &str| {
-            self.reports
-                .iter()
-                .filter(|(n, _)| **n != node)
-                .find(|(_, r)| {
-                    r.wireguard_public_key.as_deref() == Some(key)
-                        || r.direct_public_key.as_deref() == Some(key)
-                })
-                .map(|(n, _)| n.clone())
-        };
+        let held_by = |key: &str| self.key_owners.get(key).filter(|o| **o != node).cloned();
         let mut conflicts = Vec::new();
         for (field, key) in [
             ("wireguard_public_key", &mut report.wireguard_public_key),
@@ -225,6 +287,16 @@ impl Index {
         };
         if self.reports.get(&node) == Some(&report) {
             return problems_changed;
+        }
+        if let Some(old) = self.reports.get(&node) {
+            for key in report_keys(old) {
+                if self.key_owners.get(key) == Some(&node) {
+                    self.key_owners.remove(key);
+                }
+            }
+        }
+        for key in report_keys(&report) {
+            self.key_owners.insert(key.to_owned(), node.clone());
         }
         self.reports.insert(node, report);
         true
@@ -311,11 +383,7 @@ impl Index {
             return out;
         }
         let gone_since = |since: Instant| now.saturating_duration_since(since) >= grace;
-        let names = self
-            .nodes
-            .values()
-            .filter_map(|n| n.as_ref().ok().map(|(n, _)| n.name.clone()))
-            .chain(self.streams.keys().cloned());
+        let names = self.nodes.keys().chain(self.streams.keys()).cloned();
         for node in names {
             match self.streams.get(&node) {
                 Some(e) if e.connected => {
@@ -341,11 +409,7 @@ impl Index {
         if !self.probes_report_a_death() {
             return None;
         }
-        let unseen = self
-            .nodes
-            .values()
-            .filter_map(|n| n.as_ref().ok())
-            .any(|(n, _)| !self.streams.contains_key(&n.name));
+        let unseen = self.nodes.keys().any(|n| !self.streams.contains_key(n));
         self.streams
             .values()
             .filter(|e| !e.connected)
@@ -396,6 +460,7 @@ impl Index {
         let mut problems = self.source_problems.clone();
         problems.extend(self.undecodable.values().cloned());
         problems.extend(self.key_conflicts.values().flatten().cloned());
+        problems.extend(self.misnamed.values().flatten().cloned());
         let mut inputs = Inputs {
             config: self.config,
             reports: self.reports.clone(),
@@ -407,14 +472,9 @@ impl Index {
                 inputs.gateways.insert(name.clone(), gw.clone());
             }
         }
-        for node in self.nodes.values() {
-            match node {
-                Ok((n, ps)) => {
-                    problems.extend(ps.iter().cloned());
-                    inputs.nodes.insert(n.name.clone(), n.clone());
-                }
-                Err(p) => problems.push(p.clone()),
-            }
+        for (name, (node, ps)) in &self.nodes {
+            problems.extend(ps.iter().cloned());
+            inputs.nodes.insert(name.clone(), node.clone());
         }
         (inputs, problems)
     }
@@ -440,13 +500,22 @@ mod tests {
         )
     }
 
+    /// The replicas of the `gw-a` served.
+    fn replicas(inputs: &Inputs) -> i32 {
+        inputs.gateways["gw-a"]
+            .gateway()
+            .spec
+            .tunnel_config
+            .replicas
+    }
+
     #[test]
     fn invalid_update_keeps_serving_the_last_valid_gateway() {
         let mut idx = Index::default();
         idx.apply_gateway(gw(1));
         idx.apply_gateway(gw(5));
         let (inputs, problems) = idx.inputs();
-        assert_eq!(inputs.gateways["gw-a"].spec.tunnel_config.replicas, 1);
+        assert_eq!(replicas(&inputs), 1);
         assert_eq!(problems.len(), 1);
         assert_eq!(problems[0].field, "spec.tunnelConfig.Replicas");
         assert!(
@@ -472,7 +541,7 @@ mod tests {
         idx.apply_gateway(gw(5));
         idx.apply_gateway(gw(0));
         let (inputs, problems) = idx.inputs();
-        assert_eq!(inputs.gateways["gw-a"].spec.tunnel_config.replicas, 0);
+        assert_eq!(replicas(&inputs), 0);
         assert!(problems.is_empty());
     }
 

@@ -27,7 +27,7 @@ pub struct Published {
     /// Each served Gateway as the source last showed it (uid,
     /// resourceVersion, status) — what the API server holds, for the status
     /// writer to compare against, never the hub's own election.
-    pub observed: BTreeMap<String, ObservedGateway>,
+    pub observed: BTreeMap<GatewayName, ObservedGateway>,
     pub topology: Topology,
     /// Per-gateway election results, for status writing.
     pub gateways: BTreeMap<GatewayName, CompiledGateway>,
@@ -152,6 +152,8 @@ pub struct Pipeline {
     index: crate::index::IndexHandle,
     revisions: crate::revision::Revisions,
     tx: tokio::sync::watch::Sender<Arc<Published>>,
+    /// See [`Pipeline::sessions`].
+    sessions_tx: tokio::sync::watch::Sender<Arc<Published>>,
     debounce: Debounce,
     /// How long an agent's stream must be gone before the failure detector
     /// counts it (see [`raven_core::liveness`]).
@@ -170,17 +172,29 @@ impl Pipeline {
             revision: revisions.current().revision,
             ..Default::default()
         };
-        let (tx, rx) = tokio::sync::watch::channel(Arc::new(initial));
+        let initial = Arc::new(initial);
+        let (tx, rx) = tokio::sync::watch::channel(initial.clone());
+        let sessions_tx = tokio::sync::watch::Sender::new(initial);
         (
             Self {
                 index,
                 revisions,
                 tx,
+                sessions_tx,
                 debounce,
                 failover_grace,
             },
             rx,
         )
+    }
+
+    /// What the Sync sessions wait on: a published state reaches it only
+    /// when what agents receive changes (epoch, revision or readiness). A
+    /// state that differs only in what the status writer and the inspection
+    /// RPCs read (the API server's echo of the hub's own status write,
+    /// problems, freshness) wakes no session.
+    pub fn sessions(&self) -> PublishedRx {
+        self.sessions_tx.subscribe()
     }
 
     /// Compiles now and publishes the result if anything a reader can see
@@ -196,10 +210,11 @@ impl Pipeline {
             .index
             .read(|i| (i.is_synced(), i.is_fresh(), i.high_water()));
         let prev = self.tx.borrow().clone();
-        let observed: BTreeMap<String, ObservedGateway> = inputs
+        let observed: BTreeMap<GatewayName, ObservedGateway> = inputs
             .gateways
             .iter()
             .map(|(name, gw)| {
+                let gw = gw.gateway();
                 let meta = &gw.metadata;
                 let rv = meta
                     .resource_version
@@ -220,18 +235,15 @@ impl Pipeline {
         // hub's own last election stands in.
         for (name, gw) in &mut inputs.gateways {
             let has_status = gw
+                .gateway()
                 .status
                 .as_ref()
                 .is_some_and(|s| !s.active_endpoints.is_empty());
             if has_status {
                 continue;
             }
-            // A keyed lookup, not a search of every gateway per gateway.
-            let last = GatewayName::new(name.clone())
-                .ok()
-                .and_then(|n| prev.gateways.get(&n));
-            if let Some(last) = last {
-                gw.status = Some(last.status.clone());
+            if let Some(last) = prev.gateways.get(name) {
+                gw.set_status(Some(last.status.clone()));
             }
         }
         // Subnet precedence needs history: a gateway keeps the ranges it
@@ -249,9 +261,9 @@ impl Pipeline {
             inputs
                 .gateways
                 .iter()
-                .filter_map(|(name, gw)| Some((GatewayName::new(name.clone()).ok()?, gw)))
                 .flat_map(|(name, gw)| {
-                    gw.status
+                    gw.gateway()
+                        .status
                         .as_ref()
                         .map(served)
                         .unwrap_or_default()
@@ -324,15 +336,19 @@ impl Pipeline {
             topology: compiled.topology,
             gateways: compiled.gateways,
         };
-        let changed = next.revision != prev.revision
-            || next.epoch != prev.epoch
-            || next.ready != prev.ready
+        let for_agents =
+            next.revision != prev.revision || next.epoch != prev.epoch || next.ready != prev.ready;
+        let changed = for_agents
             || next.fresh != prev.fresh
             || next.observed != prev.observed
             || next.topology.problems != prev.topology.problems
             || next.gateways != prev.gateways;
         if changed {
-            self.tx.send_replace(Arc::new(next));
+            let next = Arc::new(next);
+            self.tx.send_replace(next.clone());
+            if for_agents {
+                self.sessions_tx.send_replace(next);
+            }
         }
         Ok(changed)
     }
@@ -414,6 +430,113 @@ mod tests {
             t.resources.insert(name, settings(*port));
         }
         t
+    }
+
+    /// `n1`, a ready member of `gw-a` at `ip`.
+    fn member(ip: &str) -> raven_core::ClusterNode {
+        raven_core::ClusterNode {
+            name: raven_core::NodeName::new("n1").expect("name"),
+            gateway_label: Some("gw-a".into()),
+            ready: true,
+            internal_ip: ip.parse().ok(),
+            pod_cidrs: vec!["10.244.1.0/24".parse().expect("cidr")],
+        }
+    }
+
+    /// A ready member `n1` of `gw-a`, whose only endpoint is a tunnel on
+    /// `n1`, with the tunnel switched on: `gw-a` elects `n1`.
+    fn one_gateway_cluster(index: &crate::index::IndexHandle, resource_version: u64) {
+        use raven_core::api::v1beta1::{Endpoint, Gateway, GatewaySpec, TunnelConfiguration};
+        let mut gw = Gateway::new(
+            "gw-a",
+            GatewaySpec {
+                tunnel_config: TunnelConfiguration { replicas: 1 },
+                endpoints: vec![Endpoint {
+                    node_name: "n1".into(),
+                    type_: "tunnel".into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+        );
+        gw.metadata.uid = Some("u1".into());
+        gw.metadata.resource_version = Some(resource_version.to_string());
+        index.update(|i| {
+            i.apply_gateway(gw);
+            i.reset_cluster_nodes([member("10.0.0.1")]);
+            i.set_raven_config(raven_core::RavenConfig {
+                present: true,
+                enable_l3_tunnel: true,
+                ..Default::default()
+            });
+            for k in [
+                crate::index::Kind::Gateway,
+                crate::index::Kind::Node,
+                crate::index::Kind::Config,
+            ] {
+                i.mark_synced(k);
+            }
+        });
+    }
+
+    #[test]
+    fn a_status_echo_publishes_no_new_revision_and_wakes_no_session() {
+        let index = crate::index::IndexHandle::default();
+        one_gateway_cluster(&index, 10);
+        let (mut pipeline, published) = Pipeline::new(
+            index.clone(),
+            crate::revision::Revisions::in_memory(),
+            Debounce::default(),
+            std::time::Duration::from_secs(3),
+        );
+        let mut sessions = pipeline.sessions();
+        assert!(pipeline.recompile().expect("compiled"));
+        let first = published.borrow().clone();
+        let name = GatewayName::new("gw-a").expect("name");
+        let elected = first.gateways[&name].status.clone();
+        assert_eq!(elected.active_endpoints[0].node_name, "n1");
+        assert!(
+            sessions.has_changed().expect("open"),
+            "the first state wakes sessions"
+        );
+        sessions.borrow_and_update();
+
+        // The leader wrote the election (with a condition) and the watch
+        // shows it back: a newer resourceVersion, the status as written.
+        let mut echoed = first.gateways[&name].gateway.clone();
+        let mut status = elected.clone();
+        status.conditions = vec![raven_core::api::v1beta1::GatewayCondition {
+            type_: "Ready".into(),
+            status: "True".into(),
+            ..Default::default()
+        }];
+        echoed.status = Some(status.clone());
+        echoed.metadata.resource_version = Some("11".into());
+        index.update(|i| i.apply_gateway(echoed));
+        pipeline.recompile().expect("compiled");
+        let after = published.borrow().clone();
+        assert_eq!(
+            (after.epoch.as_str(), after.revision),
+            (first.epoch.as_str(), first.revision),
+            "a status echo is no new revision"
+        );
+        assert_eq!(after.topology.resources, first.topology.resources);
+        assert!(
+            !sessions.has_changed().expect("open"),
+            "a status echo must not wake the sessions"
+        );
+        // The status writer still sees the echo (it stops waiting for it).
+        assert_eq!(after.observed[&name].resource_version, 11);
+        assert_eq!(after.observed[&name].status, Some(status));
+
+        // A change agents receive wakes them.
+        index.update(|i| i.reset_cluster_nodes([member("10.0.0.2")]));
+        pipeline.recompile().expect("compiled");
+        assert!(published.borrow().revision > first.revision);
+        assert!(
+            sessions.has_changed().expect("open"),
+            "a new revision wakes sessions"
+        );
     }
 
     #[test]

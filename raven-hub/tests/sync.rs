@@ -1,303 +1,26 @@
 //! The Sync protocol against a real hub: tonic over mTLS on 127.0.0.1:0,
 //! real client certificates, real manifest files.
 
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use raven_core::NodeName;
-use raven_hub::grpc::TlsFiles;
-use raven_hub::grpc::sync::SyncConfig;
-use raven_hub::hub::{self, HubConfig, RunningHub, Source};
-use raven_hub::pipeline::Debounce;
+use raven_hub::hub::{self, RunningHub};
 use raven_proto::v1::sync_request::Message as Req;
 use raven_proto::v1::sync_response::Message as Resp;
 use raven_proto::v1::{self, sync_service_client::SyncServiceClient};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+use tonic::transport::Channel;
 
-const HZ_GW: &str = "izbp15inok0kbfkg3in52rz";
-const HZ_MEMBER: &str = "izbp15inok0kbfkg3in52sz";
-const QD_MEMBER: &str = "izm5eb24dmjfimuaybpnr0z";
-const ALL_NODES: [&str; 6] = [
-    "izbp15inok0kbfkg3in52rz",
-    "izbp15inok0kbfkg3in52sz",
-    "izm5eb24dmjfimuaybpnqzz",
-    "izm5eb24dmjfimuaybpnr0z",
-    "izwz9dohcv74iegqecp4axz",
-    "izwz9ey0js5z7mornclpd6z",
-];
+mod support;
 
-struct Env {
-    dir: tempfile::TempDir,
-}
-
-impl Env {
-    fn new() -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let manifests = dir.path().join("manifests");
-        std::fs::create_dir_all(&manifests).expect("mkdir");
-        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/user-manual");
-        for f in ["gateways.yaml", "nodes.yaml", "raven-cfg.yaml"] {
-            std::fs::copy(example.join(f), manifests.join(f)).expect("copy example");
-        }
-        let nodes: Vec<NodeName> = ALL_NODES
-            .iter()
-            .map(|n| NodeName::new(*n).expect("name"))
-            .collect();
-        raven_hub::certs::generate_with_operators(
-            &dir.path().join("certs"),
-            &["localhost".into(), "127.0.0.1".into()],
-            &nodes,
-            &["ops".into()],
-        )
-        .expect("certs");
-        Self { dir }
-    }
-
-    fn manifests(&self) -> PathBuf {
-        self.dir.path().join("manifests")
-    }
-
-    fn certs(&self) -> raven_hub::certs::Layout {
-        raven_hub::certs::Layout {
-            dir: self.dir.path().join("certs"),
-        }
-    }
-
-    fn config(&self, max_initial_syncs: usize) -> HubConfig {
-        let l = self.certs();
-        HubConfig {
-            source: Source::Manifests(self.manifests()),
-            grpc_addr: "127.0.0.1:0".parse().expect("addr"),
-            plaintext_addr: Some("127.0.0.1:0".parse().expect("addr")),
-            http_addr: None,
-            tls: TlsFiles {
-                cert: l.hub_cert(),
-                key: l.hub_key(),
-                client_ca: l.ca_cert(),
-            },
-            data_dir: Some(self.dir.path().join("hub-data")),
-            sync: SyncConfig {
-                heartbeat: Duration::from_secs(2),
-                max_initial_syncs,
-                ..Default::default()
-            },
-            debounce: Debounce {
-                quiet: Duration::from_millis(20),
-                max_delay: Duration::from_millis(200),
-            },
-            replica: "test".into(),
-            epoch: None,
-            manifest_limits: Default::default(),
-        }
-    }
-
-    async fn hub(&self) -> RunningHub {
-        hub::start(self.config(64)).await.expect("hub starts")
-    }
-
-    async fn client(&self, hub: &RunningHub, node: &str) -> SyncServiceClient<Channel> {
-        SyncServiceClient::new(self.channel(hub, node).await)
-    }
-
-    /// An mTLS channel to the hub with `node`'s certificate.
-    async fn channel(&self, hub: &RunningHub, node: &str) -> Channel {
-        let l = self.certs();
-        let node = NodeName::new(node).expect("name");
-        self.channel_with(hub, &l.node_cert(&node), &l.node_key(&node))
-            .await
-    }
-
-    /// An mTLS channel to the hub with the operator certificate `ops`.
-    async fn operator_channel(&self, hub: &RunningHub) -> Channel {
-        let dir = self.certs().operator_bundle("ops");
-        self.channel_with(
-            hub,
-            &dir.join("operator.pem"),
-            &dir.join("operator-key.pem"),
-        )
-        .await
-    }
-
-    async fn channel_with(&self, hub: &RunningHub, cert: &Path, key: &Path) -> Channel {
-        let l = self.certs();
-        let tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(
-                std::fs::read(l.ca_cert()).expect("ca"),
-            ))
-            .identity(Identity::from_pem(
-                std::fs::read(cert).expect("cert"),
-                std::fs::read(key).expect("key"),
-            ))
-            .domain_name("localhost");
-        Channel::from_shared(format!("https://{}", hub.grpc_addr))
-            .expect("uri")
-            .tls_config(tls)
-            .expect("tls")
-            .connect()
-            .await
-            .expect("connect")
-    }
-
-    fn edit(&self, file: &str, from: &str, to: &str) {
-        let p = self.manifests().join(file);
-        let text = std::fs::read_to_string(&p).expect("read");
-        assert!(text.contains(from), "{file} lacks {from}");
-        // Keep the mtime moving even on coarse clocks.
-        std::thread::sleep(Duration::from_millis(20));
-        std::fs::write(&p, text.replacen(from, to, 1)).expect("write");
-    }
-}
-
-/// A scripted agent on one stream.
-struct Agent {
-    tx: mpsc::Sender<v1::SyncRequest>,
-    rx: tonic::Streaming<v1::SyncResponse>,
-}
-
-fn hello(
-    node: &str,
-    held: &[(String, String)],
-    epoch: &str,
-    revision: u64,
-    complete: bool,
-) -> v1::SyncRequest {
-    v1::SyncRequest {
-        message: Some(Req::Hello(v1::Hello {
-            protocol_version: raven_proto::PROTOCOL_VERSION,
-            agent_version: "test".into(),
-            capabilities: vec![v1::Capability::Delta as i32],
-            node_name: node.into(),
-            epoch: epoch.into(),
-            revision,
-            resources: held
-                .iter()
-                .map(|(n, v)| v1::ResourceVersion {
-                    name: n.clone(),
-                    version: v.clone(),
-                })
-                .collect(),
-            cache_complete: complete,
-        })),
-    }
-}
-
-impl Agent {
-    /// Reads until the stream ends: the status code it ended with (`None`:
-    /// a clean end).
-    async fn end(&mut self) -> Option<tonic::Code> {
-        loop {
-            match self.rx.message().await {
-                Ok(Some(_)) => continue,
-                Ok(None) => return None,
-                Err(e) => return Some(e.code()),
-            }
-        }
-    }
-
-    async fn open(
-        client: &mut SyncServiceClient<Channel>,
-        first: v1::SyncRequest,
-    ) -> Result<Self, tonic::Status> {
-        let (tx, rx) = mpsc::channel(16);
-        tx.send(first).await.expect("send hello");
-        let rx = client.sync(ReceiverStream::new(rx)).await?.into_inner();
-        Ok(Self { tx, rx })
-    }
-
-    /// The next Update, skipping heartbeats.
-    async fn update(&mut self) -> Result<v1::Update, tonic::Status> {
-        loop {
-            let msg = tokio::time::timeout(Duration::from_secs(10), self.rx.message())
-                .await
-                .map_err(|_| tonic::Status::deadline_exceeded("no update within 10 s"))??;
-            match msg.and_then(|m| m.message) {
-                Some(Resp::Update(u)) => return Ok(u),
-                Some(Resp::Heartbeat(_)) => continue,
-                None => return Err(tonic::Status::aborted("stream ended")),
-            }
-        }
-    }
-
-    /// Asserts no Update arrives within `wait` (heartbeats are fine).
-    async fn no_update_within(&mut self, wait: Duration) {
-        let deadline = tokio::time::Instant::now() + wait;
-        loop {
-            match tokio::time::timeout_at(deadline, self.rx.message()).await {
-                Err(_) => return,
-                Ok(Ok(Some(v1::SyncResponse {
-                    message: Some(Resp::Heartbeat(_)),
-                }))) => continue,
-                Ok(other) => panic!("expected no update, got {other:?}"),
-            }
-        }
-    }
-
-    /// Sends one message on the stream.
-    async fn send(&self, message: Req) {
-        self.tx
-            .send(v1::SyncRequest {
-                message: Some(message),
-            })
-            .await
-            .expect("send");
-    }
-
-    async fn ack(&self, u: &v1::Update) {
-        let ack = v1::Ack {
-            nonce: u.nonce.clone(),
-            epoch: u.epoch.clone(),
-            revision: u.revision,
-        };
-        self.tx
-            .send(v1::SyncRequest {
-                message: Some(Req::Ack(ack)),
-            })
-            .await
-            .expect("ack");
-    }
-
-    async fn nack(&self, u: &v1::Update, resource: &str) {
-        let nack = v1::Nack {
-            nonce: u.nonce.clone(),
-            epoch: u.epoch.clone(),
-            revision: u.revision,
-            error: Some(v1::ErrorDetail {
-                message: "refused by test".into(),
-                resource_name: resource.into(),
-                field: String::new(),
-            }),
-        };
-        self.tx
-            .send(v1::SyncRequest {
-                message: Some(Req::Nack(nack)),
-            })
-            .await
-            .expect("nack");
-    }
-}
-
-fn names(u: &v1::Update) -> Vec<String> {
-    u.resources.iter().map(|r| r.name.clone()).collect()
-}
-
-fn inventory(u: &v1::Update) -> Vec<(String, String)> {
-    u.resources
-        .iter()
-        .map(|r| (r.name.clone(), r.version.clone()))
-        .collect()
-}
+use support::*;
 
 #[tokio::test]
 async fn first_sync_sends_the_whole_view_as_a_completed_snapshot() {
     let env = Env::new();
     let hub = env.hub().await;
-    let mut client = env.client(&hub, HZ_MEMBER).await;
-    let mut agent = Agent::open(&mut client, hello(HZ_MEMBER, &[], "", 0, false))
-        .await
-        .expect("open");
-    let u = agent.update().await.expect("update");
+    let (_agent, u) = first_snapshot(&env, &hub, HZ_MEMBER).await;
     assert!(u.snapshot && u.snapshot_complete);
     assert_eq!(
         names(&u),
@@ -319,11 +42,7 @@ async fn first_sync_sends_the_whole_view_as_a_completed_snapshot() {
 async fn gateway_change_sends_only_what_changed() {
     let env = Env::new();
     let hub = env.hub().await;
-    let mut client = env.client(&hub, HZ_MEMBER).await;
-    let mut agent = Agent::open(&mut client, hello(HZ_MEMBER, &[], "", 0, false))
-        .await
-        .expect("open");
-    let first = agent.update().await.expect("snapshot");
+    let (mut agent, first) = first_snapshot(&env, &hub, HZ_MEMBER).await;
     agent.ack(&first).await;
     env.edit("nodes.yaml", "10.244.4.0/24", "10.244.40.0/24");
     let delta = agent.update().await.expect("delta");
@@ -338,13 +57,10 @@ async fn gateway_change_sends_only_what_changed() {
 async fn resume_with_current_versions_sends_nothing() {
     let env = Env::new();
     let hub = env.hub().await;
-    let mut client = env.client(&hub, QD_MEMBER).await;
-    let mut agent = Agent::open(&mut client, hello(QD_MEMBER, &[], "", 0, false))
-        .await
-        .expect("open");
-    let first = agent.update().await.expect("snapshot");
+    let (agent, first) = first_snapshot(&env, &hub, QD_MEMBER).await;
     agent.ack(&first).await;
     drop(agent);
+    let mut client = env.client(&hub, QD_MEMBER).await;
     let mut again = Agent::open(
         &mut client,
         hello(
@@ -375,11 +91,7 @@ async fn resume_with_current_versions_sends_nothing() {
 async fn resume_across_a_hub_restart_keeps_epoch_and_revision_and_sends_nothing() {
     let env = Env::new();
     let hub = env.hub().await;
-    let mut client = env.client(&hub, HZ_GW).await;
-    let mut agent = Agent::open(&mut client, hello(HZ_GW, &[], "", 0, false))
-        .await
-        .expect("open");
-    let first = agent.update().await.expect("snapshot");
+    let (agent, first) = first_snapshot(&env, &hub, HZ_GW).await;
     agent.ack(&first).await;
     drop(agent);
     hub.stop().await;
@@ -411,11 +123,7 @@ async fn resume_across_a_hub_restart_keeps_epoch_and_revision_and_sends_nothing(
 async fn nacked_content_is_not_resent_until_it_changes() {
     let env = Env::new();
     let hub = env.hub().await;
-    let mut client = env.client(&hub, HZ_MEMBER).await;
-    let mut agent = Agent::open(&mut client, hello(HZ_MEMBER, &[], "", 0, false))
-        .await
-        .expect("open");
-    let first = agent.update().await.expect("snapshot");
+    let (mut agent, first) = first_snapshot(&env, &hub, HZ_MEMBER).await;
     agent.ack(&first).await;
     env.edit("nodes.yaml", "10.244.4.0/24", "10.244.41.0/24");
     let delta = agent.update().await.expect("delta");
@@ -448,11 +156,7 @@ async fn nacked_content_is_not_resent_until_it_changes() {
 async fn slow_agent_gets_the_latest_state_not_every_intermediate_one() {
     let env = Env::new();
     let hub = env.hub().await;
-    let mut client = env.client(&hub, HZ_MEMBER).await;
-    let mut agent = Agent::open(&mut client, hello(HZ_MEMBER, &[], "", 0, false))
-        .await
-        .expect("open");
-    let first = agent.update().await.expect("snapshot");
+    let (mut agent, first) = first_snapshot(&env, &hub, HZ_MEMBER).await;
     // Not acknowledged yet: three changes pile up.
     for cidr in ["10.244.61.0/24", "10.244.62.0/24", "10.244.63.0/24"] {
         let before = hub.published.borrow().revision;
@@ -492,11 +196,8 @@ async fn hub_makes_its_world_readable_tls_key_0600_at_start_and_serves() {
     let mode = std::fs::metadata(&key).expect("key").permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
     // Agents connect with the files of their bundle (nodes/<node>/).
-    let mut client = env.client(&hub, HZ_MEMBER).await;
-    let mut agent = Agent::open(&mut client, hello(HZ_MEMBER, &[], "", 0, false))
-        .await
-        .expect("open");
-    assert!(agent.update().await.expect("update").snapshot_complete);
+    let (_agent, u) = first_snapshot(&env, &hub, HZ_MEMBER).await;
+    assert!(u.snapshot_complete);
     hub.stop().await;
 }
 
@@ -517,11 +218,7 @@ async fn a_node_cannot_claim_another_nodes_identity() {
 async fn node_views_differ_by_node_and_members_get_no_peer_keys() {
     let env = Env::new();
     let hub = env.hub().await;
-    let mut client = env.client(&hub, QD_MEMBER).await;
-    let mut agent = Agent::open(&mut client, hello(QD_MEMBER, &[], "", 0, false))
-        .await
-        .expect("open");
-    let u = agent.update().await.expect("snapshot");
+    let (_agent, u) = first_snapshot(&env, &hub, QD_MEMBER).await;
     assert!(names(&u).contains(&format!("node/{QD_MEMBER}")));
     assert!(
         !names(&u)
@@ -536,11 +233,7 @@ async fn node_views_differ_by_node_and_members_get_no_peer_keys() {
 async fn reported_public_key_reaches_other_gateways_as_a_peer_resource() {
     let env = Env::new();
     let hub = env.hub().await;
-    let mut gw_client = env.client(&hub, HZ_GW).await;
-    let mut gw = Agent::open(&mut gw_client, hello(HZ_GW, &[], "", 0, false))
-        .await
-        .expect("open");
-    let first = gw.update().await.expect("snapshot");
+    let (mut gw, first) = first_snapshot(&env, &hub, HZ_GW).await;
     gw.ack(&first).await;
     let key = "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=";
     let report = v1::Report {
@@ -548,12 +241,7 @@ async fn reported_public_key_reaches_other_gateways_as_a_peer_resource() {
         tunnel_port: Some(4500),
         ..Default::default()
     };
-    gw.tx
-        .send(v1::SyncRequest {
-            message: Some(Req::Report(report)),
-        })
-        .await
-        .expect("report");
+    gw.send(Req::Report(report)).await;
     let u = gw.update().await.expect("peer update");
     assert_eq!(names(&u), vec![format!("peer/{HZ_GW}")]);
     hub.stop().await;
@@ -610,23 +298,14 @@ async fn plaintext_listener_refuses_sync_and_only_binds_loopback() {
 async fn reported_keys_survive_a_hub_restart() {
     let env = Env::new();
     let hub = env.hub().await;
-    let mut gw_client = env.client(&hub, HZ_GW).await;
-    let mut gw = Agent::open(&mut gw_client, hello(HZ_GW, &[], "", 0, false))
-        .await
-        .expect("open");
-    let first = gw.update().await.expect("snapshot");
+    let (mut gw, first) = first_snapshot(&env, &hub, HZ_GW).await;
     gw.ack(&first).await;
     let key = "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=";
     let report = v1::Report {
         wireguard_public_key: Some(key.into()),
         ..Default::default()
     };
-    gw.tx
-        .send(v1::SyncRequest {
-            message: Some(Req::Report(report)),
-        })
-        .await
-        .expect("report");
+    gw.send(Req::Report(report)).await;
     let u = gw.update().await.expect("peer update");
     assert_eq!(names(&u), vec![format!("peer/{HZ_GW}")]);
     drop(gw);
@@ -652,8 +331,7 @@ async fn reported_keys_survive_a_hub_restart() {
 
 fn tunnel_active(p: &raven_hub::pipeline::Published, gateway: &str) -> Option<String> {
     p.gateways
-        .values()
-        .find(|g| g.name.as_str() == gateway)?
+        .get(gateway)?
         .status
         .active_endpoints
         .iter()
@@ -697,11 +375,7 @@ async fn a_takeover_claim_is_adopted_while_its_agent_is_connected_and_the_electi
         Some("izbp15inok0kbfkg3in52rz")
     );
 
-    let mut client = env.client(&hub, HZ_MEMBER).await;
-    let mut agent = Agent::open(&mut client, hello(HZ_MEMBER, &[], "", 0, false))
-        .await
-        .expect("open");
-    let first = agent.update().await.expect("snapshot");
+    let (agent, first) = first_snapshot(&env, &hub, HZ_MEMBER).await;
     agent.ack(&first).await;
     let report = v1::Report {
         local_failover: vec![v1::LocalFailover {
@@ -710,13 +384,7 @@ async fn a_takeover_claim_is_adopted_while_its_agent_is_connected_and_the_electi
         }],
         ..Default::default()
     };
-    agent
-        .tx
-        .send(v1::SyncRequest {
-            message: Some(Req::Report(report)),
-        })
-        .await
-        .expect("report");
+    agent.send(Req::Report(report)).await;
     let p = wait(
         &mut rx,
         "the claim to be adopted",
@@ -764,29 +432,12 @@ async fn two_candidate_hub(env: &Env) -> RunningHub {
     hub::start(cfg).await.expect("hub starts")
 }
 
-/// Opens `node`'s stream and acknowledges its snapshot.
-async fn synced_agent(env: &Env, hub: &RunningHub, node: &str) -> Agent {
-    let mut client = env.client(hub, node).await;
-    let mut agent = Agent::open(&mut client, hello(node, &[], "", 0, false))
-        .await
-        .expect("open");
-    let first = agent.update().await.expect("snapshot");
-    agent.ack(&first).await;
-    agent
-}
-
 async fn report_dead(agent: &Agent, dead: &[&str]) {
     let report = v1::Report {
         dead_candidates: dead.iter().map(|d| (*d).to_owned()).collect(),
         ..Default::default()
     };
-    agent
-        .tx
-        .send(v1::SyncRequest {
-            message: Some(Req::Report(report)),
-        })
-        .await
-        .expect("report");
+    agent.send(Req::Report(report)).await;
 }
 
 async fn elected_within(hub: &RunningHub, node: &str, within: Duration) -> Option<Duration> {
@@ -1232,8 +883,7 @@ async fn a_report_flood_from_one_node_is_rate_limited_and_others_stay_prompt() {
     let applied_rx = |hub: &RunningHub| {
         hub.agents
             .get(&NodeName::new(HZ_GW).expect("name"))
-            .and_then(|a| a.report)
-            .and_then(|r| r.peers.first().map(|p| p.rx_bytes))
+            .and_then(|a| a.peers.first().map(|p| p.rx_bytes))
             .unwrap_or(0)
     };
     // Taken in: the burst (8) and four a second since, not 2,000.
@@ -1266,13 +916,7 @@ async fn a_report_flood_from_one_node_is_rate_limited_and_others_stay_prompt() {
         })
         .collect();
     let mut flooder = flooder;
-    flooder
-        .tx
-        .send(v1::SyncRequest {
-            message: Some(Req::Report(big)),
-        })
-        .await
-        .expect("sent");
+    flooder.send(Req::Report(big)).await;
     assert_eq!(flooder.end().await, Some(tonic::Code::InvalidArgument));
     hub.stop().await;
 }
@@ -1347,11 +991,7 @@ async fn a_file_replaced_by_a_directory_a_fifo_and_dev_zero_change_nothing_and_t
  {
     let env = Env::new();
     let hub = env.hub().await;
-    let mut client = env.client(&hub, HZ_MEMBER).await;
-    let mut agent = Agent::open(&mut client, hello(HZ_MEMBER, &[], "", 0, false))
-        .await
-        .expect("open");
-    let first = agent.update().await.expect("snapshot");
+    let (mut agent, first) = first_snapshot(&env, &hub, HZ_MEMBER).await;
     agent.ack(&first).await;
     let dir = env.manifests();
     std::fs::remove_file(dir.join("gateways.yaml")).expect("rm");
@@ -1377,11 +1017,7 @@ async fn a_file_replaced_by_a_directory_a_fifo_and_dev_zero_change_nothing_and_t
     );
     // Nothing the agent holds changed, and the hub still answers a new agent.
     agent.no_update_within(Duration::from_millis(800)).await;
-    let mut other = env.client(&hub, QD_MEMBER).await;
-    let mut second = Agent::open(&mut other, hello(QD_MEMBER, &[], "", 0, false))
-        .await
-        .expect("open");
-    let u = second.update().await.expect("snapshot");
+    let (_second, u) = first_snapshot(&env, &hub, QD_MEMBER).await;
     assert!(names(&u).contains(&"gateway/gw-hangzhou".to_owned()));
     hub.stop().await;
 }
@@ -1393,11 +1029,7 @@ async fn deleting_most_of_a_nodes_view_is_held_back_unless_the_operator_confirms
         let mut config = env.config(64);
         config.sync.confirm_mass_removal = confirm;
         let hub = hub::start(config).await.expect("hub starts");
-        let mut client = env.client(&hub, HZ_MEMBER).await;
-        let mut agent = Agent::open(&mut client, hello(HZ_MEMBER, &[], "", 0, false))
-            .await
-            .expect("open");
-        let first = agent.update().await.expect("snapshot");
+        let (mut agent, first) = first_snapshot(&env, &hub, HZ_MEMBER).await;
         assert_eq!(first.resources.len(), 5);
         agent.ack(&first).await;
         // A deliberate deletion of the file holding every Gateway: three of
@@ -1528,11 +1160,7 @@ async fn a_gateway_with_100000_endpoints_is_refused_and_parsing_it_never_stalls_
     // wake this task late.
     let started = std::time::Instant::now();
     tokio::time::sleep(Duration::from_millis(700)).await;
-    let mut client = env.client(&hub, HZ_MEMBER).await;
-    let mut agent = Agent::open(&mut client, hello(HZ_MEMBER, &[], "", 0, false))
-        .await
-        .expect("open");
-    agent.update().await.expect("snapshot");
+    let (_agent, _) = first_snapshot(&env, &hub, HZ_MEMBER).await;
     assert!(
         started.elapsed() < Duration::from_millis(2700),
         "snapshot took {:?}",
@@ -1623,11 +1251,7 @@ async fn after_a_change_outside_its_view_a_member_gets_only_what_the_next_change
 async fn an_applied_with_a_resource_list_is_kept_without_it() {
     let env = Env::new();
     let hub = env.hub().await;
-    let mut client = env.client(&hub, HZ_MEMBER).await;
-    let mut agent = Agent::open(&mut client, hello(HZ_MEMBER, &[], "", 0, false))
-        .await
-        .expect("open");
-    let u = agent.update().await.expect("snapshot");
+    let (agent, u) = first_snapshot(&env, &hub, HZ_MEMBER).await;
     agent.ack(&u).await;
     #[allow(deprecated)]
     let applied = v1::Applied {

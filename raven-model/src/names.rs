@@ -87,6 +87,14 @@ macro_rules! name_type {
                 &self.0
             }
         }
+
+        // Ordered and compared as the string it holds, so a map keyed by
+        // names is looked up by `&str` too (no name built per lookup).
+        impl std::borrow::Borrow<str> for $name {
+            fn borrow(&self) -> &str {
+                &self.0
+            }
+        }
     };
 }
 

@@ -94,7 +94,7 @@ fn published(api: &FakeApiServer, statuses: &[(&str, GatewayStatus)]) -> Result<
                 .unwrap_or(0),
             status: serde_json::from_value(o["status"].clone()).ok(),
         });
-        observed.insert((*name).to_owned(), seen.unwrap_or_default());
+        observed.insert(GatewayName::new(*name)?, seen.unwrap_or_default());
     }
     for (name, status) in statuses {
         let name = GatewayName::new(*name)?;

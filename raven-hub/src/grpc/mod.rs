@@ -6,6 +6,7 @@
 //!   serves inspection, reflection and health — never `Sync`.
 
 pub mod conn;
+pub mod error;
 pub mod inspect;
 pub mod sync;
 
@@ -23,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic::{Request, Response, Status, Streaming};
 
+use self::error::SyncError;
 use self::inspect::Inspect;
 use self::sync::{Session, SyncShared};
 use crate::certs;
@@ -198,15 +200,13 @@ impl SyncService for Sync {
             .remote_addr()
             .map(|a| a.to_string())
             .unwrap_or_default();
-        let certs = request
-            .peer_certs()
-            .ok_or_else(|| Status::unauthenticated("Sync requires a client certificate (mTLS)"))?;
+        let certs = request.peer_certs().ok_or(SyncError::NotMtls)?;
         let leaf = certs
             .first()
-            .ok_or_else(|| Status::unauthenticated("no client certificate was presented"))?;
+            .ok_or(SyncError::Identity(certs::IdentityError::NoCertificate))?;
         let node = certs::node_identity(leaf.as_ref()).map_err(|e| {
             tracing::warn!(%remote, error = %e, "refused a Sync stream");
-            Status::unauthenticated(e.to_string())
+            SyncError::from(e)
         })?;
         let permit = self.shared.admit()?;
         let (tx, rx) = tokio::sync::mpsc::channel(4);

@@ -17,6 +17,7 @@ use raven_proto::{EncodedResource, EncodedSyncResponse, UpdateHeader};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tonic::{Status, Streaming};
 
+use super::error::SyncError;
 use crate::agents::Agents;
 use crate::index::IndexHandle;
 use crate::metrics::Metrics;
@@ -104,7 +105,11 @@ impl Default for SyncConfig {
 /// State shared by every session.
 #[derive(Debug, Clone)]
 pub struct SyncShared {
+    /// Every published state (health, inspection).
     pub published: PublishedRx,
+    /// The published states that change what agents receive: what sessions
+    /// wait on ([`crate::pipeline::Pipeline::sessions`]).
+    pub for_agents: PublishedRx,
     pub index: IndexHandle,
     pub agents: Agents,
     pub metrics: Metrics,
@@ -124,8 +129,10 @@ pub struct SyncShared {
 }
 
 impl SyncShared {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         published: PublishedRx,
+        for_agents: PublishedRx,
         index: IndexHandle,
         agents: Agents,
         metrics: Metrics,
@@ -136,6 +143,7 @@ impl SyncShared {
         let admission = Arc::new(Semaphore::new(config.max_initial_syncs));
         Self {
             published,
+            for_agents,
             index,
             agents,
             metrics,
@@ -179,12 +187,14 @@ impl SyncShared {
 
     /// Admits a new stream or refuses it with RESOURCE_EXHAUSTED and a
     /// jittered retry hint.
-    pub fn admit(&self) -> Result<OwnedSemaphorePermit, Status> {
+    pub fn admit(&self) -> Result<OwnedSemaphorePermit, SyncError> {
         self.admission.clone().try_acquire_owned().map_err(|_| {
             self.metrics.admission_rejected();
             let base = self.config.retry_after.as_millis() as u64;
             let jitter = rand::random::<u64>() % base.max(1);
-            raven_proto::resource_exhausted(Duration::from_millis(base + jitter))
+            SyncError::Busy {
+                retry_after: Duration::from_millis(base + jitter),
+            }
         })
     }
 }
@@ -259,14 +269,6 @@ impl std::fmt::Debug for Session {
     }
 }
 
-fn shutting_down() -> Status {
-    Status::unavailable("the hub is shutting down")
-}
-
-fn status_invalid(msg: impl Into<String>) -> Status {
-    Status::invalid_argument(msg.into())
-}
-
 impl Session {
     pub fn new(
         node: NodeName,
@@ -309,7 +311,8 @@ impl Session {
         let result = self.serve(&mut inbound, remote).await;
         self.shared.release_stream(&node, self.stream_id);
         self.shared.metrics.stream_closed();
-        if let Err(status) = result {
+        if let Err(e) = result {
+            let status = Status::from(e);
             if status.code() != tonic::Code::Cancelled {
                 tracing::info!(node = %node, code = ?status.code(), message = status.message(), "sync stream ended");
             }
@@ -321,48 +324,38 @@ impl Session {
         &mut self,
         inbound: &mut Streaming<v1::SyncRequest>,
         remote: String,
-    ) -> Result<(), Status> {
+    ) -> Result<(), SyncError> {
         let replaced = self.replaced.clone();
         let shutdown = self.shared.shutdown.clone();
         let first = tokio::time::timeout(self.shared.config.hello_timeout, inbound.message());
         let first = tokio::select! {
             r = first => r,
-            () = replaced.cancelled() => return Err(self.replaced_status()),
-            () = shutdown.cancelled() => return Err(shutting_down()),
+            () = replaced.cancelled() => return Err(self.replaced()),
+            () = shutdown.cancelled() => return Err(SyncError::ShuttingDown),
         };
         let hello = match first {
-            Err(_) => {
-                return Err(Status::failed_precondition(
-                    "no Hello within the hello timeout",
-                ));
-            }
-            Ok(Err(s)) => return Err(s),
+            Err(_) => return Err(SyncError::NoHello),
+            Ok(Err(s)) => return Err(s.into()),
             Ok(Ok(None)) => return Ok(()),
             Ok(Ok(Some(v1::SyncRequest {
                 message: Some(Req::Hello(h)),
             }))) => h,
-            Ok(Ok(Some(_))) => {
-                return Err(Status::failed_precondition(
-                    "the first message must be a Hello",
-                ));
-            }
+            Ok(Ok(Some(_))) => return Err(SyncError::NotHello),
         };
         if hello.protocol_version != raven_proto::PROTOCOL_VERSION {
-            return Err(Status::failed_precondition(format!(
-                "protocol version {} is not supported (this hub speaks {})",
-                hello.protocol_version,
-                raven_proto::PROTOCOL_VERSION
-            )));
+            return Err(SyncError::ProtocolVersion {
+                got: hello.protocol_version,
+                speaks: raven_proto::PROTOCOL_VERSION,
+            });
         }
         if !hello.node_name.is_empty() && hello.node_name != self.node.as_str() {
             tracing::warn!(certificate = %self.node, claimed = %hello.node_name, %remote, "agent claimed another node's identity; refused");
-            return Err(Status::permission_denied(format!(
-                "the client certificate is for node {}, the Hello claims {}",
-                self.node, hello.node_name
-            )));
+            return Err(SyncError::ClaimedIdentity {
+                certificate: self.node.clone(),
+                claimed: hello.node_name,
+            });
         }
-        let inventory =
-            raven_proto::hello_inventory(&hello).map_err(|e| status_invalid(e.to_string()))?;
+        let inventory = raven_proto::hello_inventory(&hello)?;
         let delta =
             hello.capabilities.contains(&(v1::Capability::Delta as i32)) && hello.cache_complete;
         self.held = inventory;
@@ -370,19 +363,17 @@ impl Session {
         self.held_revision = hello.revision;
         let snapshot = !delta;
 
-        let mut published = self.shared.published.clone();
+        let mut published = self.shared.for_agents.clone();
         let ready = tokio::time::timeout(
             self.shared.config.ready_timeout,
             published.wait_for(|p| p.ready),
         );
         let ready = tokio::select! {
             r = ready => r.is_ok_and(|r| r.is_ok()),
-            () = shutdown.cancelled() => return Err(shutting_down()),
+            () = shutdown.cancelled() => return Err(SyncError::ShuttingDown),
         };
         if !ready {
-            return Err(Status::unavailable(
-                "the hub has not synced its sources yet",
-            ));
+            return Err(SyncError::NotReady);
         }
         let session = self.shared.agents.connected(&self.node, &hello, remote);
         let opened = tokio::time::Instant::now();
@@ -410,7 +401,7 @@ impl Session {
         inbound: &mut Streaming<v1::SyncRequest>,
         published: &mut PublishedRx,
         snapshot: bool,
-    ) -> Result<(), Status> {
+    ) -> Result<(), SyncError> {
         let hb = self.shared.config.heartbeat;
         let mut heartbeat = raven_cli::pace::Heartbeat::new(hb);
         let mut dirty = true;
@@ -421,8 +412,8 @@ impl Session {
                 dirty = !self.queued.is_empty();
             }
             tokio::select! {
-                () = self.replaced.cancelled() => return Err(self.replaced_status()),
-                () = self.shared.shutdown.cancelled() => return Err(shutting_down()),
+                () = self.replaced.cancelled() => return Err(self.replaced()),
+                () = self.shared.shutdown.cancelled() => return Err(SyncError::ShuttingDown),
                 () = tokio::time::sleep_until(self.report_rate.next_at()), if self.pending_report.is_some() => {
                     if self.report_rate.take(tokio::time::Instant::now())
                         && let Some(report) = self.pending_report.take()
@@ -443,13 +434,13 @@ impl Session {
                 }
                 changed = published.changed() => {
                     if changed.is_err() {
-                        return Err(shutting_down());
+                        return Err(SyncError::ShuttingDown);
                     }
                     dirty = true;
                 }
                 beat = heartbeat.beat() => {
                     if beat.is_err() {
-                        return Err(Status::unavailable("no message from the agent for three heartbeat intervals"));
+                        return Err(SyncError::Silent);
                     }
                     self.heartbeat_seq += 1;
                     let beat = v1::Heartbeat {
@@ -463,22 +454,19 @@ impl Session {
         }
     }
 
-    fn replaced_status(&self) -> Status {
-        Status::aborted(format!(
-            "replaced by a newer stream of node {} (one stream per node)",
-            self.node
-        ))
+    fn replaced(&self) -> SyncError {
+        SyncError::Replaced(self.node.clone())
     }
 
-    async fn send(&self, msg: EncodedSyncResponse) -> Result<(), Status> {
+    async fn send(&self, msg: EncodedSyncResponse) -> Result<(), SyncError> {
         self.out
             .send(Ok(msg))
             .await
-            .map_err(|_| Status::cancelled("the agent went away"))
+            .map_err(|_| SyncError::AgentGone)
     }
 
     /// Sends the next Update, if there is anything to send.
-    async fn send_next(&mut self, current: &Published, snapshot: bool) -> Result<(), Status> {
+    async fn send_next(&mut self, current: &Published, snapshot: bool) -> Result<(), SyncError> {
         if self.queued.is_empty() {
             // Never move an agent back within an epoch: if this replica is
             // behind what the agent holds, wait until it catches up.
@@ -669,14 +657,14 @@ impl Session {
     }
 
     /// Handles one agent message; returns whether a new Update may be due.
-    fn handle(&mut self, req: v1::SyncRequest) -> Result<bool, Status> {
+    fn handle(&mut self, req: v1::SyncRequest) -> Result<bool, SyncError> {
         let node = self.node.clone();
         match req.message {
-            None => Err(status_invalid("empty message")),
-            Some(Req::Hello(_)) => Err(status_invalid("Hello sent twice on one stream")),
+            None => Err(SyncError::invalid("empty message")),
+            Some(Req::Hello(_)) => Err(SyncError::invalid("Hello sent twice on one stream")),
             Some(Req::Ack(ack)) => {
                 let Some(f) = self.in_flight.take_if(|f| f.nonce == ack.nonce) else {
-                    return Err(status_invalid(format!(
+                    return Err(SyncError::invalid(format_args!(
                         "Ack for unknown nonce {:?}",
                         ack.nonce
                     )));
@@ -707,7 +695,7 @@ impl Session {
             }
             Some(Req::Nack(nack)) => {
                 let Some(f) = self.in_flight.take_if(|f| f.nonce == nack.nonce) else {
-                    return Err(status_invalid(format!(
+                    return Err(SyncError::invalid(format_args!(
                         "Nack for unknown nonce {:?}",
                         nack.nonce
                     )));
@@ -754,10 +742,10 @@ impl Session {
             Some(Req::Report(report)) => {
                 let size = prost::Message::encoded_len(&report);
                 if size > self.shared.config.max_report_bytes {
-                    return Err(status_invalid(format!(
-                        "a Report of {size} bytes is over the limit of {} (--max-report-bytes)",
-                        self.shared.config.max_report_bytes
-                    )));
+                    return Err(SyncError::ReportTooLarge {
+                        size,
+                        limit: self.shared.config.max_report_bytes,
+                    });
                 }
                 // A Report that comes faster than the node's rate waits (the
                 // latest one only); it is applied when the rate allows.
@@ -774,16 +762,13 @@ impl Session {
     }
 
     /// Takes in a Report that passed the size and rate limits.
-    fn apply_report(&mut self, report: v1::Report) -> Result<(), Status> {
+    fn apply_report(&mut self, report: v1::Report) -> Result<(), SyncError> {
         let node = self.node.clone();
         self.shared.metrics.report_applied();
         {
             {
-                let parsed = raven_proto::report_from_proto(&report)
-                    .map_err(|e| status_invalid(e.to_string()))?;
-                self.shared
-                    .agents
-                    .update(&node, |e| e.report = Some(report));
+                let parsed = raven_proto::report_from_proto(&report)?;
+                self.shared.agents.update(&node, |e| e.peers = report.peers);
                 // Persist what the index keeps (a key another node holds is
                 // refused there), so a restarted hub keeps the same owner.
                 // The index owns reports; only a change is queued for disk.

@@ -427,7 +427,11 @@ mod tests {
     }
 
     fn gateways(l: &manifest::Loaded) -> Vec<&str> {
-        l.inputs.gateways.keys().map(String::as_str).collect()
+        l.inputs
+            .gateways
+            .keys()
+            .map(raven_core::GatewayName::as_str)
+            .collect()
     }
 
     fn names_file(l: &manifest::Loaded, file: &str, what: &str) -> bool {
@@ -582,7 +586,10 @@ mod tests {
         s.load().expect("load");
         write(d.path(), "0-dup.yaml", &GW.replace("4500", "1"));
         let l = s.poll().expect("poll").expect("changed");
-        assert_eq!(l.inputs.gateways["gw-a"].spec.endpoints[0].port, 4500);
+        assert_eq!(
+            l.inputs.gateways["gw-a"].gateway().spec.endpoints[0].port,
+            4500
+        );
         assert!(
             l.problems
                 .iter()
@@ -593,6 +600,9 @@ mod tests {
         // The owner going away hands the object to the remaining copy.
         std::fs::remove_file(d.path().join("gw.yaml")).expect("rm");
         let l = s.poll().expect("poll").expect("changed");
-        assert_eq!(l.inputs.gateways["gw-a"].spec.endpoints[0].port, 1);
+        assert_eq!(
+            l.inputs.gateways["gw-a"].gateway().spec.endpoints[0].port,
+            1
+        );
     }
 }

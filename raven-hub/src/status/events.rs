@@ -112,7 +112,7 @@ impl Recorder {
         }
 
         self.active
-            .retain(|name, _| published.gateways.keys().any(|g| g.as_str() == name));
+            .retain(|name, _| published.gateways.contains_key(name.as_str()));
         for (name, compiled) in &published.gateways {
             let name = name.as_str();
             let observed = published.observed.get(name);

@@ -272,9 +272,9 @@ impl StatusWriter {
             return;
         }
         self.retries
-            .retain(|name, _| published.gateways.keys().any(|g| g.as_str() == name));
+            .retain(|name, _| published.gateways.contains_key(name.as_str()));
         self.written
-            .retain(|name, _| published.observed.contains_key(name));
+            .retain(|name, _| published.observed.contains_key(name.as_str()));
         let now = now_rfc3339();
         for (name, compiled) in &published.gateways {
             if Instant::now() >= until {

@@ -128,8 +128,9 @@ impl Snapshot {
                 .gateways
                 .iter()
                 .map(|(name, gw)| {
-                    let eps = gw.spec.endpoints.iter().map(|e| e.node_name.clone());
-                    (name.clone(), eps.collect())
+                    let eps = gw.gateway().spec.endpoints.iter();
+                    let eps = eps.map(|e| e.node_name.clone());
+                    (name.to_string(), eps.collect())
                 })
                 .collect(),
             nodes: inputs
