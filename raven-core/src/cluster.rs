@@ -176,6 +176,20 @@ pub struct Inputs {
     /// newcomer claiming an overlapping one, whatever their names; without
     /// history (a fresh start) the first gateway by name keeps it.
     pub held_subnets: BTreeMap<IpNet, GatewayName>,
+    /// The load-balancer addresses of the Services the hub keeps for
+    /// Gateways with `exposeType: LoadBalancer`, by Gateway name: the
+    /// gateway's public address while it has one.
+    pub load_balancers: BTreeMap<String, LoadBalancerIngress>,
+}
+
+/// The `status.loadBalancer.ingress` IP of a Gateway's tunnel and proxy
+/// Services, as the cloud's load-balancer controller wrote them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoadBalancerIngress {
+    /// Of the UDP tunnel Service.
+    pub tunnel: Option<IpAddr>,
+    /// Of the TCP proxy Service.
+    pub proxy: Option<IpAddr>,
 }
 
 impl Inputs {

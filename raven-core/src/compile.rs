@@ -13,7 +13,7 @@ use ipnet::IpNet;
 use sha2::{Digest, Sha256};
 
 use crate::api::{self, v1beta1};
-use crate::cluster::{AgentReport, ClusterNode, Inputs, RavenConfig};
+use crate::cluster::{AgentReport, ClusterNode, Inputs, LoadBalancerIngress, RavenConfig};
 use crate::election;
 use crate::liveness;
 use crate::names::{GatewayName, NodeName};
@@ -179,7 +179,9 @@ pub fn compile(inputs: &Inputs) -> Compiled {
             connected: &inputs.streams.connected,
             dead: &dead,
         };
-        let (view, status, ps) = compile_gateway(name, &gw, &members, &config, &live, &mut claimed);
+        let lb = inputs.load_balancers.get(name.as_str());
+        let (view, status, ps) =
+            compile_gateway(name, &gw, &members, &config, &live, lb, &mut claimed);
         problems.extend(ps);
         let mut gw = gw.clone();
         gw.status = Some(status.clone());
@@ -194,6 +196,12 @@ pub fn compile(inputs: &Inputs) -> Compiled {
         views.insert(name.clone(), view);
     }
     assign_relays(&mut views);
+    for (name, c) in &mut compiled {
+        if let Some(view) = views.get(name) {
+            learned_facts(&mut c.status, view, &views, inputs);
+            c.gateway.status = Some(c.status.clone());
+        }
+    }
 
     let mut resources = BTreeMap::new();
     resources.insert(
@@ -375,6 +383,69 @@ fn observed_endpoint(
         })
 }
 
+/// What the hub learned from agents' reports about each active tunnel
+/// endpoint, shown in `status.activeEndpoints` where Raven keeps it (Raven's
+/// agents write these into the Gateway themselves; raven's agents report them
+/// to the hub instead):
+///
+/// - `config.publicKey`: the node's WireGuard public key;
+/// - `publicIP`/`publicPort`, when the spec (or a load balancer) gives no
+///   public address: the address the tunnel was seen to come from (the
+///   agent's own `observed_endpoint`, or its NAT-mapped endpoint as the
+///   active tunnel node of a gateway not under NAT observed it);
+/// - `natType` `Symmetric NAT`, when the spec says nothing and two such
+///   observers saw the node's tunnel from different ports (a mapping that
+///   depends on the destination). Observers that agree prove only that the
+///   mapping is endpoint-independent, which does not tell Raven's cone types
+///   apart, so nothing is written then.
+///
+/// Status only: the topology the agents receive is untouched, so none of
+/// this can delay a tunnel.
+fn learned_facts(
+    status: &mut v1beta1::GatewayStatus,
+    view: &GatewayView,
+    views: &BTreeMap<GatewayName, GatewayView>,
+    inputs: &Inputs,
+) {
+    for ep in &mut status.active_endpoints {
+        if ep.type_ != v1beta1::TUNNEL {
+            continue;
+        }
+        let Ok(node) = NodeName::new(ep.node_name.clone()) else {
+            continue;
+        };
+        let Some(report) = inputs.reports.get(&node) else {
+            continue;
+        };
+        if let Some(key) = &report.wireguard_public_key {
+            ep.config
+                .insert(v1beta1::CONFIG_PUBLIC_KEY.to_owned(), key.clone());
+        }
+        let seen = report
+            .observed_endpoint
+            .or_else(|| observed_endpoint(view, &node, views, inputs, |r| &r.observed_peers));
+        if ep.public_ip.is_empty()
+            && let Some(addr) = seen
+        {
+            ep.public_ip = addr.ip().to_string();
+            ep.public_port = i32::from(addr.port());
+        }
+        if ep.nat_type.is_empty() && view.under_nat {
+            let ports: BTreeSet<u16> = views
+                .values()
+                .filter(|g| !g.under_nat)
+                .filter_map(|g| g.active_tunnel.as_ref())
+                .filter_map(|t| inputs.reports.get(&t.node))
+                .filter_map(|r| r.observed_peers.get(&node))
+                .map(std::net::SocketAddr::port)
+                .collect();
+            if ports.len() > 1 {
+                ep.nat_type = v1beta1::NAT_SYMMETRIC.to_owned();
+            }
+        }
+    }
+}
+
 fn endpoint(ep: &v1beta1::Endpoint) -> Option<GatewayEndpoint> {
     let type_ = match ep.type_.as_str() {
         v1beta1::TUNNEL => EndpointType::Tunnel,
@@ -473,6 +544,7 @@ fn compile_gateway(
     members: &[&ClusterNode],
     config: &RavenConfig,
     live: &Liveness<'_>,
+    lb: Option<&LoadBalancerIngress>,
     claimed: &mut Claims,
 ) -> (GatewayView, v1beta1::GatewayStatus, Vec<Problem>) {
     let obj = gateway_object(name.as_str());
@@ -618,14 +690,36 @@ fn compile_gateway(
     view_members.sort_by(|a, b| a.node.cmp(&b.node));
     status_nodes.sort_by(|a, b| a.node_name.cmp(&b.node_name));
 
+    let expose_type = match spec.expose_type.as_str() {
+        v1beta1::EXPOSE_TYPE_PUBLIC_IP => ExposeType::PublicIP,
+        v1beta1::EXPOSE_TYPE_LOAD_BALANCER => ExposeType::LoadBalancer,
+        _ => ExposeType::None,
+    };
+    // A gateway exposed through a LoadBalancer Service is reached at the
+    // load balancer's address, whichever candidate is active: the Service's
+    // endpoints follow the election.
+    let lb = lb.filter(|_| expose_type == ExposeType::LoadBalancer);
+    let (lb_tunnel, lb_proxy) = (lb.and_then(|l| l.tunnel), lb.and_then(|l| l.proxy));
+    let exposed = |ep: &v1beta1::Endpoint| {
+        let lb_ip = match ep.type_.as_str() {
+            v1beta1::TUNNEL => lb_tunnel,
+            _ => lb_proxy,
+        };
+        endpoint(ep).map(|mut e| {
+            if lb_ip.is_some() {
+                e.public_ip = lb_ip;
+            }
+            e
+        })
+    };
     let active_tunnel = active
         .iter()
         .find(|e| e.type_ == v1beta1::TUNNEL)
-        .and_then(endpoint);
+        .and_then(exposed);
     let active_proxies: Vec<_> = active
         .iter()
         .filter(|e| e.type_ == v1beta1::PROXY)
-        .filter_map(endpoint)
+        .filter_map(exposed)
         .collect();
 
     let mut tunnel_candidates: Vec<GatewayEndpoint> = active_tunnel.iter().cloned().collect();
@@ -637,11 +731,7 @@ fn compile_gateway(
     let (ready_eps, unready_eps): (Vec<_>, Vec<_>) = tunnel_eps.partition(|e| {
         ready.contains(e.node_name.as_str()) && !dead.contains(e.node_name.as_str())
     });
-    for ep in ready_eps
-        .into_iter()
-        .chain(unready_eps)
-        .filter_map(endpoint)
-    {
+    for ep in ready_eps.into_iter().chain(unready_eps).filter_map(exposed) {
         if !tunnel_candidates.iter().any(|c| c.node == ep.node) {
             tunnel_candidates.push(ep);
         }
@@ -663,13 +753,14 @@ fn compile_gateway(
             _ => (api::KEY_ENABLE_L3_TUNNEL, config.enable_l3_tunnel),
         };
         ep.config.insert(key.to_owned(), on.to_string());
+        let lb_ip = match ep.type_.as_str() {
+            v1beta1::TUNNEL => lb_tunnel,
+            _ => lb_proxy,
+        };
+        if let Some(ip) = lb_ip {
+            ep.public_ip = ip.to_string();
+        }
     }
-
-    let expose_type = match spec.expose_type.as_str() {
-        v1beta1::EXPOSE_TYPE_PUBLIC_IP => ExposeType::PublicIP,
-        v1beta1::EXPOSE_TYPE_LOAD_BALANCER => ExposeType::LoadBalancer,
-        _ => ExposeType::None,
-    };
     let proxy_ports = if active_proxies.is_empty() {
         Vec::new()
     } else {
@@ -688,6 +779,7 @@ fn compile_gateway(
         relay: None,
     };
     let status = v1beta1::GatewayStatus {
+        node_count: Some(i32::try_from(status_nodes.len()).unwrap_or(i32::MAX)),
         nodes: status_nodes,
         active_endpoints: status_eps,
         ..Default::default()

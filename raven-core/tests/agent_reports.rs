@@ -239,3 +239,126 @@ fn without_a_connected_ready_candidate_the_dead_gateway_stays_elected() {
         Some("n1a")
     );
 }
+
+fn status_tunnel(
+    c: &raven_core::compile::Compiled,
+    gw: &str,
+) -> raven_core::api::v1beta1::Endpoint {
+    c.gateways[&g(gw)]
+        .status
+        .active_endpoints
+        .iter()
+        .find(|e| e.type_ == "tunnel")
+        .cloned()
+        .unwrap_or_else(|| panic!("{gw} has an active tunnel"))
+}
+
+#[test]
+fn status_shows_the_reported_key_the_observed_address_and_a_symmetric_nat() {
+    let mut i = inputs();
+    let before = compile(&i);
+    let ep = status_tunnel(&before, "gw-nat-2");
+    assert!(
+        !ep.config.contains_key("publicKey") && ep.public_ip.is_empty() && ep.nat_type.is_empty()
+    );
+
+    i.reports.insert(n("n2a"), key_report());
+    // The two public gateways' active nodes see n2a from different ports.
+    let mut pa = key_report();
+    pa.wireguard_public_key = Some("cGEx".into());
+    pa.observed_peers.insert(
+        n("n2a"),
+        "203.0.113.9:40001"
+            .parse()
+            .unwrap_or_else(|e| panic!("{e}")),
+    );
+    let mut pb = key_report();
+    pb.wireguard_public_key = Some("cGIx".into());
+    pb.observed_peers.insert(
+        n("n2a"),
+        "203.0.113.9:40002"
+            .parse()
+            .unwrap_or_else(|e| panic!("{e}")),
+    );
+    i.reports.insert(n("pa1"), pa);
+    i.reports.insert(n("pb1"), pb);
+    let c = compile(&i);
+    let ep = status_tunnel(&c, "gw-nat-2");
+    assert_eq!(
+        ep.config.get("publicKey").map(String::as_str),
+        Some("yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=")
+    );
+    assert_eq!(ep.public_ip, "203.0.113.9");
+    assert!(ep.public_port == 40001 || ep.public_port == 40002, "{ep:?}");
+    assert_eq!(ep.nat_type, "Symmetric NAT");
+    // A spec's own natType and publicIP are never overwritten.
+    let n1 = status_tunnel(&c, "gw-nat-1");
+    assert_eq!(n1.nat_type, "FullCone");
+    assert_eq!(status_tunnel(&c, "gw-pub-a").public_ip, "198.51.100.1");
+    // Status only: the topology (what agents get) is the same as without
+    // the observations, apart from the peers' keys and observed endpoints.
+    assert_eq!(
+        c.topology
+            .gateways()
+            .map(|v| v.active_tunnel.clone())
+            .collect::<Vec<_>>(),
+        {
+            let mut j = inputs();
+            j.reports = i.reports.clone();
+            compile(&j)
+                .topology
+                .gateways()
+                .map(|v| v.active_tunnel.clone())
+                .collect::<Vec<_>>()
+        }
+    );
+    assert_eq!(c.gateways[&g("gw-nat-2")].status.node_count, Some(1));
+}
+
+#[test]
+fn a_load_balancer_gateway_is_reached_at_the_load_balancer_ingress() {
+    let mut i = inputs();
+    let expose = |i: &mut raven_core::Inputs, how: &str| {
+        let mut gw = i.gateways[&g("gw-nat-1")].gateway().clone();
+        gw.spec.expose_type = how.into();
+        // Raven's webhook: an exposed gateway is not under NAT.
+        for ep in &mut gw.spec.endpoints {
+            ep.under_nat = false;
+        }
+        let admitted = raven_core::compile::admit(gw).unwrap_or_else(|e| panic!("{e:?}"));
+        i.gateways.insert(g("gw-nat-1"), admitted);
+    };
+    expose(&mut i, "LoadBalancer");
+    let lb_ip: std::net::IpAddr = "192.0.2.77".parse().unwrap_or_else(|e| panic!("{e}"));
+    let public = |c: &raven_core::compile::Compiled| {
+        c.topology
+            .gateways()
+            .find(|v| v.name == g("gw-nat-1"))
+            .and_then(|v| v.active_tunnel.as_ref())
+            .and_then(|t| t.public_ip)
+    };
+    assert_eq!(public(&compile(&i)), None, "no ingress yet");
+    i.load_balancers.insert(
+        "gw-nat-1".into(),
+        raven_core::LoadBalancerIngress {
+            tunnel: Some(lb_ip),
+            proxy: None,
+        },
+    );
+    let c = compile(&i);
+    assert_eq!(public(&c), Some(lb_ip));
+    assert!(
+        c.topology
+            .gateways()
+            .find(|v| v.name == g("gw-nat-1"))
+            .is_some_and(|v| v
+                .tunnel_candidates
+                .iter()
+                .all(|t| t.public_ip == Some(lb_ip))),
+        "every candidate is reached at the load balancer"
+    );
+    assert_eq!(status_tunnel(&c, "gw-nat-1").public_ip, "192.0.2.77");
+    // An ingress for a gateway that is not LoadBalancer-exposed is ignored.
+    expose(&mut i, "");
+    assert_eq!(public(&compile(&i)), None);
+}

@@ -57,6 +57,8 @@ pub struct Config {
     pub rounds: usize,
     /// One-node changes committed to the store.
     pub changes: u32,
+    /// WireGuard peers programmed (raven vs `wg setconf`).
+    pub peers: u32,
 }
 
 impl Default for Config {
@@ -66,6 +68,7 @@ impl Default for Config {
             nodes: 10,
             rounds: 3,
             changes: 1000,
+            peers: 1000,
         }
     }
 }
@@ -78,6 +81,7 @@ impl Config {
             nodes: 5,
             rounds: 1,
             changes: 50,
+            peers: 50,
         }
     }
 
@@ -95,6 +99,7 @@ impl Config {
                 "--nodes" => c.nodes = num().clamp(2, 16),
                 "--rounds" => c.rounds = num().max(1) as usize,
                 "--changes" => c.changes = num(),
+                "--peers" => c.peers = num(),
                 "--small" => c = Self::small(),
                 // cargo bench passes --bench; anything else is a mistake.
                 "--bench" => {}
@@ -125,10 +130,16 @@ pub struct Report {
     pub change_skip_nat_touched: usize,
     /// Kernel changes of a reconcile when nothing changed.
     pub noop_ops: usize,
+    /// What the change pass of a one-node change read and wrote, and the
+    /// skip-NAT rules that differ between before and after.
+    pub change_pass: dataplane::Io,
+    pub change_pass_nat_differ: usize,
     /// Operations of the cold start with the kernel already programmed.
     pub warm_restart_ops: usize,
     /// Store directory sizes: after the first commit, largest, last.
     pub store_bytes: (u64, u64, u64),
+    /// WireGuard peers programmed by both raven and `wg setconf`, checked.
+    pub wireguard_peers: usize,
 }
 
 impl Report {
@@ -162,7 +173,7 @@ fn gw_name(i: u32) -> GatewayName {
 /// Node `j` of gateway `i`: `172.16.0.0 + 16 i + j`, pod subnet
 /// `10.0.0.0/24 + 16 i + j` (a domain's nodes share a block, as in a real
 /// cluster, so its prefixes aggregate into a few skip-NAT rules).
-fn node_ip(i: u32, j: u32) -> Ipv4Addr {
+pub fn node_ip(i: u32, j: u32) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(Ipv4Addr::new(172, 16, 0, 0)) + 16 * i + j)
 }
 
@@ -171,7 +182,7 @@ fn pod_subnet(k: u32) -> IpNet {
     IpNet::V4(Ipv4Net::new(Ipv4Addr::from(base), 24).unwrap())
 }
 
-fn gateway(i: u32, nodes: u32) -> GatewayView {
+pub fn gateway(i: u32, nodes: u32) -> GatewayView {
     let endpoint = GatewayEndpoint {
         public_ip: Some(IpAddr::V4(Ipv4Addr::from(
             u32::from(Ipv4Addr::new(100, 64, 0, 0)) + i,
@@ -202,7 +213,7 @@ fn me() -> NodeView {
     }
 }
 
-fn inputs(gateways: Vec<GatewayView>) -> NodeInputs {
+pub fn inputs(gateways: Vec<GatewayView>) -> NodeInputs {
     NodeInputs {
         me: Some(me()),
         gateways,
@@ -213,7 +224,7 @@ fn inputs(gateways: Vec<GatewayView>) -> NodeInputs {
 
 /// The one-node change: node 3 of the middle gateway gets a new pod subnet
 /// (`round` picks a different one each time).
-fn change_one_node(gateways: &mut [GatewayView], round: u32) {
+pub fn change_one_node(gateways: &mut [GatewayView], round: u32) {
     let g = gateways.len() / 2;
     let k = 16 * u32::try_from(gateways.len()).unwrap() + round;
     gateways[g].members[3].subnets = vec![pod_subnet(k)];
@@ -350,6 +361,11 @@ fn dir_size(p: &Path) -> u64 {
     n
 }
 
+/// What the benchmark's node knows of itself (the agent's view of it).
+fn local() -> dataplane::Local {
+    dataplane::Local::new(model::DEFAULT_TUNNEL_DEV, 1500)
+}
+
 /// The cluster as cached resources (what the hub sends a member).
 fn cached_state(gateways: &[GatewayView], revision: u64) -> CachedState {
     let mut resources = BTreeMap::new();
@@ -391,6 +407,166 @@ fn accepted(held: &CachedState, next: CachedState) -> Accepted {
         .cloned()
         .collect();
     Accepted { next, put, remove }
+}
+
+/// A wireguard-go this run started for device `dev` (in the calling
+/// thread's network namespace); stopped by its PID on drop.
+struct WireguardGo(std::process::Child);
+
+impl WireguardGo {
+    async fn start(dev: &str) -> Self {
+        let child = Command::new("wireguard-go")
+            .args(["-f", dev])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let wg = Self(child);
+        let t = Instant::now();
+        while raven_edge::tunnel::uapi::get(dev).await.is_err() {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "wireguard-go {dev} never answered on its socket"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        wg
+    }
+}
+
+impl Drop for WireguardGo {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.0.id()).unwrap());
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let _ = self.0.wait();
+    }
+}
+
+/// `n` gateway peers as a gateway's tunnel has them: an endpoint each (in
+/// the namespace's underlay; no keepalive, so nothing is ever sent) and
+/// two prefixes (the remote domain's pod block and its nodes).
+fn wireguard_spec(n: u32) -> raven_edge::tunnel::TunnelSpec {
+    use raven_edge::tunnel::{PeerPath, PeerSpec, keys::KeyPair};
+    let peers = (1..=n)
+        .map(|i| {
+            let pods = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 0, 0, 0)) + (i << 12));
+            let nodes = node_ip(i, 0);
+            let spec = PeerSpec {
+                node: name(format!("g{i}-n0")),
+                gateway: gw_name(i),
+                endpoint: Some(std::net::SocketAddr::new(IpAddr::V4(nodes), 4500)),
+                allowed_ips: [
+                    IpNet::V4(Ipv4Net::new(pods, 20).unwrap()),
+                    IpNet::V4(Ipv4Net::new(nodes, 28).unwrap()),
+                ]
+                .into(),
+                keepalive: 0,
+                relays_for: vec![],
+                path: PeerPath::Active,
+            };
+            (KeyPair::ephemeral().public_key(), spec)
+        })
+        .collect();
+    raven_edge::tunnel::TunnelSpec {
+        listen_port: 51820,
+        peers,
+        warnings: vec![],
+    }
+}
+
+/// `spec` as a `wg setconf` file, with private key `private` and port `port`.
+fn wg_conf(spec: &raven_edge::tunnel::TunnelSpec, private: &str, port: u16) -> String {
+    let mut s = format!("[Interface]\nPrivateKey = {private}\nListenPort = {port}\n");
+    for (key, p) in &spec.peers {
+        let ips: Vec<String> = p.allowed_ips.iter().map(ToString::to_string).collect();
+        s.push_str(&format!("\n[Peer]\nPublicKey = {}\n", key.to_base64()));
+        if let Some(e) = p.endpoint {
+            s.push_str(&format!("Endpoint = {e}\n"));
+        }
+        s.push_str(&format!("AllowedIPs = {}\n", ips.join(", ")));
+    }
+    s
+}
+
+/// The peers a device holds: key → (endpoint, allowed IPs), checked
+/// against `spec`.
+async fn check_peers(dev: &str, spec: &raven_edge::tunnel::TunnelSpec, what: &str) {
+    let have = raven_edge::tunnel::uapi::get(dev).await.unwrap();
+    assert_eq!(have.peers.len(), spec.peers.len(), "{what}: peer count");
+    for (key, p) in &spec.peers {
+        let got = have
+            .peers
+            .get(key)
+            .unwrap_or_else(|| panic!("{what}: a peer is missing"));
+        assert_eq!(got.endpoint, p.endpoint, "{what}: endpoint");
+        let ips: std::collections::BTreeSet<IpNet> = got.allowed_ips.iter().copied().collect();
+        assert_eq!(ips, p.allowed_ips, "{what}: allowed IPs");
+    }
+}
+
+/// raven's WireGuard peer programming (UAPI, as a minimal diff) against
+/// `wg setconf` of the same configuration, each on a wireguard-go device of
+/// its own in this namespace, both emptied before each round.
+async fn wireguard(cfg: &Config, report: &mut Report) {
+    let pid = std::process::id() % 1_000_000;
+    let (ours, theirs) = (format!("rbw{pid}a"), format!("rbw{pid}b"));
+    let _a = WireguardGo::start(&ours).await;
+    let _b = WireguardGo::start(&theirs).await;
+    let dir = tempfile::tempdir().unwrap();
+    let tunnel = raven_edge::tunnel::Tunnel::new(
+        ours.clone(),
+        dir.path(),
+        raven_edge::tunnel::backend::Backend::Userspace,
+    )
+    .unwrap()
+    .with_wireguard_go(raven_edge::tunnel::backend::WireguardGo::External);
+    tunnel.ensure_device(1420, None).await.unwrap();
+    sh(&["ip", "link", "set", &theirs, "up"]);
+    let spec = wireguard_spec(cfg.peers);
+    let private = sh(&["wg", "genkey"]).trim().to_owned();
+    let conf = dir.path().join("full.conf");
+    std::fs::write(&conf, wg_conf(&spec, &private, 51821)).unwrap();
+    let empty = dir.path().join("empty.conf");
+    std::fs::write(&empty, "[Interface]\n").unwrap();
+    let (conf, empty) = (conf.to_string_lossy(), empty.to_string_lossy());
+    let (mut raven, mut setconf, mut noop) = (vec![], vec![], vec![]);
+    for _ in 0..cfg.rounds {
+        sh(&["wg", "setconf", &ours, &empty]);
+        sh(&["wg", "setconf", &theirs, &empty]);
+        let t = Instant::now();
+        tunnel.apply(&spec).await.unwrap();
+        raven.push(t.elapsed());
+        check_peers(&ours, &spec, "raven").await;
+        let t = Instant::now();
+        sh(&["wg", "setconf", &theirs, &conf]);
+        setconf.push(t.elapsed());
+        check_peers(&theirs, &spec, "wg setconf").await;
+        let t = Instant::now();
+        let change = tunnel.apply(&spec).await.unwrap();
+        noop.push(t.elapsed());
+        assert!(change.is_empty(), "a second apply changes nothing");
+    }
+    let (raven, setconf) = (median(raven), median(setconf));
+    report.add(
+        format!("wireguard-go, {} peers: wg setconf", cfg.peers),
+        ms(setconf),
+    );
+    report.add(
+        format!(
+            "wireguard-go, {} peers: raven (UAPI get + diff + set)",
+            cfg.peers
+        ),
+        ms(raven),
+    );
+    report.add(
+        "wireguard-go: ratio raven / wg setconf",
+        format!("{:.2}", raven.as_secs_f64() / setconf.as_secs_f64()),
+    );
+    report.add(
+        "wireguard-go: raven re-apply, nothing changed (get + diff)",
+        ms(median(noop)),
+    );
+    report.wireguard_peers = cfg.peers as usize;
 }
 
 /// Runs every figure inside a fresh network namespace.
@@ -588,7 +764,10 @@ async fn run_in_namespace(cfg: &Config) -> Report {
         report.change_skip_nat_touched = r.ops_applied - report.change_routes_touched;
         check_exact(&dataplane::desired(&next).state, "after a one-node change").await;
     }
-    report.add("one-node change: reconcile time", ms(median(times)));
+    report.add(
+        "one-node change: resync pass (reads the kernel)",
+        ms(median(times)),
+    );
     report.add(
         "one-node change: routes touched",
         report.change_routes_touched.to_string(),
@@ -598,9 +777,77 @@ async fn run_in_namespace(cfg: &Config) -> Report {
         report.change_skip_nat_touched.to_string(),
     );
 
+    // One-node change → kernel, as the agent does it: the update committed
+    // to the cache (fsync included), the view built, and a change pass that
+    // plans against what the last pass applied.
+    let node = me().name;
+    let change_dir = tempfile::tempdir().unwrap();
+    let (cache, empty) = Cache::open(change_dir.path(), &node, 256 << 20).unwrap();
+    let mut held = cached_state(&changed, 1);
+    cache.commit(&accepted(&empty, held.clone())).unwrap();
+    let assembled = |state: &CachedState| {
+        dataplane::assemble(state.view(&node).as_ref(), &local(), BTreeMap::new())
+    };
+    let r = kernel.reconcile(&assembled(&held)).await.unwrap();
+    assert!(r.failures.is_empty(), "{:?}", r.failures);
+    let (mut commits, mut views, mut passes, mut totals) = (vec![], vec![], vec![], vec![]);
+    for round in 0..cfg.rounds {
+        change_one_node(&mut changed, 100 + u32::try_from(round).unwrap());
+        let update = accepted(&held, cached_state(&changed, 2 + round as u64));
+        let t = Instant::now();
+        cache.commit(&update).unwrap();
+        let committed = t.elapsed();
+        let next = assembled(&update.next);
+        let viewed = t.elapsed();
+        let r = kernel.reconcile_change(&next).await.unwrap();
+        let total = t.elapsed();
+        assert!(r.failures.is_empty(), "{:?}", r.failures);
+        report.change_pass = r.io;
+        // The skip-NAT rules that differ, either way.
+        let lines = |s: &CachedState| {
+            let lines = skipnat::spec(&assembled(s)).v4.destination_lines();
+            lines.into_iter().collect::<std::collections::BTreeSet<_>>()
+        };
+        let (was, is) = (lines(&held), lines(&update.next));
+        report.change_pass_nat_differ = was.symmetric_difference(&is).count();
+        commits.push(committed);
+        views.push(viewed - committed);
+        passes.push(total - viewed);
+        totals.push(total);
+        check_exact(&dataplane::desired(&next).state, "after a change pass").await;
+        held = update.next;
+    }
+    drop(cache);
+    report.add(
+        "one-node change -> kernel (commit + view + change pass)",
+        ms(median(totals)),
+    );
+    report.add(
+        "one-node change phases: cache commit / view / change pass",
+        format!(
+            "{} / {} / {}",
+            ms(median(commits)),
+            ms(median(views)),
+            ms(median(passes))
+        ),
+    );
+    report.add(
+        "one-node change pass: netlink ops / nat listings / nat rules",
+        format!(
+            "{} / {} / {}{}",
+            report.change_pass.netlink_ops,
+            report.change_pass.nat_listings,
+            report.change_pass.nat_changes,
+            if report.change_pass.observed {
+                " (read the kernel!)"
+            } else {
+                ""
+            }
+        ),
+    );
+
     // Cold start from cache, hub down.
     let data = tempfile::tempdir().unwrap();
-    let node = me().name;
     let held = cached_state(&gateways, 1);
     {
         let (cache, empty) = Cache::open(data.path(), &node, 256 << 20).unwrap();
@@ -615,12 +862,7 @@ async fn run_in_namespace(cfg: &Config) -> Report {
             let t = Instant::now();
             let (_cache, state) = Cache::open(&data, &node, 256 << 20).unwrap();
             let opened = t.elapsed();
-            let local = dataplane::Local {
-                tunnel_dev: model::DEFAULT_TUNNEL_DEV.to_owned(),
-                direct_dev: raven_edge::tunnel::direct_dev(model::DEFAULT_TUNNEL_DEV),
-                underlay_mtu: 1500,
-            };
-            let inputs = dataplane::assemble(state.view(&node).as_ref(), &local, BTreeMap::new());
+            let inputs = dataplane::assemble(state.view(&node).as_ref(), &local(), BTreeMap::new());
             let r = kernel.reconcile(&inputs).await.unwrap();
             (t.elapsed(), opened, r.ops_applied)
         }
@@ -639,6 +881,36 @@ async fn run_in_namespace(cfg: &Config) -> Report {
     report.add(
         "cold start (hub down): open + decode the sled cache",
         ms(median(open)),
+    );
+    // Where a cold start's time goes, phase by phase (kernel programmed).
+    let t = Instant::now();
+    let opened = raven_store::Store::open(
+        &data.path().join("cache"),
+        raven_store::StoreOptions {
+            purpose: raven_edge::cache::purpose(&node),
+            max_bytes: 256 << 20,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let t_open = t.elapsed();
+    let state = raven_edge::cache::decode_snapshot(&opened.snapshot).unwrap();
+    let t_decode = t.elapsed();
+    drop(opened);
+    let inputs = dataplane::assemble(state.view(&node).as_ref(), &local(), BTreeMap::new());
+    let t_view = t.elapsed();
+    let r = kernel.reconcile(&inputs).await.unwrap();
+    let t_pass = t.elapsed();
+    assert_eq!(r.ops_applied, 0);
+    report.add(
+        "cold start phases: store open+read / decode / view / resync pass",
+        format!(
+            "{} / {} / {} / {}",
+            ms(t_open),
+            ms(t_decode - t_open),
+            ms(t_view - t_decode),
+            ms(t_pass - t_view)
+        ),
     );
     report.add(
         "cold start (hub down), kernel programmed (agent restart)",
@@ -694,6 +966,7 @@ async fn run_in_namespace(cfg: &Config) -> Report {
     );
     drop(cache);
 
+    wireguard(cfg, &mut report).await;
     kernel.teardown(model::DEFAULT_TUNNEL_DEV).await.unwrap();
     report
 }

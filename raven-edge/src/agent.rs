@@ -4,8 +4,10 @@
 //!
 //! 1. open the cache and program the kernel from it — before any network call;
 //! 2. dial the hub in the background (the dataplane never waits for it);
-//! 3. reconcile whenever the cached state changes, and every `resync` to
-//!    repair drift; report each result to the hub.
+//! 3. reconcile whenever the cached state changes — writing only what
+//!    changed since the last clean pass — and every `resync` read the
+//!    kernel in full to repair drift (so does the pass after any error);
+//!    report each result to the hub.
 //!
 //! Stopping the agent leaves the dataplane as it is; the next agent adopts it.
 
@@ -291,7 +293,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
     match &holding {
         Some(reason) => ctx.hold(reason).await,
         None => {
-            let done = ctx.reconcile_once(&first).await;
+            let done = ctx.reconcile_once(&first, Pass::Resync).await;
             retry_at = next_retry(&mut retry, done.retry_soon);
             applied_tx.send_replace(Some(done.report));
         }
@@ -349,13 +351,17 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker.tick().await;
     loop {
-        tokio::select! {
+        // A new topology, new failover evidence or a retry writes what
+        // changed since the last clean pass (a retry follows a failure,
+        // which made the dataplane forget it: it reads the kernel); the
+        // ticker reads the kernel in full and repairs drift.
+        let pass = tokio::select! {
             () = shutdown.cancelled() => break,
-            changed = state_rx.changed() => if changed.is_err() { shutdown.cancelled().await; break },
-            () = wake.notified() => {}
-            _ = ticker.tick() => {}
-            () = sleep_until(retry_at) => {}
-        }
+            changed = state_rx.changed() => if changed.is_err() { shutdown.cancelled().await; break } else { Pass::Change },
+            () = wake.notified() => Pass::Change,
+            _ = ticker.tick() => Pass::Resync,
+            () = sleep_until(retry_at) => Pass::Change,
+        };
         let state = state_rx.borrow_and_update().clone();
         if holding.is_some() {
             if !crate::hold::ends_with(&state) {
@@ -364,7 +370,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
             holding = None;
             ctx.release(&state);
         }
-        let done = ctx.reconcile_once(&state).await;
+        let done = ctx.reconcile_once(&state, pass).await;
         retry_at = next_retry(&mut retry, done.retry_soon);
         applied_tx.send_replace(Some(done.report));
     }
@@ -435,6 +441,16 @@ impl Reconciler {
             *h = None;
         }
     }
+}
+
+/// How a reconcile plans the dataplane (see [`dataplane`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pass {
+    /// Against what the last clean pass applied: only what changed is
+    /// written (a resync when there is no such pass).
+    Change,
+    /// Against the kernel read in full: drift is repaired.
+    Resync,
 }
 
 /// What one reconcile did: the report for the hub, and whether it failed
@@ -538,7 +554,7 @@ impl Reconciler {
     }
 
     /// Tunnel first (make before break), then observe → diff → apply, from `state`.
-    pub async fn reconcile_once(&self, state: &CachedState) -> Reconciled {
+    pub async fn reconcile_once(&self, state: &CachedState, pass: Pass) -> Reconciled {
         // The view, built once per reconcile.
         let view = state.view(&self.node);
         let device = self.tunnel.device_state().await;
@@ -657,7 +673,10 @@ impl Reconciler {
                 changed
             });
         }
-        let result = self.dp.reconcile(&inputs).await;
+        let result = match pass {
+            Pass::Change => self.dp.reconcile_change(&inputs).await,
+            Pass::Resync => self.dp.reconcile(&inputs).await,
+        };
         let health = &self.health;
         health.reconciles.fetch_add(1, Ordering::Relaxed);
         health.revision.store(state.revision, Ordering::Relaxed);

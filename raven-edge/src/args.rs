@@ -90,8 +90,9 @@ pub struct IdentityArgs {
 /// proxy endpoints.
 #[derive(Debug, clap::Args)]
 pub struct ProxyArgs {
-    /// Where a cloud proxy server takes HTTP CONNECT on TCP (not
-    /// authenticated: keep it on loopback).
+    /// Where a cloud proxy server takes HTTP CONNECT on TCP: plain HTTP,
+    /// not authenticated (keep it on loopback), unless
+    /// `--proxy-connect-tls-cert` makes it TLS with client certificates.
     #[arg(
         long,
         env = "RAVEN_PROXY_CONNECT_ADDR",
@@ -103,6 +104,31 @@ pub struct ProxyArgs {
     /// (`transport.uds.udsName`).
     #[arg(long, env = "RAVEN_PROXY_CONNECT_SOCKET")]
     pub proxy_connect_socket: Option<PathBuf>,
+    /// Serving certificate (PEM) of the TCP CONNECT listener: with it the
+    /// listener speaks TLS and requires a client certificate from
+    /// `--proxy-connect-client-ca` (kube-apiserver's egress selector:
+    /// `transport.tcp.url: https://…` with `tlsConfig`). Its names must
+    /// include the host of that URL.
+    #[arg(
+        long,
+        env = "RAVEN_PROXY_CONNECT_TLS_CERT",
+        requires_all = ["proxy_connect_tls_key", "proxy_connect_client_ca"]
+    )]
+    pub proxy_connect_tls_cert: Option<PathBuf>,
+    /// Private key of `--proxy-connect-tls-cert`.
+    #[arg(
+        long,
+        env = "RAVEN_PROXY_CONNECT_TLS_KEY",
+        requires = "proxy_connect_tls_cert"
+    )]
+    pub proxy_connect_tls_key: Option<PathBuf>,
+    /// CA (PEM) of the client certificates the TCP CONNECT listener accepts.
+    #[arg(
+        long,
+        env = "RAVEN_PROXY_CONNECT_CLIENT_CA",
+        requires = "proxy_connect_tls_cert"
+    )]
+    pub proxy_connect_client_ca: Option<PathBuf>,
     /// Never run the layer-7 proxy, whatever the topology says.
     #[arg(long, env = "RAVEN_NO_PROXY")]
     pub no_proxy: bool,
@@ -218,6 +244,24 @@ pub enum Command {
         #[arg(long)]
         exit_code: bool,
     },
+    /// Print the `strongswan.conf` of the charon beside the agent (IPsec):
+    /// its VICI socket, UDP 4500 only, and the datapath — `libipsec`
+    /// (userspace ESP over TUN `ipsec0`, for kernels without ESP) or
+    /// `kernel` (XFRM). Start charon with `STRONGSWAN_CONF=<file>`.
+    CharonConf {
+        /// charon's VICI socket, as given to `run --ipsec-vici`.
+        #[arg(long, env = "RAVEN_IPSEC_VICI", default_value = crate::ipsec::agent::DEFAULT_VICI)]
+        vici: std::path::PathBuf,
+        /// ESP datapath: `libipsec` or `kernel`.
+        #[arg(long, default_value = "libipsec")]
+        datapath: crate::ipsec::charon::Datapath,
+        /// A file charon logs to, line by line (default: none).
+        #[arg(long)]
+        log: Option<std::path::PathBuf>,
+        /// UDP port of IKE and ESP-in-UDP.
+        #[arg(long, default_value_t = 4500)]
+        port: u16,
+    },
     /// Remove everything raven installed on this node. The only command that
     /// tears the dataplane down.
     Teardown {
@@ -316,6 +360,18 @@ impl Args {
                 let proxy = (!proxy.no_proxy).then(|| raven_proxy::ProxyConfig {
                     connect_addr: proxy.proxy_connect_addr,
                     connect_socket: proxy.proxy_connect_socket.clone(),
+                    connect_tls: match (
+                        &proxy.proxy_connect_tls_cert,
+                        &proxy.proxy_connect_tls_key,
+                        &proxy.proxy_connect_client_ca,
+                    ) {
+                        (Some(cert), Some(key), Some(ca)) => Some(raven_proxy::ConnectTls {
+                            cert: cert.clone(),
+                            key: key.clone(),
+                            client_ca: ca.clone(),
+                        }),
+                        _ => None,
+                    },
                     ..raven_proxy::ProxyConfig::new(
                         node.clone(),
                         raven_proxy::NodeTls {
@@ -333,6 +389,7 @@ impl Args {
                     heartbeat,
                     backoff_min: reconnect.reconnect_min,
                     backoff_max: reconnect.reconnect_max.max(reconnect.reconnect_min),
+                    ipsec: ipsec.vpn != crate::ipsec::agent::VpnChoice::Wireguard,
                 });
                 let cfg = AgentConfig {
                     node,
@@ -361,6 +418,18 @@ impl Args {
                     });
                     agent::run(cfg, shutdown).await
                 })?;
+                Ok(std::process::ExitCode::SUCCESS)
+            }
+            Command::CharonConf {
+                vici,
+                datapath,
+                log,
+                port,
+            } => {
+                print!(
+                    "{}",
+                    crate::ipsec::charon::strongswan_conf(datapath, &vici, log.as_deref(), port)
+                );
                 Ok(std::process::ExitCode::SUCCESS)
             }
             Command::Status { http_addr, output } => {

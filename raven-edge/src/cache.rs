@@ -256,7 +256,7 @@ impl Cache {
         }
         let recovered = opened.recovery.map(|r| r.reason.to_string());
         let store = opened.store;
-        match decode_snapshot(&store.snapshot()?) {
+        match decode_snapshot(&opened.snapshot) {
             Ok(state) => Ok((Self { store, recovered }, state)),
             Err(e) => {
                 tracing::error!(error = %e, "the topology cache holds an undecodable resource; moving it aside");

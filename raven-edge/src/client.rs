@@ -105,6 +105,9 @@ pub struct ClientConfig {
     pub heartbeat: Duration,
     pub backoff_min: Duration,
     pub backoff_max: Duration,
+    /// The agent can build IPsec tunnels (`--vpn` allows them): Hello says
+    /// so with `CAPABILITY_IPSEC`.
+    pub ipsec: bool,
 }
 
 /// What the reconciler reports after programming the kernel.
@@ -292,6 +295,19 @@ async fn send(tx: &mpsc::Sender<v1::SyncRequest>, msg: Req) -> bool {
         .is_ok()
 }
 
+/// The capabilities Hello announces.
+fn capabilities(ipsec: bool) -> Vec<i32> {
+    let mut caps = vec![
+        v1::Capability::Delta as i32,
+        v1::Capability::WireguardUserspace as i32,
+        v1::Capability::LocalFailover as i32,
+    ];
+    if ipsec {
+        caps.push(v1::Capability::Ipsec as i32);
+    }
+    caps
+}
+
 /// One stream, from dial to its end.
 async fn session(cfg: &ClientConfig, hub: &str, links: &Links) -> Result<(), SessionError> {
     let channel = channel(cfg, hub).await?;
@@ -301,11 +317,7 @@ async fn session(cfg: &ClientConfig, hub: &str, links: &Links) -> Result<(), Ses
     let hello = v1::Hello {
         protocol_version: raven_proto::PROTOCOL_VERSION,
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
-        capabilities: vec![
-            v1::Capability::Delta as i32,
-            v1::Capability::WireguardUserspace as i32,
-            v1::Capability::LocalFailover as i32,
-        ],
+        capabilities: capabilities(cfg.ipsec),
         node_name: cfg.node.to_string(),
         epoch: held.epoch.clone(),
         revision: held.revision,
@@ -462,6 +474,14 @@ async fn handle_update(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hello_announces_ipsec_only_when_the_agent_can_build_it() {
+        let ipsec = v1::Capability::Ipsec as i32;
+        assert!(capabilities(true).contains(&ipsec));
+        assert!(!capabilities(false).contains(&ipsec));
+        assert!(capabilities(false).contains(&(v1::Capability::Delta as i32)));
+    }
 
     #[test]
     fn certs_dir_is_a_node_bundle_a_certs_output_or_the_old_flat_layout() {

@@ -554,6 +554,7 @@ mod tests {
             handshake_seconds: handshake,
             rx_bytes: 0,
             tx_bytes: 0,
+            ipsec: None,
         }
     }
 

@@ -94,6 +94,12 @@ struct PeerLabel {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct SaLabel {
+    peer: String,
+    state: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct PathLabel {
     path: &'static str,
 }
@@ -164,6 +170,7 @@ pub fn registry(h: &Health) -> Registry {
     let rx = Family::<PeerLabel, Counter>::default();
     let tx = Family::<PeerLabel, Counter>::default();
     let relayed = Family::<PeerLabel, Gauge>::default();
+    let ipsec_sa = Family::<SaLabel, Gauge>::default();
     let by_path = Family::<PathLabel, Gauge>::default();
     for path in ["direct", "relayed"] {
         by_path.get_or_create(&PathLabel { path }).set(0);
@@ -184,6 +191,15 @@ pub fn registry(h: &Health) -> Registry {
             .inc();
         rx.get_or_create(&label).inc_by(p.rx_bytes);
         tx.get_or_create(&label).inc_by(p.tx_bytes);
+        // A relayed row shares the relay's SA: counted once, on its row.
+        if !p.ipsec_state.is_empty() && !p.relayed {
+            ipsec_sa
+                .get_or_create(&SaLabel {
+                    peer: p.peer_node.clone(),
+                    state: p.ipsec_state.clone(),
+                })
+                .set(1);
+        }
     }
     r.register(
         "tunnel_peers",
@@ -192,8 +208,13 @@ pub fn registry(h: &Health) -> Registry {
     );
     r.register(
         "tunnel_handshake_age_seconds",
-        "Seconds since the last WireGuard handshake with a peer",
+        "Seconds since the last WireGuard handshake with a peer, or (IPsec) since its CHILD_SA was installed or last rekeyed",
         handshake,
+    );
+    r.register(
+        "ipsec_sa",
+        "1 for each IPsec peer, labelled with the state of its IKE_SA and CHILD_SA (ESTABLISHED/INSTALLED when up)",
+        ipsec_sa,
     );
     r.register(
         "tunnel_relayed",
@@ -282,8 +303,43 @@ mod tests {
         ] {
             assert!(text.contains(line), "no {line:?} in\n{text}");
         }
+        // No IPsec series without IPsec peers.
+        assert!(!text.contains("raven_edge_ipsec_sa{"), "{text}");
         // No address label that churns with NAT remappings, no sentinel.
         assert!(!text.contains("198.51.100.1"), "{text}");
         assert!(!text.contains("hub_contact_age_seconds"), "{text}");
+    }
+
+    #[test]
+    fn ipsec_peers_have_an_sa_state_series_and_their_rekey_age_and_bytes() {
+        let h = Health::default();
+        if let Ok(mut p) = h.peers.lock() {
+            p.push(raven_proto::v1::PeerTunnelState {
+                peer_node: "c1".into(),
+                handshake_age_seconds: Some(42),
+                rx_bytes: 1000,
+                tx_bytes: 2000,
+                ipsec_state: "ESTABLISHED/INSTALLED".into(),
+                ..Default::default()
+            });
+            // Reached through c1's SA: no SA of its own.
+            p.push(raven_proto::v1::PeerTunnelState {
+                peer_node: "q1".into(),
+                relayed: true,
+                ipsec_state: "ESTABLISHED/INSTALLED".into(),
+                ..Default::default()
+            });
+        }
+        let (_, text) = raven_cli::metrics::render(&registry(&h), None);
+        for line in [
+            "raven_edge_ipsec_sa{peer=\"c1\",state=\"ESTABLISHED/INSTALLED\"} 1\n",
+            "raven_edge_tunnel_handshake_age_seconds{peer=\"c1\"} 42\n",
+            "raven_edge_tunnel_rx_bytes_total{peer=\"c1\"} 1000\n",
+            "raven_edge_tunnel_tx_bytes_total{peer=\"c1\"} 2000\n",
+            "raven_edge_tunnel_relayed{peer=\"q1\"} 1\n",
+        ] {
+            assert!(text.contains(line), "no {line:?} in\n{text}");
+        }
+        assert!(!text.contains("raven_edge_ipsec_sa{peer=\"q1\""), "{text}");
     }
 }

@@ -104,6 +104,11 @@ pub struct Peer {
     pub handshake_seconds: Option<u64>,
     pub rx_bytes: u64,
     pub tx_bytes: u64,
+    /// IPsec: the IKE_SA's state (`ESTABLISHED`, `CONNECTING`, ..., or
+    /// `NONE` while there is none); absent on WireGuard peers. There,
+    /// `handshake_seconds` is the age of the CHILD_SA (since its last rekey).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipsec: Option<String>,
 }
 
 /// Builds the document from what the agent holds now.
@@ -177,6 +182,7 @@ pub fn build(node: &str, health: &Health, state: &CachedState) -> Status {
             handshake_seconds: p.handshake_age_seconds,
             rx_bytes: p.rx_bytes,
             tx_bytes: p.tx_bytes,
+            ipsec: (!p.ipsec_state.is_empty()).then_some(p.ipsec_state),
             peer: p.peer_node,
         })
         .collect();
@@ -316,6 +322,10 @@ fn table(s: &Status, wide: bool) -> String {
         "rx",
         "tx",
     ];
+    let ipsec = s.peers.iter().any(|p| p.ipsec.is_some());
+    if ipsec {
+        header.push("ipsec");
+    }
     if wide {
         header.extend(["rx bytes", "tx bytes"]);
     }
@@ -331,6 +341,9 @@ fn table(s: &Status, wide: bool) -> String {
             bytes(p.rx_bytes),
             bytes(p.tx_bytes),
         ];
+        if ipsec {
+            row.push(opt(&p.ipsec));
+        }
         if wide {
             row.push(p.rx_bytes.to_string());
             row.push(p.tx_bytes.to_string());

@@ -266,7 +266,8 @@ fn display_addr(addr: Option<SocketAddr>) -> String {
     addr.map_or_else(|| "off".to_owned(), |a| a.to_string())
 }
 
-/// Starts the Kubernetes watchers and the leader-only status writer.
+/// Starts the Kubernetes watchers, the leader-only status writer and the
+/// leader-only keeper of LoadBalancer Services.
 pub fn spawn_kube(
     tasks: &mut JoinSet<()>,
     client: kube::Client,
@@ -282,6 +283,13 @@ pub fn spawn_kube(
         });
     }
     let (lead_tx, mut lead_rx) = tokio::sync::watch::channel(false);
+    tasks.spawn(crate::exposure::run(
+        client.clone(),
+        published.clone(),
+        index.clone(),
+        lead_tx.subscribe(),
+        shutdown.clone(),
+    ));
     // Only the replica that writes the status runs the failure detector;
     // the others follow the status it writes, so replicas agree.
     index.update(|i| i.set_failure_detector(false));
@@ -314,7 +322,7 @@ fn load_into(index: &IndexHandle, loaded: raven_core::manifest::Loaded) {
         i.reset_cluster_nodes(loaded.inputs.nodes.into_values());
         i.set_raven_config(loaded.inputs.config);
         i.set_source_problems(loaded.problems);
-        for k in [Kind::Gateway, Kind::Node, Kind::Config] {
+        for k in Kind::SOURCES {
             i.mark_synced(k);
         }
     });

@@ -24,6 +24,32 @@ pub enum Kind {
     Gateway,
     Node,
     Config,
+    /// The LoadBalancer Services the hub keeps for exposed Gateways.
+    Service,
+    /// Their Endpoints.
+    Endpoints,
+}
+
+impl Kind {
+    /// The kinds the topology is compiled from: the hub is ready (and its
+    /// index fresh) when these are listed. The Services and Endpoints the
+    /// hub keeps for `exposeType: LoadBalancer` are watched beside them but
+    /// never hold the topology or the status up.
+    pub const SOURCES: [Kind; 3] = [Kind::Gateway, Kind::Node, Kind::Config];
+}
+
+/// A Service or Endpoints object the hub keeps for a LoadBalancer-exposed
+/// Gateway, as the watch last showed it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Exposed {
+    /// The Gateway it belongs to (its owner reference).
+    pub gateway: Option<String>,
+    /// `raven.openyurt.io/gateway-type`: `tunnel` or `proxy`.
+    pub type_: Option<String>,
+    /// The hash of what the hub last wrote (its annotation).
+    pub hash: Option<String>,
+    /// A Service's first `status.loadBalancer.ingress` IP.
+    pub ingress: Option<std::net::IpAddr>,
 }
 
 /// An agent's Sync stream as the failure detector sees it.
@@ -80,6 +106,8 @@ pub struct Index {
     /// cluster state gives every hub replica the same floor, so revisions
     /// stay comparable across replicas of one epoch.
     high_water: u64,
+    /// The Services and Endpoints kept for LoadBalancer Gateways, by kind and name.
+    exposed: BTreeMap<(Kind, String), Exposed>,
 }
 
 /// The WireGuard keys a report names.
@@ -443,16 +471,44 @@ impl Index {
         self.stale.insert(kind)
     }
 
-    /// Synced, and no watch has failed since its last complete list.
+    /// Synced, and no watch of a source has failed since its last complete list.
     pub fn is_fresh(&self) -> bool {
-        self.is_synced() && self.stale.is_empty()
+        self.is_synced() && Kind::SOURCES.iter().all(|k| !self.stale.contains(k))
     }
 
     /// Every source has delivered its initial list.
     pub fn is_synced(&self) -> bool {
-        [Kind::Gateway, Kind::Node, Kind::Config]
+        Kind::SOURCES.iter().all(|k| self.synced.contains(k))
+    }
+
+    /// `kind` was listed and its watch has not failed since.
+    pub fn is_kind_fresh(&self, kind: Kind) -> bool {
+        self.synced.contains(&kind) && !self.stale.contains(&kind)
+    }
+
+    /// A kept Service or Endpoints object as the watch shows it.
+    pub fn apply_exposed(&mut self, kind: Kind, name: &str, obj: Exposed) {
+        self.exposed.insert((kind, name.to_owned()), obj);
+    }
+
+    pub fn delete_exposed(&mut self, kind: Kind, name: &str) {
+        self.exposed.remove(&(kind, name.to_owned()));
+    }
+
+    /// Replaces every kept object of `kind` (a relist).
+    pub fn reset_exposed(&mut self, kind: Kind, objs: Vec<(String, Exposed)>) {
+        self.exposed.retain(|(k, _), _| *k != kind);
+        for (name, obj) in objs {
+            self.apply_exposed(kind, &name, obj);
+        }
+    }
+
+    /// The kept objects of `kind`, by name.
+    pub fn exposed(&self, kind: Kind) -> impl Iterator<Item = (&str, &Exposed)> {
+        self.exposed
             .iter()
-            .all(|k| self.synced.contains(k))
+            .filter(move |((k, _), _)| *k == kind)
+            .map(|((_, n), e)| (n.as_str(), e))
     }
 
     /// The compiler's inputs, and the problems found on the way in.
@@ -466,6 +522,17 @@ impl Index {
             reports: self.reports.clone(),
             ..Default::default()
         };
+        for (_, svc) in self.exposed(Kind::Service) {
+            let (Some(gw), Some(ip)) = (&svc.gateway, svc.ingress) else {
+                continue;
+            };
+            let lb = inputs.load_balancers.entry(gw.clone()).or_default();
+            match svc.type_.as_deref() {
+                Some(raven_core::api::v1beta1::TUNNEL) => lb.tunnel = Some(ip),
+                Some(raven_core::api::v1beta1::PROXY) => lb.proxy = Some(ip),
+                _ => {}
+            }
+        }
         for (name, entry) in &self.gateways {
             problems.extend(entry.problems.iter().cloned());
             if let Some(gw) = &entry.good {

@@ -10,6 +10,7 @@ pub mod args;
 pub mod certs;
 pub mod crd;
 pub mod embedded;
+pub mod exposure;
 pub mod fleet;
 pub mod grpc;
 pub mod http;

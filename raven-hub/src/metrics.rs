@@ -167,7 +167,10 @@ impl Metrics {
             COMPILE_SECONDS.clone(),
         );
         // Every kind is there from the start, at 0 until a watch fails.
-        for kind in [Kind::Gateway, Kind::Node, Kind::Config] {
+        for kind in Kind::SOURCES
+            .into_iter()
+            .chain([Kind::Service, Kind::Endpoints])
+        {
             let _ = KUBE_WATCH_ERRORS.get_or_create(&kind_label(kind));
         }
         registry.register(

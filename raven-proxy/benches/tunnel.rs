@@ -7,6 +7,11 @@
 //! plain TCP target on 127.0.0.21. The proxied path is what kube-apiserver
 //! does: a Unix-socket CONNECT to the server, then the bytes.
 //!
+//! Several such pairs run side by side: one with the default data path
+//! (`Tuning::default()`) and one per variant of `Tuning`, measured in turn
+//! with the direct path (three rounds, medians), so every variant's ratio
+//! to the default comes from the same run under the same load.
+//!
 //! `cargo bench -p raven-proxy --bench tunnel`
 
 use std::net::SocketAddr;
@@ -18,7 +23,7 @@ use raven_model::fixtures;
 use raven_model::topology::{
     EndpointType, ExposeType, GatewayEndpoint, GatewayView, NodeView, Settings,
 };
-use raven_proxy::{NodeTls, ProxyConfig, ProxyView};
+use raven_proxy::{NodeTls, ProxyConfig, ProxyView, Tuning};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixStream};
 use tokio::sync::watch;
@@ -160,12 +165,13 @@ async fn request<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, line: &str) -> u64
 #[derive(Clone, Copy)]
 enum Path2 {
     Direct,
-    Proxied,
+    /// Through the pair of this index in `Paths::sockets`.
+    Proxied(usize),
 }
 
 struct Paths {
     target: SocketAddr,
-    socket: std::path::PathBuf,
+    sockets: Vec<std::path::PathBuf>,
 }
 
 impl Paths {
@@ -176,8 +182,8 @@ impl Paths {
                 let _ = s.set_nodelay(true);
                 Box::new(s)
             }
-            Path2::Proxied => {
-                let mut s = UnixStream::connect(&self.socket).await.expect("socket");
+            Path2::Proxied(i) => {
+                let mut s = UnixStream::connect(&self.sockets[i]).await.expect("socket");
                 s.write_all(
                     format!(
                         "CONNECT e1:{} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
@@ -248,68 +254,159 @@ fn main() {
     rt.block_on(async {
         let dir = tempfile::tempdir().expect("tempdir");
         certs(dir.path(), &["c1", "e1"]);
-        let l = TcpListener::bind(format!("{TARGET}:0")).await.expect("bind target");
+        let l = TcpListener::bind(format!("{TARGET}:0"))
+            .await
+            .expect("bind target");
         let target_addr = l.local_addr().expect("addr");
         tokio::spawn(target(l));
-        let probe = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let tunnel_port = probe.local_addr().expect("addr").port();
-        drop(probe);
-        let socket = dir.path().join("proxy.sock");
         let stop = CancellationToken::new();
         let mut senders = Vec::new();
-        for node in ["c1", "e1"] {
-            let b = dir.path().join(node);
-            let mut cfg = ProxyConfig::new(
-                n(node),
-                NodeTls { ca: b.join("ca.pem"), cert: b.join("node.pem"), key: b.join("node-key.pem") },
-            );
-            if node == "c1" {
-                cfg.connect_socket = Some(socket.clone());
-                cfg.tunnel_ip = "127.0.0.1".parse().expect("ip");
-            }
-            let (tx, rx) = watch::channel(Some(view(node, tunnel_port, target_addr.port())));
-            senders.push(tx);
-            tokio::spawn(raven_proxy::run(cfg, rx, stop.clone()));
-        }
-        let paths = Paths { target: target_addr, socket };
-        // Wait for the tunnel.
-        let t = Instant::now();
-        loop {
-            if let Ok(mut s) = UnixStream::connect(&paths.socket).await {
-                let _ = s
-                    .write_all(format!("CONNECT e1:{} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", target_addr.port()).as_bytes())
-                    .await;
-                let mut b = [0u8; 12];
-                if s.read_exact(&mut b).await.is_ok() && &b == b"HTTP/1.1 200" {
-                    break;
+        let base = Tuning::default();
+        let pairs = [
+            ("default", base),
+            (
+                "256 KiB TLS read buffer",
+                Tuning {
+                    tls_read_buffer: 256 << 10,
+                    ..base
+                },
+            ),
+            (
+                "AES-128-GCM first",
+                Tuning {
+                    prefer_aes128: true,
+                    ..base
+                },
+            ),
+            (
+                "4 MiB stream window",
+                Tuning {
+                    stream_window: 4 << 20,
+                    ..base
+                },
+            ),
+            (
+                "all three",
+                Tuning {
+                    tls_read_buffer: 256 << 10,
+                    prefer_aes128: true,
+                    stream_window: 4 << 20,
+                },
+            ),
+        ];
+        let mut sockets = Vec::new();
+        for (i, (_, tuning)) in pairs.iter().enumerate() {
+            let probe = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let tunnel_port = probe.local_addr().expect("addr").port();
+            drop(probe);
+            let socket = dir.path().join(format!("proxy-{i}.sock"));
+            for node in ["c1", "e1"] {
+                let b = dir.path().join(node);
+                let mut cfg = ProxyConfig::new(
+                    n(node),
+                    NodeTls {
+                        ca: b.join("ca.pem"),
+                        cert: b.join("node.pem"),
+                        key: b.join("node-key.pem"),
+                    },
+                );
+                cfg.tuning = *tuning;
+                if node == "c1" {
+                    cfg.connect_socket = Some(socket.clone());
+                    cfg.tunnel_ip = "127.0.0.1".parse().expect("ip");
                 }
+                let (tx, rx) = watch::channel(Some(view(node, tunnel_port, target_addr.port())));
+                senders.push(tx);
+                tokio::spawn(raven_proxy::run(cfg, rx, stop.clone()));
             }
-            assert!(t.elapsed() < Duration::from_secs(20), "tunnel never came up");
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            sockets.push(socket);
         }
-        // Warm up both paths.
-        latency(&paths, Path2::Direct, 50).await;
-        latency(&paths, Path2::Proxied, 50).await;
+        let paths = Paths {
+            target: target_addr,
+            sockets,
+        };
+        // Wait for the tunnels.
+        for socket in &paths.sockets {
+            let t = Instant::now();
+            loop {
+                if let Ok(mut s) = UnixStream::connect(socket).await {
+                    let _ = s
+                        .write_all(
+                            format!(
+                                "CONNECT e1:{} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+                                target_addr.port()
+                            )
+                            .as_bytes(),
+                        )
+                        .await;
+                    let mut b = [0u8; 12];
+                    if s.read_exact(&mut b).await.is_ok() && &b == b"HTTP/1.1 200" {
+                        break;
+                    }
+                }
+                assert!(
+                    t.elapsed() < Duration::from_secs(20),
+                    "tunnel never came up"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        let all: Vec<(&str, Path2)> = std::iter::once(("direct TCP", Path2::Direct))
+            .chain(
+                pairs
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (name, _))| (*name, Path2::Proxied(i))),
+            )
+            .collect();
+        // Warm up every path.
+        for (_, via) in &all {
+            latency(&paths, *via, 50).await;
+        }
 
         let rounds = 1000;
-        let (d50, d99) = latency(&paths, Path2::Direct, rounds).await;
-        let (p50, p99) = latency(&paths, Path2::Proxied, rounds).await;
-        println!("per-request latency (new connection + ping/pong), {rounds} requests:");
-        println!("  direct TCP     p50 {d50:>10.1?}  p99 {d99:>10.1?}");
-        println!("  through proxy  p50 {p50:>10.1?}  p99 {p99:>10.1?}");
-        println!(
-            "  ratio proxy/direct: p50 {:.2}x, p99 {:.2}x",
-            p50.as_secs_f64() / d50.as_secs_f64(),
-            p99.as_secs_f64() / d99.as_secs_f64()
-        );
-        for (streams, bytes) in [(1usize, 1u64 << 30), (8, 256 << 20)] {
-            let d = throughput(&paths, Path2::Direct, streams, bytes).await;
-            let p = throughput(&paths, Path2::Proxied, streams, bytes).await;
+        println!("per-request latency (new connection + ping/pong), {rounds} requests each:");
+        let mut lat = Vec::new();
+        for (name, via) in &all {
+            let (p50, p99) = latency(&paths, *via, rounds).await;
+            println!("  {name:<24} p50 {p50:>10.1?}  p99 {p99:>10.1?}");
+            lat.push((p50, p99));
+        }
+        for (i, (name, _)) in pairs.iter().enumerate() {
+            let (p50, p99) = lat[i + 1];
             println!(
-                "throughput, {streams} stream(s) x {} MiB: direct {d:.2} Gbit/s, proxy {p:.2} Gbit/s, ratio proxy/direct {:.2}",
-                bytes >> 20,
-                p / d
+                "  ratio {name}/direct: p50 {:.2}x, p99 {:.2}x",
+                p50.as_secs_f64() / lat[0].0.as_secs_f64(),
+                p99.as_secs_f64() / lat[0].1.as_secs_f64()
             );
+        }
+        // Throughput: the three paths in turn, three times; medians.
+        let reps = 3;
+        for (streams, bytes) in [(1usize, 512u64 << 20), (8, 64 << 20)] {
+            let mut got: Vec<Vec<f64>> = vec![Vec::new(); all.len()];
+            for _ in 0..reps {
+                for (k, (_, via)) in all.iter().enumerate() {
+                    got[k].push(throughput(&paths, *via, streams, bytes).await);
+                }
+            }
+            let med = |v: &mut Vec<f64>| {
+                v.sort_by(f64::total_cmp);
+                v[v.len() / 2]
+            };
+            let m: Vec<f64> = got.iter_mut().map(med).collect();
+            println!(
+                "throughput, {streams} stream(s) x {} MiB, median of {reps}: direct {:.2} Gbit/s",
+                bytes >> 20,
+                m[0]
+            );
+            for (i, (name, _)) in pairs.iter().enumerate() {
+                println!(
+                    "  {name:<24} {:.2} Gbit/s, ratio to direct {:.3}, to the default {:.2}x",
+                    m[i + 1],
+                    m[i + 1] / m[0],
+                    m[i + 1] / m[1]
+                );
+            }
         }
         stop.cancel();
         drop(senders);

@@ -17,7 +17,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::pipe::{CONNECTION_WINDOW, MAX_FRAME, STREAM_WINDOW, pipe};
+use crate::pipe::{CONNECTION_WINDOW, MAX_FRAME, pipe};
 use crate::route::{ProxyView, Refusal, edge_target};
 use crate::{HEADER_NODE, HEADER_PORT, HEADER_REASON};
 
@@ -30,6 +30,7 @@ pub async fn keep_tunnel(
     server: NodeName,
     addr: SocketAddr,
     tls: Arc<rustls::ClientConfig>,
+    tuning: crate::Tuning,
     view: watch::Receiver<Option<ProxyView>>,
     shutdown: CancellationToken,
 ) {
@@ -38,7 +39,7 @@ pub async fn keep_tunnel(
         let started = tokio::time::Instant::now();
         let result = tokio::select! {
             () = shutdown.cancelled() => return,
-            r = session(&server, addr, tls.clone(), &view) => r,
+            r = session(&server, addr, tls.clone(), tuning, &view) => r,
         };
         match result {
             Ok(()) => tracing::info!(%server, %addr, "proxy tunnel closed by the server"),
@@ -60,6 +61,7 @@ async fn session(
     server: &NodeName,
     addr: SocketAddr,
     tls: Arc<rustls::ClientConfig>,
+    tuning: crate::Tuning,
     view: &watch::Receiver<Option<ProxyView>>,
 ) -> Result<(), String> {
     let tcp = tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(addr))
@@ -67,6 +69,9 @@ async fn session(
         .map_err(|_| "connect timed out".to_owned())?
         .map_err(|e| format!("connect: {e}"))?;
     let _ = tcp.set_nodelay(true);
+    // Capacity 1 (0 asked) reads straight through: reads at least as large
+    // as the buffer bypass it.
+    let tcp = tokio::io::BufReader::with_capacity(tuning.tls_read_buffer.max(1), tcp);
     let name = ServerName::try_from(server.to_string()).map_err(|e| e.to_string())?;
     let stream = tokio::time::timeout(
         DIAL_TIMEOUT,
@@ -76,10 +81,10 @@ async fn session(
     .map_err(|_| "TLS handshake timed out".to_owned())?
     .map_err(|e| format!("TLS handshake: {e}"))?;
     let mut conn = h2::server::Builder::new()
-        .initial_window_size(STREAM_WINDOW)
+        .initial_window_size(tuning.stream_window)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME)
-        .max_send_buffer_size(STREAM_WINDOW as usize)
+        .max_send_buffer_size(tuning.stream_window as usize)
         .max_concurrent_streams(10_000)
         .handshake::<_, Bytes>(stream)
         .await

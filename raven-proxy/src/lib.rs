@@ -43,7 +43,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 pub use route::{ProxyView, Refusal};
-pub use tls::NodeTls;
+pub use tls::{ConnectTls, NodeTls, Tuning};
 
 /// Header of a tunnel stream naming the node to reach.
 pub const HEADER_NODE: &str = "x-raven-node";
@@ -63,10 +63,16 @@ pub struct ProxyConfig {
     /// HTTP CONNECT on a Unix socket (what kube-apiserver v1.20's egress
     /// selector dials without TLS), mode 0600.
     pub connect_socket: Option<PathBuf>,
-    /// HTTP CONNECT on TCP (bind it to loopback: it is not authenticated).
+    /// HTTP CONNECT on TCP: plain (bind it to loopback: it is not
+    /// authenticated), or TLS with client certificates when `connect_tls`
+    /// is set.
     pub connect_addr: Option<SocketAddr>,
+    /// TLS (client certificates required) on `connect_addr`.
+    pub connect_tls: Option<ConnectTls>,
     /// Address the tunnel listener binds (the port is the endpoint's).
     pub tunnel_ip: IpAddr,
+    /// The tunnel's data path knobs (the defaults are the tuned ones).
+    pub tuning: Tuning,
 }
 
 impl ProxyConfig {
@@ -76,7 +82,9 @@ impl ProxyConfig {
             tls,
             connect_socket: None,
             connect_addr: None,
+            connect_tls: None,
             tunnel_ip: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            tuning: Tuning::default(),
         }
     }
 }
@@ -107,15 +115,18 @@ impl Drop for Running {
     }
 }
 
-/// Serves CONNECT clients from `accept` until `stop`.
-async fn serve_connect<S, F, Fut>(
+/// Serves CONNECT clients from `accept` until `stop`. `accept` yields a
+/// handshake (TLS, or none) that runs in the client's own task, so a slow
+/// client never holds up the next accept.
+async fn serve_connect<S, H, F, Fut>(
     mut accept: F,
     view: watch::Receiver<Option<ProxyView>>,
     tunnels: Arc<server::Tunnels>,
     stop: CancellationToken,
 ) where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = std::io::Result<S>>,
+    Fut: std::future::Future<Output = std::io::Result<H>>,
+    H: std::future::Future<Output = std::io::Result<S>> + Send + 'static,
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     loop {
@@ -124,8 +135,17 @@ async fn serve_connect<S, F, Fut>(
             c = accept() => c,
         };
         match conn {
-            Ok(s) => {
-                tokio::spawn(server::handle_connect(s, view.clone(), tunnels.clone()));
+            Ok(handshake) => {
+                let (view, tunnels) = (view.clone(), tunnels.clone());
+                tokio::spawn(async move {
+                    match tokio::time::timeout(server::HANDSHAKE_TIMEOUT, handshake).await {
+                        Ok(Ok(s)) => server::handle_connect(s, view, tunnels).await,
+                        Ok(Err(e)) => {
+                            tracing::info!(error = %e, "CONNECT client's TLS handshake failed")
+                        }
+                        Err(_) => tracing::info!("CONNECT client's TLS handshake timed out"),
+                    }
+                });
             }
             Err(e) => {
                 tracing::warn!(error = %e, "accepting a CONNECT client");
@@ -142,12 +162,22 @@ async fn start_server(
     view: &watch::Receiver<Option<ProxyView>>,
     stop: &CancellationToken,
 ) -> Result<Arc<server::Tunnels>, String> {
-    let tls = cfg.tls.server_config().map_err(|e| e.to_string())?;
+    let tls = cfg
+        .tls
+        .server_config(cfg.tuning)
+        .map_err(|e| e.to_string())?;
     let addr = SocketAddr::new(cfg.tunnel_ip, port);
     let tunnel_l = TcpListener::bind(addr)
         .await
         .map_err(|e| format!("binding the proxy tunnel port {addr}: {e}"))?;
     let tunnels = Arc::new(server::Tunnels::default());
+    let connect_tls = match &cfg.connect_tls {
+        Some(t) => Some(
+            t.server_config()
+                .map_err(|e| format!("the CONNECT listener's TLS: {e}"))?,
+        ),
+        None => None,
+    };
     let connect_tcp = match cfg.connect_addr {
         Some(a) => Some(
             TcpListener::bind(a)
@@ -172,31 +202,52 @@ async fn start_server(
     tokio::spawn(server::serve_tunnels(
         tunnel_l,
         tls,
+        cfg.tuning,
         tunnels.clone(),
         stop.clone(),
     ));
-    if let Some(l) = connect_tcp {
-        let l = Arc::new(l);
-        let accept = move || {
-            let l = l.clone();
-            async move {
-                let (s, _) = l.accept().await?;
-                let _ = s.set_nodelay(true);
-                Ok(s)
-            }
-        };
-        tokio::spawn(serve_connect(
-            accept,
-            view.clone(),
-            tunnels.clone(),
-            stop.clone(),
-        ));
+    match (connect_tcp, connect_tls) {
+        (Some(l), Some(tls)) => {
+            let (l, acceptor) = (Arc::new(l), tokio_rustls::TlsAcceptor::from(tls));
+            let accept = move || {
+                let (l, acceptor) = (l.clone(), acceptor.clone());
+                async move {
+                    let (s, _) = l.accept().await?;
+                    let _ = s.set_nodelay(true);
+                    Ok(acceptor.accept(s))
+                }
+            };
+            tokio::spawn(serve_connect(
+                accept,
+                view.clone(),
+                tunnels.clone(),
+                stop.clone(),
+            ));
+        }
+        (Some(l), None) => {
+            let l = Arc::new(l);
+            let accept = move || {
+                let l = l.clone();
+                async move {
+                    let (s, _) = l.accept().await?;
+                    let _ = s.set_nodelay(true);
+                    Ok(std::future::ready(Ok(s)))
+                }
+            };
+            tokio::spawn(serve_connect(
+                accept,
+                view.clone(),
+                tunnels.clone(),
+                stop.clone(),
+            ));
+        }
+        (None, _) => {}
     }
     if let Some(l) = connect_uds {
         let l = Arc::new(l);
         let accept = move || {
             let l = l.clone();
-            async move { l.accept().await.map(|(s, _)| s) }
+            async move { l.accept().await.map(|(s, _)| std::future::ready(Ok(s))) }
         };
         tokio::spawn(serve_connect(
             accept,
@@ -205,7 +256,7 @@ async fn start_server(
             stop.clone(),
         ));
     }
-    tracing::info!(%addr, connect_tcp = ?cfg.connect_addr, connect_socket = ?cfg.connect_socket, "proxy server listening");
+    tracing::info!(%addr, connect_tcp = ?cfg.connect_addr, connect_tls = cfg.connect_tls.is_some(), connect_socket = ?cfg.connect_socket, "proxy server listening");
     Ok(tunnels)
 }
 
@@ -247,7 +298,7 @@ pub async fn run(
                 continue;
             }
             if client_tls.is_none() {
-                match cfg.tls.client_config() {
+                match cfg.tls.client_config(cfg.tuning) {
                     Ok(c) => client_tls = Some(c),
                     Err(e) => {
                         tracing::warn!(error = %e, "cannot load the proxy tunnel's TLS identity; retrying");
@@ -263,6 +314,7 @@ pub async fn run(
                 s.clone(),
                 *addr,
                 tls,
+                cfg.tuning,
                 views.clone(),
                 stop.clone(),
             ));

@@ -463,6 +463,33 @@ mod tests {
     }
 
     #[test]
+    fn a_node_in_no_gateway_keeps_a_tunnel_to_the_servers_and_dials_only_itself() {
+        let mut v = view("lonely", None);
+        // What the hub ships it: the gateways carrying a proxy server.
+        v.gateways.retain(|_, g| exposed(g));
+        assert_eq!(
+            v.servers().into_iter().collect::<Vec<_>>(),
+            vec![(
+                n("c1"),
+                "203.0.113.10:10262"
+                    .parse()
+                    .unwrap_or_else(|_| unreachable!())
+            )]
+        );
+        assert_eq!(v.server_port(), None);
+        let c1 = n("c1");
+        assert_eq!(
+            edge_target(&v, &c1, "lonely", 10250),
+            Ok("172.16.2.103:10250"
+                .parse()
+                .unwrap_or_else(|_| unreachable!()))
+        );
+        let err = edge_target(&v, &c1, "h2", 10250).expect_err("refused");
+        assert_eq!(err.status, 403);
+        assert!(err.message.contains("gateway none"), "{err}");
+    }
+
+    #[test]
     fn only_edge_proxy_endpoints_dial_and_only_exposed_proxy_endpoints_serve() {
         let edge = view("h1", Some("gw-hz"));
         assert_eq!(edge.server_port(), None);

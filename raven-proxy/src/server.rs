@@ -18,12 +18,12 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::connect::{established, read_connect, refuse};
-use crate::pipe::{CONNECTION_WINDOW, MAX_FRAME, STREAM_WINDOW, pipe};
+use crate::pipe::{CONNECTION_WINDOW, MAX_FRAME, pipe};
 use crate::route::{CloudRoute, ProxyView, Refusal, cloud_route};
 use crate::{HEADER_NODE, HEADER_PORT, HEADER_REASON, tls};
 
 /// How long a client may take to send its CONNECT, and a dial may take.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// One open tunnel: its id and the handle that opens streams on it.
@@ -85,6 +85,7 @@ impl Tunnels {
 pub async fn serve_tunnels(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
+    tuning: tls::Tuning,
     tunnels: Arc<Tunnels>,
     shutdown: CancellationToken,
 ) {
@@ -103,7 +104,7 @@ pub async fn serve_tunnels(
         };
         let (acceptor, tunnels, shutdown) = (acceptor.clone(), tunnels.clone(), shutdown.clone());
         tokio::spawn(async move {
-            if let Err(e) = tunnel(tcp, acceptor, &tunnels, shutdown).await {
+            if let Err(e) = tunnel(tcp, acceptor, tuning, &tunnels, shutdown).await {
                 tracing::info!(%peer, error = %e, "proxy tunnel ended");
             }
         });
@@ -113,10 +114,14 @@ pub async fn serve_tunnels(
 async fn tunnel(
     tcp: TcpStream,
     acceptor: tokio_rustls::TlsAcceptor,
+    tuning: tls::Tuning,
     tunnels: &Tunnels,
     shutdown: CancellationToken,
 ) -> Result<(), String> {
     let _ = tcp.set_nodelay(true);
+    // Capacity 1 (0 asked) reads straight through: reads at least as large
+    // as the buffer bypass it.
+    let tcp = tokio::io::BufReader::with_capacity(tuning.tls_read_buffer.max(1), tcp);
     let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
         .await
         .map_err(|_| "TLS handshake timed out".to_owned())?
@@ -129,10 +134,10 @@ async fn tunnel(
         .ok_or("no client certificate")?;
     let node = tls::node_identity(der)?;
     let (send, mut conn) = h2::client::Builder::new()
-        .initial_window_size(STREAM_WINDOW)
+        .initial_window_size(tuning.stream_window)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME)
-        .max_send_buffer_size(STREAM_WINDOW as usize)
+        .max_send_buffer_size(tuning.stream_window as usize)
         .handshake::<_, Bytes>(stream)
         .await
         .map_err(|e| format!("HTTP/2 handshake with {node}: {e}"))?;

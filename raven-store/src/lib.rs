@@ -143,4 +143,7 @@ pub struct Recovery {
 pub struct Opened {
     pub store: Store,
     pub recovery: Option<Recovery>,
+    /// What the store held when it was opened, every record checked: the
+    /// same as [`Store::snapshot`] then, without reading the files again.
+    pub snapshot: Snapshot,
 }

@@ -778,10 +778,11 @@ impl Store {
     /// in use, and I/O failures are errors that leave `dir` where it is.
     pub fn open(dir: &Path, opts: StoreOptions) -> Result<Opened, StoreError> {
         let reason = match Self::open_validated(dir, &opts) {
-            Ok(store) => {
+            Ok((store, snapshot)) => {
                 return Ok(Opened {
                     store,
                     recovery: None,
+                    snapshot,
                 });
             }
             Err(e) if e.moves_store_aside() => e,
@@ -794,25 +795,30 @@ impl Store {
             %reason,
             "store is unusable; moved it aside and starting empty"
         );
-        let store = Self::open_validated(dir, &opts)?;
+        let (store, snapshot) = Self::open_validated(dir, &opts)?;
         Ok(Opened {
             store,
             recovery: Some(Recovery { reason, moved_to }),
+            snapshot,
         })
     }
 
-    fn open_validated(dir: &Path, opts: &StoreOptions) -> Result<Self, StoreError> {
+    /// The store at `dir` and what it holds (read once, every record
+    /// checked).
+    fn open_validated(dir: &Path, opts: &StoreOptions) -> Result<(Self, Snapshot), StoreError> {
         remove_compaction_leftover(dir)?;
         let engine = Engine::open(dir, dir, opts.cache_capacity)?;
-        let (_, state) = guard_panics(dir, "sled files", || engine.load(&opts.purpose, true))
-            .map_err(as_opening_error)?;
-        Ok(Self {
+        let (snapshot, state) =
+            guard_panics(dir, "sled files", || engine.load(&opts.purpose, true))
+                .map_err(as_opening_error)?;
+        let store = Self {
             inner: Arc::new(Inner {
                 engine: RwLock::new(engine),
                 opts: opts.clone(),
                 state: Mutex::new(state),
             }),
-        })
+        };
+        Ok((store, snapshot))
     }
 
     /// Reads the store at `dir` without changing or moving anything (for

@@ -14,7 +14,19 @@
 //! * `POST /count` → reads the body until the client half-closes, then
 //!   answers `counted <n> bytes`;
 //! * `GET /echo` with `Upgrade:` → `101`, then echoes raw bytes until the
-//!   client half-closes.
+//!   client half-closes;
+//! * `/exec/<ns>/<pod>/<container>?command=…` and `/portForward/<ns>/<pod>`
+//!   with `Upgrade: SPDY/3.1` → `101`, then the kubelet's streaming
+//!   protocols over SPDY ([`crate::spdy`]): remote command `v4.channel.k8s.io`
+//!   (streams `error`, `stdin`, `stdout`, `stderr`; the exit status as a
+//!   `metav1.Status` on the error stream) and port forwarding
+//!   `portforward.k8s.io` (an `error` and a `data` stream per connection,
+//!   paired by `requestID`). The "container" is built in: commands `echo`,
+//!   `cat`, `wc -c`, `hostname`, `false`; port 80 echoes what it receives
+//!   and, after the client half-closes, a line counting it, then closes.
+//!   WebSocket upgrades of these paths get `400`, so a newer kubectl falls
+//!   back to SPDY as it does with a kubelet that lacks its WebSocket
+//!   protocol.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
@@ -24,6 +36,8 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
+
+use crate::spdy;
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -66,6 +80,40 @@ impl KubeletCa {
         params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
         let cert = params.signed_by(&key, &self.issuer).expect("cert");
         (cert.pem(), key.serialize_pem())
+    }
+
+    /// A client certificate (ClientAuth) with subject CN `cn`: (cert PEM,
+    /// key PEM).
+    pub fn client(&self, cn: &str) -> (String, String) {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = params.signed_by(&key, &self.issuer).expect("cert");
+        (cert.pem(), key.serialize_pem())
+    }
+
+    /// A client configuration trusting this CA only, presenting
+    /// `identity` (cert PEM, key PEM).
+    pub fn client_config_with(&self, identity: &(String, String)) -> Arc<rustls::ClientConfig> {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_slice_iter(self.cert_pem.as_bytes()) {
+            roots.add(c.expect("CA pem")).expect("root");
+        }
+        let certs: Vec<_> = CertificateDer::pem_slice_iter(identity.0.as_bytes())
+            .collect::<Result<_, _>>()
+            .expect("cert pem");
+        let key = PrivateKeyDer::from_pem_slice(identity.1.as_bytes()).expect("key pem");
+        Arc::new(
+            rustls::ClientConfig::builder_with_provider(provider())
+                .with_safe_default_protocol_versions()
+                .expect("versions")
+                .with_root_certificates(roots)
+                .with_client_auth_cert(certs, key)
+                .expect("client identity"),
+        )
     }
 
     /// A client configuration trusting this CA only.
@@ -162,17 +210,50 @@ async fn reply<W: AsyncWrite + Unpin>(w: &mut W, status: &str, body: &str) -> st
     w.shutdown().await
 }
 
-async fn handle<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, node: &str) -> std::io::Result<()> {
+/// Values of header `name` in `head` (case-insensitive; comma lists split).
+fn header_values(head: &str, name: &str) -> Vec<String> {
+    head.lines()
+        .skip(1)
+        .filter_map(|l| l.split_once(':'))
+        .filter(|(k, _)| k.trim().eq_ignore_ascii_case(name))
+        .flat_map(|(_, v)| v.split(',').map(|x| x.trim().to_owned()))
+        .collect()
+}
+
+async fn handle<S>(mut s: S, node: &str) -> std::io::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let head = read_head(&mut s).await?;
     let line = head.lines().next().unwrap_or_default().to_owned();
     let mut parts = line.split(' ');
     let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let path = target.split('?').next().unwrap_or("");
-    let upgrade = head
-        .lines()
-        .any(|l| l.to_ascii_lowercase().starts_with("upgrade:"));
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let upgrade_to = header_values(&head, "upgrade");
+    let upgrade = !upgrade_to.is_empty();
+    let spdy = upgrade_to
+        .iter()
+        .any(|u| u.eq_ignore_ascii_case("SPDY/3.1"));
+    let protocols = header_values(&head, "x-stream-protocol-version");
     let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     match (method, segs.as_slice()) {
+        (_, ["exec" | "portForward", ..]) if !spdy => {
+            reply(
+                &mut s,
+                "400 Bad Request",
+                &format!(
+                    "{path}: this kubelet streams over SPDY/3.1 only, asked for {upgrade_to:?}\n"
+                ),
+            )
+            .await
+        }
+        (_, ["exec", _ns, pod, _container]) => {
+            let params: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes())
+                .into_owned()
+                .collect();
+            exec(s, node, pod, &params, &protocols).await
+        }
+        (_, ["portForward", _ns, pod]) => port_forward(s, node, pod, &protocols).await,
         ("GET", ["healthz"]) => reply(&mut s, "200 OK", &format!("ok {node}\n")).await,
         ("GET", ["containerLogs", ns, pod, container]) => {
             let body: String = (1..=3)
@@ -238,6 +319,213 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, node: &str) -> std:
             .await
         }
     }
+}
+
+/// Answers the streaming upgrade with `protocol`, if the client offered it.
+async fn switch<S: AsyncWrite + Unpin>(
+    s: &mut S,
+    protocols: &[String],
+    protocol: &str,
+) -> std::io::Result<bool> {
+    if !protocols.iter().any(|p| p == protocol) {
+        reply(
+            s,
+            "403 Forbidden",
+            &format!("no common streaming protocol: offered {protocols:?}, served {protocol}\n"),
+        )
+        .await?;
+        return Ok(false);
+    }
+    s.write_all(
+        format!("HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\nX-Stream-Protocol-Version: {protocol}\r\n\r\n")
+            .as_bytes(),
+    )
+    .await?;
+    s.flush().await?;
+    Ok(true)
+}
+
+/// How long the stand-in waits for a client's streams or its goodbye.
+const STREAM_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Remote command protocol v4 for one `exec`: waits for the streams the
+/// query asks for, runs the built-in command, reports its status on the
+/// error stream and half-closes every stream.
+async fn exec<S>(
+    mut s: S,
+    node: &str,
+    pod: &str,
+    params: &[(String, String)],
+    protocols: &[String],
+) -> std::io::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    if !switch(&mut s, protocols, "v4.channel.k8s.io").await? {
+        return Ok(());
+    }
+    let flag = |k: &str| {
+        params
+            .iter()
+            .any(|(n, v)| n == k && (v == "1" || v == "true"))
+    };
+    let command: Vec<&str> = params
+        .iter()
+        .filter(|(n, _)| n == "command")
+        .map(|(_, v)| v.as_str())
+        .collect();
+    let mut want = vec!["error"];
+    for (k, stream) in [
+        ("input", "stdin"),
+        ("output", "stdout"),
+        ("error", "stderr"),
+        ("tty", "resize"),
+    ] {
+        if flag(k) {
+            want.push(stream);
+        }
+    }
+    let mut conn = spdy::accept(s);
+    let mut streams: std::collections::BTreeMap<String, spdy::Stream> = Default::default();
+    while want.iter().any(|w| !streams.contains_key(*w)) {
+        match tokio::time::timeout(STREAM_WAIT, conn.streams.recv()).await {
+            Ok(Some(st)) => {
+                let kind = st.header("streamtype").unwrap_or_default().to_owned();
+                streams.insert(kind, st);
+            }
+            _ => {
+                return Err(std::io::Error::other(format!(
+                    "exec: streams {want:?} did not all come"
+                )));
+            }
+        }
+    }
+    let mut stdin = streams.remove("stdin");
+    let mut out = Vec::new();
+    let mut stdin_bytes = 0usize;
+    let stdout = streams.get("stdout").map(|s| s.tx.clone());
+    let code: Result<u32, String> = match command.as_slice() {
+        ["echo", args @ ..] => {
+            out.extend(format!("{}\n", args.join(" ")).into_bytes());
+            Ok(0)
+        }
+        ["hostname"] => {
+            out.extend(format!("{node}\n").into_bytes());
+            Ok(0)
+        }
+        ["false"] => Ok(1),
+        ["cat"] => {
+            // Streams stdin back as it comes, until the client half-closes.
+            if let Some(i) = stdin.as_mut() {
+                while let Some(b) = i.rx.recv().await {
+                    if let Some(o) = &stdout {
+                        o.send(&b)?;
+                    }
+                }
+            }
+            Ok(0)
+        }
+        ["wc", "-c"] => {
+            if let Some(i) = stdin.as_mut() {
+                while let Some(b) = i.rx.recv().await {
+                    stdin_bytes += b.len();
+                }
+            }
+            out.extend(format!("{stdin_bytes}\n").into_bytes());
+            Ok(0)
+        }
+        other => Err(format!(
+            "exec: {other:?}: executable file not found in $PATH of pod {pod} on {node}"
+        )),
+    };
+    if let Some(o) = &stdout {
+        o.send(&out)?;
+    }
+    let status = match code {
+        Ok(0) => r#"{"metadata":{},"status":"Success"}"#.to_owned(),
+        Ok(c) => format!(
+            r#"{{"metadata":{{}},"status":"Failure","message":"command terminated with non-zero exit code: exit status {c}","reason":"NonZeroExitCode","details":{{"causes":[{{"reason":"ExitCode","message":"{c}"}}]}}}}"#
+        ),
+        Err(m) => format!(
+            r#"{{"metadata":{{}},"status":"Failure","message":{},"reason":"InternalError","code":500}}"#,
+            serde_json::Value::String(m)
+        ),
+    };
+    for kind in ["stdout", "stderr", "resize"] {
+        if let Some(st) = streams.get(kind) {
+            st.tx.close()?;
+        }
+    }
+    if let Some(e) = streams.get("error") {
+        e.tx.send(status.as_bytes())?;
+        e.tx.close()?;
+    }
+    drop((streams, stdin, stdout));
+    conn.finish(STREAM_WAIT).await
+}
+
+/// Port forwarding for one `portForward`: every pair of streams (error,
+/// data) with one `requestID` is one connection to the pod's `port`.
+async fn port_forward<S>(
+    mut s: S,
+    node: &str,
+    pod: &str,
+    protocols: &[String],
+) -> std::io::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    if !switch(&mut s, protocols, "portforward.k8s.io").await? {
+        return Ok(());
+    }
+    let mut conn = spdy::accept(s);
+    let mut pending: std::collections::HashMap<String, spdy::Stream> = Default::default();
+    while let Some(st) = conn.streams.recv().await {
+        let id = st.header("requestid").unwrap_or_default().to_owned();
+        let Some(other) = pending.remove(&id) else {
+            pending.insert(id, st);
+            continue;
+        };
+        let (error, data) = if st.header("streamtype") == Some("error") {
+            (st, other)
+        } else {
+            (other, st)
+        };
+        let (node, pod) = (node.to_owned(), pod.to_owned());
+        tokio::spawn(async move {
+            let _ = forward(error, data, &node, &pod).await;
+        });
+    }
+    conn.finish(STREAM_WAIT).await
+}
+
+/// One forwarded connection to the built-in pod: port 80 echoes, then
+/// counts after the client's half-close; any other port is an error on the
+/// error stream, as the kubelet reports a refused dial.
+async fn forward(
+    error: spdy::Stream,
+    mut data: spdy::Stream,
+    node: &str,
+    pod: &str,
+) -> std::io::Result<()> {
+    let port = data.header("port").unwrap_or_default().to_owned();
+    if port != "80" {
+        error.tx.send(
+            format!("error forwarding port {port} to pod {pod} on {node}: nothing listens on it")
+                .as_bytes(),
+        )?;
+        error.tx.close()?;
+        return data.tx.close();
+    }
+    let mut n = 0usize;
+    while let Some(b) = data.rx.recv().await {
+        n += b.len();
+        data.tx.send(&b)?;
+    }
+    data.tx
+        .send(format!("\n{n} bytes echoed by pod {pod} on {node}, port {port}\n").as_bytes())?;
+    data.tx.close()?;
+    error.tx.close()
 }
 
 /// What the egress selector does with a proxy connection: sends its

@@ -311,12 +311,27 @@ impl KubeApiServer {
             let svcs: kube::Api<k8s_openapi::api::core::v1::Service> =
                 kube::Api::namespaced(client.clone(), ns);
             // Services have no DELETE on the collection.
-            let labelled = ListParams::default().labels("raven.openyurt.io/gateway");
-            for svc in svcs.list(&labelled).await.map_err(err)?.items {
-                if let Some(name) = svc.metadata.name {
-                    svcs.delete(&name, &dp).await.map_err(err)?;
+            for selector in [
+                "raven.openyurt.io/gateway",
+                "app.kubernetes.io/managed-by=raven-hub",
+            ] {
+                let labelled = ListParams::default().labels(selector);
+                for svc in svcs.list(&labelled).await.map_err(err)?.items {
+                    if let Some(name) = svc.metadata.name {
+                        svcs.delete(&name, &dp).await.map_err(err)?;
+                    }
                 }
             }
+            // The Endpoints the hub keeps beside them (no endpoints
+            // controller runs here to remove them with their Service).
+            let eps: kube::Api<k8s_openapi::api::core::v1::Endpoints> =
+                kube::Api::namespaced(client.clone(), ns);
+            eps.delete_collection(
+                &dp,
+                &ListParams::default().labels("app.kubernetes.io/managed-by=raven-hub"),
+            )
+            .await
+            .map_err(err)?;
         }
         Ok(())
     }

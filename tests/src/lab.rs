@@ -242,7 +242,30 @@ impl Drop for Proc {
 
 /// What the lab's PID files may name: the hub, the agents, and the
 /// wireguard-go each agent starts (it records it in its data dir).
-const RECORDED: [&str; 4] = ["raven-hub", "raven-edge", "wireguard-go", "fake-kubelet"];
+/// And the charon of each node when the lab runs IPsec.
+const RECORDED: [&str; 5] = [
+    "raven-hub",
+    "raven-edge",
+    "wireguard-go",
+    "fake-kubelet",
+    "charon",
+];
+
+/// strongSwan's IKE daemon (Debian `strongswan-charon`).
+pub const CHARON: &str = "/usr/lib/ipsec/charon";
+
+/// The VPN between the lab's gateways.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Vpn {
+    /// Userspace WireGuard (wireguard-go), raven's default.
+    #[default]
+    Wireguard,
+    /// IKEv2/ESP-in-UDP: `raven-cfg` says `vpn-driver: ipsec`, and every
+    /// node runs a charon of its own (kernel-libipsec: these kernels have
+    /// no ESP) next to its agent, as the charon container of the agent's
+    /// pod does in Kubernetes.
+    Ipsec,
+}
 
 /// The PID a PID file holds.
 fn recorded_pid(pid_file: &Path) -> Option<u32> {
@@ -366,6 +389,8 @@ pub struct Lab {
     /// Other processes a test started in the lab's namespaces
     /// ([`Lab::spawn_helper`]), by name.
     pub helpers: BTreeMap<String, Proc>,
+    /// The VPN between gateways ([`Lab::use_ipsec`]).
+    pub vpn: Vpn,
 }
 
 impl Lab {
@@ -480,6 +505,7 @@ impl Lab {
             powered_off: BTreeMap::new(),
             default_timers: false,
             helpers: BTreeMap::new(),
+            vpn: Vpn::Wireguard,
         };
         lab.add_switch("inet", "wanbr")?;
         for d in DOMAINS {
@@ -738,6 +764,9 @@ impl Lab {
     /// Starts (or restarts) the agent of a node. Cloud nodes dial the hub
     /// on the cloud LAN, the others its public address through their NAT.
     pub fn start_agent(&mut self, short: &'static str) -> Result<(), LabError> {
+        if self.vpn == Vpn::Ipsec && !self.charon_running(short) {
+            self.start_charon(short)?;
+        }
         let args = self.agent_args(short)?;
         let proc = self.spawn(
             short,
@@ -788,7 +817,13 @@ impl Lab {
         ]
         .map(str::to_owned)
         .to_vec();
-        Ok(self.with_timers(args))
+        let mut args = self.with_timers(args);
+        if self.vpn == Vpn::Ipsec {
+            // `--vpn` stays `auto`: the agents follow raven-cfg.
+            args.push("--ipsec-vici".into());
+            args.push(self.charon_vici(short).to_string_lossy().into_owned());
+        }
+        Ok(args)
     }
 
     /// The HTTP CONNECT socket of the layer-7 proxy server on a node (a
@@ -959,8 +994,17 @@ impl Lab {
     /// The last lines of every log, for failure reports.
     pub fn logs(&self) -> String {
         let mut s = String::new();
+        let charons: Vec<String> = match self.vpn {
+            Vpn::Wireguard => Vec::new(),
+            Vpn::Ipsec => self
+                .nodes
+                .iter()
+                .map(|n| format!("charon-{}.ike.log", n.short))
+                .collect(),
+        };
         for l in std::iter::once("hub.log".to_owned())
             .chain(self.nodes.iter().map(|n| format!("edge-{}.log", n.short)))
+            .chain(charons)
         {
             let text = std::fs::read_to_string(self.path(&l)).unwrap_or_default();
             let tail: Vec<&str> = text.lines().rev().take(15).collect();
@@ -1218,6 +1262,9 @@ impl Lab {
         if let Some(agent) = self.agents.remove(short) {
             agent.stop(9);
         }
+        if let Some(charon) = self.helpers.remove(&format!("charon-{short}")) {
+            charon.stop(9);
+        }
         let pid_file = self.wireguard_pid_file(short);
         if recorded_pid(&pid_file).is_some_and(|pid| in_netns(pid, &self.ns(short)))
             && let Some(pid) = kill_recorded(&pid_file, 9, &["wireguard-go"])
@@ -1252,6 +1299,7 @@ impl Lab {
         [
             self.dir.join(format!("edge-{short}.pid")),
             self.wireguard_pid_file(short),
+            self.dir.join(format!("helper-charon-{short}.pid")),
         ]
         .iter()
         .filter_map(|f| recorded_pid(f).and_then(running_as))
@@ -1515,6 +1563,80 @@ impl Lab {
             ],
         )
         .is_ok()
+    }
+}
+
+impl Lab {
+    /// Switches the lab to IPsec before anything runs: `vpn-driver: ipsec`
+    /// in its `raven-cfg`, and a charon on every node started with its
+    /// agent.
+    pub fn use_ipsec(&mut self) -> Result<(), LabError> {
+        if !Path::new(CHARON).exists() {
+            return Err(LabError::MissingBinary(CHARON.into()));
+        }
+        self.edit_manifest(
+            "raven-cfg.yaml",
+            "enable-l3-tunnel: \"true\"",
+            "enable-l3-tunnel: \"true\"\n  vpn-driver: ipsec",
+        )?;
+        self.vpn = Vpn::Ipsec;
+        Ok(())
+    }
+
+    /// The VICI socket of a node's charon.
+    pub fn charon_vici(&self, short: &str) -> PathBuf {
+        self.dir.join(format!("charon-{short}.vici"))
+    }
+
+    /// Whether the charon this lab started on a node still runs.
+    pub fn charon_running(&self, short: &str) -> bool {
+        recorded_pid(&self.dir.join(format!("helper-charon-{short}.pid")))
+            .and_then(running_as)
+            .is_some_and(|comm| comm == "charon")
+    }
+
+    /// Starts a node's charon: the `strongswan.conf` `raven-edge
+    /// charon-conf` prints (libipsec, UDP 4500, its own VICI socket and
+    /// log), a `/run` of its own (a tmpfs in a mount namespace of its own:
+    /// charon keeps its PID file there), and waits for its VICI socket.
+    pub fn start_charon(&mut self, short: &str) -> Result<(), LabError> {
+        let vici = self.charon_vici(short);
+        let conf = self.dir.join(format!("charon-{short}.conf"));
+        let text = run(
+            self.edge_exe.to_str().unwrap_or_default(),
+            &[
+                "charon-conf",
+                "--vici",
+                &vici.to_string_lossy(),
+                "--log",
+                &self.path(&format!("charon-{short}.ike.log")),
+            ],
+        )?;
+        std::fs::write(&conf, text)?;
+        // A socket left by a charon that was killed.
+        let _ = std::fs::remove_file(&vici);
+        let script = format!(
+            "mount -t tmpfs raven-charon /run && STRONGSWAN_CONF={} exec {CHARON}",
+            conf.display()
+        );
+        let args = ["-m", "sh", "-c", &script].map(str::to_owned);
+        self.spawn_helper(
+            short,
+            &format!("charon-{short}"),
+            Path::new("unshare"),
+            &args,
+        )?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !vici.exists() {
+            if Instant::now() > deadline {
+                return Err(LabError::Setup(format!(
+                    "the charon of {short} opened no VICI socket at {} within 10 s",
+                    vici.display()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
     }
 }
 

@@ -11,3 +11,4 @@ pub mod lab;
 pub mod objects;
 pub mod preflight;
 pub mod proxy_rig;
+pub mod spdy;

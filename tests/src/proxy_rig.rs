@@ -3,19 +3,24 @@
 //! endpoint and `h2`; `gw-sz`: `s1`), each running the real
 //! `raven_proxy::run` with node certificates from `raven-hub certs`, and a
 //! fake kubelet on every edge node (127.0.0.11-13) with a certificate from
-//! a kubelet CA. Clients dial the server's CONNECT Unix socket as
-//! kube-apiserver's egress selector does.
+//! a kubelet CA. `lonely` (127.0.0.14) belongs to no gateway: it runs its
+//! proxy too, and opens its own tunnel. Every node's proxy view is what the
+//! hub ships it: the resources `raven_model::view` selects for it from one
+//! topology. Clients dial the server's CONNECT Unix socket as
+//! kube-apiserver's egress selector does, or its TCP CONNECT listener with
+//! TLS and a client certificate from an "egress CA" ([`Egress`]).
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use raven_model::NodeName;
 use raven_model::fixtures::{self, node as n};
 use raven_model::topology::{
-    EndpointType, ExposeType, GatewayEndpoint, GatewayView, Member, NodeView, Settings,
+    EndpointType, ExposeType, GatewayEndpoint, GatewayView, Member, NodeView, Resource,
+    ResourceBody, ResourceName, Settings, Topology,
 };
-use raven_model::{GatewayName, NodeName};
 use raven_proxy::{NodeTls, ProxyConfig, ProxyView};
 use tokio::net::{TcpListener, UnixStream};
 use tokio::sync::watch;
@@ -30,6 +35,9 @@ pub const EDGES: [(&str, &str, &str); 3] = [
     ("s1", "gw-sz", "127.0.0.13"),
 ];
 
+/// The node in no gateway: (name, address).
+pub const LONELY: (&str, &str) = ("lonely", "127.0.0.14");
+
 fn proxy_ep(node: &str, port: u16, public: Option<IpAddr>) -> GatewayEndpoint {
     GatewayEndpoint {
         type_: EndpointType::Proxy,
@@ -43,6 +51,74 @@ fn member(node: &str, ip: &str) -> Member {
     fixtures::member(node, ip, &[])
 }
 
+/// The TLS of the server's TCP CONNECT listener, as files (what
+/// kube-apiserver's `transport.tcp.tlsConfig` names) and as the CA that
+/// made them.
+#[derive(Debug)]
+pub struct Egress {
+    pub addr: SocketAddr,
+    pub ca: KubeletCa,
+    /// The CA's certificate (`caBundle`).
+    pub ca_file: PathBuf,
+    /// A client certificate and key from the CA (`clientCert`, `clientKey`).
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+    pub client: (String, String),
+    server: raven_proxy::ConnectTls,
+}
+
+impl Egress {
+    fn new(dir: &Path, addr: SocketAddr) -> Self {
+        let ca = KubeletCa::new();
+        let (cert, key) = ca.serving("raven-proxy", addr.ip());
+        let client = ca.client("kube-apiserver");
+        let files = [
+            ("ca.pem", ca.cert_pem.clone()),
+            ("server.pem", cert),
+            ("client.pem", client.0.clone()),
+        ];
+        for (name, pem) in &files {
+            std::fs::create_dir_all(dir).expect("egress dir");
+            std::fs::write(dir.join(name), pem).expect("egress file");
+        }
+        for (name, pem) in [("server-key.pem", &key), ("client-key.pem", &client.1)] {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::write(dir.join(name), pem).expect("egress key");
+            std::fs::set_permissions(dir.join(name), std::fs::Permissions::from_mode(0o600))
+                .expect("key mode");
+        }
+        Self {
+            addr,
+            server: raven_proxy::ConnectTls {
+                cert: dir.join("server.pem"),
+                key: dir.join("server-key.pem"),
+                client_ca: dir.join("ca.pem"),
+            },
+            ca_file: dir.join("ca.pem"),
+            client_cert: dir.join("client.pem"),
+            client_key: dir.join("client-key.pem"),
+            client,
+            ca,
+        }
+    }
+
+    /// TLS to the CONNECT listener as `client` (`None`: no certificate).
+    pub async fn dial(
+        &self,
+        client: Option<&(String, String)>,
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+        let cfg = match client {
+            Some(c) => self.ca.client_config_with(c),
+            None => self.ca.client_config(),
+        };
+        let tcp = tokio::net::TcpStream::connect(self.addr).await?;
+        let name = rustls::pki_types::ServerName::IpAddress(self.addr.ip().into());
+        tokio_rustls::TlsConnector::from(cfg)
+            .connect(name, tcp)
+            .await
+    }
+}
+
 /// A running rig.
 #[derive(Debug)]
 pub struct Rig {
@@ -52,9 +128,57 @@ pub struct Rig {
     pub tunnel_port: u16,
     pub ca: KubeletCa,
     pub client_tls: Arc<rustls::ClientConfig>,
-    gateways: BTreeMap<GatewayName, GatewayView>,
+    /// The server's TCP CONNECT listener (TLS, client certificates).
+    pub egress: Egress,
+    /// What the hub would publish: gateways, nodes, settings.
+    pub topology: Topology,
     procs: BTreeMap<&'static str, CancellationToken>,
     certs: PathBuf,
+}
+
+/// The topology of the rig's cluster, as the hub's compiler lays it out.
+fn topology(gateways: [GatewayView; 3]) -> Topology {
+    let mut nodes = vec![("c1", Some("gw-cloud"), "127.0.0.1", true)];
+    nodes.extend(
+        EDGES
+            .iter()
+            .map(|(n, g, ip)| (*n, Some(*g), *ip, *n != "h2")),
+    );
+    nodes.push((LONELY.0, None, LONELY.1, false));
+    let mut bodies: Vec<ResourceBody> = gateways.into_iter().map(ResourceBody::Gateway).collect();
+    bodies.extend(nodes.into_iter().map(|(name, gw, ip, proxy)| {
+        ResourceBody::Node(NodeView {
+            name: n(name),
+            gateway: gw.map(fixtures::gateway_name),
+            private_ip: ip.parse().ok(),
+            subnets: vec![],
+            tunnel_active: false,
+            tunnel_candidate: false,
+            proxy_active: proxy,
+        })
+    }));
+    bodies.push(ResourceBody::Settings(Settings {
+        raven_cfg_present: true,
+        enable_l3_tunnel: true,
+        enable_l7_proxy: true,
+        vxlan_port: 4472,
+        vpn_driver: Default::default(),
+    }));
+    Topology {
+        resources: bodies
+            .into_iter()
+            .map(|b| {
+                let name = match &b {
+                    ResourceBody::Gateway(g) => ResourceName::gateway(&g.name),
+                    ResourceBody::Node(v) => ResourceName::node(&v.name),
+                    ResourceBody::Peer(p) => ResourceName::peer(&p.node),
+                    ResourceBody::Settings(_) => ResourceName::settings(),
+                };
+                (name, Resource::new(b))
+            })
+            .collect(),
+        problems: vec![],
+    }
 }
 
 impl Rig {
@@ -63,7 +187,10 @@ impl Rig {
     pub async fn start() -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let certs = dir.path().join("certs");
-        let nodes: Vec<NodeName> = ["c1", "h1", "h2", "s1"].iter().map(|s| n(s)).collect();
+        let nodes: Vec<NodeName> = ["c1", "h1", "h2", "s1", LONELY.0]
+            .iter()
+            .map(|s| n(s))
+            .collect();
         raven_hub::certs::generate(&certs, &["127.0.0.1".into()], &nodes).expect("certs");
         // One free port for every kubelet (distinct addresses), one for
         // the tunnel listener.
@@ -73,9 +200,14 @@ impl Rig {
         let probe = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let tunnel_port = probe.local_addr().expect("addr").port();
         drop(probe);
+        let probe = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let connect_addr = probe.local_addr().expect("addr");
+        drop(probe);
+        let egress = Egress::new(&dir.path().join("egress"), connect_addr);
 
         let ca = KubeletCa::new();
-        for (node, _, ip) in EDGES {
+        let kubelets = EDGES.iter().map(|(n, _, ip)| (*n, *ip)).chain([LONELY]);
+        for (node, ip) in kubelets {
             let ip: IpAddr = ip.parse().expect("ip");
             let (cert, key) = ca.serving(node, ip);
             let l = TcpListener::bind(SocketAddr::new(ip, kubelet_port))
@@ -119,44 +251,32 @@ impl Rig {
             tunnel_port,
             client_tls: ca.client_config(),
             ca,
-            gateways: gws.into_iter().map(|g| (g.name.clone(), g)).collect(),
+            egress,
+            topology: topology(gws),
             procs: BTreeMap::new(),
             certs,
         };
-        for node in ["c1", "h1", "s1"] {
+        for node in ["c1", "h1", "s1", LONELY.0] {
             rig.start_node(node);
         }
-        for node in ["h1", "h2", "s1"] {
+        for node in ["h1", "h2", "s1", LONELY.0] {
             rig.wait_for(node).await;
         }
         rig
     }
 
-    fn view(&self, node: &str) -> ProxyView {
-        let (gateway, ip) = if node == "c1" {
-            ("gw-cloud", "127.0.0.1")
-        } else {
-            EDGES
-                .iter()
-                .find(|e| e.0 == node)
-                .map(|e| (e.1, e.2))
-                .expect("node")
-        };
-        ProxyView {
-            me: NodeView {
-                private_ip: Some(fixtures::ip(ip)),
-                proxy_active: true,
-                ..fixtures::node_view(node, Some(gateway))
-            },
-            gateways: self.gateways.clone(),
-            settings: Some(Settings {
-                enable_l7_proxy: true,
-                ..fixtures::settings()
-            }),
-        }
+    /// The proxy view of `node`: what the hub ships it, from the topology.
+    pub fn view(&self, node: &str) -> ProxyView {
+        let resources: BTreeMap<ResourceName, Resource> =
+            raven_model::view::node_view(&self.topology, &n(node))
+                .into_iter()
+                .map(|(k, r)| (k, r.clone()))
+                .collect();
+        ProxyView::from_resources(&n(node), &resources).expect("the node's own resource")
     }
 
-    /// Starts (or restarts) the proxy of `node` (`c1`, `h1` or `s1`).
+    /// Starts (or restarts) the proxy of `node` (`c1`, `h1`, `s1` or
+    /// `lonely`).
     pub fn start_node(&mut self, node: &'static str) {
         self.stop_node(node);
         let bundle = self.certs.join("nodes").join(node);
@@ -170,6 +290,8 @@ impl Rig {
         );
         if node == "c1" {
             cfg.connect_socket = Some(self.socket.clone());
+            cfg.connect_addr = Some(self.egress.addr);
+            cfg.connect_tls = Some(self.egress.server.clone());
             cfg.tunnel_ip = "127.0.0.1".parse().expect("ip");
         }
         let (_tx, rx) = watch::channel(Some(self.view(node)));

@@ -13,11 +13,10 @@ use anyhow::{Context, Result};
 use kube::Api;
 use raven_core::api::v1beta1::Gateway;
 use raven_hub::hub::RunningHub;
-use raven_hub::pipeline::Published;
 use raven_tests::kube_apiserver::{self, KubeApiServer, repo_root};
 use serde_json::Value;
 
-use common::WAIT;
+use common::{WAIT, until};
 
 /// The user manual's six nodes (created and status-patched, as a kubelet
 /// would), `raven-cfg` and its three Gateways, by kubectl.
@@ -57,14 +56,6 @@ impl Env {
     async fn hub(&self, kubeconfig: &Path, replica: &str) -> Result<RunningHub> {
         common::start_hub(kubeconfig, self.dir.path(), replica).await
     }
-}
-
-async fn until(hub: &RunningHub, what: &str, f: impl Fn(&Published) -> bool) -> Result<()> {
-    let mut rx = hub.published.clone();
-    tokio::time::timeout(WAIT, rx.wait_for(|p| f(p)))
-        .await
-        .with_context(|| format!("timed out waiting for: {what}"))??;
-    Ok(())
 }
 
 #[tokio::test]

@@ -1,9 +1,10 @@
 //! `deploy/base/hub.yaml`'s RBAC is enough for everything the hub does — and no
 //! more. The hub runs as the `kube-system/raven-hub` ServiceAccount with a
 //! token from `kubectl create token` against a real kube-apiserver: it lists
-//! and watches, takes the Lease, writes every Gateway status and records
-//! Events (a 403 on any of them would leave one undone), and `kubectl auth
-//! can-i` confirms what it may not do. Skipped without the server unless
+//! and watches, takes the Lease, writes every Gateway status, records
+//! Events, creates and deletes a LoadBalancer Gateway's Services and
+//! Endpoints (a 403 on any of them would leave one undone), and `kubectl
+//! auth can-i` confirms what it may not do. Skipped without the server unless
 //! `RAVEN_REQUIRE_TOOLS=1`.
 
 use std::time::Duration;
@@ -59,11 +60,15 @@ async fn hub_with_its_service_account_token_does_everything_it_needs_and_no_more
     ])?;
     // A decoy the hub must not be able to read.
     server.kubectl(&["create", "configmap", "-n", "kube-system", "decoy"])?;
-    for (gw, node) in [("gw-a", "hz-1"), ("gw-b", "qd-1")] {
+    // gw-b is exposed through a LoadBalancer: the hub keeps its Services.
+    for (gw, node, nat, expose) in [
+        ("gw-a", "hz-1", true, ""),
+        ("gw-b", "qd-1", false, "\n  exposeType: LoadBalancer"),
+    ] {
         server.kubectl_stdin(
             &["apply", "-f", "-"],
             &format!(
-                "apiVersion: raven.openyurt.io/v1beta1\nkind: Gateway\nmetadata:\n  name: {gw}\nspec:\n  proxyConfig: {{Replicas: 1}}\n  tunnelConfig: {{Replicas: 1}}\n  endpoints:\n  - {{nodeName: {node}, type: tunnel, port: 4500, underNAT: true}}\n  - {{nodeName: {node}, type: proxy, port: 10262, underNAT: true}}\n"
+                "apiVersion: raven.openyurt.io/v1beta1\nkind: Gateway\nmetadata:\n  name: {gw}\nspec:{expose}\n  proxyConfig: {{Replicas: 1}}\n  tunnelConfig: {{Replicas: 1}}\n  endpoints:\n  - {{nodeName: {node}, type: tunnel, port: 4500, underNAT: {nat}}}\n  - {{nodeName: {node}, type: proxy, port: 10262, underNAT: {nat}}}\n"
             ),
         )?;
     }
@@ -119,6 +124,39 @@ async fn hub_with_its_service_account_token_does_everything_it_needs_and_no_more
     })
     .await;
     assert!(recorded, "Events recorded with the token");
+    // The LoadBalancer Services and their Endpoints (list, watch, create and
+    // patch by server-side apply, and delete when gw-b stops being
+    // LoadBalancer).
+    let kept = || {
+        ["x-raven-tunnel-svc-gw-b", "x-raven-proxy-svc-gw-b"]
+            .iter()
+            .filter(|n| {
+                ["service", "endpoints"]
+                    .iter()
+                    .all(|k| server.kubectl(&["get", k, n, "-n", "kube-system"]).is_ok())
+            })
+            .count()
+    };
+    let created = kube_apiserver::eventually(WAIT, || {
+        let n = kept();
+        async move { n == 2 }
+    })
+    .await;
+    assert!(created, "Services and Endpoints created with the token");
+    server.kubectl(&[
+        "patch",
+        "gateway",
+        "gw-b",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"exposeType":null}}"#,
+    ])?;
+    let deleted = kube_apiserver::eventually(WAIT, || {
+        let n = kept();
+        async move { n == 0 }
+    })
+    .await;
+    assert!(deleted, "Services and Endpoints deleted with the token");
     hub.stop().await;
 
     // And no more than that.
@@ -147,6 +185,17 @@ async fn hub_with_its_service_account_token_does_everything_it_needs_and_no_more
         vec!["update", "lease/other", "-n", "kube-system"],
         vec!["patch", "nodes/hz-1"],
         vec!["create", "events", "-n", "kube-system"],
+        vec!["get", "services", "-n", "kube-system"],
+        vec!["update", "services", "-n", "kube-system"],
+        vec!["list", "services", "-n", "default"],
+        vec!["patch", "services", "-n", "default"],
+        vec!["patch", "endpoints", "-n", "default"],
+        vec![
+            "create",
+            "endpointslices.discovery.k8s.io",
+            "-n",
+            "kube-system",
+        ],
     ] {
         assert!(!can(&denied)?, "the hub may not {denied:?}");
     }

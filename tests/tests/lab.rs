@@ -5,33 +5,13 @@
 //! unless `RAVEN_REQUIRE_TOOLS=1`. Labs run one at a time.
 
 use std::process::Command;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use raven_tests::lab::{Lab, LabDomain, LabNode, LabRouter, NODES, ping_summary};
 
-static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+mod lab_common;
 
-fn ready() -> bool {
-    let root = Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| o.stdout.starts_with(b"0"));
-    let tools = ["wireguard-go", "nft", "grpcurl"].iter().all(|t| {
-        Command::new("sh")
-            .args(["-c", &format!("command -v {t}")])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    });
-    if !(root && tools) {
-        assert!(
-            std::env::var_os("RAVEN_REQUIRE_TOOLS").is_none(),
-            "lab tests need root, wireguard-go, nft and grpcurl (RAVEN_REQUIRE_TOOLS is set)"
-        );
-        eprintln!("skipped: lab tests need root, wireguard-go, nft and grpcurl");
-    }
-    root && tools
-}
+use lab_common::{active_tunnel, agents, converge, name_of, wait_for};
 
 fn up(tag: &str) -> (std::sync::MutexGuard<'static, ()>, Lab) {
     up_with(tag, |_| {})
@@ -39,33 +19,11 @@ fn up(tag: &str) -> (std::sync::MutexGuard<'static, ()>, Lab) {
 
 /// A lab changed by `prepare` after it is built, before anything runs.
 fn up_with(tag: &str, prepare: impl FnOnce(&mut Lab)) -> (std::sync::MutexGuard<'static, ()>, Lab) {
-    let guard = ONE_AT_A_TIME
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let dir = std::env::temp_dir().join(format!("raven-lab-test-{tag}-{}", std::process::id()));
-    // Namespace and interface names are global to the machine: every test
-    // run gets its own prefix (tunnel device names stay within 15 bytes).
-    let prefix = format!("rl{tag}{}-", std::process::id() % 10_000);
-    let mut lab = Lab::build(&prefix, &dir).expect("lab builds");
-    prepare(&mut lab);
-    lab.start_hub().expect("hub");
-    lab.start_agents().expect("agents");
-    converge(&lab, "first sync");
-    (guard, lab)
+    lab_common::up_with("l", tag, prepare)
 }
 
-fn converge(lab: &Lab, what: &str) -> Duration {
-    match lab.converge(Duration::from_secs(60)) {
-        Ok(t) => {
-            eprintln!("{what}: full matrix after {t:?}");
-            t
-        }
-        Err(m) => panic!(
-            "{what}: no full matrix after 60 s\n{}\n{}",
-            Lab::render(&m),
-            lab.logs()
-        ),
-    }
+fn ready() -> bool {
+    lab_common::have(&["wireguard-go", "nft", "grpcurl"])
 }
 
 fn hub_revision(lab: &Lab) -> u64 {
@@ -78,14 +36,6 @@ fn hub_revision(lab: &Lab) -> u64 {
         .as_str()
         .and_then(|r| r.parse().ok())
         .unwrap_or(0)
-}
-
-fn agents(lab: &Lab) -> serde_json::Value {
-    serde_json::from_str(
-        &lab.grpcurl("raven.v1.InspectService/ListAgents")
-            .expect("grpcurl"),
-    )
-    .expect("json")
 }
 
 /// Waits until every agent is connected and has applied what it acknowledged
@@ -582,14 +532,6 @@ fn a_powered_off_node_drops_off_its_lan_until_powered_on() {
     converge(&lab, "hz-1 powered on, agent started");
 }
 
-fn name_of(short: &str) -> &'static str {
-    NODES
-        .iter()
-        .find(|n| n.short == short)
-        .map(|n| n.name)
-        .unwrap_or_else(|| panic!("no lab node {short}"))
-}
-
 /// How `from`'s tunnel reaches `to`, as `from` last reported it to the hub:
 /// `Some(true)` through a relay, `Some(false)` directly.
 fn relayed(lab: &Lab, from: &str, to: &str) -> Option<bool> {
@@ -604,15 +546,6 @@ fn relayed(lab: &Lab, from: &str, to: &str) -> Option<bool> {
         .iter()
         .find(|p| p["peerNode"] == name_of(to))
         .map(|p| p["relayed"] == true)
-}
-
-fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) -> Duration {
-    let t = Instant::now();
-    while !done() {
-        assert!(t.elapsed() < timeout, "{what}: not within {timeout:?}");
-        std::thread::sleep(Duration::from_millis(250));
-    }
-    t.elapsed()
 }
 
 /// Waits until hangzhou and qingdao report a direct path to each other.
@@ -702,17 +635,6 @@ fn all_reach(lab: &Lab, shorts: &[&str]) -> Result<(), String> {
     } else {
         Err(broken.join(", "))
     }
-}
-
-fn active_tunnel(lab: &Lab, gateway: &str) -> Option<String> {
-    let v: serde_json::Value =
-        serde_json::from_str(&lab.grpcurl("raven.v1.InspectService/GetTopology").ok()?).ok()?;
-    v["resources"]
-        .as_array()?
-        .iter()
-        .find(|r| r["name"] == format!("gateway/{gateway}"))?["gateway"]["activeTunnel"]["node"]
-        .as_str()
-        .map(str::to_owned)
 }
 
 #[test]
@@ -813,15 +735,7 @@ fn recovery(lab: &Lab, shorts: &[&str], timeout: Duration) -> (Duration, String)
 /// Makes hz-2 gw-hangzhou's second tunnel candidate and waits until every
 /// agent holds the topology that says so (with hz-2's key).
 fn add_hz2_candidate(lab: &Lab) {
-    lab.edit_manifest(
-        "gateways.yaml",
-        "      port: 4500\n      type: tunnel\n---",
-        &format!(
-            "      port: 4500\n      type: tunnel\n    - nodeName: {}\n      underNAT: true\n      port: 4500\n      type: tunnel\n---",
-            name_of("h2")
-        ),
-    )
-    .expect("edit");
+    lab_common::add_hz2_candidate_manifest(lab);
     wait_for(
         "hz-2's key in the topology",
         Duration::from_secs(30),
@@ -1150,12 +1064,7 @@ fn with_the_hub_up_a_powered_off_gateway_is_replaced_by_the_hub_within_seconds()
     let ping = SteadyPing::start(&lab, "q2", "10.244.4.1", "10.244.2.1");
     std::thread::sleep(Duration::from_secs(2));
     let t = Instant::now();
-    lab.power_off("h1").expect("power off hz-1");
-    let elected = wait_for(
-        "the hub electing hz-2 for gw-hangzhou",
-        Duration::from_secs(30),
-        || active_tunnel(&lab, "gw-hangzhou").as_deref() == Some(name_of("h2")),
-    );
+    let elected = lab_common::power_off_hz1_until_the_hub_elects_hz2(&mut lab);
     let alive = ["c1", "c2", "h2", "q1", "q2"];
     while let Err(broken) = all_reach(&lab, &alive) {
         assert!(

@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use raven_tests::fake_kubelet;
-use raven_tests::proxy_rig::Rig;
+use raven_tests::proxy_rig::{LONELY, Rig};
 use tokio::io::AsyncReadExt;
 
 fn body(answer: &str) -> &str {
@@ -170,5 +170,88 @@ async fn new_requests_work_again_soon_after_the_proxy_server_or_an_edge_proxy_re
     eprintln!(
         "edge proxy restarted: s1 reachable again after {:?}",
         started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_in_no_gateway_receives_the_proxy_servers_and_is_reached_through_its_own_tunnel() {
+    let rig = Rig::start().await;
+    // Its view (the hub's view rule): the gateway carrying the proxy
+    // server, and no edge gateway.
+    let view = rig.view(LONELY.0);
+    assert_eq!(
+        view.gateways.keys().map(|g| g.as_str()).collect::<Vec<_>>(),
+        vec!["gw-cloud"]
+    );
+    assert_eq!(
+        view.servers()
+            .keys()
+            .map(|n| n.as_str())
+            .collect::<Vec<_>>(),
+        vec!["c1"]
+    );
+    let logs = rig
+        .get(LONELY.0, "/containerLogs/default/web-9/app")
+        .await
+        .expect("logs");
+    assert!(
+        body(&logs).contains("log line 1 of default/web-9/app on lonely"),
+        "{logs}"
+    );
+    // Its tunnel is its own: when its proxy stops, nothing else reaches it.
+    let mut rig = rig;
+    rig.stop_node(LONELY.0);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let err = rig
+        .get(LONELY.0, "/healthz")
+        .await
+        .expect_err("lonely's proxy is down");
+    assert!(err.contains("no tunnel to node lonely"), "{err}");
+    rig.wait_for("h2").await;
+    rig.start_node(LONELY.0);
+    rig.wait_for(LONELY.0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tcp_connect_listener_speaks_tls_and_serves_only_clients_with_a_certificate_from_its_ca()
+ {
+    let rig = Rig::start().await;
+    let e = &rig.egress;
+    // A client certificate from the CA: CONNECT by node name works.
+    let tls = e
+        .dial(Some(&e.client))
+        .await
+        .expect("TLS with a certificate");
+    let conn = fake_kubelet::egress_connect(tls, &format!("h2:{}", rig.kubelet_port))
+        .await
+        .expect("CONNECT over TLS");
+    let kubelet = fake_kubelet::kubelet_tls(conn, "h2", rig.client_tls.clone())
+        .await
+        .expect("kubelet TLS inside the proxy's TLS");
+    let got = fake_kubelet::get(kubelet, "h2", "/healthz")
+        .await
+        .expect("get");
+    assert!(got.contains("ok h2"), "{got}");
+    // No certificate, or one from another CA: no CONNECT is served.
+    let stranger = fake_kubelet::KubeletCa::new().client("intruder");
+    for (who, client) in [("no certificate", None), ("another CA's", Some(&stranger))] {
+        let refused = match e.dial(client).await {
+            Err(_) => true,
+            Ok(tls) => fake_kubelet::egress_connect(tls, &format!("h2:{}", rig.kubelet_port))
+                .await
+                .is_err(),
+        };
+        assert!(refused, "a client with {who} certificate was served");
+    }
+    // Plain HTTP on the TLS port gets no 200 either.
+    let tcp = tokio::net::TcpStream::connect(e.addr).await.expect("tcp");
+    let plain = tokio::time::timeout(
+        Duration::from_secs(10),
+        fake_kubelet::egress_connect(tcp, &format!("h2:{}", rig.kubelet_port)),
+    )
+    .await;
+    assert!(
+        !matches!(plain, Ok(Ok(_))),
+        "plain CONNECT was served on the TLS port"
     );
 }

@@ -79,15 +79,26 @@ impl ApiServer {
             .stderr(std::process::Stdio::piped())
             .spawn()
             .map_err(|e| e.to_string())?;
-        if let (Some(text), Some(mut i)) = (stdin, child.stdin.take()) {
-            i.write_all(text.as_bytes()).map_err(|e| e.to_string())?;
-        }
+        // Fed from a thread: kubectl may answer before it read it all.
+        let feeder = match (stdin, child.stdin.take()) {
+            (Some(text), Some(mut i)) => {
+                let text = text.to_owned();
+                Some(std::thread::spawn(move || i.write_all(text.as_bytes())))
+            }
+            _ => None,
+        };
         let out = child.wait_with_output().map_err(|e| e.to_string())?;
+        if let Some(f) = feeder {
+            f.join()
+                .map_err(|_| "stdin feeder panicked".to_owned())?
+                .map_err(|e| format!("kubectl {args:?} stdin: {e}"))?;
+        }
         if out.status.success() {
             Ok(String::from_utf8_lossy(&out.stdout).into_owned())
         } else {
             Err(format!(
-                "kubectl {args:?}: {}{}",
+                "kubectl {args:?} (exit {:?}): {}{}",
+                out.status.code(),
                 String::from_utf8_lossy(&out.stdout),
                 String::from_utf8_lossy(&out.stderr)
             ))
@@ -151,17 +162,11 @@ fn apiserver_tls(dir: &Path) -> Arc<rustls::ClientConfig> {
     )
 }
 
-#[test]
-fn kube_apiserver_reaches_edge_kubelets_by_name_through_raven_for_proxy_logs_and_an_upgraded_stream()
- {
-    if !ready() {
-        return;
-    }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+/// The rig, and a kube-apiserver whose `cluster` egress is HTTPConnect
+/// over `transport` (the YAML under `transport:`), with nodes h1, h2, s1
+/// and lonely (in no gateway) and Pod web-0 bound to h2; returns once
+/// `kubectl get --raw /api/v1/nodes/<n>/proxy/healthz` answered for each.
+fn cluster(rt: &tokio::runtime::Runtime, transport: impl Fn(&Rig) -> String) -> (Rig, ApiServer) {
     let rig = rt.block_on(Rig::start());
     let dir = rig.dir.path().join("kube");
     std::fs::create_dir_all(&dir).expect("dir");
@@ -171,8 +176,8 @@ fn kube_apiserver_reaches_edge_kubelets_by_name_through_raven_for_proxy_logs_and
     std::fs::write(
         &egress,
         format!(
-            "apiVersion: apiserver.k8s.io/v1beta1\nkind: EgressSelectorConfiguration\negressSelections:\n- name: cluster\n  connection:\n    proxyProtocol: HTTPConnect\n    transport:\n      uds:\n        udsName: {}\n",
-            rig.socket.display()
+            "apiVersion: apiserver.k8s.io/v1beta1\nkind: EgressSelectorConfiguration\negressSelections:\n- name: cluster\n  connection:\n    proxyProtocol: HTTPConnect\n    transport:\n{}",
+            transport(&rig)
         ),
     )
     .expect("egress config");
@@ -183,9 +188,14 @@ fn kube_apiserver_reaches_edge_kubelets_by_name_through_raven_for_proxy_logs_and
     );
     let api = ApiServer::start(&dir, &flags);
 
-    let mut objects: String = raven_tests::proxy_rig::EDGES
+    let nodes: Vec<(&str, &str)> = raven_tests::proxy_rig::EDGES
         .iter()
-        .map(|(n, _, ip)| node_yaml(n, ip, rig.kubelet_port))
+        .map(|(n, _, ip)| (*n, *ip))
+        .chain([raven_tests::proxy_rig::LONELY])
+        .collect();
+    let mut objects: String = nodes
+        .iter()
+        .map(|(n, ip)| node_yaml(n, ip, rig.kubelet_port))
         .collect();
     objects.push_str(
         "apiVersion: v1\nkind: ServiceAccount\nmetadata:\n  name: default\n  namespace: default\n---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: web-0\n  namespace: default\nspec:\n  nodeName: h2\n  automountServiceAccountToken: false\n  containers:\n  - name: web\n    image: nginx\n",
@@ -194,7 +204,7 @@ fn kube_apiserver_reaches_edge_kubelets_by_name_through_raven_for_proxy_logs_and
         .expect("nodes and pod");
 
     // kubectl get --raw .../nodes/<n>/proxy/...: each kubelet by name.
-    for (n, _, _) in raven_tests::proxy_rig::EDGES {
+    for (n, _) in nodes {
         let t = Instant::now();
         let got = loop {
             match api.kubectl(
@@ -208,11 +218,11 @@ fn kube_apiserver_reaches_edge_kubelets_by_name_through_raven_for_proxy_logs_and
         };
         assert_eq!(got.trim(), format!("ok {n}"));
     }
-    // (`nodes/<n>:<port>/proxy` for a port other than the kubelet's is
-    // not tried: v1.20 resolves the node name in its own DNS first, see
-    // `IsProxyableHostname` in pkg/registry/core/node/strategy.go.)
+    (rig, api)
+}
 
-    // kubectl logs of a Pod bound to h2.
+/// `kubectl logs web-0`: the stand-in kubelet of h2 answers.
+fn kubectl_logs_of_web_0_come_from_h2(api: &ApiServer) {
     let logs = api
         .kubectl_retried(&["logs", "web-0"], None)
         .expect("kubectl logs");
@@ -220,6 +230,33 @@ fn kube_apiserver_reaches_edge_kubelets_by_name_through_raven_for_proxy_logs_and
         logs.contains("log line 1 of default/web-0/web on h2"),
         "{logs}"
     );
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+#[test]
+fn kube_apiserver_reaches_edge_kubelets_by_name_through_raven_for_proxy_logs_exec_and_port_forward()
+{
+    if !ready() {
+        return;
+    }
+    let rt = runtime();
+    let (rig, api) = cluster(&rt, |rig| {
+        format!("      uds:\n        udsName: {}\n", rig.socket.display())
+    });
+    let dir = api.dir.clone();
+    // (`nodes/<n>:<port>/proxy` for a port other than the kubelet's is
+    // not tried: v1.20 resolves the node name in its own DNS first, see
+    // `IsProxyableHostname` in pkg/registry/core/node/strategy.go.)
+
+    // kubectl logs of a Pod bound to h2.
+    kubectl_logs_of_web_0_come_from_h2(&api);
 
     // A long-lived upgraded stream through nodes/<n>/proxy: bytes both
     // ways for a while, then a half-close.
@@ -270,6 +307,160 @@ fn kube_apiserver_reaches_edge_kubelets_by_name_through_raven_for_proxy_logs_and
             started.elapsed()
         );
     });
+
+    kubectl_exec_works_through_raven(&api);
+    kubectl_port_forward_works_through_raven(&api);
+    drop(api);
+    drop(rig);
+}
+
+/// `kubectl exec` of web-0 (bound to h2): the API server upgrades to
+/// SPDY/3.1 with the stand-in kubelet through raven's tunnel; stdout,
+/// stdin with its half-close, and the exit status all come back.
+fn kubectl_exec_works_through_raven(api: &ApiServer) {
+    let t = Instant::now();
+    let out = api
+        .kubectl_retried(&["exec", "web-0", "--", "hostname"], None)
+        .expect("kubectl exec hostname");
+    assert_eq!(out, "h2\n");
+    eprintln!(
+        "kubectl exec web-0 -- hostname: {out:?} in {:?}",
+        t.elapsed()
+    );
+    // stdin to the pod, counted only after kubectl half-closes it.
+    let input = "0123456789".repeat(100_000);
+    let out = api
+        .kubectl(&["exec", "-i", "web-0", "--", "wc", "-c"], Some(&input))
+        .expect("kubectl exec -i wc -c");
+    assert_eq!(out.trim(), "1000000");
+    // Both ways at once: what goes in comes back.
+    let input: String = (0..20_000).map(|i| format!("line {i}\n")).collect();
+    let t = Instant::now();
+    let out = api
+        .kubectl(&["exec", "-i", "web-0", "--", "cat"], Some(&input))
+        .expect("kubectl exec -i cat");
+    assert!(
+        out == input,
+        "cat returned {} of {} bytes",
+        out.len(),
+        input.len()
+    );
+    eprintln!(
+        "kubectl exec -i web-0 -- cat: {} bytes back in {:?}",
+        out.len(),
+        t.elapsed()
+    );
+    // The exit status travels on the error stream.
+    let err = api
+        .kubectl(&["exec", "web-0", "--", "false"], None)
+        .expect_err("false fails");
+    assert!(
+        err.contains("exit Some(1)") && err.contains("command terminated with exit code 1"),
+        "{err}"
+    );
+}
+
+/// `kubectl port-forward pod/web-0 :80`: two connections through the local
+/// port, each echoed by the pod's port 80 and answered after its
+/// half-close, over one SPDY connection through raven.
+fn kubectl_port_forward_works_through_raven(api: &ApiServer) {
+    use std::io::{BufRead, Read, Write};
+    api.kubectl_retried(
+        &[
+            "patch",
+            "pod",
+            "web-0",
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            r#"{"status":{"phase":"Running"}}"#,
+        ],
+        None,
+    )
+    .expect("pod Running");
+    let mut child = Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(api.dir.join("kubeconfig"))
+        .args(["port-forward", "--address", "127.0.0.1", "pod/web-0", ":80"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("kubectl port-forward");
+    // Ended by PID whatever happens below.
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let stdout = child.stdout.take().expect("stdout");
+    let mut child = Kill(child);
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    let line = lines.next().and_then(Result::ok).unwrap_or_else(|| {
+        let mut e = String::new();
+        let _ = child.0.stderr.take().map(|mut s| s.read_to_string(&mut e));
+        panic!("kubectl port-forward printed nothing: {e}")
+    });
+    // "Forwarding from 127.0.0.1:PORT -> 80"
+    let local: u16 = line
+        .split_once("127.0.0.1:")
+        .and_then(|(_, r)| r.split(' ').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no local port in {line:?}"));
+    let t = Instant::now();
+    for conn in 0..2 {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", local)).expect("local port");
+        s.set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        let mut sent = 0;
+        for round in 0..10 {
+            let msg = format!("conn {conn} round {round} {}\n", "y".repeat(5000 * round));
+            s.write_all(msg.as_bytes()).expect("send");
+            let mut back = vec![0u8; msg.len()];
+            s.read_exact(&mut back).expect("echo");
+            assert_eq!(back, msg.as_bytes());
+            sent += msg.len();
+        }
+        s.shutdown(std::net::Shutdown::Write).expect("half-close");
+        let mut rest = String::new();
+        s.read_to_string(&mut rest)
+            .expect("answer after half-close");
+        assert_eq!(
+            rest,
+            format!("\n{sent} bytes echoed by pod web-0 on h2, port 80\n")
+        );
+    }
+    eprintln!(
+        "kubectl port-forward: two connections echoed and answered after half-close in {:?}",
+        t.elapsed()
+    );
+}
+
+#[test]
+fn kube_apiserver_dials_the_tcp_connect_listener_with_tls_and_its_client_certificate() {
+    if !ready() {
+        return;
+    }
+    let rt = runtime();
+    // transport.tcp with tlsConfig: kube-apiserver verifies raven's
+    // serving certificate against caBundle and presents clientCert.
+    let (rig, api) = cluster(&rt, |rig| {
+        let e = &rig.egress;
+        format!(
+            "      tcp:\n        url: https://{}\n        tlsConfig:\n          caBundle: {}\n          clientKey: {}\n          clientCert: {}\n",
+            e.addr,
+            e.ca_file.display(),
+            e.client_key.display(),
+            e.client_cert.display()
+        )
+    });
+    kubectl_logs_of_web_0_come_from_h2(&api);
+    let out = api
+        .kubectl_retried(&["exec", "web-0", "--", "hostname"], None)
+        .expect("kubectl exec over the TLS CONNECT listener");
+    assert_eq!(out, "h2\n");
     drop(api);
     drop(rig);
 }

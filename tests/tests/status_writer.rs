@@ -76,6 +76,7 @@ fn status(active: &str) -> GatewayStatus {
             },
         ],
         conditions: Vec::new(),
+        node_count: Some(2),
     }
 }
 

@@ -249,7 +249,14 @@ async fn user_manual_sequence_by_kubectl_ends_with_status_events_and_columns() -
     // Columns: `kubectl get gw` shows the active tunnel and proxy endpoints.
     let table = server.kubectl(&["get", "gw", "gw-qingdao"])?;
     let header = table.lines().next().unwrap_or_default().to_owned();
-    for column in ["NAME", "ACTIVETUNNEL", "ACTIVEPROXY", "PUBLICIP", "AGE"] {
+    for column in [
+        "NAME",
+        "ACTIVETUNNEL",
+        "ACTIVEPROXY",
+        "PUBLICIP",
+        "NODES",
+        "AGE",
+    ] {
         assert!(header.contains(column), "column {column}: {table}");
     }
     assert!(

@@ -19,6 +19,12 @@ pub const EXPOSE_TYPE_LOAD_BALANCER: &str = "LoadBalancer";
 pub const DEFAULT_PROXY_SERVER_EXPOSED_PORT: i32 = 10262;
 /// Default exposed port of a tunnel endpoint (UDP).
 pub const DEFAULT_TUNNEL_SERVER_EXPOSED_PORT: i32 = 4500;
+/// `config` key of an active endpoint holding its WireGuard public key, as
+/// Raven's agent writes it (the hub fills it in `status.activeEndpoints`
+/// from the agent's report).
+pub const CONFIG_PUBLIC_KEY: &str = "publicKey";
+/// Raven's `natType` value for a symmetric NAT (go-stun's spelling).
+pub const NAT_SYMMETRIC: &str = "Symmetric NAT";
 
 /// GatewaySpec defines the desired state of Gateway.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
@@ -33,7 +39,8 @@ pub const DEFAULT_TUNNEL_SERVER_EXPOSED_PORT: i32 = 4500;
     printcolumn = r#"{"name":"ActiveTunnel","type":"string","jsonPath":".status.activeEndpoints[?(@.type==\"tunnel\")].nodeName"}"#,
     printcolumn = r#"{"name":"ActiveProxy","type":"string","jsonPath":".status.activeEndpoints[?(@.type==\"proxy\")].nodeName"}"#,
     printcolumn = r#"{"name":"PublicIP","type":"string","jsonPath":".status.activeEndpoints[?(@.type==\"tunnel\")].publicIP"}"#,
-    printcolumn = r#"{"name":"Nodes","type":"string","jsonPath":".status.nodes[*].nodeName","priority":1}"#,
+    printcolumn = r#"{"name":"Nodes","type":"integer","jsonPath":".status.nodeCount"}"#,
+    printcolumn = r#"{"name":"NodeNames","type":"string","jsonPath":".status.nodes[*].nodeName","priority":1}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
     derive = "PartialEq",
     derive = "Default"
@@ -156,6 +163,10 @@ pub struct GatewayStatus {
     /// elected), each with a reason and message.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<GatewayCondition>,
+    /// How many nodes the Gateway manages — `len(nodes)`, written by the hub
+    /// (raven's addition) because a printer column's JSONPath cannot count.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_count: Option<i32>,
 }
 
 /// A status condition, in the shape of Kubernetes' `metav1.Condition`.

@@ -7,6 +7,16 @@
 //! kernel ──netlink::observe()──▶ State ┴─diff()──▶ Vec<Op> ──netlink::apply()──▶ kernel
 //! ```
 //!
+//! Two passes share that pipeline. A resync ([`Kernel::reconcile`]) reads
+//! the kernel in full — raven's routes, rules, link and neighbours, and both
+//! `nat` tables — and repairs whatever drifted. A change
+//! ([`Kernel::reconcile_change`], when a new topology arrives) plans against
+//! what the last pass applied without an error, kept in memory, instead of
+//! against a dump: a moved pod subnet writes its two routes and its two
+//! skip-NAT rules and reads nothing but the three link indexes (a recreated
+//! device makes it a resync). Any error, conflict or refusal forgets that
+//! memory, so the next pass is a resync; so is the first after a start.
+//!
 //! What raven owns, and all it ever reads or changes: the link `raven0`
 //! (VXLAN, VNI 1) and the addresses, neighbours and FDB entries on it,
 //! routes of protocol 82 in tables 9027 (remote prefixes) and 9028 (return
@@ -23,6 +33,7 @@ pub mod netlink;
 pub mod skipnat;
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 
 use crate::cache::View;
 use raven_model::{GatewayName, NodeName};
@@ -112,6 +123,36 @@ pub struct ReconcileReport {
     /// foreign route holding a slot raven wants, skip-NAT failing. The
     /// agent reports them as a failed Applied, never as success.
     pub failures: Vec<String>,
+    /// What the pass read and wrote.
+    pub io: Io,
+}
+
+/// What one pass cost in kernel reads and writes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Io {
+    /// Planned against the kernel read in full (a resync); `false`: against
+    /// what the last pass applied (a change).
+    pub observed: bool,
+    /// Netlink operations written (routes, rules, link, neighbours).
+    pub netlink_ops: usize,
+    /// `iptables -t nat -S` listings and `iptables-restore` transactions.
+    pub nat_listings: usize,
+    pub nat_restores: usize,
+    /// Skip-NAT rules (and jumps, chains) written.
+    pub nat_changes: usize,
+}
+
+/// What the kernel holds of raven's after a pass that applied without an
+/// error, conflict or refusal: the desired state it applied, the skip-NAT
+/// rules, and the indexes of the devices its routes name (a device
+/// recreated since lost its routes).
+#[derive(Debug, Clone)]
+struct LastApplied {
+    state: State,
+    skip_nat: skipnat::SkipNat,
+    tunnel_dev: String,
+    direct_dev: String,
+    indexes: [Option<u32>; 3],
 }
 
 /// The kernel of the current network namespace.
@@ -119,6 +160,9 @@ pub struct ReconcileReport {
 pub struct Kernel {
     /// `false`: observe and plan, never write (dry run).
     write: bool,
+    /// What the last clean pass applied; `None` before the first one and
+    /// after any failure (the next pass reads the kernel).
+    applied: Arc<Mutex<Option<LastApplied>>>,
 }
 
 fn summary(s: &State) -> v1::ApplySummary {
@@ -130,9 +174,21 @@ fn summary(s: &State) -> v1::ApplySummary {
     }
 }
 
+/// raven0's index and the tunnel devices' now.
+async fn indexes(
+    h: &rtnetlink::Handle,
+    devs: TunnelDevs<'_>,
+) -> Result<[Option<u32>; 3], DataplaneError> {
+    let (tunnel, direct) = devs.indexes(h).await?;
+    Ok([netlink::vxlan_index(h).await?, tunnel, direct])
+}
+
 impl Kernel {
     pub fn new(write: bool) -> Self {
-        Self { write }
+        Self {
+            write,
+            applied: Arc::default(),
+        }
     }
 
     /// A dataplane that observes (netlink dumps need no privileges) and
@@ -160,12 +216,70 @@ impl Kernel {
         Ok(diff(&want.state, &have))
     }
 
-    /// Observe → diff → apply.
+    fn take_applied(&self) -> Option<LastApplied> {
+        self.applied.lock().ok().and_then(|mut a| a.take())
+    }
+
+    /// A resync: observe the kernel in full → plan → apply, repairing any
+    /// drift; the nat tables are listed too.
     pub async fn reconcile(&self, inputs: &NodeInputs) -> Result<ReconcileReport, DataplaneError> {
+        self.take_applied();
+        self.pass(inputs, None).await
+    }
+
+    /// A new topology: plan against what the last clean pass applied and
+    /// write only the difference, reading nothing of the kernel but the
+    /// indexes of its devices. A resync instead when there is no such pass
+    /// (the first after a start, or after any failure), when the tunnel
+    /// devices are others or when a device was recreated since.
+    pub async fn reconcile_change(
+        &self,
+        inputs: &NodeInputs,
+    ) -> Result<ReconcileReport, DataplaneError> {
+        let before = self.take_applied().filter(|a| {
+            self.write && a.tunnel_dev == inputs.tunnel_dev && a.direct_dev == inputs.direct.dev
+        });
+        self.pass(inputs, before).await
+    }
+
+    async fn pass(
+        &self,
+        inputs: &NodeInputs,
+        before: Option<LastApplied>,
+    ) -> Result<ReconcileReport, DataplaneError> {
         let h = netlink::connect()?;
-        let want = desired(inputs);
-        let have = netlink::observe(&h, devs(inputs)).await?;
-        let ops = diff(&want.state, &have);
+        let now = indexes(&h, devs(inputs)).await?;
+        let before = before.filter(|a| a.indexes == now);
+        let mut io = Io {
+            observed: before.is_none(),
+            ..Io::default()
+        };
+        let (want, observed, nat_read) = match &before {
+            Some(_) => (desired(inputs), State::default(), [None, None]),
+            None => {
+                // The kernel's routes and both nat tables are read at once,
+                // while the desired state is computed on another thread.
+                let compute = {
+                    let inputs = inputs.clone();
+                    tokio::task::spawn_blocking(move || desired(&inputs))
+                };
+                let nat = async {
+                    if self.write {
+                        skipnat::read().await.map(Some)
+                    } else {
+                        [None, None]
+                    }
+                };
+                let (have, nat) = tokio::join!(netlink::observe(&h, devs(inputs)), nat);
+                let want = match compute.await {
+                    Ok(want) => want,
+                    Err(e) => std::panic::resume_unwind(e.into_panic()),
+                };
+                (want, have?, nat)
+            }
+        };
+        let base = before.as_ref().map_or(&observed, |a| &a.state);
+        let ops = diff(&want.state, base);
         for w in &want.warnings {
             tracing::warn!(warning = %w, "dataplane");
         }
@@ -178,31 +292,64 @@ impl Kernel {
             );
             return Ok(ReconcileReport {
                 ops_applied: 0,
-                summary: summary(&have),
+                summary: summary(base),
                 warnings: want.warnings,
                 failures: Vec::new(),
+                io,
             });
         }
         if want.state.link.is_some() {
             enable_forwarding();
         }
         let applied = netlink::apply(&h, &ops, devs(inputs)).await?;
+        io.netlink_ops = applied.ops;
         for c in &applied.conflicts {
             tracing::warn!(conflict = %c, "dataplane");
         }
         let mut failures = applied.conflicts;
-        let nat = skipnat::apply(&skip_nat).await;
+        let nat = match &before {
+            Some(a) => skipnat::apply_change(&a.skip_nat, &skip_nat).await,
+            None => skipnat::apply_read(&skip_nat, nat_read).await,
+        };
+        io.nat_listings = nat.listings;
+        io.nat_restores = nat.restores;
+        io.nat_changes = nat.changes;
         for e in &nat.errors {
             tracing::warn!(error = %e, "skip-NAT");
             failures.push(format!("skip-NAT: {e}"));
+        }
+        let summary = summary(&want.state);
+        if failures.is_empty() {
+            let mut state = want.state;
+            state.link_up = state.link.is_some();
+            // Only raven0 is created or removed here (the tunnel step
+            // brought the tunnel devices up before).
+            let relinked = ops
+                .iter()
+                .any(|o| matches!(o, Op::CreateLink(_) | Op::DeleteLink));
+            let indexes = if relinked {
+                indexes(&h, devs(inputs)).await?
+            } else {
+                now
+            };
+            if let Ok(mut a) = self.applied.lock() {
+                *a = Some(LastApplied {
+                    state,
+                    skip_nat,
+                    tunnel_dev: inputs.tunnel_dev.clone(),
+                    direct_dev: inputs.direct.dev.clone(),
+                    indexes,
+                });
+            }
         }
         let mut warnings = want.warnings;
         warnings.extend(failures.iter().cloned());
         Ok(ReconcileReport {
             ops_applied: applied.ops + nat.changes,
-            summary: summary(&want.state),
+            summary,
             warnings,
             failures,
+            io,
         })
     }
 
@@ -210,6 +357,7 @@ impl Kernel {
     /// `raven0`, the skip-NAT rules (also when removing the rest failed) and
     /// the tunnel devices `tunnel_dev` and its direct-path device.
     pub async fn teardown(&self, tunnel_dev: &str) -> Result<usize, DataplaneError> {
+        self.take_applied();
         let direct = crate::tunnel::direct_dev(tunnel_dev);
         let devs = TunnelDevs {
             tunnel: tunnel_dev,

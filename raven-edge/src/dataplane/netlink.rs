@@ -280,7 +280,10 @@ pub struct TunnelDevs<'a> {
 }
 
 impl TunnelDevs<'_> {
-    async fn indexes(&self, h: &Handle) -> Result<(Option<u32>, Option<u32>), DataplaneError> {
+    pub(crate) async fn indexes(
+        &self,
+        h: &Handle,
+    ) -> Result<(Option<u32>, Option<u32>), DataplaneError> {
         let direct = if self.direct.is_empty() {
             None
         } else {
@@ -1031,6 +1034,25 @@ pub async fn underlay_mtu(h: &Handle, ip: IpAddr) -> Result<Option<u32>, Datapla
         .try_next()
         .await
         .map_err(nl("reading the underlay link"))?;
+    Ok(link.and_then(|l| {
+        l.attributes.iter().find_map(|a| match a {
+            LinkAttribute::Mtu(m) => Some(*m),
+            _ => None,
+        })
+    }))
+}
+
+/// The MTU of link `name`, `None` when there is no such link.
+pub async fn link_mtu(name: &str) -> Result<Option<u32>, DataplaneError> {
+    let h = connect()?;
+    let Some(index) = link_index(&h, name).await? else {
+        return Ok(None);
+    };
+    let mut links = h.link().get().match_index(index).execute();
+    let link = links
+        .try_next()
+        .await
+        .map_err(nl(format!("ip link show {name}")))?;
     Ok(link.and_then(|l| {
         l.attributes.iter().find_map(|a| match a {
             LinkAttribute::Mtu(m) => Some(*m),

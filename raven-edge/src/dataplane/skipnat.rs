@@ -501,30 +501,103 @@ async fn restore(family: Family, script: &str) -> Result<(), SkipNatError> {
     Ok(())
 }
 
-/// Observe → diff → restore for one family; the changes made.
-pub async fn apply_family(family: Family, rules: &Rules) -> Result<usize, SkipNatError> {
-    let observed = match observe(family).await {
+impl Observed {
+    /// What a family's `nat` table holds of raven's once `rules` were
+    /// applied without an error: the jump and both chains exactly as
+    /// [`diff`] writes them (nothing at all for empty rules).
+    pub fn after(rules: &Rules) -> Self {
+        if rules.is_empty() {
+            return Self::default();
+        }
+        Self {
+            jumps: vec![jump_line()],
+            sources: Some(rules.source_lines()),
+            destinations: Some(rules.destination_lines()),
+        }
+    }
+}
+
+/// What programming one family cost: rules changed, `iptables -S`
+/// listings run, `iptables-restore` transactions run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Work {
+    pub changes: usize,
+    pub listings: usize,
+    pub restores: usize,
+}
+
+/// Observe → diff → restore for one family, counting into `work`;
+/// `read`: the family's table as already listed.
+async fn sync_family(
+    family: Family,
+    rules: &Rules,
+    read: Option<Result<Observed, SkipNatError>>,
+    work: &mut Work,
+) -> Result<(), SkipNatError> {
+    let read = match read {
+        Some(r) => r,
+        None => observe(family).await,
+    };
+    work.listings += 1;
+    let observed = match read {
         Ok(o) => o,
         // Without the binary there is nothing of raven's to remove.
-        Err(SkipNatError::NotInstalled { .. }) if rules.is_empty() => return Ok(0),
+        Err(SkipNatError::NotInstalled { .. }) if rules.is_empty() => return Ok(()),
         Err(e) => return Err(e),
     };
     let Some(change) = diff(rules, &observed) else {
-        return Ok(0);
+        return Ok(());
     };
-    match restore(family, &change.script).await {
-        Ok(()) => Ok(change.changes),
+    match restore_counted(family, &change, work).await {
         Err(SkipNatError::Failed { stderr, .. }) => {
             // In doubt: read the table again and rebuild what differs.
             tracing::warn!(family = ?family, error = %stderr, "incremental skip-NAT change refused; rebuilding the chains");
+            work.listings += 1;
             let observed = observe(family).await?;
             let Some(rebuild) = plan_rebuild(rules, &observed) else {
-                return Ok(0);
+                return Ok(());
             };
-            restore(family, &rebuild.script).await?;
-            Ok(rebuild.changes)
+            restore_counted(family, &rebuild, work).await
         }
-        Err(e) => Err(e),
+        done => done,
+    }
+}
+
+/// Runs `change`, counting the transaction and, once it succeeded, its
+/// changes into `work`.
+async fn restore_counted(
+    family: Family,
+    change: &Restore,
+    work: &mut Work,
+) -> Result<(), SkipNatError> {
+    work.restores += 1;
+    restore(family, &change.script).await?;
+    work.changes += change.changes;
+    Ok(())
+}
+
+/// Turns `before` — what the last pass applied without an error — into
+/// `rules` for one family without listing the table: the difference as one
+/// restore, nothing at all when they agree. A refused transaction (the
+/// table changed behind raven's back) falls back to observe → plan.
+async fn change_family(
+    family: Family,
+    before: &Rules,
+    rules: &Rules,
+    work: &mut Work,
+) -> Result<(), SkipNatError> {
+    if before == rules {
+        return Ok(());
+    }
+    let Some(change) = diff(rules, &Observed::after(before)) else {
+        return Ok(());
+    };
+    match restore_counted(family, &change, work).await {
+        Err(SkipNatError::Failed { stderr, .. }) => {
+            tracing::warn!(family = ?family, error = %stderr, "skip-NAT change refused; reading the table and planning again");
+            sync_family(family, rules, None, work).await
+        }
+        done => done,
     }
 }
 
@@ -532,17 +605,60 @@ pub async fn apply_family(family: Family, rules: &Rules) -> Result<usize, SkipNa
 #[derive(Debug, Default)]
 pub struct SkipNatApplied {
     pub changes: usize,
+    /// `iptables -S` listings and `iptables-restore` transactions run.
+    pub listings: usize,
+    pub restores: usize,
     pub errors: Vec<SkipNatError>,
+}
+
+impl SkipNatApplied {
+    fn record(&mut self, work: Work, result: Result<(), SkipNatError>) {
+        self.changes += work.changes;
+        self.listings += work.listings;
+        self.restores += work.restores;
+        if let Err(e) = result {
+            self.errors.push(e);
+        }
+    }
 }
 
 /// Makes the current namespace's `nat` tables hold exactly `spec`.
 pub async fn apply(spec: &SkipNat) -> SkipNatApplied {
+    apply_read(spec, [None, None]).await
+}
+
+/// Both families' tables, listed at the same time: what [`apply_read`]
+/// plans against.
+pub async fn read() -> [Result<Observed, SkipNatError>; 2] {
+    let (v4, v6) = tokio::join!(observe(Family::V4), observe(Family::V6));
+    [v4, v6]
+}
+
+/// Like [`apply`], against the tables as [`read`] listed them (a family
+/// given `None` is listed here).
+pub async fn apply_read(
+    spec: &SkipNat,
+    read: [Option<Result<Observed, SkipNatError>>; 2],
+) -> SkipNatApplied {
+    let mut out = SkipNatApplied::default();
+    for (f, read) in Family::ALL.into_iter().zip(read) {
+        let mut work = Work::default();
+        let result = sync_family(f, spec.family(f), read, &mut work).await;
+        out.record(work, result);
+    }
+    out
+}
+
+/// Turns `before` (what the last pass applied without an error) into
+/// `spec`, writing only the rules that differ and reading nothing: a
+/// family whose rules did not change costs nothing, one remote prefix
+/// that moved costs one `iptables-restore` of two rules.
+pub async fn apply_change(before: &SkipNat, spec: &SkipNat) -> SkipNatApplied {
     let mut out = SkipNatApplied::default();
     for f in Family::ALL {
-        match apply_family(f, spec.family(f)).await {
-            Ok(n) => out.changes += n,
-            Err(e) => out.errors.push(e),
-        }
+        let mut work = Work::default();
+        let result = change_family(f, before.family(f), spec.family(f), &mut work).await;
+        out.record(work, result);
     }
     out
 }

@@ -62,7 +62,15 @@ pub struct IpsecArgs {
     /// charon's VICI socket (IPsec); charon runs as its own process.
     #[arg(long = "ipsec-vici", env = "RAVEN_IPSEC_VICI", default_value = DEFAULT_VICI)]
     pub vici: PathBuf,
+    /// The TUN device of charon's kernel-libipsec datapath; the agent gives
+    /// it the underlay MTU minus the ESP-in-UDP overhead (libipsec makes it
+    /// 1400 whatever the underlay). Absent with the kernel datapath.
+    #[arg(long = "ipsec-dev", env = "RAVEN_IPSEC_DEV", default_value = DEFAULT_IPSEC_DEV)]
+    pub dev: String,
 }
+
+/// kernel-libipsec's TUN device.
+pub const DEFAULT_IPSEC_DEV: &str = "ipsec0";
 
 /// Default VICI socket of the charon next to the agent (in Kubernetes, a
 /// directory both containers of the pod mount).
@@ -86,6 +94,7 @@ pub enum IpsecError {
 pub struct IpsecAgent {
     choice: VpnChoice,
     vici: PathBuf,
+    dev: String,
     public: String,
     ipsec: tokio::sync::Mutex<Ipsec>,
 }
@@ -110,6 +119,7 @@ impl IpsecAgent {
         Ok(Some(Self {
             choice: args.vpn,
             vici: args.vici.clone(),
+            dev: args.dev.clone(),
             public: key.public_base64(),
             ipsec: tokio::sync::Mutex::new(Ipsec::new(key)),
         }))
@@ -140,6 +150,7 @@ impl IpsecAgent {
         }
         if write {
             sync_lo_addresses(&plan.lo_addresses).await?;
+            self.sync_mtu(inputs).await?;
         }
         let mut client = Client::connect(&self.vici).await?;
         let applied = if write {
@@ -159,6 +170,53 @@ impl IpsecAgent {
     }
 }
 
+impl IpsecAgent {
+    /// Gives the libipsec device the MTU of [`device_mtu`] when it differs
+    /// (one read per pass, a write only on a change); no device (kernel
+    /// datapath, or charon not up yet) is nothing to do.
+    async fn sync_mtu(&self, inputs: &NodeInputs) -> Result<(), IpsecError> {
+        let local = inputs.me.as_ref().and_then(|m| m.private_ip);
+        let want = device_mtu(inputs.underlay_mtu, local);
+        let err = |e: crate::dataplane::DataplaneError| IpsecError::Netlink(e.to_string());
+        match crate::dataplane::netlink::link_mtu(&self.dev)
+            .await
+            .map_err(err)?
+        {
+            Some(have) if have != want => {
+                crate::dataplane::netlink::set_link_up(&self.dev, want)
+                    .await
+                    .map_err(err)?;
+                tracing::info!(dev = %self.dev, from = have, to = want, "ipsec device MTU set");
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// The largest MTU kernel-libipsec's TUN device can carry: strongSwan
+/// 5.9.8 creates it with 1400 and reads packets into a buffer of that size,
+/// so a larger device MTU loses bigger packets silently (measured in the
+/// lab: with 1420, packets of 1401–1420 bytes vanished). The agent only ever
+/// lowers it.
+pub const LIBIPSEC_MAX_MTU: u32 = 1400;
+
+/// MTU of the libipsec device over an underlay of `underlay` bytes from
+/// `local`: the underlay's minus ESP in UDP over that family (IPv4 68, IPv6
+/// 88), never above the WireGuard tunnel's (underlay − 80) that the routes
+/// of the domain's members are sized for, nor above [`LIBIPSEC_MAX_MTU`].
+/// A member's packets bigger than the device learn its MTU by path MTU
+/// discovery from the gateway. Pure.
+pub fn device_mtu(underlay: u32, local: Option<IpAddr>) -> u32 {
+    let esp = super::spec::inner_mtu(underlay);
+    let esp = match local {
+        Some(IpAddr::V6(_)) => esp.saturating_sub(super::spec::ESP_UDP_V6_EXTRA),
+        _ => esp,
+    };
+    esp.min(crate::dataplane::model::tunnel_mtu(underlay))
+        .min(LIBIPSEC_MAX_MTU)
+}
+
 /// What one IPsec pass found.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Pass {
@@ -167,34 +225,50 @@ pub struct Pass {
     pub errors: Vec<String>,
 }
 
-/// Report rows: one per wanted connection, from its newest IKE_SA. Pure.
+/// Report rows: one per wanted connection, from its newest IKE_SA, and one
+/// per NATed gateway reached through a relay (`relayed`, with the relay's
+/// SA: its traffic shares the relay's CHILD_SA), as the WireGuard rows are.
+/// Pure.
 pub fn rows(plan: &IpsecSpec, sas: &[SaHealth]) -> Vec<v1::PeerTunnelState> {
-    let mut out: Vec<v1::PeerTunnelState> = plan
-        .conns
-        .values()
-        .map(|c| {
-            let sa = sas
-                .iter()
-                .filter(|s| s.conn == c.name)
-                .max_by_key(|s| s.ike_id);
-            let child = sa.and_then(|s| s.children.iter().max_by_key(|ch| ch.id));
-            v1::PeerTunnelState {
-                peer_node: c.peer_node.to_string(),
-                // Seconds since the CHILD_SA was installed: since the last
-                // rekey (or the first exchange).
-                handshake_age_seconds: child.and_then(|ch| ch.install_secs),
-                rx_bytes: child.map_or(0, |ch| ch.bytes_in),
-                tx_bytes: child.map_or(0, |ch| ch.bytes_out),
-                endpoint: sa
-                    .and_then(|s| s.remote)
-                    .map(|e| e.to_string())
-                    .unwrap_or_default(),
-                relayed: false,
-                direct_device: false,
-                ipsec_state: sa.map(SaHealth::state_label).unwrap_or_default(),
-            }
-        })
-        .collect();
+    let mut out = Vec::new();
+    for c in plan.conns.values() {
+        let sa = sas
+            .iter()
+            .filter(|s| s.conn == c.name)
+            .max_by_key(|s| s.ike_id);
+        if c.standby && sa.is_none() {
+            continue;
+        }
+        let child = sa.and_then(|s| s.children.iter().max_by_key(|ch| ch.id));
+        let row = v1::PeerTunnelState {
+            peer_node: c.peer_node.to_string(),
+            // Seconds since the CHILD_SA was installed: since the last
+            // rekey (or the first exchange).
+            handshake_age_seconds: child.and_then(|ch| ch.install_secs),
+            rx_bytes: child.map_or(0, |ch| ch.bytes_in),
+            tx_bytes: child.map_or(0, |ch| ch.bytes_out),
+            endpoint: sa
+                .and_then(|s| s.remote)
+                .map(|e| e.to_string())
+                .unwrap_or_default(),
+            relayed: false,
+            direct_device: false,
+            ipsec_state: sa.map(SaHealth::state_label).unwrap_or_default(),
+        };
+        // On the NATed side (it dials the relay's address) `relays_for`
+        // are the gateways behind the relay; on the relay, those whose
+        // traffic it carries for the peer (no path of its own).
+        if c.remote_addr.is_some() {
+            out.extend(c.relays_for.iter().map(|n| v1::PeerTunnelState {
+                peer_node: n.to_string(),
+                relayed: true,
+                rx_bytes: 0,
+                tx_bytes: 0,
+                ..row.clone()
+            }));
+        }
+        out.push(row);
+    }
     out.sort_by(|a, b| a.peer_node.cmp(&b.peer_node));
     out
 }
@@ -275,11 +349,27 @@ mod tests {
     }
 
     #[test]
+    fn the_ipsec_device_mtu_follows_the_underlay_minus_esp_in_udp() {
+        let v4: Option<IpAddr> = "192.0.2.1".parse().ok();
+        let v6: Option<IpAddr> = "2001:db8::1".parse().ok();
+        // A 1400-byte underlay: 1400 − 68 = 1332, capped at the tunnel MTU
+        // the members' routes use (1400 − 80), not libipsec's 1400.
+        assert_eq!(device_mtu(1400, v4), 1320);
+        // IPv6: 1400 − 88.
+        assert_eq!(device_mtu(1400, v6), 1312);
+        // libipsec carries no more than 1400, whatever the underlay.
+        assert_eq!(device_mtu(1500, v4), 1400);
+        assert_eq!(device_mtu(9000, v6), 1400);
+        assert_eq!(device_mtu(10, None), 0);
+    }
+
+    #[test]
     fn wireguard_choice_makes_no_ipsec_key() {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         let args = |vpn| IpsecArgs {
             vpn,
             vici: DEFAULT_VICI.into(),
+            dev: DEFAULT_IPSEC_DEV.into(),
         };
         let none = IpsecAgent::start(&args(VpnChoice::Wireguard), dir.path())
             .unwrap_or_else(|e| panic!("{e}"));

@@ -427,6 +427,7 @@ mod tests {
             .into(),
             initiator,
             relays_for: Vec::new(),
+            standby: false,
         }
     }
 

@@ -45,7 +45,11 @@ pub const ESP_PROPOSAL: &str = "aes128gcm16-x25519";
 /// ICV (16), rounded up. The inner MTU is the underlay's minus this.
 pub const ESP_UDP_OVERHEAD: u32 = 68;
 
-/// The inner MTU of IPsec traffic over an underlay of `underlay_mtu`.
+/// What ESP in UDP over IPv6 adds beyond [`ESP_UDP_OVERHEAD`] (the outer
+/// header is 40 bytes, not 20).
+pub const ESP_UDP_V6_EXTRA: u32 = 20;
+
+/// The inner MTU of IPsec traffic over an IPv4 underlay of `underlay_mtu`.
 pub fn inner_mtu(underlay_mtu: u32) -> u32 {
     underlay_mtu.saturating_sub(ESP_UDP_OVERHEAD)
 }
@@ -77,6 +81,11 @@ pub struct ConnSpec {
     /// our relay), or for which we relay (the peer is NATed and we are its
     /// relay).
     pub relays_for: Vec<NodeName>,
+    /// Another tunnel candidate of a NATed peer gateway than its active
+    /// node: loaded so that the node its domain fails over to on its own
+    /// (local failover, hub or not) is answered at once, with the same
+    /// selectors. Never initiated; no report row until it has an SA.
+    pub standby: bool,
 }
 
 /// Everything this node wants from charon.
@@ -99,17 +108,74 @@ pub fn conn_name(peer: &NodeName) -> String {
 }
 
 /// The traffic selectors of gateway `g`'s domain on a CHILD_SA whose
-/// `holder` side is the tunnel node at that address: every subnet, and of
-/// the host prefixes (member node addresses) only the holder's own.
+/// `holder` side is the tunnel node at that address: every subnet, and the
+/// member node addresses as one covering prefix per family
+/// ([`node_cover`]).
+///
 /// strongSwan before 5.9.12 needs an address of the holder inside each of
-/// its local selectors: a subnet gets one on `lo` (its network address, see
+/// its local selectors. A subnet gets one on `lo` (its network address, see
 /// [`IpsecSpec::lo_addresses`]), but another node's host address cannot be
-/// borrowed without capturing that node's traffic. So other members' node
-/// addresses are not carried by IPsec (their pods are).
+/// borrowed without capturing that node's traffic: the members' addresses
+/// travel as the smallest prefix holding them all, which holds the tunnel
+/// node's own address on its own side and whose network address (no
+/// member's) can go on `lo` of a relay. Where no such prefix exists (a
+/// single member seen from a relay, or members too far apart) only the
+/// holder's own address is a selector: other nodes' addresses of that domain
+/// are then not carried by IPsec (their pods are).
 fn selectors(g: &GatewayView, holder: Option<IpAddr>) -> BTreeSet<IpNet> {
-    g.prefixes()
-        .filter(|n| n.prefix_len() != n.max_prefix_len() || Some(n.addr()) == holder)
-        .collect()
+    let mut out: BTreeSet<IpNet> = g
+        .prefixes()
+        .filter(|n| n.prefix_len() != n.max_prefix_len())
+        .collect();
+    for v6 in [false, true] {
+        let addrs: Vec<IpAddr> = g
+            .members
+            .iter()
+            .map(|m| m.private_ip)
+            .filter(|a| a.is_ipv6() == v6)
+            .collect();
+        let holds = |n: &IpNet| holder.is_some_and(|h| n.contains(&h));
+        // Not holding the holder: widened until its network address is no
+        // member's (it goes on the holder's `lo`).
+        let min = if v6 { COVER_MIN_V6 } else { COVER_MIN_V4 };
+        let usable = node_cover(&addrs).and_then(|c| {
+            if holds(&c) {
+                return Some(c);
+            }
+            (min..=c.prefix_len())
+                .rev()
+                .filter(|len| *len != c.max_prefix_len())
+                .filter_map(|len| IpNet::new(c.addr(), len).ok().map(|n| n.trunc()))
+                .find(|n| !addrs.contains(&n.network()))
+        });
+        match usable {
+            Some(cover) => {
+                out.insert(cover);
+            }
+            None => out.extend(holder.filter(|h| addrs.contains(h)).map(IpNet::from)),
+        }
+    }
+    out
+}
+
+/// Shortest prefix length of a [`node_cover`]: a wider one would stand for
+/// addresses that are no member's.
+const COVER_MIN_V4: u8 = 16;
+const COVER_MIN_V6: u8 = 64;
+
+/// The smallest prefix holding every address of `addrs` (all of one
+/// family): a host prefix for one address, `None` for none or when it
+/// would be shorter than /16 (IPv6: /64). Pure.
+pub fn node_cover(addrs: &[IpAddr]) -> Option<IpNet> {
+    let first = *addrs.first()?;
+    let (bits, min) = match first {
+        IpAddr::V4(_) => (32u8, COVER_MIN_V4),
+        IpAddr::V6(_) => (128u8, COVER_MIN_V6),
+    };
+    (min..=bits)
+        .rev()
+        .filter_map(|len| IpNet::new(first, len).ok().map(|n| n.trunc()))
+        .find(|n| addrs.iter().all(|a| n.contains(a)))
 }
 
 /// The connections this node must run: none unless it is the active tunnel
@@ -179,8 +245,7 @@ pub fn spec(inputs: &NodeInputs, peers: &[PeerInfo]) -> IpsecSpec {
             .find(|m| &m.node == active)
             .map(|m| m.private_ip);
         let mut remote_ts = selectors(other, peer_ip);
-        remote_ts
-            .retain(|n| !(n.prefix_len() == n.max_prefix_len() && ike_peer.contains(&n.addr())));
+        remote_ts.retain(|n| !ike_peer.iter().any(|a| n.contains(a)));
         let mut local_ts = my_prefixes.clone();
         let mut relays_for = Vec::new();
         // A NATed gateway whose relay I am reaches every other NATed
@@ -191,25 +256,47 @@ pub fn spec(inputs: &NodeInputs, peers: &[PeerInfo]) -> IpsecSpec {
                 relays_for.push((*n).clone());
             }
         }
-        out.conns.insert(
-            conn_name(active),
-            ConnSpec {
-                name: conn_name(active),
-                peer_node: active.clone(),
-                peer_gateway: other.name.clone(),
-                local_addr: me.private_ip,
-                remote_addr,
-                local_port: mine.port,
-                remote_port,
-                local_id: me.name.to_string(),
-                remote_id: active.to_string(),
-                remote_key: key,
-                local_ts,
-                remote_ts,
-                initiator,
-                relays_for,
-            },
-        );
+        let conn = ConnSpec {
+            name: conn_name(active),
+            peer_node: active.clone(),
+            peer_gateway: other.name.clone(),
+            // A public gateway answers on whichever address IKE reaches it
+            // (its public one may sit on another interface than its private
+            // one, or be a cloud's 1:1 NAT); a NATed one dials from its
+            // private address.
+            local_addr: if my_gw.under_nat { me.private_ip } else { None },
+            remote_addr,
+            local_port: mine.port,
+            remote_port,
+            local_id: me.name.to_string(),
+            remote_id: active.to_string(),
+            remote_key: key,
+            local_ts,
+            remote_ts,
+            initiator,
+            relays_for,
+            standby: false,
+        };
+        // A NATed peer's other candidates dial me should its domain fail
+        // over locally: answer them with the same selectors.
+        if other.under_nat && !my_gw.under_nat {
+            for cand in other.tunnel_candidates.iter().filter(|c| &c.node != active) {
+                if let Some(key) = info(&cand.node).and_then(|p| p.ipsec_public_key.clone()) {
+                    out.conns.insert(
+                        conn_name(&cand.node),
+                        ConnSpec {
+                            name: conn_name(&cand.node),
+                            peer_node: cand.node.clone(),
+                            remote_id: cand.node.to_string(),
+                            remote_key: key,
+                            standby: true,
+                            ..conn.clone()
+                        },
+                    );
+                }
+            }
+        }
+        out.conns.insert(conn_name(active), conn);
     }
     let relayed = reach.relayed();
     if !relayed.is_empty() {
@@ -245,7 +332,7 @@ pub fn spec(inputs: &NodeInputs, peers: &[PeerInfo]) -> IpsecSpec {
 mod tests {
     use super::*;
     use raven_model::fixtures::{self, gateway_name as g, net, node as n};
-    use raven_model::topology::{ExposeType, GatewayEndpoint, NodeView};
+    use raven_model::topology::{ExposeType, GatewayEndpoint, Member, NodeView};
 
     const KEY: &str = "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=";
 
@@ -339,6 +426,10 @@ mod tests {
         let pb = spec(&inputs(&gws, "b-1"), &peers(&gws));
         assert!(!pa.conns["raven-b-1"].initiator);
         assert_eq!(pa.conns["raven-b-1"].remote_addr, None);
+        assert_eq!(
+            pa.conns["raven-b-1"].local_addr, None,
+            "the public side answers on any of its addresses"
+        );
         assert!(pb.conns["raven-a-1"].initiator);
         assert_eq!(pb.conns["raven-a-1"].local_addr, "10.9.0.2".parse().ok());
     }
@@ -402,6 +493,84 @@ mod tests {
         let mut standby = inputs(&gws, "a-1");
         standby.active_override.insert(g("a"), n("a-2"));
         assert_eq!(spec(&standby, &peers(&gws)), IpsecSpec::default());
+    }
+
+    #[test]
+    fn member_addresses_travel_as_one_covering_prefix_never_borrowing_a_members_address() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            node_cover(&[ip("172.16.2.103"), ip("172.16.2.104")]),
+            Some(net("172.16.2.96/28"))
+        );
+        assert_eq!(node_cover(&[ip("10.0.0.5")]), Some(net("10.0.0.5/32")));
+        assert_eq!(node_cover(&[ip("10.0.0.1"), ip("10.200.0.1")]), None);
+        assert_eq!(node_cover(&[]), None);
+        let mut two = gw("b", "10.9.0.2", "10.2.0.0/24", true, Some("r"));
+        two.members.push(Member {
+            node: n("b-2"),
+            private_ip: ip("10.9.0.3"),
+            subnets: vec![net("10.2.1.0/24")],
+            ready: true,
+        });
+        // On its own side (and as a peer's remote selector) the cover holds
+        // the tunnel node's address.
+        assert_eq!(
+            selectors(&two, Some(ip("10.9.0.2"))),
+            [net("10.2.0.0/24"), net("10.2.1.0/24"), net("10.9.0.2/31")].into()
+        );
+        // A relay borrows the cover's network address, widened: 10.9.0.2
+        // is b-1's.
+        assert_eq!(
+            selectors(&two, Some(ip("192.0.2.1"))),
+            [net("10.2.0.0/24"), net("10.2.1.0/24"), net("10.9.0.0/30")].into()
+        );
+        // One member seen from a relay: its own address is never borrowed.
+        let one = gw("c", "10.8.0.2", "10.3.0.0/24", true, Some("r"));
+        assert_eq!(
+            selectors(&one, Some(ip("192.0.2.1"))),
+            [net("10.3.0.0/24"), net("10.8.0.0/30")].into()
+        );
+    }
+
+    #[test]
+    fn a_public_gateway_answers_a_natted_peers_standby_candidate_with_the_same_selectors() {
+        let mut b = gw("b", "10.9.0.2", "10.2.0.0/24", true, Some("a"));
+        let mut standby = b.tunnel_candidates[0].clone();
+        standby.node = n("b-2");
+        b.tunnel_candidates.push(standby);
+        b.members.push(Member {
+            node: n("b-2"),
+            private_ip: "10.9.0.3".parse().unwrap_or(IpAddr::from([0; 4])),
+            subnets: vec![net("10.2.1.0/24")],
+            ready: true,
+        });
+        let gws = [gw("a", "192.0.2.1", "10.1.0.0/24", false, None), b];
+        let mut ps = peers(&gws);
+        let mut p2 = ps[1].clone();
+        p2.node = n("b-2");
+        ps.push(p2);
+        let pa = spec(&inputs(&gws, "a-1"), &ps);
+        let (active, standby) = (&pa.conns["raven-b-1"], &pa.conns["raven-b-2"]);
+        assert!(!active.standby && standby.standby);
+        assert!(!standby.initiator, "a standby is answered, never dialled");
+        assert_eq!(standby.remote_id, "b-2");
+        assert_eq!(standby.local_ts, active.local_ts);
+        assert_eq!(standby.remote_ts, active.remote_ts);
+        // No report row for a standby without an SA.
+        let rows = crate::ipsec::agent::rows(&pa, &[]);
+        assert_eq!(
+            rows.iter()
+                .map(|r| r.peer_node.as_str())
+                .collect::<Vec<_>>(),
+            ["b-1"]
+        );
+        // The NATed side plans no standby of its own peers.
+        let mut me = inputs(&gws, "b-1");
+        me.me = me.me.map(|mut v| {
+            v.name = n("b-1");
+            v
+        });
+        assert!(spec(&me, &ps).conns.values().all(|c| !c.standby));
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! The Kubernetes source: one kube-rs watcher task per kind — v1beta1
 //! Gateways (cluster-scoped), Nodes, and the `kube-system/raven-cfg`
-//! ConfigMap — feeding the [`IndexHandle`].
+//! ConfigMap — feeding the [`IndexHandle`]; and the Services and Endpoints
+//! in `kube-system` that the hub keeps for LoadBalancer-exposed Gateways
+//! (label `app.kubernetes.io/managed-by=raven-hub`, see [`crate::exposure`]).
 //!
 //! ```text
 //! LIST (paged) ─▶ Init, InitApply…, InitDone ─▶ reset_* + mark_synced
@@ -25,7 +27,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{ConfigMap, Node};
+use k8s_openapi::api::core::v1::{ConfigMap, Endpoints, Node, Service};
 use kube::api::{ApiResource, DynamicObject};
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, Resource};
@@ -35,7 +37,8 @@ use raven_core::api::{self, v1beta1::Gateway};
 use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
 
-use crate::index::{Index, IndexHandle, Kind};
+use crate::exposure;
+use crate::index::{Exposed, Index, IndexHandle, Kind};
 
 /// Errors building a Kubernetes client.
 #[derive(Debug, thiserror::Error)]
@@ -133,6 +136,52 @@ impl Sink for ConfigMap {
                 .find(|cm| cm.metadata.name.as_deref() == Some(api::CONFIG_NAME)),
         );
     }
+}
+
+impl Sink for Service {
+    const KIND: Kind = Kind::Service;
+    const OBJECT: &'static str = "Service/kube-system";
+    fn apply(index: &mut Index, obj: Self) {
+        let name = obj.metadata.name.clone().unwrap_or_default();
+        index.apply_exposed(Kind::Service, &name, exposure::observe_service(&obj));
+    }
+    fn delete(index: &mut Index, obj: &Self) {
+        index.delete_exposed(
+            Kind::Service,
+            obj.metadata.name.as_deref().unwrap_or_default(),
+        );
+    }
+    fn reset(index: &mut Index, objs: Vec<Self>) {
+        index.reset_exposed(Kind::Service, named(objs, exposure::observe_service));
+    }
+}
+
+impl Sink for Endpoints {
+    const KIND: Kind = Kind::Endpoints;
+    const OBJECT: &'static str = "Endpoints/kube-system";
+    fn apply(index: &mut Index, obj: Self) {
+        let name = obj.metadata.name.clone().unwrap_or_default();
+        index.apply_exposed(Kind::Endpoints, &name, exposure::observe(&obj.metadata));
+    }
+    fn delete(index: &mut Index, obj: &Self) {
+        index.delete_exposed(
+            Kind::Endpoints,
+            obj.metadata.name.as_deref().unwrap_or_default(),
+        );
+    }
+    fn reset(index: &mut Index, objs: Vec<Self>) {
+        index.reset_exposed(
+            Kind::Endpoints,
+            named(objs, |e| exposure::observe(&e.metadata)),
+        );
+    }
+}
+
+/// Kept objects by name.
+fn named<K: Resource>(objs: Vec<K>, f: impl Fn(&K) -> Exposed) -> Vec<(String, Exposed)> {
+    objs.iter()
+        .map(|o| (o.meta().name.clone().unwrap_or_default(), f(o)))
+        .collect()
 }
 
 /// Records a deleted object's resourceVersion, so the revision floor never
@@ -305,6 +354,9 @@ async fn pump<K: Sink>(api: Api<DynamicObject>, config: watcher::Config, index: 
                                 Kind::Gateway => i.delete_gateway(&u.name),
                                 Kind::Node => i.delete_node(&u.name),
                                 Kind::Config => i.set_config(None),
+                                Kind::Service | Kind::Endpoints => {
+                                    i.delete_exposed(K::KIND, &u.name);
+                                }
                             }
                         }),
                     }
@@ -367,7 +419,26 @@ pub async fn run(client: Client, index: IndexHandle, shutdown: CancellationToken
         &mut tasks,
         &client,
         Some(api::CONFIG_NAMESPACE),
-        config.fields(&format!("metadata.name={}", api::CONFIG_NAME)),
+        config
+            .clone()
+            .fields(&format!("metadata.name={}", api::CONFIG_NAME)),
+        &index,
+    );
+    // The Services and Endpoints the hub keeps for LoadBalancer Gateways
+    // (every replica: the load balancer's address is part of the topology).
+    let kept = config.clone().labels(exposure::MANAGED_SELECTOR);
+    spawn_watch::<Service>(
+        &mut tasks,
+        &client,
+        Some(api::CONFIG_NAMESPACE),
+        kept.clone(),
+        &index,
+    );
+    spawn_watch::<Endpoints>(
+        &mut tasks,
+        &client,
+        Some(api::CONFIG_NAMESPACE),
+        kept,
         &index,
     );
     loop {

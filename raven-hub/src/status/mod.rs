@@ -96,7 +96,12 @@ pub fn status_patch(status: &GatewayStatus) -> Value {
     } else {
         json!(status.conditions)
     };
-    json!({"status": {"nodes": nodes, "activeEndpoints": active, "conditions": conditions}})
+    json!({"status": {
+        "nodes": nodes,
+        "activeEndpoints": active,
+        "conditions": conditions,
+        "nodeCount": status.node_count,
+    }})
 }
 
 /// Condition type: the Gateway passed validation without a problem.

@@ -4,7 +4,9 @@
 //! printed shows a FAIL. Needs root.
 //!
 //! `raven-lab` (up, matrix, down) · `raven-lab --keep` (leave it running
-//! until Enter) · `raven-lab down` (remove a lab left behind).
+//! until Enter) · `raven-lab --vpn ipsec` (IPsec between the gateways:
+//! `vpn-driver: ipsec` in raven-cfg and a charon per node; `--vpn
+//! wireguard` is the default) · `raven-lab down` (remove a lab left behind).
 
 use std::time::{Duration, Instant};
 
@@ -59,6 +61,18 @@ fn main() -> std::process::ExitCode {
         return std::process::ExitCode::FAILURE;
     }
     let keep = args.iter().any(|a| a == "--keep");
+    let vpn = match args
+        .iter()
+        .position(|a| a == "--vpn")
+        .map(|i| args.get(i + 1).map(String::as_str))
+    {
+        None | Some(Some("wireguard")) => raven_tests::lab::Vpn::Wireguard,
+        Some(Some("ipsec")) => raven_tests::lab::Vpn::Ipsec,
+        Some(other) => {
+            eprintln!("--vpn {other:?}: expected wireguard or ipsec");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     let started = Instant::now();
     let mut lab = match Lab::build(PREFIX, state) {
         Ok(l) => l,
@@ -68,8 +82,14 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    if vpn == raven_tests::lab::Vpn::Ipsec
+        && let Err(e) = lab.use_ipsec()
+    {
+        eprintln!("IPsec needs strongSwan's charon (strongswan-charon): {e}");
+        return std::process::ExitCode::FAILURE;
+    }
     eprintln!(
-        "lab built in {:?}: 3 domains, 6 nodes, 2 NAT routers",
+        "lab built in {:?}: 3 domains, 6 nodes, 2 NAT routers, {vpn:?} between gateways",
         started.elapsed()
     );
     if let Err(e) = lab.start_hub().and_then(|()| lab.start_agents()) {

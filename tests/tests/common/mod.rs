@@ -51,6 +51,19 @@ pub async fn start_hub(kubeconfig: &Path, dir: &Path, replica: &str) -> Result<R
     .await?)
 }
 
+/// Waits (at most [`WAIT`]) until the hub publishes a state that `f` accepts.
+pub async fn until(
+    hub: &RunningHub,
+    what: &str,
+    f: impl Fn(&raven_hub::pipeline::Published) -> bool,
+) -> Result<()> {
+    let mut rx = hub.published.clone();
+    tokio::time::timeout(WAIT, rx.wait_for(|p| f(p)))
+        .await
+        .with_context(|| format!("timed out waiting for: {what}"))??;
+    Ok(())
+}
+
 /// The real Kubernetes source feeding a fresh index (no pipeline, no gRPC).
 pub struct Source {
     pub index: IndexHandle,

@@ -1,0 +1,132 @@
+//! Helpers shared by the lab test binaries (`lab`: WireGuard, `lab_ipsec`:
+//! IPsec); each uses a part, the rest is dead code there.
+#![allow(dead_code)]
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use raven_tests::lab::{Lab, NODES};
+
+/// Whether this run is root and has `tools` (names on PATH or absolute
+/// paths); without them the tests skip, unless `RAVEN_REQUIRE_TOOLS=1`.
+pub fn have(tools: &[&str]) -> bool {
+    let root = raven_tests::lab::is_root();
+    let found = tools.iter().all(|t| {
+        std::process::Command::new("sh")
+            .args(["-c", &format!("command -v {t}")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    if !(root && found) {
+        let need = tools.join(", ");
+        assert!(
+            std::env::var_os("RAVEN_REQUIRE_TOOLS").is_none(),
+            "lab tests need root and {need} (RAVEN_REQUIRE_TOOLS is set)"
+        );
+        eprintln!("skipped: lab tests need root and {need}");
+    }
+    root && found
+}
+
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+/// A lab changed by `prepare` after it is built, before anything runs, up
+/// and converged. Labs run one at a time; `kind` keeps the namespaces of
+/// the test binaries apart.
+pub fn up_with(
+    kind: &str,
+    tag: &str,
+    prepare: impl FnOnce(&mut Lab),
+) -> (std::sync::MutexGuard<'static, ()>, Lab) {
+    let guard = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let dir = std::env::temp_dir().join(format!("raven-lab-{kind}{tag}-{}", std::process::id()));
+    // Namespace and interface names are global to the machine: every test
+    // run gets its own prefix (tunnel device names stay within 15 bytes).
+    let prefix = format!("r{kind}{tag}{}-", std::process::id() % 10_000);
+    let mut lab = Lab::build(&prefix, &dir).expect("lab builds");
+    prepare(&mut lab);
+    lab.start_hub().expect("hub");
+    lab.start_agents().expect("agents");
+    converge(&lab, "first sync");
+    (guard, lab)
+}
+
+/// Waits for the full matrix (at most 60 s); prints and returns the time.
+pub fn converge(lab: &Lab, what: &str) -> Duration {
+    match lab.converge(Duration::from_secs(60)) {
+        Ok(t) => {
+            eprintln!("{what}: full matrix after {t:?}");
+            t
+        }
+        Err(m) => panic!(
+            "{what}: no full matrix after 60 s\n{}\n{}",
+            Lab::render(&m),
+            lab.logs()
+        ),
+    }
+}
+
+/// The Kubernetes node name of a lab node.
+pub fn name_of(short: &str) -> &'static str {
+    NODES
+        .iter()
+        .find(|n| n.short == short)
+        .map(|n| n.name)
+        .unwrap_or_else(|| panic!("no lab node {short}"))
+}
+
+/// `ListAgents` as JSON.
+pub fn agents(lab: &Lab) -> serde_json::Value {
+    serde_json::from_str(
+        &lab.grpcurl("raven.v1.InspectService/ListAgents")
+            .expect("grpcurl"),
+    )
+    .expect("json")
+}
+
+pub fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) -> Duration {
+    let t = Instant::now();
+    while !done() {
+        assert!(t.elapsed() < timeout, "{what}: not within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    t.elapsed()
+}
+
+/// The node the hub elected as `gateway`'s active tunnel.
+pub fn active_tunnel(lab: &Lab, gateway: &str) -> Option<String> {
+    let v: serde_json::Value =
+        serde_json::from_str(&lab.grpcurl("raven.v1.InspectService/GetTopology").ok()?).ok()?;
+    v["resources"]
+        .as_array()?
+        .iter()
+        .find(|r| r["name"] == format!("gateway/{gateway}"))?["gateway"]["activeTunnel"]["node"]
+        .as_str()
+        .map(str::to_owned)
+}
+
+/// Makes hz-2 gw-hangzhou's second tunnel candidate (in the manifests).
+pub fn add_hz2_candidate_manifest(lab: &Lab) {
+    lab.edit_manifest(
+        "gateways.yaml",
+        "      port: 4500\n      type: tunnel\n---",
+        &format!(
+            "      port: 4500\n      type: tunnel\n    - nodeName: {}\n      underNAT: true\n      port: 4500\n      type: tunnel\n---",
+            name_of("h2")
+        ),
+    )
+    .expect("edit");
+}
+
+/// Powers hz-1 off and waits (at most 30 s) until the hub elects hz-2 for
+/// gw-hangzhou; returns how long the election took.
+pub fn power_off_hz1_until_the_hub_elects_hz2(lab: &mut Lab) -> Duration {
+    lab.power_off("h1").expect("power off hz-1");
+    wait_for(
+        "the hub electing hz-2 for gw-hangzhou",
+        Duration::from_secs(30),
+        || active_tunnel(lab, "gw-hangzhou").as_deref() == Some(name_of("h2")),
+    )
+}

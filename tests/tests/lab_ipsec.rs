@@ -1,0 +1,505 @@
+//! The user-manual lab (see `raven_tests::lab`) with IPsec between the
+//! gateways: `raven-cfg` says `vpn-driver: ipsec`, every node runs a charon
+//! of its own (strongSwan, kernel-libipsec: userspace ESP in UDP, as these
+//! kernels have no ESP) beside its agent, and the agents (default `--vpn
+//! auto`) follow raven-cfg. Real hub, real agents, NAT routers with
+//! stateful firewalls; the NATed domains reach each other through the
+//! cloud gateway (their relay). Each scenario prints what it measured.
+//!
+//! Needs root, charon, swanctl, nft, grpcurl and curl; skipped otherwise unless
+//! `RAVEN_REQUIRE_TOOLS=1`. Labs run one at a time.
+
+use std::collections::BTreeSet;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use raven_tests::lab::{CHARON, Lab, NODES};
+
+mod lab_common;
+
+use lab_common::{
+    active_tunnel, add_hz2_candidate_manifest as add_hz2_candidate, agents, converge, name_of,
+    wait_for,
+};
+
+fn ready() -> bool {
+    lab_common::have(&["nft", "grpcurl", "swanctl", "curl", CHARON])
+}
+
+/// A lab over IPsec, changed by `prepare` before anything runs, up and
+/// converged.
+fn up_with(tag: &str, prepare: impl FnOnce(&mut Lab)) -> (std::sync::MutexGuard<'static, ()>, Lab) {
+    lab_common::up_with("i", tag, |lab| {
+        lab.use_ipsec().expect("IPsec");
+        prepare(lab);
+    })
+}
+
+/// The SAs of a node's charon as `swanctl --list-sas` shows them: one
+/// entry per IKE_SA (`name #unique-id state`) and per CHILD_SA
+/// (`  name #unique-id state`), sorted.
+fn sas(lab: &Lab, short: &str) -> BTreeSet<String> {
+    let uri = format!("unix://{}", lab.charon_vici(short).display());
+    let out = Command::new("swanctl")
+        .args(["--list-sas", "--uri", &uri])
+        .output()
+        .expect("swanctl");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            // `raven-x: #3, ESTABLISHED, IKEv2, ...` and
+            // `  raven-x: #2, reqid 1, INSTALLED, TUNNEL-in-UDP, ...`
+            let (name, rest) = l.split_once(": #")?;
+            let mut fields = rest.split(", ");
+            let id = fields.next()?;
+            let state = if name.starts_with(' ') {
+                fields.nth(1)?
+            } else {
+                fields.next()?
+            };
+            Some(format!("{name} #{id} {state}"))
+        })
+        .collect()
+}
+
+/// Established IKE_SAs of a node's charon.
+fn ike_established(lab: &Lab, short: &str) -> Vec<String> {
+    sas(lab, short)
+        .into_iter()
+        .filter(|s| !s.starts_with(' ') && s.ends_with(" ESTABLISHED"))
+        .collect()
+}
+
+/// Waits until the gateways' charons hold exactly one established IKE_SA
+/// per gateway pair they carry (the cloud: one to each NATed domain; each
+/// NATed domain: one, to its relay) and nothing else.
+fn one_sa_per_pair(lab: &Lab, gateways: &[(&str, usize)]) -> Duration {
+    let t = Instant::now();
+    loop {
+        let counts: Vec<(String, Vec<String>)> = gateways
+            .iter()
+            .map(|(g, _)| (g.to_string(), ike_established(lab, g)))
+            .collect();
+        let ok = gateways
+            .iter()
+            .zip(&counts)
+            .all(|((_, want), (_, have))| have.len() == *want);
+        if ok {
+            return t.elapsed();
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "IKE_SAs per gateway {counts:?}, want {gateways:?}\n{}",
+            lab.logs()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// Gateways of the lab with the IKE_SAs each carries.
+const GATEWAY_SAS: [(&str, usize); 3] = [("c1", 2), ("h1", 1), ("q1", 1)];
+
+#[test]
+fn over_ipsec_every_node_and_pod_reaches_every_other_through_nat_and_the_relay_on_one_sa_per_gateway_pair()
+ {
+    if !ready() {
+        return;
+    }
+    let (_g, lab) = up_with("m", |_| {});
+    let t = one_sa_per_pair(&lab, &GATEWAY_SAS);
+    eprintln!("one IKE_SA per gateway pair {t:?} after the full matrix");
+    // One CHILD_SA per IKE_SA: every subnet is a selector of it.
+    for (g, n) in GATEWAY_SAS {
+        let children = sas(&lab, g)
+            .into_iter()
+            .filter(|s| s.starts_with(' ') && s.ends_with(" INSTALLED"))
+            .count();
+        assert_eq!(children, n, "{g}: {:?}", sas(&lab, g));
+    }
+    // The NATed side dialled: the cloud's SAs come from the routers'
+    // public addresses, on UDP 4500 through the NAT.
+    let report = lab.report(Duration::from_secs(10), Duration::ZERO);
+    eprintln!("{}", report.render());
+    assert!(report.ok(), "{}\n{}", report.verdict(), lab.logs());
+    let paths = &report.paths;
+    for (from, to, relayed) in [
+        ("c1", "h1", false),
+        ("c1", "q1", false),
+        ("h1", "c1", false),
+        ("h1", "q1", true),
+        ("q1", "h1", true),
+        ("q1", "c1", false),
+    ] {
+        assert!(
+            paths
+                .iter()
+                .any(|p| p.0 == from && p.1 == to && p.2 == relayed),
+            "{from} -> {to} relayed {relayed}: {paths:?}"
+        );
+    }
+    // Agents announce IPsec; the hub shows every gateway's SA state.
+    let a = agents(&lab);
+    let list = a["agents"].as_array().cloned().unwrap_or_default();
+    assert_eq!(list.len(), NODES.len(), "{a:#}");
+    for agent in &list {
+        assert!(
+            agent["capabilities"]
+                .as_array()
+                .is_some_and(|c| c.iter().any(|x| x == "CAPABILITY_IPSEC")),
+            "{agent:#}"
+        );
+    }
+    for g in ["c1", "h1", "q1"] {
+        let agent = list
+            .iter()
+            .find(|x| x["nodeName"] == name_of(g))
+            .unwrap_or_else(|| panic!("no agent {g}: {a:#}"));
+        let peers = agent["peers"].as_array().cloned().unwrap_or_default();
+        assert!(
+            !peers.is_empty()
+                && peers
+                    .iter()
+                    .all(|p| p["ipsecState"] == "ESTABLISHED/INSTALLED"),
+            "{g}: {agent:#}"
+        );
+    }
+    // No WireGuard anywhere; the libipsec device keeps 1400 (the most it
+    // carries) over a 1500-byte underlay.
+    for n in NODES {
+        let links = lab
+            .sh(n.short, &["ip", "-o", "link", "show"])
+            .unwrap_or_default();
+        assert!(
+            !links.contains(&lab.tunnel_dev(n.short)),
+            "{}: {links}",
+            n.short
+        );
+    }
+    for g in ["c1", "h1", "q1"] {
+        let link = lab
+            .sh(g, &["ip", "-o", "link", "show", "ipsec0"])
+            .unwrap_or_default();
+        assert!(link.contains(" mtu 1400 "), "{g}: {link}");
+    }
+    // The agent's own view: `raven-edge status` lists the SA state.
+    let edge = lab
+        .binaries_dir()
+        .map(|d| d.join("raven-edge"))
+        .expect("binaries");
+    let status = lab
+        .sh(
+            "h1",
+            &[
+                &edge.to_string_lossy(),
+                "status",
+                "--http-addr",
+                "127.0.0.1:10273",
+            ],
+        )
+        .expect("raven-edge status");
+    eprintln!("raven-edge status on hz-1:\n{status}");
+    assert!(
+        status.contains("IPSEC") && status.contains("ESTABLISHED/INSTALLED"),
+        "{status}"
+    );
+    // And its /metrics: the SA's state beside its bytes and rekey age.
+    let metrics = lab
+        .sh("h1", &["curl", "-sf", "http://127.0.0.1:10273/metrics"])
+        .unwrap_or_default();
+    assert!(
+        metrics.contains(&format!(
+            "raven_edge_ipsec_sa{{peer=\"{}\",state=\"ESTABLISHED/INSTALLED\"}} 1",
+            name_of("c1")
+        )),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn over_ipsec_restarted_agents_keep_every_sa_and_traffic_flows_with_the_hub_killed() {
+    if !ready() {
+        return;
+    }
+    let (_g, mut lab) = up_with("r", |_| {});
+    one_sa_per_pair(&lab, &GATEWAY_SAS);
+    let before: Vec<BTreeSet<String>> = GATEWAY_SAS.iter().map(|(g, _)| sas(&lab, g)).collect();
+    // Every gateway's agent restarts (SIGTERM, then a new process).
+    for (g, _) in GATEWAY_SAS {
+        lab.stop_agent(g);
+    }
+    let m = lab.matrix();
+    assert!(
+        m.iter().all(|x| x.2),
+        "traffic while no gateway agent runs\n{}",
+        Lab::render(&m)
+    );
+    for (g, _) in GATEWAY_SAS {
+        lab.start_agent(g).expect("agent");
+    }
+    wait_for("the gateways' agents back", Duration::from_secs(30), || {
+        let a = agents(&lab);
+        ["c1", "h1", "q1"].iter().all(|g| {
+            a["agents"].as_array().into_iter().flatten().any(|x| {
+                x["nodeName"] == name_of(g) && x["connected"] == true && x["appliedSuccess"] == true
+            })
+        })
+    });
+    // A few passes of the new agents (resync 1 s).
+    std::thread::sleep(Duration::from_secs(3));
+    for (i, (g, _)) in GATEWAY_SAS.iter().enumerate() {
+        let log = std::fs::read_to_string(lab.path(&format!("edge-{g}.log"))).unwrap_or_default();
+        assert!(log.contains("IPsec available"), "{g}: {log}");
+        assert_eq!(
+            sas(&lab, g),
+            before[i],
+            "{g}: SA unique IDs unchanged across the agent restart"
+        );
+    }
+    eprintln!("agent restart: every SA kept its unique ID: {before:?}");
+    converge(&lab, "after the gateways' agents restarted");
+
+    lab.kill_hub();
+    std::thread::sleep(Duration::from_secs(4));
+    let m = lab.matrix();
+    assert!(
+        m.iter().all(|x| x.2),
+        "traffic must survive the hub\n{}",
+        Lab::render(&m)
+    );
+    for (i, (g, _)) in GATEWAY_SAS.iter().enumerate() {
+        assert_eq!(sas(&lab, g), before[i], "{g}: SAs kept with the hub gone");
+    }
+    eprintln!("hub killed: full matrix over the same SAs");
+}
+
+#[test]
+fn over_ipsec_a_powered_off_gateway_node_is_replaced_by_another_node_of_its_gateway() {
+    if !ready() {
+        return;
+    }
+    let (_g, mut lab) = up_with("f", |_| {});
+    add_hz2_candidate(&lab);
+    std::thread::sleep(Duration::from_secs(3));
+    converge(&lab, "hz-2 a standby candidate");
+    assert_eq!(
+        active_tunnel(&lab, "gw-hangzhou").as_deref(),
+        Some(name_of("h1"))
+    );
+    let t = Instant::now();
+    let elected = lab_common::power_off_hz1_until_the_hub_elects_hz2(&mut lab);
+    let alive = ["c1", "c2", "h2", "q1", "q2"];
+    let back = all_reach_within(&lab, &alive, t, Duration::from_secs(90));
+    eprintln!(
+        "gateway failover over IPsec: hz-1 powered off; hz-2 elected after {elected:?}, every other node and pod reached again after {back:?}"
+    );
+    hz2_carries_the_sa(&lab);
+}
+
+/// hz-2's charon carries gw-hangzhou's one SA, and the cloud's has it.
+fn hz2_carries_the_sa(lab: &Lab) {
+    let h2 = ike_established(lab, "h2");
+    assert_eq!(h2.len(), 1, "hz-2 carries gw-hangzhou's SA: {h2:?}");
+    assert!(
+        ike_established(lab, "c1")
+            .iter()
+            .any(|s| s.contains(name_of("h2"))),
+        "{:?}",
+        sas(lab, "c1")
+    );
+}
+
+/// Every pair among `shorts` answers within `timeout` of `t`; returns when.
+fn all_reach_within(lab: &Lab, shorts: &[&str], t: Instant, timeout: Duration) -> Duration {
+    loop {
+        let m = lab.matrix_of(shorts);
+        if m.iter().all(|x| x.2) {
+            return t.elapsed();
+        }
+        assert!(
+            t.elapsed() < timeout,
+            "not every pair answers within {timeout:?}\n{}\n{}",
+            Lab::render(&m),
+            lab.logs()
+        );
+    }
+}
+
+#[test]
+fn over_ipsec_with_the_hub_down_a_dead_gateway_node_fails_over_locally_to_another_of_its_gateway() {
+    if !ready() {
+        return;
+    }
+    let (_g, mut lab) = up_with("l", |_| {});
+    add_hz2_candidate(&lab);
+    std::thread::sleep(Duration::from_secs(3));
+    converge(&lab, "hz-2 a standby candidate");
+    // The cloud already answers hz-2, should it dial.
+    lab.kill_hub();
+    std::thread::sleep(Duration::from_secs(4)); // > 3 heartbeats: agents know
+    let t = Instant::now();
+    lab.power_off("h1").expect("power off hz-1");
+    let alive = ["c1", "c2", "h2", "q1", "q2"];
+    let back = all_reach_within(&lab, &alive, t, Duration::from_secs(90));
+    eprintln!(
+        "local failover over IPsec (hub down): hz-1 powered off, every pair among the others reached again after {back:?}"
+    );
+    hz2_carries_the_sa(&lab);
+}
+
+/// The largest ICMP payload with DF set that `from`'s pod gets to `to`'s
+/// pod (a binary search; a failed ping costs up to a second).
+fn largest_df_payload(lab: &Lab, from: &str, to: &str) -> u32 {
+    let pod = |s: &str| {
+        NODES
+            .iter()
+            .find(|n| n.short == s)
+            .map(|n| n.pod)
+            .unwrap_or_else(|| panic!("no lab node {s}"))
+    };
+    let (src, dst) = (pod(from), pod(to));
+    let (mut lo, mut hi) = (1000u32, 1500u32);
+    assert!(
+        lab.ping_df(from, src, dst, lo),
+        "{from} -> {to}: {lo} bytes"
+    );
+    while hi - lo > 1 {
+        let mid = (lo + hi) / 2;
+        if lab.ping_df(from, src, dst, mid) {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    lo
+}
+
+/// Every link of every namespace of the lab (nodes, switches, routers)
+/// gets an MTU of `mtu`: a smaller underlay everywhere.
+fn underlay_mtu(lab: &Lab, mtu: u32) {
+    let boxes = NODES
+        .iter()
+        .map(|n| n.short)
+        .chain(["inet", "cloudsw", "hzsw", "qdsw", "hzrt", "qdrt"]);
+    for b in boxes {
+        let ns = lab.ns(b);
+        let out = Command::new("ip")
+            .args(["-n", &ns, "-o", "link", "show"])
+            .output()
+            .expect("ip link");
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let Some(name) = line.split(": ").nth(1) else {
+                continue;
+            };
+            let name = name.split('@').next().unwrap_or(name);
+            if name == "lo" {
+                continue;
+            }
+            let st = Command::new("ip")
+                .args([
+                    "-n",
+                    &ns,
+                    "link",
+                    "set",
+                    "dev",
+                    name,
+                    "mtu",
+                    &mtu.to_string(),
+                ])
+                .status()
+                .expect("ip link set");
+            assert!(st.success(), "{ns}: mtu of {name}");
+        }
+    }
+}
+
+#[test]
+fn over_ipsec_on_a_1400_byte_underlay_the_largest_df_ping_across_domains_is_the_underlay_minus_the_tunnel_overhead()
+ {
+    if !ready() {
+        return;
+    }
+    let (_g, lab) = up_with("u", |lab| underlay_mtu(lab, 1400));
+    one_sa_per_pair(&lab, &GATEWAY_SAS);
+    for g in ["c1", "h1", "q1"] {
+        let link = lab
+            .sh(g, &["ip", "-o", "link", "show", "ipsec0"])
+            .unwrap_or_default();
+        assert!(link.contains(" mtu 1320 "), "{g}: {link}");
+    }
+    // From a gateway (into its ipsec0), from a member (raven0, then the
+    // gateway's ipsec0), across the relay and straight to the cloud.
+    for (a, b) in [("h1", "q1"), ("h2", "q2"), ("q2", "c2")] {
+        let lo = largest_df_payload(&lab, a, b);
+        eprintln!(
+            "underlay 1400: largest DF ping pod {a} -> pod {b} over IPsec: payload {lo} bytes (packet {}; libipsec's own 1400 would take packets of 1400)",
+            lo + 28
+        );
+        // 1400 − 80 = 1320, less 20 bytes of IPv4 and 8 of ICMP.
+        assert_eq!(lo, 1320 - 28, "{a} -> {b}");
+    }
+}
+
+/// Skip-NAT acts where traffic leaves a domain: on the sending side's
+/// gateway, a pod's packets to another domain pass the CNI's masquerade
+/// untouched, so they enter the IPsec tunnel with the pod's address (what
+/// the receiving domain's own CNI does with them is its business).
+#[test]
+fn over_ipsec_skip_nat_keeps_the_pod_source_address_into_the_tunnel_under_the_cnis_masquerade() {
+    if !ready() {
+        return;
+    }
+    // Every node masquerades what its pods send off the pod network, as
+    // flannel does (`-s <cluster CIDR> ! -d <cluster CIDR> -j MASQUERADE`).
+    let masquerade = [
+        "iptables",
+        "-t",
+        "nat",
+        "-A",
+        "POSTROUTING",
+        "-s",
+        "10.244.0.0/16",
+        "!",
+        "-d",
+        "10.244.0.0/16",
+        "-j",
+        "MASQUERADE",
+    ];
+    let (_g, lab) = up_with("n", |lab| {
+        for n in NODES {
+            lab.sh(n.short, &masquerade).expect("CNI masquerade");
+        }
+    });
+    one_sa_per_pair(&lab, &GATEWAY_SAS);
+    // (from, to, the sending side's gateway): a member's pod through its
+    // gateway and the relay, a gateway's own pod, a member's pod to the
+    // cloud.
+    for (a, b, gw) in [("h2", "q2", "h1"), ("h1", "c2", "h1"), ("q2", "h1", "q1")] {
+        let (from, to) = (
+            NODES.iter().find(|n| n.short == a).expect("node"),
+            NODES.iter().find(|n| n.short == b).expect("node"),
+        );
+        assert!(lab.ping(a, from.pod, to.ip), "{a} pod -> {b} node");
+        let flow = lab
+            .sh(
+                gw,
+                &[
+                    "conntrack",
+                    "-L",
+                    "-p",
+                    "icmp",
+                    "--src",
+                    from.pod,
+                    "--dst",
+                    to.ip,
+                ],
+            )
+            .unwrap_or_default();
+        eprintln!("skip-NAT over IPsec: {a} pod -> {b} node, on {gw}: {flow}");
+        // Not NATed: the reply goes to the pod itself.
+        assert!(
+            flow.contains(&format!("src={} dst={} ", to.ip, from.pod)),
+            "{gw} masqueraded {a}'s pod {}: {flow}",
+            from.pod
+        );
+    }
+}
