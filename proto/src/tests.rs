@@ -4,20 +4,16 @@ use std::time::Duration;
 use proptest::collection::vec;
 use proptest::prelude::*;
 use prost::Message;
-use raven_model::names::{GatewayName, NodeName};
+use raven_model::fixtures;
+use raven_model::names::NodeName;
 use raven_model::problem::Problem;
 use raven_model::topology::{
-    ContentVersion, EndpointType, ExposeType, GatewayEndpoint, GatewayView, Member, Resource,
-    ResourceBody, ResourceName,
+    ContentVersion, ExposeType, GatewayEndpoint, GatewayView, Resource, ResourceBody, ResourceName,
 };
 
 use crate::arbitrary::{self, agent_report, resource};
 use crate::encoded::{SYNC_RESPONSE_UPDATE_FIELD, UPDATE_RESOURCES_FIELD};
 use crate::*;
-
-fn gw(name: &str) -> GatewayName {
-    GatewayName::new(name).expect("valid gateway name")
-}
 
 fn node(name: &str) -> NodeName {
     NodeName::new(name).expect("valid node name")
@@ -25,34 +21,19 @@ fn node(name: &str) -> NodeName {
 
 fn sample_gateway() -> (ResourceName, Resource) {
     let ep = |n: &str| GatewayEndpoint {
-        node: node(n),
-        type_: EndpointType::Tunnel,
-        port: 4500,
-        under_nat: false,
-        nat_type: String::new(),
-        public_ip: Some("192.0.2.1".parse().expect("ip")),
-        public_port: None,
+        public_ip: Some(fixtures::ip("192.0.2.1")),
         config: BTreeMap::from([
             ("a".to_owned(), "1".to_owned()),
             ("b".to_owned(), "2".to_owned()),
         ]),
+        ..fixtures::endpoint(n, 4500)
     };
     let view = GatewayView {
-        name: gw("gw-a"),
         expose_type: ExposeType::PublicIP,
-        under_nat: false,
-        members: vec![Member {
-            node: node("edge-1"),
-            private_ip: "10.0.0.1".parse().expect("ip"),
-            subnets: vec!["10.244.1.0/24".parse().expect("cidr")],
-            ready: true,
-        }],
+        members: vec![fixtures::member("edge-1", "10.0.0.1", &["10.244.1.0/24"])],
         active_tunnel: Some(ep("edge-1")),
         tunnel_candidates: vec![ep("edge-1"), ep("edge-2")],
-        active_proxies: vec![],
-        proxy_ports: vec![],
-        extra_source_cidrs: vec![],
-        relay: None,
+        ..fixtures::gateway("gw-a")
     };
     (
         ResourceName::gateway(&view.name),

@@ -4,7 +4,7 @@
 
 use std::pin::Pin;
 
-use raven_model::names::NodeName;
+use raven_model::fixtures;
 use raven_model::topology::{PeerInfo, Resource, ResourceBody, ResourceName};
 use raven_proto::v1::sync_service_client::SyncServiceClient;
 use raven_proto::wire::sync_service_server::{SyncService, SyncServiceServer};
@@ -16,17 +16,16 @@ use tonic::{Request, Response, Status, Streaming};
 type BoxStream = Pin<Box<dyn Stream<Item = Result<EncodedSyncResponse, Status>> + Send>>;
 
 fn peer(node: &str) -> (ResourceName, Resource) {
-    let node = NodeName::new(node).expect("node name");
-    let body = ResourceBody::Peer(PeerInfo {
-        node: node.clone(),
-        gateway: "gw-a".parse().expect("gateway name"),
+    let info = PeerInfo {
         wireguard_public_key: Some("xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=".into()),
         tunnel_port: Some(4500),
-        observed_endpoint: Some("192.0.2.7:4500".parse().expect("socket address")),
-        direct: None,
-        ipsec_public_key: None,
-    });
-    (ResourceName::peer(&node), Resource::new(body))
+        observed_endpoint: Some(fixtures::socket("192.0.2.7:4500")),
+        ..fixtures::peer(node, "gw-a")
+    };
+    (
+        ResourceName::peer(&info.node),
+        Resource::new(ResourceBody::Peer(info)),
+    )
 }
 
 /// A hub stand-in: answers a Hello with one snapshot built from shared,

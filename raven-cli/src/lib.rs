@@ -1,9 +1,11 @@
 //! Process plumbing shared by `raven-hub` and `raven-edge`: one way to log,
-//! one way to stop, and one way to keep private keys private ([`files`]).
+//! one way to stop, one way to keep private keys private ([`files`]), and
+//! one backoff, one log-once and one heartbeat rule ([`pace`]).
 
 pub mod files;
 pub mod metrics;
 pub mod output;
+pub mod pace;
 pub mod reload;
 
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`), as JSON lines

@@ -42,9 +42,9 @@ use std::time::{Duration, Instant};
 use ipnet::{IpNet, Ipv4Net};
 use raven_edge::cache::{Accepted, Cache, CachedState};
 use raven_edge::dataplane::{self, Kernel, NodeInputs, Op, model, netlink, skipnat};
+use raven_model::fixtures;
 use raven_model::topology::{
-    EndpointType, ExposeType, GatewayEndpoint, GatewayView, Member, NodeView, Resource,
-    ResourceBody, Settings,
+    ExposeType, GatewayEndpoint, GatewayView, Member, NodeView, Resource, ResourceBody,
 };
 use raven_model::{GatewayName, NodeName, ResourceName};
 
@@ -184,21 +184,13 @@ fn pod_subnet(k: u32) -> IpNet {
 
 pub fn gateway(i: u32, nodes: u32) -> GatewayView {
     let endpoint = GatewayEndpoint {
-        node: name(format!("g{i}-n0")),
-        type_: EndpointType::Tunnel,
-        port: 4500,
-        under_nat: false,
-        nat_type: String::new(),
         public_ip: Some(IpAddr::V4(Ipv4Addr::from(
             u32::from(Ipv4Addr::new(100, 64, 0, 0)) + i,
         ))),
-        public_port: None,
-        config: BTreeMap::new(),
+        ..fixtures::endpoint(&format!("g{i}-n0"), 4500)
     };
     GatewayView {
-        name: gw_name(i),
         expose_type: ExposeType::PublicIP,
-        under_nat: false,
         active_tunnel: Some(endpoint.clone()),
         members: (0..nodes)
             .map(|j| Member {
@@ -209,32 +201,15 @@ pub fn gateway(i: u32, nodes: u32) -> GatewayView {
             })
             .collect(),
         tunnel_candidates: vec![endpoint],
-        active_proxies: vec![],
-        extra_source_cidrs: vec![],
-        proxy_ports: vec![],
-        relay: None,
+        ..fixtures::gateway(gw_name(i).as_str())
     }
 }
 
 fn me() -> NodeView {
     NodeView {
-        name: name("g0-n1".into()),
-        gateway: Some(gw_name(0)),
         private_ip: Some(IpAddr::V4(node_ip(0, 1))),
         subnets: vec![pod_subnet(1)],
-        tunnel_active: false,
-        tunnel_candidate: false,
-        proxy_active: false,
-    }
-}
-
-fn settings() -> Settings {
-    Settings {
-        raven_cfg_present: true,
-        enable_l3_tunnel: true,
-        enable_l7_proxy: false,
-        vxlan_port: 4472,
-        vpn_driver: Default::default(),
+        ..fixtures::node_view("g0-n1", Some(gw_name(0).as_str()))
     }
 }
 
@@ -242,12 +217,8 @@ pub fn inputs(gateways: Vec<GatewayView>) -> NodeInputs {
     NodeInputs {
         me: Some(me()),
         gateways,
-        settings: Some(settings()),
-        active_override: BTreeMap::new(),
-        underlay_mtu: 1500,
-        tunnel_dev: model::DEFAULT_TUNNEL_DEV.to_owned(),
-        tunnel_up: false,
-        direct: Default::default(),
+        settings: Some(fixtures::settings()),
+        ..Default::default()
     }
 }
 
@@ -405,7 +376,7 @@ fn cached_state(gateways: &[GatewayView], revision: u64) -> CachedState {
     );
     resources.insert(
         ResourceName::settings(),
-        Resource::new(ResourceBody::Settings(settings())),
+        Resource::new(ResourceBody::Settings(fixtures::settings())),
     );
     for g in gateways {
         resources.insert(
@@ -692,7 +663,7 @@ async fn run_in_namespace(cfg: &Config) -> Report {
 
         flush_routes();
         let have = netlink::observe(&h, devs()).await.unwrap();
-        let ops = dataplane::plan(&want.state, &have);
+        let ops = dataplane::diff(&want.state, &have);
         let adds = ops.iter().filter(|o| matches!(o, Op::AddRoute(_))).count();
         assert_eq!(adds, report.routes, "an empty table plans every route");
         let t = Instant::now();
@@ -747,7 +718,7 @@ async fn run_in_namespace(cfg: &Config) -> Report {
     let have = netlink::observe(&h, devs()).await.unwrap();
     let t_observe = t.elapsed();
     let t = Instant::now();
-    let ops = dataplane::plan(&d.state, &have);
+    let ops = dataplane::diff(&d.state, &have);
     let t_plan = t.elapsed();
     assert!(ops.is_empty());
     let t = Instant::now();
@@ -777,7 +748,7 @@ async fn run_in_namespace(cfg: &Config) -> Report {
         let next = inputs(changed.clone());
         let h = netlink::connect().unwrap();
         let have = netlink::observe(&h, devs()).await.unwrap();
-        let ops = dataplane::plan(&dataplane::desired(&next).state, &have);
+        let ops = dataplane::diff(&dataplane::desired(&next).state, &have);
         report.change_routes_touched = ops
             .iter()
             .filter(|o| {

@@ -73,6 +73,9 @@ pub struct Health {
     pub hub_clock_offset_ms: Arc<std::sync::Mutex<Option<i64>>>,
     /// A hub session is open (see [`Links::hub_session`]).
     pub hub_session: Arc<std::sync::atomic::AtomicBool>,
+    /// When the hub last spoke, on tokio's clock (see
+    /// [`Health::hub_reachable`]).
+    pub hub_contact: raven_cli::pace::Contact,
     pub ops_applied: Arc<AtomicU64>,
     pub reconciles: Arc<AtomicU64>,
     /// Tunnel peers as last read from the device (gateways only).
@@ -88,6 +91,11 @@ impl Health {
     /// Whether the agent holds the kernel state as found.
     pub fn is_holding(&self) -> bool {
         self.holding.lock().is_ok_and(|h| h.is_some())
+    }
+
+    /// A hub session is open and the hub spoke less than `silence` ago.
+    pub fn hub_reachable(&self, silence: Duration) -> bool {
+        self.hub_session.load(Ordering::Relaxed) && self.hub_contact.heard_within(silence)
     }
 }
 
@@ -158,7 +166,7 @@ async fn probe_loop(
     wake: Arc<tokio::sync::Notify>,
     shutdown: CancellationToken,
 ) {
-    let mut warned = false;
+    let mut failing = raven_cli::pace::FailureStreak::new();
     // One round per period, however long a round waits for answers (a dead
     // candidate costs the whole timeout): `fail_after` misses take
     // `fail_after` periods, not twice that.
@@ -179,7 +187,7 @@ async fn probe_loop(
             .unwrap_or_default();
         match failover::probe(targets.clone(), timeout).await {
             Ok(answered) => {
-                warned = false;
+                failing.succeeded();
                 let dead = ctx.failover.lock().ok().map(|mut st| {
                     st.probes.record(&targets, &answered);
                     view.as_ref()
@@ -201,8 +209,7 @@ async fn probe_loop(
                     });
                 }
             }
-            Err(e) if !warned => {
-                warned = true;
+            Err(e) if failing.failed() => {
                 tracing::warn!(error = %e, "cannot probe the gateway candidates; local failover is off");
             }
             Err(_) => {}
@@ -281,7 +288,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
     let first = state_rx.borrow_and_update().clone();
     // A failed reconcile is retried with backoff up to the resync period,
     // sooner than the resync for what may work a moment later.
-    let mut retry = crate::client::Backoff::new(RETRY_MIN, cfg.resync.max(RETRY_MIN));
+    let mut retry = raven_cli::pace::Backoff::new(RETRY_MIN, cfg.resync.max(RETRY_MIN));
     let mut retry_at: Option<tokio::time::Instant> = None;
     match &holding {
         Some(reason) => ctx.hold(reason).await,
@@ -314,6 +321,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
             last_contact_ms: health.last_contact_ms.clone(),
             hub_clock_offset_ms: health.hub_clock_offset_ms.clone(),
             hub_session: health.hub_session.clone(),
+            hub_contact: health.hub_contact.clone(),
         };
         tasks.spawn(client::run(client_cfg, links, shutdown.clone()));
     }
@@ -374,7 +382,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
 /// When to retry after a reconcile: `None` when it needs no early retry
 /// (the backoff starts over), otherwise after the next backoff delay.
 fn next_retry(
-    backoff: &mut crate::client::Backoff,
+    backoff: &mut raven_cli::pace::Backoff,
     retry_soon: bool,
 ) -> Option<tokio::time::Instant> {
     if !retry_soon {
@@ -496,17 +504,8 @@ fn now_unix() -> u64 {
 }
 
 impl Reconciler {
-    /// A hub session is open and the hub spoke within `hub_silence`.
     fn hub_reachable(&self) -> bool {
-        if !self.health.hub_session.load(Ordering::Relaxed) {
-            return false;
-        }
-        let last = self.health.last_contact_ms.load(Ordering::Relaxed);
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
-        last != 0 && now.saturating_sub(last) < self.hub_silence.as_millis() as u64
+        self.health.hub_reachable(self.hub_silence)
     }
 
     /// What this node knows of itself: its tunnel devices, over an
@@ -554,7 +553,7 @@ impl Reconciler {
             .is_ok_and(|st| st.decided() != &decided)
     }
 
-    /// Tunnel first (make before break), then observe → plan → apply, from `state`.
+    /// Tunnel first (make before break), then observe → diff → apply, from `state`.
     pub async fn reconcile_once(&self, state: &CachedState, pass: Pass) -> Reconciled {
         // The view, built once per reconcile.
         let view = state.view(&self.node);
@@ -753,9 +752,31 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn the_hub_is_reachable_while_a_session_is_open_and_it_spoke_within_the_silence_limit() {
+        let silence = Duration::from_secs(3);
+        let h = Health::default();
+        assert!(!h.hub_reachable(silence), "never heard");
+        h.hub_contact.heard();
+        assert!(!h.hub_reachable(silence), "heard, but no session is open");
+        h.hub_session.store(true, Ordering::Relaxed);
+        assert!(h.hub_reachable(silence));
+        tokio::time::sleep(silence - Duration::from_millis(1)).await;
+        assert!(h.hub_reachable(silence));
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert!(!h.hub_reachable(silence), "silent for the whole limit");
+        h.hub_contact.heard();
+        assert!(h.hub_reachable(silence), "the next message restores it");
+        h.hub_session.store(false, Ordering::Relaxed);
+        assert!(
+            !h.hub_reachable(silence),
+            "a session that ended counts at once"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_failed_reconcile_is_retried_within_the_backoff_and_a_success_resets_it() {
         let resync = Duration::from_secs(30);
-        let mut b = crate::client::Backoff::new(RETRY_MIN, resync);
+        let mut b = raven_cli::pace::Backoff::new(RETRY_MIN, resync);
         let t0 = tokio::time::Instant::now();
         let first = next_retry(&mut b, true).unwrap_or_else(|| unreachable!("a retry"));
         assert!(first - t0 <= RETRY_MIN, "{:?}", first - t0);

@@ -554,7 +554,7 @@ mod tests {
             unreachable!("parsed run")
         };
         assert_eq!(reconnect.reconnect_max, Duration::from_secs(2));
-        let mut b = crate::client::Backoff::new(reconnect.reconnect_min, reconnect.reconnect_max);
+        let mut b = raven_cli::pace::Backoff::new(reconnect.reconnect_min, reconnect.reconnect_max);
         // An hour of failed attempts: no delay above the cap.
         assert!((0..3600).all(|_| b.next_delay() <= reconnect.reconnect_max));
         // And a dead candidate is known within about three seconds.

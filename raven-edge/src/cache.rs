@@ -320,30 +320,20 @@ impl Cache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use raven_model::fixtures;
     use raven_model::topology::Settings;
     use raven_proto::UpdateHeader;
 
     fn res(n: u16) -> (ResourceName, Resource) {
-        let node = NodeName::new(format!("n{n}")).unwrap_or_else(|_| unreachable!());
-        let body = ResourceBody::Node(NodeView {
-            name: node.clone(),
-            gateway: None,
-            private_ip: None,
-            subnets: vec![],
-            tunnel_active: false,
-            tunnel_candidate: false,
-            proxy_active: false,
-        });
-        (ResourceName::node(&node), Resource::new(body))
+        let view = fixtures::node_view(&format!("n{n}"), None);
+        let name = ResourceName::node(&view.name);
+        (name, Resource::new(ResourceBody::Node(view)))
     }
 
     fn settings(port: u16) -> (ResourceName, Resource) {
         let body = ResourceBody::Settings(Settings {
-            raven_cfg_present: true,
-            enable_l3_tunnel: true,
-            enable_l7_proxy: false,
             vxlan_port: port,
-            vpn_driver: Default::default(),
+            ..fixtures::settings()
         });
         (ResourceName::settings(), Resource::new(body))
     }

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use raven_cli::pace::{Backoff, Contact, Heartbeat, Silent};
 use raven_cli::reload::FileStamps;
 use raven_model::NodeName;
 use raven_proto::v1::sync_request::Message as Req;
@@ -136,6 +137,9 @@ pub struct Links {
     /// when it ends): a hub that went away counts as unreachable at once,
     /// not only after its heartbeats have been missed.
     pub hub_session: Arc<AtomicBool>,
+    /// When a hub last sent anything, on tokio's clock (local failover
+    /// asks whether the hub is still there).
+    pub hub_contact: Contact,
 }
 
 /// Now minus `sent_at`, in milliseconds.
@@ -179,36 +183,6 @@ fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
-}
-
-/// Exponential backoff with full jitter.
-#[derive(Debug, Clone)]
-pub struct Backoff {
-    min: Duration,
-    max: Duration,
-    attempt: u32,
-}
-
-impl Backoff {
-    pub fn new(min: Duration, max: Duration) -> Self {
-        Self {
-            min,
-            max,
-            attempt: 0,
-        }
-    }
-    /// The next delay: uniform in `[0, min(max, min * 2^attempt)]`.
-    pub fn next_delay(&mut self) -> Duration {
-        let cap = self
-            .min
-            .saturating_mul(1 << self.attempt.min(20))
-            .min(self.max);
-        self.attempt = self.attempt.saturating_add(1);
-        cap.mul_f64(rand::random::<f64>())
-    }
-    pub fn reset(&mut self) {
-        self.attempt = 0;
-    }
 }
 
 /// Runs the client until `shutdown`.
@@ -470,11 +444,10 @@ async fn session(cfg: &ClientConfig, hub: &str, links: &Links) -> Result<(), Ses
     applied.mark_changed();
     report.mark_changed();
     let mut progress = SnapshotProgress::default();
-    let mut ticker = tokio::time::interval(cfg.heartbeat);
+    let mut heartbeat = Heartbeat::new(cfg.heartbeat);
     let mut rotation = tokio::time::interval(ROTATION_CHECK);
     rotation.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut rotation_after = tokio::time::Instant::now();
-    let mut last_heard = tokio::time::Instant::now();
     let mut seq = 0u64;
     loop {
         tokio::select! {
@@ -482,7 +455,7 @@ async fn session(cfg: &ClientConfig, hub: &str, links: &Links) -> Result<(), Ses
                 let Some(msg) = msg.map_err(status_err)? else {
                     return Err(SessionError::Closed { hub: hub.to_owned() });
                 };
-                last_heard = tokio::time::Instant::now();
+                heartbeat.heard();
                 handle_message(msg, links, &stream.tx, &mut progress).await?;
             }
             _ = rotation.tick(), if tokio::time::Instant::now() >= rotation_after => {
@@ -499,7 +472,7 @@ async fn session(cfg: &ClientConfig, hub: &str, links: &Links) -> Result<(), Ses
                         // dataplane is left alone.
                         stream = next;
                         progress = SnapshotProgress::default();
-                        last_heard = tokio::time::Instant::now();
+                        heartbeat.heard();
                         applied.mark_changed();
                         report.mark_changed();
                         tracing::info!(%hub, "moved to the renewed client certificate on a new stream; the old stream is closed");
@@ -533,9 +506,8 @@ async fn session(cfg: &ClientConfig, hub: &str, links: &Links) -> Result<(), Ses
                     send(&stream.tx, Req::Report(r)).await;
                 }
             }
-            _ = ticker.tick() => {
-                let silent = last_heard.elapsed();
-                if silent > cfg.heartbeat * 3 {
+            beat = heartbeat.beat() => {
+                if let Err(Silent(silent)) = beat {
                     return Err(SessionError::Silent { hub: hub.to_owned(), silent });
                 }
                 seq += 1;
@@ -557,6 +529,7 @@ async fn handle_message(
     progress: &mut SnapshotProgress,
 ) -> Result<(), SessionError> {
     links.last_contact_ms.store(now_ms(), Ordering::Relaxed);
+    links.hub_contact.heard();
     links.hub_session.store(true, Ordering::Relaxed);
     match msg.message {
         Some(Resp::Update(u)) => handle_update(&u, links, tx, progress).await?,

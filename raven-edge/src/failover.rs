@@ -55,7 +55,7 @@ pub const HANDSHAKE_FRESH_SECS: u64 = 180;
 
 /// What the probes say about one address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Health {
+pub enum ProbeVerdict {
     /// Not probed yet, or not probeable: never a reason to fail over.
     Unknown,
     Alive,
@@ -82,7 +82,7 @@ impl ProbeBook {
     /// Records one round: `answered` out of `probed`. Forgets addresses no
     /// longer probed. Returns whether any address changed health.
     pub fn record(&mut self, probed: &[Ipv4Addr], answered: &BTreeSet<Ipv4Addr>) -> bool {
-        let before: Vec<(Ipv4Addr, Health)> =
+        let before: Vec<(Ipv4Addr, ProbeVerdict)> =
             probed.iter().map(|a| (*a, self.health(*a))).collect();
         self.misses.retain(|a, _| probed.contains(a));
         for a in probed {
@@ -92,11 +92,11 @@ impl ProbeBook {
         before.iter().any(|(a, h)| self.health(*a) != *h)
     }
 
-    pub fn health(&self, addr: Ipv4Addr) -> Health {
+    pub fn health(&self, addr: Ipv4Addr) -> ProbeVerdict {
         match self.misses.get(&addr) {
-            None => Health::Unknown,
-            Some(m) if *m >= self.fail_after => Health::Dead,
-            Some(_) => Health::Alive,
+            None => ProbeVerdict::Unknown,
+            Some(m) if *m >= self.fail_after => ProbeVerdict::Dead,
+            Some(_) => ProbeVerdict::Alive,
         }
     }
 }
@@ -182,7 +182,9 @@ pub fn dead_candidates(view: &View, probes: &ProbeBook) -> Vec<NodeName> {
         .tunnel_candidates
         .iter()
         .filter(|c| c.node != me.name)
-        .filter(|c| member_ip(gw, &c.node).is_some_and(|ip| probes.health(ip) == Health::Dead))
+        .filter(|c| {
+            member_ip(gw, &c.node).is_some_and(|ip| probes.health(ip) == ProbeVerdict::Dead)
+        })
         .map(|c| c.node.clone())
         .collect();
     out.sort();
@@ -231,17 +233,17 @@ fn own_domain<'a>(
 ) -> Option<&'a NodeName> {
     let health = |n: &NodeName| {
         if n == me {
-            return Health::Alive;
+            return ProbeVerdict::Alive;
         }
-        member_ip(gw, n).map_or(Health::Unknown, |ip| ev.probes.health(ip))
+        member_ip(gw, n).map_or(ProbeVerdict::Unknown, |ip| ev.probes.health(ip))
     };
-    if health(hub_choice) != Health::Dead || (ev.hub_reachable && !overridden) {
+    if health(hub_choice) != ProbeVerdict::Dead || (ev.hub_reachable && !overridden) {
         return Some(hub_choice);
     }
     gw.tunnel_candidates
         .iter()
         .map(|c| &c.node)
-        .find(|n| health(n) != Health::Dead)
+        .find(|n| health(n) != ProbeVerdict::Dead)
 }
 
 fn remote_domain<'a>(
@@ -580,26 +582,13 @@ mod icmp {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use raven_model::topology::{
-        EndpointType, ExposeType, GatewayEndpoint, Member, NodeView, PeerInfo,
-    };
+    use raven_model::fixtures::{self, gateway_name as g, node as n};
+    use raven_model::topology::{GatewayEndpoint, Member, PeerInfo};
 
-    fn n(s: &str) -> NodeName {
-        NodeName::new(s).unwrap_or_else(|_| unreachable!())
-    }
-    fn g(s: &str) -> GatewayName {
-        GatewayName::new(s).unwrap_or_else(|_| unreachable!())
-    }
     fn ep(node: &str) -> GatewayEndpoint {
         GatewayEndpoint {
-            node: n(node),
-            type_: EndpointType::Tunnel,
-            port: 4500,
             under_nat: true,
-            nat_type: String::new(),
-            public_ip: None,
-            public_port: None,
-            config: BTreeMap::new(),
+            ..fixtures::endpoint(node, 4500)
         }
     }
     fn ip(last: u8) -> Ipv4Addr {
@@ -609,8 +598,6 @@ mod tests {
     /// node i has address 10.0.0.(i+1).
     fn gw(name: &str, nodes: &[&str]) -> GatewayView {
         GatewayView {
-            name: g(name),
-            expose_type: ExposeType::None,
             under_nat: true,
             members: nodes
                 .iter()
@@ -624,23 +611,12 @@ mod tests {
                 .collect(),
             active_tunnel: Some(ep(nodes[0])),
             tunnel_candidates: nodes.iter().map(|m| ep(m)).collect(),
-            active_proxies: vec![],
-            proxy_ports: vec![],
-            extra_source_cidrs: vec![],
-            relay: None,
+            ..fixtures::gateway(name)
         }
     }
     fn inputs(me: &str, my_gw: &str) -> View {
         View {
-            me: NodeView {
-                name: n(me),
-                gateway: Some(g(my_gw)),
-                private_ip: None,
-                subnets: vec![],
-                tunnel_active: false,
-                tunnel_candidate: false,
-                proxy_active: false,
-            },
+            me: fixtures::node_view(me, Some(my_gw)),
             gateways: vec![gw("gw-a", &["a1", "a2", "a3"]), gw("gw-b", &["b1", "b2"])],
             settings: None,
             peers: vec![],
@@ -672,14 +648,14 @@ mod tests {
     fn a_probe_is_dead_only_after_fail_after_misses_in_a_row() {
         let mut b = ProbeBook::new(3);
         let t = [ip(1)];
-        assert_eq!(b.health(ip(1)), Health::Unknown);
+        assert_eq!(b.health(ip(1)), ProbeVerdict::Unknown);
         assert!(b.record(&t, &BTreeSet::new()), "unknown → alive (1 miss)");
         b.record(&t, &BTreeSet::new());
-        assert_eq!(b.health(ip(1)), Health::Alive);
+        assert_eq!(b.health(ip(1)), ProbeVerdict::Alive);
         assert!(b.record(&t, &BTreeSet::new()));
-        assert_eq!(b.health(ip(1)), Health::Dead);
+        assert_eq!(b.health(ip(1)), ProbeVerdict::Dead);
         assert!(b.record(&t, &[ip(1)].into()));
-        assert_eq!(b.health(ip(1)), Health::Alive);
+        assert_eq!(b.health(ip(1)), ProbeVerdict::Alive);
     }
 
     #[test]
@@ -844,16 +820,13 @@ mod tests {
         use crate::tunnel::uapi::PeerState;
         let key = |b: u8| Key([b; 32]);
         let info = |node: &str, b: u8| PeerInfo {
-            node: n(node),
-            gateway: g("gw-b"),
             wireguard_public_key: Some(key(b).to_base64()),
             tunnel_port: Some(4500),
-            observed_endpoint: None,
             direct: Some(raven_model::topology::DirectDevice {
                 public_key: key(b + 100).to_base64(),
                 observed_endpoint: None,
             }),
-            ipsec_public_key: None,
+            ..fixtures::peer(node, "gw-b")
         };
         let peers = vec![info("b1", 1), info("b2", 2)];
         let device = |b2_rx: u64| DeviceState {

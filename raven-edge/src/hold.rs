@@ -62,25 +62,17 @@ pub fn ends_with(state: &CachedState) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use raven_model::topology::NodeView;
-    use raven_model::{NodeName, Resource, ResourceBody, ResourceName};
+    use raven_model::fixtures;
+    use raven_model::{Resource, ResourceBody, ResourceName};
 
     fn with_one_resource(complete: bool) -> CachedState {
-        let node = NodeName::new("n0").unwrap_or_else(|_| unreachable!());
-        let body = ResourceBody::Node(NodeView {
-            name: node.clone(),
-            gateway: None,
-            private_ip: None,
-            subnets: vec![],
-            tunnel_active: false,
-            tunnel_candidate: false,
-            proxy_active: false,
-        });
+        let view = fixtures::node_view("n0", None);
+        let name = ResourceName::node(&view.name);
         CachedState {
             epoch: "e".into(),
             revision: 3,
             complete,
-            resources: [(ResourceName::node(&node), Resource::new(body))].into(),
+            resources: [(name, Resource::new(ResourceBody::Node(view)))].into(),
         }
     }
 

@@ -21,5 +21,6 @@ pub mod http;
 pub mod ipsec;
 pub mod plan;
 pub mod proxy;
+pub mod reach;
 pub mod status;
 pub mod tunnel;

@@ -8,7 +8,7 @@
 //! [`crate::failover::decide`] on the devices as they are,
 //! [`crate::dataplane::assemble`], [`crate::tunnel::spec`] /
 //! [`crate::tunnel::direct_spec`] and [`crate::tunnel::diff`],
-//! [`crate::dataplane::Kernel::plan`], [`skipnat::spec`] / [`skipnat::plan`].
+//! [`crate::dataplane::Kernel::plan`], [`skipnat::spec`] / [`skipnat::diff`].
 //! One difference it cannot avoid: a running agent's local failover
 //! overrides live in its memory; the plan takes the hub's choices
 //! (what an agent that hears its hub does).
@@ -170,7 +170,7 @@ pub async fn plan(
         match skipnat::observe(family).await {
             Ok(observed) => {
                 skip_nat
-                    .extend(skipnat::plan(rules.family(family), &observed).map(|r| (family, r)));
+                    .extend(skipnat::diff(rules.family(family), &observed).map(|r| (family, r)));
             }
             Err(e) => warnings.push(format!("skip-NAT: {e}")),
         }

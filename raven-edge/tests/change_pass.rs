@@ -54,7 +54,7 @@ impl Ns {
 
     fn pass(&self, kernel: &Kernel, inputs: &NodeInputs, change: bool) -> ReconcileReport {
         let (kernel, inputs) = (kernel.clone(), inputs.clone());
-        support::block_on_in(&self.0, async move {
+        support::block_on_in(&self.0, move || async move {
             if change {
                 kernel.reconcile_change(&inputs).await
             } else {
@@ -66,7 +66,7 @@ impl Ns {
 
     /// Raven's routes and v4 skip-NAT rules in the kernel now.
     fn kernel(&self) -> (model::State, skipnat::Observed) {
-        support::block_on_in(&self.0, async {
+        support::block_on_in(&self.0, || async {
             let h = dataplane::netlink::connect().expect("netlink");
             let devs = dataplane::TunnelDevs {
                 tunnel: model::DEFAULT_TUNNEL_DEV,

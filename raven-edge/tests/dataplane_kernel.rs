@@ -6,16 +6,12 @@
 
 mod support;
 
-use std::collections::BTreeMap;
-use std::net::IpAddr;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use raven_edge::dataplane::{Kernel, NodeInputs, ReconcileReport};
-use raven_model::topology::{
-    EndpointType, ExposeType, GatewayEndpoint, GatewayView, Member, NodeView, Settings,
-};
-use raven_model::{GatewayName, NodeName};
+use raven_model::fixtures::{self, member};
+use raven_model::topology::{GatewayEndpoint, GatewayView, Member, NodeView};
 use serde_json::Value;
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -65,16 +61,13 @@ impl Netns {
         ns
     }
 
-    /// Runs `f` on a thread inside the namespace with its own runtime.
-    fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = format!("/var/run/netns/{}", self.name);
-        std::thread::spawn(move || {
-            let fd = std::fs::File::open(&path).expect("open netns");
-            nix::sched::setns(fd, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-            f()
-        })
-        .join()
-        .expect("namespace thread")
+    /// Runs the future `make` builds inside the namespace, on a runtime of
+    /// its own.
+    fn block_on<T: Send, F: std::future::Future<Output = T>>(
+        &self,
+        make: impl FnOnce() -> F + Send,
+    ) -> T {
+        support::block_on_in(&self.name, make)
     }
 
     /// One reconcile, from a fresh netlink connection; the ops applied.
@@ -84,40 +77,26 @@ impl Netns {
 
     fn reconcile_with(&self, kernel: Kernel, inputs: &NodeInputs) -> ReconcileReport {
         let inputs = inputs.clone();
-        self.run(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            let inputs = rt.block_on(with_underlay(inputs));
-            rt.block_on(kernel.reconcile(&inputs))
-                .unwrap_or_else(|e| panic!("{e}"))
+        self.block_on(move || async move {
+            let inputs = with_underlay(inputs).await;
+            kernel.reconcile(&inputs).await
         })
+        .unwrap_or_else(|e| panic!("{e}"))
     }
 
     fn plan(&self, inputs: &NodeInputs) -> Vec<String> {
         let inputs = inputs.clone();
-        self.run(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            let inputs = rt.block_on(with_underlay(inputs));
-            rt.block_on(Kernel::new(false).plan(&inputs))
-                .map(|p| p.iter().map(ToString::to_string).collect())
-                .unwrap_or_else(|e| panic!("{e}"))
+        self.block_on(move || async move {
+            let inputs = with_underlay(inputs).await;
+            Kernel::new(false).plan(&inputs).await
         })
+        .map(|p| p.iter().map(ToString::to_string).collect())
+        .unwrap_or_else(|e| panic!("{e}"))
     }
 
     fn teardown(&self) {
-        self.run(|| {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(Kernel::new(true).teardown("raven-wg0"))
-                .unwrap_or_else(|e| panic!("{e}"))
-        });
+        self.block_on(|| async { Kernel::new(true).teardown("raven-wg0").await })
+            .unwrap_or_else(|e| panic!("{e}"));
     }
 
     fn routes(&self, table: &str) -> Vec<(String, String)> {
@@ -184,40 +163,15 @@ impl Drop for Netns {
     }
 }
 
-fn name(s: &str) -> NodeName {
-    NodeName::new(s).expect("node name")
-}
-
-fn member(n: &str, ip: &str, subnets: &[&str]) -> Member {
-    Member {
-        node: name(n),
-        private_ip: ip.parse().expect("ip"),
-        subnets: subnets.iter().map(|s| s.parse().expect("cidr")).collect(),
-        ready: true,
-    }
-}
-
 fn gateway(g: &str, active: &str, members: Vec<Member>) -> GatewayView {
     GatewayView {
-        name: GatewayName::new(g).expect("gw"),
-        expose_type: ExposeType::None,
         under_nat: true,
         active_tunnel: Some(GatewayEndpoint {
-            node: name(active),
-            type_: EndpointType::Tunnel,
-            port: 4500,
             under_nat: true,
-            nat_type: String::new(),
-            public_ip: None,
-            public_port: None,
-            config: BTreeMap::new(),
+            ..fixtures::endpoint(active, 4500)
         }),
         members,
-        tunnel_candidates: vec![],
-        active_proxies: vec![],
-        proxy_ports: vec![],
-        extra_source_cidrs: vec![],
-        relay: None,
+        ..fixtures::gateway(g)
     }
 }
 
@@ -235,13 +189,8 @@ async fn with_underlay(mut inputs: NodeInputs) -> NodeInputs {
 fn inputs(me: &str, my_ip: &str) -> NodeInputs {
     NodeInputs {
         me: Some(NodeView {
-            name: name(me),
-            gateway: Some(GatewayName::new("gw-hangzhou").expect("gw")),
-            private_ip: Some(my_ip.parse::<IpAddr>().expect("ip")),
-            subnets: vec![],
-            tunnel_active: false,
-            tunnel_candidate: false,
-            proxy_active: false,
+            private_ip: Some(fixtures::ip(my_ip)),
+            ..fixtures::node_view(me, Some("gw-hangzhou"))
         }),
         gateways: vec![
             gateway(
@@ -262,18 +211,9 @@ fn inputs(me: &str, my_ip: &str) -> NodeInputs {
                 )],
             ),
         ],
-        settings: Some(Settings {
-            raven_cfg_present: true,
-            enable_l3_tunnel: true,
-            enable_l7_proxy: false,
-            vxlan_port: 4472,
-            vpn_driver: Default::default(),
-        }),
-        active_override: BTreeMap::new(),
+        settings: Some(fixtures::settings()),
         underlay_mtu: 0,
-        tunnel_dev: "raven-wg0".into(),
-        tunnel_up: false,
-        direct: Default::default(),
+        ..Default::default()
     }
 }
 

@@ -26,12 +26,10 @@ use raven_edge::dataplane::model::NodeInputs;
 use raven_edge::ipsec::apply::{Ipsec, SaHealth, ike_id, list_sas};
 use raven_edge::ipsec::charon::{Datapath, strongswan_conf};
 use raven_edge::ipsec::keys::IdentityKey;
-use raven_edge::ipsec::plan::{Plan, plan};
+use raven_edge::ipsec::spec::{IpsecSpec, spec};
 use raven_edge::ipsec::vici::{Client, Message};
-use raven_model::topology::{
-    EndpointType, ExposeType, GatewayEndpoint, GatewayView, Member, NodeView, PeerInfo,
-};
-use raven_model::{GatewayName, NodeName};
+use raven_model::fixtures;
+use raven_model::topology::{ExposeType, GatewayEndpoint, GatewayView, NodeView, PeerInfo};
 use support::{Proc, must};
 
 const CHARON: &str = "/usr/lib/ipsec/charon";
@@ -174,14 +172,6 @@ impl Drop for Namespaces {
     }
 }
 
-fn node(s: &str) -> NodeName {
-    NodeName::new(s).expect("node name")
-}
-
-fn gw_name(s: &str) -> GatewayName {
-    GatewayName::new(s).expect("gateway name")
-}
-
 /// A gateway with one member (its tunnel endpoint) whose pod subnet is
 /// `subnet`.
 fn gateway(
@@ -193,35 +183,22 @@ fn gateway(
     relay: Option<&str>,
 ) -> GatewayView {
     let ep = GatewayEndpoint {
-        node: node(member),
-        type_: EndpointType::Tunnel,
-        port: 4500,
         under_nat: public_ip.is_none(),
-        nat_type: String::new(),
-        public_ip: public_ip.map(|p| p.parse().expect("ip")),
-        public_port: None,
-        config: BTreeMap::new(),
+        public_ip: public_ip.map(fixtures::ip),
+        ..fixtures::endpoint(member, 4500)
     };
     GatewayView {
-        name: gw_name(name),
         expose_type: if public_ip.is_some() {
             ExposeType::PublicIP
         } else {
             ExposeType::None
         },
         under_nat: public_ip.is_none(),
-        members: vec![Member {
-            node: node(member),
-            private_ip: private_ip.parse().expect("ip"),
-            subnets: vec![subnet.parse().expect("subnet")],
-            ready: true,
-        }],
+        members: vec![fixtures::member(member, private_ip, &[subnet])],
         active_tunnel: Some(ep.clone()),
         tunnel_candidates: vec![ep],
-        active_proxies: Vec::new(),
-        extra_source_cidrs: Vec::new(),
-        proxy_ports: Vec::new(),
-        relay: relay.map(gw_name),
+        relay: relay.map(fixtures::gateway_name),
+        ..fixtures::gateway(name)
     }
 }
 
@@ -229,39 +206,30 @@ fn gateway(
 /// where its tunnel traffic comes from.
 fn peer(member: &str, gw: &str, key: &IdentityKey, observed: Option<&str>) -> PeerInfo {
     PeerInfo {
-        node: node(member),
-        gateway: gw_name(gw),
-        wireguard_public_key: None,
         tunnel_port: Some(4500),
-        observed_endpoint: observed.map(|o| o.parse().expect("endpoint")),
-        direct: None,
+        observed_endpoint: observed.map(fixtures::socket),
         ipsec_public_key: Some(key.public_base64()),
+        ..fixtures::peer(member, gw)
     }
 }
 
 /// The plan of `me` (a member of `gws[i]`).
-fn plan_for(gws: &[GatewayView], i: usize, peers: &[PeerInfo]) -> Plan {
+fn plan_for(gws: &[GatewayView], i: usize, peers: &[PeerInfo]) -> IpsecSpec {
     let g = &gws[i];
     let m = &g.members[0];
     let inputs = NodeInputs {
         me: Some(NodeView {
-            name: m.node.clone(),
-            gateway: Some(g.name.clone()),
             private_ip: Some(m.private_ip),
             subnets: m.subnets.clone(),
             tunnel_active: true,
             tunnel_candidate: true,
-            proxy_active: false,
+            ..fixtures::node_view(m.node.as_str(), Some(g.name.as_str()))
         }),
         gateways: gws.to_vec(),
-        settings: None,
-        active_override: BTreeMap::new(),
-        underlay_mtu: 1500,
         tunnel_dev: String::new(),
-        tunnel_up: false,
-        direct: Default::default(),
+        ..Default::default()
     };
-    plan(&inputs, peers)
+    spec(&inputs, peers)
 }
 
 async fn client(vici: &Path) -> Client {
@@ -661,20 +629,6 @@ async fn two_gateways_one_sa_pair_survives_restart_refuses_impostor_rekeys_and_r
     assert!(!err.is_empty(), "b's old key still authenticates as b-1");
 }
 
-/// Runs `f` on a thread inside network namespace `ns` with a runtime of its
-/// own (netlink sockets open where the thread is).
-fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            let fd = std::fs::File::open(format!("/run/netns/{ns}")).expect("netns file");
-            nix::sched::setns(fd, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-            f()
-        })
-        .join()
-        .expect("netns thread")
-    })
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_carries_two_natted_gateways_through_masquerade() {
     if !ready() || !support::root_with(&["iptables"]) {
@@ -803,7 +757,7 @@ async fn relay_carries_two_natted_gateways_through_masquerade() {
         peer("x-1", "gw-x", &keys[1], Some("203.0.113.2:4500")),
         peer("y-1", "gw-y", &keys[2], Some("203.0.113.3:4500")),
     ];
-    let plans: Vec<Plan> = (0..3).map(|i| plan_for(&gws, i, &peers)).collect();
+    let plans: Vec<IpsecSpec> = (0..3).map(|i| plan_for(&gws, i, &peers)).collect();
     assert_eq!(
         plans[0].conns.len(),
         2,
@@ -818,14 +772,8 @@ async fn relay_carries_two_natted_gateways_through_masquerade() {
             .contains(&"10.3.0.0".parse().expect("ip"))
     );
     let lo = plans[0].lo_addresses.clone();
-    in_netns(r, || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime")
-            .block_on(raven_edge::ipsec::agent::sync_lo_addresses(&lo))
-            .expect("lo addresses")
-    });
+    support::block_on_in(r, || raven_edge::ipsec::agent::sync_lo_addresses(&lo))
+        .expect("lo addresses");
     let (_, addrs) = ns_run(r, &["ip", "-4", "addr", "show", "dev", "lo"]);
     assert!(
         addrs.contains("10.3.0.0/32") && addrs.contains("lo:raven"),
@@ -878,16 +826,10 @@ async fn relay_carries_two_natted_gateways_through_masquerade() {
         );
     }
     // Removing the wanted addresses removes only raven's.
-    in_netns(r, || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime")
-            .block_on(raven_edge::ipsec::agent::sync_lo_addresses(
-                &Default::default(),
-            ))
-            .expect("lo addresses")
-    });
+    support::block_on_in(r, || async {
+        raven_edge::ipsec::agent::sync_lo_addresses(&Default::default()).await
+    })
+    .expect("lo addresses");
     let (_, addrs) = ns_run(r, &["ip", "-4", "addr", "show", "dev", "lo"]);
     assert!(!addrs.contains("lo:raven"), "{addrs}");
     assert!(

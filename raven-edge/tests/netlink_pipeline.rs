@@ -52,7 +52,7 @@ impl Ns {
         &self,
         f: impl std::future::Future<Output = T> + Send + 'static,
     ) -> T {
-        support::block_on_in(&self.0, f)
+        support::block_on_in(&self.0, || f)
     }
 }
 

@@ -8,17 +8,14 @@
 
 mod support;
 
-use std::collections::BTreeMap;
 use std::net::{IpAddr, UdpSocket};
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use raven_edge::dataplane::{Kernel, NodeInputs, ReconcileReport};
-use raven_model::topology::{
-    EndpointType, ExposeType, GatewayEndpoint, GatewayView, Member, NodeView, Settings,
-};
-use raven_model::{GatewayName, NodeName};
+use raven_model::fixtures;
+use raven_model::topology::{GatewayEndpoint, GatewayView, Member, NodeView};
 use support::must;
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -117,40 +114,22 @@ impl Pair {
         pair
     }
 
-    /// Runs `f` on a thread inside namespace `ns`.
-    fn run<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = format!("/var/run/netns/{ns}");
-        std::thread::spawn(move || {
-            let fd = std::fs::File::open(&path).expect("open netns");
-            nix::sched::setns(fd, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-            f()
-        })
-        .join()
-        .expect("namespace thread")
-    }
-
-    fn block_on<T: Send + 'static>(
+    fn block_on<T: Send, F: std::future::Future<Output = T>>(
         &self,
-        f: impl std::future::Future<Output = T> + Send + 'static,
+        make: impl FnOnce() -> F + Send,
     ) -> T {
-        Self::run(&self.a, move || {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime")
-                .block_on(f)
-        })
+        support::block_on_in(&self.a, make)
     }
 
     /// One reconcile of the node namespace.
     fn reconcile(&self, kernel: Kernel, inputs: &NodeInputs) -> ReconcileReport {
         let inputs = inputs.clone();
-        self.block_on(async move { kernel.reconcile(&inputs).await })
+        self.block_on(|| async move { kernel.reconcile(&inputs).await })
             .unwrap_or_else(|e| panic!("{e}"))
     }
 
     fn teardown(&self) -> usize {
-        self.block_on(async { Kernel::new(true).teardown("raven-wg0").await })
+        self.block_on(|| async { Kernel::new(true).teardown("raven-wg0").await })
             .unwrap_or_else(|e| panic!("{e}"))
     }
 
@@ -159,11 +138,11 @@ impl Pair {
     fn source_seen(&self, src: &str, dst: &str) -> IpAddr {
         let src: IpAddr = src.parse().expect("src");
         let dst: IpAddr = dst.parse().expect("dst");
-        let rx = Self::run(&self.b, move || UdpSocket::bind((dst, 0)).expect("bind rx"));
+        let rx = support::in_netns(&self.b, move || UdpSocket::bind((dst, 0)).expect("bind rx"));
         rx.set_read_timeout(Some(Duration::from_secs(5)))
             .expect("timeout");
         let port = rx.local_addr().expect("rx addr").port();
-        let tx = Self::run(&self.a, move || UdpSocket::bind((src, 0)).expect("bind tx"));
+        let tx = support::in_netns(&self.a, move || UdpSocket::bind((src, 0)).expect("bind tx"));
         tx.send_to(b"raven", (dst, port)).expect("send");
         let mut buf = [0u8; 16];
         let (_, peer) = rx
@@ -200,31 +179,15 @@ impl Drop for Pair {
     }
 }
 
-fn name(s: &str) -> NodeName {
-    NodeName::new(s).expect("node name")
-}
-
 fn gateway(g: &str, active: Option<&str>, members: Vec<Member>) -> GatewayView {
     GatewayView {
-        name: GatewayName::new(g).expect("gw"),
-        expose_type: ExposeType::None,
         under_nat: true,
         active_tunnel: active.map(|a| GatewayEndpoint {
-            node: name(a),
-            type_: EndpointType::Tunnel,
-            port: 4500,
             under_nat: true,
-            nat_type: String::new(),
-            public_ip: None,
-            public_port: None,
-            config: BTreeMap::new(),
+            ..fixtures::endpoint(a, 4500)
         }),
         members,
-        tunnel_candidates: vec![],
-        active_proxies: vec![],
-        proxy_ports: vec![],
-        extra_source_cidrs: vec![],
-        relay: None,
+        ..fixtures::gateway(g)
     }
 }
 
@@ -232,21 +195,13 @@ fn gateway(g: &str, active: Option<&str>, members: Vec<Member>) -> GatewayView {
 /// routes nothing into table 9027 and the test's own routes carry the
 /// datagrams; the remote domain holds 10.244.3.0/24 and fd10:3::/64.
 fn inputs() -> NodeInputs {
-    let member = |n: &str, ip: &str, subnets: &[&str]| Member {
-        node: name(n),
-        private_ip: ip.parse().expect("ip"),
-        subnets: subnets.iter().map(|s| s.parse().expect("cidr")).collect(),
-        ready: true,
-    };
+    let member = fixtures::member;
     NodeInputs {
         me: Some(NodeView {
-            name: name("hz-gw"),
-            gateway: Some(GatewayName::new("gw-hangzhou").expect("gw")),
-            private_ip: Some(NODE.parse().expect("ip")),
-            subnets: vec![],
+            private_ip: Some(fixtures::ip(NODE)),
             tunnel_active: true,
             tunnel_candidate: true,
-            proxy_active: false,
+            ..fixtures::node_view("hz-gw", Some("gw-hangzhou"))
         }),
         gateways: vec![
             gateway(
@@ -264,18 +219,8 @@ fn inputs() -> NodeInputs {
                 )],
             ),
         ],
-        settings: Some(Settings {
-            raven_cfg_present: true,
-            enable_l3_tunnel: true,
-            enable_l7_proxy: false,
-            vxlan_port: 4472,
-            vpn_driver: Default::default(),
-        }),
-        active_override: BTreeMap::new(),
-        underlay_mtu: 1500,
-        tunnel_dev: "raven-wg0".into(),
-        tunnel_up: false,
-        direct: Default::default(),
+        settings: Some(fixtures::settings()),
+        ..Default::default()
     }
 }
 

@@ -26,25 +26,6 @@ impl Drop for Netns {
     }
 }
 
-/// Runs `f` on a current-thread runtime in a thread that entered `ns`.
-fn in_netns<T: Send + 'static>(
-    ns: &str,
-    f: impl FnOnce() -> std::pin::Pin<Box<dyn std::future::Future<Output = T>>> + Send + 'static,
-) -> T {
-    let path = format!("/run/netns/{ns}");
-    std::thread::spawn(move || {
-        let fd = std::fs::File::open(&path).expect("open netns");
-        nix::sched::setns(fd, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime")
-            .block_on(f())
-    })
-    .join()
-    .expect("netns thread")
-}
-
 #[test]
 fn auto_picks_the_kernel_only_where_it_has_wireguard_and_kernel_mode_refuses_otherwise() {
     if !is_root() {
@@ -52,7 +33,7 @@ fn auto_picks_the_kernel_only_where_it_has_wireguard_and_kernel_mode_refuses_oth
     }
     let ns = Netns(format!("rwb{}", std::process::id() % 100_000));
     must(&["netns", "add", &ns.0]);
-    let (auto, forced, can_create) = in_netns(&ns.0, || {
+    let (auto, forced, can_create) = support::block_on_in(&ns.0, || {
         Box::pin(async {
             let can_create = kernel::create("rwbprobe0").await.is_ok();
             let _ = kernel::delete("rwbprobe0").await;
@@ -69,7 +50,7 @@ fn auto_picks_the_kernel_only_where_it_has_wireguard_and_kernel_mode_refuses_oth
         assert_eq!(forced, Ok(Backend::Kernel));
         // A real kernel device: a change written over generic netlink reads
         // back.
-        let state = in_netns(&ns.0, || {
+        let state = support::block_on_in(&ns.0, || {
             Box::pin(async {
                 kernel::create("rwbwg0").await.expect("create");
                 let change = Change {
@@ -121,7 +102,7 @@ fn with_external_wireguard_go_the_agent_never_starts_one_and_adopts_the_one_runn
         .expect("key")
         .with_wireguard_go(WireguardGo::External);
     let t = tunnel.clone();
-    let err = in_netns(&ns.0, move || {
+    let err = support::block_on_in(&ns.0, move || {
         Box::pin(async move { t.ensure_device(1420, None).await.map_err(|e| e.to_string()) })
     })
     .expect_err("no wireguard-go runs for the device");
@@ -146,7 +127,7 @@ fn with_external_wireguard_go_the_agent_never_starts_one_and_adopts_the_one_runn
             .expect("wireguard-go"),
     );
     let t = tunnel.clone();
-    in_netns(&ns.0, move || {
+    support::block_on_in(&ns.0, move || {
         Box::pin(async move { t.ensure_device(1420, None).await.map_err(|e| e.to_string()) })
     })
     .expect("adopts the running wireguard-go");

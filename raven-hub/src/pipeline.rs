@@ -426,15 +426,14 @@ impl Pipeline {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use raven_core::Problem;
     use raven_core::topology::{Resource, ResourceBody, Settings};
 
     fn settings(port: u16) -> Resource {
         Resource::new(ResourceBody::Settings(Settings {
-            raven_cfg_present: true,
-            enable_l3_tunnel: true,
             enable_l7_proxy: true,
             vxlan_port: port,
-            vpn_driver: Default::default(),
+            ..raven_model::fixtures::settings()
         }))
     }
 
@@ -650,5 +649,83 @@ mod tests {
         let names: Vec<&str> = d.names.iter().map(ResourceName::as_str).collect();
         assert_eq!(names, ["gateway/a", "gateway/b", "gateway/c"]);
         assert!(Delta::between(7, &after, &after).names.is_empty());
+    }
+
+    /// Runs a pipeline with the default debounce on paused time, making a
+    /// change agents see at each of `changes` (ms after the start, numbered
+    /// from 1), and returns when (ms) each state was published and which
+    /// change it carried, until `until` ms.
+    async fn publishes(changes: &[u64], until: u64) -> Vec<(u64, u32)> {
+        use tokio::time::{Duration, Instant, sleep_until};
+        let ms = Duration::from_millis;
+        let t0 = Instant::now();
+        let index = crate::index::IndexHandle::default();
+        let (pipeline, mut rx) = Pipeline::new(
+            index.clone(),
+            crate::revision::Revisions::in_memory(),
+            Debounce::default(),
+            Duration::from_secs(5),
+        );
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let running = tokio::spawn(pipeline.run(shutdown.clone()));
+        let changes = changes.to_vec();
+        let writer = index.clone();
+        let changing = tokio::spawn(async move {
+            for (n, at) in (1u32..).zip(changes) {
+                sleep_until(t0 + ms(at)).await;
+                writer.update(|i| {
+                    i.set_source_problems(vec![Problem::warning(
+                        "Test/debounce",
+                        "",
+                        n.to_string(),
+                        "a change",
+                    )])
+                });
+            }
+        });
+        let carried = |p: &Published| {
+            p.topology
+                .problems
+                .iter()
+                .find(|p| p.object == "Test/debounce")
+                .and_then(|p| p.value.parse().ok())
+                .unwrap_or(0)
+        };
+        let mut seen = vec![(0, carried(&rx.borrow_and_update()))];
+        let end = sleep_until(t0 + ms(until));
+        tokio::pin!(end);
+        loop {
+            tokio::select! {
+                () = &mut end => break,
+                changed = rx.changed() => {
+                    changed.expect("pipeline running");
+                    let at = (Instant::now() - t0).as_millis() as u64;
+                    seen.push((at, carried(&rx.borrow_and_update())));
+                }
+            }
+        }
+        shutdown.cancel();
+        running.await.expect("pipeline ends on shutdown");
+        changing.await.expect("changes made");
+        seen
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_of_changes_is_compiled_once_a_quiet_period_after_its_last_change() {
+        // The default debounce: 100 ms quiet, at most 1 s.
+        let seen = publishes(&[1000, 1050, 1100, 1150], 5000).await;
+        // (0, 0) is the initial state, then (0, 0) again: the first compile.
+        assert_eq!(seen, [(0, 0), (0, 0), (1250, 4)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn changes_that_never_pause_are_still_compiled_every_max_delay() {
+        // A change every 30 ms from 1010 ms to 3500 ms (84 changes).
+        let changes: Vec<u64> = (0..84).map(|k| 1010 + 30 * k).collect();
+        let seen = publishes(&changes, 6000).await;
+        // 1 s after the first change of each burst, with the latest change
+        // (the 34th was made at 2000 ms, the 68th at 3020 ms); the last
+        // burst goes quiet 100 ms after the 84th.
+        assert_eq!(seen, [(0, 0), (0, 0), (2010, 34), (3030, 68), (3600, 84)]);
     }
 }

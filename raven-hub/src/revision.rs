@@ -142,11 +142,9 @@ mod tests {
     fn topo(port: u16) -> Topology {
         let mut t = Topology::default();
         let body = ResourceBody::Settings(Settings {
-            raven_cfg_present: true,
-            enable_l3_tunnel: true,
             enable_l7_proxy: true,
             vxlan_port: port,
-            vpn_driver: Default::default(),
+            ..raven_model::fixtures::settings()
         });
         t.resources
             .insert(ResourceName::settings(), Resource::new(body));

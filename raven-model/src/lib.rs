@@ -4,6 +4,8 @@
 //! itself. The node agent depends on this crate alone; the compiler over the
 //! Raven `Gateway` API (`raven-core`) produces these values on the hub.
 
+#[cfg(any(test, feature = "test-fixtures"))]
+pub mod fixtures;
 pub mod names;
 pub mod problem;
 pub mod report;

@@ -14,15 +14,15 @@
 //!
 //! `cargo bench -p raven-proxy --bench tunnel`
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use raven_model::NodeName;
+use raven_model::fixtures;
 use raven_model::topology::{
-    EndpointType, ExposeType, GatewayEndpoint, GatewayView, Member, NodeView, Settings,
+    EndpointType, ExposeType, GatewayEndpoint, GatewayView, NodeView, Settings,
 };
-use raven_model::{GatewayName, NodeName};
 use raven_proxy::{NodeTls, ProxyConfig, ProxyView, Tuning};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixStream};
@@ -67,23 +67,13 @@ fn certs(dir: &Path, nodes: &[&str]) {
 
 fn view(me: &str, tunnel_port: u16, target_port: u16) -> ProxyView {
     let ep = |node: &str, port: u16, public: bool| GatewayEndpoint {
-        node: n(node),
         type_: EndpointType::Proxy,
-        port,
         under_nat: !public,
-        nat_type: String::new(),
-        public_ip: public.then(|| "127.0.0.1".parse().expect("ip")),
-        public_port: None,
-        config: BTreeMap::new(),
+        public_ip: public.then(|| fixtures::ip("127.0.0.1")),
+        ..fixtures::endpoint(node, port)
     };
-    let member = |node: &str, ip: &str| Member {
-        node: n(node),
-        private_ip: ip.parse().expect("ip"),
-        subnets: vec![],
-        ready: true,
-    };
+    let member = |node: &str, ip: &str| fixtures::member(node, ip, &[]);
     let gw = |name: &str, exposed: bool, members, proxies| GatewayView {
-        name: GatewayName::new(name).expect("gw"),
         expose_type: if exposed {
             ExposeType::PublicIP
         } else {
@@ -91,12 +81,9 @@ fn view(me: &str, tunnel_port: u16, target_port: u16) -> ProxyView {
         },
         under_nat: !exposed,
         members,
-        active_tunnel: None,
-        tunnel_candidates: vec![],
         active_proxies: proxies,
         proxy_ports: vec![target_port],
-        extra_source_cidrs: vec![],
-        relay: None,
+        ..fixtures::gateway(name)
     };
     let gateways = [
         gw(
@@ -114,27 +101,14 @@ fn view(me: &str, tunnel_port: u16, target_port: u16) -> ProxyView {
     ];
     ProxyView {
         me: NodeView {
-            name: n(me),
-            gateway: Some(
-                GatewayName::new(if me == "c1" { "gw-cloud" } else { "gw-edge" }).expect("gw"),
-            ),
-            private_ip: Some(
-                if me == "c1" { "127.0.0.1" } else { TARGET }
-                    .parse()
-                    .expect("ip"),
-            ),
-            subnets: vec![],
-            tunnel_active: false,
-            tunnel_candidate: false,
+            private_ip: Some(fixtures::ip(if me == "c1" { "127.0.0.1" } else { TARGET })),
             proxy_active: true,
+            ..fixtures::node_view(me, Some(if me == "c1" { "gw-cloud" } else { "gw-edge" }))
         },
         gateways: gateways.into_iter().map(|g| (g.name.clone(), g)).collect(),
         settings: Some(Settings {
-            raven_cfg_present: true,
-            enable_l3_tunnel: true,
             enable_l7_proxy: true,
-            vxlan_port: 4472,
-            vpn_driver: Default::default(),
+            ..fixtures::settings()
         }),
     }
 }

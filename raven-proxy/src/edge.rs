@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use h2::server::SendResponse;
+use raven_cli::pace::{Backoff, Jitter};
 use raven_model::NodeName;
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
@@ -33,7 +34,7 @@ pub async fn keep_tunnel(
     view: watch::Receiver<Option<ProxyView>>,
     shutdown: CancellationToken,
 ) {
-    let mut delay = BACKOFF_MIN;
+    let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX).with_jitter(Jitter::Half);
     loop {
         let started = tokio::time::Instant::now();
         let result = tokio::select! {
@@ -47,10 +48,9 @@ pub async fn keep_tunnel(
         }
         // A tunnel that stayed up a while starts the backoff over.
         if started.elapsed() > Duration::from_secs(10) {
-            delay = BACKOFF_MIN;
+            backoff.reset();
         }
-        let wait = delay.mul_f64(0.5 + rand::random::<f64>() / 2.0);
-        delay = (delay * 2).min(BACKOFF_MAX);
+        let wait = backoff.next_delay();
         tokio::select! {
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(wait) => {}

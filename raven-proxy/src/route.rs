@@ -320,28 +320,20 @@ pub fn edge_target(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use raven_model::topology::{EndpointType, GatewayEndpoint, Member};
-
-    fn n(s: &str) -> NodeName {
-        NodeName::new(s).unwrap_or_else(|_| unreachable!())
-    }
+    use raven_model::fixtures::{self, node as n};
+    use raven_model::topology::{EndpointType, GatewayEndpoint};
 
     fn proxy_ep(node: &str, public: Option<&str>) -> GatewayEndpoint {
         GatewayEndpoint {
-            node: n(node),
             type_: EndpointType::Proxy,
-            port: 10262,
             under_nat: public.is_none(),
-            nat_type: String::new(),
-            public_ip: public.and_then(|p| p.parse().ok()),
-            public_port: None,
-            config: BTreeMap::new(),
+            public_ip: public.map(fixtures::ip),
+            ..fixtures::endpoint(node, 10262)
         }
     }
 
     fn gw(name: &str, exposed: bool, members: &[(&str, &str)], proxies: &[&str]) -> GatewayView {
         GatewayView {
-            name: GatewayName::new(name).unwrap_or_else(|_| unreachable!()),
             expose_type: if exposed {
                 ExposeType::PublicIP
             } else {
@@ -350,17 +342,8 @@ mod tests {
             under_nat: !exposed,
             members: members
                 .iter()
-                .map(|(m, ip)| Member {
-                    node: n(m),
-                    private_ip: ip
-                        .parse()
-                        .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)),
-                    subnets: vec![],
-                    ready: true,
-                })
+                .map(|(m, ip)| fixtures::member(m, ip, &[]))
                 .collect(),
-            active_tunnel: None,
-            tunnel_candidates: vec![],
             active_proxies: proxies
                 .iter()
                 .map(|p| proxy_ep(p, exposed.then_some("203.0.113.10")))
@@ -370,8 +353,7 @@ mod tests {
             } else {
                 vec![10250, 10255]
             },
-            extra_source_cidrs: vec![],
-            relay: None,
+            ..fixtures::gateway(name)
         }
     }
 
@@ -394,21 +376,14 @@ mod tests {
         ];
         ProxyView {
             me: NodeView {
-                name: n(me),
-                gateway: my_gw.map(|g| GatewayName::new(g).unwrap_or_else(|_| unreachable!())),
-                private_ip: "172.16.2.103".parse().ok(),
-                subnets: vec![],
-                tunnel_active: false,
-                tunnel_candidate: false,
+                private_ip: Some(fixtures::ip("172.16.2.103")),
                 proxy_active: true,
+                ..fixtures::node_view(me, my_gw)
             },
             gateways: gws.into_iter().map(|g| (g.name.clone(), g)).collect(),
             settings: Some(Settings {
-                raven_cfg_present: true,
-                enable_l3_tunnel: true,
                 enable_l7_proxy: true,
-                vxlan_port: 4472,
-                vpn_driver: Default::default(),
+                ..fixtures::settings()
             }),
         }
     }

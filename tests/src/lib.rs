@@ -8,6 +8,7 @@ pub mod fake_apiserver;
 pub mod fake_kubelet;
 pub mod kube_apiserver;
 pub mod lab;
+pub mod objects;
 pub mod preflight;
 pub mod proxy_rig;
 pub mod spdy;

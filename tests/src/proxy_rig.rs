@@ -15,11 +15,12 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use raven_model::NodeName;
+use raven_model::fixtures::{self, node as n};
 use raven_model::topology::{
     EndpointType, ExposeType, GatewayEndpoint, GatewayView, Member, NodeView, Resource,
     ResourceBody, ResourceName, Settings, Topology,
 };
-use raven_model::{GatewayName, NodeName};
 use raven_proxy::{NodeTls, ProxyConfig, ProxyView};
 use tokio::net::{TcpListener, UnixStream};
 use tokio::sync::watch;
@@ -37,34 +38,17 @@ pub const EDGES: [(&str, &str, &str); 3] = [
 /// The node in no gateway: (name, address).
 pub const LONELY: (&str, &str) = ("lonely", "127.0.0.14");
 
-fn n(s: &str) -> NodeName {
-    NodeName::new(s).expect("node name")
-}
-
-fn g(s: &str) -> GatewayName {
-    GatewayName::new(s).expect("gateway name")
-}
-
 fn proxy_ep(node: &str, port: u16, public: Option<IpAddr>) -> GatewayEndpoint {
     GatewayEndpoint {
-        node: n(node),
         type_: EndpointType::Proxy,
-        port,
         under_nat: public.is_none(),
-        nat_type: String::new(),
         public_ip: public,
-        public_port: None,
-        config: BTreeMap::new(),
+        ..fixtures::endpoint(node, port)
     }
 }
 
 fn member(node: &str, ip: &str) -> Member {
-    Member {
-        node: n(node),
-        private_ip: ip.parse().expect("ip"),
-        subnets: vec![],
-        ready: true,
-    }
+    fixtures::member(node, ip, &[])
 }
 
 /// The TLS of the server's TCP CONNECT listener, as files (what
@@ -165,7 +149,7 @@ fn topology(gateways: [GatewayView; 3]) -> Topology {
     bodies.extend(nodes.into_iter().map(|(name, gw, ip, proxy)| {
         ResourceBody::Node(NodeView {
             name: n(name),
-            gateway: gw.map(g),
+            gateway: gw.map(fixtures::gateway_name),
             private_ip: ip.parse().ok(),
             subnets: vec![],
             tunnel_active: false,
@@ -239,40 +223,25 @@ impl Rig {
         let local = Some("127.0.0.1".parse().expect("ip"));
         let gws = [
             GatewayView {
-                name: g("gw-cloud"),
                 expose_type: ExposeType::PublicIP,
-                under_nat: false,
                 members: vec![member("c1", "127.0.0.1")],
-                active_tunnel: None,
-                tunnel_candidates: vec![],
                 active_proxies: vec![proxy_ep("c1", tunnel_port, local)],
                 proxy_ports: ports.clone(),
-                extra_source_cidrs: vec![],
-                relay: None,
+                ..fixtures::gateway("gw-cloud")
             },
             GatewayView {
-                name: g("gw-hz"),
-                expose_type: ExposeType::None,
                 under_nat: true,
                 members: vec![member("h1", "127.0.0.11"), member("h2", "127.0.0.12")],
-                active_tunnel: None,
-                tunnel_candidates: vec![],
                 active_proxies: vec![proxy_ep("h1", 10262, None)],
                 proxy_ports: ports.clone(),
-                extra_source_cidrs: vec![],
-                relay: None,
+                ..fixtures::gateway("gw-hz")
             },
             GatewayView {
-                name: g("gw-sz"),
-                expose_type: ExposeType::None,
                 under_nat: true,
                 members: vec![member("s1", "127.0.0.13")],
-                active_tunnel: None,
-                tunnel_candidates: vec![],
                 active_proxies: vec![proxy_ep("s1", 10262, None)],
                 proxy_ports: ports,
-                extra_source_cidrs: vec![],
-                relay: None,
+                ..fixtures::gateway("gw-sz")
             },
         ];
         let mut rig = Self {

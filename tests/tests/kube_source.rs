@@ -16,31 +16,17 @@ use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use raven_core::api::v1beta1::Gateway;
 use raven_hub::index::Index;
 use raven_tests::kube_apiserver::{self, KubeApiServer, Partition};
+use raven_tests::objects;
 use serde_json::{Value, json};
 
 fn gateway(name: &str, endpoints: &[&str]) -> Result<Gateway> {
-    Ok(serde_json::from_value(json!({
-        "apiVersion": "raven.openyurt.io/v1beta1",
-        "kind": "Gateway",
-        "metadata": {"name": name},
-        "spec": {
-            "tunnelConfig": {"Replicas": 1},
-            "proxyConfig": {"Replicas": 0},
-            "endpoints": endpoints
-                .iter()
-                .map(|n| json!({"nodeName": n, "type": "tunnel", "port": 4500}))
-                .collect::<Vec<_>>(),
-        },
-    }))?)
+    Ok(serde_json::from_value(objects::gateway_of(
+        name, endpoints,
+    ))?)
 }
 
 fn raven_cfg(namespace: &str, l3: bool) -> Result<ConfigMap> {
-    Ok(serde_json::from_value(json!({
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": {"name": "raven-cfg", "namespace": namespace},
-        "data": {"enable-l3-tunnel": l3.to_string(), "enable-l7-proxy": "false"},
-    }))?)
+    Ok(serde_json::from_value(objects::raven_cfg(namespace, l3))?)
 }
 
 /// The cluster's objects, through the admin client.

@@ -19,45 +19,8 @@ use anyhow::{Context, Result};
 use common::{Snapshot, Source, WAIT};
 use raven_hub::index::Index;
 use raven_tests::fake_apiserver::{FakeApiServer, Options};
-use serde_json::{Value, json};
-
-fn gateway(name: &str, endpoints: &[&str]) -> Value {
-    json!({
-        "apiVersion": "raven.openyurt.io/v1beta1",
-        "kind": "Gateway",
-        "metadata": {"name": name},
-        "spec": {
-            "tunnelConfig": {"Replicas": 1},
-            "proxyConfig": {"Replicas": 0},
-            "endpoints": endpoints
-                .iter()
-                .map(|n| json!({"nodeName": n, "type": "tunnel", "port": 4500}))
-                .collect::<Vec<_>>(),
-        },
-    })
-}
-
-fn node(name: &str, gateway: &str, ip: &str, pod_cidr: &str) -> Value {
-    json!({
-        "apiVersion": "v1",
-        "kind": "Node",
-        "metadata": {"name": name, "labels": {"raven.openyurt.io/gateway": gateway}},
-        "spec": {"podCIDR": pod_cidr, "podCIDRs": [pod_cidr]},
-        "status": {
-            "conditions": [{"type": "Ready", "status": "True"}],
-            "addresses": [{"type": "InternalIP", "address": ip}],
-        },
-    })
-}
-
-fn raven_cfg(namespace: &str, l3: bool) -> Value {
-    json!({
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": {"name": "raven-cfg", "namespace": namespace},
-        "data": {"enable-l3-tunnel": l3.to_string(), "enable-l7-proxy": "false"},
-    })
-}
+use raven_tests::objects::{gateway_of as gateway, node, raven_cfg};
+use serde_json::json;
 
 /// Two domains: gw-a (a1, a2) and gw-b (b1), raven-cfg with the tunnel on.
 async fn cluster(options: Options) -> Result<FakeApiServer> {

@@ -20,6 +20,7 @@ use raven_core::compile::CompiledGateway;
 use raven_hub::pipeline::{ObservedGateway, Published};
 use raven_hub::status::{LeaseConfig, run_status_writer};
 use raven_tests::fake_apiserver::FakeApiServer;
+use raven_tests::objects;
 use serde_json::{Value, json};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -36,19 +37,15 @@ fn lease(identity: &str) -> LeaseConfig {
 }
 
 fn gateway_object(name: &str) -> Value {
-    json!({
-        "apiVersion": "raven.openyurt.io/v1beta1",
-        "kind": "Gateway",
-        "metadata": {"name": name},
-        "spec": {
-            "tunnelConfig": {"Replicas": 1},
-            "proxyConfig": {"Replicas": 0},
-            "endpoints": [
-                {"nodeName": "n1", "type": "tunnel", "port": 4500, "publicIP": "203.0.113.1"},
-                {"nodeName": "n2", "type": "tunnel", "port": 4500, "publicIP": "203.0.113.2"},
-            ],
-        },
-    })
+    let endpoint = |node: &str, ip: &str| {
+        let mut e = objects::tunnel_endpoint(node);
+        e["publicIP"] = ip.into();
+        e
+    };
+    objects::gateway(
+        name,
+        vec![endpoint("n1", "203.0.113.1"), endpoint("n2", "203.0.113.2")],
+    )
 }
 
 /// The status electing `active` of gw-a's two nodes.

@@ -1,10 +1,10 @@
-//! The node dataplane: desired state (pure) → plan (pure diff) → apply
+//! The node dataplane: desired state (pure) → diff (pure) → apply
 //! (rtnetlink), level-triggered and idempotent. Calling [`Kernel::reconcile`]
 //! again is drift repair.
 //!
 //! ```text
 //! NodeInputs ──desired()──▶ Desired ─┐
-//! kernel ──netlink::observe()──▶ State ┴─plan()──▶ Vec<Op> ──netlink::apply()──▶ kernel
+//! kernel ──netlink::observe()──▶ State ┴─diff()──▶ Vec<Op> ──netlink::apply()──▶ kernel
 //! ```
 //!
 //! Two passes share that pipeline. A resync ([`Kernel::reconcile`]) reads
@@ -39,7 +39,7 @@ use crate::cache::View;
 use raven_model::{GatewayName, NodeName};
 use raven_proto::v1;
 
-pub use model::{Desired, NodeInputs, Op, State, desired, plan};
+pub use model::{Desired, NodeInputs, Op, State, desired, diff};
 pub use netlink::{DataplaneError, TunnelDevs};
 
 /// What the node knows of itself besides the topology: the names of its
@@ -147,7 +147,7 @@ pub struct Io {
 /// rules, and the indexes of the devices its routes name (a device
 /// recreated since lost its routes).
 #[derive(Debug, Clone)]
-struct Applied {
+struct LastApplied {
     state: State,
     skip_nat: skipnat::SkipNat,
     tunnel_dev: String,
@@ -162,7 +162,7 @@ pub struct Kernel {
     write: bool,
     /// What the last clean pass applied; `None` before the first one and
     /// after any failure (the next pass reads the kernel).
-    applied: Arc<Mutex<Option<Applied>>>,
+    applied: Arc<Mutex<Option<LastApplied>>>,
 }
 
 fn summary(s: &State) -> v1::ApplySummary {
@@ -213,10 +213,10 @@ impl Kernel {
         let h = netlink::connect()?;
         let want = desired(inputs);
         let have = netlink::observe(&h, devs(inputs)).await?;
-        Ok(plan(&want.state, &have))
+        Ok(diff(&want.state, &have))
     }
 
-    fn take_applied(&self) -> Option<Applied> {
+    fn take_applied(&self) -> Option<LastApplied> {
         self.applied.lock().ok().and_then(|mut a| a.take())
     }
 
@@ -245,7 +245,7 @@ impl Kernel {
     async fn pass(
         &self,
         inputs: &NodeInputs,
-        before: Option<Applied>,
+        before: Option<LastApplied>,
     ) -> Result<ReconcileReport, DataplaneError> {
         let h = netlink::connect()?;
         let now = indexes(&h, devs(inputs)).await?;
@@ -279,7 +279,7 @@ impl Kernel {
             }
         };
         let base = before.as_ref().map_or(&observed, |a| &a.state);
-        let ops = plan(&want.state, base);
+        let ops = diff(&want.state, base);
         for w in &want.warnings {
             tracing::warn!(warning = %w, "dataplane");
         }
@@ -333,7 +333,7 @@ impl Kernel {
                 now
             };
             if let Ok(mut a) = self.applied.lock() {
-                *a = Some(Applied {
+                *a = Some(LastApplied {
                     state,
                     skip_nat,
                     tunnel_dev: inputs.tunnel_dev.clone(),
@@ -366,7 +366,7 @@ impl Kernel {
         let routes = async {
             let h = netlink::connect()?;
             let have = netlink::observe(&h, devs).await?;
-            let ops = plan(&State::default(), &have);
+            let ops = diff(&State::default(), &have);
             Ok::<_, DataplaneError>(netlink::apply(&h, &ops, devs).await?.ops)
         }
         .await;

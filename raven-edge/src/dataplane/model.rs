@@ -348,6 +348,24 @@ pub struct NodeInputs {
     pub direct: DirectRoutes,
 }
 
+/// Nothing known yet: no node, no gateways, no settings, an underlay MTU of
+/// 1500 and the default tunnel device, down. Tests start from this and name
+/// the fields they are about.
+impl Default for NodeInputs {
+    fn default() -> Self {
+        Self {
+            me: None,
+            gateways: Vec::new(),
+            settings: None,
+            active_override: BTreeMap::new(),
+            underlay_mtu: 1500,
+            tunnel_dev: DEFAULT_TUNNEL_DEV.to_owned(),
+            tunnel_up: false,
+            direct: DirectRoutes::default(),
+        }
+    }
+}
+
 /// The direct-path device of a NATed gateway (`crate::tunnel::direct_spec`)
 /// and the gateways routed into it. Both of its devices accept a direct
 /// peer's traffic at all times (the relay's peer on the tunnel device, the
@@ -579,7 +597,7 @@ pub fn desired(inputs: &NodeInputs) -> Desired {
 /// The changes that turn `observed` into `desired`, make-before-break:
 /// link, then FDB/neighbours, then routes, then rules; removals of routes
 /// and rules before removal of the link. Pure.
-pub fn plan(desired: &State, observed: &State) -> Vec<Op> {
+pub fn diff(desired: &State, observed: &State) -> Vec<Op> {
     let mut ops = Vec::new();
     let mut recreated = false;
     match (&desired.link, &observed.link) {
@@ -786,7 +804,8 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    use raven_model::topology::{EndpointType, ExposeType, GatewayEndpoint, Member};
+    use raven_model::fixtures;
+    use raven_model::topology::{GatewayEndpoint, Member};
 
     fn link() -> impl Strategy<Value = Option<VxlanLink>> {
         proptest::option::of(
@@ -1022,19 +1041,19 @@ mod tests {
         #[test]
         fn applying_the_plan_then_planning_again_gives_nothing(want in wanted(), have in observed()) {
             let mut kernel = have.clone();
-            simulate(&mut kernel, &plan(&want, &have));
-            prop_assert_eq!(plan(&want, &kernel), vec![]);
+            simulate(&mut kernel, &diff(&want, &have));
+            prop_assert_eq!(diff(&want, &kernel), vec![]);
             prop_assert_eq!(kernel, want);
         }
 
         #[test]
         fn a_kernel_that_matches_needs_no_change(want in wanted()) {
-            prop_assert_eq!(plan(&want, &want), vec![]);
+            prop_assert_eq!(diff(&want, &want), vec![]);
         }
 
         #[test]
         fn deletions_only_name_what_was_observed(want in wanted(), have in observed()) {
-            for op in plan(&want, &have) {
+            for op in diff(&want, &have) {
                 match &op {
                     Op::DeleteRoute(r) => prop_assert!(have.routes.contains(r), "{}", op),
                     Op::DeleteRule(r) => prop_assert!(have.rules.contains(r), "{}", op),
@@ -1049,8 +1068,8 @@ mod tests {
 
         #[test]
         fn an_occupied_route_slot_is_replaced_a_free_one_added(want in wanted(), have in observed()) {
-            let recreated = plan(&want, &have).contains(&Op::DeleteLink);
-            for op in plan(&want, &have) {
+            let recreated = diff(&want, &have).contains(&Op::DeleteLink);
+            for op in diff(&want, &have) {
                 let (Op::AddRoute(r) | Op::ReplaceRoute(r)) = &op else { continue };
                 let held = have.routes.iter().any(|x| {
                     (x.table, x.dst) == (r.table, r.dst) && !(recreated && x.dev == RouteDev::Vxlan)
@@ -1065,13 +1084,13 @@ mod tests {
             let mut want = have.clone();
             want.link_up = true;
             if let Some(l) = &mut want.link { l.mtu = mtu; }
-            let ops = plan(&want, &have);
+            let ops = diff(&want, &have);
             prop_assert!(!ops.iter().any(|o| matches!(o, Op::DeleteLink | Op::CreateLink(_))));
         }
 
         #[test]
         fn make_before_break(want in wanted(), have in observed()) {
-            let ops = plan(&want, &have);
+            let ops = diff(&want, &have);
             let last_add = ops.iter().rposition(is_add);
             let first_delete = ops.iter().position(is_delete);
             if let (Some(a), Some(d)) = (last_add, first_delete) {
@@ -1105,14 +1124,8 @@ mod tests {
 
     fn endpoint(n: &NodeName) -> GatewayEndpoint {
         GatewayEndpoint {
-            node: n.clone(),
-            type_: EndpointType::Tunnel,
-            port: 4500,
             under_nat: true,
-            nat_type: String::new(),
-            public_ip: None,
-            public_port: None,
-            config: BTreeMap::new(),
+            ..fixtures::endpoint(n.as_str(), 4500)
         }
     }
 
@@ -1154,30 +1167,20 @@ mod tests {
                             })
                             .collect();
                         GatewayView {
-                            name: gateway_name(g),
-                            expose_type: ExposeType::None,
                             under_nat: true,
                             active_tunnel: active
                                 .and_then(|a| members.get(a))
                                 .map(|m| endpoint(&m.node)),
                             members,
-                            tunnel_candidates: vec![],
-                            active_proxies: vec![],
-                            proxy_ports: vec![],
-                            extra_source_cidrs: vec![],
-                            relay: None,
+                            ..fixtures::gateway(gateway_name(g).as_str())
                         }
                     })
                     .collect();
                 let mine = &gateways[0].members[me_index % gateways[0].members.len()];
                 let me = NodeView {
-                    name: mine.node.clone(),
-                    gateway: Some(gateway_name(0)),
                     private_ip: (!no_ip).then_some(mine.private_ip),
                     subnets: mine.subnets.clone(),
-                    tunnel_active: false,
-                    tunnel_candidate: false,
-                    proxy_active: false,
+                    ..fixtures::node_view(mine.node.as_str(), Some(gateway_name(0).as_str()))
                 };
                 let mut active_override = BTreeMap::new();
                 if let Some(m) = override_to.and_then(|o| gateways[0].members.get(o)) {
@@ -1186,12 +1189,9 @@ mod tests {
                 NodeInputs {
                     me: Some(me),
                     gateways,
-                    settings: None,
                     active_override,
-                    underlay_mtu: 1500,
-                    tunnel_dev: DEFAULT_TUNNEL_DEV.into(),
                     tunnel_up,
-                    direct: Default::default(),
+                    ..Default::default()
                 }
             })
     }
@@ -1299,48 +1299,25 @@ mod tests {
 
     fn view(name: &str, ip: &str, gw: &str, active: bool) -> NodeView {
         NodeView {
-            name: NodeName::new(name).unwrap_or_else(|_| unreachable!()),
-            gateway: Some(GatewayName::new(gw).unwrap_or_else(|_| unreachable!())),
             private_ip: ip.parse().ok(),
-            subnets: vec![],
             tunnel_active: active,
             tunnel_candidate: active,
-            proxy_active: false,
+            ..fixtures::node_view(name, Some(gw))
         }
     }
 
     /// A member holding one pod subnet.
     fn member(n: &str, ip: &str, subnet: &str) -> Member {
-        Member {
-            node: NodeName::new(n).unwrap_or_else(|_| unreachable!()),
-            private_ip: ip.parse().unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
-            subnets: vec![subnet.parse().unwrap_or_default()],
-            ready: true,
-        }
+        fixtures::member(n, ip, &[subnet])
     }
 
     /// A NATed gateway whose first member is its active tunnel node.
     fn natted(name: &str, members: Vec<Member>) -> GatewayView {
         GatewayView {
-            name: GatewayName::new(name).unwrap_or_else(|_| unreachable!()),
-            expose_type: ExposeType::None,
             under_nat: true,
-            active_tunnel: Some(GatewayEndpoint {
-                node: members[0].node.clone(),
-                type_: EndpointType::Tunnel,
-                port: 4500,
-                under_nat: true,
-                nat_type: String::new(),
-                public_ip: None,
-                public_port: None,
-                config: BTreeMap::new(),
-            }),
+            active_tunnel: Some(endpoint(&members[0].node)),
             members,
-            tunnel_candidates: vec![],
-            active_proxies: vec![],
-            proxy_ports: vec![],
-            extra_source_cidrs: vec![],
-            relay: None,
+            ..fixtures::gateway(name)
         }
     }
 
@@ -1353,16 +1330,13 @@ mod tests {
                 natted("gw-b", vec![member("b1", "192.168.2.1", "10.2.1.0/24")]),
                 natted("gw-c", vec![member("c1", "192.168.3.1", "10.3.1.0/24")]),
             ],
-            settings: None,
-            active_override: BTreeMap::new(),
-            underlay_mtu: 1500,
-            tunnel_dev: DEFAULT_TUNNEL_DEV.into(),
             tunnel_up: true,
             direct: DirectRoutes {
                 dev: "raven-wg0d".into(),
                 up: true,
                 gateways: BTreeSet::new(),
             },
+            ..Default::default()
         };
         let relayed = desired(&inputs);
         assert!(
@@ -1403,7 +1377,7 @@ mod tests {
         // direct device's rules when it first comes up): nothing is removed
         // first, so no packet meets a missing route.
         for (from, to) in [(&relayed, &direct), (&direct, &relayed)] {
-            let ops = plan(&to.state, &from.state);
+            let ops = diff(&to.state, &from.state);
             let moved: Vec<&Op> = ops
                 .iter()
                 .filter(|o| !matches!(o, Op::AddRule(_) | Op::DeleteRule(_)))
@@ -1439,12 +1413,7 @@ mod tests {
                 ),
                 natted("gw-b", vec![member("b1", "192.168.1.1", "10.2.1.0/24")]),
             ],
-            settings: None,
-            active_override: BTreeMap::new(),
-            underlay_mtu: 1500,
-            tunnel_dev: DEFAULT_TUNNEL_DEV.into(),
-            tunnel_up: false,
-            direct: Default::default(),
+            ..Default::default()
         };
         let d = desired(&inputs);
         let dsts: Vec<String> = d.state.routes.iter().map(|r| r.dst.to_string()).collect();

@@ -522,7 +522,7 @@ fn neighbour_message(
 
 /// What [`apply`] did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Applied {
+pub struct OpsApplied {
     /// Operations that changed (or already matched) the kernel.
     pub ops: usize,
     /// Operations left undone because an object raven does not own holds
@@ -532,7 +532,7 @@ pub struct Applied {
 
 /// Applies `ops` in order. "Already exists" on a create and "not found" on
 /// a delete count as success; a route slot held by a foreign route is left
-/// alone and reported in [`Applied::conflicts`]. Runs of route operations
+/// alone and reported in [`OpsApplied::conflicts`]. Runs of route operations
 /// (nearly all of a large plan) are pipelined on a socket of their own —
 /// many requests per `sendmsg`, answers matched by sequence number (see
 /// `write_routes`); a refused route is attributed to its operation and does
@@ -543,8 +543,8 @@ pub async fn apply(
     h: &Handle,
     ops: &[Op],
     devs: TunnelDevs<'_>,
-) -> Result<Applied, DataplaneError> {
-    let mut done = Applied::default();
+) -> Result<OpsApplied, DataplaneError> {
+    let mut done = OpsApplied::default();
     let mut index = vxlan_index(h).await?;
     let (tunnel_index, direct_index) = devs.indexes(h).await?;
     let mut failed_routes = Vec::new();
@@ -1106,7 +1106,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::dataplane::model::{DEFAULT_TUNNEL_DEV, link_local, mac_for, plan};
+    use crate::dataplane::model::{DEFAULT_TUNNEL_DEV, diff, link_local, mac_for};
 
     const RAVEN0: u32 = 10;
     const TUNNEL: u32 = 11;
@@ -1290,7 +1290,7 @@ mod tests {
                 prop_assert_eq!(p.is_some(), prio.is_some_and(|p| p == PRIORITY_REMOTE || p == PRIORITY_RETURN));
             }
             // ...and no operation names anything else.
-            for op in plan(&want, &observed) {
+            for op in diff(&want, &observed) {
                 match &op {
                     Op::DeleteRoute(r) => {
                         prop_assert!(ravens.contains(&(r.table, r.dst)), "{}", op);

@@ -26,7 +26,7 @@
 //! the two chains and every `POSTROUTING` rule jumping to `RAVEN-SKIP-NAT`;
 //! nothing else is ever changed. Level-triggered and incremental: observe
 //! (one `iptables -t nat -S` per family: the kernel's rules are the truth,
-//! also after a restart) → [`plan`] (pure) → one atomic
+//! also after a restart) → [`diff`] (pure) → one atomic
 //! `iptables-restore --noflush` that deletes exactly the rules of raven's
 //! chains that are not wanted (stale, duplicated or foreign) and appends
 //! exactly the wanted ones that are missing — a change of one remote
@@ -272,11 +272,11 @@ pub struct Restore {
 /// differ; `None` when they already agree. A missing chain is created; an
 /// exact jump is kept wherever it stands; empty rules remove the jumps and
 /// both chains. Pure.
-pub fn plan(desired: &Rules, observed: &Observed) -> Option<Restore> {
+pub fn diff(desired: &Rules, observed: &Observed) -> Option<Restore> {
     plan_with(desired, observed, false)
 }
 
-/// Like [`plan`], but every chain that differs at all is redeclared
+/// Like [`diff`], but every chain that differs at all is redeclared
 /// (flushed and refilled in the same transaction): the fallback when an
 /// incremental transaction is refused.
 pub fn plan_rebuild(desired: &Rules, observed: &Observed) -> Option<Restore> {
@@ -504,7 +504,7 @@ async fn restore(family: Family, script: &str) -> Result<(), SkipNatError> {
 impl Observed {
     /// What a family's `nat` table holds of raven's once `rules` were
     /// applied without an error: the jump and both chains exactly as
-    /// [`plan`] writes them (nothing at all for empty rules).
+    /// [`diff`] writes them (nothing at all for empty rules).
     pub fn after(rules: &Rules) -> Self {
         if rules.is_empty() {
             return Self::default();
@@ -526,7 +526,7 @@ pub struct Work {
     pub restores: usize,
 }
 
-/// Observe → plan → restore for one family, counting into `work`;
+/// Observe → diff → restore for one family, counting into `work`;
 /// `read`: the family's table as already listed.
 async fn sync_family(
     family: Family,
@@ -545,7 +545,7 @@ async fn sync_family(
         Err(SkipNatError::NotInstalled { .. }) if rules.is_empty() => return Ok(()),
         Err(e) => return Err(e),
     };
-    let Some(change) = plan(rules, &observed) else {
+    let Some(change) = diff(rules, &observed) else {
         return Ok(());
     };
     match restore_counted(family, &change, work).await {
@@ -589,7 +589,7 @@ async fn change_family(
     if before == rules {
         return Ok(());
     }
-    let Some(change) = plan(rules, &Observed::after(before)) else {
+    let Some(change) = diff(rules, &Observed::after(before)) else {
         return Ok(());
     };
     match restore_counted(family, &change, work).await {
@@ -603,7 +603,7 @@ async fn change_family(
 
 /// The outcome of [`apply`]: one family failing does not stop the other.
 #[derive(Debug, Default)]
-pub struct Applied {
+pub struct SkipNatApplied {
     pub changes: usize,
     /// `iptables -S` listings and `iptables-restore` transactions run.
     pub listings: usize,
@@ -611,7 +611,7 @@ pub struct Applied {
     pub errors: Vec<SkipNatError>,
 }
 
-impl Applied {
+impl SkipNatApplied {
     fn record(&mut self, work: Work, result: Result<(), SkipNatError>) {
         self.changes += work.changes;
         self.listings += work.listings;
@@ -623,7 +623,7 @@ impl Applied {
 }
 
 /// Makes the current namespace's `nat` tables hold exactly `spec`.
-pub async fn apply(spec: &SkipNat) -> Applied {
+pub async fn apply(spec: &SkipNat) -> SkipNatApplied {
     apply_read(spec, [None, None]).await
 }
 
@@ -639,8 +639,8 @@ pub async fn read() -> [Result<Observed, SkipNatError>; 2] {
 pub async fn apply_read(
     spec: &SkipNat,
     read: [Option<Result<Observed, SkipNatError>>; 2],
-) -> Applied {
-    let mut out = Applied::default();
+) -> SkipNatApplied {
+    let mut out = SkipNatApplied::default();
     for (f, read) in Family::ALL.into_iter().zip(read) {
         let mut work = Work::default();
         let result = sync_family(f, spec.family(f), read, &mut work).await;
@@ -653,8 +653,8 @@ pub async fn apply_read(
 /// `spec`, writing only the rules that differ and reading nothing: a
 /// family whose rules did not change costs nothing, one remote prefix
 /// that moved costs one `iptables-restore` of two rules.
-pub async fn apply_change(before: &SkipNat, spec: &SkipNat) -> Applied {
-    let mut out = Applied::default();
+pub async fn apply_change(before: &SkipNat, spec: &SkipNat) -> SkipNatApplied {
+    let mut out = SkipNatApplied::default();
     for f in Family::ALL {
         let mut work = Work::default();
         let result = change_family(f, before.family(f), spec.family(f), &mut work).await;
@@ -664,51 +664,28 @@ pub async fn apply_change(before: &SkipNat, spec: &SkipNat) -> Applied {
 }
 
 /// Removes raven's jumps and chains from both families' `nat` tables.
-pub async fn teardown() -> Applied {
+pub async fn teardown() -> SkipNatApplied {
     apply(&SkipNat::default()).await
 }
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
     use std::net::IpAddr;
 
-    use raven_model::topology::{
-        EndpointType, ExposeType, GatewayEndpoint, GatewayView, Member, NodeView,
-    };
-    use raven_model::{GatewayName, NodeName};
+    use raven_model::fixtures::{self, member, net};
+    use raven_model::topology::{GatewayEndpoint, GatewayView, Member, NodeView};
 
     use super::*;
-
-    fn net(s: &str) -> IpNet {
-        s.parse().expect("cidr")
-    }
 
     fn nets(s: &[&str]) -> Vec<IpNet> {
         s.iter().map(|s| net(s)).collect()
     }
 
-    fn member(n: &str, ip: &str, subnets: &[&str]) -> Member {
-        Member {
-            node: NodeName::new(n).expect("node"),
-            private_ip: ip.parse().expect("ip"),
-            subnets: nets(subnets),
-            ready: true,
-        }
-    }
-
     fn gateway(name: &str, members: Vec<Member>) -> GatewayView {
         GatewayView {
-            name: GatewayName::new(name).expect("gw"),
-            expose_type: ExposeType::None,
             under_nat: true,
-            active_tunnel: None,
             members,
-            tunnel_candidates: vec![],
-            active_proxies: vec![],
-            proxy_ports: vec![],
-            extra_source_cidrs: vec![],
-            relay: None,
+            ..fixtures::gateway(name)
         }
     }
 
@@ -724,13 +701,8 @@ mod tests {
         hz.extra_source_cidrs = nets(&["192.168.50.0/24"]);
         NodeInputs {
             me: Some(NodeView {
-                name: NodeName::new("hz-2").expect("node"),
-                gateway: Some(hz.name.clone()),
-                private_ip: Some("172.16.2.104".parse().expect("ip")),
-                subnets: vec![],
-                tunnel_active: false,
-                tunnel_candidate: false,
-                proxy_active: false,
+                private_ip: Some(fixtures::ip("172.16.2.104")),
+                ..fixtures::node_view("hz-2", Some("gw-hangzhou"))
             }),
             gateways: vec![
                 hz,
@@ -743,12 +715,7 @@ mod tests {
                     )],
                 ),
             ],
-            settings: None,
-            active_override: BTreeMap::new(),
-            underlay_mtu: 1500,
-            tunnel_dev: "raven-wg0".into(),
-            tunnel_up: false,
-            direct: Default::default(),
+            ..Default::default()
         }
     }
 
@@ -787,7 +754,7 @@ mod tests {
 
         let mut n = inputs();
         if let Some(me) = &mut n.me {
-            me.gateway = Some(GatewayName::new("gw-gone").expect("gw"));
+            me.gateway = Some(fixtures::gateway_name("gw-gone"));
         }
         assert!(spec(&n).is_empty(), "gateway missing from the topology");
 
@@ -818,14 +785,8 @@ mod tests {
             .members
             .push(member("qd-2", "172.16.2.103", &["10.244.4.0/24"]));
         n.gateways[1].active_tunnel = Some(GatewayEndpoint {
-            node: NodeName::new("qd-gw").expect("node"),
-            type_: EndpointType::Tunnel,
-            port: 4500,
-            under_nat: false,
-            nat_type: String::new(),
-            public_ip: Some("172.16.1.89".parse().expect("ip")),
-            public_port: None,
-            config: BTreeMap::new(),
+            public_ip: Some(fixtures::ip("172.16.1.89")),
+            ..fixtures::endpoint("qd-gw", 4500)
         });
         assert_eq!(
             spec(&n).v4.destinations,
@@ -941,7 +902,7 @@ mod tests {
 
     #[test]
     fn fresh_table_gets_both_chains_and_the_jump_in_one_transaction() {
-        let p = plan(&rules(), &Observed::default()).expect("changes");
+        let p = diff(&rules(), &Observed::default()).expect("changes");
         assert_eq!(p.changes, 6, "two chains, three rules, the jump");
         assert_eq!(
             p.script,
@@ -958,8 +919,8 @@ mod tests {
 
     #[test]
     fn matching_table_plans_nothing() {
-        assert_eq!(plan(&rules(), &in_place(&rules())), None);
-        assert_eq!(plan(&Rules::default(), &Observed::default()), None);
+        assert_eq!(diff(&rules(), &in_place(&rules())), None);
+        assert_eq!(diff(&Rules::default(), &Observed::default()), None);
     }
 
     #[test]
@@ -977,7 +938,7 @@ mod tests {
         };
         let before = many(None);
         let after = many(Some("10.250.0.0/24"));
-        let p = plan(&after, &in_place(&before)).expect("changes");
+        let p = diff(&after, &in_place(&before)).expect("changes");
         assert_eq!(p.changes, 2);
         assert_eq!(
             p.script,
@@ -1001,7 +962,7 @@ mod tests {
         if let Some(s) = &mut have.sources {
             s.reverse();
         }
-        assert_eq!(plan(&rules(), &have), None, "order carries no meaning");
+        assert_eq!(diff(&rules(), &have), None, "order carries no meaning");
         let dup = "-A RAVEN-SKIP-NAT -s 10.244.1.0/24 -j RAVEN-SKIP-NAT-DST".to_owned();
         let foreign = "-A RAVEN-SKIP-NAT-DST -d 192.0.2.0/24 -j DROP".to_owned();
         if let Some(s) = &mut have.sources {
@@ -1010,7 +971,7 @@ mod tests {
         if let Some(d) = &mut have.destinations {
             d.insert(0, foreign);
         }
-        let p = plan(&rules(), &have).expect("changes");
+        let p = diff(&rules(), &have).expect("changes");
         assert_eq!(p.changes, 2);
         assert_eq!(
             p.script,
@@ -1045,7 +1006,7 @@ mod tests {
     fn missing_jump_is_inserted_first_and_stale_or_duplicate_jumps_removed() {
         let mut have = in_place(&rules());
         have.jumps.clear();
-        let p = plan(&rules(), &have).expect("changes");
+        let p = diff(&rules(), &have).expect("changes");
         assert_eq!(p.changes, 1);
         assert_eq!(
             p.script,
@@ -1056,7 +1017,7 @@ mod tests {
 
         let stale = "-A POSTROUTING -m comment --comment \"old\" -j RAVEN-SKIP-NAT".to_owned();
         have.jumps = vec![stale, jump_line(), jump_line()];
-        let p = plan(&rules(), &have).expect("changes");
+        let p = diff(&rules(), &have).expect("changes");
         assert_eq!(p.changes, 2);
         assert_eq!(
             p.script,
@@ -1070,7 +1031,7 @@ mod tests {
 
     #[test]
     fn empty_rules_remove_the_jumps_then_both_chains() {
-        let p = plan(&Rules::default(), &in_place(&rules())).expect("changes");
+        let p = diff(&Rules::default(), &in_place(&rules())).expect("changes");
         assert_eq!(p.changes, 3);
         assert_eq!(
             p.script,
@@ -1086,7 +1047,7 @@ mod tests {
             destinations: Some(vec![]),
             ..Observed::default()
         };
-        let p = plan(&Rules::default(), &leftover).expect("changes");
+        let p = diff(&Rules::default(), &leftover).expect("changes");
         assert_eq!(
             p.script,
             "*nat\n-F RAVEN-SKIP-NAT-DST\n-X RAVEN-SKIP-NAT-DST\nCOMMIT\n"

@@ -1,5 +1,5 @@
 //! The agent's IPsec hook: which VPN to run, and one pass of IPsec for the
-//! reconciler (plan → `lo` addresses → VICI diff → health rows).
+//! reconciler (spec → `lo` addresses → VICI diff → health rows).
 //!
 //! Selection: `raven-edge run --vpn auto` (the default) follows the
 //! `raven-cfg` key `vpn-driver` as the hub passes it on in the settings
@@ -17,7 +17,7 @@ use raven_proto::v1;
 
 use super::apply::{Ipsec, SaHealth, list_sas};
 use super::keys::{IdentityKey, KEY_FILE, KeyError};
-use super::plan::{Plan, plan};
+use super::spec::{IpsecSpec, spec};
 use super::vici::Client;
 use crate::dataplane::model::NodeInputs;
 
@@ -135,7 +135,7 @@ impl IpsecAgent {
         &self.public
     }
 
-    /// One pass: the plan, the `lo` addresses it needs (only when `write`),
+    /// One pass: the spec, the `lo` addresses it needs (only when `write`),
     /// the VICI difference, and the health rows of the SAs. Warnings and
     /// per-connection failures come back as errors of the pass.
     pub async fn reconcile(
@@ -144,7 +144,7 @@ impl IpsecAgent {
         peers: &[PeerInfo],
         write: bool,
     ) -> Result<Pass, IpsecError> {
-        let plan = plan(inputs, peers);
+        let plan = spec(inputs, peers);
         for w in &plan.warnings {
             tracing::warn!(warning = %w, "ipsec");
         }
@@ -208,9 +208,9 @@ pub const LIBIPSEC_MAX_MTU: u32 = 1400;
 /// A member's packets bigger than the device learn its MTU by path MTU
 /// discovery from the gateway. Pure.
 pub fn device_mtu(underlay: u32, local: Option<IpAddr>) -> u32 {
-    let esp = super::plan::inner_mtu(underlay);
+    let esp = super::spec::inner_mtu(underlay);
     let esp = match local {
-        Some(IpAddr::V6(_)) => esp.saturating_sub(super::plan::ESP_UDP_V6_EXTRA),
+        Some(IpAddr::V6(_)) => esp.saturating_sub(super::spec::ESP_UDP_V6_EXTRA),
         _ => esp,
     };
     esp.min(crate::dataplane::model::tunnel_mtu(underlay))
@@ -229,7 +229,7 @@ pub struct Pass {
 /// per NATed gateway reached through a relay (`relayed`, with the relay's
 /// SA: its traffic shares the relay's CHILD_SA), as the WireGuard rows are.
 /// Pure.
-pub fn rows(plan: &Plan, sas: &[SaHealth]) -> Vec<v1::PeerTunnelState> {
+pub fn rows(plan: &IpsecSpec, sas: &[SaHealth]) -> Vec<v1::PeerTunnelState> {
     let mut out = Vec::new();
     for c in plan.conns.values() {
         let sa = sas
@@ -335,11 +335,9 @@ mod tests {
     #[test]
     fn auto_follows_raven_cfg_and_forced_choices_win() {
         let ipsec = Settings {
-            raven_cfg_present: true,
-            enable_l3_tunnel: true,
-            enable_l7_proxy: false,
             vxlan_port: 4472,
             vpn_driver: VpnDriver::Ipsec,
+            ..raven_model::fixtures::settings()
         };
         assert_eq!(VpnChoice::Auto.driver(None), VpnDriver::Wireguard);
         assert_eq!(VpnChoice::Auto.driver(Some(&ipsec)), VpnDriver::Ipsec);

@@ -1,4 +1,4 @@
-//! Applying a [`Plan`] to charon over VICI, touching nothing raven did not
+//! Applying a [`IpsecSpec`] to charon over VICI, touching nothing raven did not
 //! create, and reading back the SAs' health.
 //!
 //! Each pass lists charon's connections and SAs and sends only the
@@ -23,7 +23,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::keys::{IdentityKey, decode_public, public_pem};
-use super::plan::{CONN_PREFIX, ConnSpec, DPD_DELAY_SECS, ESP_PROPOSAL, IKE_PROPOSAL, Plan};
+use super::spec::{CONN_PREFIX, ConnSpec, DPD_DELAY_SECS, ESP_PROPOSAL, IKE_PROPOSAL, IpsecSpec};
 use super::vici::{Client, Message, ViciError};
 
 /// Seconds between CHILD_SA rekeys (new ESP keys, new X25519 exchange).
@@ -189,7 +189,7 @@ impl SaHealth {
 
 /// What one pass changed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Applied {
+pub struct IpsecApplied {
     pub loaded: Vec<String>,
     pub unloaded: Vec<String>,
     pub initiated: Vec<String>,
@@ -201,7 +201,7 @@ pub struct Applied {
     pub errors: Vec<String>,
 }
 
-impl Applied {
+impl IpsecApplied {
     pub fn changed(&self) -> bool {
         self.key_loaded
             || !(self.loaded.is_empty()
@@ -271,10 +271,14 @@ impl Ipsec {
         self.key_loaded = false;
     }
 
-    /// One pass: brings charon's raven connections to `plan`. A connection
+    /// One pass: brings charon's raven connections to `plan` (the spec). A connection
     /// that fails is reported in `errors`; the rest are applied.
-    pub async fn apply(&mut self, client: &mut Client, plan: &Plan) -> Result<Applied, ViciError> {
-        let mut out = Applied::default();
+    pub async fn apply(
+        &mut self,
+        client: &mut Client,
+        plan: &IpsecSpec,
+    ) -> Result<IpsecApplied, ViciError> {
+        let mut out = IpsecApplied::default();
         if !self.key_loaded {
             client
                 .call(

@@ -4,7 +4,7 @@
 //! - [`keys`]: the node's Ed25519 identity key, generated on the node,
 //!   persisted 0600; only the public key is reported (`Report.ipsec_public_key`)
 //!   and passed on by the hub (`PeerInfo.ipsec_public_key`).
-//! - [`plan`]: topology → the connections wanted (one IKE_SA + one CHILD_SA
+//! - [`spec`]: topology → the connections wanted (one IKE_SA + one CHILD_SA
 //!   per gateway pair, every subnet a traffic selector, the NATed side
 //!   initiates, relay as for WireGuard). Pure.
 //! - [`apply`]: the difference against charon's `list-conns`/`list-sas`,
@@ -20,5 +20,5 @@ pub mod agent;
 pub mod apply;
 pub mod charon;
 pub mod keys;
-pub mod plan;
+pub mod spec;
 pub mod vici;

@@ -38,10 +38,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ipnet::IpNet;
-use raven_model::topology::{GatewayEndpoint, GatewayView, PeerInfo};
+use raven_model::topology::{GatewayView, PeerInfo};
 use raven_model::{GatewayName, NodeName};
 
-use crate::dataplane::model::{NodeInputs, active_node};
+use crate::dataplane::model::NodeInputs;
+use crate::reach::Reach;
 pub use change::{Change, PeerChange};
 use keys::{Key, KeyPair};
 
@@ -129,18 +130,6 @@ pub fn direct_port(port: u16) -> u16 {
     port.checked_add(1).unwrap_or(0)
 }
 
-/// This node's gateway and its own tunnel endpoint, when it is a tunnel
-/// candidate.
-fn my_candidacy(inputs: &NodeInputs) -> Option<(&GatewayView, &GatewayEndpoint)> {
-    let me = inputs.me.as_ref()?;
-    let my_gw = inputs
-        .gateways
-        .iter()
-        .find(|g| Some(&g.name) == me.gateway.as_ref())?;
-    let mine = my_gw.tunnel_candidates.iter().find(|c| c.node == me.name)?;
-    Some((my_gw, mine))
-}
-
 /// The tunnel this node must run: `None` unless it is a tunnel candidate of
 /// its gateway. A candidate that is not the active one runs the device with
 /// no peers (a warm standby whose key the hub already knows; a node that
@@ -151,13 +140,13 @@ fn my_candidacy(inputs: &NodeInputs) -> Option<(&GatewayView, &GatewayEndpoint)>
 /// device; a direct path to them runs beside it on the direct device (see
 /// the module documentation).
 pub fn spec(inputs: &NodeInputs, peers: &[PeerInfo]) -> Option<TunnelSpec> {
-    let me = inputs.me.as_ref()?;
-    let (my_gw, mine) = my_candidacy(inputs)?;
+    let reach = Reach::of(inputs)?;
+    let my_gw = reach.gateway;
     let mut out = TunnelSpec {
-        listen_port: mine.port,
+        listen_port: reach.endpoint.port,
         ..Default::default()
     };
-    if active_node(my_gw, &inputs.active_override) != Some(&me.name) {
+    if !reach.active {
         return Some(out);
     }
     let info = |node: &NodeName| peers.iter().find(|p| &p.node == node);
@@ -166,13 +155,8 @@ pub fn spec(inputs: &NodeInputs, peers: &[PeerInfo]) -> Option<TunnelSpec> {
             .and_then(|p| p.wireguard_public_key.as_deref())
             .and_then(Key::from_base64)
     };
-    let mut relayed: Vec<&GatewayView> = Vec::new();
-    for other in inputs.gateways.iter().filter(|g| g.name != my_gw.name) {
-        let Some(active) = active_node(other, &inputs.active_override) else {
-            continue;
-        };
-        if my_gw.under_nat && other.under_nat {
-            relayed.push(other);
+    for &(other, active) in &reach.others {
+        if reach.through_relay(other) {
             continue;
         }
         // The direct device of a NATed gateway I relay for dials me.
@@ -247,33 +231,21 @@ pub fn spec(inputs: &NodeInputs, peers: &[PeerInfo]) -> Option<TunnelSpec> {
             );
         }
     }
+    let relayed = reach.relayed();
     if !relayed.is_empty() {
-        let relay_node = my_gw
-            .relay
-            .as_ref()
-            .and_then(|r| inputs.gateways.iter().find(|g| &g.name == r))
-            .and_then(|g| active_node(g, &inputs.active_override));
-        let relay = relay_node.and_then(|n| {
+        let relay = reach.relay.and_then(|(_, n)| {
             out.peers
                 .values_mut()
                 .find(|p| &p.node == n && p.path == PeerPath::Active)
         });
         match relay {
             Some(peer) => {
-                for g in relayed {
+                for (g, n) in relayed {
                     peer.allowed_ips.extend(prefixes(g));
-                    peer.relays_for
-                        .extend(active_node(g, &inputs.active_override).cloned());
+                    peer.relays_for.push(n.clone());
                 }
             }
-            None => out.warnings.push(format!(
-                "no relay gateway is reachable; NATed gateways {} are unreachable",
-                relayed
-                    .iter()
-                    .map(|g| g.name.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )),
+            None => out.warnings.push(Reach::no_relay_warning(&relayed)),
         }
     }
     Some(out)
@@ -288,25 +260,19 @@ pub fn spec(inputs: &NodeInputs, peers: &[PeerInfo]) -> Option<TunnelSpec> {
 /// all times; kernel routes decide when it carries outbound traffic (see
 /// the module documentation). Pure.
 pub fn direct_spec(inputs: &NodeInputs, peers: &[PeerInfo]) -> Option<TunnelSpec> {
-    let me = inputs.me.as_ref()?;
-    let (my_gw, mine) = my_candidacy(inputs)?;
-    if !my_gw.under_nat {
+    let reach = Reach::of(inputs)?;
+    if !reach.gateway.under_nat {
         return None;
     }
     let mut out = TunnelSpec {
-        listen_port: direct_port(mine.port),
+        listen_port: direct_port(reach.endpoint.port),
         ..Default::default()
     };
-    if active_node(my_gw, &inputs.active_override) != Some(&me.name) {
+    if !reach.active {
         return Some(out);
     }
     let info = |node: &NodeName| peers.iter().find(|p| &p.node == node);
-    let relay = my_gw
-        .relay
-        .as_ref()
-        .and_then(|r| inputs.gateways.iter().find(|g| &g.name == r));
-    if let Some(relay) = relay
-        && let Some(node) = active_node(relay, &inputs.active_override)
+    if let Some((relay, node)) = reach.relay
         && let Some(key) = info(node)
             .and_then(|p| p.wireguard_public_key.as_deref())
             .and_then(Key::from_base64)
@@ -332,14 +298,7 @@ pub fn direct_spec(inputs: &NodeInputs, peers: &[PeerInfo]) -> Option<TunnelSpec
             },
         );
     }
-    for other in inputs
-        .gateways
-        .iter()
-        .filter(|g| g.name != my_gw.name && g.under_nat)
-    {
-        let Some(active) = active_node(other, &inputs.active_override) else {
-            continue;
-        };
+    for &(other, active) in reach.others.iter().filter(|(g, _)| g.under_nat) {
         let Some(device) = info(active).and_then(|p| p.direct.as_ref()) else {
             continue;
         };
@@ -705,16 +664,12 @@ pub fn peer_states(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use raven_model::topology::{EndpointType, ExposeType, GatewayEndpoint, Member, NodeView};
-    use std::net::IpAddr;
+    use raven_model::fixtures::{self, node as n};
+    use raven_model::topology::{GatewayEndpoint, NodeView};
 
     const KEY_A: &str = "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=";
     const KEY_B: &str = "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=";
     const KEY_C: &str = "TrMvSoP4jYQlY6RIzBgbssQqY3vxI2Pi+y71lOWWXX0=";
-
-    fn n(s: &str) -> NodeName {
-        NodeName::new(s).unwrap_or_else(|_| unreachable!())
-    }
 
     fn gw(
         name: &str,
@@ -725,58 +680,34 @@ mod tests {
         relay: Option<&str>,
     ) -> GatewayView {
         let ep = GatewayEndpoint {
-            node: n(node),
-            type_: EndpointType::Tunnel,
-            port: 4500,
             under_nat: nat,
-            nat_type: String::new(),
-            public_ip: public.and_then(|p| p.parse().ok()),
-            public_port: None,
-            config: Default::default(),
+            public_ip: public.map(fixtures::ip),
+            ..fixtures::endpoint(node, 4500)
         };
         GatewayView {
-            name: GatewayName::new(name).unwrap_or_else(|_| unreachable!()),
-            expose_type: ExposeType::None,
             under_nat: nat,
-            members: vec![Member {
-                node: n(node),
-                private_ip: "10.0.0.1"
-                    .parse()
-                    .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)),
-                subnets: vec![subnet.parse().unwrap_or_default()],
-                ready: true,
-            }],
+            members: vec![fixtures::member(node, "10.0.0.1", &[subnet])],
             active_tunnel: Some(ep.clone()),
             tunnel_candidates: vec![ep],
-            active_proxies: vec![],
-            proxy_ports: vec![],
-            extra_source_cidrs: vec![],
-            relay: relay.map(|r| GatewayName::new(r).unwrap_or_else(|_| unreachable!())),
+            relay: relay.map(fixtures::gateway_name),
+            ..fixtures::gateway(name)
         }
     }
 
     fn peer(node: &str, gateway: &str, key: &str) -> PeerInfo {
         PeerInfo {
-            node: n(node),
-            gateway: GatewayName::new(gateway).unwrap_or_else(|_| unreachable!()),
             wireguard_public_key: Some(key.into()),
             tunnel_port: Some(4500),
-            observed_endpoint: None,
-            direct: None,
-            ipsec_public_key: None,
+            ..fixtures::peer(node, gateway)
         }
     }
 
     fn inputs(me: &str, my_gw: &str) -> NodeInputs {
         NodeInputs {
             me: Some(NodeView {
-                name: n(me),
-                gateway: Some(GatewayName::new(my_gw).unwrap_or_else(|_| unreachable!())),
-                private_ip: None,
-                subnets: vec![],
                 tunnel_active: true,
                 tunnel_candidate: true,
-                proxy_active: false,
+                ..fixtures::node_view(me, Some(my_gw))
             }),
             gateways: vec![
                 gw(
@@ -790,12 +721,7 @@ mod tests {
                 gw("gw-hz", "h1", true, None, "10.2.0.0/24", Some("gw-cloud")),
                 gw("gw-qd", "q1", true, None, "10.3.0.0/24", Some("gw-cloud")),
             ],
-            settings: None,
-            active_override: BTreeMap::new(),
-            underlay_mtu: 1500,
-            tunnel_dev: "raven-wg0".into(),
-            tunnel_up: false,
-            direct: Default::default(),
+            ..Default::default()
         }
     }
 

@@ -172,23 +172,33 @@ pub fn root_with(tools: &[&str]) -> bool {
     ok
 }
 
-/// Runs `f` to completion on a current-thread runtime, in a thread that
-/// entered network namespace `ns` (sockets and child processes it makes
-/// live there).
-pub fn block_on_in<T: Send + 'static>(
+/// Runs `f` on a thread that entered network namespace `ns` (sockets,
+/// netlink connections and child processes it makes live there).
+pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
+    let path = format!("/run/netns/{ns}");
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let fd = std::fs::File::open(&path).expect("open netns");
+            nix::sched::setns(fd, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+            f()
+        })
+        .join()
+        .expect("namespace thread")
+    })
+}
+
+/// Runs the future `make` builds to completion on a current-thread runtime,
+/// in a thread that entered network namespace `ns`. The future is built in
+/// that thread, so it need not be `Send`.
+pub fn block_on_in<T: Send, F: std::future::Future<Output = T>>(
     ns: &str,
-    f: impl std::future::Future<Output = T> + Send + 'static,
+    make: impl FnOnce() -> F + Send,
 ) -> T {
-    let path = format!("/var/run/netns/{ns}");
-    std::thread::spawn(move || {
-        let fd = std::fs::File::open(&path).expect("open netns");
-        nix::sched::setns(fd, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+    in_netns(ns, || {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .expect("runtime")
-            .block_on(f)
+            .block_on(make())
     })
-    .join()
-    .expect("namespace thread")
 }

@@ -419,9 +419,7 @@ impl Session {
         snapshot: bool,
     ) -> Result<(), SyncError> {
         let hb = self.shared.config.heartbeat;
-        let mut ticker = tokio::time::interval(hb);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last_heard = tokio::time::Instant::now();
+        let mut heartbeat = raven_cli::pace::Heartbeat::new(hb);
         let mut dirty = true;
         let expired = self.cert_expiry();
         loop {
@@ -446,7 +444,7 @@ impl Session {
                     self.permit.take();
                 }
                 msg = inbound.message() => {
-                    last_heard = tokio::time::Instant::now();
+                    heartbeat.heard();
                     match msg? {
                         None => return Ok(()),
                         Some(req) => if self.handle(req)? { dirty = true },
@@ -458,8 +456,8 @@ impl Session {
                     }
                     dirty = true;
                 }
-                _ = ticker.tick() => {
-                    if last_heard.elapsed() > hb * 3 {
+                beat = heartbeat.beat() => {
+                    if beat.is_err() {
                         return Err(SyncError::Silent);
                     }
                     self.heartbeat_seq += 1;

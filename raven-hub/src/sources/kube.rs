@@ -31,10 +31,10 @@ use k8s_openapi::api::core::v1::{ConfigMap, Endpoints, Node, Service};
 use kube::api::{ApiResource, DynamicObject};
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, Resource};
+use raven_cli::pace::{Backoff, FailureStreak, Jitter};
 use raven_core::Problem;
 use raven_core::api::{self, v1beta1::Gateway};
 use serde::de::DeserializeOwned;
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::exposure;
@@ -202,37 +202,30 @@ fn see<K: Resource>(index: &mut Index, obj: &K) {
 const STREAK_QUIET: Duration = Duration::from_secs(120);
 
 /// Logs a watch failure once per streak of failures.
-#[derive(Debug, Default)]
-struct Streak {
-    last_error: Option<Instant>,
-    errors: u32,
+#[derive(Debug)]
+struct Streak(FailureStreak);
+
+impl Default for Streak {
+    fn default() -> Self {
+        Self(FailureStreak::forgetting_after(STREAK_QUIET))
+    }
 }
 
 impl Streak {
     fn failed(&mut self, kind: Kind, error: &watcher::Error) {
         crate::metrics::kubernetes_watch_error(kind);
-        let now = Instant::now();
-        if self
-            .last_error
-            .is_some_and(|t| now.duration_since(t) > STREAK_QUIET)
-        {
-            self.errors = 0;
-        }
-        self.last_error = Some(now);
-        self.errors += 1;
-        if self.errors == 1 {
+        if self.0.failed() {
             tracing::warn!(?kind, %error, "watch failed; serving the last known state and retrying with backoff");
         } else {
-            tracing::debug!(?kind, %error, errors = self.errors, "watch still failing");
+            tracing::debug!(?kind, %error, errors = self.0.failures(), "watch still failing");
         }
     }
 
     fn succeeded(&mut self, kind: Kind) {
-        if self.errors > 0 {
-            tracing::info!(?kind, errors = self.errors, "watch resumed");
+        let errors = self.0.succeeded();
+        if errors > 0 {
+            tracing::info!(?kind, errors, "watch resumed");
         }
-        self.errors = 0;
-        self.last_error = None;
     }
 }
 
@@ -279,9 +272,13 @@ fn decode<K: Sink>(obj: DynamicObject) -> Result<K, Box<Undecodable>> {
 /// exponential backoff left at 30 s kept it blind for up to 30 s while the
 /// Lease was already retaken); three requests a second per replica while
 /// the server is away is no load.
-#[derive(Debug, Default)]
-struct Reconnect {
-    failures: u32,
+#[derive(Debug)]
+struct Reconnect(Backoff);
+
+impl Default for Reconnect {
+    fn default() -> Self {
+        Self(Backoff::new(Self::MIN, Self::MAX).with_jitter(Jitter::Half))
+    }
 }
 
 impl Reconnect {
@@ -289,14 +286,11 @@ impl Reconnect {
     const MAX: Duration = Duration::from_secs(1);
 
     fn next(&mut self) -> Duration {
-        self.failures = self.failures.saturating_add(1);
-        let exp = Self::MIN.saturating_mul(1 << (self.failures - 1).min(8));
-        exp.min(Self::MAX)
-            .mul_f64(0.5 + rand::random::<f64>() / 2.0)
+        self.0.next_delay()
     }
 
     fn reset(&mut self) {
-        self.failures = 0;
+        self.0.reset();
     }
 }
 

@@ -29,6 +29,7 @@ use std::time::Duration;
 
 use kube::api::{Patch, PatchParams};
 use kube::{Api, Client};
+use raven_cli::pace::{Backoff, Jitter};
 use raven_core::Problem;
 use raven_core::api::v1beta1::{Gateway, GatewayCondition, GatewayStatus};
 use raven_core::compile::CompiledGateway;
@@ -193,13 +194,10 @@ fn now_rfc3339() -> String {
         .to_string()
 }
 
-/// Exponential backoff with jitter: `RETRY_MIN · 2^(attempt-1)`, capped at
-/// `RETRY_MAX`, scaled by a random factor in [0.5, 1).
-fn backoff(attempt: u32) -> Duration {
-    let exp = RETRY_MIN.saturating_mul(1 << attempt.saturating_sub(1).min(16));
-    exp.min(RETRY_MAX)
-        .mul_f64(0.5 + rand::random::<f64>() / 2.0)
-}
+/// Exponential backoff between status write attempts: `RETRY_MIN ·
+/// 2^(attempt-1)`, capped at `RETRY_MAX`, scaled by a random factor in
+/// [0.5, 1).
+const BACKOFF: Backoff = Backoff::new(RETRY_MIN, RETRY_MAX).with_jitter(Jitter::Half);
 
 #[derive(Debug, Clone)]
 struct Retry {
@@ -354,7 +352,7 @@ impl StatusWriter {
                         name.to_owned(),
                         Retry {
                             attempts,
-                            at: Instant::now() + backoff(attempts),
+                            at: Instant::now() + BACKOFF.delay(attempts),
                             status: want.clone(),
                         },
                     );

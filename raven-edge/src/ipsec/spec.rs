@@ -23,7 +23,8 @@ use ipnet::IpNet;
 use raven_model::topology::{GatewayView, PeerInfo};
 use raven_model::{GatewayName, NodeName};
 
-use crate::dataplane::model::{NodeInputs, active_node};
+use crate::dataplane::model::NodeInputs;
+use crate::reach::Reach;
 
 /// Every connection (and CHILD_SA) raven loads into charon is named with
 /// this prefix; raven never touches one without it.
@@ -89,7 +90,7 @@ pub struct ConnSpec {
 
 /// Everything this node wants from charon.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Plan {
+pub struct IpsecSpec {
     /// By connection name.
     pub conns: BTreeMap<String, ConnSpec>,
     /// Addresses (host prefixes) to put on `lo`: the network address of every
@@ -113,7 +114,7 @@ pub fn conn_name(peer: &NodeName) -> String {
 ///
 /// strongSwan before 5.9.12 needs an address of the holder inside each of
 /// its local selectors. A subnet gets one on `lo` (its network address, see
-/// [`Plan::lo_addresses`]), but another node's host address cannot be
+/// [`IpsecSpec::lo_addresses`]), but another node's host address cannot be
 /// borrowed without capturing that node's traffic: the members' addresses
 /// travel as the smallest prefix holding them all, which holds the tunnel
 /// node's own address on its own side and whose network address (no
@@ -179,40 +180,23 @@ pub fn node_cover(addrs: &[IpAddr]) -> Option<IpNet> {
 
 /// The connections this node must run: none unless it is the active tunnel
 /// node of its gateway. Pure.
-pub fn plan(inputs: &NodeInputs, peers: &[PeerInfo]) -> Plan {
-    let mut out = Plan::default();
-    let Some(me) = inputs.me.as_ref() else {
+pub fn spec(inputs: &NodeInputs, peers: &[PeerInfo]) -> IpsecSpec {
+    let mut out = IpsecSpec::default();
+    let Some(reach) = Reach::of(inputs).filter(|r| r.active) else {
         return out;
     };
-    let Some(my_gw) = inputs
-        .gateways
-        .iter()
-        .find(|g| Some(&g.name) == me.gateway.as_ref())
-    else {
-        return out;
-    };
-    let Some(mine) = my_gw.tunnel_candidates.iter().find(|c| c.node == me.name) else {
-        return out;
-    };
-    if active_node(my_gw, &inputs.active_override) != Some(&me.name) {
-        return out;
-    }
+    let (me, my_gw, mine) = (reach.me, reach.gateway, reach.endpoint);
     let info = |node: &NodeName| peers.iter().find(|p| &p.node == node);
     let my_prefixes = selectors(my_gw, me.private_ip);
     // NATed gateways other than mine, with an active node.
-    let natted: Vec<(&GatewayView, &NodeName)> = inputs
-        .gateways
+    let natted: Vec<(&GatewayView, &NodeName)> = reach
+        .others
         .iter()
-        .filter(|g| g.name != my_gw.name && g.under_nat)
-        .filter_map(|g| active_node(g, &inputs.active_override).map(|n| (g, n)))
+        .filter(|(g, _)| g.under_nat)
+        .copied()
         .collect();
-    let mut relayed: Vec<&GatewayView> = Vec::new();
-    for other in inputs.gateways.iter().filter(|g| g.name != my_gw.name) {
-        let Some(active) = active_node(other, &inputs.active_override) else {
-            continue;
-        };
-        if my_gw.under_nat && other.under_nat {
-            relayed.push(other);
+    for &(other, active) in &reach.others {
+        if reach.through_relay(other) {
             continue;
         }
         let Some(key) = info(active).and_then(|p| p.ipsec_public_key.clone()) else {
@@ -314,35 +298,23 @@ pub fn plan(inputs: &NodeInputs, peers: &[PeerInfo]) -> Plan {
         }
         out.conns.insert(conn_name(active), conn);
     }
+    let relayed = reach.relayed();
     if !relayed.is_empty() {
-        let relay_node = my_gw
+        let relay_ip = reach
             .relay
-            .as_ref()
-            .and_then(|r| inputs.gateways.iter().find(|g| &g.name == r))
-            .and_then(|g| active_node(g, &inputs.active_override));
-        let relay_ip = my_gw
-            .relay
-            .as_ref()
-            .and_then(|r| inputs.gateways.iter().find(|g| &g.name == r))
-            .zip(relay_node)
             .and_then(|(g, n)| g.members.iter().find(|m| &m.node == n))
             .map(|m| m.private_ip);
-        match relay_node.and_then(|n| out.conns.get_mut(&conn_name(n))) {
+        match reach
+            .relay
+            .and_then(|(_, n)| out.conns.get_mut(&conn_name(n)))
+        {
             Some(conn) => {
-                for g in relayed {
+                for (g, n) in &relayed {
                     conn.remote_ts.extend(selectors(g, relay_ip));
-                    conn.relays_for
-                        .extend(active_node(g, &inputs.active_override).cloned());
+                    conn.relays_for.push((*n).clone());
                 }
             }
-            None => out.warnings.push(format!(
-                "no relay gateway is reachable; NATed gateways {} are unreachable",
-                relayed
-                    .iter()
-                    .map(|g| g.name.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )),
+            None => out.warnings.push(Reach::no_relay_warning(&relayed)),
         }
     }
     let own: BTreeSet<IpAddr> = me.private_ip.into_iter().collect();
@@ -359,54 +331,32 @@ pub fn plan(inputs: &NodeInputs, peers: &[PeerInfo]) -> Plan {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use raven_model::topology::{EndpointType, ExposeType, GatewayEndpoint, Member, NodeView};
+    use raven_model::fixtures::{self, gateway_name as g, net, node as n};
+    use raven_model::topology::{ExposeType, GatewayEndpoint, Member, NodeView};
 
     const KEY: &str = "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=";
-
-    fn n(s: &str) -> NodeName {
-        NodeName::new(s).unwrap_or_else(|e| panic!("{e}"))
-    }
-    fn g(s: &str) -> GatewayName {
-        GatewayName::new(s).unwrap_or_else(|e| panic!("{e}"))
-    }
-    fn net(s: &str) -> IpNet {
-        s.parse().unwrap_or_else(|e| panic!("{s}: {e}"))
-    }
 
     /// Gateway `name` with node `<name>-1` at `ip`, pod subnet `subnet`,
     /// public at `ip` unless `nat`.
     fn gw(name: &str, ip: &str, subnet: &str, nat: bool, relay: Option<&str>) -> GatewayView {
-        let ip: IpAddr = ip.parse().unwrap_or_else(|e| panic!("{e}"));
+        let node = format!("{name}-1");
         let ep = GatewayEndpoint {
-            node: n(&format!("{name}-1")),
-            type_: EndpointType::Tunnel,
-            port: 4500,
             under_nat: nat,
-            nat_type: String::new(),
-            public_ip: (!nat).then_some(ip),
-            public_port: None,
-            config: BTreeMap::new(),
+            public_ip: (!nat).then(|| fixtures::ip(ip)),
+            ..fixtures::endpoint(&node, 4500)
         };
         GatewayView {
-            name: g(name),
             expose_type: if nat {
                 ExposeType::None
             } else {
                 ExposeType::PublicIP
             },
             under_nat: nat,
-            members: vec![Member {
-                node: n(&format!("{name}-1")),
-                private_ip: ip,
-                subnets: vec![net(subnet)],
-                ready: true,
-            }],
+            members: vec![fixtures::member(&node, ip, &[subnet])],
             active_tunnel: Some(ep.clone()),
             tunnel_candidates: vec![ep],
-            active_proxies: Vec::new(),
-            extra_source_cidrs: Vec::new(),
-            proxy_ports: Vec::new(),
             relay: relay.map(g),
+            ..fixtures::gateway(name)
         }
     }
 
@@ -417,34 +367,25 @@ mod tests {
             .unwrap_or_else(|| panic!("no {me}"));
         NodeInputs {
             me: Some(NodeView {
-                name: n(me),
                 gateway: Some(view.name.clone()),
                 private_ip: Some(view.members[0].private_ip),
                 subnets: view.members[0].subnets.clone(),
                 tunnel_active: true,
                 tunnel_candidate: true,
-                proxy_active: false,
+                ..fixtures::node_view(me, None)
             }),
             gateways: gws.to_vec(),
-            settings: None,
-            active_override: BTreeMap::new(),
-            underlay_mtu: 1500,
             tunnel_dev: String::new(),
-            tunnel_up: false,
-            direct: Default::default(),
+            ..Default::default()
         }
     }
 
     fn peers(gws: &[GatewayView]) -> Vec<PeerInfo> {
         gws.iter()
             .map(|v| PeerInfo {
-                node: v.members[0].node.clone(),
-                gateway: v.name.clone(),
-                wireguard_public_key: None,
                 tunnel_port: Some(4500),
-                observed_endpoint: None,
-                direct: None,
                 ipsec_public_key: Some(KEY.into()),
+                ..fixtures::peer(v.members[0].node.as_str(), v.name.as_str())
             })
             .collect()
     }
@@ -455,8 +396,8 @@ mod tests {
             gw("a", "192.0.2.1", "10.1.0.0/24", false, None),
             gw("b", "192.0.2.2", "10.2.0.0/24", false, None),
         ];
-        let pa = plan(&inputs(&gws, "a-1"), &peers(&gws));
-        let pb = plan(&inputs(&gws, "b-1"), &peers(&gws));
+        let pa = spec(&inputs(&gws, "a-1"), &peers(&gws));
+        let pb = spec(&inputs(&gws, "b-1"), &peers(&gws));
         assert_eq!(pa.conns.len(), 1);
         assert_eq!(pb.conns.len(), 1);
         let (ca, cb) = (&pa.conns["raven-b-1"], &pb.conns["raven-a-1"]);
@@ -481,8 +422,8 @@ mod tests {
             gw("a", "192.0.2.1", "10.1.0.0/24", false, None),
             gw("b", "10.9.0.2", "10.2.0.0/24", true, Some("a")),
         ];
-        let pa = plan(&inputs(&gws, "a-1"), &peers(&gws));
-        let pb = plan(&inputs(&gws, "b-1"), &peers(&gws));
+        let pa = spec(&inputs(&gws, "a-1"), &peers(&gws));
+        let pb = spec(&inputs(&gws, "b-1"), &peers(&gws));
         assert!(!pa.conns["raven-b-1"].initiator);
         assert_eq!(pa.conns["raven-b-1"].remote_addr, None);
         assert_eq!(
@@ -500,7 +441,7 @@ mod tests {
             gw("x", "10.8.0.2", "10.2.0.0/24", true, Some("r")),
             gw("y", "10.9.0.2", "10.3.0.0/24", true, Some("r")),
         ];
-        let px = plan(&inputs(&gws, "x-1"), &peers(&gws));
+        let px = spec(&inputs(&gws, "x-1"), &peers(&gws));
         assert_eq!(
             px.conns.keys().collect::<Vec<_>>(),
             ["raven-r-1"],
@@ -513,7 +454,7 @@ mod tests {
         );
         assert!(to_relay.remote_ts.contains(&net("10.1.0.0/24")));
         assert_eq!(to_relay.relays_for, [n("y-1")]);
-        let pr = plan(&inputs(&gws, "r-1"), &peers(&gws));
+        let pr = spec(&inputs(&gws, "r-1"), &peers(&gws));
         assert_eq!(pr.conns.len(), 2);
         let to_x = &pr.conns["raven-x-1"];
         assert!(to_x.local_ts.contains(&net("10.3.0.0/24")), "{to_x:?}");
@@ -542,7 +483,7 @@ mod tests {
         ];
         let mut ps = peers(&gws);
         ps[1].ipsec_public_key = None;
-        let pa = plan(&inputs(&gws, "a-1"), &ps);
+        let pa = spec(&inputs(&gws, "a-1"), &ps);
         assert!(pa.conns.is_empty());
         assert!(
             pa.warnings[0].contains("b-1") && pa.warnings[0].contains("IPsec key"),
@@ -551,7 +492,7 @@ mod tests {
         );
         let mut standby = inputs(&gws, "a-1");
         standby.active_override.insert(g("a"), n("a-2"));
-        assert_eq!(plan(&standby, &peers(&gws)), Plan::default());
+        assert_eq!(spec(&standby, &peers(&gws)), IpsecSpec::default());
     }
 
     #[test]
@@ -608,7 +549,7 @@ mod tests {
         let mut p2 = ps[1].clone();
         p2.node = n("b-2");
         ps.push(p2);
-        let pa = plan(&inputs(&gws, "a-1"), &ps);
+        let pa = spec(&inputs(&gws, "a-1"), &ps);
         let (active, standby) = (&pa.conns["raven-b-1"], &pa.conns["raven-b-2"]);
         assert!(!active.standby && standby.standby);
         assert!(!standby.initiator, "a standby is answered, never dialled");
@@ -629,7 +570,7 @@ mod tests {
             v.name = n("b-1");
             v
         });
-        assert!(plan(&me, &ps).conns.values().all(|c| !c.standby));
+        assert!(spec(&me, &ps).conns.values().all(|c| !c.standby));
     }
 
     #[test]
