@@ -715,7 +715,10 @@ mod tests {
         // The default debounce: 100 ms quiet, at most 1 s.
         let seen = publishes(&[1000, 1050, 1100, 1150], 5000).await;
         // (0, 0) is the initial state, then (0, 0) again: the first compile.
-        assert_eq!(seen, [(0, 0), (0, 0), (1250, 4)]);
+        // The first change after quiet is compiled at once (leading edge);
+        // the three that follow within 100 ms are one burst, compiled once
+        // 100 ms after its last change.
+        assert_eq!(seen, [(0, 0), (0, 0), (1000, 1), (1250, 4)]);
     }
 
     #[tokio::test(start_paused = true)]
@@ -723,9 +726,20 @@ mod tests {
         // A change every 30 ms from 1010 ms to 3500 ms (84 changes).
         let changes: Vec<u64> = (0..84).map(|k| 1010 + 30 * k).collect();
         let seen = publishes(&changes, 6000).await;
-        // 1 s after the first change of each burst, with the latest change
-        // (the 34th was made at 2000 ms, the 68th at 3020 ms); the last
-        // burst goes quiet 100 ms after the 84th.
-        assert_eq!(seen, [(0, 0), (0, 0), (2010, 34), (3030, 68), (3600, 84)]);
+        // The first change at once (leading edge); then 1 s after the first
+        // change of each burst, with the latest change (the burst starts
+        // with the 2nd at 1040 ms; the 35th was made at 2030 ms, the 69th
+        // at 3050 ms); the last burst goes quiet 100 ms after the 84th.
+        assert_eq!(
+            seen,
+            [
+                (0, 0),
+                (0, 0),
+                (1010, 1),
+                (2040, 35),
+                (3060, 69),
+                (3600, 84)
+            ]
+        );
     }
 }
