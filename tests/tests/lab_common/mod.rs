@@ -79,11 +79,16 @@ pub fn name_of(short: &str) -> &'static str {
 
 /// `ListAgents` as JSON.
 pub fn agents(lab: &Lab) -> serde_json::Value {
-    serde_json::from_str(
-        &lab.grpcurl("raven.v1.InspectService/ListAgents")
-            .expect("grpcurl"),
-    )
-    .expect("json")
+    try_agents(lab).unwrap_or_else(|e| panic!("grpcurl: {e}"))
+}
+
+/// `ListAgents` as JSON, or why the hub did not answer (a hub just
+/// started may not listen yet).
+pub fn try_agents(lab: &Lab) -> Result<serde_json::Value, String> {
+    let out = lab
+        .grpcurl("raven.v1.InspectService/ListAgents")
+        .map_err(|e| format!("{e:?}"))?;
+    Ok(serde_json::from_str(&out).expect("json"))
 }
 
 pub fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) -> Duration {
@@ -129,4 +134,17 @@ pub fn power_off_hz1_until_the_hub_elects_hz2(lab: &mut Lab) -> Duration {
         Duration::from_secs(30),
         || active_tunnel(lab, "gw-hangzhou").as_deref() == Some(name_of("h2")),
     )
+}
+
+/// Kills the hub, waits `settle`, and checks every pair still reaches each
+/// other: the agents keep the dataplane without it.
+pub fn kill_hub_and_check_the_matrix(lab: &mut Lab, settle: Duration) {
+    lab.kill_hub();
+    std::thread::sleep(settle);
+    let m = lab.matrix();
+    assert!(
+        m.iter().all(|x| x.2),
+        "traffic must survive the hub\n{}",
+        Lab::render(&m)
+    );
 }
