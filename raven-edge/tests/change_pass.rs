@@ -117,19 +117,25 @@ impl Monitor {
             }
         });
         let mut m = Self { child, lines };
-        // Re-added until seen: the first may precede the subscription.
+        // A new marker route per attempt until one is seen: the first may
+        // precede the subscription, and a kernel need not announce a
+        // `replace` that changes nothing.
         for attempt in 0.. {
             assert!(attempt < 100, "ip monitor never reported a marker");
+            let marker = format!("198.51.100.{attempt}");
             ns.ip(&[
                 "route",
-                "replace",
-                "192.0.2.1/32",
+                "add",
+                &format!("{marker}/32"),
                 "dev",
                 "lo",
                 "table",
                 MARK_TABLE,
             ]);
-            if m.until("192.0.2.1", Duration::from_millis(100)).is_some() {
+            if m
+                .until(&format!("{marker} dev"), Duration::from_millis(100))
+                .is_some()
+            {
                 break;
             }
         }
@@ -164,9 +170,9 @@ impl Monitor {
             .expect("the end marker");
         let _ = self.child.kill();
         let _ = self.child.wait();
-        // Repeats of the start marker are not route changes of raven's.
+        // Late start markers are not route changes of raven's.
         seen.into_iter()
-            .filter(|l| !l.contains("192.0.2.1"))
+            .filter(|l| !l.contains(&format!("table {MARK_TABLE}")))
             .collect()
     }
 }
