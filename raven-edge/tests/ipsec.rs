@@ -93,8 +93,22 @@ struct Pinger(std::thread::JoinHandle<String>, u32);
 impl Pinger {
     fn start(ns: &str, src: &str, dst: &str, max: u32) -> Self {
         let args: Vec<String> = [
-            "ip", "netns", "exec", ns, "ping", "-n", "-q", "-i", "0.05", "-W", "1", "-c",
-            &max.to_string(), "-I", src, dst,
+            "ip",
+            "netns",
+            "exec",
+            ns,
+            "ping",
+            "-n",
+            "-q",
+            "-i",
+            "0.05",
+            "-W",
+            "1",
+            "-c",
+            &max.to_string(),
+            "-I",
+            src,
+            dst,
         ]
         .iter()
         .map(|s| s.to_string())
@@ -677,7 +691,8 @@ async fn two_gateways_one_sa_pair_survives_restart_refuses_impostor_rekeys_and_r
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn relay_carries_two_natted_gateways_through_masquerade_and_a_hole_punched_direct_sa_takes_over_and_back_without_loss() {
+async fn relay_carries_two_natted_gateways_through_masquerade_and_a_hole_punched_direct_sa_takes_over_and_back_without_loss()
+ {
     if !ready() || !support::root_with(&["iptables"]) {
         return;
     }
@@ -902,6 +917,7 @@ async fn relay_carries_two_natted_gateways_through_masquerade_and_a_hole_punched
     assert!(direct[1].conns["raven-y-1"].direct, "{:?}", direct[1]);
     assert!(direct[2].conns["raven-x-1"].direct, "{:?}", direct[2]);
     let pinger = Pinger::start(x, "10.2.0.1", "10.3.0.1", 300);
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let t = Instant::now();
     let charons = [&vr, &vx, &vy];
     let one_direct_sa = |sas: &[SaHealth], conn: &str| {
@@ -933,7 +949,10 @@ async fn relay_carries_two_natted_gateways_through_masquerade_and_a_hole_punched
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    eprintln!("direct IKE_SA x <-> y through both NATs after {:?}", t.elapsed());
+    eprintln!(
+        "direct IKE_SA x <-> y through both NATs after {:?}",
+        t.elapsed()
+    );
     let (sent, lost) = pinger.stop();
     eprintln!("relay -> direct while pinging at 20 pps: {lost} of {sent} lost");
     assert_eq!(lost, 0, "moving onto the direct path loses nothing");
@@ -943,9 +962,14 @@ async fn relay_carries_two_natted_gateways_through_masquerade_and_a_hole_punched
     });
     let esp: Vec<&String> = lines
         .iter()
-        .filter(|l| l.contains("ESP") && (l.contains(" > 203.0.113.1.") || l.contains("203.0.113.1.4500 >")))
+        .filter(|l| {
+            l.contains("ESP") && (l.contains(" > 203.0.113.1.") || l.contains("203.0.113.1.4500 >"))
+        })
         .collect();
-    assert!(esp.is_empty(), "ESP through the relay once direct: {esp:#?}");
+    assert!(
+        esp.is_empty(),
+        "ESP through the relay once direct: {esp:#?}"
+    );
     assert!(
         lines
             .iter()
@@ -969,7 +993,11 @@ async fn relay_carries_two_natted_gateways_through_masquerade_and_a_hole_punched
     let (sent, lost) = pinger.stop();
     eprintln!("direct -> relay while pinging at 20 pps: {lost} of {sent} lost");
     assert_eq!(lost, 0, "moving back onto the relay loses nothing");
-    assert_eq!(ping(x, "10.2.0.1", "10.3.0.1", 3), 3, "through the relay again");
+    assert_eq!(
+        ping(x, "10.2.0.1", "10.3.0.1", 3),
+        3,
+        "through the relay again"
+    );
 
     // Removing the wanted addresses removes only raven's.
     support::block_on_in(r, || async {

@@ -4,7 +4,8 @@
 //! kernels have no ESP) beside its agent, and the agents (default `--vpn
 //! auto`) follow raven-cfg. Real hub, real agents, NAT routers with
 //! stateful firewalls; the NATed domains reach each other through the
-//! cloud gateway (their relay). Each scenario prints what it measured.
+//! cloud gateway (their relay) and, once the hole is punched, directly
+//! through both NATs. Each scenario prints what it measured.
 //!
 //! Needs root, charon, swanctl, nft, grpcurl and curl; skipped otherwise unless
 //! `RAVEN_REQUIRE_TOOLS=1`. Labs run one at a time.
@@ -125,9 +126,11 @@ fn over_ipsec_every_node_and_pod_reaches_every_other_through_nat_and_the_relay_o
     // The NATed side dialled: the cloud's SAs come from the routers'
     // public addresses, on UDP 4500 through the NAT; the NATed domains
     // reach each other directly.
-    wait_for("both report the direct path", Duration::from_secs(20), || {
-        relayed(&lab, "h1", "q1") == Some(false) && relayed(&lab, "q1", "h1") == Some(false)
-    });
+    wait_for(
+        "both report the direct path",
+        Duration::from_secs(20),
+        || relayed(&lab, "h1", "q1") == Some(false) && relayed(&lab, "q1", "h1") == Some(false),
+    );
     let report = lab.report(Duration::from_secs(10), Duration::ZERO);
     eprintln!("{}", report.render());
     assert!(report.ok(), "{}\n{}", report.verdict(), lab.logs());
@@ -395,7 +398,11 @@ fn over_ipsec_with_the_hub_down_a_dead_public_gateway_node_fails_over_locally_to
             sas(&lab, g)
         );
     }
-    assert!(ike_established(&lab, "c2").is_empty(), "{:?}", sas(&lab, "c2"));
+    assert!(
+        ike_established(&lab, "c2").is_empty(),
+        "{:?}",
+        sas(&lab, "c2")
+    );
     // The hub (it runs on cloud-1) is gone, then cloud-1's power.
     lab.kill_hub();
     std::thread::sleep(Duration::from_secs(4)); // > 3 heartbeats: agents know
@@ -465,7 +472,16 @@ fn relayed(lab: &Lab, from: &str, to: &str) -> Option<bool> {
 /// what the relay carries.
 fn esp_through_the_relay(lab: &Lab, during: impl FnOnce()) -> Vec<String> {
     let mut child = Command::new("ip")
-        .args(["netns", "exec", &lab.ns("c1"), "tcpdump", "-n", "-l", "-i", "wan0"])
+        .args([
+            "netns",
+            "exec",
+            &lab.ns("c1"),
+            "tcpdump",
+            "-n",
+            "-l",
+            "-i",
+            "wan0",
+        ])
         .args(["udp", "port", "4500"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
@@ -498,7 +514,7 @@ fn pod(short: &str) -> &'static str {
 
 #[test]
 fn over_ipsec_two_natted_domains_talk_directly_once_the_hole_is_punched_and_the_move_loses_nothing()
- {
+{
     if !ready() {
         return;
     }
@@ -541,16 +557,21 @@ fn over_ipsec_two_natted_domains_talk_directly_once_the_hole_is_punched_and_the_
         sas(&lab, "h1")
     );
     assert_eq!(sa_remotes(&lab, "q1", &to_h)[0].1, "203.0.113.20:4500");
-    wait_for("both report the direct path", Duration::from_secs(20), || {
-        relayed(&lab, "h1", "q1") == Some(false) && relayed(&lab, "q1", "h1") == Some(false)
-    });
+    wait_for(
+        "both report the direct path",
+        Duration::from_secs(20),
+        || relayed(&lab, "h1", "q1") == Some(false) && relayed(&lab, "q1", "h1") == Some(false),
+    );
     // Nothing between the two domains crosses the relay any more.
     let esp = esp_through_the_relay(&lab, || {
         for (a, b) in [("h1", "q1"), ("h2", "q2"), ("q2", "h1")] {
             assert!(lab.ping(a, pod(a), pod(b)), "{a} -> {b}");
         }
     });
-    assert!(esp.is_empty(), "ESP through the relay once direct: {esp:#?}");
+    assert!(
+        esp.is_empty(),
+        "ESP through the relay once direct: {esp:#?}"
+    );
     let (sent, lost) = pinger.wait();
     eprintln!(
         "relay -> direct over IPsec: {lost} of {sent} pings (20 pps, pod hz-2 -> pod qd-2) lost"

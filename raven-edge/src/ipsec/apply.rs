@@ -67,14 +67,8 @@ pub fn conn_message(spec: &ConnSpec, local_public: &[u8; 32]) -> Result<Message,
         // (re)dialled by the agent only while its gateway's active node has
         // no IKE_SA, and a direct path by the agent on both sides (see
         // below), so charon must not redial them on its own.
-        .kv(
-            "dpd_action",
-            if restart { "restart" } else { "clear" },
-        )
-        .kv(
-            "close_action",
-            if restart { "restart" } else { "none" },
-        );
+        .kv("dpd_action", if restart { "restart" } else { "clear" })
+        .kv("close_action", if restart { "restart" } else { "none" });
     let body = Message::new()
         .kv("version", "2")
         .list("local_addrs", [addr(spec.local_addr)])

@@ -161,11 +161,21 @@ pub fn add_c2_public_candidate(lab: &Lab) {
     let (inet, c2) = (lab.ns("inet"), lab.ns("c2"));
     for args in [
         vec![
-            "-n", &inet, "link", "add", "c2-wan0", "type", "veth", "peer", "name", "wan0",
-            "netns", &c2,
+            "-n", &inet, "link", "add", "c2-wan0", "type", "veth", "peer", "name", "wan0", "netns",
+            &c2,
         ],
-        vec!["-n", &inet, "link", "set", "c2-wan0", "master", "wanbr", "up"],
-        vec!["-n", &c2, "addr", "add", &format!("{C2_PUBLIC}/24"), "dev", "wan0"],
+        vec![
+            "-n", &inet, "link", "set", "c2-wan0", "master", "wanbr", "up",
+        ],
+        vec![
+            "-n",
+            &c2,
+            "addr",
+            "add",
+            &format!("{C2_PUBLIC}/24"),
+            "dev",
+            "wan0",
+        ],
         vec!["-n", &c2, "link", "set", "wan0", "up"],
     ] {
         let st = std::process::Command::new("ip")
