@@ -140,6 +140,22 @@ pub struct ChildHealth {
 }
 
 impl SaHealth {
+    /// An IKE_SA of `conn` in `state` without CHILD_SAs (tests).
+    #[cfg(test)]
+    pub fn bare(conn: &str, ike_id: u64, state: &str, initiator: bool) -> Self {
+        Self {
+            conn: conn.into(),
+            ike_id,
+            ike_state: state.into(),
+            local_id: String::new(),
+            remote_id: String::new(),
+            established_secs: None,
+            remote: None,
+            initiator,
+            children: Vec::new(),
+        }
+    }
+
     fn from_vici(conn: &str, m: &Message) -> Self {
         let remote = m
             .str("remote-host")
@@ -537,17 +553,7 @@ mod tests {
             .into(),
             ..Default::default()
         };
-        let sa = |conn: &str, state: &str| SaHealth {
-            conn: conn.into(),
-            ike_id: 1,
-            ike_state: state.into(),
-            local_id: String::new(),
-            remote_id: String::new(),
-            established_secs: None,
-            remote: None,
-            initiator: true,
-            children: Vec::new(),
-        };
+        let sa = |conn: &str, state: &str| SaHealth::bare(conn, 1, state, true);
         assert!(active_established(
             &plan,
             &[sa("raven-b-1", "ESTABLISHED")],
@@ -570,16 +576,8 @@ mod tests {
 
     #[test]
     fn on_a_direct_path_the_larger_node_name_closes_the_ike_sa_it_dialled_once_the_peers_is_up() {
-        let sa = |id: u64, initiator: bool, state: &str| SaHealth {
-            conn: "raven-b-1".into(),
-            ike_id: id,
-            ike_state: state.into(),
-            local_id: String::new(),
-            remote_id: String::new(),
-            established_secs: None,
-            remote: None,
-            initiator,
-            children: Vec::new(),
+        let sa = |id: u64, initiator: bool, state: &str| {
+            SaHealth::bare("raven-b-1", id, state, initiator)
         };
         let (mine, theirs) = (sa(1, true, "ESTABLISHED"), sa(2, false, "ESTABLISHED"));
         let mut larger = spec(true);

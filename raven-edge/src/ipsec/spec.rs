@@ -754,17 +754,8 @@ mod tests {
             "{standby:?}"
         );
         // One row for y: through whichever relay node has an SA.
-        let sa = |conn: &str, id| crate::ipsec::apply::SaHealth {
-            conn: conn.into(),
-            ike_id: id,
-            ike_state: "ESTABLISHED".into(),
-            local_id: String::new(),
-            remote_id: String::new(),
-            established_secs: None,
-            remote: None,
-            initiator: true,
-            children: Vec::new(),
-        };
+        let sa =
+            |conn: &str, id| crate::ipsec::apply::SaHealth::bare(conn, id, "ESTABLISHED", true);
         let rows = crate::ipsec::agent::rows(&px, &[sa("raven-a-2", 3)]);
         let y: Vec<_> = rows.iter().filter(|r| r.peer_node == "y-1").collect();
         assert_eq!(y.len(), 1, "{rows:?}");
@@ -856,17 +847,7 @@ mod tests {
         );
         // One row per peer: the direct one once its IKE_SA is up, the
         // relayed one otherwise.
-        let sa = |conn: &str| crate::ipsec::apply::SaHealth {
-            conn: conn.into(),
-            ike_id: 1,
-            ike_state: "ESTABLISHED".into(),
-            local_id: String::new(),
-            remote_id: String::new(),
-            established_secs: None,
-            remote: None,
-            initiator: true,
-            children: Vec::new(),
-        };
+        let sa = |conn: &str| crate::ipsec::apply::SaHealth::bare(conn, 1, "ESTABLISHED", true);
         let row_for_y = |sas: &[crate::ipsec::apply::SaHealth]| {
             let rows = crate::ipsec::agent::rows(&px, sas);
             let y: Vec<_> = rows.into_iter().filter(|r| r.peer_node == "y-1").collect();
