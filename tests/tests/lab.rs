@@ -7,11 +7,11 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use raven_tests::lab::{Lab, LabDomain, LabNode, LabRouter, NODES, ping_summary};
+use raven_tests::lab::{Lab, LabNode, NODES, ping_summary};
 
 mod lab_common;
 
-use lab_common::{active_tunnel, agents, converge, name_of, try_agents, wait_for};
+use lab_common::{active_tunnel, agents, converge, name_of, shenzhen, try_agents, wait_for};
 
 fn up(tag: &str) -> (std::sync::MutexGuard<'static, ()>, Lab) {
     up_with(tag, |_| {})
@@ -418,16 +418,7 @@ fn a_new_domain_added_while_running_is_reached_from_every_domain() {
     let old: Vec<&str> = lab.nodes.iter().map(|n| n.short).collect();
     let t = Instant::now();
     lab.add_domain(
-        LabDomain {
-            name: "shenzhen",
-            gateway: "gw-shenzhen",
-            switch: "szsw",
-            router: Some(LabRouter {
-                short: "szrt",
-                lan: "172.16.3.1",
-                wan: "203.0.113.40",
-            }),
-        },
+        shenzhen("172.16.3.1"),
         vec![
             LabNode {
                 short: "s1",
@@ -1146,20 +1137,9 @@ fn l7_proxy_reaches_edge_kubelets_by_name_even_with_the_same_internal_ip_and_aft
         ip: "172.16.2.103",
         pod: "10.244.7.1",
     };
-    lab.add_domain(
-        LabDomain {
-            name: "shenzhen",
-            gateway: "gw-shenzhen",
-            switch: "szsw",
-            router: Some(LabRouter {
-                short: "szrt",
-                lan: "172.16.2.1",
-                wan: "203.0.113.40",
-            }),
-        },
-        vec![s1.clone()],
-    )
-    .expect("domain added");
+    // Hangzhou's LAN addresses (172.16.2.0/24), behind its own NAT.
+    lab.add_domain(shenzhen("172.16.2.1"), vec![s1.clone()])
+        .expect("domain added");
     let h1 = NODES[2].clone();
     let h2 = NODES[3].clone();
     assert_eq!(h1.ip, s1.ip);
