@@ -63,12 +63,8 @@ impl Cluster {
             json!({"metadata": {"name": "coredns-decoy", "namespace": "kube-system"}, "data": {}}),
         )?;
         self.system.create(&pp, &coredns).await?;
-        self.gateways
-            .create(&pp, &gateway("gw-a", &["a1", "a2"])?)
-            .await?;
-        self.gateways
-            .create(&pp, &gateway("gw-b", &["b1"])?)
-            .await?;
+        self.add_gateway("gw-a", &["a1", "a2"]).await?;
+        self.add_gateway("gw-b", &["b1"]).await?;
         let client = server.client().await?;
         for (n, gw, ip, cidr) in [
             ("a1", "gw-a", "192.168.0.1", "10.244.1.0/24"),
@@ -87,6 +83,19 @@ impl Cluster {
         let dp = DeleteParams::default();
         let _ = self.default.delete("raven-cfg", &dp).await;
         let _ = self.system.delete("coredns-decoy", &dp).await;
+        Ok(())
+    }
+
+    async fn add_gateway(&self, name: &str, endpoints: &[&str]) -> Result<()> {
+        let pp = PostParams::default();
+        self.gateways
+            .create(&pp, &gateway(name, endpoints)?)
+            .await?;
+        Ok(())
+    }
+
+    async fn delete_gateway(&self, name: &str) -> Result<()> {
+        self.gateways.delete(name, &DeleteParams::default()).await?;
         Ok(())
     }
 
@@ -165,14 +174,8 @@ async fn gateway_change_is_applied_from_watch() -> Result<()> {
         .await?;
 
     let pp = PostParams::default();
-    cluster
-        .gateways
-        .create(&pp, &gateway("gw-c", &["c1"])?)
-        .await?;
-    cluster
-        .gateways
-        .delete("gw-b", &DeleteParams::default())
-        .await?;
+    cluster.add_gateway("gw-c", &["c1"]).await?;
+    cluster.delete_gateway("gw-b").await?;
     source
         .until("gw-c added and gw-b deleted", |i| {
             Snapshot::of(i).gateway_names() == ["gw-a", "gw-c"]
@@ -235,15 +238,8 @@ async fn expired_resource_version_410_triggers_relist_and_nothing_is_lost() -> R
     // shows what happened — including the deletion.
     partition.cut();
     cluster.set_endpoints("gw-a", &["a2"]).await?;
-    cluster
-        .gateways
-        .delete("gw-b", &DeleteParams::default())
-        .await?;
-    let pp = PostParams::default();
-    cluster
-        .gateways
-        .create(&pp, &gateway("gw-c", &["c1"])?)
-        .await?;
+    cluster.delete_gateway("gw-b").await?;
+    cluster.add_gateway("gw-c", &["c1"]).await?;
     cluster.set_pod_cidr("a2", "10.244.20.0/24").await?;
     cluster
         .system
@@ -282,10 +278,7 @@ async fn expired_resource_version_410_triggers_relist_and_nothing_is_lost() -> R
         .await?;
 
     // And it watches again from the new list.
-    cluster
-        .gateways
-        .create(&pp, &gateway("gw-d", &["d1"])?)
-        .await?;
+    cluster.add_gateway("gw-d", &["d1"]).await?;
     source
         .until("watching after the relist", |i| {
             Snapshot::of(i).gateways.contains_key("gw-d")
@@ -314,10 +307,7 @@ async fn api_server_partition_keeps_last_state_marks_it_stale_and_resumes() -> R
     );
 
     cluster.set_endpoints("gw-a", &["a1"]).await?;
-    cluster
-        .gateways
-        .delete("gw-b", &DeleteParams::default())
-        .await?;
+    cluster.delete_gateway("gw-b").await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
         source.snapshot().content(),
