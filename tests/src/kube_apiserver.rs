@@ -112,6 +112,12 @@ fn run(cmd: &mut Command) -> Result<String> {
         what: command.clone(),
         source,
     })?;
+    stdout_of(command, out)
+}
+
+/// The stdout of `command`, which ended as `out`; an error with its stderr
+/// unless it succeeded.
+fn stdout_of(command: String, out: std::process::Output) -> Result<String> {
     if !out.status.success() {
         return Err(HarnessError::Command {
             command,
@@ -372,14 +378,7 @@ impl KubeApiServer {
             input.write_all(stdin.as_bytes()).map_err(io)?;
         }
         let out = child.wait_with_output().map_err(io)?;
-        if !out.status.success() {
-            return Err(HarnessError::Command {
-                command,
-                status: out.status.to_string(),
-                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-            });
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        stdout_of(command, out)
     }
 
     /// SIGKILLs kube-apiserver (etcd stays): an outage starting now.
