@@ -7,7 +7,7 @@
 //! cloud gateway (their relay) and, once the hole is punched, directly
 //! through both NATs. Each scenario prints what it measured.
 //!
-//! Needs root, charon, swanctl, nft, grpcurl and curl; skipped otherwise unless
+//! Needs root, charon, swanctl, nft, grpcurl, curl and tcpdump; skipped otherwise unless
 //! `RAVEN_REQUIRE_TOOLS=1`. Labs run one at a time.
 
 use std::collections::BTreeSet;
@@ -24,7 +24,7 @@ use lab_common::{
 };
 
 fn ready() -> bool {
-    lab_common::have(&["nft", "grpcurl", "swanctl", "curl", CHARON])
+    lab_common::have(&["nft", "grpcurl", "swanctl", "curl", "tcpdump", CHARON])
 }
 
 /// A lab over IPsec, changed by `prepare` before anything runs, up and
