@@ -803,13 +803,11 @@ async fn run_in_namespace(cfg: &Config) -> Report {
         let total = t.elapsed();
         assert!(r.failures.is_empty(), "{:?}", r.failures);
         report.change_pass = r.io;
-        // The skip-NAT rules that differ, either way.
-        let lines = |s: &CachedState| {
-            let lines = skipnat::spec(&assembled(s)).v4.destination_lines();
-            lines.into_iter().collect::<std::collections::BTreeSet<_>>()
-        };
-        let (was, is) = (lines(&held), lines(&update.next));
-        report.change_pass_nat_differ = was.symmetric_difference(&is).count();
+        // The skip-NAT rules that differ, either way (and a bucket that
+        // appears or empties, with its jump).
+        let layout = |s: &CachedState| skipnat::spec(&assembled(s)).v4.layout();
+        report.change_pass_nat_differ =
+            skipnat::changes_between(&layout(&held), &layout(&update.next));
         commits.push(committed);
         views.push(viewed - committed);
         passes.push(total - viewed);
