@@ -132,8 +132,7 @@ impl Monitor {
                 "table",
                 MARK_TABLE,
             ]);
-            if m
-                .until(&format!("{marker} dev"), Duration::from_millis(100))
+            if m.until(&format!("{marker} dev"), Duration::from_millis(100))
                 .is_some()
             {
                 break;
@@ -191,7 +190,6 @@ fn sorted_chains(mut c: skipnat::Chains) -> skipnat::Chains {
     }
     c
 }
-
 
 #[test]
 fn a_one_node_change_writes_exactly_its_two_routes_and_its_skip_nat_rules_and_reads_nothing() {

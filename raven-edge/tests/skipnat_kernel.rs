@@ -145,9 +145,13 @@ impl Pair {
         let tx = support::in_netns(&self.a, move || UdpSocket::bind((src, 0)).expect("bind tx"));
         tx.send_to(b"raven", (dst, port)).expect("send");
         let mut buf = [0u8; 16];
-        let (_, peer) = rx
-            .recv_from(&mut buf)
-            .unwrap_or_else(|e| panic!("{src} -> {dst}: nothing arrived: {e}"));
+        // A signal (another test's child exiting) may interrupt the wait.
+        let (_, peer) = loop {
+            match rx.recv_from(&mut buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                r => break r.unwrap_or_else(|e| panic!("{src} -> {dst}: nothing arrived: {e}")),
+            }
+        };
         peer.ip()
     }
 

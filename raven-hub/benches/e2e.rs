@@ -94,11 +94,9 @@ struct Proc(Child);
 impl Drop for Proc {
     fn drop(&mut self) {
         if matches!(self.0.try_wait(), Ok(None)) {
-            // SAFETY: kill(2) on the PID of a child this run started and
-            // has not reaped.
-            unsafe {
-                libc::kill(self.0.id() as libc::pid_t, libc::SIGTERM);
-            }
+            // The PID of a child this run started and has not reaped.
+            let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
         }
         let _ = self.0.wait();
     }
@@ -108,10 +106,8 @@ impl Drop for Proc {
 fn enter(ns: &str) {
     let f = std::fs::File::open(format!("/run/netns/{ns}"))
         .unwrap_or_else(|e| panic!("namespace {ns}: {e}"));
-    use std::os::fd::AsRawFd;
-    // SAFETY: setns(2) on a namespace file this thread holds open.
-    let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
-    assert_eq!(rc, 0, "setns {ns}: {}", std::io::Error::last_os_error());
+    nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)
+        .unwrap_or_else(|e| panic!("setns {ns}: {e}"));
 }
 
 /// What the run watches, each stamped when it was seen.
@@ -128,7 +124,8 @@ enum Event {
 fn hub_revision() -> Option<u64> {
     let mut s = std::net::TcpStream::connect(HUB_HTTP).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    s.write_all(b"GET /readyz HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
+    s.write_all(b"GET /readyz HTTP/1.0\r\nHost: x\r\n\r\n")
+        .ok()?;
     let mut buf = String::new();
     s.read_to_string(&mut buf).ok()?;
     let body = buf.split("\r\n\r\n").nth(1)?;
@@ -140,7 +137,12 @@ fn hub_revision() -> Option<u64> {
 }
 
 /// Forwards each line of `r` as an event.
-fn lines(r: impl Read + Send + 'static, tx: mpsc::Sender<Event>, log: Option<PathBuf>, route: bool) {
+fn lines(
+    r: impl Read + Send + 'static,
+    tx: mpsc::Sender<Event>,
+    log: Option<PathBuf>,
+    route: bool,
+) {
     std::thread::spawn(move || {
         let mut log = log.and_then(|p| std::fs::File::create(p).ok());
         for l in BufReader::new(r).lines().map_while(Result::ok) {
@@ -185,7 +187,16 @@ fn run(shape: Shape, changes: usize, hub_bin: &Path, edge_bin: &Path) -> Phases 
     sh(&["ip", "netns", "add", &ns.0]);
     let ip = |args: &[&str]| sh(&[&["ip", "-n", ns.0.as_str()], args].concat());
     ip(&["link", "set", "lo", "up"]);
-    ip(&["link", "add", "re2e-eth", "type", "veth", "peer", "name", "re2e-peer"]);
+    ip(&[
+        "link",
+        "add",
+        "re2e-eth",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "re2e-peer",
+    ]);
     ip(&["link", "set", "re2e-peer", "up"]);
     let me = shape.nodes - 1;
     let addr = format!("{}/16", cluster::internal_ip(shape, 0, me));
@@ -358,11 +369,7 @@ fn main() {
     let mut changes = 5;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
-        let mut num = |what: &str| -> usize {
-            args.next()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or_else(|| panic!("{what} needs a number"))
-        };
+        let mut num = |what: &str| cluster::number(&mut args, what);
         match a.as_str() {
             "--gateways" => shape.gateways = num("--gateways").max(2),
             "--nodes" => shape.nodes = num("--nodes").max(3),
@@ -370,8 +377,7 @@ fn main() {
             _ => {}
         }
     }
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !nix::unistd::geteuid().is_root() {
         return skip("not root");
     }
     for tool in ["ip", "iptables"] {
@@ -401,7 +407,14 @@ fn main() {
     };
     let base = run(base_shape, changes, &hub_bin, &edge_bin);
     let big = run(shape, changes, &hub_bin, &edge_bin);
-    let label = |s: Shape| format!("{} × {} ({} nodes)", s.gateways, s.nodes, s.gateways * s.nodes);
+    let label = |s: Shape| {
+        format!(
+            "{} × {} ({} nodes)",
+            s.gateways,
+            s.nodes,
+            s.gateways * s.nodes
+        )
+    };
     println!(
         "| median of {changes} | {} | {} (baseline) | ratio |",
         label(shape),
@@ -417,10 +430,26 @@ fn main() {
             a.as_secs_f64() / b.as_secs_f64().max(1e-6)
         );
     };
-    row("hub: file renamed → revision published", &big.hub, &base.hub);
-    row("hub → agent: → update persisted (incl. fsync)", &big.wire, &base.wire);
-    row("agent apply: → route in the kernel", &big.apply, &base.apply);
-    row("**one-node change → the agent's kernel**", &big.total, &base.total);
+    row(
+        "hub: file renamed → revision published",
+        &big.hub,
+        &base.hub,
+    );
+    row(
+        "hub → agent: → update persisted (incl. fsync)",
+        &big.wire,
+        &base.wire,
+    );
+    row(
+        "agent apply: → route in the kernel",
+        &big.apply,
+        &base.apply,
+    );
+    row(
+        "**one-node change → the agent's kernel**",
+        &big.total,
+        &base.total,
+    );
     println!(
         "| start: hub up, agent synced, kernel programmed | {} | {} | |",
         ms(big.setup),

@@ -28,8 +28,7 @@ use raven_model::GatewayName;
 use raven_model::topology::GatewayView;
 
 use super::model::{
-    self, Desired, Excluded, LocalPart, NodeInputs, Op, Route, RouteDev, State,
-    TABLE_REMOTE, diff,
+    self, Desired, Excluded, LocalPart, NodeInputs, Op, Route, RouteDev, State, TABLE_REMOTE, diff,
 };
 use super::skipnat::{self, Chains, Family, Observed, Restore, Rules, SkipNat};
 
@@ -181,15 +180,20 @@ impl Index {
             index.count_destinations(&dsts, true, &mut Vec::new());
             index.nat_of.insert(g.name.clone(), dsts);
         }
+        index.set_sources(my_gw);
+        index
+    }
+
+    /// The skip-NAT sources of my domain `my_gw`, per family.
+    fn set_sources(&mut self, my_gw: &GatewayView) {
         let sources = skipnat::sources(my_gw);
         for f in Family::ALL {
-            index.nat[family_index(f)].sources = sources
+            self.nat[family_index(f)].sources = sources
                 .iter()
                 .filter(|s| Family::of(s) == f)
                 .copied()
                 .collect();
         }
-        index
     }
 
     /// The desired state.
@@ -292,8 +296,7 @@ impl Index {
                 changed.push((g.name.clone(), Some(g)));
             }
         }
-        if names.len() != gateways.len() || changed.iter().any(|(n, _)| !gateways.contains_key(n))
-        {
+        if names.len() != gateways.len() || changed.iter().any(|(n, _)| !gateways.contains_key(n)) {
             for name in gateways.keys().filter(|n| !names.contains(n)) {
                 changed.push((name.clone(), None));
             }
@@ -317,10 +320,8 @@ impl Index {
             }
             new_local = Some(local);
         }
-        let changed: Vec<(GatewayName, Option<GatewayView>)> = changed
-            .into_iter()
-            .map(|(n, g)| (n, g.cloned()))
-            .collect();
+        let changed: Vec<(GatewayName, Option<GatewayView>)> =
+            changed.into_iter().map(|(n, g)| (n, g.cloned())).collect();
         Some(self.patch(&mine, changed, new_local))
     }
 
@@ -335,7 +336,8 @@ impl Index {
         let mut touched: BTreeSet<IpNet> = BTreeSet::new();
         let mut regate: BTreeSet<GatewayName> = BTreeSet::new();
         let mut hosts: BTreeSet<IpAddr> = BTreeSet::new();
-        let old_sources: [Vec<IpNet>; 2] = [self.nat[0].sources.clone(), self.nat[1].sources.clone()];
+        let old_sources: [Vec<IpNet>; 2] =
+            [self.nat[0].sources.clone(), self.nat[1].sources.clone()];
         let was: [bool; 2] = [self.nat[0].effective(), self.nat[1].effective()];
         let Some(gateways) = self.gateways.as_mut() else {
             return Delta::default();
@@ -364,14 +366,7 @@ impl Index {
                 let prefixes: BTreeSet<IpNet> = g.prefixes().collect();
                 touched.extend(prefixes.symmetric_difference(&self.mine_prefixes).copied());
                 self.mine_prefixes = prefixes;
-                let sources = skipnat::sources(g);
-                for f in Family::ALL {
-                    self.nat[family_index(f)].sources = sources
-                        .iter()
-                        .filter(|s| Family::of(s) == f)
-                        .copied()
-                        .collect();
-                }
+                self.set_sources(g);
                 continue;
             }
             for p in old.iter().flat_map(GatewayView::prefixes) {
@@ -860,7 +855,10 @@ mod tests {
     #[test]
     fn a_remote_members_move_patches_two_routes_without_rebuilding() {
         let gw = |g: u8, members: Vec<Member>| GatewayView {
-            active_tunnel: Some(raven_model::fixtures::endpoint(members[0].node.as_str(), 4500)),
+            active_tunnel: Some(raven_model::fixtures::endpoint(
+                members[0].node.as_str(),
+                4500,
+            )),
             members,
             ..raven_model::fixtures::gateway(&format!("gw-{g}"))
         };
@@ -871,14 +869,29 @@ mod tests {
                 ..raven_model::fixtures::node_view("a2", Some("gw-0"))
             }),
             gateways: vec![
-                gw(0, vec![m("a1", "192.168.1.1", "10.0.1.0/24"), m("a2", "192.168.1.2", "10.0.2.0/24")]),
-                gw(1, vec![m("b1", "192.168.2.1", "10.1.1.0/24"), m("b2", "192.168.2.2", "10.1.2.0/24")]),
+                gw(
+                    0,
+                    vec![
+                        m("a1", "192.168.1.1", "10.0.1.0/24"),
+                        m("a2", "192.168.1.2", "10.0.2.0/24"),
+                    ],
+                ),
+                gw(
+                    1,
+                    vec![
+                        m("b1", "192.168.2.1", "10.1.1.0/24"),
+                        m("b2", "192.168.2.2", "10.1.2.0/24"),
+                    ],
+                ),
             ],
             ..Default::default()
         };
         let mut index = Index::build(&inputs);
-        inputs.gateways[1].members[1].subnets = vec!["10.1.9.0/24".parse().unwrap_or_else(|_| unreachable!())];
-        let delta = index.update(&inputs).unwrap_or_else(|| unreachable!("local to gw-1"));
+        inputs.gateways[1].members[1].subnets =
+            vec!["10.1.9.0/24".parse().unwrap_or_else(|_| unreachable!())];
+        let delta = index
+            .update(&inputs)
+            .unwrap_or_else(|| unreachable!("local to gw-1"));
         let shown: Vec<String> = delta.ops.iter().map(ToString::to_string).collect();
         assert_eq!(
             shown,

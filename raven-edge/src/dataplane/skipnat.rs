@@ -10,7 +10,8 @@
 //! ```text
 //! POSTROUTING  1: -m comment --comment "raven: …" -j RAVEN-SKIP-NAT   (then the CNI's rules)
 //! RAVEN-SKIP-NAT      -s <each prefix of my domain>   -j RAVEN-SKIP-NAT-DST
-//! RAVEN-SKIP-NAT-DST  -d <each remote domain prefix>  -j ACCEPT
+//! RAVEN-SKIP-NAT-DST  -j RAVEN-SKIP-NAT-B<nn>        (one per bucket holding a destination)
+//! RAVEN-SKIP-NAT-B<nn> -d <each remote prefix of the bucket> -j ACCEPT
 //! ```
 //!
 //! `ACCEPT` in a `nat` chain ends the traversal of `POSTROUTING` without
@@ -19,7 +20,12 @@
 //! extra source CIDRs); destinations are the remote prefixes raven routes
 //! (the same filter as the routes in [`super::model::desired`]: a remote
 //! host prefix that is one of my members or a tunnel endpoint's public
-//! address is not routed to a remote domain, so it is not exempted either).
+//! address is not routed to a remote domain, so it is not exempted either),
+//! aggregated per remote gateway. The destinations are spread over
+//! [`BUCKETS`] chains by a hash of the prefix: `iptables-nft-restore`
+//! fetches the whole chain a rule is deleted from, so a moved prefix among
+//! 4,000 in one chain cost ~200 ms, in its bucket about the cost of starting
+//! the process (see BENCHMARKS.md).
 //!
 //! Programmed with the `iptables`/`ip6tables` binaries, which pick the
 //! host's backend (nft or legacy) the way the CNI's own tools do. Raven owns
@@ -30,9 +36,11 @@
 //! `iptables-restore --noflush` that deletes exactly the rules of raven's
 //! chains that are not wanted (stale, duplicated or foreign) and appends
 //! exactly the wanted ones that are missing — a change of one remote
-//! prefix writes two rules, never a rebuild of thousands. Both chains'
-//! rules are all alike (`-j RAVEN-SKIP-NAT-DST`, `-j ACCEPT`), so their
-//! order carries no meaning and is never corrected. Should an incremental
+//! prefix writes two rules, never a rebuild of thousands. A change pass
+//! does not list at all: it writes what [`super::incremental::Index`]
+//! planned from what the last pass applied. Each chain's rules are all
+//! alike (`-j RAVEN-SKIP-NAT-DST`, `-j RAVEN-SKIP-NAT-B<nn>`, `-j ACCEPT`),
+//! so their order carries no meaning and is never corrected. Should an incremental
 //! transaction be refused (a hand-made rule `iptables-restore` cannot
 //! delete by its listing, say), the chains are rebuilt whole instead.
 //! A jump already present is left where it is, also when another tool has
@@ -178,9 +186,9 @@ pub fn bucket_chain(b: u8) -> String {
 pub fn is_ravens_chain(chain: &str) -> bool {
     chain == CHAIN
         || chain == DST_CHAIN
-        || chain.strip_prefix(BUCKET_PREFIX).is_some_and(|n| {
-            n.len() == 2 && n.bytes().all(|b| b.is_ascii_digit())
-        })
+        || chain
+            .strip_prefix(BUCKET_PREFIX)
+            .is_some_and(|n| n.len() == 2 && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// The rule of [`CHAIN`] for source `s`, as `iptables -S` prints it.
@@ -797,7 +805,8 @@ pub async fn apply_planned(
             Some(change) => match restore_counted(f, &change, &mut work).await {
                 Err(SkipNatError::Failed { stderr, .. }) => {
                     tracing::warn!(family = ?f, error = %stderr, "skip-NAT change refused; reading the table and planning again");
-                    let rules = whole.get_or_insert_with(|| spec.take().map(|s| s()).unwrap_or_default());
+                    let rules =
+                        whole.get_or_insert_with(|| spec.take().map(|s| s()).unwrap_or_default());
                     sync_family(f, rules.family(f), None, &mut work).await
                 }
                 done => done,
@@ -1076,14 +1085,31 @@ mod tests {
         let r = Rules {
             sources: nets(&["10.244.1.0/24"]),
             destinations: (0..1000u32)
-                .map(|k| IpNet::new(IpAddr::from([10, 100 + (k >> 8) as u8, k as u8, 0]), 24).expect("net"))
+                .map(|k| {
+                    IpNet::new(IpAddr::from([10, 100 + (k >> 8) as u8, k as u8, 0]), 24)
+                        .expect("net")
+                })
                 .collect(),
         };
         let layout = r.layout();
-        let buckets: Vec<&String> = layout.keys().filter(|c| c.starts_with(BUCKET_PREFIX)).collect();
-        assert_eq!(buckets.len(), usize::from(BUCKETS), "1,000 destinations fill every bucket");
-        let largest = buckets.iter().map(|b| layout[*b].len()).max().unwrap_or_default();
-        assert!(largest < 40, "no bucket holds much more than its share (~16): {largest}");
+        let buckets: Vec<&String> = layout
+            .keys()
+            .filter(|c| c.starts_with(BUCKET_PREFIX))
+            .collect();
+        assert_eq!(
+            buckets.len(),
+            usize::from(BUCKETS),
+            "1,000 destinations fill every bucket"
+        );
+        let largest = buckets
+            .iter()
+            .map(|b| layout[*b].len())
+            .max()
+            .unwrap_or_default();
+        assert!(
+            largest < 40,
+            "no bucket holds much more than its share (~16): {largest}"
+        );
         assert_eq!(layout[DST_CHAIN].len(), usize::from(BUCKETS));
         assert!(buckets.iter().all(|b| is_ravens_chain(b)));
         assert!(!is_ravens_chain("RAVEN-SKIP-NAT-B1") && !is_ravens_chain("KUBE-POSTROUTING"));
@@ -1125,8 +1151,10 @@ mod tests {
         let r = plan_rebuild(&after, &in_place(&before)).expect("changes");
         assert_eq!(r.changes, if bucket(&new) == bucket(&gone) { 1 } else { 2 });
         assert!(
-            r.script
-                .starts_with(&format!("*nat\n:{} - [0:0]\n", bucket_chain(bucket(&gone).min(bucket(&new))))),
+            r.script.starts_with(&format!(
+                "*nat\n:{} - [0:0]\n",
+                bucket_chain(bucket(&gone).min(bucket(&new)))
+            )),
             "{}",
             r.script
         );
