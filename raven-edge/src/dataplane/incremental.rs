@@ -92,6 +92,18 @@ pub struct Index {
     nat: [NatFamily; 2],
 }
 
+/// Sets the skip-NAT sources of `nat` to my domain `my_gw`'s, per family.
+fn set_sources(nat: &mut [NatFamily; 2], my_gw: &GatewayView) {
+    let sources = skipnat::sources(my_gw);
+    for f in Family::ALL {
+        nat[family_index(f)].sources = sources
+            .iter()
+            .filter(|s| Family::of(s) == f)
+            .copied()
+            .collect();
+    }
+}
+
 fn family_index(f: Family) -> usize {
     match f {
         Family::V4 => 0,
@@ -180,20 +192,8 @@ impl Index {
             index.count_destinations(&dsts, true, &mut Vec::new());
             index.nat_of.insert(g.name.clone(), dsts);
         }
-        index.set_sources(my_gw);
+        set_sources(&mut index.nat, my_gw);
         index
-    }
-
-    /// The skip-NAT sources of my domain `my_gw`, per family.
-    fn set_sources(&mut self, my_gw: &GatewayView) {
-        let sources = skipnat::sources(my_gw);
-        for f in Family::ALL {
-            self.nat[family_index(f)].sources = sources
-                .iter()
-                .filter(|s| Family::of(s) == f)
-                .copied()
-                .collect();
-        }
     }
 
     /// The desired state.
@@ -366,7 +366,7 @@ impl Index {
                 let prefixes: BTreeSet<IpNet> = g.prefixes().collect();
                 touched.extend(prefixes.symmetric_difference(&self.mine_prefixes).copied());
                 self.mine_prefixes = prefixes;
-                self.set_sources(g);
+                set_sources(&mut self.nat, g);
                 continue;
             }
             for p in old.iter().flat_map(GatewayView::prefixes) {
