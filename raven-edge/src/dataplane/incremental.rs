@@ -348,12 +348,12 @@ impl Index {
                 Some(g) => gateways.insert(name.clone(), g.clone()),
                 None => gateways.remove(&name),
             };
-            for ip in old.iter().flat_map(|g| model::endpoint_ips(g)) {
+            for ip in old.iter().flat_map(model::endpoint_ips) {
                 if count(&mut self.endpoints, ip, false) {
                     hosts.insert(ip);
                 }
             }
-            for ip in g.iter().flat_map(|g| model::endpoint_ips(g)) {
+            for ip in g.iter().flat_map(model::endpoint_ips) {
                 if count(&mut self.endpoints, ip, true) {
                     hosts.insert(ip);
                 }

@@ -297,7 +297,7 @@ impl Kernel {
             return Ok(ReconcileReport {
                 ops_applied: 0,
                 summary: match &nat {
-                    Nat::Read(_, s) => s.clone(),
+                    Nat::Read(_, s) => *s,
                     Nat::Planned(_) => summary(&want.state),
                 },
                 warnings: want.warnings.clone(),

@@ -1139,7 +1139,7 @@ mod tests {
         let p = diff(&after, &in_place(&before)).expect("changes");
         assert_eq!(p.changes, 2);
         let (gone, new) = (net("10.105.220.0/24"), net("10.250.0.0/24"));
-        let mut lines = vec![
+        let mut lines = [
             destination_line(&gone).replacen("-A", "-D", 1),
             destination_line(&new),
         ];
