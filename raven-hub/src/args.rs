@@ -132,8 +132,10 @@ pub struct ServeArgs {
     /// A TLS handshake that does not finish within this is dropped.
     #[arg(long, env = "RAVEN_TLS_HANDSHAKE_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub tls_handshake_timeout: std::time::Duration,
-    /// A connection still waiting for its TLS handshake turn (see
-    /// `--max-tls-handshakes`) after this is closed.
+    /// A connection beyond the first `--max-tls-handshakes-per-source`
+    /// queued from its address that still waits for its TLS handshake turn
+    /// after this is closed (a node's own dial waits its turn however long
+    /// a storm takes).
     #[arg(long, env = "RAVEN_TLS_QUEUE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub tls_queue_timeout: std::time::Duration,
     /// TLS handshakes in progress at once on the mTLS listener; further

@@ -226,3 +226,42 @@ async fn a_stream_over_the_initial_sync_limit_waits_on_its_connection_and_is_adm
     drop(first);
     hub.stop().await;
 }
+
+#[tokio::test]
+async fn only_an_addresss_surplus_of_queued_connections_is_closed_after_the_queue_timeout() {
+    let env = Env::new();
+    let mut config = env.config(64);
+    config.sync.max_tls_handshakes = 1;
+    config.sync.max_tls_handshakes_per_source = 1;
+    config.sync.tls_handshake_timeout = Duration::from_secs(60);
+    config.sync.tls_queue_timeout = Duration::from_millis(500);
+    let hub = hub::start(config).await.expect("hub");
+    // 127.0.0.2 takes the one handshake slot and queues three more; 127.0.0.3
+    // queues one.
+    let mut parked = dial_many(4, [127, 0, 0, 2], hub.grpc_addr).await;
+    let other = dial_from([127, 0, 0, 3], hub.grpc_addr).await;
+    if let Err(left) = backlog_drained(hub.grpc_addr.port()).await {
+        panic!("{left} connections still wait in the kernel's listen backlog");
+    }
+    // The surplus of 127.0.0.2 (beyond the one in its handshake and the
+    // first queued) is closed once it has waited past the queue timeout.
+    for (i, c) in parked.iter_mut().enumerate().skip(2) {
+        assert!(
+            closed_within(c, Duration::from_secs(20)).await,
+            "127.0.0.2's queued connection {i} was never closed"
+        );
+    }
+    // Every address's first queued dial waits its turn, however long.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        still_open(&parked[0]),
+        "the one in its handshake was closed"
+    );
+    assert!(
+        still_open(&parked[1]),
+        "127.0.0.2's first queued dial was closed"
+    );
+    assert!(still_open(&other), "127.0.0.3's only dial was closed");
+    drop((parked, other));
+    hub.stop().await;
+}

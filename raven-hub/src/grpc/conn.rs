@@ -188,9 +188,11 @@ pub struct AcceptLimits {
     pub max_handshakes_per_source: usize,
     /// A handshake not finished within this is dropped.
     pub handshake_timeout: std::time::Duration,
-    /// A connection still waiting for its handshake turn after this is
-    /// closed: nobody holds a connection without TLS for longer than this
-    /// plus `handshake_timeout`.
+    /// A connection beyond the first `max_handshakes_per_source` queued
+    /// from its source that still waits for its handshake turn after this
+    /// is closed: one address cannot park thousands of connections, while a
+    /// node's own dial (one per address, or a few behind a NAT) is never
+    /// dropped however long a storm takes to drain.
     pub queue_timeout: std::time::Duration,
 }
 
@@ -278,11 +280,19 @@ impl<T> Turns<T> {
         Some((source, item))
     }
 
-    /// Drops every queued item `stale` says so of; how many.
+    /// Drops the queued items `stale` says so of, but never the first
+    /// `per_source` of a source (a node dials once; its dial waits its
+    /// turn however long a storm takes): how many were dropped.
     fn expire(&mut self, stale: impl Fn(&T) -> bool) -> usize {
         let before = self.queued;
+        let keep = self.per_source;
         self.queues.retain(|_, q| {
-            q.retain(|item| !stale(item));
+            let mut position = 0;
+            q.retain(|item| {
+                let kept = position < keep || !stale(item);
+                position += 1;
+                kept
+            });
             !q.is_empty()
         });
         self.queued = self.queues.values().map(VecDeque::len).sum();
@@ -461,20 +471,22 @@ mod tests {
     }
 
     #[test]
-    fn expired_connections_leave_their_queues_and_the_turns_stay_consistent() {
-        let mut turns = Turns::new(1, 1);
+    fn only_connections_beyond_their_sources_first_few_expire_and_the_turns_stay_consistent() {
+        let mut turns = Turns::new(1, 2);
         turns.push(src(1), 0);
-        turns.push(src(2), 1);
-        turns.push(src(2), 2);
-        turns.push(src(3), 3);
-        assert_eq!(turns.expire(|i| *i == 0 || *i == 2), 2);
-        assert_eq!(turns.queued, 2);
+        for i in 1..=4 {
+            turns.push(src(2), i);
+        }
+        turns.push(src(3), 5);
+        // Everything is stale: each source keeps its first two.
+        assert_eq!(turns.expire(|_| true), 2);
+        assert_eq!(turns.queued, 4);
         let mut order = Vec::new();
         while let Some((s, i)) = turns.next() {
             order.push(i);
             turns.done(s);
         }
-        assert_eq!(order, vec![1, 3]);
+        assert_eq!(order, vec![0, 1, 5, 2]);
         assert!(turns.queues.is_empty() && turns.ready.is_empty());
     }
 

@@ -39,8 +39,9 @@ pub struct SyncConfig {
     pub max_connections: usize,
     /// A TLS handshake not finished within this is dropped.
     pub tls_handshake_timeout: Duration,
-    /// A connection still waiting for its TLS handshake turn after this is
-    /// closed.
+    /// A connection beyond the first `max_tls_handshakes_per_source` queued
+    /// from its source that still waits for its TLS handshake turn after
+    /// this is closed.
     pub tls_queue_timeout: Duration,
     /// TLS handshakes in progress at once on the mTLS listener; further
     /// connections are accepted and wait in the hub's per-source queues
