@@ -447,10 +447,10 @@ mod tests {
         turns.done(src(2));
         assert!(turns.next().is_none());
         turns.push(src(4), 300);
-        assert_eq!(turns.next().map(|(s, i)| (s, i)), Some((src(4), 300)));
+        assert_eq!(turns.next(), Some((src(4), 300)));
         // The flooder's own handshake ends: its next connection runs.
         turns.done(src(1));
-        assert_eq!(turns.next().map(|(s, i)| (s, i)), Some((src(1), 2)));
+        assert_eq!(turns.next(), Some((src(1), 2)));
     }
 
     #[test]
