@@ -488,7 +488,7 @@ mod tests {
         assert_eq!(conn.strs("remote_addrs"), ["%any"]);
         assert_eq!(conn.str("encap").as_deref(), Some("yes"));
         assert_eq!(conn.str("local_port").as_deref(), Some("4500"));
-        assert_eq!(conn.str("dpd_delay").as_deref(), Some("10s"));
+        assert_eq!(conn.str("dpd_delay").as_deref(), Some("2s"));
         let remote = conn.sec("remote").cloned().unwrap_or_default();
         assert_eq!(remote.str("auth").as_deref(), Some("pubkey"));
         let key = IdentityKey::from_seed([7; 32]).public;

@@ -54,11 +54,37 @@ fn plugins(dp: Datapath) -> &'static str {
     }
 }
 
+/// Retransmissions of an unanswered IKE request before charon gives up on
+/// the peer (`charon.retransmit_tries`): the request is sent
+/// `1 + RETRANSMIT_TRIES` times.
+pub const RETRANSMIT_TRIES: u32 = 3;
+/// Seconds charon waits for the answer to the first send of a request
+/// (`charon.retransmit_timeout`).
+pub const RETRANSMIT_TIMEOUT_SECS: f64 = 1.0;
+/// Growth of that wait per retransmission (`charon.retransmit_base`): the
+/// wait after send `n` (0 for the first) is `timeout × base^n`.
+pub const RETRANSMIT_BASE: f64 = 1.2;
+
+/// Seconds from the first send of an IKE request (a DPD probe, a rekey) to
+/// charon declaring the peer dead when nothing answers: the sum of the
+/// waits after each of the `1 + tries` sends (strongSwan 5.9: `timeout ×
+/// base^n` after send `n`), 1 + 1.2 + 1.44 + 1.73 ≈ 5.4 s here — with the
+/// defaults (5 tries, 4 s, 1.8) it is 165 s, with 3 tries 47 s. Four sends
+/// over 5.4 s ride out a lost packet or a charon busy for a second or two
+/// (this also bounds each IKE_SA_INIT attempt; `keyingtries = 0` tries again
+/// for ever). Together with [`super::spec::DPD_DELAY_SECS`] a peer silent
+/// under traffic is declared dead ≈ 7.4 s after its last packet.
+pub fn dead_peer_secs() -> f64 {
+    (0..=RETRANSMIT_TRIES)
+        .map(|n| RETRANSMIT_TIMEOUT_SECS * RETRANSMIT_BASE.powi(n as i32))
+        .sum()
+}
+
 /// The `strongswan.conf` of a raven charon with its VICI socket at `vici`
 /// and, when `log` is given, a file log flushed line by line.
 pub fn strongswan_conf(dp: Datapath, vici: &Path, log: Option<&Path>, port: u16) -> String {
     let mut s = format!(
-        "charon {{\n  load = {}\n  port = 0\n  port_nat_t = {port}\n  install_virtual_ip = no\n  retransmit_tries = 3\n  make_before_break = yes\n  plugins {{\n    vici {{\n      socket = unix://{}\n    }}\n  }}\n",
+        "charon {{\n  load = {}\n  port = 0\n  port_nat_t = {port}\n  install_virtual_ip = no\n  retransmit_tries = {RETRANSMIT_TRIES}\n  retransmit_timeout = {RETRANSMIT_TIMEOUT_SECS:.1}\n  retransmit_base = {RETRANSMIT_BASE:.1}\n  make_before_break = yes\n  plugins {{\n    vici {{\n      socket = unix://{}\n    }}\n  }}\n",
         plugins(dp),
         vici.display()
     );
@@ -95,6 +121,25 @@ mod tests {
         assert!(
             !s.contains(';'),
             "strongswan.conf has no ';' separators: {s}"
+        );
+    }
+
+    #[test]
+    fn a_silent_peer_is_declared_dead_within_a_few_seconds_of_the_first_probe() {
+        let s = strongswan_conf(Datapath::Libipsec, Path::new("/v.sock"), None, 4500);
+        for line in [
+            "  retransmit_tries = 3\n",
+            "  retransmit_timeout = 1.0\n",
+            "  retransmit_base = 1.2\n",
+        ] {
+            assert!(s.contains(line), "{line:?} missing: {s}");
+        }
+        let dead = dead_peer_secs();
+        assert!((5.3..5.5).contains(&dead), "{dead}");
+        let detect = dead + f64::from(crate::ipsec::spec::DPD_DELAY_SECS);
+        assert!(
+            (5.0..=8.0).contains(&detect),
+            "a peer silent under traffic is declared dead after {detect} s"
         );
     }
 
