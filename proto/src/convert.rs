@@ -713,9 +713,16 @@ pub fn report_from_proto(r: &v1::Report) -> Result<AgentReport, ConversionError>
             continue;
         }
         let endpoint = cx.socket(&format!("peers[{i}].endpoint"), &p.endpoint)?;
-        let fresh = p
-            .handshake_age_seconds
-            .is_some_and(|age| age < OBSERVATION_FRESH_SECS);
+        // An IPsec row is live while its IKE_SA is established (dead peer
+        // detection ends it otherwise); its age is the CHILD_SA's since the
+        // last rekey, no sign of life. A WireGuard row is live while its
+        // handshake is fresh.
+        let fresh = if p.ipsec_state.is_empty() {
+            p.handshake_age_seconds
+                .is_some_and(|age| age < OBSERVATION_FRESH_SECS)
+        } else {
+            p.ipsec_state.starts_with("ESTABLISHED")
+        };
         if fresh && p.direct_device {
             observed_direct_peers.insert(node, endpoint);
         } else if fresh && !p.relayed {

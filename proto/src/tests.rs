@@ -597,3 +597,34 @@ fn descriptor_set_holds_both_services_and_matching_field_numbers() {
 fn protocol_version_is_one() {
     assert_eq!(PROTOCOL_VERSION, 1);
 }
+
+#[test]
+fn an_ipsec_peer_is_observed_while_its_ike_sa_is_established_whatever_its_child_sas_age() {
+    let row = |node: &str, age: u64, state: &str| v1::PeerTunnelState {
+        peer_node: node.into(),
+        endpoint: "203.0.113.20:4500".into(),
+        handshake_age_seconds: Some(age),
+        ipsec_state: state.into(),
+        ..Default::default()
+    };
+    let r = v1::Report {
+        peers: vec![
+            // An hour since the last CHILD_SA rekey, the IKE_SA still up.
+            row("edge-1", 3000, "ESTABLISHED/INSTALLED"),
+            row("edge-2", 1, "CONNECTING"),
+            // WireGuard: a stale handshake is no observation.
+            row("edge-3", 3000, ""),
+            row("edge-4", 5, ""),
+        ],
+        ..Default::default()
+    };
+    let parsed = report_from_proto(&r).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        parsed
+            .observed_peers
+            .keys()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>(),
+        ["edge-1", "edge-4"]
+    );
+}

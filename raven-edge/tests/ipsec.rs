@@ -86,6 +86,67 @@ fn ping(ns: &str, src: &str, dst: &str, count: u32) -> u32 {
         .unwrap_or(0)
 }
 
+/// A ping from `src` to `dst` inside `ns` every 50 ms, in the background,
+/// until stopped (at most `max` pings).
+struct Pinger(std::thread::JoinHandle<String>, u32);
+
+impl Pinger {
+    fn start(ns: &str, src: &str, dst: &str, max: u32) -> Self {
+        let args: Vec<String> = [
+            "ip",
+            "netns",
+            "exec",
+            ns,
+            "ping",
+            "-n",
+            "-q",
+            "-i",
+            "0.05",
+            "-W",
+            "1",
+            "-c",
+            &max.to_string(),
+            "-I",
+            src,
+            dst,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let child = Command::new(&args[0])
+            .args(&args[1..])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("ping");
+        let pid = child.id();
+        let handle = std::thread::spawn(move || {
+            let out = child.wait_with_output().expect("ping output");
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        });
+        Self(handle, pid)
+    }
+
+    /// Stops it (SIGINT: ping prints its summary); (sent, lost).
+    fn stop(self) -> (u64, u64) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.1 as i32),
+            nix::sys::signal::Signal::SIGINT,
+        );
+        let out = self.0.join().unwrap_or_default();
+        let line = out.lines().find(|l| l.contains("received")).unwrap_or("");
+        let num = |i: usize| {
+            line.split(", ")
+                .nth(i)
+                .and_then(|f| f.split_whitespace().next())
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        let (sent, got) = (num(0), num(1));
+        (sent, sent.saturating_sub(got))
+    }
+}
+
 /// Namespaces created by this test, deleted (by name) on drop, after the
 /// charons in them are stopped.
 struct Namespaces {
@@ -630,7 +691,8 @@ async fn two_gateways_one_sa_pair_survives_restart_refuses_impostor_rekeys_and_r
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn relay_carries_two_natted_gateways_through_masquerade() {
+async fn relay_carries_two_natted_gateways_through_masquerade_and_a_hole_punched_direct_sa_takes_over_and_back_without_loss()
+ {
     if !ready() || !support::root_with(&["iptables"]) {
         return;
     }
@@ -721,6 +783,22 @@ async fn relay_carries_two_natted_gateways_through_masquerade() {
                 "ACCEPT",
             ][..],
             &["-A", "FORWARD", "-i", "wan0", "-j", "DROP"][..],
+            // Unsolicited packets to the router itself are dropped before
+            // conntrack confirms them: a confirmed entry for a peer's
+            // packet would make the NAT map the inside's own flow to that
+            // peer to another port (and hole punching would never meet).
+            &[
+                "-A",
+                "INPUT",
+                "-i",
+                "wan0",
+                "-m",
+                "conntrack",
+                "--ctstate",
+                "NEW",
+                "-j",
+                "DROP",
+            ][..],
         ] {
             let mut args = vec!["iptables"];
             args.extend_from_slice(rule);
@@ -752,10 +830,11 @@ async fn relay_carries_two_natted_gateways_through_masquerade() {
         IdentityKey::generate(),
         IdentityKey::generate(),
     ];
+    // Not observed yet (the relay has not reported them): no direct path.
     let peers = vec![
         peer("r-1", "gw-r", &keys[0], None),
-        peer("x-1", "gw-x", &keys[1], Some("203.0.113.2:4500")),
-        peer("y-1", "gw-y", &keys[2], Some("203.0.113.3:4500")),
+        peer("x-1", "gw-x", &keys[1], None),
+        peer("y-1", "gw-y", &keys[2], None),
     ];
     let plans: Vec<IpsecSpec> = (0..3).map(|i| plan_for(&gws, i, &peers)).collect();
     assert_eq!(
@@ -825,6 +904,101 @@ async fn relay_carries_two_natted_gateways_through_masquerade() {
             "not UDP 4500: {l}"
         );
     }
+
+    // The hub passes on where the relay sees them: x and y dial each other
+    // there (both: each one's first packet opens its own NAT's firewall for
+    // the other's), beside the relay, while x pings y at 20 pps.
+    let observed = vec![
+        peers[0].clone(),
+        peer("x-1", "gw-x", &keys[1], Some("203.0.113.2:4500")),
+        peer("y-1", "gw-y", &keys[2], Some("203.0.113.3:4500")),
+    ];
+    let direct: Vec<IpsecSpec> = (0..3).map(|i| plan_for(&gws, i, &observed)).collect();
+    assert!(direct[1].conns["raven-y-1"].direct, "{:?}", direct[1]);
+    assert!(direct[2].conns["raven-x-1"].direct, "{:?}", direct[2]);
+    let pinger = Pinger::start(x, "10.2.0.1", "10.3.0.1", 300);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let t = Instant::now();
+    let charons = [&vr, &vx, &vy];
+    let one_direct_sa = |sas: &[SaHealth], conn: &str| {
+        let up: Vec<&SaHealth> = sas.iter().filter(|s| s.conn == conn).collect();
+        up.len() == 1 && up[0].ike_state == "ESTABLISHED"
+    };
+    loop {
+        for (i, v) in charons.iter().enumerate() {
+            let a = recs[i]
+                .apply(&mut client(v).await, &direct[i])
+                .await
+                .expect("apply");
+            assert!(a.errors.is_empty(), "{a:?}");
+        }
+        let sx = list_sas(&mut client(&vx).await).await.expect("list-sas");
+        let sy = list_sas(&mut client(&vy).await).await.expect("list-sas");
+        if one_direct_sa(&sx, "raven-y-1") && one_direct_sa(&sy, "raven-x-1") {
+            let sa = sx.iter().find(|s| s.conn == "raven-y-1").expect("sa");
+            assert_eq!(
+                sa.remote.map(|e| e.to_string()).as_deref(),
+                Some("203.0.113.3:4500"),
+                "straight to y's NAT: {sa:#?}"
+            );
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(40),
+            "no single direct IKE_SA within 40 s: x {sx:#?} y {sy:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    eprintln!(
+        "direct IKE_SA x <-> y through both NATs after {:?}",
+        t.elapsed()
+    );
+    let (sent, lost) = pinger.stop();
+    eprintln!("relay -> direct while pinging at 20 pps: {lost} of {sent} lost");
+    assert_eq!(lost, 0, "moving onto the direct path loses nothing");
+    // Once direct, nothing between x and y crosses the relay.
+    let lines = capture(r, "br0", || {
+        assert_eq!(ping(x, "10.2.0.1", "10.3.0.1", 10), 10);
+    });
+    let esp: Vec<&String> = lines
+        .iter()
+        .filter(|l| {
+            l.contains("ESP") && (l.contains(" > 203.0.113.1.") || l.contains("203.0.113.1.4500 >"))
+        })
+        .collect();
+    assert!(
+        esp.is_empty(),
+        "ESP through the relay once direct: {esp:#?}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("203.0.113.2.4500 > 203.0.113.3.4500") && l.contains("ESP")),
+        "the direct ESP is on the wire: {lines:#?}"
+    );
+
+    // The observations go (the hub no longer passes them on): the direct
+    // path is closed and the relay, which carried the selectors all
+    // along, takes the traffic again.
+    let pinger = Pinger::start(x, "10.2.0.1", "10.3.0.1", 300);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for (i, v) in charons.iter().enumerate() {
+        let a = recs[i]
+            .apply(&mut client(v).await, &plans[i])
+            .await
+            .expect("apply");
+        assert!(a.errors.is_empty(), "{a:?}");
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (sent, lost) = pinger.stop();
+    eprintln!("direct -> relay while pinging at 20 pps: {lost} of {sent} lost");
+    assert_eq!(lost, 0, "moving back onto the relay loses nothing");
+    assert_eq!(
+        ping(x, "10.2.0.1", "10.3.0.1", 3),
+        3,
+        "through the relay again"
+    );
+
     // Removing the wanted addresses removes only raven's.
     support::block_on_in(r, || async {
         raven_edge::ipsec::agent::sync_lo_addresses(&Default::default()).await

@@ -4,9 +4,10 @@
 //! kernels have no ESP) beside its agent, and the agents (default `--vpn
 //! auto`) follow raven-cfg. Real hub, real agents, NAT routers with
 //! stateful firewalls; the NATed domains reach each other through the
-//! cloud gateway (their relay). Each scenario prints what it measured.
+//! cloud gateway (their relay) and, once the hole is punched, directly
+//! through both NATs. Each scenario prints what it measured.
 //!
-//! Needs root, charon, swanctl, nft, grpcurl and curl; skipped otherwise unless
+//! Needs root, charon, swanctl, nft, grpcurl, curl and tcpdump; skipped otherwise unless
 //! `RAVEN_REQUIRE_TOOLS=1`. Labs run one at a time.
 
 use std::collections::BTreeSet;
@@ -23,7 +24,7 @@ use lab_common::{
 };
 
 fn ready() -> bool {
-    lab_common::have(&["nft", "grpcurl", "swanctl", "curl", CHARON])
+    lab_common::have(&["nft", "grpcurl", "swanctl", "curl", "tcpdump", CHARON])
 }
 
 /// A lab over IPsec, changed by `prepare` before anything runs, up and
@@ -71,19 +72,23 @@ fn ike_established(lab: &Lab, short: &str) -> Vec<String> {
 }
 
 /// Waits until the gateways' charons hold exactly one established IKE_SA
-/// per gateway pair they carry (the cloud: one to each NATed domain; each
-/// NATed domain: one, to its relay) and nothing else.
+/// per gateway pair they carry and nothing else.
 fn one_sa_per_pair(lab: &Lab, gateways: &[(&str, usize)]) -> Duration {
     let t = Instant::now();
     loop {
+        // Every IKE_SA, whatever its state: settled when all are
+        // established (a direct path's second IKE_SA, dialled from the
+        // other end, is closed once both are up).
         let counts: Vec<(String, Vec<String>)> = gateways
             .iter()
-            .map(|(g, _)| (g.to_string(), ike_established(lab, g)))
+            .map(|(g, _)| {
+                let ike = sas(lab, g).into_iter().filter(|s| !s.starts_with(' '));
+                (g.to_string(), ike.collect())
+            })
             .collect();
-        let ok = gateways
-            .iter()
-            .zip(&counts)
-            .all(|((_, want), (_, have))| have.len() == *want);
+        let ok = gateways.iter().zip(&counts).all(|((_, want), (_, have))| {
+            have.len() == *want && have.iter().all(|s| s.ends_with(" ESTABLISHED"))
+        });
         if ok {
             return t.elapsed();
         }
@@ -96,8 +101,10 @@ fn one_sa_per_pair(lab: &Lab, gateways: &[(&str, usize)]) -> Duration {
     }
 }
 
-/// Gateways of the lab with the IKE_SAs each carries.
-const GATEWAY_SAS: [(&str, usize); 3] = [("c1", 2), ("h1", 1), ("q1", 1)];
+/// Gateways of the lab with the IKE_SAs each carries: the cloud one to
+/// each NATed domain (it is their relay), each NATed domain one to the
+/// cloud and one straight to the other through both NATs.
+const GATEWAY_SAS: [(&str, usize); 3] = [("c1", 2), ("h1", 2), ("q1", 2)];
 
 #[test]
 fn over_ipsec_every_node_and_pod_reaches_every_other_through_nat_and_the_relay_on_one_sa_per_gateway_pair()
@@ -117,7 +124,13 @@ fn over_ipsec_every_node_and_pod_reaches_every_other_through_nat_and_the_relay_o
         assert_eq!(children, n, "{g}: {:?}", sas(&lab, g));
     }
     // The NATed side dialled: the cloud's SAs come from the routers'
-    // public addresses, on UDP 4500 through the NAT.
+    // public addresses, on UDP 4500 through the NAT; the NATed domains
+    // reach each other directly.
+    wait_for(
+        "both report the direct path",
+        Duration::from_secs(20),
+        || relayed(&lab, "h1", "q1") == Some(false) && relayed(&lab, "q1", "h1") == Some(false),
+    );
     let report = lab.report(Duration::from_secs(10), Duration::ZERO);
     eprintln!("{}", report.render());
     assert!(report.ok(), "{}\n{}", report.verdict(), lab.logs());
@@ -126,8 +139,8 @@ fn over_ipsec_every_node_and_pod_reaches_every_other_through_nat_and_the_relay_o
         ("c1", "h1", false),
         ("c1", "q1", false),
         ("h1", "c1", false),
-        ("h1", "q1", true),
-        ("q1", "h1", true),
+        ("h1", "q1", false),
+        ("q1", "h1", false),
         ("q1", "c1", false),
     ] {
         assert!(
@@ -288,10 +301,16 @@ fn over_ipsec_a_powered_off_gateway_node_is_replaced_by_another_node_of_its_gate
     hz2_carries_the_sa(&lab);
 }
 
-/// hz-2's charon carries gw-hangzhou's one SA, and the cloud's has it.
+/// hz-2's charon carries gw-hangzhou's one SA with the cloud, and the
+/// cloud's has it.
 fn hz2_carries_the_sa(lab: &Lab) {
+    let to_cloud = format!("raven-{} ", name_of("c1"));
     let h2 = ike_established(lab, "h2");
-    assert_eq!(h2.len(), 1, "hz-2 carries gw-hangzhou's SA: {h2:?}");
+    assert_eq!(
+        h2.iter().filter(|s| s.starts_with(&to_cloud)).count(),
+        1,
+        "hz-2 carries gw-hangzhou's SA: {h2:?}"
+    );
     assert!(
         ike_established(lab, "c1")
             .iter()
@@ -337,6 +356,286 @@ fn over_ipsec_with_the_hub_down_a_dead_gateway_node_fails_over_locally_to_anothe
         "local failover over IPsec (hub down): hz-1 powered off, every pair among the others reached again after {back:?}"
     );
     hz2_carries_the_sa(&lab);
+}
+
+/// The raven connections loaded into a node's charon (`swanctl
+/// --list-conns`: `raven-x: IKEv2, ...`).
+fn conns(lab: &Lab, short: &str) -> BTreeSet<String> {
+    let uri = format!("unix://{}", lab.charon_vici(short).display());
+    let out = Command::new("swanctl")
+        .args(["--list-conns", "--uri", &uri])
+        .output()
+        .expect("swanctl");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.starts_with(' '))
+        .filter_map(|l| l.split_once(": ").map(|(n, _)| n.to_owned()))
+        .filter(|n| n.starts_with("raven-"))
+        .collect()
+}
+
+#[test]
+fn over_ipsec_with_the_hub_down_a_dead_public_gateway_node_fails_over_locally_to_another_of_its_candidates()
+ {
+    if !ready() {
+        return;
+    }
+    let (_g, mut lab) = up_with("p", |lab| lab_common::add_c2_public_candidate(lab));
+    let c2 = format!("raven-{}", name_of("c2"));
+    // Both NATed gateways hold a standby connection to cloud-2, but dial it
+    // only once cloud-1's IKE_SA is gone: cloud-2 carries nothing yet.
+    wait_for(
+        "standby connections to cloud-2",
+        Duration::from_secs(30),
+        || ["h1", "q1"].iter().all(|g| conns(&lab, g).contains(&c2)),
+    );
+    one_sa_per_pair(&lab, &GATEWAY_SAS);
+    std::thread::sleep(Duration::from_secs(3));
+    for g in ["h1", "q1"] {
+        assert!(
+            !ike_established(&lab, g).iter().any(|s| s.starts_with(&c2)),
+            "{g} dialled cloud-2 while cloud-1 is up: {:?}",
+            sas(&lab, g)
+        );
+    }
+    assert!(
+        ike_established(&lab, "c2").is_empty(),
+        "{:?}",
+        sas(&lab, "c2")
+    );
+    // The hub (it runs on cloud-1) is gone, then cloud-1's power.
+    lab.kill_hub();
+    std::thread::sleep(Duration::from_secs(4)); // > 3 heartbeats: agents know
+    let t = Instant::now();
+    lab.power_off("c1").expect("power off cloud-1");
+    let alive = ["c2", "h1", "h2", "q1", "q2"];
+    let back = all_reach_within(&lab, &alive, t, Duration::from_secs(120));
+    eprintln!(
+        "local failover of the public gateway over IPsec (hub down): cloud-1 powered off, every pair among the others (through cloud-2, also as the relay) reached again after {back:?}"
+    );
+    for g in ["h1", "q1"] {
+        assert!(
+            ike_established(&lab, g).iter().any(|s| s.starts_with(&c2)),
+            "{g}: {:?}",
+            sas(&lab, g)
+        );
+    }
+    assert_eq!(
+        ike_established(&lab, "c2").len(),
+        2,
+        "cloud-2 carries an SA to each NATed gateway: {:?}",
+        sas(&lab, "c2")
+    );
+}
+
+/// The IKE_SAs of `conn` on a node's charon with their remote address
+/// (`swanctl --list-sas --ike <conn>`: `  remote '<id>' @ <ip>[<port>]`):
+/// (state, "ip:port").
+fn sa_remotes(lab: &Lab, short: &str, conn: &str) -> Vec<(String, String)> {
+    let uri = format!("unix://{}", lab.charon_vici(short).display());
+    let out = Command::new("swanctl")
+        .args(["--list-sas", "--uri", &uri, "--ike", conn])
+        .output()
+        .expect("swanctl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut found = Vec::new();
+    let mut state = None;
+    for l in text.lines() {
+        if let Some(rest) = l.strip_prefix(&format!("{conn}: #")) {
+            state = rest.split(", ").nth(1).map(str::to_owned);
+        } else if let (Some(s), Some(at)) = (&state, l.trim().strip_prefix("remote '"))
+            && let Some((_, addr)) = at.split_once("' @ ")
+        {
+            let addr = addr.split_whitespace().next().unwrap_or("");
+            found.push((s.clone(), addr.replace('[', ":").replace(']', "")));
+            state = None;
+        }
+    }
+    found
+}
+
+/// How `from` reaches `to` as it last reported it to the hub: `Some(true)`
+/// through the relay, `Some(false)` directly.
+fn relayed(lab: &Lab, from: &str, to: &str) -> Option<bool> {
+    let a = agents(lab);
+    a["agents"]
+        .as_array()?
+        .iter()
+        .find(|x| x["nodeName"] == name_of(from))?["peers"]
+        .as_array()?
+        .iter()
+        .find(|p| p["peerNode"] == name_of(to))
+        .map(|p| p["relayed"] == true)
+}
+
+/// ESP packets on the cloud gateway's public link while `during` runs:
+/// what the relay carries.
+fn esp_through_the_relay(lab: &Lab, during: impl FnOnce()) -> Vec<String> {
+    let mut child = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &lab.ns("c1"),
+            "tcpdump",
+            "-n",
+            "-l",
+            "-i",
+            "wan0",
+        ])
+        .args(["udp", "port", "4500"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("tcpdump");
+    std::thread::sleep(Duration::from_millis(800));
+    during();
+    std::thread::sleep(Duration::from_millis(500));
+    let _ = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+    let mut out = String::new();
+    if let Some(mut s) = child.stdout.take() {
+        let _ = std::io::Read::read_to_string(&mut s, &mut out);
+    }
+    out.lines()
+        .filter(|l| l.contains("ESP"))
+        .map(str::to_owned)
+        .collect()
+}
+
+fn pod(short: &str) -> &'static str {
+    NODES
+        .iter()
+        .find(|n| n.short == short)
+        .map(|n| n.pod)
+        .unwrap_or_else(|| panic!("no lab node {short}"))
+}
+
+#[test]
+fn over_ipsec_two_natted_domains_talk_directly_once_the_hole_is_punched_and_the_move_loses_nothing()
+{
+    if !ready() {
+        return;
+    }
+    // Until the path between the two NAT routers opens, hangzhou and
+    // qingdao reach each other through the relay only.
+    let (_g, lab) = up_with("d", |lab| {
+        lab.cut_between_routers("hangzhou", "qingdao", true)
+            .expect("cut");
+    });
+    let (to_q, to_h) = (
+        format!("raven-{}", name_of("q1")),
+        format!("raven-{}", name_of("h1")),
+    );
+    let direct_up = |lab: &Lab| {
+        let (h, q) = (sa_remotes(lab, "h1", &to_q), sa_remotes(lab, "q1", &to_h));
+        h.len() == 1 && q.len() == 1 && h[0].0 == "ESTABLISHED" && q[0].0 == "ESTABLISHED"
+    };
+    wait_for("both report the relay", Duration::from_secs(20), || {
+        relayed(&lab, "h1", "q1") == Some(true) && relayed(&lab, "q1", "h1") == Some(true)
+    });
+    assert!(!direct_up(&lab), "{:?}", sas(&lab, "h1"));
+    // Members' pods ping each other across the two domains while the
+    // gateways move from the relay onto the direct path.
+    let pinger = raven_tests::containers::Pinger::start(&lab, "h2", pod("h2"), pod("q2"), 1200)
+        .expect("ping");
+    std::thread::sleep(Duration::from_secs(2));
+    lab.cut_between_routers("hangzhou", "qingdao", false)
+        .expect("uncut");
+    let t = wait_for(
+        "one direct IKE_SA each way between hangzhou and qingdao",
+        Duration::from_secs(50),
+        || direct_up(&lab),
+    );
+    eprintln!("direct IKE_SA hangzhou <-> qingdao {t:?} after the path between the NATs opened");
+    // Straight to the other's NAT router, on UDP 4500.
+    assert_eq!(
+        sa_remotes(&lab, "h1", &to_q)[0].1,
+        "203.0.113.30:4500",
+        "{:?}",
+        sas(&lab, "h1")
+    );
+    assert_eq!(sa_remotes(&lab, "q1", &to_h)[0].1, "203.0.113.20:4500");
+    wait_for(
+        "both report the direct path",
+        Duration::from_secs(20),
+        || relayed(&lab, "h1", "q1") == Some(false) && relayed(&lab, "q1", "h1") == Some(false),
+    );
+    // Nothing between the two domains crosses the relay any more.
+    let esp = esp_through_the_relay(&lab, || {
+        for (a, b) in [("h1", "q1"), ("h2", "q2"), ("q2", "h1")] {
+            assert!(lab.ping(a, pod(a), pod(b)), "{a} -> {b}");
+        }
+    });
+    assert!(
+        esp.is_empty(),
+        "ESP through the relay once direct: {esp:#?}"
+    );
+    let (sent, lost) = pinger.wait();
+    eprintln!(
+        "relay -> direct over IPsec: {lost} of {sent} pings (20 pps, pod hz-2 -> pod qd-2) lost"
+    );
+    assert_eq!(lost, 0, "the move onto the direct path lost packets");
+    // One SA pair per gateway pair: the relay keeps its two, each NATed
+    // gateway has the relay's and the direct one.
+    one_sa_per_pair(&lab, &GATEWAY_SAS);
+    converge(&lab, "on the direct path");
+
+    // The path between the NATs breaks under traffic: what is sent into
+    // the dead direct CHILD_SA is lost until dead peer detection removes
+    // it, then the relay's (which kept the selectors) carries on.
+    let pinger = raven_tests::containers::Pinger::start(&lab, "h2", pod("h2"), pod("q2"), 1800)
+        .expect("ping");
+    std::thread::sleep(Duration::from_secs(2));
+    lab.cut_between_routers("hangzhou", "qingdao", true)
+        .expect("cut");
+    let t = Instant::now();
+    let back = wait_for("the relay again", Duration::from_secs(90), || {
+        lab.ping("h2", pod("h2"), pod("q2")) && lab.ping("q2", pod("q2"), pod("h2"))
+    });
+    let (sent, lost) = pinger.wait();
+    eprintln!(
+        "direct path cut: through the relay again after {back:?} (dead peer detection); {lost} of {sent} pings lost, {} s after the cut",
+        t.elapsed().as_secs()
+    );
+    converge(&lab, "through the relay after the direct path broke");
+}
+
+#[test]
+fn over_ipsec_behind_a_symmetric_nat_the_relay_keeps_carrying_natted_domains() {
+    if !ready() {
+        return;
+    }
+    let (_g, lab) = up_with("s", |lab| {
+        lab.make_nat_symmetric("qingdao").expect("symmetric NAT");
+    });
+    // The hub learns a mapping for qingdao's gateway and hangzhou dials it,
+    // but a symmetric NAT maps the direct flow to another port: no IKE_SA.
+    wait_for(
+        "an observed endpoint for qingdao's gateway",
+        Duration::from_secs(30),
+        || {
+            lab.grpcurl("raven.v1.InspectService/GetTopology")
+                .unwrap_or_default()
+                .contains("\"observedEndpoint\": \"203.0.113.30:")
+        },
+    );
+    std::thread::sleep(Duration::from_secs(12));
+    let to_q = format!("raven-{}", name_of("q1"));
+    let to_h = format!("raven-{}", name_of("h1"));
+    for (g, conn) in [("h1", &to_q), ("q1", &to_h)] {
+        assert!(
+            sa_remotes(&lab, g, conn)
+                .iter()
+                .all(|(state, _)| state != "ESTABLISHED"),
+            "{g}: a direct IKE_SA through a symmetric NAT: {:?}",
+            sas(&lab, g)
+        );
+    }
+    assert_eq!(relayed(&lab, "h1", "q1"), Some(true), "{:#}", agents(&lab));
+    assert_eq!(relayed(&lab, "q1", "h1"), Some(true), "{:#}", agents(&lab));
+    converge(&lab, "through the relay behind a symmetric NAT");
 }
 
 /// The largest ICMP payload with DF set that `from`'s pod gets to `to`'s

@@ -235,8 +235,8 @@ pub fn rows(plan: &IpsecSpec, sas: &[SaHealth]) -> Vec<v1::PeerTunnelState> {
         let sa = sas
             .iter()
             .filter(|s| s.conn == c.name)
-            .max_by_key(|s| s.ike_id);
-        if c.standby && sa.is_none() {
+            .max_by_key(|s| (s.ike_state == "ESTABLISHED", s.ike_id));
+        if (c.standby || c.direct) && sa.is_none() {
             continue;
         }
         let child = sa.and_then(|s| s.children.iter().max_by_key(|ch| ch.id));
@@ -269,7 +269,12 @@ pub fn rows(plan: &IpsecSpec, sas: &[SaHealth]) -> Vec<v1::PeerTunnelState> {
         }
         out.push(row);
     }
-    out.sort_by(|a, b| a.peer_node.cmp(&b.peer_node));
+    // A NATed gateway is reached through the relay's active node or, once
+    // that is gone, one of its standby candidates, or directly: one row,
+    // an established one, direct before relayed.
+    let rank = |r: &v1::PeerTunnelState| (r.ipsec_state.starts_with("ESTABLISHED"), !r.relayed);
+    out.sort_by(|a, b| a.peer_node.cmp(&b.peer_node).then(rank(b).cmp(&rank(a))));
+    out.dedup_by(|a, b| a.peer_node == b.peer_node);
     out
 }
 

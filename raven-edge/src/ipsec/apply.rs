@@ -54,6 +54,7 @@ pub fn conn_message(spec: &ConnSpec, local_public: &[u8; 32]) -> Result<Message,
         )
     })?;
     let ts = |set: &BTreeSet<ipnet::IpNet>| set.iter().map(ToString::to_string).collect::<Vec<_>>();
+    let restart = spec.initiator && !spec.standby && !spec.direct;
     let addr = |a: Option<std::net::IpAddr>| a.map_or_else(|| "%any".to_owned(), |a| a.to_string());
     let child = Message::new()
         .list("local_ts", ts(&spec.local_ts))
@@ -62,14 +63,12 @@ pub fn conn_message(spec: &ConnSpec, local_public: &[u8; 32]) -> Result<Message,
         .kv("mode", "tunnel")
         .kv("rekey_time", format!("{CHILD_REKEY_SECS}s"))
         .kv("start_action", "none")
-        .kv(
-            "dpd_action",
-            if spec.initiator { "restart" } else { "clear" },
-        )
-        .kv(
-            "close_action",
-            if spec.initiator { "restart" } else { "none" },
-        );
+        // charon restarts what this side must keep up; a standby is
+        // (re)dialled by the agent only while its gateway's active node has
+        // no IKE_SA, and a direct path by the agent on both sides (see
+        // below), so charon must not redial them on its own.
+        .kv("dpd_action", if restart { "restart" } else { "clear" })
+        .kv("close_action", if restart { "restart" } else { "none" });
     let body = Message::new()
         .kv("version", "2")
         .list("local_addrs", [addr(spec.local_addr)])
@@ -83,7 +82,10 @@ pub fn conn_message(spec: &ConnSpec, local_public: &[u8; 32]) -> Result<Message,
         .kv("rekey_time", format!("{IKE_REKEY_SECS}s"))
         .kv("reauth_time", format!("{IKE_REAUTH_SECS}s"))
         .kv("keyingtries", "0")
-        .kv("unique", "replace")
+        // Both ends of a direct path dial: two IKE_SAs, one of which the
+        // agent with the larger node name closes (`replace` would have each
+        // side drop the other's, leaving none).
+        .kv("unique", if spec.direct { "never" } else { "replace" })
         .section(
             "local",
             Message::new()
@@ -138,6 +140,22 @@ pub struct ChildHealth {
 }
 
 impl SaHealth {
+    /// An IKE_SA of `conn` in `state` without CHILD_SAs (tests).
+    #[cfg(test)]
+    pub fn bare(conn: &str, ike_id: u64, state: &str, initiator: bool) -> Self {
+        Self {
+            conn: conn.into(),
+            ike_id,
+            ike_state: state.into(),
+            local_id: String::new(),
+            remote_id: String::new(),
+            established_secs: None,
+            remote: None,
+            initiator,
+            children: Vec::new(),
+        }
+    }
+
     fn from_vici(conn: &str, m: &Message) -> Self {
         let remote = m
             .str("remote-host")
@@ -220,6 +238,35 @@ pub struct Ipsec {
     key_loaded: bool,
     /// Connection → what was loaded: its spec and this node's public key.
     loaded: BTreeMap<String, (ConnSpec, [u8; 32])>,
+}
+
+/// Whether an IKE_SA of a non-standby connection to `conn`'s peer gateway
+/// is established: while it is, a standby candidate of that gateway is not
+/// dialled (its domain still runs on the active node; a candidate that
+/// briefly believes otherwise must not pull the traffic). Pure.
+pub fn active_established(plan: &IpsecSpec, sas: &[SaHealth], conn: &ConnSpec) -> bool {
+    plan.conns
+        .values()
+        .filter(|c| c.peer_gateway == conn.peer_gateway && !c.standby)
+        .any(|c| {
+            sas.iter()
+                .any(|s| s.conn == c.name && s.ike_state == "ESTABLISHED")
+        })
+}
+
+/// Of the IKE_SAs `fresh` of a direct connection, those to close: both ends
+/// dial, and once an IKE_SA the peer initiated is established, the end with
+/// the larger node name closes the ones it initiated, so one IKE_SA (and
+/// one CHILD_SA) per gateway pair remains. Empty for every other
+/// connection and on the smaller end. Pure.
+pub fn duplicate_direct_sas<'a>(spec: &ConnSpec, fresh: &[&'a SaHealth]) -> Vec<&'a SaHealth> {
+    let answered = fresh
+        .iter()
+        .any(|s| !s.initiator && s.ike_state == "ESTABLISHED");
+    if !spec.direct || spec.local_id <= spec.remote_id || !answered {
+        return Vec::new();
+    }
+    fresh.iter().copied().filter(|s| s.initiator).collect()
 }
 
 /// The raven connections charon has loaded.
@@ -337,6 +384,7 @@ impl Ipsec {
                 out.errors.push(format!("terminating {name}: {e}"));
             }
         }
+        let gateway_up = |standby: &ConnSpec| active_established(plan, &sas, standby);
         for (name, spec) in &plan.conns {
             if !self.loaded.contains_key(name) {
                 continue;
@@ -353,7 +401,8 @@ impl Ipsec {
                 .filter(|s| &s.conn == name)
                 .partition(|s| (s.local_id.clone(), s.remote_id.clone()) == want);
             if fresh.iter().any(|s| s.ike_state == "ESTABLISHED") {
-                for s in &stale {
+                let duplicates = duplicate_direct_sas(spec, &fresh);
+                for s in stale.iter().chain(&duplicates) {
                     match client
                         .call(
                             "terminate",
@@ -369,7 +418,7 @@ impl Ipsec {
                             .push(format!("terminating {name}[{}]: {e}", s.ike_id)),
                     }
                 }
-            } else if fresh.is_empty() && spec.initiator {
+            } else if fresh.is_empty() && spec.initiator && !(spec.standby && gateway_up(spec)) {
                 match self.initiate(client, name, -1).await {
                     Ok(()) => out.initiated.push(name.clone()),
                     Err(e) => out.errors.push(format!("initiating {name}: {e}")),
@@ -428,6 +477,7 @@ mod tests {
             initiator,
             relays_for: Vec::new(),
             standby: false,
+            direct: false,
         }
     }
 
@@ -473,6 +523,85 @@ mod tests {
         let child = m
             .sec("raven-b-1")
             .and_then(|c| c.sec("children"))
+            .and_then(|c| c.sec("raven-b-1"))
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(child.str("dpd_action").as_deref(), Some("clear"));
+        assert_eq!(child.str("close_action").as_deref(), Some("none"));
+    }
+
+    #[test]
+    fn a_standby_is_redialled_by_the_agent_not_by_charon_and_only_while_its_gateway_is_down() {
+        let mut standby = spec(true);
+        standby.name = "raven-b-2".into();
+        standby.standby = true;
+        let child = conn_message(&standby, &[1; 32])
+            .unwrap_or_default()
+            .sec("raven-b-2")
+            .and_then(|c| c.sec("children"))
+            .and_then(|c| c.sec("raven-b-2"))
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(child.str("dpd_action").as_deref(), Some("clear"));
+        assert_eq!(child.str("close_action").as_deref(), Some("none"));
+        let active = spec(true);
+        let plan = IpsecSpec {
+            conns: [
+                (active.name.clone(), active.clone()),
+                (standby.name.clone(), standby.clone()),
+            ]
+            .into(),
+            ..Default::default()
+        };
+        let sa = |conn: &str, state: &str| SaHealth::bare(conn, 1, state, true);
+        assert!(active_established(
+            &plan,
+            &[sa("raven-b-1", "ESTABLISHED")],
+            &standby
+        ));
+        // Dead peer detection restarted it: connecting again, not up.
+        assert!(!active_established(
+            &plan,
+            &[sa("raven-b-1", "CONNECTING")],
+            &standby
+        ));
+        assert!(!active_established(&plan, &[], &standby));
+        // The standby's own SA does not count as the gateway's.
+        assert!(!active_established(
+            &plan,
+            &[sa("raven-b-2", "ESTABLISHED")],
+            &standby
+        ));
+    }
+
+    #[test]
+    fn on_a_direct_path_the_larger_node_name_closes_the_ike_sa_it_dialled_once_the_peers_is_up() {
+        let sa = |id: u64, initiator: bool, state: &str| {
+            SaHealth::bare("raven-b-1", id, state, initiator)
+        };
+        let (mine, theirs) = (sa(1, true, "ESTABLISHED"), sa(2, false, "ESTABLISHED"));
+        let mut larger = spec(true);
+        larger.direct = true;
+        larger.local_id = "c-1".into();
+        let ids = |v: Vec<&SaHealth>| v.iter().map(|s| s.ike_id).collect::<Vec<_>>();
+        assert_eq!(ids(duplicate_direct_sas(&larger, &[&mine, &theirs])), [1]);
+        // Not before the peer's is up: no path would be left.
+        let connecting = sa(2, false, "CONNECTING");
+        assert!(duplicate_direct_sas(&larger, &[&mine, &connecting]).is_empty());
+        // The smaller end keeps both (the larger closes one); other
+        // connections are never touched.
+        let mut smaller = larger.clone();
+        smaller.local_id = "a-1".into();
+        assert!(duplicate_direct_sas(&smaller, &[&mine, &theirs]).is_empty());
+        let mut relay = larger.clone();
+        relay.direct = false;
+        assert!(duplicate_direct_sas(&relay, &[&mine, &theirs]).is_empty());
+        // Both ends dial and charon leaves redialling to the agent.
+        let m = conn_message(&larger, &[1; 32]).unwrap_or_default();
+        let conn = m.sec("raven-b-1").cloned().unwrap_or_default();
+        assert_eq!(conn.str("unique").as_deref(), Some("never"));
+        let child = conn
+            .sec("children")
             .and_then(|c| c.sec("raven-b-1"))
             .cloned()
             .unwrap_or_default();

@@ -81,11 +81,23 @@ pub struct ConnSpec {
     /// our relay), or for which we relay (the peer is NATed and we are its
     /// relay).
     pub relays_for: Vec<NodeName>,
-    /// Another tunnel candidate of a NATed peer gateway than its active
-    /// node: loaded so that the node its domain fails over to on its own
-    /// (local failover, hub or not) is answered at once, with the same
-    /// selectors. Never initiated; no report row until it has an SA.
+    /// Another tunnel candidate of a peer gateway than its active node:
+    /// loaded so that the node its domain fails over to on its own (local
+    /// failover, hub or not) is reached at once, with the same selectors.
+    /// A NATed peer's candidate dials us (we answer); a public peer's is
+    /// dialled by the NATed side (or, between public gateways, by the
+    /// smaller node name) — but only while no IKE_SA with the peer
+    /// gateway's active node is established. No report row until it has
+    /// an SA.
     pub standby: bool,
+    /// A path straight to another NATed gateway through both NATs, at the
+    /// NAT mapping the public gateways observed for it (IKE NAT-T, UDP
+    /// 4500 both ways), beside the relay's CHILD_SA that keeps carrying the
+    /// same selectors (see [`spec`]). Both sides dial — each side's first
+    /// packet opens its own NAT's stateful firewall for the other's — and
+    /// the side with the larger node name closes the IKE_SA it initiated
+    /// once the other's is up, so one IKE_SA remains.
+    pub direct: bool,
 }
 
 /// Everything this node wants from charon.
@@ -276,6 +288,7 @@ pub fn spec(inputs: &NodeInputs, peers: &[PeerInfo]) -> IpsecSpec {
             initiator,
             relays_for,
             standby: false,
+            direct: false,
         };
         // A NATed peer's other candidates dial me should its domain fail
         // over locally: answer them with the same selectors.
@@ -296,8 +309,41 @@ pub fn spec(inputs: &NodeInputs, peers: &[PeerInfo]) -> IpsecSpec {
                 }
             }
         }
+        // A public peer's other candidates: should its domain fail over on
+        // its own (hub or not), the node it moves to is dialled with the
+        // same selectors — only once the active node's IKE_SA is gone (see
+        // [`crate::ipsec::apply`]), so a standby that briefly believes it
+        // is active never pulls traffic from a live gateway.
+        if !other.under_nat {
+            for cand in other.tunnel_candidates.iter().filter(|c| &c.node != active) {
+                let (Some(addr), Some(key)) = (
+                    cand.public_ip,
+                    info(&cand.node).and_then(|p| p.ipsec_public_key.clone()),
+                ) else {
+                    continue;
+                };
+                let mut remote_ts = conn.remote_ts.clone();
+                remote_ts.retain(|n| !n.contains(&addr));
+                out.conns.insert(
+                    conn_name(&cand.node),
+                    ConnSpec {
+                        name: conn_name(&cand.node),
+                        peer_node: cand.node.clone(),
+                        remote_addr: Some(addr),
+                        remote_port: cand.public_port.unwrap_or(cand.port),
+                        remote_id: cand.node.to_string(),
+                        remote_key: key,
+                        remote_ts,
+                        initiator: my_gw.under_nat || me.name < cand.node,
+                        standby: true,
+                        ..conn.clone()
+                    },
+                );
+            }
+        }
         out.conns.insert(conn_name(active), conn);
     }
+    direct_paths(&reach, peers, &my_prefixes, &mut out);
     let relayed = reach.relayed();
     if !relayed.is_empty() {
         let relay_ip = reach
@@ -306,12 +352,20 @@ pub fn spec(inputs: &NodeInputs, peers: &[PeerInfo]) -> IpsecSpec {
             .map(|m| m.private_ip);
         match reach
             .relay
-            .and_then(|(_, n)| out.conns.get_mut(&conn_name(n)))
+            .filter(|(_, n)| out.conns.contains_key(&conn_name(n)))
         {
-            Some(conn) => {
-                for (g, n) in &relayed {
-                    conn.remote_ts.extend(selectors(g, relay_ip));
-                    conn.relays_for.push((*n).clone());
+            Some((relay, _)) => {
+                // The relay's active node and its standby candidates carry
+                // the relayed gateways alike.
+                for conn in out
+                    .conns
+                    .values_mut()
+                    .filter(|c| c.peer_gateway == relay.name)
+                {
+                    for (g, n) in &relayed {
+                        conn.remote_ts.extend(selectors(g, relay_ip));
+                        conn.relays_for.push((*n).clone());
+                    }
                 }
             }
             None => out.warnings.push(Reach::no_relay_warning(&relayed)),
@@ -326,6 +380,67 @@ pub fn spec(inputs: &NodeInputs, peers: &[PeerInfo]) -> IpsecSpec {
         }
     }
     out
+}
+
+/// The direct connections of a NATed gateway's active node: one to every
+/// other NATed gateway's active node when the public gateways observed both
+/// NAT mappings (`PeerInfo.observed_endpoint`, for this node and the peer).
+/// Its selectors are those the relay's CHILD_SA carries for that gateway,
+/// so the relay keeps accepting and carrying them all along: the datapath
+/// sends through the policy installed last among equal selectors (libipsec
+/// keeps equal-priority policies newest first; the kernel's likewise), so
+/// traffic moves onto the direct CHILD_SA once it is installed, and back
+/// onto the relay's when dead peer detection removes it — each side on its
+/// own, no side waiting for the other. Behind a NAT whose mapping depends
+/// on the destination (symmetric), the observed mapping is not the one the
+/// direct packets get, no IKE_SA completes, and the relay carries on.
+fn direct_paths(
+    reach: &Reach<'_>,
+    peers: &[PeerInfo],
+    my_prefixes: &BTreeSet<IpNet>,
+    out: &mut IpsecSpec,
+) {
+    let (me, mine) = (reach.me, reach.endpoint);
+    let info = |node: &NodeName| peers.iter().find(|p| &p.node == node);
+    if !reach.gateway.under_nat || info(&me.name).and_then(|p| p.observed_endpoint).is_none() {
+        return;
+    }
+    for (other, active) in reach.relayed() {
+        let Some(p) = info(active) else {
+            continue;
+        };
+        let (Some(seen), Some(key)) = (p.observed_endpoint, p.ipsec_public_key.clone()) else {
+            continue;
+        };
+        let peer_ip = other
+            .members
+            .iter()
+            .find(|m| &m.node == active)
+            .map(|m| m.private_ip);
+        let mut remote_ts = selectors(other, peer_ip);
+        remote_ts.retain(|n| !n.contains(&seen.ip()));
+        out.conns.insert(
+            conn_name(active),
+            ConnSpec {
+                name: conn_name(active),
+                peer_node: active.clone(),
+                peer_gateway: other.name.clone(),
+                local_addr: me.private_ip,
+                remote_addr: Some(seen.ip()),
+                local_port: mine.port,
+                remote_port: seen.port(),
+                local_id: me.name.to_string(),
+                remote_id: active.to_string(),
+                remote_key: key,
+                local_ts: my_prefixes.clone(),
+                remote_ts,
+                initiator: true,
+                relays_for: Vec::new(),
+                standby: false,
+                direct: true,
+            },
+        );
+    }
 }
 
 #[cfg(test)]
@@ -571,6 +686,196 @@ mod tests {
             v
         });
         assert!(spec(&me, &ps).conns.values().all(|c| !c.standby));
+    }
+
+    /// `g` with a second tunnel candidate `<name>-2` at `ip` (public at
+    /// `ip` unless the gateway is NATed), holding `subnet`.
+    fn with_second_candidate(mut g: GatewayView, ip: &str, subnet: &str) -> GatewayView {
+        let node = format!("{}-2", g.name);
+        let mut cand = g.tunnel_candidates[0].clone();
+        cand.node = n(&node);
+        cand.public_ip = cand.public_ip.map(|_| fixtures::ip(ip));
+        g.tunnel_candidates.push(cand);
+        g.members.push(fixtures::member(&node, ip, &[subnet]));
+        g
+    }
+
+    fn with_peer(mut ps: Vec<PeerInfo>, node: &str, gateway: &str) -> Vec<PeerInfo> {
+        ps.push(PeerInfo {
+            tunnel_port: Some(4500),
+            ipsec_public_key: Some(KEY.into()),
+            ..fixtures::peer(node, gateway)
+        });
+        ps
+    }
+
+    #[test]
+    fn a_natted_gateway_keeps_a_standby_connection_to_each_other_candidate_of_a_public_one() {
+        let a = with_second_candidate(
+            gw("a", "192.0.2.1", "10.1.0.0/24", false, None),
+            "192.0.2.2",
+            "10.1.1.0/24",
+        );
+        let gws = [
+            a,
+            gw("x", "10.8.0.2", "10.2.0.0/24", true, Some("a")),
+            gw("y", "10.9.0.2", "10.3.0.0/24", true, Some("a")),
+        ];
+        let ps = with_peer(peers(&gws), "a-2", "a");
+        let px = spec(&inputs(&gws, "x-1"), &ps);
+        assert_eq!(
+            px.conns.keys().collect::<Vec<_>>(),
+            ["raven-a-1", "raven-a-2"]
+        );
+        let (active, standby) = (&px.conns["raven-a-1"], &px.conns["raven-a-2"]);
+        assert!(!active.standby && active.initiator);
+        assert!(standby.standby, "{standby:?}");
+        assert!(
+            standby.initiator,
+            "the NATed side dials the public candidate"
+        );
+        assert_eq!(standby.remote_addr, "192.0.2.2".parse().ok());
+        assert_eq!(standby.remote_id, "a-2");
+        assert_eq!(standby.local_ts, active.local_ts);
+        // The relay's candidates carry the relayed gateway alike, so with
+        // the relay's node gone, y is reached through the one that took over.
+        assert!(
+            standby.remote_ts.contains(&net("10.3.0.0/24")),
+            "{standby:?}"
+        );
+        assert!(standby.remote_ts.contains(&net("10.1.1.0/24")));
+        assert_eq!(standby.relays_for, [n("y-1")]);
+        // The standby's IKE address is none of its selectors.
+        assert!(
+            standby
+                .remote_ts
+                .iter()
+                .all(|t| !t.contains(&fixtures::ip("192.0.2.2"))),
+            "{standby:?}"
+        );
+        // One row for y: through whichever relay node has an SA.
+        let sa =
+            |conn: &str, id| crate::ipsec::apply::SaHealth::bare(conn, id, "ESTABLISHED", true);
+        let rows = crate::ipsec::agent::rows(&px, &[sa("raven-a-2", 3)]);
+        let y: Vec<_> = rows.iter().filter(|r| r.peer_node == "y-1").collect();
+        assert_eq!(y.len(), 1, "{rows:?}");
+        assert!(y[0].relayed && y[0].ipsec_state == "ESTABLISHED", "{y:?}");
+        let names = |rows: &[raven_proto::v1::PeerTunnelState]| {
+            rows.iter().map(|r| r.peer_node.clone()).collect::<Vec<_>>()
+        };
+        assert_eq!(
+            names(&crate::ipsec::agent::rows(&px, &[])),
+            ["a-1", "y-1"],
+            "no row for a standby without an SA"
+        );
+        // The public gateway's own standby runs nothing.
+        let mut standby_node = inputs(&gws, "a-1");
+        standby_node.me = standby_node.me.map(|mut v| {
+            v.name = n("a-2");
+            v
+        });
+        assert!(spec(&standby_node, &ps).conns.is_empty());
+    }
+
+    #[test]
+    fn between_public_gateways_a_standby_candidate_is_dialled_by_the_smaller_node_name() {
+        let a = with_second_candidate(
+            gw("a", "192.0.2.1", "10.1.0.0/24", false, None),
+            "192.0.2.9",
+            "10.1.1.0/24",
+        );
+        let gws = [a, gw("b", "192.0.2.5", "10.2.0.0/24", false, None)];
+        let ps = with_peer(peers(&gws), "a-2", "a");
+        let pb = spec(&inputs(&gws, "b-1"), &ps);
+        let standby = &pb.conns["raven-a-2"];
+        assert!(standby.standby);
+        assert!(!standby.initiator, "a-2 < b-1: a-2 dials");
+        assert_eq!(standby.remote_addr, "192.0.2.9".parse().ok());
+        assert!(!pb.conns["raven-a-1"].initiator);
+    }
+
+    #[test]
+    fn natted_gateways_observed_by_the_public_ones_dial_each_other_directly_beside_the_relay() {
+        let gws = [
+            gw("r", "192.0.2.1", "10.1.0.0/24", false, None),
+            gw("x", "10.8.0.2", "10.2.0.0/24", true, Some("r")),
+            gw("y", "10.9.0.2", "10.3.0.0/24", true, Some("r")),
+        ];
+        let seen = |mut ps: Vec<PeerInfo>, node: &str, at: &str| {
+            for p in ps.iter_mut().filter(|p| p.node.as_str() == node) {
+                p.observed_endpoint = at.parse().ok();
+            }
+            ps
+        };
+        let ps = seen(
+            seen(peers(&gws), "x-1", "198.51.100.8:4500"),
+            "y-1",
+            "198.51.100.9:4501",
+        );
+        let px = spec(&inputs(&gws, "x-1"), &ps);
+        assert_eq!(
+            px.conns.keys().collect::<Vec<_>>(),
+            ["raven-r-1", "raven-y-1"]
+        );
+        let direct = &px.conns["raven-y-1"];
+        assert!(
+            direct.direct && direct.initiator && !direct.standby,
+            "{direct:?}"
+        );
+        assert_eq!(direct.remote_addr, "198.51.100.9".parse().ok());
+        assert_eq!(direct.remote_port, 4501, "the observed mapping's port");
+        assert_eq!(direct.local_addr, "10.8.0.2".parse().ok());
+        assert!(direct.relays_for.is_empty());
+        // The relay keeps carrying y's selectors (or wider ones: a single
+        // member's address, widened on the relay): both paths are
+        // accepted all along, whichever side moves first.
+        let relay = &px.conns["raven-r-1"];
+        for ts in &direct.remote_ts {
+            assert!(
+                relay.remote_ts.iter().any(|r| r.contains(ts)),
+                "{ts} not on the relay: {relay:?}"
+            );
+        }
+        assert!(direct.remote_ts.contains(&net("10.3.0.0/24")));
+        assert_eq!(direct.local_ts, relay.local_ts);
+        // And y dials x the same way.
+        let py = spec(&inputs(&gws, "y-1"), &ps);
+        assert!(py.conns["raven-x-1"].direct);
+        assert_eq!(
+            py.conns["raven-x-1"].remote_addr,
+            "198.51.100.8".parse().ok()
+        );
+        // One row per peer: the direct one once its IKE_SA is up, the
+        // relayed one otherwise.
+        let sa = |conn: &str| crate::ipsec::apply::SaHealth::bare(conn, 1, "ESTABLISHED", true);
+        let row_for_y = |sas: &[crate::ipsec::apply::SaHealth]| {
+            let rows = crate::ipsec::agent::rows(&px, sas);
+            let y: Vec<_> = rows.into_iter().filter(|r| r.peer_node == "y-1").collect();
+            assert_eq!(y.len(), 1, "{y:?}");
+            y[0].relayed
+        };
+        assert!(row_for_y(&[sa("raven-r-1")]), "relayed until direct is up");
+        assert!(!row_for_y(&[sa("raven-r-1"), sa("raven-y-1")]));
+        // Not observed (either side): the relay only; the relay itself
+        // dials no direct path.
+        let only_y = seen(peers(&gws), "y-1", "198.51.100.9:4501");
+        assert!(
+            !spec(&inputs(&gws, "x-1"), &only_y)
+                .conns
+                .contains_key("raven-y-1")
+        );
+        let only_x = seen(peers(&gws), "x-1", "198.51.100.8:4500");
+        assert!(
+            !spec(&inputs(&gws, "x-1"), &only_x)
+                .conns
+                .contains_key("raven-y-1")
+        );
+        assert!(
+            spec(&inputs(&gws, "r-1"), &ps)
+                .conns
+                .values()
+                .all(|c| !c.direct)
+        );
     }
 
     #[test]

@@ -164,3 +164,49 @@ pub fn kill_hub_and_check_the_matrix(lab: &mut Lab, settle: Duration) {
         Lab::render(&m)
     );
 }
+
+/// cloud-2's public address when it is a second tunnel candidate of
+/// gw-cloud ([`add_c2_public_candidate`]).
+pub const C2_PUBLIC: &str = "203.0.113.11";
+
+/// Makes cloud-2 a second *public* tunnel candidate of gw-cloud: a link of
+/// its own on the internet segment holding [`C2_PUBLIC`] (the cloud has no
+/// router; cloud-2 otherwise reaches nothing outside its LAN), and a tunnel
+/// endpoint with that public IP in the manifests.
+pub fn add_c2_public_candidate(lab: &Lab) {
+    let (inet, c2) = (lab.ns("inet"), lab.ns("c2"));
+    for args in [
+        vec![
+            "-n", &inet, "link", "add", "c2-wan0", "type", "veth", "peer", "name", "wan0", "netns",
+            &c2,
+        ],
+        vec![
+            "-n", &inet, "link", "set", "c2-wan0", "master", "wanbr", "up",
+        ],
+        vec![
+            "-n",
+            &c2,
+            "addr",
+            "add",
+            &format!("{C2_PUBLIC}/24"),
+            "dev",
+            "wan0",
+        ],
+        vec!["-n", &c2, "link", "set", "wan0", "up"],
+    ] {
+        let st = std::process::Command::new("ip")
+            .args(&args)
+            .status()
+            .expect("ip");
+        assert!(st.success(), "ip {args:?}");
+    }
+    lab.edit_manifest(
+        "gateways.yaml",
+        "      port: 4500\n      type: tunnel\n      publicIP: 203.0.113.10\n",
+        &format!(
+            "      port: 4500\n      type: tunnel\n      publicIP: 203.0.113.10\n    - nodeName: {}\n      underNAT: false\n      port: 4500\n      type: tunnel\n      publicIP: {C2_PUBLIC}\n",
+            name_of("c2")
+        ),
+    )
+    .expect("edit");
+}
