@@ -617,7 +617,14 @@ fn compile_gateway(
         .as_ref()
         .map(|s| s.active_endpoints.as_slice())
         .unwrap_or(&[]);
-    let connected: BTreeSet<&str> = live.connected.iter().map(NodeName::as_str).collect();
+    // Only this domain's Ready members can be elected: their streams are
+    // all the election needs (not every connected agent of the cluster,
+    // which made each compile O(gateways × agents)).
+    let connected: BTreeSet<&str> = members
+        .iter()
+        .filter(|n| n.ready && live.connected.contains(&n.name))
+        .map(|n| n.name.as_str())
+        .collect();
     let dead: BTreeSet<&str> = live.dead.iter().map(NodeName::as_str).collect();
     let active = election::elect_live(spec, previous, &ready, &connected, &dead, config);
 

@@ -84,8 +84,9 @@ fn describe(value: &Value, at: &str) -> String {
 /// One object as the file that defines it reads alone.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Object {
-    /// Admitted, or refused by admission with why.
-    Gateway(Result<Admitted, Vec<Problem>>),
+    /// Admitted, or refused by admission with why (boxed: a Gateway is
+    /// far larger than the other kinds).
+    Gateway(Box<Result<Admitted, Vec<Problem>>>),
     Node(ClusterNode),
     Config(RavenConfig),
 }
@@ -337,13 +338,15 @@ pub fn gateway_of_key(key: &str) -> Option<&str> {
 /// Puts `object` (served under `key`) into `inputs`.
 pub fn add_object(inputs: &mut Inputs, key: &str, object: &Object) {
     match object {
-        Object::Gateway(Ok(gw)) => {
-            inputs.gateways.insert(gw.name().clone(), gw.clone());
-        }
-        Object::Gateway(Err(problems)) => {
-            let name = gateway_of_key(key).unwrap_or(key);
-            inputs.rejected.insert(name.to_owned(), problems.clone());
-        }
+        Object::Gateway(admission) => match &**admission {
+            Ok(gw) => {
+                inputs.gateways.insert(gw.name().clone(), gw.clone());
+            }
+            Err(problems) => {
+                let name = gateway_of_key(key).unwrap_or(key);
+                inputs.rejected.insert(name.to_owned(), problems.clone());
+            }
+        },
         Object::Node(n) => {
             inputs.nodes.insert(n.name.clone(), n.clone());
         }
@@ -398,8 +401,12 @@ impl Loader {
                     }
                 }
                 Err(e) => {
-                    self.out.problems
-                        .push(Problem::error(&at, "", "", format!("not valid YAML: {e}")));
+                    self.out.problems.push(Problem::error(
+                        &at,
+                        "",
+                        "",
+                        format!("not valid YAML: {e}"),
+                    ));
                     // After a syntax error the parser cannot find the next
                     // document boundary reliably; stop reading this file.
                     break;
@@ -564,7 +571,9 @@ impl Loader {
             return;
         }
         // Admitted once, here: the parse is kept while the file is unchanged.
-        self.add(gateway_key(&name), at, || Object::Gateway(admit(gw)));
+        self.add(gateway_key(&name), at, || {
+            Object::Gateway(Box::new(admit(gw)))
+        });
     }
 }
 

@@ -62,7 +62,10 @@ fn opts() -> Opts {
 /// long ago are (a file written within 2 s of its read is read again on
 /// every poll, which would time the generator, not a change).
 fn age_all(dir: &Path) {
-    for e in std::fs::read_dir(dir).expect("read dir").filter_map(Result::ok) {
+    for e in std::fs::read_dir(dir)
+        .expect("read dir")
+        .filter_map(Result::ok)
+    {
         age(&e.path());
     }
 }
@@ -147,8 +150,12 @@ async fn main() {
     let first_load = started.elapsed();
     let revisions =
         raven_hub::revision::Revisions::open(&tmp.path().join("data"), None).expect("revisions");
-    let (mut pipeline, published) =
-        Pipeline::new(index.clone(), revisions, Debounce::default(), Duration::from_secs(30));
+    let (mut pipeline, published) = Pipeline::new(
+        index.clone(),
+        revisions,
+        Debounce::default(),
+        Duration::from_secs(30),
+    );
     let started = Instant::now();
     pipeline.recompile().expect("first compile");
     let first_compile = started.elapsed();
@@ -165,7 +172,7 @@ async fn main() {
     let mut work_per_change = Vec::new();
     for c in 0..o.changes {
         let g = (c * 7919) % shape.gateways;
-        let alt = (c / shape.gateways) % 2 == 0;
+        let alt = (c / shape.gateways).is_multiple_of(2);
         cluster::rewrite(&dir, shape, g, alt.then_some(shape.nodes.saturating_sub(1)))
             .expect("rewrite");
         let before_rev = published.borrow().revision;
@@ -216,18 +223,54 @@ async fn main() {
     }
     let reads = work_per_change.iter().map(|w| w.0).max().unwrap_or(0);
     let parses = work_per_change.iter().map(|w| w.1).max().unwrap_or(0);
-    let (poll, apply, recompile, total) =
-        (median(poll), median(apply), median(recompile), median(total));
+    let (poll, apply, recompile, total) = (
+        median(poll),
+        median(apply),
+        median(recompile),
+        median(total),
+    );
     let (compile_only, one_file, full) = (median(compile_only), median(one_file), median(full));
-    println!("| one file changed → new revision published (median of {}) | time | ÷ read+parse one file |", o.changes);
+    println!(
+        "| one file changed → new revision published (median of {}) | time | ÷ read+parse one file |",
+        o.changes
+    );
     println!("|---|---|---|");
-    println!("| source poll: stat {} files, read {reads}, parse {parses}, merge | {} | {} |", shape.gateways + 1, ms(poll), ratio(poll, one_file));
-    println!("| index update (the changed file's objects) | {} | {} |", ms(apply), ratio(apply, one_file));
-    println!("| pipeline recompile (compile, revision fsync, encode, delta) | {} | {} |", ms(recompile), ratio(recompile, one_file));
-    println!("| **total: change → published** | **{}** | {} |", ms(total), ratio(total, one_file));
+    println!(
+        "| source poll: stat {} files, read {reads}, parse {parses}, merge | {} | {} |",
+        shape.gateways + 1,
+        ms(poll),
+        ratio(poll, one_file)
+    );
+    println!(
+        "| index update (the changed file's objects) | {} | {} |",
+        ms(apply),
+        ratio(apply, one_file)
+    );
+    println!(
+        "| pipeline recompile (compile, revision fsync, encode, delta) | {} | {} |",
+        ms(recompile),
+        ratio(recompile, one_file)
+    );
+    println!(
+        "| **total: change → published** | **{}** | {} |",
+        ms(total),
+        ratio(total, one_file)
+    );
     println!("| baseline | time | source poll ÷ baseline |");
     println!("|---|---|---|");
-    println!("| read + parse the one changed file alone | {} | {} |", ms(one_file), ratio(poll, one_file));
-    println!("| full re-parse, the source before (read + parse every file, reset the index) | {} | {} |", ms(full), ratio(poll + apply, full));
-    println!("| of the recompile: `raven_core::compile` of the whole topology alone | {} | {} of the recompile |", ms(compile_only), ratio(compile_only, recompile));
+    println!(
+        "| read + parse the one changed file alone | {} | {} |",
+        ms(one_file),
+        ratio(poll, one_file)
+    );
+    println!(
+        "| full re-parse, the source before (read + parse every file, reset the index) | {} | {} |",
+        ms(full),
+        ratio(poll + apply, full)
+    );
+    println!(
+        "| of the recompile: `raven_core::compile` of the whole topology alone | {} | {} of the recompile |",
+        ms(compile_only),
+        ratio(compile_only, recompile)
+    );
 }

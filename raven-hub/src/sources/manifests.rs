@@ -13,6 +13,11 @@
 //! - Of two copies of one object, the copy in the file that served it
 //!   first wins, whatever the file names; the other copy is reported.
 //!
+//! A change costs what the changed files hold, not what the directory
+//! holds: each file's parse is kept ([`manifest::FileObjects`]), only a file
+//! whose text changed is parsed again, and only the objects it defines are
+//! merged ([`manifest::Merged`]) and handed to the index ([`Change`]).
+//!
 //! Changes are noticed by inotify ([`watch`], the `notify` crate), which
 //! wakes a poll; a poll compares `stat` stamps (device, inode, size,
 //! modification and change times, mode) and re-reads only the files whose
@@ -410,7 +415,7 @@ impl DirSource {
             let served = self.merged.served(key).map(|(_, p)| &p.object);
             if let Some(name) = manifest::gateway_of_key(key) {
                 let gw = match served {
-                    Some(Object::Gateway(g)) => Some(g.clone()),
+                    Some(Object::Gateway(g)) => Some((**g).clone()),
                     _ => None,
                 };
                 change.gateways.insert(name.to_owned(), gw);
@@ -777,12 +782,25 @@ mod tests {
         let mut s = source(d.path());
         let first = s.load().expect("load");
         assert_eq!(names(&first.gateways), ["gw-a", "gw-b", "gw-c"]);
-        assert_eq!(s.work(), Work { reads: 3, parses: 3 });
-        write(d.path(), "b.yaml", &domain("gw-b", "n-b", 4600, "10.0.2.0/24"));
+        assert_eq!(
+            s.work(),
+            Work {
+                reads: 3,
+                parses: 3
+            }
+        );
+        write(
+            d.path(),
+            "b.yaml",
+            &domain("gw-b", "n-b", 4600, "10.0.2.0/24"),
+        );
         let change = s.poll().expect("poll").expect("b.yaml changed");
         assert_eq!(
             s.work(),
-            Work { reads: 4, parses: 4 },
+            Work {
+                reads: 4,
+                parses: 4
+            },
             "only b.yaml is read and parsed again"
         );
         // The change carries exactly b.yaml's objects.
@@ -799,14 +817,28 @@ mod tests {
         // b.yaml was written just now (racy): the next poll reads it again
         // but does not parse what did not change, and reports nothing.
         assert_eq!(s.poll().expect("poll"), None);
-        assert_eq!(s.work(), Work { reads: 5, parses: 4 });
+        assert_eq!(
+            s.work(),
+            Work {
+                reads: 5,
+                parses: 4
+            }
+        );
     }
 
     #[test]
     fn deleting_a_file_removes_exactly_its_objects_and_a_rename_keeps_them() {
         let d = tempfile::tempdir().expect("tempdir");
-        write(d.path(), "a.yaml", &domain("gw-a", "n-a", 4500, "10.0.1.0/24"));
-        write(d.path(), "b.yaml", &domain("gw-b", "n-b", 4500, "10.0.2.0/24"));
+        write(
+            d.path(),
+            "a.yaml",
+            &domain("gw-a", "n-a", 4500, "10.0.1.0/24"),
+        );
+        write(
+            d.path(),
+            "b.yaml",
+            &domain("gw-b", "n-b", 4500, "10.0.2.0/24"),
+        );
         let mut s = source(d.path());
         s.load().expect("load");
         std::fs::remove_file(d.path().join("b.yaml")).expect("rm");
@@ -830,8 +862,16 @@ mod tests {
     #[test]
     fn a_broken_edit_keeps_the_files_last_good_objects_and_names_the_file_and_field() {
         let d = tempfile::tempdir().expect("tempdir");
-        write(d.path(), "a.yaml", &domain("gw-a", "n-a", 4500, "10.0.1.0/24"));
-        write(d.path(), "b.yaml", &domain("gw-b", "n-b", 4500, "10.0.2.0/24"));
+        write(
+            d.path(),
+            "a.yaml",
+            &domain("gw-a", "n-a", 4500, "10.0.1.0/24"),
+        );
+        write(
+            d.path(),
+            "b.yaml",
+            &domain("gw-b", "n-b", 4500, "10.0.2.0/24"),
+        );
         let mut s = source(d.path());
         s.load().expect("load");
         write(
@@ -850,13 +890,18 @@ mod tests {
         );
         assert!(names_file(&l, "a.yaml", "last good"), "{:?}", l.problems);
         assert!(
-            l.problems.iter().any(|p| p.object.contains("a.yaml#1")
-                && p.field == "spec.endpoints[0].port"),
+            l.problems
+                .iter()
+                .any(|p| p.object.contains("a.yaml#1") && p.field == "spec.endpoints[0].port"),
             "{:?}",
             l.problems
         );
         // Fixed: the new version is served and the problems go.
-        write(d.path(), "a.yaml", &domain("gw-a", "n-a", 4700, "10.0.1.0/24"));
+        write(
+            d.path(),
+            "a.yaml",
+            &domain("gw-a", "n-a", 4700, "10.0.1.0/24"),
+        );
         let change = s.poll().expect("poll").expect("fixed");
         assert_eq!(names(&change.gateways), ["gw-a"]);
         assert!(change.problems.is_empty(), "{:?}", change.problems);
@@ -868,9 +913,19 @@ mod tests {
     #[derive(Debug, Clone)]
     enum Edit {
         /// Writes file `f` as domain `g` with a port and pod subnet.
-        Write { f: usize, g: usize, port: u16, net: u8 },
-        Delete { f: usize },
-        Rename { from: usize, to: usize },
+        Write {
+            f: usize,
+            g: usize,
+            port: u16,
+            net: u8,
+        },
+        Delete {
+            f: usize,
+        },
+        Rename {
+            from: usize,
+            to: usize,
+        },
     }
 
     fn edit() -> impl Strategy<Value = Edit> {
@@ -887,7 +942,12 @@ mod tests {
         match *e {
             Edit::Write { f, g, port, net } => {
                 // Same domain in two files is a duplicate: on purpose.
-                let text = domain(&format!("gw-{g}"), &format!("n-{g}"), port, &format!("10.{net}.{g}.0/24"));
+                let text = domain(
+                    &format!("gw-{g}"),
+                    &format!("n-{g}"),
+                    port,
+                    &format!("10.{net}.{g}.0/24"),
+                );
                 std::fs::write(file(f), text).expect("write");
             }
             Edit::Delete { f } => {
