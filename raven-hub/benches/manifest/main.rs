@@ -42,11 +42,7 @@ fn opts() -> Opts {
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
-        let mut num = |what: &str| -> usize {
-            args.next()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or_else(|| panic!("{what} needs a number"))
-        };
+        let mut num = |what: &str| cluster::number(&mut args, what);
         match a.as_str() {
             "--gateways" => o.shape.gateways = num("--gateways").max(1),
             "--nodes" => o.shape.nodes = num("--nodes"),

@@ -826,8 +826,8 @@ mod tests {
         );
     }
 
-    #[test]
-    fn deleting_a_file_removes_exactly_its_objects_and_a_rename_keeps_them() {
+    /// A directory of a.yaml (gw-a, n-a) and b.yaml (gw-b, n-b), loaded.
+    fn two_domains() -> (tempfile::TempDir, DirSource) {
         let d = tempfile::tempdir().expect("tempdir");
         write(
             d.path(),
@@ -841,6 +841,12 @@ mod tests {
         );
         let mut s = source(d.path());
         s.load().expect("load");
+        (d, s)
+    }
+
+    #[test]
+    fn deleting_a_file_removes_exactly_its_objects_and_a_rename_keeps_them() {
+        let (d, mut s) = two_domains();
         std::fs::remove_file(d.path().join("b.yaml")).expect("rm");
         let change = s.poll().expect("poll").expect("b.yaml gone");
         assert_eq!(change.gateways, [("gw-b".to_owned(), None)].into());
@@ -861,19 +867,7 @@ mod tests {
 
     #[test]
     fn a_broken_edit_keeps_the_files_last_good_objects_and_names_the_file_and_field() {
-        let d = tempfile::tempdir().expect("tempdir");
-        write(
-            d.path(),
-            "a.yaml",
-            &domain("gw-a", "n-a", 4500, "10.0.1.0/24"),
-        );
-        write(
-            d.path(),
-            "b.yaml",
-            &domain("gw-b", "n-b", 4500, "10.0.2.0/24"),
-        );
-        let mut s = source(d.path());
-        s.load().expect("load");
+        let (d, mut s) = two_domains();
         write(
             d.path(),
             "a.yaml",
