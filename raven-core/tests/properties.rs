@@ -126,6 +126,26 @@ proptest! {
         prop_assert_eq!(compile_docs(&docs), compile_docs(&shuffled));
     }
 
+    /// Reusing the versions of a previous compile (the hub's incremental
+    /// path) gives what a from-scratch compile gives, whatever that previous
+    /// compile was: of the same cluster, of another, or of an edit of it.
+    #[test]
+    fn compiling_reusing_a_previous_topology_equals_a_fresh_compile(docs in cluster(), other in cluster(), cut in any::<usize>()) {
+        let inputs = |docs: &[String]| {
+            let files: Vec<(String, String)> = docs.iter().enumerate().map(|(i, d)| (format!("f{i}"), d.clone())).collect();
+            manifest::load(&files).inputs
+        };
+        let fresh = compile(&inputs(&docs));
+        // An edit: one document dropped.
+        let mut edited = docs.clone();
+        edited.remove(cut % docs.len());
+        for prev in [&docs, &other, &edited] {
+            let prev = compile(&inputs(prev)).topology;
+            let reused = raven_core::compile::compile_reusing(&inputs(&docs), Some(&prev));
+            prop_assert_eq!(&reused, &fresh);
+        }
+    }
+
     #[test]
     fn compiling_twice_gives_identical_bytes_and_versions(docs in cluster()) {
         prop_assert_eq!(compile_docs(&docs), compile_docs(&docs));

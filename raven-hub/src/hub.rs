@@ -384,7 +384,13 @@ async fn spawn_source(
                 (watcher, loaded)
             })
             .await?;
-            load_into(index, loaded?);
+            let change = loaded?;
+            index.update(|i| {
+                i.apply_manifest_change(change);
+                for k in Kind::SOURCES {
+                    i.mark_synced(k);
+                }
+            });
             let mut watcher = Some(w);
             let index = index.clone();
             let shutdown = shutdown.clone();
@@ -416,9 +422,9 @@ async fn spawn_source(
                         },
                     };
                     match r {
-                        Ok(Some(loaded)) => {
-                            tracing::info!(dir = %w.dir().display(), "manifests changed; reloaded (new problems are logged when the topology is published)");
-                            load_into(&index, loaded);
+                        Ok(Some(change)) => {
+                            tracing::info!(dir = %w.dir().display(), gateways = change.gateways.len(), nodes = change.nodes.len(), "manifests changed; the changed files re-read (new problems are logged when the topology is published)");
+                            index.update(|i| i.apply_manifest_change(change));
                         }
                         Ok(None) => {}
                         Err(e) => tracing::warn!(error = %e, "manifest directory unreadable; keeping the last state"),

@@ -285,7 +285,9 @@ impl Pipeline {
                 .collect()
         };
         let compile_started = std::time::Instant::now();
-        let mut compiled = raven_core::compile(&inputs);
+        // Versions of unchanged resources come from the last state (a
+        // one-node change hashes the few resources it changed).
+        let mut compiled = raven_core::compile::compile_reusing(&inputs, Some(&prev.topology));
         crate::metrics::compile_observed(compile_started.elapsed());
         log_elections(
             &prev.gateways,
