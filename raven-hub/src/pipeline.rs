@@ -37,6 +37,61 @@ pub struct Published {
     /// agent is in sync with `delta.from` plans only those names instead of
     /// its whole view (work per change proportional to the change).
     pub delta: Option<Arc<Delta>>,
+    /// Every resource name this hub has published, interned: sessions keep
+    /// what their agent holds as these ids (see `grpc::held`).
+    pub ids: Arc<ResourceIds>,
+}
+
+/// Resource names interned as small numbers. Ids only ever grow: a name
+/// keeps its id for the hub's lifetime (also once it leaves the topology),
+/// so any later table resolves every id an earlier one gave out, and a
+/// session may keep ids across revisions. The table grows by the names the
+/// cluster ever had (~50 bytes each), not by changes.
+#[derive(Debug, Clone, Default)]
+pub struct ResourceIds {
+    ids: std::collections::HashMap<ResourceName, u32>,
+    names: Vec<ResourceName>,
+}
+
+impl ResourceIds {
+    pub fn id(&self, name: &ResourceName) -> Option<u32> {
+        self.ids.get(name).copied()
+    }
+
+    /// The name of `id` (given out by this table or an earlier one).
+    pub fn name(&self, id: u32) -> Option<&ResourceName> {
+        self.names.get(id as usize)
+    }
+
+    pub fn len(&self) -> usize {
+        self.names.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty()
+    }
+
+    /// Gives `name` an id if it has none.
+    pub fn intern(&mut self, name: &ResourceName) {
+        if !self.ids.contains_key(name) {
+            let id = u32::try_from(self.names.len()).unwrap_or(u32::MAX);
+            self.ids.insert(name.clone(), id);
+            self.names.push(name.clone());
+        }
+    }
+
+    /// `prev` with every name of `topology` interned: `prev` itself (shared,
+    /// no copy) when it knows them all.
+    pub fn extended(prev: &Arc<Self>, topology: &Topology) -> Arc<Self> {
+        let mut names = topology.resources.keys().filter(|n| prev.id(n).is_none());
+        let Some(first) = names.next() else {
+            return prev.clone();
+        };
+        let mut next = Self::clone(prev);
+        next.intern(first);
+        names.for_each(|n| next.intern(n));
+        Arc::new(next)
+    }
 }
 
 /// The resources that differ between two consecutive revisions of one epoch:
@@ -329,6 +384,7 @@ impl Pipeline {
             )))
         };
         let next = Published {
+            ids: ResourceIds::extended(&prev.ids, &compiled.topology),
             encoded,
             delta,
             epoch: state.epoch,
