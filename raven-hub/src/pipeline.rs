@@ -33,10 +33,14 @@ pub struct Published {
     pub gateways: BTreeMap<GatewayName, CompiledGateway>,
     /// Every resource encoded once; streams send these bytes as they are.
     pub encoded: BTreeMap<ResourceName, EncodedResource>,
-    /// What changed between `delta.from` and `revision`, so a session whose
-    /// agent is in sync with `delta.from` plans only those names instead of
-    /// its whole view (work per change proportional to the change).
-    pub delta: Option<Arc<Delta>>,
+    /// What changed in each of the last revisions of this epoch (at most
+    /// [`DELTA_HISTORY`], oldest first, consecutive; the last ends at
+    /// `revision`), so a session whose agent is in sync with any of them
+    /// plans only the names changed since ([`Published::changed_since`])
+    /// instead of its whole view: work per change proportional to the
+    /// change, also for a session that skipped revisions while an Update
+    /// was in flight (every agent, when Reports come in by the thousand).
+    pub deltas: Vec<Arc<Delta>>,
     /// Every resource name this hub has published, interned: sessions keep
     /// what their agent holds as these ids (see `grpc::held`).
     pub ids: Arc<ResourceIds>,
@@ -91,6 +95,23 @@ impl ResourceIds {
         next.intern(first);
         names.for_each(|n| next.intern(n));
         Arc::new(next)
+    }
+}
+
+/// How many revisions back [`Published::deltas`] reaches.
+pub const DELTA_HISTORY: usize = 64;
+
+impl Published {
+    /// The names changed between revision `since` (of this epoch) and
+    /// this one; `None` when the kept deltas do not reach back to it.
+    pub fn changed_since(&self, since: u64) -> Option<BTreeSet<&ResourceName>> {
+        let start = self.deltas.iter().rposition(|d| d.from == since)?;
+        Some(
+            self.deltas[start..]
+                .iter()
+                .flat_map(|d| d.names.iter())
+                .collect(),
+        )
     }
 }
 
@@ -372,21 +393,24 @@ impl Pipeline {
                 )
             })
             .collect();
-        let delta = if state.epoch != prev.epoch {
-            None
+        let deltas = if state.epoch != prev.epoch {
+            Vec::new()
         } else if state.revision == prev.revision {
-            prev.delta.clone()
+            prev.deltas.clone()
         } else {
-            Some(Arc::new(Delta::between(
+            let keep = prev.deltas.len().min(DELTA_HISTORY - 1);
+            let mut deltas = prev.deltas[prev.deltas.len() - keep..].to_vec();
+            deltas.push(Arc::new(Delta::between(
                 prev.revision,
                 &prev.topology,
                 &compiled.topology,
-            )))
+            )));
+            deltas
         };
         let next = Published {
             ids: ResourceIds::extended(&prev.ids, &compiled.topology),
             encoded,
-            delta,
+            deltas,
             epoch: state.epoch,
             revision: state.revision,
             ready,
@@ -705,6 +729,35 @@ mod tests {
         let names: Vec<&str> = d.names.iter().map(ResourceName::as_str).collect();
         assert_eq!(names, ["gateway/a", "gateway/b", "gateway/c"]);
         assert!(Delta::between(7, &after, &after).names.is_empty());
+    }
+
+    #[test]
+    fn names_changed_since_any_kept_revision_are_the_union_of_the_deltas_after_it() {
+        let name = |s: &str| ResourceName::parse(s).unwrap_or_else(|| panic!("{s}"));
+        let delta = |from: u64, names: &[&str]| {
+            Arc::new(Delta {
+                from,
+                names: names.iter().map(|n| name(n)).collect(),
+            })
+        };
+        let p = Published {
+            revision: 13,
+            deltas: vec![
+                delta(10, &["gateway/a"]),
+                delta(11, &["gateway/b", "peer/x"]),
+                delta(12, &["gateway/a"]),
+            ],
+            ..Default::default()
+        };
+        let since = |r: u64| {
+            p.changed_since(r)
+                .map(|n| n.into_iter().map(ResourceName::as_str).collect::<Vec<_>>())
+        };
+        assert_eq!(since(12), Some(vec!["gateway/a"]));
+        assert_eq!(since(11), Some(vec!["gateway/a", "gateway/b", "peer/x"]));
+        assert_eq!(since(10), Some(vec!["gateway/a", "gateway/b", "peer/x"]));
+        // Older than the kept history: a full plan.
+        assert_eq!(since(9), None);
     }
 
     /// Runs a pipeline with the default debounce on paused time, making a

@@ -260,8 +260,8 @@ pub struct Session {
     held_revision: u64,
     /// The revision (of `held_epoch`) whose view `held` is, but for content
     /// the agent refused: known after this session's first ACK. A session
-    /// in sync with the revision a [`crate::pipeline::Delta`] starts from
-    /// plans only the delta's names.
+    /// in sync with a revision the published deltas reach back to plans
+    /// only the names changed since.
     synced: Option<u64>,
     /// Content the agent refused (id, version tag); never sent again
     /// unchanged.
@@ -564,10 +564,11 @@ impl Session {
         self.queue(current, full_snapshot, changed, removed);
     }
 
-    /// What changed for this agent, from the names of `current.delta` only,
-    /// when the agent is in sync with the revision the delta starts from:
+    /// What changed for this agent, from the names changed since the
+    /// revision its agent is in sync with only ([`Published::changed_since`]):
     /// `Some(None)` when it is in sync with `current` already, `None` when
-    /// a full plan is needed (first Update, another base revision, a held
+    /// a full plan is needed (first Update, a revision older than the kept
+    /// deltas, a held
     /// back removal, or this node's own resource changed, which may change
     /// which names its view has).
     fn plan_delta(&self, current: &Published) -> Option<Option<Planned>> {
@@ -578,13 +579,13 @@ impl Session {
         if synced == current.revision {
             return Some(None);
         }
-        let delta = current.delta.as_ref().filter(|d| d.from == synced)?;
-        if delta.names.contains(&self.own) {
+        let names = current.changed_since(synced)?;
+        if names.contains(&self.own) {
             return None;
         }
         let mut changed = Vec::new();
         let mut removed = Vec::new();
-        for name in &delta.names {
+        for name in names {
             match (current.topology.resources.get(name), current.ids.id(name)) {
                 // In view: sent unless held at this version or refused.
                 (Some(r), Some(id)) if view::in_view(&current.topology, &self.node, name) => {

@@ -186,6 +186,7 @@ fn trailers(status: &Status) -> Frame<Bytes> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http_body::Body as _;
     use raven_proto::{EncodedResource, UpdateHeader, v1};
 
     /// Polls `body` to its end: its data frames and its trailers.
