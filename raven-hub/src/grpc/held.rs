@@ -247,7 +247,9 @@ mod tests {
         let mut held = Held::from_inventory(inventory, &ids);
         ids.intern(&name("gateway/late"));
         held.resolve(&ids);
-        let id = ids.id(&name("gateway/late")).unwrap_or_else(|| unreachable!());
+        let id = ids
+            .id(&name("gateway/late"))
+            .unwrap_or_else(|| unreachable!());
         assert_eq!(held.get(id), Some(7));
         assert_eq!(held.strays().count(), 0);
         assert_eq!(held.len(), 1);

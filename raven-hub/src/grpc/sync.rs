@@ -608,8 +608,7 @@ impl Session {
         let mut changed = Vec::new();
         // The view lists names in order, so `changed` is in name order.
         for n in &names {
-            let (Some(r), Some(id)) = (current.topology.resources.get(n), current.ids.id(n))
-            else {
+            let (Some(r), Some(id)) = (current.topology.resources.get(n), current.ids.id(n)) else {
                 continue;
             };
             wanted.push(id);
@@ -696,7 +695,10 @@ impl Session {
                 // intended only when confirmed (see above).
                 intentional_removal,
             };
-            let resources = part.iter().filter_map(|(n, _)| encoded(*n).cloned()).collect();
+            let resources = part
+                .iter()
+                .filter_map(|(n, _)| encoded(*n).cloned())
+                .collect();
             self.queued.push(Part {
                 header,
                 resources,

@@ -81,8 +81,10 @@ where
                 )
                 .into_http());
             }
-            let mut codec =
-                tonic_prost::ProstCodec::<EncodedSyncResponse, raven_proto::v1::SyncRequest>::default();
+            let mut codec = tonic_prost::ProstCodec::<
+                EncodedSyncResponse,
+                raven_proto::v1::SyncRequest,
+            >::default();
             let req = req.map(|body| {
                 Streaming::new_request(codec.decoder(), body, None, Some(MAX_DECODING))
             });
@@ -190,7 +192,11 @@ mod tests {
     use raven_proto::{EncodedResource, UpdateHeader, v1};
 
     /// Polls `body` to its end: its data frames and its trailers.
-    fn drain(mut body: Pieces<futures::stream::Iter<std::vec::IntoIter<Result<EncodedSyncResponse, Status>>>>) -> (Vec<Bytes>, http::HeaderMap) {
+    fn drain(
+        mut body: Pieces<
+            futures::stream::Iter<std::vec::IntoIter<Result<EncodedSyncResponse, Status>>>,
+        >,
+    ) -> (Vec<Bytes>, http::HeaderMap) {
         let waker = futures::task::noop_waker();
         let mut cx = Context::from_waker(&waker);
         let (mut data, mut trailers) = (Vec::new(), None);
@@ -228,7 +234,10 @@ mod tests {
         let update = EncodedSyncResponse::update(header, resources.iter());
         let beat = EncodedSyncResponse::heartbeat(v1::Heartbeat::default());
         let len = prost::Message::encoded_len(&update);
-        assert!(len > 20 * PIECE, "the Update must span many pieces ({len} bytes)");
+        assert!(
+            len > 20 * PIECE,
+            "the Update must span many pieces ({len} bytes)"
+        );
         let body = Pieces {
             stream: futures::stream::iter(vec![Ok(update.clone()), Ok(beat.clone())]),
             current: None,
@@ -236,7 +245,12 @@ mod tests {
         };
         let (data, trailers) = drain(body);
         let largest = data.iter().map(Bytes::len).max().unwrap_or(0);
-        let part = resources.iter().map(EncodedResource::len).max().unwrap_or(0) + 16;
+        let part = resources
+            .iter()
+            .map(EncodedResource::len)
+            .max()
+            .unwrap_or(0)
+            + 16;
         assert!(largest <= PIECE + part, "a piece of {largest} bytes");
         // The same bytes as gRPC length-prefixed messages.
         let mut expected = Vec::new();
@@ -247,7 +261,10 @@ mod tests {
             expected.extend_from_slice(&bytes);
         }
         assert_eq!(data.concat(), expected);
-        assert_eq!(trailers.get("grpc-status").map(|v| v.as_bytes()), Some(&b"0"[..]));
+        assert_eq!(
+            trailers.get("grpc-status").map(|v| v.as_bytes()),
+            Some(&b"0"[..])
+        );
     }
 
     #[test]
@@ -262,7 +279,13 @@ mod tests {
         };
         let (data, trailers) = drain(body);
         assert_eq!(data.len(), 1);
-        assert_eq!(trailers.get("grpc-status").map(|v| v.as_bytes()), Some(&b"8"[..]));
-        assert_eq!(trailers.get("grpc-message").map(|v| v.as_bytes()), Some(&b"busy"[..]));
+        assert_eq!(
+            trailers.get("grpc-status").map(|v| v.as_bytes()),
+            Some(&b"8"[..])
+        );
+        assert_eq!(
+            trailers.get("grpc-message").map(|v| v.as_bytes()),
+            Some(&b"busy"[..])
+        );
     }
 }
