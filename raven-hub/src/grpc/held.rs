@@ -108,6 +108,16 @@ impl Held {
         }
     }
 
+    /// How `name` is held: as a stray if it is one (the hub may have
+    /// learned the name since), by its id otherwise.
+    pub fn key(&self, name: &ResourceName, ids: &ResourceIds) -> Key {
+        if self.strays.contains_key(name) {
+            Key::Stray(name.clone())
+        } else {
+            Key::of(name, ids)
+        }
+    }
+
     /// Moves strays the hub has learned since into the id list.
     pub fn resolve(&mut self, ids: &ResourceIds) {
         if self.strays.is_empty() {

@@ -230,6 +230,8 @@ struct Part {
     header: UpdateHeader,
     resources: Vec<EncodedResource>,
     sent: Vec<(u32, Tag)>,
+    /// `header.removed` as the session holds those names when it planned.
+    removed: Vec<Key>,
 }
 
 /// One agent's stream.
@@ -531,14 +533,10 @@ impl Session {
             mut header,
             resources,
             sent,
+            removed,
         } = self.queued.remove(0);
         self.next_nonce += 1;
         header.nonce = format!("{}-{}", current.revision, self.next_nonce);
-        let removed = header
-            .removed
-            .iter()
-            .map(|n| Key::of(n, &current.ids))
-            .collect();
         let msg = EncodedSyncResponse::update(header.clone(), resources.iter());
         self.in_flight = Some(InFlight {
             nonce: header.nonce.clone(),
@@ -699,10 +697,16 @@ impl Session {
                 .iter()
                 .filter_map(|(n, _)| encoded(*n).cloned())
                 .collect();
+            let removed = header
+                .removed
+                .iter()
+                .map(|n| self.held.key(n, &current.ids))
+                .collect();
             self.queued.push(Part {
                 header,
                 resources,
                 sent: part,
+                removed,
             });
         }
     }
