@@ -259,6 +259,23 @@ fn sh(args: &[&str]) -> String {
 }
 
 /// The routes raven wants, as `ip -batch` lines.
+/// `iptables-restore -w 5 --noflush` of `script`; panics when refused.
+fn restore(script: &str) {
+    use std::io::Write as _;
+    let mut child = Command::new("iptables-restore")
+        .args(["-w", "5", "--noflush"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    assert!(child.wait().unwrap().success(), "refused: {script}");
+}
+
 fn batch_lines(routes: &[&model::Route]) -> String {
     let mut s = String::new();
     for r in routes {
@@ -803,13 +820,11 @@ async fn run_in_namespace(cfg: &Config) -> Report {
         let total = t.elapsed();
         assert!(r.failures.is_empty(), "{:?}", r.failures);
         report.change_pass = r.io;
-        // The skip-NAT rules that differ, either way.
-        let lines = |s: &CachedState| {
-            let lines = skipnat::spec(&assembled(s)).v4.destination_lines();
-            lines.into_iter().collect::<std::collections::BTreeSet<_>>()
-        };
-        let (was, is) = (lines(&held), lines(&update.next));
-        report.change_pass_nat_differ = was.symmetric_difference(&is).count();
+        // The skip-NAT rules that differ, either way (and a bucket that
+        // appears or empties, with its jump).
+        let layout = |s: &CachedState| skipnat::spec(&assembled(s)).v4.layout();
+        report.change_pass_nat_differ =
+            skipnat::changes_between(&layout(&held), &layout(&update.next));
         commits.push(committed);
         views.push(viewed - committed);
         passes.push(total - viewed);
@@ -845,6 +860,91 @@ async fn run_in_namespace(cfg: &Config) -> Report {
             }
         ),
     );
+
+    // Planning a one-node change: the index patched with the changed
+    // gateway vs what the change pass did before (desired() of the whole
+    // view, the planner's diff of two whole states, the skip-NAT spec and
+    // its diff), same inputs; both must plan the same operations.
+    let (mut patched, mut rebuilt) = (vec![], vec![]);
+    let mut moving = gateways.clone();
+    for round in 0..cfg.rounds {
+        let was = inputs(moving.clone());
+        change_one_node(&mut moving, 200 + u32::try_from(round).unwrap());
+        let next = inputs(moving.clone());
+        let mut index = dataplane::incremental::Index::build(&was);
+        let (old_state, old_nat) = (dataplane::desired(&was).state, skipnat::spec(&was));
+        let t = Instant::now();
+        let delta = index.update(&next).expect("a one-node change is patched");
+        patched.push(t.elapsed());
+        let t = Instant::now();
+        let ops = dataplane::diff(&dataplane::desired(&next).state, &old_state);
+        let nat = skipnat::spec(&next);
+        let script = skipnat::diff(&nat.v4, &skipnat::Observed::after(&old_nat.v4));
+        rebuilt.push(t.elapsed());
+        assert_eq!(delta.ops, ops, "the patch plans what the whole diff plans");
+        assert_eq!(
+            delta.nat[0].as_ref().map(|r| r.changes),
+            script.map(|r| r.changes)
+        );
+    }
+    let (patched, rebuilt) = (median(patched), median(rebuilt));
+    report.add(
+        "one-node change planning: index patch / whole desired+diff",
+        format!(
+            "{} / {} (ratio {:.3})",
+            ms(patched),
+            ms(rebuilt),
+            patched.as_secs_f64() / rebuilt.as_secs_f64().max(1e-9)
+        ),
+    );
+
+    // Why the destinations live in buckets: one rule deleted and appended
+    // by `iptables-restore --noflush` in raven's bucket vs in one chain
+    // holding all the destinations (as before), same table, same run.
+    let lines = nat.v4.destination_lines();
+    if let Some(first) = lines.first() {
+        let flat_chain = "RBENCH-FLAT";
+        let bucket_chain = first
+            .split_whitespace()
+            .nth(1)
+            .unwrap_or_default()
+            .to_owned();
+        let rule = first
+            .split_once(&bucket_chain)
+            .map_or("", |(_, r)| r)
+            .to_owned();
+        let mut flat = format!("*nat\n:{flat_chain} - [0:0]\n");
+        for l in &lines {
+            let r = l.split_whitespace().skip(2).collect::<Vec<_>>().join(" ");
+            flat.push_str(&format!("-A {flat_chain} {r}\n"));
+        }
+        flat.push_str("COMMIT\n");
+        restore(&flat);
+        let (mut in_flat, mut in_bucket) = (vec![], vec![]);
+        for _ in 0..cfg.rounds.max(3) {
+            for (chain, out) in [
+                (flat_chain, &mut in_flat),
+                (bucket_chain.as_str(), &mut in_bucket),
+            ] {
+                let script = format!("*nat\n-D {chain}{rule}\n-A {chain}{rule}\nCOMMIT\n");
+                let t = Instant::now();
+                restore(&script);
+                out.push(t.elapsed());
+            }
+        }
+        restore(&format!("*nat\n-F {flat_chain}\n-X {flat_chain}\nCOMMIT\n"));
+        let (f, b) = (median(in_flat), median(in_bucket));
+        report.add(
+            "skip-NAT: one rule -D/-A, bucket / one chain of all",
+            format!(
+                "{} / {} ({} rules; ratio {:.2})",
+                ms(b),
+                ms(f),
+                lines.len(),
+                b.as_secs_f64() / f.as_secs_f64().max(1e-9)
+            ),
+        );
+    }
 
     // Cold start from cache, hub down.
     let data = tempfile::tempdir().unwrap();

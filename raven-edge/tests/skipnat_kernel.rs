@@ -13,7 +13,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use raven_edge::dataplane::{Kernel, NodeInputs, ReconcileReport};
+use raven_edge::dataplane::{Kernel, NodeInputs, ReconcileReport, skipnat};
 use raven_model::fixtures;
 use raven_model::topology::{GatewayEndpoint, GatewayView, Member, NodeView};
 use support::must;
@@ -145,9 +145,13 @@ impl Pair {
         let tx = support::in_netns(&self.a, move || UdpSocket::bind((src, 0)).expect("bind tx"));
         tx.send_to(b"raven", (dst, port)).expect("send");
         let mut buf = [0u8; 16];
-        let (_, peer) = rx
-            .recv_from(&mut buf)
-            .unwrap_or_else(|e| panic!("{src} -> {dst}: nothing arrived: {e}"));
+        // A signal (another test's child exiting) may interrupt the wait.
+        let (_, peer) = loop {
+            match rx.recv_from(&mut buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                r => break r.unwrap_or_else(|e| panic!("{src} -> {dst}: nothing arrived: {e}")),
+            }
+        };
         peer.ip()
     }
 
@@ -369,7 +373,7 @@ fn hand_removed_jump_and_rule_are_restored_without_rebuilding_the_intact_chain()
             "-t",
             "nat",
             "-D",
-            "RAVEN-SKIP-NAT-DST",
+            &bucket_of("10.244.3.0/24"),
             "-d",
             "10.244.3.0/24",
             "-j",
@@ -429,13 +433,19 @@ fn inputs_with_many_destinations(n: u32, moved: Option<u32>) -> NodeInputs {
     i
 }
 
-/// `iptables-save -c` lines of RAVEN-SKIP-NAT-DST, as a set.
+/// `iptables-save -c` lines of the destination buckets, as a set.
 fn destination_rules(p: &Pair) -> std::collections::BTreeSet<String> {
+    let bucket = format!("-A {}", skipnat::BUCKET_PREFIX);
     p.nat_tables()
         .lines()
-        .filter(|l| l.contains("-A RAVEN-SKIP-NAT-DST "))
+        .filter(|l| l.contains(&bucket))
         .map(str::to_owned)
         .collect()
+}
+
+/// The chain holding the skip-NAT rule of destination `net`.
+fn bucket_of(net: &str) -> String {
+    skipnat::bucket_chain(skipnat::bucket(&net.parse().expect("cidr")))
 }
 
 #[test]
@@ -488,17 +498,12 @@ fn after_a_restart_the_kernel_is_the_truth_stale_and_missing_rules_are_repaired_
     let n = inputs_with_many_destinations(100, None);
     p.reconcile(Kernel::new(true), &n);
     let wanted = destination_rules(&p);
-    // While no agent runs: a destination rule is removed, a stale one and a
-    // duplicate are added by hand.
+    // While no agent runs: a destination rule is removed, a duplicate is
+    // added by hand, and a stale one in the destination chain itself (as
+    // an agent that kept no buckets left them).
+    let (removed, duplicated) = (bucket_of("10.100.2.0/24"), bucket_of("10.100.4.0/24"));
     for args in [
-        &[
-            "-D",
-            "RAVEN-SKIP-NAT-DST",
-            "-d",
-            "10.100.2.0/24",
-            "-j",
-            "ACCEPT",
-        ][..],
+        &["-D", &removed, "-d", "10.100.2.0/24", "-j", "ACCEPT"][..],
         &[
             "-A",
             "RAVEN-SKIP-NAT-DST",
@@ -507,14 +512,7 @@ fn after_a_restart_the_kernel_is_the_truth_stale_and_missing_rules_are_repaired_
             "-j",
             "ACCEPT",
         ][..],
-        &[
-            "-A",
-            "RAVEN-SKIP-NAT-DST",
-            "-d",
-            "10.100.4.0/24",
-            "-j",
-            "ACCEPT",
-        ][..],
+        &["-A", &duplicated, "-d", "10.100.4.0/24", "-j", "ACCEPT"][..],
     ] {
         let mut cmd = vec!["iptables", "-w", "5", "-t", "nat"];
         cmd.extend_from_slice(args);

@@ -132,11 +132,33 @@ pub struct ServeArgs {
     /// A TLS handshake that does not finish within this is dropped.
     #[arg(long, env = "RAVEN_TLS_HANDSHAKE_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub tls_handshake_timeout: std::time::Duration,
+    /// A connection beyond the first `--max-tls-handshakes-per-source`
+    /// queued from its address that still waits for its TLS handshake turn
+    /// after this is closed (a node's own dial waits its turn however long
+    /// a storm takes).
+    #[arg(long, env = "RAVEN_TLS_QUEUE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub tls_queue_timeout: std::time::Duration,
     /// TLS handshakes in progress at once on the mTLS listener; further
-    /// connections wait in the listen backlog until one ends, so thousands
-    /// of simultaneous dials never run thousands of handshakes at once.
+    /// connections are accepted at once and wait in the hub (one queue per
+    /// source address, served in turn) until one ends, so thousands of
+    /// simultaneous dials never run thousands of handshakes at once and
+    /// never overflow the kernel's listen backlog.
     #[arg(long, env = "RAVEN_MAX_TLS_HANDSHAKES", default_value_t = 64)]
     pub max_tls_handshakes: usize,
+    /// TLS handshakes in progress at once from one source address (an IPv6
+    /// /64), so one address holding silent connections cannot take every
+    /// handshake slot. Agents behind one NAT address share it.
+    #[arg(
+        long,
+        env = "RAVEN_MAX_TLS_HANDSHAKES_PER_SOURCE",
+        default_value_t = 16
+    )]
+    pub max_tls_handshakes_per_source: usize,
+    /// Connections open at once from one source address (an IPv6 /64),
+    /// queued, handshaking or established; one over is closed at once.
+    /// Raise it for a NAT address with more agents behind it.
+    #[arg(long, env = "RAVEN_MAX_CONNECTIONS_PER_SOURCE", default_value_t = 2048)]
+    pub max_connections_per_source: usize,
     /// Agents allowed in their initial sync at once; others are told to retry.
     #[arg(long, env = "RAVEN_MAX_INITIAL_SYNCS", default_value_t = 256)]
     pub max_initial_syncs: usize,
@@ -159,6 +181,11 @@ pub struct ServeArgs {
     /// add up to half of it again): what spreads a reconnect storm.
     #[arg(long, env = "RAVEN_ADMISSION_RETRY_AFTER", default_value = "2s", value_parser = humantime::parse_duration)]
     pub admission_retry_after: std::time::Duration,
+    /// How long a new stream over `--max-initial-syncs` waits on its
+    /// connection for a permit (first come first served) before it is
+    /// refused with the retry hint.
+    #[arg(long, env = "RAVEN_ADMISSION_WAIT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub admission_wait: std::time::Duration,
     /// Epoch of the revision sequence. Replicas serving the same cluster
     /// share it (default with --kubernetes: "kubernetes", revisions then
     /// follow the API server's resourceVersion); a standalone hub picks a
@@ -323,11 +350,15 @@ fn serve(args: ServeArgs) -> anyhow::Result<std::process::ExitCode> {
             max_initial_syncs: args.max_initial_syncs,
             max_connections: args.max_connections,
             tls_handshake_timeout: args.tls_handshake_timeout,
+            tls_queue_timeout: args.tls_queue_timeout,
             max_tls_handshakes: args.max_tls_handshakes,
+            max_tls_handshakes_per_source: args.max_tls_handshakes_per_source,
+            max_connections_per_source: args.max_connections_per_source,
             admission_hold: args.admission_hold,
             report_rate: args.report_rate,
             max_report_bytes: args.max_report_bytes,
             retry_after: args.admission_retry_after,
+            admission_wait: args.admission_wait,
             keepalive: args.keepalive,
             keepalive_timeout: args.keepalive_timeout,
             failover_grace: args.failover_grace,

@@ -239,6 +239,10 @@ impl Metrics {
     pub fn admission_rejected(&self) {
         self.admission_rejections.inc();
     }
+    /// Streams refused by the initial-sync admission so far.
+    pub fn admission_rejections(&self) -> u64 {
+        self.admission_rejections.get()
+    }
     pub fn published(&self, revision: u64, problems: usize) {
         self.revision
             .set(i64::try_from(revision).unwrap_or(i64::MAX));

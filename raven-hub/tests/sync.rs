@@ -1225,11 +1225,11 @@ async fn idle_connections_are_bounded_and_dropped_and_an_agent_still_gets_in() {
 }
 
 /// Admission before TLS: with every handshake slot held by a silent
-/// connection, the listener takes no further connection off its backlog, so
-/// an agent's handshake does not even start; the moment a slot frees, it is
-/// handshaken and syncs.
+/// connection, an agent's connection waits in the hub's queue and its
+/// handshake does not even start; the moment a slot frees, it is handshaken
+/// and syncs.
 #[tokio::test]
-async fn handshakes_beyond_the_limit_wait_in_the_backlog_and_run_once_a_slot_frees() {
+async fn handshakes_beyond_the_limit_wait_their_turn_and_run_once_a_slot_frees() {
     let env = Env::new();
     let mut config = env.config(64);
     config.sync.max_tls_handshakes = 2;

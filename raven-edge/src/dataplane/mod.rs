@@ -28,6 +28,7 @@
 //! They are applied after the routes; a failure there (no iptables on the
 //! host, say) is a warning of the reconcile, never a reason to skip routes.
 
+pub mod incremental;
 pub mod model;
 pub mod netlink;
 pub mod skipnat;
@@ -143,13 +144,12 @@ pub struct Io {
 }
 
 /// What the kernel holds of raven's after a pass that applied without an
-/// error, conflict or refusal: the desired state it applied, the skip-NAT
-/// rules, and the indexes of the devices its routes name (a device
-/// recreated since lost its routes).
+/// error, conflict or refusal: the desired state it applied and its
+/// skip-NAT rules (with what patching them needs), and the indexes of the
+/// devices its routes name (a device recreated since lost its routes).
 #[derive(Debug, Clone)]
 struct LastApplied {
-    state: State,
-    skip_nat: skipnat::SkipNat,
+    index: incremental::Index,
     tunnel_dev: String,
     direct_dev: String,
     indexes: [Option<u32>; 3],
@@ -254,15 +254,27 @@ impl Kernel {
             observed: before.is_none(),
             ..Io::default()
         };
-        let (want, observed, nat_read) = match &before {
-            Some(_) => (desired(inputs), State::default(), [None, None]),
+        // A change patches what the last pass applied (only the gateways
+        // that differ are looked at); a resync reads the kernel's routes
+        // and both nat tables at once, while the desired state is computed
+        // on another thread.
+        let (index, ops, nat) = match before {
+            Some(a) => {
+                let mut index = a.index;
+                match index.update(inputs) {
+                    Some(delta) => (index, delta.ops, Nat::Planned(delta.nat)),
+                    None => {
+                        let new = build(inputs).await;
+                        let ops = diff(&new.desired().state, &index.desired().state);
+                        let (old, now) = (index.skip_nat(), new.skip_nat());
+                        let nat = skipnat::Family::ALL.map(|f| {
+                            skipnat::diff(now.family(f), &skipnat::Observed::after(old.family(f)))
+                        });
+                        (new, ops, Nat::Planned(nat))
+                    }
+                }
+            }
             None => {
-                // The kernel's routes and both nat tables are read at once,
-                // while the desired state is computed on another thread.
-                let compute = {
-                    let inputs = inputs.clone();
-                    tokio::task::spawn_blocking(move || desired(&inputs))
-                };
                 let nat = async {
                     if self.write {
                         skipnat::read().await.map(Some)
@@ -270,30 +282,25 @@ impl Kernel {
                         [None, None]
                     }
                 };
-                let (have, nat) = tokio::join!(netlink::observe(&h, devs(inputs)), nat);
-                let want = match compute.await {
-                    Ok(want) => want,
-                    Err(e) => std::panic::resume_unwind(e.into_panic()),
-                };
-                (want, have?, nat)
+                let (index, have, nat) =
+                    tokio::join!(build(inputs), netlink::observe(&h, devs(inputs)), nat);
+                let have = have?;
+                let ops = diff(&index.desired().state, &have);
+                (index, ops, Nat::Read(nat, summary(&have)))
             }
         };
-        let base = before.as_ref().map_or(&observed, |a| &a.state);
-        let ops = diff(&want.state, base);
+        let want = index.desired();
         for w in &want.warnings {
             tracing::warn!(warning = %w, "dataplane");
         }
-        let skip_nat = skipnat::spec(inputs);
         if !self.write {
-            tracing::debug!(
-                v4_sources = skip_nat.v4.sources.len(),
-                v6_sources = skip_nat.v6.sources.len(),
-                "dry run: skip-NAT rules computed, not applied"
-            );
             return Ok(ReconcileReport {
                 ops_applied: 0,
-                summary: summary(base),
-                warnings: want.warnings,
+                summary: match &nat {
+                    Nat::Read(_, s) => *s,
+                    Nat::Planned(_) => summary(&want.state),
+                },
+                warnings: want.warnings.clone(),
                 failures: Vec::new(),
                 io,
             });
@@ -307,9 +314,9 @@ impl Kernel {
             tracing::warn!(conflict = %c, "dataplane");
         }
         let mut failures = applied.conflicts;
-        let nat = match &before {
-            Some(a) => skipnat::apply_change(&a.skip_nat, &skip_nat).await,
-            None => skipnat::apply_read(&skip_nat, nat_read).await,
+        let nat = match nat {
+            Nat::Planned(changes) => skipnat::apply_planned(changes, || index.skip_nat()).await,
+            Nat::Read(read, _) => skipnat::apply_read(&index.skip_nat(), read).await,
         };
         io.nat_listings = nat.listings;
         io.nat_restores = nat.restores;
@@ -318,10 +325,9 @@ impl Kernel {
             tracing::warn!(error = %e, "skip-NAT");
             failures.push(format!("skip-NAT: {e}"));
         }
-        let summary = summary(&want.state);
+        let summary = summary(&index.desired().state);
+        let mut warnings = index.desired().warnings.clone();
         if failures.is_empty() {
-            let mut state = want.state;
-            state.link_up = state.link.is_some();
             // Only raven0 is created or removed here (the tunnel step
             // brought the tunnel devices up before).
             let relinked = ops
@@ -334,15 +340,13 @@ impl Kernel {
             };
             if let Ok(mut a) = self.applied.lock() {
                 *a = Some(LastApplied {
-                    state,
-                    skip_nat,
+                    index,
                     tunnel_dev: inputs.tunnel_dev.clone(),
                     direct_dev: inputs.direct.dev.clone(),
                     indexes,
                 });
             }
         }
-        let mut warnings = want.warnings;
         warnings.extend(failures.iter().cloned());
         Ok(ReconcileReport {
             ops_applied: applied.ops + nat.changes,
@@ -401,6 +405,27 @@ impl Kernel {
             });
         }
         Ok(ops + nat.changes)
+    }
+}
+
+/// How a pass writes the skip-NAT rules: the transactions planned from what
+/// the last pass applied, or against the tables as listed (with the
+/// summary of the routes observed, for a dry run).
+enum Nat {
+    Planned([Option<skipnat::Restore>; 2]),
+    Read(
+        [Option<Result<skipnat::Observed, skipnat::SkipNatError>>; 2],
+        v1::ApplySummary,
+    ),
+}
+
+/// The desired state of `inputs` in full, computed on the blocking pool
+/// (it is linear in the topology).
+async fn build(inputs: &NodeInputs) -> incremental::Index {
+    let inputs = inputs.clone();
+    match tokio::task::spawn_blocking(move || incremental::Index::build(&inputs)).await {
+        Ok(index) => index,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
     }
 }
 

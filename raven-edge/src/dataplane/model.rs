@@ -206,8 +206,6 @@ pub struct State {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Desired {
     pub state: State,
-    /// Remote prefixes the gateway's tunnel driver routes into the tunnel.
-    pub tunnel_prefixes: Vec<IpNet>,
     pub warnings: Vec<String>,
 }
 
@@ -416,31 +414,125 @@ pub fn active_node<'a>(
 /// routing loop that would cut the tunnel and the hub connection when a
 /// gateway's public address is also its node IP). Pure.
 pub fn routed_remote_prefixes(gateways: &[GatewayView], my_gw: &GatewayView) -> Vec<IpNet> {
-    let own: BTreeSet<IpAddr> = my_gw.members.iter().map(|m| m.private_ip).collect();
-    let endpoints: BTreeSet<IpAddr> = gateways
-        .iter()
-        .flat_map(|g| g.tunnel_candidates.iter().chain(g.active_tunnel.iter()))
-        .filter_map(|e| e.public_ip)
-        .collect();
+    let excluded = Excluded::of(gateways, my_gw);
     raven_model::topology::remote_prefixes(gateways, &my_gw.name)
         .into_iter()
-        .filter(|p| {
-            let host = p.prefix_len() == p.max_prefix_len();
-            !(host && (own.contains(&p.addr()) || endpoints.contains(&p.addr())))
-        })
+        .filter(|p| !excluded.excludes(p))
         .collect()
 }
 
-/// Computes the desired dataplane of a node. Pure.
-pub fn desired(inputs: &NodeInputs) -> Desired {
-    let mut out = Desired::default();
-    let Some(me) = &inputs.me else { return out };
+/// The addresses whose host prefixes are never routed to a remote domain
+/// (see [`routed_remote_prefixes`]): my domain's members and the public
+/// addresses of every tunnel endpoint.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Excluded {
+    pub own: BTreeSet<IpAddr>,
+    pub endpoints: BTreeSet<IpAddr>,
+}
+
+impl Excluded {
+    pub fn of(gateways: &[GatewayView], my_gw: &GatewayView) -> Self {
+        Self {
+            own: my_gw.members.iter().map(|m| m.private_ip).collect(),
+            endpoints: gateways.iter().flat_map(endpoint_ips).collect(),
+        }
+    }
+
+    /// Whether `p` is a host prefix of an excluded address.
+    pub fn excludes(&self, p: &IpNet) -> bool {
+        p.prefix_len() == p.max_prefix_len()
+            && (self.own.contains(&p.addr()) || self.endpoints.contains(&p.addr()))
+    }
+}
+
+/// The public addresses of `g`'s tunnel endpoints (candidates and the
+/// active one; the active one usually twice).
+pub fn endpoint_ips(g: &GatewayView) -> impl Iterator<Item = IpAddr> + '_ {
+    g.tunnel_candidates
+        .iter()
+        .chain(g.active_tunnel.iter())
+        .filter_map(|e| e.public_ip)
+}
+
+/// How this node routes a remote prefix (table [`TABLE_REMOTE`]): what
+/// its role in its domain decides, the same for every remote prefix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RemoteRoutes {
+    /// Not at all: the gateway's tunnel is not up yet (make before break),
+    /// or the domain has no usable active gateway node.
+    None,
+    /// A member: over `raven0` to the active gateway node `gateway`.
+    Via { gateway: Ipv4Addr, mtu: u32 },
+    /// The active gateway node: into the tunnel, or into the direct-path
+    /// device for the prefixes of gateways reached directly.
+    Tunnel { mtu: u32 },
+}
+
+impl RemoteRoutes {
+    /// The route to remote prefix `dst` (`direct`: it belongs to a gateway
+    /// reached on the direct-path device).
+    pub fn route(self, dst: IpNet, direct: bool) -> Option<Route> {
+        match self {
+            RemoteRoutes::None => None,
+            RemoteRoutes::Via { gateway, mtu } => Some(Route {
+                table: TABLE_REMOTE,
+                via: Some(next_hop(gateway, &dst)),
+                dev: RouteDev::Vxlan,
+                dst,
+                mtu,
+            }),
+            RemoteRoutes::Tunnel { mtu } => Some(Route {
+                table: TABLE_REMOTE,
+                dst,
+                dev: if direct {
+                    RouteDev::Direct
+                } else {
+                    RouteDev::Tunnel
+                },
+                via: None,
+                mtu,
+            }),
+        }
+    }
+}
+
+/// What the desired state of a node holds besides its routes to remote
+/// prefixes: everything that depends on the node and its own domain only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalPart {
+    /// raven0, its address, the FDB entries and neighbours of the other
+    /// members, the return routes (on the gateway) and the rules.
+    pub state: State,
+    pub warnings: Vec<String>,
+    /// How every remote prefix is routed.
+    pub remote: RemoteRoutes,
+}
+
+/// The node, its IPv4 private address and its gateway in `inputs`, when it
+/// has all three (otherwise it wants nothing).
+pub fn mine(inputs: &NodeInputs) -> Option<(&NodeView, Ipv4Addr, &GatewayView)> {
+    let me = inputs.me.as_ref()?;
     let (Some(gw_name), Some(private)) = (&me.gateway, me.private_ip.and_then(ipv4)) else {
-        return out;
+        return None;
     };
-    let Some(my_gw) = inputs.gateways.iter().find(|g| &g.name == gw_name) else {
-        return out;
+    let my_gw = inputs.gateways.iter().find(|g| &g.name == gw_name)?;
+    Some((me, private, my_gw))
+}
+
+/// The local part of the desired state of `me` (private address
+/// `private`) in domain `my_gw`. Pure; reads no other gateway.
+pub fn local_part(
+    inputs: &NodeInputs,
+    me: &NodeView,
+    private: Ipv4Addr,
+    my_gw: &GatewayView,
+) -> LocalPart {
+    let mut out = LocalPart {
+        state: State::default(),
+        warnings: Vec::new(),
+        remote: RemoteRoutes::None,
     };
+    let gw_name = &my_gw.name;
     let port = inputs
         .settings
         .as_ref()
@@ -492,8 +584,6 @@ pub fn desired(inputs: &NodeInputs) -> Desired {
         });
     }
 
-    let remote = routed_remote_prefixes(&inputs.gateways, my_gw);
-
     let active = active_node(my_gw, &inputs.active_override);
     match active {
         Some(a) if *a == me.name => {
@@ -501,28 +591,10 @@ pub fn desired(inputs: &NodeInputs) -> Desired {
             // is up (make before break), and traffic from the tunnel finds
             // members here.
             if inputs.tunnel_up {
-                let mtu = inputs.underlay_mtu.saturating_sub(TUNNEL_OVERHEAD);
-                let direct: BTreeSet<IpNet> = inputs
-                    .gateways
-                    .iter()
-                    .filter(|g| inputs.direct.up && inputs.direct.gateways.contains(&g.name))
-                    .flat_map(raven_model::topology::GatewayView::prefixes)
-                    .collect();
-                for dst in &remote {
-                    out.state.routes.insert(Route {
-                        table: TABLE_REMOTE,
-                        dst: *dst,
-                        dev: if direct.contains(dst) {
-                            RouteDev::Direct
-                        } else {
-                            RouteDev::Tunnel
-                        },
-                        via: None,
-                        mtu,
-                    });
-                }
+                out.remote = RemoteRoutes::Tunnel {
+                    mtu: inputs.underlay_mtu.saturating_sub(TUNNEL_OVERHEAD),
+                };
             }
-            out.tunnel_prefixes = remote;
             for m in my_gw.members.iter().filter(|m| m.node != me.name) {
                 let Some(ip) = ipv4(m.private_ip) else {
                     continue;
@@ -545,20 +617,14 @@ pub fn desired(inputs: &NodeInputs) -> Desired {
                 .find(|m| &m.node == a)
                 .and_then(|m| ipv4(m.private_ip));
             match gw_ip {
-                Some(gw_ip) => {
-                    // Two hops, one after the other (not nested): over
-                    // raven0 to the gateway, which decapsulates, then into
-                    // its tunnel. The packet must fit both.
-                    let mtu = path_mtu(&[link_mtu, tunnel_mtu(inputs.underlay_mtu)]);
-                    for dst in remote {
-                        out.state.routes.insert(Route {
-                            table: TABLE_REMOTE,
-                            via: Some(next_hop(gw_ip, &dst)),
-                            dev: RouteDev::Vxlan,
-                            dst,
-                            mtu,
-                        });
-                    }
+                // Two hops, one after the other (not nested): over raven0
+                // to the gateway, which decapsulates, then into its tunnel.
+                // The packet must fit both.
+                Some(gateway) => {
+                    out.remote = RemoteRoutes::Via {
+                        gateway,
+                        mtu: path_mtu(&[link_mtu, tunnel_mtu(inputs.underlay_mtu)]),
+                    };
                 }
                 None => out.warnings.push(format!(
                     "active gateway node {a} of {gw_name} has no IPv4 address"
@@ -590,6 +656,39 @@ pub fn desired(inputs: &NodeInputs) -> Desired {
                 iif: Some(inputs.direct.dev.clone()),
             });
         }
+    }
+    out
+}
+
+/// Whether the gateway `name` is reached on the direct-path device.
+pub fn is_direct(inputs: &NodeInputs, name: &GatewayName) -> bool {
+    inputs.direct.up && inputs.direct.gateways.contains(name)
+}
+
+/// Computes the desired dataplane of a node: its [`local_part`] and a
+/// route for each of [`routed_remote_prefixes`]. Pure.
+pub fn desired(inputs: &NodeInputs) -> Desired {
+    let Some((me, private, my_gw)) = mine(inputs) else {
+        return Desired::default();
+    };
+    let local = local_part(inputs, me, private, my_gw);
+    let mut out = Desired {
+        state: local.state,
+        warnings: local.warnings,
+    };
+    if local.remote == RemoteRoutes::None {
+        return out;
+    }
+    let direct: BTreeSet<IpNet> = inputs
+        .gateways
+        .iter()
+        .filter(|g| is_direct(inputs, &g.name))
+        .flat_map(GatewayView::prefixes)
+        .collect();
+    for dst in routed_remote_prefixes(&inputs.gateways, my_gw) {
+        out.state
+            .routes
+            .extend(local.remote.route(dst, direct.contains(&dst)));
     }
     out
 }
@@ -800,7 +899,7 @@ pub fn simulate(state: &mut State, ops: &[Op]) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
 
@@ -1132,7 +1231,7 @@ mod tests {
     /// A cluster of 1–4 domains of 1–4 members. Private addresses are drawn
     /// from one small range, so domains overlap (as behind NATs) and members
     /// of one domain may even collide; some subnets are IPv6.
-    fn cluster() -> impl Strategy<Value = NodeInputs> {
+    pub(crate) fn cluster() -> impl Strategy<Value = NodeInputs> {
         let member = (1u8..6, any::<bool>(), any::<bool>());
         let domain = (
             proptest::collection::vec(member, 1..4),
@@ -1284,7 +1383,6 @@ mod tests {
             }
             let (a, b) = (desired(&inputs), desired(&shuffled));
             prop_assert_eq!(a.state, b.state);
-            prop_assert_eq!(a.tunnel_prefixes, b.tunnel_prefixes);
         }
 
         #[test]

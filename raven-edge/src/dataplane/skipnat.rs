@@ -10,7 +10,8 @@
 //! ```text
 //! POSTROUTING  1: -m comment --comment "raven: …" -j RAVEN-SKIP-NAT   (then the CNI's rules)
 //! RAVEN-SKIP-NAT      -s <each prefix of my domain>   -j RAVEN-SKIP-NAT-DST
-//! RAVEN-SKIP-NAT-DST  -d <each remote domain prefix>  -j ACCEPT
+//! RAVEN-SKIP-NAT-DST  -j RAVEN-SKIP-NAT-B<nn>        (one per bucket holding a destination)
+//! RAVEN-SKIP-NAT-B<nn> -d <each remote prefix of the bucket> -j ACCEPT
 //! ```
 //!
 //! `ACCEPT` in a `nat` chain ends the traversal of `POSTROUTING` without
@@ -19,7 +20,12 @@
 //! extra source CIDRs); destinations are the remote prefixes raven routes
 //! (the same filter as the routes in [`super::model::desired`]: a remote
 //! host prefix that is one of my members or a tunnel endpoint's public
-//! address is not routed to a remote domain, so it is not exempted either).
+//! address is not routed to a remote domain, so it is not exempted either),
+//! aggregated per remote gateway. The destinations are spread over
+//! [`BUCKETS`] chains by a hash of the prefix: `iptables-nft-restore`
+//! fetches the whole chain a rule is deleted from, so a moved prefix among
+//! 4,000 in one chain cost ~200 ms, in its bucket about the cost of starting
+//! the process (see BENCHMARKS.md).
 //!
 //! Programmed with the `iptables`/`ip6tables` binaries, which pick the
 //! host's backend (nft or legacy) the way the CNI's own tools do. Raven owns
@@ -30,9 +36,11 @@
 //! `iptables-restore --noflush` that deletes exactly the rules of raven's
 //! chains that are not wanted (stale, duplicated or foreign) and appends
 //! exactly the wanted ones that are missing — a change of one remote
-//! prefix writes two rules, never a rebuild of thousands. Both chains'
-//! rules are all alike (`-j RAVEN-SKIP-NAT-DST`, `-j ACCEPT`), so their
-//! order carries no meaning and is never corrected. Should an incremental
+//! prefix writes two rules, never a rebuild of thousands. A change pass
+//! does not list at all: it writes what [`super::incremental::Index`]
+//! planned from what the last pass applied. Each chain's rules are all
+//! alike (`-j RAVEN-SKIP-NAT-DST`, `-j RAVEN-SKIP-NAT-B<nn>`, `-j ACCEPT`),
+//! so their order carries no meaning and is never corrected. Should an incremental
 //! transaction be refused (a hand-made rule `iptables-restore` cannot
 //! delete by its listing, say), the chains are rebuilt whole instead.
 //! A jump already present is left where it is, also when another tool has
@@ -45,6 +53,8 @@ use std::process::{Output, Stdio};
 
 use ipnet::IpNet;
 use tokio::io::AsyncWriteExt;
+
+use raven_model::topology::GatewayView;
 
 use super::model::NodeInputs;
 
@@ -81,7 +91,7 @@ impl Family {
         }
     }
 
-    fn of(net: &IpNet) -> Self {
+    pub fn of(net: &IpNet) -> Self {
         match net {
             IpNet::V4(_) => Family::V4,
             IpNet::V6(_) => Family::V6,
@@ -105,20 +115,104 @@ impl Rules {
 
     /// `-A` lines of [`CHAIN`], exactly as `iptables -S` prints them.
     pub fn source_lines(&self) -> Vec<String> {
-        self.sources
-            .iter()
-            .map(|s| format!("-A {CHAIN}{} -j {DST_CHAIN}", addr_match("-s", s)))
-            .collect()
+        self.sources.iter().map(source_line).collect()
     }
 
-    /// `-A` lines of [`DST_CHAIN`], exactly as `iptables -S` prints them.
+    /// The `-A` lines of the destination buckets, exactly as `iptables -S`
+    /// prints them (each in the bucket [`bucket_chain`] names).
     pub fn destination_lines(&self) -> Vec<String> {
-        self.destinations
-            .iter()
-            .map(|d| format!("-A {DST_CHAIN}{} -j ACCEPT", addr_match("-d", d)))
-            .collect()
+        self.destinations.iter().map(destination_line).collect()
+    }
+
+    /// Raven's chains holding these rules: [`CHAIN`], [`DST_CHAIN`] (one
+    /// jump per bucket that holds a destination) and those buckets; none at
+    /// all for empty rules.
+    pub fn layout(&self) -> Chains {
+        let mut chains = Chains::new();
+        if self.is_empty() {
+            return chains;
+        }
+        chains.insert(CHAIN.to_owned(), self.source_lines());
+        let mut jumps = Vec::new();
+        for d in &self.destinations {
+            let chain = bucket_chain(bucket(d));
+            let lines = chains.entry(chain).or_insert_with(|| {
+                jumps.push(bucket(d));
+                Vec::new()
+            });
+            lines.push(destination_line(d));
+        }
+        jumps.sort_unstable();
+        chains.insert(
+            DST_CHAIN.to_owned(),
+            jumps.into_iter().map(bucket_jump_line).collect(),
+        );
+        chains
     }
 }
+
+/// How many chains the destinations are spread over. One chain of 4,000
+/// rules costs `iptables-nft-restore` ~200 ms to delete one rule from (it
+/// fetches the whole chain to find the rule); 64 buckets of ~60 rules make
+/// it the cost of starting the process. A packet still meets each
+/// destination rule once: the buckets are jumped to in turn and return
+/// when nothing matches.
+pub const BUCKETS: u8 = 64;
+/// The prefix of the bucket chains' names (`RAVEN-SKIP-NAT-B00` …).
+pub const BUCKET_PREFIX: &str = "RAVEN-SKIP-NAT-B";
+
+/// The bucket of destination `net`: a hash of the prefix (FNV-1a over its
+/// address and length), so that it never depends on the other rules and
+/// a change of one destination touches one bucket.
+pub fn bucket(net: &IpNet) -> u8 {
+    let mut h: u32 = 0x811c_9dc5;
+    let bytes: Vec<u8> = match net.trunc().addr() {
+        std::net::IpAddr::V4(a) => a.octets().to_vec(),
+        std::net::IpAddr::V6(a) => a.octets().to_vec(),
+    };
+    for b in bytes.into_iter().chain([net.prefix_len()]) {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    (h % u32::from(BUCKETS)) as u8
+}
+
+/// The chain of bucket `b`.
+pub fn bucket_chain(b: u8) -> String {
+    format!("{BUCKET_PREFIX}{b:02}")
+}
+
+/// Whether `chain` is one of raven's skip-NAT chains.
+pub fn is_ravens_chain(chain: &str) -> bool {
+    chain == CHAIN
+        || chain == DST_CHAIN
+        || chain
+            .strip_prefix(BUCKET_PREFIX)
+            .is_some_and(|n| n.len() == 2 && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// The rule of [`CHAIN`] for source `s`, as `iptables -S` prints it.
+pub fn source_line(s: &IpNet) -> String {
+    format!("-A {CHAIN}{} -j {DST_CHAIN}", addr_match("-s", s))
+}
+
+/// The rule of destination `d` in its bucket, as `iptables -S` prints it.
+pub fn destination_line(d: &IpNet) -> String {
+    format!(
+        "-A {}{} -j ACCEPT",
+        bucket_chain(bucket(d)),
+        addr_match("-d", d)
+    )
+}
+
+/// The rule of [`DST_CHAIN`] jumping to bucket `b`.
+pub fn bucket_jump_line(b: u8) -> String {
+    format!("-A {DST_CHAIN} -j {}", bucket_chain(b))
+}
+
+/// Raven's chains of one family: each chain's `-A` lines, as `iptables -S`
+/// prints them.
+pub type Chains = BTreeMap<String, Vec<String>>;
 
 /// ` -s NET`, or nothing for a catch-all prefix (`iptables -S` omits it).
 fn addr_match(flag: &str, net: &IpNet) -> String {
@@ -158,6 +252,12 @@ impl SkipNat {
 /// every other gateway's. Empty when the node belongs to no gateway (or
 /// to one the topology does not list) or there is no remote domain. Pure;
 /// independent of the order of gateways, members and prefixes.
+///
+/// The destinations are aggregated per remote gateway (see
+/// [`gateway_destinations`]), not across gateways: a change of one gateway
+/// then rewrites only its own rules (an aggregate spanning two domains
+/// would move with either). Overlapping rules of two gateways are
+/// harmless: each accepts.
 pub fn spec(inputs: &NodeInputs) -> SkipNat {
     let Some(gw_name) = inputs.me.as_ref().and_then(|me| me.gateway.as_ref()) else {
         return SkipNat::default();
@@ -165,30 +265,61 @@ pub fn spec(inputs: &NodeInputs) -> SkipNat {
     let Some(my_gw) = inputs.gateways.iter().find(|g| &g.name == gw_name) else {
         return SkipNat::default();
     };
-    let sources: Vec<IpNet> = my_gw.prefixes().collect();
-    let destinations = super::model::routed_remote_prefixes(&inputs.gateways, my_gw);
-    let family = |f: Family| {
+    let excluded = super::model::Excluded::of(&inputs.gateways, my_gw);
+    let mut destinations: Vec<IpNet> = inputs
+        .gateways
+        .iter()
+        .filter(|g| &g.name != gw_name)
+        .flat_map(|g| gateway_destinations(g, &excluded))
+        .collect();
+    destinations.sort_unstable();
+    destinations.dedup();
+    let sources = sources(my_gw);
+    SkipNat {
+        v4: Rules::of(Family::V4, &sources, &destinations),
+        v6: Rules::of(Family::V6, &sources, &destinations),
+    }
+}
+
+/// My domain's prefixes, aggregated per family: the skip-NAT sources.
+pub fn sources(my_gw: &GatewayView) -> Vec<IpNet> {
+    aggregated(my_gw.prefixes())
+}
+
+/// The skip-NAT destinations of remote gateway `g`: its prefixes that are
+/// routed (`excluded` takes out host prefixes of my members and of tunnel
+/// endpoints), aggregated per family.
+pub fn gateway_destinations(g: &GatewayView, excluded: &super::model::Excluded) -> Vec<IpNet> {
+    aggregated(g.prefixes().filter(|p| !excluded.excludes(p)))
+}
+
+/// `nets` aggregated per family: IPv4 first, each sorted.
+fn aggregated(nets: impl Iterator<Item = IpNet>) -> Vec<IpNet> {
+    let (v4, v6): (Vec<IpNet>, Vec<IpNet>) = nets.partition(|n| Family::of(n) == Family::V4);
+    let mut out = IpNet::aggregate(&v4);
+    out.extend(IpNet::aggregate(&v6));
+    out
+}
+
+impl Rules {
+    /// The rules of family `f` from sorted `sources` and `destinations`
+    /// (both families): none unless both have one of `f`.
+    fn of(f: Family, sources: &[IpNet], destinations: &[IpNet]) -> Self {
         let pick = |nets: &[IpNet]| -> Vec<IpNet> {
-            let nets: Vec<IpNet> = nets
-                .iter()
+            nets.iter()
                 .filter(|n| Family::of(n) == f)
                 .copied()
-                .collect();
-            IpNet::aggregate(&nets)
+                .collect()
         };
         let rules = Rules {
-            sources: pick(&sources),
-            destinations: pick(&destinations),
+            sources: pick(sources),
+            destinations: pick(destinations),
         };
         if rules.sources.is_empty() || rules.destinations.is_empty() {
             Rules::default()
         } else {
             rules
         }
-    };
-    SkipNat {
-        v4: family(Family::V4),
-        v6: family(Family::V6),
     }
 }
 
@@ -197,10 +328,9 @@ pub fn spec(inputs: &NodeInputs) -> SkipNat {
 pub struct Observed {
     /// The `POSTROUTING` rules jumping to [`CHAIN`].
     pub jumps: Vec<String>,
-    /// The `-A` lines of [`CHAIN`]; `None` when the chain does not exist.
-    pub sources: Option<Vec<String>>,
-    /// The `-A` lines of [`DST_CHAIN`]; `None` when the chain does not exist.
-    pub destinations: Option<Vec<String>>,
+    /// Raven's chains that exist ([`is_ravens_chain`]), with their `-A`
+    /// lines.
+    pub chains: Chains,
 }
 
 /// The rules of `POSTROUTING` (`iptables -S POSTROUTING` output) that jump
@@ -231,7 +361,7 @@ pub fn parse_chain(listing: &str) -> Vec<String> {
 }
 
 /// Raven's part of a whole `nat` table listing (`iptables -t nat -S`):
-/// the jumps from `POSTROUTING` and both chains, each `None` when absent.
+/// the jumps from `POSTROUTING` and raven's chains that exist.
 pub fn parse_table(listing: &str) -> Observed {
     let mut o = Observed {
         jumps: parse_jumps(listing),
@@ -242,20 +372,28 @@ pub fn parse_table(listing: &str) -> Observed {
         let (Some(verb), Some(chain)) = (words.next(), words.next()) else {
             continue;
         };
-        let slot = match chain {
-            CHAIN => &mut o.sources,
-            DST_CHAIN => &mut o.destinations,
-            _ => continue,
-        };
-        match verb {
-            "-N" => {
-                slot.get_or_insert_with(Vec::new);
-            }
-            "-A" => slot.get_or_insert_with(Vec::new).push(line.to_owned()),
-            _ => {}
+        if !is_ravens_chain(chain) {
+            continue;
+        }
+        let slot = o.chains.entry(chain.to_owned()).or_default();
+        if verb == "-A" {
+            slot.push(line.to_owned());
         }
     }
     o
+}
+
+/// What turns raven's chains `a` into `b`, counted as [`plan`] counts: each
+/// rule deleted or appended, each chain created or removed.
+pub fn changes_between(a: &Chains, b: &Chains) -> usize {
+    let rules = |c: &Chains| -> std::collections::BTreeSet<(String, String)> {
+        c.iter()
+            .flat_map(|(k, v)| v.iter().map(move |l| (k.clone(), l.clone())))
+            .collect()
+    };
+    let names = |c: &Chains| -> std::collections::BTreeSet<String> { c.keys().cloned().collect() };
+    rules(a).symmetric_difference(&rules(b)).count()
+        + names(a).symmetric_difference(&names(b)).count()
 }
 
 /// One atomic change of a family's `nat` table.
@@ -271,105 +409,114 @@ pub struct Restore {
 /// What turns `observed` into `desired`, touching only the rules that
 /// differ; `None` when they already agree. A missing chain is created; an
 /// exact jump is kept wherever it stands; empty rules remove the jumps and
-/// both chains. Pure.
+/// raven's chains. Pure.
 pub fn diff(desired: &Rules, observed: &Observed) -> Option<Restore> {
-    plan_with(desired, observed, false)
+    plan(&desired.layout(), observed, false)
 }
 
 /// Like [`diff`], but every chain that differs at all is redeclared
 /// (flushed and refilled in the same transaction): the fallback when an
 /// incremental transaction is refused.
 pub fn plan_rebuild(desired: &Rules, observed: &Observed) -> Option<Restore> {
-    plan_with(desired, observed, true)
+    plan(&desired.layout(), observed, true)
 }
 
-fn plan_with(desired: &Rules, observed: &Observed, rebuild: bool) -> Option<Restore> {
+/// The order chains are written in: the buckets, then [`DST_CHAIN`] (its
+/// rules jump to them), then [`CHAIN`].
+fn chain_rank(chain: &str) -> (u8, &str) {
+    match chain {
+        CHAIN => (2, chain),
+        DST_CHAIN => (1, chain),
+        _ => (0, chain),
+    }
+}
+
+/// What turns `have` into the chains `want` (empty: none of raven's
+/// chains, no jump) in one `iptables-restore --noflush`: chains only in
+/// `want` are declared and filled, chains in both get the rules that
+/// differ (or, with `rebuild`, are redeclared whole), chains only in `have`
+/// are flushed and removed last (after the rules jumping to them went).
+/// `have` may be a part of the table — the chains and rules a change
+/// touches — as long as `want` is the same part: what neither names is
+/// left alone. Changes: each rule appended or deleted and each chain
+/// created or removed counts one (a flushed chain counts its rules); a
+/// rebuilt chain counts one. Pure.
+pub fn plan(want: &Chains, have: &Observed, rebuild: bool) -> Option<Restore> {
     let mut declare = String::new();
     let mut body = String::new();
+    let mut tail = String::new();
     let mut changes = 0;
     let delete = |body: &mut String, rule: &str| {
         if let Some(rest) = rule.strip_prefix("-A ") {
             let _ = writeln!(body, "-D {rest}");
         }
     };
-    if desired.is_empty() {
-        for j in &observed.jumps {
+    let mut names: Vec<&String> = want.keys().chain(have.chains.keys()).collect();
+    names.sort_by(|a, b| chain_rank(a).cmp(&chain_rank(b)));
+    names.dedup();
+    let mut gone = Vec::new();
+    for chain in names {
+        match (want.get(chain), have.chains.get(chain)) {
+            (Some(lines), None) => {
+                let _ = writeln!(declare, ":{chain} - [0:0]");
+                changes += 1 + lines.len();
+                for l in lines {
+                    let _ = writeln!(body, "{l}");
+                }
+            }
+            (Some(lines), Some(had)) => {
+                let (stale, missing) = rule_diff(lines, had);
+                if stale.is_empty() && missing.is_empty() {
+                    continue;
+                }
+                if rebuild {
+                    let _ = writeln!(declare, ":{chain} - [0:0]");
+                    for l in lines {
+                        let _ = writeln!(body, "{l}");
+                    }
+                    changes += 1;
+                    continue;
+                }
+                changes += stale.len() + missing.len();
+                for l in stale {
+                    delete(&mut body, l);
+                }
+                for l in missing {
+                    let _ = writeln!(body, "{l}");
+                }
+            }
+            (None, Some(had)) => {
+                changes += 1 + had.len();
+                gone.push(chain);
+            }
+            (None, None) => {}
+        }
+    }
+    // Flush all before removing any: raven's chains jump to each other.
+    gone.sort_by_key(|c| std::cmp::Reverse(chain_rank(c).0));
+    for c in &gone {
+        let _ = writeln!(tail, "-F {c}");
+    }
+    for c in &gone {
+        let _ = writeln!(tail, "-X {c}");
+    }
+    let jump = jump_line();
+    let mut kept = false;
+    for j in &have.jumps {
+        if *j == jump && !kept && !want.is_empty() {
+            kept = true;
+        } else {
             delete(&mut body, j);
             changes += 1;
         }
-        let present: Vec<&str> = [
-            (CHAIN, observed.sources.is_some()),
-            (DST_CHAIN, observed.destinations.is_some()),
-        ]
-        .into_iter()
-        .filter_map(|(c, p)| p.then_some(c))
-        .collect();
-        // Flush all before deleting any: CHAIN's rules reference DST_CHAIN.
-        for c in &present {
-            let _ = writeln!(body, "-F {c}");
-        }
-        for c in &present {
-            let _ = writeln!(body, "-X {c}");
-            changes += 1;
-        }
-    } else {
-        // The destination chain first: the source chain's rules jump to it.
-        for (chain, want, have) in [
-            (
-                DST_CHAIN,
-                desired.destination_lines(),
-                &observed.destinations,
-            ),
-            (CHAIN, desired.source_lines(), &observed.sources),
-        ] {
-            let Some(have) = have else {
-                let _ = writeln!(declare, ":{chain} - [0:0]");
-                changes += 1;
-                for l in &want {
-                    let _ = writeln!(body, "{l}");
-                    changes += 1;
-                }
-                continue;
-            };
-            let (stale, missing) = rule_diff(&want, have);
-            if stale.is_empty() && missing.is_empty() {
-                continue;
-            }
-            if rebuild {
-                let _ = writeln!(declare, ":{chain} - [0:0]");
-                for l in &want {
-                    let _ = writeln!(body, "{l}");
-                }
-                changes += 1;
-                continue;
-            }
-            for l in stale {
-                delete(&mut body, l);
-                changes += 1;
-            }
-            for l in missing {
-                let _ = writeln!(body, "{l}");
-                changes += 1;
-            }
-        }
-        let jump = jump_line();
-        let mut kept = false;
-        for j in &observed.jumps {
-            if *j == jump && !kept {
-                kept = true;
-            } else {
-                delete(&mut body, j);
-                changes += 1;
-            }
-        }
-        if !kept {
-            let rest = jump.strip_prefix("-A POSTROUTING").unwrap_or_default();
-            let _ = writeln!(body, "-I POSTROUTING 1{rest}");
-            changes += 1;
-        }
+    }
+    if !kept && !want.is_empty() {
+        let rest = jump.strip_prefix("-A POSTROUTING").unwrap_or_default();
+        let _ = writeln!(body, "-I POSTROUTING 1{rest}");
+        changes += 1;
     }
     (changes > 0).then(|| Restore {
-        script: format!("*nat\n{declare}{body}COMMIT\n"),
+        script: format!("*nat\n{declare}{body}{tail}COMMIT\n"),
         changes,
     })
 }
@@ -503,16 +650,31 @@ async fn restore(family: Family, script: &str) -> Result<(), SkipNatError> {
 
 impl Observed {
     /// What a family's `nat` table holds of raven's once `rules` were
-    /// applied without an error: the jump and both chains exactly as
+    /// applied without an error: the jump and the chains exactly as
     /// [`diff`] writes them (nothing at all for empty rules).
     pub fn after(rules: &Rules) -> Self {
-        if rules.is_empty() {
-            return Self::default();
-        }
+        Self::holding(rules.layout())
+    }
+
+    /// A part of a table that holds raven's jump: `chains` as a change
+    /// touches them (see [`plan`]).
+    pub fn part(chains: Chains) -> Self {
         Self {
             jumps: vec![jump_line()],
-            sources: Some(rules.source_lines()),
-            destinations: Some(rules.destination_lines()),
+            chains,
+        }
+    }
+
+    /// A table holding exactly `chains` and, unless they are none, the
+    /// jump.
+    pub fn holding(chains: Chains) -> Self {
+        Self {
+            jumps: if chains.is_empty() {
+                Vec::new()
+            } else {
+                vec![jump_line()]
+            },
+            chains,
         }
     }
 }
@@ -576,31 +738,6 @@ async fn restore_counted(
     Ok(())
 }
 
-/// Turns `before` — what the last pass applied without an error — into
-/// `rules` for one family without listing the table: the difference as one
-/// restore, nothing at all when they agree. A refused transaction (the
-/// table changed behind raven's back) falls back to observe → plan.
-async fn change_family(
-    family: Family,
-    before: &Rules,
-    rules: &Rules,
-    work: &mut Work,
-) -> Result<(), SkipNatError> {
-    if before == rules {
-        return Ok(());
-    }
-    let Some(change) = diff(rules, &Observed::after(before)) else {
-        return Ok(());
-    };
-    match restore_counted(family, &change, work).await {
-        Err(SkipNatError::Failed { stderr, .. }) => {
-            tracing::warn!(family = ?family, error = %stderr, "skip-NAT change refused; reading the table and planning again");
-            sync_family(family, rules, None, work).await
-        }
-        done => done,
-    }
-}
-
 /// The outcome of [`apply`]: one family failing does not stop the other.
 #[derive(Debug, Default)]
 pub struct SkipNatApplied {
@@ -649,15 +786,32 @@ pub async fn apply_read(
     out
 }
 
-/// Turns `before` (what the last pass applied without an error) into
-/// `spec`, writing only the rules that differ and reading nothing: a
-/// family whose rules did not change costs nothing, one remote prefix
-/// that moved costs one `iptables-restore` of two rules.
-pub async fn apply_change(before: &SkipNat, spec: &SkipNat) -> SkipNatApplied {
+/// Writes `changes` (per family, planned from what the last pass applied
+/// without an error, not from a listing: a family without one costs
+/// nothing, a moved remote prefix one `iptables-restore` of its two rules).
+/// A refused transaction (the table changed behind raven's back) falls back
+/// to listing the table and planning `spec` against it.
+pub async fn apply_planned(
+    changes: [Option<Restore>; 2],
+    spec: impl FnOnce() -> SkipNat,
+) -> SkipNatApplied {
     let mut out = SkipNatApplied::default();
-    for f in Family::ALL {
+    let mut spec = Some(spec);
+    let mut whole: Option<SkipNat> = None;
+    for (f, change) in Family::ALL.into_iter().zip(changes) {
         let mut work = Work::default();
-        let result = change_family(f, before.family(f), spec.family(f), &mut work).await;
+        let result = match change {
+            None => Ok(()),
+            Some(change) => match restore_counted(f, &change, &mut work).await {
+                Err(SkipNatError::Failed { stderr, .. }) => {
+                    tracing::warn!(family = ?f, error = %stderr, "skip-NAT change refused; reading the table and planning again");
+                    let rules =
+                        whole.get_or_insert_with(|| spec.take().map(|s| s()).unwrap_or_default());
+                    sync_family(f, rules.family(f), None, &mut work).await
+                }
+                done => done,
+            },
+        };
         out.record(work, result);
     }
     out
@@ -842,7 +996,10 @@ mod tests {
         );
         assert_eq!(
             r.destination_lines(),
-            vec!["-A RAVEN-SKIP-NAT-DST -d 10.3.0.0/16 -j ACCEPT"]
+            vec![format!(
+                "-A {} -d 10.3.0.0/16 -j ACCEPT",
+                bucket_chain(bucket(&net("10.3.0.0/16")))
+            )]
         );
         let v6 = Rules {
             sources: nets(&["fd10:0:0:1::5/128"]),
@@ -854,7 +1011,10 @@ mod tests {
         );
         assert_eq!(
             v6.destination_lines(),
-            vec!["-A RAVEN-SKIP-NAT-DST -d fd10:2::/64 -j ACCEPT"]
+            vec![format!(
+                "-A {} -d fd10:2::/64 -j ACCEPT",
+                bucket_chain(bucket(&net("fd10:2::/64")))
+            )]
         );
         assert_eq!(
             jump_line(),
@@ -893,28 +1053,66 @@ mod tests {
     }
 
     fn in_place(r: &Rules) -> Observed {
-        Observed {
-            jumps: vec![jump_line()],
-            sources: Some(r.source_lines()),
-            destinations: Some(r.destination_lines()),
-        }
+        Observed::after(r)
+    }
+
+    /// The bucket chain of the one destination of [`rules`].
+    fn the_bucket() -> String {
+        bucket_chain(bucket(&net("10.244.3.0/24")))
     }
 
     #[test]
-    fn fresh_table_gets_both_chains_and_the_jump_in_one_transaction() {
+    fn fresh_table_gets_the_chains_and_the_jump_in_one_transaction() {
         let p = diff(&rules(), &Observed::default()).expect("changes");
-        assert_eq!(p.changes, 6, "two chains, three rules, the jump");
+        assert_eq!(p.changes, 8, "three chains, four rules, the jump");
+        let b = the_bucket();
         assert_eq!(
             p.script,
             format!(
-                "*nat\n:RAVEN-SKIP-NAT-DST - [0:0]\n:RAVEN-SKIP-NAT - [0:0]\n\
-                 -A RAVEN-SKIP-NAT-DST -d 10.244.3.0/24 -j ACCEPT\n\
+                "*nat\n:{b} - [0:0]\n:RAVEN-SKIP-NAT-DST - [0:0]\n:RAVEN-SKIP-NAT - [0:0]\n\
+                 -A {b} -d 10.244.3.0/24 -j ACCEPT\n\
+                 -A RAVEN-SKIP-NAT-DST -j {b}\n\
                  -A RAVEN-SKIP-NAT -s 10.244.1.0/24 -j RAVEN-SKIP-NAT-DST\n\
                  -A RAVEN-SKIP-NAT -s 10.244.2.0/24 -j RAVEN-SKIP-NAT-DST\n\
                  -I POSTROUTING 1 -m comment --comment \"{COMMENT}\" -j RAVEN-SKIP-NAT\n\
                  COMMIT\n"
             )
         );
+    }
+
+    #[test]
+    fn destinations_spread_over_buckets_each_jumped_to_once() {
+        let r = Rules {
+            sources: nets(&["10.244.1.0/24"]),
+            destinations: (0..1000u32)
+                .map(|k| {
+                    IpNet::new(IpAddr::from([10, 100 + (k >> 8) as u8, k as u8, 0]), 24)
+                        .expect("net")
+                })
+                .collect(),
+        };
+        let layout = r.layout();
+        let buckets: Vec<&String> = layout
+            .keys()
+            .filter(|c| c.starts_with(BUCKET_PREFIX))
+            .collect();
+        assert_eq!(
+            buckets.len(),
+            usize::from(BUCKETS),
+            "1,000 destinations fill every bucket"
+        );
+        let largest = buckets
+            .iter()
+            .map(|b| layout[*b].len())
+            .max()
+            .unwrap_or_default();
+        assert!(
+            largest < 40,
+            "no bucket holds much more than its share (~16): {largest}"
+        );
+        assert_eq!(layout[DST_CHAIN].len(), usize::from(BUCKETS));
+        assert!(buckets.iter().all(|b| is_ravens_chain(b)));
+        assert!(!is_ravens_chain("RAVEN-SKIP-NAT-B1") && !is_ravens_chain("KUBE-POSTROUTING"));
     }
 
     #[test]
@@ -940,35 +1138,43 @@ mod tests {
         let after = many(Some("10.250.0.0/24"));
         let p = diff(&after, &in_place(&before)).expect("changes");
         assert_eq!(p.changes, 2);
-        assert_eq!(
-            p.script,
-            "*nat\n-D RAVEN-SKIP-NAT-DST -d 10.105.220.0/24 -j ACCEPT\n\
-             -A RAVEN-SKIP-NAT-DST -d 10.250.0.0/24 -j ACCEPT\nCOMMIT\n"
-        );
-        // The rebuild fallback redeclares the one chain that differs.
+        let (gone, new) = (net("10.105.220.0/24"), net("10.250.0.0/24"));
+        let mut lines = [
+            destination_line(&gone).replacen("-A", "-D", 1),
+            destination_line(&new),
+        ];
+        if bucket(&new) < bucket(&gone) {
+            lines.reverse();
+        }
+        assert_eq!(p.script, format!("*nat\n{}\nCOMMIT\n", lines.join("\n")));
+        // The rebuild fallback redeclares the buckets that differ.
         let r = plan_rebuild(&after, &in_place(&before)).expect("changes");
-        assert_eq!(r.changes, 1);
+        assert_eq!(r.changes, if bucket(&new) == bucket(&gone) { 1 } else { 2 });
         assert!(
-            r.script.starts_with("*nat\n:RAVEN-SKIP-NAT-DST - [0:0]\n"),
+            r.script.starts_with(&format!(
+                "*nat\n:{} - [0:0]\n",
+                bucket_chain(bucket(&gone).min(bucket(&new)))
+            )),
             "{}",
             r.script
         );
         assert!(!r.script.contains(":RAVEN-SKIP-NAT -"), "{}", r.script);
+        assert!(!r.script.contains(":RAVEN-SKIP-NAT-DST -"), "{}", r.script);
     }
 
     #[test]
     fn rule_order_is_ignored_and_duplicates_and_foreign_rules_are_deleted_one_by_one() {
         let mut have = in_place(&rules());
-        if let Some(s) = &mut have.sources {
+        if let Some(s) = have.chains.get_mut(CHAIN) {
             s.reverse();
         }
         assert_eq!(diff(&rules(), &have), None, "order carries no meaning");
         let dup = "-A RAVEN-SKIP-NAT -s 10.244.1.0/24 -j RAVEN-SKIP-NAT-DST".to_owned();
         let foreign = "-A RAVEN-SKIP-NAT-DST -d 192.0.2.0/24 -j DROP".to_owned();
-        if let Some(s) = &mut have.sources {
+        if let Some(s) = have.chains.get_mut(CHAIN) {
             s.push(dup);
         }
-        if let Some(d) = &mut have.destinations {
+        if let Some(d) = have.chains.get_mut(DST_CHAIN) {
             d.insert(0, foreign);
         }
         let p = diff(&rules(), &have).expect("changes");
@@ -993,12 +1199,13 @@ mod tests {
         let o = parse_table(&listing);
         assert_eq!(o.jumps, vec![jump_line()]);
         assert_eq!(
-            o.sources,
-            Some(vec![
+            o.chains.get(CHAIN),
+            Some(&vec![
                 "-A RAVEN-SKIP-NAT -s 10.244.1.0/24 -j RAVEN-SKIP-NAT-DST".to_owned()
             ])
         );
-        assert_eq!(o.destinations, Some(vec![]), "declared, empty");
+        assert_eq!(o.chains.get(DST_CHAIN), Some(&vec![]), "declared, empty");
+        assert_eq!(o.chains.len(), 2, "no chain of another's");
         assert_eq!(parse_table("-P POSTROUTING ACCEPT\n"), Observed::default());
     }
 
@@ -1030,21 +1237,22 @@ mod tests {
     }
 
     #[test]
-    fn empty_rules_remove_the_jumps_then_both_chains() {
+    fn empty_rules_remove_the_jumps_then_the_chains() {
         let p = diff(&Rules::default(), &in_place(&rules())).expect("changes");
-        assert_eq!(p.changes, 3);
+        assert_eq!(p.changes, 8, "the jump, three chains and their four rules");
+        let b = the_bucket();
         assert_eq!(
             p.script,
             format!(
                 "*nat\n-D POSTROUTING -m comment --comment \"{COMMENT}\" -j RAVEN-SKIP-NAT\n\
-                 -F RAVEN-SKIP-NAT\n-F RAVEN-SKIP-NAT-DST\n\
-                 -X RAVEN-SKIP-NAT\n-X RAVEN-SKIP-NAT-DST\nCOMMIT\n"
+                 -F RAVEN-SKIP-NAT\n-F RAVEN-SKIP-NAT-DST\n-F {b}\n\
+                 -X RAVEN-SKIP-NAT\n-X RAVEN-SKIP-NAT-DST\n-X {b}\nCOMMIT\n"
             )
         );
         // Only what exists is removed (-X of a missing chain fails the
         // whole transaction).
         let leftover = Observed {
-            destinations: Some(vec![]),
+            chains: [(DST_CHAIN.to_owned(), vec![])].into(),
             ..Observed::default()
         };
         let p = diff(&Rules::default(), &leftover).expect("changes");

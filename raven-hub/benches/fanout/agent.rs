@@ -2,7 +2,10 @@
 //! speaking Sync as `raven-edge` does — Hello with its inventory (delta,
 //! cache complete once it holds a state), Ack of every Update, Applied,
 //! a Report (tunnel candidates: a WireGuard key and endpoint), heartbeats —
-//! and redialling (with the hub's retry hint) when the stream ends.
+//! and redialling (with the hub's retry hint) when the stream ends. Each
+//! agent dials from its own loopback address (127.1.0.0/16), as each node of
+//! a fleet has its own: the hub's per-source bounds see one node per source,
+//! and 10,000 dials do not share one address's ephemeral ports.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -24,6 +27,8 @@ pub struct Spec {
     /// A tunnel candidate: sends a Report with its key.
     pub candidate: bool,
     pub internal_ip: String,
+    /// The local address this agent dials from.
+    pub source: std::net::IpAddr,
     pub tls: ClientTlsConfig,
     pub hub: Arc<std::sync::Mutex<String>>,
     /// Send every resource version in Applied (what raven-edge did before
@@ -45,12 +50,31 @@ pub enum Event {
         first: bool,
         complete: bool,
     },
-    /// The dial or the TLS handshake failed.
-    DialFailed,
+    /// The dial or the TLS handshake failed (why).
+    DialFailed(String),
     /// The hub refused the stream with a retry hint (admission).
     Refused,
-    /// A stream ended after it had been open.
-    StreamEnded,
+    /// A stream ended after it had been open (why).
+    StreamEnded(String),
+}
+
+/// `error: cause: cause`.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+/// The loopback address agent `idx` dials from: 127.1.0.1, 127.1.0.2, …
+/// (250 per third octet; 64,000 in all).
+pub fn source(idx: usize) -> std::net::IpAddr {
+    let (hi, lo) = (idx / 250, idx % 250);
+    std::net::IpAddr::from([127, 1, (hi % 256) as u8, (lo + 1) as u8])
 }
 
 fn b64(bytes: &[u8]) -> String {
@@ -124,12 +148,14 @@ async fn session(
     let url = spec.hub.lock().map(|h| h.clone()).unwrap_or_default();
     let channel = match Endpoint::from_shared(url)
         .and_then(|e| e.tls_config(spec.tls.clone()))
-        .map(|e| e.connect_timeout(Duration::from_secs(20)))
-    {
+        .map(|e| {
+            e.connect_timeout(Duration::from_secs(20))
+                .local_address(Some(spec.source))
+        }) {
         Ok(e) => match e.connect().await {
             Ok(c) => c,
-            Err(_) => {
-                let _ = events.send(Event::DialFailed);
+            Err(e) => {
+                let _ = events.send(Event::DialFailed(error_chain(&e)));
                 return Ok(());
             }
         },
@@ -186,12 +212,16 @@ async fn session(
         let msg = match msg {
             Ok(Some(m)) => m,
             Ok(None) => {
-                let _ = events.send(Event::StreamEnded);
+                let _ = events.send(Event::StreamEnded("closed by the hub".into()));
                 return Ok(());
             }
             Err(s) => {
                 if raven_proto::retry_after(&s).is_none() {
-                    let _ = events.send(Event::StreamEnded);
+                    let _ = events.send(Event::StreamEnded(format!(
+                        "{:?}: {}",
+                        s.code(),
+                        s.message()
+                    )));
                 }
                 return Err(s);
             }

@@ -119,3 +119,10 @@ pub fn pick_agents(shape: Shape, count: usize) -> Vec<(usize, usize)> {
     order.truncate(count);
     order
 }
+
+/// The number that follows flag `what` among the benchmark's arguments.
+pub fn number(args: &mut impl Iterator<Item = String>, what: &str) -> usize {
+    args.next()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{what} needs a number"))
+}

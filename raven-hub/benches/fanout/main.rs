@@ -51,11 +51,7 @@ fn opts() -> Opts {
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
-        let mut num = |what: &str| -> usize {
-            args.next()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or_else(|| panic!("{what} needs a number"))
-        };
+        let mut num = |what: &str| cluster::number(&mut args, what);
         match a.as_str() {
             "--gateways" => o.shape.gateways = num("--gateways"),
             "--nodes" => o.shape.nodes = num("--nodes"),
@@ -153,7 +149,11 @@ impl Hub {
             .arg(plain.to_string())
             .arg("--http-addr")
             .arg(http.to_string())
-            .env("RUST_LOG", "warn")
+            // RAVEN_HUB_LOG: the hub's log filter (hub.log), `warn` unless set.
+            .env(
+                "RUST_LOG",
+                std::env::var("RAVEN_HUB_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -226,8 +226,12 @@ struct Collector {
     rx: mpsc::UnboundedReceiver<agent::Event>,
     seen: Vec<Seen>,
     dial_failed: usize,
+    /// Why dials failed, with how often.
+    dial_errors: std::collections::BTreeMap<String, usize>,
     refused: usize,
     ended: usize,
+    /// Why streams ended, with how often.
+    ended_why: std::collections::BTreeMap<String, usize>,
 }
 
 impl Collector {
@@ -248,9 +252,15 @@ impl Collector {
                 }
                 s.last = Some((at, revision, bytes, first));
             }
-            agent::Event::DialFailed => self.dial_failed += 1,
+            agent::Event::DialFailed(why) => {
+                self.dial_failed += 1;
+                *self.dial_errors.entry(why).or_default() += 1;
+            }
             agent::Event::Refused => self.refused += 1,
-            agent::Event::StreamEnded => self.ended += 1,
+            agent::Event::StreamEnded(why) => {
+                self.ended += 1;
+                *self.ended_why.entry(why).or_default() += 1;
+            }
         }
     }
 
@@ -296,6 +306,7 @@ async fn main() {
         o.changes,
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
+    println!("load average at the start: {}", loadavg());
 
     // Cluster and certificates.
     let t = Instant::now();
@@ -358,6 +369,7 @@ async fn main() {
             node: node.to_string(),
             candidate: i < 2,
             internal_ip: cluster::internal_ip(o.shape, g, i),
+            source: agent::source(idx),
             tls: ClientTlsConfig::new()
                 .ca_certificate(ca.clone())
                 .identity(identity)
@@ -371,8 +383,10 @@ async fn main() {
         rx,
         seen: vec![Seen::default(); o.agents],
         dial_failed: 0,
+        dial_errors: std::collections::BTreeMap::new(),
         refused: 0,
         ended: 0,
+        ended_why: std::collections::BTreeMap::new(),
     };
 
     // 1. Everyone at once.
@@ -392,7 +406,8 @@ async fn main() {
         .filter_map(|s| s.synced_at)
         .max()
         .map_or(Duration::ZERO, |t| t.saturating_duration_since(t0));
-    let (dials, refusals) = (c.dial_failed, c.refused);
+    let (dials, refusals, ended_connecting) = (c.dial_failed, c.refused, c.ended);
+    let dial_errors = std::mem::take(&mut c.dial_errors);
     // Let Reports and the peers they create settle.
     settle(&mut c, Duration::from_secs(2)).await;
     let rss1 = proc_rss(hub.pid());
@@ -508,18 +523,20 @@ async fn main() {
     stop.cancel();
     hub.stop();
 
+    let dials_after = c.dial_failed - dials;
     let rss_per_agent = rss1.saturating_sub(rss0) / o.agents.max(1) as u64;
     println!();
     println!("| figure | raven hub |");
     println!("|---|---|");
     println!(
-        "| all {} connect at once → all synced | {} ({} synced{}; {} dials failed, {} admission refusals) |",
+        "| all {} connect at once → all synced | {} ({} synced{}; {} dials failed, {} admission refusals, {} streams ended) |",
         o.agents,
         ms(connect_all),
         synced,
         if all { "" } else { ", TIMED OUT" },
         dials,
-        refusals
+        refusals,
+        ended_connecting
     );
     println!(
         "| first-sync bytes per agent | tunnel candidates {:.1} KB avg ({:.1} KB max); members {:.1} KB avg ({:.1} KB max) |",
@@ -546,15 +563,25 @@ async fn main() {
         rss_connected as f64 / 1e6
     );
     println!(
-        "| hub restart, nothing changed → all in sync | {} ({} of {} back; hub ready after {}) |",
+        "| hub restart, nothing changed → all in sync | {} ({} of {} back; hub ready after {}; {} dials failed after the connect phase, {} admission refusals in all) |",
         ms(restart),
         restart_back,
         o.agents,
-        ms(hub_ready)
+        ms(hub_ready),
+        dials_after,
+        c.refused
     );
     println!(
         "| bytes per agent per change / after restart | {per_change_bytes} B / {restart_avg} B |"
     );
+
+    for (why, n) in dial_errors.iter().chain(c.dial_errors.iter()).take(8) {
+        println!("dial failure ×{n}: {why}");
+    }
+    for (why, n) in c.ended_why.iter().take(8) {
+        println!("stream ended ×{n}: {why}");
+    }
+    println!("load average at the end: {}", loadavg());
 
     if o.etcd {
         match etcd::start(w).await {
@@ -606,6 +633,13 @@ async fn main() {
         );
         std::process::exit(1);
     }
+}
+
+/// The 1, 5 and 15 minute load averages.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
 }
 
 fn ratio(a: Duration, b: Duration) -> f64 {

@@ -6,18 +6,30 @@
 //! endpoint (`/readyz`, `/metrics`) and the loopback inspection listener
 //! have their own sockets and keep answering.
 //!
-//! Admission before the handshake ([`tls_incoming`]): at most
-//! `max_handshakes` TLS handshakes run at once, and the listener accepts
-//! the next connection only when one of them ends. Ten thousand agents
-//! dialling at once therefore wait in the kernel's listen backlog (sized for
-//! thousands, and free for the hub), not as ten thousand concurrent
-//! handshakes that starve the runtime's established streams and each other
-//! past their timeouts. Once through TLS, a stream still meets the
+//! Admission before the handshake ([`tls_incoming`]): the listener takes
+//! every connection off the kernel's backlog at once (so a dial storm never
+//! overflows it: `net.core.somaxconn` caps it at 4,096 on many systems, and
+//! a full backlog drops SYNs, which the dialler retries only after 1, 3, 7 s
+//! — the "lost dials" of a 10,000-agent storm), and queues it in the hub,
+//! one queue per source address. At most `max_handshakes` TLS handshakes run
+//! at once, at most `max_handshakes_per_source` of them from one source, and
+//! the sources take turns (round robin): one address holding silent
+//! connections delays only its own queue, never another address's
+//! handshake. At most `max_connections_per_source` connections (queued,
+//! handshaking or established) are open from one source; one over is closed
+//! at once, like one over `max_connections`.
+//!
+//! The hint before TLS is the wait itself: a queued dial is an accepted TCP
+//! connection whose TLS handshake completes when its turn comes (neither
+//! tonic's nor the agent's connect timeout covers the handshake), so a storm
+//! is spread by the queue, never reset. Once through TLS, a stream meets the
 //! initial-sync admission, which answers RESOURCE_EXHAUSTED with a retry
-//! hint.
+//! hint before the expensive part (the snapshot).
 
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 
 use futures::Stream;
@@ -32,6 +44,7 @@ use tonic::transport::server::{Connected, TcpConnectInfo};
 pub struct Bounded {
     stream: TcpStream,
     _slot: OwnedSemaphorePermit,
+    _source: Counted,
 }
 
 impl Connected for Bounded {
@@ -99,81 +112,413 @@ pub fn effective_max(wanted: usize) -> usize {
     }
 }
 
+/// Where a connection comes from, for the per-source bounds: its IPv4
+/// address, or the /64 of an IPv6 one (one host commonly holds a whole /64).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Source(IpAddr);
+
+impl Source {
+    pub fn of(ip: IpAddr) -> Self {
+        match ip.to_canonical() {
+            IpAddr::V4(v4) => Self(IpAddr::V4(v4)),
+            IpAddr::V6(v6) => Self(IpAddr::V6(Ipv6Addr::from(
+                u128::from(v6) & !((1u128 << 64) - 1),
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            IpAddr::V4(a) => write!(f, "{a}"),
+            IpAddr::V6(a) => write!(f, "{a}/64"),
+        }
+    }
+}
+
+/// Open connections per source.
+type OpenCounts = Arc<Mutex<HashMap<Source, usize>>>;
+
+/// One open connection of a source, counted until it closes.
+#[derive(Debug)]
+struct Counted {
+    source: Source,
+    open: OpenCounts,
+}
+
+impl Counted {
+    /// Counts one more connection of `source`, unless it has `max` open.
+    fn take(open: &OpenCounts, source: Source, max: usize) -> Option<Self> {
+        let mut counts = open.lock().unwrap_or_else(PoisonError::into_inner);
+        let n = counts.entry(source).or_default();
+        if *n >= max.max(1) {
+            return None;
+        }
+        *n += 1;
+        Some(Self {
+            source,
+            open: open.clone(),
+        })
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        let mut counts = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(n) = counts.get_mut(&self.source) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                counts.remove(&self.source);
+            }
+        }
+    }
+}
+
 /// Bounds of the mTLS listener's accept path.
 #[derive(Debug, Clone, Copy)]
 pub struct AcceptLimits {
     /// Connections open at once (see [`effective_max`]).
     pub max_connections: usize,
+    /// Connections open at once from one [`Source`].
+    pub max_connections_per_source: usize,
     /// TLS handshakes in progress at once.
     pub max_handshakes: usize,
+    /// TLS handshakes in progress at once from one [`Source`].
+    pub max_handshakes_per_source: usize,
     /// A handshake not finished within this is dropped.
     pub handshake_timeout: std::time::Duration,
+    /// A connection beyond the first `max_handshakes_per_source` queued
+    /// from its source that still waits for its handshake turn after this
+    /// is closed: one address cannot park thousands of connections, while a
+    /// node's own dial (one per address, or a few behind a NAT) is never
+    /// dropped however long a storm takes to drain.
+    pub queue_timeout: std::time::Duration,
 }
 
-/// The TLS connections of `listener`: accepts only while fewer than
-/// `max_handshakes` handshakes run (the rest wait in the listen backlog),
-/// closes a connection over `max_connections` at once (counted by
-/// `refused`), and yields each connection whose handshake finished in time.
+/// Why a connection was closed at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// `max_connections` are open.
+    Connections,
+    /// `max_connections_per_source` are open from its source.
+    SourceConnections,
+}
+
+/// An accepted connection waiting for its handshake turn.
+#[derive(Debug)]
+struct Waiting {
+    stream: TcpStream,
+    peer: SocketAddr,
+    since: tokio::time::Instant,
+    slot: OwnedSemaphorePermit,
+    counted: Counted,
+}
+
+/// Whose handshake runs next: one FIFO queue per source, the sources in
+/// turn (round robin), at most `max` handshakes at once and `per_source`
+/// of one source. Invariant: a source is in `ready` exactly when it has a
+/// queued connection and fewer than `per_source` handshakes running.
+#[derive(Debug)]
+struct Turns<T> {
+    max: usize,
+    per_source: usize,
+    queues: HashMap<Source, VecDeque<T>>,
+    running: HashMap<Source, usize>,
+    ready: VecDeque<Source>,
+    running_total: usize,
+    queued: usize,
+}
+
+impl<T> Turns<T> {
+    fn new(max: usize, per_source: usize) -> Self {
+        Self {
+            max: max.max(1),
+            per_source: per_source.max(1),
+            queues: HashMap::new(),
+            running: HashMap::new(),
+            ready: VecDeque::new(),
+            running_total: 0,
+            queued: 0,
+        }
+    }
+
+    fn running(&self, source: Source) -> usize {
+        self.running.get(&source).copied().unwrap_or(0)
+    }
+
+    /// Queues `item` of `source` behind that source's others.
+    fn push(&mut self, source: Source, item: T) {
+        let running = self.running(source);
+        let queue = self.queues.entry(source).or_default();
+        if queue.is_empty() && running < self.per_source {
+            self.ready.push_back(source);
+        }
+        queue.push_back(item);
+        self.queued += 1;
+    }
+
+    /// The next connection whose handshake may start, counted as running.
+    fn next(&mut self) -> Option<(Source, T)> {
+        if self.running_total >= self.max {
+            return None;
+        }
+        let source = self.ready.pop_front()?;
+        let queue = self.queues.get_mut(&source)?;
+        let item = queue.pop_front()?;
+        let left = !queue.is_empty();
+        if !left {
+            self.queues.remove(&source);
+        }
+        self.queued -= 1;
+        self.running_total += 1;
+        let running = self.running.entry(source).or_default();
+        *running += 1;
+        if left && *running < self.per_source {
+            self.ready.push_back(source);
+        }
+        Some((source, item))
+    }
+
+    /// Drops the queued items `stale` says so of, but never the first
+    /// `per_source` of a source (a node dials once; its dial waits its
+    /// turn however long a storm takes): how many were dropped.
+    fn expire(&mut self, stale: impl Fn(&T) -> bool) -> usize {
+        let before = self.queued;
+        let keep = self.per_source;
+        self.queues.retain(|_, q| {
+            let mut position = 0;
+            q.retain(|item| {
+                let kept = position < keep || !stale(item);
+                position += 1;
+                kept
+            });
+            !q.is_empty()
+        });
+        self.queued = self.queues.values().map(VecDeque::len).sum();
+        let queues = &self.queues;
+        self.ready.retain(|s| queues.contains_key(s));
+        before - self.queued
+    }
+
+    /// A handshake of `source` ended.
+    fn done(&mut self, source: Source) {
+        let Some(running) = self.running.get_mut(&source) else {
+            return;
+        };
+        let was_full = *running >= self.per_source;
+        *running -= 1;
+        if *running == 0 {
+            self.running.remove(&source);
+        }
+        self.running_total = self.running_total.saturating_sub(1);
+        if was_full && self.queues.contains_key(&source) {
+            self.ready.push_back(source);
+        }
+    }
+}
+
+/// The TLS connections of `listener`: takes every connection off the
+/// backlog at once, closes one over `max_connections` or over its source's
+/// `max_connections_per_source` at once (`refused` says which), queues the
+/// rest per source and runs their handshakes in turn within the handshake
+/// bounds, and yields each connection whose handshake finished in time.
 /// Ends when the returned stream is dropped.
 pub fn tls_incoming(
     listener: TcpListener,
     config: super::ServerTls,
     limits: AcceptLimits,
-    refused: impl Fn() + Send + 'static,
+    refused: impl Fn(Refusal) + Send + 'static,
 ) -> impl Stream<Item = std::io::Result<tokio_rustls::server::TlsStream<Bounded>>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
-    let handshakes = Arc::new(Semaphore::new(limits.max_handshakes.max(1)));
+    let open = OpenCounts::default();
     tokio::spawn(async move {
+        let mut turns =
+            Turns::<Waiting>::new(limits.max_handshakes, limits.max_handshakes_per_source);
+        let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<Source>();
+        let mut sweep = tokio::time::interval(std::time::Duration::from_secs(1));
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let accepted = tokio::select! {
+            while let Some((source, waiting)) = turns.next() {
+                // The configuration current now: a reloaded certificate
+                // serves every handshake from here on; an open connection
+                // keeps its own.
+                let acceptor = tokio_rustls::TlsAcceptor::from(config.current());
+                let (tx, done) = (tx.clone(), done_tx.clone());
+                tokio::spawn(async move {
+                    let Waiting {
+                        stream,
+                        peer,
+                        slot,
+                        counted,
+                        ..
+                    } = waiting;
+                    let bounded = Bounded {
+                        stream,
+                        _slot: slot,
+                        _source: counted,
+                    };
+                    let shake =
+                        tokio::time::timeout(limits.handshake_timeout, acceptor.accept(bounded))
+                            .await;
+                    let _ = done.send(source);
+                    match shake {
+                        Ok(Ok(tls)) => {
+                            let _ = tx.send(Ok(tls)).await;
+                        }
+                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
+                });
+            }
+            tokio::select! {
+                biased;
                 () = tx.closed() => return,
-                accepted = async {
-                    // A handshake slot first: only then is a connection
-                    // taken off the backlog.
-                    let turn = handshakes.clone().acquire_owned().await;
-                    (turn, listener.accept().await)
-                } => accepted,
-            };
-            let (turn, (stream, peer)) = match accepted {
-                (Ok(turn), Ok(s)) => (turn, s),
-                (Err(_), _) => return,
-                // A transient accept error (EMFILE, ECONNABORTED): pass it
-                // on (tonic logs it) and keep accepting.
-                (_, Err(e)) => {
-                    if tx.send(Err(e)).await.is_err() {
-                        return;
+                Some(source) = done_rx.recv() => turns.done(source),
+                _ = sweep.tick(), if turns.queued > 0 => {
+                    let limit = limits.queue_timeout;
+                    let expired = turns.expire(|w| w.since.elapsed() > limit);
+                    if expired > 0 {
+                        tracing::debug!(expired, "closed connections that waited longer than the queue timeout for a TLS handshake");
                     }
-                    continue;
                 }
-            };
-            let Ok(slot) = slots.clone().try_acquire_owned() else {
-                refused();
-                tracing::debug!(%peer, "connection refused: at the connection limit");
-                continue;
-            };
-            let _ = stream.set_nodelay(true);
-            // The configuration current now: a reloaded certificate serves
-            // every connection from here on; an open one keeps its own.
-            let acceptor = tokio_rustls::TlsAcceptor::from(config.current());
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let bounded = Bounded {
-                    stream,
-                    _slot: slot,
-                };
-                let shake =
-                    tokio::time::timeout(limits.handshake_timeout, acceptor.accept(bounded)).await;
-                drop(turn);
-                match shake {
-                    Ok(Ok(tls)) => {
-                        let _ = tx.send(Ok(tls)).await;
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        let source = Source::of(peer.ip());
+                        let Ok(slot) = slots.clone().try_acquire_owned() else {
+                            refused(Refusal::Connections);
+                            tracing::debug!(%peer, "connection refused: at the connection limit");
+                            continue;
+                        };
+                        let Some(counted) =
+                            Counted::take(&open, source, limits.max_connections_per_source)
+                        else {
+                            refused(Refusal::SourceConnections);
+                            tracing::debug!(%peer, %source, "connection refused: its source is at the per-source connection limit");
+                            continue;
+                        };
+                        let _ = stream.set_nodelay(true);
+                        turns.push(source, Waiting { stream, peer, since: tokio::time::Instant::now(), slot, counted });
                     }
-                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                }
-            });
+                    // A transient accept error (EMFILE, ECONNABORTED): pass
+                    // it on (tonic logs it) and keep accepting, after a
+                    // breath so a descriptor shortage does not spin.
+                    Err(e) => {
+                        if tx.send(Err(e)).await.is_err() {
+                            return;
+                        }
+                        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    }
+                },
+            }
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn src(last: u8) -> Source {
+        Source::of(IpAddr::from([10, 0, 0, last]))
+    }
+
+    fn drain<T>(turns: &mut Turns<T>) -> Vec<(Source, T)> {
+        std::iter::from_fn(|| turns.next()).collect()
+    }
+
+    #[test]
+    fn a_source_at_its_handshake_cap_leaves_the_other_slots_to_other_sources() {
+        let mut turns = Turns::new(4, 2);
+        for i in 0..10 {
+            turns.push(src(1), i);
+        }
+        turns.push(src(2), 100);
+        turns.push(src(3), 200);
+        let started: Vec<Source> = drain(&mut turns).into_iter().map(|(s, _)| s).collect();
+        // The flooding source gets its two; the others theirs, in turn.
+        assert_eq!(started, vec![src(1), src(2), src(3), src(1)]);
+        assert_eq!(turns.queued, 8);
+        assert!(turns.next().is_none(), "all four slots are taken");
+        // A slot of another source frees: the flooder is at its cap, so it
+        // stays unused until a newcomer (or the flooder's own) can take it.
+        turns.done(src(2));
+        assert!(turns.next().is_none());
+        turns.push(src(4), 300);
+        assert_eq!(turns.next(), Some((src(4), 300)));
+        // The flooder's own handshake ends: its next connection runs.
+        turns.done(src(1));
+        assert_eq!(turns.next(), Some((src(1), 2)));
+    }
+
+    #[test]
+    fn sources_take_turns_and_each_source_keeps_its_order() {
+        let mut turns = Turns::new(1, 1);
+        for i in 0..3 {
+            turns.push(src(1), i);
+            turns.push(src(2), 10 + i);
+        }
+        let mut order = Vec::new();
+        while let Some((s, i)) = turns.next() {
+            order.push(i);
+            turns.done(s);
+        }
+        assert_eq!(order, vec![0, 10, 1, 11, 2, 12]);
+        assert_eq!((turns.queued, turns.running_total), (0, 0));
+        assert!(turns.queues.is_empty() && turns.running.is_empty());
+    }
+
+    #[test]
+    fn only_connections_beyond_their_sources_first_few_expire_and_the_turns_stay_consistent() {
+        let mut turns = Turns::new(1, 2);
+        turns.push(src(1), 0);
+        for i in 1..=4 {
+            turns.push(src(2), i);
+        }
+        turns.push(src(3), 5);
+        // Everything is stale: each source keeps its first two.
+        assert_eq!(turns.expire(|_| true), 2);
+        assert_eq!(turns.queued, 4);
+        let mut order = Vec::new();
+        while let Some((s, i)) = turns.next() {
+            order.push(i);
+            turns.done(s);
+        }
+        assert_eq!(order, vec![0, 1, 5, 2]);
+        assert!(turns.queues.is_empty() && turns.ready.is_empty());
+    }
+
+    #[test]
+    fn an_ipv6_source_is_its_64_and_a_mapped_ipv4_is_the_ipv4() {
+        let a: IpAddr = "2001:db8:1:2::1".parse().expect("v6");
+        let b: IpAddr = "2001:db8:1:2:ffff::9".parse().expect("v6");
+        let c: IpAddr = "2001:db8:1:3::1".parse().expect("v6");
+        assert_eq!(Source::of(a), Source::of(b));
+        assert_ne!(Source::of(a), Source::of(c));
+        assert_eq!(Source::of(a).to_string(), "2001:db8:1:2::/64");
+        let mapped: IpAddr = "::ffff:192.0.2.7".parse().expect("mapped");
+        assert_eq!(Source::of(mapped), Source::of(IpAddr::from([192, 0, 2, 7])));
+    }
+
+    #[test]
+    fn a_source_holds_at_most_its_cap_of_connections_until_one_closes() {
+        let open = OpenCounts::default();
+        let a: Vec<Counted> = (0..3)
+            .map(|_| Counted::take(&open, src(1), 3).expect("under the cap"))
+            .collect();
+        assert!(Counted::take(&open, src(1), 3).is_none(), "a fourth");
+        let b = Counted::take(&open, src(2), 3).expect("another source is not affected");
+        drop(a.into_iter().next());
+        assert!(
+            Counted::take(&open, src(1), 3).is_some(),
+            "one closed, one more may open"
+        );
+        drop(b);
+        assert!(
+            !open.lock().expect("lock").contains_key(&src(2)),
+            "a source with none open is forgotten"
+        );
+    }
 }

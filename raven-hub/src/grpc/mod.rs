@@ -319,7 +319,7 @@ impl SyncService for Sync {
             tracing::warn!(%node, %remote, expired = %at, "refused a Sync stream: its client certificate expired");
             return Err(SyncError::CertificateExpired { node, at }.into());
         }
-        let permit = self.shared.admit()?;
+        let permit = self.shared.admit_within().await?;
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let session = Session::new(node, self.shared.clone(), tx, permit, presented);
         self.shared
@@ -507,8 +507,11 @@ pub async fn serve(
     let metrics = shared.metrics.clone();
     let limits = conn::AcceptLimits {
         max_connections,
+        max_connections_per_source: shared.config.max_connections_per_source,
         max_handshakes: shared.config.max_tls_handshakes,
+        max_handshakes_per_source: shared.config.max_tls_handshakes_per_source,
         handshake_timeout: shared.config.tls_handshake_timeout,
+        queue_timeout: shared.config.tls_queue_timeout,
     };
     // Sync streams write Updates in bounded pieces (see `wire`).
     let sync = wire::SyncServer(Sync { shared });
@@ -523,7 +526,7 @@ pub async fn serve(
         .add_service(InspectServiceServer::new(inspect.clone()))
         .add_service(sync)
         .serve_with_incoming_shutdown(
-            conn::tls_incoming(listeners.grpc, tls, limits, move || {
+            conn::tls_incoming(listeners.grpc, tls, limits, move |_| {
                 metrics.connection_refused();
             }),
             shutdown.clone().cancelled_owned(),

@@ -40,10 +40,20 @@ pub struct SyncConfig {
     pub max_connections: usize,
     /// A TLS handshake not finished within this is dropped.
     pub tls_handshake_timeout: Duration,
+    /// A connection beyond the first `max_tls_handshakes_per_source` queued
+    /// from its source that still waits for its TLS handshake turn after
+    /// this is closed.
+    pub tls_queue_timeout: Duration,
     /// TLS handshakes in progress at once on the mTLS listener; further
-    /// connections wait in the listen backlog until one ends (admission
-    /// before the handshake, see `grpc::conn`).
+    /// connections are accepted and wait in the hub's per-source queues
+    /// until one ends (admission before the handshake, see `grpc::conn`).
     pub max_tls_handshakes: usize,
+    /// TLS handshakes in progress at once from one source address (an IPv6
+    /// /64): one address cannot take every handshake slot.
+    pub max_tls_handshakes_per_source: usize,
+    /// Connections (queued, handshaking or established) open at once from
+    /// one source address (an IPv6 /64); one over is closed at once.
+    pub max_connections_per_source: usize,
     /// Streams allowed to be in their initial sync at once (admission).
     pub max_initial_syncs: usize,
     /// Reports a node may send per second (a burst of twice as many is
@@ -57,6 +67,11 @@ pub struct SyncConfig {
     pub admission_hold: Duration,
     /// Base of the retry hint for refused streams (jitter is added).
     pub retry_after: Duration,
+    /// How long a new stream waits for an initial-sync permit (in turn,
+    /// first come first served) before it is refused with the retry hint:
+    /// a storm of dials is served back to back on the connections already
+    /// made, instead of every refused agent dialling and handshaking again.
+    pub admission_wait: Duration,
     /// Snapshot parts are cut at about this many bytes.
     pub max_update_bytes: usize,
     /// HTTP/2 keepalive of agent connections: a PING after this long
@@ -93,12 +108,16 @@ impl Default for SyncConfig {
             ready_timeout: Duration::from_secs(30),
             max_connections: 20_000,
             tls_handshake_timeout: Duration::from_secs(5),
+            tls_queue_timeout: Duration::from_secs(30),
             max_tls_handshakes: 64,
+            max_tls_handshakes_per_source: 16,
+            max_connections_per_source: 2048,
             max_initial_syncs: 256,
             admission_hold: Duration::from_secs(20),
             report_rate: 4.0,
             max_report_bytes: 256 * 1024,
             retry_after: Duration::from_secs(2),
+            admission_wait: Duration::from_secs(5),
             max_update_bytes: 1 << 20,
             keepalive: Duration::from_secs(2),
             keepalive_timeout: Duration::from_secs(10),
@@ -194,14 +213,38 @@ impl SyncShared {
     /// Admits a new stream or refuses it with RESOURCE_EXHAUSTED and a
     /// jittered retry hint.
     pub fn admit(&self) -> Result<OwnedSemaphorePermit, SyncError> {
-        self.admission.clone().try_acquire_owned().map_err(|_| {
-            self.metrics.admission_rejected();
-            let base = self.config.retry_after.as_millis() as u64;
-            let jitter = rand::random::<u64>() % base.max(1);
-            SyncError::Busy {
-                retry_after: Duration::from_millis(base + jitter),
-            }
-        })
+        self.admission
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| self.busy())
+    }
+
+    /// Admits a new stream as soon as a permit frees, waiting in turn (the
+    /// semaphore is first come first served) for at most
+    /// `admission_wait`; refuses it with the retry hint after that.
+    pub async fn admit_within(&self) -> Result<OwnedSemaphorePermit, SyncError> {
+        if let Ok(permit) = self.admission.clone().try_acquire_owned() {
+            return Ok(permit);
+        }
+        match tokio::time::timeout(
+            self.config.admission_wait,
+            self.admission.clone().acquire_owned(),
+        )
+        .await
+        {
+            Ok(Ok(permit)) => Ok(permit),
+            _ => Err(self.busy()),
+        }
+    }
+
+    /// RESOURCE_EXHAUSTED with a jittered retry hint, counted.
+    fn busy(&self) -> SyncError {
+        self.metrics.admission_rejected();
+        let base = self.config.retry_after.as_millis() as u64;
+        let jitter = rand::random::<u64>() % base.max(1);
+        SyncError::Busy {
+            retry_after: Duration::from_millis(base + jitter),
+        }
     }
 }
 
