@@ -19,7 +19,7 @@ use crate::liveness;
 use crate::names::{GatewayName, NodeName};
 use crate::problem::Problem;
 use crate::topology::{
-    DirectDevice, EndpointType, ExposeType, GatewayEndpoint, GatewayView, Member, NodeView,
+    DirectDevice, DomainPrefixes, EndpointType, ExposeType, GatewayEndpoint, GatewayView, Member, NodeView,
     PeerInfo, Resource, ResourceBody, ResourceName, Settings, Topology, VXLAN_PORT,
 };
 use crate::validate::{self, gateway_object};
@@ -258,6 +258,12 @@ pub fn compile(inputs: &Inputs) -> Compiled {
         }
     }
     for (name, view) in views {
+        // The compact form members of other domains receive: derived from
+        // the view alone, so it changes exactly when its prefixes do.
+        resources.insert(
+            ResourceName::prefixes(&name),
+            Resource::new(ResourceBody::Prefixes(DomainPrefixes::of(&view))),
+        );
         resources.insert(
             ResourceName::gateway(&name),
             Resource::new(ResourceBody::Gateway(view)),

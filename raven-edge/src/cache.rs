@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use prost::Message;
-use raven_model::topology::{GatewayView, NodeView, PeerInfo, Settings};
+use raven_model::topology::{DomainPrefixes, GatewayView, NodeView, PeerInfo, Settings};
 use raven_model::{ContentVersion, NodeName, Resource, ResourceBody, ResourceName};
 use raven_proto::{DecodedUpdate, v1};
 use raven_store::{Commit, Meta, Store, StoreError, StoreOptions, StoredResource};
@@ -109,9 +109,14 @@ pub fn check_update(
             && !update.resources.iter().any(|(u, _)| u == n)
     });
     let held_count = held.resources.len();
-    if !h.intentional_removal && raven_model::view::is_mass_removal(remove.len(), held_count) {
+    // A domain traded for its other form (`gateway/<g>` for `prefixes/<g>`,
+    // when the node's role changes) is not a removal of it.
+    let lost = raven_model::view::lost(&remove, |c| {
+        next.resources.contains_key(c) && !remove.contains(c)
+    });
+    if !h.intentional_removal && raven_model::view::is_mass_removal(lost, held_count) {
         return Err(Refusal::MassRemoval {
-            removing: remove.len(),
+            removing: lost,
             held: held_count,
         });
     }
@@ -137,6 +142,8 @@ pub struct View {
     pub me: NodeView,
     pub settings: Option<Settings>,
     pub gateways: Vec<GatewayView>,
+    /// Other domains by their prefixes alone (the compact member view).
+    pub remote: Vec<DomainPrefixes>,
     pub peers: Vec<PeerInfo>,
 }
 
@@ -153,12 +160,14 @@ impl CachedState {
         };
         let mut settings = None;
         let mut gateways = Vec::new();
+        let mut remote = Vec::new();
         let mut peers = Vec::new();
         for r in self.resources.values() {
             match &r.body {
                 ResourceBody::Settings(s) => settings = Some(s.clone()),
                 ResourceBody::Gateway(g) => gateways.push(g.clone()),
                 ResourceBody::Peer(p) => peers.push(p.clone()),
+                ResourceBody::Prefixes(p) => remote.push(p.clone()),
                 ResourceBody::Node(_) => {}
             }
         }
@@ -166,6 +175,7 @@ impl CachedState {
             me,
             settings,
             gateways,
+            remote,
             peers,
         })
     }

@@ -730,6 +730,7 @@ async fn a_node_certificate_may_inspect_only_its_own_view() {
         inspect
             .get_node_view(v1::GetNodeViewRequest {
                 node_name: QD_MEMBER.into(),
+                ..Default::default()
             })
             .await
             .map(drop),
@@ -738,6 +739,7 @@ async fn a_node_certificate_may_inspect_only_its_own_view() {
     let own = inspect
         .get_node_view(v1::GetNodeViewRequest {
             node_name: HZ_GW.into(),
+            ..Default::default()
         })
         .await
         .expect("its own view");

@@ -32,7 +32,7 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
-use raven_model::topology::{GatewayView, NodeView, Settings, VXLAN_PORT};
+use raven_model::topology::{DomainPrefixes, GatewayView, NodeView, Settings, VXLAN_PORT};
 use raven_model::{GatewayName, NodeName};
 
 /// Name of raven's VXLAN device.
@@ -335,6 +335,10 @@ impl Op {
 pub struct NodeInputs {
     pub me: Option<NodeView>,
     pub gateways: Vec<GatewayView>,
+    /// Domains known by their prefixes alone (the compact member view:
+    /// `prefixes/` resources instead of `gateway/`): routed and exempted
+    /// from masquerade exactly as a [`GatewayView`] with the same prefixes.
+    pub remote: Vec<DomainPrefixes>,
     pub settings: Option<Settings>,
     /// Local failover choices: gateway → the node acting as its gateway.
     pub active_override: BTreeMap<GatewayName, NodeName>,
@@ -356,6 +360,7 @@ impl Default for NodeInputs {
         Self {
             me: None,
             gateways: Vec::new(),
+            remote: Vec::new(),
             settings: None,
             active_override: BTreeMap::new(),
             underlay_mtu: 1500,
@@ -414,21 +419,38 @@ pub fn active_node<'a>(
 /// are always reached directly) or a tunnel endpoint's public address
 /// (reached over the underlay, never through the tunnel it carries: a
 /// routing loop that would cut the tunnel and the hub connection when a
-/// gateway's public address is also its node IP). Pure.
-pub fn routed_remote_prefixes(gateways: &[GatewayView], my_gw: &GatewayView) -> Vec<IpNet> {
+/// gateway's public address is also its node IP). The other domains are
+/// `gateways` and, in the compact member view, `remote` (the same facts:
+/// [`DomainPrefixes::of`]). Pure.
+pub fn routed_remote_prefixes(
+    gateways: &[GatewayView],
+    remote: &[DomainPrefixes],
+    my_gw: &GatewayView,
+) -> Vec<IpNet> {
     let own: BTreeSet<IpAddr> = my_gw.members.iter().map(|m| m.private_ip).collect();
     let endpoints: BTreeSet<IpAddr> = gateways
         .iter()
-        .flat_map(|g| g.tunnel_candidates.iter().chain(g.active_tunnel.iter()))
-        .filter_map(|e| e.public_ip)
+        .flat_map(GatewayView::endpoint_addresses)
+        .chain(remote.iter().flat_map(|d| d.endpoint_addresses.iter().copied()))
         .collect();
-    raven_model::topology::remote_prefixes(gateways, &my_gw.name)
-        .into_iter()
+    let mut out: Vec<IpNet> = gateways
+        .iter()
+        .filter(|g| g.name != my_gw.name)
+        .flat_map(GatewayView::prefixes)
+        .chain(
+            remote
+                .iter()
+                .filter(|d| d.gateway != my_gw.name)
+                .flat_map(|d| d.prefixes.iter().copied()),
+        )
         .filter(|p| {
             let host = p.prefix_len() == p.max_prefix_len();
             !(host && (own.contains(&p.addr()) || endpoints.contains(&p.addr())))
         })
-        .collect()
+        .collect();
+    out.sort();
+    out.dedup();
+    out
 }
 
 /// Computes the desired dataplane of a node. Pure.
@@ -492,7 +514,7 @@ pub fn desired(inputs: &NodeInputs) -> Desired {
         });
     }
 
-    let remote = routed_remote_prefixes(&inputs.gateways, my_gw);
+    let remote = routed_remote_prefixes(&inputs.gateways, &inputs.remote, my_gw);
 
     let active = active_node(my_gw, &inputs.active_override);
     match active {
