@@ -943,6 +943,7 @@ async fn an_operator_certificate_may_inspect_everything() {
     inspect
         .get_node_view(v1::GetNodeViewRequest {
             node_name: QD_MEMBER.into(),
+            ..Default::default()
         })
         .await
         .expect("any node's view");
