@@ -265,11 +265,7 @@ fn body_from_proto(
                     )
                 })?;
             let packed = |field: &str, e: crate::packed::PackError| {
-                cx.invalid(
-                    &format!("{field}.{}", e.field),
-                    "<packed bytes>",
-                    e.reason,
-                )
+                cx.invalid(&format!("{field}.{}", e.field), "<packed bytes>", e.reason)
             };
             ResourceBody::Prefixes(DomainPrefixes {
                 gateway,

@@ -151,7 +151,13 @@ fn unpack_family(mut bytes: &[u8], bits: u32) -> Result<Vec<(u8, u128)>, &'stati
             if limit < 128 && v >> limit != 0 {
                 return Err("has an address that overflows");
             }
-            let addr = if aligned && host < 128 { v << host } else if aligned { 0 } else { v };
+            let addr = if aligned && host < 128 {
+                v << host
+            } else if aligned {
+                0
+            } else {
+                v
+            };
             out.push((len, addr));
         }
     }
@@ -208,7 +214,10 @@ mod tests {
             all.push(format!("172.16.0.{}/32", i + 1));
             all.push(format!("10.64.{i}.0/24"));
         }
-        let all: Vec<IpNet> = all.iter().map(|s| s.parse().unwrap_or_else(|_| unreachable!())).collect();
+        let all: Vec<IpNet> = all
+            .iter()
+            .map(|s| s.parse().unwrap_or_else(|_| unreachable!()))
+            .collect();
         let p = pack(all.clone()).unwrap_or_default();
         // Two groups: header, count, a first address of 3 and 5 bytes, then
         // nine one-byte differences each.
@@ -220,7 +229,13 @@ mod tests {
 
     #[test]
     fn host_bits_are_kept_exactly() {
-        let all = nets(&["10.244.1.7/24", "10.244.0.0/16", "0.0.0.0/0", "fd00::1/64", "::/0"]);
+        let all = nets(&[
+            "10.244.1.7/24",
+            "10.244.0.0/16",
+            "0.0.0.0/0",
+            "fd00::1/64",
+            "::/0",
+        ]);
         let mut sorted = all.clone();
         sorted.sort();
         assert_eq!(unpack(pack(all).as_ref()), Ok(sorted));
@@ -236,16 +251,30 @@ mod tests {
             .err()
             .map(|e| e.reason)
         };
-        assert_eq!(bad(vec![33 << 1, 1, 0]), Some("has a prefix length out of range"));
+        assert_eq!(
+            bad(vec![33 << 1, 1, 0]),
+            Some("has a prefix length out of range")
+        );
         assert_eq!(bad(vec![64, 0]), Some("has an empty group"));
         assert_eq!(bad(vec![64, 2, 1, 0]), Some("repeats an address"));
-        assert_eq!(bad(vec![64, 1, 1, 64, 1, 2]), Some("has groups out of order or repeated"));
+        assert_eq!(
+            bad(vec![64, 1, 1, 64, 1, 2]),
+            Some("has groups out of order or repeated")
+        );
         assert_eq!(bad(vec![64, 1, 0x80]), Some("ends inside a varint"));
         // An aligned /8 holds at most 8 significant bits.
-        assert_eq!(bad(vec![(8 << 1) | 1, 1, 0x80, 0x02]), Some("has an address that overflows"));
-        assert_eq!(bad(vec![64, 1, 0xff, 0xff, 0xff, 0xff, 0x1f]), Some("has an address that overflows"));
         assert_eq!(
-            unpack_addresses(pack(nets(&["10.0.0.0/8"])).as_ref()).err().map(|e| e.reason),
+            bad(vec![(8 << 1) | 1, 1, 0x80, 0x02]),
+            Some("has an address that overflows")
+        );
+        assert_eq!(
+            bad(vec![64, 1, 0xff, 0xff, 0xff, 0xff, 0x1f]),
+            Some("has an address that overflows")
+        );
+        assert_eq!(
+            unpack_addresses(pack(nets(&["10.0.0.0/8"])).as_ref())
+                .err()
+                .map(|e| e.reason),
             Some("holds a prefix that is not a host address")
         );
     }

@@ -326,11 +326,13 @@ fn conversion_errors_name_resource_field_and_value() {
     let prefixes = ResourceName::prefixes(&gw_a);
     let mut p = resource_to_proto(
         &prefixes,
-        &Resource::new(ResourceBody::Prefixes(raven_model::topology::DomainPrefixes {
-            gateway: gw_a,
-            prefixes: vec!["10.0.0.0/8".parse().unwrap_or_else(|_| unreachable!())],
-            endpoint_addresses: Vec::new(),
-        })),
+        &Resource::new(ResourceBody::Prefixes(
+            raven_model::topology::DomainPrefixes {
+                gateway: gw_a,
+                prefixes: vec!["10.0.0.0/8".parse().unwrap_or_else(|_| unreachable!())],
+                endpoint_addresses: Vec::new(),
+            },
+        )),
     );
     if let Some(v1::resource::Body::Prefixes(d)) = &mut p.body {
         d.prefixes = Some(v1::PackedPrefixes {

@@ -19,8 +19,8 @@ use crate::liveness;
 use crate::names::{GatewayName, NodeName};
 use crate::problem::Problem;
 use crate::topology::{
-    DirectDevice, DomainPrefixes, EndpointType, ExposeType, GatewayEndpoint, GatewayView, Member, NodeView,
-    PeerInfo, Resource, ResourceBody, ResourceName, Settings, Topology, VXLAN_PORT,
+    DirectDevice, DomainPrefixes, EndpointType, ExposeType, GatewayEndpoint, GatewayView, Member,
+    NodeView, PeerInfo, Resource, ResourceBody, ResourceName, Settings, Topology, VXLAN_PORT,
 };
 use crate::validate::{self, gateway_object};
 

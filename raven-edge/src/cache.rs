@@ -520,7 +520,11 @@ mod tests {
     /// A member of `gw-0` in a cluster of ten domains: its full view, its
     /// compact view (what the hub sends an agent that announces
     /// `CAPABILITY_COMPACT_MEMBER_VIEW`), and the node.
-    fn member_views() -> (Vec<(ResourceName, Resource)>, Vec<(ResourceName, Resource)>, NodeName) {
+    fn member_views() -> (
+        Vec<(ResourceName, Resource)>,
+        Vec<(ResourceName, Resource)>,
+        NodeName,
+    ) {
         let me = fixtures::node("m-0-2");
         let mut full = Vec::new();
         let mut compact = Vec::new();
@@ -569,12 +573,17 @@ mod tests {
     fn a_member_trades_its_full_view_for_the_compact_one_and_restarts_from_the_cache() {
         let (full, compact, me) = member_views();
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        let (cache, empty) = Cache::open(dir.path(), &me, 1 << 20).unwrap_or_else(|e| panic!("{e}"));
+        let (cache, empty) =
+            Cache::open(dir.path(), &me, 1 << 20).unwrap_or_else(|e| panic!("{e}"));
         let mut h = header(1);
         h.snapshot = true;
         h.snapshot_complete = true;
-        let a = check_update(&empty, &update(h.clone(), full), &mut SnapshotProgress::default())
-            .unwrap_or_else(|e| panic!("{e}"));
+        let a = check_update(
+            &empty,
+            &update(h.clone(), full),
+            &mut SnapshotProgress::default(),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
         cache.commit(&a).unwrap_or_else(|e| panic!("{e}"));
         let local = crate::dataplane::Local::new("raven-wg0", 1500);
         let plan = |s: &CachedState| {
@@ -585,18 +594,29 @@ mod tests {
             )
         };
         let before = plan(&a.next);
-        assert_eq!(before.0.state.routes.len(), 9 * 6, "{:?}", before.0.warnings);
+        assert_eq!(
+            before.0.state.routes.len(),
+            9 * 6,
+            "{:?}",
+            before.0.warnings
+        );
         // The first snapshot after the agent announced the compact view
         // (never marked intentional): nine gateways go, their prefixes come.
         h.revision = 2;
-        let b = check_update(&a.next, &update(h.clone(), compact), &mut SnapshotProgress::default())
-            .unwrap_or_else(|e| panic!("a trade of form is no mass removal: {e}"));
+        let b = check_update(
+            &a.next,
+            &update(h.clone(), compact),
+            &mut SnapshotProgress::default(),
+        )
+        .unwrap_or_else(|e| panic!("a trade of form is no mass removal: {e}"));
         assert_eq!(b.remove.len(), 9);
         cache.commit(&b).unwrap_or_else(|e| panic!("{e}"));
         drop(cache);
         let (_, reopened) = Cache::open(dir.path(), &me, 1 << 20).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(reopened, b.next);
-        let view = reopened.view(&me).unwrap_or_else(|| panic!("the node's view"));
+        let view = reopened
+            .view(&me)
+            .unwrap_or_else(|| panic!("the node's view"));
         assert_eq!((view.gateways.len(), view.remote.len()), (1, 9));
         assert_eq!(plan(&reopened), before);
         // The guard still holds for a real loss: the nine domains gone

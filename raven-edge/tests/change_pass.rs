@@ -132,8 +132,7 @@ impl Monitor {
                 "table",
                 MARK_TABLE,
             ]);
-            if m
-                .until(&format!("{marker} dev"), Duration::from_millis(100))
+            if m.until(&format!("{marker} dev"), Duration::from_millis(100))
                 .is_some()
             {
                 break;

@@ -87,7 +87,11 @@ pub fn view_names(topology: &Topology, node: &NodeName, compact: bool) -> Vec<Re
         ViewClass::Full => names.extend(kind("gateway/")),
         ViewClass::Member => {
             let own = me.gateway.as_ref().map(ResourceName::gateway);
-            names.extend(own.iter().filter(|n| topology.resources.contains_key(n)).cloned());
+            names.extend(
+                own.iter()
+                    .filter(|n| topology.resources.contains_key(n))
+                    .cloned(),
+            );
             let own = me.gateway.as_ref().map(ResourceName::prefixes);
             names.extend(kind("prefixes/").filter(|n| Some(n) != own.as_ref()));
         }
@@ -273,7 +277,9 @@ mod tests {
             if let ResourceBody::Gateway(v) = &view.body {
                 named(
                     &mut t,
-                    Resource::new(ResourceBody::Prefixes(crate::topology::DomainPrefixes::of(v))),
+                    Resource::new(ResourceBody::Prefixes(crate::topology::DomainPrefixes::of(
+                        v,
+                    ))),
                 );
             }
             named(&mut t, view);

@@ -29,8 +29,8 @@ fn read_yaml_dir(dir: &Path) -> Vec<(String, String)> {
     files
         .into_iter()
         .map(|p| {
-            let text = std::fs::read_to_string(&p)
-                .unwrap_or_else(|e| panic!("read {}: {e}", p.display()));
+            let text =
+                std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()));
             (p.display().to_string(), text)
         })
         .collect()
@@ -67,8 +67,7 @@ fn members_agree(topology: &Topology) -> Result<usize, String> {
         for name in compact.resources.keys() {
             let s = name.as_str();
             let own = me.gateway.as_ref().map(ResourceName::gateway);
-            if s.starts_with("peer/") || (s.starts_with("gateway/") && Some(name) != own.as_ref())
-            {
+            if s.starts_with("peer/") || (s.starts_with("gateway/") && Some(name) != own.as_ref()) {
                 return Err(format!("{node}: the compact view holds {name}"));
             }
         }
@@ -76,10 +75,11 @@ fn members_agree(topology: &Topology) -> Result<usize, String> {
         // The overrides a member may act on: none, or any candidate of its
         // own gateway (local failover while the hub is away).
         let mut overrides = vec![BTreeMap::new()];
-        if let Some(gw) = vf
-            .as_ref()
-            .and_then(|v| v.gateways.iter().find(|g| Some(&g.name) == me.gateway.as_ref()))
-        {
+        if let Some(gw) = vf.as_ref().and_then(|v| {
+            v.gateways
+                .iter()
+                .find(|g| Some(&g.name) == me.gateway.as_ref())
+        }) {
             for c in &gw.tunnel_candidates {
                 overrides.push(BTreeMap::from([(gw.name.clone(), c.node.clone())]));
             }
@@ -98,8 +98,7 @@ fn members_agree(topology: &Topology) -> Result<usize, String> {
             }
         }
         if let (Some(vf), Some(vc)) = (&vf, &vc) {
-            if raven_edge::failover::probe_targets(vf) != raven_edge::failover::probe_targets(vc)
-            {
+            if raven_edge::failover::probe_targets(vf) != raven_edge::failover::probe_targets(vc) {
                 return Err(format!("{node}: probe targets differ"));
             }
         }

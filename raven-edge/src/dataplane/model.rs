@@ -431,7 +431,11 @@ pub fn routed_remote_prefixes(
     let endpoints: BTreeSet<IpAddr> = gateways
         .iter()
         .flat_map(GatewayView::endpoint_addresses)
-        .chain(remote.iter().flat_map(|d| d.endpoint_addresses.iter().copied()))
+        .chain(
+            remote
+                .iter()
+                .flat_map(|d| d.endpoint_addresses.iter().copied()),
+        )
         .collect();
     let mut out: Vec<IpNet> = gateways
         .iter()

@@ -166,7 +166,8 @@ pub fn spec(inputs: &NodeInputs) -> SkipNat {
         return SkipNat::default();
     };
     let sources: Vec<IpNet> = my_gw.prefixes().collect();
-    let destinations = super::model::routed_remote_prefixes(&inputs.gateways, &inputs.remote, my_gw);
+    let destinations =
+        super::model::routed_remote_prefixes(&inputs.gateways, &inputs.remote, my_gw);
     let family = |f: Family| {
         let pick = |nets: &[IpNet]| -> Vec<IpNet> {
             let nets: Vec<IpNet> = nets

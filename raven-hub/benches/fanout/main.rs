@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! cargo bench -p raven-hub --bench fanout -- [--gateways G] [--nodes N] [--agents M]
-//!     [--changes C] [--applied-with-resources] [--no-etcd]
+//!     [--changes C] [--applied-with-resources] [--full-view] [--no-etcd]
 //! ```
 //!
 //! Prints figures (all connect → all synced, one-node change → ACK p50/p99,
@@ -35,6 +35,7 @@ struct Opts {
     agents: usize,
     changes: usize,
     applied_with_resources: bool,
+    full_view: bool,
     etcd: bool,
 }
 
@@ -47,6 +48,7 @@ fn opts() -> Opts {
         agents: 0,
         changes: 5,
         applied_with_resources: false,
+        full_view: false,
         etcd: true,
     };
     let mut args = std::env::args().skip(1);
@@ -62,6 +64,7 @@ fn opts() -> Opts {
             "--agents" => o.agents = num("--agents"),
             "--changes" => o.changes = num("--changes").max(1),
             "--applied-with-resources" => o.applied_with_resources = true,
+            "--full-view" => o.full_view = true,
             "--no-etcd" => o.etcd = false,
             // cargo bench passes --bench; libtest-style filters are ignored.
             _ => {}
@@ -364,6 +367,7 @@ async fn main() {
                 .domain_name("localhost"),
             hub: url.clone(),
             applied_with_resources: o.applied_with_resources,
+            compact: !o.full_view,
             heartbeat: Duration::from_secs(10),
         });
     }

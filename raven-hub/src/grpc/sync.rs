@@ -592,11 +592,13 @@ impl Session {
         for name in &delta.names {
             match current.topology.resources.get(name) {
                 // In view: sent unless held at this version or refused.
-                Some(r) if view::in_view(&current.topology, &self.node, name, self.compact) => changed.extend(
-                    (self.held.get(name) != Some(&r.version)
-                        && !self.nacked.contains(&(name.clone(), r.version.clone())))
-                    .then(|| (name.clone(), r.version.clone())),
-                ),
+                Some(r) if view::in_view(&current.topology, &self.node, name, self.compact) => {
+                    changed.extend(
+                        (self.held.get(name) != Some(&r.version)
+                            && !self.nacked.contains(&(name.clone(), r.version.clone())))
+                        .then(|| (name.clone(), r.version.clone())),
+                    )
+                }
                 _ if self.held.contains_key(name) => removed.push(name.clone()),
                 _ => {}
             }
