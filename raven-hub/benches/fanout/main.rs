@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! cargo bench -p raven-hub --bench fanout -- [--gateways G] [--nodes N] [--agents M]
-//!     [--changes C] [--applied-with-resources] [--full-view] [--no-etcd]
+//!     [--changes C] [--applied-with-resources] [--full-view] [--members-only] [--no-etcd]
 //! ```
 //!
 //! Prints figures (all connect → all synced, one-node change → ACK p50/p99,
@@ -36,6 +36,7 @@ struct Opts {
     changes: usize,
     applied_with_resources: bool,
     full_view: bool,
+    members_only: bool,
     etcd: bool,
 }
 
@@ -49,6 +50,7 @@ fn opts() -> Opts {
         changes: 5,
         applied_with_resources: false,
         full_view: false,
+        members_only: false,
         etcd: true,
     };
     let mut args = std::env::args().skip(1);
@@ -65,6 +67,7 @@ fn opts() -> Opts {
             "--changes" => o.changes = num("--changes").max(1),
             "--applied-with-resources" => o.applied_with_resources = true,
             "--full-view" => o.full_view = true,
+            "--members-only" => o.members_only = true,
             "--no-etcd" => o.etcd = false,
             // cargo bench passes --bench; libtest-style filters are ignored.
             _ => {}
@@ -303,7 +306,7 @@ async fn main() {
     // Cluster and certificates.
     let t = Instant::now();
     cluster::write(&w.join("manifests"), o.shape).unwrap_or_else(|e| panic!("manifests: {e}"));
-    let picked = cluster::pick_agents(o.shape, o.agents);
+    let picked = cluster::pick_agents(o.shape, o.agents, o.members_only);
     let nodes: Vec<NodeName> = picked
         .iter()
         .map(|&(g, i)| NodeName::new(cluster::node_name(g, i)).unwrap_or_else(|e| panic!("{e}")))
