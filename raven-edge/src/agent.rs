@@ -518,6 +518,14 @@ impl Reconciler {
         }
     }
 
+    /// What the gateway tunnel and the direct-path device show now.
+    async fn device_states(&self) -> failover::DeviceStates {
+        failover::DeviceStates {
+            tunnel: self.tunnel.device_state().await,
+            direct: self.direct.device_state().await,
+        }
+    }
+
     /// Records what the tunnel devices show now and decides local failover
     /// from all the evidence (see [`failover::decide`]), and whether the hub
     /// is reachable; `None` when the failover state is poisoned.
@@ -539,13 +547,8 @@ impl Reconciler {
 
     /// Whether new evidence would change the decision of the last reconcile.
     async fn decisions_changed(&self, view: Option<&crate::cache::View>) -> bool {
-        let device = self.tunnel.device_state().await;
-        let direct_device = self.direct.device_state().await;
-        let devices = failover::Devices {
-            tunnel: device.as_ref(),
-            direct: direct_device.as_ref(),
-        };
-        let Some((decided, _)) = self.observe_and_decide(view, devices) else {
+        let states = self.device_states().await;
+        let Some((decided, _)) = self.observe_and_decide(view, states.devices()) else {
             return false;
         };
         self.failover
@@ -557,13 +560,8 @@ impl Reconciler {
     pub async fn reconcile_once(&self, state: &CachedState, pass: Pass) -> Reconciled {
         // The view, built once per reconcile.
         let view = state.view(&self.node);
-        let device = self.tunnel.device_state().await;
-        let direct_device = self.direct.device_state().await;
-        let devices = failover::Devices {
-            tunnel: device.as_ref(),
-            direct: direct_device.as_ref(),
-        };
-        let decision = match self.observe_and_decide(view.as_ref(), devices) {
+        let states = self.device_states().await;
+        let decision = match self.observe_and_decide(view.as_ref(), states.devices()) {
             Some((d, hub_reachable)) => {
                 if let Ok(mut st) = self.failover.lock() {
                     st.commit(d.clone(), hub_reachable);
@@ -624,7 +622,8 @@ impl Reconciler {
                         .filter(|p| !p.allowed_ips.is_empty())
                         .count() as u32;
                     rows = Some(
-                        device
+                        states
+                            .tunnel
                             .as_ref()
                             .map(|have| crate::tunnel::peer_states(&spec, have, now_unix()))
                             .unwrap_or_default(),
@@ -641,7 +640,7 @@ impl Reconciler {
                 Ok(()) => {
                     inputs.direct.up = true;
                     inputs.direct.gateways = crate::tunnel::direct_gateways(&spec, &direct);
-                    if let Some(have) = &direct_device {
+                    if let Some(have) = &states.direct {
                         direct_rows = crate::tunnel::peer_states(&spec, have, now_unix());
                     }
                 }

@@ -304,6 +304,22 @@ pub struct Devices<'a> {
     pub direct: Option<&'a DeviceState>,
 }
 
+/// The tunnel devices as read now, owned; [`Self::devices`] lends them.
+#[derive(Debug, Clone, Default)]
+pub struct DeviceStates {
+    pub tunnel: Option<DeviceState>,
+    pub direct: Option<DeviceState>,
+}
+
+impl DeviceStates {
+    pub fn devices(&self) -> Devices<'_> {
+        Devices {
+            tunnel: self.tunnel.as_ref(),
+            direct: self.direct.as_ref(),
+        }
+    }
+}
+
 /// Evidence of local failover gathered over time, and the decision in
 /// effect. Recording ([`Self::observe`], [`Self::commit`]) is separate from
 /// deciding ([`decide`], pure).

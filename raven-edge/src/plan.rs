@@ -101,12 +101,11 @@ pub async fn plan(
     // Never creates a probe link: a dry run.
     let backend = tunnel::backend::detect(mode, false).await?;
     let direct_dev = tunnel::direct_dev(tunnel_dev);
-    let device = backend.get(tunnel_dev).await.ok();
-    let direct_device = backend.get(&direct_dev).await.ok();
-    let devices = failover::Devices {
-        tunnel: device.as_ref(),
-        direct: direct_device.as_ref(),
+    let states = failover::DeviceStates {
+        tunnel: backend.get(tunnel_dev).await.ok(),
+        direct: backend.get(&direct_dev).await.ok(),
     };
+    let devices = states.devices();
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -147,7 +146,7 @@ pub async fn plan(
             tunnel_dev,
             "wireguard.key",
             &spec,
-            device.as_ref(),
+            devices.tunnel,
         )?);
         warnings.extend(spec.warnings);
         inputs.tunnel_up = true;
@@ -157,7 +156,7 @@ pub async fn plan(
             &direct_dev,
             "wireguard-direct.key",
             &spec,
-            direct_device.as_ref(),
+            devices.direct,
         )?);
         inputs.direct.up = true;
         inputs.direct.gateways = tunnel::direct_gateways(&spec, &decision.direct);

@@ -896,7 +896,7 @@ impl Store {
     /// A commit that would hold more than `max_bytes` of payload fails with
     /// [`StoreError::TooLarge`] and changes nothing.
     pub fn commit(&self, c: Commit) -> Result<(), StoreError> {
-        let mut state = self.state();
+        let state = self.state();
         let guard = self.engine();
         let engine = &*guard;
 
@@ -940,8 +940,7 @@ impl Store {
             .ok()
             .and_then(|b| frame::frame(&b))
             .ok_or_else(|| engine.unencodable("meta record", "does not serialize"))?;
-        let seq = frame::frame(&next.seq.to_le_bytes())
-            .ok_or_else(|| engine.unencodable("seq record", "does not serialize"))?;
+        let seq = Self::seq_record(engine, &next)?;
 
         (&engine.meta, &engine.resources)
             .transaction(|(m, r)| {
@@ -956,12 +955,7 @@ impl Store {
                 Ok::<_, ConflictableTransactionError<Infallible>>(())
             })
             .map_err(transaction_error(engine))?;
-        let seq = next.seq;
-        *state = next;
-        Self::make_durable(engine, seq)?;
-        drop(guard);
-        self.compact_if_bloated(&state);
-        Ok(())
+        self.install(state, guard, next)
     }
 
     /// A small named record, or `None` if it was never written.
@@ -979,7 +973,7 @@ impl Store {
     /// in one atomic transaction, durable before returning. They count
     /// towards `max_bytes`.
     pub fn put_records(&self, records: &[(&str, &[u8])]) -> Result<(), StoreError> {
-        let mut state = self.state();
+        let state = self.state();
         let guard = self.engine();
         let engine = &*guard;
 
@@ -998,8 +992,7 @@ impl Store {
             framed.push((key.as_bytes(), value));
         }
         Self::check_size(engine, &self.inner.opts, &next)?;
-        let seq = frame::frame(&next.seq.to_le_bytes())
-            .ok_or_else(|| engine.unencodable("seq record", "does not serialize"))?;
+        let seq = Self::seq_record(engine, &next)?;
 
         (&engine.meta, &engine.records)
             .transaction(|(m, r)| {
@@ -1010,10 +1003,28 @@ impl Store {
                 Ok::<_, ConflictableTransactionError<Infallible>>(())
             })
             .map_err(transaction_error(engine))?;
+        self.install(state, guard, next)
+    }
+
+    /// The framed sequence-number record of `next`.
+    fn seq_record(engine: &Engine, next: &State) -> Result<Vec<u8>, StoreError> {
+        frame::frame(&next.seq.to_le_bytes())
+            .ok_or_else(|| engine.unencodable("seq record", "does not serialize"))
+    }
+
+    /// After the sled transaction that wrote `next`: makes it the state,
+    /// durable before returning, then compacts the files if they grew too
+    /// large for what they hold.
+    fn install(
+        &self,
+        mut state: MutexGuard<'_, State>,
+        engine: RwLockReadGuard<'_, Engine>,
+        next: State,
+    ) -> Result<(), StoreError> {
         let seq = next.seq;
         *state = next;
-        Self::make_durable(engine, seq)?;
-        drop(guard);
+        Self::make_durable(&engine, seq)?;
+        drop(engine);
         self.compact_if_bloated(&state);
         Ok(())
     }

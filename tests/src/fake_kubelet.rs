@@ -29,13 +29,14 @@
 //!   protocol.
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, UnixStream};
 
 use crate::spdy;
 
@@ -602,6 +603,102 @@ pub async fn get<S: AsyncRead + AsyncWrite + Unpin>(
     let mut out = Vec::new();
     s.read_to_end(&mut out).await?;
     Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// The body of an HTTP answer: what follows its head.
+pub fn body(answer: &str) -> &str {
+    answer.split("\r\n\r\n").nth(1).unwrap_or_default()
+}
+
+/// A client of a proxy server's CONNECT Unix socket, as kube-apiserver's
+/// egress selector is: `CONNECT node:port`, then TLS to that node's kubelet,
+/// verified against the kubelet CA.
+#[derive(Debug, Clone)]
+pub struct ProxyClient {
+    /// The proxy server's CONNECT socket.
+    pub socket: PathBuf,
+    /// The port every kubelet listens on.
+    pub kubelet_port: u16,
+    /// Trusts the kubelet CA.
+    pub tls: Arc<rustls::ClientConfig>,
+}
+
+/// A request to a kubelet through the proxy, TLS inside the CONNECT.
+pub type ProxiedTls = tokio_rustls::client::TlsStream<UnixStream>;
+
+impl ProxyClient {
+    /// `CONNECT addr` on the socket: the stream, or the refusal's status
+    /// line.
+    pub async fn connect(&self, addr: &str) -> Result<UnixStream, String> {
+        let conn = UnixStream::connect(&self.socket)
+            .await
+            .map_err(|e| format!("proxy socket: {e}"))?;
+        egress_connect(conn, addr).await
+    }
+
+    /// [`start_request`] on the kubelet of `node`, by name through the
+    /// proxy.
+    pub async fn start_request(
+        &self,
+        node: &str,
+        method: &str,
+        path: &str,
+    ) -> Result<ProxiedTls, String> {
+        let conn = self
+            .connect(&format!("{node}:{}", self.kubelet_port))
+            .await?;
+        start_request(conn, node, self.tls.clone(), method, path)
+            .await
+            .map_err(|e| format!("TLS to {node}: {e}"))
+    }
+
+    /// `GET path` on the kubelet of `node`, by name through the proxy: the
+    /// whole answer.
+    pub async fn get(&self, node: &str, path: &str) -> Result<String, String> {
+        let conn = self
+            .connect(&format!("{node}:{}", self.kubelet_port))
+            .await?;
+        let tls = kubelet_tls(conn, node, self.tls.clone())
+            .await
+            .map_err(|e| format!("TLS to {node}: {e}"))?;
+        get(tls, node, path).await.map_err(|e| e.to_string())
+    }
+
+    /// `count` endless downloads (`GET /bytes/forever`) from the kubelet
+    /// of `node` that nobody reads, given a second to fill every buffer and
+    /// window they can.
+    pub async fn stalled_downloads(&self, node: &str, count: usize) -> Vec<ProxiedTls> {
+        let mut stalled = Vec::new();
+        for _ in 0..count {
+            let tls = self
+                .start_request(node, "GET", "/bytes/forever")
+                .await
+                .expect("an endless download");
+            stalled.push(tls);
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        stalled
+    }
+
+    /// `count` GETs of `bytes` bytes from the kubelet of `node`, one after
+    /// another: each must come whole within 10 s (not held up behind
+    /// stalled streams on the same tunnel).
+    pub async fn assert_gets_are_not_held_up(&self, node: &str, count: usize, bytes: usize) {
+        for i in 0..count {
+            let got = tokio::time::timeout(
+                Duration::from_secs(10),
+                self.get(node, &format!("/bytes/{bytes}")),
+            )
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "request {i} to {node} on the same tunnel blocked behind the stalled streams"
+                )
+            })
+            .expect("get");
+            assert_eq!(body(&got).len(), bytes, "request {i} to {node}");
+        }
+    }
 }
 
 /// Parses `--node N --listen ADDR --cert C --key K` and serves.

@@ -112,6 +112,12 @@ fn run(cmd: &mut Command) -> Result<String> {
         what: command.clone(),
         source,
     })?;
+    stdout_of(command, out)
+}
+
+/// The stdout of `command`, which ended as `out`; an error with its stderr
+/// unless it succeeded.
+fn stdout_of(command: String, out: std::process::Output) -> Result<String> {
     if !out.status.success() {
         return Err(HarnessError::Command {
             command,
@@ -276,10 +282,12 @@ impl KubeApiServer {
     /// Removes what tests create, so each turn starts from the same cluster
     /// (the CRD and the bootstrap objects stay).
     async fn wipe(&self) -> Result<()> {
+        use k8s_openapi::api::coordination::v1::Lease;
+        use k8s_openapi::api::core::v1::{ConfigMap, Endpoints, Event, Node, Service};
+        use kube::Api;
         let client = self.client().await?;
-        let dp = kube::api::DeleteParams::background();
-        let lp = kube::api::ListParams::default();
-        let gw: kube::Api<kube::api::DynamicObject> = kube::Api::all_with(
+        let all = ListParams::default();
+        let gateways: Api<kube::api::DynamicObject> = Api::all_with(
             client.clone(),
             &kube::api::ApiResource {
                 group: "raven.openyurt.io".into(),
@@ -289,49 +297,38 @@ impl KubeApiServer {
                 plural: "gateways".into(),
             },
         );
-        let err = |e: kube::Error| HarnessError::Kube(format!("wiping the cluster: {e}"));
-        gw.delete_collection(&dp, &lp).await.map_err(err)?;
-        let nodes: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(client.clone());
-        nodes.delete_collection(&dp, &lp).await.map_err(err)?;
+        delete_collection(&gateways, &all).await?;
+        delete_collection(&Api::<Node>::all(client.clone()), &all).await?;
         for ns in ["default", "kube-system"] {
-            let leases: kube::Api<k8s_openapi::api::coordination::v1::Lease> =
-                kube::Api::namespaced(client.clone(), ns);
-            leases.delete_collection(&dp, &lp).await.map_err(err)?;
-            let events: kube::Api<k8s_openapi::api::core::v1::Event> =
-                kube::Api::namespaced(client.clone(), ns);
-            events.delete_collection(&dp, &lp).await.map_err(err)?;
-            let cms: kube::Api<k8s_openapi::api::core::v1::ConfigMap> =
-                kube::Api::namespaced(client.clone(), ns);
-            cms.delete_collection(
-                &dp,
+            delete_collection(&Api::<Lease>::namespaced(client.clone(), ns), &all).await?;
+            delete_collection(&Api::<Event>::namespaced(client.clone(), ns), &all).await?;
+            delete_collection(
+                &Api::<ConfigMap>::namespaced(client.clone(), ns),
                 &ListParams::default().fields("metadata.name=raven-cfg"),
             )
-            .await
-            .map_err(err)?;
-            let svcs: kube::Api<k8s_openapi::api::core::v1::Service> =
-                kube::Api::namespaced(client.clone(), ns);
+            .await?;
+            let svcs: Api<Service> = Api::namespaced(client.clone(), ns);
             // Services have no DELETE on the collection.
             for selector in [
                 "raven.openyurt.io/gateway",
                 "app.kubernetes.io/managed-by=raven-hub",
             ] {
                 let labelled = ListParams::default().labels(selector);
-                for svc in svcs.list(&labelled).await.map_err(err)?.items {
+                for svc in svcs.list(&labelled).await.map_err(wipe_error)?.items {
                     if let Some(name) = svc.metadata.name {
-                        svcs.delete(&name, &dp).await.map_err(err)?;
+                        svcs.delete(&name, &kube::api::DeleteParams::background())
+                            .await
+                            .map_err(wipe_error)?;
                     }
                 }
             }
             // The Endpoints the hub keeps beside them (no endpoints
             // controller runs here to remove them with their Service).
-            let eps: kube::Api<k8s_openapi::api::core::v1::Endpoints> =
-                kube::Api::namespaced(client.clone(), ns);
-            eps.delete_collection(
-                &dp,
+            delete_collection(
+                &Api::<Endpoints>::namespaced(client.clone(), ns),
                 &ListParams::default().labels("app.kubernetes.io/managed-by=raven-hub"),
             )
-            .await
-            .map_err(err)?;
+            .await?;
         }
         Ok(())
     }
@@ -381,14 +378,7 @@ impl KubeApiServer {
             input.write_all(stdin.as_bytes()).map_err(io)?;
         }
         let out = child.wait_with_output().map_err(io)?;
-        if !out.status.success() {
-            return Err(HarnessError::Command {
-                command,
-                status: out.status.to_string(),
-                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-            });
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        stdout_of(command, out)
     }
 
     /// SIGKILLs kube-apiserver (etcd stays): an outage starting now.
@@ -478,6 +468,22 @@ where
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Deletes (in the background) every object of `api` that `selected` lists,
+/// for [`KubeApiServer`]'s wipe between turns.
+async fn delete_collection<K>(api: &kube::Api<K>, selected: &ListParams) -> Result<()>
+where
+    K: kube::Resource + Clone + k8s_openapi::serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    api.delete_collection(&kube::api::DeleteParams::background(), selected)
+        .await
+        .map_err(wipe_error)?;
+    Ok(())
+}
+
+fn wipe_error(e: kube::Error) -> HarnessError {
+    HarnessError::Kube(format!("wiping the cluster: {e}"))
 }
 
 /// A TCP forwarder on 127.0.0.1 in front of the API server that can be cut:

@@ -313,27 +313,26 @@ impl Rig {
         }
     }
 
+    /// A client of the proxy server's CONNECT socket, trusting the kubelet
+    /// CA.
+    pub fn client(&self) -> fake_kubelet::ProxyClient {
+        fake_kubelet::ProxyClient {
+            socket: self.socket.clone(),
+            kubelet_port: self.kubelet_port,
+            tls: self.client_tls.clone(),
+        }
+    }
+
     /// `CONNECT addr` on the proxy socket: the stream, or the refusal's
     /// status line.
     pub async fn connect(&self, addr: &str) -> Result<UnixStream, String> {
-        let conn = UnixStream::connect(&self.socket)
-            .await
-            .map_err(|e| format!("proxy socket: {e}"))?;
-        fake_kubelet::egress_connect(conn, addr).await
+        self.client().connect(addr).await
     }
 
     /// `GET path` on the kubelet of `node`, by name through the proxy, TLS
     /// verified against the kubelet CA.
     pub async fn get(&self, node: &str, path: &str) -> Result<String, String> {
-        let conn = self
-            .connect(&format!("{node}:{}", self.kubelet_port))
-            .await?;
-        let tls = fake_kubelet::kubelet_tls(conn, node, self.client_tls.clone())
-            .await
-            .map_err(|e| format!("TLS to {node}: {e}"))?;
-        fake_kubelet::get(tls, node, path)
-            .await
-            .map_err(|e| e.to_string())
+        self.client().get(node, path).await
     }
 
     /// Waits (up to 30 s) until `/healthz` of `node` answers through the

@@ -14,7 +14,6 @@ use k8s_openapi::api::core::v1::{ConfigMap, Node};
 use kube::Api;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use raven_core::api::v1beta1::Gateway;
-use raven_hub::index::Index;
 use raven_tests::kube_apiserver::{self, KubeApiServer, Partition};
 use raven_tests::objects;
 use serde_json::{Value, json};
@@ -38,14 +37,17 @@ struct Cluster {
 }
 
 impl Cluster {
-    async fn of(server: &KubeApiServer) -> Result<Self> {
+    /// The cluster, [`Cluster::fill`]ed.
+    async fn filled(server: &KubeApiServer) -> Result<Self> {
         let client = server.client().await?;
-        Ok(Self {
+        let cluster = Self {
             gateways: Api::all(client.clone()),
             nodes: Api::all(client.clone()),
             system: Api::namespaced(client.clone(), "kube-system"),
             default: Api::namespaced(client, "default"),
-        })
+        };
+        cluster.fill(server).await?;
+        Ok(cluster)
     }
 
     /// Two domains: gw-a (a1, a2) and gw-b (b1), raven-cfg with the tunnel
@@ -61,12 +63,8 @@ impl Cluster {
             json!({"metadata": {"name": "coredns-decoy", "namespace": "kube-system"}, "data": {}}),
         )?;
         self.system.create(&pp, &coredns).await?;
-        self.gateways
-            .create(&pp, &gateway("gw-a", &["a1", "a2"])?)
-            .await?;
-        self.gateways
-            .create(&pp, &gateway("gw-b", &["b1"])?)
-            .await?;
+        self.add_gateway("gw-a", &["a1", "a2"]).await?;
+        self.add_gateway("gw-b", &["b1"]).await?;
         let client = server.client().await?;
         for (n, gw, ip, cidr) in [
             ("a1", "gw-a", "192.168.0.1", "10.244.1.0/24"),
@@ -85,6 +83,19 @@ impl Cluster {
         let dp = DeleteParams::default();
         let _ = self.default.delete("raven-cfg", &dp).await;
         let _ = self.system.delete("coredns-decoy", &dp).await;
+        Ok(())
+    }
+
+    async fn add_gateway(&self, name: &str, endpoints: &[&str]) -> Result<()> {
+        let pp = PostParams::default();
+        self.gateways
+            .create(&pp, &gateway(name, endpoints)?)
+            .await?;
+        Ok(())
+    }
+
+    async fn delete_gateway(&self, name: &str) -> Result<()> {
+        self.gateways.delete(name, &DeleteParams::default()).await?;
         Ok(())
     }
 
@@ -120,27 +131,30 @@ impl Cluster {
     }
 }
 
+/// The filled cluster and a source reading it, synced.
+async fn synced(server: &KubeApiServer) -> Result<(Cluster, Source)> {
+    let cluster = Cluster::filled(server).await?;
+    let source = Source::synced(server.client().await?).await?;
+    Ok((cluster, source))
+}
+
+/// The filled cluster, a [`Partition`] between it and the source, and the
+/// source reading through it, synced.
+async fn synced_behind_a_partition(server: &KubeApiServer) -> Result<(Cluster, Partition, Source)> {
+    let cluster = Cluster::filled(server).await?;
+    let partition = Partition::start(server).await?;
+    let client = kube_apiserver::client_from_kubeconfig(&partition.kubeconfig(server)?).await?;
+    let source = Source::synced(client).await?;
+    Ok((cluster, partition, source))
+}
+
 #[tokio::test]
 async fn hub_index_fills_from_list_and_marks_synced() -> Result<()> {
     let Some(server) = KubeApiServer::shared().await? else {
         return Ok(());
     };
-    let cluster = Cluster::of(&server).await?;
-    cluster.fill(&server).await?;
-    let source = Source::start(server.client().await?);
-    source.until("every kind synced", Index::is_synced).await?;
-
-    let s = source.snapshot();
-    assert_eq!(s.gateway_names(), ["gw-a", "gw-b"]);
-    assert_eq!(s.gateways["gw-a"], ["a1", "a2"]);
-    assert_eq!(s.nodes.len(), 3);
-    assert_eq!(s.nodes["b1"], ["10.244.3.0/24"]);
-    assert!(
-        s.config_present && s.l3,
-        "kube-system/raven-cfg is read, not the decoy in default: {s:?}"
-    );
-    assert!(s.fresh);
-    assert!(source.index.read(Index::high_water) > 0);
+    let (cluster, source) = synced(&server).await?;
+    assert!(source.assert_holds_the_two_domains().fresh);
     source.stop().await?;
     cluster.clean().await
 }
@@ -150,10 +164,7 @@ async fn gateway_change_is_applied_from_watch() -> Result<()> {
     let Some(server) = KubeApiServer::shared().await? else {
         return Ok(());
     };
-    let cluster = Cluster::of(&server).await?;
-    cluster.fill(&server).await?;
-    let source = Source::start(server.client().await?);
-    source.until("synced", Index::is_synced).await?;
+    let (cluster, source) = synced(&server).await?;
 
     cluster.set_endpoints("gw-a", &["a2", "a1"]).await?;
     source
@@ -163,14 +174,8 @@ async fn gateway_change_is_applied_from_watch() -> Result<()> {
         .await?;
 
     let pp = PostParams::default();
-    cluster
-        .gateways
-        .create(&pp, &gateway("gw-c", &["c1"])?)
-        .await?;
-    cluster
-        .gateways
-        .delete("gw-b", &DeleteParams::default())
-        .await?;
+    cluster.add_gateway("gw-c", &["c1"]).await?;
+    cluster.delete_gateway("gw-b").await?;
     source
         .until("gw-c added and gw-b deleted", |i| {
             Snapshot::of(i).gateway_names() == ["gw-a", "gw-c"]
@@ -225,13 +230,7 @@ async fn expired_resource_version_410_triggers_relist_and_nothing_is_lost() -> R
     let Some(server) = KubeApiServer::dedicated_with("--watch-cache=false")? else {
         return Ok(());
     };
-    let cluster = Cluster::of(&server).await?;
-    cluster.fill(&server).await?;
-    let partition = Partition::start(&server).await?;
-    let source = Source::start(
-        kube_apiserver::client_from_kubeconfig(&partition.kubeconfig(&server)?).await?,
-    );
-    source.until("synced", Index::is_synced).await?;
+    let (cluster, partition, source) = synced_behind_a_partition(&server).await?;
     let watched_from = etcd_revision(&server)?;
 
     // While the source is cut off, objects change and etcd compacts the
@@ -239,15 +238,8 @@ async fn expired_resource_version_410_triggers_relist_and_nothing_is_lost() -> R
     // shows what happened — including the deletion.
     partition.cut();
     cluster.set_endpoints("gw-a", &["a2"]).await?;
-    cluster
-        .gateways
-        .delete("gw-b", &DeleteParams::default())
-        .await?;
-    let pp = PostParams::default();
-    cluster
-        .gateways
-        .create(&pp, &gateway("gw-c", &["c1"])?)
-        .await?;
+    cluster.delete_gateway("gw-b").await?;
+    cluster.add_gateway("gw-c", &["c1"]).await?;
     cluster.set_pod_cidr("a2", "10.244.20.0/24").await?;
     cluster
         .system
@@ -286,10 +278,7 @@ async fn expired_resource_version_410_triggers_relist_and_nothing_is_lost() -> R
         .await?;
 
     // And it watches again from the new list.
-    cluster
-        .gateways
-        .create(&pp, &gateway("gw-d", &["d1"])?)
-        .await?;
+    cluster.add_gateway("gw-d", &["d1"]).await?;
     source
         .until("watching after the relist", |i| {
             Snapshot::of(i).gateways.contains_key("gw-d")
@@ -303,13 +292,7 @@ async fn api_server_partition_keeps_last_state_marks_it_stale_and_resumes() -> R
     let Some(server) = KubeApiServer::shared().await? else {
         return Ok(());
     };
-    let cluster = Cluster::of(&server).await?;
-    cluster.fill(&server).await?;
-    let partition = Partition::start(&server).await?;
-    let source = Source::start(
-        kube_apiserver::client_from_kubeconfig(&partition.kubeconfig(&server)?).await?,
-    );
-    source.until("synced", Index::is_synced).await?;
+    let (cluster, partition, source) = synced_behind_a_partition(&server).await?;
     let before = source.snapshot();
 
     partition.cut();
@@ -324,10 +307,7 @@ async fn api_server_partition_keeps_last_state_marks_it_stale_and_resumes() -> R
     );
 
     cluster.set_endpoints("gw-a", &["a1"]).await?;
-    cluster
-        .gateways
-        .delete("gw-b", &DeleteParams::default())
-        .await?;
+    cluster.delete_gateway("gw-b").await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
         source.snapshot().content(),

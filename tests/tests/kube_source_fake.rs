@@ -17,7 +17,6 @@ mod common;
 
 use anyhow::{Context, Result};
 use common::{Snapshot, Source, WAIT};
-use raven_hub::index::Index;
 use raven_tests::fake_apiserver::{FakeApiServer, Options};
 use raven_tests::objects::{gateway_of as gateway, node, raven_cfg};
 use serde_json::json;
@@ -58,19 +57,8 @@ fn watches_of(api: &FakeApiServer, plural: &str) -> Vec<Option<String>> {
 #[tokio::test]
 async fn hub_index_fills_from_list_and_marks_synced() -> Result<()> {
     let api = cluster(Options::default()).await?;
-    let source = Source::start(api.client());
-    source.until("every kind synced", Index::is_synced).await?;
-
-    let s = source.snapshot();
-    assert_eq!(s.gateway_names(), ["gw-a", "gw-b"]);
-    assert_eq!(s.gateways["gw-a"], ["a1", "a2"]);
-    assert_eq!(s.nodes.len(), 3);
-    assert_eq!(s.nodes["b1"], ["10.244.3.0/24"]);
-    assert!(
-        s.config_present && s.l3,
-        "kube-system/raven-cfg is read, not the decoy in default: {s:?}"
-    );
-    assert!(source.index.read(Index::high_water) > 0);
+    let source = Source::synced(api.client()).await?;
+    source.assert_holds_the_two_domains();
 
     // Each kind was listed once, then watched from the list's version.
     tokio::time::timeout(WAIT, async {
@@ -111,8 +99,7 @@ async fn bookmarks_are_accepted() -> Result<()> {
         bookmark_interval: Duration::from_millis(100),
     })
     .await?;
-    let source = Source::start(api.client());
-    source.until("synced", Index::is_synced).await?;
+    let source = Source::synced(api.client()).await?;
     let listed = source.snapshot();
 
     // Writes no watcher of ours sees move the global version on; only

@@ -7,11 +7,11 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use raven_tests::lab::{Lab, LabDomain, LabNode, LabRouter, NODES, ping_summary};
+use raven_tests::lab::{Lab, LabNode, NODES, ping_summary};
 
 mod lab_common;
 
-use lab_common::{active_tunnel, agents, converge, name_of, try_agents, wait_for};
+use lab_common::{active_tunnel, agents, converge, name_of, shenzhen, try_agents, wait_for};
 
 fn up(tag: &str) -> (std::sync::MutexGuard<'static, ()>, Lab) {
     up_with(tag, |_| {})
@@ -418,16 +418,7 @@ fn a_new_domain_added_while_running_is_reached_from_every_domain() {
     let old: Vec<&str> = lab.nodes.iter().map(|n| n.short).collect();
     let t = Instant::now();
     lab.add_domain(
-        LabDomain {
-            name: "shenzhen",
-            gateway: "gw-shenzhen",
-            switch: "szsw",
-            router: Some(LabRouter {
-                short: "szrt",
-                lan: "172.16.3.1",
-                wan: "203.0.113.40",
-            }),
-        },
+        shenzhen("172.16.3.1"),
         vec![
             LabNode {
                 short: "s1",
@@ -1133,7 +1124,7 @@ fn after_a_long_hub_outage_every_agent_is_back_within_seconds_of_the_hub_serving
 /// gateway's proxy endpoint) reaches each by node name, TLS verified.
 #[test]
 fn l7_proxy_reaches_edge_kubelets_by_name_even_with_the_same_internal_ip_and_after_restarts() {
-    use raven_tests::fake_kubelet::{self, KubeletCa};
+    use raven_tests::fake_kubelet::{self, KubeletCa, ProxyClient, body};
     if !ready() {
         return;
     }
@@ -1146,20 +1137,9 @@ fn l7_proxy_reaches_edge_kubelets_by_name_even_with_the_same_internal_ip_and_aft
         ip: "172.16.2.103",
         pod: "10.244.7.1",
     };
-    lab.add_domain(
-        LabDomain {
-            name: "shenzhen",
-            gateway: "gw-shenzhen",
-            switch: "szsw",
-            router: Some(LabRouter {
-                short: "szrt",
-                lan: "172.16.2.1",
-                wan: "203.0.113.40",
-            }),
-        },
-        vec![s1.clone()],
-    )
-    .expect("domain added");
+    // Hangzhou's LAN addresses (172.16.2.0/24), behind its own NAT.
+    lab.add_domain(shenzhen("172.16.2.1"), vec![s1.clone()])
+        .expect("domain added");
     let h1 = NODES[2].clone();
     let h2 = NODES[3].clone();
     assert_eq!(h1.ip, s1.ip);
@@ -1188,41 +1168,20 @@ fn l7_proxy_reaches_edge_kubelets_by_name_even_with_the_same_internal_ip_and_aft
             .expect("fake kubelet");
     }
 
-    let socket = lab.proxy_socket("c1");
-    let client_tls = ca.client_config();
+    let client = ProxyClient {
+        socket: lab.proxy_socket("c1"),
+        kubelet_port: 10250,
+        tls: ca.client_config(),
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .expect("runtime");
-    let connect = move |target: String| {
-        let socket = socket.clone();
-        async move {
-            let conn = tokio::net::UnixStream::connect(&socket)
-                .await
-                .map_err(|e| format!("proxy socket: {e}"))?;
-            fake_kubelet::egress_connect(conn, &target).await
-        }
-    };
-    let get = {
-        let (connect, tls) = (connect.clone(), client_tls.clone());
-        move |node: &'static str, path: String| {
-            let (connect, tls) = (connect.clone(), tls.clone());
-            async move {
-                let conn = connect(format!("{node}:10250")).await?;
-                let s = fake_kubelet::kubelet_tls(conn, node, tls)
-                    .await
-                    .map_err(|e| format!("TLS to {node}: {e}"))?;
-                fake_kubelet::get(s, node, &path)
-                    .await
-                    .map_err(|e| e.to_string())
-            }
-        }
-    };
     let reach = |lab: &Lab, node: &'static str, what: &str| {
         let t = Instant::now();
         loop {
-            match rt.block_on(get(node, "/healthz".into())) {
+            match rt.block_on(client.get(node, "/healthz")) {
                 Ok(b) if b.contains(&format!("ok {node}")) => break,
                 r => {
                     assert!(
@@ -1242,12 +1201,11 @@ fn l7_proxy_reaches_edge_kubelets_by_name_even_with_the_same_internal_ip_and_aft
     for n in [&h1, &h2, &s1] {
         reach(&lab, n.name, "first start");
     }
-    let body = |a: &str| a.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
-
     rt.block_on(async {
         // Same InternalIP, two kubelets, each reached by name.
         for n in [&h1, &s1] {
-            let logs = get(n.name, "/containerLogs/default/web-0/nginx".into())
+            let logs = client
+                .get(n.name, "/containerLogs/default/web-0/nginx")
                 .await
                 .expect("logs");
             assert!(
@@ -1256,7 +1214,8 @@ fn l7_proxy_reaches_edge_kubelets_by_name_even_with_the_same_internal_ip_and_aft
             );
         }
         // By that IP it is ambiguous, and said so.
-        let err = connect(format!("{}:10250", h1.ip))
+        let err = client
+            .connect(&format!("{}:10250", h1.ip))
             .await
             .expect_err("ambiguous");
         assert!(
@@ -1264,7 +1223,8 @@ fn l7_proxy_reaches_edge_kubelets_by_name_even_with_the_same_internal_ip_and_aft
             "{err}"
         );
         // Not an open relay.
-        let err = connect(format!("{}:22", h2.name))
+        let err = client
+            .connect(&format!("{}:22", h2.name))
             .await
             .expect_err("port 22");
         assert!(err.starts_with("HTTP/1.1 403 port 22"), "{err}");
@@ -1274,14 +1234,10 @@ fn l7_proxy_reaches_edge_kubelets_by_name_even_with_the_same_internal_ip_and_aft
         for i in 0..120usize {
             let node = [h1.name, h2.name, s1.name][i % 3];
             let n = 20_000 + i * 1000;
-            let get = get.clone();
+            let client = client.clone();
             tasks.spawn(async move {
-                let a = get(node, format!("/bytes/{n}")).await.expect("get");
-                assert_eq!(
-                    a.split("\r\n\r\n").nth(1).unwrap_or_default().len(),
-                    n,
-                    "stream {i}"
-                );
+                let a = client.get(node, &format!("/bytes/{n}")).await.expect("get");
+                assert_eq!(body(&a).len(), n, "stream {i}");
             });
         }
         while let Some(r) = tasks.join_next().await {
@@ -1290,10 +1246,8 @@ fn l7_proxy_reaches_edge_kubelets_by_name_even_with_the_same_internal_ip_and_aft
 
         // Half-close: the kubelet sees the end of the upload, its answer
         // comes back on the same stream.
-        let conn = connect(format!("{}:10250", s1.name))
-            .await
-            .expect("connect");
-        let s = fake_kubelet::start_request(conn, s1.name, client_tls.clone(), "POST", "/count")
+        let s = client
+            .start_request(s1.name, "POST", "/count")
             .await
             .expect("TLS");
         let answer = fake_kubelet::count_after_half_close(s, 2_000_000)
@@ -1302,33 +1256,10 @@ fn l7_proxy_reaches_edge_kubelets_by_name_even_with_the_same_internal_ip_and_aft
         assert!(body(&answer).contains("counted 2000000 bytes"), "{answer}");
 
         // Streams nobody reads do not hold up the others on h1's tunnel.
-        let mut stalled = Vec::new();
-        for _ in 0..6 {
-            let conn = connect(format!("{}:10250", h2.name))
-                .await
-                .expect("connect");
-            let tls = fake_kubelet::start_request(
-                conn,
-                h2.name,
-                client_tls.clone(),
-                "GET",
-                "/bytes/forever",
-            )
-            .await
-            .expect("request");
-            stalled.push(tls);
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        for i in 0..10 {
-            let a = tokio::time::timeout(
-                Duration::from_secs(10),
-                get(h1.name, "/bytes/300000".into()),
-            )
-            .await
-            .unwrap_or_else(|_| panic!("request {i} blocked behind the stalled streams"))
-            .expect("get");
-            assert_eq!(body(&a).len(), 300_000);
-        }
+        let stalled = client.stalled_downloads(h2.name, 6).await;
+        client
+            .assert_gets_are_not_held_up(h1.name, 10, 300_000)
+            .await;
         drop(stalled);
     });
 

@@ -4,13 +4,9 @@
 
 use std::time::{Duration, Instant};
 
-use raven_tests::fake_kubelet;
+use raven_tests::fake_kubelet::{self, body};
 use raven_tests::proxy_rig::{LONELY, Rig};
 use tokio::io::AsyncReadExt;
-
-fn body(answer: &str) -> &str {
-    answer.split("\r\n\r\n").nth(1).unwrap_or_default()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_by_node_name_reaches_each_nodes_kubelet_through_its_gateways_tunnel() {
@@ -82,11 +78,9 @@ async fn two_hundred_concurrent_streams_each_get_all_their_bytes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_close_reaches_the_kubelet_and_its_answer_still_comes_back() {
     let rig = Rig::start().await;
-    let conn = rig
-        .connect(&format!("s1:{}", rig.kubelet_port))
-        .await
-        .expect("connect");
-    let s = fake_kubelet::start_request(conn, "s1", rig.client_tls.clone(), "POST", "/count")
+    let s = rig
+        .client()
+        .start_request("s1", "POST", "/count")
         .await
         .expect("TLS");
     let answer = fake_kubelet::count_after_half_close(s, 3_000_000)
@@ -102,34 +96,9 @@ async fn half_close_reaches_the_kubelet_and_its_answer_still_comes_back() {
 async fn a_stream_nobody_reads_does_not_block_the_others_on_the_same_tunnel() {
     let rig = Rig::start().await;
     // Many endless downloads on h1's tunnel that nobody reads.
-    let mut stalled = Vec::new();
-    for _ in 0..8 {
-        let conn = rig
-            .connect(&format!("h2:{}", rig.kubelet_port))
-            .await
-            .expect("connect");
-        let tls = fake_kubelet::start_request(
-            conn,
-            "h2",
-            rig.client_tls.clone(),
-            "GET",
-            "/bytes/forever",
-        )
-        .await
-        .expect("request");
-        stalled.push(tls);
-    }
-    // Let them fill every buffer and window they can.
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    for i in 0..20 {
-        let got = tokio::time::timeout(Duration::from_secs(10), rig.get("h1", "/bytes/200000"))
-            .await
-            .unwrap_or_else(|_| {
-                panic!("request {i} on the same tunnel blocked behind the stalled streams")
-            })
-            .expect("get");
-        assert_eq!(body(&got).len(), 200_000);
-    }
+    let client = rig.client();
+    let mut stalled = client.stalled_downloads("h2", 8).await;
+    client.assert_gets_are_not_held_up("h1", 20, 200_000).await;
     // The stalled ones still flow once read.
     let mut buf = vec![0u8; 1 << 20];
     let mut read = 0;

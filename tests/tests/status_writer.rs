@@ -147,6 +147,12 @@ impl Writer {
         }
     }
 
+    /// `hub`'s writer, publishing an election of `node` for gw-a.
+    fn electing_for_gw_a(api: &FakeApiServer, hub: &str, node: &str) -> Result<Self> {
+        let state = published(api, &[("gw-a", status(node))])?;
+        Ok(Self::start(api, lease(hub), state))
+    }
+
     async fn until_leading(&mut self) -> Result<()> {
         tokio::time::timeout(WAIT, self.leading.wait_for(|l| *l))
             .await
@@ -186,11 +192,7 @@ async fn leader_patches_gateway_status() -> Result<()> {
     api.upsert("gateways", gateway_object("gw-a"));
     let spec_before = api.get("gateways", "gw-a").context("gw-a")?["spec"].clone();
 
-    let mut writer = Writer::start(
-        &api,
-        lease("hub-a"),
-        published(&api, &[("gw-a", status("n1"))])?,
-    );
+    let mut writer = Writer::electing_for_gw_a(&api, "hub-a", "n1")?;
     writer.until_leading().await?;
     assert_eq!(holder(&api).as_deref(), Some("hub-a"));
     until_patches(&api, 1).await?;
@@ -305,20 +307,12 @@ async fn second_writer_does_not_patch_while_lease_held() -> Result<()> {
     let api = FakeApiServer::start().await?;
     api.upsert("gateways", gateway_object("gw-a"));
 
-    let mut a = Writer::start(
-        &api,
-        lease("hub-a"),
-        published(&api, &[("gw-a", status("n1"))])?,
-    );
+    let mut a = Writer::electing_for_gw_a(&api, "hub-a", "n1")?;
     a.until_leading().await?;
     until_patches(&api, 1).await?;
 
     // B would write a different election, so any write of B's shows.
-    let mut b = Writer::start(
-        &api,
-        lease("hub-b"),
-        published(&api, &[("gw-a", status("n2"))])?,
-    );
+    let mut b = Writer::electing_for_gw_a(&api, "hub-b", "n2")?;
     // Well past a lease duration: A keeps renewing, B never takes over.
     let b_led = tokio::time::timeout(Duration::from_millis(2500), b.leading.wait_for(|l| *l))
         .await
@@ -346,18 +340,10 @@ async fn second_writer_does_not_patch_while_lease_held() -> Result<()> {
 async fn lease_of_a_crashed_leader_is_taken_over_after_it_expires() -> Result<()> {
     let api = FakeApiServer::start().await?;
     api.upsert("gateways", gateway_object("gw-a"));
-    let mut a = Writer::start(
-        &api,
-        lease("hub-a"),
-        published(&api, &[("gw-a", status("n1"))])?,
-    );
+    let mut a = Writer::electing_for_gw_a(&api, "hub-a", "n1")?;
     a.until_leading().await?;
 
-    let mut b = Writer::start(
-        &api,
-        lease("hub-b"),
-        published(&api, &[("gw-a", status("n2"))])?,
-    );
+    let mut b = Writer::electing_for_gw_a(&api, "hub-b", "n2")?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     // A dies without releasing the Lease.
     a.task.abort();
@@ -377,11 +363,7 @@ async fn lease_of_a_crashed_leader_is_taken_over_after_it_expires() -> Result<()
 async fn leader_that_cannot_reach_the_api_server_steps_down() -> Result<()> {
     let mut api = FakeApiServer::start().await?;
     api.upsert("gateways", gateway_object("gw-a"));
-    let mut a = Writer::start(
-        &api,
-        lease("hub-a"),
-        published(&api, &[("gw-a", status("n1"))])?,
-    );
+    let mut a = Writer::electing_for_gw_a(&api, "hub-a", "n1")?;
     a.until_leading().await?;
 
     api.stop().await;
@@ -400,11 +382,7 @@ async fn failed_status_write_is_retried_with_backoff() -> Result<()> {
     let api = FakeApiServer::start().await?;
     // The hub has elected gw-a before the API server holds it: the PATCH
     // gets 404 and is retried.
-    let mut writer = Writer::start(
-        &api,
-        lease("hub-a"),
-        published(&api, &[("gw-a", status("n1"))])?,
-    );
+    let mut writer = Writer::electing_for_gw_a(&api, "hub-a", "n1")?;
     writer.until_leading().await?;
     let attempts = || {
         api.requests()

@@ -17,71 +17,10 @@ use raven_tests::kube_apiserver::{self, KubeApiServer, repo_root};
 
 use common::WAIT;
 
-/// The manual's Gateway documents, verbatim (section 2.1).
-const MANUAL_GATEWAYS: &str = r#"apiVersion: raven.openyurt.io/v1beta1
-kind: Gateway
-metadata:
-  name: gw-hangzhou
-spec:
-  proxyConfig:
-    Replicas: 1
-  tunnelConfig:
-    Replicas: 1
-  endpoints:
-    - nodeName: izbp15inok0kbfkg3in52rz
-      underNAT: true
-      port: 10262
-      type: proxy
-    - nodeName: izbp15inok0kbfkg3in52rz
-      underNAT: true
-      port: 4500
-      underNAT: true
-      type: tunnel
----
-apiVersion: raven.openyurt.io/v1alpha1
-kind: Gateway
-metadata:
-  name: gw-cloud
-spec:
-  exposeType: PublicIP
-  proxyConfig:
-    Replicas: 1
-    proxyHTTPPort: 10255,9445
-    proxyHTTPSPort: 10250,9100
-  tunnelConfig:
-    Replicas: 1
-  endpoints:
-    - nodeName: izwz9dohcv74iegqecp4axz
-      underNAT: false
-      port: 10262
-      type: proxy
-      publicIP: 120.79.xxx.xxx
-    - nodeName: izwz9dohcv74iegqecp4axz
-      underNAT: false
-      port: 4500
-      type: tunnel
-      publicIP: 120.79.xxx.xxx
-
----
-apiVersion: raven.openyurt.io/v1alpha1
-kind: Gateway
-metadata:
-  name: gw-qingdao
-spec:
-  proxyConfig:
-    Replicas: 1
-  tunnelConfig:
-    Replicas: 1
-  endpoints:
-  - nodeName: izm5eb24dmjfimuaybpnqzz
-    underNAT: true
-    port: 10262
-    type: proxy
-  - nodeName: izm5eb24dmjfimuaybpnr0z
-    underNAT: true
-    port: 4500
-    type: tunnel
-"#;
+/// The manual's Gateway documents, verbatim (section 2.1): kept as a
+/// fixture file, byte for byte as printed, duplicated key and masked IP
+/// included.
+const MANUAL_GATEWAYS: &str = include_str!("../fixtures/user-manual-gateways.yaml");
 
 /// The manual's nodes: (name, InternalIP, pod CIDR).
 const NODES: [(&str, &str, &str); 6] = [

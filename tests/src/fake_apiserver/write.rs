@@ -12,10 +12,44 @@ pub(crate) fn get(
     name: &str,
 ) -> ApiResult {
     let db = shared.db();
-    let object = db
-        .current(ty, &key(ns, name))
-        .ok_or_else(|| ApiError::not_found(ty, name))?;
+    let object = existing(&db, ty, &key(ns, name), name)?;
     Ok(json_response(StatusCode::OK, object))
+}
+
+/// The stored object `name` (at `key`), or the API's 404 for it.
+fn existing<'a>(
+    db: &'a Db,
+    ty: &ResourceType,
+    key: &str,
+    name: &str,
+) -> Result<&'a Value, ApiError> {
+    db.current(ty, key)
+        .ok_or_else(|| ApiError::not_found(ty, name))
+}
+
+/// A new object as it is stored: without a status where status is written
+/// through `/status` only, and without the client's resourceVersion.
+fn as_new(ty: &ResourceType, object: Value) -> Value {
+    let mut object = if ty.status_subresource {
+        with_status(object, None)
+    } else {
+        object
+    };
+    object["metadata"]["resourceVersion"] = Value::Null;
+    object
+}
+
+/// `object` with `status` as its status, or none.
+fn with_status(mut object: Value, status: Option<&Value>) -> Value {
+    match status {
+        Some(s) => object["status"] = s.clone(),
+        None => {
+            if let Some(o) = object.as_object_mut() {
+                o.remove("status");
+            }
+        }
+    }
+    object
 }
 
 pub(crate) fn create(
@@ -31,7 +65,7 @@ pub(crate) fn create(
             "the server could not find the requested resource",
         ));
     }
-    let mut object = parse_object(body)?;
+    let object = parse_object(body)?;
     check_identity(ty, ns, None, &object)?;
     let name = object["metadata"]["name"]
         .as_str()
@@ -47,12 +81,6 @@ pub(crate) fn create(
             )
         })?
         .to_owned();
-    if ty.status_subresource
-        && let Some(o) = object.as_object_mut()
-    {
-        // Status is written through /status only.
-        o.remove("status");
-    }
     let mut db = shared.db();
     let key = key(ns, &name);
     if db.current(ty, &key).is_some() {
@@ -62,8 +90,7 @@ pub(crate) fn create(
             format!("{} \"{name}\" already exists", ty.qualified()),
         ));
     }
-    object["metadata"]["resourceVersion"] = Value::Null;
-    let object = Shared::normalize(&mut db, ty, ns, object, None);
+    let object = Shared::normalize(&mut db, ty, ns, as_new(ty, object), None);
     let stored = shared.commit(&mut db, ty, &key, Some(object));
     Ok(json_response(
         StatusCode::CREATED,
@@ -95,27 +122,10 @@ pub(crate) fn merge_for_endpoint(
     written: Value,
 ) -> Value {
     if status {
-        let mut next = current.clone();
-        match written.get("status") {
-            Some(s) if !s.is_null() => next["status"] = s.clone(),
-            _ => {
-                if let Some(o) = next.as_object_mut() {
-                    o.remove("status");
-                }
-            }
-        }
-        next
+        let status = written.get("status").filter(|s| !s.is_null());
+        with_status(current.clone(), status)
     } else if ty.status_subresource {
-        let mut next = written;
-        match current.get("status") {
-            Some(s) => next["status"] = s.clone(),
-            None => {
-                if let Some(o) = next.as_object_mut() {
-                    o.remove("status");
-                }
-            }
-        }
-        next
+        with_status(written, current.get("status"))
     } else {
         written
     }
@@ -133,10 +143,7 @@ pub(crate) fn replace(
     check_identity(ty, ns, Some(name), &object)?;
     let mut db = shared.db();
     let key = key(ns, name);
-    let current = db
-        .current(ty, &key)
-        .cloned()
-        .ok_or_else(|| ApiError::not_found(ty, name))?;
+    let current = existing(&db, ty, &key, name)?.clone();
     let given = &object["metadata"]["resourceVersion"];
     if ty.requires_resource_version && given.as_str().is_none_or(str::is_empty) {
         return Err(ApiError::new(
@@ -190,14 +197,7 @@ pub(crate) fn patch(
         // Server-side apply of a missing object creates it.
         ("application/apply-patch+yaml", None) if !status => {
             check_identity(ty, ns, Some(name), &patch)?;
-            let mut object = patch.clone();
-            if ty.status_subresource
-                && let Some(o) = object.as_object_mut()
-            {
-                o.remove("status");
-            }
-            object["metadata"]["resourceVersion"] = Value::Null;
-            let object = Shared::normalize(&mut db, ty, ns, object, None);
+            let object = Shared::normalize(&mut db, ty, ns, as_new(ty, patch.clone()), None);
             record_patch(&mut db, ty, &key, status, &media, &patch);
             let stored = shared.commit(&mut db, ty, &key, Some(object));
             return Ok(json_response(
@@ -275,10 +275,7 @@ pub(crate) fn delete(
 ) -> ApiResult {
     let mut db = shared.db();
     let key = key(ns, name);
-    let current = db
-        .current(ty, &key)
-        .cloned()
-        .ok_or_else(|| ApiError::not_found(ty, name))?;
+    let current = existing(&db, ty, &key, name)?.clone();
     if !body.is_empty() {
         let options = parse_object(body)?;
         precondition(

@@ -87,6 +87,31 @@ impl Source {
         }
     }
 
+    /// [`Source::start`], then waits until every kind is synced.
+    pub async fn synced(client: kube::Client) -> Result<Self> {
+        let source = Self::start(client);
+        source.until("every kind synced", Index::is_synced).await?;
+        Ok(source)
+    }
+
+    /// Asserts the index holds the cluster both source tests fill: two
+    /// domains, gw-a (a1, a2) and gw-b (b1), three nodes, and the tunnel on
+    /// as kube-system's raven-cfg says (not the decoy in default). Returns
+    /// what it read.
+    pub fn assert_holds_the_two_domains(&self) -> Snapshot {
+        let s = self.snapshot();
+        assert_eq!(s.gateway_names(), ["gw-a", "gw-b"]);
+        assert_eq!(s.gateways["gw-a"], ["a1", "a2"]);
+        assert_eq!(s.nodes.len(), 3);
+        assert_eq!(s.nodes["b1"], ["10.244.3.0/24"]);
+        assert!(
+            s.config_present && s.l3,
+            "kube-system/raven-cfg is read, not the decoy in default: {s:?}"
+        );
+        assert!(self.index.read(Index::high_water) > 0);
+        s
+    }
+
     pub async fn until(&self, what: &str, f: impl Fn(&Index) -> bool) -> Result<()> {
         tokio::time::timeout(WAIT, async {
             while !self.index.read(&f) {

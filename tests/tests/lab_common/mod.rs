@@ -5,7 +5,7 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use raven_tests::lab::{Lab, NODES};
+use raven_tests::lab::{Lab, LabDomain, LabRouter, NODES};
 
 /// Whether this run is root and has `tools` (names on PATH or absolute
 /// paths); without them the tests skip, unless `RAVEN_REQUIRE_TOOLS=1`.
@@ -65,6 +65,22 @@ pub fn converge(lab: &Lab, what: &str) -> Duration {
             Lab::render(&m),
             lab.logs()
         ),
+    }
+}
+
+/// A fourth domain to add to a running lab: shenzhen (gw-shenzhen), its
+/// switch `szsw` behind its own NAT router `szrt` (WAN 203.0.113.40) whose
+/// LAN address is `lan`.
+pub fn shenzhen(lan: &'static str) -> LabDomain {
+    LabDomain {
+        name: "shenzhen",
+        gateway: "gw-shenzhen",
+        switch: "szsw",
+        router: Some(LabRouter {
+            short: "szrt",
+            lan,
+            wan: "203.0.113.40",
+        }),
     }
 }
 
