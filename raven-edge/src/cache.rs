@@ -520,11 +520,9 @@ mod tests {
     /// A member of `gw-0` in a cluster of ten domains: its full view, its
     /// compact view (what the hub sends an agent that announces
     /// `CAPABILITY_COMPACT_MEMBER_VIEW`), and the node.
-    fn member_views() -> (
-        Vec<(ResourceName, Resource)>,
-        Vec<(ResourceName, Resource)>,
-        NodeName,
-    ) {
+    type Named = Vec<(ResourceName, Resource)>;
+
+    fn member_views() -> (Named, Named, NodeName) {
         let me = fixtures::node("m-0-2");
         let mut full = Vec::new();
         let mut compact = Vec::new();

@@ -97,10 +97,10 @@ fn members_agree(topology: &Topology) -> Result<usize, String> {
                 return Err(format!("{node}: skip-NAT differs"));
             }
         }
-        if let (Some(vf), Some(vc)) = (&vf, &vc) {
-            if raven_edge::failover::probe_targets(vf) != raven_edge::failover::probe_targets(vc) {
-                return Err(format!("{node}: probe targets differ"));
-            }
+        if let (Some(vf), Some(vc)) = (&vf, &vc)
+            && raven_edge::failover::probe_targets(vf) != raven_edge::failover::probe_targets(vc)
+        {
+            return Err(format!("{node}: probe targets differ"));
         }
         let (pf, pc) = (
             ProxyView::from_resources(node, &full.resources),
