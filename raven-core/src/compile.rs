@@ -19,8 +19,8 @@ use crate::liveness;
 use crate::names::{GatewayName, NodeName};
 use crate::problem::Problem;
 use crate::topology::{
-    DirectDevice, EndpointType, ExposeType, GatewayEndpoint, GatewayView, Member, NodeView,
-    PeerInfo, Resource, ResourceBody, ResourceName, Settings, Topology, VXLAN_PORT,
+    DirectDevice, DomainPrefixes, EndpointType, ExposeType, GatewayEndpoint, GatewayView, Member,
+    NodeView, PeerInfo, Resource, ResourceBody, ResourceName, Settings, Topology, VXLAN_PORT,
 };
 use crate::validate::{self, gateway_object};
 
@@ -274,6 +274,11 @@ pub fn compile_reusing(inputs: &Inputs, prev: Option<&Topology>) -> Compiled {
         }
     }
     for (name, view) in views {
+        // The compact form members of other domains receive: derived from
+        // the view alone, so it changes exactly when its prefixes do.
+        let prefixes = ResourceName::prefixes(&name);
+        let r = resource(&prefixes, ResourceBody::Prefixes(DomainPrefixes::of(&view)));
+        resources.insert(prefixes, r);
         let name = ResourceName::gateway(&name);
         let r = resource(&name, ResourceBody::Gateway(view));
         resources.insert(name, r);

@@ -170,11 +170,24 @@ proptest! {
             _ => None,
         }).collect();
         for n in nodes {
-            let v = view::node_view(&t, &n.name);
+            let v = view::node_view(&t, &n.name, false);
             prop_assert!(v.contains_key(&raven_core::ResourceName::settings()));
             prop_assert!(v.contains_key(&raven_core::ResourceName::node(&n.name)));
             let seen = v.keys().filter(|k| k.as_str().starts_with("gateway/")).count();
             prop_assert_eq!(seen, if n.gateway.is_some() { gateways } else { 0 });
+            // The compact view: a member holds every domain in one form or
+            // the other — its own as `gateway/`, the others as `prefixes/`.
+            let c = view::node_view(&t, &n.name, true);
+            let count = |kind: &str| c.keys().filter(|k| k.as_str().starts_with(kind)).count();
+            let member = n.gateway.is_some() && !n.tunnel_candidate && !n.proxy_active;
+            if member {
+                let own = n.gateway.as_ref().is_some_and(|g| t.resources.contains_key(&raven_core::ResourceName::gateway(g)));
+                prop_assert_eq!(count("gateway/"), usize::from(own));
+                prop_assert_eq!(count("prefixes/"), gateways - usize::from(own));
+                prop_assert_eq!(count("peer/"), 0);
+            } else {
+                prop_assert_eq!(&c, &v);
+            }
         }
     }
 

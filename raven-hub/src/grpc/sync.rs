@@ -320,6 +320,21 @@ pub struct Session {
     answered: bool,
     /// A mass removal the hub is holding back (logged once per set).
     held_back: Vec<ResourceName>,
+    /// The agent takes the compact member view ([`takes_compact_view`]).
+    compact: bool,
+}
+
+/// Which form of its view a session's agent receives: the compact member
+/// view when its Hello announces `CAPABILITY_COMPACT_MEMBER_VIEW` — then a
+/// node that is neither a tunnel candidate nor an active proxy endpoint
+/// gets its own gateway and the other domains' `prefixes/` resources, and
+/// the same node gets the full view from the revision its role changes
+/// ([`raven_core::view::view_class`]). Agents without it get the full
+/// view whatever their role.
+pub fn takes_compact_view(hello: &v1::Hello) -> bool {
+    hello
+        .capabilities
+        .contains(&(v1::Capability::CompactMemberView as i32))
 }
 
 impl std::fmt::Debug for Session {
@@ -364,6 +379,7 @@ impl Session {
             heartbeat_seq: 0,
             answered: false,
             held_back: Vec::new(),
+            compact: false,
         }
     }
 
@@ -442,6 +458,7 @@ impl Session {
             hello.capabilities.contains(&(v1::Capability::Delta as i32)) && hello.cache_complete;
         let ids = self.shared.for_agents.borrow().ids.clone();
         self.held = Held::from_inventory(inventory, &ids);
+        self.compact = takes_compact_view(&hello);
         self.held_epoch = hello.epoch.clone();
         self.held_revision = hello.revision;
         let snapshot = !delta;
@@ -629,7 +646,9 @@ impl Session {
         for name in names {
             match (current.topology.resources.get(name), current.ids.id(name)) {
                 // In view: sent unless held at this version or refused.
-                (Some(r), Some(id)) if view::in_view(&current.topology, &self.node, name) => {
+                (Some(r), Some(id))
+                    if view::in_view(&current.topology, &self.node, name, self.compact) =>
+                {
                     let t = tag(&r.version);
                     if self.held.get(id) != Some(t) && !self.nacked.contains(&(id, t)) {
                         changed.push((id, t));
@@ -644,7 +663,7 @@ impl Session {
 
     /// What changed for this agent, from its whole view.
     fn plan_full(&self, current: &Published) -> Planned {
-        let names = view::view_names(&current.topology, &self.node);
+        let names = view::view_names(&current.topology, &self.node, self.compact);
         let mut wanted: Vec<u32> = Vec::with_capacity(names.len());
         let mut changed = Vec::new();
         // The view lists names in order, so `changed` is in name order.
@@ -685,7 +704,21 @@ impl Session {
         // first snapshot goes out unmarked, so the agent's guard holds it
         // back. Any smaller removal after the first Update was observed by
         // this hub while the agent was in sync with it: a deliberate change.
-        let mass = is_mass_removal(removed.len(), self.held.len());
+        // A domain traded for its other form (`gateway/<g>` for
+        // `prefixes/<g>` when the node's role changes) is not removed.
+        let lost = if removed.is_empty() {
+            0
+        } else {
+            let sent: BTreeSet<&ResourceName> = changed
+                .iter()
+                .filter_map(|(id, _)| current.ids.name(*id))
+                .collect();
+            let gone: BTreeSet<&ResourceName> = removed.iter().collect();
+            view::lost(&removed, |c| {
+                sent.contains(c) || (self.held.contains(c, &current.ids) && !gone.contains(c))
+            })
+        };
+        let mass = is_mass_removal(lost, self.held.len());
         let confirmed = self.shared.config.confirm_mass_removal;
         if mass && !confirmed && !first {
             if self.held_back != removed {
