@@ -663,10 +663,12 @@ impl Session {
 
     /// What changed for this agent, from its whole view.
     fn plan_full(&self, current: &Published) -> Planned {
-        let names = view::view_names(&current.topology, &self.node, self.compact);
+        let mut names = view::view_names(&current.topology, &self.node, self.compact);
+        // The compact view lists its kinds one after the other: in name
+        // order, `changed` is too.
+        names.sort_unstable();
         let mut wanted: Vec<u32> = Vec::with_capacity(names.len());
         let mut changed = Vec::new();
-        // The view lists names in order, so `changed` is in name order.
         for n in &names {
             let (Some(r), Some(id)) = (current.topology.resources.get(n), current.ids.id(n)) else {
                 continue;
