@@ -14,8 +14,8 @@ use proptest::prelude::*;
 use raven_model::AgentReport;
 use raven_model::names::{GatewayName, NodeName};
 use raven_model::topology::{
-    EndpointType, ExposeType, GatewayEndpoint, GatewayView, Member, NodeView, PeerInfo, Resource,
-    ResourceBody, ResourceName, Settings,
+    DomainPrefixes, EndpointType, ExposeType, GatewayEndpoint, GatewayView, Member, NodeView,
+    PeerInfo, Resource, ResourceBody, ResourceName, Settings,
 };
 
 const NAME: &str = "[a-z0-9]([a-z0-9-]{0,20}[a-z0-9])?";
@@ -228,6 +228,7 @@ pub fn resource_body() -> impl Strategy<Value = ResourceBody> {
         gateway_view().prop_map(ResourceBody::Gateway),
         node_view().prop_map(ResourceBody::Node),
         peer_info().prop_map(ResourceBody::Peer),
+        gateway_view().prop_map(|g| ResourceBody::Prefixes(DomainPrefixes::of(&g))),
     ]
 }
 
@@ -238,6 +239,7 @@ pub fn name_of(body: &ResourceBody) -> ResourceName {
         ResourceBody::Gateway(g) => ResourceName::gateway(&g.name),
         ResourceBody::Node(n) => ResourceName::node(&n.name),
         ResourceBody::Peer(p) => ResourceName::peer(&p.node),
+        ResourceBody::Prefixes(p) => ResourceName::prefixes(&p.gateway),
     }
 }
 

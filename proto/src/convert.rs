@@ -17,8 +17,9 @@ use raven_model::AgentReport;
 use raven_model::names::{GatewayName, NodeName};
 use raven_model::problem::{Problem, Severity};
 use raven_model::topology::{
-    ContentVersion, DirectDevice, EndpointType, ExposeType, GatewayEndpoint, GatewayView, Member,
-    NodeView, PeerInfo, Resource, ResourceBody, ResourceName, Settings, Topology, VpnDriver,
+    ContentVersion, DirectDevice, DomainPrefixes, EndpointType, ExposeType, GatewayEndpoint,
+    GatewayView, Member, NodeView, PeerInfo, Resource, ResourceBody, ResourceName, Settings,
+    Topology, VpnDriver,
 };
 
 use crate::v1;
@@ -137,11 +138,11 @@ pub fn resource_from_proto(r: &v1::Resource) -> Result<(ResourceName, Resource),
         cx.invalid(
             "name",
             &r.name,
-            "is not a resource name (settings, gateway/<name>, node/<name> or peer/<name>)",
+            "is not a resource name (settings, gateway/<name>, prefixes/<name>, node/<name> or peer/<name>)",
         )
     })?;
     let body = r.body.as_ref().ok_or_else(|| cx.missing("body"))?;
-    let body = body_from_proto(&cx, body)?;
+    let body = body_from_proto(&cx, &name, body)?;
 
     let (owner, owner_field) = owner(&body);
     if owner != name {
@@ -186,6 +187,7 @@ fn owner(body: &ResourceBody) -> (ResourceName, &'static str) {
         ResourceBody::Gateway(g) => (ResourceName::gateway(&g.name), "name"),
         ResourceBody::Node(n) => (ResourceName::node(&n.name), "name"),
         ResourceBody::Peer(p) => (ResourceName::peer(&p.node), "node"),
+        ResourceBody::Prefixes(p) => (ResourceName::prefixes(&p.gateway), "body"),
     }
 }
 
@@ -236,12 +238,43 @@ fn body_to_proto(body: &ResourceBody) -> v1::resource::Body {
             }),
             ipsec_public_key: p.ipsec_public_key.clone(),
         }),
+        ResourceBody::Prefixes(p) => Body::Prefixes(v1::DomainPrefixes {
+            prefixes: crate::packed::pack(p.prefixes.iter().copied()),
+            endpoint_addresses: crate::packed::pack_addresses(p.endpoint_addresses.iter().copied()),
+        }),
     }
 }
 
-fn body_from_proto(cx: &Cx, body: &v1::resource::Body) -> Result<ResourceBody, ConversionError> {
+/// Decodes a body received under `name` (a `DomainPrefixes` body takes its
+/// gateway from it).
+fn body_from_proto(
+    cx: &Cx,
+    name: &ResourceName,
+    body: &v1::resource::Body,
+) -> Result<ResourceBody, ConversionError> {
     use v1::resource::Body;
     Ok(match body {
+        Body::Prefixes(p) => {
+            let gateway = name
+                .domain()
+                .filter(|_| name.as_str().starts_with("prefixes/"))
+                .ok_or_else(|| {
+                    cx.inconsistent(
+                        "body",
+                        "holds a prefixes body, which belongs under prefixes/<gateway>".to_owned(),
+                    )
+                })?;
+            let packed = |field: &str, e: crate::packed::PackError| {
+                cx.invalid(&format!("{field}.{}", e.field), "<packed bytes>", e.reason)
+            };
+            ResourceBody::Prefixes(DomainPrefixes {
+                gateway,
+                prefixes: crate::packed::unpack(p.prefixes.as_ref())
+                    .map_err(|e| packed("prefixes", e))?,
+                endpoint_addresses: crate::packed::unpack_addresses(p.endpoint_addresses.as_ref())
+                    .map_err(|e| packed("endpoint_addresses", e))?,
+            })
+        }
         Body::Settings(s) => ResourceBody::Settings(Settings {
             raven_cfg_present: s.raven_cfg_present,
             enable_l3_tunnel: s.enable_l3_tunnel,

@@ -12,7 +12,7 @@
 
 use std::fmt;
 
-use bytes::{Buf, BufMut, Bytes};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use prost::Message;
 use prost::encoding::{DecodeContext, WireType};
 use raven_model::topology::{Resource, ResourceName};
@@ -88,6 +88,17 @@ enum Part {
 }
 
 impl Part {
+    fn encode(&self, buf: &mut impl BufMut) {
+        match self {
+            Self::Raw(b) => buf.put_slice(b),
+            Self::Resource(b) => {
+                prost::encoding::encode_key(UPDATE_RESOURCES_FIELD, WireType::LengthDelimited, buf);
+                prost::encoding::encode_varint(b.len() as u64, buf);
+                buf.put_slice(b);
+            }
+        }
+    }
+
     fn encoded_len(&self) -> usize {
         match self {
             Self::Raw(b) => b.len(),
@@ -171,6 +182,24 @@ impl EncodedSyncResponse {
         Self::from_parts(vec![Part::Raw(message.encode_to_vec().into())])
     }
 
+    /// Writes the encoding of parts `*next..` into `buf` until `buf` holds
+    /// at least `at_least` bytes or the message is written out (then
+    /// returns true); advances `*next`. A server streams a message in
+    /// pieces this way, with no buffer the size of the whole message (a
+    /// first snapshot is hundreds of KB, and a buffer grown to that size
+    /// would stay with the stream).
+    pub fn write_some(&self, next: &mut usize, buf: &mut BytesMut, at_least: usize) -> bool {
+        while buf.len() < at_least {
+            let Some(part) = self.parts.get(*next) else {
+                return true;
+            };
+            buf.reserve(part.encoded_len());
+            part.encode(buf);
+            *next += 1;
+        }
+        *next >= self.parts.len()
+    }
+
     /// Number of resources carried as shared pre-encoded bytes.
     pub fn shared_resources(&self) -> usize {
         self.parts
@@ -203,18 +232,7 @@ impl fmt::Debug for EncodedSyncResponse {
 impl Message for EncodedSyncResponse {
     fn encode_raw(&self, buf: &mut impl BufMut) {
         for part in &self.parts {
-            match part {
-                Part::Raw(b) => buf.put_slice(b),
-                Part::Resource(b) => {
-                    prost::encoding::encode_key(
-                        UPDATE_RESOURCES_FIELD,
-                        WireType::LengthDelimited,
-                        buf,
-                    );
-                    prost::encoding::encode_varint(b.len() as u64, buf);
-                    buf.put_slice(b);
-                }
-            }
+            part.encode(buf);
         }
     }
 

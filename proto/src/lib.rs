@@ -12,6 +12,7 @@
 
 mod convert;
 mod encoded;
+mod packed;
 
 #[cfg(any(test, feature = "arbitrary"))]
 pub mod arbitrary;

@@ -88,6 +88,12 @@ proptest! {
     }
 
     #[test]
+    fn domain_prefixes_round_trip_through_proto(g in arbitrary::gateway_view()) {
+        let body = ResourceBody::Prefixes(raven_model::topology::DomainPrefixes::of(&g));
+        roundtrip(&arbitrary::name_of(&body), &Resource::new(body))?;
+    }
+
+    #[test]
     fn equal_resources_encode_to_equal_bytes((name, r) in resource()) {
         let once = resource_to_proto(&name, &r).encode_to_vec();
         let twice = resource_to_proto(&name, &r).encode_to_vec();
@@ -311,7 +317,41 @@ fn conversion_errors_name_resource_field_and_value() {
         resource_from_proto(&p)
             .expect_err("bad name accepted")
             .to_string(),
-        r#"resource gateways/gw-a: name: "gateways/gw-a" is not a resource name (settings, gateway/<name>, node/<name> or peer/<name>)"#
+        r#"resource gateways/gw-a: name: "gateways/gw-a" is not a resource name (settings, gateway/<name>, prefixes/<name>, node/<name> or peer/<name>)"#
+    );
+
+    // Packed prefixes that do not decode, and a prefixes body under a
+    // gateway's name.
+    let gw_a = raven_model::GatewayName::new("gw-a").unwrap_or_else(|_| unreachable!());
+    let prefixes = ResourceName::prefixes(&gw_a);
+    let mut p = resource_to_proto(
+        &prefixes,
+        &Resource::new(ResourceBody::Prefixes(
+            raven_model::topology::DomainPrefixes {
+                gateway: gw_a,
+                prefixes: vec!["10.0.0.0/8".parse().unwrap_or_else(|_| unreachable!())],
+                endpoint_addresses: Vec::new(),
+            },
+        )),
+    );
+    if let Some(v1::resource::Body::Prefixes(d)) = &mut p.body {
+        d.prefixes = Some(v1::PackedPrefixes {
+            ipv4: vec![64, 2, 1, 0],
+            ipv6: Vec::new(),
+        });
+    }
+    assert_eq!(
+        resource_from_proto(&p)
+            .expect_err("a repeated prefix accepted")
+            .to_string(),
+        r#"resource prefixes/gw-a: prefixes.ipv4: "<packed bytes>" repeats an address"#
+    );
+    p.name = "gateway/gw-a".into();
+    assert_eq!(
+        resource_from_proto(&p)
+            .expect_err("prefixes under a gateway's name accepted")
+            .to_string(),
+        "resource gateway/gw-a: body: holds a prefixes body, which belongs under prefixes/<gateway>"
     );
 }
 

@@ -92,7 +92,7 @@ fn main() {
         let view_t = time(3, || {
             nodes
                 .iter()
-                .map(|n| view::view_names(&topo, n).len())
+                .map(|n| view::view_names(&topo, n, true).len())
                 .sum::<usize>()
         });
         rows.insert(g, (label, compile_t, view_t, topo.resources.len()));

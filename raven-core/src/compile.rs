@@ -19,8 +19,8 @@ use crate::liveness;
 use crate::names::{GatewayName, NodeName};
 use crate::problem::Problem;
 use crate::topology::{
-    DirectDevice, EndpointType, ExposeType, GatewayEndpoint, GatewayView, Member, NodeView,
-    PeerInfo, Resource, ResourceBody, ResourceName, Settings, Topology, VXLAN_PORT,
+    DirectDevice, DomainPrefixes, EndpointType, ExposeType, GatewayEndpoint, GatewayView, Member,
+    NodeView, PeerInfo, Resource, ResourceBody, ResourceName, Settings, Topology, VXLAN_PORT,
 };
 use crate::validate::{self, gateway_object};
 
@@ -107,6 +107,25 @@ pub fn admit(mut gw: v1beta1::Gateway) -> Result<Admitted, Vec<Problem>> {
 
 /// Compiles the cluster.
 pub fn compile(inputs: &Inputs) -> Compiled {
+    compile_reusing(inputs, None)
+}
+
+/// Compiles the cluster like [`compile`], taking the content version of
+/// every resource whose body is unchanged from `prev` (the last compile)
+/// instead of serializing and hashing it again: a version is a pure function
+/// of the body, so the output is the same, and a one-node change hashes the
+/// few resources it changed instead of every resource of the cluster.
+pub fn compile_reusing(inputs: &Inputs, prev: Option<&Topology>) -> Compiled {
+    let resource = |name: &ResourceName, body: ResourceBody| match prev
+        .and_then(|t| t.resources.get(name))
+        .filter(|old| old.body == body)
+    {
+        Some(old) => Resource {
+            version: old.version.clone(),
+            body,
+        },
+        None => Resource::new(body),
+    };
     let mut problems = Vec::new();
     let config = inputs.config;
     if !config.present {
@@ -204,22 +223,20 @@ pub fn compile(inputs: &Inputs) -> Compiled {
     }
 
     let mut resources = BTreeMap::new();
-    resources.insert(
-        ResourceName::settings(),
-        Resource::new(ResourceBody::Settings(Settings {
-            raven_cfg_present: config.present,
-            enable_l3_tunnel: config.enable_l3_tunnel,
-            enable_l7_proxy: config.enable_l7_proxy,
-            vxlan_port: VXLAN_PORT,
-            vpn_driver: config.vpn_driver,
-        })),
-    );
+    let settings = ResourceBody::Settings(Settings {
+        raven_cfg_present: config.present,
+        enable_l3_tunnel: config.enable_l3_tunnel,
+        enable_l7_proxy: config.enable_l7_proxy,
+        vxlan_port: VXLAN_PORT,
+        vpn_driver: config.vpn_driver,
+    });
+    let name = ResourceName::settings();
+    resources.insert(name.clone(), resource(&name, settings));
     for node in inputs.nodes.values() {
         let view = node_view(node, &views);
-        resources.insert(
-            ResourceName::node(&node.name),
-            Resource::new(ResourceBody::Node(view)),
-        );
+        let name = ResourceName::node(&node.name);
+        let r = resource(&name, ResourceBody::Node(view));
+        resources.insert(name, r);
     }
     for view in views.values() {
         for cand in &view.tunnel_candidates {
@@ -251,17 +268,20 @@ pub fn compile(inputs: &Inputs) -> Compiled {
                 direct,
                 ipsec_public_key: report.ipsec_public_key,
             };
-            resources.insert(
-                ResourceName::peer(&cand.node),
-                Resource::new(ResourceBody::Peer(peer)),
-            );
+            let name = ResourceName::peer(&cand.node);
+            let r = resource(&name, ResourceBody::Peer(peer));
+            resources.insert(name, r);
         }
     }
     for (name, view) in views {
-        resources.insert(
-            ResourceName::gateway(&name),
-            Resource::new(ResourceBody::Gateway(view)),
-        );
+        // The compact form members of other domains receive: derived from
+        // the view alone, so it changes exactly when its prefixes do.
+        let prefixes = ResourceName::prefixes(&name);
+        let r = resource(&prefixes, ResourceBody::Prefixes(DomainPrefixes::of(&view)));
+        resources.insert(prefixes, r);
+        let name = ResourceName::gateway(&name);
+        let r = resource(&name, ResourceBody::Gateway(view));
+        resources.insert(name, r);
     }
 
     problems.sort();
@@ -602,7 +622,14 @@ fn compile_gateway(
         .as_ref()
         .map(|s| s.active_endpoints.as_slice())
         .unwrap_or(&[]);
-    let connected: BTreeSet<&str> = live.connected.iter().map(NodeName::as_str).collect();
+    // Only this domain's Ready members can be elected: their streams are
+    // all the election needs (not every connected agent of the cluster,
+    // which made each compile O(gateways × agents)).
+    let connected: BTreeSet<&str> = members
+        .iter()
+        .filter(|n| n.ready && live.connected.contains(&n.name))
+        .map(|n| n.name.as_str())
+        .collect();
     let dead: BTreeSet<&str> = live.dead.iter().map(NodeName::as_str).collect();
     let active = election::elect_live(spec, previous, &ready, &connected, &dead, config);
 

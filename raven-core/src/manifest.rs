@@ -5,7 +5,8 @@
 //! Each document stands alone: a broken one is reported with its file,
 //! document number, field and value, and every other document is still used.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{ConfigMap, Node};
 use serde::de::DeserializeOwned;
@@ -13,6 +14,7 @@ use serde_yaml_ng::Value;
 
 use crate::api::{self, v1alpha1, v1beta1};
 use crate::cluster::{ClusterNode, Inputs, RavenConfig};
+use crate::compile::{Admitted, admit};
 use crate::problem::Problem;
 use crate::yaml;
 
@@ -79,15 +81,58 @@ fn describe(value: &Value, at: &str) -> String {
     }
 }
 
+/// One object as the file that defines it reads alone.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Object {
+    /// Admitted, or refused by admission with why (boxed: a Gateway is
+    /// far larger than the other kinds).
+    Gateway(Box<Result<Admitted, Vec<Problem>>>),
+    Node(ClusterNode),
+    Config(RavenConfig),
+}
+
+/// An object and where in its file it is (`file#doc`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Placed {
+    pub at: String,
+    pub object: Object,
+}
+
+/// What one file defines, read alone: independent of every other file, so
+/// a change to one file re-parses that file only.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct FileObjects {
+    /// `Kind/name` → the file's first copy of it.
+    pub objects: BTreeMap<String, Placed>,
+    /// Problems of the file's documents (a copy repeated within the file
+    /// included); never a problem that depends on another file.
+    pub problems: Vec<Problem>,
+}
+
+impl FileObjects {
+    /// Whether a problem of this file is an error (the file is broken).
+    pub fn has_errors(&self) -> bool {
+        self.problems
+            .iter()
+            .any(|p| p.severity == crate::problem::Severity::Error)
+    }
+}
+
+/// Reads one file on its own.
+pub fn parse_file(file: &str, text: &str, limits: Limits) -> FileObjects {
+    let mut l = Loader {
+        limits,
+        ..Default::default()
+    };
+    l.load_file(file, text);
+    l.out.problems.sort();
+    l.out
+}
+
 #[derive(Default)]
-struct Loader<'a> {
-    inputs: Inputs,
-    problems: Vec<Problem>,
-    /// `Kind/name` → (where it was loaded from, its file).
-    seen: BTreeMap<String, (String, String)>,
+struct Loader {
+    out: FileObjects,
     limits: Limits,
-    owners: Option<&'a Owners>,
-    file: String,
 }
 
 /// Loads manifests from `(file name, contents)` pairs, in the given order,
@@ -99,29 +144,222 @@ pub fn load(sources: &[(String, String)]) -> Loaded {
 /// Loads manifests with `limits`; of two copies of one object, the one in
 /// the file `owners` names wins (else the first in order).
 pub fn load_with(sources: &[(String, String)], limits: Limits, owners: &Owners) -> Loaded {
-    let mut l = Loader {
-        limits,
-        owners: Some(owners),
-        ..Default::default()
-    };
-    for (file, text) in sources {
-        l.file.clone_from(file);
-        l.load_file(file, text);
+    let mut merged = Merged::new(owners.clone());
+    let mut touched = BTreeSet::new();
+    for (rank, (file, text)) in (0u64..).zip(sources) {
+        touched.extend(merged.stage(file, rank, Some(Arc::new(parse_file(file, text, limits)))));
     }
-    l.problems.sort();
-    Loaded {
-        inputs: l.inputs,
-        problems: l.problems,
-        origins: l.seen.into_iter().map(|(k, (_, f))| (k, f)).collect(),
+    merged.resolve(&touched);
+    merged.loaded()
+}
+
+/// The objects of many files merged: which copy of each object is served
+/// and the duplicates reported. Kept between changes: replacing one file's
+/// objects ([`Merged::set`]) costs what that file defines, not what the
+/// directory holds.
+///
+/// Of two copies of one object, the copy in the file that owns it (served
+/// it before, [`Owners`]) wins; without an owner, the first file by rank,
+/// then name. Every other copy is reported as a duplicate.
+#[derive(Debug, Clone, Default)]
+pub struct Merged {
+    files: BTreeMap<String, (u64, Arc<FileObjects>)>,
+    /// `Kind/name` → the files defining it, in precedence order.
+    defs: BTreeMap<String, BTreeSet<(u64, String)>>,
+    /// `Kind/name` → the file whose copy is served.
+    owners: Owners,
+    /// `Kind/name` → its duplicate reports, for objects defined twice.
+    duplicates: BTreeMap<String, Vec<Problem>>,
+}
+
+impl Merged {
+    /// Starts empty; `owners` decides duplicates as history would.
+    pub fn new(owners: Owners) -> Self {
+        Self {
+            owners,
+            ..Default::default()
+        }
+    }
+
+    /// Replaces what `file` defines (`None`: the file is gone, its objects
+    /// go with it) and picks the served copies anew. Returns the keys
+    /// (`Kind/name`) whose served copy may have changed: only keys the old
+    /// or the new version of `file` names.
+    pub fn set(
+        &mut self,
+        file: &str,
+        rank: u64,
+        objects: Option<Arc<FileObjects>>,
+    ) -> BTreeSet<String> {
+        let touched = self.stage(file, rank, objects);
+        self.resolve(&touched);
+        touched
+    }
+
+    /// [`Merged::set`] without picking the served copies: a batch of files
+    /// stages each, then [`Merged::resolve`]s the keys they return once, so
+    /// the owners from before the batch decide every duplicate in it.
+    pub fn stage(
+        &mut self,
+        file: &str,
+        rank: u64,
+        objects: Option<Arc<FileObjects>>,
+    ) -> BTreeSet<String> {
+        let mut touched = BTreeSet::new();
+        if let Some((old_rank, old)) = self.files.remove(file) {
+            for key in old.objects.keys() {
+                if let Some(d) = self.defs.get_mut(key) {
+                    d.remove(&(old_rank, file.to_owned()));
+                    if d.is_empty() {
+                        self.defs.remove(key);
+                    }
+                }
+                touched.insert(key.clone());
+            }
+        }
+        if let Some(new) = objects {
+            for key in new.objects.keys() {
+                self.defs
+                    .entry(key.clone())
+                    .or_default()
+                    .insert((rank, file.to_owned()));
+                touched.insert(key.clone());
+            }
+            self.files.insert(file.to_owned(), (rank, new));
+        }
+        touched
+    }
+
+    /// Picks the served copy of each of `keys` (and their duplicate
+    /// reports): the owner's copy if it still has one, else the first.
+    pub fn resolve(&mut self, keys: &BTreeSet<String>) {
+        for key in keys {
+            self.resolve_one(key);
+        }
+    }
+
+    fn resolve_one(&mut self, key: &str) {
+        self.duplicates.remove(key);
+        let Some(defs) = self.defs.get(key) else {
+            self.owners.remove(key);
+            return;
+        };
+        let owned = self
+            .owners
+            .get(key)
+            .and_then(|o| defs.iter().find(|(_, f)| f == o));
+        let Some(winner) = owned.or_else(|| defs.first()).cloned() else {
+            return;
+        };
+        self.owners.insert(key.to_owned(), winner.1.clone());
+        if defs.len() < 2 {
+            return;
+        }
+        let at = |file: &str| {
+            self.files
+                .get(file)
+                .and_then(|(_, f)| f.objects.get(key))
+                .map(|p| p.at.clone())
+                .unwrap_or_default()
+        };
+        let kept = at(&winner.1);
+        let reports = defs
+            .iter()
+            .filter(|d| **d != winner)
+            .map(|d| {
+                let message = if *d < winner {
+                    format!(
+                        "already defined at {kept}, which was served first; this copy is ignored"
+                    )
+                } else {
+                    format!("already defined at {kept}; this copy is ignored")
+                };
+                Problem::error(
+                    format!("{key} ({})", at(&d.1)),
+                    "metadata.name",
+                    "",
+                    message,
+                )
+            })
+            .collect();
+        self.duplicates.insert(key.to_owned(), reports);
+    }
+
+    /// The served copy of `key`: its file and the object.
+    pub fn served(&self, key: &str) -> Option<(&str, &Placed)> {
+        let file = self.owners.get(key)?;
+        let (_, objects) = self.files.get(file)?;
+        Some((file.as_str(), objects.objects.get(key)?))
+    }
+
+    /// Which file serves each object.
+    pub fn owners(&self) -> &Owners {
+        &self.owners
+    }
+
+    /// Every problem: each file's own and the duplicates, sorted.
+    pub fn problems(&self) -> Vec<Problem> {
+        let mut out: Vec<Problem> = self
+            .files
+            .values()
+            .flat_map(|(_, f)| f.problems.iter().cloned())
+            .chain(self.duplicates.values().flatten().cloned())
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Everything served, as one [`Loaded`] (a from-scratch view).
+    pub fn loaded(&self) -> Loaded {
+        let mut inputs = Inputs::default();
+        for key in self.owners.keys() {
+            if let Some((_, placed)) = self.served(key) {
+                add_object(&mut inputs, key, &placed.object);
+            }
+        }
+        Loaded {
+            inputs,
+            problems: self.problems(),
+            origins: self.owners.clone(),
+        }
     }
 }
 
-impl Loader<'_> {
+/// The `Kind/name` key of a Gateway named `name` (as written).
+pub fn gateway_key(name: &str) -> String {
+    format!("Gateway/{name}")
+}
+
+/// The name in a `Gateway/name` key.
+pub fn gateway_of_key(key: &str) -> Option<&str> {
+    key.strip_prefix("Gateway/")
+}
+
+/// Puts `object` (served under `key`) into `inputs`.
+pub fn add_object(inputs: &mut Inputs, key: &str, object: &Object) {
+    match object {
+        Object::Gateway(admission) => match &**admission {
+            Ok(gw) => {
+                inputs.gateways.insert(gw.name().clone(), gw.clone());
+            }
+            Err(problems) => {
+                let name = gateway_of_key(key).unwrap_or(key);
+                inputs.rejected.insert(name.to_owned(), problems.clone());
+            }
+        },
+        Object::Node(n) => {
+            inputs.nodes.insert(n.name.clone(), n.clone());
+        }
+        Object::Config(c) => inputs.config = *c,
+    }
+}
+
+impl Loader {
     fn load_file(&mut self, file: &str, text: &str) {
         for (i, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
             let at = origin(file, i + 1);
             if i >= self.limits.max_documents {
-                self.problems.push(Problem::error(
+                self.out.problems.push(Problem::error(
                     file,
                     "",
                     format!(">{}", self.limits.max_documents),
@@ -156,15 +394,19 @@ impl Loader<'_> {
                                 ),
                             )
                         };
-                        self.problems.push(p);
+                        self.out.problems.push(p);
                     }
                     if conflicting.is_empty() {
                         self.load_value(&at, value);
                     }
                 }
                 Err(e) => {
-                    self.problems
-                        .push(Problem::error(&at, "", "", format!("not valid YAML: {e}")));
+                    self.out.problems.push(Problem::error(
+                        &at,
+                        "",
+                        "",
+                        format!("not valid YAML: {e}"),
+                    ));
                     // After a syntax error the parser cannot find the next
                     // document boundary reliably; stop reading this file.
                     break;
@@ -198,12 +440,10 @@ impl Loader<'_> {
                 if let Some(node) = self.typed::<Node>(&object, value) {
                     match ClusterNode::from_k8s(&node) {
                         Ok((n, ps)) => {
-                            self.problems.extend(ps);
-                            if self.first(format!("Node/{}", n.name), at) {
-                                self.inputs.nodes.insert(n.name.clone(), n);
-                            }
+                            self.out.problems.extend(ps);
+                            self.add(format!("Node/{}", n.name), at, || Object::Node(n));
                         }
-                        Err(p) => self.problems.push(p),
+                        Err(p) => self.out.problems.push(p),
                     }
                 }
             }
@@ -214,7 +454,7 @@ impl Loader<'_> {
                 if let Some(cm) = self.typed::<ConfigMap>(&object, value) {
                     let ns = cm.metadata.namespace.clone().unwrap_or_default();
                     if ns != api::CONFIG_NAMESPACE {
-                        self.problems.push(Problem::warning(
+                        self.out.problems.push(Problem::warning(
                             &object,
                             "metadata.namespace",
                             ns,
@@ -222,12 +462,11 @@ impl Loader<'_> {
                         ));
                         return;
                     }
-                    if self.first(
+                    self.add(
                         format!("ConfigMap/{}/{}", api::CONFIG_NAMESPACE, api::CONFIG_NAME),
                         at,
-                    ) {
-                        self.inputs.config = RavenConfig::from_configmap(&cm);
-                    }
+                        || Object::Config(RavenConfig::from_configmap(&cm)),
+                    );
                 }
             }
             ("v1", "List") => match value.get("items") {
@@ -236,14 +475,14 @@ impl Loader<'_> {
                         self.load_value(&format!("{at}.items[{j}]"), item.clone());
                     }
                 }
-                _ => self.problems.push(Problem::error(
+                _ => self.out.problems.push(Problem::error(
                     &object,
                     "items",
                     "",
                     "a List needs an items array",
                 )),
             },
-            ("", _) | (_, "") => self.problems.push(Problem::error(
+            ("", _) | (_, "") => self.out.problems.push(Problem::error(
                 &object,
                 if api_version.is_empty() {
                     "apiVersion"
@@ -253,7 +492,7 @@ impl Loader<'_> {
                 "",
                 "missing; cannot tell what this document is",
             )),
-            _ => self.problems.push(Problem::warning(
+            _ => self.out.problems.push(Problem::warning(
                 &object,
                 "kind",
                 format!("{api_version} {kind}"),
@@ -269,7 +508,7 @@ impl Loader<'_> {
             Err(e) => {
                 let path = e.path().to_string();
                 let field = if path == "." { String::new() } else { path };
-                self.problems.push(Problem::error(
+                self.out.problems.push(Problem::error(
                     object,
                     field,
                     "",
@@ -280,36 +519,21 @@ impl Loader<'_> {
         }
     }
 
-    /// Whether this copy of `key` is the one to serve. The copy in the file
-    /// that owns the key wins (it was there first); otherwise the first
-    /// copy read. The other copy is reported.
-    fn first(&mut self, key: String, at: &str) -> bool {
-        let owner = self.owners.and_then(|o| o.get(&key));
-        if let Some((prev, prev_file)) = self.seen.get(&key) {
-            let takes_over = owner == Some(&self.file) && owner != Some(prev_file);
-            let (ignored, kept) = if takes_over {
-                (prev.as_str(), at)
-            } else {
-                (at, prev.as_str())
-            };
-            self.problems.push(Problem::error(
-                format!("{key} ({ignored})"),
+    /// Keeps the file's first copy of `key`; a later copy in the same file
+    /// is reported and ignored (copies in other files are [`Merged`]'s).
+    fn add(&mut self, key: String, at: &str, object: impl FnOnce() -> Object) {
+        if let Some(prev) = self.out.objects.get(&key) {
+            self.out.problems.push(Problem::error(
+                format!("{key} ({at})"),
                 "metadata.name",
                 "",
-                if takes_over {
-                    format!(
-                        "already defined at {kept}, which was served first; this copy is ignored"
-                    )
-                } else {
-                    format!("already defined at {kept}; this copy is ignored")
-                },
+                format!("already defined at {}; this copy is ignored", prev.at),
             ));
-            if !takes_over {
-                return false;
-            }
+            return;
         }
-        self.seen.insert(key, (at.to_owned(), self.file.clone()));
-        true
+        let at = at.to_owned();
+        let object = object();
+        self.out.objects.insert(key, Placed { at, object });
     }
 
     /// A Gateway with more endpoints than the limit is refused before it is
@@ -323,7 +547,7 @@ impl Loader<'_> {
         if n <= self.limits.max_endpoints {
             return false;
         }
-        self.problems.push(Problem::error(
+        self.out.problems.push(Problem::error(
             object,
             "spec.endpoints",
             n.to_string(),
@@ -338,7 +562,7 @@ impl Loader<'_> {
     fn add_gateway(&mut self, at: &str, gw: v1beta1::Gateway) {
         let name = gw.metadata.name.clone().unwrap_or_default();
         if name.is_empty() {
-            self.problems.push(Problem::error(
+            self.out.problems.push(Problem::error(
                 format!("Gateway ({at})"),
                 "metadata.name",
                 "",
@@ -346,9 +570,10 @@ impl Loader<'_> {
             ));
             return;
         }
-        if self.first(format!("Gateway/{name}"), at) {
-            self.inputs.admit_gateway(gw);
-        }
+        // Admitted once, here: the parse is kept while the file is unchanged.
+        self.add(gateway_key(&name), at, || {
+            Object::Gateway(Box::new(admit(gw)))
+        });
     }
 }
 

@@ -126,15 +126,17 @@ fn in_view_agrees_with_view_names_for_every_node_and_resource_of_every_case() {
         let loaded = manifest::load(&read_yaml_dir(&dir));
         let topology = compile(&loaded.inputs).topology;
         for node in loaded.inputs.nodes.keys() {
-            let names = raven_core::view::view_names(&topology, node);
-            for name in topology.resources.keys() {
-                assert_eq!(
-                    raven_core::view::in_view(&topology, node, name),
-                    names.contains(name),
-                    "{}: {node} / {name}",
-                    dir.display()
-                );
-                checked += 1;
+            for compact in [false, true] {
+                let names = raven_core::view::view_names(&topology, node, compact);
+                for name in topology.resources.keys() {
+                    assert_eq!(
+                        raven_core::view::in_view(&topology, node, name, compact),
+                        names.contains(name),
+                        "{}: {node} / {name} (compact {compact})",
+                        dir.display()
+                    );
+                    checked += 1;
+                }
             }
         }
     }

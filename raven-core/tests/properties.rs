@@ -126,6 +126,26 @@ proptest! {
         prop_assert_eq!(compile_docs(&docs), compile_docs(&shuffled));
     }
 
+    /// Reusing the versions of a previous compile (the hub's incremental
+    /// path) gives what a from-scratch compile gives, whatever that previous
+    /// compile was: of the same cluster, of another, or of an edit of it.
+    #[test]
+    fn compiling_reusing_a_previous_topology_equals_a_fresh_compile(docs in cluster(), other in cluster(), cut in any::<usize>()) {
+        let inputs = |docs: &[String]| {
+            let files: Vec<(String, String)> = docs.iter().enumerate().map(|(i, d)| (format!("f{i}"), d.clone())).collect();
+            manifest::load(&files).inputs
+        };
+        let fresh = compile(&inputs(&docs));
+        // An edit: one document dropped.
+        let mut edited = docs.clone();
+        edited.remove(cut % docs.len());
+        for prev in [&docs, &other, &edited] {
+            let prev = compile(&inputs(prev)).topology;
+            let reused = raven_core::compile::compile_reusing(&inputs(&docs), Some(&prev));
+            prop_assert_eq!(&reused, &fresh);
+        }
+    }
+
     #[test]
     fn compiling_twice_gives_identical_bytes_and_versions(docs in cluster()) {
         prop_assert_eq!(compile_docs(&docs), compile_docs(&docs));
@@ -150,11 +170,24 @@ proptest! {
             _ => None,
         }).collect();
         for n in nodes {
-            let v = view::node_view(&t, &n.name);
+            let v = view::node_view(&t, &n.name, false);
             prop_assert!(v.contains_key(&raven_core::ResourceName::settings()));
             prop_assert!(v.contains_key(&raven_core::ResourceName::node(&n.name)));
             let seen = v.keys().filter(|k| k.as_str().starts_with("gateway/")).count();
             prop_assert_eq!(seen, if n.gateway.is_some() { gateways } else { 0 });
+            // The compact view: a member holds every domain in one form or
+            // the other — its own as `gateway/`, the others as `prefixes/`.
+            let c = view::node_view(&t, &n.name, true);
+            let count = |kind: &str| c.keys().filter(|k| k.as_str().starts_with(kind)).count();
+            let member = n.gateway.is_some() && !n.tunnel_candidate && !n.proxy_active;
+            if member {
+                let own = n.gateway.as_ref().is_some_and(|g| t.resources.contains_key(&raven_core::ResourceName::gateway(g)));
+                prop_assert_eq!(count("gateway/"), usize::from(own));
+                prop_assert_eq!(count("prefixes/"), gateways - usize::from(own));
+                prop_assert_eq!(count("peer/"), 0);
+            } else {
+                prop_assert_eq!(&c, &v);
+            }
         }
     }
 

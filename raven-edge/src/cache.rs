@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use prost::Message;
-use raven_model::topology::{GatewayView, NodeView, PeerInfo, Settings};
+use raven_model::topology::{DomainPrefixes, GatewayView, NodeView, PeerInfo, Settings};
 use raven_model::{ContentVersion, NodeName, Resource, ResourceBody, ResourceName};
 use raven_proto::{DecodedUpdate, v1};
 use raven_store::{Commit, Meta, Store, StoreError, StoreOptions, StoredResource};
@@ -109,9 +109,14 @@ pub fn check_update(
             && !update.resources.iter().any(|(u, _)| u == n)
     });
     let held_count = held.resources.len();
-    if !h.intentional_removal && raven_model::view::is_mass_removal(remove.len(), held_count) {
+    // A domain traded for its other form (`gateway/<g>` for `prefixes/<g>`,
+    // when the node's role changes) is not a removal of it.
+    let lost = raven_model::view::lost(&remove, |c| {
+        next.resources.contains_key(c) && !remove.contains(c)
+    });
+    if !h.intentional_removal && raven_model::view::is_mass_removal(lost, held_count) {
         return Err(Refusal::MassRemoval {
-            removing: remove.len(),
+            removing: lost,
             held: held_count,
         });
     }
@@ -137,6 +142,8 @@ pub struct View {
     pub me: NodeView,
     pub settings: Option<Settings>,
     pub gateways: Vec<GatewayView>,
+    /// Other domains by their prefixes alone (the compact member view).
+    pub remote: Vec<DomainPrefixes>,
     pub peers: Vec<PeerInfo>,
 }
 
@@ -153,12 +160,14 @@ impl CachedState {
         };
         let mut settings = None;
         let mut gateways = Vec::new();
+        let mut remote = Vec::new();
         let mut peers = Vec::new();
         for r in self.resources.values() {
             match &r.body {
                 ResourceBody::Settings(s) => settings = Some(s.clone()),
                 ResourceBody::Gateway(g) => gateways.push(g.clone()),
                 ResourceBody::Peer(p) => peers.push(p.clone()),
+                ResourceBody::Prefixes(p) => remote.push(p.clone()),
                 ResourceBody::Node(_) => {}
             }
         }
@@ -166,6 +175,7 @@ impl CachedState {
             me,
             settings,
             gateways,
+            remote,
             peers,
         })
     }
@@ -505,5 +515,122 @@ mod tests {
             Cache::open(dir.path(), &node, 1 << 20).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(reopened, a.next);
         assert!(reopened.view(&node).is_some());
+    }
+
+    /// A member of `gw-0` in a cluster of ten domains: its full view, its
+    /// compact view (what the hub sends an agent that announces
+    /// `CAPABILITY_COMPACT_MEMBER_VIEW`), and the node.
+    type Named = Vec<(ResourceName, Resource)>;
+
+    fn member_views() -> (Named, Named, NodeName) {
+        let me = fixtures::node("m-0-2");
+        let mut full = Vec::new();
+        let mut compact = Vec::new();
+        for g in 0..10u8 {
+            let name = format!("gw-{g}");
+            let gw = raven_model::topology::GatewayView {
+                members: (0..3u8)
+                    .map(|i| {
+                        fixtures::member(
+                            &format!("m-{g}-{i}"),
+                            &format!("172.16.{g}.{}", i + 1),
+                            &[&format!("10.{g}.{i}.0/24")],
+                        )
+                    })
+                    .collect(),
+                active_tunnel: Some(fixtures::endpoint(&format!("m-{g}-0"), 4500)),
+                tunnel_candidates: vec![fixtures::endpoint(&format!("m-{g}-0"), 4500)],
+                ..fixtures::gateway(&name)
+            };
+            let gw_name = ResourceName::gateway(&gw.name);
+            let prefixes = raven_model::topology::DomainPrefixes::of(&gw);
+            let body = ResourceBody::Gateway(gw);
+            full.push((gw_name.clone(), Resource::new(body.clone())));
+            if g == 0 {
+                compact.push((gw_name, Resource::new(body)));
+            } else {
+                compact.push((
+                    ResourceName::prefixes(&prefixes.gateway),
+                    Resource::new(ResourceBody::Prefixes(prefixes)),
+                ));
+            }
+        }
+        let node = ResourceBody::Node(NodeView {
+            private_ip: Some(fixtures::ip("172.16.0.3")),
+            subnets: vec![fixtures::net("10.0.2.0/24")],
+            ..fixtures::node_view(me.as_str(), Some("gw-0"))
+        });
+        for v in [&mut full, &mut compact] {
+            v.push((ResourceName::node(&me), Resource::new(node.clone())));
+            v.push(settings(4472));
+        }
+        (full, compact, me)
+    }
+
+    #[test]
+    fn a_member_trades_its_full_view_for_the_compact_one_and_restarts_from_the_cache() {
+        let (full, compact, me) = member_views();
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let (cache, empty) =
+            Cache::open(dir.path(), &me, 1 << 20).unwrap_or_else(|e| panic!("{e}"));
+        let mut h = header(1);
+        h.snapshot = true;
+        h.snapshot_complete = true;
+        let a = check_update(
+            &empty,
+            &update(h.clone(), full),
+            &mut SnapshotProgress::default(),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        cache.commit(&a).unwrap_or_else(|e| panic!("{e}"));
+        let local = crate::dataplane::Local::new("raven-wg0", 1500);
+        let plan = |s: &CachedState| {
+            let inputs = crate::dataplane::assemble(s.view(&me).as_ref(), &local, BTreeMap::new());
+            (
+                crate::dataplane::desired(&inputs),
+                crate::dataplane::skipnat::spec(&inputs),
+            )
+        };
+        let before = plan(&a.next);
+        assert_eq!(
+            before.0.state.routes.len(),
+            9 * 6,
+            "{:?}",
+            before.0.warnings
+        );
+        // The first snapshot after the agent announced the compact view
+        // (never marked intentional): nine gateways go, their prefixes come.
+        h.revision = 2;
+        let b = check_update(
+            &a.next,
+            &update(h.clone(), compact),
+            &mut SnapshotProgress::default(),
+        )
+        .unwrap_or_else(|e| panic!("a trade of form is no mass removal: {e}"));
+        assert_eq!(b.remove.len(), 9);
+        cache.commit(&b).unwrap_or_else(|e| panic!("{e}"));
+        drop(cache);
+        let (_, reopened) = Cache::open(dir.path(), &me, 1 << 20).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(reopened, b.next);
+        let view = reopened
+            .view(&me)
+            .unwrap_or_else(|| panic!("the node's view"));
+        assert_eq!((view.gateways.len(), view.remote.len()), (1, 9));
+        assert_eq!(plan(&reopened), before);
+        // The guard still holds for a real loss: the nine domains gone
+        // without their prefixes.
+        let (full, _, _) = member_views();
+        let gone: Vec<_> = full
+            .into_iter()
+            .filter(|(n, _)| !n.as_str().starts_with("gateway/") || n.as_str() == "gateway/gw-0")
+            .collect();
+        h.revision = 3;
+        assert_eq!(
+            check_update(&a.next, &update(h, gone), &mut SnapshotProgress::default()),
+            Err(Refusal::MassRemoval {
+                removing: 9,
+                held: 12
+            })
+        );
     }
 }

@@ -302,6 +302,7 @@ fn capabilities(ipsec: bool) -> Vec<i32> {
         v1::Capability::Delta as i32,
         v1::Capability::WireguardUserspace as i32,
         v1::Capability::LocalFailover as i32,
+        v1::Capability::CompactMemberView as i32,
     ];
     if ipsec {
         caps.push(v1::Capability::Ipsec as i32);

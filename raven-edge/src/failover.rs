@@ -634,6 +634,7 @@ mod tests {
         View {
             me: fixtures::node_view(me, Some(my_gw)),
             gateways: vec![gw("gw-a", &["a1", "a2", "a3"]), gw("gw-b", &["b1", "b2"])],
+            remote: vec![],
             settings: None,
             peers: vec![],
         }

@@ -106,8 +106,12 @@ pub enum StartError {
     Reader(#[from] tokio::task::JoinError),
 }
 
-/// Starts the hub: binds every listener first (so errors surface now), then
-/// spawns the sources, the pipeline and the servers.
+/// Starts the hub: binds every listener first (so errors surface now), opens
+/// the state store, then spawns the pipeline, the servers and the sources —
+/// the servers before the sources, so a restart in front of thousands of
+/// redialling agents takes their connections off the backlog into its own
+/// per-address queue while a large manifest directory or the first list
+/// from the API server loads; their streams wait for readiness.
 pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
     // Every TLS file is read and checked (the private key fixed or refused)
     // before anything else runs, so a missing or bad file stops the hub
@@ -118,21 +122,9 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
     let metrics = Metrics::new();
     let index = IndexHandle::default();
     let agents = Agents::new(config.replica.clone(), index.clone());
-    let revisions = match &config.data_dir {
-        Some(dir) => Revisions::open(dir, config.epoch.as_deref())?,
-        None => Revisions::in_memory(),
-    };
-    // Reports survive restarts: load them before the first compile (keys
-    // and observations; a local failover claim and probe verdicts count only
-    // while their agent is connected, and it re-reports them).
-    let (reports, stored) = crate::reports::Reports::load(revisions.store())?;
-    index.update(|i| {
-        for (node, mut report) in stored {
-            report.local_failover.clear();
-            report.dead_candidates.clear();
-            i.set_report(node, report);
-        }
-    });
+    // Listeners first, so a taken port stops the hub before anything is
+    // opened. Connections wait in the kernel's backlog only while the state
+    // store opens: the accept loop starts before the sources load (below).
     let listeners = Listeners::bind(config.grpc_addr, config.plaintext_addr).await?;
     let grpc_addr = listeners
         .grpc
@@ -155,6 +147,30 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
     };
     let http_addr = http.as_ref().and_then(|l| l.local_addr().ok());
 
+    // The state store and the stored reports are read on the blocking pool
+    // (sled's open reads and checks files).
+    let data_dir = config.data_dir.clone();
+    let epoch = config.epoch.clone();
+    let (revisions, reports, stored) = tokio::task::spawn_blocking(move || {
+        let revisions = match &data_dir {
+            Some(dir) => Revisions::open(dir, epoch.as_deref())?,
+            None => Revisions::in_memory(),
+        };
+        // Reports survive restarts: load them before the first compile (keys
+        // and observations; a local failover claim and probe verdicts count
+        // only while their agent is connected, and it re-reports them).
+        let (reports, stored) = crate::reports::Reports::load(revisions.store())?;
+        Ok::<_, StartError>((revisions, reports, stored))
+    })
+    .await
+    .expect("opening the hub state store panicked")?;
+    index.update(|i| {
+        for (node, mut report) in stored {
+            report.local_failover.clear();
+            report.dead_candidates.clear();
+            i.set_report(node, report);
+        }
+    });
     let mut tasks = JoinSet::new();
     let failed = Arc::new(OnceLock::new());
     index.update(|i| i.set_started(tokio::time::Instant::now()));
@@ -164,6 +180,33 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
         config.debounce,
         config.sync.failover_grace,
     );
+    let for_agents = pipeline.sessions();
+    let writer = reports.clone();
+    let shared = SyncShared::new(
+        published.clone(),
+        for_agents,
+        index.clone(),
+        agents.clone(),
+        metrics.clone(),
+        config.sync.clone(),
+        reports,
+        shutdown.clone(),
+    );
+    let sessions = shared.sessions.clone();
+    {
+        let shutdown = shutdown.clone();
+        let failed = failed.clone();
+        tasks.spawn(async move {
+            if let Err(e) = grpc::serve(listeners, tls_config, shared, shutdown.clone()).await {
+                let _ = failed.set(format!("gRPC server failed: {e}"));
+                tracing::error!(error = %e, "gRPC server failed; shutting the hub down");
+                shutdown.cancel();
+            }
+        });
+    }
+    // Sources after the server: the first load of a large manifest directory
+    // or a first list from the API server happens while connections are
+    // already being accepted.
     spawn_source(
         &mut tasks,
         &config.source,
@@ -175,7 +218,9 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
     )
     .await?;
 
-    let for_agents = pipeline.sessions();
+    // The pipeline starts after the first load: a compile of the empty,
+    // unsynced index would advance the stored revision, and agents resuming
+    // after a restart would see a new one for the same content.
     tasks.spawn(pipeline.run(shutdown.clone()));
     {
         let metrics = metrics.clone();
@@ -199,29 +244,8 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
         });
     }
 
-    tasks.spawn(reports.clone().run_writer(shutdown.clone()));
-    let shared = SyncShared::new(
-        published.clone(),
-        for_agents,
-        index.clone(),
-        agents.clone(),
-        metrics.clone(),
-        config.sync.clone(),
-        reports,
-        shutdown.clone(),
-    );
-    let sessions = shared.sessions.clone();
-    {
-        let shutdown = shutdown.clone();
-        let failed = failed.clone();
-        tasks.spawn(async move {
-            if let Err(e) = grpc::serve(listeners, tls_config, shared, shutdown.clone()).await {
-                let _ = failed.set(format!("gRPC server failed: {e}"));
-                tracing::error!(error = %e, "gRPC server failed; shutting the hub down");
-                shutdown.cancel();
-            }
-        });
-    }
+    tasks.spawn(writer.run_writer(shutdown.clone()));
+
     let metrics_http = metrics.clone();
     if let Some(listener) = http {
         let shutdown = shutdown.clone();
@@ -360,7 +384,13 @@ async fn spawn_source(
                 (watcher, loaded)
             })
             .await?;
-            load_into(index, loaded?);
+            let change = loaded?;
+            index.update(|i| {
+                i.apply_manifest_change(change);
+                for k in Kind::SOURCES {
+                    i.mark_synced(k);
+                }
+            });
             let mut watcher = Some(w);
             let index = index.clone();
             let shutdown = shutdown.clone();
@@ -392,9 +422,9 @@ async fn spawn_source(
                         },
                     };
                     match r {
-                        Ok(Some(loaded)) => {
-                            tracing::info!(dir = %w.dir().display(), "manifests changed; reloaded (new problems are logged when the topology is published)");
-                            load_into(&index, loaded);
+                        Ok(Some(change)) => {
+                            tracing::info!(dir = %w.dir().display(), gateways = change.gateways.len(), nodes = change.nodes.len(), "manifests changed; the changed files re-read (new problems are logged when the topology is published)");
+                            index.update(|i| i.apply_manifest_change(change));
                         }
                         Ok(None) => {}
                         Err(e) => tracing::warn!(error = %e, "manifest directory unreadable; keeping the last state"),

@@ -275,6 +275,33 @@ impl Index {
         self.misnamed.retain(|(kind, _), _| *kind != Kind::Node);
     }
 
+    /// Takes in what the manifest source says changed: exactly the objects
+    /// of the files that changed, so the work is proportional to them (the
+    /// rest of the index is left as it is).
+    pub fn apply_manifest_change(&mut self, change: crate::sources::manifests::Change) {
+        for (name, gw) in change.gateways {
+            match gw {
+                Some(admission) => self.apply_admission(name, admission),
+                None => self.delete_gateway(&name),
+            }
+        }
+        for (name, node) in change.nodes {
+            self.misnamed.remove(&(Kind::Node, name.to_string()));
+            match node {
+                Some(node) => {
+                    self.nodes.insert(name, (node, Vec::new()));
+                }
+                None => {
+                    self.nodes.remove(&name);
+                }
+            }
+        }
+        if let Some(config) = change.config {
+            self.config = config;
+        }
+        self.source_problems = change.problems;
+    }
+
     pub fn set_raven_config(&mut self, config: RavenConfig) {
         self.config = config;
     }

@@ -33,10 +33,86 @@ pub struct Published {
     pub gateways: BTreeMap<GatewayName, CompiledGateway>,
     /// Every resource encoded once; streams send these bytes as they are.
     pub encoded: BTreeMap<ResourceName, EncodedResource>,
-    /// What changed between `delta.from` and `revision`, so a session whose
-    /// agent is in sync with `delta.from` plans only those names instead of
-    /// its whole view (work per change proportional to the change).
-    pub delta: Option<Arc<Delta>>,
+    /// What changed in each of the last revisions of this epoch (at most
+    /// [`DELTA_HISTORY`], oldest first, consecutive; the last ends at
+    /// `revision`), so a session whose agent is in sync with any of them
+    /// plans only the names changed since ([`Published::changed_since`])
+    /// instead of its whole view: work per change proportional to the
+    /// change, also for a session that skipped revisions while an Update
+    /// was in flight (every agent, when Reports come in by the thousand).
+    pub deltas: Vec<Arc<Delta>>,
+    /// Every resource name this hub has published, interned: sessions keep
+    /// what their agent holds as these ids (see `grpc::held`).
+    pub ids: Arc<ResourceIds>,
+}
+
+/// Resource names interned as small numbers. Ids only ever grow: a name
+/// keeps its id for the hub's lifetime (also once it leaves the topology),
+/// so any later table resolves every id an earlier one gave out, and a
+/// session may keep ids across revisions. The table grows by the names the
+/// cluster ever had (~50 bytes each), not by changes.
+#[derive(Debug, Clone, Default)]
+pub struct ResourceIds {
+    ids: std::collections::HashMap<ResourceName, u32>,
+    names: Vec<ResourceName>,
+}
+
+impl ResourceIds {
+    pub fn id(&self, name: &ResourceName) -> Option<u32> {
+        self.ids.get(name).copied()
+    }
+
+    /// The name of `id` (given out by this table or an earlier one).
+    pub fn name(&self, id: u32) -> Option<&ResourceName> {
+        self.names.get(id as usize)
+    }
+
+    pub fn len(&self) -> usize {
+        self.names.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty()
+    }
+
+    /// Gives `name` an id if it has none.
+    pub fn intern(&mut self, name: &ResourceName) {
+        if !self.ids.contains_key(name) {
+            let id = u32::try_from(self.names.len()).unwrap_or(u32::MAX);
+            self.ids.insert(name.clone(), id);
+            self.names.push(name.clone());
+        }
+    }
+
+    /// `prev` with every name of `topology` interned: `prev` itself (shared,
+    /// no copy) when it knows them all.
+    pub fn extended(prev: &Arc<Self>, topology: &Topology) -> Arc<Self> {
+        let mut names = topology.resources.keys().filter(|n| prev.id(n).is_none());
+        let Some(first) = names.next() else {
+            return prev.clone();
+        };
+        let mut next = Self::clone(prev);
+        next.intern(first);
+        names.for_each(|n| next.intern(n));
+        Arc::new(next)
+    }
+}
+
+/// How many revisions back [`Published::deltas`] reaches.
+pub const DELTA_HISTORY: usize = 64;
+
+impl Published {
+    /// The names changed between revision `since` (of this epoch) and
+    /// this one; `None` when the kept deltas do not reach back to it.
+    pub fn changed_since(&self, since: u64) -> Option<BTreeSet<&ResourceName>> {
+        let start = self.deltas.iter().rposition(|d| d.from == since)?;
+        Some(
+            self.deltas[start..]
+                .iter()
+                .flat_map(|d| d.names.iter())
+                .collect(),
+        )
+    }
 }
 
 /// The resources that differ between two consecutive revisions of one epoch:
@@ -285,7 +361,9 @@ impl Pipeline {
                 .collect()
         };
         let compile_started = std::time::Instant::now();
-        let mut compiled = raven_core::compile(&inputs);
+        // Versions of unchanged resources come from the last state (a
+        // one-node change hashes the few resources it changed).
+        let mut compiled = raven_core::compile::compile_reusing(&inputs, Some(&prev.topology));
         crate::metrics::compile_observed(compile_started.elapsed());
         log_elections(
             &prev.gateways,
@@ -317,20 +395,24 @@ impl Pipeline {
                 )
             })
             .collect();
-        let delta = if state.epoch != prev.epoch {
-            None
+        let deltas = if state.epoch != prev.epoch {
+            Vec::new()
         } else if state.revision == prev.revision {
-            prev.delta.clone()
+            prev.deltas.clone()
         } else {
-            Some(Arc::new(Delta::between(
+            let keep = prev.deltas.len().min(DELTA_HISTORY - 1);
+            let mut deltas = prev.deltas[prev.deltas.len() - keep..].to_vec();
+            deltas.push(Arc::new(Delta::between(
                 prev.revision,
                 &prev.topology,
                 &compiled.topology,
-            )))
+            )));
+            deltas
         };
         let next = Published {
+            ids: ResourceIds::extended(&prev.ids, &compiled.topology),
             encoded,
-            delta,
+            deltas,
             epoch: state.epoch,
             revision: state.revision,
             ready,
@@ -649,6 +731,35 @@ mod tests {
         let names: Vec<&str> = d.names.iter().map(ResourceName::as_str).collect();
         assert_eq!(names, ["gateway/a", "gateway/b", "gateway/c"]);
         assert!(Delta::between(7, &after, &after).names.is_empty());
+    }
+
+    #[test]
+    fn names_changed_since_any_kept_revision_are_the_union_of_the_deltas_after_it() {
+        let name = |s: &str| ResourceName::parse(s).unwrap_or_else(|| panic!("{s}"));
+        let delta = |from: u64, names: &[&str]| {
+            Arc::new(Delta {
+                from,
+                names: names.iter().map(|n| name(n)).collect(),
+            })
+        };
+        let p = Published {
+            revision: 13,
+            deltas: vec![
+                delta(10, &["gateway/a"]),
+                delta(11, &["gateway/b", "peer/x"]),
+                delta(12, &["gateway/a"]),
+            ],
+            ..Default::default()
+        };
+        let since = |r: u64| {
+            p.changed_since(r)
+                .map(|n| n.into_iter().map(ResourceName::as_str).collect::<Vec<_>>())
+        };
+        assert_eq!(since(12), Some(vec!["gateway/a"]));
+        assert_eq!(since(11), Some(vec!["gateway/a", "gateway/b", "peer/x"]));
+        assert_eq!(since(10), Some(vec!["gateway/a", "gateway/b", "peer/x"]));
+        // Older than the kept history: a full plan.
+        assert_eq!(since(9), None);
     }
 
     /// Runs a pipeline with the default debounce on paused time, making a

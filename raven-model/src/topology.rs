@@ -21,8 +21,8 @@ pub const VXLAN_PORT: u16 = 4472;
 /// Default UDP port of gateway tunnels.
 pub const TUNNEL_PORT: u16 = 4500;
 
-/// Name of a resource: `settings`, `gateway/<name>`, `node/<name>` or
-/// `peer/<node>`.
+/// Name of a resource: `settings`, `gateway/<name>`, `prefixes/<gateway>`,
+/// `node/<name>` or `peer/<node>`.
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct ResourceName(String);
@@ -42,11 +42,33 @@ impl ResourceName {
     pub fn peer(name: &NodeName) -> Self {
         Self(format!("peer/{name}"))
     }
+    /// The compact form of `gateway/<name>` members of other domains
+    /// receive ([`DomainPrefixes`]).
+    pub fn prefixes(name: &GatewayName) -> Self {
+        Self(format!("prefixes/{name}"))
+    }
+    /// The gateway a `gateway/` or `prefixes/` resource describes.
+    pub fn domain(&self) -> Option<GatewayName> {
+        let (kind, n) = self.0.split_once('/')?;
+        matches!(kind, "gateway" | "prefixes")
+            .then(|| GatewayName::new(n).ok())
+            .flatten()
+    }
+    /// The other form of the same domain: `gateway/<g>` ↔ `prefixes/<g>`.
+    /// A view that trades one for the other loses nothing of that domain.
+    pub fn counterpart(&self) -> Option<Self> {
+        let g = self.domain()?;
+        Some(if self.0.starts_with("gateway/") {
+            Self::prefixes(&g)
+        } else {
+            Self::gateway(&g)
+        })
+    }
     /// Parses a name received from the network or read from the store.
     pub fn parse(s: &str) -> Option<Self> {
         let ok = match s.split_once('/') {
             None => s == Self::SETTINGS,
-            Some(("gateway", n)) => GatewayName::new(n).is_ok(),
+            Some(("gateway" | "prefixes", n)) => GatewayName::new(n).is_ok(),
             Some(("node" | "peer", n)) => NodeName::new(n).is_ok(),
             Some(_) => false,
         };
@@ -174,22 +196,55 @@ impl GatewayView {
             })
             .chain(self.extra_source_cidrs.iter().copied())
     }
+
+    /// The public addresses of its tunnel endpoints, candidates and the
+    /// active one (with repeats).
+    pub fn endpoint_addresses(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.tunnel_candidates
+            .iter()
+            .chain(self.active_tunnel.iter())
+            .filter_map(|e| e.public_ip)
+    }
 }
 
-/// What a node of `own_gateway` routes through its gateway: every prefix of
-/// every other gateway, sorted and without repeats.
-pub fn remote_prefixes<'a>(
-    gateways: impl IntoIterator<Item = &'a GatewayView>,
-    own_gateway: &GatewayName,
-) -> Vec<IpNet> {
-    let mut out: Vec<IpNet> = gateways
-        .into_iter()
-        .filter(|g| &g.name != own_gateway)
-        .flat_map(GatewayView::prefixes)
-        .collect();
-    out.sort();
-    out.dedup();
-    out
+/// What a member of another domain needs of one gateway's domain: the
+/// resource `prefixes/<gateway>`, sent instead of `gateway/<gateway>` to
+/// nodes that can never carry their own gateway's tunnel (see
+/// [`crate::view::ViewClass::Member`]). A member routes another domain's
+/// prefixes to its own gateway over VXLAN and exempts them from the CNI's
+/// masquerade; it never needs that domain's members, endpoints or keys
+/// beyond this. Derived from the [`GatewayView`] alone ([`Self::of`]), so a
+/// change of one domain changes this one resource and nothing else.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DomainPrefixes {
+    pub gateway: GatewayName,
+    /// [`GatewayView::prefixes`]: each member's address as a host prefix,
+    /// its pod subnets and the extra source CIDRs; sorted, without repeats.
+    pub prefixes: Vec<IpNet>,
+    /// The public addresses of the gateway's tunnel endpoints (candidates
+    /// and the active one), sorted, without repeats: reached over the
+    /// underlay, so a host prefix equal to one is never routed into a
+    /// tunnel.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub endpoint_addresses: Vec<IpAddr>,
+}
+
+impl DomainPrefixes {
+    /// The compact form of `g`.
+    pub fn of(g: &GatewayView) -> Self {
+        let mut prefixes: Vec<IpNet> = g.prefixes().collect();
+        prefixes.sort();
+        prefixes.dedup();
+        let mut endpoint_addresses: Vec<IpAddr> = g.endpoint_addresses().collect();
+        endpoint_addresses.sort();
+        endpoint_addresses.dedup();
+        Self {
+            gateway: g.name.clone(),
+            prefixes,
+            endpoint_addresses,
+        }
+    }
 }
 
 /// The node's own resource: where it belongs and which roles it holds.
@@ -304,6 +359,7 @@ pub enum ResourceBody {
     Gateway(GatewayView),
     Node(NodeView),
     Peer(PeerInfo),
+    Prefixes(DomainPrefixes),
 }
 
 /// A content version: the first 16 hex digits of the SHA-256 of the

@@ -1,20 +1,61 @@
 //! Per-node views: which resources of a topology one node receives.
 //!
-//! Every node gets the settings and its own `node/` resource. A member of a
-//! gateway domain also gets every `gateway/` resource (it routes remote
-//! subnets through its gateway). A node in no gateway gets the `gateway/`
-//! resources that carry a cloud proxy server (an exposed gateway with an
-//! active proxy endpoint): it routes nothing, but its layer-7 proxy opens
-//! its own reverse tunnel to those servers. A tunnel endpoint node also gets
-//! every `peer/` resource (it may become the active gateway by local
-//! failover).
+//! Every node gets the settings and its own `node/` resource. What else
+//! depends on its [`ViewClass`]:
+//!
+//! * **Full** — a tunnel candidate or an active proxy endpoint of its
+//!   gateway (or any node of a domain whose agent does not take the compact
+//!   view): every `gateway/` resource, and every `peer/` resource when it is
+//!   a tunnel candidate (it may become the active gateway by local
+//!   failover, without the hub, so it must hold every other gateway's
+//!   endpoints and keys beforehand).
+//! * **Member** — any other node of a gateway domain whose agent takes the
+//!   compact view (`CAPABILITY_COMPACT_MEMBER_VIEW`): its own gateway's
+//!   `gateway/` resource (the active endpoint it routes through over VXLAN,
+//!   its domain's members, the candidates it probes) and, for every other
+//!   domain, only `prefixes/<gateway>` ([`DomainPrefixes`]) — the prefixes
+//!   it routes through its gateway. It can never carry the tunnel, so it
+//!   never needs other gateways' endpoints or keys.
+//! * **Outside** — a node in no gateway: the `gateway/` resources that
+//!   carry a cloud proxy server (an exposed gateway with an active proxy
+//!   endpoint): it routes nothing, but its layer-7 proxy opens its own
+//!   reverse tunnel to those servers.
+//!
 //! Shared resources are the same `Resource` values for every node, so the hub
-//! can serialize them once.
+//! can serialize them once: a one-node change of one domain changes its
+//! `gateway/` and `prefixes/` resources, each encoded once for every
+//! receiver.
+//!
+//! [`DomainPrefixes`]: crate::topology::DomainPrefixes
 
 use std::collections::BTreeMap;
 
 use crate::names::NodeName;
-use crate::topology::{ExposeType, Resource, ResourceBody, ResourceName, Topology};
+use crate::topology::{ExposeType, NodeView, Resource, ResourceBody, ResourceName, Topology};
+
+/// Which resources a node receives (see the module documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ViewClass {
+    /// Every `gateway/` resource, and every `peer/` one for a tunnel
+    /// candidate.
+    Full,
+    /// Its own `gateway/` resource and every other domain's `prefixes/`.
+    Member,
+    /// In no gateway: the `gateway/` resources carrying a proxy server.
+    Outside,
+}
+
+/// The class of node `me`; `compact`: its agent takes the compact member
+/// view (an agent that does not gets the full view, whatever its role). A
+/// node that becomes a tunnel candidate or an active proxy endpoint (its
+/// `node/` resource changes) is Full from that revision on.
+pub fn view_class(me: &NodeView, compact: bool) -> ViewClass {
+    match &me.gateway {
+        None => ViewClass::Outside,
+        Some(_) if compact && !me.tunnel_candidate && !me.proxy_active => ViewClass::Member,
+        Some(_) => ViewClass::Full,
+    }
+}
 
 /// A gateway resource a node in no gateway receives: one that carries a
 /// cloud proxy server. Decided from the resource alone, so a change of it
@@ -24,9 +65,9 @@ fn serves_proxy(r: &Resource) -> bool {
         if g.expose_type != ExposeType::None && !g.active_proxies.is_empty())
 }
 
-/// Names of the resources `node` receives. Empty when the topology does not
-/// know the node.
-pub fn view_names(topology: &Topology, node: &NodeName) -> Vec<ResourceName> {
+/// Names of the resources `node` receives (`compact`: see [`view_class`]).
+/// Empty when the topology does not know the node.
+pub fn view_names(topology: &Topology, node: &NodeName, compact: bool) -> Vec<ResourceName> {
     let Some(me) = topology.node(node) else {
         return Vec::new();
     };
@@ -42,12 +83,21 @@ pub fn view_names(topology: &Topology, node: &NodeName) -> Vec<ResourceName> {
             .cloned()
     };
     let mut names: Vec<ResourceName> = Vec::new();
-    if me.gateway.is_some() {
-        names.extend(kind("gateway/"));
-    } else {
-        names.extend(
+    match view_class(me, compact) {
+        ViewClass::Full => names.extend(kind("gateway/")),
+        ViewClass::Member => {
+            let own = me.gateway.as_ref().map(ResourceName::gateway);
+            names.extend(
+                own.iter()
+                    .filter(|n| topology.resources.contains_key(n))
+                    .cloned(),
+            );
+            let own = me.gateway.as_ref().map(ResourceName::prefixes);
+            names.extend(kind("prefixes/").filter(|n| Some(n) != own.as_ref()));
+        }
+        ViewClass::Outside => names.extend(
             kind("gateway/").filter(|n| topology.resources.get(n).is_some_and(serves_proxy)),
-        );
+        ),
     }
     names.push(ResourceName::node(node));
     if me.tunnel_candidate {
@@ -63,7 +113,7 @@ pub fn view_names(topology: &Topology, node: &NodeName) -> Vec<ResourceName> {
 /// [`view_names`] for one name, so a change touching a few names is routed
 /// to a node without listing its whole view. False when the topology does
 /// not know the node.
-pub fn in_view(topology: &Topology, node: &NodeName, name: &ResourceName) -> bool {
+pub fn in_view(topology: &Topology, node: &NodeName, name: &ResourceName, compact: bool) -> bool {
     let Some(me) = topology.node(node) else {
         return false;
     };
@@ -71,10 +121,18 @@ pub fn in_view(topology: &Topology, node: &NodeName, name: &ResourceName) -> boo
         return false;
     };
     let s = name.as_str();
+    let class = view_class(me, compact);
+    let own = |n: &ResourceName| n.domain().is_some_and(|g| me.gateway.as_ref() == Some(&g));
     if s == ResourceName::SETTINGS {
         true
     } else if s.starts_with("gateway/") {
-        me.gateway.is_some() || serves_proxy(r)
+        match class {
+            ViewClass::Full => true,
+            ViewClass::Member => own(name),
+            ViewClass::Outside => serves_proxy(r),
+        }
+    } else if s.starts_with("prefixes/") {
+        class == ViewClass::Member && !own(name)
     } else if s.starts_with("peer/") {
         me.tunnel_candidate
     } else {
@@ -82,15 +140,31 @@ pub fn in_view(topology: &Topology, node: &NodeName, name: &ResourceName) -> boo
     }
 }
 
-/// The resources `node` receives.
+/// The resources `node` receives (`compact`: see [`view_class`]).
 pub fn node_view<'a>(
     topology: &'a Topology,
     node: &NodeName,
+    compact: bool,
 ) -> BTreeMap<ResourceName, &'a Resource> {
-    view_names(topology, node)
+    view_names(topology, node, compact)
         .into_iter()
         .filter_map(|n| topology.resources.get(&n).map(|r| (n, r)))
         .collect()
+}
+
+/// How many of `removed` take a domain away from the node: a removed
+/// `gateway/<g>` whose `prefixes/<g>` it keeps (`kept`), or the other way
+/// round, only changes the form of that domain — a member that became a
+/// tunnel candidate, an agent that started taking the compact view — and
+/// is no loss. What the mass-removal guard ([`is_mass_removal`]) counts.
+pub fn lost<'a>(
+    removed: impl IntoIterator<Item = &'a ResourceName>,
+    kept: impl Fn(&ResourceName) -> bool,
+) -> usize {
+    removed
+        .into_iter()
+        .filter(|n| n.counterpart().is_none_or(|c| !kept(&c)))
+        .count()
 }
 
 /// Below this many held resources a removal is never a mass removal.
@@ -167,13 +241,140 @@ mod tests {
                 proxy_active: false,
             })),
         );
-        let names = view_names(&t, &lonely);
-        assert_eq!(
-            names.iter().map(ResourceName::as_str).collect::<Vec<_>>(),
-            vec!["gateway/cloud", "node/lonely"]
-        );
-        for name in t.resources.keys() {
-            assert_eq!(in_view(&t, &lonely, name), names.contains(name), "{name}");
+        for compact in [false, true] {
+            let names = view_names(&t, &lonely, compact);
+            assert_eq!(
+                names.iter().map(ResourceName::as_str).collect::<Vec<_>>(),
+                vec!["gateway/cloud", "node/lonely"]
+            );
+            for name in t.resources.keys() {
+                assert_eq!(
+                    in_view(&t, &lonely, name, compact),
+                    names.contains(name),
+                    "{name}"
+                );
+            }
         }
+    }
+
+    fn named(t: &mut Topology, r: Resource) {
+        let name = match &r.body {
+            ResourceBody::Gateway(g) => ResourceName::gateway(&g.name),
+            ResourceBody::Prefixes(p) => ResourceName::prefixes(&p.gateway),
+            ResourceBody::Node(n) => ResourceName::node(&n.name),
+            ResourceBody::Peer(p) => ResourceName::peer(&p.node),
+            ResourceBody::Settings(_) => ResourceName::settings(),
+        };
+        t.resources.insert(name, r);
+    }
+
+    /// Three domains with one node each in `a`: `a1` a tunnel candidate,
+    /// `a2` a member, `a3` an active proxy endpoint; a peer of `b`.
+    fn three_domains() -> Topology {
+        let mut t = Topology::default();
+        for g in ["a", "b", "c"] {
+            let view = gw(g, false, false);
+            if let ResourceBody::Gateway(v) = &view.body {
+                named(
+                    &mut t,
+                    Resource::new(ResourceBody::Prefixes(crate::topology::DomainPrefixes::of(
+                        v,
+                    ))),
+                );
+            }
+            named(&mut t, view);
+        }
+        let node = |n: &str, candidate: bool, proxy: bool| {
+            Resource::new(ResourceBody::Node(NodeView {
+                tunnel_candidate: candidate,
+                proxy_active: proxy,
+                ..crate::fixtures::node_view(n, Some("a"))
+            }))
+        };
+        named(&mut t, node("a1", true, false));
+        named(&mut t, node("a2", false, false));
+        named(&mut t, node("a3", false, true));
+        named(
+            &mut t,
+            Resource::new(ResourceBody::Peer(crate::fixtures::peer("b1", "b"))),
+        );
+        named(
+            &mut t,
+            Resource::new(ResourceBody::Settings(crate::fixtures::settings())),
+        );
+        t
+    }
+
+    fn strs(names: &[ResourceName]) -> Vec<&str> {
+        names.iter().map(ResourceName::as_str).collect()
+    }
+
+    #[test]
+    fn a_compact_member_receives_its_own_gateway_and_the_prefixes_of_the_others() {
+        let t = three_domains();
+        let n = |s: &str| NodeName::new(s).unwrap_or_else(|_| unreachable!());
+        assert_eq!(
+            strs(&view_names(&t, &n("a2"), true)),
+            vec![
+                "gateway/a",
+                "prefixes/b",
+                "prefixes/c",
+                "node/a2",
+                "settings"
+            ]
+        );
+        // Without the capability, or as a candidate or proxy: every gateway.
+        let full = vec!["gateway/a", "gateway/b", "gateway/c", "node/a2", "settings"];
+        assert_eq!(strs(&view_names(&t, &n("a2"), false)), full);
+        assert_eq!(
+            strs(&view_names(&t, &n("a1"), true)),
+            vec![
+                "gateway/a",
+                "gateway/b",
+                "gateway/c",
+                "node/a1",
+                "peer/b1",
+                "settings"
+            ]
+        );
+        assert_eq!(
+            strs(&view_names(&t, &n("a3"), true)),
+            vec!["gateway/a", "gateway/b", "gateway/c", "node/a3", "settings"]
+        );
+        for node in ["a1", "a2", "a3"] {
+            for compact in [false, true] {
+                let names = view_names(&t, &n(node), compact);
+                for name in t.resources.keys() {
+                    assert_eq!(
+                        in_view(&t, &n(node), name, compact),
+                        names.contains(name),
+                        "{node} compact={compact}: {name}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn trading_a_domain_for_its_other_form_is_no_loss() {
+        let g = |s: &str| GatewayName::new(s).unwrap_or_else(|_| unreachable!());
+        let removed = [
+            ResourceName::prefixes(&g("b")),
+            ResourceName::prefixes(&g("c")),
+            ResourceName::gateway(&g("d")),
+            ResourceName::peer(&NodeName::new("b1").unwrap_or_else(|_| unreachable!())),
+        ];
+        // b comes back as gateway/b; c and d are gone; a peer has no other
+        // form.
+        let kept = |n: &ResourceName| *n == ResourceName::gateway(&g("b"));
+        assert_eq!(lost(&removed, kept), 3);
+        assert_eq!(
+            ResourceName::prefixes(&g("b")).counterpart(),
+            Some(ResourceName::gateway(&g("b")))
+        );
+        assert_eq!(
+            ResourceName::parse("prefixes/b"),
+            Some(ResourceName::prefixes(&g("b")))
+        );
     }
 }

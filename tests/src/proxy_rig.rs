@@ -173,6 +173,7 @@ fn topology(gateways: [GatewayView; 3]) -> Topology {
                     ResourceBody::Node(v) => ResourceName::node(&v.name),
                     ResourceBody::Peer(p) => ResourceName::peer(&p.node),
                     ResourceBody::Settings(_) => ResourceName::settings(),
+                    ResourceBody::Prefixes(p) => ResourceName::prefixes(&p.gateway),
                 };
                 (name, Resource::new(b))
             })
@@ -268,7 +269,7 @@ impl Rig {
     /// The proxy view of `node`: what the hub ships it, from the topology.
     pub fn view(&self, node: &str) -> ProxyView {
         let resources: BTreeMap<ResourceName, Resource> =
-            raven_model::view::node_view(&self.topology, &n(node))
+            raven_model::view::node_view(&self.topology, &n(node), true)
                 .into_iter()
                 .map(|(k, r)| (k, r.clone()))
                 .collect();

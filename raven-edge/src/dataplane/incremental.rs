@@ -160,9 +160,13 @@ impl Index {
         for f in &mut index.nat {
             f.buckets = vec![0; usize::from(skipnat::BUCKETS)];
         }
-        let Some((me, private, my_gw)) = model::mine(inputs) else {
-            // Nothing to route, and never patched: only the skip-NAT rules
-            // (which need no address of the node's own) are kept.
+        let mine = model::mine(inputs).filter(|_| inputs.remote.is_empty());
+        let Some((me, private, my_gw)) = mine else {
+            // Nothing to route, or a compact member view (other domains as
+            // prefix sets, not gateways): never patched, rebuilt on every
+            // change; only the skip-NAT rules (which need no address of the
+            // node's own) are kept.
+            index.gateways = None;
             let spec = skipnat::spec(inputs);
             for f in Family::ALL {
                 let rules = spec.family(f);
@@ -272,6 +276,7 @@ impl Index {
             && c.tunnel_dev == new.tunnel_dev
             && c.tunnel_up == new.tunnel_up
             && c.direct == new.direct
+            && c.remote == new.remote
     }
 
     /// Patches this index to `new` and returns what the kernel needs to

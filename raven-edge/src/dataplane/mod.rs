@@ -78,6 +78,7 @@ pub fn assemble(
     NodeInputs {
         me: view.map(|v| v.me.clone()),
         gateways: view.map(|v| v.gateways.clone()).unwrap_or_default(),
+        remote: view.map(|v| v.remote.clone()).unwrap_or_default(),
         settings: view.and_then(|v| v.settings.clone()),
         active_override,
         underlay_mtu: local.underlay_mtu,

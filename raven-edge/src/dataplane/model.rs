@@ -32,7 +32,7 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
-use raven_model::topology::{GatewayView, NodeView, Settings, VXLAN_PORT};
+use raven_model::topology::{DomainPrefixes, GatewayView, NodeView, Settings, VXLAN_PORT};
 use raven_model::{GatewayName, NodeName};
 
 /// Name of raven's VXLAN device.
@@ -333,6 +333,10 @@ impl Op {
 pub struct NodeInputs {
     pub me: Option<NodeView>,
     pub gateways: Vec<GatewayView>,
+    /// Domains known by their prefixes alone (the compact member view:
+    /// `prefixes/` resources instead of `gateway/`): routed and exempted
+    /// from masquerade exactly as a [`GatewayView`] with the same prefixes.
+    pub remote: Vec<DomainPrefixes>,
     pub settings: Option<Settings>,
     /// Local failover choices: gateway → the node acting as its gateway.
     pub active_override: BTreeMap<GatewayName, NodeName>,
@@ -354,6 +358,7 @@ impl Default for NodeInputs {
         Self {
             me: None,
             gateways: Vec::new(),
+            remote: Vec::new(),
             settings: None,
             active_override: BTreeMap::new(),
             underlay_mtu: 1500,
@@ -412,13 +417,30 @@ pub fn active_node<'a>(
 /// are always reached directly) or a tunnel endpoint's public address
 /// (reached over the underlay, never through the tunnel it carries: a
 /// routing loop that would cut the tunnel and the hub connection when a
-/// gateway's public address is also its node IP). Pure.
-pub fn routed_remote_prefixes(gateways: &[GatewayView], my_gw: &GatewayView) -> Vec<IpNet> {
-    let excluded = Excluded::of(gateways, my_gw);
-    raven_model::topology::remote_prefixes(gateways, &my_gw.name)
-        .into_iter()
+/// gateway's public address is also its node IP). The other domains are
+/// `gateways` and, in the compact member view, `remote` (the same facts:
+/// [`DomainPrefixes::of`]). Pure.
+pub fn routed_remote_prefixes(
+    gateways: &[GatewayView],
+    remote: &[DomainPrefixes],
+    my_gw: &GatewayView,
+) -> Vec<IpNet> {
+    let excluded = Excluded::of(gateways, remote, my_gw);
+    let mut out: Vec<IpNet> = gateways
+        .iter()
+        .filter(|g| g.name != my_gw.name)
+        .flat_map(GatewayView::prefixes)
+        .chain(
+            remote
+                .iter()
+                .filter(|d| d.gateway != my_gw.name)
+                .flat_map(|d| d.prefixes.iter().copied()),
+        )
         .filter(|p| !excluded.excludes(p))
-        .collect()
+        .collect();
+    out.sort();
+    out.dedup();
+    out
 }
 
 /// The addresses whose host prefixes are never routed to a remote domain
@@ -431,10 +453,18 @@ pub struct Excluded {
 }
 
 impl Excluded {
-    pub fn of(gateways: &[GatewayView], my_gw: &GatewayView) -> Self {
+    pub fn of(gateways: &[GatewayView], remote: &[DomainPrefixes], my_gw: &GatewayView) -> Self {
         Self {
             own: my_gw.members.iter().map(|m| m.private_ip).collect(),
-            endpoints: gateways.iter().flat_map(endpoint_ips).collect(),
+            endpoints: gateways
+                .iter()
+                .flat_map(endpoint_ips)
+                .chain(
+                    remote
+                        .iter()
+                        .flat_map(|d| d.endpoint_addresses.iter().copied()),
+                )
+                .collect(),
         }
     }
 
@@ -685,7 +715,7 @@ pub fn desired(inputs: &NodeInputs) -> Desired {
         .filter(|g| is_direct(inputs, &g.name))
         .flat_map(GatewayView::prefixes)
         .collect();
-    for dst in routed_remote_prefixes(&inputs.gateways, my_gw) {
+    for dst in routed_remote_prefixes(&inputs.gateways, &inputs.remote, my_gw) {
         out.state
             .routes
             .extend(local.remote.route(dst, direct.contains(&dst)));

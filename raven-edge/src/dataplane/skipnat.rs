@@ -265,12 +265,21 @@ pub fn spec(inputs: &NodeInputs) -> SkipNat {
     let Some(my_gw) = inputs.gateways.iter().find(|g| &g.name == gw_name) else {
         return SkipNat::default();
     };
-    let excluded = super::model::Excluded::of(&inputs.gateways, my_gw);
+    let excluded = super::model::Excluded::of(&inputs.gateways, &inputs.remote, my_gw);
     let mut destinations: Vec<IpNet> = inputs
         .gateways
         .iter()
         .filter(|g| &g.name != gw_name)
         .flat_map(|g| gateway_destinations(g, &excluded))
+        .chain(
+            inputs
+                .remote
+                .iter()
+                .filter(|d| &d.gateway != gw_name)
+                .flat_map(|d| {
+                    aggregated(d.prefixes.iter().copied().filter(|p| !excluded.excludes(p)))
+                }),
+        )
         .collect();
     destinations.sort_unstable();
     destinations.dedup();

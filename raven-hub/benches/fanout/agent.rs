@@ -34,6 +34,9 @@ pub struct Spec {
     /// Send every resource version in Applied (what raven-edge did before
     /// the Applied summary).
     pub applied_with_resources: bool,
+    /// Announce `CAPABILITY_COMPACT_MEMBER_VIEW`, as raven-edge does
+    /// (`--full-view`: not, as agents did before the compact member view).
+    pub compact: bool,
     pub heartbeat: Duration,
 }
 
@@ -166,7 +169,14 @@ async fn session(
     let hello = v1::Hello {
         protocol_version: raven_proto::PROTOCOL_VERSION,
         agent_version: "fanout-bench".into(),
-        capabilities: vec![v1::Capability::Delta as i32],
+        capabilities: if spec.compact {
+            vec![
+                v1::Capability::Delta as i32,
+                v1::Capability::CompactMemberView as i32,
+            ]
+        } else {
+            vec![v1::Capability::Delta as i32]
+        },
         node_name: spec.node.clone(),
         epoch: cache.epoch.clone(),
         revision: cache.revision,

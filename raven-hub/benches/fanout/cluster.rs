@@ -108,10 +108,12 @@ pub fn rewrite(dir: &Path, shape: Shape, g: usize, alt_node: Option<usize>) -> s
 }
 
 /// The agents to simulate: `count` nodes spread over the domains, every
-/// domain's tunnel candidates first.
-pub fn pick_agents(shape: Shape, count: usize) -> Vec<(usize, usize)> {
+/// domain's tunnel candidates first (`members_only`: none of them, only
+/// the nodes from the third of each domain on).
+pub fn pick_agents(shape: Shape, count: usize, members_only: bool) -> Vec<(usize, usize)> {
     let mut order: Vec<(usize, usize)> = Vec::new();
-    for i in 0..shape.nodes {
+    let first = if members_only { shape.nodes.min(2) } else { 0 };
+    for i in first..shape.nodes {
         for g in 0..shape.gateways {
             order.push((g, i));
         }

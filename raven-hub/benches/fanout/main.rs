@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! cargo bench -p raven-hub --bench fanout -- [--gateways G] [--nodes N] [--agents M]
-//!     [--changes C] [--applied-with-resources] [--no-etcd]
+//!     [--changes C] [--applied-with-resources] [--full-view] [--members-only] [--no-etcd]
 //! ```
 //!
 //! Prints figures (all connect → all synced, one-node change → ACK p50/p99,
@@ -35,6 +35,8 @@ struct Opts {
     agents: usize,
     changes: usize,
     applied_with_resources: bool,
+    full_view: bool,
+    members_only: bool,
     etcd: bool,
 }
 
@@ -47,6 +49,8 @@ fn opts() -> Opts {
         agents: 0,
         changes: 5,
         applied_with_resources: false,
+        full_view: false,
+        members_only: false,
         etcd: true,
     };
     let mut args = std::env::args().skip(1);
@@ -58,6 +62,8 @@ fn opts() -> Opts {
             "--agents" => o.agents = num("--agents"),
             "--changes" => o.changes = num("--changes").max(1),
             "--applied-with-resources" => o.applied_with_resources = true,
+            "--full-view" => o.full_view = true,
+            "--members-only" => o.members_only = true,
             "--no-etcd" => o.etcd = false,
             // cargo bench passes --bench; libtest-style filters are ignored.
             _ => {}
@@ -311,7 +317,7 @@ async fn main() {
     // Cluster and certificates.
     let t = Instant::now();
     cluster::write(&w.join("manifests"), o.shape).unwrap_or_else(|e| panic!("manifests: {e}"));
-    let picked = cluster::pick_agents(o.shape, o.agents);
+    let picked = cluster::pick_agents(o.shape, o.agents, o.members_only);
     let nodes: Vec<NodeName> = picked
         .iter()
         .map(|&(g, i)| NodeName::new(cluster::node_name(g, i)).unwrap_or_else(|e| panic!("{e}")))
@@ -376,6 +382,7 @@ async fn main() {
                 .domain_name("localhost"),
             hub: url.clone(),
             applied_with_resources: o.applied_with_resources,
+            compact: !o.full_view,
             heartbeat: Duration::from_secs(10),
         });
     }

@@ -84,7 +84,8 @@ impl InspectService for Inspect {
         req: Request<v1::GetNodeViewRequest>,
     ) -> Result<Response<v1::GetNodeViewResponse>, Status> {
         let caller = self.caller(&req)?;
-        let raw = req.into_inner().node_name;
+        let req = req.into_inner();
+        let (raw, compact) = (req.node_name, req.compact);
         let node = NodeName::new(raw.clone())
             .map_err(|e| Status::invalid_argument(format!("node_name {raw:?}: {e}")))?;
         if let Caller::Node(me) = &caller
@@ -100,7 +101,7 @@ impl InspectService for Inspect {
                 "node {node} is not in the topology"
             )));
         }
-        let resources = view::node_view(&p.topology, &node)
+        let resources = view::node_view(&p.topology, &node, compact)
             .into_iter()
             .map(|(n, r)| raven_proto::resource_to_proto(&n, r))
             .collect();
@@ -123,7 +124,7 @@ impl InspectService for Inspect {
 }
 
 /// Kinds a `GetTopologyRequest.kinds` entry may name.
-const KINDS: [&str; 4] = ["settings", "gateway", "node", "peer"];
+const KINDS: [&str; 5] = ["settings", "gateway", "prefixes", "node", "peer"];
 
 fn kind_of(name: &str) -> &str {
     name.split_once('/').map_or(name, |(k, _)| k)

@@ -7,8 +7,10 @@
 
 pub mod conn;
 pub mod error;
+mod held;
 pub mod inspect;
 pub mod sync;
+mod wire;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -17,7 +19,7 @@ use std::sync::Arc;
 
 use futures::Stream;
 use raven_proto::v1::inspect_service_server::InspectServiceServer;
-use raven_proto::wire::sync_service_server::{SyncService, SyncServiceServer};
+use raven_proto::wire::sync_service_server::SyncService;
 use raven_proto::{EncodedSyncResponse, v1};
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -511,7 +513,8 @@ pub async fn serve(
         handshake_timeout: shared.config.tls_handshake_timeout,
         queue_timeout: shared.config.tls_queue_timeout,
     };
-    let sync = SyncServiceServer::new(Sync { shared });
+    // Sync streams write Updates in bounded pieces (see `wire`).
+    let sync = wire::SyncServer(Sync { shared });
     // TLS is done by `conn::tls_incoming` (admission before the handshake),
     // not by tonic.
     let tls_server = Server::builder()

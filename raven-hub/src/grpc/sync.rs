@@ -11,13 +11,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use raven_core::{ContentVersion, NodeName, ResourceName, view};
+use raven_core::{NodeName, ResourceName, view};
 use raven_proto::v1::{self, sync_request::Message as Req};
 use raven_proto::{EncodedResource, EncodedSyncResponse, UpdateHeader};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tonic::{Status, Streaming};
 
 use super::error::SyncError;
+use super::held::{Held, Key, Tag, tag};
 use crate::agents::Agents;
 use crate::index::IndexHandle;
 use crate::metrics::Metrics;
@@ -249,17 +250,20 @@ impl SyncShared {
 
 pub type Outbound = mpsc::Sender<Result<EncodedSyncResponse, Status>>;
 
+/// What a plan sends (interned ids, version tags) and removes.
+type Planned = (Vec<(u32, Tag)>, Vec<ResourceName>);
+
 /// The Update being waited for.
 #[derive(Debug)]
 struct InFlight {
     nonce: String,
     epoch: String,
     revision: u64,
-    /// The resources sent (the agent holds them once it ACKs; NACK
-    /// bookkeeping).
-    sent: Vec<(ResourceName, ContentVersion)>,
+    /// The resources sent, as interned ids and version tags (the agent
+    /// holds them once it ACKs; NACK bookkeeping).
+    sent: Vec<(u32, Tag)>,
     /// The names removed (gone from what the agent holds once it ACKs).
-    removed: Vec<ResourceName>,
+    removed: Vec<Key>,
     sent_at: tokio::time::Instant,
 }
 
@@ -268,12 +272,16 @@ struct InFlight {
 struct Part {
     header: UpdateHeader,
     resources: Vec<EncodedResource>,
-    sent: Vec<(ResourceName, ContentVersion)>,
+    sent: Vec<(u32, Tag)>,
+    /// `header.removed` as the session holds those names when it planned.
+    removed: Vec<Key>,
 }
 
 /// One agent's stream.
 pub struct Session {
     node: NodeName,
+    /// `node/<node>`: a change of it may change which names the view has.
+    own: ResourceName,
     shared: SyncShared,
     out: Outbound,
     permit: Option<OwnedSemaphorePermit>,
@@ -290,17 +298,19 @@ pub struct Session {
     report_rate: Rate,
     /// The latest Report that came faster than the rate allows.
     pending_report: Option<v1::Report>,
-    /// What the agent holds (as of its last Ack).
-    held: BTreeMap<ResourceName, ContentVersion>,
+    /// What the agent holds (as of its last Ack), compact (see
+    /// `grpc::held`).
+    held: Held,
     held_epoch: String,
     held_revision: u64,
     /// The revision (of `held_epoch`) whose view `held` is, but for content
     /// the agent refused: known after this session's first ACK. A session
-    /// in sync with the revision a [`crate::pipeline::Delta`] starts from
-    /// plans only the delta's names.
+    /// in sync with a revision the published deltas reach back to plans
+    /// only the names changed since.
     synced: Option<u64>,
-    /// Content the agent refused; never sent again unchanged.
-    nacked: BTreeSet<(ResourceName, ContentVersion)>,
+    /// Content the agent refused (id, version tag); never sent again
+    /// unchanged.
+    nacked: BTreeSet<(u32, Tag)>,
     in_flight: Option<InFlight>,
     /// Snapshot parts still to send after the one in flight.
     queued: Vec<Part>,
@@ -310,6 +320,21 @@ pub struct Session {
     answered: bool,
     /// A mass removal the hub is holding back (logged once per set).
     held_back: Vec<ResourceName>,
+    /// The agent takes the compact member view ([`takes_compact_view`]).
+    compact: bool,
+}
+
+/// Which form of its view a session's agent receives: the compact member
+/// view when its Hello announces `CAPABILITY_COMPACT_MEMBER_VIEW` — then a
+/// node that is neither a tunnel candidate nor an active proxy endpoint
+/// gets its own gateway and the other domains' `prefixes/` resources, and
+/// the same node gets the full view from the revision its role changes
+/// ([`raven_core::view::view_class`]). Agents without it get the full
+/// view whatever their role.
+pub fn takes_compact_view(hello: &v1::Hello) -> bool {
+    hello
+        .capabilities
+        .contains(&(v1::Capability::CompactMemberView as i32))
 }
 
 impl std::fmt::Debug for Session {
@@ -332,6 +357,7 @@ impl Session {
         let permit_until = tokio::time::Instant::now() + shared.config.admission_hold;
         let report_rate = Rate::new(shared.config.report_rate, 2.0 * shared.config.report_rate);
         Self {
+            own: ResourceName::node(&node),
             node,
             shared,
             out,
@@ -342,7 +368,7 @@ impl Session {
             cert,
             report_rate,
             pending_report: None,
-            held: BTreeMap::new(),
+            held: Held::default(),
             held_epoch: String::new(),
             held_revision: 0,
             synced: None,
@@ -353,6 +379,7 @@ impl Session {
             heartbeat_seq: 0,
             answered: false,
             held_back: Vec::new(),
+            compact: false,
         }
     }
 
@@ -429,7 +456,9 @@ impl Session {
         let inventory = raven_proto::hello_inventory(&hello)?;
         let delta =
             hello.capabilities.contains(&(v1::Capability::Delta as i32)) && hello.cache_complete;
-        self.held = inventory;
+        let ids = self.shared.for_agents.borrow().ids.clone();
+        self.held = Held::from_inventory(inventory, &ids);
+        self.compact = takes_compact_view(&hello);
         self.held_epoch = hello.epoch.clone();
         self.held_revision = hello.revision;
         let snapshot = !delta;
@@ -564,6 +593,7 @@ impl Session {
             mut header,
             resources,
             sent,
+            removed,
         } = self.queued.remove(0);
         self.next_nonce += 1;
         header.nonce = format!("{}-{}", current.revision, self.next_nonce);
@@ -573,7 +603,7 @@ impl Session {
             epoch: header.epoch.clone(),
             revision: header.revision,
             sent,
-            removed: header.removed.clone(),
+            removed,
             sent_at: tokio::time::Instant::now(),
         });
         self.answered = true;
@@ -583,6 +613,7 @@ impl Session {
 
     /// Computes the Updates that bring the agent to `current`.
     fn plan(&mut self, current: &Published, full_snapshot: bool) {
+        self.held.resolve(&current.ids);
         let (changed, removed) = match self.plan_delta(current) {
             Some(Some(planned)) => planned,
             Some(None) => return,
@@ -591,17 +622,14 @@ impl Session {
         self.queue(current, full_snapshot, changed, removed);
     }
 
-    /// What changed for this agent, from the names of `current.delta` only,
-    /// when the agent is in sync with the revision the delta starts from:
+    /// What changed for this agent, from the names changed since the
+    /// revision its agent is in sync with only ([`Published::changed_since`]):
     /// `Some(None)` when it is in sync with `current` already, `None` when
-    /// a full plan is needed (first Update, another base revision, a held
+    /// a full plan is needed (first Update, a revision older than the kept
+    /// deltas, a held
     /// back removal, or this node's own resource changed, which may change
     /// which names its view has).
-    #[allow(clippy::type_complexity)]
-    fn plan_delta(
-        &self,
-        current: &Published,
-    ) -> Option<Option<(Vec<(ResourceName, ContentVersion)>, Vec<ResourceName>)>> {
+    fn plan_delta(&self, current: &Published) -> Option<Option<Planned>> {
         if !self.answered || !self.held_back.is_empty() || current.epoch != self.held_epoch {
             return None;
         }
@@ -609,21 +637,24 @@ impl Session {
         if synced == current.revision {
             return Some(None);
         }
-        let delta = current.delta.as_ref().filter(|d| d.from == synced)?;
-        if delta.names.contains(&ResourceName::node(&self.node)) {
+        let names = current.changed_since(synced)?;
+        if names.contains(&self.own) {
             return None;
         }
         let mut changed = Vec::new();
         let mut removed = Vec::new();
-        for name in &delta.names {
-            match current.topology.resources.get(name) {
+        for name in names {
+            match (current.topology.resources.get(name), current.ids.id(name)) {
                 // In view: sent unless held at this version or refused.
-                Some(r) if view::in_view(&current.topology, &self.node, name) => changed.extend(
-                    (self.held.get(name) != Some(&r.version)
-                        && !self.nacked.contains(&(name.clone(), r.version.clone())))
-                    .then(|| (name.clone(), r.version.clone())),
-                ),
-                _ if self.held.contains_key(name) => removed.push(name.clone()),
+                (Some(r), Some(id))
+                    if view::in_view(&current.topology, &self.node, name, self.compact) =>
+                {
+                    let t = tag(&r.version);
+                    if self.held.get(id) != Some(t) && !self.nacked.contains(&(id, t)) {
+                        changed.push((id, t));
+                    }
+                }
+                _ if self.held.contains(name, &current.ids) => removed.push(name.clone()),
                 _ => {}
             }
         }
@@ -631,33 +662,32 @@ impl Session {
     }
 
     /// What changed for this agent, from its whole view.
-    fn plan_full(
-        &self,
-        current: &Published,
-    ) -> (Vec<(ResourceName, ContentVersion)>, Vec<ResourceName>) {
-        let names = view::view_names(&current.topology, &self.node);
-        let wanted: BTreeMap<ResourceName, ContentVersion> = names
-            .iter()
-            .filter_map(|n| {
-                current
-                    .topology
-                    .resources
-                    .get(n)
-                    .map(|r| (n.clone(), r.version.clone()))
-            })
-            .collect();
-        let changed: Vec<(ResourceName, ContentVersion)> = wanted
-            .iter()
-            .filter(|(n, v)| self.held.get(*n) != Some(*v))
-            .filter(|(n, v)| !self.nacked.contains(&((*n).clone(), (*v).clone())))
-            .map(|(n, v)| (n.clone(), v.clone()))
-            .collect();
-        let removed: Vec<ResourceName> = self
+    fn plan_full(&self, current: &Published) -> Planned {
+        let mut names = view::view_names(&current.topology, &self.node, self.compact);
+        // The compact view lists its kinds one after the other: in name
+        // order, `changed` is too.
+        names.sort_unstable();
+        let mut wanted: Vec<u32> = Vec::with_capacity(names.len());
+        let mut changed = Vec::new();
+        for n in &names {
+            let (Some(r), Some(id)) = (current.topology.resources.get(n), current.ids.id(n)) else {
+                continue;
+            };
+            wanted.push(id);
+            let t = tag(&r.version);
+            if self.held.get(id) != Some(t) && !self.nacked.contains(&(id, t)) {
+                changed.push((id, t));
+            }
+        }
+        wanted.sort_unstable();
+        let mut removed: Vec<ResourceName> = self
             .held
-            .keys()
-            .filter(|n| !wanted.contains_key(*n))
-            .cloned()
+            .entries()
+            .filter(|(id, _)| wanted.binary_search(id).is_err())
+            .filter_map(|(id, _)| current.ids.name(id).cloned())
+            .chain(self.held.strays().cloned())
             .collect();
+        removed.sort_unstable();
         (changed, removed)
     }
 
@@ -666,7 +696,7 @@ impl Session {
         &mut self,
         current: &Published,
         full_snapshot: bool,
-        changed: Vec<(ResourceName, ContentVersion)>,
+        changed: Vec<(u32, Tag)>,
         mut removed: Vec<ResourceName>,
     ) {
         let first = !self.answered;
@@ -676,7 +706,21 @@ impl Session {
         // first snapshot goes out unmarked, so the agent's guard holds it
         // back. Any smaller removal after the first Update was observed by
         // this hub while the agent was in sync with it: a deliberate change.
-        let mass = is_mass_removal(removed.len(), self.held.len());
+        // A domain traded for its other form (`gateway/<g>` for
+        // `prefixes/<g>` when the node's role changes) is not removed.
+        let lost = if removed.is_empty() {
+            0
+        } else {
+            let sent: BTreeSet<&ResourceName> = changed
+                .iter()
+                .filter_map(|(id, _)| current.ids.name(*id))
+                .collect();
+            let gone: BTreeSet<&ResourceName> = removed.iter().collect();
+            view::lost(&removed, |c| {
+                sent.contains(c) || (self.held.contains(c, &current.ids) && !gone.contains(c))
+            })
+        };
+        let mass = is_mass_removal(lost, self.held.len());
         let confirmed = self.shared.config.confirm_mass_removal;
         if mass && !confirmed && !first {
             if self.held_back != removed {
@@ -696,10 +740,11 @@ impl Session {
         }
         // Split into parts of about max_update_bytes; the removals and the
         // completion marker ride on the last part.
-        let mut parts: Vec<Vec<(ResourceName, ContentVersion)>> = vec![Vec::new()];
+        let encoded = |id: u32| current.ids.name(id).and_then(|n| current.encoded.get(n));
+        let mut parts: Vec<Vec<(u32, Tag)>> = vec![Vec::new()];
         let mut size = 0;
         for (n, v) in changed {
-            let len = current.encoded.get(&n).map_or(0, EncodedResource::len);
+            let len = encoded(n).map_or(0, EncodedResource::len);
             if size + len > self.shared.config.max_update_bytes
                 && parts.last().is_some_and(|p| !p.is_empty())
             {
@@ -728,12 +773,18 @@ impl Session {
             };
             let resources = part
                 .iter()
-                .filter_map(|(n, _)| current.encoded.get(n).cloned())
+                .filter_map(|(n, _)| encoded(*n).cloned())
+                .collect();
+            let removed = header
+                .removed
+                .iter()
+                .map(|n| self.held.key(n, &current.ids))
                 .collect();
             self.queued.push(Part {
                 header,
                 resources,
                 sent: part,
+                removed,
             });
         }
     }
@@ -752,12 +803,7 @@ impl Session {
                     )));
                 };
                 self.shared.metrics.acked(f.sent_at.elapsed());
-                for (n, v) in &f.sent {
-                    self.held.insert(n.clone(), v.clone());
-                }
-                for n in &f.removed {
-                    self.held.remove(n);
-                }
+                self.held.apply(&f.sent, &f.removed);
                 if f.epoch != self.held_epoch {
                     self.synced = None;
                 }
@@ -787,9 +833,10 @@ impl Session {
                 self.shared.metrics.nacked();
                 // Do not send the refused content again unchanged. If the
                 // error names a resource, only that one is held back.
-                let culprit = ResourceName::parse(&detail.resource_name);
+                let ids = self.shared.for_agents.borrow().ids.clone();
+                let culprit = ResourceName::parse(&detail.resource_name).map(|c| ids.id(&c));
                 for (n, v) in f.sent {
-                    if culprit.as_ref().is_none_or(|c| *c == n) {
+                    if culprit.is_none_or(|c| c == Some(n)) {
                         self.nacked.insert((n, v));
                     }
                 }

@@ -13,6 +13,11 @@
 //! - Of two copies of one object, the copy in the file that served it
 //!   first wins, whatever the file names; the other copy is reported.
 //!
+//! A change costs what the changed files hold, not what the directory
+//! holds: each file's parse is kept ([`manifest::FileObjects`]), only a file
+//! whose text changed is parsed again, and only the objects it defines are
+//! merged ([`manifest::Merged`]) and handed to the index ([`Change`]).
+//!
 //! Changes are noticed by inotify ([`watch`], the `notify` crate), which
 //! wakes a poll; a poll compares `stat` stamps (device, inode, size,
 //! modification and change times, mode) and re-reads only the files whose
@@ -24,14 +29,16 @@
 //! where inotify is not available. The caller runs polls off the async
 //! runtime (they block on disk).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use raven_core::manifest::{self, Owners};
-use raven_core::{Problem, Severity};
+use raven_core::compile::Admitted;
+use raven_core::manifest::{self, FileObjects, Merged, Object, Owners};
+use raven_core::{ClusterNode, NodeName, Problem, RavenConfig};
 
 /// A manifest directory could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -107,7 +114,9 @@ impl Default for Limits {
 
 /// Reads every manifest file of `dir` once (`raven-hub compile`).
 pub fn read_dir(dir: &Path) -> Result<manifest::Loaded, ManifestDirError> {
-    DirSource::new(dir.to_owned(), Limits::default()).load()
+    let mut source = DirSource::new(dir.to_owned(), Limits::default());
+    source.load()?;
+    Ok(source.loaded())
 }
 
 /// A file as `stat` sees it: any write changes one of these.
@@ -231,39 +240,84 @@ fn read_capped(path: &Path, max: u64) -> Result<String, String> {
 }
 
 /// What the source keeps of one file.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default)]
 struct FileState {
     /// The stamp of the version last read (`None`: not readable then).
     stamp: Option<Stamp>,
     /// Its modification time was within [`RACY_WINDOW`] of the read.
     racy: bool,
-    /// The last version that loaded without errors.
-    last_good: Option<String>,
-    /// What is served from this file now.
-    serve: Option<String>,
+    /// The last version that loaded without errors, and its parse.
+    last_good: Option<(String, Arc<FileObjects>)>,
+    /// What is served from this file now: its text and its parse.
+    serve: Option<(String, Arc<FileObjects>)>,
     /// Problems of the file itself (not of its documents).
     problems: Vec<Problem>,
 }
 
-/// A watched manifest directory that remembers the last good contents of
-/// every file and which file each object was first served from.
+impl FileState {
+    fn served(&self) -> Option<&Arc<FileObjects>> {
+        self.serve.as_ref().map(|(_, o)| o)
+    }
+}
+
+/// What changed in what the directory serves: only the objects the changed
+/// files define (the index applies exactly these).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Change {
+    /// Gateways by name as written: admitted, refused by admission (with
+    /// why), or gone (`None`).
+    pub gateways: BTreeMap<String, Option<Result<Admitted, Vec<Problem>>>>,
+    /// Nodes: the new version, or gone (`None`).
+    pub nodes: BTreeMap<NodeName, Option<ClusterNode>>,
+    /// `raven-cfg` changed: its new value (the default when it is gone).
+    pub config: Option<RavenConfig>,
+    /// Every problem the source finds now (files and their documents).
+    pub problems: Vec<Problem>,
+}
+
+/// A watched manifest directory that keeps every file's last good contents
+/// and their parse, and which file each object is served from.
+///
+/// Work per change is proportional to the files that changed: a poll
+/// `stat`s the directory, reads only files whose stamp changed (or that
+/// are racy), parses only those whose text changed, and merges only the
+/// objects those files define ([`manifest::Merged`]).
 #[derive(Debug)]
 pub struct DirSource {
     dir: PathBuf,
     limits: Limits,
     last_scan: Option<BTreeMap<String, Scanned>>,
     files: BTreeMap<String, FileState>,
-    owners: Owners,
+    merged: Merged,
+    /// The problems of the last change handed out.
+    last_problems: Vec<Problem>,
+    /// Files read and files parsed since the start (see [`DirSource::work`]).
+    work: Work,
+}
+
+/// What a source has done since it started: files read, files parsed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Work {
+    pub reads: u64,
+    pub parses: u64,
 }
 
 impl DirSource {
     pub fn new(dir: PathBuf, limits: Limits) -> Self {
+        Self::with_owners(dir, limits, Owners::new())
+    }
+
+    /// A source that resolves duplicates as if `owners` had served them
+    /// (a from-scratch source comparable to one with history).
+    pub fn with_owners(dir: PathBuf, limits: Limits, owners: Owners) -> Self {
         Self {
             dir,
             limits,
             last_scan: None,
             files: BTreeMap::new(),
-            owners: Owners::new(),
+            merged: Merged::new(owners),
+            last_problems: Vec::new(),
+            work: Work::default(),
         }
     }
 
@@ -271,62 +325,129 @@ impl DirSource {
         &self.dir
     }
 
-    /// Reads the directory now.
-    pub fn load(&mut self) -> Result<manifest::Loaded, ManifestDirError> {
+    /// Files read and parsed so far.
+    pub fn work(&self) -> Work {
+        self.work
+    }
+
+    /// Which file serves each object.
+    pub fn owners(&self) -> &Owners {
+        self.merged.owners()
+    }
+
+    /// Reads the directory now (the first read): the change lists every
+    /// object served.
+    pub fn load(&mut self) -> Result<Change, ManifestDirError> {
         let scan = scan(&self.dir, self.limits.max_file_bytes)?;
         self.refresh_all(scan);
-        Ok(self.combine())
+        let every: BTreeSet<String> = self.merged.owners().keys().cloned().collect();
+        Ok(self.change(&every))
+    }
+
+    /// Everything the directory serves now, as one load.
+    pub fn loaded(&self) -> manifest::Loaded {
+        let mut loaded = self.merged.loaded();
+        loaded.problems = self.problems();
+        loaded
     }
 
     /// Looks for changes; `Some` when what the directory serves changed.
-    pub fn poll(&mut self) -> Result<Option<manifest::Loaded>, ManifestDirError> {
+    pub fn poll(&mut self) -> Result<Option<Change>, ManifestDirError> {
         let scan = scan(&self.dir, self.limits.max_file_bytes)?;
         let racy = self.files.values().any(|f| f.racy);
         if self.last_scan.as_ref() == Some(&scan) && !racy {
             return Ok(None);
         }
-        // Parse the whole directory again only when a file changed.
-        Ok(self.refresh_all(scan).then(|| self.combine()))
-    }
-
-    /// Brings every file up to `scan`, reading only what changed. Returns
-    /// whether any file's served content or problems changed.
-    fn refresh_all(&mut self, scan: BTreeMap<String, Scanned>) -> bool {
-        let mut files = BTreeMap::new();
-        for (name, scanned) in &scan {
-            let prev = self.files.get(name).cloned().unwrap_or_default();
-            let next = self.refresh(name, scanned, prev);
-            files.insert(name.clone(), next);
+        let touched = self.refresh_all(scan);
+        let problems_before = std::mem::take(&mut self.last_problems);
+        let change = self.change(&touched);
+        if touched.is_empty() && change.problems == problems_before {
+            return Ok(None);
         }
-        let changed = files.len() != self.files.len()
-            || files.iter().any(|(name, f)| {
-                self.files
-                    .get(name)
-                    .is_none_or(|p| p.serve != f.serve || p.problems != f.problems)
-            });
-        self.files = files;
-        self.last_scan = Some(scan);
-        changed
+        Ok(Some(change))
     }
 
-    /// Loads what every file serves; the winners become the owners.
-    fn combine(&mut self) -> manifest::Loaded {
-        let used: Vec<(String, String)> = self
+    /// Brings every file up to `scan`, reading only what changed, and
+    /// merges the parse of each file whose served version changed. Returns
+    /// the objects (`Kind/name`) those files define.
+    fn refresh_all(&mut self, scan: BTreeMap<String, Scanned>) -> BTreeSet<String> {
+        let mut touched = BTreeSet::new();
+        let gone: Vec<String> = self
             .files
-            .iter()
-            .filter_map(|(n, f)| f.serve.clone().map(|t| (n.clone(), t)))
+            .keys()
+            .filter(|n| !scan.contains_key(*n))
+            .cloned()
             .collect();
-        let mut loaded = manifest::load_with(&used, self.limits.manifest, &self.owners);
-        loaded
-            .problems
-            .extend(self.files.values().flat_map(|f| f.problems.iter().cloned()));
-        loaded.problems.sort();
-        loaded.problems.dedup();
-        self.owners.clone_from(&loaded.origins);
-        loaded
+        for name in gone {
+            // A file gone from the directory takes exactly its objects.
+            self.files.remove(&name);
+            touched.extend(self.merged.stage(&name, 0, None));
+        }
+        for (name, scanned) in &scan {
+            let prev = self.files.remove(name).unwrap_or_default();
+            let before = prev.served().cloned();
+            let next = self.refresh(name, scanned, prev);
+            let same = match (&before, next.served()) {
+                (Some(b), Some(a)) => Arc::ptr_eq(b, a),
+                (None, None) => true,
+                _ => false,
+            };
+            if !same {
+                touched.extend(self.merged.stage(name, 0, next.served().cloned()));
+            }
+            self.files.insert(name.clone(), next);
+        }
+        // One batch: the owners from before this poll decide duplicates.
+        self.merged.resolve(&touched);
+        self.last_scan = Some(scan);
+        touched
     }
 
-    fn refresh(&self, name: &str, scanned: &Scanned, prev: FileState) -> FileState {
+    /// The served state of the objects `touched` names, and every problem.
+    fn change(&mut self, touched: &BTreeSet<String>) -> Change {
+        let problems = self.problems();
+        self.last_problems.clone_from(&problems);
+        let mut change = Change {
+            problems,
+            ..Default::default()
+        };
+        for key in touched {
+            let served = self.merged.served(key).map(|(_, p)| &p.object);
+            if let Some(name) = manifest::gateway_of_key(key) {
+                let gw = match served {
+                    Some(Object::Gateway(g)) => Some((**g).clone()),
+                    _ => None,
+                };
+                change.gateways.insert(name.to_owned(), gw);
+            } else if let Some(name) = key.strip_prefix("Node/") {
+                let Ok(name) = NodeName::new(name) else {
+                    continue;
+                };
+                let node = match served {
+                    Some(Object::Node(n)) => Some(n.clone()),
+                    _ => None,
+                };
+                change.nodes.insert(name, node);
+            } else {
+                change.config = Some(match served {
+                    Some(Object::Config(c)) => *c,
+                    _ => RavenConfig::default(),
+                });
+            }
+        }
+        change
+    }
+
+    /// The files' own problems and their documents', sorted.
+    fn problems(&self) -> Vec<Problem> {
+        let mut problems = self.merged.problems();
+        problems.extend(self.files.values().flat_map(|f| f.problems.iter().cloned()));
+        problems.sort();
+        problems.dedup();
+        problems
+    }
+
+    fn refresh(&mut self, name: &str, scanned: &Scanned, prev: FileState) -> FileState {
         let keeping = |reason: &str, prev: &FileState| {
             let tail = if prev.serve.is_some() {
                 "; serving its last good version"
@@ -359,6 +480,7 @@ impl DirSource {
             Some(read_at.duration_since(mtime).unwrap_or_default() < RACY_WINDOW)
         })()
         .unwrap_or(true);
+        self.work.reads += 1;
         let text = match read_capped(&self.dir.join(name), self.limits.max_file_bytes) {
             Ok(text) => text,
             Err(reason) => {
@@ -370,7 +492,8 @@ impl DirSource {
                 };
             }
         };
-        if prev.serve.as_deref() == Some(text.as_str()) && prev.stamp.is_some() {
+        let unchanged = prev.serve.as_ref().is_some_and(|(t, _)| *t == text);
+        if unchanged && prev.stamp.is_some() {
             // Re-read (racy or touched) but unchanged.
             return FileState {
                 stamp: Some(stamp),
@@ -378,13 +501,9 @@ impl DirSource {
                 ..prev
             };
         }
-        let alone = manifest::load_with(
-            &[(name.to_owned(), text.clone())],
-            self.limits.manifest,
-            &Owners::new(),
-        );
-        let broken = alone.problems.iter().any(|p| p.severity == Severity::Error);
-        match (broken, prev.last_good) {
+        self.work.parses += 1;
+        let alone = Arc::new(manifest::parse_file(name, &text, self.limits.manifest));
+        match (alone.has_errors(), prev.last_good) {
             (true, Some(good)) => FileState {
                 stamp: Some(stamp),
                 racy,
@@ -394,7 +513,7 @@ impl DirSource {
                     "",
                     "this file has errors (see the problems that name it); serving its last good version",
                 ))
-                .chain(alone.problems)
+                .chain(alone.problems.iter().cloned())
                 .collect(),
                 serve: Some(good.clone()),
                 last_good: Some(good),
@@ -402,8 +521,8 @@ impl DirSource {
             (broken, _) => FileState {
                 stamp: Some(stamp),
                 racy,
-                last_good: (!broken).then(|| text.clone()),
-                serve: Some(text),
+                last_good: (!broken).then(|| (text.clone(), alone.clone())),
+                serve: Some((text, alone)),
                 problems: Vec::new(),
             },
         }
@@ -420,6 +539,18 @@ mod tests {
 
     fn source(dir: &Path) -> DirSource {
         DirSource::new(dir.to_owned(), Limits::default())
+    }
+
+    /// The first read, as one load.
+    fn load(s: &mut DirSource) -> manifest::Loaded {
+        s.load().expect("load");
+        s.loaded()
+    }
+
+    /// A poll that must find a change; what is served then.
+    fn changed(s: &mut DirSource, why: &str) -> manifest::Loaded {
+        s.poll().expect("poll").expect(why);
+        s.loaded()
     }
 
     fn write(dir: &Path, name: &str, text: &str) {
@@ -445,16 +576,16 @@ mod tests {
         let d = tempfile::tempdir().expect("tempdir");
         write(d.path(), "a.yaml", GW);
         let mut s = source(d.path());
-        assert_eq!(gateways(&s.load().expect("load")), ["gw-a"]);
+        assert_eq!(gateways(&load(&mut s)), ["gw-a"]);
         std::fs::remove_file(d.path().join("a.yaml")).expect("rm");
         std::fs::create_dir(d.path().join("a.yaml")).expect("mkdir");
-        let l = s.poll().expect("poll").expect("changed: a problem");
+        let l = changed(&mut s, "changed: a problem");
         assert_eq!(gateways(&l), ["gw-a"]);
         assert!(names_file(&l, "a.yaml", "a directory"), "{:?}", l.problems);
         assert!(names_file(&l, "a.yaml", "last good"), "{:?}", l.problems);
         // A file that is deleted is a deliberate change: its objects go.
         std::fs::remove_dir(d.path().join("a.yaml")).expect("rmdir");
-        let l = s.poll().expect("poll").expect("changed");
+        let l = changed(&mut s, "changed");
         assert!(l.inputs.gateways.is_empty());
         assert!(l.problems.is_empty(), "{:?}", l.problems);
     }
@@ -466,10 +597,10 @@ mod tests {
         let d = tempfile::tempdir().expect("tempdir");
         write(d.path(), "a.yaml", GW);
         let mut s = source(d.path());
-        assert_eq!(gateways(&s.load().expect("load")), ["gw-a"]);
+        assert_eq!(gateways(&load(&mut s)), ["gw-a"]);
         std::fs::remove_file(d.path().join("a.yaml")).expect("rm");
         std::os::unix::fs::symlink("/proc/self/mem", d.path().join("a.yaml")).expect("symlink");
-        let l = s.poll().expect("poll").expect("changed: a problem");
+        let l = changed(&mut s, "changed: a problem");
         assert_eq!(gateways(&l), ["gw-a"]);
         assert!(names_file(&l, "a.yaml", "cannot read"), "{:?}", l.problems);
         assert!(names_file(&l, "a.yaml", "last good"), "{:?}", l.problems);
@@ -488,7 +619,7 @@ mod tests {
         assert!(ok);
         std::os::unix::fs::symlink("/dev/zero", d.path().join("zero.yaml")).expect("symlink");
         let started = std::time::Instant::now();
-        let l = source(d.path()).load().expect("load");
+        let l = load(&mut source(d.path()));
         assert!(started.elapsed() < Duration::from_secs(2));
         assert_eq!(gateways(&l), ["gw-a"]);
         assert!(names_file(&l, "fifo.yaml", "a FIFO"), "{:?}", l.problems);
@@ -504,7 +635,7 @@ mod tests {
         let d = tempfile::tempdir().expect("tempdir");
         std::os::unix::fs::symlink("loop2.yaml", d.path().join("loop1.yaml")).expect("symlink");
         std::os::unix::fs::symlink("loop1.yaml", d.path().join("loop2.yaml")).expect("symlink");
-        let l = source(d.path()).load().expect("load");
+        let l = load(&mut source(d.path()));
         assert!(
             names_file(&l, "loop1.yaml", "symlink loop"),
             "{:?}",
@@ -523,13 +654,13 @@ mod tests {
                 ..Default::default()
             },
         );
-        assert_eq!(gateways(&s.load().expect("load")), ["gw-a"]);
+        assert_eq!(gateways(&load(&mut s)), ["gw-a"]);
         write(
             d.path(),
             "a.yaml",
             &format!("{GW}---\n{}", "# pad\n".repeat(1000)),
         );
-        let l = s.poll().expect("poll").expect("changed");
+        let l = changed(&mut s, "changed");
         assert_eq!(gateways(&l), ["gw-a"]);
         assert!(
             names_file(&l, "a.yaml", "--manifest-max-file-bytes"),
@@ -558,7 +689,7 @@ mod tests {
             r#"{"apiVersion": "raven.openyurt.io/v1beta1", "kind": "Gateway", "metadata": {"name": "gw-b"}, "spec": {}}"#,
         );
         write(d.path(), "a.txt", GW);
-        assert_eq!(gateways(&source(d.path()).load().expect("load")), ["gw-b"]);
+        assert_eq!(gateways(&load(&mut source(d.path()))), ["gw-b"]);
     }
 
     #[test]
@@ -566,15 +697,15 @@ mod tests {
         let d = tempfile::tempdir().expect("tempdir");
         write(d.path(), "a.yaml", GW);
         let mut s = source(d.path());
-        s.load().expect("load");
+        load(&mut s);
         // Racy re-reads of an unchanged file report nothing new.
         assert_eq!(s.poll().expect("poll"), None);
         write(d.path(), "b.yaml", GW_B);
-        let l = s.poll().expect("poll").expect("changed");
+        let l = changed(&mut s, "changed");
         assert_eq!(gateways(&l), ["gw-a", "gw-b"]);
         // Same size, same second: still noticed (racy window).
         write(d.path(), "b.yaml", &GW_B.replace("gw-b", "gw-c"));
-        let l = s.poll().expect("poll").expect("changed");
+        let l = changed(&mut s, "changed");
         assert_eq!(gateways(&l), ["gw-a", "gw-c"]);
     }
 
@@ -583,9 +714,9 @@ mod tests {
         let d = tempfile::tempdir().expect("tempdir");
         write(d.path(), "gw.yaml", GW);
         let mut s = source(d.path());
-        s.load().expect("load");
+        load(&mut s);
         write(d.path(), "0-dup.yaml", &GW.replace("4500", "1"));
-        let l = s.poll().expect("poll").expect("changed");
+        let l = changed(&mut s, "changed");
         assert_eq!(
             l.inputs.gateways["gw-a"].gateway().spec.endpoints[0].port,
             4500
@@ -599,10 +730,265 @@ mod tests {
         );
         // The owner going away hands the object to the remaining copy.
         std::fs::remove_file(d.path().join("gw.yaml")).expect("rm");
-        let l = s.poll().expect("poll").expect("changed");
+        let l = changed(&mut s, "changed");
         assert_eq!(
             l.inputs.gateways["gw-a"].gateway().spec.endpoints[0].port,
             1
         );
+    }
+
+    fn node(name: &str, gw: &str, cidr: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Node\nmetadata: {{name: {name}, labels: {{raven.openyurt.io/gateway: {gw}}}}}\nspec: {{podCIDR: {cidr}}}\nstatus: {{conditions: [{{type: Ready, status: \"True\"}}], addresses: [{{type: InternalIP, address: 192.168.0.{}}}]}}\n",
+            cidr.split('.').nth(2).unwrap_or("1")
+        )
+    }
+
+    /// A gateway file: the Gateway `gw` (tunnel endpoint on `port`) and its
+    /// node `n`.
+    fn domain(gw: &str, n: &str, port: u16, cidr: &str) -> String {
+        format!(
+            "apiVersion: raven.openyurt.io/v1beta1\nkind: Gateway\nmetadata: {{name: {gw}}}\nspec: {{endpoints: [{{nodeName: {n}, type: tunnel, port: {port}}}]}}\n---\n{}",
+            node(n, gw, cidr)
+        )
+    }
+
+    /// Backdates a file's modification time out of the racy window, as a
+    /// file written long ago would be.
+    fn age(dir: &Path, name: &str) {
+        let f = std::fs::File::options()
+            .write(true)
+            .open(dir.join(name))
+            .expect("open");
+        f.set_modified(SystemTime::now() - Duration::from_secs(60))
+            .expect("set mtime");
+    }
+
+    fn names<K: ToString, V>(m: &BTreeMap<K, V>) -> Vec<String> {
+        m.keys().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn a_change_to_one_file_reads_and_parses_only_that_file() {
+        let d = tempfile::tempdir().expect("tempdir");
+        for (f, gw, n, cidr) in [
+            ("a.yaml", "gw-a", "n-a", "10.0.1.0/24"),
+            ("b.yaml", "gw-b", "n-b", "10.0.2.0/24"),
+            ("c.yaml", "gw-c", "n-c", "10.0.3.0/24"),
+        ] {
+            write(d.path(), f, &domain(gw, n, 4500, cidr));
+            age(d.path(), f);
+        }
+        let mut s = source(d.path());
+        let first = s.load().expect("load");
+        assert_eq!(names(&first.gateways), ["gw-a", "gw-b", "gw-c"]);
+        assert_eq!(
+            s.work(),
+            Work {
+                reads: 3,
+                parses: 3
+            }
+        );
+        write(
+            d.path(),
+            "b.yaml",
+            &domain("gw-b", "n-b", 4600, "10.0.2.0/24"),
+        );
+        let change = s.poll().expect("poll").expect("b.yaml changed");
+        assert_eq!(
+            s.work(),
+            Work {
+                reads: 4,
+                parses: 4
+            },
+            "only b.yaml is read and parsed again"
+        );
+        // The change carries exactly b.yaml's objects.
+        assert_eq!(names(&change.gateways), ["gw-b"]);
+        assert_eq!(names(&change.nodes), ["n-b"]);
+        assert_eq!(change.config, None);
+        let port = |c: &Change| {
+            c.gateways["gw-b"]
+                .as_ref()
+                .and_then(|g| g.as_ref().ok())
+                .map(|g| g.gateway().spec.endpoints[0].port)
+        };
+        assert_eq!(port(&change), Some(4600));
+        // b.yaml was written just now (racy): the next poll reads it again
+        // but does not parse what did not change, and reports nothing.
+        assert_eq!(s.poll().expect("poll"), None);
+        assert_eq!(
+            s.work(),
+            Work {
+                reads: 5,
+                parses: 4
+            }
+        );
+    }
+
+    /// A directory of a.yaml (gw-a, n-a) and b.yaml (gw-b, n-b), loaded.
+    fn two_domains() -> (tempfile::TempDir, DirSource) {
+        let d = tempfile::tempdir().expect("tempdir");
+        write(
+            d.path(),
+            "a.yaml",
+            &domain("gw-a", "n-a", 4500, "10.0.1.0/24"),
+        );
+        write(
+            d.path(),
+            "b.yaml",
+            &domain("gw-b", "n-b", 4500, "10.0.2.0/24"),
+        );
+        let mut s = source(d.path());
+        s.load().expect("load");
+        (d, s)
+    }
+
+    #[test]
+    fn deleting_a_file_removes_exactly_its_objects_and_a_rename_keeps_them() {
+        let (d, mut s) = two_domains();
+        std::fs::remove_file(d.path().join("b.yaml")).expect("rm");
+        let change = s.poll().expect("poll").expect("b.yaml gone");
+        assert_eq!(change.gateways, [("gw-b".to_owned(), None)].into());
+        assert_eq!(change.nodes.len(), 1);
+        assert_eq!(change.nodes.values().next(), Some(&None));
+        let l = s.loaded();
+        assert_eq!(gateways(&l), ["gw-a"]);
+        assert_eq!(names(&l.inputs.nodes), ["n-a"]);
+        // A rename: the same objects, now from c.yaml.
+        std::fs::rename(d.path().join("a.yaml"), d.path().join("c.yaml")).expect("mv");
+        let change = s.poll().expect("poll").expect("renamed");
+        assert_eq!(names(&change.gateways), ["gw-a"]);
+        assert!(change.gateways["gw-a"].is_some());
+        assert!(change.nodes.values().all(Option::is_some));
+        assert_eq!(s.owners()["Gateway/gw-a"], "c.yaml");
+        assert_eq!(gateways(&s.loaded()), ["gw-a"]);
+    }
+
+    #[test]
+    fn a_broken_edit_keeps_the_files_last_good_objects_and_names_the_file_and_field() {
+        let (d, mut s) = two_domains();
+        write(
+            d.path(),
+            "a.yaml",
+            &domain("gw-a", "n-a", 4500, "10.0.1.0/24").replace("port: 4500", "port: many"),
+        );
+        let change = s.poll().expect("poll").expect("a new problem");
+        // Nothing served changed: only the problems.
+        assert!(change.gateways.is_empty() && change.nodes.is_empty());
+        let l = s.loaded();
+        assert_eq!(gateways(&l), ["gw-a", "gw-b"]);
+        assert_eq!(
+            l.inputs.gateways["gw-a"].gateway().spec.endpoints[0].port,
+            4500
+        );
+        assert!(names_file(&l, "a.yaml", "last good"), "{:?}", l.problems);
+        assert!(
+            l.problems
+                .iter()
+                .any(|p| p.object.contains("a.yaml#1") && p.field == "spec.endpoints[0].port"),
+            "{:?}",
+            l.problems
+        );
+        // Fixed: the new version is served and the problems go.
+        write(
+            d.path(),
+            "a.yaml",
+            &domain("gw-a", "n-a", 4700, "10.0.1.0/24"),
+        );
+        let change = s.poll().expect("poll").expect("fixed");
+        assert_eq!(names(&change.gateways), ["gw-a"]);
+        assert!(change.problems.is_empty(), "{:?}", change.problems);
+    }
+
+    use proptest::prelude::*;
+
+    /// One edit of the directory.
+    #[derive(Debug, Clone)]
+    enum Edit {
+        /// Writes file `f` as domain `g` with a port and pod subnet.
+        Write {
+            f: usize,
+            g: usize,
+            port: u16,
+            net: u8,
+        },
+        Delete {
+            f: usize,
+        },
+        Rename {
+            from: usize,
+            to: usize,
+        },
+    }
+
+    fn edit() -> impl Strategy<Value = Edit> {
+        prop_oneof![
+            3 => (0..5usize, 0..4usize, 4500..4503u16, 1..4u8)
+                .prop_map(|(f, g, port, net)| Edit::Write { f, g, port, net }),
+            1 => (0..5usize).prop_map(|f| Edit::Delete { f }),
+            1 => (0..5usize, 0..5usize).prop_map(|(from, to)| Edit::Rename { from, to }),
+        ]
+    }
+
+    fn apply_edit(dir: &Path, e: &Edit) {
+        let file = |f: usize| dir.join(format!("f{f}.yaml"));
+        match *e {
+            Edit::Write { f, g, port, net } => {
+                // Same domain in two files is a duplicate: on purpose.
+                let text = domain(
+                    &format!("gw-{g}"),
+                    &format!("n-{g}"),
+                    port,
+                    &format!("10.{net}.{g}.0/24"),
+                );
+                std::fs::write(file(f), text).expect("write");
+            }
+            Edit::Delete { f } => {
+                let _ = std::fs::remove_file(file(f));
+            }
+            Edit::Rename { from, to } => {
+                let _ = std::fs::rename(file(from), file(to));
+            }
+        }
+    }
+
+    /// The index's view, order-independent.
+    fn view(i: &crate::index::Index) -> (raven_core::Inputs, Vec<Problem>) {
+        let (inputs, mut problems) = i.inputs();
+        problems.sort();
+        (inputs, problems)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+        /// After any sequence of edits, the index fed only the changes holds
+        /// what a from-scratch read of the directory gives (same owners for
+        /// duplicates), and compiles to the same topology.
+        #[test]
+        fn incremental_changes_give_what_a_from_scratch_read_gives(edits in prop::collection::vec(edit(), 1..12)) {
+            let d = tempfile::tempdir().expect("tempdir");
+            write(d.path(), "raven-cfg.yaml", "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: raven-cfg, namespace: kube-system}\ndata: {enable-l3-tunnel: \"true\"}\n");
+            let mut s = source(d.path());
+            let mut index = crate::index::Index::default();
+            index.apply_manifest_change(s.load().expect("load"));
+            for e in &edits {
+                apply_edit(d.path(), e);
+                if let Some(change) = s.poll().expect("poll") {
+                    index.apply_manifest_change(change);
+                }
+                let mut fresh = DirSource::with_owners(d.path().to_owned(), Limits::default(), s.owners().clone());
+                let mut scratch = crate::index::Index::default();
+                scratch.apply_manifest_change(fresh.load().expect("load"));
+                prop_assert_eq!(fresh.owners(), s.owners());
+                let (got, want) = (view(&index), view(&scratch));
+                prop_assert_eq!(&got, &want, "after {:?}", e);
+                prop_assert_eq!(
+                    raven_core::compile(&got.0).topology,
+                    raven_core::compile(&want.0).topology
+                );
+            }
+        }
     }
 }

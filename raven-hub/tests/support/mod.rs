@@ -303,6 +303,24 @@ pub async fn first_snapshot(env: &Env, hub: &RunningHub, node: &str) -> (Agent, 
     (agent, first)
 }
 
+/// As [`first_snapshot`], for an agent that takes the compact member view
+/// (`CAPABILITY_COMPACT_MEMBER_VIEW`), as `raven-edge` does.
+pub async fn first_compact_snapshot(
+    env: &Env,
+    hub: &RunningHub,
+    node: &str,
+) -> (Agent, v1::Update) {
+    let mut client = env.client(hub, node).await;
+    let mut first = hello(node, &[], "", 0, false);
+    if let Some(Req::Hello(h)) = &mut first.message {
+        h.capabilities
+            .push(v1::Capability::CompactMemberView as i32);
+    }
+    let mut agent = Agent::open(&mut client, first).await.expect("open");
+    let first = agent.update().await.expect("snapshot");
+    (agent, first)
+}
+
 /// Opens `node`'s stream and acknowledges its snapshot.
 pub async fn synced_agent(env: &Env, hub: &RunningHub, node: &str) -> Agent {
     let (agent, first) = first_snapshot(env, hub, node).await;

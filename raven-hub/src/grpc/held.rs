@@ -1,0 +1,267 @@
+//! What one agent holds, kept compact: a session of a tunnel candidate
+//! holds every gateway and every peer (thousands of resources), and the hub
+//! keeps one such inventory per connected agent.
+//!
+//! Names are the pipeline's interned ids ([`crate::pipeline::ResourceIds`],
+//! stable for the hub's lifetime) and versions are [`Tag`]s (the 64-bit
+//! content digest a [`ContentVersion`] spells in hex), so an entry costs 12
+//! bytes instead of two heap strings and a map node (~130 bytes). A name
+//! the hub has never seen (from an agent's Hello after a restart with other
+//! sources) is kept by name until the hub either learns it or removes it.
+
+use std::collections::BTreeMap;
+
+use raven_core::{ContentVersion, ResourceName};
+
+use crate::pipeline::ResourceIds;
+
+/// A content version as a number. The hub's versions are 16 lowercase hex
+/// digits (8 bytes of a SHA-256): those map to exactly their value, so two
+/// such tags are equal exactly when the strings are. Anything else (an
+/// agent's cache written by another build) maps to a 64-bit hash of the
+/// string with the top bit set: equal to a hub version only by a collision
+/// as unlikely as two contents sharing a version.
+pub type Tag = u64;
+
+/// The tag of `version` (see [`Tag`]).
+pub fn tag(version: &ContentVersion) -> Tag {
+    let s = version.as_str().as_bytes();
+    let hex = |c: u8| match c {
+        b'0'..=b'9' => Some(u64::from(c - b'0')),
+        b'a'..=b'f' => Some(u64::from(c - b'a' + 10)),
+        _ => None,
+    };
+    if s.len() == 16 {
+        let parsed = s
+            .iter()
+            .try_fold(0u64, |acc, c| hex(*c).map(|d| (acc << 4) | d));
+        if let Some(v) = parsed {
+            return v;
+        }
+    }
+    // Not one of the hub's versions: FNV-1a of the bytes.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ s.len() as u64;
+    for b in s {
+        h = (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h | (1 << 63)
+}
+
+/// One name an agent holds: interned, or (never seen by this hub) by name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Key {
+    Id(u32),
+    Stray(ResourceName),
+}
+
+impl Key {
+    pub fn of(name: &ResourceName, ids: &ResourceIds) -> Self {
+        ids.id(name)
+            .map_or_else(|| Self::Stray(name.clone()), Self::Id)
+    }
+}
+
+/// An agent's inventory: sorted ids with their tags (parallel vectors, 12
+/// bytes an entry), and the stray names.
+#[derive(Debug, Default)]
+pub struct Held {
+    ids: Vec<u32>,
+    tags: Vec<Tag>,
+    strays: BTreeMap<ResourceName, Tag>,
+}
+
+impl Held {
+    /// The inventory an agent's Hello lists.
+    pub fn from_inventory(
+        inventory: BTreeMap<ResourceName, ContentVersion>,
+        ids: &ResourceIds,
+    ) -> Self {
+        let mut entries = Vec::with_capacity(inventory.len());
+        let mut strays = BTreeMap::new();
+        for (name, version) in inventory {
+            match ids.id(&name) {
+                Some(id) => entries.push((id, tag(&version))),
+                None => {
+                    strays.insert(name, tag(&version));
+                }
+            }
+        }
+        entries.sort_unstable_by_key(|(id, _)| *id);
+        let (ids, tags) = entries.into_iter().unzip();
+        Self { ids, tags, strays }
+    }
+
+    pub fn len(&self) -> usize {
+        self.ids.len() + self.strays.len()
+    }
+
+    /// The tag held for `id`.
+    pub fn get(&self, id: u32) -> Option<Tag> {
+        self.ids.binary_search(&id).ok().map(|i| self.tags[i])
+    }
+
+    /// Whether `name` is held (by id or as a stray).
+    pub fn contains(&self, name: &ResourceName, ids: &ResourceIds) -> bool {
+        match ids.id(name) {
+            Some(id) => self.ids.binary_search(&id).is_ok(),
+            None => self.strays.contains_key(name),
+        }
+    }
+
+    /// How `name` is held: as a stray if it is one (the hub may have
+    /// learned the name since), by its id otherwise.
+    pub fn key(&self, name: &ResourceName, ids: &ResourceIds) -> Key {
+        if self.strays.contains_key(name) {
+            Key::Stray(name.clone())
+        } else {
+            Key::of(name, ids)
+        }
+    }
+
+    /// Moves strays the hub has learned since into the id list.
+    pub fn resolve(&mut self, ids: &ResourceIds) {
+        if self.strays.is_empty() {
+            return;
+        }
+        let learned: Vec<(u32, Tag)> = self
+            .strays
+            .iter()
+            .filter_map(|(n, t)| ids.id(n).map(|id| (id, *t)))
+            .collect();
+        if learned.is_empty() {
+            return;
+        }
+        self.strays.retain(|n, _| ids.id(n).is_none());
+        self.apply(&learned, &[]);
+    }
+
+    /// The held ids in order, with their tags.
+    pub fn entries(&self) -> impl Iterator<Item = (u32, Tag)> + '_ {
+        self.ids.iter().copied().zip(self.tags.iter().copied())
+    }
+
+    /// The stray names.
+    pub fn strays(&self) -> impl Iterator<Item = &ResourceName> {
+        self.strays.keys()
+    }
+
+    /// What the agent holds once it ACKed an Update that sent `sent` and
+    /// removed `removed`: O(held + sent · log sent).
+    pub fn apply(&mut self, sent: &[(u32, Tag)], removed: &[Key]) {
+        let mut gone = Vec::new();
+        for key in removed {
+            match key {
+                Key::Id(id) => gone.push(*id),
+                Key::Stray(name) => {
+                    self.strays.remove(name);
+                }
+            }
+        }
+        if !gone.is_empty() {
+            gone.sort_unstable();
+            let mut keep = Vec::with_capacity(self.ids.len());
+            for (id, t) in self.entries() {
+                if gone.binary_search(&id).is_err() {
+                    keep.push((id, t));
+                }
+            }
+            (self.ids, self.tags) = keep.into_iter().unzip();
+        }
+        let mut added = Vec::new();
+        for (id, t) in sent {
+            match self.ids.binary_search(id) {
+                Ok(i) => self.tags[i] = *t,
+                Err(_) => added.push((*id, *t)),
+            }
+        }
+        if added.is_empty() {
+            return;
+        }
+        added.sort_unstable_by_key(|(id, _)| *id);
+        added.dedup_by_key(|(id, _)| *id);
+        let mut merged = Vec::with_capacity(self.ids.len() + added.len());
+        let mut old = self.entries().peekable();
+        let mut new = added.into_iter().peekable();
+        loop {
+            // `added` holds only ids not held, so no id is in both.
+            let take_old = match (old.peek(), new.peek()) {
+                (Some(a), Some(b)) => a.0 < b.0,
+                (Some(_), None) => true,
+                (None, Some(_)) => false,
+                (None, None) => break,
+            };
+            merged.extend(if take_old { old.next() } else { new.next() });
+        }
+        drop(old);
+        (self.ids, self.tags) = merged.into_iter().unzip();
+        self.ids.shrink_to_fit();
+        self.tags.shrink_to_fit();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn name(s: &str) -> ResourceName {
+        ResourceName::parse(s).unwrap_or_else(|| panic!("{s}"))
+    }
+
+    #[test]
+    fn a_hub_version_maps_to_its_value_and_any_other_string_to_a_tag_no_hub_version_has() {
+        let v = ContentVersion::from_string("00000000000000ff".into());
+        assert_eq!(tag(&v), 0xff);
+        for other in ["00000000000000FF", "ff", "", "0000000000000000x"] {
+            let t = tag(&ContentVersion::from_string(other.into()));
+            assert!(t >> 63 == 1, "{other:?} → {t:x}");
+        }
+        assert_ne!(
+            tag(&ContentVersion::from_string("a".into())),
+            tag(&ContentVersion::from_string("b".into()))
+        );
+    }
+
+    #[test]
+    fn an_ack_updates_inserts_and_removes_in_one_pass_keeping_ids_sorted() {
+        let mut ids = ResourceIds::default();
+        let [a, b, c, d] = ["gateway/a", "gateway/b", "peer/c", "settings"].map(|n| {
+            ids.intern(&name(n));
+            ids.id(&name(n)).unwrap_or_else(|| unreachable!())
+        });
+        let v = |s: &str| ContentVersion::from_string(s.into());
+        let inventory = BTreeMap::from([
+            (name("gateway/b"), v("0000000000000001")),
+            (name("node/stray"), v("0000000000000002")),
+        ]);
+        let mut held = Held::from_inventory(inventory, &ids);
+        assert_eq!(held.len(), 2);
+        assert_eq!(held.get(b), Some(1));
+        assert!(held.contains(&name("node/stray"), &ids));
+        held.apply(
+            &[(d, 4), (a, 3), (b, 5)],
+            &[Key::of(&name("node/stray"), &ids)],
+        );
+        assert_eq!(held.entries().collect::<Vec<_>>(), [(a, 3), (b, 5), (d, 4)]);
+        held.apply(&[(c, 6)], &[Key::Id(a)]);
+        assert_eq!(held.entries().collect::<Vec<_>>(), [(b, 5), (c, 6), (d, 4)]);
+        assert_eq!(held.strays().count(), 0);
+    }
+
+    #[test]
+    fn a_stray_the_hub_learns_later_is_held_by_its_new_id() {
+        let mut ids = ResourceIds::default();
+        let inventory = BTreeMap::from([(
+            name("gateway/late"),
+            ContentVersion::from_string("0000000000000007".into()),
+        )]);
+        let mut held = Held::from_inventory(inventory, &ids);
+        ids.intern(&name("gateway/late"));
+        held.resolve(&ids);
+        let id = ids
+            .id(&name("gateway/late"))
+            .unwrap_or_else(|| unreachable!());
+        assert_eq!(held.get(id), Some(7));
+        assert_eq!(held.strays().count(), 0);
+        assert_eq!(held.len(), 1);
+    }
+}
