@@ -173,7 +173,7 @@ fn raven_edge_status_reads_the_running_agent_and_prints_the_peer_table() {
         "Role:       gateway, proxy\n",
         "Gateway:    gw-hangzhou\n",
         "Tunnel:     izbp15inok0kbfkg3in52rz (elected by the hub)\n",
-        "Cache:      revision 7 (epoch e1), 10 resources\n",
+        "Cache:      revision 7 (epoch e1), 13 resources\n",
         "PEER                      GATEWAY      PATH      ENDPOINT            HANDSHAKE   RX       TX\n",
         "izm5eb24dmjfimuaybpnqzz   gw-qingdao   relayed   203.0.113.10:4500   never       0B       0B\n",
         "izwz9dohcv74iegqecp4axz   gw-cloud     direct    203.0.113.10:4500   17s ago     3.2MiB   1.2KiB\n",
