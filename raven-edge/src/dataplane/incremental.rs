@@ -14,6 +14,13 @@
 //! [`skipnat::diff`] of the two whole rule sets would write (the property
 //! tests below prove it over random one-node changes).
 //!
+//! The other domains come as gateways or, in the compact member view, as
+//! prefix sets ([`DomainPrefixes`]); both are domains of the index, keyed
+//! by gateway name, and a change of one prefix set patches its routes and
+//! skip-NAT rules as a change of one gateway does. A domain that changes
+//! form (a member becoming a tunnel candidate gets the full view) is a
+//! change of that domain too.
+//!
 //! What the node's role decides for every remote route — the node itself,
 //! the settings, the MTU, the tunnel devices, local failover, its domain's
 //! active gateway node — is compared first: when it changed, every route
@@ -25,7 +32,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 use raven_model::GatewayName;
-use raven_model::topology::GatewayView;
+use raven_model::topology::{DomainPrefixes, GatewayView};
 
 use super::model::{
     self, Desired, Excluded, LocalPart, NodeInputs, Op, Route, RouteDev, State, TABLE_REMOTE, diff,
@@ -38,6 +45,65 @@ use super::skipnat::{self, Chains, Family, Observed, Restore, Rules, SkipNat};
 pub struct Delta {
     pub ops: Vec<Op>,
     pub nat: [Option<Restore>; 2],
+}
+
+/// Another domain as the node sees it: a gateway, or (compact member
+/// view) its prefix set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Domain {
+    Gateway(GatewayView),
+    Prefixes(DomainPrefixes),
+}
+
+impl Domain {
+    fn name(&self) -> &GatewayName {
+        match self {
+            Domain::Gateway(g) => &g.name,
+            Domain::Prefixes(d) => &d.gateway,
+        }
+    }
+
+    /// The public addresses of its tunnel endpoints (with repeats, as
+    /// [`Excluded::of`] reads them).
+    fn endpoint_ips(&self) -> Vec<IpAddr> {
+        match self {
+            Domain::Gateway(g) => model::endpoint_ips(g).collect(),
+            Domain::Prefixes(d) => d.endpoint_addresses.clone(),
+        }
+    }
+
+    fn prefixes(&self) -> Vec<IpNet> {
+        match self {
+            Domain::Gateway(g) => g.prefixes().collect(),
+            Domain::Prefixes(d) => d.prefixes.clone(),
+        }
+    }
+
+    fn destinations(&self, excluded: &Excluded) -> Vec<IpNet> {
+        match self {
+            Domain::Gateway(g) => skipnat::gateway_destinations(g, excluded),
+            Domain::Prefixes(d) => skipnat::domain_destinations(d, excluded),
+        }
+    }
+
+    /// Whether this is gateway `g`, as it is.
+    fn is_gateway(&self, g: &GatewayView) -> bool {
+        matches!(self, Domain::Gateway(x) if x == g)
+    }
+
+    fn is_prefixes(&self, d: &DomainPrefixes) -> bool {
+        matches!(self, Domain::Prefixes(x) if x == d)
+    }
+}
+
+/// The domains of `inputs` (gateways, then prefix sets).
+fn domains(inputs: &NodeInputs) -> impl Iterator<Item = Domain> + '_ {
+    inputs
+        .gateways
+        .iter()
+        .cloned()
+        .map(Domain::Gateway)
+        .chain(inputs.remote.iter().cloned().map(Domain::Prefixes))
 }
 
 /// One family's skip-NAT rules, held as counts so that gateways sharing a
@@ -70,11 +136,12 @@ impl NatFamily {
 /// The desired state of a node and what patching it needs.
 #[derive(Debug, Clone)]
 pub struct Index {
-    /// The inputs besides the gateways: a change there rebuilds.
+    /// The inputs besides the domains: a change there rebuilds.
     context: NodeInputs,
-    /// Gateways by name (all of them, mine too). `None`: the topology
-    /// names a gateway twice, so it is never patched.
-    gateways: Option<BTreeMap<GatewayName, GatewayView>>,
+    /// Domains by gateway name (all of them, mine too). `None`: the
+    /// topology names a gateway twice (in either form), so it is never
+    /// patched.
+    gateways: Option<BTreeMap<GatewayName, Domain>>,
     /// My gateway's name; `None` when the node wants nothing.
     mine: Option<GatewayName>,
     local: Option<LocalPart>,
@@ -136,11 +203,12 @@ impl Index {
     pub fn build(inputs: &NodeInputs) -> Self {
         let mut gateways = BTreeMap::new();
         let mut unique = true;
-        for g in &inputs.gateways {
-            unique &= gateways.insert(g.name.clone(), g.clone()).is_none();
+        for d in domains(inputs) {
+            unique &= gateways.insert(d.name().clone(), d).is_none();
         }
         let context = NodeInputs {
             gateways: Vec::new(),
+            remote: Vec::new(),
             ..inputs.clone()
         };
         let desired = model::desired(inputs);
@@ -160,12 +228,10 @@ impl Index {
         for f in &mut index.nat {
             f.buckets = vec![0; usize::from(skipnat::BUCKETS)];
         }
-        let mine = model::mine(inputs).filter(|_| inputs.remote.is_empty());
-        let Some((me, private, my_gw)) = mine else {
-            // Nothing to route, or a compact member view (other domains as
-            // prefix sets, not gateways): never patched, rebuilt on every
-            // change; only the skip-NAT rules (which need no address of the
-            // node's own) are kept.
+        let Some((me, private, my_gw)) = model::mine(inputs) else {
+            // Nothing to route: never patched, rebuilt on every change;
+            // only the skip-NAT rules (which need no address of the node's
+            // own) are kept.
             index.gateways = None;
             let spec = skipnat::spec(inputs);
             for f in Family::ALL {
@@ -180,21 +246,21 @@ impl Index {
         index.local = Some(model::local_part(inputs, me, private, my_gw));
         index.own = my_gw.members.iter().map(|m| m.private_ip).collect();
         index.mine_prefixes = my_gw.prefixes().collect();
-        for g in &inputs.gateways {
-            for ip in model::endpoint_ips(g) {
+        for d in domains(inputs) {
+            for ip in d.endpoint_ips() {
                 count(&mut index.endpoints, ip, true);
             }
-            if g.name != my_gw.name {
-                for p in g.prefixes() {
-                    index.owners.entry(p).or_default().push(g.name.clone());
+            if *d.name() != my_gw.name {
+                for p in d.prefixes() {
+                    index.owners.entry(p).or_default().push(d.name().clone());
                 }
             }
         }
         let excluded = index.excluded();
-        for g in inputs.gateways.iter().filter(|g| g.name != my_gw.name) {
-            let dsts = skipnat::gateway_destinations(g, &excluded);
+        for d in domains(inputs).filter(|d| *d.name() != my_gw.name) {
+            let dsts = d.destinations(&excluded);
             index.count_destinations(&dsts, true, &mut Vec::new());
-            index.nat_of.insert(g.name.clone(), dsts);
+            index.nat_of.insert(d.name().clone(), dsts);
         }
         set_sources(&mut index.nat, my_gw);
         index
@@ -242,13 +308,19 @@ impl Index {
         }
     }
 
-    /// Whether `p` goes to the direct-path device (on the gateway).
+    /// Whether `p` goes to the direct-path device (on the gateway): it is a
+    /// prefix of a gateway (not of a prefix set) reached directly.
     fn direct(&self, p: &IpNet) -> bool {
         let inputs = &self.context;
-        let by_owner = self
-            .owners
-            .get(p)
-            .is_some_and(|o| o.iter().any(|g| model::is_direct(inputs, g)));
+        let is_gateway = |g: &GatewayName| {
+            self.gateways
+                .as_ref()
+                .is_some_and(|gs| matches!(gs.get(g), Some(Domain::Gateway(_))))
+        };
+        let by_owner = self.owners.get(p).is_some_and(|o| {
+            o.iter()
+                .any(|g| model::is_direct(inputs, g) && is_gateway(g))
+        });
         by_owner
             || self
                 .mine
@@ -266,7 +338,7 @@ impl Index {
     }
 
     /// Whether `new` differs from the inputs of this index only in its
-    /// gateways.
+    /// domains.
     fn same_context(&self, new: &NodeInputs) -> bool {
         let c = &self.context;
         c.me == new.me
@@ -276,7 +348,6 @@ impl Index {
             && c.tunnel_dev == new.tunnel_dev
             && c.tunnel_up == new.tunnel_up
             && c.direct == new.direct
-            && c.remote == new.remote
     }
 
     /// Patches this index to `new` and returns what the kernel needs to
@@ -290,15 +361,23 @@ impl Index {
         }
         let gateways = self.gateways.as_ref()?;
         let mine = self.mine.clone()?;
-        // The gateways that differ: (name, new version or removed).
-        let mut names = HashSet::with_capacity(new.gateways.len());
-        let mut changed: Vec<(GatewayName, Option<&GatewayView>)> = Vec::new();
+        // The domains that differ: (name, new version or removed).
+        let mut names = HashSet::with_capacity(new.gateways.len() + new.remote.len());
+        let mut changed: Vec<(GatewayName, Option<Domain>)> = Vec::new();
         for g in &new.gateways {
             if !names.insert(&g.name) {
                 return None;
             }
-            if gateways.get(&g.name) != Some(g) {
-                changed.push((g.name.clone(), Some(g)));
+            if !gateways.get(&g.name).is_some_and(|d| d.is_gateway(g)) {
+                changed.push((g.name.clone(), Some(Domain::Gateway(g.clone()))));
+            }
+        }
+        for d in &new.remote {
+            if !names.insert(&d.gateway) {
+                return None;
+            }
+            if !gateways.get(&d.gateway).is_some_and(|x| x.is_prefixes(d)) {
+                changed.push((d.gateway.clone(), Some(Domain::Prefixes(d.clone()))));
             }
         }
         if names.len() != gateways.len() || changed.iter().any(|(n, _)| !gateways.contains_key(n)) {
@@ -313,7 +392,9 @@ impl Index {
         // routed stays the same.
         let mut new_local = None;
         if let Some((_, g)) = changed.iter().find(|(n, _)| *n == mine) {
-            let g = (*g)?;
+            let Some(Domain::Gateway(g)) = g else {
+                return None;
+            };
             let me = new.me.as_ref()?;
             let private = me.private_ip.and_then(|ip| match ip {
                 IpAddr::V4(v4) => Some(v4),
@@ -325,15 +406,13 @@ impl Index {
             }
             new_local = Some(local);
         }
-        let changed: Vec<(GatewayName, Option<GatewayView>)> =
-            changed.into_iter().map(|(n, g)| (n, g.cloned())).collect();
         Some(self.patch(&mine, changed, new_local))
     }
 
     fn patch(
         &mut self,
         mine: &GatewayName,
-        changed: Vec<(GatewayName, Option<GatewayView>)>,
+        changed: Vec<(GatewayName, Option<Domain>)>,
         new_local: Option<LocalPart>,
     ) -> Delta {
         let mut old_part = State::default();
@@ -353,18 +432,20 @@ impl Index {
                 Some(g) => gateways.insert(name.clone(), g.clone()),
                 None => gateways.remove(&name),
             };
-            for ip in old.iter().flat_map(model::endpoint_ips) {
+            for ip in old.iter().flat_map(Domain::endpoint_ips) {
                 if count(&mut self.endpoints, ip, false) {
                     hosts.insert(ip);
                 }
             }
-            for ip in g.iter().flat_map(model::endpoint_ips) {
+            for ip in g.iter().flat_map(Domain::endpoint_ips) {
                 if count(&mut self.endpoints, ip, true) {
                     hosts.insert(ip);
                 }
             }
             if name == *mine {
-                let Some(g) = &g else { continue };
+                let Some(Domain::Gateway(g)) = &g else {
+                    continue;
+                };
                 let own: BTreeSet<IpAddr> = g.members.iter().map(|m| m.private_ip).collect();
                 hosts.extend(own.symmetric_difference(&self.own).copied());
                 self.own = own;
@@ -374,7 +455,7 @@ impl Index {
                 set_sources(&mut self.nat, g);
                 continue;
             }
-            for p in old.iter().flat_map(GatewayView::prefixes) {
+            for p in old.iter().flat_map(Domain::prefixes) {
                 if let Some(o) = self.owners.get_mut(&p) {
                     if let Some(i) = o.iter().position(|n| *n == name) {
                         o.swap_remove(i);
@@ -385,7 +466,7 @@ impl Index {
                 }
                 touched.insert(p);
             }
-            for p in g.iter().flat_map(GatewayView::prefixes) {
+            for p in g.iter().flat_map(Domain::prefixes) {
                 self.owners.entry(p).or_default().push(name.clone());
                 touched.insert(p);
             }
@@ -451,7 +532,7 @@ impl Index {
                 .gateways
                 .as_ref()
                 .and_then(|gs| gs.get(&name))
-                .map(|g| skipnat::gateway_destinations(g, &excluded))
+                .map(|d| d.destinations(&excluded))
             else {
                 continue;
             };
@@ -682,6 +763,9 @@ mod tests {
         Endpoint(usize, Option<u8>),
         Active(usize, usize),
         DropGateway(usize),
+        /// The node's view changes form: compact member ↔ full (a member
+        /// becoming a tunnel candidate or back).
+        Role,
     }
 
     fn change() -> impl Strategy<Value = Change> {
@@ -694,6 +778,7 @@ mod tests {
             (0usize..4, proptest::option::of(1u8..8)).prop_map(|(g, h)| Change::Endpoint(g, h)),
             (0usize..4, 0usize..4).prop_map(|(g, m)| Change::Active(g, m)),
             (1usize..4).prop_map(Change::DropGateway),
+            Just(Change::Role),
         ]
     }
 
@@ -772,6 +857,27 @@ mod tests {
                     gs.remove(1 + (g - 1) % (n - 1));
                 }
             }
+            Change::Role => {}
+        }
+    }
+
+    /// What the node is sent of `full`: every gateway, or (`compact`) its
+    /// own gateway and every other domain as its prefix set, as the hub
+    /// sends a member that is neither tunnel candidate nor active proxy.
+    fn view(full: &NodeInputs, compact: bool) -> NodeInputs {
+        if !compact {
+            return full.clone();
+        }
+        let mine = full.me.as_ref().and_then(|m| m.gateway.clone());
+        let (own, others): (Vec<GatewayView>, Vec<GatewayView>) = full
+            .gateways
+            .iter()
+            .cloned()
+            .partition(|g| Some(&g.name) == mine.as_ref());
+        NodeInputs {
+            gateways: own,
+            remote: others.iter().map(DomainPrefixes::of).collect(),
+            ..full.clone()
         }
     }
 
@@ -813,14 +919,22 @@ mod tests {
     proptest! {
         #[test]
         fn the_incremental_delta_applied_to_the_old_desired_state_is_desired_of_the_new_view(
-            old in topology(),
+            full in topology(),
+            compact in any::<bool>(),
             changes in proptest::collection::vec(change(), 1..4),
         ) {
+            // The view the node holds (full or compact member view) and the
+            // cluster it is cut from; each change applies to the cluster.
+            let (mut full, mut compact) = (full, compact);
+            let old = view(&full, compact);
             let mut index = Index::build(&old);
             let mut was = old.clone();
             for c in &changes {
-                let mut new = was.clone();
-                apply(&mut new, c);
+                apply(&mut full, c);
+                if matches!(c, Change::Role) {
+                    compact = !compact;
+                }
+                let new = view(&full, compact);
                 let before = model::desired(&was);
                 let want = model::desired(&new);
                 let Some(delta) = index.update(&new) else {
@@ -910,5 +1024,68 @@ mod tests {
             e.node = raven_model::NodeName::new("a2").unwrap_or_else(|_| unreachable!());
         }
         assert!(index.update(&inputs).is_none());
+    }
+
+    #[test]
+    fn a_compact_members_one_domain_prefix_change_patches_two_routes_without_rebuilding() {
+        let gw = |g: u8, members: Vec<Member>| GatewayView {
+            active_tunnel: Some(raven_model::fixtures::endpoint(
+                members[0].node.as_str(),
+                4500,
+            )),
+            members,
+            ..raven_model::fixtures::gateway(&format!("gw-{g}"))
+        };
+        let m = |n: &str, ip: &str, s: &str| raven_model::fixtures::member(n, ip, &[s]);
+        let mut full = NodeInputs {
+            me: Some(raven_model::topology::NodeView {
+                private_ip: Some("192.168.1.2".parse().unwrap_or_else(|_| unreachable!())),
+                ..raven_model::fixtures::node_view("a2", Some("gw-0"))
+            }),
+            gateways: vec![
+                gw(
+                    0,
+                    vec![
+                        m("a1", "192.168.1.1", "10.0.1.0/24"),
+                        m("a2", "192.168.1.2", "10.0.2.0/24"),
+                    ],
+                ),
+                gw(
+                    1,
+                    vec![
+                        m("b1", "192.168.2.1", "10.1.1.0/24"),
+                        m("b2", "192.168.2.2", "10.1.2.0/24"),
+                    ],
+                ),
+                gw(2, vec![m("c1", "192.168.3.1", "10.2.1.0/24")]),
+            ],
+            ..Default::default()
+        };
+        let mut index = Index::build(&view(&full, true));
+        full.gateways[1].members[1].subnets =
+            vec!["10.1.9.0/24".parse().unwrap_or_else(|_| unreachable!())];
+        let compact = view(&full, true);
+        assert_eq!(compact.remote.len(), 2, "two domains as prefix sets");
+        let delta = index
+            .update(&compact)
+            .unwrap_or_else(|| unreachable!("local to prefixes/gw-1"));
+        let shown: Vec<String> = delta.ops.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            shown,
+            vec![
+                "ip route add 10.1.9.0/24 via 192.168.1.1 dev raven0 onlink table 9027 proto 82 mtu 1420",
+                "ip route del 10.1.2.0/24 table 9027 proto 82",
+            ]
+        );
+        assert_eq!(index.desired(), &model::desired(&compact));
+        assert_eq!(index.skip_nat(), skipnat::spec(&compact));
+        // Trading the compact view for the full one (the member became a
+        // tunnel candidate) is a change of every other domain's form, and
+        // the same routes: nothing to write.
+        let delta = index
+            .update(&full)
+            .unwrap_or_else(|| unreachable!("the same node, settings and role"));
+        assert_eq!(delta, Delta::default());
+        assert_eq!(index.desired(), &model::desired(&full));
     }
 }

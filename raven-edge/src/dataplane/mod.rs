@@ -135,6 +135,10 @@ pub struct Io {
     /// Planned against the kernel read in full (a resync); `false`: against
     /// what the last pass applied (a change).
     pub observed: bool,
+    /// A change planned from the desired state computed in full (its
+    /// change was not local to some domains: the node, its settings or
+    /// role changed); `false` for a patched change and for a resync.
+    pub rebuilt: bool,
     /// Netlink operations written (routes, rules, link, neighbours).
     pub netlink_ops: usize,
     /// `iptables -t nat -S` listings and `iptables-restore` transactions.
@@ -265,6 +269,7 @@ impl Kernel {
                 match index.update(inputs) {
                     Some(delta) => (index, delta.ops, Nat::Planned(delta.nat)),
                     None => {
+                        io.rebuilt = true;
                         let new = build(inputs).await;
                         let ops = diff(&new.desired().state, &index.desired().state);
                         let (old, now) = (index.skip_nat(), new.skip_nat());

@@ -276,9 +276,7 @@ pub fn spec(inputs: &NodeInputs) -> SkipNat {
                 .remote
                 .iter()
                 .filter(|d| &d.gateway != gw_name)
-                .flat_map(|d| {
-                    aggregated(d.prefixes.iter().copied().filter(|p| !excluded.excludes(p)))
-                }),
+                .flat_map(|d| domain_destinations(d, &excluded)),
         )
         .collect();
     destinations.sort_unstable();
@@ -300,6 +298,16 @@ pub fn sources(my_gw: &GatewayView) -> Vec<IpNet> {
 /// endpoints), aggregated per family.
 pub fn gateway_destinations(g: &GatewayView, excluded: &super::model::Excluded) -> Vec<IpNet> {
     aggregated(g.prefixes().filter(|p| !excluded.excludes(p)))
+}
+
+/// The skip-NAT destinations of a remote domain known by its prefixes
+/// alone (the compact member view), as [`gateway_destinations`] of its
+/// gateway.
+pub fn domain_destinations(
+    d: &raven_model::topology::DomainPrefixes,
+    excluded: &super::model::Excluded,
+) -> Vec<IpNet> {
+    aggregated(d.prefixes.iter().copied().filter(|p| !excluded.excludes(p)))
 }
 
 /// `nets` aggregated per family: IPv4 first, each sorted.
