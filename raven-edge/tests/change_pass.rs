@@ -19,6 +19,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use raven_edge::dataplane::{self, Kernel, NodeInputs, ReconcileReport, model, skipnat};
+use raven_model::topology::{DomainPrefixes, GatewayView};
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
@@ -176,7 +177,7 @@ impl Monitor {
     }
 }
 
-fn cluster() -> Vec<raven_model::topology::GatewayView> {
+fn cluster() -> Vec<GatewayView> {
     let cfg = edge::Config::small();
     (0..cfg.gateways)
         .map(|i| edge::gateway(i, cfg.nodes))
@@ -191,15 +192,77 @@ fn sorted_chains(mut c: skipnat::Chains) -> skipnat::Chains {
     c
 }
 
+/// The compact member view of the benchmark's node: its own gateway and
+/// every other domain as its prefix set (what the hub sends a member that
+/// is neither tunnel candidate nor active proxy).
+fn compact(gateways: Vec<GatewayView>) -> NodeInputs {
+    let full = edge::inputs(gateways);
+    let mine = full.me.as_ref().and_then(|m| m.gateway.clone());
+    let (own, others): (Vec<GatewayView>, Vec<GatewayView>) = full
+        .gateways
+        .iter()
+        .cloned()
+        .partition(|g| Some(&g.name) == mine.as_ref());
+    NodeInputs {
+        gateways: own,
+        remote: others.iter().map(DomainPrefixes::of).collect(),
+        ..full
+    }
+}
+
 #[test]
 fn a_one_node_change_writes_exactly_its_two_routes_and_its_skip_nat_rules_and_reads_nothing() {
+    one_node_change_pass(edge::inputs);
+}
+
+#[test]
+fn a_one_domain_prefix_change_on_a_compact_member_writes_exactly_its_routes_and_skip_nat_rules_and_reads_nothing()
+ {
+    one_node_change_pass(compact);
+}
+
+#[test]
+fn a_compact_member_that_gets_the_full_view_and_back_keeps_the_kernel_exact() {
     if !ready() {
         return;
     }
     let ns = Ns::new();
     let kernel = Kernel::new(true);
     let mut gateways = cluster();
-    let first = ns.pass(&kernel, &edge::inputs(gateways.clone()), true);
+    ns.pass(&kernel, &compact(gateways.clone()), true);
+    // The member became a tunnel candidate: the full view, the same
+    // routes; then a change in the full view, then compact again.
+    let full = ns.pass(&kernel, &edge::inputs(gateways.clone()), true);
+    assert!(full.failures.is_empty(), "{:?}", full.failures);
+    assert_eq!((full.io.observed, full.ops_applied), (false, 0));
+    edge::change_one_node(&mut gateways, 0);
+    let changed = ns.pass(&kernel, &edge::inputs(gateways.clone()), true);
+    assert!(changed.failures.is_empty(), "{:?}", changed.failures);
+    let back = compact(gateways.clone());
+    let r = ns.pass(&kernel, &back, true);
+    assert!(r.failures.is_empty(), "{:?}", r.failures);
+    assert_eq!(r.ops_applied, 0, "the compact view wants the same kernel");
+    let (routes, nat) = ns.kernel();
+    assert!(routes.routes == dataplane::desired(&back).state.routes);
+    assert_eq!(
+        sorted_chains(nat.chains),
+        sorted_chains(skipnat::spec(&back).v4.layout())
+    );
+    let resync = ns.pass(&kernel, &back, false);
+    assert_eq!(resync.ops_applied, 0, "a resync finds nothing to do");
+}
+
+/// One remote node's pod subnet moves in the view `view` makes of the
+/// cluster: the change pass patches, writes its two routes and skip-NAT
+/// rules, and reads nothing.
+fn one_node_change_pass(view: fn(Vec<GatewayView>) -> NodeInputs) {
+    if !ready() {
+        return;
+    }
+    let ns = Ns::new();
+    let kernel = Kernel::new(true);
+    let mut gateways = cluster();
+    let first = ns.pass(&kernel, &view(gateways.clone()), true);
     assert!(first.failures.is_empty(), "{:?}", first.failures);
     assert!(
         first.io.observed,
@@ -207,9 +270,9 @@ fn a_one_node_change_writes_exactly_its_two_routes_and_its_skip_nat_rules_and_re
     );
     assert!(first.io.nat_listings >= 1);
 
-    let before = dataplane::desired(&edge::inputs(gateways.clone()));
+    let before = dataplane::desired(&view(gateways.clone()));
     edge::change_one_node(&mut gateways, 0);
-    let next = edge::inputs(gateways.clone());
+    let next = view(gateways.clone());
     let after = dataplane::desired(&next);
     let added: Vec<_> = after
         .state
@@ -231,7 +294,7 @@ fn a_one_node_change_writes_exactly_its_two_routes_and_its_skip_nat_rules_and_re
     // of before and after, either way, in their buckets (and a bucket
     // created or emptied, with its jump).
     let nat_differ = skipnat::changes_between(
-        &skipnat::spec(&edge::inputs(cluster())).v4.layout(),
+        &skipnat::spec(&view(cluster())).v4.layout(),
         &skipnat::spec(&next).v4.layout(),
     );
     assert!(
@@ -245,6 +308,7 @@ fn a_one_node_change_writes_exactly_its_two_routes_and_its_skip_nat_rules_and_re
 
     assert!(r.failures.is_empty(), "{:?}", r.failures);
     assert!(!r.io.observed, "planned against the last pass, not a dump");
+    assert!(!r.io.rebuilt, "patched, not planned in full");
     assert_eq!(r.io.netlink_ops, 2, "one route deleted, one added");
     assert_eq!(r.io.nat_listings, 0, "no iptables listing");
     assert_eq!(r.io.nat_restores, 1, "one iptables-restore");
