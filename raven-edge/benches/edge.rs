@@ -21,6 +21,9 @@
 //! - no-op resync: a reconcile when nothing changed;
 //! - one-node change: one remote node's pod subnet moves; the reconcile's
 //!   time, routes touched and skip-NAT rules touched;
+//! - the same change on a compact member (its own gateway, the other
+//!   domains as `prefixes/` sets): the change pass, and its planning
+//!   patched vs planned in full in the same run;
 //! - cold start from cache, hub down: open the sled cache, decode it, build
 //!   the inputs and reconcile — with the kernel still programmed (agent
 //!   restart) and with an empty kernel (node reboot);
@@ -44,7 +47,8 @@ use raven_edge::cache::{Accepted, Cache, CachedState};
 use raven_edge::dataplane::{self, Kernel, NodeInputs, Op, model, netlink, skipnat};
 use raven_model::fixtures;
 use raven_model::topology::{
-    ExposeType, GatewayEndpoint, GatewayView, Member, NodeView, Resource, ResourceBody,
+    DomainPrefixes, ExposeType, GatewayEndpoint, GatewayView, Member, NodeView, Resource,
+    ResourceBody,
 };
 use raven_model::{GatewayName, NodeName, ResourceName};
 
@@ -219,6 +223,24 @@ pub fn inputs(gateways: Vec<GatewayView>) -> NodeInputs {
         gateways,
         settings: Some(fixtures::settings()),
         ..Default::default()
+    }
+}
+
+/// The compact member view of the benchmark's node: its own gateway and
+/// every other domain as its prefix set (what the hub sends a member that
+/// is neither tunnel candidate nor active proxy).
+pub fn compact_inputs(gateways: Vec<GatewayView>) -> NodeInputs {
+    let full = inputs(gateways);
+    let mine = full.me.as_ref().and_then(|m| m.gateway.clone());
+    let (own, others): (Vec<GatewayView>, Vec<GatewayView>) = full
+        .gateways
+        .iter()
+        .cloned()
+        .partition(|g| Some(&g.name) == mine.as_ref());
+    NodeInputs {
+        gateways: own,
+        remote: others.iter().map(DomainPrefixes::of).collect(),
+        ..full
     }
 }
 
@@ -860,6 +882,81 @@ async fn run_in_namespace(cfg: &Config) -> Report {
             }
         ),
     );
+
+    // The same change on a compact member (its own gateway, the other
+    // domains as prefix sets): the change pass against the kernel, and its
+    // planning patched vs planned in full (Index::build + diff + skip-NAT
+    // diff, what the change pass did for a compact view before), same run.
+    let mut moving = changed.clone();
+    let r = kernel
+        .reconcile(&compact_inputs(moving.clone()))
+        .await
+        .unwrap();
+    assert!(r.failures.is_empty(), "{:?}", r.failures);
+    let (mut passes, mut patched, mut rebuilt) = (vec![], vec![], vec![]);
+    let mut io = dataplane::Io::default();
+    for round in 0..cfg.rounds {
+        let was = compact_inputs(moving.clone());
+        change_one_node(&mut moving, 300 + u32::try_from(round).unwrap());
+        let next = compact_inputs(moving.clone());
+        let t = Instant::now();
+        let r = kernel.reconcile_change(&next).await.unwrap();
+        passes.push(t.elapsed());
+        assert!(r.failures.is_empty(), "{:?}", r.failures);
+        io = r.io;
+        check_exact(
+            &dataplane::desired(&next).state,
+            "after a compact change pass",
+        )
+        .await;
+        let mut index = dataplane::incremental::Index::build(&was);
+        let old = index.clone();
+        let t = Instant::now();
+        let delta = index.update(&next);
+        patched.push(t.elapsed());
+        let t = Instant::now();
+        let whole = dataplane::incremental::Index::build(&next);
+        let ops = dataplane::diff(&whole.desired().state, &old.desired().state);
+        let script = skipnat::diff(
+            &whole.skip_nat().v4,
+            &skipnat::Observed::after(&old.skip_nat().v4),
+        );
+        rebuilt.push(t.elapsed());
+        if let Some(delta) = delta {
+            assert_eq!(delta.ops, ops, "the patch plans what the whole diff plans");
+            assert_eq!(
+                delta.nat[0].as_ref().map(|r| r.changes),
+                script.map(|r| r.changes)
+            );
+        }
+    }
+    report.add(
+        "compact member one-node change pass",
+        format!(
+            "{}{}",
+            ms(median(passes)),
+            if io.rebuilt { " (planned in full)" } else { "" }
+        ),
+    );
+    report.add(
+        "compact member change pass: netlink ops / nat listings / nat rules",
+        format!(
+            "{} / {} / {}",
+            io.netlink_ops, io.nat_listings, io.nat_changes
+        ),
+    );
+    let (patched, rebuilt) = (median(patched), median(rebuilt));
+    report.add(
+        "compact member change planning: index patch / planned in full",
+        format!(
+            "{} / {} (ratio {:.3})",
+            ms(patched),
+            ms(rebuilt),
+            patched.as_secs_f64() / rebuilt.as_secs_f64().max(1e-9)
+        ),
+    );
+    // Back to the full view for what follows.
+    kernel.reconcile(&inputs(changed.clone())).await.unwrap();
 
     // Planning a one-node change: the index patched with the changed
     // gateway vs what the change pass did before (desired() of the whole

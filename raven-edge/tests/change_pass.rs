@@ -19,7 +19,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use raven_edge::dataplane::{self, Kernel, NodeInputs, ReconcileReport, model, skipnat};
-use raven_model::topology::{DomainPrefixes, GatewayView};
+use raven_model::topology::GatewayView;
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
@@ -192,24 +192,6 @@ fn sorted_chains(mut c: skipnat::Chains) -> skipnat::Chains {
     c
 }
 
-/// The compact member view of the benchmark's node: its own gateway and
-/// every other domain as its prefix set (what the hub sends a member that
-/// is neither tunnel candidate nor active proxy).
-fn compact(gateways: Vec<GatewayView>) -> NodeInputs {
-    let full = edge::inputs(gateways);
-    let mine = full.me.as_ref().and_then(|m| m.gateway.clone());
-    let (own, others): (Vec<GatewayView>, Vec<GatewayView>) = full
-        .gateways
-        .iter()
-        .cloned()
-        .partition(|g| Some(&g.name) == mine.as_ref());
-    NodeInputs {
-        gateways: own,
-        remote: others.iter().map(DomainPrefixes::of).collect(),
-        ..full
-    }
-}
-
 #[test]
 fn a_one_node_change_writes_exactly_its_two_routes_and_its_skip_nat_rules_and_reads_nothing() {
     one_node_change_pass(edge::inputs);
@@ -218,7 +200,7 @@ fn a_one_node_change_writes_exactly_its_two_routes_and_its_skip_nat_rules_and_re
 #[test]
 fn a_one_domain_prefix_change_on_a_compact_member_writes_exactly_its_routes_and_skip_nat_rules_and_reads_nothing()
  {
-    one_node_change_pass(compact);
+    one_node_change_pass(edge::compact_inputs);
 }
 
 #[test]
@@ -229,7 +211,7 @@ fn a_compact_member_that_gets_the_full_view_and_back_keeps_the_kernel_exact() {
     let ns = Ns::new();
     let kernel = Kernel::new(true);
     let mut gateways = cluster();
-    ns.pass(&kernel, &compact(gateways.clone()), true);
+    ns.pass(&kernel, &edge::compact_inputs(gateways.clone()), true);
     // The member became a tunnel candidate: the full view, the same
     // routes; then a change in the full view, then compact again.
     let full = ns.pass(&kernel, &edge::inputs(gateways.clone()), true);
@@ -238,7 +220,7 @@ fn a_compact_member_that_gets_the_full_view_and_back_keeps_the_kernel_exact() {
     edge::change_one_node(&mut gateways, 0);
     let changed = ns.pass(&kernel, &edge::inputs(gateways.clone()), true);
     assert!(changed.failures.is_empty(), "{:?}", changed.failures);
-    let back = compact(gateways.clone());
+    let back = edge::compact_inputs(gateways.clone());
     let r = ns.pass(&kernel, &back, true);
     assert!(r.failures.is_empty(), "{:?}", r.failures);
     assert_eq!(r.ops_applied, 0, "the compact view wants the same kernel");

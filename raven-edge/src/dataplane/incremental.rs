@@ -51,7 +51,7 @@ pub struct Delta {
 /// view) its prefix set.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Domain {
-    Gateway(GatewayView),
+    Gateway(Box<GatewayView>),
     Prefixes(DomainPrefixes),
 }
 
@@ -88,7 +88,7 @@ impl Domain {
 
     /// Whether this is gateway `g`, as it is.
     fn is_gateway(&self, g: &GatewayView) -> bool {
-        matches!(self, Domain::Gateway(x) if x == g)
+        matches!(self, Domain::Gateway(x) if **x == *g)
     }
 
     fn is_prefixes(&self, d: &DomainPrefixes) -> bool {
@@ -101,8 +101,7 @@ fn domains(inputs: &NodeInputs) -> impl Iterator<Item = Domain> + '_ {
     inputs
         .gateways
         .iter()
-        .cloned()
-        .map(Domain::Gateway)
+        .map(|g| Domain::Gateway(Box::new(g.clone())))
         .chain(inputs.remote.iter().cloned().map(Domain::Prefixes))
 }
 
@@ -369,7 +368,7 @@ impl Index {
                 return None;
             }
             if !gateways.get(&g.name).is_some_and(|d| d.is_gateway(g)) {
-                changed.push((g.name.clone(), Some(Domain::Gateway(g.clone()))));
+                changed.push((g.name.clone(), Some(Domain::Gateway(Box::new(g.clone())))));
             }
         }
         for d in &new.remote {
