@@ -47,8 +47,7 @@ use raven_edge::cache::{Accepted, Cache, CachedState};
 use raven_edge::dataplane::{self, Kernel, NodeInputs, Op, model, netlink, skipnat};
 use raven_model::fixtures;
 use raven_model::topology::{
-    DomainPrefixes, ExposeType, GatewayEndpoint, GatewayView, Member, NodeView, Resource,
-    ResourceBody,
+    ExposeType, GatewayEndpoint, GatewayView, Member, NodeView, Resource, ResourceBody,
 };
 use raven_model::{GatewayName, NodeName, ResourceName};
 
@@ -230,18 +229,7 @@ pub fn inputs(gateways: Vec<GatewayView>) -> NodeInputs {
 /// every other domain as its prefix set (what the hub sends a member that
 /// is neither tunnel candidate nor active proxy).
 pub fn compact_inputs(gateways: Vec<GatewayView>) -> NodeInputs {
-    let full = inputs(gateways);
-    let mine = full.me.as_ref().and_then(|m| m.gateway.clone());
-    let (own, others): (Vec<GatewayView>, Vec<GatewayView>) = full
-        .gateways
-        .iter()
-        .cloned()
-        .partition(|g| Some(&g.name) == mine.as_ref());
-    NodeInputs {
-        gateways: own,
-        remote: others.iter().map(DomainPrefixes::of).collect(),
-        ..full
-    }
+    model::compact_view(&inputs(gateways))
 }
 
 /// The one-node change: node 3 of the middle gateway gets a new pod subnet

@@ -860,26 +860,6 @@ mod tests {
         }
     }
 
-    /// What the node is sent of `full`: every gateway, or (`compact`) its
-    /// own gateway and every other domain as its prefix set, as the hub
-    /// sends a member that is neither tunnel candidate nor active proxy.
-    fn view(full: &NodeInputs, compact: bool) -> NodeInputs {
-        if !compact {
-            return full.clone();
-        }
-        let mine = full.me.as_ref().and_then(|m| m.gateway.clone());
-        let (own, others): (Vec<GatewayView>, Vec<GatewayView>) = full
-            .gateways
-            .iter()
-            .cloned()
-            .partition(|g| Some(&g.name) == mine.as_ref());
-        NodeInputs {
-            gateways: own,
-            remote: others.iter().map(DomainPrefixes::of).collect(),
-            ..full.clone()
-        }
-    }
-
     /// A cluster with endpoints that have public addresses (some equal to
     /// member addresses) and, on gateways, a direct path; the node mostly
     /// has its address (without, it wants nothing and is never patched).
@@ -925,7 +905,7 @@ mod tests {
             // The view the node holds (full or compact member view) and the
             // cluster it is cut from; each change applies to the cluster.
             let (mut full, mut compact) = (full, compact);
-            let old = view(&full, compact);
+            let old = if compact { model::compact_view(&full) } else { full.clone() };
             let mut index = Index::build(&old);
             let mut was = old.clone();
             for c in &changes {
@@ -933,7 +913,7 @@ mod tests {
                 if matches!(c, Change::Role) {
                     compact = !compact;
                 }
-                let new = view(&full, compact);
+                let new = if compact { model::compact_view(&full) } else { full.clone() };
                 let before = model::desired(&was);
                 let want = model::desired(&new);
                 let Some(delta) = index.update(&new) else {
@@ -970,8 +950,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_remote_members_move_patches_two_routes_without_rebuilding() {
+    /// Three domains of remote members; the node is `a2` in `gw-0`.
+    fn three_domains() -> NodeInputs {
         let gw = |g: u8, members: Vec<Member>| GatewayView {
             active_tunnel: Some(raven_model::fixtures::endpoint(
                 members[0].node.as_str(),
@@ -981,62 +961,7 @@ mod tests {
             ..raven_model::fixtures::gateway(&format!("gw-{g}"))
         };
         let m = |n: &str, ip: &str, s: &str| raven_model::fixtures::member(n, ip, &[s]);
-        let mut inputs = NodeInputs {
-            me: Some(raven_model::topology::NodeView {
-                private_ip: Some("192.168.1.2".parse().unwrap_or_else(|_| unreachable!())),
-                ..raven_model::fixtures::node_view("a2", Some("gw-0"))
-            }),
-            gateways: vec![
-                gw(
-                    0,
-                    vec![
-                        m("a1", "192.168.1.1", "10.0.1.0/24"),
-                        m("a2", "192.168.1.2", "10.0.2.0/24"),
-                    ],
-                ),
-                gw(
-                    1,
-                    vec![
-                        m("b1", "192.168.2.1", "10.1.1.0/24"),
-                        m("b2", "192.168.2.2", "10.1.2.0/24"),
-                    ],
-                ),
-            ],
-            ..Default::default()
-        };
-        let mut index = Index::build(&inputs);
-        inputs.gateways[1].members[1].subnets =
-            vec!["10.1.9.0/24".parse().unwrap_or_else(|_| unreachable!())];
-        let delta = index
-            .update(&inputs)
-            .unwrap_or_else(|| unreachable!("local to gw-1"));
-        let shown: Vec<String> = delta.ops.iter().map(ToString::to_string).collect();
-        assert_eq!(
-            shown,
-            vec![
-                "ip route add 10.1.9.0/24 via 192.168.1.1 dev raven0 onlink table 9027 proto 82 mtu 1420",
-                "ip route del 10.1.2.0/24 table 9027 proto 82",
-            ]
-        );
-        // Moving the domain's active gateway node changes every route.
-        if let Some(e) = &mut inputs.gateways[0].active_tunnel {
-            e.node = raven_model::NodeName::new("a2").unwrap_or_else(|_| unreachable!());
-        }
-        assert!(index.update(&inputs).is_none());
-    }
-
-    #[test]
-    fn a_compact_members_one_domain_prefix_change_patches_two_routes_without_rebuilding() {
-        let gw = |g: u8, members: Vec<Member>| GatewayView {
-            active_tunnel: Some(raven_model::fixtures::endpoint(
-                members[0].node.as_str(),
-                4500,
-            )),
-            members,
-            ..raven_model::fixtures::gateway(&format!("gw-{g}"))
-        };
-        let m = |n: &str, ip: &str, s: &str| raven_model::fixtures::member(n, ip, &[s]);
-        let mut full = NodeInputs {
+        NodeInputs {
             me: Some(raven_model::topology::NodeView {
                 private_ip: Some("192.168.1.2".parse().unwrap_or_else(|_| unreachable!())),
                 ..raven_model::fixtures::node_view("a2", Some("gw-0"))
@@ -1059,15 +984,17 @@ mod tests {
                 gw(2, vec![m("c1", "192.168.3.1", "10.2.1.0/24")]),
             ],
             ..Default::default()
-        };
-        let mut index = Index::build(&view(&full, true));
-        full.gateways[1].members[1].subnets =
+        }
+    }
+
+    /// Node `b2`'s pod subnet moves from 10.1.2.0/24 to 10.1.9.0/24.
+    fn move_b2(inputs: &mut NodeInputs) {
+        inputs.gateways[1].members[1].subnets =
             vec!["10.1.9.0/24".parse().unwrap_or_else(|_| unreachable!())];
-        let compact = view(&full, true);
-        assert_eq!(compact.remote.len(), 2, "two domains as prefix sets");
-        let delta = index
-            .update(&compact)
-            .unwrap_or_else(|| unreachable!("local to prefixes/gw-1"));
+    }
+
+    /// The two route operations `move_b2` needs.
+    fn assert_b2_moved(delta: &Delta) {
         let shown: Vec<String> = delta.ops.iter().map(ToString::to_string).collect();
         assert_eq!(
             shown,
@@ -1076,6 +1003,35 @@ mod tests {
                 "ip route del 10.1.2.0/24 table 9027 proto 82",
             ]
         );
+    }
+
+    #[test]
+    fn a_remote_members_move_patches_two_routes_without_rebuilding() {
+        let mut inputs = three_domains();
+        let mut index = Index::build(&inputs);
+        move_b2(&mut inputs);
+        let delta = index
+            .update(&inputs)
+            .unwrap_or_else(|| unreachable!("local to gw-1"));
+        assert_b2_moved(&delta);
+        // Moving the domain's active gateway node changes every route.
+        if let Some(e) = &mut inputs.gateways[0].active_tunnel {
+            e.node = raven_model::NodeName::new("a2").unwrap_or_else(|_| unreachable!());
+        }
+        assert!(index.update(&inputs).is_none());
+    }
+
+    #[test]
+    fn a_compact_members_one_domain_prefix_change_patches_two_routes_without_rebuilding() {
+        let mut full = three_domains();
+        let mut index = Index::build(&model::compact_view(&full));
+        move_b2(&mut full);
+        let compact = model::compact_view(&full);
+        assert_eq!(compact.remote.len(), 2, "two domains as prefix sets");
+        let delta = index
+            .update(&compact)
+            .unwrap_or_else(|| unreachable!("local to prefixes/gw-1"));
+        assert_b2_moved(&delta);
         assert_eq!(index.desired(), &model::desired(&compact));
         assert_eq!(index.skip_nat(), skipnat::spec(&compact));
         // Trading the compact view for the full one (the member became a

@@ -690,6 +690,21 @@ pub fn local_part(
     out
 }
 
+/// The compact member view of the full view `full`: the node's own
+/// gateway, every other domain as its prefix set — what the hub sends a
+/// member that is neither tunnel candidate nor active proxy. Tests and the
+/// edge benchmark compare the two forms with it.
+pub fn compact_view(full: &NodeInputs) -> NodeInputs {
+    let mine = full.me.as_ref().and_then(|m| m.gateway.as_ref());
+    let (own, others): (Vec<&GatewayView>, Vec<&GatewayView>) =
+        full.gateways.iter().partition(|g| Some(&g.name) == mine);
+    NodeInputs {
+        gateways: own.into_iter().cloned().collect(),
+        remote: others.into_iter().map(DomainPrefixes::of).collect(),
+        ..full.clone()
+    }
+}
+
 /// Whether the gateway `name` is reached on the direct-path device.
 pub fn is_direct(inputs: &NodeInputs, name: &GatewayName) -> bool {
     inputs.direct.up && inputs.direct.gateways.contains(name)
