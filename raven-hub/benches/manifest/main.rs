@@ -18,6 +18,8 @@
 #[allow(dead_code)] // shared with the fan-out benchmark, which uses all of it
 #[path = "../fanout/cluster.rs"]
 mod cluster;
+#[path = "../common/flags.rs"]
+mod flags;
 
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
@@ -40,17 +42,12 @@ fn opts() -> Opts {
         },
         changes: 20,
     };
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        let mut num = |what: &str| cluster::number(&mut args, what);
-        match a.as_str() {
-            "--gateways" => o.shape.gateways = num("--gateways").max(1),
-            "--nodes" => o.shape.nodes = num("--nodes"),
-            "--changes" => o.changes = num("--changes").max(1),
-            // cargo bench passes --bench; libtest-style filters are ignored.
-            _ => {}
-        }
-    }
+    flags::parse(|flag, num| match flag {
+        "--gateways" => o.shape.gateways = num().max(1),
+        "--nodes" => o.shape.nodes = num(),
+        "--changes" => o.changes = num().max(1),
+        _ => {}
+    });
     o
 }
 
