@@ -542,6 +542,20 @@ mod tests {
     /// A ready member `n1` of `gw-a`, whose only endpoint is a tunnel on
     /// `n1`, with the tunnel switched on: `gw-a` elects `n1`.
     fn one_gateway_cluster(index: &crate::index::IndexHandle, resource_version: u64) {
+        one_gateway_cluster_unsynced(index, resource_version);
+        mark_all_synced(index);
+    }
+
+    fn mark_all_synced(index: &crate::index::IndexHandle) {
+        index.update(|i| {
+            for k in crate::index::Kind::SOURCES {
+                i.mark_synced(k);
+            }
+        });
+    }
+
+    /// [`one_gateway_cluster`]'s objects, no source marked synced yet.
+    fn one_gateway_cluster_unsynced(index: &crate::index::IndexHandle, resource_version: u64) {
         use raven_core::api::v1beta1::{Endpoint, Gateway, GatewaySpec, TunnelConfiguration};
         let mut gw = Gateway::new(
             "gw-a",
@@ -565,14 +579,94 @@ mod tests {
                 enable_l3_tunnel: true,
                 ..Default::default()
             });
-            for k in [
-                crate::index::Kind::Gateway,
-                crate::index::Kind::Node,
-                crate::index::Kind::Config,
-            ] {
-                i.mark_synced(k);
-            }
         });
+    }
+
+    fn stored_pipeline(
+        dir: &std::path::Path,
+        index: &crate::index::IndexHandle,
+    ) -> (Pipeline, PublishedRx) {
+        Pipeline::new(
+            index.clone(),
+            crate::revision::Revisions::open(dir, None).expect("revisions"),
+            Debounce::default(),
+            std::time::Duration::from_secs(3),
+        )
+    }
+
+    /// The stored sequence of a hub that published the one-gateway cluster
+    /// once, as a restarted hub finds it.
+    fn stored_after_one_compile(dir: &std::path::Path) -> crate::revision::RevisionState {
+        let index = crate::index::IndexHandle::default();
+        one_gateway_cluster(&index, 10);
+        let (mut pipeline, published) = stored_pipeline(dir, &index);
+        assert!(pipeline.recompile().expect("compiled"));
+        assert!(published.borrow().ready);
+        pipeline.revisions.current().clone()
+    }
+
+    #[test]
+    fn a_recompile_of_an_unsynced_index_leaves_the_stored_revision_unchanged() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let stored = stored_after_one_compile(dir.path());
+        assert!(stored.revision > 0);
+        {
+            // A restarted hub whose sources have not all synced: the
+            // gateway is there, its nodes and the config not yet listed.
+            let index = crate::index::IndexHandle::default();
+            index.update(|i| {
+                i.mark_synced(crate::index::Kind::Gateway);
+            });
+            let (mut pipeline, published) = stored_pipeline(dir.path(), &index);
+            pipeline.recompile().expect("compiled");
+            let p = published.borrow().clone();
+            assert!(!p.ready, "nothing is served before every source synced");
+            assert_eq!(
+                (p.epoch.as_str(), p.revision),
+                (stored.epoch.as_str(), stored.revision)
+            );
+            assert_eq!(pipeline.revisions.current(), &stored, "in memory");
+        }
+        let reopened = crate::revision::Revisions::open(dir.path(), None).expect("reopen");
+        assert_eq!(reopened.current(), &stored, "on disk");
+    }
+
+    #[test]
+    fn after_sync_the_first_compile_of_unchanged_content_keeps_the_stored_revision() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let stored = stored_after_one_compile(dir.path());
+        let index = crate::index::IndexHandle::default();
+        let (mut pipeline, published) = stored_pipeline(dir.path(), &index);
+        let mut sessions = pipeline.sessions();
+        sessions.borrow_and_update();
+        // Compiles while the sources come in, each before the sync.
+        pipeline.recompile().expect("compiled");
+        one_gateway_cluster_unsynced(&index, 10);
+        pipeline.recompile().expect("compiled");
+        assert!(!published.borrow().ready);
+        assert!(
+            !sessions.has_changed().expect("open"),
+            "an unready state wakes no session"
+        );
+        mark_all_synced(&index);
+        assert!(pipeline.recompile().expect("compiled"));
+        let p = published.borrow().clone();
+        assert!(p.ready);
+        assert_eq!(
+            (p.epoch.as_str(), p.revision),
+            (stored.epoch.as_str(), stored.revision)
+        );
+        assert!(
+            p.deltas.is_empty(),
+            "no delta from the unready state: a resuming agent is planned in full or is in sync"
+        );
+        assert!(
+            sessions.has_changed().expect("open"),
+            "readiness wakes the sessions"
+        );
+        drop(pipeline);
+        let reopened = crate::revision::Revisions::open(dir.path(), None).expect("reopen");
+        assert_eq!(reopened.current(), &stored);
     }
 
     #[test]
