@@ -237,6 +237,39 @@ pub struct Pipeline {
     /// How long an agent's stream must be gone before the failure detector
     /// counts it (see [`raven_core::liveness`]).
     failover_grace: std::time::Duration,
+    phases: Phases,
+}
+
+/// Where the last [`Pipeline::recompile`] spent its time, phase by phase
+/// (for the manifest benchmark).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Phases {
+    /// Reading the index: its inputs and the streams' liveness.
+    pub inputs: std::time::Duration,
+    /// The observed gateways, the last election and held subnets.
+    pub prepare: std::time::Duration,
+    /// `compile_reusing` and the election log.
+    pub compile: std::time::Duration,
+    /// Advancing (and persisting) the revision.
+    pub revision: std::time::Duration,
+    /// Encoding, deltas, interned names.
+    pub encode: std::time::Duration,
+    /// Comparing with the last state and sending it.
+    pub publish: std::time::Duration,
+}
+
+struct Clock(std::time::Instant);
+
+impl Clock {
+    fn start() -> Self {
+        Self(std::time::Instant::now())
+    }
+
+    /// The time since the last lap.
+    fn lap(&mut self) -> std::time::Duration {
+        let now = std::time::Instant::now();
+        now - std::mem::replace(&mut self.0, now)
+    }
 }
 
 impl Pipeline {
@@ -262,6 +295,7 @@ impl Pipeline {
                 sessions_tx,
                 debounce,
                 failover_grace,
+                phases: Phases::default(),
             },
             rx,
         )
@@ -276,18 +310,31 @@ impl Pipeline {
         self.sessions_tx.subscribe()
     }
 
+    /// Where the last recompile spent its time.
+    pub fn phases(&self) -> Phases {
+        self.phases
+    }
+
     /// Compiles now and publishes the result if anything a reader can see
     /// changed. Returns whether it published.
     pub fn recompile(&mut self) -> Result<bool, crate::revision::RevisionError> {
         let now = tokio::time::Instant::now();
-        let (mut inputs, mut problems) = self.index.read(|i| {
+        let mut clock = Clock::start();
+        // One read: readiness must describe the very inputs compiled (a
+        // source that syncs between two reads would otherwise make a
+        // partial index look complete).
+        let (mut inputs, mut problems, ready, fresh, floor) = self.index.read(|i| {
             let (mut inputs, problems) = i.inputs();
             inputs.streams = i.streams_at(now, self.failover_grace);
-            (inputs, problems)
+            (
+                inputs,
+                problems,
+                i.is_synced(),
+                i.is_fresh(),
+                i.high_water(),
+            )
         });
-        let (ready, fresh, floor) = self
-            .index
-            .read(|i| (i.is_synced(), i.is_fresh(), i.high_water()));
+        self.phases.inputs = clock.lap();
         let prev = self.tx.borrow().clone();
         let observed: BTreeMap<GatewayName, ObservedGateway> = inputs
             .gateways
@@ -360,11 +407,13 @@ impl Pipeline {
                 })
                 .collect()
         };
+        self.phases.prepare = clock.lap();
         let compile_started = std::time::Instant::now();
         // Versions of unchanged resources come from the last state (a
         // one-node change hashes the few resources it changed).
         let mut compiled = raven_core::compile::compile_reusing(&inputs, Some(&prev.topology));
         crate::metrics::compile_observed(compile_started.elapsed());
+        self.phases.compile = clock.lap();
         log_elections(
             &prev.gateways,
             &compiled.gateways,
@@ -375,7 +424,18 @@ impl Pipeline {
         problems.dedup();
         compiled.topology.problems = problems;
 
-        let state = self.revisions.advance(&compiled.topology, floor)?.clone();
+        // Before every source has synced the index is partial: its content
+        // is no revision. The stored one stands, not advanced nor persisted,
+        // so a restarted hub whose first complete content is unchanged keeps
+        // the revision its agents hold.
+        if ready {
+            self.revisions.advance(&compiled.topology, floor)?;
+        }
+        let (epoch, revision) = {
+            let s = self.revisions.current();
+            (s.epoch.clone(), s.revision)
+        };
+        self.phases.revision = clock.lap();
         // Encode each resource once per content version: unchanged resources
         // keep their bytes from the previous state.
         let encoded = compiled
@@ -395,9 +455,11 @@ impl Pipeline {
                 )
             })
             .collect();
-        let deltas = if state.epoch != prev.epoch {
+        // An unready state's topology is not the content of its revision: no
+        // delta starts or ends at one.
+        let deltas = if epoch != prev.epoch || !ready || !prev.ready {
             Vec::new()
-        } else if state.revision == prev.revision {
+        } else if revision == prev.revision {
             prev.deltas.clone()
         } else {
             let keep = prev.deltas.len().min(DELTA_HISTORY - 1);
@@ -413,14 +475,15 @@ impl Pipeline {
             ids: ResourceIds::extended(&prev.ids, &compiled.topology),
             encoded,
             deltas,
-            epoch: state.epoch,
-            revision: state.revision,
+            epoch,
+            revision,
             ready,
             fresh,
             observed,
             topology: compiled.topology,
             gateways: compiled.gateways,
         };
+        self.phases.encode = clock.lap();
         let for_agents =
             next.revision != prev.revision || next.epoch != prev.epoch || next.ready != prev.ready;
         let changed = for_agents
@@ -435,6 +498,7 @@ impl Pipeline {
                 self.sessions_tx.send_replace(next);
             }
         }
+        self.phases.publish = clock.lap();
         Ok(changed)
     }
 
