@@ -491,14 +491,26 @@ impl Pipeline {
             || next.observed != prev.observed
             || next.topology.problems != prev.topology.problems
             || next.gateways != prev.gateways;
+        let mut retired = Vec::new();
         if changed {
             let next = Arc::new(next);
-            self.tx.send_replace(next.clone());
+            retired.push(self.tx.send_replace(next.clone()));
             if for_agents {
-                self.sessions_tx.send_replace(next);
+                retired.push(self.sessions_tx.send_replace(next));
             }
         }
         self.phases.publish = clock.lap();
+        // Freeing the replaced state and the inputs' copy is O(cluster) and
+        // no reader waits for it: another thread does it, so the next
+        // compile may start at once.
+        retired.push(prev);
+        let retire = move || drop((retired, inputs));
+        // Without a thread to be had, the failed spawn drops it here.
+        drop(
+            std::thread::Builder::new()
+                .name("raven-retire".into())
+                .spawn(retire),
+        );
         Ok(changed)
     }
 

@@ -85,6 +85,30 @@ fn open_store(data_dir: &Path) -> Result<raven_store::Opened, StoreError> {
     )
 }
 
+/// The names whose version differs between `versions` and `topology`: the
+/// new version, or `None` once gone. One pass over both sorted maps, no
+/// lookups; nothing is copied for what is unchanged.
+fn changes(
+    versions: &BTreeMap<ResourceName, ContentVersion>,
+    topology: &Topology,
+) -> BTreeMap<ResourceName, Option<ContentVersion>> {
+    let mut out = BTreeMap::new();
+    let mut old = versions.iter().peekable();
+    for (name, r) in &topology.resources {
+        while let Some((gone, _)) = old.next_if(|(o, _)| *o < name) {
+            out.insert(gone.clone(), None);
+        }
+        match old.next_if(|(o, _)| *o == name) {
+            Some((_, v)) if *v == r.version => {}
+            _ => {
+                out.insert(name.clone(), Some(r.version.clone()));
+            }
+        }
+    }
+    out.extend(old.map(|(gone, _)| (gone.clone(), None)));
+    out
+}
+
 fn apply(
     versions: &mut BTreeMap<ResourceName, ContentVersion>,
     changes: &BTreeMap<ResourceName, Option<ContentVersion>>,
@@ -200,21 +224,7 @@ impl Revisions {
         topology: &Topology,
         floor: u64,
     ) -> Result<&RevisionState, RevisionError> {
-        // One pass over both sorted maps; nothing is copied for what is
-        // unchanged.
-        let versions = &self.state.versions;
-        let mut changes: BTreeMap<ResourceName, Option<ContentVersion>> = topology
-            .resources
-            .iter()
-            .filter(|(n, r)| versions.get(*n) != Some(&r.version))
-            .map(|(n, r)| (n.clone(), Some(r.version.clone())))
-            .collect();
-        changes.extend(
-            versions
-                .keys()
-                .filter(|n| !topology.resources.contains_key(*n))
-                .map(|n| (n.clone(), None)),
-        );
+        let changes = changes(&self.state.versions, topology);
         if changes.is_empty() && self.state.revision > 0 {
             return Ok(&self.state);
         }

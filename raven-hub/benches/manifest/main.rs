@@ -265,6 +265,17 @@ async fn main() {
         ("encode, deltas, interned names", |p| p.encode),
         ("compare with the last state, send", |p| p.publish),
     ];
+    let sent = median(
+        phases
+            .iter()
+            .map(|p| p.inputs + p.prepare + p.compile + p.revision + p.encode + p.publish)
+            .collect(),
+    );
+    println!(
+        "| of the recompile: until the new state is sent (freeing the old one follows on another thread) | {} | {} of the recompile |",
+        ms(sent),
+        ratio(sent, recompile)
+    );
     for (what, phase) in rows {
         let d = median(phases.iter().map(phase).collect());
         println!(
