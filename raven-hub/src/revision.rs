@@ -388,6 +388,22 @@ mod tests {
         assert_eq!(r.current().revision, 1 + 3 * threshold as u64);
     }
 
+    /// Writes `state` as the base record alone, as a hub that knows no log
+    /// does.
+    fn write_base_alone(dir: &Path, state: &RevisionState) {
+        let opened = open_store(dir).expect("store");
+        let json = serde_json::to_vec(state).expect("json");
+        opened.store.put_records(&[(RECORD, &json)]).expect("put");
+    }
+
+    /// Closes `r` and checks a reopen reads back what it held.
+    fn assert_reopens_the_same(dir: &Path, r: Revisions) {
+        let want = r.current().clone();
+        drop(r);
+        let r = Revisions::open(dir, None).expect("reopen");
+        assert_eq!(r.current(), &want);
+    }
+
     #[test]
     fn a_store_written_before_the_log_existed_reads_as_before() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -396,12 +412,8 @@ mod tests {
             revision: 41,
             versions: versions(&many(5, None)),
         };
-        {
-            // What the hub wrote before: the base record alone.
-            let opened = open_store(dir.path()).expect("store");
-            let json = serde_json::to_vec(&old).expect("json");
-            opened.store.put_records(&[(RECORD, &json)]).expect("put");
-        }
+        // What the hub wrote before: the base record alone.
+        write_base_alone(dir.path(), &old);
         let mut r = Revisions::open(dir.path(), None).expect("open");
         assert_eq!(r.current(), &old);
         assert_eq!(r.advance(&many(5, None), 0).expect("same").revision, 41);
@@ -409,10 +421,7 @@ mod tests {
             r.advance(&many(5, Some((1, 9))), 0).expect("next").revision,
             42
         );
-        let want = r.current().clone();
-        drop(r);
-        let r = Revisions::open(dir.path(), None).expect("reopen");
-        assert_eq!(r.current(), &want);
+        assert_reopens_the_same(dir.path(), r);
     }
 
     #[test]
@@ -430,18 +439,11 @@ mod tests {
             revision: 9,
             versions: versions(&many(3, Some((0, 7)))),
         };
-        {
-            let opened = open_store(dir.path()).expect("store");
-            let json = serde_json::to_vec(&theirs).expect("json");
-            opened.store.put_records(&[(RECORD, &json)]).expect("put");
-        }
+        write_base_alone(dir.path(), &theirs);
         let mut r = Revisions::open(dir.path(), None).expect("reopen");
         assert_eq!(r.current(), &theirs);
         assert_eq!(r.advance(&many(3, None), 0).expect("next").revision, 10);
-        let want = r.current().clone();
-        drop(r);
-        let r = Revisions::open(dir.path(), None).expect("reopen");
-        assert_eq!(r.current(), &want);
+        assert_reopens_the_same(dir.path(), r);
     }
 
     #[test]
