@@ -157,6 +157,36 @@ pub struct ObservedGateway {
     pub status: Option<raven_core::api::v1beta1::GatewayStatus>,
 }
 
+/// Every resource of `topology` encoded, an unchanged one (same name and
+/// version as in `prev`) keeping its bytes: one pass over the sorted maps
+/// side by side, no lookups.
+fn encode(prev: &Published, topology: &Topology) -> BTreeMap<ResourceName, EncodedResource> {
+    // `encoded` holds exactly the names of `topology`, in the same order.
+    let aligned = prev.encoded.len() == prev.topology.resources.len();
+    let mut old = prev
+        .topology
+        .resources
+        .iter()
+        .zip(prev.encoded.values())
+        .filter(|_| aligned)
+        .peekable();
+    topology
+        .resources
+        .iter()
+        .map(|(name, r)| {
+            while old.next_if(|((o, _), _)| *o < name).is_some() {}
+            let reuse = old
+                .next_if(|((o, _), _)| *o == name)
+                .filter(|((_, o), _)| o.version == r.version)
+                .map(|(_, bytes)| bytes.clone());
+            (
+                name.clone(),
+                reuse.unwrap_or_else(|| EncodedResource::new(name, r)),
+            )
+        })
+        .collect()
+}
+
 /// Logs every gateway whose elected endpoints changed, and why when a local
 /// failover caused it.
 fn log_elections(
@@ -438,23 +468,7 @@ impl Pipeline {
         self.phases.revision = clock.lap();
         // Encode each resource once per content version: unchanged resources
         // keep their bytes from the previous state.
-        let encoded = compiled
-            .topology
-            .resources
-            .iter()
-            .map(|(name, r)| {
-                let reuse = prev
-                    .topology
-                    .resources
-                    .get(name)
-                    .filter(|old| old.version == r.version)
-                    .and_then(|_| prev.encoded.get(name).cloned());
-                (
-                    name.clone(),
-                    reuse.unwrap_or_else(|| EncodedResource::new(name, r)),
-                )
-            })
-            .collect();
+        let encoded = encode(&prev, &compiled.topology);
         // An unready state's topology is not the content of its revision: no
         // delta starts or ends at one.
         let deltas = if epoch != prev.epoch || !ready || !prev.ready {
@@ -890,6 +904,32 @@ mod tests {
         );
         // Both changes in one compile: one revision, not two.
         assert_eq!(p.revision, first + 2);
+    }
+
+    #[test]
+    fn encoding_keeps_the_bytes_of_unchanged_resources_and_equals_a_fresh_encoding() {
+        let fresh = |t: &Topology| -> BTreeMap<ResourceName, EncodedResource> {
+            t.resources
+                .iter()
+                .map(|(n, r)| (n.clone(), EncodedResource::new(n, r)))
+                .collect()
+        };
+        let before = topology(&[("gateway/a", 1), ("gateway/b", 1), ("gateway/d", 1)]);
+        let prev = Published {
+            encoded: fresh(&before),
+            topology: before,
+            ..Default::default()
+        };
+        let after = topology(&[("gateway/a", 1), ("gateway/b", 2), ("gateway/c", 1)]);
+        let encoded = encode(&prev, &after);
+        assert_eq!(encoded, fresh(&after));
+        let a = ResourceName::parse("gateway/a").expect("name");
+        assert_eq!(
+            encoded[&a].as_bytes().as_ptr(),
+            prev.encoded[&a].as_bytes().as_ptr(),
+            "an unchanged resource shares its bytes"
+        );
+        assert_eq!(encode(&Published::default(), &after), fresh(&after));
     }
 
     #[test]
