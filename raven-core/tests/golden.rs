@@ -3,34 +3,13 @@
 //! rewrite the expected files after an intended change, and review the diff.
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use raven_core::{compile, manifest};
-
-fn read_yaml_dir(dir: &Path) -> Vec<(String, String)> {
-    let mut files: Vec<PathBuf> = fs::read_dir(dir)
-        .unwrap_or_else(|e| panic!("read {}: {e}", dir.display()))
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
-        .collect();
-    files.sort();
-    files
-        .into_iter()
-        .map(|p| {
-            let name = p
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            let text =
-                fs::read_to_string(&p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()));
-            (name, text)
-        })
-        .collect()
-}
+use raven_model::fixtures;
 
 fn compile_dir(dir: &Path) -> String {
-    let loaded = manifest::load(&read_yaml_dir(dir));
+    let loaded = manifest::load(&fixtures::yaml_dir(dir));
     let mut compiled = compile(&loaded.inputs);
     compiled.topology.problems.extend(loaded.problems);
     compiled.topology.problems.sort();
@@ -123,7 +102,7 @@ fn in_view_agrees_with_view_names_for_every_node_and_resource_of_every_case() {
     dirs.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/user-manual"));
     let mut checked = 0;
     for dir in dirs {
-        let loaded = manifest::load(&read_yaml_dir(&dir));
+        let loaded = manifest::load(&fixtures::yaml_dir(&dir));
         let topology = compile(&loaded.inputs).topology;
         for node in loaded.inputs.nodes.keys() {
             for compact in [false, true] {

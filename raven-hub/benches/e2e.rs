@@ -30,6 +30,8 @@
 #[path = "fanout/cluster.rs"]
 #[allow(dead_code)]
 mod cluster;
+#[path = "common/flags.rs"]
+mod flags;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
@@ -367,16 +369,12 @@ fn main() {
         nodes: 10,
     };
     let mut changes = 5;
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        let mut num = |what: &str| cluster::number(&mut args, what);
-        match a.as_str() {
-            "--gateways" => shape.gateways = num("--gateways").max(2),
-            "--nodes" => shape.nodes = num("--nodes").max(3),
-            "--changes" => changes = num("--changes").max(1),
-            _ => {}
-        }
-    }
+    flags::parse(|flag, num| match flag {
+        "--gateways" => shape.gateways = num().max(2),
+        "--nodes" => shape.nodes = num().max(3),
+        "--changes" => changes = num().max(1),
+        _ => {}
+    });
     if !nix::unistd::geteuid().is_root() {
         return skip("not root");
     }

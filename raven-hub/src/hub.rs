@@ -218,9 +218,10 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
     )
     .await?;
 
-    // The pipeline starts after the first load: a compile of the empty,
-    // unsynced index would advance the stored revision, and agents resuming
-    // after a restart would see a new one for the same content.
+    // The pipeline starts after the first load, which spares it a compile
+    // of the empty index (one of an unsynced index publishes an unready
+    // state and keeps the stored revision, so the order is not needed for
+    // agents resuming after a restart).
     tasks.spawn(pipeline.run(shutdown.clone()));
     {
         let metrics = metrics.clone();

@@ -157,6 +157,36 @@ pub struct ObservedGateway {
     pub status: Option<raven_core::api::v1beta1::GatewayStatus>,
 }
 
+/// Every resource of `topology` encoded, an unchanged one (same name and
+/// version as in `prev`) keeping its bytes: one pass over the sorted maps
+/// side by side, no lookups.
+fn encode(prev: &Published, topology: &Topology) -> BTreeMap<ResourceName, EncodedResource> {
+    // `encoded` holds exactly the names of `topology`, in the same order.
+    let aligned = prev.encoded.len() == prev.topology.resources.len();
+    let mut old = prev
+        .topology
+        .resources
+        .iter()
+        .zip(prev.encoded.values())
+        .filter(|_| aligned)
+        .peekable();
+    topology
+        .resources
+        .iter()
+        .map(|(name, r)| {
+            while old.next_if(|((o, _), _)| *o < name).is_some() {}
+            let reuse = old
+                .next_if(|((o, _), _)| *o == name)
+                .filter(|((_, o), _)| o.version == r.version)
+                .map(|(_, bytes)| bytes.clone());
+            (
+                name.clone(),
+                reuse.unwrap_or_else(|| EncodedResource::new(name, r)),
+            )
+        })
+        .collect()
+}
+
 /// Logs every gateway whose elected endpoints changed, and why when a local
 /// failover caused it.
 fn log_elections(
@@ -237,6 +267,39 @@ pub struct Pipeline {
     /// How long an agent's stream must be gone before the failure detector
     /// counts it (see [`raven_core::liveness`]).
     failover_grace: std::time::Duration,
+    phases: Phases,
+}
+
+/// Where the last [`Pipeline::recompile`] spent its time, phase by phase
+/// (for the manifest benchmark).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Phases {
+    /// Reading the index: its inputs and the streams' liveness.
+    pub inputs: std::time::Duration,
+    /// The observed gateways, the last election and held subnets.
+    pub prepare: std::time::Duration,
+    /// `compile_reusing` and the election log.
+    pub compile: std::time::Duration,
+    /// Advancing (and persisting) the revision.
+    pub revision: std::time::Duration,
+    /// Encoding, deltas, interned names.
+    pub encode: std::time::Duration,
+    /// Comparing with the last state and sending it.
+    pub publish: std::time::Duration,
+}
+
+struct Clock(std::time::Instant);
+
+impl Clock {
+    fn start() -> Self {
+        Self(std::time::Instant::now())
+    }
+
+    /// The time since the last lap.
+    fn lap(&mut self) -> std::time::Duration {
+        let now = std::time::Instant::now();
+        now - std::mem::replace(&mut self.0, now)
+    }
 }
 
 impl Pipeline {
@@ -262,6 +325,7 @@ impl Pipeline {
                 sessions_tx,
                 debounce,
                 failover_grace,
+                phases: Phases::default(),
             },
             rx,
         )
@@ -276,18 +340,31 @@ impl Pipeline {
         self.sessions_tx.subscribe()
     }
 
+    /// Where the last recompile spent its time.
+    pub fn phases(&self) -> Phases {
+        self.phases
+    }
+
     /// Compiles now and publishes the result if anything a reader can see
     /// changed. Returns whether it published.
     pub fn recompile(&mut self) -> Result<bool, crate::revision::RevisionError> {
         let now = tokio::time::Instant::now();
-        let (mut inputs, mut problems) = self.index.read(|i| {
+        let mut clock = Clock::start();
+        // One read: readiness must describe the very inputs compiled (a
+        // source that syncs between two reads would otherwise make a
+        // partial index look complete).
+        let (mut inputs, mut problems, ready, fresh, floor) = self.index.read(|i| {
             let (mut inputs, problems) = i.inputs();
             inputs.streams = i.streams_at(now, self.failover_grace);
-            (inputs, problems)
+            (
+                inputs,
+                problems,
+                i.is_synced(),
+                i.is_fresh(),
+                i.high_water(),
+            )
         });
-        let (ready, fresh, floor) = self
-            .index
-            .read(|i| (i.is_synced(), i.is_fresh(), i.high_water()));
+        self.phases.inputs = clock.lap();
         let prev = self.tx.borrow().clone();
         let observed: BTreeMap<GatewayName, ObservedGateway> = inputs
             .gateways
@@ -360,11 +437,13 @@ impl Pipeline {
                 })
                 .collect()
         };
+        self.phases.prepare = clock.lap();
         let compile_started = std::time::Instant::now();
         // Versions of unchanged resources come from the last state (a
         // one-node change hashes the few resources it changed).
         let mut compiled = raven_core::compile::compile_reusing(&inputs, Some(&prev.topology));
         crate::metrics::compile_observed(compile_started.elapsed());
+        self.phases.compile = clock.lap();
         log_elections(
             &prev.gateways,
             &compiled.gateways,
@@ -375,29 +454,26 @@ impl Pipeline {
         problems.dedup();
         compiled.topology.problems = problems;
 
-        let state = self.revisions.advance(&compiled.topology, floor)?.clone();
+        // Before every source has synced the index is partial: its content
+        // is no revision. The stored one stands, not advanced nor persisted,
+        // so a restarted hub whose first complete content is unchanged keeps
+        // the revision its agents hold.
+        if ready {
+            self.revisions.advance(&compiled.topology, floor)?;
+        }
+        let (epoch, revision) = {
+            let s = self.revisions.current();
+            (s.epoch.clone(), s.revision)
+        };
+        self.phases.revision = clock.lap();
         // Encode each resource once per content version: unchanged resources
         // keep their bytes from the previous state.
-        let encoded = compiled
-            .topology
-            .resources
-            .iter()
-            .map(|(name, r)| {
-                let reuse = prev
-                    .topology
-                    .resources
-                    .get(name)
-                    .filter(|old| old.version == r.version)
-                    .and_then(|_| prev.encoded.get(name).cloned());
-                (
-                    name.clone(),
-                    reuse.unwrap_or_else(|| EncodedResource::new(name, r)),
-                )
-            })
-            .collect();
-        let deltas = if state.epoch != prev.epoch {
+        let encoded = encode(&prev, &compiled.topology);
+        // An unready state's topology is not the content of its revision: no
+        // delta starts or ends at one.
+        let deltas = if epoch != prev.epoch || !ready || !prev.ready {
             Vec::new()
-        } else if state.revision == prev.revision {
+        } else if revision == prev.revision {
             prev.deltas.clone()
         } else {
             let keep = prev.deltas.len().min(DELTA_HISTORY - 1);
@@ -413,14 +489,15 @@ impl Pipeline {
             ids: ResourceIds::extended(&prev.ids, &compiled.topology),
             encoded,
             deltas,
-            epoch: state.epoch,
-            revision: state.revision,
+            epoch,
+            revision,
             ready,
             fresh,
             observed,
             topology: compiled.topology,
             gateways: compiled.gateways,
         };
+        self.phases.encode = clock.lap();
         let for_agents =
             next.revision != prev.revision || next.epoch != prev.epoch || next.ready != prev.ready;
         let changed = for_agents
@@ -428,13 +505,26 @@ impl Pipeline {
             || next.observed != prev.observed
             || next.topology.problems != prev.topology.problems
             || next.gateways != prev.gateways;
+        let mut retired = Vec::new();
         if changed {
             let next = Arc::new(next);
-            self.tx.send_replace(next.clone());
+            retired.push(self.tx.send_replace(next.clone()));
             if for_agents {
-                self.sessions_tx.send_replace(next);
+                retired.push(self.sessions_tx.send_replace(next));
             }
         }
+        self.phases.publish = clock.lap();
+        // Freeing the replaced state and the inputs' copy is O(cluster) and
+        // no reader waits for it: another thread does it, so the next
+        // compile may start at once.
+        retired.push(prev);
+        let retire = move || drop((retired, inputs));
+        // Without a thread to be had, the failed spawn drops it here.
+        drop(
+            std::thread::Builder::new()
+                .name("raven-retire".into())
+                .spawn(retire),
+        );
         Ok(changed)
     }
 
@@ -542,6 +632,20 @@ mod tests {
     /// A ready member `n1` of `gw-a`, whose only endpoint is a tunnel on
     /// `n1`, with the tunnel switched on: `gw-a` elects `n1`.
     fn one_gateway_cluster(index: &crate::index::IndexHandle, resource_version: u64) {
+        one_gateway_cluster_unsynced(index, resource_version);
+        mark_all_synced(index);
+    }
+
+    fn mark_all_synced(index: &crate::index::IndexHandle) {
+        index.update(|i| {
+            for k in crate::index::Kind::SOURCES {
+                i.mark_synced(k);
+            }
+        });
+    }
+
+    /// [`one_gateway_cluster`]'s objects, no source marked synced yet.
+    fn one_gateway_cluster_unsynced(index: &crate::index::IndexHandle, resource_version: u64) {
         use raven_core::api::v1beta1::{Endpoint, Gateway, GatewaySpec, TunnelConfiguration};
         let mut gw = Gateway::new(
             "gw-a",
@@ -565,14 +669,94 @@ mod tests {
                 enable_l3_tunnel: true,
                 ..Default::default()
             });
-            for k in [
-                crate::index::Kind::Gateway,
-                crate::index::Kind::Node,
-                crate::index::Kind::Config,
-            ] {
-                i.mark_synced(k);
-            }
         });
+    }
+
+    fn stored_pipeline(
+        dir: &std::path::Path,
+        index: &crate::index::IndexHandle,
+    ) -> (Pipeline, PublishedRx) {
+        Pipeline::new(
+            index.clone(),
+            crate::revision::Revisions::open(dir, None).expect("revisions"),
+            Debounce::default(),
+            std::time::Duration::from_secs(3),
+        )
+    }
+
+    /// The stored sequence of a hub that published the one-gateway cluster
+    /// once, as a restarted hub finds it.
+    fn stored_after_one_compile(dir: &std::path::Path) -> crate::revision::RevisionState {
+        let index = crate::index::IndexHandle::default();
+        one_gateway_cluster(&index, 10);
+        let (mut pipeline, published) = stored_pipeline(dir, &index);
+        assert!(pipeline.recompile().expect("compiled"));
+        assert!(published.borrow().ready);
+        pipeline.revisions.current().clone()
+    }
+
+    #[test]
+    fn a_recompile_of_an_unsynced_index_leaves_the_stored_revision_unchanged() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let stored = stored_after_one_compile(dir.path());
+        assert!(stored.revision > 0);
+        {
+            // A restarted hub whose sources have not all synced: the
+            // gateway is there, its nodes and the config not yet listed.
+            let index = crate::index::IndexHandle::default();
+            index.update(|i| {
+                i.mark_synced(crate::index::Kind::Gateway);
+            });
+            let (mut pipeline, published) = stored_pipeline(dir.path(), &index);
+            pipeline.recompile().expect("compiled");
+            let p = published.borrow().clone();
+            assert!(!p.ready, "nothing is served before every source synced");
+            assert_eq!(
+                (p.epoch.as_str(), p.revision),
+                (stored.epoch.as_str(), stored.revision)
+            );
+            assert_eq!(pipeline.revisions.current(), &stored, "in memory");
+        }
+        let reopened = crate::revision::Revisions::open(dir.path(), None).expect("reopen");
+        assert_eq!(reopened.current(), &stored, "on disk");
+    }
+
+    #[test]
+    fn after_sync_the_first_compile_of_unchanged_content_keeps_the_stored_revision() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let stored = stored_after_one_compile(dir.path());
+        let index = crate::index::IndexHandle::default();
+        let (mut pipeline, published) = stored_pipeline(dir.path(), &index);
+        let mut sessions = pipeline.sessions();
+        sessions.borrow_and_update();
+        // Compiles while the sources come in, each before the sync.
+        pipeline.recompile().expect("compiled");
+        one_gateway_cluster_unsynced(&index, 10);
+        pipeline.recompile().expect("compiled");
+        assert!(!published.borrow().ready);
+        assert!(
+            !sessions.has_changed().expect("open"),
+            "an unready state wakes no session"
+        );
+        mark_all_synced(&index);
+        assert!(pipeline.recompile().expect("compiled"));
+        let p = published.borrow().clone();
+        assert!(p.ready);
+        assert_eq!(
+            (p.epoch.as_str(), p.revision),
+            (stored.epoch.as_str(), stored.revision)
+        );
+        assert!(
+            p.deltas.is_empty(),
+            "no delta from the unready state: a resuming agent is planned in full or is in sync"
+        );
+        assert!(
+            sessions.has_changed().expect("open"),
+            "readiness wakes the sessions"
+        );
+        drop(pipeline);
+        let reopened = crate::revision::Revisions::open(dir.path(), None).expect("reopen");
+        assert_eq!(reopened.current(), &stored);
     }
 
     #[test]
@@ -720,6 +904,32 @@ mod tests {
         );
         // Both changes in one compile: one revision, not two.
         assert_eq!(p.revision, first + 2);
+    }
+
+    #[test]
+    fn encoding_keeps_the_bytes_of_unchanged_resources_and_equals_a_fresh_encoding() {
+        let fresh = |t: &Topology| -> BTreeMap<ResourceName, EncodedResource> {
+            t.resources
+                .iter()
+                .map(|(n, r)| (n.clone(), EncodedResource::new(n, r)))
+                .collect()
+        };
+        let before = topology(&[("gateway/a", 1), ("gateway/b", 1), ("gateway/d", 1)]);
+        let prev = Published {
+            encoded: fresh(&before),
+            topology: before,
+            ..Default::default()
+        };
+        let after = topology(&[("gateway/a", 1), ("gateway/b", 2), ("gateway/c", 1)]);
+        let encoded = encode(&prev, &after);
+        assert_eq!(encoded, fresh(&after));
+        let a = ResourceName::parse("gateway/a").expect("name");
+        assert_eq!(
+            encoded[&a].as_bytes().as_ptr(),
+            prev.encoded[&a].as_bytes().as_ptr(),
+            "an unchanged resource shares its bytes"
+        );
+        assert_eq!(encode(&Published::default(), &after), fresh(&after));
     }
 
     #[test]

@@ -18,24 +18,6 @@ use raven_edge::dataplane::{self, Local, skipnat};
 use raven_model::view::ViewClass;
 use raven_proxy::route::ProxyView;
 
-fn read_yaml_dir(dir: &Path) -> Vec<(String, String)> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .unwrap_or_else(|e| panic!("read {}: {e}", dir.display()))
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
-        .collect();
-    files.sort();
-    files
-        .into_iter()
-        .map(|p| {
-            let text =
-                std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()));
-            (p.display().to_string(), text)
-        })
-        .collect()
-}
-
 fn state_of(topology: &Topology, node: &NodeName, compact: bool) -> CachedState {
     CachedState {
         complete: true,
@@ -129,7 +111,7 @@ fn every_member_of_every_fixture_cluster_programs_the_same_kernel_from_the_compa
     dirs.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/user-manual"));
     let mut checked = 0;
     for dir in dirs {
-        let loaded = manifest::load(&read_yaml_dir(&dir));
+        let loaded = manifest::load(&raven_model::fixtures::yaml_dir(&dir));
         let topology = compile(&loaded.inputs).topology;
         checked += members_agree(&topology).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
     }

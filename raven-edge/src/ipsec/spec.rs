@@ -125,6 +125,25 @@ pub fn conn_name(peer: &NodeName) -> String {
     format!("{CONN_PREFIX}{peer}")
 }
 
+/// The selectors of `other`'s domain reached through its node `active`,
+/// less any network holding an address IKE talks to (`ike`): its route
+/// would capture IKE itself (charon refuses: "conflicts with IKE traffic"),
+/// so such an address is reached beside the tunnel, as IKE is.
+fn remote_selectors<'a>(
+    other: &GatewayView,
+    active: &NodeName,
+    ike: impl IntoIterator<Item = &'a IpAddr> + Copy,
+) -> BTreeSet<IpNet> {
+    let peer_ip = other
+        .members
+        .iter()
+        .find(|m| &m.node == active)
+        .map(|m| m.private_ip);
+    let mut ts = selectors(other, peer_ip);
+    ts.retain(|n| !ike.into_iter().any(|a| n.contains(a)));
+    ts
+}
+
 /// The traffic selectors of gateway `g`'s domain on a CHILD_SA whose
 /// `holder` side is the tunnel node at that address: every subnet, and the
 /// member node addresses as one covering prefix per family
@@ -245,10 +264,9 @@ pub fn spec(inputs: &NodeInputs, peers: &[PeerInfo]) -> IpsecSpec {
             (false, true) => false,
             _ => me.name < *active,
         };
-        // The address IKE talks to cannot also be a traffic selector: its
-        // route would capture IKE itself (charon refuses: "conflicts with
-        // IKE traffic"). A gateway node whose own address is its IKE
-        // address is reached beside the tunnel, as IKE is.
+        // The addresses IKE talks to, kept out of the selectors: a gateway
+        // node whose own address is its IKE address is reached beside the
+        // tunnel.
         let ike_peer: BTreeSet<IpAddr> = remote_addr
             .into_iter()
             .chain(
@@ -257,13 +275,7 @@ pub fn spec(inputs: &NodeInputs, peers: &[PeerInfo]) -> IpsecSpec {
                     .map(|e| e.ip()),
             )
             .collect();
-        let peer_ip = other
-            .members
-            .iter()
-            .find(|m| &m.node == active)
-            .map(|m| m.private_ip);
-        let mut remote_ts = selectors(other, peer_ip);
-        remote_ts.retain(|n| !ike_peer.iter().any(|a| n.contains(a)));
+        let remote_ts = remote_selectors(other, active, &ike_peer);
         let mut local_ts = my_prefixes.clone();
         let mut relays_for = Vec::new();
         // A NATed gateway whose relay I am reaches every other NATed
@@ -418,13 +430,7 @@ fn direct_paths(
         let (Some(seen), Some(key)) = (p.observed_endpoint, p.ipsec_public_key.clone()) else {
             continue;
         };
-        let peer_ip = other
-            .members
-            .iter()
-            .find(|m| &m.node == active)
-            .map(|m| m.private_ip);
-        let mut remote_ts = selectors(other, peer_ip);
-        remote_ts.retain(|n| !n.contains(&seen.ip()));
+        let remote_ts = remote_selectors(other, active, &[seen.ip()]);
         out.conns.insert(
             conn_name(active),
             ConnSpec {

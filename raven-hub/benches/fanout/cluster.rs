@@ -121,10 +121,3 @@ pub fn pick_agents(shape: Shape, count: usize, members_only: bool) -> Vec<(usize
     order.truncate(count);
     order
 }
-
-/// The number that follows flag `what` among the benchmark's arguments.
-pub fn number(args: &mut impl Iterator<Item = String>, what: &str) -> usize {
-    args.next()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("{what} needs a number"))
-}

@@ -16,6 +16,8 @@
 mod agent;
 mod cluster;
 mod etcd;
+#[path = "../common/flags.rs"]
+mod flags;
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
@@ -53,22 +55,17 @@ fn opts() -> Opts {
         members_only: false,
         etcd: true,
     };
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        let mut num = |what: &str| cluster::number(&mut args, what);
-        match a.as_str() {
-            "--gateways" => o.shape.gateways = num("--gateways"),
-            "--nodes" => o.shape.nodes = num("--nodes"),
-            "--agents" => o.agents = num("--agents"),
-            "--changes" => o.changes = num("--changes").max(1),
-            "--applied-with-resources" => o.applied_with_resources = true,
-            "--full-view" => o.full_view = true,
-            "--members-only" => o.members_only = true,
-            "--no-etcd" => o.etcd = false,
-            // cargo bench passes --bench; libtest-style filters are ignored.
-            _ => {}
-        }
-    }
+    flags::parse(|flag, num| match flag {
+        "--gateways" => o.shape.gateways = num(),
+        "--nodes" => o.shape.nodes = num(),
+        "--agents" => o.agents = num(),
+        "--changes" => o.changes = num().max(1),
+        "--applied-with-resources" => o.applied_with_resources = true,
+        "--full-view" => o.full_view = true,
+        "--members-only" => o.members_only = true,
+        "--no-etcd" => o.etcd = false,
+        _ => {}
+    });
     if o.agents == 0 {
         o.agents = o.shape.gateways * o.shape.nodes;
     }

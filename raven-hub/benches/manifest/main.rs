@@ -18,6 +18,8 @@
 #[allow(dead_code)] // shared with the fan-out benchmark, which uses all of it
 #[path = "../fanout/cluster.rs"]
 mod cluster;
+#[path = "../common/flags.rs"]
+mod flags;
 
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
@@ -40,17 +42,12 @@ fn opts() -> Opts {
         },
         changes: 20,
     };
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        let mut num = |what: &str| cluster::number(&mut args, what);
-        match a.as_str() {
-            "--gateways" => o.shape.gateways = num("--gateways").max(1),
-            "--nodes" => o.shape.nodes = num("--nodes"),
-            "--changes" => o.changes = num("--changes").max(1),
-            // cargo bench passes --bench; libtest-style filters are ignored.
-            _ => {}
-        }
-    }
+    flags::parse(|flag, num| match flag {
+        "--gateways" => o.shape.gateways = num().max(1),
+        "--nodes" => o.shape.nodes = num(),
+        "--changes" => o.changes = num().max(1),
+        _ => {}
+    });
     o
 }
 
@@ -166,6 +163,7 @@ async fn main() {
     let (mut poll, mut apply, mut recompile, mut total) = (vec![], vec![], vec![], vec![]);
     let (mut compile_only, mut one_file, mut full) = (vec![], vec![], vec![]);
     let mut work_per_change = Vec::new();
+    let mut phases = Vec::new();
     for c in 0..o.changes {
         let g = (c * 7919) % shape.gateways;
         let alt = (c / shape.gateways).is_multiple_of(2);
@@ -181,6 +179,7 @@ async fn main() {
         let t2 = Instant::now();
         assert!(pipeline.recompile().expect("recompile"), "published");
         let t3 = Instant::now();
+        phases.push(pipeline.phases());
         assert!(published.borrow().revision > before_rev, "a new revision");
         poll.push(t1 - t0);
         apply.push(t2 - t1);
@@ -252,6 +251,36 @@ async fn main() {
         ms(total),
         ratio(total, one_file)
     );
+    type Phase = fn(&raven_hub::pipeline::Phases) -> Duration;
+    let rows: [(&str, Phase); 6] = [
+        ("read the index (inputs, stream liveness)", |p| p.inputs),
+        ("observed gateways, last election, held subnets", |p| {
+            p.prepare
+        }),
+        ("`compile_reusing` + election log", |p| p.compile),
+        ("advance + persist the revision", |p| p.revision),
+        ("encode, deltas, interned names", |p| p.encode),
+        ("compare with the last state, send", |p| p.publish),
+    ];
+    let sent = median(
+        phases
+            .iter()
+            .map(|p| p.inputs + p.prepare + p.compile + p.revision + p.encode + p.publish)
+            .collect(),
+    );
+    println!(
+        "| of the recompile: until the new state is sent (freeing the old one follows on another thread) | {} | {} of the recompile |",
+        ms(sent),
+        ratio(sent, recompile)
+    );
+    for (what, phase) in rows {
+        let d = median(phases.iter().map(phase).collect());
+        println!(
+            "| of the recompile: {what} | {} | {} of the recompile |",
+            ms(d),
+            ratio(d, recompile)
+        );
+    }
     println!("| baseline | time | source poll ÷ baseline |");
     println!("|---|---|---|");
     println!(
