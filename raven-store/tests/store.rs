@@ -93,16 +93,34 @@ fn framed(schema: u16, body: &[u8]) -> Vec<u8> {
     v
 }
 
+/// sled itself on `dir`. A handle just dropped releases sled's file lock
+/// only once its flusher thread has ended, so a lock held is waited for
+/// (as `Store::open` does), up to a few seconds.
+fn sled_open(dir: &Path) -> sled::Db {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match sled::open(dir) {
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            r => return r.expect("sled open"),
+        }
+    }
+}
+
 /// Writes behind the store's back, through sled itself.
 fn with_sled(dir: &Path, f: impl FnOnce(&sled::Db)) {
-    let db = sled::open(dir).expect("sled open");
+    let db = sled_open(dir);
     f(&db);
     db.flush().expect("sled flush");
 }
 
 /// Every key and value of every tree, read through sled.
 fn dump(dir: &Path) -> BTreeMap<(Vec<u8>, Vec<u8>), Vec<u8>> {
-    let db = sled::open(dir).expect("sled open");
+    let db = sled_open(dir);
     let mut out = BTreeMap::new();
     for name in db.tree_names() {
         let tree = db.open_tree(&name).expect("tree");
