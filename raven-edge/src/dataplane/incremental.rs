@@ -200,10 +200,12 @@ fn count<K: Ord>(map: &mut BTreeMap<K, u32>, key: K, up: bool) -> bool {
 impl Index {
     /// The desired state of `inputs`, computed in full.
     pub fn build(inputs: &NodeInputs) -> Self {
+        // Built once: the later passes borrow them.
+        let all: Vec<Domain> = domains(inputs).collect();
         let mut gateways = BTreeMap::new();
         let mut unique = true;
-        for d in domains(inputs) {
-            unique &= gateways.insert(d.name().clone(), d).is_none();
+        for d in &all {
+            unique &= gateways.insert(d.name().clone(), d.clone()).is_none();
         }
         let context = NodeInputs {
             gateways: Vec::new(),
@@ -245,7 +247,7 @@ impl Index {
         index.local = Some(model::local_part(inputs, me, private, my_gw));
         index.own = my_gw.members.iter().map(|m| m.private_ip).collect();
         index.mine_prefixes = my_gw.prefixes().collect();
-        for d in domains(inputs) {
+        for d in &all {
             for ip in d.endpoint_ips() {
                 count(&mut index.endpoints, ip, true);
             }
@@ -256,7 +258,7 @@ impl Index {
             }
         }
         let excluded = index.excluded();
-        for d in domains(inputs).filter(|d| *d.name() != my_gw.name) {
+        for d in all.iter().filter(|d| *d.name() != my_gw.name) {
             let dsts = d.destinations(&excluded);
             index.count_destinations(&dsts, true, &mut Vec::new());
             index.nat_of.insert(d.name().clone(), dsts);
