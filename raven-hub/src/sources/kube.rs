@@ -460,3 +460,25 @@ pub async fn run(client: Client, index: IndexHandle, shutdown: CancellationToken
     }
     tasks.shutdown().await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_watch_retries_at_most_a_second_apart_however_long_the_outage_and_quickly_after_a_list() {
+        let mut r = Reconnect::default();
+        // An outage of any length: thousands of failures in a row.
+        let delays: Vec<Duration> = (0..5_000).map(|_| r.next()).collect();
+        assert!(
+            delays.iter().all(|d| *d <= Reconnect::MAX),
+            "a delay above {:?}: {:?}",
+            Reconnect::MAX,
+            delays.iter().max()
+        );
+        assert!(delays[0] <= Reconnect::MIN, "the first retry waits the least");
+        // A complete list resets it: the next failure retries at once again.
+        r.reset();
+        assert!(r.next() <= Reconnect::MIN);
+    }
+}
