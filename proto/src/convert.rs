@@ -599,20 +599,54 @@ pub fn resource_versions_to_proto<'a>(
 pub fn hello_inventory(
     hello: &v1::Hello,
 ) -> Result<BTreeMap<ResourceName, ContentVersion>, ConversionError> {
+    let (_, others) = hello_inventory_interned(hello, |_| None::<u32>)?;
+    Ok(others
+        .into_iter()
+        .map(|(n, v)| (n, ContentVersion::from_string(v.to_owned())))
+        .collect())
+}
+
+/// The Hello's inventory for a receiver that interns the names it knows:
+/// `known` gives the key of such a name — taken as it is, neither parsed
+/// nor copied (a name the receiver published is valid) — and every other
+/// name is parsed and returned by name. Versions are borrowed from the
+/// Hello. The known entries come sorted by key. A name listed twice is an
+/// error, as in [`hello_inventory`]: a tunnel candidate's Hello lists
+/// thousands of resources, and every reconnect reads them.
+#[allow(clippy::type_complexity)]
+pub fn hello_inventory_interned<'h, K: Ord + Copy>(
+    hello: &'h v1::Hello,
+    known: impl Fn(&str) -> Option<K>,
+) -> Result<(Vec<(K, &'h str)>, BTreeMap<ResourceName, &'h str>), ConversionError> {
     let cx = Cx::new(Subject::Message("hello"));
-    let mut out = BTreeMap::new();
+    // The field is named only for an error.
+    let field = |i: usize| format!("resources[{i}].name");
+    let twice = |i: usize| {
+        let name = &hello.resources[i].name;
+        cx.inconsistent(&field(i), format!("{name} is listed twice"))
+    };
+    let mut interned = Vec::with_capacity(hello.resources.len());
+    let mut others = BTreeMap::new();
     for (i, rv) in hello.resources.iter().enumerate() {
-        let field = format!("resources[{i}].name");
+        if let Some(k) = known(&rv.name) {
+            interned.push((k, i));
+            continue;
+        }
         let name = ResourceName::parse(&rv.name)
-            .ok_or_else(|| cx.invalid(&field, &rv.name, "is not a resource name"))?;
-        if out
-            .insert(name, ContentVersion::from_string(rv.version.clone()))
-            .is_some()
-        {
-            return Err(cx.inconsistent(&field, format!("{} is listed twice", rv.name)));
+            .ok_or_else(|| cx.invalid(&field(i), &rv.name, "is not a resource name"))?;
+        if others.insert(name, rv.version.as_str()).is_some() {
+            return Err(twice(i));
         }
     }
-    Ok(out)
+    interned.sort_unstable();
+    if let Some(w) = interned.windows(2).find(|w| w[0].0 == w[1].0) {
+        return Err(twice(w[1].1));
+    }
+    let interned = interned
+        .into_iter()
+        .map(|(k, i)| (k, hello.resources[i].version.as_str()))
+        .collect();
+    Ok((interned, others))
 }
 
 // ---------------------------------------------------------------------------

@@ -62,6 +62,12 @@ impl ResourceIds {
         self.ids.get(name).copied()
     }
 
+    /// [`Self::id`] of a name given as a string (an agent's Hello), without
+    /// building a [`ResourceName`].
+    pub fn id_of_str(&self, name: &str) -> Option<u32> {
+        self.ids.get(name).copied()
+    }
+
     /// The name of `id` (given out by this table or an earlier one).
     pub fn name(&self, id: u32) -> Option<&ResourceName> {
         self.names.get(id as usize)

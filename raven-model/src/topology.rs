@@ -84,6 +84,14 @@ impl ResourceName {
     }
 }
 
+/// Hash, equality and order are those of the string, so maps keyed by
+/// names are searched by `&str` without building a name.
+impl std::borrow::Borrow<str> for ResourceName {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
 impl fmt::Display for ResourceName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)

@@ -29,6 +29,7 @@
 //! [`DomainPrefixes`]: crate::topology::DomainPrefixes
 
 use std::collections::BTreeMap;
+use std::ops::Bound;
 
 use crate::names::NodeName;
 use crate::topology::{ExposeType, NodeView, Resource, ResourceBody, ResourceName, Topology};
@@ -68,45 +69,58 @@ fn serves_proxy(r: &Resource) -> bool {
 /// Names of the resources `node` receives (`compact`: see [`view_class`]).
 /// Empty when the topology does not know the node.
 pub fn view_names(topology: &Topology, node: &NodeName, compact: bool) -> Vec<ResourceName> {
+    let mut names: Vec<ResourceName> = view_resources(topology, node, compact)
+        .into_iter()
+        .map(|(n, _)| n.clone())
+        .collect();
+    // The node's own name even before its resource exists.
+    let own = ResourceName::node(node);
+    if topology.node(node).is_some() && !names.contains(&own) {
+        let at = names
+            .iter()
+            .position(|n| n.as_str().starts_with("peer/") || n.as_str() == ResourceName::SETTINGS)
+            .unwrap_or(names.len());
+        names.insert(at, own);
+    }
+    names
+}
+
+/// The resources `node` receives, borrowed from `topology`, in the order
+/// of [`view_names`] (each kind sorted by name): what a session compares
+/// against an agent's inventory without copying a name or looking one up.
+pub fn view_resources<'t>(
+    topology: &'t Topology,
+    node: &NodeName,
+    compact: bool,
+) -> Vec<(&'t ResourceName, &'t Resource)> {
     let Some(me) = topology.node(node) else {
         return Vec::new();
     };
     // Names sort by kind prefix, so each kind is one contiguous key range:
     // the view costs O(its size), not O(all resources).
     let kind = |prefix: &'static str| {
-        let lo = ResourceName::range_start(prefix);
         topology
             .resources
-            .range(lo..)
-            .map(|(n, _)| n)
-            .take_while(move |n| n.as_str().starts_with(prefix))
-            .cloned()
+            .range::<str, _>((Bound::Included(prefix), Bound::Unbounded))
+            .take_while(move |(n, _)| n.as_str().starts_with(prefix))
     };
-    let mut names: Vec<ResourceName> = Vec::new();
+    let get = |name: ResourceName| topology.resources.get_key_value(&name);
+    let mut out = Vec::new();
     match view_class(me, compact) {
-        ViewClass::Full => names.extend(kind("gateway/")),
+        ViewClass::Full => out.extend(kind("gateway/")),
         ViewClass::Member => {
-            let own = me.gateway.as_ref().map(ResourceName::gateway);
-            names.extend(
-                own.iter()
-                    .filter(|n| topology.resources.contains_key(n))
-                    .cloned(),
-            );
+            out.extend(me.gateway.as_ref().and_then(|g| get(ResourceName::gateway(g))));
             let own = me.gateway.as_ref().map(ResourceName::prefixes);
-            names.extend(kind("prefixes/").filter(|n| Some(n) != own.as_ref()));
+            out.extend(kind("prefixes/").filter(|(n, _)| Some(*n) != own.as_ref()));
         }
-        ViewClass::Outside => names.extend(
-            kind("gateway/").filter(|n| topology.resources.get(n).is_some_and(serves_proxy)),
-        ),
+        ViewClass::Outside => out.extend(kind("gateway/").filter(|(_, r)| serves_proxy(r))),
     }
-    names.push(ResourceName::node(node));
+    out.extend(get(ResourceName::node(node)));
     if me.tunnel_candidate {
-        names.extend(kind("peer/"));
+        out.extend(kind("peer/"));
     }
-    if topology.resources.contains_key(&ResourceName::settings()) {
-        names.push(ResourceName::settings());
-    }
-    names
+    out.extend(get(ResourceName::settings()));
+    out
 }
 
 /// Whether `name` is in `node`'s view of `topology`: the rule of

@@ -12,12 +12,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use prost::Message;
+use raven_proto::v1;
 use raven_proto::v1::sync_request::Message as Req;
-use raven_proto::v1::sync_response::Message as Resp;
-use raven_proto::v1::{self, sync_service_client::SyncServiceClient};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{ClientTlsConfig, Endpoint};
+
+use crate::lite::{self, Resp};
 
 /// What one agent needs to run.
 #[derive(Clone)]
@@ -38,6 +39,9 @@ pub struct Spec {
     /// (`--full-view`: not, as agents did before the compact member view).
     pub compact: bool,
     pub heartbeat: Duration,
+    /// Check the decoding mirror against the full `raven.v1` decoding on
+    /// this agent's first message of every stream.
+    pub check_mirror: bool,
 }
 
 /// What the agents tell the benchmark.
@@ -59,6 +63,8 @@ pub enum Event {
     Refused,
     /// A stream ended after it had been open (why).
     StreamEnded(String),
+    /// The hub sent something an agent refuses (what): the bench fails.
+    Bad(String),
 }
 
 /// `error: cause: cause`.
@@ -118,21 +124,29 @@ struct Cache {
     complete: bool,
 }
 
+/// Redials as raven-edge does (`raven_edge::client::run` with its default
+/// `--reconnect-min 250ms --reconnect-max 2s`): exponential backoff with
+/// full jitter, started over after a stream that lasted a minute; a
+/// refusal with a retry hint waits the hint plus up to half of it again and
+/// does not advance the backoff.
 pub async fn run(spec: Spec, events: mpsc::UnboundedSender<Event>, stop: CancellationToken) {
     let mut cache = Cache::default();
     let mut seq = 0u64;
+    let mut backoff =
+        raven_cli::pace::Backoff::new(Duration::from_millis(250), Duration::from_secs(2));
     while !stop.is_cancelled() {
-        let delay = match session(&spec, &mut cache, &mut seq, &events, &stop).await {
-            Ok(()) => Duration::from_millis(100),
-            Err(status) => match raven_proto::retry_after(&status) {
-                Some(hint) => {
-                    let _ = events.send(Event::Refused);
-                    hint + Duration::from_millis(
-                        rand::random::<u64>() % (hint.as_millis() as u64 / 2 + 1),
-                    )
-                }
-                None => Duration::from_millis(100 + rand::random::<u64>() % 400),
-            },
+        let started = Instant::now();
+        let result = session(&spec, &mut cache, &mut seq, &events, &stop).await;
+        if started.elapsed() > Duration::from_secs(60) {
+            backoff.reset();
+        }
+        let delay = match result {
+            Err(status) if raven_proto::retry_after(&status).is_some() => {
+                let _ = events.send(Event::Refused);
+                let hint = raven_proto::retry_after(&status).unwrap_or_default();
+                hint + hint.mul_f64(rand::random::<f64>() * 0.5)
+            }
+            _ => backoff.next_delay(),
         };
         tokio::select! {
             () = stop.cancelled() => return,
@@ -164,7 +178,7 @@ async fn session(
         },
         Err(e) => return Err(tonic::Status::internal(e.to_string())),
     };
-    let mut client = SyncServiceClient::new(channel).max_decoding_message_size(64 << 20);
+    let mut client = tonic::client::Grpc::new(channel).max_decoding_message_size(64 << 20);
     let (tx, rx) = mpsc::channel::<v1::SyncRequest>(16);
     let hello = v1::Hello {
         protocol_version: raven_proto::PROTOCOL_VERSION,
@@ -195,14 +209,23 @@ async fn session(
         async move { tx.send(v1::SyncRequest { message: Some(m) }).await.is_ok() }
     };
     send(Req::Hello(hello)).await;
+    client
+        .ready()
+        .await
+        .map_err(|e| tonic::Status::unavailable(format!("channel not ready: {e}")))?;
     let mut inbound = client
-        .sync(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .streaming(
+            tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx)),
+            tonic::codegen::http::uri::PathAndQuery::from_static("/raven.v1.SyncService/Sync"),
+            lite::RawCodec,
+        )
         .await?
         .into_inner();
     let mut bytes = 0usize;
     let mut first = true;
     let mut reported = false;
-    let mut snapshot: Option<BTreeMap<String, String>> = None;
+    // A snapshot in parts: its (epoch, revision) and what it named so far.
+    let mut snapshot: Option<(String, u64, BTreeMap<String, String>)> = None;
     let mut ticker = tokio::time::interval(spec.heartbeat);
     ticker.tick().await;
     loop {
@@ -236,18 +259,48 @@ async fn session(
                 return Err(s);
             }
         };
-        bytes += msg.encoded_len();
+        bytes += msg.len();
+        if spec.check_mirror && first {
+            if let Err(e) = lite::check_mirror(&msg) {
+                let _ = events.send(Event::Bad(format!("mirror check: {e}")));
+            }
+        }
+        let msg = match lite::SyncResponse::decode(msg) {
+            Ok(m) => m,
+            Err(e) => {
+                let _ = events.send(Event::Bad(format!("undecodable SyncResponse: {e}")));
+                return Ok(());
+            }
+        };
         let Some(Resp::Update(u)) = msg.message else {
             continue;
         };
-        // Apply to the cache as the agent's store does.
+        let order = if !cache.epoch.is_empty() && u.epoch == cache.epoch && u.revision < cache.revision {
+            Err(format!(
+                "revision {} after {} in one epoch (an agent never moves back)",
+                u.revision, cache.revision
+            ))
+        } else {
+            match &snapshot {
+                Some((epoch, revision, _)) if u.snapshot && (epoch, *revision) != (&u.epoch, u.revision) => {
+                    Err("the parts of one snapshot have different (epoch, revision)".into())
+                }
+                _ => Ok(()),
+            }
+        };
+        if let Err(e) = order.and_then(|()| lite::check(&u)) {
+            let _ = events.send(Event::Bad(format!("{}: {e}", spec.node)));
+            return Ok(());
+        }
+        // Apply to the cache as the agent's store does (names and versions).
         if u.snapshot {
-            let s = snapshot.get_or_insert_with(BTreeMap::new);
+            let (_, _, s) = snapshot
+                .get_or_insert_with(|| (u.epoch.clone(), u.revision, BTreeMap::new()));
             for r in &u.resources {
                 s.insert(r.name.clone(), r.version.clone());
             }
             if u.snapshot_complete
-                && let Some(s) = snapshot.take()
+                && let Some((_, _, s)) = snapshot.take()
             {
                 cache.held = s;
                 cache.complete = true;

@@ -10,12 +10,31 @@
 //!
 //! Prints figures (all connect → all synced, one-node change → ACK p50/p99,
 //! hub CPU per change, hub RSS per agent, restart → in sync, bytes) and their
-//! ratios to the etcd baseline. Never asserts a time: it fails only when the
-//! hub does not deliver at all.
+//! ratios to the etcd baseline, and the CPU-seconds of the hub and of this
+//! process (the load generator) through the connect storm and the restart —
+//! on one machine they share the cores, so the split says which of the two
+//! a connect figure measures. Never asserts a time: it fails only when the
+//! hub does not deliver at all or sends an agent something it refuses.
+//!
+//! What a simulated agent does (`agent.rs`): its own TCP + TLS connection
+//! and certificate; Hello with its inventory; for every Update it checks
+//! what raven-edge's store checks of the envelope — revision never back
+//! within an epoch, the parts of a snapshot share one (epoch, revision),
+//! resources sorted and unique, none both sent and removed, each with a
+//! body of the kind its name says and a 16-hex-digit version — keeps the
+//! names and versions (its cache, the next Hello's inventory), ACKs, sends
+//! Applied, a Report (candidates), heartbeats, and redials with raven-edge's
+//! backoff. What it does not do: decode the bodies into raven's model and
+//! recompute their versions (each body stays the bytes of its message,
+//! `lite.rs`), persist, or program a kernel — a real node does that on its
+//! own CPU, not the hub's. The wire is exactly what raven-edge receives;
+//! agent 0 checks the mirror decoding against the full `raven.v1` decoding
+//! on the first message of each of its streams.
 
 mod agent;
 mod cluster;
 mod etcd;
+mod lite;
 #[path = "../common/flags.rs"]
 mod flags;
 
@@ -235,6 +254,8 @@ struct Collector {
     ended: usize,
     /// Why streams ended, with how often.
     ended_why: std::collections::BTreeMap<String, usize>,
+    /// What agents refused (the bench fails when there is any).
+    bad: Vec<String>,
 }
 
 impl Collector {
@@ -260,6 +281,7 @@ impl Collector {
                 *self.dial_errors.entry(why).or_default() += 1;
             }
             agent::Event::Refused => self.refused += 1,
+            agent::Event::Bad(why) => self.bad.push(why),
             agent::Event::StreamEnded(why) => {
                 self.ended += 1;
                 *self.ended_why.entry(why).or_default() += 1;
@@ -381,6 +403,7 @@ async fn main() {
             applied_with_resources: o.applied_with_resources,
             compact: !o.full_view,
             heartbeat: Duration::from_secs(10),
+            check_mirror: idx == 0,
         });
     }
     let mut c = Collector {
@@ -391,9 +414,12 @@ async fn main() {
         refused: 0,
         ended: 0,
         ended_why: std::collections::BTreeMap::new(),
+        bad: Vec::new(),
     };
 
     // 1. Everyone at once.
+    let me = std::process::id();
+    let connect_cpu0 = (proc_cpu(hub.pid()), proc_cpu(me));
     let t0 = Instant::now();
     for spec in specs {
         tokio::spawn(agent::run(spec, tx.clone(), stop.clone()));
@@ -410,6 +436,10 @@ async fn main() {
         .filter_map(|s| s.synced_at)
         .max()
         .map_or(Duration::ZERO, |t| t.saturating_duration_since(t0));
+    let connect_cpu = (
+        proc_cpu(hub.pid()).saturating_sub(connect_cpu0.0),
+        proc_cpu(me).saturating_sub(connect_cpu0.1),
+    );
     let (dials, refusals, ended_connecting) = (c.dial_failed, c.refused, c.ended);
     let dial_errors = std::mem::take(&mut c.dial_errors);
     // Let Reports and the peers they create settle.
@@ -494,9 +524,14 @@ async fn main() {
     let rss_connected = proc_rss(hub.pid());
     hub.stop();
     let before: Vec<Option<(Instant, u64, usize, bool)>> = c.seen.iter().map(|s| s.last).collect();
+    c.drain();
+    let dials_before_restart = c.dial_failed;
+    let restart_me0 = proc_cpu(me);
     let t_restart = Instant::now();
     hub = Hub::start(w, grpc);
     let hub_ready = hub.ready().await;
+    c.drain();
+    let dials_until_ready = c.dial_failed - dials_before_restart;
     let back = |c: &Collector| {
         c.seen
             .iter()
@@ -507,6 +542,9 @@ async fn main() {
     c.until(Duration::from_secs(600), |c| back(c) >= o.agents)
         .await;
     let restart_back = back(&c);
+    // The new hub's CPU from its start (its startup and first compile
+    // included), the bench's since the restart.
+    let restart_cpu = (proc_cpu(hub.pid()), proc_cpu(me).saturating_sub(restart_me0));
     let restart = c
         .seen
         .iter()
@@ -543,6 +581,13 @@ async fn main() {
         ended_connecting
     );
     println!(
+        "| CPU through the connect phase (until all synced) | hub {} CPU-s ({:.2} cores), load generator {} CPU-s ({:.2} cores) |",
+        cpu_s(connect_cpu.0),
+        cores(connect_cpu.0, connect_all),
+        cpu_s(connect_cpu.1),
+        cores(connect_cpu.1, connect_all),
+    );
+    println!(
         "| first-sync bytes per agent | tunnel candidates {:.1} KB avg ({:.1} KB max); members {:.1} KB avg ({:.1} KB max) |",
         cand_avg as f64 / 1e3,
         cand_max as f64 / 1e3,
@@ -567,13 +612,19 @@ async fn main() {
         rss_connected as f64 / 1e6
     );
     println!(
-        "| hub restart, nothing changed → all in sync | {} ({} of {} back; hub ready after {}; {} dials failed after the connect phase, {} admission refusals in all) |",
+        "| hub restart, nothing changed → all in sync | {} ({} of {} back; hub ready after {}; {} dials failed until ready, {} after the connect phase in all; {} admission refusals in all) |",
         ms(restart),
         restart_back,
         o.agents,
         ms(hub_ready),
+        dials_until_ready,
         dials_after,
         c.refused
+    );
+    println!(
+        "| CPU from the restart until all in sync | hub {} CPU-s (from its start), load generator {} CPU-s |",
+        cpu_s(restart_cpu.0),
+        cpu_s(restart_cpu.1),
     );
     println!(
         "| bytes per agent per change / after restart | {per_change_bytes} B / {restart_avg} B |"
@@ -626,7 +677,16 @@ async fn main() {
             }
         }
     }
-    if !all || synced == 0 || latencies.is_empty() {
+    for why in c.bad.iter().take(8) {
+        eprintln!("an agent refused what the hub sent: {why}");
+    }
+    if std::env::var_os("RAVEN_HUB_LOG").is_some() {
+        let kept = std::env::temp_dir().join("fanout-hub.log");
+        if std::fs::copy(w.join("hub.log"), &kept).is_ok() {
+            println!("hub log (both runs): {}", kept.display());
+        }
+    }
+    if !all || synced == 0 || latencies.is_empty() || !c.bad.is_empty() {
         eprintln!(
             "the hub did not deliver to every agent (see {})",
             w.join("hub.log").display()
@@ -644,6 +704,15 @@ fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_default()
+}
+
+fn cpu_s(d: Duration) -> String {
+    format!("{:.2}", d.as_secs_f64())
+}
+
+/// CPU time over wall time: how many cores a process used on average.
+fn cores(cpu: Duration, wall: Duration) -> f64 {
+    cpu.as_secs_f64() / wall.as_secs_f64().max(1e-6)
 }
 
 fn ratio(a: Duration, b: Duration) -> f64 {

@@ -25,7 +25,12 @@ pub type Tag = u64;
 
 /// The tag of `version` (see [`Tag`]).
 pub fn tag(version: &ContentVersion) -> Tag {
-    let s = version.as_str().as_bytes();
+    tag_of_str(version.as_str())
+}
+
+/// [`tag`] of a version given as a string.
+pub fn tag_of_str(version: &str) -> Tag {
+    let s = version.as_bytes();
     let hex = |c: u8| match c {
         b'0'..=b'9' => Some(u64::from(c - b'0')),
         b'a'..=b'f' => Some(u64::from(c - b'a' + 10)),
@@ -71,7 +76,26 @@ pub struct Held {
 }
 
 impl Held {
-    /// The inventory an agent's Hello lists.
+    /// The inventory an agent's Hello lists, read straight from the Hello:
+    /// names the hub knows become their ids (no name is built for them),
+    /// the others are parsed and kept as strays; a malformed or repeated
+    /// name is an error ([`raven_proto::hello_inventory_interned`]).
+    pub fn from_hello(
+        hello: &raven_proto::v1::Hello,
+        ids: &ResourceIds,
+    ) -> Result<Self, raven_proto::ConversionError> {
+        let (known, others) = raven_proto::hello_inventory_interned(hello, |n| ids.id_of_str(n))?;
+        let (ids, tags) = known.into_iter().map(|(id, v)| (id, tag_of_str(v))).unzip();
+        let strays = others
+            .into_iter()
+            .map(|(n, v)| (n, tag_of_str(v)))
+            .collect();
+        Ok(Self { ids, tags, strays })
+    }
+
+    /// The inventory an agent's Hello lists (the reference
+    /// [`Self::from_hello`] is tested against).
+    #[cfg(test)]
     pub fn from_inventory(
         inventory: BTreeMap<ResourceName, ContentVersion>,
         ids: &ResourceIds,
@@ -263,5 +287,55 @@ mod tests {
         assert_eq!(held.get(id), Some(7));
         assert_eq!(held.strays().count(), 0);
         assert_eq!(held.len(), 1);
+    }
+
+    #[test]
+    fn a_hello_read_straight_into_ids_holds_what_its_parsed_inventory_holds_and_refuses_the_same() {
+        let mut ids = ResourceIds::default();
+        for n in ["gateway/a", "gateway/b", "peer/c", "settings"] {
+            ids.intern(&name(n));
+        }
+        let rv = |n: &str, v: &str| raven_proto::v1::ResourceVersion {
+            name: n.into(),
+            version: v.into(),
+        };
+        // Out of order, a name the hub does not know, a foreign version.
+        let mut hello = raven_proto::v1::Hello {
+            resources: vec![
+                rv("settings", "000000000000000a"),
+                rv("gateway/b", "0000000000000001"),
+                rv("node/stray", "0000000000000002"),
+                rv("gateway/a", "not-a-hub-version"),
+            ],
+            ..Default::default()
+        };
+        let reference = |h: &raven_proto::v1::Hello| {
+            raven_proto::hello_inventory(h).map(|inv| Held::from_inventory(inv, &ids))
+        };
+        let got = Held::from_hello(&hello, &ids).expect("a good hello");
+        let want = reference(&hello).expect("a good hello");
+        assert_eq!(
+            got.entries().collect::<Vec<_>>(),
+            want.entries().collect::<Vec<_>>()
+        );
+        assert_eq!(
+            got.strays().collect::<Vec<_>>(),
+            want.strays().collect::<Vec<_>>()
+        );
+        assert_eq!(got.len(), 4);
+        // A known name twice, a stray twice, a malformed name: the same
+        // error naming the same field.
+        for bad in [
+            rv("gateway/b", "0000000000000009"),
+            rv("node/stray", "0000000000000009"),
+            rv("gateways/x", "0000000000000009"),
+        ] {
+            hello.resources.push(bad);
+            let got = Held::from_hello(&hello, &ids).map(|_| ()).expect_err("refused");
+            let want = reference(&hello).map(|_| ()).expect_err("refused");
+            assert_eq!(got.to_string(), want.to_string());
+            assert!(got.to_string().contains("resources[4].name"), "{got}");
+            hello.resources.pop();
+        }
     }
 }

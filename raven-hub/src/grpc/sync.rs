@@ -453,11 +453,10 @@ impl Session {
                 claimed: hello.node_name,
             });
         }
-        let inventory = raven_proto::hello_inventory(&hello)?;
         let delta =
             hello.capabilities.contains(&(v1::Capability::Delta as i32)) && hello.cache_complete;
         let ids = self.shared.for_agents.borrow().ids.clone();
-        self.held = Held::from_inventory(inventory, &ids);
+        self.held = Held::from_hello(&hello, &ids)?;
         self.compact = takes_compact_view(&hello);
         self.held_epoch = hello.epoch.clone();
         self.held_revision = hello.revision;
@@ -663,14 +662,17 @@ impl Session {
 
     /// What changed for this agent, from its whole view.
     fn plan_full(&self, current: &Published) -> Planned {
-        let mut names = view::view_names(&current.topology, &self.node, self.compact);
+        // Borrowed from the topology: no name is copied or looked up again
+        // (a candidate's view is thousands of resources, and every session
+        // start plans it in full).
+        let mut view = view::view_resources(&current.topology, &self.node, self.compact);
         // The compact view lists its kinds one after the other: in name
         // order, `changed` is too.
-        names.sort_unstable();
-        let mut wanted: Vec<u32> = Vec::with_capacity(names.len());
+        view.sort_unstable_by_key(|(n, _)| *n);
+        let mut wanted: Vec<u32> = Vec::with_capacity(view.len());
         let mut changed = Vec::new();
-        for n in &names {
-            let (Some(r), Some(id)) = (current.topology.resources.get(n), current.ids.id(n)) else {
+        for (n, r) in view {
+            let Some(id) = current.ids.id(n) else {
                 continue;
             };
             wanted.push(id);
