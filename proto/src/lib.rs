@@ -20,9 +20,10 @@ pub mod arbitrary;
 use std::time::Duration;
 
 pub use convert::{
-    ConversionError, DecodedUpdate, Subject, UpdateHeader, hello_inventory, hello_inventory_interned, problem_from_proto,
-    problem_to_proto, report_from_proto, report_to_proto, resource_from_proto, resource_to_proto,
-    resource_versions_to_proto, topology_to_proto, update_from_proto, update_to_proto,
+    ConversionError, DecodedUpdate, Subject, UpdateHeader, hello_inventory,
+    hello_inventory_interned, problem_from_proto, problem_to_proto, report_from_proto,
+    report_to_proto, resource_from_proto, resource_to_proto, resource_versions_to_proto,
+    topology_to_proto, update_from_proto, update_to_proto,
 };
 pub use encoded::{EncodedResource, EncodedSyncResponse};
 

@@ -107,6 +107,25 @@ fn in_view_agrees_with_view_names_for_every_node_and_resource_of_every_case() {
         for node in loaded.inputs.nodes.keys() {
             for compact in [false, true] {
                 let names = raven_core::view::view_names(&topology, node, compact);
+                // The borrowed view a session plans from is the same view.
+                let borrowed: Vec<&raven_core::ResourceName> =
+                    raven_core::view::view_resources(&topology, node, compact)
+                        .into_iter()
+                        .map(|(n, r)| {
+                            assert_eq!(topology.resources.get(n), Some(r), "{n}");
+                            n
+                        })
+                        .collect();
+                let present: Vec<&raven_core::ResourceName> = names
+                    .iter()
+                    .filter(|n| topology.resources.contains_key(*n))
+                    .collect();
+                assert_eq!(
+                    borrowed,
+                    present,
+                    "{}: {node} (compact {compact})",
+                    dir.display()
+                );
                 for name in topology.resources.keys() {
                     assert_eq!(
                         raven_core::view::in_view(&topology, node, name, compact),

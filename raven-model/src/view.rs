@@ -109,7 +109,11 @@ pub fn view_resources<'t>(
     match view_class(me, compact) {
         ViewClass::Full => out.extend(kind("gateway/")),
         ViewClass::Member => {
-            out.extend(me.gateway.as_ref().and_then(|g| get(ResourceName::gateway(g))));
+            out.extend(
+                me.gateway
+                    .as_ref()
+                    .and_then(|g| get(ResourceName::gateway(g))),
+            );
             let own = me.gateway.as_ref().map(ResourceName::prefixes);
             out.extend(kind("prefixes/").filter(|(n, _)| Some(*n) != own.as_ref()));
         }

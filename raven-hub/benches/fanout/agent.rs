@@ -275,27 +275,30 @@ async fn session(
         let Some(Resp::Update(u)) = msg.message else {
             continue;
         };
-        let order = if !cache.epoch.is_empty() && u.epoch == cache.epoch && u.revision < cache.revision {
-            Err(format!(
-                "revision {} after {} in one epoch (an agent never moves back)",
-                u.revision, cache.revision
-            ))
-        } else {
-            match &snapshot {
-                Some((epoch, revision, _)) if u.snapshot && (epoch, *revision) != (&u.epoch, u.revision) => {
-                    Err("the parts of one snapshot have different (epoch, revision)".into())
+        let order =
+            if !cache.epoch.is_empty() && u.epoch == cache.epoch && u.revision < cache.revision {
+                Err(format!(
+                    "revision {} after {} in one epoch (an agent never moves back)",
+                    u.revision, cache.revision
+                ))
+            } else {
+                match &snapshot {
+                    Some((epoch, revision, _))
+                        if u.snapshot && (epoch, *revision) != (&u.epoch, u.revision) =>
+                    {
+                        Err("the parts of one snapshot have different (epoch, revision)".into())
+                    }
+                    _ => Ok(()),
                 }
-                _ => Ok(()),
-            }
-        };
+            };
         if let Err(e) = order.and_then(|()| lite::check(&u)) {
             let _ = events.send(Event::Bad(format!("{}: {e}", spec.node)));
             return Ok(());
         }
         // Apply to the cache as the agent's store does (names and versions).
         if u.snapshot {
-            let (_, _, s) = snapshot
-                .get_or_insert_with(|| (u.epoch.clone(), u.revision, BTreeMap::new()));
+            let (_, _, s) =
+                snapshot.get_or_insert_with(|| (u.epoch.clone(), u.revision, BTreeMap::new()));
             for r in &u.resources {
                 s.insert(r.name.clone(), r.version.clone());
             }

@@ -34,9 +34,9 @@
 mod agent;
 mod cluster;
 mod etcd;
-mod lite;
 #[path = "../common/flags.rs"]
 mod flags;
+mod lite;
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
@@ -544,7 +544,10 @@ async fn main() {
     let restart_back = back(&c);
     // The new hub's CPU from its start (its startup and first compile
     // included), the bench's since the restart.
-    let restart_cpu = (proc_cpu(hub.pid()), proc_cpu(me).saturating_sub(restart_me0));
+    let restart_cpu = (
+        proc_cpu(hub.pid()),
+        proc_cpu(me).saturating_sub(restart_me0),
+    );
     let restart = c
         .seen
         .iter()

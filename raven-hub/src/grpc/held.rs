@@ -331,7 +331,9 @@ mod tests {
             rv("gateways/x", "0000000000000009"),
         ] {
             hello.resources.push(bad);
-            let got = Held::from_hello(&hello, &ids).map(|_| ()).expect_err("refused");
+            let got = Held::from_hello(&hello, &ids)
+                .map(|_| ())
+                .expect_err("refused");
             let want = reference(&hello).map(|_| ()).expect_err("refused");
             assert_eq!(got.to_string(), want.to_string());
             assert!(got.to_string().contains("resources[4].name"), "{got}");
