@@ -201,8 +201,12 @@ struct Cached {
     relay: Option<(u64, Option<GatewayName>)>,
     /// The resources and status, with what they were computed from:
     /// (`generation`, relay, observers counter or 0 when not under NAT).
-    out: Option<((u64, Option<GatewayName>, u64), Out)>,
+    out: Option<(OutKey, Out)>,
 }
+
+/// What a gateway's [`Out`] was computed from: its `Local`'s generation,
+/// its relay, and the observers counter (0 when not under NAT).
+type OutKey = (u64, Option<GatewayName>, u64);
 
 /// What one gateway's election and view read (see [`Incremental`], 1–2).
 #[derive(Debug)]
@@ -217,7 +221,10 @@ struct LocalKey {
 }
 
 impl LocalKey {
-    fn watched_names<'a>(gw: &'a v1beta1::Gateway, members: &'a [&ClusterNode]) -> BTreeSet<&'a str> {
+    fn watched_names<'a>(
+        gw: &'a v1beta1::Gateway,
+        members: &'a [&ClusterNode],
+    ) -> BTreeSet<&'a str> {
         let mut names: BTreeSet<&str> = members.iter().map(|m| m.name.as_str()).collect();
         names.extend(gw.spec.endpoints.iter().map(|e| e.node_name.as_str()));
         if let Some(s) = &gw.status {
@@ -420,10 +427,7 @@ impl Incremental {
             .map(|v| &v.name)
             .collect();
         if !relays.iter().copied().eq(self.relays.0.iter()) {
-            self.relays = (
-                relays.into_iter().cloned().collect(),
-                self.relays.1 + 1,
-            );
+            self.relays = (relays.into_iter().cloned().collect(), self.relays.1 + 1);
         }
         let observers_now = public().filter_map(|v| {
             v.active_tunnel
@@ -529,10 +533,7 @@ fn contested_claims<'a>(
 ) -> BTreeMap<&'a GatewayName, Vec<Dropped>> {
     let mut nets: Vec<(IpNet, &GatewayName)> = members_of
         .iter()
-        .flat_map(|(g, ms)| {
-            ms.iter()
-                .flat_map(|m| m.pod_cidrs.iter().map(|n| (*n, *g)))
-        })
+        .flat_map(|(g, ms)| ms.iter().flat_map(|m| m.pod_cidrs.iter().map(|n| (*n, *g))))
         .collect();
     nets.sort_unstable_by_key(|(n, _)| (n.network(), n.prefix_len()));
     // Two CIDR ranges overlap only when one contains the other; in this
@@ -565,7 +566,9 @@ fn contested_claims<'a>(
                 .get(*g)
                 .and_then(|ms| ms.iter().find(|m| m.pod_cidrs.contains(net)));
             if let Some(m) = holder {
-                claimed.reserved.insert(*net, ((*g).clone(), m.name.clone()));
+                claimed
+                    .reserved
+                    .insert(*net, ((*g).clone(), m.name.clone()));
             }
         }
     }
@@ -676,9 +679,9 @@ fn gateway_output(
             gateway: view.name.clone(),
             wireguard_public_key: report.wireguard_public_key,
             tunnel_port: report.tunnel_port,
-            observed_endpoint: report.observed_endpoint.or_else(|| {
-                observed_endpoint(&view, &cand.node, observers, |r| &r.observed_peers)
-            }),
+            observed_endpoint: report
+                .observed_endpoint
+                .or_else(|| observed_endpoint(&view, &cand.node, observers, |r| &r.observed_peers)),
             direct,
             ipsec_public_key: report.ipsec_public_key,
         };
@@ -1060,7 +1063,10 @@ fn compile_gateway(
     for node in members {
         let mut subnets = Vec::new();
         for net in &node.pod_cidrs {
-            if let Some(d) = dropped.iter().find(|d| d.node == node.name && d.net == *net) {
+            if let Some(d) = dropped
+                .iter()
+                .find(|d| d.node == node.name && d.net == *net)
+            {
                 problems.push(d.problem.clone());
                 continue;
             }

@@ -210,15 +210,24 @@ proptest! {
     }
 }
 
+/// A drawn report: (node index, has keys, observed endpoint port, observed
+/// peers (node index, port), local failover gateway, dead candidates).
+type DrawnReport = (
+    usize,
+    bool,
+    Option<u16>,
+    Vec<(usize, u16)>,
+    Option<usize>,
+    Vec<usize>,
+);
+
 /// What the hub adds to the manifests' inputs, drawn per step: agent
 /// reports, stream liveness, subnets held from an earlier compile, load
 /// balancers, and pod CIDRs of other lengths (nested ranges across
 /// gateways).
 #[derive(Debug, Clone)]
 struct Extra {
-    /// Per node index: (wireguard key, observed endpoint port, observed
-    /// peers (node index → port), local failover gateway, dead candidates).
-    reports: Vec<(usize, bool, Option<u16>, Vec<(usize, u16)>, Option<usize>, Vec<usize>)>,
+    reports: Vec<DrawnReport>,
     connected: Vec<usize>,
     gone: Vec<usize>,
     held: Vec<(u8, usize)>,
@@ -244,14 +253,16 @@ fn extra() -> impl Strategy<Value = Extra> {
         proptest::option::of((0usize..4, 1u8..4)),
         proptest::collection::vec((0usize..10, 0u8..12, any::<bool>()), 0..3),
     )
-        .prop_map(|(reports, connected, gone, held, load_balancer, cidrs)| Extra {
-            reports,
-            connected,
-            gone,
-            held,
-            load_balancer,
-            cidrs,
-        })
+        .prop_map(
+            |(reports, connected, gone, held, load_balancer, cidrs)| Extra {
+                reports,
+                connected,
+                gone,
+                held,
+                load_balancer,
+                cidrs,
+            },
+        )
 }
 
 fn node_name(i: usize) -> raven_core::NodeName {
@@ -268,26 +279,65 @@ fn with_extra(mut inputs: raven_core::Inputs, e: &Extra) -> raven_core::Inputs {
         let report = raven_core::AgentReport {
             wireguard_public_key: key.then(|| format!("key-of-{n}")),
             observed_endpoint: seen.map(addr),
-            observed_peers: peers.iter().map(|(p, port)| (node_name(*p), addr(*port))).collect(),
-            observed_direct_peers: peers.iter().map(|(p, port)| (node_name(*p), addr(port + 10))).collect(),
+            observed_peers: peers
+                .iter()
+                .map(|(p, port)| (node_name(*p), addr(*port)))
+                .collect(),
+            observed_direct_peers: peers
+                .iter()
+                .map(|(p, port)| (node_name(*p), addr(port + 10)))
+                .collect(),
             direct_public_key: key.then(|| format!("direct-of-{n}")),
-            local_failover: failover.iter().map(|g| (gateway_name(*g), node_name(*n))).collect(),
+            local_failover: failover
+                .iter()
+                .map(|g| (gateway_name(*g), node_name(*n)))
+                .collect(),
             dead_candidates: dead.iter().map(|d| node_name(*d)).collect(),
             ..Default::default()
         };
         inputs.reports.insert(node_name(*n), report);
     }
     inputs.streams.connected = e.connected.iter().map(|n| node_name(*n)).collect();
-    inputs.streams.gone = e.gone.iter().map(|n| node_name(*n)).filter(|n| !inputs.streams.connected.contains(n)).collect();
-    inputs.held_subnets = e.held.iter().map(|(c, g)| (format!("10.{c}.0.0/16").parse().unwrap_or_else(|_| unreachable!()), gateway_name(*g))).collect();
+    inputs.streams.gone = e
+        .gone
+        .iter()
+        .map(|n| node_name(*n))
+        .filter(|n| !inputs.streams.connected.contains(n))
+        .collect();
+    inputs.held_subnets = e
+        .held
+        .iter()
+        .map(|(c, g)| {
+            (
+                format!("10.{c}.0.0/16")
+                    .parse()
+                    .unwrap_or_else(|_| unreachable!()),
+                gateway_name(*g),
+            )
+        })
+        .collect();
     if let Some((g, ip)) = e.load_balancer {
         let ip = std::net::IpAddr::from([203, 0, 113, ip]);
-        inputs.load_balancers.insert(format!("gw-{g}"), raven_core::LoadBalancerIngress { tunnel: Some(ip), proxy: Some(ip) });
+        inputs.load_balancers.insert(
+            format!("gw-{g}"),
+            raven_core::LoadBalancerIngress {
+                tunnel: Some(ip),
+                proxy: Some(ip),
+            },
+        );
     }
     for (n, octet, wide) in &e.cidrs {
         if let Some(node) = inputs.nodes.get_mut(&node_name(*n)) {
-            let net = if *wide { format!("10.0.0.0/{}", 8 + octet) } else { format!("10.{octet}.1.0/24") };
-            node.pod_cidrs.push(net.parse::<ipnet::IpNet>().unwrap_or_else(|_| unreachable!()).trunc());
+            let net = if *wide {
+                format!("10.0.0.0/{}", 8 + octet)
+            } else {
+                format!("10.{octet}.1.0/24")
+            };
+            node.pod_cidrs.push(
+                net.parse::<ipnet::IpNet>()
+                    .unwrap_or_else(|_| unreachable!())
+                    .trunc(),
+            );
         }
     }
     inputs
@@ -306,8 +356,20 @@ struct Step {
 }
 
 fn step() -> impl Strategy<Value = Step> {
-    (0u8..4, any::<usize>(), any::<usize>(), cluster(), proptest::option::of(extra()))
-        .prop_map(|(kind, at, from, other, extra)| Step { kind, at, from, other, extra })
+    (
+        0u8..4,
+        any::<usize>(),
+        any::<usize>(),
+        cluster(),
+        proptest::option::of(extra()),
+    )
+        .prop_map(|(kind, at, from, other, extra)| Step {
+            kind,
+            at,
+            from,
+            other,
+            extra,
+        })
 }
 
 proptest! {

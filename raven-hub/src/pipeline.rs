@@ -410,7 +410,8 @@ impl Pipeline {
         // Stickiness needs the current active endpoints. The API server has
         // them in the status the leader wrote; manifests have none, so the
         // hub's own last election stands in.
-        self.stuck.retain(|name, _| inputs.gateways.contains_key(name));
+        self.stuck
+            .retain(|name, _| inputs.gateways.contains_key(name));
         for (name, gw) in &mut inputs.gateways {
             let has_status = gw
                 .gateway()
