@@ -614,10 +614,10 @@ pub fn hello_inventory(
 /// error, as in [`hello_inventory`]: a tunnel candidate's Hello lists
 /// thousands of resources, and every reconnect reads them.
 #[allow(clippy::type_complexity)]
-pub fn hello_inventory_interned<'h, K: Ord + Copy>(
-    hello: &'h v1::Hello,
+pub fn hello_inventory_interned<K: Ord + Copy>(
+    hello: &v1::Hello,
     known: impl Fn(&str) -> Option<K>,
-) -> Result<(Vec<(K, &'h str)>, BTreeMap<ResourceName, &'h str>), ConversionError> {
+) -> Result<(Vec<(K, &str)>, BTreeMap<ResourceName, &str>), ConversionError> {
     let cx = Cx::new(Subject::Message("hello"));
     // The field is named only for an error.
     let field = |i: usize| format!("resources[{i}].name");

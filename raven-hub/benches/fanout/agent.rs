@@ -260,10 +260,11 @@ async fn session(
             }
         };
         bytes += msg.len();
-        if spec.check_mirror && first {
-            if let Err(e) = lite::check_mirror(&msg) {
-                let _ = events.send(Event::Bad(format!("mirror check: {e}")));
-            }
+        if spec.check_mirror
+            && first
+            && let Err(e) = lite::check_mirror(&msg)
+        {
+            let _ = events.send(Event::Bad(format!("mirror check: {e}")));
         }
         let msg = match lite::SyncResponse::decode(msg) {
             Ok(m) => m,
