@@ -379,6 +379,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<std::process::ExitCode> {
             .clone()
             .or_else(|| args.kubernetes.then(|| "kubernetes".to_owned())),
     };
+    crate::memory::limit_arenas();
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
         let hub = crate::hub::start(config).await?;

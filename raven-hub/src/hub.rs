@@ -193,6 +193,7 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
         shutdown.clone(),
     );
     let sessions = shared.sessions.clone();
+    crate::memory::spawn_trimmer(shared.clone());
     {
         let shutdown = shutdown.clone();
         let failed = failed.clone();

@@ -16,6 +16,7 @@ pub mod grpc;
 pub mod http;
 pub mod hub;
 pub mod index;
+pub mod memory;
 pub mod metrics;
 pub mod pipeline;
 pub mod problem_log;

@@ -6,6 +6,7 @@
 //! ```text
 //! cargo bench -p raven-hub --bench fanout -- [--gateways G] [--nodes N] [--agents M]
 //!     [--changes C] [--applied-with-resources] [--full-view] [--members-only] [--no-etcd]
+//!     [--hold-after-sync SECS]
 //! ```
 //!
 //! Prints figures (all connect → all synced, one-node change → ACK p50/p99,
@@ -59,6 +60,9 @@ struct Opts {
     full_view: bool,
     members_only: bool,
     etcd: bool,
+    /// Seconds to keep every agent connected after the first sync, before
+    /// the changes (to profile the hub's memory then).
+    hold_after_sync: u64,
 }
 
 fn opts() -> Opts {
@@ -73,6 +77,7 @@ fn opts() -> Opts {
         full_view: false,
         members_only: false,
         etcd: true,
+        hold_after_sync: 0,
     };
     flags::parse(|flag, num| match flag {
         "--gateways" => o.shape.gateways = num(),
@@ -83,6 +88,7 @@ fn opts() -> Opts {
         "--full-view" => o.full_view = true,
         "--members-only" => o.members_only = true,
         "--no-etcd" => o.etcd = false,
+        "--hold-after-sync" => o.hold_after_sync = num() as u64,
         _ => {}
     });
     if o.agents == 0 {
@@ -445,6 +451,15 @@ async fn main() {
     // Let Reports and the peers they create settle.
     settle(&mut c, Duration::from_secs(2)).await;
     let rss1 = proc_rss(hub.pid());
+    if o.hold_after_sync > 0 {
+        println!(
+            "all synced; hub pid {} RSS {:.1} MB; holding {} s (--hold-after-sync)",
+            hub.pid(),
+            rss1 as f64 / 1e6,
+            o.hold_after_sync
+        );
+        settle(&mut c, Duration::from_secs(o.hold_after_sync)).await;
+    }
     let first_bytes: Vec<(bool, usize)> = c
         .seen
         .iter()

@@ -199,6 +199,11 @@ impl SyncShared {
         (id, token)
     }
 
+    /// Streams started so far (every Sync stream, admitted or not).
+    pub fn streams_started(&self) -> u64 {
+        self.next_stream.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Forgets stream `id` of `node`, unless a newer one took its place.
     fn release_stream(&self, node: &NodeName, id: u64) {
         let mut live = self
