@@ -316,7 +316,10 @@ mod tests {
             .as_secs_f64();
         m.published(7, 0);
         let first = sample(&m, STAMP);
-        assert!(first >= before.floor(), "{first} is not a time after {before}");
+        assert!(
+            first >= before.floor(),
+            "{first} is not a time after {before}"
+        );
         std::thread::sleep(Duration::from_millis(20));
         // The same revision again (only problems or freshness changed):
         // the revision was published when it first was.
