@@ -6,8 +6,14 @@
 //! unrelated ones: an invalid Gateway is left out (the hub keeps serving its
 //! last good version), an overlapping subnet is dropped from the later
 //! gateway only, an unknown endpoint node is reported and never elected.
+//!
+//! The hub compiles with an [`Incremental`] compiler that remembers its last
+//! compile per gateway and recomputes only the gateways whose inputs changed
+//! (their exact dependencies are listed there); [`compile`] is the same
+//! compiler with nothing remembered.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use sha2::{Digest, Sha256};
@@ -48,7 +54,9 @@ pub struct Compiled {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Admitted {
     name: GatewayName,
-    gateway: v1beta1::Gateway,
+    /// Shared: the index, every compile's inputs and the compiler's memory
+    /// hold the same object (copied only by [`Admitted::set_status`]).
+    gateway: Arc<v1beta1::Gateway>,
     forgiven: Vec<Problem>,
 }
 
@@ -62,6 +70,12 @@ impl Admitted {
         &self.gateway
     }
 
+    /// Whether `other` is this very object (not a copy): the pipeline keeps
+    /// what it derived from a gateway while the index serves the same one.
+    pub fn shares(&self, other: &Admitted) -> bool {
+        Arc::ptr_eq(&self.gateway, &other.gateway)
+    }
+
     /// What admission forgave (see [`admit`]); the compiler reports it.
     pub fn forgiven(&self) -> &[Problem] {
         &self.forgiven
@@ -70,7 +84,7 @@ impl Admitted {
     /// Replaces the status, which admission does not look at: the election
     /// reads the current active endpoints from it.
     pub fn set_status(&mut self, status: Option<v1beta1::GatewayStatus>) {
-        self.gateway.status = status;
+        Arc::make_mut(&mut self.gateway).status = status;
     }
 }
 
@@ -92,7 +106,7 @@ pub fn admit(mut gw: v1beta1::Gateway) -> Result<Admitted, Vec<Problem>> {
     GatewayName::new(raw.clone())
         .map(|name| Admitted {
             name,
-            gateway: gw,
+            gateway: Arc::new(gw),
             forgiven,
         })
         .map_err(|e| {
@@ -116,182 +130,581 @@ pub fn compile(inputs: &Inputs) -> Compiled {
 /// of the body, so the output is the same, and a one-node change hashes the
 /// few resources it changed instead of every resource of the cluster.
 pub fn compile_reusing(inputs: &Inputs, prev: Option<&Topology>) -> Compiled {
-    let resource = |name: &ResourceName, body: ResourceBody| match prev
-        .and_then(|t| t.resources.get(name))
-        .filter(|old| old.body == body)
-    {
-        Some(old) => Resource {
-            version: old.version.clone(),
-            body,
-        },
-        None => Resource::new(body),
-    };
-    let mut problems = Vec::new();
-    let config = inputs.config;
-    if !config.present {
-        problems.push(Problem::warning(
-            format!("ConfigMap/{}/{}", api::CONFIG_NAMESPACE, api::CONFIG_NAME),
-            "",
-            "",
-            "not found: like Raven, no tunnel or proxy endpoint is elected until it exists",
-        ));
-    }
-    if config.vpn_driver_invalid {
-        problems.push(Problem::warning(
-            format!("ConfigMap/{}/{}", api::CONFIG_NAMESPACE, api::CONFIG_NAME),
-            format!("data.{}", api::KEY_VPN_DRIVER),
-            "",
-            "is not a VPN driver (wireguard or ipsec); WireGuard is used",
-        ));
+    Incremental::default().compile(inputs, prev)
+}
+
+/// A compiler that remembers its last compile per gateway, so a change
+/// costs what it changed (the hub keeps one for its lifetime).
+///
+/// A gateway's output — its view, status, problems and resources (its
+/// `gateway/` and `prefixes/`, its members' `node/`, its candidates'
+/// `peer/`) — is a function of exactly these inputs, compared with the
+/// last compile's before anything is computed:
+///
+/// 1. **its own**: the admitted Gateway (spec, annotations, the status the
+///    election starts from), its members (the nodes labelled into it, in
+///    name order), its load balancer, `raven-cfg`, and for every node it
+///    names (members, `spec.endpoints`, `status.activeEndpoints`) that
+///    node's report and whether its stream is connected or gone;
+/// 2. **the subnets it loses** to other gateways' claims (see below);
+/// 3. **cluster-wide**, after every gateway's election: its relay (the
+///    rendezvous pick among the public gateways with a public active
+///    tunnel) and, for a gateway under NAT, the *observers* — each public
+///    gateway's active tunnel node and that node's report, in name order —
+///    from which its candidates' NAT-mapped endpoints and NAT type are
+///    learned.
+///
+/// A gateway whose inputs of (1) and (2) are unchanged keeps its election
+/// and view; one whose (3) are unchanged too keeps its resources and status
+/// as they were. Nodes labelled into no served gateway and `settings/` are
+/// compiled every time (they depend on nothing per gateway).
+///
+/// Subnet claims are the only coupling between gateways' views, and they
+/// are resolved exactly, at the cost of the claims that contend: every
+/// member subnet is sorted once by address and the subnets that overlap one
+/// of another gateway are found in one sweep; only those run the
+/// first-claim-wins walk (a gateway's held ranges first, then gateways by
+/// name, members by name) — a subnet that overlaps no other gateway's is
+/// never dropped and never drops another, so leaving it out of the walk
+/// changes no decision.
+///
+/// [`compile`] is this compiler with nothing remembered; the property test
+/// `an_incremental_compile_of_any_sequence_of_changes_equals_a_from_scratch_compile`
+/// holds the two equal.
+#[derive(Debug, Default)]
+pub struct Incremental {
+    gateways: BTreeMap<GatewayName, Cached>,
+    /// The relays of the last compile, and a counter bumped when they change.
+    relays: (Vec<GatewayName>, u64),
+    /// The observers of the last compile, and a counter bumped when they change.
+    observers: (Vec<Observer>, u64),
+    /// Bumped for every gateway whose election is recomputed.
+    generation: u64,
+}
+
+/// A public gateway's active tunnel node and its report (see
+/// [`Incremental`]).
+#[derive(Debug, Clone, PartialEq)]
+struct Observer {
+    gateway: GatewayName,
+    node: NodeName,
+    report: Option<AgentReport>,
+}
+
+#[derive(Debug)]
+struct Cached {
+    key: LocalKey,
+    local: Local,
+    /// Identifies `local` (a fresh number whenever it is recomputed).
+    generation: u64,
+    /// The relay, with the relay counter it was picked under.
+    relay: Option<(u64, Option<GatewayName>)>,
+    /// The resources and status, with what they were computed from:
+    /// (`generation`, relay, observers counter or 0 when not under NAT).
+    out: Option<(OutKey, Out)>,
+}
+
+/// What a gateway's [`Out`] was computed from: its `Local`'s generation,
+/// its relay, and the observers counter (0 when not under NAT).
+type OutKey = (u64, Option<GatewayName>, u64);
+
+/// What one gateway's election and view read (see [`Incremental`], 1–2).
+#[derive(Debug)]
+struct LocalKey {
+    admitted: Admitted,
+    members: Vec<ClusterNode>,
+    config: RavenConfig,
+    lb: Option<LoadBalancerIngress>,
+    /// Every node the gateway names: (report, connected, gone).
+    watched: Vec<(NodeName, Option<AgentReport>, bool, bool)>,
+    dropped: Vec<Dropped>,
+}
+
+impl LocalKey {
+    fn watched_names<'a>(
+        gw: &'a v1beta1::Gateway,
+        members: &'a [&ClusterNode],
+    ) -> BTreeSet<&'a str> {
+        let mut names: BTreeSet<&str> = members.iter().map(|m| m.name.as_str()).collect();
+        names.extend(gw.spec.endpoints.iter().map(|e| e.node_name.as_str()));
+        if let Some(s) = &gw.status {
+            names.extend(s.active_endpoints.iter().map(|e| e.node_name.as_str()));
+        }
+        names
     }
 
-    // Gateways come admitted; what admission found is reported here.
-    for admitted in inputs.gateways.values() {
-        problems.extend(admitted.forgiven().iter().cloned());
+    fn liveness(inputs: &Inputs, node: &NodeName) -> (Option<AgentReport>, bool, bool) {
+        (
+            inputs.reports.get(node).cloned(),
+            inputs.streams.connected.contains(node),
+            inputs.streams.gone.contains(node),
+        )
     }
-    problems.extend(inputs.rejected.values().flatten().cloned());
-    let admitted = &inputs.gateways;
 
-    // Membership by label.
-    let mut members_of: BTreeMap<&GatewayName, Vec<&ClusterNode>> = BTreeMap::new();
-    for node in inputs.nodes.values() {
-        let Some(label) = &node.gateway_label else {
-            continue;
-        };
-        match admitted.get_key_value(label.as_str()).map(|(k, _)| k) {
-            Some(g) => members_of.entry(g).or_default().push(node),
-            None if inputs.rejected.contains_key(label) => {} // reported above
-            None => problems.push(Problem::warning(
-                format!("Node/{}", node.name),
-                format!("metadata.labels[{}]", api::LABEL_GATEWAY),
-                label,
-                "no such Gateway; the node is not part of any gateway domain",
-            )),
+    fn new(
+        admitted: &Admitted,
+        members: &[&ClusterNode],
+        inputs: &Inputs,
+        lb: Option<&LoadBalancerIngress>,
+        dropped: &[Dropped],
+    ) -> Self {
+        let watched = Self::watched_names(admitted.gateway(), members)
+            .into_iter()
+            .filter_map(|n| NodeName::new(n.to_owned()).ok())
+            .map(|n| {
+                let (r, c, g) = Self::liveness(inputs, &n);
+                (n, r, c, g)
+            })
+            .collect();
+        Self {
+            admitted: admitted.clone(),
+            members: members.iter().map(|m| (*m).clone()).collect(),
+            config: inputs.config,
+            lb: lb.copied(),
+            watched,
+            dropped: dropped.to_vec(),
         }
     }
 
-    // Subnets claimed across gateways: a range a gateway served before
-    // (`inputs.held_subnets`) and still has a member for stays with it;
-    // otherwise the first gateway (by name) to claim an address range keeps
-    // it. A later, overlapping claim is dropped and reported.
-    let mut claimed = Claims::default();
-    for (net, gw) in &inputs.held_subnets {
-        let holder = members_of.get_key_value(gw).and_then(|(g, ms)| {
-            ms.iter()
-                .find(|m| m.pod_cidrs.contains(net))
-                .map(|m| (*g, m))
-        });
-        if let Some((g, m)) = holder {
-            claimed.reserved.insert(*net, (g.clone(), m.name.clone()));
-        }
+    /// Whether the inputs now are the ones this key was made of, compared
+    /// in place (nothing is copied).
+    fn same(
+        &self,
+        admitted: &Admitted,
+        members: &[&ClusterNode],
+        inputs: &Inputs,
+        lb: Option<&LoadBalancerIngress>,
+        dropped: &[Dropped],
+    ) -> bool {
+        // Equal gateways and members name the same nodes, so `watched`
+        // holds exactly the names to look up now.
+        (Arc::ptr_eq(&self.admitted.gateway, &admitted.gateway) || self.admitted == *admitted)
+            && self.members.len() == members.len()
+            && self.members.iter().zip(members).all(|(a, b)| a == *b)
+            && self.config == inputs.config
+            && self.lb.as_ref() == lb
+            && self.dropped == dropped
+            && self.watched.iter().all(|(n, r, c, g)| {
+                inputs.reports.get(n) == r.as_ref()
+                    && inputs.streams.connected.contains(n) == *c
+                    && inputs.streams.gone.contains(n) == *g
+            })
     }
-    let mut views = BTreeMap::new();
-    let mut compiled = BTreeMap::new();
-    for (name, gw) in admitted {
-        let gw = gw.gateway();
-        let members = members_of.get(name).cloned().unwrap_or_default();
-        let (gw, adopted) = adopt_local_failover(name, gw, &members, inputs);
-        problems.extend(adopted);
-        let dead = liveness::proven_dead(name, &gw.spec, &members, inputs);
-        problems.extend(dead_problems(name, &gw.spec, &dead));
-        let live = Liveness {
-            connected: &inputs.streams.connected,
-            dead: &dead,
-        };
-        let lb = inputs.load_balancers.get(name.as_str());
-        let (view, status, ps) =
-            compile_gateway(name, &gw, &members, &config, &live, lb, &mut claimed);
-        problems.extend(ps);
-        let mut gw = gw.clone();
-        gw.status = Some(status.clone());
-        compiled.insert(
-            name.clone(),
-            CompiledGateway {
-                name: name.clone(),
-                gateway: gw,
-                status,
+}
+
+/// One gateway's election and view, before the cluster-wide pass.
+#[derive(Debug, Clone)]
+struct Local {
+    /// The gateway with an adopted local failover in its status.
+    gateway: v1beta1::Gateway,
+    view: GatewayView,
+    status: v1beta1::GatewayStatus,
+    problems: Vec<Problem>,
+}
+
+/// One gateway's share of the compiled output.
+#[derive(Debug, Clone)]
+struct Out {
+    compiled: CompiledGateway,
+    resources: Vec<(ResourceName, Resource)>,
+}
+
+/// A member subnet another gateway's claim takes, with the problem that
+/// says so.
+#[derive(Debug, Clone, PartialEq)]
+struct Dropped {
+    node: NodeName,
+    net: IpNet,
+    problem: Problem,
+}
+
+impl Incremental {
+    /// Compiles `inputs`, reusing what the last call computed for every
+    /// gateway whose inputs are unchanged, and the versions of `prev`'s
+    /// resources whose bodies are unchanged. Equals [`compile`] of `inputs`.
+    pub fn compile(&mut self, inputs: &Inputs, prev: Option<&Topology>) -> Compiled {
+        let resource = |name: &ResourceName, body: ResourceBody| match prev
+            .and_then(|t| t.resources.get(name))
+            .filter(|old| old.body == body)
+        {
+            Some(old) => Resource {
+                version: old.version.clone(),
+                body,
             },
-        );
-        views.insert(name.clone(), view);
-    }
-    assign_relays(&mut views);
-    for (name, c) in &mut compiled {
-        if let Some(view) = views.get(name) {
-            learned_facts(&mut c.status, view, &views, inputs);
-            c.gateway.status = Some(c.status.clone());
+            None => Resource::new(body),
+        };
+        let mut problems = Vec::new();
+        let config = inputs.config;
+        if !config.present {
+            problems.push(Problem::warning(
+                format!("ConfigMap/{}/{}", api::CONFIG_NAMESPACE, api::CONFIG_NAME),
+                "",
+                "",
+                "not found: like Raven, no tunnel or proxy endpoint is elected until it exists",
+            ));
         }
-    }
+        if config.vpn_driver_invalid {
+            problems.push(Problem::warning(
+                format!("ConfigMap/{}/{}", api::CONFIG_NAMESPACE, api::CONFIG_NAME),
+                format!("data.{}", api::KEY_VPN_DRIVER),
+                "",
+                "is not a VPN driver (wireguard or ipsec); WireGuard is used",
+            ));
+        }
 
-    let mut resources = BTreeMap::new();
-    let settings = ResourceBody::Settings(Settings {
-        raven_cfg_present: config.present,
-        enable_l3_tunnel: config.enable_l3_tunnel,
-        enable_l7_proxy: config.enable_l7_proxy,
-        vxlan_port: VXLAN_PORT,
-        vpn_driver: config.vpn_driver,
-    });
-    let name = ResourceName::settings();
-    resources.insert(name.clone(), resource(&name, settings));
-    for node in inputs.nodes.values() {
-        let view = node_view(node, &views);
-        let name = ResourceName::node(&node.name);
-        let r = resource(&name, ResourceBody::Node(view));
-        resources.insert(name, r);
-    }
-    for view in views.values() {
-        for cand in &view.tunnel_candidates {
-            let report = inputs.reports.get(&cand.node).cloned().unwrap_or_default();
-            if report.wireguard_public_key.is_none()
-                && report.ipsec_public_key.is_none()
-                && report.observed_endpoint.is_none()
+        // Gateways come admitted; what admission found is reported here.
+        for admitted in inputs.gateways.values() {
+            problems.extend(admitted.forgiven().iter().cloned());
+        }
+        problems.extend(inputs.rejected.values().flatten().cloned());
+        let admitted = &inputs.gateways;
+
+        // Membership by label.
+        let mut members_of: BTreeMap<&GatewayName, Vec<&ClusterNode>> = BTreeMap::new();
+        let mut unserved = Vec::new();
+        for node in inputs.nodes.values() {
+            let Some(label) = &node.gateway_label else {
+                unserved.push(node);
+                continue;
+            };
+            match admitted.get_key_value(label.as_str()).map(|(k, _)| k) {
+                Some(g) => members_of.entry(g).or_default().push(node),
+                None if inputs.rejected.contains_key(label) => unserved.push(node), // reported above
+                None => {
+                    unserved.push(node);
+                    problems.push(Problem::warning(
+                        format!("Node/{}", node.name),
+                        format!("metadata.labels[{}]", api::LABEL_GATEWAY),
+                        label,
+                        "no such Gateway; the node is not part of any gateway domain",
+                    ));
+                }
+            }
+        }
+        let dropped = contested_claims(inputs, &members_of);
+
+        // Each gateway's election and view, from its own inputs.
+        self.gateways.retain(|name, _| admitted.contains_key(name));
+        for (name, gw) in admitted {
+            let members = members_of.get(name).map_or(&[][..], Vec::as_slice);
+            let lb = inputs.load_balancers.get(name.as_str());
+            let drops = dropped.get(name).map_or(&[][..], Vec::as_slice);
+            if self
+                .gateways
+                .get(name)
+                .is_some_and(|c| c.key.same(gw, members, inputs, lb, drops))
             {
                 continue;
             }
-            // A direct-path device is of use between NATed gateways only.
-            let direct = report
-                .direct_public_key
-                .filter(|_| view.under_nat)
-                .map(|public_key| DirectDevice {
-                    public_key,
-                    observed_endpoint: observed_endpoint(view, &cand.node, &views, inputs, |r| {
-                        &r.observed_direct_peers
-                    }),
-                });
-            let peer = PeerInfo {
-                node: cand.node.clone(),
-                gateway: view.name.clone(),
-                wireguard_public_key: report.wireguard_public_key,
-                tunnel_port: report.tunnel_port,
-                observed_endpoint: report.observed_endpoint.or_else(|| {
-                    observed_endpoint(view, &cand.node, &views, inputs, |r| &r.observed_peers)
-                }),
-                direct,
-                ipsec_public_key: report.ipsec_public_key,
+            let key = LocalKey::new(gw, members, inputs, lb, drops);
+            let local = compile_local(name, gw.gateway(), members, inputs, lb, drops);
+            self.generation += 1;
+            self.gateways.insert(
+                name.clone(),
+                Cached {
+                    key,
+                    local,
+                    generation: self.generation,
+                    relay: None,
+                    out: None,
+                },
+            );
+        }
+
+        // Cluster-wide: relays and observers, from every gateway's view.
+        let public = || {
+            self.gateways
+                .values()
+                .map(|c| &c.local.view)
+                .filter(|v| !v.under_nat)
+        };
+        let relays: Vec<&GatewayName> = public()
+            .filter(|v| {
+                v.active_tunnel
+                    .as_ref()
+                    .is_some_and(|t| t.public_ip.is_some())
+            })
+            .map(|v| &v.name)
+            .collect();
+        if !relays.iter().copied().eq(self.relays.0.iter()) {
+            self.relays = (relays.into_iter().cloned().collect(), self.relays.1 + 1);
+        }
+        let observers_now = public().filter_map(|v| {
+            v.active_tunnel
+                .as_ref()
+                .map(|t| (&v.name, &t.node, inputs.reports.get(&t.node)))
+        });
+        let same_observers = observers_now.clone().eq(self
+            .observers
+            .0
+            .iter()
+            .map(|o| (&o.gateway, &o.node, o.report.as_ref())));
+        if !same_observers {
+            let observers = observers_now
+                .map(|(g, n, r)| Observer {
+                    gateway: g.clone(),
+                    node: n.clone(),
+                    report: r.cloned(),
+                })
+                .collect();
+            self.observers = (observers, self.observers.1 + 1);
+        }
+
+        // Each gateway's resources and status, from its view and the
+        // cluster-wide inputs.
+        let (relays, relays_at) = (&self.relays.0, self.relays.1);
+        let (observers, observers_at) = (&self.observers.0, self.observers.1);
+        let mut resources = BTreeMap::new();
+        let mut compiled = BTreeMap::new();
+        for (name, cached) in &mut self.gateways {
+            let view = &cached.local.view;
+            let relay = match &cached.relay {
+                Some((at, relay)) if *at == relays_at => relay.clone(),
+                _ => {
+                    let relay = view
+                        .under_nat
+                        .then(|| relays.iter().max_by_key(|r| rendezvous(name, r)).cloned())
+                        .flatten();
+                    cached.relay = Some((relays_at, relay.clone()));
+                    relay
+                }
             };
-            let name = ResourceName::peer(&cand.node);
-            let r = resource(&name, ResourceBody::Peer(peer));
+            let out_key = (
+                cached.generation,
+                relay,
+                if view.under_nat { observers_at } else { 0 },
+            );
+            let out = match &cached.out {
+                Some((k, out)) if *k == out_key => out,
+                _ => {
+                    let members = members_of.get(name).map_or(&[][..], Vec::as_slice);
+                    let out = gateway_output(
+                        &cached.local,
+                        out_key.1.clone(),
+                        members,
+                        observers,
+                        inputs,
+                        &resource,
+                    );
+                    &cached.out.insert((out_key, out)).1
+                }
+            };
+            problems.extend(cached.local.problems.iter().cloned());
+            resources.extend(out.resources.iter().cloned());
+            compiled.insert(name.clone(), out.compiled.clone());
+        }
+
+        let settings = ResourceBody::Settings(Settings {
+            raven_cfg_present: config.present,
+            enable_l3_tunnel: config.enable_l3_tunnel,
+            enable_l7_proxy: config.enable_l7_proxy,
+            vxlan_port: VXLAN_PORT,
+            vpn_driver: config.vpn_driver,
+        });
+        let name = ResourceName::settings();
+        resources.insert(name.clone(), resource(&name, settings));
+        for node in unserved {
+            let name = ResourceName::node(&node.name);
+            let r = resource(&name, ResourceBody::Node(node_view(node, None)));
             resources.insert(name, r);
         }
-    }
-    for (name, view) in views {
-        // The compact form members of other domains receive: derived from
-        // the view alone, so it changes exactly when its prefixes do.
-        let prefixes = ResourceName::prefixes(&name);
-        let r = resource(&prefixes, ResourceBody::Prefixes(DomainPrefixes::of(&view)));
-        resources.insert(prefixes, r);
-        let name = ResourceName::gateway(&name);
-        let r = resource(&name, ResourceBody::Gateway(view));
-        resources.insert(name, r);
-    }
 
-    problems.sort();
-    problems.dedup();
-    Compiled {
-        topology: Topology {
-            resources,
-            problems,
-        },
-        gateways: compiled,
+        problems.sort();
+        problems.dedup();
+        Compiled {
+            topology: Topology {
+                resources,
+                problems,
+            },
+            gateways: compiled,
+        }
+    }
+}
+
+/// Finds the member subnets that overlap one of another gateway, and walks
+/// only those through the first-claim-wins rule (see [`Incremental`]): a
+/// range a gateway served before (`inputs.held_subnets`) and still has a
+/// member for stays with it; otherwise the first gateway by name to claim
+/// an address range keeps it. A later, overlapping claim is dropped and
+/// reported.
+fn contested_claims<'a>(
+    inputs: &Inputs,
+    members_of: &BTreeMap<&'a GatewayName, Vec<&'a ClusterNode>>,
+) -> BTreeMap<&'a GatewayName, Vec<Dropped>> {
+    let mut nets: Vec<(IpNet, &GatewayName)> = members_of
+        .iter()
+        .flat_map(|(g, ms)| ms.iter().flat_map(|m| m.pod_cidrs.iter().map(|n| (*n, *g))))
+        .collect();
+    nets.sort_unstable_by_key(|(n, _)| (n.network(), n.prefix_len()));
+    // Two CIDR ranges overlap only when one contains the other; in this
+    // order a range comes before every range it contains, so the ranges
+    // containing the current one are a stack.
+    let mut contested: BTreeMap<&GatewayName, BTreeSet<IpNet>> = BTreeMap::new();
+    let mut open: Vec<(IpNet, &GatewayName)> = Vec::new();
+    for (net, gw) in nets {
+        while open
+            .last()
+            .is_some_and(|(o, _)| !(o.contains(&net) || net.contains(o)))
+        {
+            open.pop();
+        }
+        for (o, og) in &open {
+            if *og != gw {
+                contested.entry(*og).or_default().insert(*o);
+                contested.entry(gw).or_default().insert(net);
+            }
+        }
+        open.push((net, gw));
+    }
+    let mut claimed = Claims::default();
+    for (g, nets) in &contested {
+        for net in nets {
+            if inputs.held_subnets.get(net) != Some(*g) {
+                continue;
+            }
+            let holder = members_of
+                .get(*g)
+                .and_then(|ms| ms.iter().find(|m| m.pod_cidrs.contains(net)));
+            if let Some(m) = holder {
+                claimed
+                    .reserved
+                    .insert(*net, ((*g).clone(), m.name.clone()));
+            }
+        }
+    }
+    let mut dropped: BTreeMap<&GatewayName, Vec<Dropped>> = BTreeMap::new();
+    for (g, nets) in &contested {
+        let obj = gateway_object(g.as_str());
+        for node in members_of.get(*g).into_iter().flatten() {
+            for net in node.pod_cidrs.iter().filter(|n| nets.contains(n)) {
+                let message = if let Some((other_gw, other_node)) = claimed.overlapping(net, g) {
+                    format!(
+                        "overlaps a subnet of node {other_node} in gateway {other_gw}; not routed to this gateway"
+                    )
+                } else if let Some((other_gw, other_node)) =
+                    Claims::overlap_in(&claimed.reserved, net, g)
+                {
+                    format!(
+                        "overlaps a subnet of node {other_node} in gateway {other_gw}, which served it first; not routed to this gateway"
+                    )
+                } else {
+                    claimed.insert(*net, g, &node.name);
+                    continue;
+                };
+                dropped.entry(*g).or_default().push(Dropped {
+                    node: node.name.clone(),
+                    net: *net,
+                    problem: Problem::error(
+                        &obj,
+                        format!("status.nodes[{}].subnets", node.name),
+                        net.to_string(),
+                        message,
+                    ),
+                });
+            }
+        }
+    }
+    dropped
+}
+
+/// One gateway's election and view from its own inputs (see
+/// [`Incremental`], 1–2).
+fn compile_local(
+    name: &GatewayName,
+    gw: &v1beta1::Gateway,
+    members: &[&ClusterNode],
+    inputs: &Inputs,
+    lb: Option<&LoadBalancerIngress>,
+    dropped: &[Dropped],
+) -> Local {
+    let (gw, mut problems) = adopt_local_failover(name, gw, members, inputs);
+    let dead = liveness::proven_dead(name, &gw.spec, members, inputs);
+    problems.extend(dead_problems(name, &gw.spec, &dead));
+    let live = Liveness {
+        connected: &inputs.streams.connected,
+        dead: &dead,
+    };
+    let (view, status, ps) =
+        compile_gateway(name, &gw, members, &inputs.config, &live, lb, dropped);
+    problems.extend(ps);
+    Local {
+        gateway: gw,
+        view,
+        status,
+        problems,
+    }
+}
+
+/// One gateway's resources and final status (see [`Incremental`], 3).
+fn gateway_output(
+    local: &Local,
+    relay: Option<GatewayName>,
+    members: &[&ClusterNode],
+    observers: &[Observer],
+    inputs: &Inputs,
+    resource: &impl Fn(&ResourceName, ResourceBody) -> Resource,
+) -> Out {
+    let mut view = local.view.clone();
+    view.relay = relay;
+    let mut status = local.status.clone();
+    learned_facts(&mut status, &view, observers, inputs);
+    let mut gateway = local.gateway.clone();
+    gateway.status = Some(status.clone());
+    let mut resources = Vec::new();
+    for node in members {
+        let name = ResourceName::node(&node.name);
+        let r = resource(&name, ResourceBody::Node(node_view(node, Some(&view))));
+        resources.push((name, r));
+    }
+    for cand in &view.tunnel_candidates {
+        let report = inputs.reports.get(&cand.node).cloned().unwrap_or_default();
+        if report.wireguard_public_key.is_none()
+            && report.ipsec_public_key.is_none()
+            && report.observed_endpoint.is_none()
+        {
+            continue;
+        }
+        // A direct-path device is of use between NATed gateways only.
+        let direct = report
+            .direct_public_key
+            .filter(|_| view.under_nat)
+            .map(|public_key| DirectDevice {
+                public_key,
+                observed_endpoint: observed_endpoint(&view, &cand.node, observers, |r| {
+                    &r.observed_direct_peers
+                }),
+            });
+        let peer = PeerInfo {
+            node: cand.node.clone(),
+            gateway: view.name.clone(),
+            wireguard_public_key: report.wireguard_public_key,
+            tunnel_port: report.tunnel_port,
+            observed_endpoint: report
+                .observed_endpoint
+                .or_else(|| observed_endpoint(&view, &cand.node, observers, |r| &r.observed_peers)),
+            direct,
+            ipsec_public_key: report.ipsec_public_key,
+        };
+        let name = ResourceName::peer(&cand.node);
+        let r = resource(&name, ResourceBody::Peer(peer));
+        resources.push((name, r));
+    }
+    // The compact form members of other domains receive: derived from the
+    // view alone, so it changes exactly when its prefixes do.
+    let prefixes = ResourceName::prefixes(&view.name);
+    let r = resource(&prefixes, ResourceBody::Prefixes(DomainPrefixes::of(&view)));
+    resources.push((prefixes, r));
+    let name = ResourceName::gateway(&view.name);
+    let compiled = CompiledGateway {
+        name: view.name.clone(),
+        gateway,
+        status,
+    };
+    let r = resource(&name, ResourceBody::Gateway(view));
+    resources.push((name, r));
+    Out {
+        compiled,
+        resources,
     }
 }
 
@@ -378,29 +791,17 @@ fn adopt_local_failover(
 fn observed_endpoint(
     view: &GatewayView,
     node: &NodeName,
-    views: &BTreeMap<GatewayName, GatewayView>,
-    inputs: &Inputs,
+    observers: &[Observer],
     seen: impl Fn(&AgentReport) -> &BTreeMap<NodeName, std::net::SocketAddr>,
 ) -> Option<std::net::SocketAddr> {
     if !view.under_nat {
         return None;
     }
-    let public = views.values().filter(|g| !g.under_nat);
-    let relay_first = view
-        .relay
-        .as_ref()
-        .and_then(|r| views.get(r))
-        .into_iter()
-        .chain(public);
-    relay_first
-        .filter_map(|g| g.active_tunnel.as_ref())
-        .find_map(|t| {
-            inputs
-                .reports
-                .get(&t.node)
-                .and_then(|r| seen(r).get(node))
-                .copied()
-        })
+    let mut relay_first = observers
+        .iter()
+        .filter(|o| view.relay.as_ref() == Some(&o.gateway))
+        .chain(observers);
+    relay_first.find_map(|o| o.report.as_ref().and_then(|r| seen(r).get(node)).copied())
 }
 
 /// What the hub learned from agents' reports about each active tunnel
@@ -424,7 +825,7 @@ fn observed_endpoint(
 fn learned_facts(
     status: &mut v1beta1::GatewayStatus,
     view: &GatewayView,
-    views: &BTreeMap<GatewayName, GatewayView>,
+    observers: &[Observer],
     inputs: &Inputs,
 ) {
     for ep in &mut status.active_endpoints {
@@ -443,7 +844,7 @@ fn learned_facts(
         }
         let seen = report
             .observed_endpoint
-            .or_else(|| observed_endpoint(view, &node, views, inputs, |r| &r.observed_peers));
+            .or_else(|| observed_endpoint(view, &node, observers, |r| &r.observed_peers));
         if ep.public_ip.is_empty()
             && let Some(addr) = seen
         {
@@ -451,11 +852,9 @@ fn learned_facts(
             ep.public_port = i32::from(addr.port());
         }
         if ep.nat_type.is_empty() && view.under_nat {
-            let ports: BTreeSet<u16> = views
-                .values()
-                .filter(|g| !g.under_nat)
-                .filter_map(|g| g.active_tunnel.as_ref())
-                .filter_map(|t| inputs.reports.get(&t.node))
+            let ports: BTreeSet<u16> = observers
+                .iter()
+                .filter_map(|o| o.report.as_ref())
                 .filter_map(|r| r.observed_peers.get(&node))
                 .map(std::net::SocketAddr::port)
                 .collect();
@@ -565,7 +964,7 @@ fn compile_gateway(
     config: &RavenConfig,
     live: &Liveness<'_>,
     lb: Option<&LoadBalancerIngress>,
-    claimed: &mut Claims,
+    dropped: &[Dropped],
 ) -> (GatewayView, v1beta1::GatewayStatus, Vec<Problem>) {
     let obj = gateway_object(name.as_str());
     let mut problems = Vec::new();
@@ -664,29 +1063,13 @@ fn compile_gateway(
     for node in members {
         let mut subnets = Vec::new();
         for net in &node.pod_cidrs {
-            if let Some((other_gw, other_node)) = claimed.overlapping(net, name) {
-                problems.push(Problem::error(
-                    &obj,
-                    format!("status.nodes[{}].subnets", node.name),
-                    net.to_string(),
-                    format!(
-                        "overlaps a subnet of node {other_node} in gateway {other_gw}; not routed to this gateway"
-                    ),
-                ));
+            if let Some(d) = dropped
+                .iter()
+                .find(|d| d.node == node.name && d.net == *net)
+            {
+                problems.push(d.problem.clone());
                 continue;
             }
-            if let Some((other_gw, other_node)) = Claims::overlap_in(&claimed.reserved, net, name) {
-                problems.push(Problem::error(
-                    &obj,
-                    format!("status.nodes[{}].subnets", node.name),
-                    net.to_string(),
-                    format!(
-                        "overlaps a subnet of node {other_node} in gateway {other_gw}, which served it first; not routed to this gateway"
-                    ),
-                ));
-                continue;
-            }
-            claimed.insert(*net, name, &node.name);
             subnets.push(*net);
         }
         subnets.sort();
@@ -863,29 +1246,10 @@ impl Claims {
     }
 }
 
-/// Gives every NATed gateway a relay: a gateway that is not under NAT and has
-/// an active tunnel endpoint with a public address, picked by highest
-/// rendezvous hash of (gateway, relay). Adding or removing a gateway only
+/// A NATed gateway's relay is a gateway that is not under NAT and has an
+/// active tunnel endpoint with a public address, picked by highest
+/// rendezvous hash of (gateway, relay): adding or removing a gateway only
 /// moves the gateways whose chosen relay it is (or becomes).
-fn assign_relays(views: &mut BTreeMap<GatewayName, GatewayView>) {
-    let relays: Vec<GatewayName> = views
-        .values()
-        .filter(|v| !v.under_nat)
-        .filter(|v| {
-            v.active_tunnel
-                .as_ref()
-                .is_some_and(|t| t.public_ip.is_some())
-        })
-        .map(|v| v.name.clone())
-        .collect();
-    for view in views.values_mut().filter(|v| v.under_nat) {
-        view.relay = relays
-            .iter()
-            .max_by_key(|r| rendezvous(&view.name, r))
-            .cloned();
-    }
-}
-
 fn rendezvous(a: &GatewayName, b: &GatewayName) -> [u8; 32] {
     let mut h = Sha256::new();
     h.update(a.as_str().as_bytes());
@@ -894,12 +1258,9 @@ fn rendezvous(a: &GatewayName, b: &GatewayName) -> [u8; 32] {
     h.finalize().into()
 }
 
-fn node_view(node: &ClusterNode, views: &BTreeMap<GatewayName, GatewayView>) -> NodeView {
-    let gw = node
-        .gateway_label
-        .as_deref()
-        .and_then(|l| GatewayName::new(l).ok())
-        .and_then(|l| views.get(&l));
+/// A node's own resource; `gw` is the view of the gateway it is a member
+/// of, if it is one.
+fn node_view(node: &ClusterNode, gw: Option<&GatewayView>) -> NodeView {
     let is = |ep: &Option<GatewayEndpoint>| ep.as_ref().is_some_and(|e| e.node == node.name);
     NodeView {
         name: node.name.clone(),

@@ -209,3 +209,205 @@ proptest! {
         }
     }
 }
+
+/// A drawn report: (node index, has keys, observed endpoint port, observed
+/// peers (node index, port), local failover gateway, dead candidates).
+type DrawnReport = (
+    usize,
+    bool,
+    Option<u16>,
+    Vec<(usize, u16)>,
+    Option<usize>,
+    Vec<usize>,
+);
+
+/// What the hub adds to the manifests' inputs, drawn per step: agent
+/// reports, stream liveness, subnets held from an earlier compile, load
+/// balancers, and pod CIDRs of other lengths (nested ranges across
+/// gateways).
+#[derive(Debug, Clone)]
+struct Extra {
+    reports: Vec<DrawnReport>,
+    connected: Vec<usize>,
+    gone: Vec<usize>,
+    held: Vec<(u8, usize)>,
+    load_balancer: Option<(usize, u8)>,
+    /// (node index, first octet of a /8 or second of a /24 under 10.x)
+    cidrs: Vec<(usize, u8, bool)>,
+}
+
+fn extra() -> impl Strategy<Value = Extra> {
+    let report = (
+        0usize..10,
+        any::<bool>(),
+        proptest::option::of(1u16..4),
+        proptest::collection::vec((0usize..10, 1u16..4), 0..3),
+        proptest::option::of(0usize..4),
+        proptest::collection::vec(0usize..10, 0..2),
+    );
+    (
+        proptest::collection::vec(report, 0..6),
+        proptest::collection::vec(0usize..10, 0..8),
+        proptest::collection::vec(0usize..10, 0..4),
+        proptest::collection::vec((0u8..12, 0usize..4), 0..4),
+        proptest::option::of((0usize..4, 1u8..4)),
+        proptest::collection::vec((0usize..10, 0u8..12, any::<bool>()), 0..3),
+    )
+        .prop_map(
+            |(reports, connected, gone, held, load_balancer, cidrs)| Extra {
+                reports,
+                connected,
+                gone,
+                held,
+                load_balancer,
+                cidrs,
+            },
+        )
+}
+
+fn node_name(i: usize) -> raven_core::NodeName {
+    raven_core::NodeName::new(format!("node-{i}")).unwrap_or_else(|_| unreachable!())
+}
+
+fn gateway_name(i: usize) -> raven_core::GatewayName {
+    raven_core::GatewayName::new(format!("gw-{i}")).unwrap_or_else(|_| unreachable!())
+}
+
+fn with_extra(mut inputs: raven_core::Inputs, e: &Extra) -> raven_core::Inputs {
+    let addr = |port: u16| std::net::SocketAddr::from(([198, 51, 100, 7], port));
+    for (n, key, seen, peers, failover, dead) in &e.reports {
+        let report = raven_core::AgentReport {
+            wireguard_public_key: key.then(|| format!("key-of-{n}")),
+            observed_endpoint: seen.map(addr),
+            observed_peers: peers
+                .iter()
+                .map(|(p, port)| (node_name(*p), addr(*port)))
+                .collect(),
+            observed_direct_peers: peers
+                .iter()
+                .map(|(p, port)| (node_name(*p), addr(port + 10)))
+                .collect(),
+            direct_public_key: key.then(|| format!("direct-of-{n}")),
+            local_failover: failover
+                .iter()
+                .map(|g| (gateway_name(*g), node_name(*n)))
+                .collect(),
+            dead_candidates: dead.iter().map(|d| node_name(*d)).collect(),
+            ..Default::default()
+        };
+        inputs.reports.insert(node_name(*n), report);
+    }
+    inputs.streams.connected = e.connected.iter().map(|n| node_name(*n)).collect();
+    inputs.streams.gone = e
+        .gone
+        .iter()
+        .map(|n| node_name(*n))
+        .filter(|n| !inputs.streams.connected.contains(n))
+        .collect();
+    inputs.held_subnets = e
+        .held
+        .iter()
+        .map(|(c, g)| {
+            (
+                format!("10.{c}.0.0/16")
+                    .parse()
+                    .unwrap_or_else(|_| unreachable!()),
+                gateway_name(*g),
+            )
+        })
+        .collect();
+    if let Some((g, ip)) = e.load_balancer {
+        let ip = std::net::IpAddr::from([203, 0, 113, ip]);
+        inputs.load_balancers.insert(
+            format!("gw-{g}"),
+            raven_core::LoadBalancerIngress {
+                tunnel: Some(ip),
+                proxy: Some(ip),
+            },
+        );
+    }
+    for (n, octet, wide) in &e.cidrs {
+        if let Some(node) = inputs.nodes.get_mut(&node_name(*n)) {
+            let net = if *wide {
+                format!("10.0.0.0/{}", 8 + octet)
+            } else {
+                format!("10.{octet}.1.0/24")
+            };
+            node.pod_cidrs.push(
+                net.parse::<ipnet::IpNet>()
+                    .unwrap_or_else(|_| unreachable!())
+                    .trunc(),
+            );
+        }
+    }
+    inputs
+}
+
+/// One change: the document at `at` replaced by `other`'s document at
+/// `from`, removed, or `other`'s added (or the whole cluster replaced), and
+/// the hub's own inputs redrawn or kept.
+#[derive(Debug, Clone)]
+struct Step {
+    kind: u8,
+    at: usize,
+    from: usize,
+    other: Vec<String>,
+    extra: Option<Extra>,
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    (
+        0u8..4,
+        any::<usize>(),
+        any::<usize>(),
+        cluster(),
+        proptest::option::of(extra()),
+    )
+        .prop_map(|(kind, at, from, other, extra)| Step {
+            kind,
+            at,
+            from,
+            other,
+            extra,
+        })
+}
+
+proptest! {
+    /// The hub's pipeline compiles each change with one long-lived
+    /// [`raven_core::compile::Incremental`], which reuses the output of
+    /// every gateway whose inputs did not change: after any sequence of
+    /// changes its result equals a from-scratch compile of the same inputs
+    /// — topology, versions, per-gateway status and problems.
+    #[test]
+    fn an_incremental_compile_of_any_sequence_of_changes_equals_a_from_scratch_compile(
+        base in cluster(), first in extra(), steps in proptest::collection::vec(step(), 1..8)
+    ) {
+        let inputs = |docs: &[String], e: &Extra| {
+            let files: Vec<(String, String)> = docs.iter().enumerate().map(|(i, d)| (format!("f{i}"), d.clone())).collect();
+            with_extra(manifest::load(&files).inputs, e)
+        };
+        let mut incremental = raven_core::compile::Incremental::default();
+        let (mut docs, mut e) = (base, first);
+        let mut last = incremental.compile(&inputs(&docs, &e), None);
+        prop_assert_eq!(&last, &compile(&inputs(&docs, &e)));
+        for s in steps {
+            let pick = |v: &[String], i: usize| v.get(i % v.len().max(1)).cloned();
+            match s.kind {
+                0 => if let (Some(d), false) = (pick(&s.other, s.from), docs.is_empty()) {
+                    let at = s.at % docs.len();
+                    docs[at] = d;
+                },
+                1 if !docs.is_empty() => { docs.remove(s.at % docs.len()); }
+                2 => docs.extend(pick(&s.other, s.from)),
+                _ => docs = s.other.clone(),
+            }
+            if let Some(x) = s.extra {
+                e = x;
+            }
+            let now = inputs(&docs, &e);
+            let next = incremental.compile(&now, Some(&last.topology));
+            prop_assert_eq!(&next, &compile(&now));
+            last = next;
+        }
+    }
+}

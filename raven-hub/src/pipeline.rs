@@ -1,6 +1,9 @@
 //! Source changes → (debounced) compile → a new [`Published`] state.
 //!
 //! A recompile whose resources are unchanged publishes no new revision.
+//! The compiler lives as long as the pipeline
+//! ([`raven_core::compile::Incremental`]): a change recompiles the gateways
+//! whose inputs changed and reuses every other gateway's output.
 //! Shared resources are encoded once per content version and the same bytes
 //! are handed to every stream.
 
@@ -268,6 +271,22 @@ pub struct Pipeline {
     /// counts it (see [`raven_core::liveness`]).
     failover_grace: std::time::Duration,
     phases: Phases,
+    /// The compiler, remembering its last compile per gateway: a change
+    /// recompiles the gateways whose inputs changed (see
+    /// [`raven_core::compile::Incremental`]).
+    compiler: raven_core::compile::Incremental,
+    /// Each status-less gateway as the index served it, with the status the
+    /// last election gave it and the gateway carrying that status: while
+    /// both stay, the same object is compiled again (no copy per compile,
+    /// and the compiler sees it unchanged by identity).
+    stuck: BTreeMap<GatewayName, Stuck>,
+}
+
+#[derive(Debug)]
+struct Stuck {
+    served: raven_core::compile::Admitted,
+    status: raven_core::api::v1beta1::GatewayStatus,
+    with_status: raven_core::compile::Admitted,
 }
 
 /// Where the last [`Pipeline::recompile`] spent its time, phase by phase
@@ -326,6 +345,8 @@ impl Pipeline {
                 debounce,
                 failover_grace,
                 phases: Phases::default(),
+                compiler: raven_core::compile::Incremental::default(),
+                stuck: BTreeMap::new(),
             },
             rx,
         )
@@ -389,6 +410,8 @@ impl Pipeline {
         // Stickiness needs the current active endpoints. The API server has
         // them in the status the leader wrote; manifests have none, so the
         // hub's own last election stands in.
+        self.stuck
+            .retain(|name, _| inputs.gateways.contains_key(name));
         for (name, gw) in &mut inputs.gateways {
             let has_status = gw
                 .gateway()
@@ -398,8 +421,23 @@ impl Pipeline {
             if has_status {
                 continue;
             }
-            if let Some(last) = prev.gateways.get(name) {
-                gw.set_status(Some(last.status.clone()));
+            let Some(last) = prev.gateways.get(name) else {
+                continue;
+            };
+            match self.stuck.get(name) {
+                Some(s) if s.served.shares(gw) && s.status == last.status => {
+                    *gw = s.with_status.clone();
+                }
+                _ => {
+                    let served = gw.clone();
+                    gw.set_status(Some(last.status.clone()));
+                    let stuck = Stuck {
+                        served,
+                        status: last.status.clone(),
+                        with_status: gw.clone(),
+                    };
+                    self.stuck.insert(name.clone(), stuck);
+                }
             }
         }
         // Subnet precedence needs history: a gateway keeps the ranges it
@@ -441,7 +479,7 @@ impl Pipeline {
         let compile_started = std::time::Instant::now();
         // Versions of unchanged resources come from the last state (a
         // one-node change hashes the few resources it changed).
-        let mut compiled = raven_core::compile::compile_reusing(&inputs, Some(&prev.topology));
+        let mut compiled = self.compiler.compile(&inputs, Some(&prev.topology));
         crate::metrics::compile_observed(compile_started.elapsed());
         self.phases.compile = clock.lap();
         log_elections(

@@ -369,4 +369,12 @@ impl Pinger {
         let (sent, received) = ping_summary(&out.stdout);
         (sent, sent.saturating_sub(received))
     }
+
+    /// As [`Pinger::wait`], and a ping that sent nothing (or printed no
+    /// summary) fails the test rather than counting as nothing lost.
+    pub fn lost(self) -> (u64, u64) {
+        let (sent, lost) = self.wait();
+        assert!(sent > 0, "ping sent nothing (or printed no summary)");
+        (sent, lost)
+    }
 }

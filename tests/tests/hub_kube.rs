@@ -351,7 +351,10 @@ async fn hub_serves_the_last_state_through_an_api_server_outage_and_follows_the_
     .await?;
     // A figure, not a threshold: this machine's load decides it (CI once saw
     // 6.4 s, kubectl's own start and the new server's first requests included).
-    eprintln!("resumed {:?} after the API server was ready", ready_at.elapsed());
+    eprintln!(
+        "resumed {:?} after the API server was ready",
+        ready_at.elapsed()
+    );
     hub.stop().await;
     Ok(())
 }

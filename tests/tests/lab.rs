@@ -7,11 +7,12 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use raven_tests::containers::Pinger;
 use raven_tests::lab::{Lab, LabNode, NODES, ping_summary};
 
 mod lab_common;
 
-use lab_common::{active_tunnel, agents, converge, name_of, shenzhen, try_agents, wait_for};
+use lab_common::{active_tunnel, agents, converge, name_of, pod, shenzhen, try_agents, wait_for};
 
 fn up(tag: &str) -> (std::sync::MutexGuard<'static, ()>, Lab) {
     up_with(tag, |_| {})
@@ -340,8 +341,8 @@ fn gateway_failover_follows_the_hubs_election() {
     settle(&lab);
     // Traffic into hangzhou from the cloud and from qingdao, across the move.
     let pings = [
-        ("c2", "h1", Pinger::start(&lab, "c2", "h1", 300)),
-        ("q1", "h1", Pinger::start(&lab, "q1", "h1", 300)),
+        ("c2", "h1", ping_pods(&lab, "c2", "h1", 300)),
+        ("q1", "h1", ping_pods(&lab, "q1", "h1", 300)),
     ];
     std::thread::sleep(Duration::from_secs(2));
     let t = Instant::now();
@@ -584,18 +585,7 @@ fn behind_a_symmetric_nat_the_relay_keeps_carrying_natted_gateways() {
     let (_g, lab) = up_with("s", |lab| {
         lab.make_nat_symmetric("qingdao").expect("symmetric NAT");
     });
-    // The hub learns a mapping for qingdao's gateway and hangzhou tries it,
-    // but a symmetric NAT maps the direct flow to another port: no handshake.
-    wait_for(
-        "an observed endpoint for qingdao's gateway",
-        Duration::from_secs(30),
-        || {
-            lab.grpcurl("raven.v1.InspectService/GetTopology")
-                .unwrap_or_default()
-                .contains("\"observedEndpoint\": \"203.0.113.30:")
-        },
-    );
-    std::thread::sleep(Duration::from_secs(12));
+    lab_common::until_the_direct_path_behind_a_symmetric_nat_was_tried(&lab);
     assert_eq!(relayed(&lab, "h1", "q1"), Some(true), "{:#}", agents(&lab));
     assert_eq!(relayed(&lab, "q1", "h1"), Some(true), "{:#}", agents(&lab));
     converge(&lab, "through the relay behind a symmetric NAT");
@@ -634,8 +624,8 @@ fn with_the_hub_down_a_dead_gateway_fails_over_locally_and_the_returning_hub_kee
     std::thread::sleep(Duration::from_secs(4)); // > 3 heartbeats: agents know
     // Into hangzhou's surviving node from the cloud and from qingdao.
     let pings = [
-        ("c2", Pinger::start(&lab, "c2", "h2", 300)),
-        ("q2", Pinger::start(&lab, "q2", "h2", 300)),
+        ("c2", ping_pods(&lab, "c2", "h2", 300)),
+        ("q2", ping_pods(&lab, "q2", "h2", 300)),
     ];
     std::thread::sleep(Duration::from_secs(1));
     lab.power_off("h1").expect("power off hz-1");
@@ -866,44 +856,8 @@ fn a_briefly_up_standby_never_pulls_traffic_from_a_live_gateway_when_the_hub_goe
 
 /// A ping at 20 per second from `from`'s pod to `to`'s pod, running in the
 /// background for `count` packets; [`Pinger::lost`] waits for it.
-struct Pinger(std::process::Child);
-
-impl Pinger {
-    fn start(lab: &Lab, from: &str, to: &str, count: u32) -> Self {
-        let pod = |s: &str| {
-            NODES
-                .iter()
-                .find(|n| n.short == s)
-                .map(|n| n.pod)
-                .unwrap_or_else(|| panic!("no lab node {s}"))
-        };
-        let child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &lab.ns(from),
-                "ping",
-                "-n",
-                "-q",
-                "-i",
-                "0.05",
-                "-W",
-                "1",
-            ])
-            .args(["-c", &count.to_string(), "-I", pod(from), pod(to)])
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect("ping");
-        Self(child)
-    }
-
-    /// Packets sent and lost.
-    fn lost(self) -> (u64, u64) {
-        let out = self.0.wait_with_output().expect("ping ran");
-        let (sent, got) = ping_summary(&out.stdout);
-        assert!(sent > 0, "ping sent nothing (or printed no summary)");
-        (sent, sent.saturating_sub(got))
-    }
+fn ping_pods(lab: &Lab, from: &str, to: &str, count: u32) -> Pinger {
+    Pinger::start(lab, from, pod(from), pod(to), count).expect("ping")
 }
 
 /// Whether both NATed gateways' direct devices hold each other as peers.
@@ -925,7 +879,7 @@ fn direct_dev(dev: &str) -> String {
 /// thaws `frozen` 3 s later. A 20 pps ping from `first`'s pod to `frozen`'s
 /// runs throughout and must lose nothing.
 fn move_with_one_side_frozen(lab: &Lab, first: &str, frozen: &str) {
-    let ping = Pinger::start(lab, first, frozen, 200);
+    let ping = ping_pods(lab, first, frozen, 200);
     std::thread::sleep(Duration::from_secs(1));
     lab.freeze_agent(frozen, true);
     lab.cut_between_routers("hangzhou", "qingdao", false)
@@ -971,7 +925,7 @@ fn a_move_between_relay_and_direct_path_loses_no_packet_whichever_side_moves_fir
 
     // Back to the relay: the path is cut (packets on it are lost until the
     // silence shows, ~3 s: a figure, not a move).
-    let ping = Pinger::start(&lab, "q1", "h1", 200);
+    let ping = ping_pods(&lab, "q1", "h1", 200);
     std::thread::sleep(Duration::from_secs(1));
     lab.cut_between_routers("hangzhou", "qingdao", true)
         .expect("cut");

@@ -19,7 +19,7 @@ use raven_tests::lab::{CHARON, Lab, NODES};
 mod lab_common;
 
 use lab_common::{
-    active_tunnel, add_hz2_candidate_manifest as add_hz2_candidate, agents, converge, name_of,
+    active_tunnel, add_hz2_candidate_manifest as add_hz2_candidate, agents, converge, name_of, pod,
     wait_for,
 };
 
@@ -511,14 +511,6 @@ fn esp_through_the_relay(lab: &Lab, during: impl FnOnce()) -> Vec<String> {
         .collect()
 }
 
-fn pod(short: &str) -> &'static str {
-    NODES
-        .iter()
-        .find(|n| n.short == short)
-        .map(|n| n.pod)
-        .unwrap_or_else(|| panic!("no lab node {short}"))
-}
-
 #[test]
 fn over_ipsec_two_natted_domains_talk_directly_once_the_hole_is_punched_and_the_move_loses_nothing()
 {
@@ -619,18 +611,7 @@ fn over_ipsec_behind_a_symmetric_nat_the_relay_keeps_carrying_natted_domains() {
     let (_g, lab) = up_with("s", |lab| {
         lab.make_nat_symmetric("qingdao").expect("symmetric NAT");
     });
-    // The hub learns a mapping for qingdao's gateway and hangzhou dials it,
-    // but a symmetric NAT maps the direct flow to another port: no IKE_SA.
-    wait_for(
-        "an observed endpoint for qingdao's gateway",
-        Duration::from_secs(30),
-        || {
-            lab.grpcurl("raven.v1.InspectService/GetTopology")
-                .unwrap_or_default()
-                .contains("\"observedEndpoint\": \"203.0.113.30:")
-        },
-    );
-    std::thread::sleep(Duration::from_secs(12));
+    lab_common::until_the_direct_path_behind_a_symmetric_nat_was_tried(&lab);
     let to_q = format!("raven-{}", name_of("q1"));
     let to_h = format!("raven-{}", name_of("h1"));
     for (g, conn) in [("h1", &to_q), ("q1", &to_h)] {
@@ -650,13 +631,6 @@ fn over_ipsec_behind_a_symmetric_nat_the_relay_keeps_carrying_natted_domains() {
 /// The largest ICMP payload with DF set that `from`'s pod gets to `to`'s
 /// pod (a binary search; a failed ping costs up to a second).
 fn largest_df_payload(lab: &Lab, from: &str, to: &str) -> u32 {
-    let pod = |s: &str| {
-        NODES
-            .iter()
-            .find(|n| n.short == s)
-            .map(|n| n.pod)
-            .unwrap_or_else(|| panic!("no lab node {s}"))
-    };
     let (src, dst) = (pod(from), pod(to));
     let (mut lo, mut hi) = (1000u32, 1500u32);
     assert!(

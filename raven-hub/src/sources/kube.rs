@@ -476,7 +476,10 @@ mod tests {
             Reconnect::MAX,
             delays.iter().max()
         );
-        assert!(delays[0] <= Reconnect::MIN, "the first retry waits the least");
+        assert!(
+            delays[0] <= Reconnect::MIN,
+            "the first retry waits the least"
+        );
         // A complete list resets it: the next failure retries at once again.
         r.reset();
         assert!(r.next() <= Reconnect::MIN);

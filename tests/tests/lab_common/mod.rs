@@ -86,10 +86,18 @@ pub fn shenzhen(lan: &'static str) -> LabDomain {
 
 /// The Kubernetes node name of a lab node.
 pub fn name_of(short: &str) -> &'static str {
+    node(short).name
+}
+
+/// The pod address of the lab node `short`.
+pub fn pod(short: &str) -> &'static str {
+    node(short).pod
+}
+
+fn node(short: &str) -> &'static raven_tests::lab::LabNode {
     NODES
         .iter()
         .find(|n| n.short == short)
-        .map(|n| n.name)
         .unwrap_or_else(|| panic!("no lab node {short}"))
 }
 
@@ -209,4 +217,22 @@ pub fn add_c2_public_candidate(lab: &Lab) {
         ),
     )
     .expect("edit");
+}
+
+/// Waits until the hub has learnt an observed endpoint for qingdao's
+/// gateway behind the symmetric NAT `lab.make_nat_symmetric("qingdao")`
+/// made, then long enough for hangzhou to have tried it: a symmetric NAT
+/// maps the direct flow to another port, so no direct handshake completes
+/// and the relay must keep carrying both domains.
+pub fn until_the_direct_path_behind_a_symmetric_nat_was_tried(lab: &Lab) {
+    wait_for(
+        "an observed endpoint for qingdao's gateway",
+        Duration::from_secs(30),
+        || {
+            lab.grpcurl("raven.v1.InspectService/GetTopology")
+                .unwrap_or_default()
+                .contains("\"observedEndpoint\": \"203.0.113.30:")
+        },
+    );
+    std::thread::sleep(Duration::from_secs(12));
 }
