@@ -826,7 +826,7 @@ impl Session {
                 }
                 self.shared
                     .agents
-                    .update(&node, |e| e.acked = Some((f.epoch, f.revision)));
+                    .update(node, |e| e.acked = Some((f.epoch, f.revision)));
                 if self.queued.is_empty() {
                     // Initial sync done: let the next reconnecting agent in.
                     self.permit.take();
@@ -854,7 +854,7 @@ impl Session {
                 }
                 self.queued.clear();
                 self.permit.take();
-                self.shared.agents.update(&node, |e| {
+                self.shared.agents.update(node, |e| {
                     e.last_nack = Some((nack, std::time::SystemTime::now()))
                 });
                 Ok(true)
@@ -873,11 +873,11 @@ impl Session {
                 };
                 self.shared
                     .agents
-                    .update(&node, |e| e.applied = Some(applied));
+                    .update(node, |e| e.applied = Some(applied));
                 Ok(false)
             }
             Some(Req::Heartbeat(_)) => {
-                self.shared.agents.update(&node, |_| ());
+                self.shared.agents.update(node, |_| ());
                 Ok(false)
             }
             Some(Req::Report(report)) => {
