@@ -14,9 +14,11 @@
 //!   unless the operator set `MALLOC_ARENA_MAX` — fewer arenas, less memory
 //!   stranded in arenas a thread no longer uses (−25 % RSS measured with 2).
 //! - [`spawn_trimmer`]: once a burst of new streams has finished its initial
-//!   syncs (no admission permit taken) or a new revision was published, one
-//!   `malloc_trim(0)` on the blocking pool hands the free pages of every
-//!   arena back (`madvise(DONTNEED)`), at most every [`TRIM_EVERY`].
+//!   syncs (no admission permit taken), one `malloc_trim(0)` on the blocking
+//!   pool hands the free pages of every arena back (`madvise(DONTNEED)`),
+//!   at most every [`TRIM_EVERY`]. Not after a new revision: a trim walks
+//!   the arenas under their locks while every session allocates for the
+//!   fan-out, and what a recompile frees the next one reuses.
 
 use std::time::Duration;
 
@@ -51,21 +53,21 @@ pub fn trim() {
     }
 }
 
-/// When a trim is due: after activity (new streams or a new revision), once
-/// no initial sync is in progress; never twice for the same activity.
+/// When a trim is due: after new streams, once no initial sync is in
+/// progress; never twice for the same streams.
 #[derive(Debug, Default)]
 pub struct TrimWatch {
-    seen: (u64, u64),
+    seen: u64,
 }
 
 impl TrimWatch {
-    /// `streams`: streams started so far; `revision`: the published
-    /// revision; `syncing`: initial syncs in progress now.
-    pub fn due(&mut self, streams: u64, revision: u64, syncing: bool) -> bool {
-        if syncing || (streams, revision) == self.seen {
+    /// `streams`: streams started so far; `syncing`: initial syncs in
+    /// progress now.
+    pub fn due(&mut self, streams: u64, syncing: bool) -> bool {
+        if syncing || streams == self.seen {
             return false;
         }
-        self.seen = (streams, revision);
+        self.seen = streams;
         true
     }
 }
@@ -81,9 +83,8 @@ pub fn spawn_trimmer(shared: crate::grpc::sync::SyncShared) {
                 () = shared.shutdown.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            let revision = shared.published.borrow().revision;
             let syncing = shared.admission.available_permits() < shared.config.max_initial_syncs;
-            if watch.due(shared.streams_started(), revision, syncing) {
+            if watch.due(shared.streams_started(), syncing) {
                 let _ = tokio::task::spawn_blocking(trim).await;
             }
         }
@@ -97,13 +98,12 @@ mod tests {
     #[test]
     fn a_trim_is_due_once_after_new_streams_have_synced_and_not_while_they_sync() {
         let mut w = TrimWatch::default();
-        assert!(!w.due(0, 0, false), "nothing happened yet");
-        assert!(!w.due(500, 0, true), "initial syncs still in progress");
-        assert!(w.due(1000, 0, false), "the storm is over");
-        assert!(!w.due(1000, 0, false), "already trimmed for it");
-        assert!(w.due(1000, 1, false), "a new revision was published");
-        assert!(!w.due(1001, 1, true));
-        assert!(w.due(1001, 1, false));
+        assert!(!w.due(0, false), "nothing happened yet");
+        assert!(!w.due(500, true), "initial syncs still in progress");
+        assert!(w.due(1000, false), "the storm is over");
+        assert!(!w.due(1000, false), "already trimmed for it");
+        assert!(!w.due(1001, true), "a reconnect still syncing");
+        assert!(w.due(1001, false), "it synced");
     }
 
     #[test]

@@ -63,6 +63,7 @@ pub struct Metrics {
     registry: Arc<Registry>,
     streams: Gauge<i64, AtomicI64>,
     revision: Gauge<i64, AtomicI64>,
+    revision_published_at: Gauge<f64, AtomicU64>,
     pushes: Counter<u64, AtomicU64>,
     pushed_resources: Counter<u64, AtomicU64>,
     push_latency: Histogram,
@@ -91,6 +92,12 @@ impl Metrics {
         registry.register("streams", "Open agent Sync streams", streams.clone());
         let revision = Gauge::default();
         registry.register("revision", "Current topology revision", revision.clone());
+        let revision_published_at = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "revision_published_timestamp_seconds",
+            "When this replica published its current revision (Unix time)",
+            revision_published_at.clone(),
+        );
         let pushes = Counter::default();
         registry.register("pushes", "Updates sent to agents", pushes.clone());
         let pushed_resources = Counter::default();
@@ -194,6 +201,7 @@ impl Metrics {
             reports_coalesced,
             streams,
             revision,
+            revision_published_at,
             pushes,
             pushed_resources,
             push_latency,
@@ -243,9 +251,17 @@ impl Metrics {
     pub fn admission_rejections(&self) -> u64 {
         self.admission_rejections.get()
     }
+    /// Records the published state: its revision (stamped with the time it
+    /// was first seen here, so the change → published part of an update's
+    /// latency can be read apart from the fan-out) and its problems.
     pub fn published(&self, revision: u64, problems: usize) {
-        self.revision
-            .set(i64::try_from(revision).unwrap_or(i64::MAX));
+        let revision = i64::try_from(revision).unwrap_or(i64::MAX);
+        if self.revision.set(revision) != revision {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            self.revision_published_at.set(now.as_secs_f64());
+        }
         self.problems
             .set(i64::try_from(problems).unwrap_or(i64::MAX));
     }
@@ -272,5 +288,46 @@ impl Metrics {
     /// The classic text exposition format.
     pub fn render(&self) -> String {
         self.render_for(None).1
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The value of the sample `name` in the text exposition.
+    fn sample(m: &Metrics, name: &str) -> f64 {
+        let text = m.render();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no sample {name} in\n{text}"))
+    }
+
+    const STAMP: &str = "raven_hub_revision_published_timestamp_seconds";
+
+    #[test]
+    fn the_publish_timestamp_is_set_by_a_new_revision_and_kept_by_a_republish_of_the_same_one() {
+        let m = Metrics::new();
+        assert_eq!(sample(&m, STAMP), 0.0, "nothing published yet");
+        let before = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs_f64();
+        m.published(7, 0);
+        let first = sample(&m, STAMP);
+        assert!(
+            first >= before.floor(),
+            "{first} is not a time after {before}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+        // The same revision again (only problems or freshness changed):
+        // the revision was published when it first was.
+        m.published(7, 3);
+        assert_eq!(sample(&m, STAMP), first);
+        assert_eq!(sample(&m, "raven_hub_problems"), 3.0);
+        m.published(8, 3);
+        assert!(sample(&m, STAMP) > first, "a new revision is stamped anew");
+        assert_eq!(sample(&m, "raven_hub_revision"), 8.0);
     }
 }

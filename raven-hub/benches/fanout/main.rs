@@ -10,8 +10,9 @@
 //! ```
 //!
 //! Prints figures (all connect → all synced, one-node change → ACK p50/p99,
-//! hub CPU per change, hub RSS per agent, restart → in sync, bytes) and their
-//! ratios to the etcd baseline, and the CPU-seconds of the hub and of this
+//! of it change → published at the hub (the hub's own timestamp) and
+//! published → ACK (the fan-out), hub CPU per change, hub RSS per agent,
+//! restart → in sync, bytes) and their ratios to the etcd baseline, and the CPU-seconds of the hub and of this
 //! process (the load generator) through the connect storm and the restart —
 //! on one machine they share the cores, so the split says which of the two
 //! a connect figure measures. Never asserts a time: it fails only when the
@@ -191,6 +192,29 @@ impl Hub {
 
     fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// When the hub published its current revision (its
+    /// `raven_hub_revision_published_timestamp_seconds` metric), if it says.
+    async fn published_at(&self) -> Option<std::time::SystemTime> {
+        let http = self.http;
+        let body = tokio::task::spawn_blocking(move || {
+            let mut s = std::net::TcpStream::connect(http).ok()?;
+            s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+                .ok()?;
+            let mut buf = String::new();
+            s.read_to_string(&mut buf).ok()?;
+            Some(buf)
+        })
+        .await
+        .ok()??;
+        let secs: f64 = body
+            .lines()
+            .find_map(|l| l.strip_prefix("raven_hub_revision_published_timestamp_seconds "))?
+            .trim()
+            .parse()
+            .ok()?;
+        Some(std::time::UNIX_EPOCH + Duration::from_secs_f64(secs))
     }
 
     /// Polls `/readyz` until the hub serves.
@@ -488,15 +512,25 @@ async fn main() {
     let mut cpu_per_change = Vec::new();
     let mut delivered = Vec::new();
     let mut bytes_per_change = Vec::new();
+    // Change → published at the hub (its own timestamp), and published →
+    // each agent's ACK: the two parts of every latency above.
+    let mut to_publish = Vec::new();
+    let mut fan_out = Vec::new();
+    // The hub's CPU over each quiet second before a change (heartbeats,
+    // HTTP/2 keepalive PINGs): what the CPU per change has subtracted.
+    let mut idle_per_second = Vec::new();
+    eprintln!("fan-out bench: change phase starts");
     for k in 0..o.changes {
         // Idle CPU of the hub (heartbeats) over a quiet second, subtracted.
         let idle0 = proc_cpu(hub.pid());
         settle(&mut c, Duration::from_millis(1000)).await;
         let idle = proc_cpu(hub.pid()).saturating_sub(idle0);
+        idle_per_second.push(idle);
         let before: Vec<Option<(Instant, u64, usize, bool)>> =
             c.seen.iter().map(|s| s.last).collect();
         let cpu0 = proc_cpu(hub.pid());
         let at = Instant::now();
+        let wall = std::time::SystemTime::now();
         cluster::rewrite(&w.join("manifests"), o.shape, g, (k % 2 == 0).then_some(n))
             .unwrap_or_else(|e| panic!("rewrite: {e}"));
         let changed = |c: &Collector| {
@@ -515,12 +549,23 @@ async fn main() {
         let window = took + Duration::from_millis(300);
         let idle_share = idle.mul_f64(window.as_secs_f64().min(10.0));
         cpu_per_change.push(spent.saturating_sub(idle_share));
+        let published = hub
+            .published_at()
+            .await
+            .and_then(|p| p.duration_since(wall).ok());
+        if let Some(p) = published {
+            to_publish.push(p);
+        }
         let mut got = 0;
         for (s, b) in c.seen.iter().zip(&before) {
             if let Some(l) = s.last
                 && Some(l.0) != b.map(|b| b.0)
             {
-                latencies.push(l.0.saturating_duration_since(at));
+                let latency = l.0.saturating_duration_since(at);
+                latencies.push(latency);
+                if let Some(p) = published {
+                    fan_out.push(latency.saturating_sub(p));
+                }
                 bytes_per_change.push(l.2.saturating_sub(b.map_or(0, |b| b.2)));
                 got += 1;
             }
@@ -529,6 +574,9 @@ async fn main() {
     }
     latencies.sort();
     cpu_per_change.sort();
+    to_publish.sort();
+    idle_per_second.sort();
+    fan_out.sort();
     let change_p50 = pct(&latencies, 0.5);
     let change_p99 = pct(&latencies, 0.99);
     let cpu_change = pct(&cpu_per_change, 0.5);
@@ -619,8 +667,24 @@ async fn main() {
         delivered
     );
     println!(
+        "| of which change → published at the hub (median / max) | {} / {} ({} of {} changes stamped) |",
+        ms(pct(&to_publish, 0.5)),
+        ms(to_publish.last().copied().unwrap_or_default()),
+        to_publish.len(),
+        o.changes
+    );
+    println!(
+        "| of which published → ACK (fan-out) p50 / p99 | {} / {} |",
+        ms(pct(&fan_out, 0.5)),
+        ms(pct(&fan_out, 0.99))
+    );
+    println!(
         "| hub CPU per one-node change (median, idle subtracted) | {} |",
         ms(cpu_change)
+    );
+    println!(
+        "| hub CPU per quiet second, connected (median; heartbeats, keepalive) | {} |",
+        ms(pct(&idle_per_second, 0.5))
     );
     println!(
         "| hub RSS connected | {:.1} MB ({:.1} MB before agents; {:.1} KB per agent; {:.1} MB after the changes) |",

@@ -497,7 +497,15 @@ impl Session {
         let hb = self.shared.config.heartbeat;
         let mut heartbeat = raven_cli::pace::Heartbeat::new(hb);
         let mut dirty = true;
-        let expired = self.cert_expiry();
+        // The futures every turn of the loop waits on are made once: a
+        // session turns a few times per change (the publish, its Update, the
+        // Ack, the Applied), and remaking them each turn registered and
+        // dropped a timer and two waiters per turn, for every session.
+        let (replaced, shutdown) = (self.replaced.clone(), self.shared.shutdown.clone());
+        let replaced = replaced.cancelled();
+        let shutdown = shutdown.cancelled();
+        let expiry = tokio::time::sleep_until(self.cert_expiry());
+        tokio::pin!(replaced, shutdown, expiry);
         loop {
             if dirty && self.in_flight.is_none() {
                 let current = published.borrow_and_update().clone();
@@ -505,9 +513,9 @@ impl Session {
                 dirty = !self.queued.is_empty();
             }
             tokio::select! {
-                () = self.replaced.cancelled() => return Err(self.replaced()),
-                () = self.shared.shutdown.cancelled() => return Err(SyncError::ShuttingDown),
-                () = tokio::time::sleep_until(expired) => return Err(self.expired()),
+                () = &mut replaced => return Err(self.replaced()),
+                () = &mut shutdown => return Err(SyncError::ShuttingDown),
+                () = &mut expiry => return Err(self.expired()),
                 () = tokio::time::sleep_until(self.report_rate.next_at()), if self.pending_report.is_some() => {
                     if self.report_rate.take(tokio::time::Instant::now())
                         && let Some(report) = self.pending_report.take()
@@ -647,11 +655,15 @@ impl Session {
         }
         let mut changed = Vec::new();
         let mut removed = Vec::new();
+        // The node's own view entry, looked up once for every changed name.
+        let me = current.topology.node(&self.node);
         for name in names {
             match (current.topology.resources.get(name), current.ids.id(name)) {
                 // In view: sent unless held at this version or refused.
                 (Some(r), Some(id))
-                    if view::in_view(&current.topology, &self.node, name, self.compact) =>
+                    if me.is_some_and(|me| {
+                        view::in_view_of(&current.topology, &self.node, me, name, self.compact)
+                    }) =>
                 {
                     let t = tag(&r.version);
                     if self.held.get(id) != Some(t) && !self.nacked.contains(&(id, t)) {
@@ -798,7 +810,7 @@ impl Session {
 
     /// Handles one agent message; returns whether a new Update may be due.
     fn handle(&mut self, req: v1::SyncRequest) -> Result<bool, SyncError> {
-        let node = self.node.clone();
+        let node = &self.node;
         match req.message {
             None => Err(SyncError::invalid("empty message")),
             Some(Req::Hello(_)) => Err(SyncError::invalid("Hello sent twice on one stream")),
@@ -821,7 +833,7 @@ impl Session {
                 }
                 self.shared
                     .agents
-                    .update(&node, |e| e.acked = Some((f.epoch, f.revision)));
+                    .update(node, |e| e.acked = Some((f.epoch, f.revision)));
                 if self.queued.is_empty() {
                     // Initial sync done: let the next reconnecting agent in.
                     self.permit.take();
@@ -849,7 +861,7 @@ impl Session {
                 }
                 self.queued.clear();
                 self.permit.take();
-                self.shared.agents.update(&node, |e| {
+                self.shared.agents.update(node, |e| {
                     e.last_nack = Some((nack, std::time::SystemTime::now()))
                 });
                 Ok(true)
@@ -868,11 +880,11 @@ impl Session {
                 };
                 self.shared
                     .agents
-                    .update(&node, |e| e.applied = Some(applied));
+                    .update(node, |e| e.applied = Some(applied));
                 Ok(false)
             }
             Some(Req::Heartbeat(_)) => {
-                self.shared.agents.update(&node, |_| ());
+                self.shared.agents.update(node, |_| ());
                 Ok(false)
             }
             Some(Req::Report(report)) => {
