@@ -303,7 +303,7 @@ pub struct Phases {
     pub inputs: std::time::Duration,
     /// The observed gateways, the last election and held subnets.
     pub prepare: std::time::Duration,
-    /// `compile_reusing` and the election log.
+    /// The incremental compile (`Incremental::compile`) and the election log.
     pub compile: std::time::Duration,
     /// Advancing (and persisting) the revision.
     pub revision: std::time::Duration,

@@ -77,11 +77,6 @@ impl ResourceName {
     pub fn as_str(&self) -> &str {
         &self.0
     }
-    /// The smallest name starting with `prefix`, for range scans over
-    /// sorted names.
-    pub fn range_start(prefix: &str) -> Self {
-        Self(prefix.to_owned())
-    }
 }
 
 /// Hash, equality and order are those of the string, so maps keyed by

@@ -257,7 +257,7 @@ async fn main() {
         ("observed gateways, last election, held subnets", |p| {
             p.prepare
         }),
-        ("`compile_reusing` + election log", |p| p.compile),
+        ("incremental compile + election log", |p| p.compile),
         ("advance + persist the revision", |p| p.revision),
         ("encode, deltas, interned names", |p| p.encode),
         ("compare with the last state, send", |p| p.publish),
