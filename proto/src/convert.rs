@@ -173,10 +173,7 @@ pub fn resource_from_proto(r: &v1::Resource) -> Result<(ResourceName, Resource),
     }
     Ok((
         name,
-        Resource {
-            version: computed,
-            body,
-        },
+        Resource::with_version(computed, body),
     ))
 }
 

@@ -143,6 +143,87 @@ impl RavenConfig {
     }
 }
 
+/// A value shared by pointer: a clone is a pointer copy, and a write
+/// ([`DerefMut`](std::ops::DerefMut)) copies the value first only while
+/// another holder still shares it. The hub's index keeps its node table and
+/// reports this way, so a compile reads them without copying, and a source
+/// writes in place unless a compile still reads the same table.
+#[derive(Default, PartialEq, Eq)]
+pub struct Shared<T>(std::sync::Arc<T>);
+
+impl<T> Shared<T> {
+    pub fn new(value: T) -> Self {
+        Self(std::sync::Arc::new(value))
+    }
+
+    /// Whether `other` is this very value (not an equal copy).
+    pub fn shares(&self, other: &Self) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl<T: Clone> Shared<T> {
+    /// The value, copied only if another holder still shares it.
+    pub fn into_inner(self) -> T {
+        std::sync::Arc::try_unwrap(self.0).unwrap_or_else(|shared| T::clone(&shared))
+    }
+}
+
+impl<K: Clone, V: Clone> Shared<BTreeMap<K, V>> {
+    /// The map's values, by key order (see [`Shared::into_inner`]).
+    pub fn into_values(self) -> std::collections::btree_map::IntoValues<K, V> {
+        self.into_inner().into_values()
+    }
+}
+
+impl<T> Clone for Shared<T> {
+    fn clone(&self) -> Self {
+        Self(self.0.clone())
+    }
+}
+
+impl<T> std::ops::Deref for Shared<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
+impl<T: Clone> std::ops::DerefMut for Shared<T> {
+    fn deref_mut(&mut self) -> &mut T {
+        std::sync::Arc::make_mut(&mut self.0)
+    }
+}
+
+impl<T> From<T> for Shared<T> {
+    fn from(value: T) -> Self {
+        Self::new(value)
+    }
+}
+
+impl<A, T: FromIterator<A>> FromIterator<A> for Shared<T> {
+    fn from_iter<I: IntoIterator<Item = A>>(iter: I) -> Self {
+        Self::new(T::from_iter(iter))
+    }
+}
+
+impl<'a, T> IntoIterator for &'a Shared<T>
+where
+    &'a T: IntoIterator,
+{
+    type Item = <&'a T as IntoIterator>::Item;
+    type IntoIter = <&'a T as IntoIterator>::IntoIter;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.as_ref().into_iter()
+    }
+}
+
+impl<T: std::fmt::Debug> std::fmt::Debug for Shared<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
 /// What the hub knows about the agents' Sync streams, resolved against its
 /// clock and `--failover-grace` before compiling (the compiler has no clock).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -165,12 +246,12 @@ pub struct Inputs {
     /// why. The compiler reports these problems, and a node labelled with
     /// one of these is not reported as naming no Gateway.
     pub rejected: BTreeMap<String, Vec<Problem>>,
-    pub nodes: BTreeMap<NodeName, ClusterNode>,
+    pub nodes: Shared<BTreeMap<NodeName, ClusterNode>>,
     pub config: RavenConfig,
-    pub reports: BTreeMap<NodeName, AgentReport>,
+    pub reports: Shared<BTreeMap<NodeName, AgentReport>>,
     /// Liveness of the agents' streams (empty: nobody is gone, which turns
     /// the hub's failure detector off).
-    pub streams: Streams,
+    pub streams: Shared<Streams>,
     /// The subnets each gateway served in the previous compile (the hub's
     /// last published state). A gateway keeps a range it served against a
     /// newcomer claiming an overlapping one, whatever their names; without

@@ -44,7 +44,9 @@ pub struct CompiledGateway {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Compiled {
     pub topology: Topology,
-    pub gateways: BTreeMap<GatewayName, CompiledGateway>,
+    /// Shared with the compiler's memory: a gateway that was not recompiled
+    /// is the same allocation as in the last compile's output.
+    pub gateways: BTreeMap<GatewayName, Arc<CompiledGateway>>,
 }
 
 /// A Gateway that passed defaulting and validation. [`admit`] is the only
@@ -305,7 +307,7 @@ struct Local {
 /// One gateway's share of the compiled output.
 #[derive(Debug, Clone)]
 struct Out {
-    compiled: CompiledGateway,
+    compiled: Arc<CompiledGateway>,
     resources: Vec<(ResourceName, Resource)>,
 }
 
@@ -323,14 +325,13 @@ impl Incremental {
     /// gateway whose inputs are unchanged, and the versions of `prev`'s
     /// resources whose bodies are unchanged. Equals [`compile`] of `inputs`.
     pub fn compile(&mut self, inputs: &Inputs, prev: Option<&Topology>) -> Compiled {
+        // An unchanged body keeps the last compile's resource itself (its
+        // version, and its allocation: readers tell it unchanged by pointer).
         let resource = |name: &ResourceName, body: ResourceBody| match prev
             .and_then(|t| t.resources.get(name))
             .filter(|old| old.body == body)
         {
-            Some(old) => Resource {
-                version: old.version.clone(),
-                body,
-            },
+            Some(old) => old.clone(),
             None => Resource::new(body),
         };
         let mut problems = Vec::new();
@@ -454,7 +455,9 @@ impl Incremental {
         // cluster-wide inputs.
         let (relays, relays_at) = (&self.relays.0, self.relays.1);
         let (observers, observers_at) = (&self.observers.0, self.observers.1);
-        let mut resources = BTreeMap::new();
+        // Collected in order and built at once (a sort and a bulk build, a
+        // later name replacing an earlier one as inserts would).
+        let mut resources: Vec<(ResourceName, Resource)> = Vec::new();
         let mut compiled = BTreeMap::new();
         for (name, cached) in &mut self.gateways {
             let view = &cached.local.view;
@@ -502,12 +505,14 @@ impl Incremental {
             vpn_driver: config.vpn_driver,
         });
         let name = ResourceName::settings();
-        resources.insert(name.clone(), resource(&name, settings));
+        let r = resource(&name, settings);
+        resources.push((name, r));
         for node in unserved {
             let name = ResourceName::node(&node.name);
             let r = resource(&name, ResourceBody::Node(node_view(node, None)));
-            resources.insert(name, r);
+            resources.push((name, r));
         }
+        let resources = BTreeMap::from_iter(resources);
 
         problems.sort();
         problems.dedup();
@@ -695,11 +700,11 @@ fn gateway_output(
     let r = resource(&prefixes, ResourceBody::Prefixes(DomainPrefixes::of(&view)));
     resources.push((prefixes, r));
     let name = ResourceName::gateway(&view.name);
-    let compiled = CompiledGateway {
+    let compiled = Arc::new(CompiledGateway {
         name: view.name.clone(),
         gateway,
         status,
-    };
+    });
     let r = resource(&name, ResourceBody::Gateway(view));
     resources.push((name, r));
     Out {

@@ -20,7 +20,9 @@ pub mod yaml;
 // re-exported so hub-side code keeps one path.
 pub use raven_model::{names, problem, topology, view};
 
-pub use cluster::{AgentReport, ClusterNode, Inputs, LoadBalancerIngress, RavenConfig, Streams};
+pub use cluster::{
+    AgentReport, ClusterNode, Inputs, LoadBalancerIngress, RavenConfig, Shared, Streams,
+};
 pub use compile::{Compiled, compile};
 pub use raven_model::{
     ContentVersion, GatewayName, NodeName, Problem, Resource, ResourceBody, ResourceName, Severity,

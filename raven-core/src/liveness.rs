@@ -126,7 +126,8 @@ mod tests {
             streams: Streams {
                 connected: connected.iter().map(|c| n(c)).collect(),
                 gone: gone.iter().map(|g| n(g)).collect(),
-            },
+            }
+            .into(),
             ..Default::default()
         }
     }

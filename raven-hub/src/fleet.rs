@@ -119,7 +119,7 @@ pub fn build(topology: &v1::GetTopologyResponse, agents: &v1::ListAgentsResponse
         let Ok((_, resource)) = raven_proto::resource_from_proto(r) else {
             continue;
         };
-        match resource.body {
+        match resource.into_body() {
             ResourceBody::Gateway(g) => {
                 let tunnel = g.active_tunnel.as_ref();
                 for c in &g.tunnel_candidates {

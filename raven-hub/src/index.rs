@@ -14,7 +14,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Node};
 use raven_core::api::v1beta1::Gateway;
 use raven_core::compile::{Admitted, admit};
 use raven_core::{
-    AgentReport, ClusterNode, GatewayName, Inputs, NodeName, Problem, RavenConfig, Streams,
+    AgentReport, ClusterNode, GatewayName, Inputs, NodeName, Problem, RavenConfig, Shared, Streams,
 };
 use tokio::time::{Duration, Instant};
 
@@ -73,12 +73,24 @@ struct GatewayEntry {
 #[derive(Debug, Clone, Default)]
 pub struct Index {
     gateways: BTreeMap<GatewayName, GatewayEntry>,
-    nodes: BTreeMap<NodeName, (ClusterNode, Vec<Problem>)>,
+    /// Shared with the compiles that read it ([`Index::inputs`] hands out a
+    /// pointer): a write copies the table only while a compile still holds
+    /// the same one.
+    nodes: Shared<BTreeMap<NodeName, ClusterNode>>,
+    /// Problems of the nodes that have any.
+    node_problems: BTreeMap<NodeName, Vec<Problem>>,
     /// Objects whose name is not a valid object name, by kind and name as
     /// written: never served, only reported.
     misnamed: BTreeMap<(Kind, String), Vec<Problem>>,
     config: RavenConfig,
     reports: BTreeMap<NodeName, AgentReport>,
+    /// `reports` as the last [`Index::inputs`] handed them out, until a
+    /// report changes: reports change under thousands of session tasks, so
+    /// the copy is made on the compile's side, once per compile that finds
+    /// them changed, never under a session.
+    reports_read: std::cell::RefCell<Option<Shared<BTreeMap<NodeName, AgentReport>>>>,
+    /// The last [`Index::streams_at`] and for how long it holds.
+    streams_read: std::cell::RefCell<Option<StreamsRead>>,
     /// Who holds each WireGuard key of `reports` (the node that reported it
     /// first): a report's keys are checked by lookup, not by a search of
     /// every other report.
@@ -108,6 +120,17 @@ pub struct Index {
     high_water: u64,
     /// The Services and Endpoints kept for LoadBalancer Gateways, by kind and name.
     exposed: BTreeMap<(Kind, String), Exposed>,
+}
+
+/// A stream liveness computed at `at` for `grace`: the same for every
+/// moment before `until` while the streams, the node names, the start time
+/// and the detector are as they were (any change to those forgets it).
+#[derive(Debug, Clone)]
+struct StreamsRead {
+    at: Instant,
+    grace: Duration,
+    until: Option<Instant>,
+    streams: Shared<Streams>,
 }
 
 /// The WireGuard keys a report names.
@@ -176,7 +199,7 @@ impl Index {
     ) {
         self.see(resource_version);
         if kind == Kind::Node {
-            self.nodes.remove(name);
+            self.remove_node(name);
             self.misnamed.remove(&(kind, name.to_owned()));
         }
         self.undecodable.insert((kind, name.to_owned()), problem);
@@ -234,23 +257,60 @@ impl Index {
         match ClusterNode::from_k8s(node) {
             Ok((node, problems)) => {
                 self.misnamed.remove(&(Kind::Node, name));
-                self.nodes.insert(node.name.clone(), (node, problems));
+                self.put_node(node, problems);
             }
             Err(problem) => {
-                self.nodes.remove(name.as_str());
+                self.remove_node(name.as_str());
                 self.misnamed.insert((Kind::Node, name), vec![problem]);
             }
         }
     }
 
     pub fn delete_node(&mut self, name: &str) {
-        self.nodes.remove(name);
+        self.remove_node(name);
         self.misnamed.remove(&(Kind::Node, name.to_owned()));
         self.undecodable.remove(&(Kind::Node, name.to_owned()));
     }
 
+    /// Stores `node` with its problems; an unchanged node is left as it is
+    /// (no copy of a table a compile still reads).
+    fn put_node(&mut self, node: ClusterNode, problems: Vec<Problem>) {
+        if problems.is_empty() {
+            self.node_problems.remove(&node.name);
+        } else {
+            self.node_problems.insert(node.name.clone(), problems);
+        }
+        if self.nodes.get(&node.name) == Some(&node) {
+            return;
+        }
+        if self.nodes.insert(node.name.clone(), node).is_none() {
+            self.forget_streams();
+        }
+    }
+
+    fn remove_node(&mut self, name: &str) {
+        self.node_problems.remove(name);
+        if self.nodes.contains_key(name) {
+            self.nodes.remove(name);
+            self.forget_streams();
+        }
+    }
+
+    /// The node names, streams, start or detector changed: the stream
+    /// liveness is computed again at the next read.
+    fn forget_streams(&mut self) {
+        *self.streams_read.get_mut() = None;
+    }
+
+    /// A report changed: the next read copies them again.
+    fn forget_reports(&mut self) {
+        *self.reports_read.get_mut() = None;
+    }
+
     pub fn reset_nodes(&mut self, nodes: &[Node]) {
-        self.nodes.clear();
+        self.nodes = Shared::default();
+        self.node_problems.clear();
+        self.forget_streams();
         self.misnamed.retain(|(kind, _), _| *kind != Kind::Node);
         for n in nodes {
             self.apply_node(n);
@@ -268,10 +328,9 @@ impl Index {
 
     /// Sets nodes from already-parsed manifests.
     pub fn reset_cluster_nodes(&mut self, nodes: impl IntoIterator<Item = ClusterNode>) {
-        self.nodes = nodes
-            .into_iter()
-            .map(|n| (n.name.clone(), (n, Vec::new())))
-            .collect();
+        self.nodes = nodes.into_iter().map(|n| (n.name.clone(), n)).collect();
+        self.node_problems.clear();
+        self.forget_streams();
         self.misnamed.retain(|(kind, _), _| *kind != Kind::Node);
     }
 
@@ -288,12 +347,8 @@ impl Index {
         for (name, node) in change.nodes {
             self.misnamed.remove(&(Kind::Node, name.to_string()));
             match node {
-                Some(node) => {
-                    self.nodes.insert(name, (node, Vec::new()));
-                }
-                None => {
-                    self.nodes.remove(&name);
-                }
+                Some(node) => self.put_node(node, Vec::new()),
+                None => self.remove_node(name.as_str()),
             }
         }
         if let Some(config) = change.config {
@@ -354,6 +409,7 @@ impl Index {
             self.key_owners.insert(key.to_owned(), node.clone());
         }
         self.reports.insert(node, report);
+        self.forget_reports();
         true
     }
 
@@ -368,6 +424,7 @@ impl Index {
         match self.reports.get_mut(node) {
             Some(r) if !r.local_failover.is_empty() => {
                 r.local_failover.clear();
+                self.forget_reports();
                 true
             }
             _ => false,
@@ -378,6 +435,7 @@ impl Index {
     /// gone from then on).
     pub fn set_started(&mut self, at: Instant) {
         self.started = Some(at);
+        self.forget_streams();
     }
 
     /// Turns the failure detector on or off (see `detector_off`). Returns
@@ -385,6 +443,7 @@ impl Index {
     pub fn set_failure_detector(&mut self, on: bool) -> bool {
         let changed = self.detector_off == on;
         self.detector_off = !on;
+        self.forget_streams();
         changed
     }
 
@@ -397,6 +456,7 @@ impl Index {
     /// An agent's stream opened at `at`. Returns whether that can change
     /// the compiled topology.
     pub fn stream_opened(&mut self, node: NodeName, at: Instant) -> bool {
+        self.forget_streams();
         let was = self.streams.insert(
             node,
             StreamEntry {
@@ -411,6 +471,7 @@ impl Index {
     /// its probe verdicts stop counting (it re-reports them on reconnect).
     /// Returns whether that can change the compiled topology.
     pub fn stream_closed(&mut self, node: &NodeName, at: Instant) -> bool {
+        self.forget_streams();
         self.streams.insert(
             node.clone(),
             StreamEntry {
@@ -424,6 +485,7 @@ impl Index {
         {
             r.dead_candidates.clear();
             changed = true;
+            self.forget_reports();
         }
         changed || self.probes_report_a_death()
     }
@@ -432,7 +494,32 @@ impl Index {
     /// gone for at least `grace` (every known node is one or the other, or
     /// within its grace).
     /// With the detector off, nobody is gone.
-    pub fn streams_at(&self, now: Instant, grace: Duration) -> Streams {
+    ///
+    /// Computed once and handed out (a pointer) until the streams, the node
+    /// names, the start or the detector change, or a stream's absence
+    /// reaches `grace`: a compile whose change touched none of those reads
+    /// no node.
+    pub fn streams_at(&self, now: Instant, grace: Duration) -> Shared<Streams> {
+        if let Some(r) = self.streams_read.borrow().as_ref()
+            && r.grace == grace
+            && now >= r.at
+            && r.until.is_none_or(|until| now < until)
+        {
+            return r.streams.clone();
+        }
+        let streams = Shared::new(self.streams_now(now, grace));
+        let read = StreamsRead {
+            at: now,
+            grace,
+            until: self.next_absence_deadline(now, grace),
+            streams: streams.clone(),
+        };
+        *self.streams_read.borrow_mut() = Some(read);
+        streams
+    }
+
+    /// [`Index::streams_at`] computed from every node and stream.
+    fn streams_now(&self, now: Instant, grace: Duration) -> Streams {
         let mut out = Streams::default();
         if self.detector_off {
             return out;
@@ -455,6 +542,25 @@ impl Index {
             }
         }
         out
+    }
+
+    /// The next moment after `now` at which some absence reaches `grace`
+    /// (a stream that ended, or the start for a node never heard from),
+    /// whether or not a probe reports a death: until then
+    /// [`Index::streams_now`] gives what it gives at `now`.
+    fn next_absence_deadline(&self, now: Instant, grace: Duration) -> Option<Instant> {
+        if self.detector_off {
+            return None;
+        }
+        let unseen = self.nodes.keys().any(|n| !self.streams.contains_key(n));
+        self.streams
+            .values()
+            .filter(|e| !e.connected)
+            .map(|e| e.since)
+            .chain(self.started.filter(|_| unseen))
+            .map(|since| since + grace)
+            .filter(|at| *at > now)
+            .min()
     }
 
     /// The next moment after `now` at which a stream's absence reaches
@@ -538,7 +644,18 @@ impl Index {
             .map(|((_, n), e)| (n.as_str(), e))
     }
 
-    /// The compiler's inputs, and the problems found on the way in.
+    /// The reports, shared: the copy [`Index::inputs`] handed out last
+    /// while no report changed since.
+    fn reports_shared(&self) -> Shared<BTreeMap<NodeName, AgentReport>> {
+        self.reports_read
+            .borrow_mut()
+            .get_or_insert_with(|| Shared::new(self.reports.clone()))
+            .clone()
+    }
+
+    /// The compiler's inputs, and the problems found on the way in. The
+    /// node table, the reports and the stream liveness are shared with the
+    /// index (pointers, no copy); the gateways are a map of shared objects.
     pub fn inputs(&self) -> (Inputs, Vec<Problem>) {
         let mut problems = self.source_problems.clone();
         problems.extend(self.undecodable.values().cloned());
@@ -546,7 +663,8 @@ impl Index {
         problems.extend(self.misnamed.values().flatten().cloned());
         let mut inputs = Inputs {
             config: self.config,
-            reports: self.reports.clone(),
+            reports: self.reports_shared(),
+            nodes: self.nodes.clone(),
             ..Default::default()
         };
         for (_, svc) in self.exposed(Kind::Service) {
@@ -566,10 +684,7 @@ impl Index {
                 inputs.gateways.insert(name.clone(), gw.clone());
             }
         }
-        for (name, (node, ps)) in &self.nodes {
-            problems.extend(ps.iter().cloned());
-            inputs.nodes.insert(name.clone(), node.clone());
-        }
+        problems.extend(self.node_problems.values().flatten().cloned());
         (inputs, problems)
     }
 }

@@ -32,8 +32,9 @@ pub struct Published {
     /// writer to compare against, never the hub's own election.
     pub observed: BTreeMap<GatewayName, ObservedGateway>,
     pub topology: Topology,
-    /// Per-gateway election results, for status writing.
-    pub gateways: BTreeMap<GatewayName, CompiledGateway>,
+    /// Per-gateway election results, for status writing (shared with the
+    /// compiler: an unchanged gateway is the last state's allocation).
+    pub gateways: BTreeMap<GatewayName, Arc<CompiledGateway>>,
     /// Every resource encoded once; streams send these bytes as they are.
     pub encoded: BTreeMap<ResourceName, EncodedResource>,
     /// What changed in each of the last revisions of this epoch (at most
@@ -96,7 +97,17 @@ impl ResourceIds {
     /// `prev` with every name of `topology` interned: `prev` itself (shared,
     /// no copy) when it knows them all.
     pub fn extended(prev: &Arc<Self>, topology: &Topology) -> Arc<Self> {
-        let mut names = topology.resources.keys().filter(|n| prev.id(n).is_none());
+        Self::extended_by(prev, topology.resources.keys())
+    }
+
+    /// `prev` with every one of `names` interned: `prev` itself (shared, no
+    /// copy) when it knows them all. A new topology needs only its names
+    /// that the last one lacked, which are among the names that changed.
+    pub fn extended_by<'a>(
+        prev: &Arc<Self>,
+        names: impl IntoIterator<Item = &'a ResourceName>,
+    ) -> Arc<Self> {
+        let mut names = names.into_iter().filter(|n| prev.id(n).is_none());
         let Some(first) = names.next() else {
             return prev.clone();
         };
@@ -169,38 +180,56 @@ pub struct ObservedGateway {
 /// Every resource of `topology` encoded, an unchanged one (same name and
 /// version as in `prev`) keeping its bytes: one pass over the sorted maps
 /// side by side, no lookups.
+#[cfg(test)]
 fn encode(prev: &Published, topology: &Topology) -> BTreeMap<ResourceName, EncodedResource> {
+    encode_and_diff(prev, topology).0
+}
+
+/// [`encode`], and the names whose presence or version differs between
+/// `prev` and `topology` (what [`Delta::between`] gives), from the same
+/// pass. A resource the compiler reused is the same allocation as in
+/// `prev` and is told unchanged by pointer.
+fn encode_and_diff(
+    prev: &Published,
+    topology: &Topology,
+) -> (BTreeMap<ResourceName, EncodedResource>, BTreeSet<ResourceName>) {
     // `encoded` holds exactly the names of `topology`, in the same order.
     let aligned = prev.encoded.len() == prev.topology.resources.len();
+    let bytes = prev.encoded.values().map(Some).filter(|_| aligned);
     let mut old = prev
         .topology
         .resources
         .iter()
-        .zip(prev.encoded.values())
-        .filter(|_| aligned)
+        .zip(bytes.chain(std::iter::repeat(None)))
         .peekable();
-    topology
-        .resources
-        .iter()
-        .map(|(name, r)| {
-            while old.next_if(|((o, _), _)| *o < name).is_some() {}
-            let reuse = old
-                .next_if(|((o, _), _)| *o == name)
-                .filter(|((_, o), _)| o.version == r.version)
-                .map(|(_, bytes)| bytes.clone());
-            (
-                name.clone(),
-                reuse.unwrap_or_else(|| EncodedResource::new(name, r)),
-            )
-        })
-        .collect()
+    let mut changed = Vec::new();
+    let mut encoded = Vec::with_capacity(topology.resources.len());
+    for (name, r) in &topology.resources {
+        while let Some(((gone, _), _)) = old.next_if(|((o, _), _)| *o < name) {
+            changed.push(gone.clone());
+        }
+        let kept = match old.next_if(|((o, _), _)| *o == name) {
+            Some(((_, o), bytes)) if o.shares(r) || o.version == r.version => bytes.cloned(),
+            _ => {
+                changed.push(name.clone());
+                None
+            }
+        };
+        let bytes = kept.unwrap_or_else(|| EncodedResource::new(name, r));
+        encoded.push((name.clone(), bytes));
+    }
+    changed.extend(old.map(|((gone, _), _)| gone.clone()));
+    (
+        BTreeMap::from_iter(encoded),
+        BTreeSet::from_iter(changed),
+    )
 }
 
 /// Logs every gateway whose elected endpoints changed, and why when a local
 /// failover caused it.
 fn log_elections(
-    before: &BTreeMap<GatewayName, CompiledGateway>,
-    after: &BTreeMap<GatewayName, CompiledGateway>,
+    before: &BTreeMap<GatewayName, Arc<CompiledGateway>>,
+    after: &BTreeMap<GatewayName, Arc<CompiledGateway>>,
     problems: &[raven_core::Problem],
 ) {
     let active = |g: Option<&CompiledGateway>| -> Vec<String> {
@@ -214,7 +243,11 @@ fn log_elections(
         .unwrap_or_default()
     };
     for (name, g) in after {
-        let (old, new) = (active(before.get(name)), active(Some(g)));
+        let was = before.get(name);
+        if was.is_some_and(|b| Arc::ptr_eq(b, g) || b.status.active_endpoints == g.status.active_endpoints) {
+            continue;
+        }
+        let (old, new) = (active(was.map(|b| &**b)), active(Some(g)));
         if old == new || before.is_empty() {
             continue;
         }
@@ -286,13 +319,49 @@ pub struct Pipeline {
     /// both stay, the same object is compiled again (no copy per compile,
     /// and the compiler sees it unchanged by identity).
     stuck: BTreeMap<GatewayName, Stuck>,
+    /// Each published gateway's served subnets, parsed once per compiled
+    /// gateway: the held subnets of the next compile are gathered from
+    /// these without parsing a status again.
+    held: BTreeMap<GatewayName, Held>,
 }
 
 #[derive(Debug)]
 struct Stuck {
     served: raven_core::compile::Admitted,
-    status: raven_core::api::v1beta1::GatewayStatus,
+    /// The compiled gateway whose status this is.
+    from: Arc<CompiledGateway>,
     with_status: raven_core::compile::Admitted,
+}
+
+/// The subnets a published gateway served, parsed once per compiled
+/// gateway (the pipeline's `held`).
+#[derive(Debug)]
+struct Held {
+    from: Arc<CompiledGateway>,
+    nets: Vec<ipnet::IpNet>,
+}
+
+/// The subnets `status` lists for its nodes.
+fn served_subnets(status: &raven_core::api::v1beta1::GatewayStatus) -> Vec<ipnet::IpNet> {
+    status
+        .nodes
+        .iter()
+        .flat_map(|n| n.subnets.iter())
+        .filter_map(|s| s.parse().ok())
+        .collect()
+}
+
+/// Whether two gateway maps are equal, comparing a shared gateway by
+/// pointer before its content.
+fn same_gateways(
+    a: &BTreeMap<GatewayName, Arc<CompiledGateway>>,
+    b: &BTreeMap<GatewayName, Arc<CompiledGateway>>,
+) -> bool {
+    a.len() == b.len()
+        && a
+            .iter()
+            .zip(b)
+            .all(|((na, ga), (nb, gb))| na == nb && (Arc::ptr_eq(ga, gb) || ga == gb))
 }
 
 /// Where the last [`Pipeline::recompile`] spent its time, phase by phase
@@ -353,6 +422,7 @@ impl Pipeline {
                 phases: Phases::default(),
                 compiler: raven_core::compile::Incremental::default(),
                 stuck: BTreeMap::new(),
+                held: BTreeMap::new(),
             },
             rx,
         )
@@ -430,8 +500,12 @@ impl Pipeline {
             let Some(last) = prev.gateways.get(name) else {
                 continue;
             };
-            match self.stuck.get(name) {
-                Some(s) if s.served.shares(gw) && s.status == last.status => {
+            match self.stuck.get_mut(name) {
+                Some(s)
+                    if s.served.shares(gw)
+                        && (Arc::ptr_eq(&s.from, last) || s.from.status == last.status) =>
+                {
+                    s.from = last.clone();
                     *gw = s.with_status.clone();
                 }
                 _ => {
@@ -439,7 +513,7 @@ impl Pipeline {
                     gw.set_status(Some(last.status.clone()));
                     let stuck = Stuck {
                         served,
-                        status: last.status.clone(),
+                        from: last.clone(),
                         with_status: gw.clone(),
                     };
                     self.stuck.insert(name.clone(), stuck);
@@ -450,13 +524,6 @@ impl Pipeline {
         // served in the last published state against a newcomer. Before
         // this hub published anything, the status the gateways carry (the
         // leader's, in Kubernetes mode) stands in.
-        let served = |gw: &raven_core::api::v1beta1::GatewayStatus| {
-            gw.nodes
-                .iter()
-                .flat_map(|n| n.subnets.iter())
-                .filter_map(|s| s.parse().ok())
-                .collect::<Vec<ipnet::IpNet>>()
-        };
         inputs.held_subnets = if prev.gateways.is_empty() {
             inputs
                 .gateways
@@ -465,20 +532,31 @@ impl Pipeline {
                     gw.gateway()
                         .status
                         .as_ref()
-                        .map(served)
+                        .map(served_subnets)
                         .unwrap_or_default()
                         .into_iter()
                         .map(move |net| (net, name.clone()))
                 })
                 .collect()
         } else {
-            prev.gateways
+            self.held
+                .retain(|name, _| prev.gateways.contains_key(name));
+            for (name, c) in &prev.gateways {
+                match self.held.get_mut(name) {
+                    Some(h) if Arc::ptr_eq(&h.from, c) => {}
+                    Some(h) if h.from.status == c.status => h.from = c.clone(),
+                    _ => {
+                        let held = Held {
+                            from: c.clone(),
+                            nets: served_subnets(&c.status),
+                        };
+                        self.held.insert(name.clone(), held);
+                    }
+                }
+            }
+            self.held
                 .values()
-                .flat_map(|c| {
-                    served(&c.status)
-                        .into_iter()
-                        .map(|net| (net, c.name.clone()))
-                })
+                .flat_map(|h| h.nets.iter().map(|net| (*net, h.from.name.clone())))
                 .collect()
         };
         self.phases.prepare = clock.lap();
@@ -487,6 +565,9 @@ impl Pipeline {
         // one-node change hashes the few resources it changed).
         let mut compiled = self.compiler.compile(&inputs, Some(&prev.topology));
         crate::metrics::compile_observed(compile_started.elapsed());
+        // The index keeps the tables these share: letting go of them now
+        // lets its next write go in place instead of copying them.
+        drop(inputs);
         self.phases.compile = clock.lap();
         log_elections(
             &prev.gateways,
@@ -511,8 +592,10 @@ impl Pipeline {
         };
         self.phases.revision = clock.lap();
         // Encode each resource once per content version: unchanged resources
-        // keep their bytes from the previous state.
-        let encoded = encode(&prev, &compiled.topology);
+        // keep their bytes from the previous state; the same pass finds the
+        // names that changed, which are all a delta and the id table need.
+        let (encoded, changed_names) = encode_and_diff(&prev, &compiled.topology);
+        let ids = ResourceIds::extended_by(&prev.ids, &changed_names);
         // An unready state's topology is not the content of its revision: no
         // delta starts or ends at one.
         let deltas = if epoch != prev.epoch || !ready || !prev.ready {
@@ -522,15 +605,14 @@ impl Pipeline {
         } else {
             let keep = prev.deltas.len().min(DELTA_HISTORY - 1);
             let mut deltas = prev.deltas[prev.deltas.len() - keep..].to_vec();
-            deltas.push(Arc::new(Delta::between(
-                prev.revision,
-                &prev.topology,
-                &compiled.topology,
-            )));
+            deltas.push(Arc::new(Delta {
+                from: prev.revision,
+                names: changed_names,
+            }));
             deltas
         };
         let next = Published {
-            ids: ResourceIds::extended(&prev.ids, &compiled.topology),
+            ids,
             encoded,
             deltas,
             epoch,
@@ -548,7 +630,7 @@ impl Pipeline {
             || next.fresh != prev.fresh
             || next.observed != prev.observed
             || next.topology.problems != prev.topology.problems
-            || next.gateways != prev.gateways;
+            || !same_gateways(&next.gateways, &prev.gateways);
         let mut retired = Vec::new();
         if changed {
             let next = Arc::new(next);
@@ -562,7 +644,7 @@ impl Pipeline {
         // no reader waits for it: another thread does it, so the next
         // compile may start at once.
         retired.push(prev);
-        let retire = move || drop((retired, inputs));
+        let retire = move || drop(retired);
         // Without a thread to be had, the failed spawn drops it here.
         drop(
             std::thread::Builder::new()

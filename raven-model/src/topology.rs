@@ -400,8 +400,17 @@ impl fmt::Debug for ContentVersion {
 }
 
 /// A named, versioned resource.
+///
+/// Shared: a clone is a pointer (its `version` and `body` are read through
+/// [`Deref`](std::ops::Deref), a write copies it first), so a topology that
+/// keeps most resources of the last one is assembled without copying them.
+/// Serialized, compared and hashed as [`ResourceData`], its content.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Resource(std::sync::Arc<ResourceData>);
+
+/// The content of a [`Resource`].
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct Resource {
+pub struct ResourceData {
     pub version: ContentVersion,
     #[serde(flatten)]
     pub body: ResourceBody,
@@ -409,10 +418,59 @@ pub struct Resource {
 
 impl Resource {
     pub fn new(body: ResourceBody) -> Self {
-        Self {
-            version: ContentVersion::of(&body),
-            body,
-        }
+        Self::with_version(ContentVersion::of(&body), body)
+    }
+
+    /// A resource whose version is known (it must be [`ContentVersion::of`]
+    /// its body: taken from an earlier resource with an equal body, or
+    /// checked against one received).
+    pub fn with_version(version: ContentVersion, body: ResourceBody) -> Self {
+        Self(std::sync::Arc::new(ResourceData { version, body }))
+    }
+
+    /// The body, copied only if another holder still shares it.
+    pub fn into_body(self) -> ResourceBody {
+        std::sync::Arc::try_unwrap(self.0).map_or_else(|shared| shared.body.clone(), |r| r.body)
+    }
+
+    /// Whether `other` is this very resource (not an equal copy): a resource
+    /// reused from an earlier topology shares its allocation.
+    pub fn shares(&self, other: &Resource) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl std::ops::Deref for Resource {
+    type Target = ResourceData;
+    fn deref(&self) -> &ResourceData {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Resource {
+    fn deref_mut(&mut self) -> &mut ResourceData {
+        std::sync::Arc::make_mut(&mut self.0)
+    }
+}
+
+impl fmt::Debug for Resource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Resource")
+            .field("version", &self.0.version)
+            .field("body", &self.0.body)
+            .finish()
+    }
+}
+
+impl Serialize for Resource {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Resource {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        ResourceData::deserialize(d).map(|r| Self(std::sync::Arc::new(r)))
     }
 }
 
