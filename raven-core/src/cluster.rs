@@ -160,6 +160,19 @@ impl<T> Shared<T> {
     pub fn shares(&self, other: &Self) -> bool {
         std::sync::Arc::ptr_eq(&self.0, &other.0)
     }
+
+    /// A mark of this very value that keeps it from being changed in place
+    /// unnoticed: while a mark is held, a write through another holder
+    /// moves the value to a new allocation, so [`Shared::is`] of the mark
+    /// holds exactly while the value is the one marked, unchanged.
+    pub fn mark(&self) -> std::sync::Weak<T> {
+        std::sync::Arc::downgrade(&self.0)
+    }
+
+    /// Whether this is the value `mark` was taken of, unchanged since.
+    pub fn is(&self, mark: &std::sync::Weak<T>) -> bool {
+        std::ptr::eq(std::sync::Arc::as_ptr(&self.0), mark.as_ptr())
+    }
 }
 
 impl<T: Clone> Shared<T> {
@@ -256,7 +269,7 @@ pub struct Inputs {
     /// last published state). A gateway keeps a range it served against a
     /// newcomer claiming an overlapping one, whatever their names; without
     /// history (a fresh start) the first gateway by name keeps it.
-    pub held_subnets: BTreeMap<IpNet, GatewayName>,
+    pub held_subnets: Shared<BTreeMap<IpNet, GatewayName>>,
     /// The load-balancer addresses of the Services the hub keeps for
     /// Gateways with `exposeType: LoadBalancer`, by Gateway name: the
     /// gateway's public address while it has one.

@@ -182,6 +182,14 @@ pub struct Incremental {
     observers: (Vec<Observer>, u64),
     /// Bumped for every gateway whose election is recomputed.
     generation: u64,
+    /// The reports and stream liveness the last compile read (marks, see
+    /// [`crate::Shared::mark`]): while a compile reads the very same ones,
+    /// no gateway's watched reports or liveness can differ from its key,
+    /// and they are not compared node by node.
+    seen: (
+        std::sync::Weak<BTreeMap<NodeName, AgentReport>>,
+        std::sync::Weak<crate::cluster::Streams>,
+    ),
 }
 
 /// A public gateway's active tunnel node and its report (see
@@ -277,20 +285,24 @@ impl LocalKey {
         inputs: &Inputs,
         lb: Option<&LoadBalancerIngress>,
         dropped: &[Dropped],
+        liveness_seen: bool,
     ) -> bool {
         // Equal gateways and members name the same nodes, so `watched`
-        // holds exactly the names to look up now.
+        // holds exactly the names to look up now; with the reports and
+        // liveness the last compile read (every key agrees with those),
+        // nothing there to compare.
         (Arc::ptr_eq(&self.admitted.gateway, &admitted.gateway) || self.admitted == *admitted)
             && self.members.len() == members.len()
             && self.members.iter().zip(members).all(|(a, b)| a == *b)
             && self.config == inputs.config
             && self.lb.as_ref() == lb
             && self.dropped == dropped
-            && self.watched.iter().all(|(n, r, c, g)| {
+            && (liveness_seen
+                || self.watched.iter().all(|(n, r, c, g)| {
                 inputs.reports.get(n) == r.as_ref()
                     && inputs.streams.connected.contains(n) == *c
                     && inputs.streams.gone.contains(n) == *g
-            })
+                }))
     }
 }
 
@@ -385,6 +397,8 @@ impl Incremental {
         let dropped = contested_claims(inputs, &members_of);
 
         // Each gateway's election and view, from its own inputs.
+        let liveness_seen = inputs.reports.is(&self.seen.0) && inputs.streams.is(&self.seen.1);
+        self.seen = (inputs.reports.mark(), inputs.streams.mark());
         self.gateways.retain(|name, _| admitted.contains_key(name));
         for (name, gw) in admitted {
             let members = members_of.get(name).map_or(&[][..], Vec::as_slice);
@@ -393,7 +407,7 @@ impl Incremental {
             if self
                 .gateways
                 .get(name)
-                .is_some_and(|c| c.key.same(gw, members, inputs, lb, drops))
+                .is_some_and(|c| c.key.same(gw, members, inputs, lb, drops, liveness_seen))
             {
                 continue;
             }

@@ -52,7 +52,9 @@ fn a_gateway_keeps_a_subnet_it_served_against_a_newcomer_whose_name_sorts_first(
     assert!(subnets(&fresh, "gw-b").is_empty());
     // gw-b served 10.0.0.0/24 before gw-a arrived: it keeps it.
     let gw_b = GatewayName::new("gw-b").expect("name");
-    inputs.held_subnets = [("10.0.0.0/24".parse().expect("net"), gw_b)].into();
+    inputs.held_subnets = [("10.0.0.0/24".parse().expect("net"), gw_b)]
+        .into_iter()
+        .collect();
     let c = compile(&inputs);
     assert_eq!(subnets(&c, "gw-b"), ["10.0.0.0/24"]);
     assert!(subnets(&c, "gw-a").is_empty());

@@ -854,6 +854,86 @@ mod tests {
         assert!(idx.inputs().0.reports[&b].dead_candidates.is_empty());
     }
 
+    proptest::proptest! {
+        /// The stream liveness and reports the index hands out again (kept
+        /// until something they depend on changes or a grace runs out)
+        /// equal the ones computed afresh from every node and stream, at
+        /// every moment of any sequence of streams opening and closing,
+        /// nodes coming and going or changing, reports, restarts and the
+        /// detector switched.
+        #[test]
+        fn liveness_and_reports_handed_out_again_equal_the_ones_computed_afresh(
+            ops in proptest::collection::vec((0u8..7, 0u8..5, 0u64..5000), 1..40)
+        ) {
+            let t0 = Instant::now();
+            let grace = Duration::from_secs(3);
+            let mut idx = Index::default();
+            let mut now = t0;
+            for (op, k, ms) in ops {
+                let n = node(&format!("n{k}"));
+                match op {
+                    0 => { idx.stream_opened(n, now); }
+                    1 => { idx.stream_closed(&n, now); }
+                    2 => {
+                        let change = crate::sources::manifests::Change {
+                            nodes: [(n.clone(), Some(ClusterNode {
+                                name: n,
+                                gateway_label: Some(format!("gw-{ms}")),
+                                ready: ms % 2 == 0,
+                                internal_ip: None,
+                                pod_cidrs: Vec::new(),
+                            }))].into(),
+                            ..Default::default()
+                        };
+                        idx.apply_manifest_change(change);
+                    }
+                    3 => idx.delete_node(n.as_str()),
+                    4 => idx.set_started(now),
+                    5 => { idx.set_failure_detector(ms % 3 != 0); }
+                    _ => { idx.set_report(n, dead_report(&format!("n{}", ms % 5))); }
+                }
+                now += Duration::from_millis(ms);
+                for at in [now, now + Duration::from_millis(ms / 2)] {
+                    proptest::prop_assert_eq!(&*idx.streams_at(at, grace), &idx.streams_now(at, grace));
+                }
+                now += Duration::from_millis(ms / 2);
+                let (inputs, _) = idx.inputs();
+                proptest::prop_assert_eq!(&*inputs.reports, &idx.reports);
+                let nodes: BTreeMap<NodeName, ClusterNode> = idx.nodes.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+                proptest::prop_assert_eq!(&*inputs.nodes, &nodes);
+            }
+        }
+    }
+
+    #[test]
+    fn a_read_shares_the_node_table_reports_and_liveness_until_they_change() {
+        let t0 = Instant::now();
+        let grace = Duration::from_secs(3);
+        let mut idx = Index::default();
+        idx.reset_cluster_nodes([ClusterNode {
+            name: node("a"),
+            gateway_label: None,
+            ready: true,
+            internal_ip: None,
+            pod_cidrs: Vec::new(),
+        }]);
+        idx.set_report(node("a"), dead_report("b"));
+        let (first, _) = idx.inputs();
+        let (again, _) = idx.inputs();
+        assert!(first.nodes.shares(&again.nodes) && first.reports.shares(&again.reports));
+        let s1 = idx.streams_at(t0, grace);
+        assert!(s1.shares(&idx.streams_at(t0 + Duration::from_secs(1), grace)));
+        // A report changes: only the reports are read again.
+        idx.set_report(node("a"), dead_report("c"));
+        let (next, _) = idx.inputs();
+        assert!(next.nodes.shares(&first.nodes) && !next.reports.shares(&first.reports));
+        assert_eq!(next.reports[&node("a")], dead_report("c"));
+        // A stream opens: the liveness is computed again.
+        idx.stream_opened(node("a"), t0);
+        let s2 = idx.streams_at(t0 + Duration::from_secs(1), grace);
+        assert!(!s2.shares(&s1) && s2.connected.contains(&node("a")));
+    }
+
     #[test]
     fn serves_only_after_every_source_synced() {
         let mut idx = Index::default();

@@ -319,10 +319,9 @@ pub struct Pipeline {
     /// both stay, the same object is compiled again (no copy per compile,
     /// and the compiler sees it unchanged by identity).
     stuck: BTreeMap<GatewayName, Stuck>,
-    /// Each published gateway's served subnets, parsed once per compiled
-    /// gateway: the held subnets of the next compile are gathered from
-    /// these without parsing a status again.
-    held: BTreeMap<GatewayName, Held>,
+    /// The subnets the last published gateways served, kept as they
+    /// change.
+    held: HeldSubnets,
 }
 
 #[derive(Debug)]
@@ -333,12 +332,111 @@ struct Stuck {
     with_status: raven_core::compile::Admitted,
 }
 
-/// The subnets a published gateway served, parsed once per compiled
-/// gateway (the pipeline's `held`).
+/// The subnets the published gateways served, kept as they change: each
+/// gateway's subnets are parsed once per compiled gateway, and the map a
+/// compile reads (`Inputs::held_subnets`, shared) is updated by the
+/// subnets of the gateways that changed only. Equals
+/// [`held_from_scratch`] of the same gateways.
+#[derive(Debug, Default)]
+struct HeldSubnets {
+    /// Each range and the gateway that holds it: of several serving the
+    /// same range, the last by name (what collecting them in name order
+    /// gives).
+    held: raven_core::Shared<BTreeMap<ipnet::IpNet, GatewayName>>,
+    /// Every gateway serving each range.
+    claims: BTreeMap<ipnet::IpNet, BTreeSet<GatewayName>>,
+    /// Each gateway's ranges and the compiled gateway they were parsed from.
+    of: BTreeMap<GatewayName, Held>,
+}
+
 #[derive(Debug)]
 struct Held {
     from: Arc<CompiledGateway>,
     nets: Vec<ipnet::IpNet>,
+}
+
+impl HeldSubnets {
+    /// Brings the held ranges up to `gateways` (the last published
+    /// state's), looking at the subnets of the gateways that changed only.
+    fn update(
+        &mut self,
+        gateways: &BTreeMap<GatewayName, Arc<CompiledGateway>>,
+    ) -> raven_core::Shared<BTreeMap<ipnet::IpNet, GatewayName>> {
+        let gone: Vec<GatewayName> = self
+            .of
+            .keys()
+            .filter(|n| !gateways.contains_key(*n))
+            .cloned()
+            .collect();
+        for name in gone {
+            if let Some(h) = self.of.remove(&name) {
+                h.nets.iter().for_each(|net| self.unclaim(net, &name));
+            }
+        }
+        for (name, c) in gateways {
+            let nets = match self.of.get_mut(name) {
+                Some(h) if Arc::ptr_eq(&h.from, c) => continue,
+                Some(h) if h.from.status == c.status => {
+                    h.from = c.clone();
+                    continue;
+                }
+                _ => served_subnets(&c.status),
+            };
+            let held = Held {
+                from: c.clone(),
+                nets: nets.clone(),
+            };
+            if let Some(old) = self.of.insert(name.clone(), held) {
+                old.nets.iter().for_each(|net| self.unclaim(net, name));
+            }
+            nets.iter().for_each(|net| self.claim(*net, name));
+        }
+        self.held.clone()
+    }
+
+    fn claim(&mut self, net: ipnet::IpNet, gateway: &GatewayName) {
+        let claims = self.claims.entry(net).or_default();
+        claims.insert(gateway.clone());
+        if let Some(last) = claims.last() {
+            if self.held.get(&net) != Some(last) {
+                self.held.insert(net, last.clone());
+            }
+        }
+    }
+
+    fn unclaim(&mut self, net: &ipnet::IpNet, gateway: &GatewayName) {
+        let Some(claims) = self.claims.get_mut(net) else {
+            return;
+        };
+        claims.remove(gateway);
+        match claims.last() {
+            Some(last) => {
+                if self.held.get(net) != Some(last) {
+                    self.held.insert(*net, last.clone());
+                }
+            }
+            None => {
+                self.claims.remove(net);
+                self.held.remove(net);
+            }
+        }
+    }
+}
+
+/// The ranges `gateways` served, each with the last gateway by name that
+/// serves it, gathered from every status.
+#[cfg(test)]
+fn held_from_scratch(
+    gateways: &BTreeMap<GatewayName, Arc<CompiledGateway>>,
+) -> BTreeMap<ipnet::IpNet, GatewayName> {
+    gateways
+        .values()
+        .flat_map(|c| {
+            served_subnets(&c.status)
+                .into_iter()
+                .map(|net| (net, c.name.clone()))
+        })
+        .collect()
 }
 
 /// The subnets `status` lists for its nodes.
@@ -422,7 +520,7 @@ impl Pipeline {
                 phases: Phases::default(),
                 compiler: raven_core::compile::Incremental::default(),
                 stuck: BTreeMap::new(),
-                held: BTreeMap::new(),
+                held: HeldSubnets::default(),
             },
             rx,
         )
@@ -525,6 +623,7 @@ impl Pipeline {
         // this hub published anything, the status the gateways carry (the
         // leader's, in Kubernetes mode) stands in.
         inputs.held_subnets = if prev.gateways.is_empty() {
+            self.held = HeldSubnets::default();
             inputs
                 .gateways
                 .iter()
@@ -539,25 +638,7 @@ impl Pipeline {
                 })
                 .collect()
         } else {
-            self.held
-                .retain(|name, _| prev.gateways.contains_key(name));
-            for (name, c) in &prev.gateways {
-                match self.held.get_mut(name) {
-                    Some(h) if Arc::ptr_eq(&h.from, c) => {}
-                    Some(h) if h.from.status == c.status => h.from = c.clone(),
-                    _ => {
-                        let held = Held {
-                            from: c.clone(),
-                            nets: served_subnets(&c.status),
-                        };
-                        self.held.insert(name.clone(), held);
-                    }
-                }
-            }
-            self.held
-                .values()
-                .flat_map(|h| h.nets.iter().map(|net| (*net, h.from.name.clone())))
-                .collect()
+            self.held.update(&prev.gateways)
         };
         self.phases.prepare = clock.lap();
         let compile_started = std::time::Instant::now();
@@ -565,9 +646,15 @@ impl Pipeline {
         // one-node change hashes the few resources it changed).
         let mut compiled = self.compiler.compile(&inputs, Some(&prev.topology));
         crate::metrics::compile_observed(compile_started.elapsed());
-        // The index keeps the tables these share: letting go of them now
-        // lets its next write go in place instead of copying them.
-        drop(inputs);
+        // The index and the held subnets keep the tables these share:
+        // letting go of them now lets their next write go in place instead
+        // of copying them (the rest is freed with the retired state).
+        drop((
+            std::mem::take(&mut inputs.nodes),
+            std::mem::take(&mut inputs.reports),
+            std::mem::take(&mut inputs.streams),
+            std::mem::take(&mut inputs.held_subnets),
+        ));
         self.phases.compile = clock.lap();
         log_elections(
             &prev.gateways,
@@ -644,7 +731,7 @@ impl Pipeline {
         // no reader waits for it: another thread does it, so the next
         // compile may start at once.
         retired.push(prev);
-        let retire = move || drop(retired);
+        let retire = move || drop((retired, inputs));
         // Without a thread to be had, the failed spawn drops it here.
         drop(
             std::thread::Builder::new()
@@ -1188,5 +1275,103 @@ mod tests {
                 (3600, 84)
             ]
         );
+    }
+
+    /// A compiled gateway `gw-{g}` whose status lists one node per subnet
+    /// `10.{c}.0.0/16`.
+    fn compiled_with_subnets(g: u8, subnets: &[u8]) -> Arc<CompiledGateway> {
+        let name = GatewayName::new(format!("gw-{g}")).expect("name");
+        let status = raven_core::api::v1beta1::GatewayStatus {
+            nodes: subnets
+                .iter()
+                .map(|c| raven_core::api::v1beta1::NodeInfo {
+                    node_name: format!("n-{g}-{c}"),
+                    private_ip: "192.0.2.1".into(),
+                    subnets: vec![format!("10.{c}.0.0/16")],
+                })
+                .collect(),
+            ..Default::default()
+        };
+        Arc::new(CompiledGateway {
+            gateway: raven_core::api::v1beta1::Gateway::new(name.as_str(), Default::default()),
+            name,
+            status,
+        })
+    }
+
+    proptest::proptest! {
+        /// The held subnets kept across any sequence of published states
+        /// (gateways added, removed, recompiled with new or equal statuses,
+        /// reused unchanged; ranges served by several gateways at once)
+        /// equal the ones gathered from every status of the same state.
+        #[test]
+        fn held_subnets_kept_as_gateways_change_equal_the_ones_gathered_from_every_status(
+            steps in proptest::collection::vec(
+                proptest::collection::vec((0u8..6, proptest::option::of(proptest::collection::vec(0u8..8, 0..4)), proptest::bool::ANY), 0..6),
+                1..10,
+            )
+        ) {
+            let mut kept = HeldSubnets::default();
+            let mut gateways: BTreeMap<GatewayName, Arc<CompiledGateway>> = BTreeMap::new();
+            for step in steps {
+                for (g, subnets, copy) in step {
+                    let name = GatewayName::new(format!("gw-{g}")).expect("name");
+                    match subnets {
+                        None => { gateways.remove(&name); }
+                        // An equal status in a new allocation (a recompile
+                        // that changed nothing the status shows).
+                        Some(_) if copy && gateways.contains_key(&name) => {
+                            let same = CompiledGateway::clone(&gateways[&name]);
+                            gateways.insert(name, Arc::new(same));
+                        }
+                        Some(nets) => { gateways.insert(name, compiled_with_subnets(g, &nets)); }
+                    }
+                }
+                let held = kept.update(&gateways);
+                proptest::prop_assert_eq!(&*held, &held_from_scratch(&gateways));
+            }
+        }
+
+        /// The one pass over the last and the new resources gives every
+        /// resource's fresh encoding and exactly the names
+        /// [`Delta::between`] gives, whichever resources were reused by
+        /// pointer, changed, added or removed.
+        #[test]
+        fn one_pass_encodes_like_a_fresh_encoding_and_names_what_delta_between_names(
+            before in proptest::collection::btree_map(0u8..12, 0u16..3, 0..12),
+            after in proptest::collection::btree_map(0u8..12, (0u16..3, proptest::bool::ANY), 0..12),
+        ) {
+            let name = |k: u8| ResourceName::parse(&format!("gateway/g{k}")).expect("name");
+            let old: Topology = Topology {
+                resources: before.iter().map(|(k, port)| (name(*k), settings(*port))).collect(),
+                ..Default::default()
+            };
+            // A resource the compiler reused is the last one's allocation.
+            let new = Topology {
+                resources: after
+                    .iter()
+                    .map(|(k, (port, reuse))| {
+                        let r = match old.resources.get(&name(*k)) {
+                            Some(o) if *reuse => o.clone(),
+                            _ => settings(*port),
+                        };
+                        (name(*k), r)
+                    })
+                    .collect(),
+                ..Default::default()
+            };
+            let fresh = |t: &Topology| -> BTreeMap<ResourceName, EncodedResource> {
+                t.resources.iter().map(|(n, r)| (n.clone(), EncodedResource::new(n, r))).collect()
+            };
+            for prev in [
+                Published { encoded: fresh(&old), topology: old.clone(), ..Default::default() },
+                // Without the last encoding (the first state).
+                Published { topology: old.clone(), ..Default::default() },
+            ] {
+                let (encoded, changed) = encode_and_diff(&prev, &new);
+                proptest::prop_assert_eq!(&encoded, &fresh(&new));
+                proptest::prop_assert_eq!(&changed, &Delta::between(0, &old, &new).names);
+            }
+        }
     }
 }
