@@ -171,10 +171,7 @@ pub fn resource_from_proto(r: &v1::Resource) -> Result<(ResourceName, Resource),
             computed: computed.to_string(),
         });
     }
-    Ok((
-        name,
-        Resource::with_version(computed, body),
-    ))
+    Ok((name, Resource::with_version(computed, body)))
 }
 
 /// The name a body belongs under, and the body field that determines it.

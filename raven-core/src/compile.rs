@@ -299,9 +299,9 @@ impl LocalKey {
             && self.dropped == dropped
             && (liveness_seen
                 || self.watched.iter().all(|(n, r, c, g)| {
-                inputs.reports.get(n) == r.as_ref()
-                    && inputs.streams.connected.contains(n) == *c
-                    && inputs.streams.gone.contains(n) == *g
+                    inputs.reports.get(n) == r.as_ref()
+                        && inputs.streams.connected.contains(n) == *c
+                        && inputs.streams.gone.contains(n) == *g
                 }))
     }
 }

@@ -192,7 +192,10 @@ fn encode(prev: &Published, topology: &Topology) -> BTreeMap<ResourceName, Encod
 fn encode_and_diff(
     prev: &Published,
     topology: &Topology,
-) -> (BTreeMap<ResourceName, EncodedResource>, BTreeSet<ResourceName>) {
+) -> (
+    BTreeMap<ResourceName, EncodedResource>,
+    BTreeSet<ResourceName>,
+) {
     // `encoded` holds exactly the names of `topology`, in the same order.
     let aligned = prev.encoded.len() == prev.topology.resources.len();
     let bytes = prev.encoded.values().map(Some).filter(|_| aligned);
@@ -219,10 +222,7 @@ fn encode_and_diff(
         encoded.push((name.clone(), bytes));
     }
     changed.extend(old.map(|((gone, _), _)| gone.clone()));
-    (
-        BTreeMap::from_iter(encoded),
-        BTreeSet::from_iter(changed),
-    )
+    (BTreeMap::from_iter(encoded), BTreeSet::from_iter(changed))
 }
 
 /// Logs every gateway whose elected endpoints changed, and why when a local
@@ -244,7 +244,9 @@ fn log_elections(
     };
     for (name, g) in after {
         let was = before.get(name);
-        if was.is_some_and(|b| Arc::ptr_eq(b, g) || b.status.active_endpoints == g.status.active_endpoints) {
+        if was.is_some_and(|b| {
+            Arc::ptr_eq(b, g) || b.status.active_endpoints == g.status.active_endpoints
+        }) {
             continue;
         }
         let (old, new) = (active(was.map(|b| &**b)), active(Some(g)));
@@ -456,8 +458,7 @@ fn same_gateways(
     b: &BTreeMap<GatewayName, Arc<CompiledGateway>>,
 ) -> bool {
     a.len() == b.len()
-        && a
-            .iter()
+        && a.iter()
             .zip(b)
             .all(|((na, ga), (nb, gb))| na == nb && (Arc::ptr_eq(ga, gb) || ga == gb))
 }
