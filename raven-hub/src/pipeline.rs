@@ -399,10 +399,10 @@ impl HeldSubnets {
     fn claim(&mut self, net: ipnet::IpNet, gateway: &GatewayName) {
         let claims = self.claims.entry(net).or_default();
         claims.insert(gateway.clone());
-        if let Some(last) = claims.last() {
-            if self.held.get(&net) != Some(last) {
-                self.held.insert(net, last.clone());
-            }
+        if let Some(last) = claims.last()
+            && self.held.get(&net) != Some(last)
+        {
+            self.held.insert(net, last.clone());
         }
     }
 

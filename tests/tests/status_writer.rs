@@ -101,11 +101,11 @@ fn published(api: &FakeApiServer, statuses: &[(&str, GatewayStatus)]) -> Result<
         let name = GatewayName::new(*name)?;
         gateways.insert(
             name.clone(),
-            CompiledGateway {
+            Arc::new(CompiledGateway {
                 gateway: Gateway::new(name.as_str(), GatewaySpec::default()),
                 name,
                 status: status.clone(),
-            },
+            }),
         );
     }
     Ok(Arc::new(Published {
