@@ -570,15 +570,7 @@ impl Index {
         if !self.probes_report_a_death() {
             return None;
         }
-        let unseen = self.nodes.keys().any(|n| !self.streams.contains_key(n));
-        self.streams
-            .values()
-            .filter(|e| !e.connected)
-            .map(|e| e.since)
-            .chain(self.started.filter(|_| unseen))
-            .map(|since| since + grace)
-            .filter(|at| *at > now)
-            .min()
+        self.next_absence_deadline(now, grace)
     }
 
     /// Records a resourceVersion observed from the API server (objects,
