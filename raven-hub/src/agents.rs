@@ -49,10 +49,32 @@ pub struct Fleet {
     pub applied_failed: u64,
 }
 
-/// Shared agent table.
+/// One node's entry of the table, held by its session: the session's
+/// updates (every Ack, Applied and heartbeat of every agent) lock that entry
+/// alone, with no lookup in the table and no lock of it, so thousands of
+/// sessions answering one change never queue on one lock.
+#[derive(Debug, Clone, Default)]
+pub struct AgentHandle(Arc<Mutex<AgentEntry>>);
+
+impl AgentHandle {
+    /// Updates the entry; the agent was seen now.
+    pub fn update<R>(&self, f: impl FnOnce(&mut AgentEntry) -> R) -> R {
+        let mut entry = self.lock();
+        entry.last_seen = Some(SystemTime::now());
+        f(&mut entry)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, AgentEntry> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Shared agent table. An entry, once made, stays (a disconnected agent is
+/// listed with what it last did), so a session's [`AgentHandle`] is always
+/// the table's entry of its node.
 #[derive(Debug, Clone, Default)]
 pub struct Agents {
-    inner: Arc<Mutex<BTreeMap<NodeName, AgentEntry>>>,
+    inner: Arc<Mutex<BTreeMap<NodeName, AgentHandle>>>,
     replica: Arc<String>,
     /// Where the agents' reports are kept.
     index: IndexHandle,
@@ -71,11 +93,17 @@ impl Agents {
         }
     }
 
-    pub fn update<R>(&self, node: &NodeName, f: impl FnOnce(&mut AgentEntry) -> R) -> R {
+    /// The entry of `node`, made if it has none.
+    pub fn entry(&self, node: &NodeName) -> AgentHandle {
         let mut map = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-        let entry = map.entry(node.clone()).or_default();
-        entry.last_seen = Some(SystemTime::now());
-        f(entry)
+        if let Some(h) = map.get(node) {
+            return h.clone();
+        }
+        map.entry(node.clone()).or_default().clone()
+    }
+
+    pub fn update<R>(&self, node: &NodeName, f: impl FnOnce(&mut AgentEntry) -> R) -> R {
+        self.entry(node).update(f)
     }
 
     /// Records a new stream; returns its session number.
@@ -95,19 +123,16 @@ impl Agents {
     /// Records that `node` has no stream any more (its last one ended and
     /// no newer one replaced it); returns whether it was connected.
     pub fn disconnected(&self, node: &NodeName) -> bool {
-        let mut map = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(e) = map.get_mut(node)
-            && e.connected
-        {
-            e.connected = false;
-            return true;
-        }
-        false
+        let Some(h) = self.lookup(node) else {
+            return false;
+        };
+        let mut e = h.lock();
+        std::mem::replace(&mut e.connected, false)
     }
 
     pub fn connected_count(&self) -> usize {
         let map = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-        map.values().filter(|e| e.connected).count()
+        map.values().filter(|h| h.lock().connected).count()
     }
 
     /// Counts for the fleet metrics, against the published `(epoch,
@@ -115,7 +140,8 @@ impl Agents {
     pub fn fleet(&self, epoch: &str, revision: u64) -> Fleet {
         let map = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         let mut f = Fleet::default();
-        for e in map.values() {
+        for h in map.values() {
+            let e = h.lock();
             if e.connected {
                 f.connected += 1;
                 let current = |v: Option<(&str, u64)>| v == Some((epoch, revision));
@@ -136,6 +162,10 @@ impl Agents {
     }
 
     pub fn get(&self, node: &NodeName) -> Option<AgentEntry> {
+        self.lookup(node).map(|h| h.lock().clone())
+    }
+
+    fn lookup(&self, node: &NodeName) -> Option<AgentHandle> {
         let map = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         map.get(node).cloned()
     }
@@ -156,7 +186,7 @@ impl Agents {
         });
         let map = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         map.iter()
-            .map(|(node, e)| (node, e, reports.get(node)))
+            .map(|(node, h)| (node, h.lock(), reports.get(node)))
             .map(|(node, e, report)| v1::AgentStatus {
                 node_name: node.to_string(),
                 connected: e.connected,
@@ -230,6 +260,38 @@ mod tests {
         assert_eq!(down[0].remote_address, "");
         // What it last did stays visible.
         assert!(down[0].last_seen.is_some());
+    }
+
+    #[test]
+    fn a_sessions_handle_updates_the_entry_the_table_lists_and_one_entry_per_node() {
+        let agents = Agents::new("hub-0", IndexHandle::default());
+        let node = NodeName::new("n1").expect("name");
+        let handle = agents.entry(&node);
+        agents.connected(&node, &v1::Hello::default(), String::new());
+        // The handle is the table's entry: what it records is listed, and a
+        // second handle of the same node is the same entry.
+        handle.update(|e| e.acked = Some(("e".into(), 7)));
+        assert_eq!(
+            agents.get(&node).and_then(|e| e.acked),
+            Some(("e".into(), 7))
+        );
+        agents.entry(&node).update(|e| {
+            e.applied = Some(v1::Applied {
+                revision: 7,
+                ..Default::default()
+            })
+        });
+        assert_eq!(
+            handle.update(|e| e.applied.as_ref().map(|a| a.revision)),
+            Some(7)
+        );
+        assert_eq!(agents.to_proto().len(), 1);
+        assert_eq!(agents.fleet("e", 7).acked_behind, 0);
+        assert!(agents.disconnected(&node));
+        assert!(
+            !handle.update(|e| e.connected),
+            "the handle sees the disconnect"
+        );
     }
 
     #[test]

@@ -9,6 +9,12 @@
 //! core), so the hub's RSS stayed at the storm's peak: 290 KB per agent
 //! against ≈ 100 KB live.
 //!
+//! Since then the hub serves HTTP/2 with hyper's builder and bounds each
+//! stream's send queue to 64 KB (`grpc::conn::MAX_SEND_BUF`), so the storm
+//! leaves less behind. Live after sync (heaptrack, 2,000 agents) ≈ 64 KB
+//! per agent, ≈ 57 KB of it per-connection buffers of h2, tonic, rustls
+//! and tokio (see BENCHMARKS.md, "Hub memory live after sync").
+//!
 //! Two settings, glibc only (other C libraries are left alone):
 //! - [`limit_arenas`] at start: at most one arena per core (at least two),
 //!   unless the operator set `MALLOC_ARENA_MAX` — fewer arenas, less memory

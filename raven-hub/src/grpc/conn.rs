@@ -417,6 +417,113 @@ pub fn tls_incoming(
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
+/// Bytes one stream may queue in the hub beyond what its connection has
+/// written to the socket (h2's per-stream send buffer). hyper's default is
+/// 400 KB: while thousands of agents decoded their first sync at once, the
+/// hub held ≈ 116 KB per tunnel candidate of queued Update pieces (most of
+/// the connect storm's heap peak). 64 KB keeps four DATA frames of
+/// [`super::wire::PIECE`] ready per stream, enough to fill a connection
+/// while the agent reads.
+pub const MAX_SEND_BUF: usize = 64 * 1024;
+
+/// The HTTP/2 settings of agent connections.
+#[derive(Debug, Clone, Copy)]
+pub struct Http2 {
+    /// A PING after this long without a frame from the agent.
+    pub keepalive: std::time::Duration,
+    /// The connection is dropped when a PING is not answered within this.
+    pub keepalive_timeout: std::time::Duration,
+    /// See [`MAX_SEND_BUF`].
+    pub max_send_buf: usize,
+}
+
+/// The connection-level pieces of a request's service, from the
+/// connection it came on: its address and client certificates, as tonic's
+/// `Request::remote_addr` and `Request::peer_certs` read them.
+type Info<IO> = <IO as Connected>::ConnectInfo;
+
+/// Serves every connection of `incoming` over HTTP/2 (hyper's builder
+/// directly, so the per-stream send buffer is bounded: see
+/// [`MAX_SEND_BUF`]) with `service`, each request carrying its
+/// connection's [`Connected::connect_info`] as tonic's server puts it.
+/// On `shutdown` it stops taking connections (dropping `incoming`),
+/// shuts every connection down gracefully (GOAWAY; open streams finish,
+/// as the sessions end theirs) and returns once all have closed.
+pub async fn serve_http2<IO, S>(
+    incoming: impl Stream<Item = std::io::Result<IO>>,
+    service: S,
+    settings: Http2,
+    shutdown: tokio_util::sync::CancellationToken,
+) where
+    IO: AsyncRead + AsyncWrite + Connected + Unpin + Send + 'static,
+    Info<IO>: Clone + Send + std::marker::Sync + 'static,
+    S: tower_service::Service<
+            http::Request<tonic::body::Body>,
+            Response = http::Response<tonic::body::Body>,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    use futures::StreamExt as _;
+    let mut builder =
+        hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .keep_alive_interval(settings.keepalive)
+        .keep_alive_timeout(settings.keepalive_timeout)
+        .max_send_buf_size(settings.max_send_buf);
+    let connections = tokio_util::task::TaskTracker::new();
+    {
+        let mut incoming = std::pin::pin!(incoming);
+        loop {
+            let io = tokio::select! {
+                () = shutdown.cancelled() => break,
+                next = incoming.next() => match next {
+                    Some(Ok(io)) => io,
+                    Some(Err(e)) => {
+                        tracing::debug!(error = %e, "accepting a connection failed");
+                        continue;
+                    }
+                    None => break,
+                },
+            };
+            let info = io.connect_info();
+            let service = service.clone();
+            let per_request =
+                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let mut req = req.map(tonic::body::Body::new);
+                    req.extensions_mut().insert(info.clone());
+                    // tonic's routes are always ready (`poll_ready` is Ready).
+                    let mut service = service.clone();
+                    tower_service::Service::call(&mut service, req)
+                });
+            let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(io), per_request);
+            let stop = shutdown.clone();
+            connections.spawn(async move {
+                let mut conn = std::pin::pin!(conn);
+                let ended = tokio::select! {
+                    r = conn.as_mut() => Some(r),
+                    () = stop.cancelled() => None,
+                };
+                let result = match ended {
+                    Some(r) => r,
+                    None => {
+                        conn.as_mut().graceful_shutdown();
+                        conn.await
+                    }
+                };
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "a connection ended with an error");
+                }
+            });
+        }
+    }
+    connections.close();
+    connections.wait().await;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -519,6 +626,234 @@ mod tests {
         assert!(
             !open.lock().expect("lock").contains_key(&src(2)),
             "a source with none open is forgotten"
+        );
+    }
+}
+
+/// The HTTP/2 send-buffer bound, over real sockets: a server that serves
+/// connections with [`serve_http2`] streams an endless response to a
+/// client that stops reading, and what the server holds for the stream
+/// (bytes taken from the response body less bytes written to the socket)
+/// is measured once the sockets are full.
+#[cfg(test)]
+mod send_buffer_tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    const PIECE: usize = crate::grpc::wire::PIECE;
+
+    /// A server-side connection that counts the bytes written to it.
+    struct Counting {
+        stream: TcpStream,
+        written: Arc<AtomicUsize>,
+    }
+
+    impl Connected for Counting {
+        type ConnectInfo = TcpConnectInfo;
+        fn connect_info(&self) -> TcpConnectInfo {
+            self.stream.connect_info()
+        }
+    }
+
+    impl AsyncRead for Counting {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.stream).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for Counting {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            let r = Pin::new(&mut self.stream).poll_write(cx, buf);
+            if let Poll::Ready(Ok(n)) = r {
+                self.written.fetch_add(n, Ordering::Relaxed);
+            }
+            r
+        }
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.stream).poll_flush(cx)
+        }
+        fn poll_shutdown(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.stream).poll_shutdown(cx)
+        }
+    }
+
+    /// A client-side connection whose reads stop once `paused` is set: an
+    /// agent that does not read.
+    struct Gate {
+        stream: TcpStream,
+        paused: Arc<AtomicBool>,
+    }
+
+    impl AsyncRead for Gate {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            if self.paused.load(Ordering::Relaxed) {
+                return Poll::Pending;
+            }
+            Pin::new(&mut self.stream).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for Gate {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            Pin::new(&mut self.stream).poll_write(cx, buf)
+        }
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.stream).poll_flush(cx)
+        }
+        fn poll_shutdown(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.stream).poll_shutdown(cx)
+        }
+    }
+
+    /// A response body of endless [`PIECE`]-sized DATA frames, counting
+    /// the bytes HTTP/2 took from it.
+    struct Endless {
+        pulled: Arc<AtomicUsize>,
+    }
+
+    impl http_body::Body for Endless {
+        type Data = bytes::Bytes;
+        type Error = tonic::Status;
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, tonic::Status>>> {
+            self.pulled.fetch_add(PIECE, Ordering::Relaxed);
+            Poll::Ready(Some(Ok(http_body::Frame::data(bytes::Bytes::from(
+                vec![7u8; PIECE],
+            )))))
+        }
+    }
+
+    #[derive(Clone)]
+    struct EndlessService {
+        pulled: Arc<AtomicUsize>,
+    }
+
+    impl tower_service::Service<http::Request<tonic::body::Body>> for EndlessService {
+        type Response = http::Response<tonic::body::Body>;
+        type Error = std::convert::Infallible;
+        type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+        fn call(&mut self, _: http::Request<tonic::body::Body>) -> Self::Future {
+            std::future::ready(Ok(http::Response::new(tonic::body::Body::new(Endless {
+                pulled: self.pulled.clone(),
+            }))))
+        }
+    }
+
+    /// Bytes the server holds for one stream whose client stopped reading,
+    /// once nothing moves any more, with `max_send_buf`.
+    async fn held_for_a_stalled_stream(max_send_buf: usize) -> usize {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (written, pulled) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let w = written.clone();
+        let incoming = futures::stream::unfold(listener, move |l| {
+            let w = w.clone();
+            async move {
+                let r = l
+                    .accept()
+                    .await
+                    .map(|(stream, _)| Counting { stream, written: w });
+                Some((r, l))
+            }
+        });
+        let server = tokio::spawn(serve_http2(
+            incoming,
+            EndlessService {
+                pulled: pulled.clone(),
+            },
+            Http2 {
+                keepalive: std::time::Duration::from_secs(60),
+                keepalive_timeout: std::time::Duration::from_secs(60),
+                max_send_buf,
+            },
+            shutdown.clone(),
+        ));
+        let paused = Arc::new(AtomicBool::new(false));
+        let stream = TcpStream::connect(addr).await.expect("connect");
+        // Windows far larger than the sockets' buffers: only the socket
+        // (the agent not reading), never flow control, stops the server.
+        let (mut client, connection) = h2::client::Builder::new()
+            .initial_window_size(256 << 20)
+            .initial_connection_window_size(256 << 20)
+            .handshake::<_, bytes::Bytes>(Gate {
+                stream,
+                paused: paused.clone(),
+            })
+            .await
+            .expect("h2 handshake");
+        let client_conn = tokio::spawn(connection);
+        let request = http::Request::post(format!("http://{addr}/raven.v1.SyncService/Sync"))
+            .body(())
+            .expect("request");
+        let (response, _send) = client.send_request(request, false).expect("send");
+        let response = response.await.expect("response headers");
+        assert_eq!(response.status(), http::StatusCode::OK);
+        paused.store(true, Ordering::Relaxed);
+        // Wait until the sockets are full and the server stopped taking
+        // from the body (unchanged over 20 looks in a row).
+        let (mut last, mut still) = (0, 0);
+        for _ in 0..600 {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            let now = pulled.load(Ordering::Relaxed);
+            still = if now == last { still + 1 } else { 0 };
+            last = now;
+            if still >= 20 {
+                break;
+            }
+        }
+        assert!(still >= 20, "the server never stopped taking from the body");
+        let held = pulled
+            .load(Ordering::Relaxed)
+            .saturating_sub(written.load(Ordering::Relaxed));
+        shutdown.cancel();
+        client_conn.abort();
+        drop(response);
+        server.abort();
+        held
+    }
+
+    #[tokio::test]
+    async fn a_stream_whose_agent_does_not_read_holds_at_most_its_send_buffer() {
+        let held = held_for_a_stalled_stream(MAX_SEND_BUF).await;
+        // The queue, the piece being taken and the frame being written.
+        assert!(
+            held <= MAX_SEND_BUF + 3 * PIECE,
+            "{held} bytes held for a stalled stream (bound {MAX_SEND_BUF})"
+        );
+        // The same measure sees hyper's default of 400 KB: the bound is
+        // what keeps the queue small.
+        let default = held_for_a_stalled_stream(400 * 1024).await;
+        assert!(
+            default > 300 * 1024,
+            "{default} bytes held with hyper's default send buffer"
         );
     }
 }

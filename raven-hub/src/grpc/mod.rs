@@ -502,8 +502,11 @@ pub async fn serve(
     };
     let (refl_v1, refl_v1alpha) = reflection(&TLS_SERVICES)?;
     let (plain_refl_v1, plain_refl_v1alpha) = reflection(&PLAINTEXT_SERVICES)?;
-    let keepalive = Some(shared.config.keepalive);
-    let keepalive_timeout = Some(shared.config.keepalive_timeout);
+    let http2 = conn::Http2 {
+        keepalive: shared.config.keepalive,
+        keepalive_timeout: shared.config.keepalive_timeout,
+        max_send_buf: conn::MAX_SEND_BUF,
+    };
     let metrics = shared.metrics.clone();
     let limits = conn::AcceptLimits {
         max_connections,
@@ -515,22 +518,28 @@ pub async fn serve(
     };
     // Sync streams write Updates in bounded pieces (see `wire`).
     let sync = wire::SyncServer(Sync { shared });
-    // TLS is done by `conn::tls_incoming` (admission before the handshake),
-    // not by tonic.
-    let tls_server = Server::builder()
-        .http2_keepalive_interval(keepalive)
-        .http2_keepalive_timeout(keepalive_timeout)
-        .add_service(tls_health)
+    let routes = tonic::service::Routes::new(tls_health)
         .add_service(refl_v1)
         .add_service(refl_v1alpha)
         .add_service(InspectServiceServer::new(inspect.clone()))
         .add_service(sync)
-        .serve_with_incoming_shutdown(
+        .prepare();
+    // TLS is done by `conn::tls_incoming` (admission before the handshake),
+    // HTTP/2 by `conn::serve_http2` (each stream's send buffer bounded),
+    // not by tonic's server.
+    let tls_shutdown = shutdown.clone();
+    let tls_server = async move {
+        conn::serve_http2(
             conn::tls_incoming(listeners.grpc, tls, limits, move |_| {
                 metrics.connection_refused();
             }),
-            shutdown.clone().cancelled_owned(),
-        );
+            routes,
+            http2,
+            tls_shutdown,
+        )
+        .await;
+        Ok::<(), ServeError>(())
+    };
 
     match listeners.plaintext {
         None => tls_server.await?,

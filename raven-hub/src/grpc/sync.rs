@@ -19,7 +19,7 @@ use tonic::{Status, Streaming};
 
 use super::error::SyncError;
 use super::held::{Held, Key, Tag, tag};
-use crate::agents::Agents;
+use crate::agents::{AgentEntry, AgentHandle, Agents};
 use crate::index::IndexHandle;
 use crate::metrics::Metrics;
 use crate::pipeline::{Published, PublishedRx};
@@ -327,6 +327,10 @@ pub struct Session {
     held_back: Vec<ResourceName>,
     /// The agent takes the compact member view ([`takes_compact_view`]).
     compact: bool,
+    /// This node's entry of the agent table, once the stream is in its main
+    /// loop: every Ack, Applied and heartbeat updates it without a lookup
+    /// or a lock of the whole table.
+    agent: Option<AgentHandle>,
 }
 
 /// Which form of its view a session's agent receives: the compact member
@@ -385,6 +389,7 @@ impl Session {
             answered: false,
             held_back: Vec::new(),
             compact: false,
+            agent: None,
         }
     }
 
@@ -506,6 +511,7 @@ impl Session {
         let shutdown = shutdown.cancelled();
         let expiry = tokio::time::sleep_until(self.cert_expiry());
         tokio::pin!(replaced, shutdown, expiry);
+        self.agent = Some(self.shared.agents.entry(&self.node));
         loop {
             if dirty && self.in_flight.is_none() {
                 let current = published.borrow_and_update().clone();
@@ -831,9 +837,7 @@ impl Session {
                 if self.queued.is_empty() {
                     self.synced = Some(f.revision);
                 }
-                self.shared
-                    .agents
-                    .update(node, |e| e.acked = Some((f.epoch, f.revision)));
+                self.update_agent(|e| e.acked = Some((f.epoch, f.revision)));
                 if self.queued.is_empty() {
                     // Initial sync done: let the next reconnecting agent in.
                     self.permit.take();
@@ -861,9 +865,7 @@ impl Session {
                 }
                 self.queued.clear();
                 self.permit.take();
-                self.shared.agents.update(node, |e| {
-                    e.last_nack = Some((nack, std::time::SystemTime::now()))
-                });
+                self.update_agent(|e| e.last_nack = Some((nack, std::time::SystemTime::now())));
                 Ok(true)
             }
             Some(Req::Applied(applied)) => {
@@ -878,13 +880,11 @@ impl Session {
                     summary: applied.summary,
                     ..Default::default()
                 };
-                self.shared
-                    .agents
-                    .update(node, |e| e.applied = Some(applied));
+                self.update_agent(|e| e.applied = Some(applied));
                 Ok(false)
             }
             Some(Req::Heartbeat(_)) => {
-                self.shared.agents.update(node, |_| ());
+                self.update_agent(|_| ());
                 Ok(false)
             }
             Some(Req::Report(report)) => {
@@ -909,6 +909,14 @@ impl Session {
         }
     }
 
+    /// Updates this node's entry of the agent table (the agent was seen now).
+    fn update_agent(&self, f: impl FnOnce(&mut AgentEntry)) {
+        match &self.agent {
+            Some(agent) => agent.update(f),
+            None => self.shared.agents.update(&self.node, f),
+        }
+    }
+
     /// Takes in a Report that passed the size and rate limits.
     fn apply_report(&mut self, report: v1::Report) -> Result<(), SyncError> {
         let node = self.node.clone();
@@ -916,7 +924,7 @@ impl Session {
         {
             {
                 let parsed = raven_proto::report_from_proto(&report)?;
-                self.shared.agents.update(&node, |e| e.peers = report.peers);
+                self.update_agent(|e| e.peers = report.peers);
                 // Persist what the index keeps (a key another node holds is
                 // refused there), so a restarted hub keeps the same owner.
                 // The index owns reports; only a change is queued for disk.

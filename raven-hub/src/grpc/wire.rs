@@ -86,7 +86,7 @@ where
                 raven_proto::v1::SyncRequest,
             >::default();
             let req = req.map(|body| {
-                Streaming::new_request(codec.decoder(), body, None, Some(MAX_DECODING))
+                Streaming::new_request(SmallBuffer(codec.decoder()), body, None, Some(MAX_DECODING))
             });
             let response = match sync.sync(tonic::Request::from_http(req)).await {
                 Ok(r) => r,
@@ -105,6 +105,32 @@ where
             );
             Ok(http)
         })
+    }
+}
+
+/// Bytes a stream's request decoder starts with (tonic's default is 8 KB,
+/// kept for the stream's life: 8 KB per connected agent). An agent's
+/// messages after its Hello are Acks, heartbeats and small Reports; the
+/// buffer grows for a larger one.
+pub const DECODE_BUFFER: usize = 512;
+
+/// A decoder whose stream buffer starts at [`DECODE_BUFFER`] bytes.
+struct SmallBuffer<D>(D);
+
+impl<D: tonic::codec::Decoder> tonic::codec::Decoder for SmallBuffer<D> {
+    type Item = D::Item;
+    type Error = D::Error;
+
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Self::Item>, Self::Error> {
+        self.0.decode(src)
+    }
+
+    fn buffer_settings(&self) -> tonic::codec::BufferSettings {
+        // 32 KB: tonic's default yield threshold (it applies to encoding).
+        tonic::codec::BufferSettings::new(DECODE_BUFFER, 32 * 1024)
     }
 }
 
