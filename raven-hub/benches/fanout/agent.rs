@@ -154,9 +154,12 @@ impl tower_service::Service<tonic::codegen::http::Uri> for Dial {
             };
             socket.set_nodelay(true)?;
             socket.bind((this.source, 0).into())?;
-            let tcp = socket
-                .connect(addr)
+            // The TCP connect times out after 20 s, the handshake does not
+            // (tonic's `connect_timeout` on its own channel: an agent in the
+            // hub's handshake queue waits its turn).
+            let tcp = tokio::time::timeout(Duration::from_secs(20), socket.connect(addr))
                 .await
+                .map_err(|_| "tcp connect error: timed out after 20 s")?
                 .map_err(|e| format!("tcp connect error: {e}"))?;
             let name = rustls::pki_types::ServerName::try_from("localhost")?;
             let tls = tokio_rustls::TlsConnector::from(this.tls)
@@ -257,7 +260,6 @@ async fn session(
         });
     let channel = match endpoint {
         Ok(e) => match e
-            .connect_timeout(Duration::from_secs(20))
             .connect_with_connector(Dial {
                 tls: spec.tls.clone(),
                 source: spec.source,
