@@ -682,7 +682,10 @@ impl Session {
         // Borrowed from the topology: no name is copied or looked up again
         // (a candidate's view is thousands of resources, and every session
         // start plans it in full).
-        let view = view::view_resources(&current.topology, &self.node, self.compact);
+        let mut view = view::view_resources(&current.topology, &self.node, self.compact);
+        // The compact view lists its kinds one after the other: in name
+        // order, `changed` is too.
+        view.sort_unstable_by_key(|(n, _)| *n);
         let mut wanted: Vec<u32> = Vec::with_capacity(view.len());
         let mut changed = Vec::new();
         for (n, r) in view {
@@ -692,15 +695,9 @@ impl Session {
             wanted.push(id);
             let t = tag(&r.version);
             if self.held.get(id) != Some(t) && !self.nacked.contains(&(id, t)) {
-                changed.push((n, id, t));
+                changed.push((id, t));
             }
         }
-        // Updates list their resources in name order. The compact view lists
-        // its kinds one after the other, so only what is sent is sorted by
-        // name: nothing for an agent resuming in sync (every reconnect after
-        // a hub restart), not the whole view (thousands of name compares).
-        changed.sort_unstable_by_key(|(n, _, _)| *n);
-        let changed = changed.into_iter().map(|(_, id, t)| (id, t)).collect();
         wanted.sort_unstable();
         let mut removed: Vec<ResourceName> = self
             .held
