@@ -421,7 +421,9 @@ async fn main() {
         let mut roots = rustls::RootCertStore::empty();
         for c in rustls::pki_types::CertificateDer::pem_slice_iter(&ca) {
             let c = c.unwrap_or_else(|e| panic!("CA certificate: {e}"));
-            roots.add(c).unwrap_or_else(|e| panic!("CA certificate: {e}"));
+            roots
+                .add(c)
+                .unwrap_or_else(|e| panic!("CA certificate: {e}"));
         }
         Arc::new(roots)
     };

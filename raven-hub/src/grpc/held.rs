@@ -284,7 +284,13 @@ mod tests {
                 assert_eq!(tag_of_str(s), tag_reference(s), "{s:?}");
             }
         }
-        for s in ["", "f", "ffffffffffffffff", "0000000000000000", "0123456789abcdef0"] {
+        for s in [
+            "",
+            "f",
+            "ffffffffffffffff",
+            "0000000000000000",
+            "0123456789abcdef0",
+        ] {
             assert_eq!(tag_of_str(s), tag_reference(s), "{s:?}");
         }
     }
