@@ -16,7 +16,7 @@ use raven_proto::v1;
 use raven_proto::v1::sync_request::Message as Req;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{ClientTlsConfig, Endpoint};
+use tonic::transport::Endpoint;
 
 use crate::lite::{self, Resp};
 
@@ -30,7 +30,10 @@ pub struct Spec {
     pub internal_ip: String,
     /// The local address this agent dials from.
     pub source: std::net::IpAddr,
-    pub tls: ClientTlsConfig,
+    /// This agent's TLS client: its certificate and key, the CA, ALPN
+    /// `h2` — built once (the PEMs parsed, the key loaded) and kept across
+    /// redials, as a long-running agent keeps its credentials loaded.
+    pub tls: Arc<rustls::ClientConfig>,
     pub hub: Arc<std::sync::Mutex<String>>,
     /// Send every resource version in Applied (what raven-edge did before
     /// the Applied summary).
@@ -115,6 +118,86 @@ fn key(idx: usize) -> String {
     b64(&k)
 }
 
+/// Dials the hub as one agent: TCP from the agent's own source address,
+/// then the TLS handshake with its kept [`rustls::ClientConfig`] (server
+/// name `localhost`, the name in the hub's certificate), ALPN `h2` checked.
+#[derive(Clone)]
+struct Dial {
+    tls: Arc<rustls::ClientConfig>,
+    source: std::net::IpAddr,
+}
+
+type Dialed = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+
+impl tower_service::Service<tonic::codegen::http::Uri> for Dial {
+    type Response = Dialed;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+    type Future =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<Dialed, Self::Error>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: tonic::codegen::http::Uri) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let host = uri.host().ok_or("the hub's URL has no host")?;
+            let port = uri.port_u16().ok_or("the hub's URL has no port")?;
+            let addr: std::net::SocketAddr = (host.parse::<std::net::IpAddr>()?, port).into();
+            let socket = match this.source {
+                std::net::IpAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+                std::net::IpAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+            };
+            socket.set_nodelay(true)?;
+            socket.bind((this.source, 0).into())?;
+            // The TCP connect times out after 20 s, the handshake does not
+            // (tonic's `connect_timeout` on its own channel: an agent in the
+            // hub's handshake queue waits its turn).
+            let tcp = tokio::time::timeout(Duration::from_secs(20), socket.connect(addr))
+                .await
+                .map_err(|_| "tcp connect error: timed out after 20 s")?
+                .map_err(|e| format!("tcp connect error: {e}"))?;
+            let name = rustls::pki_types::ServerName::try_from("localhost")?;
+            let tls = tokio_rustls::TlsConnector::from(this.tls)
+                .connect(name, tcp)
+                .await?;
+            if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
+                return Err("the hub did not negotiate HTTP/2 (ALPN h2)".into());
+            }
+            Ok(hyper_util::rt::TokioIo::new(tls))
+        })
+    }
+}
+
+/// An agent's TLS client config: `cert_pem` and `key_pem` its identity,
+/// `roots` the hub's CA, ALPN `h2` (what tonic's TLS channel builds on every
+/// dial, built once here).
+pub fn client_config(
+    roots: Arc<rustls::RootCertStore>,
+    cert_pem: &str,
+    key_pem: &str,
+) -> Result<Arc<rustls::ClientConfig>, String> {
+    use rustls::pki_types::pem::PemObject as _;
+    let certs = rustls::pki_types::CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("certificate: {e}"))?;
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+        .map_err(|e| format!("key: {e}"))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(certs, key)
+        .map_err(|e| e.to_string())?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
 /// The agent's cache: what it holds, kept across streams.
 #[derive(Default)]
 struct Cache {
@@ -163,20 +246,33 @@ async fn session(
     stop: &CancellationToken,
 ) -> Result<(), tonic::Status> {
     let url = spec.hub.lock().map(|h| h.clone()).unwrap_or_default();
-    let channel = match Endpoint::from_shared(url)
-        .and_then(|e| e.tls_config(spec.tls.clone()))
-        .map(|e| {
-            e.connect_timeout(Duration::from_secs(20))
-                .local_address(Some(spec.source))
-        }) {
-        Ok(e) => match e.connect().await {
+    // The channel dials through `Dial` (TCP from this agent's source
+    // address, then TLS with the agent's kept config); the requests carry
+    // the `https` origin, as tonic's own TLS channel's do.
+    let plain = url.replacen("https://", "http://", 1);
+    let endpoint = url
+        .parse::<tonic::codegen::http::Uri>()
+        .map_err(|e| e.to_string())
+        .and_then(|origin| {
+            Endpoint::from_shared(plain)
+                .map(|e| e.origin(origin))
+                .map_err(|e| e.to_string())
+        });
+    let channel = match endpoint {
+        Ok(e) => match e
+            .connect_with_connector(Dial {
+                tls: spec.tls.clone(),
+                source: spec.source,
+            })
+            .await
+        {
             Ok(c) => c,
             Err(e) => {
                 let _ = events.send(Event::DialFailed(error_chain(&e)));
                 return Ok(());
             }
         },
-        Err(e) => return Err(tonic::Status::internal(e.to_string())),
+        Err(e) => return Err(tonic::Status::internal(e)),
     };
     let mut client = tonic::client::Grpc::new(channel).max_decoding_message_size(64 << 20);
     let (tx, rx) = mpsc::channel::<v1::SyncRequest>(16);

@@ -51,7 +51,6 @@ use cluster::Shape;
 use raven_core::NodeName;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
 struct Opts {
     shape: Shape,
@@ -243,13 +242,17 @@ impl Hub {
         }
     }
 
-    /// SIGTERM (by PID) and wait for it to exit.
-    fn stop(mut self) {
+    /// SIGTERM (by PID) and wait for it to exit; how long it took (its
+    /// graceful shutdown: its listener is closed and dials are refused
+    /// meanwhile).
+    fn stop(mut self) -> Duration {
+        let t = Instant::now();
         let _ = Command::new("kill")
             .arg("-TERM")
             .arg(self.child.id().to_string())
             .status();
         let _ = self.child.wait();
+        t.elapsed()
     }
 }
 
@@ -412,23 +415,31 @@ async fn main() {
     let layout = raven_hub::certs::Layout {
         dir: w.join("certs"),
     };
-    let ca = Certificate::from_pem(std::fs::read(layout.ca_cert()).unwrap_or_default());
+    let roots = {
+        use rustls::pki_types::pem::PemObject as _;
+        let ca = std::fs::read(layout.ca_cert()).unwrap_or_else(|e| panic!("CA certificate: {e}"));
+        let mut roots = rustls::RootCertStore::empty();
+        for c in rustls::pki_types::CertificateDer::pem_slice_iter(&ca) {
+            let c = c.unwrap_or_else(|e| panic!("CA certificate: {e}"));
+            roots
+                .add(c)
+                .unwrap_or_else(|e| panic!("CA certificate: {e}"));
+        }
+        Arc::new(roots)
+    };
     let url = Arc::new(std::sync::Mutex::new(format!("https://{}", hub.grpc)));
     let (tx, rx) = mpsc::unbounded_channel();
     let stop = CancellationToken::new();
     let mut specs = Vec::new();
     for (idx, ((&(g, i), node), cert)) in picked.iter().zip(&nodes).zip(&agent_certs).enumerate() {
-        let identity = Identity::from_pem(cert, &agent_key_pem);
         specs.push(agent::Spec {
             idx,
             node: node.to_string(),
             candidate: i < 2,
             internal_ip: cluster::internal_ip(o.shape, g, i),
             source: agent::source(idx),
-            tls: ClientTlsConfig::new()
-                .ca_certificate(ca.clone())
-                .identity(identity)
-                .domain_name("localhost"),
+            tls: agent::client_config(roots.clone(), cert, &agent_key_pem)
+                .unwrap_or_else(|e| panic!("TLS client of {node}: {e}")),
             hub: url.clone(),
             applied_with_resources: o.applied_with_resources,
             compact: !o.full_view,
@@ -585,7 +596,7 @@ async fn main() {
     // 3. Restart with nothing changed.
     let ended0 = c.ended;
     let rss_connected = proc_rss(hub.pid());
-    hub.stop();
+    let old_exit = hub.stop();
     let before: Vec<Option<(Instant, u64, usize, bool)>> = c.seen.iter().map(|s| s.last).collect();
     c.drain();
     let dials_before_restart = c.dial_failed;
@@ -694,10 +705,11 @@ async fn main() {
         rss_connected as f64 / 1e6
     );
     println!(
-        "| hub restart, nothing changed → all in sync | {} ({} of {} back; hub ready after {}; {} dials failed until ready, {} after the connect phase in all; {} admission refusals in all) |",
+        "| hub restart, nothing changed → all in sync | {} ({} of {} back; the old hub exited {} after SIGTERM; hub ready after {}; {} dials failed until ready, {} after the connect phase in all; {} admission refusals in all) |",
         ms(restart),
         restart_back,
         o.agents,
+        ms(old_exit),
         ms(hub_ready),
         dials_until_ready,
         dials_after,
