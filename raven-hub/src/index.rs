@@ -95,6 +95,11 @@ pub struct Index {
     /// first): a report's keys are checked by lookup, not by a search of
     /// every other report.
     key_owners: BTreeMap<String, NodeName>,
+    /// The nodes of `reports` whose probes report a dead candidate: whether
+    /// any does is asked on every stream opened and closed, so it is kept,
+    /// not found by a scan of every report (which made a storm of 10,000
+    /// streams opening or closing quadratic).
+    death_reporters: std::collections::BTreeSet<NodeName>,
     streams: BTreeMap<NodeName, StreamEntry>,
     /// When this hub started; an agent it has not heard from since counts
     /// as gone from then on. `None`: such agents are gone at once.
@@ -408,6 +413,11 @@ impl Index {
         for key in report_keys(&report) {
             self.key_owners.insert(key.to_owned(), node.clone());
         }
+        if report.dead_candidates.is_empty() {
+            self.death_reporters.remove(&node);
+        } else {
+            self.death_reporters.insert(node.clone());
+        }
         self.reports.insert(node, report);
         self.forget_reports();
         true
@@ -450,7 +460,16 @@ impl Index {
     /// Some report lists a dead candidate (and the detector is on): only
     /// then can a stream's coming or going change an election.
     fn probes_report_a_death(&self) -> bool {
-        !self.detector_off && self.reports.values().any(|r| !r.dead_candidates.is_empty())
+        debug_assert_eq!(
+            self.death_reporters.iter().collect::<Vec<_>>(),
+            self.reports
+                .iter()
+                .filter(|(_, r)| !r.dead_candidates.is_empty())
+                .map(|(n, _)| n)
+                .collect::<Vec<_>>(),
+            "the kept death reporters are the reports naming a dead candidate"
+        );
+        !self.detector_off && !self.death_reporters.is_empty()
     }
 
     /// An agent's stream opened at `at`. Returns whether that can change
@@ -484,6 +503,7 @@ impl Index {
             && !r.dead_candidates.is_empty()
         {
             r.dead_candidates.clear();
+            self.death_reporters.remove(node);
             changed = true;
             self.forget_reports();
         }
@@ -844,6 +864,14 @@ mod tests {
         // b's stream ends: its verdict stops counting.
         assert!(idx.stream_closed(&b, closed_at));
         assert!(idx.inputs().0.reports[&b].dead_candidates.is_empty());
+        assert_eq!(idx.next_grace_deadline(closed_at, grace), None);
+        // A verdict replaced by a report naming no dead candidate stops
+        // counting too.
+        idx.stream_opened(b.clone(), closed_at);
+        assert!(idx.set_report(b.clone(), dead_report("a")));
+        assert!(idx.next_grace_deadline(closed_at, grace).is_some());
+        assert!(idx.set_report(b.clone(), AgentReport::default()));
+        assert_eq!(idx.next_grace_deadline(closed_at, grace), None);
     }
 
     proptest::proptest! {
