@@ -397,29 +397,29 @@ impl HeldSubnets {
     }
 
     fn claim(&mut self, net: ipnet::IpNet, gateway: &GatewayName) {
-        let claims = self.claims.entry(net).or_default();
-        claims.insert(gateway.clone());
-        if let Some(last) = claims.last()
-            && self.held.get(&net) != Some(last)
-        {
-            self.held.insert(net, last.clone());
-        }
+        self.claims.entry(net).or_default().insert(gateway.clone());
+        self.settle(net);
     }
 
     fn unclaim(&mut self, net: &ipnet::IpNet, gateway: &GatewayName) {
-        let Some(claims) = self.claims.get_mut(net) else {
-            return;
-        };
-        claims.remove(gateway);
-        match claims.last() {
+        if let Some(claims) = self.claims.get_mut(net) {
+            claims.remove(gateway);
+            self.settle(*net);
+        }
+    }
+
+    /// Gives `net` to the last gateway by name still claiming it, or
+    /// forgets it when none does.
+    fn settle(&mut self, net: ipnet::IpNet) {
+        match self.claims.get(&net).and_then(|c| c.last()) {
             Some(last) => {
-                if self.held.get(net) != Some(last) {
-                    self.held.insert(*net, last.clone());
+                if self.held.get(&net) != Some(last) {
+                    self.held.insert(net, last.clone());
                 }
             }
             None => {
-                self.claims.remove(net);
-                self.held.remove(net);
+                self.claims.remove(&net);
+                self.held.remove(&net);
             }
         }
     }
