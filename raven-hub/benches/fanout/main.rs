@@ -622,6 +622,8 @@ async fn main() {
         proc_cpu(hub.pid()),
         proc_cpu(me).saturating_sub(restart_me0),
     );
+    // Every agent resumed with its inventory in its Hello.
+    let rss_restarted = proc_rss(hub.pid());
     let restart = c
         .seen
         .iter()
@@ -719,6 +721,11 @@ async fn main() {
         "| CPU from the restart until all in sync | hub {} CPU-s (from its start), load generator {} CPU-s |",
         cpu_s(restart_cpu.0),
         cpu_s(restart_cpu.1),
+    );
+    println!(
+        "| hub RSS after the restart, all back in sync (resumed with their inventories) | {:.1} MB ({:.1} KB per agent over the first hub's before agents) |",
+        rss_restarted as f64 / 1e6,
+        rss_restarted.saturating_sub(rss0) as f64 / 1e3 / o.agents.max(1) as f64,
     );
     println!(
         "| bytes per agent per change / after restart | {per_change_bytes} B / {restart_avg} B |"

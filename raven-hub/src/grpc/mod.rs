@@ -283,7 +283,9 @@ pub enum ServeError {
 /// The `Sync` service.
 #[derive(Debug, Clone)]
 pub struct Sync {
-    pub shared: SyncShared,
+    /// One for every session (each holds a reference, not a copy: the
+    /// shared handles and the configuration are ≈ 0.5 KB).
+    pub shared: Arc<SyncShared>,
 }
 
 type SyncStream = Pin<Box<dyn Stream<Item = Result<EncodedSyncResponse, Status>> + Send>>;
@@ -322,11 +324,34 @@ impl SyncService for Sync {
         let permit = self.shared.admit_within().await?;
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let session = Session::new(node, self.shared.clone(), tx, permit, presented);
-        self.shared
-            .sessions
-            .spawn(session.run(request.into_inner(), remote));
+        spawn_session(
+            &self.shared.sessions,
+            session.run(request.into_inner(), remote),
+        );
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
+}
+
+/// Most bytes a session's task may take (the session and its stream's
+/// state, every future it waits on): one per connected agent, 3.6 KB
+/// measured. Checked when the hub is built ([`spawn_session`]).
+pub const SESSION_TASK_MAX: usize = 4096;
+
+/// Spawns a session's task on `sessions`; a task over
+/// [`SESSION_TASK_MAX`] does not build: box a large state it rarely
+/// needs, or keep a value out of scope across the awaits it is not used
+/// at (a value in scope is kept in the task until the scope ends).
+fn spawn_session<F>(sessions: &tokio_util::task::TaskTracker, task: F)
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    const {
+        assert!(
+            std::mem::size_of::<F>() <= SESSION_TASK_MAX,
+            "a session's task grew over SESSION_TASK_MAX"
+        );
+    }
+    sessions.spawn(task);
 }
 
 fn read(path: &PathBuf) -> Result<Vec<u8>, ServeError> {
@@ -517,7 +542,9 @@ pub async fn serve(
         queue_timeout: shared.config.tls_queue_timeout,
     };
     // Sync streams write Updates in bounded pieces (see `wire`).
-    let sync = wire::SyncServer(Sync { shared });
+    let sync = wire::SyncServer(Sync {
+        shared: Arc::new(shared),
+    });
     let routes = tonic::service::Routes::new(tls_health)
         .add_service(refl_v1)
         .add_service(refl_v1alpha)
