@@ -759,6 +759,9 @@ impl Pipeline {
         // one: changes right after it are the sources' initial burst).
         let mut last_change = tokio::time::Instant::now();
         loop {
+            if shutdown.is_cancelled() {
+                return;
+            }
             let compiled = tokio::task::spawn_blocking(move || {
                 if let Err(e) = pipeline.recompile() {
                     tracing::error!(error = %e, "could not persist a new revision; keeping the previous state published");
@@ -780,7 +783,10 @@ impl Pipeline {
                     None => std::future::pending().await,
                 }
             };
+            // Stopping wins over a change that arrived with it (an agent's
+            // stream ending in the drain): a stopping hub compiles nothing.
             tokio::select! {
+                biased;
                 () = shutdown.cancelled() => return,
                 () = grace_passed => continue,
                 () = index.changed() => {}
@@ -797,6 +803,7 @@ impl Pipeline {
                 let deadline = (started + debounce.max_delay)
                     .min(tokio::time::Instant::now() + debounce.quiet);
                 tokio::select! {
+                    biased;
                     () = shutdown.cancelled() => return,
                     () = index.changed() => {
                         last_change = tokio::time::Instant::now();
@@ -1118,6 +1125,50 @@ mod tests {
         );
         // Both changes in one compile: one revision, not two.
         assert_eq!(p.revision, first + 2);
+    }
+
+    /// A change that lands as the hub stops (an agent's stream ending
+    /// during the drain withdraws its claim) is not compiled: a stopping
+    /// hub neither publishes nor persists a revision for it. Each round is
+    /// a race between the change and the stop, so it runs many rounds.
+    #[tokio::test(start_paused = true)]
+    async fn a_change_that_arrives_with_the_stop_is_not_compiled_nor_published() {
+        let quiet = std::time::Duration::from_secs(10);
+        for round in 0..32 {
+            let index = crate::index::IndexHandle::default();
+            index.update(|i| {
+                for k in [
+                    crate::index::Kind::Gateway,
+                    crate::index::Kind::Node,
+                    crate::index::Kind::Config,
+                ] {
+                    i.mark_synced(k);
+                }
+            });
+            let (p, mut rx) = Pipeline::new(
+                index.clone(),
+                crate::revision::Revisions::in_memory(),
+                Debounce {
+                    quiet,
+                    max_delay: quiet * 3,
+                },
+                std::time::Duration::from_secs(3600),
+            );
+            let shutdown = tokio_util::sync::CancellationToken::new();
+            let running = tokio::spawn(p.run(shutdown.clone()));
+            rx.wait_for(|p| p.ready).await.expect("published");
+            let first = rx.borrow_and_update().revision;
+            // Quiet since the start: a change now would compile at once.
+            tokio::time::sleep(quiet * 2).await;
+            set_config(&index, true, true);
+            shutdown.cancel();
+            running.await.expect("the pipeline ends");
+            assert_eq!(
+                rx.borrow().revision,
+                first,
+                "round {round}: the stopping pipeline compiled and published a change"
+            );
+        }
     }
 
     #[test]

@@ -417,6 +417,57 @@ async fn a_takeover_claim_is_adopted_while_its_agent_is_connected_and_the_electi
     hub.stop().await;
 }
 
+#[tokio::test]
+async fn a_stopping_hub_tells_its_agents_to_come_back_and_does_not_take_the_streams_it_closes_as_agents_leaving()
+ {
+    let env = Env::new();
+    env.edit(
+        "gateways.yaml",
+        "      port: 4500\n      type: tunnel\n---",
+        &format!(
+            "      port: 4500\n      type: tunnel\n    - nodeName: {HZ_MEMBER}\n      underNAT: true\n      port: 4500\n      type: tunnel\n---"
+        ),
+    );
+    let hub = env.hub().await;
+    let (mut agent, first) = first_snapshot(&env, &hub, HZ_MEMBER).await;
+    agent.ack(&first).await;
+    agent
+        .send(Req::Report(v1::Report {
+            local_failover: vec![v1::LocalFailover {
+                gateway: "gw-hangzhou".into(),
+                active_node: HZ_MEMBER.into(),
+            }],
+            ..Default::default()
+        }))
+        .await;
+    let mut rx = hub.published.clone();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        rx.wait_for(|p| tunnel_active(p, "gw-hangzhou").as_deref() == Some(HZ_MEMBER)),
+    )
+    .await
+    .expect("the claim is adopted")
+    .expect("hub alive");
+    let revision = rx.borrow().revision;
+    let (index, node) = (hub.index.clone(), NodeName::new(HZ_MEMBER).expect("name"));
+
+    hub.stop().await;
+    // The agent is told to come back (UNAVAILABLE, as from any stopping
+    // server), ...
+    assert_eq!(agent.end().await, Some(tonic::Code::Unavailable));
+    // ... but the hub closing the stream itself is not the agent leaving:
+    // its claim is not withdrawn, so the stopping hub compiles and
+    // publishes nothing for it (a revision persisted on the way out would
+    // make every agent's resume after the restart a delta).
+    assert!(
+        index.read(|i| i
+            .report(&node)
+            .is_some_and(|r| !r.local_failover.is_empty())),
+        "the stopping hub withdrew the claim of an agent whose stream it closed"
+    );
+    assert_eq!(rx.borrow().revision, revision, "the stopping hub published");
+}
+
 /// hz's member becomes gw-hangzhou's second tunnel candidate; a hub with a
 /// 1 s failover grace.
 async fn two_candidate_hub(env: &Env) -> RunningHub {

@@ -405,15 +405,21 @@ impl Session {
         // no stream now — even when this one ended before its Hello, after
         // replacing one that had registered.
         if !self.replaced.is_cancelled() && self.shared.agents.disconnected(&node) {
+            tracing::info!(node = %node, ended = %result.as_ref().err().map_or_else(|| "closed".to_owned(), |s| format!("{:?}", s.code())), "agent disconnected");
             // A local failover claim and probe verdicts count only while
             // their agent is connected (it re-reports on reconnect); the
             // election they caused stays. The failure detector starts
-            // counting the stream's absence now.
-            let closed = tokio::time::Instant::now();
-            tracing::info!(node = %node, ended = %result.as_ref().err().map_or_else(|| "closed".to_owned(), |s| format!("{:?}", s.code())), "agent disconnected");
-            self.shared
-                .index
-                .update_if(|i| i.stream_closed(&node, closed));
+            // counting the stream's absence now. Not when the hub is
+            // stopping: it closes every stream itself, which is not the
+            // agent leaving — its claims and verdicts stay, and the
+            // pipeline is not woken to compile and persist a revision on
+            // the way out.
+            if !self.shared.shutdown.is_cancelled() {
+                let closed = tokio::time::Instant::now();
+                self.shared
+                    .index
+                    .update_if(|i| i.stream_closed(&node, closed));
+            }
         }
         self.shared.release_stream(&node, self.stream_id);
         self.shared.metrics.stream_closed();
