@@ -133,6 +133,45 @@ impl Published {
                 .collect(),
         )
     }
+
+    /// [`Self::changed_since`] without building a set when the last delta
+    /// alone reaches back to `since` — a session in sync with the previous
+    /// revision, which is every session after a change it was sent: the
+    /// same names in the same order, read from that delta.
+    pub fn changed_names_since(&self, since: u64) -> Option<ChangedNames<'_>> {
+        match self.deltas.last() {
+            Some(d) if d.from == since => Some(ChangedNames::One(&d.names)),
+            _ => self.changed_since(since).map(ChangedNames::Many),
+        }
+    }
+}
+
+/// The names changed since a revision ([`Published::changed_names_since`]),
+/// in name order.
+#[derive(Debug)]
+pub enum ChangedNames<'a> {
+    /// The names of one delta, as it holds them.
+    One(&'a BTreeSet<ResourceName>),
+    /// The union of several deltas.
+    Many(BTreeSet<&'a ResourceName>),
+}
+
+impl<'a> ChangedNames<'a> {
+    pub fn contains(&self, name: &ResourceName) -> bool {
+        match self {
+            Self::One(names) => names.contains(name),
+            Self::Many(names) => names.contains(name),
+        }
+    }
+
+    /// The names, in order.
+    pub fn iter(&self) -> impl Iterator<Item = &'a ResourceName> + '_ {
+        let (one, many) = match self {
+            Self::One(names) => (Some(names.iter()), None),
+            Self::Many(names) => (None, Some(names.iter().copied())),
+        };
+        one.into_iter().flatten().chain(many.into_iter().flatten())
+    }
 }
 
 /// The resources that differ between two consecutive revisions of one epoch:
@@ -1235,6 +1274,58 @@ mod tests {
         assert_eq!(since(10), Some(vec!["gateway/a", "gateway/b", "peer/x"]));
         // Older than the kept history: a full plan.
         assert_eq!(since(9), None);
+    }
+
+    #[test]
+    fn the_names_read_from_the_last_delta_are_the_names_changed_since_for_every_revision() {
+        let name = |s: &str| ResourceName::parse(s).unwrap_or_else(|| panic!("{s}"));
+        let delta = |from: u64, names: &[&str]| {
+            Arc::new(Delta {
+                from,
+                names: names.iter().map(|n| name(n)).collect(),
+            })
+        };
+        let p = Published {
+            revision: 13,
+            deltas: vec![
+                delta(10, &["gateway/a", "node/n1"]),
+                delta(11, &["gateway/b", "peer/x"]),
+                delta(12, &["gateway/a", "prefixes/b", "settings"]),
+            ],
+            ..Default::default()
+        };
+        let probes = [
+            "gateway/a",
+            "gateway/b",
+            "node/n1",
+            "peer/x",
+            "prefixes/b",
+            "settings",
+            "gateway/z",
+        ];
+        for since in 8..=13 {
+            let general = p.changed_since(since);
+            let read = p.changed_names_since(since);
+            assert_eq!(
+                read.as_ref().map(|r| r.iter().collect::<Vec<_>>()),
+                general
+                    .as_ref()
+                    .map(|g| g.iter().copied().collect::<Vec<_>>()),
+                "names since {since}"
+            );
+            for probe in probes {
+                let n = name(probe);
+                assert_eq!(
+                    read.as_ref().map(|r| r.contains(&n)),
+                    general.as_ref().map(|g| g.contains(&n)),
+                    "{probe} since {since}"
+                );
+            }
+        }
+        assert!(matches!(
+            p.changed_names_since(12),
+            Some(ChangedNames::One(_))
+        ));
     }
 
     /// Runs a pipeline with the default debounce on paused time, making a

@@ -625,7 +625,8 @@ impl Session {
         } = self.queued.remove(0);
         self.next_nonce += 1;
         header.nonce = format!("{}-{}", current.revision, self.next_nonce);
-        let msg = EncodedSyncResponse::update(header.clone(), resources.iter());
+        // What the Ack is matched against, then the header itself goes into
+        // the message (not a copy of it and its removals).
         self.in_flight = Some(InFlight {
             nonce: header.nonce.clone(),
             epoch: header.epoch.clone(),
@@ -634,6 +635,7 @@ impl Session {
             removed,
             sent_at: tokio::time::Instant::now(),
         });
+        let msg = EncodedSyncResponse::update(header, resources.iter());
         self.answered = true;
         self.shared.metrics.pushed(resources.len());
         self.send(msg).await
@@ -665,16 +667,23 @@ impl Session {
         if synced == current.revision {
             return Some(None);
         }
-        let names = current.changed_since(synced)?;
+        // Read from the last delta when it alone reaches back (no set is
+        // built per session).
+        let names = current.changed_names_since(synced)?;
         if names.contains(&self.own) {
             return None;
         }
         let mut changed = Vec::new();
         let mut removed = Vec::new();
-        // The node's own view entry, looked up once for every changed name.
-        let me = current.topology.node(&self.node);
-        for name in names {
-            match (current.topology.resources.get(name), current.ids.id(name)) {
+        // The node's own view entry, looked up once for every changed name
+        // by the name the session keeps (`Topology::node` builds it anew).
+        let me = match current.topology.resources.get(&self.own).map(|r| &r.body) {
+            Some(raven_core::topology::ResourceBody::Node(me)) => Some(me),
+            _ => None,
+        };
+        for name in names.iter() {
+            let id = current.ids.id(name);
+            match (current.topology.resources.get(name), id) {
                 // In view: sent unless held at this version or refused.
                 (Some(r), Some(id))
                     if me.is_some_and(|me| {
@@ -686,7 +695,14 @@ impl Session {
                         changed.push((id, t));
                     }
                 }
-                _ if self.held.contains(name, &current.ids) => removed.push(name.clone()),
+                // `Held::contains` with the id already looked up.
+                _ if match id {
+                    Some(id) => self.held.get(id).is_some(),
+                    None => self.held.contains(name, &current.ids),
+                } =>
+                {
+                    removed.push(name.clone());
+                }
                 _ => {}
             }
         }
@@ -842,7 +858,9 @@ impl Session {
                 if f.epoch != self.held_epoch {
                     self.synced = None;
                 }
-                self.held_epoch = f.epoch.clone();
+                // Mostly the same epoch: its buffer is kept, nothing is
+                // allocated per Ack.
+                self.held_epoch.clone_from(&f.epoch);
                 self.held_revision = f.revision;
                 if self.queued.is_empty() {
                     self.synced = Some(f.revision);
