@@ -11,6 +11,7 @@
 //! is documented in `proto/raven/v1/sync.proto`.
 
 mod convert;
+pub mod digest;
 mod encoded;
 mod packed;
 

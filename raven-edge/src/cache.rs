@@ -180,6 +180,15 @@ impl CachedState {
         })
     }
 
+    /// The digest of [`Self::inventory`] (`Hello.inventory_digest`).
+    pub fn digest(&self) -> raven_proto::digest::Digest {
+        raven_proto::digest::Digest::of(
+            self.resources
+                .iter()
+                .map(|(n, r)| (n.as_str(), r.version.as_str())),
+        )
+    }
+
     /// Name and version of every resource held, for a Hello.
     pub fn inventory(&self) -> Vec<(ResourceName, ContentVersion)> {
         self.resources

@@ -303,6 +303,7 @@ fn capabilities(ipsec: bool) -> Vec<i32> {
         v1::Capability::WireguardUserspace as i32,
         v1::Capability::LocalFailover as i32,
         v1::Capability::CompactMemberView as i32,
+        v1::Capability::InventoryDigest as i32,
     ];
     if ipsec {
         caps.push(v1::Capability::Ipsec as i32);
@@ -357,24 +358,7 @@ async fn open(cfg: &ClientConfig, hub: &str, links: &Links) -> Result<Opened, Se
     let mut client = SyncServiceClient::new(channel);
     let (tx, rx) = mpsc::channel(16);
     let held = links.state.borrow().clone();
-    let hello = v1::Hello {
-        protocol_version: raven_proto::PROTOCOL_VERSION,
-        agent_version: env!("CARGO_PKG_VERSION").to_owned(),
-        capabilities: capabilities(cfg.ipsec),
-        node_name: cfg.node.to_string(),
-        epoch: held.epoch.clone(),
-        revision: held.revision,
-        resources: held
-            .inventory()
-            .iter()
-            .map(|(n, v)| v1::ResourceVersion {
-                name: n.to_string(),
-                version: v.to_string(),
-            })
-            .collect(),
-        cache_complete: held.complete,
-    };
-    send(&tx, Req::Hello(hello)).await;
+    send(&tx, Req::Hello(hello(cfg, &held, true))).await;
     let inbound = client
         .sync(ReceiverStream::new(rx))
         .await
@@ -389,6 +373,42 @@ async fn open(cfg: &ClientConfig, hub: &str, links: &Links) -> Result<Opened, Se
         inbound,
         identity,
     })
+}
+
+/// The Hello for what the agent holds. `by_digest`: a complete cache is
+/// described by its digest alone (`CAPABILITY_INVENTORY_DIGEST`) with
+/// `cache_complete` false and no list, so a hub that does not know the
+/// digest sends a full snapshot; otherwise (and when the hub asks for the
+/// list with an InventoryRequest) every resource is listed.
+fn hello(cfg: &ClientConfig, held: &CachedState, by_digest: bool) -> v1::Hello {
+    let base = v1::Hello {
+        protocol_version: raven_proto::PROTOCOL_VERSION,
+        agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+        capabilities: capabilities(cfg.ipsec),
+        node_name: cfg.node.to_string(),
+        epoch: held.epoch.clone(),
+        revision: held.revision,
+        ..Default::default()
+    };
+    if by_digest && held.complete {
+        return v1::Hello {
+            inventory_digest: held.digest().to_bytes(),
+            cache_complete: false,
+            ..base
+        };
+    }
+    v1::Hello {
+        resources: held
+            .inventory()
+            .iter()
+            .map(|(n, v)| v1::ResourceVersion {
+                name: n.to_string(),
+                version: v.to_string(),
+            })
+            .collect(),
+        cache_complete: held.complete,
+        ..base
+    }
 }
 
 /// Make before break: a new stream with the rotated identity files, open
@@ -457,7 +477,7 @@ async fn session(cfg: &ClientConfig, hub: &str, links: &Links) -> Result<(), Ses
                     return Err(SessionError::Closed { hub: hub.to_owned() });
                 };
                 heartbeat.heard();
-                handle_message(msg, links, &stream.tx, &mut progress).await?;
+                handle_message(cfg, msg, links, &stream.tx, &mut progress).await?;
             }
             _ = rotation.tick(), if tokio::time::Instant::now() >= rotation_after => {
                 let now = identity_stamps(cfg).await;
@@ -477,7 +497,7 @@ async fn session(cfg: &ClientConfig, hub: &str, links: &Links) -> Result<(), Ses
                         applied.mark_changed();
                         report.mark_changed();
                         tracing::info!(%hub, "moved to the renewed client certificate on a new stream; the old stream is closed");
-                        handle_message(first, links, &stream.tx, &mut progress).await?;
+                        handle_message(cfg, first, links, &stream.tx, &mut progress).await?;
                     }
                     Err(e) => {
                         rotation_after = tokio::time::Instant::now() + ROTATION_RETRY;
@@ -524,6 +544,7 @@ async fn session(cfg: &ClientConfig, hub: &str, links: &Links) -> Result<(), Ses
 
 /// One message from the hub.
 async fn handle_message(
+    cfg: &ClientConfig,
     msg: v1::SyncResponse,
     links: &Links,
     tx: &mpsc::Sender<v1::SyncRequest>,
@@ -534,6 +555,16 @@ async fn handle_message(
     links.hub_session.store(true, Ordering::Relaxed);
     match msg.message {
         Some(Resp::Update(u)) => handle_update(&u, links, tx, progress).await?,
+        Some(Resp::InventoryRequest(_)) => {
+            // The hub's view differs from the digest: list what is held.
+            // Nothing is dropped; the hub's delta (or snapshot) follows.
+            let held = links.state.borrow().clone();
+            tracing::info!(
+                held = held.resources.len(),
+                "the hub asked for the inventory (its view differs from this node's digest); listing it"
+            );
+            send(tx, Req::Hello(hello(cfg, &held, false))).await;
+        }
         Some(Resp::Heartbeat(h)) => {
             if let (Some(offset), Ok(mut slot)) = (
                 clock_offset_ms(h.sent_at.as_ref()),
@@ -610,6 +641,77 @@ mod tests {
         assert!(capabilities(true).contains(&ipsec));
         assert!(!capabilities(false).contains(&ipsec));
         assert!(capabilities(false).contains(&(v1::Capability::Delta as i32)));
+    }
+
+    fn config() -> ClientConfig {
+        let node = NodeName::new("edge-1").unwrap_or_else(|_| unreachable!());
+        ClientConfig {
+            tls: ClientTls::in_dir(std::path::Path::new("/nonexistent"), &node),
+            node,
+            hubs: Vec::new(),
+            server_name: None,
+            heartbeat: Duration::from_secs(10),
+            backoff_min: Duration::from_millis(250),
+            backoff_max: Duration::from_secs(2),
+            ipsec: false,
+        }
+    }
+
+    fn cached(complete: bool) -> CachedState {
+        use raven_model::{Resource, ResourceBody, ResourceName, fixtures};
+        let gw = fixtures::gateway("gw-a");
+        CachedState {
+            epoch: "e1".into(),
+            revision: 7,
+            complete,
+            resources: std::collections::BTreeMap::from([
+                (
+                    ResourceName::gateway(&gw.name),
+                    Resource::new(ResourceBody::Gateway(gw)),
+                ),
+                (
+                    ResourceName::settings(),
+                    Resource::new(ResourceBody::Settings(fixtures::settings())),
+                ),
+            ]),
+        }
+    }
+
+    #[test]
+    fn a_complete_cache_resumes_by_the_digest_of_its_list_and_claims_no_complete_cache_for_hubs_without_it()
+     {
+        let cfg = config();
+        let held = cached(true);
+        let listed = hello(&cfg, &held, false);
+        assert_eq!(listed.resources.len(), 2);
+        assert!(listed.cache_complete && listed.inventory_digest.is_empty());
+        let by_digest = hello(&cfg, &held, true);
+        assert!(by_digest.resources.is_empty());
+        // A hub that ignores the digest sees an incomplete cache listing
+        // nothing: it sends a full snapshot, after which the agent
+        // garbage-collects (it drops nothing before).
+        assert!(!by_digest.cache_complete);
+        assert!(
+            by_digest
+                .capabilities
+                .contains(&(v1::Capability::InventoryDigest as i32))
+        );
+        // The digest is that of the list the wire would carry.
+        let of_list = raven_proto::digest::Digest::of(
+            listed
+                .resources
+                .iter()
+                .map(|r| (r.name.as_str(), r.version.as_str())),
+        );
+        assert_eq!(by_digest.inventory_digest, of_list.to_bytes());
+        assert_eq!((by_digest.epoch.as_str(), by_digest.revision), ("e1", 7));
+    }
+
+    #[test]
+    fn an_incomplete_cache_is_always_listed_never_digested() {
+        let h = hello(&config(), &cached(false), true);
+        assert_eq!(h.resources.len(), 2);
+        assert!(h.inventory_digest.is_empty() && !h.cache_complete);
     }
 
     #[test]

@@ -68,6 +68,8 @@ pub struct Metrics {
     pushed_resources: Counter<u64, AtomicU64>,
     push_latency: Histogram,
     nacks: Counter<u64, AtomicU64>,
+    digest_resumes: Counter<u64, AtomicU64>,
+    inventory_requests: Counter<u64, AtomicU64>,
     admission_rejections: Counter<u64, AtomicU64>,
     problems: Gauge<i64, AtomicI64>,
     reports_applied: Counter<u64, AtomicU64>,
@@ -114,6 +116,18 @@ impl Metrics {
         );
         let nacks = Counter::default();
         registry.register("nacks", "Updates rejected by agents", nacks.clone());
+        let digest_resumes = Counter::default();
+        registry.register(
+            "digest_resumes",
+            "Streams whose Hello digest matched the node's view (no list, nothing resent)",
+            digest_resumes.clone(),
+        );
+        let inventory_requests = Counter::default();
+        registry.register(
+            "inventory_requests",
+            "Streams whose Hello digest differed from the node's view (the agent was asked for its list)",
+            inventory_requests.clone(),
+        );
         let admission_rejections = Counter::default();
         registry.register(
             "admission_rejections",
@@ -206,6 +220,8 @@ impl Metrics {
             pushed_resources,
             push_latency,
             nacks,
+            digest_resumes,
+            inventory_requests,
             admission_rejections,
             problems,
         }
@@ -226,6 +242,20 @@ impl Metrics {
     }
     pub fn nacked(&self) {
         self.nacks.inc();
+    }
+    pub fn digest_resumed(&self) {
+        self.digest_resumes.inc();
+    }
+    pub fn inventory_requested(&self) {
+        self.inventory_requests.inc();
+    }
+    /// Streams resumed by a matching digest so far.
+    pub fn digest_resumes(&self) -> u64 {
+        self.digest_resumes.get()
+    }
+    /// Streams asked for their list after a digest mismatch so far.
+    pub fn inventory_requests(&self) -> u64 {
+        self.inventory_requests.get()
     }
     pub fn connection_refused(&self) {
         self.connections_refused.inc();

@@ -1034,6 +1034,7 @@ async fn updates_within(agent: &mut Agent, wait: Duration) -> Vec<v1::Update> {
                     out.push(u);
                 }
                 Some(Resp::Heartbeat(_)) => {}
+                Some(Resp::InventoryRequest(_)) => panic!("an InventoryRequest to a listing agent"),
                 None => panic!("stream ended"),
             },
         }

@@ -61,7 +61,7 @@ pub fn view_class(me: &NodeView, compact: bool) -> ViewClass {
 /// A gateway resource a node in no gateway receives: one that carries a
 /// cloud proxy server. Decided from the resource alone, so a change of it
 /// routes by its name like any other.
-fn serves_proxy(r: &Resource) -> bool {
+pub fn serves_proxy(r: &Resource) -> bool {
     matches!(&r.body, ResourceBody::Gateway(g)
         if g.expose_type != ExposeType::None && !g.active_proxies.is_empty())
 }

@@ -1,6 +1,7 @@
 //! A simulated agent: its own TCP + TLS connection and node certificate,
-//! speaking Sync as `raven-edge` does — Hello with its inventory (delta,
-//! cache complete once it holds a state), Ack of every Update, Applied,
+//! speaking Sync as `raven-edge` does — Hello with the digest of its
+//! inventory once it holds a complete state (its list when the hub asks
+//! with an InventoryRequest, or always with `--hello-with-list`), Ack of every Update, Applied,
 //! a Report (tunnel candidates: a WireGuard key and endpoint), heartbeats —
 //! and redialling (with the hub's retry hint) when the stream ends. Each
 //! agent dials from its own loopback address (127.1.0.0/16), as each node of
@@ -12,6 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use prost::Message;
+use raven_proto::digest::Digest;
 use raven_proto::v1;
 use raven_proto::v1::sync_request::Message as Req;
 use tokio::sync::mpsc;
@@ -41,6 +43,9 @@ pub struct Spec {
     /// Announce `CAPABILITY_COMPACT_MEMBER_VIEW`, as raven-edge does
     /// (`--full-view`: not, as agents did before the compact member view).
     pub compact: bool,
+    /// List the inventory in every Hello (no digest), as agents did before
+    /// `CAPABILITY_INVENTORY_DIGEST`.
+    pub hello_with_list: bool,
     pub heartbeat: Duration,
     /// Check the decoding mirror against the full `raven.v1` decoding on
     /// this agent's first message of every stream.
@@ -205,6 +210,65 @@ struct Cache {
     revision: u64,
     held: BTreeMap<String, String>,
     complete: bool,
+    /// The digest of `held`, kept up to date change by change (a Hello
+    /// costs no pass over the inventory).
+    digest: Digest,
+}
+
+impl Cache {
+    fn put(&mut self, name: &str, version: &str) {
+        if let Some(old) = self.held.insert(name.to_owned(), version.to_owned()) {
+            self.digest.remove(name, &old);
+        }
+        self.digest.add(name, version);
+    }
+
+    fn remove(&mut self, name: &str) {
+        if let Some(old) = self.held.remove(name) {
+            self.digest.remove(name, &old);
+        }
+    }
+
+    /// The Hello for what is held: by digest when the cache is complete
+    /// (no list, `cache_complete` false, see `raven_edge::client`), with
+    /// the list otherwise or when `list`.
+    fn hello(&self, spec: &Spec, list: bool) -> v1::Hello {
+        let mut capabilities = vec![v1::Capability::Delta as i32];
+        if spec.compact {
+            capabilities.push(v1::Capability::CompactMemberView as i32);
+        }
+        if !spec.hello_with_list {
+            capabilities.push(v1::Capability::InventoryDigest as i32);
+        }
+        let base = v1::Hello {
+            protocol_version: raven_proto::PROTOCOL_VERSION,
+            agent_version: "fanout-bench".into(),
+            capabilities,
+            node_name: spec.node.clone(),
+            epoch: self.epoch.clone(),
+            revision: self.revision,
+            ..Default::default()
+        };
+        if !list && !spec.hello_with_list && self.complete {
+            return v1::Hello {
+                inventory_digest: self.digest.to_bytes(),
+                cache_complete: false,
+                ..base
+            };
+        }
+        v1::Hello {
+            resources: self
+                .held
+                .iter()
+                .map(|(n, v)| v1::ResourceVersion {
+                    name: n.clone(),
+                    version: v.clone(),
+                })
+                .collect(),
+            cache_complete: self.complete,
+            ..base
+        }
+    }
 }
 
 /// Redials as raven-edge does (`raven_edge::client::run` with its default
@@ -276,30 +340,7 @@ async fn session(
     };
     let mut client = tonic::client::Grpc::new(channel).max_decoding_message_size(64 << 20);
     let (tx, rx) = mpsc::channel::<v1::SyncRequest>(16);
-    let hello = v1::Hello {
-        protocol_version: raven_proto::PROTOCOL_VERSION,
-        agent_version: "fanout-bench".into(),
-        capabilities: if spec.compact {
-            vec![
-                v1::Capability::Delta as i32,
-                v1::Capability::CompactMemberView as i32,
-            ]
-        } else {
-            vec![v1::Capability::Delta as i32]
-        },
-        node_name: spec.node.clone(),
-        epoch: cache.epoch.clone(),
-        revision: cache.revision,
-        resources: cache
-            .held
-            .iter()
-            .map(|(n, v)| v1::ResourceVersion {
-                name: n.clone(),
-                version: v.clone(),
-            })
-            .collect(),
-        cache_complete: cache.complete,
-    };
+    let hello = cache.hello(spec, false);
     let send = |m: Req| {
         let tx = tx.clone();
         async move { tx.send(v1::SyncRequest { message: Some(m) }).await.is_ok() }
@@ -369,8 +410,13 @@ async fn session(
                 return Ok(());
             }
         };
-        let Some(Resp::Update(u)) = msg.message else {
-            continue;
+        let u = match msg.message {
+            Some(Resp::Update(u)) => u,
+            Some(Resp::InventoryRequest(_)) => {
+                send(Req::Hello(cache.hello(spec, true))).await;
+                continue;
+            }
+            _ => continue,
         };
         let order =
             if !cache.epoch.is_empty() && u.epoch == cache.epoch && u.revision < cache.revision {
@@ -402,15 +448,16 @@ async fn session(
             if u.snapshot_complete
                 && let Some((_, _, s)) = snapshot.take()
             {
+                cache.digest = Digest::of(s.iter().map(|(n, v)| (n.as_str(), v.as_str())));
                 cache.held = s;
                 cache.complete = true;
             }
         } else {
             for r in &u.resources {
-                cache.held.insert(r.name.clone(), r.version.clone());
+                cache.put(&r.name, &r.version);
             }
             for n in &u.removed {
-                cache.held.remove(n);
+                cache.remove(n);
             }
             cache.complete = true;
         }

@@ -17,7 +17,7 @@ use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 /// `raven.v1.SyncResponse` with the Update decoded as [`Update`].
 #[derive(Clone, PartialEq, Message)]
 pub struct SyncResponse {
-    #[prost(oneof = "Resp", tags = "1, 2")]
+    #[prost(oneof = "Resp", tags = "1, 2, 3")]
     pub message: Option<Resp>,
 }
 
@@ -27,6 +27,8 @@ pub enum Resp {
     Update(Update),
     #[prost(message, tag = "2")]
     Heartbeat(v1::Heartbeat),
+    #[prost(message, tag = "3")]
+    InventoryRequest(v1::InventoryRequest),
 }
 
 /// `raven.v1.Update`, field for field.

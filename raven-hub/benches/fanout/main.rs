@@ -6,6 +6,7 @@
 //! ```text
 //! cargo bench -p raven-hub --bench fanout -- [--gateways G] [--nodes N] [--agents M]
 //!     [--changes C] [--applied-with-resources] [--full-view] [--members-only] [--no-etcd]
+//!     [--hello-with-list]
 //!     [--hold-after-sync SECS]
 //! ```
 //!
@@ -19,7 +20,8 @@
 //! hub does not deliver at all or sends an agent something it refuses.
 //!
 //! What a simulated agent does (`agent.rs`): its own TCP + TLS connection
-//! and certificate; Hello with its inventory; for every Update it checks
+//! and certificate; Hello with the digest of its inventory (its list when
+//! the hub asks, or always with `--hello-with-list`); for every Update it checks
 //! what raven-edge's store checks of the envelope — revision never back
 //! within an epoch, the parts of a snapshot share one (epoch, revision),
 //! resources sorted and unique, none both sent and removed, each with a
@@ -58,6 +60,9 @@ struct Opts {
     changes: usize,
     applied_with_resources: bool,
     full_view: bool,
+    /// Agents list their inventory in every Hello, as before the inventory
+    /// digest (and as agents without `CAPABILITY_INVENTORY_DIGEST` do).
+    hello_with_list: bool,
     members_only: bool,
     etcd: bool,
     /// Seconds to keep every agent connected after the first sync, before
@@ -75,6 +80,7 @@ fn opts() -> Opts {
         changes: 5,
         applied_with_resources: false,
         full_view: false,
+        hello_with_list: false,
         members_only: false,
         etcd: true,
         hold_after_sync: 0,
@@ -86,6 +92,7 @@ fn opts() -> Opts {
         "--changes" => o.changes = num().max(1),
         "--applied-with-resources" => o.applied_with_resources = true,
         "--full-view" => o.full_view = true,
+        "--hello-with-list" => o.hello_with_list = true,
         "--members-only" => o.members_only = true,
         "--no-etcd" => o.etcd = false,
         "--hold-after-sync" => o.hold_after_sync = num() as u64,
@@ -449,6 +456,7 @@ async fn main() {
             hub: url.clone(),
             applied_with_resources: o.applied_with_resources,
             compact: !o.full_view,
+            hello_with_list: o.hello_with_list,
             heartbeat: Duration::from_secs(10),
             check_mirror: idx == 0,
         });

@@ -10,6 +10,7 @@
 //! sources) is kept by name until the hub either learns it or removes it.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use raven_core::{ContentVersion, ResourceName};
 
@@ -84,13 +85,63 @@ impl Key {
     }
 }
 
+/// A view's entries (sorted ids and their tags), shared by every session
+/// whose agent resumed holding that view (see `grpc::resume`): thousands
+/// of agents that hold the same gateways and peers keep one copy until
+/// their first change.
+#[derive(Debug, Default)]
+pub struct SharedEntries {
+    ids: Vec<u32>,
+    tags: Vec<Tag>,
+}
+
+impl SharedEntries {
+    /// From entries in any order, each id once.
+    pub fn new(mut entries: Vec<(u32, Tag)>) -> Self {
+        entries.sort_unstable_by_key(|(id, _)| *id);
+        let (ids, tags) = entries.into_iter().unzip();
+        Self { ids, tags }
+    }
+
+    fn get(&self, id: u32) -> Option<Tag> {
+        self.ids.binary_search(&id).ok().map(|i| self.tags[i])
+    }
+
+    fn entries(&self) -> impl Iterator<Item = (u32, Tag)> + '_ {
+        self.ids.iter().copied().zip(self.tags.iter().copied())
+    }
+}
+
 /// An agent's inventory: sorted ids with their tags (parallel vectors, 12
-/// bytes an entry), and the stray names.
+/// bytes an entry), and the stray names. After a resume by digest most of
+/// it is a view's [`SharedEntries`], and the vectors hold only the rest
+/// (the node's own resource), disjoint from it; the first Ack that changes
+/// anything takes a copy.
 #[derive(Debug, Default)]
 pub struct Held {
+    shared: Option<Arc<SharedEntries>>,
     ids: Vec<u32>,
     tags: Vec<Tag>,
     strays: BTreeMap<ResourceName, Tag>,
+}
+
+/// Two id-sorted entry runs with no id in both, merged in id order.
+fn merge(
+    a: impl Iterator<Item = (u32, Tag)>,
+    b: impl Iterator<Item = (u32, Tag)>,
+) -> impl Iterator<Item = (u32, Tag)> {
+    let (mut a, mut b) = (a.peekable(), b.peekable());
+    std::iter::from_fn(move || match (a.peek(), b.peek()) {
+        (Some(x), Some(y)) => {
+            if x.0 < y.0 {
+                a.next()
+            } else {
+                b.next()
+            }
+        }
+        (Some(_), None) => a.next(),
+        (None, _) => b.next(),
+    })
 }
 
 impl Held {
@@ -108,7 +159,64 @@ impl Held {
             .into_iter()
             .map(|(n, v)| (n, tag_of_str(v)))
             .collect();
-        Ok(Self { ids, tags, strays })
+        Ok(Self {
+            shared: None,
+            ids,
+            tags,
+            strays,
+        })
+    }
+
+    /// `node`'s view of `current`, all of it its own (the reference the
+    /// shared form of `grpc::resume` is tested against).
+    #[cfg(test)]
+    pub fn view_of(
+        current: &crate::pipeline::Published,
+        node: &raven_core::NodeName,
+        compact: bool,
+    ) -> Self {
+        let mut entries: Vec<(u32, Tag)> =
+            raven_core::view::view_resources(&current.topology, node, compact)
+                .into_iter()
+                .filter_map(|(n, r)| current.ids.id(n).map(|id| (id, tag(&r.version))))
+                .collect();
+        entries.sort_unstable_by_key(|(id, _)| *id);
+        let (ids, tags) = entries.into_iter().unzip();
+        Self {
+            shared: None,
+            ids,
+            tags,
+            strays: BTreeMap::new(),
+        }
+    }
+
+    /// What an agent holds that holds `shared` and `own` (entries in any
+    /// order, none of them in `shared`): a resumed view without copying
+    /// its shared part.
+    pub fn with_shared(shared: Arc<SharedEntries>, mut own: Vec<(u32, Tag)>) -> Self {
+        own.sort_unstable_by_key(|(id, _)| *id);
+        debug_assert!(own.iter().all(|(id, _)| shared.get(*id).is_none()));
+        let (ids, tags) = own.into_iter().unzip();
+        Self {
+            shared: Some(shared),
+            ids,
+            tags,
+            strays: BTreeMap::new(),
+        }
+    }
+
+    /// Whether both hold the same shared entries (one copy).
+    #[cfg(test)]
+    pub fn shares_with(&self, other: &Self) -> bool {
+        matches!((&self.shared, &other.shared), (Some(a), Some(b)) if Arc::ptr_eq(a, b))
+    }
+
+    /// Takes its own copy of the shared entries (before a change).
+    fn unshare(&mut self) {
+        if self.shared.is_some() {
+            (self.ids, self.tags) = self.entries().unzip();
+            self.shared = None;
+        }
     }
 
     /// The inventory an agent's Hello lists (the reference
@@ -130,22 +238,31 @@ impl Held {
         }
         entries.sort_unstable_by_key(|(id, _)| *id);
         let (ids, tags) = entries.into_iter().unzip();
-        Self { ids, tags, strays }
+        Self {
+            shared: None,
+            ids,
+            tags,
+            strays,
+        }
     }
 
     pub fn len(&self) -> usize {
-        self.ids.len() + self.strays.len()
+        self.ids.len() + self.strays.len() + self.shared.as_ref().map_or(0, |s| s.ids.len())
     }
 
     /// The tag held for `id`.
     pub fn get(&self, id: u32) -> Option<Tag> {
-        self.ids.binary_search(&id).ok().map(|i| self.tags[i])
+        self.ids
+            .binary_search(&id)
+            .ok()
+            .map(|i| self.tags[i])
+            .or_else(|| self.shared.as_ref().and_then(|s| s.get(id)))
     }
 
     /// Whether `name` is held (by id or as a stray).
     pub fn contains(&self, name: &ResourceName, ids: &ResourceIds) -> bool {
         match ids.id(name) {
-            Some(id) => self.ids.binary_search(&id).is_ok(),
+            Some(id) => self.get(id).is_some(),
             None => self.strays.contains_key(name),
         }
     }
@@ -179,7 +296,10 @@ impl Held {
 
     /// The held ids in order, with their tags.
     pub fn entries(&self) -> impl Iterator<Item = (u32, Tag)> + '_ {
-        self.ids.iter().copied().zip(self.tags.iter().copied())
+        merge(
+            self.ids.iter().copied().zip(self.tags.iter().copied()),
+            self.shared.iter().flat_map(|s| s.entries()),
+        )
     }
 
     /// The stray names.
@@ -190,6 +310,10 @@ impl Held {
     /// What the agent holds once it ACKed an Update that sent `sent` and
     /// removed `removed`: O(held + sent · log sent).
     pub fn apply(&mut self, sent: &[(u32, Tag)], removed: &[Key]) {
+        if sent.is_empty() && removed.is_empty() {
+            return;
+        }
+        self.unshare();
         let mut gone = Vec::new();
         for key in removed {
             match key {

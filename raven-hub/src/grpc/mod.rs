@@ -9,6 +9,7 @@ pub mod conn;
 pub mod error;
 mod held;
 pub mod inspect;
+pub mod resume;
 pub mod sync;
 mod wire;
 

@@ -150,6 +150,8 @@ pub struct SyncShared {
     /// replaces it, so one node certificate holds at most one stream (and at
     /// most one admission permit).
     live: Arc<std::sync::Mutex<BTreeMap<NodeName, (u64, tokio_util::sync::CancellationToken)>>>,
+    /// The per-kind digests resuming agents are checked against.
+    sums: super::resume::Sums,
     next_stream: Arc<std::sync::atomic::AtomicU64>,
 }
 
@@ -178,6 +180,7 @@ impl SyncShared {
             sessions: tokio_util::task::TaskTracker::new(),
             shutdown,
             live: Arc::default(),
+            sums: super::resume::Sums::default(),
             next_stream: Arc::default(),
         }
     }
@@ -327,6 +330,9 @@ pub struct Session {
     held_back: Vec<ResourceName>,
     /// The agent takes the compact member view ([`takes_compact_view`]).
     compact: bool,
+    /// The (epoch, revision) whose view the agent's Hello digest matched:
+    /// `held` is that view, and the first Update needs no plan.
+    resumed: Option<(String, u64)>,
     /// This node's entry of the agent table, once the stream is in its main
     /// loop: every Ack, Applied and heartbeat updates it without a lookup
     /// or a lock of the whole table.
@@ -389,6 +395,7 @@ impl Session {
             answered: false,
             held_back: Vec::new(),
             compact: false,
+            resumed: None,
             agent: None,
         }
     }
@@ -469,14 +476,23 @@ impl Session {
                 claimed: hello.node_name,
             });
         }
-        let delta =
-            hello.capabilities.contains(&(v1::Capability::Delta as i32)) && hello.cache_complete;
-        let ids = self.shared.for_agents.borrow().ids.clone();
-        self.held = Held::from_hello(&hello, &ids)?;
+        // An agent resuming by digest lists nothing: what it holds is known
+        // once the digest is compared with its view (below).
+        let digest = if hello
+            .capabilities
+            .contains(&(v1::Capability::InventoryDigest as i32))
+        {
+            raven_proto::digest::Digest::from_hello(&hello)?
+        } else {
+            None
+        };
+        if digest.is_none() {
+            let ids = self.shared.for_agents.borrow().ids.clone();
+            self.held = Held::from_hello(&hello, &ids)?;
+        }
         self.compact = takes_compact_view(&hello);
         self.held_epoch = hello.epoch.clone();
         self.held_revision = hello.revision;
-        let snapshot = !delta;
 
         let mut published = self.shared.for_agents.clone();
         let ready = tokio::time::timeout(
@@ -490,17 +506,98 @@ impl Session {
         if !ready {
             return Err(SyncError::NotReady);
         }
+        let mut hello = hello;
+        let mut resumed = false;
+        if let Some(digest) = digest {
+            let current = published.borrow().clone();
+            let sums = self.shared.sums.of(&current);
+            if sums.view_digest(&current.topology, &self.node, self.compact) == digest {
+                // The agent holds exactly this view: nothing to list, and
+                // nothing to send but the empty first Update.
+                self.held = self
+                    .shared
+                    .sums
+                    .held_view(&current, &self.node, self.compact);
+                self.resumed = Some((current.epoch.clone(), current.revision));
+                self.shared.metrics.digest_resumed();
+                resumed = true;
+            } else {
+                hello = self.ask_inventory(inbound).await?;
+                self.compact = takes_compact_view(&hello);
+                self.held = Held::from_hello(&hello, &current.ids)?;
+                self.held_epoch = hello.epoch.clone();
+                self.held_revision = hello.revision;
+            }
+        }
+        let delta = resumed
+            || (hello.capabilities.contains(&(v1::Capability::Delta as i32))
+                && hello.cache_complete);
+        let snapshot = !delta;
         self.shared.agents.connected(&self.node, &hello, remote);
         let opened = tokio::time::Instant::now();
         self.shared
             .index
             .update_if(|i| i.stream_opened(self.node.clone(), opened));
-        tracing::info!(node = %self.node, epoch = %hello.epoch, revision = hello.revision, held = self.held.len(), delta, cert_serial = %self.cert.serial, cert_expires = %humantime::format_rfc3339_seconds(self.cert.not_after), "agent connected");
+        tracing::info!(node = %self.node, epoch = %hello.epoch, revision = hello.revision, held = self.held.len(), delta, resumed, cert_serial = %self.cert.serial, cert_expires = %humantime::format_rfc3339_seconds(self.cert.not_after), "agent connected");
         // Not kept for the stream's life (a value in scope lives across
         // every later await): its inventory lists everything the agent
         // holds, ≈ 100 B a resource after a hub restart.
         drop(hello);
         self.main_loop(inbound, &mut published, snapshot).await
+    }
+
+    /// The agent's digest differs from its view: asks it for the list
+    /// (InventoryRequest) and reads the second Hello that carries it,
+    /// checked as the first one was.
+    async fn ask_inventory(
+        &mut self,
+        inbound: &mut Streaming<v1::SyncRequest>,
+    ) -> Result<v1::Hello, SyncError> {
+        self.shared.metrics.inventory_requested();
+        self.send(EncodedSyncResponse::from_message(&v1::SyncResponse {
+            message: Some(v1::sync_response::Message::InventoryRequest(
+                v1::InventoryRequest {},
+            )),
+        }))
+        .await?;
+        let (replaced, shutdown) = (self.replaced.clone(), self.shared.shutdown.clone());
+        let next = tokio::time::timeout(self.shared.config.hello_timeout, inbound.message());
+        let next = tokio::select! {
+            r = next => r,
+            () = replaced.cancelled() => return Err(self.replaced()),
+            () = shutdown.cancelled() => return Err(SyncError::ShuttingDown),
+        };
+        let hello = match next {
+            Err(_) => return Err(SyncError::NoHello),
+            Ok(Err(s)) => return Err(s.into()),
+            Ok(Ok(None)) => return Err(SyncError::AgentGone),
+            Ok(Ok(Some(v1::SyncRequest {
+                message: Some(Req::Hello(h)),
+            }))) => h,
+            Ok(Ok(Some(_))) => {
+                return Err(SyncError::invalid(
+                    "an InventoryRequest must be answered with a Hello listing the resources",
+                ));
+            }
+        };
+        if hello.protocol_version != raven_proto::PROTOCOL_VERSION {
+            return Err(SyncError::ProtocolVersion {
+                got: hello.protocol_version,
+                speaks: raven_proto::PROTOCOL_VERSION,
+            });
+        }
+        if !hello.node_name.is_empty() && hello.node_name != self.node.as_str() {
+            return Err(SyncError::ClaimedIdentity {
+                certificate: self.node.clone(),
+                claimed: hello.node_name,
+            });
+        }
+        if !hello.inventory_digest.is_empty() {
+            return Err(SyncError::invalid(
+                "the Hello answering an InventoryRequest carries a digest again instead of the resource list",
+            ));
+        }
+        Ok(hello)
     }
 
     async fn main_loop(
@@ -644,6 +741,16 @@ impl Session {
     /// Computes the Updates that bring the agent to `current`.
     fn plan(&mut self, current: &Published, full_snapshot: bool) {
         self.held.resolve(&current.ids);
+        // Resumed by digest against this very revision: the agent holds
+        // the view, so the first Update is empty (no plan of the view).
+        if let Some((epoch, revision)) = self.resumed.take()
+            && epoch == current.epoch
+            && revision == current.revision
+            && !self.answered
+        {
+            self.queue(current, false, Vec::new(), Vec::new());
+            return;
+        }
         let (changed, removed) = match self.plan_delta(current) {
             Some(Some(planned)) => planned,
             Some(None) => return,

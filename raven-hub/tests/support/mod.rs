@@ -182,6 +182,7 @@ pub fn hello(
                 })
                 .collect(),
             cache_complete: complete,
+            inventory_digest: Vec::new(),
         })),
     }
 }
@@ -218,6 +219,9 @@ impl Agent {
             match msg.and_then(|m| m.message) {
                 Some(Resp::Update(u)) => return Ok(u),
                 Some(Resp::Heartbeat(_)) => continue,
+                Some(Resp::InventoryRequest(_)) => {
+                    return Err(tonic::Status::aborted("an InventoryRequest, not an Update"));
+                }
                 None => return Err(tonic::Status::aborted("stream ended")),
             }
         }
