@@ -1079,15 +1079,8 @@ mod tests {
         );
     }
 
-    /// A running pipeline (debounce `quiet`, at most 3 × `quiet`) over an
-    /// empty, synced cluster whose `raven-cfg` the test toggles, quiet for
-    /// twice `quiet` since its first publish; returns the index, the
-    /// published state and the revision of the first publish.
-    async fn running(quiet: std::time::Duration) -> (crate::index::IndexHandle, PublishedRx, u64) {
-        let debounce = Debounce {
-            quiet,
-            max_delay: quiet * 3,
-        };
+    /// An index whose sources have all synced (an empty cluster).
+    fn synced_index() -> crate::index::IndexHandle {
         let index = crate::index::IndexHandle::default();
         index.update(|i| {
             for k in [
@@ -1098,6 +1091,19 @@ mod tests {
                 i.mark_synced(k);
             }
         });
+        index
+    }
+
+    /// A running pipeline (debounce `quiet`, at most 3 × `quiet`) over an
+    /// empty, synced cluster whose `raven-cfg` the test toggles, quiet for
+    /// twice `quiet` since its first publish; returns the index, the
+    /// published state and the revision of the first publish.
+    async fn running(quiet: std::time::Duration) -> (crate::index::IndexHandle, PublishedRx, u64) {
+        let debounce = Debounce {
+            quiet,
+            max_delay: quiet * 3,
+        };
+        let index = synced_index();
         let (p, mut rx) = Pipeline::new(
             index.clone(),
             crate::revision::Revisions::in_memory(),
@@ -1174,16 +1180,7 @@ mod tests {
     async fn a_change_that_arrives_with_the_stop_is_not_compiled_nor_published() {
         let quiet = std::time::Duration::from_secs(10);
         for round in 0..32 {
-            let index = crate::index::IndexHandle::default();
-            index.update(|i| {
-                for k in [
-                    crate::index::Kind::Gateway,
-                    crate::index::Kind::Node,
-                    crate::index::Kind::Config,
-                ] {
-                    i.mark_synced(k);
-                }
-            });
+            let index = synced_index();
             let (p, mut rx) = Pipeline::new(
                 index.clone(),
                 crate::revision::Revisions::in_memory(),
