@@ -1244,15 +1244,20 @@ mod tests {
         assert!(Delta::between(7, &after, &after).names.is_empty());
     }
 
+    fn resource_name(s: &str) -> ResourceName {
+        ResourceName::parse(s).unwrap_or_else(|| panic!("{s}"))
+    }
+
+    /// A kept delta from revision `from` that changed `names`.
+    fn delta(from: u64, names: &[&str]) -> Arc<Delta> {
+        Arc::new(Delta {
+            from,
+            names: names.iter().map(|n| resource_name(n)).collect(),
+        })
+    }
+
     #[test]
     fn names_changed_since_any_kept_revision_are_the_union_of_the_deltas_after_it() {
-        let name = |s: &str| ResourceName::parse(s).unwrap_or_else(|| panic!("{s}"));
-        let delta = |from: u64, names: &[&str]| {
-            Arc::new(Delta {
-                from,
-                names: names.iter().map(|n| name(n)).collect(),
-            })
-        };
         let p = Published {
             revision: 13,
             deltas: vec![
@@ -1275,13 +1280,6 @@ mod tests {
 
     #[test]
     fn the_names_read_from_the_last_delta_are_the_names_changed_since_for_every_revision() {
-        let name = |s: &str| ResourceName::parse(s).unwrap_or_else(|| panic!("{s}"));
-        let delta = |from: u64, names: &[&str]| {
-            Arc::new(Delta {
-                from,
-                names: names.iter().map(|n| name(n)).collect(),
-            })
-        };
         let p = Published {
             revision: 13,
             deltas: vec![
@@ -1311,7 +1309,7 @@ mod tests {
                 "names since {since}"
             );
             for probe in probes {
-                let n = name(probe);
+                let n = resource_name(probe);
                 assert_eq!(
                     read.as_ref().map(|r| r.contains(&n)),
                     general.as_ref().map(|g| g.contains(&n)),

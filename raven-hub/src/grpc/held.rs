@@ -175,33 +175,35 @@ impl Held {
         node: &raven_core::NodeName,
         compact: bool,
     ) -> Self {
-        let mut entries: Vec<(u32, Tag)> =
-            raven_core::view::view_resources(&current.topology, node, compact)
-                .into_iter()
-                .filter_map(|(n, r)| current.ids.id(n).map(|id| (id, tag(&r.version))))
-                .collect();
-        entries.sort_unstable_by_key(|(id, _)| *id);
-        let (ids, tags) = entries.into_iter().unzip();
-        Self {
-            shared: None,
-            ids,
-            tags,
-            strays: BTreeMap::new(),
-        }
+        let entries = raven_core::view::view_resources(&current.topology, node, compact)
+            .into_iter()
+            .filter_map(|(n, r)| current.ids.id(n).map(|id| (id, tag(&r.version))))
+            .collect();
+        Self::from_entries(None, entries, BTreeMap::new())
     }
 
     /// What an agent holds that holds `shared` and `own` (entries in any
     /// order, none of them in `shared`): a resumed view without copying
     /// its shared part.
-    pub fn with_shared(shared: Arc<SharedEntries>, mut own: Vec<(u32, Tag)>) -> Self {
-        own.sort_unstable_by_key(|(id, _)| *id);
+    pub fn with_shared(shared: Arc<SharedEntries>, own: Vec<(u32, Tag)>) -> Self {
         debug_assert!(own.iter().all(|(id, _)| shared.get(*id).is_none()));
-        let (ids, tags) = own.into_iter().unzip();
+        Self::from_entries(Some(shared), own, BTreeMap::new())
+    }
+
+    /// Its own `entries` (in any order) sorted by id, beside `shared` and
+    /// `strays`.
+    fn from_entries(
+        shared: Option<Arc<SharedEntries>>,
+        mut entries: Vec<(u32, Tag)>,
+        strays: BTreeMap<ResourceName, Tag>,
+    ) -> Self {
+        entries.sort_unstable_by_key(|(id, _)| *id);
+        let (ids, tags) = entries.into_iter().unzip();
         Self {
-            shared: Some(shared),
+            shared,
             ids,
             tags,
-            strays: BTreeMap::new(),
+            strays,
         }
     }
 
@@ -236,14 +238,7 @@ impl Held {
                 }
             }
         }
-        entries.sort_unstable_by_key(|(id, _)| *id);
-        let (ids, tags) = entries.into_iter().unzip();
-        Self {
-            shared: None,
-            ids,
-            tags,
-            strays,
-        }
+        Self::from_entries(None, entries, strays)
     }
 
     pub fn len(&self) -> usize {
