@@ -39,26 +39,32 @@ fn hub_revision(lab: &Lab) -> u64 {
         .unwrap_or(0)
 }
 
-/// Waits until every agent is connected and has applied what it acknowledged
+/// Whether every agent is connected and has applied what it acknowledged
 /// without error, and some agent holds the hub's `revision` (an agent whose
-/// view did not change in a revision is not sent it).
+/// view did not change in a revision is not sent it); `Err` carries what the
+/// hub showed.
+fn applied(lab: &Lab, revision: u64) -> Result<(), serde_json::Value> {
+    let num = |v: &serde_json::Value| v.as_str().and_then(|r| r.parse::<u64>().ok()).unwrap_or(0);
+    // A hub just restarted answers once it listens: until then, not yet.
+    let a = try_agents(lab).unwrap_or_else(|e| serde_json::json!({ "error": e }));
+    let list = a["agents"].as_array().cloned().unwrap_or_default();
+    let done = list.len() == NODES.len()
+        && list.iter().all(|x| {
+            x["connected"] == true
+                && x["appliedSuccess"] == true
+                && num(&x["appliedRevision"]) == num(&x["ackedRevision"])
+        })
+        && list.iter().any(|x| num(&x["appliedRevision"]) == revision);
+    if done { Ok(()) } else { Err(a) }
+}
+
+/// Waits until every agent applied the hub's `revision` (see [`applied`]).
 fn all_applied(lab: &Lab, revision: u64) -> Duration {
     let t = Instant::now();
-    let num = |v: &serde_json::Value| v.as_str().and_then(|r| r.parse::<u64>().ok()).unwrap_or(0);
     loop {
-        // A hub just restarted answers once it listens: until then, not yet.
-        let a = try_agents(lab).unwrap_or_else(|e| serde_json::json!({ "error": e }));
-        let list = a["agents"].as_array().cloned().unwrap_or_default();
-        let done = list.len() == NODES.len()
-            && list.iter().all(|x| {
-                x["connected"] == true
-                    && x["appliedSuccess"] == true
-                    && num(&x["appliedRevision"]) == num(&x["ackedRevision"])
-            })
-            && list.iter().any(|x| num(&x["appliedRevision"]) == revision);
-        if done {
+        let Err(a) = applied(lab, revision) else {
             return t.elapsed();
-        }
+        };
         assert!(
             t.elapsed() < Duration::from_secs(30),
             "agents did not all apply revision {revision}: {a:#}"
@@ -546,11 +552,34 @@ fn direct_path(lab: &Lab) -> Duration {
 /// Waits until the topology stops moving on its own (the public gateway's
 /// observations of the NATed ones have reached the hub, and the direct
 /// path is up) and every agent applied it; returns the revision.
+///
+/// The topology may still move after the direct path is up (the other
+/// gateways' observations arrive on their own schedule), so the revision is
+/// read again on every look; it is settled once every agent has applied the
+/// hub's revision and the hub stayed on it for a second.
 fn settle(lab: &Lab) -> u64 {
     direct_path(lab);
-    let rev = hub_revision(lab);
-    all_applied(lab, rev);
-    rev
+    let t = Instant::now();
+    let mut settled: Option<(u64, Instant)> = None;
+    loop {
+        let rev = hub_revision(lab);
+        match (applied(lab, rev), settled) {
+            (Ok(()), Some((r, since))) if r == rev => {
+                if since.elapsed() >= Duration::from_secs(1) {
+                    return rev;
+                }
+            }
+            (Ok(()), _) => settled = Some((rev, Instant::now())),
+            (Err(a), _) => {
+                settled = None;
+                assert!(
+                    t.elapsed() < Duration::from_secs(60),
+                    "the topology did not settle (hub revision {rev}): {a:#}"
+                );
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 #[test]
