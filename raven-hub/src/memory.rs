@@ -21,14 +21,20 @@
 //!   stranded in arenas a thread no longer uses (−25 % RSS measured with 2).
 //! - [`spawn_trimmer`]: once a burst of new streams has finished its initial
 //!   syncs (no admission permit taken), one `malloc_trim(0)` on the blocking
-//!   pool hands the free pages of every arena back (`madvise(DONTNEED)`),
-//!   at most every [`TRIM_EVERY`]. Not after a new revision: a trim walks
+//!   pool hands the free pages of every arena back (`madvise(DONTNEED)`):
+//!   looked at every [`TRIM_CHECK`] (the storm's memory goes back within a
+//!   quarter second of its end, not up to 5 s later), done at most every
+//!   [`TRIM_EVERY`] (a steady trickle of reconnects does not trim
+//!   continuously). Not after a new revision: a trim walks
 //!   the arenas under their locks while every session allocates for the
 //!   fan-out, and what a recompile frees the next one reuses.
 
 use std::time::Duration;
 
 /// How often the trimmer looks whether a trim is due.
+pub const TRIM_CHECK: Duration = Duration::from_millis(250);
+
+/// The least time between two trims.
 pub const TRIM_EVERY: Duration = Duration::from_secs(5);
 
 /// At most one glibc malloc arena per core (at least 2), unless
@@ -60,20 +66,27 @@ pub fn trim() {
 }
 
 /// When a trim is due: after new streams, once no initial sync is in
-/// progress; never twice for the same streams.
+/// progress, at most every [`TRIM_EVERY`]; never twice for the same streams.
 #[derive(Debug, Default)]
 pub struct TrimWatch {
     seen: u64,
+    last: Option<std::time::Instant>,
 }
 
 impl TrimWatch {
     /// `streams`: streams started so far; `syncing`: initial syncs in
     /// progress now.
-    pub fn due(&mut self, streams: u64, syncing: bool) -> bool {
-        if syncing || streams == self.seen {
+    pub fn due(&mut self, streams: u64, syncing: bool, now: std::time::Instant) -> bool {
+        if syncing
+            || streams == self.seen
+            || self
+                .last
+                .is_some_and(|l| now.duration_since(l) < TRIM_EVERY)
+        {
             return false;
         }
         self.seen = streams;
+        self.last = Some(now);
         true
     }
 }
@@ -82,7 +95,7 @@ impl TrimWatch {
 pub fn spawn_trimmer(shared: crate::grpc::sync::SyncShared) {
     tokio::spawn(async move {
         let mut watch = TrimWatch::default();
-        let mut tick = tokio::time::interval(TRIM_EVERY);
+        let mut tick = tokio::time::interval(TRIM_CHECK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -90,7 +103,7 @@ pub fn spawn_trimmer(shared: crate::grpc::sync::SyncShared) {
                 _ = tick.tick() => {}
             }
             let syncing = shared.admission.available_permits() < shared.config.max_initial_syncs;
-            if watch.due(shared.streams_started(), syncing) {
+            if watch.due(shared.streams_started(), syncing, std::time::Instant::now()) {
                 let _ = tokio::task::spawn_blocking(trim).await;
             }
         }
@@ -102,14 +115,27 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_trim_is_due_once_after_new_streams_have_synced_and_not_while_they_sync() {
+    fn a_trim_is_due_once_after_new_streams_have_synced_not_while_they_sync_nor_twice_in_five_seconds()
+     {
+        let t0 = std::time::Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
         let mut w = TrimWatch::default();
-        assert!(!w.due(0, false), "nothing happened yet");
-        assert!(!w.due(500, true), "initial syncs still in progress");
-        assert!(w.due(1000, false), "the storm is over");
-        assert!(!w.due(1000, false), "already trimmed for it");
-        assert!(!w.due(1001, true), "a reconnect still syncing");
-        assert!(w.due(1001, false), "it synced");
+        assert!(!w.due(0, false, at(0)), "nothing happened yet");
+        assert!(
+            !w.due(500, true, at(250)),
+            "initial syncs still in progress"
+        );
+        assert!(w.due(1000, false, at(500)), "the storm is over");
+        assert!(!w.due(1000, false, at(750)), "already trimmed for it");
+        assert!(!w.due(1001, true, at(1000)), "a reconnect still syncing");
+        assert!(
+            !w.due(1001, false, at(1250)),
+            "it synced, but the last trim was 0.75 s ago"
+        );
+        assert!(
+            w.due(1001, false, at(5500)),
+            "five seconds after the last trim"
+        );
     }
 
     #[test]

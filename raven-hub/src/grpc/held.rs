@@ -86,9 +86,10 @@ impl Key {
 }
 
 /// A view's entries (sorted ids and their tags), shared by every session
-/// whose agent resumed holding that view (see `grpc::resume`): thousands
-/// of agents that hold the same gateways and peers keep one copy until
-/// their first change.
+/// whose agent holds that view: the sessions of agents that resumed holding
+/// it (see `grpc::resume`), and those that synced it and then match it
+/// exactly ([`Held::share`]). Thousands of agents that hold the same
+/// gateways and peers keep one copy.
 #[derive(Debug, Default)]
 pub struct SharedEntries {
     ids: Vec<u32>,
@@ -113,27 +114,39 @@ impl SharedEntries {
 }
 
 /// An agent's inventory: sorted ids with their tags (parallel vectors, 12
-/// bytes an entry), and the stray names. After a resume by digest most of
-/// it is a view's [`SharedEntries`], and the vectors hold only the rest
-/// (the node's own resource), disjoint from it; the first Ack that changes
-/// anything takes a copy.
+/// bytes an entry), and the stray names.
+///
+/// Most sessions hold a view many others hold too: then `shared` is that
+/// view and the session's own vectors are an overlay of what its agent holds
+/// differently — an entry of its own (the node's own resource, or a newer
+/// tag of a shared id after a change) and `gone`, the shared ids it no
+/// longer holds. An Ack edits the overlay (O(sent · overlay), no copy of the
+/// view); an overlay grown past [`Held::OVERLAY_MAX`] of the view is folded
+/// into a copy of its own, until [`Held::share`] finds it equal to a shared
+/// view again.
 #[derive(Debug, Default)]
 pub struct Held {
     shared: Option<Arc<SharedEntries>>,
     ids: Vec<u32>,
     tags: Vec<Tag>,
+    /// Shared ids not held (sorted); empty without `shared`.
+    gone: Vec<u32>,
     strays: BTreeMap<ResourceName, Tag>,
 }
 
-/// Two id-sorted entry runs with no id in both, merged in id order.
-fn merge(
-    a: impl Iterator<Item = (u32, Tag)>,
-    b: impl Iterator<Item = (u32, Tag)>,
-) -> impl Iterator<Item = (u32, Tag)> {
-    let (mut a, mut b) = (a.peekable(), b.peekable());
+/// Two id-sorted entry runs merged in id order; an id in both is taken from
+/// `own` only.
+fn overlay<'a>(
+    own: impl Iterator<Item = (u32, Tag)> + 'a,
+    base: impl Iterator<Item = (u32, Tag)> + 'a,
+) -> impl Iterator<Item = (u32, Tag)> + 'a {
+    let (mut a, mut b) = (own.peekable(), base.peekable());
     std::iter::from_fn(move || match (a.peek(), b.peek()) {
         (Some(x), Some(y)) => {
-            if x.0 < y.0 {
+            if x.0 == y.0 {
+                b.next();
+                a.next()
+            } else if x.0 < y.0 {
                 a.next()
             } else {
                 b.next()
@@ -144,7 +157,30 @@ fn merge(
     })
 }
 
+/// Sets `id` to `t` in the sorted parallel vectors.
+fn upsert(ids: &mut Vec<u32>, tags: &mut Vec<Tag>, id: u32, t: Tag) {
+    match ids.binary_search(&id) {
+        Ok(i) => tags[i] = t,
+        Err(i) => {
+            ids.insert(i, id);
+            tags.insert(i, t);
+        }
+    }
+}
+
+/// Removes `id` from the sorted parallel vectors.
+fn remove(ids: &mut Vec<u32>, tags: &mut Vec<Tag>, id: u32) {
+    if let Ok(i) = ids.binary_search(&id) {
+        ids.remove(i);
+        tags.remove(i);
+    }
+}
+
 impl Held {
+    /// The largest overlay kept beside a shared view: this many entries
+    /// plus an eighth of the view. Larger, it is folded into a copy.
+    pub const OVERLAY_MAX: usize = 16;
+
     /// The inventory an agent's Hello lists, read straight from the Hello:
     /// names the hub knows become their ids (no name is built for them),
     /// the others are parsed and kept as strays; a malformed or repeated
@@ -154,17 +190,15 @@ impl Held {
         ids: &ResourceIds,
     ) -> Result<Self, raven_proto::ConversionError> {
         let (known, others) = raven_proto::hello_inventory_interned(hello, |n| ids.id_of_str(n))?;
-        let (ids, tags) = known.into_iter().map(|(id, v)| (id, tag_of_str(v))).unzip();
+        let known = known
+            .into_iter()
+            .map(|(id, v)| (id, tag_of_str(v)))
+            .collect();
         let strays = others
             .into_iter()
             .map(|(n, v)| (n, tag_of_str(v)))
             .collect();
-        Ok(Self {
-            shared: None,
-            ids,
-            tags,
-            strays,
-        })
+        Ok(Self::from_entries(None, known, strays))
     }
 
     /// `node`'s view of `current`, all of it its own (the reference the
@@ -183,15 +217,15 @@ impl Held {
     }
 
     /// What an agent holds that holds `shared` and `own` (entries in any
-    /// order, none of them in `shared`): a resumed view without copying
-    /// its shared part.
+    /// order, none of them in `shared`): a view without copying its shared
+    /// part.
     pub fn with_shared(shared: Arc<SharedEntries>, own: Vec<(u32, Tag)>) -> Self {
         debug_assert!(own.iter().all(|(id, _)| shared.get(*id).is_none()));
         Self::from_entries(Some(shared), own, BTreeMap::new())
     }
 
-    /// Its own `entries` (in any order) sorted by id, beside `shared` and
-    /// `strays`.
+    /// Its own `entries` (in any order, each id once) sorted by id, beside
+    /// `shared` and `strays`.
     fn from_entries(
         shared: Option<Arc<SharedEntries>>,
         mut entries: Vec<(u32, Tag)>,
@@ -203,6 +237,7 @@ impl Held {
             shared,
             ids,
             tags,
+            gone: Vec::new(),
             strays,
         }
     }
@@ -213,11 +248,31 @@ impl Held {
         matches!((&self.shared, &other.shared), (Some(a), Some(b)) if Arc::ptr_eq(a, b))
     }
 
-    /// Takes its own copy of the shared entries (before a change).
+    /// Whether part of it is a shared view.
+    pub fn is_shared(&self) -> bool {
+        self.shared.is_some()
+    }
+
+    /// Takes `view` instead when it holds exactly the same (same entries,
+    /// no strays), so that the view's shared part is one copy for every
+    /// session holding it; returns whether it did. O(view).
+    pub fn share(&mut self, view: Self) -> bool {
+        let same = self.strays.is_empty()
+            && view.strays.is_empty()
+            && self.len() == view.len()
+            && self.entries().eq(view.entries());
+        if same {
+            *self = view;
+        }
+        same
+    }
+
+    /// Folds the shared entries and the overlay into a copy of its own.
     fn unshare(&mut self) {
         if self.shared.is_some() {
             (self.ids, self.tags) = self.entries().unzip();
             self.shared = None;
+            self.gone = Vec::new();
         }
     }
 
@@ -241,17 +296,28 @@ impl Held {
         Self::from_entries(None, entries, strays)
     }
 
+    /// How many names it holds: O(overlay · log view).
     pub fn len(&self) -> usize {
-        self.ids.len() + self.strays.len() + self.shared.as_ref().map_or(0, |s| s.ids.len())
+        let own = match &self.shared {
+            None => self.ids.len(),
+            Some(s) => {
+                let hidden = self.ids.iter().filter(|id| s.get(**id).is_some()).count();
+                s.ids.len() - self.gone.len() + self.ids.len() - hidden
+            }
+        };
+        own + self.strays.len()
     }
 
     /// The tag held for `id`.
     pub fn get(&self, id: u32) -> Option<Tag> {
-        self.ids
-            .binary_search(&id)
-            .ok()
-            .map(|i| self.tags[i])
-            .or_else(|| self.shared.as_ref().and_then(|s| s.get(id)))
+        if let Ok(i) = self.ids.binary_search(&id) {
+            return Some(self.tags[i]);
+        }
+        let shared = self.shared.as_ref()?;
+        if self.gone.binary_search(&id).is_ok() {
+            return None;
+        }
+        shared.get(id)
     }
 
     /// Whether `name` is held (by id or as a stray).
@@ -291,9 +357,13 @@ impl Held {
 
     /// The held ids in order, with their tags.
     pub fn entries(&self) -> impl Iterator<Item = (u32, Tag)> + '_ {
-        merge(
+        let gone = &self.gone;
+        overlay(
             self.ids.iter().copied().zip(self.tags.iter().copied()),
-            self.shared.iter().flat_map(|s| s.entries()),
+            self.shared
+                .iter()
+                .flat_map(|s| s.entries())
+                .filter(move |(id, _)| gone.binary_search(id).is_err()),
         )
     }
 
@@ -303,12 +373,57 @@ impl Held {
     }
 
     /// What the agent holds once it ACKed an Update that sent `sent` and
-    /// removed `removed`: O(held + sent · log sent).
+    /// removed `removed`: beside a shared view O(changes · overlay), else
+    /// O(held + sent · log sent).
     pub fn apply(&mut self, sent: &[(u32, Tag)], removed: &[Key]) {
         if sent.is_empty() && removed.is_empty() {
             return;
         }
-        self.unshare();
+        let limit = self
+            .shared
+            .as_ref()
+            .map(|s| Self::OVERLAY_MAX + s.ids.len() / 8);
+        if limit.is_some_and(|l| self.ids.len() + self.gone.len() + sent.len() + removed.len() > l)
+        {
+            self.unshare();
+        }
+        match self.shared.clone() {
+            Some(shared) => self.apply_overlay(&shared, sent, removed),
+            None => self.apply_own(sent, removed),
+        }
+    }
+
+    /// [`Self::apply`] beside a shared view: only the overlay changes.
+    fn apply_overlay(&mut self, shared: &SharedEntries, sent: &[(u32, Tag)], removed: &[Key]) {
+        for key in removed {
+            match key {
+                Key::Id(id) => {
+                    remove(&mut self.ids, &mut self.tags, *id);
+                    if shared.get(*id).is_some()
+                        && let Err(i) = self.gone.binary_search(id)
+                    {
+                        self.gone.insert(i, *id);
+                    }
+                }
+                Key::Stray(name) => {
+                    self.strays.remove(name);
+                }
+            }
+        }
+        for (id, t) in sent {
+            if let Ok(i) = self.gone.binary_search(id) {
+                self.gone.remove(i);
+            }
+            if shared.get(*id) == Some(*t) {
+                remove(&mut self.ids, &mut self.tags, *id);
+            } else {
+                upsert(&mut self.ids, &mut self.tags, *id, *t);
+            }
+        }
+    }
+
+    /// [`Self::apply`] to an inventory all its own.
+    fn apply_own(&mut self, sent: &[(u32, Tag)], removed: &[Key]) {
         let mut gone = Vec::new();
         for key in removed {
             match key {
@@ -338,22 +453,22 @@ impl Held {
         if added.is_empty() {
             return;
         }
-        added.sort_unstable_by_key(|(id, _)| *id);
-        added.dedup_by_key(|(id, _)| *id);
-        let mut merged = Vec::with_capacity(self.ids.len() + added.len());
-        let mut old = self.entries().peekable();
-        let mut new = added.into_iter().peekable();
-        loop {
-            // `added` holds only ids not held, so no id is in both.
-            let take_old = match (old.peek(), new.peek()) {
-                (Some(a), Some(b)) => a.0 < b.0,
-                (Some(_), None) => true,
-                (None, Some(_)) => false,
-                (None, None) => break,
-            };
-            merged.extend(if take_old { old.next() } else { new.next() });
-        }
-        drop(old);
+        // An id sent twice is held at the later tag (as an upsert would).
+        added.sort_by_key(|(id, _)| *id);
+        added.dedup_by(|later, kept| {
+            let same = later.0 == kept.0;
+            if same {
+                kept.1 = later.1;
+            }
+            same
+        });
+        // `added` holds only ids not held: the overlay merge takes each
+        // from one side.
+        let merged: Vec<(u32, Tag)> = overlay(
+            added.into_iter(),
+            self.ids.iter().copied().zip(self.tags.iter().copied()),
+        )
+        .collect();
         (self.ids, self.tags) = merged.into_iter().unzip();
         self.ids.shrink_to_fit();
         self.tags.shrink_to_fit();
@@ -452,6 +567,79 @@ mod tests {
         held.apply(&[(c, 6)], &[Key::Id(a)]);
         assert_eq!(held.entries().collect::<Vec<_>>(), [(b, 5), (c, 6), (d, 4)]);
         assert_eq!(held.strays().count(), 0);
+    }
+
+    /// One Ack's worth of changes: entries sent, ids removed.
+    type Ack = (Vec<(u32, Tag)>, Vec<u32>);
+
+    fn acks() -> impl proptest::strategy::Strategy<Value = Vec<Ack>> {
+        let ack = (
+            proptest::collection::vec((0u32..64, 0u64..4), 0..12),
+            proptest::collection::vec(0u32..64, 0..6),
+        );
+        proptest::collection::vec(ack, 1..24)
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+        /// Whatever the Acks change, a held view beside a shared one (an
+        /// overlay, folded into a copy once large) holds what a map of
+        /// every entry holds; and one sharing again holds the same.
+        #[test]
+        fn an_overlay_on_a_shared_view_holds_what_a_whole_copy_holds_after_any_acks(
+            base in proptest::collection::btree_map(0u32..64, 0u64..4, 0..48),
+            acks in acks(),
+        ) {
+            let shared = Arc::new(SharedEntries::new(base.iter().map(|(k, v)| (*k, *v)).collect()));
+            let mut held = Held::with_shared(shared.clone(), Vec::new());
+            let mut model = base.clone();
+            for (sent, removed) in acks {
+                let keys: Vec<Key> = removed.iter().map(|id| Key::Id(*id)).collect();
+                held.apply(&sent, &keys);
+                for id in &removed {
+                    model.remove(id);
+                }
+                for (id, t) in &sent {
+                    model.insert(*id, *t);
+                }
+                let want: Vec<(u32, Tag)> = model.iter().map(|(k, v)| (*k, *v)).collect();
+                proptest::prop_assert_eq!(held.entries().collect::<Vec<_>>(), want.clone());
+                proptest::prop_assert_eq!(held.len(), model.len());
+                for id in 0..64 {
+                    proptest::prop_assert_eq!(held.get(id), model.get(&id).copied(), "id {}", id);
+                }
+                let mut again = Held::from_entries(None, want.clone(), BTreeMap::new());
+                let view = Held::with_shared(
+                    Arc::new(SharedEntries::new(want)),
+                    Vec::new(),
+                );
+                proptest::prop_assert!(again.share(view));
+                proptest::prop_assert!(again.is_shared());
+            }
+        }
+    }
+
+    #[test]
+    fn a_held_view_takes_a_shared_one_only_when_it_holds_exactly_the_same() {
+        let shared = Arc::new(SharedEntries::new(vec![(1, 10), (2, 20), (3, 30)]));
+        let view = || Held::with_shared(shared.clone(), vec![(9, 90)]);
+        let whole = |e: &[(u32, Tag)]| Held::from_entries(None, e.to_vec(), BTreeMap::new());
+        let mut same = whole(&[(3, 30), (1, 10), (9, 90), (2, 20)]);
+        assert!(same.share(view()));
+        assert!(same.is_shared() && same.shares_with(&view()));
+        for differs in [
+            &[(1, 10), (2, 20), (3, 31), (9, 90)][..],
+            &[(1, 10), (2, 20), (9, 90)],
+            &[(1, 10), (2, 20), (3, 30), (9, 90), (10, 1)],
+        ] {
+            let mut h = whole(differs);
+            assert!(!h.share(view()), "{differs:?}");
+            assert!(!h.is_shared());
+            assert_eq!(h.entries().collect::<Vec<_>>(), differs);
+        }
+        let mut stray = whole(&[(1, 10), (2, 20), (3, 30), (9, 90)]);
+        stray.strays.insert(name("node/x"), 1);
+        assert!(!stray.share(view()), "a stray is not in any shared view");
     }
 
     #[test]

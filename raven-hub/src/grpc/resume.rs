@@ -110,7 +110,9 @@ struct ViewKey {
 struct Revision {
     epoch: String,
     revision: u64,
-    digests: Arc<KindDigests>,
+    /// Made when a resuming session first asks (not for the views alone:
+    /// a connect storm shares views at every revision and resumes none).
+    digests: Option<Arc<KindDigests>>,
     /// The shared part of each view a resumed agent holds.
     views: std::collections::BTreeMap<ViewKey, Arc<SharedEntries>>,
 }
@@ -135,7 +137,7 @@ impl Sums {
             *latest = Some(Revision {
                 epoch: current.epoch.clone(),
                 revision: current.revision,
-                digests: Arc::new(KindDigests::of(&current.topology)),
+                digests: None,
                 views: std::collections::BTreeMap::new(),
             });
         }
@@ -145,9 +147,30 @@ impl Sums {
         }
     }
 
+    /// Whether a newer revision of `current`'s epoch is kept already (a
+    /// session still on an older one does not make the kept one over).
+    fn behind(&self, current: &Published) -> bool {
+        let latest = self.latest.lock().unwrap_or_else(PoisonError::into_inner);
+        latest
+            .as_ref()
+            .is_some_and(|r| r.epoch == current.epoch && r.revision > current.revision)
+    }
+
     /// The kind digests of `current`.
     pub fn of(&self, current: &Published) -> Arc<KindDigests> {
-        self.with(current, |r| r.digests.clone())
+        self.with(current, |r| {
+            r.digests
+                .get_or_insert_with(|| Arc::new(KindDigests::of(&current.topology)))
+                .clone()
+        })
+    }
+
+    /// [`Self::held_view`], unless a newer revision is kept already: what
+    /// a session in sync with `current` takes to share its view
+    /// ([`Held::share`]); `None` lets it keep its own copy until its next
+    /// change.
+    pub fn shared_view(&self, current: &Published, node: &NodeName, compact: bool) -> Option<Held> {
+        (!self.behind(current)).then(|| self.held_view(current, node, compact))
     }
 
     /// What an agent holds whose digest matched `node`'s view of
@@ -330,6 +353,53 @@ mod tests {
         let (a, b) = (key("a2"), key("a4"));
         assert!(a.shares_with(&b));
         assert!(!key("a1").shares_with(&a));
+    }
+
+    #[test]
+    fn views_held_after_a_first_sync_are_shared_by_one_domains_members_and_equal_the_whole_view() {
+        let topology = every_class();
+        let mut ids = crate::pipeline::ResourceIds::default();
+        for n in topology.resources.keys() {
+            ids.intern(n);
+        }
+        let current = Published {
+            epoch: "e".into(),
+            revision: 3,
+            topology,
+            ids: Arc::new(ids),
+            ..Default::default()
+        };
+        let sums = Sums::default();
+        let synced = |n: &str| {
+            let node = fixtures::node(n);
+            let whole = Held::view_of(&current, &node, true);
+            let mut held = Held::view_of(&current, &node, true);
+            assert!(held.share(sums.held_view(&current, &node, true)), "{n}");
+            assert!(held.entries().eq(whole.entries()), "{n}");
+            held
+        };
+        let (a2, a4) = (synced("a2"), synced("a4"));
+        assert!(a2.shares_with(&a4), "two members of domain a: one copy");
+        assert!(!synced("b1").shares_with(&a2), "another domain's members");
+        assert!(
+            !synced("a1").shares_with(&a2),
+            "a candidate holds every gateway"
+        );
+        // A session still on revision 2 once 3 is kept takes no view (it
+        // would make the kept revision over, back and forth).
+        let older = Published {
+            revision: 2,
+            ..current.clone()
+        };
+        assert!(
+            sums.shared_view(&older, &fixtures::node("a2"), true)
+                .is_none()
+        );
+        let kept = sums.shared_view(&current, &fixtures::node("a2"), true);
+        assert!(
+            kept.is_some_and(|v| v.shares_with(&a2)),
+            "revision 3 is still kept"
+        );
     }
 
     #[test]

@@ -753,10 +753,32 @@ impl Session {
         }
         let (changed, removed) = match self.plan_delta(current) {
             Some(Some(planned)) => planned,
-            Some(None) => return,
+            Some(None) => {
+                self.share_view(current);
+                return;
+            }
             None => self.plan_full(current),
         };
         self.queue(current, full_snapshot, changed, removed);
+    }
+
+    /// In sync with `current`: holds the view in the form every session of
+    /// the same view shares ([`Held::share`]) — after its first sync, a
+    /// candidate's session held ≈ 3,000 entries (36 KB) of its own, a
+    /// member's ≈ 1,000, each the same as its domain's other members'.
+    /// Nothing to share while content is refused or a removal held back
+    /// (the agent then holds something else than the view).
+    fn share_view(&mut self, current: &Published) {
+        if !self.held.is_shared()
+            && self.nacked.is_empty()
+            && self.held_back.is_empty()
+            && let Some(view) = self
+                .shared
+                .sums
+                .shared_view(current, &self.node, self.compact)
+        {
+            self.held.share(view);
+        }
     }
 
     /// What changed for this agent, from the names changed since the
