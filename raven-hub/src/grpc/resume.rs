@@ -113,7 +113,8 @@ struct Revision {
     /// Made when a resuming session first asks (not for the views alone:
     /// a connect storm shares views at every revision and resumes none).
     digests: Option<Arc<KindDigests>>,
-    /// The shared part of each view a resumed agent holds.
+    /// The shared part of each view, for agents that resumed holding it
+    /// and for sessions in sync with this revision.
     views: std::collections::BTreeMap<ViewKey, Arc<SharedEntries>>,
 }
 
