@@ -282,6 +282,23 @@ mod tests {
         t
     }
 
+    /// [`every_class`] published as revision 3 of epoch `e`, every name
+    /// interned.
+    fn every_class_published() -> Published {
+        let topology = every_class();
+        let mut ids = crate::pipeline::ResourceIds::default();
+        for n in topology.resources.keys() {
+            ids.intern(n);
+        }
+        Published {
+            epoch: "e".into(),
+            revision: 3,
+            topology,
+            ids: Arc::new(ids),
+            ..Default::default()
+        }
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(128))]
         /// Any of the resources may be missing (a node's own gateway, its
@@ -313,18 +330,7 @@ mod tests {
 
     #[test]
     fn a_resumed_view_held_in_shared_parts_is_the_view_and_changes_like_one_held_whole() {
-        let topology = every_class();
-        let mut ids = crate::pipeline::ResourceIds::default();
-        for n in topology.resources.keys() {
-            ids.intern(n);
-        }
-        let current = Published {
-            epoch: "e".into(),
-            revision: 3,
-            topology,
-            ids: Arc::new(ids),
-            ..Default::default()
-        };
+        let current = every_class_published();
         let sums = Sums::default();
         for node in ["a1", "a2", "a3", "a4", "b1", "lonely", "not-a-node"] {
             let node = fixtures::node(node);
@@ -358,18 +364,7 @@ mod tests {
 
     #[test]
     fn views_held_after_a_first_sync_are_shared_by_one_domains_members_and_equal_the_whole_view() {
-        let topology = every_class();
-        let mut ids = crate::pipeline::ResourceIds::default();
-        for n in topology.resources.keys() {
-            ids.intern(n);
-        }
-        let current = Published {
-            epoch: "e".into(),
-            revision: 3,
-            topology,
-            ids: Arc::new(ids),
-            ..Default::default()
-        };
+        let current = every_class_published();
         let sums = Sums::default();
         let synced = |n: &str| {
             let node = fixtures::node(n);
