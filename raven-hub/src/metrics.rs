@@ -28,6 +28,40 @@ struct StateLabel {
     state: &'static str,
 }
 
+/// `kind` label of `raven_hub_plans`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct PlanLabel {
+    kind: &'static str,
+}
+
+/// How a session worked out what its agent needs (`raven_hub_plans`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Plan {
+    /// Resumed by digest against the published revision: nothing to plan.
+    Resumed,
+    /// In sync with the published revision already.
+    InSync,
+    /// From the names changed since the revision its agent holds.
+    Delta,
+    /// From the node's whole view.
+    Full,
+}
+
+impl Plan {
+    const ALL: [Plan; 4] = [Plan::Resumed, Plan::InSync, Plan::Delta, Plan::Full];
+
+    fn label(self) -> PlanLabel {
+        PlanLabel {
+            kind: match self {
+                Plan::Resumed => "resumed",
+                Plan::InSync => "in_sync",
+                Plan::Delta => "delta",
+                Plan::Full => "full",
+            },
+        }
+    }
+}
+
 /// `kind` label of `raven_hub_kubernetes_watch_errors`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct KindLabel {
@@ -76,6 +110,9 @@ pub struct Metrics {
     reports_coalesced: Counter<u64, AtomicU64>,
     connections_refused: Counter<u64, AtomicU64>,
     agents: Family<StateLabel, Gauge<i64, AtomicI64>>,
+    /// `raven_hub_plans_total` by [`Plan`] (held apart: no label lookup
+    /// per plan, 10,000 of which follow every change).
+    plans: [Counter; 4],
     acked_behind: Gauge<i64, AtomicI64>,
     applied_behind: Gauge<i64, AtomicI64>,
     applied_failed: Gauge<i64, AtomicI64>,
@@ -164,6 +201,13 @@ impl Metrics {
             "Agents this replica knows of, by state (connected or disconnected)",
             agents.clone(),
         );
+        let plan_family = Family::<PlanLabel, Counter>::default();
+        let plans = Plan::ALL.map(|how| plan_family.get_or_create(&how.label()).clone());
+        registry.register(
+            "plans",
+            "Updates planned for agents, by how (full: from the node's whole view)",
+            plan_family,
+        );
         let acked_behind = Gauge::default();
         registry.register(
             "agents_acked_behind",
@@ -206,6 +250,7 @@ impl Metrics {
         );
         Self {
             agents,
+            plans,
             acked_behind,
             applied_behind,
             applied_failed,
@@ -236,6 +281,9 @@ impl Metrics {
     pub fn pushed(&self, resources: usize) {
         self.pushes.inc();
         self.pushed_resources.inc_by(resources as u64);
+    }
+    pub fn planned(&self, how: Plan) {
+        self.plans[how as usize].inc();
     }
     pub fn acked(&self, latency: Duration) {
         self.push_latency.observe(latency.as_secs_f64());
@@ -359,5 +407,28 @@ mod tests {
         m.published(8, 3);
         assert!(sample(&m, STAMP) > first, "a new revision is stamped anew");
         assert_eq!(sample(&m, "raven_hub_revision"), 8.0);
+    }
+
+    #[test]
+    fn every_plan_kind_is_exposed_from_the_start_and_counted_under_its_own_label() {
+        let m = Metrics::new();
+        let kinds = ["resumed", "in_sync", "delta", "full"];
+        for kind in kinds {
+            assert_eq!(
+                sample(&m, &format!("raven_hub_plans_total{{kind=\"{kind}\"}}")),
+                0.0
+            );
+        }
+        m.planned(Plan::Full);
+        m.planned(Plan::Delta);
+        m.planned(Plan::Delta);
+        m.planned(Plan::InSync);
+        for (kind, n) in kinds.into_iter().zip([0.0, 1.0, 2.0, 1.0]) {
+            assert_eq!(
+                sample(&m, &format!("raven_hub_plans_total{{kind=\"{kind}\"}}")),
+                n,
+                "{kind}"
+            );
+        }
     }
 }

@@ -48,6 +48,9 @@ pub struct Published {
     /// Every resource name this hub has published, interned: sessions keep
     /// what their agent holds as these ids (see `grpc::held`).
     pub ids: Arc<ResourceIds>,
+    /// The resources by kind, for planning whole views (see
+    /// [`crate::grpc::runs`]).
+    pub runs: crate::grpc::runs::RunsCell,
 }
 
 /// Resource names interned as small numbers. Ids only ever grow: a name
@@ -749,6 +752,7 @@ impl Pipeline {
             observed,
             topology: compiled.topology,
             gateways: compiled.gateways,
+            runs: Default::default(),
         };
         self.phases.encode = clock.lap();
         let for_agents =

@@ -134,6 +134,23 @@ fn proc_rss(pid: u32) -> u64 {
         * 1024
 }
 
+/// The load generator keeps the memory it frees: its agents decode Updates
+/// of up to ~1 MB (a candidate's first sync), and glibc gives every buffer
+/// over 128 KB its own mapping, unmapped again when freed, so the kernel
+/// zeroes fresh pages for each (≈ 20 % of the generator's CPU in a connect
+/// storm of 10,000). Each agent of a fleet is its own process and does that
+/// once; here they share one heap, which may as well reuse them. The hub is
+/// another process and keeps its own settings.
+#[allow(unsafe_code)]
+fn keep_freed_memory() {
+    // SAFETY: mallopt only changes malloc parameters (32 MB: glibc's
+    // largest mmap threshold on 64-bit).
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    }
+}
+
 fn raise_nofile() {
     // The hub inherits it; each agent holds one socket here and one there.
     let soft = std::fs::read_to_string("/proc/self/limits")
@@ -200,11 +217,10 @@ impl Hub {
         self.child.id()
     }
 
-    /// When the hub published its current revision (its
-    /// `raven_hub_revision_published_timestamp_seconds` metric), if it says.
-    async fn published_at(&self) -> Option<std::time::SystemTime> {
+    /// The hub's `/metrics` page.
+    async fn metrics(&self) -> Option<String> {
         let http = self.http;
-        let body = tokio::task::spawn_blocking(move || {
+        tokio::task::spawn_blocking(move || {
             let mut s = std::net::TcpStream::connect(http).ok()?;
             s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
                 .ok()?;
@@ -213,14 +229,46 @@ impl Hub {
             Some(buf)
         })
         .await
-        .ok()??;
-        let secs: f64 = body
-            .lines()
-            .find_map(|l| l.strip_prefix("raven_hub_revision_published_timestamp_seconds "))?
+        .ok()?
+    }
+
+    /// The value of the sample `name` (with its labels, as written) on the
+    /// hub's `/metrics` page.
+    async fn metric(&self, name: &str) -> Option<f64> {
+        let body = self.metrics().await?;
+        body.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))?
             .trim()
             .parse()
-            .ok()?;
+            .ok()
+    }
+
+    /// When the hub published its current revision (its
+    /// `raven_hub_revision_published_timestamp_seconds` metric), if it says.
+    async fn published_at(&self) -> Option<std::time::SystemTime> {
+        let secs = self
+            .metric("raven_hub_revision_published_timestamp_seconds")
+            .await?;
         Some(std::time::UNIX_EPOCH + Duration::from_secs_f64(secs))
+    }
+
+    /// The hub's plans so far by kind (`raven_hub_plans_total`), and its
+    /// revision.
+    async fn plans(&self) -> [u64; 5] {
+        let mut out = [0; 5];
+        for (i, name) in [
+            "raven_hub_plans_total{kind=\"resumed\"}",
+            "raven_hub_plans_total{kind=\"in_sync\"}",
+            "raven_hub_plans_total{kind=\"delta\"}",
+            "raven_hub_plans_total{kind=\"full\"}",
+            "raven_hub_revision",
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            out[i] = self.metric(name).await.unwrap_or(0.0) as u64;
+        }
+        out
     }
 
     /// Polls `/readyz` until the hub serves.
@@ -358,6 +406,7 @@ impl Collector {
 async fn main() {
     let o = opts();
     raise_nofile();
+    keep_freed_memory();
     let work = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
     let w = work.path();
     let machine = std::fs::read_to_string("/proc/cpuinfo")
@@ -497,6 +546,7 @@ async fn main() {
         proc_cpu(me).saturating_sub(connect_cpu0.1),
     );
     let (dials, refusals, ended_connecting) = (c.dial_failed, c.refused, c.ended);
+    let connect_plans = hub.plans().await;
     let dial_errors = std::mem::take(&mut c.dial_errors);
     // Let Reports and the peers they create settle.
     settle(&mut c, Duration::from_secs(2)).await;
@@ -686,6 +736,10 @@ async fn main() {
         cores(connect_cpu.0, connect_all),
         cpu_s(connect_cpu.1),
         cores(connect_cpu.1, connect_all),
+    );
+    println!(
+        "| plans through the connect phase (`raven_hub_plans_total`) | {} full, {} delta, {} in sync, {} resumed; revision {} at the end |",
+        connect_plans[3], connect_plans[2], connect_plans[1], connect_plans[0], connect_plans[4]
     );
     println!(
         "| first-sync bytes per agent | tunnel candidates {:.1} KB avg ({:.1} KB max); members {:.1} KB avg ({:.1} KB max) |",

@@ -308,6 +308,11 @@ impl Held {
         own + self.strays.len()
     }
 
+    /// Holds nothing (a fresh agent).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// The tag held for `id`.
     pub fn get(&self, id: u32) -> Option<Tag> {
         if let Ok(i) = self.ids.binary_search(&id) {

@@ -10,6 +10,7 @@ pub mod error;
 mod held;
 pub mod inspect;
 pub mod resume;
+pub mod runs;
 pub mod sync;
 mod wire;
 

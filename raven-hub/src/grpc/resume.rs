@@ -190,15 +190,19 @@ impl Sums {
             candidate: me.tunnel_candidate,
         };
         let own_name = ResourceName::node(node);
+        let own_id = current.ids.id(&own_name);
         let shared = self.with(current, |r| {
             r.views
                 .entry(key)
                 .or_insert_with(|| {
+                    let view = current
+                        .runs()
+                        .view(&current.topology, &current.ids, node, compact);
                     Arc::new(SharedEntries::new(
-                        view::view_resources(&current.topology, node, compact)
-                            .into_iter()
-                            .filter(|(n, _)| **n != own_name)
-                            .filter_map(|(n, r)| current.ids.id(n).map(|id| (id, tag(&r.version))))
+                        view.into_iter()
+                            .flatten()
+                            .filter(|e| Some(e.id) != own_id)
+                            .map(|e| (e.id, e.tag))
                             .collect(),
                     ))
                 })
@@ -208,13 +212,13 @@ impl Sums {
             .topology
             .resources
             .get(&own_name)
-            .and_then(|r| current.ids.id(&own_name).map(|id| (id, tag(&r.version))));
+            .and_then(|r| own_id.map(|id| (id, tag(&r.version))));
         Held::with_shared(shared, own.into_iter().collect())
     }
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use proptest::prelude::*;
     use raven_model::fixtures;
@@ -244,7 +248,7 @@ mod tests {
     /// `c`, each with its prefixes; in `a` a tunnel candidate, a member, an
     /// active proxy endpoint; a member of `b`; a node in no gateway; peers;
     /// the settings.
-    fn every_class() -> Topology {
+    pub(in crate::grpc) fn every_class() -> Topology {
         let mut t = Topology::default();
         for g in ["a", "b", "c"] {
             let mut v = fixtures::gateway(g);
@@ -282,18 +286,45 @@ mod tests {
         t
     }
 
+    /// [`every_class`] without the resources `drop` picks (in name order;
+    /// never a `node/` one).
+    pub(in crate::grpc) fn every_class_but(drop: &[bool]) -> Topology {
+        let mut topology = every_class();
+        let names: Vec<ResourceName> = topology.resources.keys().cloned().collect();
+        for (name, gone) in names
+            .iter()
+            .zip(drop.iter().chain(std::iter::repeat(&false)))
+        {
+            if *gone && !name.as_str().starts_with("node/") {
+                topology.resources.remove(name);
+            }
+        }
+        topology
+    }
+
     /// [`every_class`] published as revision 3 of epoch `e`, every name
     /// interned.
     fn every_class_published() -> Published {
-        let topology = every_class();
+        published(every_class())
+    }
+
+    /// `topology` published as revision 3 of epoch `e`, every name interned
+    /// and encoded.
+    pub(in crate::grpc) fn published(topology: Topology) -> Published {
         let mut ids = crate::pipeline::ResourceIds::default();
         for n in topology.resources.keys() {
             ids.intern(n);
         }
+        let encoded = topology
+            .resources
+            .iter()
+            .map(|(n, r)| (n.clone(), raven_proto::EncodedResource::new(n, r)))
+            .collect();
         Published {
             epoch: "e".into(),
             revision: 3,
             topology,
+            encoded,
             ids: Arc::new(ids),
             ..Default::default()
         }
@@ -307,13 +338,7 @@ mod tests {
         fn the_view_digest_from_kind_sums_equals_the_digest_of_the_listed_view(
             drop in proptest::collection::vec(any::<bool>(), 20),
         ) {
-            let mut topology = every_class();
-            let names: Vec<ResourceName> = topology.resources.keys().cloned().collect();
-            for (name, gone) in names.iter().zip(drop.iter().chain(std::iter::repeat(&false))) {
-                if *gone && !name.as_str().starts_with("node/") {
-                    topology.resources.remove(name);
-                }
-            }
+            let topology = every_class_but(&drop);
             let sums = KindDigests::of(&topology);
             for node in ["a1", "a2", "a3", "b1", "lonely", "not-a-node"] {
                 let node = fixtures::node(node);

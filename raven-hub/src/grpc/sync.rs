@@ -19,9 +19,10 @@ use tonic::{Status, Streaming};
 
 use super::error::SyncError;
 use super::held::{Held, Key, Tag, tag};
+use super::runs::Entry;
 use crate::agents::{AgentEntry, AgentHandle, Agents};
 use crate::index::IndexHandle;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Plan};
 use crate::pipeline::{Published, PublishedRx};
 
 /// Tunables of the sync server.
@@ -259,7 +260,8 @@ impl SyncShared {
 pub type Outbound = mpsc::Sender<Result<EncodedSyncResponse, Status>>;
 
 /// What a plan sends (interned ids, version tags) and removes.
-type Planned = (Vec<(u32, Tag)>, Vec<ResourceName>);
+/// What to send (in name order) and what to remove.
+type Planned = (Vec<Entry>, Vec<ResourceName>);
 
 /// The Update being waited for.
 #[derive(Debug)]
@@ -748,17 +750,20 @@ impl Session {
             && revision == current.revision
             && !self.answered
         {
+            self.shared.metrics.planned(Plan::Resumed);
             self.queue(current, false, Vec::new(), Vec::new());
             return;
         }
-        let (changed, removed) = match self.plan_delta(current) {
-            Some(Some(planned)) => planned,
+        let (how, (changed, removed)) = match self.plan_delta(current) {
+            Some(Some(planned)) => (Plan::Delta, planned),
             Some(None) => {
+                self.shared.metrics.planned(Plan::InSync);
                 self.share_view(current);
                 return;
             }
-            None => self.plan_full(current),
+            None => (Plan::Full, self.plan_full(current)),
         };
+        self.shared.metrics.planned(how);
         self.queue(current, full_snapshot, changed, removed);
     }
 
@@ -820,8 +825,15 @@ impl Session {
                     }) =>
                 {
                     let t = tag(&r.version);
-                    if self.held.get(id) != Some(t) && !self.nacked.contains(&(id, t)) {
-                        changed.push((id, t));
+                    if self.held.get(id) != Some(t)
+                        && !self.nacked.contains(&(id, t))
+                        && let Some(encoded) = current.encoded.get(name)
+                    {
+                        changed.push(Entry {
+                            id,
+                            tag: t,
+                            encoded: encoded.clone(),
+                        });
                     }
                 }
                 // `Held::contains` with the id already looked up.
@@ -838,26 +850,23 @@ impl Session {
         Some(Some((changed, removed)))
     }
 
-    /// What changed for this agent, from its whole view.
+    /// What changed for this agent, from its whole view: slices of the
+    /// state's runs by kind ([`Published::runs`]), no name looked up.
     fn plan_full(&self, current: &Published) -> Planned {
-        // Borrowed from the topology: no name is copied or looked up again
-        // (a candidate's view is thousands of resources, and every session
-        // start plans it in full).
-        let mut view = view::view_resources(&current.topology, &self.node, self.compact);
-        // The compact view lists its kinds one after the other: in name
-        // order, `changed` is too.
-        view.sort_unstable_by_key(|(n, _)| *n);
-        let mut wanted: Vec<u32> = Vec::with_capacity(view.len());
+        let view = current
+            .runs()
+            .view(&current.topology, &current.ids, &self.node, self.compact);
+        let mut wanted: Vec<u32> = Vec::with_capacity(view.iter().map(|s| s.len()).sum());
         let mut changed = Vec::new();
-        for (n, r) in view {
-            let Some(id) = current.ids.id(n) else {
-                continue;
-            };
-            wanted.push(id);
-            let t = tag(&r.version);
-            if self.held.get(id) != Some(t) && !self.nacked.contains(&(id, t)) {
-                changed.push((id, t));
+        for e in view.into_iter().flatten() {
+            wanted.push(e.id);
+            if self.held.get(e.id) != Some(e.tag) && !self.nacked.contains(&(e.id, e.tag)) {
+                changed.push(e.clone());
             }
+        }
+        if self.held.is_empty() {
+            // A fresh agent: nothing to remove.
+            return (changed, Vec::new());
         }
         wanted.sort_unstable();
         let mut removed: Vec<ResourceName> = self
@@ -876,7 +885,7 @@ impl Session {
         &mut self,
         current: &Published,
         full_snapshot: bool,
-        changed: Vec<(u32, Tag)>,
+        changed: Vec<Entry>,
         mut removed: Vec<ResourceName>,
     ) {
         let first = !self.answered;
@@ -893,7 +902,7 @@ impl Session {
         } else {
             let sent: BTreeSet<&ResourceName> = changed
                 .iter()
-                .filter_map(|(id, _)| current.ids.name(*id))
+                .filter_map(|e| current.ids.name(e.id))
                 .collect();
             let gone: BTreeSet<&ResourceName> = removed.iter().collect();
             view::lost(&removed, |c| {
@@ -920,11 +929,10 @@ impl Session {
         }
         // Split into parts of about max_update_bytes; the removals and the
         // completion marker ride on the last part.
-        let encoded = |id: u32| current.ids.name(id).and_then(|n| current.encoded.get(n));
-        let mut parts: Vec<Vec<(u32, Tag)>> = vec![Vec::new()];
+        let mut parts: Vec<Vec<Entry>> = vec![Vec::new()];
         let mut size = 0;
-        for (n, v) in changed {
-            let len = encoded(n).map_or(0, EncodedResource::len);
+        for e in changed {
+            let len = e.encoded.len();
             if size + len > self.shared.config.max_update_bytes
                 && parts.last().is_some_and(|p| !p.is_empty())
             {
@@ -933,7 +941,7 @@ impl Session {
             }
             size += len;
             if let Some(p) = parts.last_mut() {
-                p.push((n, v));
+                p.push(e);
             }
         }
         let count = parts.len();
@@ -951,10 +959,8 @@ impl Session {
                 // intended only when confirmed (see above).
                 intentional_removal,
             };
-            let resources = part
-                .iter()
-                .filter_map(|(n, _)| encoded(*n).cloned())
-                .collect();
+            let sent = part.iter().map(|e| (e.id, e.tag)).collect();
+            let resources = part.into_iter().map(|e| e.encoded).collect();
             let removed = header
                 .removed
                 .iter()
@@ -963,7 +969,7 @@ impl Session {
             self.queued.push(Part {
                 header,
                 resources,
-                sent: part,
+                sent,
                 removed,
             });
         }
