@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use raven_core::{NodeName, ResourceName, view};
 use raven_proto::v1::{self, sync_request::Message as Req};
-use raven_proto::{EncodedResource, EncodedSyncResponse, UpdateHeader};
+use raven_proto::{EncodedSyncResponse, UpdateHeader};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tonic::{Status, Streaming};
 
@@ -281,10 +281,37 @@ struct InFlight {
 #[derive(Debug)]
 struct Part {
     header: UpdateHeader,
-    resources: Vec<EncodedResource>,
-    sent: Vec<(u32, Tag)>,
+    /// The resources, in name order.
+    entries: Vec<Entry>,
     /// `header.removed` as the session holds those names when it planned.
     removed: Vec<Key>,
+}
+
+/// `changed` cut into parts of at most `max` encoded bytes each (a part of
+/// one larger resource alone), in order; one empty part when there is
+/// nothing (an Update of removals only). Each part is split off the
+/// planned entries: mostly there is one, and the entries move, no copy.
+fn split_parts(changed: Vec<Entry>, max: usize) -> Vec<Vec<Entry>> {
+    let mut cuts = Vec::new();
+    let mut start = 0;
+    let mut size = 0;
+    for (i, e) in changed.iter().enumerate() {
+        let len = e.encoded.len();
+        if size + len > max && i > start {
+            cuts.push(i);
+            start = i;
+            size = 0;
+        }
+        size += len;
+    }
+    let mut parts = Vec::with_capacity(cuts.len() + 1);
+    let mut rest = changed;
+    for at in cuts.into_iter().rev() {
+        parts.push(rest.split_off(at));
+    }
+    parts.push(rest);
+    parts.reverse();
+    parts
 }
 
 /// One agent's stream.
@@ -718,8 +745,7 @@ impl Session {
         }
         let Part {
             mut header,
-            resources,
-            sent,
+            entries,
             removed,
         } = self.queued.remove(0);
         self.next_nonce += 1;
@@ -730,13 +756,14 @@ impl Session {
             nonce: header.nonce.clone(),
             epoch: header.epoch.clone(),
             revision: header.revision,
-            sent,
+            sent: entries.iter().map(|e| (e.id, e.tag)).collect(),
             removed,
             sent_at: tokio::time::Instant::now(),
         });
-        let msg = EncodedSyncResponse::update(header, resources.iter());
+        self.shared.metrics.pushed(entries.len());
+        let msg = EncodedSyncResponse::update(header, entries.iter().map(|e| &e.encoded));
+        drop(entries);
         self.answered = true;
-        self.shared.metrics.pushed(resources.len());
         self.send(msg).await
     }
 
@@ -927,23 +954,8 @@ impl Session {
             }
             return;
         }
-        // Split into parts of about max_update_bytes; the removals and the
-        // completion marker ride on the last part.
-        let mut parts: Vec<Vec<Entry>> = vec![Vec::new()];
-        let mut size = 0;
-        for e in changed {
-            let len = e.encoded.len();
-            if size + len > self.shared.config.max_update_bytes
-                && parts.last().is_some_and(|p| !p.is_empty())
-            {
-                parts.push(Vec::new());
-                size = 0;
-            }
-            size += len;
-            if let Some(p) = parts.last_mut() {
-                p.push(e);
-            }
-        }
+        // The removals and the completion marker ride on the last part.
+        let parts = split_parts(changed, self.shared.config.max_update_bytes);
         let count = parts.len();
         for (i, part) in parts.into_iter().enumerate() {
             let last = i + 1 == count;
@@ -959,8 +971,6 @@ impl Session {
                 // intended only when confirmed (see above).
                 intentional_removal,
             };
-            let sent = part.iter().map(|e| (e.id, e.tag)).collect();
-            let resources = part.into_iter().map(|e| e.encoded).collect();
             let removed = header
                 .removed
                 .iter()
@@ -968,8 +978,7 @@ impl Session {
                 .collect();
             self.queued.push(Part {
                 header,
-                resources,
-                sent,
+                entries: part,
                 removed,
             });
         }
@@ -1148,5 +1157,55 @@ impl Rate {
     fn next_at(&self) -> tokio::time::Instant {
         let missing = (1.0 - self.tokens).max(0.0);
         self.at + Duration::from_secs_f64(missing / self.per_second)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use raven_proto::EncodedResource;
+
+    /// An entry `id` whose encoding is about `len` bytes.
+    fn entry(id: u32, len: usize) -> Entry {
+        Entry {
+            id,
+            tag: u64::from(id),
+            encoded: EncodedResource::from_proto(&v1::Resource {
+                name: "n".repeat(len),
+                ..Default::default()
+            }),
+        }
+    }
+
+    fn ids(parts: &[Vec<Entry>]) -> Vec<Vec<u32>> {
+        parts
+            .iter()
+            .map(|p| p.iter().map(|e| e.id).collect())
+            .collect()
+    }
+
+    #[test]
+    fn updates_are_cut_in_order_at_the_size_limit_and_an_empty_plan_is_one_empty_part() {
+        assert_eq!(ids(&split_parts(Vec::new(), 100)), vec![Vec::<u32>::new()]);
+        let len = entry(0, 40).encoded.len();
+        let changed: Vec<Entry> = (0..7).map(|i| entry(i, 40)).collect();
+        // Two entries fit in a part, not three.
+        let parts = split_parts(changed, 2 * len + 1);
+        assert_eq!(
+            ids(&parts),
+            vec![vec![0, 1], vec![2, 3], vec![4, 5], vec![6]]
+        );
+        // Under the limit: one part, the same entries.
+        let changed: Vec<Entry> = (0..7).map(|i| entry(i, 40)).collect();
+        assert_eq!(
+            ids(&split_parts(changed, 1 << 20)),
+            vec![(0..7).collect::<Vec<_>>()]
+        );
+        // A resource larger than the limit goes alone.
+        let changed = vec![entry(0, 10), entry(1, 500), entry(2, 10)];
+        assert_eq!(
+            ids(&split_parts(changed, 100)),
+            vec![vec![0], vec![1], vec![2]]
+        );
     }
 }
