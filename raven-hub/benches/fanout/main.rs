@@ -105,6 +105,41 @@ fn opts() -> Opts {
     o
 }
 
+/// Minor page faults of a process so far (field 10 of its stat): each is a
+/// page the kernel found or zeroed for it, which on a VM is often far from
+/// free.
+fn proc_faults(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let rest = stat.rsplit_once(')')?.1.to_owned();
+            rest.split_whitespace().nth(7)?.parse().ok()
+        })
+        .unwrap_or(0)
+}
+
+/// The machine's CPU time so far as (all, stolen by the hypervisor), in
+/// ticks (the `cpu` line of /proc/stat).
+fn machine_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let f: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    (f.iter().sum(), f.get(7).copied().unwrap_or(0))
+}
+
+/// The share of the machine's CPU time stolen since `t0`, in %.
+fn steal_since(t0: (u64, u64)) -> f64 {
+    let t = machine_ticks();
+    let all = t.0.saturating_sub(t0.0).max(1);
+    100.0 * t.1.saturating_sub(t0.1) as f64 / all as f64
+}
+
 /// utime + stime of a process.
 pub fn proc_cpu(pid: u32) -> Duration {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
@@ -525,6 +560,8 @@ async fn main() {
     // 1. Everyone at once.
     let me = std::process::id();
     let connect_cpu0 = (proc_cpu(hub.pid()), proc_cpu(me));
+    let connect_faults0 = (proc_faults(hub.pid()), proc_faults(me));
+    let connect_ticks0 = machine_ticks();
     let t0 = Instant::now();
     for spec in specs {
         tokio::spawn(agent::run(spec, tx.clone(), stop.clone()));
@@ -545,6 +582,11 @@ async fn main() {
         proc_cpu(hub.pid()).saturating_sub(connect_cpu0.0),
         proc_cpu(me).saturating_sub(connect_cpu0.1),
     );
+    let connect_faults = (
+        proc_faults(hub.pid()).saturating_sub(connect_faults0.0),
+        proc_faults(me).saturating_sub(connect_faults0.1),
+    );
+    let connect_steal = steal_since(connect_ticks0);
     let (dials, refusals, ended_connecting) = (c.dial_failed, c.refused, c.ended);
     let connect_plans = hub.plans().await;
     let dial_errors = std::mem::take(&mut c.dial_errors);
@@ -736,6 +778,10 @@ async fn main() {
         cores(connect_cpu.0, connect_all),
         cpu_s(connect_cpu.1),
         cores(connect_cpu.1, connect_all),
+    );
+    println!(
+        "| the machine through the connect phase | {:.1} % of its CPU time stolen by the hypervisor; page faults: hub {}, load generator {} |",
+        connect_steal, connect_faults.0, connect_faults.1
     );
     println!(
         "| plans through the connect phase (`raven_hub_plans_total`) | {} full, {} delta, {} in sync, {} resumed; revision {} at the end |",
