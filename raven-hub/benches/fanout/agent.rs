@@ -216,7 +216,8 @@ struct Pairs {
     name_ids: std::collections::HashMap<Box<str>, u32>,
     /// Per pair: its name id, version and [`raven_proto::digest::of_pair`].
     pairs: Vec<(u32, Box<str>, u128)>,
-    pair_ids: std::collections::HashMap<(u32, Box<str>), u32>,
+    /// Per name id, the ids of its pairs (a name has few versions).
+    by_name: Vec<Vec<u32>>,
 }
 
 static PAIRS: std::sync::LazyLock<std::sync::Mutex<Pairs>> =
@@ -239,20 +240,23 @@ impl Pairs {
         let id = self.names.len() as u32;
         self.names.push(name.into());
         self.name_ids.insert(name.into(), id);
+        self.by_name.push(Vec::new());
         id
     }
 
     fn pair(&mut self, name: &str, version: &str) -> Pair {
         let n = self.name(name);
-        // Looked up by an owned key: a version is 16 bytes.
-        let key = (n, Box::<str>::from(version));
-        if let Some(&p) = self.pair_ids.get(&key) {
+        let known = self.by_name[n as usize]
+            .iter()
+            .copied()
+            .find(|&p| &*self.pairs[p as usize].1 == version);
+        if let Some(p) = known {
             return (n, p, self.pairs[p as usize].2);
         }
         let number = raven_proto::digest::of_pair(name, version);
         let p = self.pairs.len() as u32;
-        self.pairs.push((n, key.1.clone(), number));
-        self.pair_ids.insert(key, p);
+        self.pairs.push((n, version.into(), number));
+        self.by_name[n as usize].push(p);
         (n, p, number)
     }
 }
@@ -275,7 +279,7 @@ impl Cache {
     fn apply(&mut self, resources: &[lite::Resource], removed: &[String]) {
         let mut pairs = pairs();
         for r in resources {
-            let (n, p, number) = pairs.pair(&r.name, &r.version);
+            let (n, p, number) = pairs.pair(r.name(), r.version());
             if let Some(old) = self.held.insert(n, p) {
                 self.digest.0 = self.digest.0.wrapping_sub(pairs.pairs[old as usize].2);
             }
@@ -525,7 +529,11 @@ async fn session(
                 snapshot.get_or_insert_with(|| (u.epoch.clone(), u.revision, Vec::new()));
             {
                 let mut pairs = pairs();
-                s.extend(u.resources.iter().map(|r| pairs.pair(&r.name, &r.version)));
+                s.extend(
+                    u.resources
+                        .iter()
+                        .map(|r| pairs.pair(r.name(), r.version())),
+                );
             }
             if u.snapshot_complete
                 && let Some((_, _, s)) = snapshot.take()

@@ -55,12 +55,26 @@ pub struct Update {
 /// `raven.v1.Resource`: name, version, and the body's message undecoded.
 #[derive(Clone, PartialEq, Message)]
 pub struct Resource {
-    #[prost(string, tag = "1")]
-    pub name: String,
-    #[prost(string, tag = "2")]
-    pub version: String,
+    /// The name's bytes as they arrived (a slice of the message: no
+    /// allocation per resource); see [`Resource::name`].
+    #[prost(bytes = "bytes", tag = "1")]
+    pub name: Bytes,
+    #[prost(bytes = "bytes", tag = "2")]
+    pub version: Bytes,
     #[prost(oneof = "Body", tags = "3, 4, 5, 6, 7")]
     pub body: Option<Body>,
+}
+
+impl Resource {
+    /// The name (a `string` on the wire: [`check`] refuses one that is not
+    /// UTF-8).
+    pub fn name(&self) -> &str {
+        std::str::from_utf8(&self.name).unwrap_or("\u{fffd}")
+    }
+
+    pub fn version(&self) -> &str {
+        std::str::from_utf8(&self.version).unwrap_or("\u{fffd}")
+    }
 }
 
 /// The body oneof of `raven.v1.Resource` (settings, gateway, node, peer,
@@ -97,40 +111,47 @@ impl Body {
 pub fn check(u: &Update) -> Result<(), String> {
     let mut last: Option<&str> = None;
     for r in &u.resources {
-        if last.is_some_and(|l| l >= r.name.as_str()) {
+        if std::str::from_utf8(&r.name).is_err() || std::str::from_utf8(&r.version).is_err() {
             return Err(format!(
-                "resources not sorted by name or listed twice at {:?}",
+                "resource {:?}: name or version is not UTF-8",
                 r.name
             ));
         }
-        last = Some(&r.name);
+        if last.is_some_and(|l| l >= r.name()) {
+            return Err(format!(
+                "resources not sorted by name or listed twice at {:?}",
+                r.name()
+            ));
+        }
+        last = Some(r.name());
         let Some(body) = &r.body else {
-            return Err(format!("resource {} has no body", r.name));
+            return Err(format!("resource {} has no body", r.name()));
         };
-        if !r.name.starts_with(body.kind()) {
+        if !r.name().starts_with(body.kind()) {
             return Err(format!(
                 "resource {} carries a {} body",
-                r.name,
+                r.name(),
                 body.kind()
             ));
         }
         if r.version.len() != 16
             || !r
                 .version
-                .bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+                .iter()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b))
         {
             return Err(format!(
                 "resource {}: version {:?} is not 16 lower-case hex digits",
-                r.name, r.version
+                r.name(),
+                r.version()
             ));
         }
     }
-    if let Some(n) = u
-        .removed
-        .iter()
-        .find(|n| u.resources.binary_search_by(|r| r.name.cmp(n)).is_ok())
-    {
+    if let Some(n) = u.removed.iter().find(|n| {
+        u.resources
+            .binary_search_by(|r| r.name().cmp(n.as_str()))
+            .is_ok()
+    }) {
         return Err(format!("{n} is both sent and removed"));
     }
     if u.snapshot_complete && !u.snapshot {
@@ -194,7 +215,7 @@ pub fn check_mirror(raw: &Bytes) -> Result<(), String> {
             ) => b.to_vec(),
             None => Vec::new(),
         };
-        if f.name != l.name || f.version != l.version || full_body != lite_body {
+        if f.name != l.name() || f.version != l.version() || full_body != lite_body {
             return Err(format!("resource {} differs from raven.v1's", f.name));
         }
     }
