@@ -12,11 +12,9 @@
 //! Before, each of 10,000 first syncs did all of that for each of its 1,000
 //! to 3,000 resources (≈ 45 % of the hub's CPU in a connect storm).
 
+use raven_core::NodeName;
 use raven_core::topology::{Resource, ResourceName, Topology};
 use raven_core::view::{self, ViewClass};
-use std::sync::Arc;
-
-use raven_core::NodeName;
 use raven_proto::EncodedResource;
 
 use super::held::{Tag, tag};
@@ -140,7 +138,7 @@ impl ViewRuns {
 /// that asks. A clone starts empty: a copy of a state may be given another
 /// topology.
 #[derive(Debug, Default)]
-pub struct RunsCell(std::sync::OnceLock<Arc<ViewRuns>>);
+pub struct RunsCell(std::sync::OnceLock<ViewRuns>);
 
 impl Clone for RunsCell {
     fn clone(&self) -> Self {
@@ -151,7 +149,7 @@ impl Clone for RunsCell {
 impl Published {
     /// This state's [`ViewRuns`], made on the first call.
     pub fn runs(&self) -> &ViewRuns {
-        self.runs.0.get_or_init(|| Arc::new(ViewRuns::of(self)))
+        self.runs.0.get_or_init(|| ViewRuns::of(self))
     }
 }
 

@@ -259,8 +259,7 @@ impl SyncShared {
 
 pub type Outbound = mpsc::Sender<Result<EncodedSyncResponse, Status>>;
 
-/// What a plan sends (interned ids, version tags) and removes.
-/// What to send (in name order) and what to remove.
+/// What a plan sends (in name order: ids, version tags, bytes) and removes.
 type Planned = (Vec<Entry>, Vec<ResourceName>);
 
 /// The Update being waited for.
