@@ -296,15 +296,11 @@ impl Cache {
     /// Replaces what is held by a complete snapshot's pairs (a name sent
     /// twice: the later one stands, as in a map).
     fn replace(&mut self, snapshot: Vec<Pair>) {
-        self.held.clear();
+        self.held = snapshot.into_iter().map(|(n, p, _)| (n, p)).collect();
+        let pairs = pairs();
         self.digest = Digest::default();
-        let mut numbers = std::collections::HashMap::new();
-        for (n, p, number) in snapshot {
-            if let Some(old) = self.held.insert(n, p) {
-                self.digest.0 = self.digest.0.wrapping_sub(numbers[&old]);
-            }
-            numbers.insert(p, number);
-            self.digest.add_number(number);
+        for p in self.held.values() {
+            self.digest.add_number(pairs.pairs[*p as usize].2);
         }
     }
 

@@ -105,17 +105,24 @@ fn opts() -> Opts {
     o
 }
 
-/// Minor page faults of a process so far (field 10 of its stat): each is a
-/// page the kernel found or zeroed for it, which on a VM is often far from
-/// free.
-fn proc_faults(pid: u32) -> u64 {
+/// Field `n` (1-based, as proc(5) numbers them) of a process's
+/// `/proc/<pid>/stat`, when it is a number; 0 when it cannot be read.
+fn proc_stat(pid: u32, n: usize) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
         .and_then(|stat| {
+            // The command (field 2) is in parentheses and may hold spaces:
+            // what follows the last `)` starts at field 3.
             let rest = stat.rsplit_once(')')?.1.to_owned();
-            rest.split_whitespace().nth(7)?.parse().ok()
+            rest.split_whitespace().nth(n.checked_sub(3)?)?.parse().ok()
         })
         .unwrap_or(0)
+}
+
+/// Minor page faults of a process so far (stat field 10): each is a page
+/// the kernel found or zeroed for it, which on a VM is often far from free.
+fn proc_faults(pid: u32) -> u64 {
+    proc_stat(pid, 10)
 }
 
 /// The machine's CPU time so far as (all, stolen by the hypervisor), in
@@ -142,18 +149,9 @@ fn steal_since(t0: (u64, u64)) -> f64 {
 
 /// utime + stime of a process.
 pub fn proc_cpu(pid: u32) -> Duration {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return Duration::ZERO;
-    };
-    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
-        return Duration::ZERO;
-    };
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // Fields 14 and 15 of stat; `rest` starts at field 3.
-    let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
-        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
-    // USER_HZ is 100 on Linux.
-    Duration::from_millis(ticks * 10)
+    // utime and stime (stat fields 14 and 15), in ticks; USER_HZ is 100 on
+    // Linux.
+    Duration::from_millis((proc_stat(pid, 14) + proc_stat(pid, 15)) * 10)
 }
 
 /// Resident set size in bytes.

@@ -913,16 +913,19 @@ impl Session {
         let view = current
             .runs()
             .view(&current.topology, &current.ids, &self.node, self.compact);
-        let mut wanted: Vec<u32> = Vec::with_capacity(view.iter().map(|s| s.len()).sum());
+        // A fresh agent holds nothing to remove: no list of what is wanted.
+        let fresh = self.held.is_empty();
+        let mut wanted: Vec<u32> = Vec::new();
         let mut changed = Vec::new();
         for e in view.into_iter().flatten() {
-            wanted.push(e.id);
+            if !fresh {
+                wanted.push(e.id);
+            }
             if self.held.get(e.id) != Some(e.tag) && !self.nacked.contains(&(e.id, e.tag)) {
                 changed.push(e.clone());
             }
         }
-        if self.held.is_empty() {
-            // A fresh agent: nothing to remove.
+        if fresh {
             return (changed, Vec::new());
         }
         wanted.sort_unstable();
