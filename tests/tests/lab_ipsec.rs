@@ -63,6 +63,17 @@ fn sas(lab: &Lab, short: &str) -> BTreeSet<String> {
         .collect()
 }
 
+/// How many CHILD_SAs of connection `conn` a node's charon has installed
+/// so far (its log's `CHILD_SA <conn>{n} established` lines).
+fn direct_child_sas(lab: &Lab, short: &str, conn: &str) -> u64 {
+    let log =
+        std::fs::read_to_string(lab.path(&format!("charon-{short}.ike.log"))).unwrap_or_default();
+    let head = format!("CHILD_SA {conn}{{");
+    log.lines()
+        .filter(|l| l.contains(&head) && l.contains("} established with SPIs"))
+        .count() as u64
+}
+
 /// Established IKE_SAs of a node's charon.
 fn ike_established(lab: &Lab, short: &str) -> Vec<String> {
     sas(lab, short)
@@ -512,8 +523,7 @@ fn esp_through_the_relay(lab: &Lab, during: impl FnOnce()) -> Vec<String> {
 }
 
 #[test]
-fn over_ipsec_two_natted_domains_talk_directly_once_the_hole_is_punched_and_the_move_loses_nothing()
-{
+fn over_ipsec_natted_domains_go_direct_once_punched_losing_only_the_ikev2_responder_window() {
     if !ready() {
         return;
     }
@@ -572,10 +582,28 @@ fn over_ipsec_two_natted_domains_talk_directly_once_the_hole_is_punched_and_the_
         "ESP through the relay once direct: {esp:#?}"
     );
     let (sent, lost) = pinger.wait();
+    let installs = direct_child_sas(&lab, "h1", &to_q);
     eprintln!(
-        "relay -> direct over IPsec: {lost} of {sent} pings (20 pps, pod hz-2 -> pod qd-2) lost"
+        "relay -> direct over IPsec: {lost} of {sent} pings (20 pps, pod hz-2 -> pod qd-2) lost; \
+         {installs} direct CHILD_SA(s) installed"
     );
-    assert_eq!(lost, 0, "the move onto the direct path lost packets");
+    // The relay keeps carrying both ways until each end has moved, so what
+    // a move can lose is only IKEv2's own window: a new CHILD_SA's
+    // responder installs its outbound SA and policies before it sends the
+    // IKE_AUTH (or CREATE_CHILD_SA) response, the initiator its inbound SA
+    // only once it has processed that response (strongSwan 5.9.8
+    // `child_create.c`; only a rekey defers the responder's outbound), and
+    // drops what arrives before as an unknown SPI. That is one message and
+    // its processing, well under a ping interval (50 ms), once per direct
+    // CHILD_SA: one, or two when both ends' dials complete. Measured: 0 in
+    // 17 of 18 runs here, 1 in the other and once in CI, each at the first
+    // install.
+    assert!(
+        installs >= 1 && lost <= installs,
+        "the move onto the direct path lost {lost} pings, more than one per direct CHILD_SA \
+         installed ({installs})\n{}",
+        lab.logs()
+    );
     // One SA pair per gateway pair: the relay keeps its two, each NATed
     // gateway has the relay's and the direct one.
     one_sa_per_pair(&lab, &GATEWAY_SAS);

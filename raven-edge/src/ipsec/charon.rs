@@ -90,7 +90,7 @@ pub fn strongswan_conf(dp: Datapath, vici: &Path, log: Option<&Path>, port: u16)
     );
     if let Some(log) = log {
         s.push_str(&format!(
-            "  filelog {{\n    raven {{\n      path = {}\n      default = 1\n      ike = 2\n      cfg = 2\n      flush_line = yes\n      time_format = %H:%M:%S\n    }}\n  }}\n",
+            "  filelog {{\n    raven {{\n      path = {}\n      default = 1\n      ike = 2\n      cfg = 2\n      flush_line = yes\n      time_format = %H:%M:%S\n      time_add_ms = yes\n    }}\n  }}\n",
             log.display()
         ));
     }
@@ -154,6 +154,8 @@ mod tests {
         assert!(!s.contains("libipsec"), "{s}");
         assert!(s.contains("kernel-netlink"), "{s}");
         assert!(s.contains("flush_line = yes"), "{s}");
+        // Milliseconds: an IKE exchange and the packets around it fit in one second.
+        assert!(s.contains("time_add_ms = yes"), "{s}");
         assert_eq!(s.matches('{').count(), s.matches('}').count(), "{s}");
     }
 }
