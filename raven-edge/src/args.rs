@@ -390,6 +390,7 @@ impl Args {
                     backoff_min: reconnect.reconnect_min,
                     backoff_max: reconnect.reconnect_max.max(reconnect.reconnect_min),
                     ipsec: ipsec.vpn != crate::ipsec::agent::VpnChoice::Wireguard,
+                    sessions: Default::default(),
                 });
                 let cfg = AgentConfig {
                     node,

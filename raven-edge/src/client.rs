@@ -19,7 +19,7 @@ use raven_proto::v1::{self, sync_service_client::SyncServiceClient};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+use tonic::transport::Channel;
 
 use crate::cache::{Cache, CachedState, SnapshotProgress, check_update};
 
@@ -109,6 +109,8 @@ pub struct ClientConfig {
     /// The agent can build IPsec tunnels (`--vpn` allows them): Hello says
     /// so with `CAPABILITY_IPSEC`.
     pub ipsec: bool,
+    /// The mTLS configuration kept across sessions (TLS resumption).
+    pub sessions: crate::hub_tls::Sessions,
 }
 
 /// What the reconciler reports after programming the kernel.
@@ -176,6 +178,11 @@ enum SessionError {
     },
     #[error("the TLS key: {0}")]
     TlsKey(#[from] raven_cli::files::FileError),
+    #[error("the TLS identity {cert}: {reason}")]
+    TlsConfig {
+        cert: std::path::PathBuf,
+        reason: String,
+    },
 }
 
 fn now_ms() -> u64 {
@@ -247,44 +254,58 @@ fn admission_delay(status: &tonic::Status, fallback: Duration) -> Duration {
     hint + hint.mul_f64(rand::random::<f64>() * 0.5)
 }
 
-async fn channel(cfg: &ClientConfig, hub: &str) -> Result<Channel, SessionError> {
+/// A channel to `hub` over the agent's kept mTLS configuration (see
+/// [`crate::hub_tls`]): the one built for these `identity` stamps, so a
+/// reconnect resumes the TLS session, or a new one when a file changed.
+async fn channel(
+    cfg: &ClientConfig,
+    hub: &str,
+    identity: &FileStamps,
+) -> Result<Channel, SessionError> {
     let read = |p: &std::path::Path| {
         std::fs::read(p).map_err(|source| SessionError::Tls {
             path: p.to_owned(),
             source,
         })
     };
-    let uri: tonic::transport::Uri = hub
-        .parse()
-        .map_err(|_| SessionError::BadAddress(hub.to_owned()))?;
+    let bad_address = || SessionError::BadAddress(hub.to_owned());
+    let uri: tonic::transport::Uri = hub.parse().map_err(|_| bad_address())?;
+    let authority = uri.authority().ok_or_else(bad_address)?;
+    let addr = match authority.port_u16() {
+        Some(_) => authority.as_str().to_owned(),
+        None => format!("{}:443", authority.as_str()),
+    };
     let server_name = cfg
         .server_name
         .clone()
-        .or_else(|| uri.host().map(str::to_owned))
-        .ok_or_else(|| SessionError::BadAddress(hub.to_owned()))?;
-    let (key, found) = raven_cli::files::read_private_key(&cfg.tls.key)?;
-    if let raven_cli::files::Found::Fixed { was } = found {
-        tracing::warn!(
-            path = %cfg.tls.key.display(),
-            mode = format!("{was:04o}"),
-            "the node's TLS private key was readable by group or others; made it 0600 (it may have been read: consider issuing a new one)"
-        );
-    }
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(read(&cfg.tls.ca)?))
-        .identity(Identity::from_pem(read(&cfg.tls.cert)?, key))
-        .domain_name(server_name);
+        .or_else(|| uri.host().map(|h| h.trim_matches(['[', ']']).to_owned()))
+        .ok_or_else(bad_address)?;
+    let name = rustls::pki_types::ServerName::try_from(server_name).map_err(|_| bad_address())?;
+    let config = cfg.sessions.config(identity, || {
+        let (key, found) = raven_cli::files::read_private_key(&cfg.tls.key)?;
+        if let raven_cli::files::Found::Fixed { was } = found {
+            tracing::warn!(
+                path = %cfg.tls.key.display(),
+                mode = format!("{was:04o}"),
+                "the node's TLS private key was readable by group or others; made it 0600 (it may have been read: consider issuing a new one)"
+            );
+        }
+        let (ca, cert) = (read(&cfg.tls.ca)?, read(&cfg.tls.cert)?);
+        crate::hub_tls::client_config(&crate::hub_tls::Identity {
+            ca: &ca,
+            cert: &cert,
+            key: &key,
+        })
+        .map_err(|reason| SessionError::TlsConfig {
+            cert: cfg.tls.cert.clone(),
+            reason,
+        })
+    })?;
     let connect_err = |source| SessionError::Connect {
         hub: hub.to_owned(),
         source,
     };
-    Channel::builder(uri)
-        .tls_config(tls)
-        .map_err(connect_err)?
-        .connect_timeout(Duration::from_secs(10))
-        .http2_keep_alive_interval(cfg.heartbeat)
-        .keep_alive_timeout(cfg.heartbeat)
-        .connect()
+    crate::hub_tls::channel(&cfg.sessions, config, name.to_owned(), addr, cfg.heartbeat)
         .await
         .map_err(connect_err)
 }
@@ -354,7 +375,7 @@ async fn identity_stamps(cfg: &ClientConfig) -> FileStamps {
 async fn open(cfg: &ClientConfig, hub: &str, links: &Links) -> Result<Opened, SessionError> {
     // Stamped before they are read: a change while reading shows later.
     let identity = identity_stamps(cfg).await;
-    let channel = channel(cfg, hub).await?;
+    let channel = channel(cfg, hub, &identity).await?;
     let mut client = SyncServiceClient::new(channel);
     let (tx, rx) = mpsc::channel(16);
     let held = links.state.borrow().clone();
@@ -654,6 +675,7 @@ mod tests {
             backoff_min: Duration::from_millis(250),
             backoff_max: Duration::from_secs(2),
             ipsec: false,
+            sessions: Default::default(),
         }
     }
 

@@ -18,6 +18,7 @@ pub mod diagnose;
 pub mod failover;
 pub mod hold;
 pub mod http;
+pub mod hub_tls;
 pub mod ipsec;
 pub mod plan;
 pub mod proxy;

@@ -210,6 +210,11 @@ pub struct ServeArgs {
     /// Start the hub with it once to confirm a deliberate mass removal.
     #[arg(long, env = "RAVEN_CONFIRM_MASS_REMOVAL")]
     pub confirm_mass_removal: bool,
+    /// Seal no TLS session tickets with the secret in --data-dir
+    /// (`tls-tickets.key`): agents then resume TLS sessions only with this
+    /// process, and every reconnect after a restart is a full handshake.
+    #[arg(long, env = "RAVEN_NO_TLS_RESUMPTION")]
+    pub no_tls_resumption: bool,
     /// Log as JSON.
     #[arg(long, env = "RAVEN_LOG_JSON")]
     pub log_json: bool,
@@ -343,6 +348,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<std::process::ExitCode> {
             client_ca: std::iter::once(layout.ca_cert())
                 .chain(args.client_cas.iter().cloned())
                 .collect(),
+            tickets: (!args.no_tls_resumption)
+                .then(|| args.data_dir.join(crate::grpc::tickets::SECRET_FILE)),
         },
         data_dir: Some(args.data_dir.clone()),
         sync: crate::grpc::sync::SyncConfig {

@@ -12,6 +12,7 @@ pub mod inspect;
 pub mod resume;
 pub mod runs;
 pub mod sync;
+pub mod tickets;
 mod wire;
 
 use std::net::SocketAddr;
@@ -44,6 +45,9 @@ pub struct TlsFiles {
     /// CAs that sign agent (client) certificates: raven's own `ca.pem` and
     /// any `--client-ca` (e.g. the cluster's CA), in one trust store.
     pub client_ca: Vec<PathBuf>,
+    /// The secret that seals TLS session tickets across restarts (see
+    /// [`tickets`]); `None`: tickets live only as long as the process.
+    pub tickets: Option<PathBuf>,
 }
 
 /// The hub's TLS configuration, built again from its files when they
@@ -102,8 +106,10 @@ impl TlsFiles {
             reason: format!("the key does not parse ({e})"),
         })?;
         let mut roots = rustls::RootCertStore::empty();
+        let mut cas = Vec::with_capacity(self.client_ca.len());
         for path in &self.client_ca {
             let ca = read(path)?;
+            cas.push(ca.clone());
             check_pem(path, &ca, "CA certificate", |label| label == "CERTIFICATE")?;
             for der in CertificateDer::pem_slice_iter(&ca) {
                 let der = der.map_err(|e| ServeError::BadPem {
@@ -139,6 +145,13 @@ impl TlsFiles {
             })
             .map_err(|e| config_err(&e))?;
         config.alpn_protocols = vec![ALPN_H2.to_vec()];
+        if let Some(path) = &self.tickets {
+            let secret = tickets::load_or_make_secret(path)?;
+            config.ticketer =
+                Arc::new(tickets::Tickets::new(secret, cas.iter().map(Vec::as_slice)));
+            // One per handshake: each resumption hands out the next.
+            config.send_tls13_tickets = 1;
+        }
         Ok(Arc::new(config))
     }
 

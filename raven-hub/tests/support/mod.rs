@@ -79,6 +79,7 @@ impl Env {
                 cert: l.hub_cert(),
                 key: l.hub_key(),
                 client_ca: vec![l.ca_cert()],
+                tickets: Some(self.dir.path().join("hub-data").join("tls-tickets.key")),
             },
             data_dir: Some(self.dir.path().join("hub-data")),
             sync: SyncConfig {

@@ -37,6 +37,7 @@ pub async fn start_hub(kubeconfig: &Path, dir: &Path, replica: &str) -> Result<R
             cert: certs.hub_cert(),
             key: certs.hub_key(),
             client_ca: vec![certs.ca_cert()],
+            tickets: Some(dir.join(format!("data-{replica}")).join("tls-tickets.key")),
         },
         data_dir: Some(dir.join(format!("data-{replica}"))),
         sync: SyncConfig::default(),
