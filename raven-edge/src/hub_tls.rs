@@ -44,9 +44,15 @@ pub fn client_config(id: &Identity<'_>) -> Result<rustls::ClientConfig, String> 
             .add(der)
             .map_err(|e| format!("the CA certificate: {e}"))?;
     }
+    if roots.is_empty() {
+        return Err("the CA file holds no certificate".into());
+    }
     let chain = CertificateDer::pem_slice_iter(id.cert)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("the certificate file is not PEM ({e})"))?;
+    if chain.is_empty() {
+        return Err("the certificate file holds no certificate".into());
+    }
     let key = PrivateKeyDer::from_pem_slice(id.key)
         .map_err(|e| format!("the private key does not parse ({e})"))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -218,4 +224,62 @@ pub async fn channel(
             addr,
         })
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stamps(files: &[std::path::PathBuf]) -> FileStamps {
+        FileStamps::of(files)
+    }
+
+    #[test]
+    fn one_configuration_is_kept_while_the_identity_files_are_unchanged() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("cert.pem");
+        std::fs::write(&file, "one").expect("write");
+        let files = [file.clone()];
+        let sessions = Sessions::default();
+        let build = || {
+            Ok::<_, String>(
+                rustls::ClientConfig::builder_with_provider(Arc::new(
+                    rustls::crypto::ring::default_provider(),
+                ))
+                .with_safe_default_protocol_versions()
+                .map_err(|e| e.to_string())?
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth(),
+            )
+        };
+        let first = sessions.config(&stamps(&files), build).expect("built");
+        let again = sessions
+            .config(&stamps(&files), || Err("must not build again".to_owned()))
+            .expect("kept");
+        assert!(Arc::ptr_eq(&first, &again));
+        // A rotated file (new size and time): a new configuration, and with
+        // it a ticket store of its own.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(&file, "two, rotated").expect("write");
+        let rotated = sessions.config(&stamps(&files), build).expect("rebuilt");
+        assert!(!Arc::ptr_eq(&first, &rotated));
+        // A build that fails keeps nothing new: the next call builds again.
+        std::fs::write(&file, "three").expect("write");
+        let failed = sessions.config(&stamps(&files), || Err::<rustls::ClientConfig, _>("bad"));
+        assert_eq!(failed.err(), Some("bad"));
+        assert!(sessions.config(&stamps(&files), build).is_ok());
+    }
+
+    #[test]
+    fn an_identity_without_a_ca_or_a_certificate_is_named() {
+        let empty = Identity {
+            ca: b"",
+            cert: b"",
+            key: b"",
+        };
+        assert_eq!(
+            client_config(&empty).err().as_deref(),
+            Some("the CA file holds no certificate")
+        );
+    }
 }
