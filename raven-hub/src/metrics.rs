@@ -113,6 +113,8 @@ pub struct Metrics {
     /// `raven_hub_plans_total` by [`Plan`] (held apart: no label lookup
     /// per plan, 10,000 of which follow every change).
     plans: [Counter; 4],
+    /// `raven_hub_tls_handshakes_total`: `[full, resumed]`.
+    tls_handshakes: [Counter; 2],
     acked_behind: Gauge<i64, AtomicI64>,
     applied_behind: Gauge<i64, AtomicI64>,
     applied_failed: Gauge<i64, AtomicI64>,
@@ -208,6 +210,14 @@ impl Metrics {
             "Updates planned for agents, by how (full: from the node's whole view)",
             plan_family,
         );
+        let tls_family = Family::<PlanLabel, Counter>::default();
+        let tls_handshakes =
+            ["full", "resumed"].map(|kind| tls_family.get_or_create(&PlanLabel { kind }).clone());
+        registry.register(
+            "tls_handshakes",
+            "TLS handshakes completed on the mTLS listener, by kind (resumed: from a session ticket, no certificate checked)",
+            tls_family,
+        );
         let acked_behind = Gauge::default();
         registry.register(
             "agents_acked_behind",
@@ -251,6 +261,7 @@ impl Metrics {
         Self {
             agents,
             plans,
+            tls_handshakes,
             acked_behind,
             applied_behind,
             applied_failed,
@@ -281,6 +292,14 @@ impl Metrics {
     pub fn pushed(&self, resources: usize) {
         self.pushes.inc();
         self.pushed_resources.inc_by(resources as u64);
+    }
+    /// A TLS handshake completed on the mTLS listener.
+    pub fn tls_handshake(&self, resumed: bool) {
+        self.tls_handshakes[usize::from(resumed)].inc();
+    }
+    /// TLS handshakes completed so far: (full, resumed).
+    pub fn tls_handshakes(&self) -> (u64, u64) {
+        (self.tls_handshakes[0].get(), self.tls_handshakes[1].get())
     }
     pub fn planned(&self, how: Plan) {
         self.plans[how as usize].inc();
@@ -407,6 +426,18 @@ mod tests {
         m.published(8, 3);
         assert!(sample(&m, STAMP) > first, "a new revision is stamped anew");
         assert_eq!(sample(&m, "raven_hub_revision"), 8.0);
+    }
+
+    #[test]
+    fn tls_handshakes_are_counted_by_kind_from_zero() {
+        let m = Metrics::new();
+        let full = "raven_hub_tls_handshakes_total{kind=\"full\"}";
+        let resumed = "raven_hub_tls_handshakes_total{kind=\"resumed\"}";
+        assert_eq!((sample(&m, full), sample(&m, resumed)), (0.0, 0.0));
+        m.tls_handshake(false);
+        m.tls_handshake(true);
+        m.tls_handshake(true);
+        assert_eq!((sample(&m, full), sample(&m, resumed)), (1.0, 2.0));
     }
 
     #[test]

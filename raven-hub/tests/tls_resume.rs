@@ -85,6 +85,8 @@ async fn an_agent_reconnecting_to_a_restarted_hub_resumes_its_tls_session_and_is
         (1, 1),
         "the reconnect to the restarted hub resumed the TLS session"
     );
+    // And the hub counts it so (`raven_hub_tls_handshakes_total`).
+    assert_eq!(hub.metrics.tls_handshakes(), (0, 1));
     // The same node's view both times: the resumed session carried the
     // node's certificate, from which the hub takes its identity.
     assert_eq!(names(&after), names(&before));
@@ -106,5 +108,6 @@ async fn without_the_ticket_secret_a_restarted_hub_makes_a_full_handshake() {
     let hub = env.hub().await;
     first_update(&hub, &sessions, &config, node).await;
     assert_eq!(sessions.handshakes(), (2, 0));
+    assert_eq!(hub.metrics.tls_handshakes(), (1, 0));
     hub.stop().await;
 }

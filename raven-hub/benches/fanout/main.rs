@@ -780,6 +780,14 @@ async fn run() {
     );
     // Every agent resumed with its inventory in its Hello.
     let rss_restarted = proc_rss(hub.pid());
+    let restart_tls = (
+        hub.metric("raven_hub_tls_handshakes_total{kind=\"full\"}")
+            .await
+            .unwrap_or(0.0) as u64,
+        hub.metric("raven_hub_tls_handshakes_total{kind=\"resumed\"}")
+            .await
+            .unwrap_or(0.0) as u64,
+    );
     let restart = c
         .seen
         .iter()
@@ -885,6 +893,10 @@ async fn run() {
         "| CPU from the restart until all in sync | hub {} CPU-s (from its start), load generator {} CPU-s |",
         cpu_s(restart_cpu.0),
         cpu_s(restart_cpu.1),
+    );
+    println!(
+        "| TLS handshakes with the restarted hub (`raven_hub_tls_handshakes_total`) | {} resumed, {} full |",
+        restart_tls.1, restart_tls.0,
     );
     println!(
         "| hub RSS after the restart, all back in sync (resumed with their inventories) | {:.1} MB ({:.1} KB per agent over the first hub's before agents) |",

@@ -570,10 +570,18 @@ pub async fn serve(
     // HTTP/2 by `conn::serve_http2` (each stream's send buffer bounded),
     // not by tonic's server.
     let tls_shutdown = shutdown.clone();
+    let handshakes = metrics.clone();
     let tls_server = async move {
+        use futures::StreamExt as _;
         conn::serve_http2(
             conn::tls_incoming(listeners.grpc, tls, limits, move |_| {
                 metrics.connection_refused();
+            })
+            .inspect(move |tls| {
+                if let Ok(tls) = tls {
+                    let kind = tls.get_ref().1.handshake_kind();
+                    handshakes.tls_handshake(kind == Some(rustls::HandshakeKind::Resumed));
+                }
             }),
             routes,
             http2,
