@@ -37,8 +37,13 @@ impl std::fmt::Debug for Identity<'_> {
 /// A rustls client configuration for the hub: trusts `ca` only, presents
 /// `cert` with `key`, speaks HTTP/2 (ALPN `h2`), keeps tickets in memory.
 pub fn client_config(id: &Identity<'_>) -> Result<rustls::ClientConfig, String> {
+    client_config_with(Arc::new(roots(id.ca)?), id.cert, id.key)
+}
+
+/// The CA certificates of `ca` (PEM) as a trust store; none is an error.
+pub fn roots(ca: &[u8]) -> Result<rustls::RootCertStore, String> {
     let mut roots = rustls::RootCertStore::empty();
-    for der in CertificateDer::pem_slice_iter(id.ca) {
+    for der in CertificateDer::pem_slice_iter(ca) {
         let der = der.map_err(|e| format!("the CA file is not PEM ({e})"))?;
         roots
             .add(der)
@@ -47,13 +52,23 @@ pub fn client_config(id: &Identity<'_>) -> Result<rustls::ClientConfig, String> 
     if roots.is_empty() {
         return Err("the CA file holds no certificate".into());
     }
-    let chain = CertificateDer::pem_slice_iter(id.cert)
+    Ok(roots)
+}
+
+/// [`client_config`] with a trust store already parsed (one shared by many
+/// agents in the fan-out benchmark).
+pub fn client_config_with(
+    roots: Arc<rustls::RootCertStore>,
+    cert: &[u8],
+    key: &[u8],
+) -> Result<rustls::ClientConfig, String> {
+    let chain = CertificateDer::pem_slice_iter(cert)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("the certificate file is not PEM ({e})"))?;
     if chain.is_empty() {
         return Err("the certificate file holds no certificate".into());
     }
-    let key = PrivateKeyDer::from_pem_slice(id.key)
+    let key = PrivateKeyDer::from_pem_slice(key)
         .map_err(|e| format!("the private key does not parse ({e})"))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ClientConfig::builder_with_provider(provider)

@@ -32,9 +32,9 @@ pub struct Spec {
     pub internal_ip: String,
     /// The local address this agent dials from.
     pub source: std::net::IpAddr,
-    /// This agent's TLS client: its certificate and key, the CA, ALPN
-    /// `h2` — built once (the PEMs parsed, the key loaded) and kept across
-    /// redials, as a long-running agent keeps its credentials loaded.
+    /// This agent's TLS client: raven-edge's (`hub_tls::client_config_with`:
+    /// its certificate and key, the CA, ALPN `h2`), built once and kept
+    /// across redials with its session tickets, as raven-edge keeps it.
     pub tls: Arc<rustls::ClientConfig>,
     pub hub: Arc<std::sync::Mutex<String>>,
     /// Send every resource version in Applied (what raven-edge did before
@@ -176,31 +176,6 @@ impl tower_service::Service<tonic::codegen::http::Uri> for Dial {
             Ok(hyper_util::rt::TokioIo::new(tls))
         })
     }
-}
-
-/// An agent's TLS client config: `cert_pem` and `key_pem` its identity,
-/// `roots` the hub's CA, ALPN `h2` (what tonic's TLS channel builds on every
-/// dial, built once here).
-pub fn client_config(
-    roots: Arc<rustls::RootCertStore>,
-    cert_pem: &str,
-    key_pem: &str,
-) -> Result<Arc<rustls::ClientConfig>, String> {
-    use rustls::pki_types::pem::PemObject as _;
-    let certs = rustls::pki_types::CertificateDer::pem_slice_iter(cert_pem.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("certificate: {e}"))?;
-    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
-        .map_err(|e| format!("key: {e}"))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_client_auth_cert(certs, key)
-        .map_err(|e| e.to_string())?;
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(Arc::new(config))
 }
 
 /// Every (name, version) pair the agents of this process have held,

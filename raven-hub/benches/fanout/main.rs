@@ -556,16 +556,8 @@ async fn run() {
         dir: w.join("certs"),
     };
     let roots = {
-        use rustls::pki_types::pem::PemObject as _;
         let ca = std::fs::read(layout.ca_cert()).unwrap_or_else(|e| panic!("CA certificate: {e}"));
-        let mut roots = rustls::RootCertStore::empty();
-        for c in rustls::pki_types::CertificateDer::pem_slice_iter(&ca) {
-            let c = c.unwrap_or_else(|e| panic!("CA certificate: {e}"));
-            roots
-                .add(c)
-                .unwrap_or_else(|e| panic!("CA certificate: {e}"));
-        }
-        Arc::new(roots)
+        Arc::new(raven_edge::hub_tls::roots(&ca).unwrap_or_else(|e| panic!("CA certificate: {e}")))
     };
     let url = Arc::new(std::sync::Mutex::new(format!("https://{}", hub.grpc)));
     let (tx, rx) = mpsc::unbounded_channel();
@@ -578,8 +570,13 @@ async fn run() {
             candidate: i < 2,
             internal_ip: cluster::internal_ip(o.shape, g, i),
             source: agent::source(idx),
-            tls: agent::client_config(roots.clone(), cert, &agent_key_pem)
-                .unwrap_or_else(|e| panic!("TLS client of {node}: {e}")),
+            tls: raven_edge::hub_tls::client_config_with(
+                roots.clone(),
+                cert.as_bytes(),
+                agent_key_pem.as_bytes(),
+            )
+            .map(Arc::new)
+            .unwrap_or_else(|e| panic!("TLS client of {node}: {e}")),
             hub: url.clone(),
             applied_with_resources: o.applied_with_resources,
             compact: !o.full_view,
