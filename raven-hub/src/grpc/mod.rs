@@ -343,7 +343,10 @@ impl SyncService for Sync {
             &self.shared.sessions,
             session.run(request.into_inner(), remote),
         );
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(futures::StreamExt::map(
+            ReceiverStream::new(rx),
+            |m| *m,
+        ))))
     }
 }
 
