@@ -224,6 +224,21 @@ impl Held {
         Self::from_entries(Some(shared), own, BTreeMap::new())
     }
 
+    /// `shared` but for the ids in `gone`, with `own` (ids not in `shared`,
+    /// any order, each once) beside it.
+    pub fn with_shared_except(
+        shared: Arc<SharedEntries>,
+        own: Vec<(u32, Tag)>,
+        mut gone: Vec<u32>,
+    ) -> Self {
+        gone.sort_unstable();
+        gone.dedup();
+        gone.retain(|id| shared.get(*id).is_some());
+        let mut held = Self::with_shared(shared, own);
+        held.gone = gone;
+        held
+    }
+
     /// Its own `entries` (in any order, each id once) sorted by id, beside
     /// `shared` and `strays`.
     fn from_entries(

@@ -84,6 +84,13 @@ impl ViewRuns {
         }
     }
 
+    /// What every member's compact view has but its own resources and its
+    /// own domain's `prefixes/`: every domain's `prefixes/` and the
+    /// settings.
+    pub fn members_common(&self) -> impl Iterator<Item = &Entry> + '_ {
+        self.prefixes.iter().chain(self.settings.iter())
+    }
+
     /// `node`'s view (what [`view::view_resources`] lists), as slices of
     /// the runs in name order (`gateway/` < `node/` < `peer/` < `prefixes/`
     /// < `settings`). Empty when the topology does not know the node.
