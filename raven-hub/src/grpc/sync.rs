@@ -448,6 +448,10 @@ impl Session {
     /// stream. An `async` block that owns its arguments in place: an `async
     /// fn` keeps a second copy of each (the session, the request stream:
     /// ≈ 1 KB per connected agent).
+    #[allow(
+        clippy::manual_async_fn,
+        reason = "an async fn would keep its arguments twice in the task"
+    )]
     pub fn run(
         mut self,
         mut inbound: Streaming<v1::SyncRequest>,
