@@ -30,7 +30,8 @@ pub struct AgentEntry {
     pub capabilities: Vec<i32>,
     pub acked: Option<(String, u64)>,
     pub applied: Option<v1::Applied>,
-    pub last_nack: Option<(v1::Nack, SystemTime)>,
+    /// Boxed: most agents never refuse an Update (144 B per node inline).
+    pub last_nack: Option<Box<(v1::Nack, SystemTime)>>,
     /// Tunnel state per peer from the agent's last Report (diagnostics: the
     /// hub acts on none of it, so only this table keeps it).
     pub peers: Vec<v1::PeerTunnelState>,
@@ -205,7 +206,7 @@ impl Agents {
                 applied_revision: e.applied.as_ref().map(|a| a.revision).unwrap_or_default(),
                 applied_success: e.applied.as_ref().is_some_and(|a| a.success),
                 applied_error: e.applied.as_ref().and_then(|a| a.error.clone()),
-                last_nack: e.last_nack.as_ref().map(|(n, at)| v1::LastNack {
+                last_nack: e.last_nack.as_deref().map(|(n, at)| v1::LastNack {
                     nonce: n.nonce.clone(),
                     epoch: n.epoch.clone(),
                     revision: n.revision,

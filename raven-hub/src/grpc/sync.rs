@@ -1116,7 +1116,9 @@ impl Session {
                 }
                 self.queued.clear();
                 self.permit.take();
-                self.update_agent(|e| e.last_nack = Some((nack, std::time::SystemTime::now())));
+                self.update_agent(|e| {
+                    e.last_nack = Some(Box::new((nack, std::time::SystemTime::now())))
+                });
                 Ok(true)
             }
             Some(Req::Applied(applied)) => {
