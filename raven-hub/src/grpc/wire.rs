@@ -110,9 +110,10 @@ where
 
 /// Bytes a stream's request decoder starts with (tonic's default is 8 KB,
 /// kept for the stream's life: 8 KB per connected agent). An agent's
-/// messages after its Hello are Acks, heartbeats and small Reports; the
-/// buffer grows for a larger one.
-pub const DECODE_BUFFER: usize = 512;
+/// messages after its Hello are Acks (≈ 60 B), Applied, heartbeats and
+/// Reports (a tunnel candidate's ≈ 150 B); the buffer grows for a larger
+/// one.
+pub const DECODE_BUFFER: usize = 256;
 
 /// A decoder whose stream buffer starts at [`DECODE_BUFFER`] bytes.
 struct SmallBuffer<D>(D);
