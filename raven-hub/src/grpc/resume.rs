@@ -442,8 +442,7 @@ pub(super) mod tests {
     }
 
     #[test]
-    fn views_held_after_a_first_sync_are_shared_by_the_members_of_every_domain_and_equal_the_whole_view()
-     {
+    fn views_held_after_a_first_sync_are_shared_by_all_members_and_equal_the_whole_view() {
         let current = every_class_published();
         let sums = Sums::default();
         let synced = |n: &str| {
