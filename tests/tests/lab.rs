@@ -58,31 +58,14 @@ fn applied(lab: &Lab, revision: u64) -> Result<(), serde_json::Value> {
     if done { Ok(()) } else { Err(a) }
 }
 
-/// Waits until every agent applied the hub's revision as it is at each look
-/// (a candidate's late Report may publish one more while the agents catch
-/// up, and the agents then skip the revision read first): that revision and
-/// how long it took.
-fn all_applied_current(lab: &Lab) -> (u64, Duration) {
+/// Waits until every agent applied `revision()` (see [`applied`]), asked
+/// again at each look: that revision and how long it took.
+fn wait_applied(lab: &Lab, revision: impl Fn() -> u64) -> (u64, Duration) {
     let t = Instant::now();
     loop {
-        let revision = hub_revision(lab);
+        let revision = revision();
         let Err(a) = applied(lab, revision) else {
             return (revision, t.elapsed());
-        };
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "agents did not all apply the hub's revision {revision}: {a:#}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// Waits until every agent applied the hub's `revision` (see [`applied`]).
-fn all_applied(lab: &Lab, revision: u64) -> Duration {
-    let t = Instant::now();
-    loop {
-        let Err(a) = applied(lab, revision) else {
-            return t.elapsed();
         };
         assert!(
             t.elapsed() < Duration::from_secs(30),
@@ -90,6 +73,18 @@ fn all_applied(lab: &Lab, revision: u64) -> Duration {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Waits until every agent applied the hub's `revision`.
+fn all_applied(lab: &Lab, revision: u64) -> Duration {
+    wait_applied(lab, || revision).1
+}
+
+/// Waits until every agent applied the hub's revision as it is at each look
+/// (a candidate's late Report may publish one more while the agents catch
+/// up, and the agents then skip the revision read first).
+fn all_applied_current(lab: &Lab) -> (u64, Duration) {
+    wait_applied(lab, || hub_revision(lab))
 }
 
 #[test]

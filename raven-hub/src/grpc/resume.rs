@@ -17,7 +17,7 @@ use raven_core::view::{self, ViewClass};
 use raven_core::{GatewayName, NodeName};
 use raven_proto::digest::{Digest, of_pair};
 
-use super::held::{Held, SharedEntries, tag};
+use super::held::{Held, SharedEntries, Tag, tag};
 use crate::pipeline::Published;
 
 /// The digests of the kinds views are made of, for one topology.
@@ -198,29 +198,33 @@ impl Sums {
         };
         let own_name = ResourceName::node(node);
         let own_id = current.ids.id(&own_name);
-        let shared = self.with(current, |r| {
+        let shared = self.shared_entries(current, key, || {
+            current
+                .runs()
+                .view(&current.topology, &current.ids, node, compact)
+                .into_iter()
+                .flatten()
+                .filter(|e| Some(e.id) != own_id)
+                .map(|e| (e.id, e.tag))
+                .collect()
+        });
+        Held::with_shared(shared, own_entry(current, own_name).into_iter().collect())
+    }
+
+    /// The shared entries of `key`'s views of `current`, made from
+    /// `entries` by the first node that asks.
+    fn shared_entries(
+        &self,
+        current: &Published,
+        key: ViewKey,
+        entries: impl FnOnce() -> Vec<(u32, Tag)>,
+    ) -> Arc<SharedEntries> {
+        self.with(current, |r| {
             r.views
                 .entry(key)
-                .or_insert_with(|| {
-                    let view = current
-                        .runs()
-                        .view(&current.topology, &current.ids, node, compact);
-                    Arc::new(SharedEntries::new(
-                        view.into_iter()
-                            .flatten()
-                            .filter(|e| Some(e.id) != own_id)
-                            .map(|e| (e.id, e.tag))
-                            .collect(),
-                    ))
-                })
+                .or_insert_with(|| Arc::new(SharedEntries::new(entries())))
                 .clone()
-        });
-        let own = current
-            .topology
-            .resources
-            .get(&own_name)
-            .and_then(|r| own_id.map(|id| (id, tag(&r.version))));
-        Held::with_shared(shared, own.into_iter().collect())
+        })
     }
 
     /// [`Self::held_view`] of a compact member (not a tunnel candidate) of
@@ -236,32 +240,20 @@ impl Sums {
             gateway: None,
             candidate: false,
         };
-        let shared = self.with(current, |r| {
-            r.views
-                .entry(key)
-                .or_insert_with(|| {
-                    Arc::new(SharedEntries::new(
-                        current
-                            .runs()
-                            .members_common()
-                            .map(|e| (e.id, e.tag))
-                            .collect(),
-                    ))
-                })
-                .clone()
+        let shared = self.shared_entries(current, key, || {
+            current
+                .runs()
+                .members_common()
+                .map(|e| (e.id, e.tag))
+                .collect()
         });
-        let resources = &current.topology.resources;
-        let held = |name: ResourceName| {
-            let id = current.ids.id(&name)?;
-            resources.get(&name).map(|r| (id, tag(&r.version)))
-        };
         let own = [
             Some(ResourceName::node(node)),
             gateway.map(ResourceName::gateway),
         ]
         .into_iter()
         .flatten()
-        .filter_map(held)
+        .filter_map(|name| own_entry(current, name))
         .collect();
         let gone = gateway
             .and_then(|g| current.ids.id(&ResourceName::prefixes(g)))
@@ -269,6 +261,16 @@ impl Sums {
             .collect();
         Held::with_shared_except(shared, own, gone)
     }
+}
+
+/// `name`'s id and version tag in `current`, when it has both.
+fn own_entry(current: &Published, name: ResourceName) -> Option<(u32, Tag)> {
+    let id = current.ids.id(&name)?;
+    current
+        .topology
+        .resources
+        .get(&name)
+        .map(|r| (id, tag(&r.version)))
 }
 
 #[cfg(test)]
